@@ -1,0 +1,537 @@
+//! One MQTT connection's protocol state machine (3.1.1 and 5.0), sans I/O.
+//!
+//! Owns: the decode buffer, the CONNECT handshake, keep-alive and connect
+//! timers, packet-id allocation for outbound QoS 1/2, the inbound QoS 2
+//! exactly-once set, and the ordering of acknowledgements.
+//!
+//! Call order (quinn-proto style): feed inputs with [`Session::handle_bytes`],
+//! [`Session::deliver`], [`Session::publish_done`] and
+//! [`Session::handle_timeout`] (all take `now`); then drain
+//! [`Session::poll_event`] (work for the shell: route, store, subscribe,
+//! close) and [`Session::take_output`] (bytes for the socket), and sleep
+//! until [`Session::poll_deadline`]. Nothing here reads a clock, touches a
+//! socket or panics on peer input.
+//!
+//! Invariants:
+//! - A PUBACK (QoS 1) or PUBREC (QoS 2) is emitted only from
+//!   [`Session::publish_done`], which the shell calls once the message is
+//!   durable; acknowledgements leave in the order the PUBLISH packets came
+//!   in, because the shell completes them in that order (MQTT 3.1.1 §4.6).
+//! - A QoS 2 packet id awaiting PUBREL is never routed twice.
+//! - After [`Event::Close`] is emitted, all further input is ignored.
+//!
+//! Not yet: persistent sessions across reconnects (a session is always
+//! fresh; `session_present` is 0), retained messages, wills, MQTT 5 topic
+//! aliases and flow control beyond `max_inflight`. See the README's status.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::broker::Delivery;
+use crate::subject::mqtt as topics;
+use crate::wire::mqtt::{
+    self, Ack, ConnAck, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
+    UnsubAck, Version,
+};
+
+/// Limits the session enforces (from `[mqtt]` config).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet_size: usize,
+    pub max_keep_alive: u16,
+    pub connect_timeout: Duration,
+    pub max_inflight: usize,
+}
+
+/// Work for the shell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// CONNECT accepted: claim this client id (takeover of an older one).
+    Connected { client_id: String, clean: bool },
+    /// A PUBLISH to route and capture. When `ack` is `Some`, the shell must
+    /// call [`Session::publish_done`] with it once stored (or failed), in
+    /// the order these events were emitted.
+    Publish {
+        subject: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        ack: Option<u16>,
+    },
+    /// Acknowledge packet `.0` in order once every earlier publish is
+    /// acknowledged; nothing to store (a QoS 2 duplicate).
+    AckInOrder(u16),
+    /// Add subscriptions (NATS filters with granted QoS).
+    Subscribe(Vec<(String, u8)>),
+    /// Remove subscriptions (NATS filters).
+    Unsubscribe(Vec<String>),
+    /// Close the connection; the reason is for the log.
+    Close(String),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    Connected,
+    Closed,
+}
+
+/// An outbound QoS 1/2 message awaiting the client's acknowledgement.
+#[derive(Debug)]
+struct Outbound {
+    packet_id: u16,
+    /// For QoS 2: PUBREC seen, PUBREL sent, awaiting PUBCOMP.
+    released: bool,
+}
+
+pub struct Session {
+    limits: Limits,
+    state: State,
+    version: Option<Version>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    events: VecDeque<Event>,
+    keep_alive: Option<Duration>,
+    last_packet: Instant,
+    connect_deadline: Instant,
+    /// Inbound QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL.
+    qos2_in: HashSet<u16>,
+    /// Inbound publishes awaiting storage (QoS 1 and 2), in arrival order.
+    pending_acks: VecDeque<(u16, u8)>,
+    outbound: VecDeque<Outbound>,
+    next_packet_id: u16,
+    /// Deliveries dropped because the client's in-flight window was full.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(limits: Limits, now: Instant) -> Session {
+        Session {
+            connect_deadline: now + limits.connect_timeout,
+            limits,
+            state: State::AwaitConnect,
+            version: None,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            events: VecDeque::new(),
+            keep_alive: None,
+            last_packet: now,
+            qos2_in: HashSet::new(),
+            pending_acks: VecDeque::new(),
+            outbound: VecDeque::new(),
+            next_packet_id: 1,
+            dropped: 0,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// How many inbound publishes await [`Session::publish_done`]. The shell
+    /// stops reading while this is at `max_inflight` (backpressure).
+    pub fn awaiting_storage(&self) -> usize {
+        self.pending_acks.len()
+    }
+
+    pub fn wants_input(&self) -> bool {
+        self.state != State::Closed && self.pending_acks.len() < self.limits.max_inflight
+    }
+
+    /// Bytes from the socket.
+    pub fn handle_bytes(&mut self, data: &[u8], now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        let mut start = 0;
+        while self.state != State::Closed {
+            match mqtt::decode(&self.inbuf[start..], self.version, self.limits.max_packet_size) {
+                Ok(Some((packet, used))) => {
+                    start += used;
+                    self.last_packet = now;
+                    self.handle_packet(packet, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.protocol_error(&e);
+                    break;
+                }
+            }
+        }
+        self.inbuf.drain(..start.min(self.inbuf.len()));
+    }
+
+    fn protocol_error(&mut self, e: &DecodeError) {
+        if let (DecodeError::UnsupportedVersion(_), State::AwaitConnect) = (e, &self.state) {
+            // 3.1.1 §3.1.2-2: answer CONNACK 0x01 (unacceptable protocol
+            // level) and close.
+            self.send(&Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: mqtt::return_code::UNACCEPTABLE_PROTOCOL_VERSION,
+                properties: Properties::default(),
+            }));
+        }
+        self.close_with(e.reason_code(), format!("protocol error: {e}"));
+    }
+
+    /// Close; in 5.0 after CONNECT, tell the client why.
+    fn close_with(&mut self, reason_code: u8, why: String) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.state == State::Connected && self.version == Some(Version::V5) {
+            let mut props = Properties::default();
+            props.reason_string = Some(why.clone());
+            self.send(&Packet::Disconnect(Disconnect {
+                code: reason_code,
+                properties: props,
+            }));
+        }
+        self.state = State::Closed;
+        self.events.push_back(Event::Close(why));
+    }
+
+    fn send(&mut self, p: &Packet) {
+        let v = self.version.unwrap_or(Version::V311);
+        if let Err(e) = mqtt::encode(p, v, &mut self.out) {
+            // Only our own packets are encoded here; a failure is a bug,
+            // reported and contained to this connection.
+            log::error!("cannot encode {p:?}: {e}");
+            self.state = State::Closed;
+            self.events.push_back(Event::Close(format!("internal encode error: {e}")));
+        }
+    }
+
+    fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        if self.state == State::AwaitConnect {
+            match packet {
+                Packet::Connect(c) => self.handle_connect(c, now),
+                other => self.close_with(0x82, format!("expected CONNECT, got {}", name(&other))),
+            }
+            return;
+        }
+        match packet {
+            Packet::Connect(_) => self.close_with(0x82, "second CONNECT".into()),
+            Packet::Publish(p) => self.handle_publish(p),
+            Packet::PubAck(a) => {
+                self.outbound.retain(|o| o.packet_id != a.packet_id);
+            }
+            Packet::PubRec(a) => {
+                if let Some(o) = self.outbound.iter_mut().find(|o| o.packet_id == a.packet_id) {
+                    o.released = true;
+                }
+                self.send(&Packet::PubRel(Ack {
+                    packet_id: a.packet_id,
+                    code: 0,
+                    properties: Properties::default(),
+                }));
+            }
+            Packet::PubComp(a) => {
+                self.outbound.retain(|o| o.packet_id != a.packet_id);
+            }
+            Packet::PubRel(a) => {
+                self.qos2_in.remove(&a.packet_id);
+                self.send(&Packet::PubComp(Ack {
+                    packet_id: a.packet_id,
+                    code: 0,
+                    properties: Properties::default(),
+                }));
+            }
+            Packet::Subscribe(s) => {
+                let mut granted = Vec::new();
+                let mut codes = Vec::new();
+                for (filter, opts) in s.filters {
+                    let qos = (opts.qos as u8).min(2);
+                    codes.push(qos);
+                    for nf in topics::filter_to_subjects(&filter) {
+                        granted.push((nf, qos));
+                    }
+                }
+                self.events.push_back(Event::Subscribe(granted));
+                self.send(&Packet::SubAck(SubAck {
+                    packet_id: s.packet_id,
+                    codes,
+                    properties: Properties::default(),
+                }));
+            }
+            Packet::Unsubscribe(u) => {
+                let n = u.filters.len();
+                let mut gone = Vec::new();
+                for f in u.filters {
+                    gone.extend(topics::filter_to_subjects(&f));
+                }
+                self.events.push_back(Event::Unsubscribe(gone));
+                let codes = if self.version == Some(Version::V5) {
+                    vec![0; n]
+                } else {
+                    Vec::new()
+                };
+                self.send(&Packet::UnsubAck(UnsubAck {
+                    packet_id: u.packet_id,
+                    codes,
+                    properties: Properties::default(),
+                }));
+            }
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(_) => {
+                self.state = State::Closed;
+                self.events.push_back(Event::Close("client sent DISCONNECT".into()));
+            }
+            Packet::Auth(_) => self.close_with(0x8C, "AUTH not supported".into()),
+            other => self.close_with(0x82, format!("unexpected {} from a client", name(&other))),
+        }
+    }
+
+    fn handle_connect(&mut self, c: mqtt::Connect, _now: Instant) {
+        self.version = Some(c.version);
+        let v5 = c.version == Version::V5;
+        let mut client_id = c.client_id;
+        let mut props = Properties::default();
+        if client_id.is_empty() {
+            if !c.clean_start && !v5 {
+                // 3.1.1 §3.1.3-8: an empty id needs CleanSession = 1.
+                self.send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: 0x02,
+                    properties: Properties::default(),
+                }));
+                self.state = State::Closed;
+                self.events
+                    .push_back(Event::Close("empty client id without clean session".into()));
+                return;
+            }
+            client_id = format!("frond-{:016x}", fastrand::u64(..));
+            if v5 {
+                props.assigned_client_identifier = Some(client_id.clone());
+            }
+        }
+        let max_ka = self.limits.max_keep_alive;
+        let ka = if c.keep_alive > max_ka || (c.keep_alive == 0 && v5) {
+            if v5 {
+                props.server_keep_alive = Some(max_ka);
+                max_ka
+            } else {
+                c.keep_alive
+            }
+        } else {
+            c.keep_alive
+        };
+        self.keep_alive = (ka > 0).then(|| Duration::from_secs(u64::from(ka)));
+        if v5 {
+            props.maximum_packet_size = u32::try_from(self.limits.max_packet_size).ok();
+            props.receive_maximum = u16::try_from(self.limits.max_inflight).ok();
+            props.retain_available = Some(0);
+            props.topic_alias_maximum = None;
+            props.shared_subscription_available = Some(0);
+            props.subscription_identifier_available = Some(0);
+        }
+        self.state = State::Connected;
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: 0,
+            properties: props,
+        }));
+        self.events.push_back(Event::Connected {
+            client_id,
+            clean: c.clean_start,
+        });
+    }
+
+    fn handle_publish(&mut self, p: Publish) {
+        if p.topic.is_empty() {
+            // 5.0 topic aliases are not offered (topic_alias_maximum = 0).
+            self.close_with(0x82, "PUBLISH with an empty topic".into());
+            return;
+        }
+        let qos = p.qos as u8;
+        let subject = topics::topic_to_subject(&p.topic);
+        match (p.qos, p.packet_id) {
+            (QoS::AtMostOnce, _) => self.events.push_back(Event::Publish {
+                subject,
+                payload: p.payload,
+                qos,
+                retain: p.retain,
+                ack: None,
+            }),
+            (QoS::ExactlyOnce, Some(id))
+                if self.qos2_in.contains(&id)
+                    || self.pending_acks.iter().any(|&(p, q)| p == id && q == 2) =>
+            {
+                // Already stored (or being stored); the client resent it.
+                // Answer again in order, without routing it twice.
+                self.pending_acks.push_back((id, 2));
+                self.events.push_back(Event::AckInOrder(id));
+            }
+            (_, Some(id)) => {
+                if self.pending_acks.len() >= self.limits.max_inflight {
+                    self.close_with(0x93, "receive maximum exceeded".into());
+                    return;
+                }
+                self.pending_acks.push_back((id, qos));
+                self.events.push_back(Event::Publish {
+                    subject,
+                    payload: p.payload,
+                    qos,
+                    retain: p.retain,
+                    ack: Some(id),
+                });
+            }
+            (_, None) => self.close_with(0x81, "QoS > 0 PUBLISH without packet id".into()),
+        }
+    }
+
+    /// The message of the oldest pending PUBLISH is stored (`Ok`) or could
+    /// not be (`Err(reason)`). `packet_id` must be the oldest pending one.
+    pub fn publish_done(&mut self, packet_id: u16, result: Result<(), String>) {
+        if self.state == State::Closed {
+            return;
+        }
+        let Some((id, qos)) = self.pending_acks.pop_front() else {
+            return;
+        };
+        debug_assert_eq!(id, packet_id);
+        match result {
+            Ok(()) => {
+                let ack = Ack {
+                    packet_id: id,
+                    code: 0,
+                    properties: Properties::default(),
+                };
+                if qos == 2 {
+                    self.qos2_in.insert(id);
+                    self.send(&Packet::PubRec(ack));
+                } else {
+                    self.send(&Packet::PubAck(ack));
+                }
+            }
+            Err(why) => {
+                if self.version == Some(Version::V5) {
+                    let mut props = Properties::default();
+                    props.reason_string = Some(why.clone());
+                    let ack = Ack {
+                        packet_id: id,
+                        code: 0x80, // unspecified error: not stored
+                        properties: props,
+                    };
+                    if qos == 2 {
+                        self.send(&Packet::PubRec(ack));
+                    } else {
+                        self.send(&Packet::PubAck(ack));
+                    }
+                } else {
+                    // 3.1.1 has no negative acknowledgement: closing the
+                    // connection is the only way to say "not stored"; the
+                    // client resends after reconnecting.
+                    self.close_with(0x80, format!("message not stored: {why}"));
+                }
+            }
+        }
+    }
+
+    /// A message for this client from a subscription.
+    pub fn deliver(&mut self, d: &Delivery) {
+        if self.state != State::Connected {
+            return;
+        }
+        let qos = match d.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            if self.outbound.len() >= self.limits.max_inflight.min(65_535) {
+                // The client is not acknowledging; drop rather than grow.
+                self.dropped += 1;
+                return;
+            }
+            let id = self.alloc_packet_id();
+            self.outbound.push_back(Outbound {
+                packet_id: id,
+                released: false,
+            });
+            Some(id)
+        };
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topics::subject_to_topic(&d.subject),
+            packet_id,
+            properties: Properties::default(),
+            payload: d.payload.clone(),
+        };
+        self.send(&Packet::Publish(publish));
+    }
+
+    fn alloc_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.outbound.iter().any(|o| o.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// The next time [`Session::handle_timeout`] must be called.
+    pub fn poll_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitConnect => Some(self.connect_deadline),
+            State::Connected => self
+                .keep_alive
+                .map(|ka| self.last_packet + ka + ka / 2),
+            State::Closed => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.poll_deadline() {
+            Some(d) if now >= d => {}
+            _ => return,
+        }
+        if self.state == State::AwaitConnect {
+            self.state = State::Closed;
+            self.events
+                .push_back(Event::Close("no CONNECT within connect_timeout".into()));
+        } else {
+            self.close_with(0x8D, "keep-alive timeout".into());
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes to write to the socket (moved out; the session's buffer is
+    /// left empty).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+}
+
+fn name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}

@@ -1,0 +1,834 @@
+//! The TOML configuration: every key, its default, and validation.
+//!
+//! Owns: parsing `frond.toml` into [`Config`], the embedded defaults used when
+//! no file is given, and every check that can be made before start-up.
+//!
+//! Invariants:
+//! - Unknown keys and wrong types are errors (serde `deny_unknown_fields`);
+//!   the error names the key and, through the TOML parser, the line.
+//! - A [`Config`] returned by [`Config::parse`] is valid: stream names are
+//!   unique and well formed, stream subjects are valid and do not overlap,
+//!   every mirror names a configured stream, sizes and durations are in
+//!   range. Later code never re-validates.
+//! - Sizes accept integers (bytes) or strings such as `"512MiB"`; durations
+//!   accept integers (seconds) or strings such as `"100ms"`, `"30s"`, `"7d"`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::stream::{Discard, Storage, StreamConfig, SyncPolicy};
+use crate::subject;
+
+/// The name of the stream that captures everything when no `[[stream]]` is
+/// configured.
+pub const DEFAULT_STREAM: &str = "DEFAULT";
+
+/// A configuration error, worded for the operator.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name; default: the host name.
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub log: String,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub streams: Vec<StreamConfig>,
+    pub uplink: Option<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    /// `None` disables the MQTT TCP listener.
+    pub listen: Option<String>,
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    /// Largest accepted client keep-alive (seconds); 0 from a client is
+    /// allowed and means "no keep-alive".
+    pub max_keep_alive: u16,
+    /// A peer that opens a socket must send CONNECT within this time.
+    pub connect_timeout: Duration,
+    /// QoS 1 publishes from one client awaiting their PUBACK (stored but not
+    /// yet acknowledged); further reads wait.
+    pub max_inflight: usize,
+    /// Messages queued for delivery to one subscriber before QoS 0 messages
+    /// are dropped for it.
+    pub max_queued: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    /// `None` disables the monitoring endpoint.
+    pub listen: Option<String>,
+}
+
+/// `[uplink]`: the link to the hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UplinkConfig {
+    /// `nats://host:port` URLs, tried in turn.
+    pub urls: Vec<HubUrl>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// Unacknowledged JetStream publishes in flight per mirror.
+    pub max_inflight: usize,
+    /// A publish not acknowledged within this time counts as a link fault.
+    pub ack_timeout: Duration,
+    /// First reconnect delay; doubles (with jitter) up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// One hub address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    pub host: String,
+    pub port: u16,
+    /// Credentials embedded in the URL (`nats://user:pass@host`), if any.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Display for HubUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "nats://{}:{}", self.host, self.port)
+    }
+}
+
+/// `[[uplink.mirror]]`: a local stream copied into a hub stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Local stream name.
+    pub stream: String,
+    /// Hub stream name.
+    pub to: String,
+    /// Prepended to every subject on the hub (for example `"fleet.truck-042."`).
+    pub subject_prefix: String,
+}
+
+impl Config {
+    /// The embedded defaults (what `frond run` uses with no file).
+    pub fn defaults() -> Config {
+        Config::parse("").unwrap_or_else(|e| unreachable_defaults(e))
+    }
+
+    /// Parse and validate a configuration file's text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// Read and parse a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+}
+
+#[cold]
+fn unreachable_defaults(e: ConfigError) -> Config {
+    // The empty document is always valid; a failure here is a bug in this
+    // file, caught by the `defaults_are_valid` test.
+    panic!("embedded default configuration is invalid: {e}")
+}
+
+// ---------------------------------------------------------------------------
+// The raw, serde-facing shape of the file.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<String>,
+    data_dir: Option<PathBuf>,
+    log: Option<String>,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    nats: RawNats,
+    #[serde(default)]
+    http: RawHttp,
+    tls: Option<toml::Value>,
+    auth: Option<toml::Value>,
+    #[serde(default)]
+    stream: Vec<RawStream>,
+    uplink: Option<RawUplink>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMqtt {
+    listen: String,
+    ws_listen: Option<String>,
+    tls_listen: Option<String>,
+    #[serde(deserialize_with = "de_size")]
+    max_packet_size: u64,
+    max_connections: usize,
+    #[serde(deserialize_with = "de_duration")]
+    max_keep_alive: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    connect_timeout: Duration,
+    max_inflight: usize,
+    max_queued: usize,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        RawMqtt {
+            listen: "127.0.0.1:1883".into(),
+            ws_listen: None,
+            tls_listen: None,
+            max_packet_size: 1 << 20,
+            max_connections: 10_000,
+            max_keep_alive: Duration::from_secs(65_535),
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 1024,
+            max_queued: 10_000,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: "127.0.0.1:8222".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    name: String,
+    subjects: Vec<String>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default = "default_sync", deserialize_with = "de_sync")]
+    sync: SyncPolicy,
+    #[serde(default)]
+    max_msgs: u64,
+    #[serde(default, deserialize_with = "de_size")]
+    max_bytes: u64,
+    #[serde(default, deserialize_with = "de_duration")]
+    max_age: Duration,
+    #[serde(default)]
+    max_msgs_per_subject: u64,
+    #[serde(default, deserialize_with = "de_size")]
+    max_msg_size: u64,
+    #[serde(default)]
+    discard: RawDiscard,
+    #[serde(default = "default_dup_window", deserialize_with = "de_duration")]
+    duplicate_window: Duration,
+}
+
+fn default_sync() -> SyncPolicy {
+    SyncPolicy::Always
+}
+
+fn default_dup_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawStorage {
+    #[default]
+    File,
+    Memory,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawDiscard {
+    #[default]
+    Old,
+    New,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    urls: Vec<String>,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    nkey_seed: Option<String>,
+    creds: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    #[serde(default = "default_uplink_inflight")]
+    max_inflight: usize,
+    #[serde(default = "default_ack_timeout", deserialize_with = "de_duration")]
+    ack_timeout: Duration,
+    #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
+    reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", deserialize_with = "de_duration")]
+    reconnect_max: Duration,
+    #[serde(default)]
+    mirror: Vec<RawMirror>,
+    #[serde(default)]
+    source: Vec<toml::Value>,
+}
+
+fn default_uplink_inflight() -> usize {
+    256
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    stream: String,
+    to: String,
+    #[serde(default)]
+    subject_prefix: String,
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        if self.tls.is_some() {
+            return err("[tls] is not supported yet (planned); remove the section");
+        }
+        if self.auth.is_some() {
+            return err("[auth] is not supported yet (planned); remove the section — every local client is accepted");
+        }
+        if self.mqtt.ws_listen.is_some() {
+            return err("mqtt.ws_listen: MQTT over WebSocket is not supported yet (planned); remove the key");
+        }
+        if self.mqtt.tls_listen.is_some() {
+            return err("mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key");
+        }
+        if let Some(l) = &self.nats.listen {
+            if !l.is_empty() {
+                return err("nats.listen: the NATS client port is not supported yet (planned); remove the key");
+            }
+        }
+        let node = match self.node {
+            Some(n) => n,
+            None => host_name(),
+        };
+        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return err(format!(
+                "node: {node:?} must be non-empty and use only letters, digits, '-' and '_' (it is part of message ids on the hub)"
+            ));
+        }
+        let log = self.log.unwrap_or_else(|| "info".into());
+        if crate::logger::parse_level(&log).is_none() {
+            return err(format!(
+                "log: {log:?} is not a level; use error, warn, info, debug or trace"
+            ));
+        }
+        let mqtt = self.mqtt.validate()?;
+        let http = HttpConfig {
+            listen: non_empty(self.http.listen),
+        };
+        let mut streams = Vec::new();
+        if self.stream.is_empty() {
+            streams.push(StreamConfig {
+                name: DEFAULT_STREAM.into(),
+                subjects: vec![">".into()],
+                storage: Storage::File,
+                sync: SyncPolicy::Always,
+                max_msgs: 0,
+                max_bytes: 1 << 30,
+                max_age: Duration::ZERO,
+                max_msgs_per_subject: 0,
+                max_msg_size: 0,
+                discard: Discard::Old,
+                duplicate_window: default_dup_window(),
+            });
+        }
+        for (i, s) in self.stream.into_iter().enumerate() {
+            streams.push(s.validate(i)?);
+        }
+        for (i, a) in streams.iter().enumerate() {
+            for b in &streams[..i] {
+                if a.name == b.name {
+                    return err(format!("stream {:?} is configured twice", a.name));
+                }
+                for sa in &a.subjects {
+                    for sb in &b.subjects {
+                        if subject::filters_overlap(sa, sb) {
+                            return err(format!(
+                                "stream {:?} subject {sa:?} overlaps stream {:?} subject {sb:?}; a message may be captured by one stream only",
+                                a.name, b.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let uplink = match self.uplink {
+            None => None,
+            Some(u) => Some(u.validate(&streams)?),
+        };
+        Ok(Config {
+            node,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./frond-data")),
+            log,
+            mqtt,
+            http,
+            streams,
+            uplink,
+        })
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+impl RawMqtt {
+    fn validate(self) -> Result<MqttConfig, ConfigError> {
+        if !(16..=268_435_455).contains(&self.max_packet_size) {
+            return err("mqtt.max_packet_size: must be between 16 bytes and 256MiB");
+        }
+        if self.max_connections == 0 {
+            return err("mqtt.max_connections: must be at least 1");
+        }
+        if self.max_inflight == 0 || self.max_inflight > 65_535 {
+            return err("mqtt.max_inflight: must be between 1 and 65535");
+        }
+        if self.max_queued == 0 {
+            return err("mqtt.max_queued: must be at least 1");
+        }
+        let ka = self.max_keep_alive.as_secs();
+        if ka == 0 || ka > 65_535 {
+            return err("mqtt.max_keep_alive: must be between 1s and 65535s");
+        }
+        if self.connect_timeout.is_zero() {
+            return err("mqtt.connect_timeout: must be more than 0");
+        }
+        Ok(MqttConfig {
+            listen: non_empty(self.listen),
+            max_packet_size: self.max_packet_size as usize,
+            max_connections: self.max_connections,
+            max_keep_alive: ka as u16,
+            connect_timeout: self.connect_timeout,
+            max_inflight: self.max_inflight,
+            max_queued: self.max_queued,
+        })
+    }
+}
+
+impl RawStream {
+    fn validate(self, i: usize) -> Result<StreamConfig, ConfigError> {
+        let key = format!("stream[{i}] ({:?})", self.name);
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return err(format!(
+                "{key}.name: must be 1-64 letters, digits, '-' or '_' (it names a directory)"
+            ));
+        }
+        if self.subjects.is_empty() {
+            return err(format!("{key}.subjects: list at least one subject"));
+        }
+        for s in &self.subjects {
+            if !subject::valid_filter(s) {
+                return err(format!("{key}.subjects: {s:?} is not a valid NATS subject"));
+            }
+        }
+        if self.max_msgs_per_subject != 0 {
+            return err(format!(
+                "{key}.max_msgs_per_subject: not supported yet (planned); use 0"
+            ));
+        }
+        Ok(StreamConfig {
+            name: self.name,
+            subjects: self.subjects,
+            storage: match self.storage {
+                RawStorage::File => Storage::File,
+                RawStorage::Memory => Storage::Memory,
+            },
+            sync: self.sync,
+            max_msgs: self.max_msgs,
+            max_bytes: self.max_bytes,
+            max_age: self.max_age,
+            max_msgs_per_subject: self.max_msgs_per_subject,
+            max_msg_size: self.max_msg_size,
+            discard: match self.discard {
+                RawDiscard::Old => Discard::Old,
+                RawDiscard::New => Discard::New,
+            },
+            duplicate_window: self.duplicate_window,
+        })
+    }
+}
+
+impl RawUplink {
+    fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
+        if self.nkey_seed.is_some() || self.creds.is_some() {
+            return err("uplink: nkey_seed and creds are not supported yet (planned); use user/password or token");
+        }
+        if self.tls_ca.is_some() {
+            return err("uplink.tls_ca: TLS to the hub is not supported yet (planned)");
+        }
+        if !self.source.is_empty() {
+            return err("uplink.source: source-down is not supported yet (planned); remove [[uplink.source]]");
+        }
+        if self.urls.is_empty() {
+            return err("uplink.urls: list at least one hub URL, e.g. [\"nats://hub:4222\"]");
+        }
+        let mut urls = Vec::new();
+        for u in &self.urls {
+            urls.push(parse_hub_url(u).map_err(|e| ConfigError(format!("uplink.urls: {u:?}: {e}")))?);
+        }
+        if self.token.is_some() && (self.user.is_some() || self.password.is_some()) {
+            return err("uplink: give either token or user/password, not both");
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return err("uplink: user and password go together");
+        }
+        if self.max_inflight == 0 || self.max_inflight > 65_536 {
+            return err("uplink.max_inflight: must be between 1 and 65536");
+        }
+        if self.ack_timeout.is_zero() {
+            return err("uplink.ack_timeout: must be more than 0");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return err("uplink.reconnect_min/reconnect_max: need 0 < reconnect_min <= reconnect_max");
+        }
+        let mut mirrors = Vec::new();
+        for (i, m) in self.mirror.into_iter().enumerate() {
+            let key = format!("uplink.mirror[{i}]");
+            if !streams.iter().any(|s| s.name == m.stream) {
+                return err(format!(
+                    "{key}.stream: no local stream named {:?}; configure it with [[stream]]",
+                    m.stream
+                ));
+            }
+            if mirrors.iter().any(|x: &MirrorConfig| x.stream == m.stream) {
+                return err(format!("{key}.stream: stream {:?} is mirrored twice", m.stream));
+            }
+            if m.to.is_empty() || m.to.contains(['.', ' ', '*', '>']) {
+                return err(format!("{key}.to: {:?} is not a valid hub stream name", m.to));
+            }
+            if !m.subject_prefix.is_empty() {
+                let probe = format!("{}x", m.subject_prefix);
+                if !m.subject_prefix.ends_with('.') || !subject::valid_subject(&probe) {
+                    return err(format!(
+                        "{key}.subject_prefix: {:?} must be subject tokens ending in '.', e.g. \"fleet.truck-042.\"",
+                        m.subject_prefix
+                    ));
+                }
+            }
+            mirrors.push(MirrorConfig {
+                stream: m.stream,
+                to: m.to,
+                subject_prefix: m.subject_prefix,
+            });
+        }
+        Ok(UplinkConfig {
+            urls,
+            user: self.user,
+            password: self.password,
+            token: self.token,
+            max_inflight: self.max_inflight,
+            ack_timeout: self.ack_timeout,
+            reconnect_min: self.reconnect_min,
+            reconnect_max: self.reconnect_max,
+            mirrors,
+        })
+    }
+}
+
+/// Parse `nats://[user:pass@]host[:port]` (port default 4222). A bare
+/// `host:port` is accepted too.
+pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
+    let rest = if let Some(r) = u.strip_prefix("nats://") {
+        r
+    } else if u.contains("://") {
+        return Err("only nats:// URLs are supported (tls:// is planned)".into());
+    } else {
+        u
+    };
+    let rest = rest.trim_end_matches('/');
+    let (auth, hostport) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let (user, password) = match auth {
+        None => (None, None),
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+            None => (Some(a.to_string()), None),
+        },
+    };
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        // [v6]:port
+        let (h, p) = h.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+        let port = match p.strip_prefix(':') {
+            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+            None => 4222,
+        };
+        (h.to_string(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+            None => (hostport.to_string(), 4222),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    Ok(HubUrl {
+        host,
+        port,
+        user,
+        password,
+    })
+}
+
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if cleaned.is_empty() {
+        "frond".into()
+    } else {
+        cleaned
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sizes and durations.
+
+/// Parse `"512MiB"`, `"64KB"`, `"1G"`, `"100"` into bytes. Binary (KiB) and
+/// decimal (KB) suffixes are both accepted; a bare `K`/`M`/`G` is binary.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; use e.g. 1048576, \"512KiB\", \"64MiB\", \"1GiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("{s:?}: unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parse `"100ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, `"1.5s"` or `"30"`
+/// (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("{s:?} is not a duration; use e.g. \"100ms\", \"30s\", \"5m\", \"2h\", \"7d\"");
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs_per: f64 = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "us" => 0.000_001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(bad()),
+    };
+    let secs = n * secs_per;
+    if !secs.is_finite() || secs < 0.0 || secs > 1e10 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrStr {
+    Int(i64),
+    Str(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match IntOrStr::deserialize(d)? {
+        IntOrStr::Int(i) if i >= 0 => Ok(i as u64),
+        IntOrStr::Int(i) => Err(de::Error::custom(format!("size {i} is negative"))),
+        IntOrStr::Str(s) => parse_size(&s).map_err(de::Error::custom),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match IntOrStr::deserialize(d)? {
+        IntOrStr::Int(i) if i >= 0 => Ok(Duration::from_secs(i as u64)),
+        IntOrStr::Int(i) => Err(de::Error::custom(format!("duration {i} is negative"))),
+        IntOrStr::Str(s) => parse_duration(&s).map_err(de::Error::custom),
+    }
+}
+
+fn de_sync<'de, D: Deserializer<'de>>(d: D) -> Result<SyncPolicy, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "always" => Ok(SyncPolicy::Always),
+        "never" => Ok(SyncPolicy::Never),
+        other => match parse_duration(other) {
+            Ok(dur) if !dur.is_zero() => Ok(SyncPolicy::Interval(dur)),
+            _ => Err(de::Error::custom(format!(
+                "sync = {other:?}: use \"always\", \"never\" or an interval such as \"100ms\""
+            ))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.mqtt.listen.as_deref(), Some("127.0.0.1:1883"));
+        assert_eq!(c.data_dir, PathBuf::from("./frond-data"));
+        assert_eq!(c.streams.len(), 1);
+        assert_eq!(c.streams[0].subjects, vec![">".to_string()]);
+        assert_eq!(c.streams[0].sync, SyncPolicy::Always);
+        assert!(c.uplink.is_none());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            r#"
+node = "truck-042"
+data_dir = "/var/lib/frond"
+log = "debug"
+[mqtt]
+listen = "0.0.0.0:1883"
+[http]
+listen = "127.0.0.1:8222"
+[[stream]]
+name = "TELEMETRY"
+subjects = ["telemetry.>"]
+sync = "100ms"
+max_msgs = 1000000
+max_bytes = "512MiB"
+max_age = "7d"
+discard = "new"
+duplicate_window = "2m"
+[uplink]
+urls = ["nats://hub-1:4222", "nats://u:p@hub-2"]
+user = "truck-042"
+password = "x"
+[[uplink.mirror]]
+stream = "TELEMETRY"
+to = "FLEET"
+subject_prefix = "fleet.truck-042."
+"#,
+        )
+        .unwrap();
+        let s = &c.streams[0];
+        assert_eq!(s.max_bytes, 512 << 20);
+        assert_eq!(s.max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.sync, SyncPolicy::Interval(Duration::from_millis(100)));
+        assert_eq!(s.discard, Discard::New);
+        let u = c.uplink.unwrap();
+        assert_eq!(u.urls[1].host, "hub-2");
+        assert_eq!(u.urls[1].port, 4222);
+        assert_eq!(u.urls[1].user.as_deref(), Some("u"));
+        assert_eq!(u.mirrors[0].subject_prefix, "fleet.truck-042.");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line() {
+        let e = Config::parse("node = \"a\"\n[mqtt]\nlistne = \"x\"\n").unwrap_err();
+        assert!(e.0.contains("listne"), "{e}");
+        assert!(e.0.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values() {
+        let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nmax_bytes = \"12 parsecs\"\n").unwrap_err();
+        assert!(e.0.contains("parsecs") && e.0.contains("line 4"), "{e}");
+        let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a.>\"]\n[[stream]]\nname = \"B\"\nsubjects = [\"a.b\"]\n").unwrap_err();
+        assert!(e.0.contains("overlaps"), "{e}");
+        let e = Config::parse("[uplink]\nurls = [\"nats://h\"]\n[[uplink.mirror]]\nstream = \"NOPE\"\nto = \"X\"\n").unwrap_err();
+        assert!(e.0.contains("NOPE"), "{e}");
+        let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nsync = \"sometimes\"\n").unwrap_err();
+        assert!(e.0.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1kb").unwrap(), 1000);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("-1").is_err());
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn hub_urls() {
+        let u = parse_hub_url("nats://127.0.0.1:4333").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 4333));
+        assert!(parse_hub_url("tls://h").is_err());
+        assert!(parse_hub_url("nats://h:notaport").is_err());
+    }
+}

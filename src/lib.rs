@@ -1,0 +1,29 @@
+//! frond: a small-footprint edge broker.
+//!
+//! MQTT devices and NATS programs publish into crash-safe local streams;
+//! streams are mirrored exactly once to a NATS JetStream hub. See
+//! `README.md` for the user view and `../shared/DESIGN.md` for the contract.
+//!
+//! Layout (each module's doc says what it owns and its invariants):
+//! - [`config`]: the TOML configuration, defaults and validation.
+//! - [`subject`]: NATS subject syntax, wildcard matching, MQTT topic mapping.
+//! - [`wire`]: pure codecs (MQTT, NATS client protocol); no I/O, never panic.
+//! - [`store`]: the segmented, checksummed file store and its recovery.
+//! - [`stream`]: stream semantics (limits, sync policy) and the owner thread
+//!   that gives group commit.
+//! - [`broker`]: the router and MQTT session state machines.
+//! - [`server`]: listeners (MQTT, HTTP monitoring) — the thin smol shell.
+//! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
+
+pub mod bench;
+pub mod broker;
+pub mod config;
+pub mod logger;
+pub mod run;
+pub mod server;
+pub mod store;
+pub mod stream;
+pub mod subject;
+pub mod uplink;
+pub mod util;
+pub mod wire;

@@ -1,0 +1,148 @@
+//! The `frond` command line: `run`, `status`, `bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use frond::config::Config;
+
+const HELP: &str = "\
+frond — small-footprint edge broker: MQTT in, crash-safe local streams,
+exactly-once mirror to a NATS JetStream hub.
+
+USAGE:
+    frond run [--config FILE]       run the broker (embedded defaults without --config)
+    frond status [--config FILE | --http ADDR]
+                                    show link state, backlog and stream state
+    frond bench mqtt [OPTIONS]      MQTT publish benchmark against any broker
+    frond check-config FILE         validate a configuration file and exit
+    frond --version | --help
+
+BENCH OPTIONS:
+    --addr HOST:PORT   broker address (default 127.0.0.1:1883)
+    --pubs N           concurrent publishers (default 4)
+    --msgs N           messages per publisher (default 25000)
+    --size BYTES       payload size (default 100)
+    --qos 0|1          (default 1)
+    --inflight N       unacknowledged QoS 1 publishes per publisher (default 100)
+    --topic T          topic prefix (default bench); publisher i uses T/i
+
+ENVIRONMENT:
+    FROND_LOG          log level (error, warn, info, debug, trace); overrides config
+";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("frond: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode, String> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_env();
+    let cmd = match p.next().map_err(|e| e.to_string())? {
+        Some(Long("version")) | Some(Short('V')) => {
+            println!("frond {}", env!("CARGO_PKG_VERSION"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Long("help")) | Some(Short('h')) | None => {
+            print!("{HELP}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Value(v)) => v.string().map_err(|_| "command is not UTF-8".to_string())?,
+        Some(other) => return Err(format!("{}; see frond --help", other.unexpected())),
+    };
+    match cmd.as_str() {
+        "run" => {
+            let mut config: Option<PathBuf> = None;
+            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+                match arg {
+                    Long("config") | Short('c') => {
+                        config = Some(p.value().map_err(|e| e.to_string())?.into())
+                    }
+                    other => return Err(format!("run: {}", other.unexpected())),
+                }
+            }
+            let cfg = load(config.as_deref())?;
+            frond::run::run(cfg).map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "check-config" => {
+            let path: PathBuf = p
+                .value()
+                .map_err(|_| "check-config: give the file to check".to_string())?
+                .into();
+            load(Some(&path))?;
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        "status" => {
+            let mut config: Option<PathBuf> = None;
+            let mut http: Option<String> = None;
+            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+                match arg {
+                    Long("config") | Short('c') => {
+                        config = Some(p.value().map_err(|e| e.to_string())?.into())
+                    }
+                    Long("http") => http = Some(string(p.value())?),
+                    other => return Err(format!("status: {}", other.unexpected())),
+                }
+            }
+            let addr = match http {
+                Some(a) => a,
+                None => load(config.as_deref())?
+                    .http
+                    .listen
+                    .ok_or("the configuration disables [http]; nothing to ask")?,
+            };
+            let body = frond::server::http::get(&addr, "/varz")?;
+            print!("{}", frond::run::format_status(&body));
+            Ok(ExitCode::SUCCESS)
+        }
+        "bench" => {
+            let what = string(p.value())
+                .map_err(|_| "bench: say what to benchmark: frond bench mqtt".to_string())?;
+            if what != "mqtt" {
+                return Err(format!("bench: unknown benchmark {what:?}; try: frond bench mqtt"));
+            }
+            let mut b = frond::bench::MqttBench::default();
+            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+                match arg {
+                    Long("addr") => b.addr = string(p.value())?,
+                    Long("pubs") => b.pubs = num(p.value())?,
+                    Long("msgs") => b.msgs = num(p.value())?,
+                    Long("size") => b.size = num(p.value())?,
+                    Long("qos") => b.qos = num(p.value())?,
+                    Long("inflight") => b.inflight = num(p.value())?,
+                    Long("topic") => b.topic = string(p.value())?,
+                    other => return Err(format!("bench: {}", other.unexpected())),
+                }
+            }
+            let report = b.run()?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown command {other:?}; see frond --help")),
+    }
+}
+
+fn string(v: Result<std::ffi::OsString, lexopt::Error>) -> Result<String, String> {
+    v.map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|_| "argument is not UTF-8".to_string())
+}
+
+fn num<T: std::str::FromStr>(v: Result<std::ffi::OsString, lexopt::Error>) -> Result<T, String> {
+    let s = string(v)?;
+    s.parse().map_err(|_| format!("{s:?} is not a valid number"))
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None => Config::parse("").map_err(|e| e.to_string()),
+    }
+}

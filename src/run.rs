@@ -1,0 +1,214 @@
+//! `frond run`: open the streams, start the listeners and the uplink, and
+//! shut everything down cleanly on SIGINT/SIGTERM.
+//!
+//! Owns the process lifecycle. Start-up order: data directory lock, streams
+//! (recovery is logged), router, listeners, uplink. Shutdown order is the
+//! reverse: stop accepting, let the uplink persist its cursors, then close
+//! every stream (flush, fsync, files closed).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smol::channel::bounded;
+use smol::future::FutureExt;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::server;
+use crate::stream::{self, StreamHandle};
+use crate::uplink::{self, UplinkStatus};
+
+/// Run until a termination signal.
+pub fn run(cfg: Config) -> Result<(), String> {
+    crate::logger::init(&cfg.log);
+    log::info!(
+        "frond {} starting: node {}, data in {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.node,
+        cfg.data_dir.display()
+    );
+    std::fs::create_dir_all(cfg.data_dir.join("streams")).map_err(|e| {
+        format!(
+            "cannot create data directory {}: {e} (set data_dir in the config)",
+            cfg.data_dir.display()
+        )
+    })?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+
+    let mut handles: Vec<StreamHandle> = Vec::new();
+    for sc in &cfg.streams {
+        let dir = cfg.data_dir.join("streams").join(&sc.name);
+        let (h, report) = stream::open(&dir, sc.clone())
+            .map_err(|e| format!("cannot open stream {} in {}: {e}", sc.name, dir.display()))?;
+        let st = h.state();
+        if report.truncated_bytes > 0 || report.lost_records > 0 {
+            log::warn!(
+                "stream {}: recovered {} records, truncated {} bytes of a torn or corrupt tail, {} records lost",
+                sc.name,
+                report.records,
+                report.truncated_bytes,
+                report.lost_records
+            );
+        } else {
+            log::info!(
+                "stream {}: {} messages (seq {}..={}), {} bytes",
+                sc.name,
+                st.msgs,
+                st.first_seq,
+                st.last_seq,
+                st.bytes
+            );
+        }
+        handles.push(h);
+    }
+    let broker = Broker::new(handles.clone());
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    install_signals(stop_tx.clone())?;
+
+    let result = smol::block_on(async {
+        let mut tasks = Vec::new();
+        if let Some(addr) = &cfg.mqtt.listen {
+            let l = smol::net::TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| format!("mqtt.listen {addr}: cannot listen: {e}"))?;
+            log::info!("mqtt: listening on {addr}");
+            tasks.push(smol::spawn(server::mqtt::serve(
+                l,
+                broker.clone(),
+                cfg.mqtt.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let uplink_status = cfg.uplink.as_ref().map(|u| Arc::new(UplinkStatus::new(u)));
+        if let Some(addr) = &cfg.http.listen {
+            let l = smol::net::TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| format!("http.listen {addr}: cannot listen: {e}"))?;
+            log::info!("http: monitoring on http://{addr}/varz");
+            let monitor = Arc::new(server::http::Monitor {
+                node: cfg.node.clone(),
+                started: Instant::now(),
+                broker: broker.clone(),
+                uplink: uplink_status.clone(),
+            });
+            tasks.push(smol::spawn(server::http::serve(l, monitor, stop_rx.clone())));
+        }
+        if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
+            tasks.push(smol::spawn(uplink::run(
+                u.clone(),
+                cfg.node.clone(),
+                cfg.data_dir.clone(),
+                handles.clone(),
+                status.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        log::info!("ready");
+        let _ = stop_rx.recv().await;
+        log::info!("shutting down");
+        for t in tasks {
+            // Listeners stop at once; the uplink persists its cursors.
+            let done = async {
+                t.await;
+                true
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(10)).await;
+                false
+            })
+            .await;
+            if !done {
+                log::warn!("a task did not stop within 10s; closing anyway");
+            }
+        }
+        for h in &handles {
+            h.close().await;
+        }
+        Ok::<(), String>(())
+    });
+    drop(stop_rx);
+    if result.is_ok() {
+        log::info!("stopped cleanly");
+    }
+    result
+}
+
+/// One frond per data directory: a second one would corrupt the streams.
+fn lock_data_dir(dir: &Path) -> Result<File, String> {
+    let path = dir.join("LOCK");
+    let f = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "data directory {} is in use by another frond process",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("cannot lock {}: {e}", path.display()))
+        }
+    }
+}
+
+/// SIGINT/SIGTERM close the stop channel, which every task watches.
+fn install_signals(stop: smol::channel::Sender<()>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig} received");
+                stop.close();
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    Ok(())
+}
+
+/// Render `/varz` for `frond status`.
+pub fn format_status(varz_json: &str) -> String {
+    use std::fmt::Write;
+    let v: serde_json::Value = match serde_json::from_str(varz_json) {
+        Ok(v) => v,
+        Err(_) => return varz_json.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "frond {} node {} up {}s",
+        v["version"].as_str().unwrap_or("?"),
+        v["node"].as_str().unwrap_or("?"),
+        v["uptime_secs"]
+    );
+    let _ = writeln!(
+        out,
+        "mqtt: {} connections, {} messages in",
+        v["mqtt"]["connections"], v["mqtt"]["msgs_in"]
+    );
+    if let Some(streams) = v["streams"].as_array() {
+        for s in streams {
+            let _ = writeln!(
+                out,
+                "stream {}: {} messages, {} bytes, seq {}..={}",
+                s["name"].as_str().unwrap_or("?"),
+                s["messages"],
+                s["bytes"],
+                s["first_seq"],
+                s["last_seq"]
+            );
+        }
+    }
+    if v["uplink"].is_null() {
+        let _ = writeln!(out, "uplink: not configured");
+    } else {
+        let _ = writeln!(
+            out,
+            "uplink: {}",
+            serde_json::to_string_pretty(&v["uplink"]).unwrap_or_default()
+        );
+    }
+    out
+}

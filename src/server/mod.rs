@@ -1,0 +1,5 @@
+//! Listeners: the thin async shell between sockets and the sans-IO
+//! protocol machines. Each submodule owns one listener.
+
+pub mod http;
+pub mod mqtt;

@@ -1,0 +1,108 @@
+//! NATS subjects: syntax, wildcard matching, and the MQTT topic mapping.
+//!
+//! Owns: what a valid subject and filter are, whether a filter matches a
+//! subject, whether two filters can match a common subject, and the
+//! round-tripping map between MQTT topics and NATS subjects ([`mqtt`]).
+//!
+//! Subjects are `.`-separated non-empty tokens without whitespace. In a
+//! filter, the token `*` matches exactly one token and a final `>` matches one
+//! or more tokens. Every function here is pure and never panics.
+
+pub mod mqtt;
+
+/// Whether `s` is a valid subject to publish to (no wildcards).
+pub fn valid_subject(s: &str) -> bool {
+    valid(s, false)
+}
+
+/// Whether `s` is a valid subscription filter (wildcards allowed).
+pub fn valid_filter(s: &str) -> bool {
+    valid(s, true)
+}
+
+fn valid(s: &str, wildcards: bool) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    let mut tokens = s.split('.').peekable();
+    while let Some(t) = tokens.next() {
+        if t.is_empty() || t.bytes().any(|b| b == b' ' || b == b'\t' || b == b'\r' || b == b'\n') {
+            return false;
+        }
+        match t {
+            "*" if !wildcards => return false,
+            ">" if !wildcards || tokens.peek().is_some() => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Whether `filter` matches the (literal) `subject`.
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some subject could match both filters.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity() {
+        assert!(valid_subject("a.b.c"));
+        assert!(!valid_subject("a.*.c"));
+        assert!(!valid_subject("a..c"));
+        assert!(!valid_subject(".a"));
+        assert!(!valid_subject("a b"));
+        assert!(valid_filter("a.*.>"));
+        assert!(!valid_filter("a.>.b"));
+        assert!(valid_filter(">"));
+        assert!(valid_filter("a.b*"));
+    }
+
+    #[test]
+    fn matching() {
+        assert!(matches("a.*.c", "a.b.c"));
+        assert!(matches("a.>", "a.b.c"));
+        assert!(!matches("a.>", "a"));
+        assert!(matches(">", "a"));
+        assert!(!matches("a.*", "a.b.c"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(matches("a.b", "a.b"));
+    }
+
+    #[test]
+    fn overlap() {
+        assert!(filters_overlap("a.>", "a.b"));
+        assert!(filters_overlap("a.*", "*.b"));
+        assert!(!filters_overlap("a.*", "a.b.c"));
+        assert!(!filters_overlap("a.b", "a.c"));
+        assert!(filters_overlap(">", "x.y"));
+        assert!(!filters_overlap("a", "a.>"));
+    }
+}
