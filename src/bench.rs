@@ -45,7 +45,9 @@ impl MqttBench {
             return Err("bench: --qos must be 0 or 1".into());
         }
         if self.inflight == 0 || self.inflight > 65_000 || self.pubs == 0 {
-            return Err("bench: --pubs and --inflight must be at least 1 (inflight at most 65000)".into());
+            return Err(
+                "bench: --pubs and --inflight must be at least 1 (inflight at most 65000)".into(),
+            );
         }
         let start = Instant::now();
         let threads: Vec<_> = (0..self.pubs)
@@ -91,7 +93,8 @@ impl MqttBench {
             properties: Properties::default(),
         });
         mqtt::encode(&connect, Version::V311, &mut out).map_err(|e| e.to_string())?;
-        s.write_all(&out).map_err(|e| format!("bench: write: {e}"))?;
+        s.write_all(&out)
+            .map_err(|e| format!("bench: write: {e}"))?;
         let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
         // CONNACK
@@ -99,7 +102,10 @@ impl MqttBench {
             match mqtt::decode(&inbuf, Some(Version::V311), 1 << 20) {
                 Ok(Some((Packet::ConnAck(c), used))) => {
                     if c.code != 0 {
-                        return Err(format!("bench: broker refused CONNECT with code {}", c.code));
+                        return Err(format!(
+                            "bench: broker refused CONNECT with code {}",
+                            c.code
+                        ));
                     }
                     inbuf.drain(..used);
                     break;
@@ -108,7 +114,9 @@ impl MqttBench {
                 Ok(None) => {}
                 Err(e) => return Err(format!("bench: bad CONNACK: {e}")),
             }
-            let n = s.read(&mut chunk).map_err(|e| format!("bench: read: {e}"))?;
+            let n = s
+                .read(&mut chunk)
+                .map_err(|e| format!("bench: read: {e}"))?;
             if n == 0 {
                 return Err("bench: broker closed the connection".into());
             }
@@ -120,7 +128,10 @@ impl MqttBench {
         let mut next_id: u16 = 1;
         while acked < self.msgs {
             out.clear();
-            while sent < self.msgs && (self.qos == 0 || inflight < self.inflight) && out.len() < 60_000 {
+            while sent < self.msgs
+                && (self.qos == 0 || inflight < self.inflight)
+                && out.len() < 60_000
+            {
                 let packet_id = if self.qos == 1 {
                     let id = next_id;
                     next_id = if next_id == u16::MAX { 1 } else { next_id + 1 };
@@ -130,7 +141,11 @@ impl MqttBench {
                 };
                 let p = Packet::Publish(Publish {
                     dup: false,
-                    qos: if self.qos == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce },
+                    qos: if self.qos == 1 {
+                        QoS::AtLeastOnce
+                    } else {
+                        QoS::AtMostOnce
+                    },
                     retain: false,
                     topic: topic.clone(),
                     packet_id,
@@ -142,13 +157,16 @@ impl MqttBench {
                 inflight += 1;
             }
             if !out.is_empty() {
-                s.write_all(&out).map_err(|e| format!("bench: write: {e}"))?;
+                s.write_all(&out)
+                    .map_err(|e| format!("bench: write: {e}"))?;
             }
             if self.qos == 0 {
                 acked = sent;
                 continue;
             }
-            let n = s.read(&mut chunk).map_err(|e| format!("bench: read: {e}"))?;
+            let n = s
+                .read(&mut chunk)
+                .map_err(|e| format!("bench: read: {e}"))?;
             if n == 0 {
                 return Err("bench: broker closed the connection".into());
             }
@@ -172,9 +190,12 @@ impl MqttBench {
             // Make sure the broker read everything: a PINGREQ round trip.
             out.clear();
             mqtt::encode(&Packet::PingReq, Version::V311, &mut out).map_err(|e| e.to_string())?;
-            s.write_all(&out).map_err(|e| format!("bench: write: {e}"))?;
+            s.write_all(&out)
+                .map_err(|e| format!("bench: write: {e}"))?;
             loop {
-                let n = s.read(&mut chunk).map_err(|e| format!("bench: read: {e}"))?;
+                let n = s
+                    .read(&mut chunk)
+                    .map_err(|e| format!("bench: read: {e}"))?;
                 if n == 0 || chunk[..n].contains(&0xD0) {
                     break;
                 }
@@ -182,7 +203,10 @@ impl MqttBench {
         }
         let mut bye = Vec::new();
         let _ = mqtt::encode(
-            &Packet::Disconnect(mqtt::Disconnect { code: 0, properties: Properties::default() }),
+            &Packet::Disconnect(mqtt::Disconnect {
+                code: 0,
+                properties: Properties::default(),
+            }),
             Version::V311,
             &mut bye,
         );

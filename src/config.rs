@@ -129,7 +129,7 @@ pub struct MirrorConfig {
 impl Config {
     /// The embedded defaults (what `frond run` uses with no file).
     pub fn defaults() -> Config {
-        Config::parse("").unwrap_or_else(|e| unreachable_defaults(e))
+        Config::parse("").unwrap_or_else(unreachable_defaults)
     }
 
     /// Parse and validate a configuration file's text.
@@ -335,7 +335,9 @@ impl RawConfig {
             return err("mqtt.ws_listen: MQTT over WebSocket is not supported yet (planned); remove the key");
         }
         if self.mqtt.tls_listen.is_some() {
-            return err("mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key");
+            return err(
+                "mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key",
+            );
         }
         if let Some(l) = &self.nats.listen {
             if !l.is_empty() {
@@ -346,7 +348,11 @@ impl RawConfig {
             Some(n) => n,
             None => host_name(),
         };
-        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if node.is_empty()
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return err(format!(
                 "node: {node:?} must be non-empty and use only letters, digits, '-' and '_' (it is part of message ids on the hub)"
             ));
@@ -403,7 +409,9 @@ impl RawConfig {
         };
         Ok(Config {
             node,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./frond-data")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./frond-data")),
             log,
             mqtt,
             http,
@@ -519,7 +527,9 @@ impl RawUplink {
         }
         let mut urls = Vec::new();
         for u in &self.urls {
-            urls.push(parse_hub_url(u).map_err(|e| ConfigError(format!("uplink.urls: {u:?}: {e}")))?);
+            urls.push(
+                parse_hub_url(u).map_err(|e| ConfigError(format!("uplink.urls: {u:?}: {e}")))?,
+            );
         }
         if self.token.is_some() && (self.user.is_some() || self.password.is_some()) {
             return err("uplink: give either token or user/password, not both");
@@ -534,7 +544,9 @@ impl RawUplink {
             return err("uplink.ack_timeout: must be more than 0");
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
-            return err("uplink.reconnect_min/reconnect_max: need 0 < reconnect_min <= reconnect_max");
+            return err(
+                "uplink.reconnect_min/reconnect_max: need 0 < reconnect_min <= reconnect_max",
+            );
         }
         let mut mirrors = Vec::new();
         for (i, m) in self.mirror.into_iter().enumerate() {
@@ -546,10 +558,16 @@ impl RawUplink {
                 ));
             }
             if mirrors.iter().any(|x: &MirrorConfig| x.stream == m.stream) {
-                return err(format!("{key}.stream: stream {:?} is mirrored twice", m.stream));
+                return err(format!(
+                    "{key}.stream: stream {:?} is mirrored twice",
+                    m.stream
+                ));
             }
             if m.to.is_empty() || m.to.contains(['.', ' ', '*', '>']) {
-                return err(format!("{key}.to: {:?} is not a valid hub stream name", m.to));
+                return err(format!(
+                    "{key}.to: {:?} is not a valid hub stream name",
+                    m.to
+                ));
             }
             if !m.subject_prefix.is_empty() {
                 let probe = format!("{}x", m.subject_prefix);
@@ -612,7 +630,10 @@ pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
         (h.to_string(), port)
     } else {
         match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+            ),
             None => (hostport.to_string(), 4222),
         }
     };
@@ -634,7 +655,13 @@ fn host_name() -> String {
     let cleaned: String = raw
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if cleaned.is_empty() {
         "frond".into()
@@ -650,26 +677,28 @@ fn host_name() -> String {
 /// decimal (KB) suffixes are both accepted; a bare `K`/`M`/`G` is binary.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size; use e.g. 1048576, \"512KiB\", \"64MiB\", \"1GiB\""))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "kb" => 1_000,
-        "m" | "mib" => 1 << 20,
-        "mb" => 1_000_000,
-        "g" | "gib" => 1 << 30,
-        "gb" => 1_000_000_000,
-        "t" | "tib" => 1 << 40,
-        "tb" => 1_000_000_000_000,
-        other => return Err(format!("{s:?}: unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size; use e.g. 1048576, \"512KiB\", \"64MiB\", \"1GiB\"")
+    })?;
+    let mult: u64 =
+        match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "kb" => 1_000,
+            "m" | "mib" => 1 << 20,
+            "mb" => 1_000_000,
+            "g" | "gib" => 1 << 30,
+            "gb" => 1_000_000_000,
+            "t" | "tib" => 1 << 40,
+            "tb" => 1_000_000_000_000,
+            other => return Err(format!(
+                "{s:?}: unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+            )),
+        };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parse `"100ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, `"1.5s"` or `"30"`
@@ -680,7 +709,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("{s:?} is not a duration; use e.g. \"100ms\", \"30s\", \"5m\", \"2h\", \"7d\"");
+    let bad =
+        || format!("{s:?} is not a duration; use e.g. \"100ms\", \"30s\", \"5m\", \"2h\", \"7d\"");
     let n: f64 = num.parse().map_err(|_| bad())?;
     let secs_per: f64 = match unit.trim() {
         "" | "s" => 1.0,
@@ -692,7 +722,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     let secs = n * secs_per;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e10 {
+    if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(secs))
@@ -802,13 +832,21 @@ subject_prefix = "fleet.truck-042."
 
     #[test]
     fn wrong_type_and_bad_values() {
-        let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nmax_bytes = \"12 parsecs\"\n").unwrap_err();
+        let e = Config::parse(
+            "[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nmax_bytes = \"12 parsecs\"\n",
+        )
+        .unwrap_err();
         assert!(e.0.contains("parsecs") && e.0.contains("line 4"), "{e}");
         let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a.>\"]\n[[stream]]\nname = \"B\"\nsubjects = [\"a.b\"]\n").unwrap_err();
         assert!(e.0.contains("overlaps"), "{e}");
-        let e = Config::parse("[uplink]\nurls = [\"nats://h\"]\n[[uplink.mirror]]\nstream = \"NOPE\"\nto = \"X\"\n").unwrap_err();
+        let e = Config::parse(
+            "[uplink]\nurls = [\"nats://h\"]\n[[uplink.mirror]]\nstream = \"NOPE\"\nto = \"X\"\n",
+        )
+        .unwrap_err();
         assert!(e.0.contains("NOPE"), "{e}");
-        let e = Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nsync = \"sometimes\"\n").unwrap_err();
+        let e =
+            Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nsync = \"sometimes\"\n")
+                .unwrap_err();
         assert!(e.0.contains("sometimes"), "{e}");
     }
 

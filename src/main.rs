@@ -106,7 +106,9 @@ fn real_main() -> Result<ExitCode, String> {
             let what = string(p.value())
                 .map_err(|_| "bench: say what to benchmark: frond bench mqtt".to_string())?;
             if what != "mqtt" {
-                return Err(format!("bench: unknown benchmark {what:?}; try: frond bench mqtt"));
+                return Err(format!(
+                    "bench: unknown benchmark {what:?}; try: frond bench mqtt"
+                ));
             }
             let mut b = frond::bench::MqttBench::default();
             while let Some(arg) = p.next().map_err(|e| e.to_string())? {
@@ -137,7 +139,8 @@ fn string(v: Result<std::ffi::OsString, lexopt::Error>) -> Result<String, String
 
 fn num<T: std::str::FromStr>(v: Result<std::ffi::OsString, lexopt::Error>) -> Result<T, String> {
     let s = string(v)?;
-    s.parse().map_err(|_| format!("{s:?} is not a valid number"))
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a valid number"))
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, String> {

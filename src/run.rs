@@ -93,7 +93,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 broker: broker.clone(),
                 uplink: uplink_status.clone(),
             });
-            tasks.push(smol::spawn(server::http::serve(l, monitor, stop_rx.clone())));
+            tasks.push(smol::spawn(server::http::serve(
+                l,
+                monitor,
+                stop_rx.clone(),
+            )));
         }
         if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
             tasks.push(smol::spawn(uplink::run(
@@ -145,9 +149,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, String> {
             "data directory {} is in use by another frond process",
             dir.display()
         )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(format!("cannot lock {}: {e}", path.display()))
-        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }
 

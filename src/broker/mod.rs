@@ -93,16 +93,22 @@ impl Broker {
 
     /// The stream that captures `subject`, if any.
     pub fn capture(&self, subj: &str) -> Option<&StreamHandle> {
-        self.streams
-            .iter()
-            .find(|s| s.config().subjects.iter().any(|f| subject::matches(f, subj)))
+        self.streams.iter().find(|s| {
+            s.config()
+                .subjects
+                .iter()
+                .any(|f| subject::matches(f, subj))
+        })
     }
 
     /// Add a subscription for `conn`; replaces an identical filter of the
     /// same connection (MQTT semantics).
     pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
         let mut subs = lock(&self.subs);
-        if let Some(s) = subs.iter_mut().find(|s| s.conn == conn && s.filter == filter) {
+        if let Some(s) = subs
+            .iter_mut()
+            .find(|s| s.conn == conn && s.filter == filter)
+        {
             s.qos = qos;
             return;
         }

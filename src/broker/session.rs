@@ -146,7 +146,11 @@ impl Session {
         self.inbuf.extend_from_slice(data);
         let mut start = 0;
         while self.state != State::Closed {
-            match mqtt::decode(&self.inbuf[start..], self.version, self.limits.max_packet_size) {
+            match mqtt::decode(
+                &self.inbuf[start..],
+                self.version,
+                self.limits.max_packet_size,
+            ) {
                 Ok(Some((packet, used))) => {
                     start += used;
                     self.last_packet = now;
@@ -181,8 +185,10 @@ impl Session {
             return;
         }
         if self.state == State::Connected && self.version == Some(Version::V5) {
-            let mut props = Properties::default();
-            props.reason_string = Some(why.clone());
+            let props = Properties {
+                reason_string: Some(why.clone()),
+                ..Properties::default()
+            };
             self.send(&Packet::Disconnect(Disconnect {
                 code: reason_code,
                 properties: props,
@@ -199,7 +205,8 @@ impl Session {
             // reported and contained to this connection.
             log::error!("cannot encode {p:?}: {e}");
             self.state = State::Closed;
-            self.events.push_back(Event::Close(format!("internal encode error: {e}")));
+            self.events
+                .push_back(Event::Close(format!("internal encode error: {e}")));
         }
     }
 
@@ -218,7 +225,11 @@ impl Session {
                 self.outbound.retain(|o| o.packet_id != a.packet_id);
             }
             Packet::PubRec(a) => {
-                if let Some(o) = self.outbound.iter_mut().find(|o| o.packet_id == a.packet_id) {
+                if let Some(o) = self
+                    .outbound
+                    .iter_mut()
+                    .find(|o| o.packet_id == a.packet_id)
+                {
                     o.released = true;
                 }
                 self.send(&Packet::PubRel(Ack {
@@ -276,7 +287,8 @@ impl Session {
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(_) => {
                 self.state = State::Closed;
-                self.events.push_back(Event::Close("client sent DISCONNECT".into()));
+                self.events
+                    .push_back(Event::Close("client sent DISCONNECT".into()));
             }
             Packet::Auth(_) => self.close_with(0x8C, "AUTH not supported".into()),
             other => self.close_with(0x82, format!("unexpected {} from a client", name(&other))),
@@ -407,8 +419,10 @@ impl Session {
             }
             Err(why) => {
                 if self.version == Some(Version::V5) {
-                    let mut props = Properties::default();
-                    props.reason_string = Some(why.clone());
+                    let props = Properties {
+                        reason_string: Some(why.clone()),
+                        ..Properties::default()
+                    };
                     let ack = Ack {
                         packet_id: id,
                         code: 0x80, // unspecified error: not stored
@@ -480,9 +494,7 @@ impl Session {
     pub fn poll_deadline(&self) -> Option<Instant> {
         match self.state {
             State::AwaitConnect => Some(self.connect_deadline),
-            State::Connected => self
-                .keep_alive
-                .map(|ka| self.last_packet + ka + ka / 2),
+            State::Connected => self.keep_alive.map(|ka| self.last_packet + ka + ka / 2),
             State::Closed => None,
         }
     }

@@ -70,17 +70,41 @@ impl Monitor {
         let mut gauge = |name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        gauge("frond_mqtt_connections", "Open MQTT connections", c.connections.load(Ordering::Relaxed));
-        gauge("frond_mqtt_msgs_in_total", "MQTT PUBLISH packets received", c.msgs_in.load(Ordering::Relaxed));
-        gauge("frond_mqtt_bytes_in_total", "MQTT payload bytes received", c.bytes_in.load(Ordering::Relaxed));
-        gauge("frond_msgs_out_total", "Messages handed to subscribers", c.msgs_out.load(Ordering::Relaxed));
-        gauge("frond_dropped_slow_total", "Deliveries dropped for slow subscribers", c.dropped_slow.load(Ordering::Relaxed));
+        gauge(
+            "frond_mqtt_connections",
+            "Open MQTT connections",
+            c.connections.load(Ordering::Relaxed),
+        );
+        gauge(
+            "frond_mqtt_msgs_in_total",
+            "MQTT PUBLISH packets received",
+            c.msgs_in.load(Ordering::Relaxed),
+        );
+        gauge(
+            "frond_mqtt_bytes_in_total",
+            "MQTT payload bytes received",
+            c.bytes_in.load(Ordering::Relaxed),
+        );
+        gauge(
+            "frond_msgs_out_total",
+            "Messages handed to subscribers",
+            c.msgs_out.load(Ordering::Relaxed),
+        );
+        gauge(
+            "frond_dropped_slow_total",
+            "Deliveries dropped for slow subscribers",
+            c.dropped_slow.load(Ordering::Relaxed),
+        );
         for s in self.broker.streams() {
             let st = s.state();
             let n = &s.config().name;
             let _ = writeln!(out, "frond_stream_messages{{stream=\"{n}\"}} {}", st.msgs);
             let _ = writeln!(out, "frond_stream_bytes{{stream=\"{n}\"}} {}", st.bytes);
-            let _ = writeln!(out, "frond_stream_last_seq{{stream=\"{n}\"}} {}", st.last_seq);
+            let _ = writeln!(
+                out,
+                "frond_stream_last_seq{{stream=\"{n}\"}} {}",
+                st.last_seq
+            );
         }
         out
     }
@@ -126,7 +150,13 @@ async fn respond(mut sock: TcpStream, m: &Monitor) -> std::io::Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > 8192 {
-            return reply(&mut sock, "400 Bad Request", "text/plain", "request too large\n").await;
+            return reply(
+                &mut sock,
+                "400 Bad Request",
+                "text/plain",
+                "request too large\n",
+            )
+            .await;
         }
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
@@ -134,7 +164,13 @@ async fn respond(mut sock: TcpStream, m: &Monitor) -> std::io::Result<()> {
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" {
-        return reply(&mut sock, "405 Method Not Allowed", "text/plain", "GET only\n").await;
+        return reply(
+            &mut sock,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        )
+        .await;
     }
     match path.split('?').next().unwrap_or("") {
         "/healthz" => reply(&mut sock, "200 OK", "text/plain", "ok\n").await,
@@ -142,8 +178,24 @@ async fn respond(mut sock: TcpStream, m: &Monitor) -> std::io::Result<()> {
             let body = serde_json::to_string_pretty(&m.varz()).unwrap_or_default() + "\n";
             reply(&mut sock, "200 OK", "application/json", &body).await
         }
-        "/metrics" => reply(&mut sock, "200 OK", "text/plain; version=0.0.4", &m.metrics()).await,
-        _ => reply(&mut sock, "404 Not Found", "text/plain", "try /healthz, /varz or /metrics\n").await,
+        "/metrics" => {
+            reply(
+                &mut sock,
+                "200 OK",
+                "text/plain; version=0.0.4",
+                &m.metrics(),
+            )
+            .await
+        }
+        _ => {
+            reply(
+                &mut sock,
+                "404 Not Found",
+                "text/plain",
+                "try /healthz, /varz or /metrics\n",
+            )
+            .await
+        }
     }
 }
 
@@ -167,7 +219,10 @@ pub fn get(addr: &str, path: &str) -> Result<String, String> {
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_string()),
-        Some((head, _)) => Err(format!("unexpected answer: {}", head.lines().next().unwrap_or(""))),
+        Some((head, _)) => Err(format!(
+            "unexpected answer: {}",
+            head.lines().next().unwrap_or("")
+        )),
         None => Err("malformed HTTP answer".into()),
     }
 }

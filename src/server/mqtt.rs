@@ -77,7 +77,10 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         smol::spawn(async move {
             broker.counters.connections.fetch_add(1, Ordering::Relaxed);
-            broker.counters.total_connections.fetch_add(1, Ordering::Relaxed);
+            broker
+                .counters
+                .total_connections
+                .fetch_add(1, Ordering::Relaxed);
             let why = connection(sock, &broker, limits, max_queued, shutdown).await;
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
@@ -138,10 +141,7 @@ async fn connection(
                     retain,
                     ack,
                 } => {
-                    broker
-                        .counters
-                        .msgs_in
-                        .fetch_add(1, Ordering::Relaxed);
+                    broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters
                         .bytes_in

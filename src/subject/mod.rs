@@ -26,7 +26,10 @@ fn valid(s: &str, wildcards: bool) -> bool {
     }
     let mut tokens = s.split('.').peekable();
     while let Some(t) = tokens.next() {
-        if t.is_empty() || t.bytes().any(|b| b == b' ' || b == b'\t' || b == b'\r' || b == b'\n') {
+        if t.is_empty()
+            || t.bytes()
+                .any(|b| b == b' ' || b == b'\t' || b == b'\r' || b == b'\n')
+        {
             return false;
         }
         match t {

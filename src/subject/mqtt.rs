@@ -141,8 +141,24 @@ mod tests {
     #[test]
     fn round_trip() {
         for t in [
-            "a", "a/b", "/", "//", "a//b", "/a/", "a.b", "..", "with space/x", "100%",
-            "%20", "*", ">", "a/*/>", "tab\there", "ünïcødé/✓", "a%2Ab", "x/%",
+            "a",
+            "a/b",
+            "/",
+            "//",
+            "a//b",
+            "/a/",
+            "a.b",
+            "..",
+            "with space/x",
+            "100%",
+            "%20",
+            "*",
+            ">",
+            "a/*/>",
+            "tab\there",
+            "ünïcødé/✓",
+            "a%2Ab",
+            "x/%",
         ] {
             let s = topic_to_subject(t);
             assert!(crate::subject::valid_subject(&s), "{t:?} -> {s:?} invalid");

@@ -1,0 +1,253 @@
+//! The per-stream owner thread: the only code that touches a stream's
+//! [`Store`]. Batches queued commands into group commits, applies the sync
+//! policy, runs the max_age timer and publishes the durable state.
+//!
+//! Invariants: a publisher is acknowledged only after its batch was written
+//! (and fsynced with `Always`); a failed batch leaves no bytes behind and
+//! acknowledges nobody; `durable` never exceeds what the policy made safe,
+//! and [`Shared::state`] and reads never go beyond `durable`.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{Cmd, Reply, Shared, StreamError, SyncPolicy, MAX_BATCH};
+use crate::store::Store;
+
+/// Unix time in nanoseconds (0 if the clock is before 1970).
+pub(super) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The shortest wait for the max_age timer (bounds wake-ups when the
+/// oldest message cannot be removed).
+const MIN_EXPIRY_WAIT: Duration = Duration::from_millis(10);
+
+struct Owner {
+    store: Store,
+    shared: Arc<Shared>,
+    policy: SyncPolicy,
+    /// Highest sequence durable per the policy.
+    durable: u64,
+    /// `Interval`: when the oldest unsynced write happened.
+    dirty_since: Option<Instant>,
+}
+
+pub(super) fn run(
+    store: Store,
+    rx: smol::channel::Receiver<Cmd>,
+    shared: Arc<Shared>,
+    policy: SyncPolicy,
+) {
+    let durable = store.state().last_seq;
+    let mut o = Owner {
+        store,
+        shared,
+        policy,
+        durable,
+        dirty_since: None,
+    };
+    let mut closed = false;
+    while !closed {
+        let got = match o.deadline() {
+            None => Some(rx.recv_blocking()),
+            Some(at) => smol::block_on(smol::future::or(async { Some(rx.recv().await) }, async {
+                smol::Timer::at(at).await;
+                None
+            })),
+        };
+        match got {
+            None => o.tick(),
+            Some(Err(_)) => break, // every handle is gone, or close()
+            Some(Ok(first)) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
+                }
+                closed = o.handle_batch(batch);
+            }
+        }
+    }
+    rx.close();
+    // Commands still queued get `Closed` (their reply senders drop here).
+    while rx.try_recv().is_ok() {}
+    if !closed {
+        o.finish();
+    }
+    o.shared.closed.store(true, Ordering::Release);
+    o.shared.changed.notify(usize::MAX);
+}
+
+fn io_copy(e: &io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("{e}; the message was not stored (free space or fix the disk, then retry)"),
+    )
+}
+
+fn reply<T>(r: Reply<T>, v: T) {
+    // The publisher may have gone away; that is fine.
+    let _ = r.try_send(v);
+}
+
+impl Owner {
+    fn deadline(&mut self) -> Option<Instant> {
+        let sync_at = match (self.policy, self.dirty_since) {
+            (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
+            _ => None,
+        };
+        let expiry_at = self.store.next_expiry().map(|exp| {
+            let wait = Duration::from_nanos(exp.saturating_sub(now_ns())).max(MIN_EXPIRY_WAIT);
+            Instant::now() + wait
+        });
+        match (sync_at, expiry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.interval_sync();
+        self.store.enforce_limits(now_ns());
+        self.publish_state();
+    }
+
+    /// `Interval`: fsync if the interval since the first unsynced write has
+    /// passed.
+    fn interval_sync(&mut self) {
+        let (SyncPolicy::Interval(d), Some(since)) = (self.policy, self.dirty_since) else {
+            return;
+        };
+        if since.elapsed() < d {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => {
+                self.durable = self.store.state().last_seq;
+                self.dirty_since = None;
+            }
+            Err(e) => {
+                log::error!("stream sync failed: {e}; retrying in {d:?}");
+                self.dirty_since = Some(Instant::now());
+            }
+        }
+    }
+
+    fn publish_state(&mut self) {
+        let s = self.store.state_upto(self.durable);
+        let mut g = self.shared.state();
+        if *g != s {
+            *g = s;
+            drop(g);
+            self.shared.changed.notify(usize::MAX);
+        }
+    }
+
+    /// One group commit. Returns true when a close was requested.
+    fn handle_batch(&mut self, batch: Vec<Cmd>) -> bool {
+        let now = now_ns();
+        let mark = self.store.mark();
+        let mut acks = Vec::new();
+        let mut failed: Option<io::Error> = None;
+        let mut later = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Cmd::Publish(msg, r) => {
+                    if failed.is_some() {
+                        acks.push((r, None));
+                        continue;
+                    }
+                    match self.store.append(&msg, now) {
+                        Err(StreamError::Io(e)) => {
+                            failed = Some(e);
+                            acks.push((r, None));
+                        }
+                        res => acks.push((r, Some(res))),
+                    }
+                }
+                other => later.push(other),
+            }
+        }
+        let appended = self.store.state().last_seq != mark.last_seq();
+        if failed.is_none() && appended {
+            let res = match self.policy {
+                SyncPolicy::Always => self.store.sync(),
+                SyncPolicy::Interval(_) | SyncPolicy::Never => self.store.flush(),
+            };
+            failed = res.err();
+        }
+        if let Some(e) = &failed {
+            log::error!(
+                "stream write failed: {e}; rejecting {} publishes",
+                acks.len()
+            );
+            self.store.rollback(mark);
+            for (_, res) in acks.iter_mut() {
+                if !matches!(res, Some(Err(_))) {
+                    *res = Some(Err(StreamError::Io(io_copy(e))));
+                }
+            }
+        } else if appended {
+            match self.policy {
+                SyncPolicy::Always | SyncPolicy::Never => {
+                    self.durable = self.store.state().last_seq;
+                }
+                SyncPolicy::Interval(_) => {
+                    self.dirty_since.get_or_insert_with(Instant::now);
+                    self.interval_sync();
+                }
+            }
+        }
+        self.store.enforce_limits(now);
+        self.publish_state();
+        for (r, res) in acks {
+            if let Some(res) = res {
+                reply(r, res);
+            }
+        }
+        let mut closes = Vec::new();
+        for cmd in later {
+            match cmd {
+                Cmd::Read {
+                    from,
+                    max_msgs,
+                    max_bytes,
+                    reply: r,
+                } => {
+                    let res = self
+                        .store
+                        .read(from, max_msgs, max_bytes, self.durable)
+                        .map_err(StreamError::Io);
+                    reply(r, res);
+                }
+                Cmd::DiskUsage(r) => reply(r, self.store.disk_usage().map_err(StreamError::Io)),
+                Cmd::Close(r) => closes.push(r),
+                Cmd::Publish(..) => {}
+            }
+        }
+        if closes.is_empty() {
+            return false;
+        }
+        self.finish();
+        for r in closes {
+            reply(r, ());
+        }
+        true
+    }
+
+    /// Final sync and meta write; everything written becomes durable.
+    fn finish(&mut self) {
+        match self.store.close() {
+            Ok(()) => self.durable = self.store.state().last_seq,
+            Err(e) => log::error!("closing stream: {e}"),
+        }
+        self.dirty_since = None;
+        self.publish_state();
+    }
+}

@@ -1,0 +1,310 @@
+//! Owner-thread tests: group commit, durability of acks across a simulated
+//! power cut, sync policies, failures, close. Nothing here is timed; waits
+//! are on events (`wait_for`) or on acks.
+
+use super::*;
+use crate::store::MemBackend;
+use smol::future::{block_on, poll_once};
+
+fn cfg(sync: SyncPolicy) -> StreamConfig {
+    StreamConfig {
+        name: "t".into(),
+        subjects: vec!["t.>".into()],
+        storage: Storage::Memory,
+        sync,
+        max_msgs: 0,
+        max_bytes: 0,
+        max_age: Duration::ZERO,
+        max_msgs_per_subject: 0,
+        max_msg_size: 0,
+        discard: Discard::Old,
+        duplicate_window: Duration::from_secs(120),
+    }
+}
+
+fn msg(i: u64) -> Message {
+    Message {
+        subject: format!("t.{i}"),
+        headers: None,
+        payload: format!("p{i}").into_bytes(),
+    }
+}
+
+fn open_mem(b: &MemBackend, c: StreamConfig) -> StreamHandle {
+    open_with_backend(Box::new(b.clone()), c, None).unwrap().0
+}
+
+#[test]
+fn group_commit_shares_fsyncs_and_acks_survive_a_crash() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    const N: u64 = 100;
+    let gate = b.hold_syncs();
+    let mut futs: Vec<_> = (0..N).map(|i| Box::pin(h.publish(msg(i)))).collect();
+    // One poll each: every publish is queued behind the held fsync.
+    for f in futs.iter_mut() {
+        assert!(block_on(poll_once(f)).is_none());
+    }
+    assert_eq!(h.state().last_seq, 0, "nothing visible before the fsync");
+    drop(gate);
+    let acks: Vec<_> = futs.into_iter().map(|f| block_on(f).unwrap()).collect();
+    assert!(acks
+        .iter()
+        .enumerate()
+        .all(|(i, a)| a.seq == i as u64 + 1 && !a.duplicate));
+    let syncs = b.sync_count();
+    assert!(syncs <= 2, "{syncs} fsyncs for {N} messages");
+    assert_eq!(h.state().last_seq, N);
+    assert_eq!(h.state().msgs, N);
+    // Power cut right now: every acknowledged message is on "disk".
+    let img = b.crash_image();
+    let (h2, rep) = open_with_backend(Box::new(img), cfg(SyncPolicy::Always), None).unwrap();
+    assert_eq!(rep.records, N);
+    assert_eq!(rep.truncated_bytes, 0);
+    let got = block_on(h2.read(1, usize::MAX, usize::MAX)).unwrap();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.payload == msg(i as u64).payload));
+    assert_eq!(got.len() as u64, N);
+}
+
+#[test]
+fn concurrent_async_publishers_get_ordered_acks() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let ex = smol::LocalExecutor::new();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|p| {
+            let h = h.clone();
+            ex.spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..25 {
+                    let a = h.publish(msg(p * 100 + i)).await.unwrap();
+                    // Acked means visible.
+                    assert!(h.state().last_seq >= a.seq);
+                    seqs.push(a.seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let all: Vec<Vec<u64>> = block_on(ex.run(async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    }));
+    for seqs in &all {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "each publisher's acks in order"
+        );
+    }
+    let mut flat: Vec<u64> = all.concat();
+    flat.sort_unstable();
+    assert_eq!(flat, (1..=200).collect::<Vec<_>>());
+    let s = h.state();
+    assert_eq!((s.first_seq, s.last_seq, s.msgs), (1, 200, 200));
+    let got = block_on(h.read(1, 1000, usize::MAX)).unwrap();
+    assert_eq!(got.len(), 200);
+    assert_eq!(
+        s.bytes,
+        b.clone().disk_usage().unwrap() - 28,
+        "bytes = records without the segment header"
+    );
+    assert!(b.sync_count() <= 200);
+    block_on(h.close());
+}
+
+#[test]
+fn enospc_fails_the_batch_then_recovers() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    block_on(h.publish(msg(1))).unwrap();
+    b.set_space_limit(Some(b.clone().disk_usage().unwrap() + 5));
+    let err = block_on(h.publish(msg(2))).unwrap_err();
+    assert!(
+        matches!(&err, StreamError::Io(e) if e.to_string().contains("not stored")),
+        "{err}"
+    );
+    assert_eq!(h.state().last_seq, 1);
+    b.set_space_limit(None);
+    assert_eq!(block_on(h.publish(msg(3))).unwrap().seq, 2);
+    let got = block_on(h.read(1, 10, usize::MAX)).unwrap();
+    assert_eq!(
+        got.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(),
+        [b"p1".to_vec(), b"p3".to_vec()]
+    );
+    // Failed fsync: same rule.
+    b.set_fail_sync(true);
+    assert!(matches!(
+        block_on(h.publish(msg(4))),
+        Err(StreamError::Io(_))
+    ));
+    b.set_fail_sync(false);
+    assert_eq!(block_on(h.publish(msg(5))).unwrap().seq, 3);
+    block_on(h.close());
+    let (h2, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
+    assert_eq!(rep.records, 3);
+    assert_eq!(rep.truncated_bytes, 0);
+    assert_eq!(h2.state().last_seq, 3);
+}
+
+#[test]
+fn interval_policy_acks_early_but_shows_only_synced() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Interval(Duration::from_millis(5))));
+    for i in 0..5 {
+        assert_eq!(block_on(h.publish(msg(i))).unwrap().seq, i + 1);
+    }
+    // The owner's timer makes them durable without any further command.
+    block_on(h.wait_for(5));
+    assert!(b.sync_count() >= 1);
+    assert_eq!(
+        b.crash_image().file(&crate::store::segment_name(1)),
+        b.file(&crate::store::segment_name(1))
+    );
+    assert_eq!(block_on(h.read(1, 10, usize::MAX)).unwrap().len(), 5);
+}
+
+#[test]
+fn never_policy_syncs_only_at_close() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Never));
+    for i in 0..5 {
+        block_on(h.publish(msg(i))).unwrap();
+    }
+    assert_eq!(h.state().last_seq, 5);
+    assert_eq!(b.sync_count(), 0);
+    block_on(h.close());
+    assert!(b.sync_count() >= 1);
+}
+
+#[test]
+fn limits_dedup_and_errors_through_the_handle() {
+    let b = MemBackend::new();
+    let mut c = cfg(SyncPolicy::Always);
+    c.max_msgs = 3;
+    c.discard = Discard::New;
+    c.max_msg_size = 50;
+    let h = open_mem(&b, c);
+    let with_id = Message {
+        subject: "t.x".into(),
+        headers: Some(b"NATS/1.0\r\nNats-Msg-Id: abc\r\n\r\n".to_vec()),
+        payload: b"x".to_vec(),
+    };
+    assert_eq!(
+        block_on(h.publish(with_id.clone())).unwrap(),
+        PubAck {
+            seq: 1,
+            duplicate: false
+        }
+    );
+    assert_eq!(
+        block_on(h.publish(with_id)).unwrap(),
+        PubAck {
+            seq: 1,
+            duplicate: true
+        }
+    );
+    block_on(h.publish(msg(2))).unwrap();
+    block_on(h.publish(msg(3))).unwrap();
+    assert!(matches!(
+        block_on(h.publish(msg(4))),
+        Err(StreamError::Full(_))
+    ));
+    let big = Message {
+        subject: "t".into(),
+        headers: None,
+        payload: vec![0; 51],
+    };
+    assert!(matches!(
+        block_on(h.publish(big)),
+        Err(StreamError::TooLarge { size: 51, max: 50 })
+    ));
+    assert_eq!(h.state().msgs, 3);
+}
+
+#[test]
+fn max_age_timer_expires_while_idle() {
+    let b = MemBackend::new();
+    let mut c = cfg(SyncPolicy::Always);
+    c.max_age = Duration::from_millis(20);
+    let h = open_mem(&b, c);
+    for i in 0..3 {
+        block_on(h.publish(msg(i))).unwrap();
+    }
+    // Wait (on events, not a sleep) until the timer empties the stream.
+    block_on(async {
+        loop {
+            let l = h.inner.shared.changed.listen();
+            if h.state().msgs == 0 {
+                break;
+            }
+            l.await;
+        }
+    });
+    assert_eq!(h.state().first_seq, 4);
+    assert!(block_on(h.read(1, 10, usize::MAX)).unwrap().is_empty());
+}
+
+#[test]
+fn close_is_idempotent_and_later_calls_fail() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let h2 = h.clone();
+    block_on(h.publish(msg(1))).unwrap();
+    block_on(h.close());
+    block_on(h2.close());
+    assert!(matches!(
+        block_on(h2.publish(msg(2))),
+        Err(StreamError::Closed)
+    ));
+    assert!(matches!(
+        block_on(h2.read(1, 1, 1)),
+        Err(StreamError::Closed)
+    ));
+    block_on(h2.wait_for(100)); // returns: closed
+    assert!(b.names().contains(&"meta".to_string()));
+}
+
+#[test]
+fn dropping_all_handles_stops_and_syncs() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Never));
+    block_on(h.publish(msg(1))).unwrap();
+    let h2 = h.clone();
+    drop(h);
+    assert!(
+        !b.names().contains(&"meta".to_string()),
+        "one handle still alive"
+    );
+    drop(h2);
+    assert!(b.names().contains(&"meta".to_string()));
+    let (h3, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Never), None).unwrap();
+    assert_eq!(rep.records, 1);
+    assert_eq!(h3.state().last_seq, 1);
+}
+
+#[test]
+fn file_storage_open_publish_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(SyncPolicy::Always);
+    c.storage = Storage::File;
+    let (h, rep) = open(dir.path(), c.clone()).unwrap();
+    assert_eq!(rep, RecoveryReport::default());
+    for i in 0..10 {
+        block_on(h.publish(msg(i))).unwrap();
+    }
+    assert!(block_on(h.disk_usage()).unwrap() > 0);
+    block_on(h.close());
+    let (h, rep) = open(dir.path(), c).unwrap();
+    assert_eq!(rep.records, 10);
+    assert_eq!(h.state().last_seq, 10);
+    let got = block_on(h.read(3, 2, usize::MAX)).unwrap();
+    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+}
