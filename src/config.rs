@@ -682,21 +682,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("{s:?} is not a size; use e.g. 1048576, \"512KiB\", \"64MiB\", \"1GiB\"")
     })?;
-    let mult: u64 =
-        match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kib" => 1 << 10,
-            "kb" => 1_000,
-            "m" | "mib" => 1 << 20,
-            "mb" => 1_000_000,
-            "g" | "gib" => 1 << 30,
-            "gb" => 1_000_000_000,
-            "t" | "tib" => 1 << 40,
-            "tb" => 1_000_000_000_000,
-            other => return Err(format!(
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
                 "{s:?}: unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
-            )),
-        };
+            ))
+        }
+    };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
 }

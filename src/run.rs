@@ -81,7 +81,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 stop_rx.clone(),
             )));
         }
-        let uplink_status = cfg.uplink.as_ref().map(|u| Arc::new(UplinkStatus::new(u)));
+        let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
         if let Some(addr) = &cfg.http.listen {
             let l = smol::net::TcpListener::bind(addr.as_str())
                 .await

@@ -1,1 +1,127 @@
-//! (stub)
+//! The NATS client protocol, as pure functions over byte slices.
+//!
+//! Owns: parsing what a NATS server sends to a client and emitting what a
+//! client sends ([`client`]), the `NATS/1.0` header block ([`headers`]) and a
+//! small standard base64 decoder ([`base64`]) for the JetStream API's
+//! `hdrs`/`data` fields. A server side (parsing client ops, emitting server
+//! ops) will live beside `client.rs` as `server.rs` and reuse the same
+//! control-line helpers.
+//!
+//! Invariants:
+//! - Nothing here does I/O, reads a clock or panics on any input. Parsers
+//!   return `Ok(None)` for "need more bytes", `Err(Malformed)` with a reason
+//!   for input that can never become valid, or a complete frame and the
+//!   number of bytes it used.
+//! - Every parse is bounded: a control line longer than
+//!   [`MAX_CONTROL_LINE`] or a payload larger than the caller's limit is
+//!   rejected before it is buffered in full.
+//! - Emitters refuse subjects that would break the line framing (empty, or
+//!   containing whitespace or control characters).
+
+pub mod base64;
+pub mod client;
+pub mod headers;
+
+use std::fmt;
+
+/// Longest accepted control line (`MSG ...`, `INFO {...}`), CRLF excluded.
+pub const MAX_CONTROL_LINE: usize = 64 * 1024;
+
+/// Input that can never become a valid frame; the connection must be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed NATS protocol data: {}", self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// A subject, reply subject or queue group the caller asked us to emit is not
+/// sendable on a NATS control line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodeError(pub String);
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+/// Find the first `\r\n` in `buf`, bounded by [`MAX_CONTROL_LINE`].
+/// `Ok(None)`: not yet complete. `Ok(Some(i))`: the line is `buf[..i]`.
+pub(crate) fn find_line(buf: &[u8]) -> Result<Option<usize>, Malformed> {
+    let limit = buf.len().min(MAX_CONTROL_LINE + 2);
+    let window = buf.get(..limit).unwrap_or(buf);
+    match window.windows(2).position(|w| w == b"\r\n") {
+        Some(i) if i <= MAX_CONTROL_LINE => Ok(Some(i)),
+        Some(_) => Err(Malformed(format!(
+            "control line longer than {MAX_CONTROL_LINE} bytes"
+        ))),
+        None if buf.len() > MAX_CONTROL_LINE + 1 => Err(Malformed(format!(
+            "control line longer than {MAX_CONTROL_LINE} bytes"
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Parse a decimal size field.
+pub(crate) fn parse_usize(field: &[u8], what: &str) -> Result<usize, Malformed> {
+    if field.is_empty() || field.len() > 19 || !field.iter().all(u8::is_ascii_digit) {
+        return Err(Malformed(format!(
+            "{what} {:?} is not a decimal number",
+            String::from_utf8_lossy(field)
+        )));
+    }
+    let mut n: usize = 0;
+    for &d in field {
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(usize::from(d - b'0')))
+            .ok_or_else(|| Malformed(format!("{what} is too large")))?;
+    }
+    Ok(n)
+}
+
+/// Check that a token can be put on a control line.
+pub(crate) fn check_token(tok: &str, what: &str) -> Result<(), EncodeError> {
+    if tok.is_empty() {
+        return Err(EncodeError(format!("{what} is empty")));
+    }
+    if tok.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(EncodeError(format!(
+            "{what} {tok:?} contains whitespace or control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_finding_is_bounded() {
+        assert_eq!(find_line(b"PING\r\n"), Ok(Some(4)));
+        assert_eq!(find_line(b"PIN"), Ok(None));
+        assert_eq!(find_line(b"PING\r"), Ok(None));
+        let long = vec![b'a'; MAX_CONTROL_LINE + 2];
+        assert!(find_line(&long).is_err());
+        let mut ok = vec![b'a'; MAX_CONTROL_LINE];
+        ok.extend_from_slice(b"\r\n");
+        assert_eq!(find_line(&ok), Ok(Some(MAX_CONTROL_LINE)));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_usize(b"0", "n"), Ok(0));
+        assert_eq!(parse_usize(b"1048576", "n"), Ok(1_048_576));
+        assert!(parse_usize(b"", "n").is_err());
+        assert!(parse_usize(b"-1", "n").is_err());
+        assert!(parse_usize(b"99999999999999999999", "n").is_err());
+    }
+}

@@ -1,0 +1,960 @@
+//! The mirror-up state machine for one local stream (sans-IO).
+//!
+//! Owns: which local messages are known to be on the hub, the publish
+//! window, the resync scan, error policy and the cursor to persist. Inputs
+//! come through `handle_*` (with `now` passed in), outputs leave through
+//! `poll_*`: [`Command`]s to send on the hub connection, [`ReadRequest`]s
+//! for the local stream, [`Event`]s for logs and status, the next deadline
+//! and a [`Cursor`] to persist.
+//!
+//! Invariants (the exactly-once argument):
+//! - `L` (cursor.local_seq): every local message <= L is on the hub, was
+//!   skipped by policy (can never be stored) or no longer exists locally.
+//! - `stored`: local seqs > L known to be on the hub (or skipped); they are
+//!   never sent again.
+//! - "scan floor" F = min(`latest`, lower bound of every in-flight publish):
+//!   every message of ours with local seq > L that the hub holds and that is
+//!   not in `stored` has hub seq > F. `latest` is the last hub sequence
+//!   observed (an ack, or a message seen by the resync scan); a publish sent
+//!   after observing hub seq s is stored above s. The persisted H is
+//!   min(F, min hub seq in `stored` - 1), so a restart scanning from H + 1
+//!   rediscovers everything it forgot.
+//! - After every (re)connect and every publish error or timeout, nothing new
+//!   is sent until a resync has scanned the hub stream from F + 1 to its end
+//!   (`$JS.API.STREAM.MSG.GET` with `next_by_subj`), recording every message
+//!   whose `Nats-Msg-Id` is `<node>:<stream>:<seq>`. Then the unsent rest is
+//!   published in local order. The hub's duplicate window covers the short
+//!   race of a publish stored after the scan passed it; the scan covers
+//!   outages of any length.
+//! - Order: the hub receives messages in local order as long as it does not
+//!   store a later publish of a window after rejecting an earlier one (a
+//!   transient error in the middle of a window, e.g. a leader change, can
+//!   put the resent earlier message after the later one; it is still stored
+//!   exactly once).
+//! - Resync cost: the scan reads every hub message matching the filter
+//!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
+//!   node's messages are read even in a shared hub stream; without one it is
+//!   `>` and every foreign message after F is read too. A scan stops after
+//!   `scan_cap` messages, keeps its progress and continues after a pause.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::cursor::Cursor;
+use crate::stream::StoredMessage;
+use crate::wire::nats::headers::HeaderBlock;
+use crate::wire::nats::{base64, client};
+
+/// JetStream error codes the policy distinguishes.
+pub const ERR_STREAM_NOT_FOUND: u64 = 10059;
+pub const ERR_NO_MESSAGE_FOUND: u64 = 10037;
+pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
+
+/// How often a changed cursor is handed out for persisting.
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+/// Default cap on hub messages examined by one resync round.
+pub const DEFAULT_SCAN_CAP: u64 = 100_000;
+/// Upper bound on the bytes asked for in one local read.
+pub const READ_MAX_BYTES: usize = 4 << 20;
+
+/// Static parameters of one mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorParams {
+    pub node: String,
+    /// Local stream name.
+    pub stream: String,
+    /// Hub stream name.
+    pub hub_stream: String,
+    pub subject_prefix: String,
+    pub max_inflight: usize,
+    pub ack_timeout: Duration,
+    /// Backoff after a publish/resync fault: doubles from `retry_min`.
+    pub retry_min: Duration,
+    /// Also the pause between checks while the hub stream is missing.
+    pub retry_max: Duration,
+    pub scan_cap: u64,
+}
+
+/// Something to send on the hub connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Subscribe {
+        subject: String,
+        sid: u64,
+    },
+    /// `PUB` when `headers` is empty, else `HPUB`.
+    Publish {
+        subject: String,
+        reply: String,
+        headers: Vec<u8>,
+        payload: Vec<u8>,
+    },
+}
+
+impl Command {
+    /// Encode on the wire.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), crate::wire::nats::EncodeError> {
+        match self {
+            Command::Subscribe { subject, sid } => client::subscribe(subject, None, *sid, out),
+            Command::Publish {
+                subject,
+                reply,
+                headers,
+                payload,
+            } if headers.is_empty() => client::publish(subject, Some(reply), payload, out),
+            Command::Publish {
+                subject,
+                reply,
+                headers,
+                payload,
+            } => client::hpublish(subject, Some(reply), headers, payload, out),
+        }
+    }
+}
+
+/// A read the shell should perform: `StreamHandle::read(from, max_msgs,
+/// READ_MAX_BYTES)`, waiting (`wait_for(from)`) while it would be empty.
+/// Answer with [`Mirror::handle_messages`] and the same `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub from: u64,
+    pub max_msgs: usize,
+}
+
+/// Things worth logging, with their log level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A resync finished.
+    Resynced {
+        hub_seq: u64,
+        cursor: u64,
+        found_above_gap: usize,
+        backlog: u64,
+    },
+    /// A message can never be stored on the hub; it is skipped.
+    Skipped { seq: u64, reason: String },
+    /// Local messages vanished (limits) before reaching the hub.
+    LocalGap { from: u64, to: u64 },
+    /// A fault or permanent condition (logged once per change).
+    Error(String),
+    /// The hub stream was missing and is back.
+    StreamFound,
+    /// Informational warnings (e.g. an ack from an unexpected stream).
+    Warning(String),
+}
+
+impl Event {
+    pub fn level(&self) -> log::Level {
+        match self {
+            Event::Resynced { .. } | Event::StreamFound => log::Level::Info,
+            Event::LocalGap { .. } | Event::Warning(_) => log::Level::Warn,
+            Event::Skipped { .. } | Event::Error(_) => log::Level::Error,
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Resynced {
+                hub_seq,
+                cursor,
+                found_above_gap,
+                backlog,
+            } => write!(
+                f,
+                "resynced: hub scanned up to seq {hub_seq}, local cursor {cursor}, {found_above_gap} later messages already on the hub, backlog {backlog} msgs"
+            ),
+            Event::Skipped { seq, reason } => write!(f, "message {seq} can never be stored on the hub and is skipped: {reason}"),
+            Event::LocalGap { from, to } => write!(
+                f,
+                "local messages {from}..={to} are no longer in the local stream (discarded by limits) and were not confirmed on the hub"
+            ),
+            Event::Error(e) => f.write_str(e),
+            Event::StreamFound => f.write_str("hub stream is available again"),
+            Event::Warning(w) => f.write_str(w),
+        }
+    }
+}
+
+/// A copy of the mirror's state for status output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorStatus {
+    pub stream: String,
+    pub hub_stream: String,
+    pub state: String,
+    pub cursor: u64,
+    pub hub_seq: u64,
+    pub local_last_seq: u64,
+    pub inflight: usize,
+    pub sent: u64,
+    pub acked: u64,
+    pub skipped: u64,
+    pub resyncs: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    sent_at: Instant,
+    /// The hub stores this publish above this sequence.
+    lower_bound: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Offline,
+    /// Waiting for the reply to a MSG.GET for `next` (scan position).
+    Resync {
+        scanned: u64,
+        sent_at: Instant,
+    },
+    Streaming,
+    /// Connected but pausing before the next resync.
+    Wait {
+        until: Instant,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    inbox: String,
+    max_payload: usize,
+}
+
+/// One mirror's state machine.
+#[derive(Debug)]
+pub struct Mirror {
+    p: MirrorParams,
+    phase: Phase,
+    conn: Option<Conn>,
+    epoch: u64,
+    l: u64,
+    latest: u64,
+    stored: BTreeMap<u64, Option<u64>>,
+    absent: BTreeMap<u64, u64>,
+    inflight: BTreeMap<u64, Inflight>,
+    pending: VecDeque<StoredMessage>,
+    next_read: u64,
+    read_from: Option<u64>,
+    read_issued: bool,
+    fail_streak: u32,
+    stream_missing: bool,
+    warned_other_stream: bool,
+    last_error: Option<String>,
+    local_last_seq: u64,
+    sent: u64,
+    acked: u64,
+    skipped: u64,
+    resyncs: u64,
+    persisted: Cursor,
+    last_persist: Option<Instant>,
+    commands: VecDeque<Command>,
+    events: VecDeque<Event>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u64,
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct PubAckJson {
+    #[serde(default)]
+    stream: String,
+    #[serde(default)]
+    seq: u64,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct GetJson {
+    message: Option<GetMessage>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct GetMessage {
+    seq: u64,
+    #[serde(default)]
+    hdrs: Option<String>,
+}
+
+enum Reply {
+    Ok { stream: String, seq: u64 },
+    ApiErr(ApiError),
+    NoResponders,
+    Garbage(String),
+}
+
+fn classify_pub_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
+    if let Some(h) = headers {
+        if let Ok(hb) = HeaderBlock::parse(h) {
+            if hb.status == Some(503) {
+                return Reply::NoResponders;
+            }
+        }
+    }
+    match serde_json::from_slice::<PubAckJson>(payload) {
+        Ok(PubAckJson { error: Some(e), .. }) => Reply::ApiErr(e),
+        Ok(a) if a.seq > 0 => Reply::Ok {
+            stream: a.stream,
+            seq: a.seq,
+        },
+        Ok(_) => Reply::Garbage("publish reply has no sequence".into()),
+        Err(e) => Reply::Garbage(format!("publish reply is not a JetStream ack: {e}")),
+    }
+}
+
+impl Mirror {
+    /// A mirror resuming from `cursor` (`None`: start from 0, full resync).
+    pub fn new(p: MirrorParams, cursor: Option<Cursor>) -> Mirror {
+        let c = cursor.unwrap_or_default();
+        Mirror {
+            p,
+            phase: Phase::Offline,
+            conn: None,
+            epoch: 0,
+            l: c.local_seq,
+            latest: c.hub_seq,
+            stored: BTreeMap::new(),
+            absent: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            pending: VecDeque::new(),
+            next_read: c.local_seq + 1,
+            read_from: None,
+            read_issued: false,
+            fail_streak: 0,
+            stream_missing: false,
+            warned_other_stream: false,
+            last_error: None,
+            local_last_seq: 0,
+            sent: 0,
+            acked: 0,
+            skipped: 0,
+            resyncs: 0,
+            persisted: c,
+            last_persist: None,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn params(&self) -> &MirrorParams {
+        &self.p
+    }
+
+    /// The cursor as it would be persisted now.
+    pub fn cursor(&self) -> Cursor {
+        let mut h = self.floor();
+        if let Some(min_stored) = self.stored.values().flatten().min() {
+            h = h.min(min_stored.saturating_sub(1));
+        }
+        Cursor {
+            local_seq: self.l,
+            hub_seq: h,
+        }
+    }
+
+    fn floor(&self) -> u64 {
+        self.inflight
+            .values()
+            .map(|i| i.lower_bound)
+            .fold(self.latest, u64::min)
+    }
+
+    /// The hub subject filter used by the resync scan.
+    pub fn filter(&self) -> String {
+        if self.p.subject_prefix.is_empty() {
+            ">".into()
+        } else {
+            format!("{}>", self.p.subject_prefix)
+        }
+    }
+
+    fn msg_id(&self, seq: u64) -> String {
+        format!("{}:{}:{}", self.p.node, self.p.stream, seq)
+    }
+
+    fn our_seq(&self, msg_id: &str) -> Option<u64> {
+        let rest = msg_id
+            .strip_prefix(self.p.node.as_str())?
+            .strip_prefix(':')?;
+        let rest = rest
+            .strip_prefix(self.p.stream.as_str())?
+            .strip_prefix(':')?;
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        rest.parse().ok()
+    }
+
+    // ------------------------------------------------------------------
+    // Inputs.
+
+    /// The connection is up (CONNECT accepted). `sid` is this mirror's
+    /// subscription id, `inbox_token` a fresh random token for this
+    /// connection, `max_payload` the server's limit from INFO.
+    pub fn handle_connected(
+        &mut self,
+        now: Instant,
+        sid: u64,
+        inbox_token: &str,
+        max_payload: usize,
+    ) {
+        self.drop_window();
+        let inbox = format!("_INBOX.{inbox_token}");
+        self.commands.push_back(Command::Subscribe {
+            subject: format!("{inbox}.*"),
+            sid,
+        });
+        self.conn = Some(Conn { inbox, max_payload });
+        self.start_resync(now);
+    }
+
+    /// The connection is gone.
+    pub fn handle_disconnected(&mut self) {
+        self.drop_window();
+        self.conn = None;
+        self.phase = Phase::Offline;
+    }
+
+    /// The local stream's last sequence (for status only).
+    pub fn handle_local_state(&mut self, last_seq: u64) {
+        self.local_last_seq = last_seq;
+    }
+
+    /// The answer to a [`ReadRequest`] with this `from`: the stored
+    /// messages with seq >= from, in order (gaps are deleted messages).
+    pub fn handle_messages(&mut self, now: Instant, from: u64, msgs: Vec<StoredMessage>) {
+        if self.read_from != Some(from) {
+            return; // superseded request
+        }
+        self.read_from = None;
+        self.read_issued = false;
+        if from != self.next_read || self.phase != Phase::Streaming {
+            return;
+        }
+        for m in msgs {
+            if m.seq < self.next_read {
+                continue;
+            }
+            if m.seq > self.next_read {
+                let start = self.next_read.max(self.l + 1);
+                let end = m.seq - 1;
+                if start <= end {
+                    self.absent.insert(start, end);
+                    self.events.push_back(Event::LocalGap {
+                        from: start,
+                        to: end,
+                    });
+                }
+            }
+            self.local_last_seq = self.local_last_seq.max(m.seq);
+            self.next_read = m.seq + 1;
+            self.pending.push_back(m);
+        }
+        self.advance();
+        self.pump(now);
+    }
+
+    /// A message delivered on this mirror's subscription.
+    pub fn handle_reply(
+        &mut self,
+        now: Instant,
+        subject: &str,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        let Some(conn) = &self.conn else { return };
+        let Some(tail) = subject
+            .strip_prefix(conn.inbox.as_str())
+            .and_then(|t| t.strip_prefix('.'))
+        else {
+            return;
+        };
+        if let Some(epoch) = tail.strip_prefix('r') {
+            if epoch.parse::<u64>().ok() == Some(self.epoch) {
+                self.handle_get_reply(now, headers, payload);
+            }
+        } else if let Ok(seq) = tail.parse::<u64>() {
+            self.handle_pub_reply(now, seq, headers, payload);
+        }
+    }
+
+    /// Timers: ack and resync timeouts, the end of a pause.
+    pub fn handle_tick(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Wait { until } if now >= until && self.conn.is_some() => self.start_resync(now),
+            Phase::Resync { sent_at, .. } if now >= sent_at + self.p.ack_timeout => {
+                let t = self.p.ack_timeout;
+                self.fault(
+                    now,
+                    format!(
+                        "hub did not answer a resync request for stream {} within {t:?}",
+                        self.p.hub_stream
+                    ),
+                );
+            }
+            Phase::Streaming => {
+                if let Some((seq, i)) = self.inflight.iter().min_by_key(|(_, i)| i.sent_at) {
+                    if now >= i.sent_at + self.p.ack_timeout {
+                        let (seq, t) = (*seq, self.p.ack_timeout);
+                        self.fault(now, format!("publish of message {seq} not acknowledged within {t:?}; treating as a link fault"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Outputs.
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// A local read to perform, returned once per request.
+    pub fn poll_read(&mut self) -> Option<ReadRequest> {
+        if self.read_issued {
+            return None;
+        }
+        let from = self.read_from?;
+        self.read_issued = true;
+        let room = self
+            .p
+            .max_inflight
+            .saturating_sub(self.inflight.len() + self.pending.len());
+        Some(ReadRequest {
+            from,
+            max_msgs: room.max(1),
+        })
+    }
+
+    /// The earliest instant at which [`Mirror::handle_tick`] or
+    /// [`Mirror::poll_cursor`] has something to do.
+    pub fn poll_deadline(&self) -> Option<Instant> {
+        let timer = match self.phase {
+            Phase::Offline => None,
+            Phase::Wait { until } => Some(until),
+            Phase::Resync { sent_at, .. } => Some(sent_at + self.p.ack_timeout),
+            Phase::Streaming => self
+                .inflight
+                .values()
+                .map(|i| i.sent_at)
+                .min()
+                .map(|t| t + self.p.ack_timeout),
+        };
+        // Never persisted: the next poll_cursor call (after any input)
+        // writes it, so no deadline is needed.
+        let persist = if self.cursor() != self.persisted {
+            self.last_persist.map(|t| t + PERSIST_INTERVAL)
+        } else {
+            None
+        };
+        match (timer, persist) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A cursor to persist, if it changed and the last write is at least
+    /// [`PERSIST_INTERVAL`] old (or `force`, e.g. at shutdown).
+    pub fn poll_cursor(&mut self, now: Instant, force: bool) -> Option<Cursor> {
+        let c = self.cursor();
+        if c == self.persisted {
+            return None;
+        }
+        let due = force
+            || self
+                .last_persist
+                .is_none_or(|t| now >= t + PERSIST_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.persisted = c;
+        self.last_persist = Some(now);
+        Some(c)
+    }
+
+    pub fn status(&self) -> MirrorStatus {
+        let state = match self.phase {
+            Phase::Offline => "offline".to_string(),
+            Phase::Resync { .. } => "resyncing".to_string(),
+            Phase::Streaming => "streaming".to_string(),
+            Phase::Wait { .. } if self.stream_missing => "hub stream missing".to_string(),
+            Phase::Wait { .. } => "waiting to retry".to_string(),
+        };
+        MirrorStatus {
+            stream: self.p.stream.clone(),
+            hub_stream: self.p.hub_stream.clone(),
+            state,
+            cursor: self.l,
+            hub_seq: self.cursor().hub_seq,
+            local_last_seq: self.local_last_seq,
+            inflight: self.inflight.len(),
+            sent: self.sent,
+            acked: self.acked,
+            skipped: self.skipped,
+            resyncs: self.resyncs,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Internals.
+
+    /// Forget the window: in-flight publishes become unknown, so the scan
+    /// floor drops to cover them.
+    fn drop_window(&mut self) {
+        self.latest = self.floor();
+        self.inflight.clear();
+        self.pending.clear();
+        self.read_from = None;
+        self.read_issued = false;
+    }
+
+    fn start_resync(&mut self, now: Instant) {
+        self.epoch += 1;
+        self.resyncs += 1;
+        self.phase = Phase::Resync {
+            scanned: 0,
+            sent_at: now,
+        };
+        self.send_get(now);
+    }
+
+    fn send_get(&mut self, now: Instant) {
+        let Some(conn) = &self.conn else { return };
+        let body = serde_json::json!({"seq": self.latest + 1, "next_by_subj": self.filter()});
+        self.commands.push_back(Command::Publish {
+            subject: format!("$JS.API.STREAM.MSG.GET.{}", self.p.hub_stream),
+            reply: format!("{}.r{}", conn.inbox, self.epoch),
+            headers: Vec::new(),
+            payload: body.to_string().into_bytes(),
+        });
+        if let Phase::Resync { sent_at, .. } = &mut self.phase {
+            *sent_at = now;
+        }
+    }
+
+    fn set_error(&mut self, e: String) {
+        if self.last_error.as_deref() != Some(e.as_str()) {
+            self.events.push_back(Event::Error(e.clone()));
+        }
+        self.last_error = Some(e);
+    }
+
+    /// A link or hub fault: drop the window, pause (with backoff), resync.
+    fn fault(&mut self, now: Instant, reason: String) {
+        self.drop_window();
+        self.fail_streak = self.fail_streak.saturating_add(1);
+        let exp = self.fail_streak.saturating_sub(1).min(16);
+        let delay = self
+            .p
+            .retry_min
+            .saturating_mul(1u32 << exp)
+            .min(self.p.retry_max);
+        self.set_error(reason);
+        self.phase = Phase::Wait { until: now + delay };
+    }
+
+    fn stream_missing(&mut self, now: Instant) {
+        self.drop_window();
+        if !self.stream_missing {
+            self.stream_missing = true;
+        }
+        let e = format!(
+            "hub stream {} does not exist; create it on the hub (checking again every {:?})",
+            self.p.hub_stream, self.p.retry_max
+        );
+        self.set_error(e);
+        self.phase = Phase::Wait {
+            until: now + self.p.retry_max,
+        };
+    }
+
+    fn handle_get_reply(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
+        let Phase::Resync { scanned, .. } = self.phase else {
+            return;
+        };
+        if let Some(h) = headers {
+            if HeaderBlock::parse(h).ok().and_then(|hb| hb.status) == Some(503) {
+                return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
+            }
+        }
+        let reply: GetJson = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.fault(now, format!("unexpected MSG.GET reply from the hub: {e}"))
+            }
+        };
+        if let Some(e) = reply.error {
+            if e.err_code == ERR_STREAM_NOT_FOUND {
+                return self.stream_missing(now);
+            }
+            if e.code == 404 || e.err_code == ERR_NO_MESSAGE_FOUND {
+                return self.finish_resync(now);
+            }
+            return self.fault(
+                now,
+                format!(
+                    "hub refused resync read on stream {}: {} (code {}, err_code {})",
+                    self.p.hub_stream, e.description, e.code, e.err_code
+                ),
+            );
+        }
+        let Some(m) = reply.message else {
+            return self.fault(now, "MSG.GET reply has neither message nor error".into());
+        };
+        if m.seq <= self.latest {
+            return self.fault(
+                now,
+                format!(
+                    "hub returned seq {} for a request after {}",
+                    m.seq, self.latest
+                ),
+            );
+        }
+        let id = m
+            .hdrs
+            .as_deref()
+            .and_then(|h| base64::decode(h.as_bytes()).ok())
+            .and_then(|raw| HeaderBlock::parse(&raw).ok())
+            .and_then(|hb| hb.get("Nats-Msg-Id").and_then(|id| self.our_seq(id)));
+        if let Some(local) = id {
+            if local > self.l {
+                self.stored.insert(local, Some(m.seq));
+            }
+        }
+        self.latest = m.seq;
+        let scanned = scanned + 1;
+        if scanned >= self.p.scan_cap {
+            self.advance();
+            let e = format!(
+                "resync of hub stream {} examined {scanned} messages without reaching the end (progress kept, continuing after a pause); set a subject_prefix so the scan only reads this node's messages",
+                self.p.hub_stream
+            );
+            self.set_error(e);
+            self.phase = Phase::Wait {
+                until: now + self.p.retry_max,
+            };
+            return;
+        }
+        self.phase = Phase::Resync {
+            scanned,
+            sent_at: now,
+        };
+        self.send_get(now);
+    }
+
+    fn finish_resync(&mut self, now: Instant) {
+        if self.stream_missing {
+            self.stream_missing = false;
+            self.events.push_back(Event::StreamFound);
+        }
+        if self.fail_streak == 0 {
+            self.last_error = None;
+        }
+        self.advance();
+        self.events.push_back(Event::Resynced {
+            hub_seq: self.latest,
+            cursor: self.l,
+            found_above_gap: self.stored.len(),
+            backlog: self.local_last_seq.saturating_sub(self.l),
+        });
+        self.phase = Phase::Streaming;
+        self.pending.clear();
+        self.next_read = self.l + 1;
+        self.pump(now);
+    }
+
+    fn handle_pub_reply(&mut self, now: Instant, seq: u64, headers: Option<&[u8]>, payload: &[u8]) {
+        let current = self.inflight.contains_key(&seq) && self.phase == Phase::Streaming;
+        match classify_pub_reply(headers, payload) {
+            Reply::Ok {
+                stream,
+                seq: hub_seq,
+            } => {
+                if stream != self.p.hub_stream && !self.warned_other_stream {
+                    self.warned_other_stream = true;
+                    self.events.push_back(Event::Warning(format!(
+                        "message {seq} was stored in hub stream {stream:?}, not {:?}: the hub stream's subjects overlap; resync will not see it",
+                        self.p.hub_stream
+                    )));
+                }
+                // An ack is a fact even when it is late.
+                if seq > self.l {
+                    self.stored.insert(seq, Some(hub_seq));
+                }
+                if current {
+                    self.inflight.remove(&seq);
+                    self.latest = hub_seq;
+                    self.acked += 1;
+                    self.fail_streak = 0;
+                    self.last_error = None;
+                }
+                self.advance();
+                self.pump(now);
+            }
+            Reply::ApiErr(e) if e.err_code == ERR_MESSAGE_TOO_LARGE => {
+                self.inflight.remove(&seq);
+                self.skip(
+                    seq,
+                    format!("hub: {} (err_code {})", e.description, e.err_code),
+                );
+                self.pump(now);
+            }
+            _ if !current => {} // a stale error: the window was already dropped
+            Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
+            Reply::ApiErr(e) => self.fault(
+                now,
+                format!(
+                    "hub rejected message {seq} for stream {}: {} (code {}, err_code {})",
+                    self.p.hub_stream, e.description, e.code, e.err_code
+                ),
+            ),
+            Reply::NoResponders => {
+                let subject = format!("{}…", self.p.subject_prefix);
+                self.fault(
+                    now,
+                    format!(
+                        "no JetStream stream answered a publish of message {seq} ({subject}): hub stream {} is unavailable or does not capture this subject",
+                        self.p.hub_stream
+                    ),
+                )
+            }
+            Reply::Garbage(g) => self.fault(now, g),
+        }
+    }
+
+    fn skip(&mut self, seq: u64, reason: String) {
+        if seq > self.l && !matches!(self.stored.get(&seq), Some(Some(_))) {
+            self.stored.insert(seq, None);
+            self.skipped += 1;
+            self.events.push_back(Event::Skipped { seq, reason });
+        }
+        self.advance();
+    }
+
+    /// Move L over everything contiguous that is known stored, skipped or
+    /// absent.
+    fn advance(&mut self) {
+        loop {
+            let n = self.l + 1;
+            if self.stored.remove(&n).is_some() {
+                self.l = n;
+                continue;
+            }
+            if let Some((&s, &e)) = self.absent.range(..=n).next_back() {
+                self.absent.remove(&s);
+                if e >= n {
+                    self.l = e;
+                }
+                continue;
+            }
+            break;
+        }
+        let l = self.l;
+        self.stored.retain(|&k, _| k > l);
+        self.absent.retain(|_, e| *e > l);
+    }
+
+    /// Send from `pending` while the window has room; ask for more.
+    fn pump(&mut self, now: Instant) {
+        if self.phase != Phase::Streaming {
+            return;
+        }
+        let Some(conn) = self.conn.clone() else {
+            return;
+        };
+        while self.inflight.len() < self.p.max_inflight {
+            let Some(m) = self.pending.pop_front() else {
+                break;
+            };
+            if m.seq <= self.l
+                || self.stored.contains_key(&m.seq)
+                || self.inflight.contains_key(&m.seq)
+            {
+                continue;
+            }
+            let headers = match self.headers_for(&m) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.skip(m.seq, e);
+                    continue;
+                }
+            };
+            let size = headers.len() + m.payload.len();
+            if size > conn.max_payload {
+                let max = conn.max_payload;
+                self.skip(
+                    m.seq,
+                    format!("{size} bytes with headers exceed the hub's max_payload of {max}"),
+                );
+                continue;
+            }
+            let subject = format!("{}{}", self.p.subject_prefix, m.subject);
+            let cmd = Command::Publish {
+                subject,
+                reply: format!("{}.{}", conn.inbox, m.seq),
+                headers,
+                payload: m.payload,
+            };
+            if let Err(e) = cmd.encode(&mut Vec::new()) {
+                self.skip(m.seq, format!("cannot be sent: {e}"));
+                continue;
+            }
+            self.commands.push_back(cmd);
+            self.inflight.insert(
+                m.seq,
+                Inflight {
+                    sent_at: now,
+                    lower_bound: self.latest,
+                },
+            );
+            self.sent += 1;
+        }
+        if self.pending.is_empty()
+            && self.read_from.is_none()
+            && self.inflight.len() < self.p.max_inflight
+        {
+            self.read_from = Some(self.next_read);
+            self.read_issued = false;
+        }
+    }
+
+    /// The original headers (minus `Nats-Msg-Id` and `Nats-Expected-*`,
+    /// which address the local stream) plus our `Nats-Msg-Id`.
+    fn headers_for(&self, m: &StoredMessage) -> Result<Vec<u8>, String> {
+        let mut hb = match &m.headers {
+            Some(raw) => HeaderBlock::parse(raw).unwrap_or_default(),
+            None => HeaderBlock::new(),
+        };
+        hb.status = None;
+        hb.description.clear();
+        hb.entries.retain(|(k, _)| {
+            !k.eq_ignore_ascii_case("Nats-Msg-Id")
+                && !k.to_ascii_lowercase().starts_with("nats-expected-")
+        });
+        hb.push("Nats-Msg-Id", self.msg_id(m.seq));
+        hb.encode().map_err(|e| format!("bad header: {e}"))
+    }
+}
+
+#[cfg(test)]
+#[path = "mirror_tests.rs"]
+mod tests;
