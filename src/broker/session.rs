@@ -100,6 +100,9 @@ pub struct Session {
     pending_acks: VecDeque<(u16, u8)>,
     outbound: VecDeque<Outbound>,
     next_packet_id: u16,
+    /// The `now` of the latest input, for work resumed by
+    /// [`Session::publish_done`].
+    now: Instant,
     /// Deliveries dropped because the client's in-flight window was full.
     pub dropped: u64,
 }
@@ -120,6 +123,7 @@ impl Session {
             pending_acks: VecDeque::new(),
             outbound: VecDeque::new(),
             next_packet_id: 1,
+            now,
             dropped: 0,
         }
     }
@@ -135,7 +139,9 @@ impl Session {
     }
 
     pub fn wants_input(&self) -> bool {
-        self.state != State::Closed && self.pending_acks.len() < self.limits.max_inflight
+        self.state != State::Closed
+            && self.pending_acks.len() < self.limits.max_inflight
+            && self.inbuf.len() < self.limits.max_packet_size.saturating_add(64 * 1024)
     }
 
     /// Bytes from the socket.
@@ -144,13 +150,17 @@ impl Session {
             return;
         }
         self.inbuf.extend_from_slice(data);
+        self.process(now);
+    }
+
+    /// Decode and handle buffered packets until the buffer is exhausted or
+    /// `max_inflight` publishes await storage (the rest waits in the buffer;
+    /// [`Session::publish_done`] resumes).
+    fn process(&mut self, now: Instant) {
+        self.now = now;
         let mut start = 0;
-        while self.state != State::Closed {
-            match mqtt::decode(
-                &self.inbuf[start..],
-                self.version,
-                self.limits.max_packet_size,
-            ) {
+        while self.state != State::Closed && self.pending_acks.len() < self.limits.max_inflight {
+            match mqtt::decode(&self.inbuf[start..], self.version, self.limits.max_packet_size) {
                 Ok(Some((packet, used))) => {
                     start += used;
                     self.last_packet = now;
@@ -376,10 +386,6 @@ impl Session {
                 self.events.push_back(Event::AckInOrder(id));
             }
             (_, Some(id)) => {
-                if self.pending_acks.len() >= self.limits.max_inflight {
-                    self.close_with(0x93, "receive maximum exceeded".into());
-                    return;
-                }
                 self.pending_acks.push_back((id, qos));
                 self.events.push_back(Event::Publish {
                     subject,
@@ -440,6 +446,9 @@ impl Session {
                     self.close_with(0x80, format!("message not stored: {why}"));
                 }
             }
+        }
+        if !self.inbuf.is_empty() {
+            self.process(self.now);
         }
     }
 
@@ -513,6 +522,10 @@ impl Session {
         }
     }
 
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -545,5 +558,291 @@ fn name(p: &Packet) -> &'static str {
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect(_) => "DISCONNECT",
         Packet::Auth(_) => "AUTH",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::mqtt::{Connect, Subscribe, SubscriptionOptions};
+
+    fn limits() -> Limits {
+        Limits {
+            max_packet_size: 1024,
+            max_keep_alive: 60,
+            connect_timeout: Duration::from_secs(5),
+            max_inflight: 4,
+        }
+    }
+
+    fn bytes(p: &Packet, v: Version) -> Vec<u8> {
+        let mut out = Vec::new();
+        mqtt::encode(p, v, &mut out).unwrap();
+        out
+    }
+
+    fn connect(v: Version, id: &str, clean: bool, keep_alive: u16) -> Packet {
+        Packet::Connect(Connect {
+            version: v,
+            clean_start: clean,
+            keep_alive,
+            client_id: id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })
+    }
+
+    fn publish(qos: QoS, id: Option<u16>, topic: &str, payload: &[u8]) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            packet_id: id,
+            properties: Properties::default(),
+            payload: payload.to_vec(),
+        })
+    }
+
+    /// Decode everything the session wrote.
+    fn sent(s: &mut Session, v: Version) -> Vec<Packet> {
+        let out = s.take_output();
+        let mut at = 0;
+        let mut packets = Vec::new();
+        while let Some((p, used)) = mqtt::decode(&out[at..], Some(v), usize::MAX).unwrap() {
+            packets.push(p);
+            at += used;
+        }
+        assert_eq!(at, out.len(), "trailing bytes in output");
+        packets
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn connected(v: Version) -> (Session, Instant) {
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&bytes(&connect(v, "dev-1", true, 10), v), now);
+        match &sent(&mut s, v)[..] {
+            [Packet::ConnAck(c)] => assert_eq!(c.code, 0),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        assert_eq!(
+            events(&mut s),
+            vec![Event::Connected {
+                client_id: "dev-1".into(),
+                clean: true
+            }]
+        );
+        (s, now)
+    }
+
+    #[test]
+    fn qos1_acks_only_after_storage_and_in_order() {
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        let mut input = bytes(&publish(QoS::AtLeastOnce, Some(7), "a/b", b"one"), v);
+        input.extend(bytes(&publish(QoS::AtLeastOnce, Some(8), "a/c", b"two"), v));
+        // Split the input at an awkward place: decoding must resume.
+        s.handle_bytes(&input[..5], now);
+        s.handle_bytes(&input[5..], now);
+        let ev = events(&mut s);
+        assert_eq!(ev.len(), 2);
+        assert!(matches!(&ev[0], Event::Publish { subject, ack: Some(7), .. } if subject == "a.b"));
+        assert!(matches!(&ev[1], Event::Publish { subject, ack: Some(8), .. } if subject == "a.c"));
+        assert!(!s.has_output(), "nothing may be acknowledged before storage");
+        assert_eq!(s.awaiting_storage(), 2);
+        s.publish_done(7, Ok(()));
+        s.publish_done(8, Ok(()));
+        let acks: Vec<u16> = sent(&mut s, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::PubAck(a) => a.packet_id,
+                other => panic!("expected PUBACK, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(acks, vec![7, 8]);
+    }
+
+    #[test]
+    fn inflight_limit_stops_reading() {
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        // Six publishes in one read; the limit is 4.
+        let mut input = Vec::new();
+        for id in 1..=6 {
+            input.extend(bytes(&publish(QoS::AtLeastOnce, Some(id), "t", b"x"), v));
+        }
+        s.handle_bytes(&input, now);
+        assert_eq!(events(&mut s).len(), 4);
+        assert!(!s.wants_input());
+        s.publish_done(1, Ok(()));
+        // The fifth was waiting in the buffer and is decoded now.
+        assert!(matches!(&events(&mut s)[..], [Event::Publish { ack: Some(5), .. }]));
+        assert!(!s.wants_input());
+        s.publish_done(2, Ok(()));
+        assert!(matches!(&events(&mut s)[..], [Event::Publish { ack: Some(6), .. }]));
+        s.publish_done(3, Ok(()));
+        assert!(s.wants_input());
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn qos2_duplicate_is_not_routed_twice() {
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        let p = bytes(&publish(QoS::ExactlyOnce, Some(3), "q/2", b"once"), v);
+        s.handle_bytes(&p, now);
+        assert!(matches!(&events(&mut s)[..], [Event::Publish { qos: 2, ack: Some(3), .. }]));
+        s.publish_done(3, Ok(()));
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::PubRec(a)] if a.packet_id == 3));
+        // The client lost our PUBREC and resends (DUP) before PUBREL.
+        s.handle_bytes(&p, now);
+        assert_eq!(events(&mut s), vec![Event::AckInOrder(3)]);
+        s.publish_done(3, Ok(()));
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::PubRec(a)] if a.packet_id == 3));
+        let rel = Packet::PubRel(Ack {
+            packet_id: 3,
+            ..Ack::default()
+        });
+        s.handle_bytes(&bytes(&rel, v), now);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::PubComp(a)] if a.packet_id == 3));
+        // After PUBREL the id is free again: a new message with it is routed.
+        s.handle_bytes(&p, now);
+        assert!(matches!(&events(&mut s)[..], [Event::Publish { .. }]));
+    }
+
+    #[test]
+    fn garbage_closes_with_reason() {
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&[0xFF; 16], now);
+        assert!(s.is_closed());
+        assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
+        // Later input is ignored.
+        s.handle_bytes(&bytes(&connect(Version::V311, "x", true, 0), Version::V311), now);
+        assert!(events(&mut s).is_empty());
+    }
+
+    #[test]
+    fn oversized_packet_closes_before_body_arrives() {
+        let (mut s, now) = connected(Version::V311);
+        // PUBLISH announcing a 200 MB body.
+        s.handle_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x5F], now);
+        assert!(s.is_closed());
+        assert!(matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("protocol error")));
+    }
+
+    #[test]
+    fn connect_timeout_and_keep_alive() {
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        assert_eq!(s.poll_deadline(), Some(now + Duration::from_secs(5)));
+        s.handle_timeout(now + Duration::from_secs(4));
+        assert!(!s.is_closed());
+        s.handle_timeout(now + Duration::from_secs(5));
+        assert!(matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("CONNECT")));
+
+        let (mut s, now) = connected(Version::V311);
+        // keep_alive 10 s: closed after 1.5 x without a packet.
+        assert_eq!(s.poll_deadline(), Some(now + Duration::from_secs(15)));
+        let later = now + Duration::from_secs(12);
+        s.handle_bytes(&bytes(&Packet::PingReq, Version::V311), later);
+        assert!(matches!(&sent(&mut s, Version::V311)[..], [Packet::PingResp]));
+        s.handle_timeout(now + Duration::from_secs(15));
+        assert!(!s.is_closed(), "the PINGREQ moved the deadline");
+        s.handle_timeout(later + Duration::from_secs(15));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn empty_client_id_rules() {
+        let v = Version::V311;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&bytes(&connect(v, "", false, 0), v), now);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0x02));
+        assert!(s.is_closed());
+
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&bytes(&connect(v, "", true, 0), v), now);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
+        assert!(matches!(&events(&mut s)[..], [Event::Connected { client_id, .. }] if client_id.starts_with("frond-")));
+    }
+
+    #[test]
+    fn subscribe_maps_filters_and_deliver_uses_min_qos_from_router() {
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        let sub = Packet::Subscribe(Subscribe {
+            packet_id: 9,
+            filters: vec![
+                (
+                    "plant/+/temp".into(),
+                    SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                ),
+                ("alarm/#".into(), SubscriptionOptions::default()),
+            ],
+            properties: Properties::default(),
+        });
+        s.handle_bytes(&bytes(&sub, v), now);
+        assert_eq!(
+            events(&mut s),
+            vec![Event::Subscribe(vec![
+                ("plant.*.temp".into(), 1),
+                ("alarm".into(), 0),
+                ("alarm.>".into(), 0),
+            ])]
+        );
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![1, 0]));
+        s.deliver(&Delivery {
+            subject: "plant.l1.temp".into(),
+            payload: b"21".to_vec(),
+            qos: 1,
+            retain: false,
+        });
+        match &sent(&mut s, v)[..] {
+            [Packet::Publish(p)] => {
+                assert_eq!(p.topic, "plant/l1/temp");
+                assert_eq!(p.qos, QoS::AtLeastOnce);
+                assert!(p.packet_id.is_some());
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v5_store_failure_is_a_negative_puback() {
+        let v = Version::V5;
+        let (mut s, now) = connected(v);
+        s.handle_bytes(&bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v), now);
+        events(&mut s);
+        s.publish_done(1, Err("stream full".into()));
+        match &sent(&mut s, v)[..] {
+            [Packet::PubAck(a)] => {
+                assert_eq!(a.code, 0x80);
+                assert_eq!(a.properties.reason_string.as_deref(), Some("stream full"));
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn v311_store_failure_closes_the_connection() {
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        s.handle_bytes(&bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v), now);
+        events(&mut s);
+        s.publish_done(1, Err("disk full".into()));
+        assert!(s.is_closed());
+        assert!(!s.has_output(), "no PUBACK for a message that was not stored");
     }
 }

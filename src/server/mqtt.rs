@@ -213,8 +213,10 @@ async fn connection(
                 break format!("write failed: {e}");
             }
         }
-        if session.is_closed() {
-            continue; // the Close event's reason is handled above
+        if session.is_closed() || session.has_events() {
+            // Completing acks can resume decoding buffered input; handle
+            // what it produced (or the Close reason) before sleeping.
+            continue;
         }
         // 5. Sleep until something happens.
         let deadline = session.poll_deadline();
