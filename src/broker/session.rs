@@ -160,7 +160,11 @@ impl Session {
         self.now = now;
         let mut start = 0;
         while self.state != State::Closed && self.pending_acks.len() < self.limits.max_inflight {
-            match mqtt::decode(&self.inbuf[start..], self.version, self.limits.max_packet_size) {
+            match mqtt::decode(
+                &self.inbuf[start..],
+                self.version,
+                self.limits.max_packet_size,
+            ) {
                 Ok(Some((packet, used))) => {
                     start += used;
                     self.last_packet = now;
@@ -654,7 +658,10 @@ mod tests {
         assert_eq!(ev.len(), 2);
         assert!(matches!(&ev[0], Event::Publish { subject, ack: Some(7), .. } if subject == "a.b"));
         assert!(matches!(&ev[1], Event::Publish { subject, ack: Some(8), .. } if subject == "a.c"));
-        assert!(!s.has_output(), "nothing may be acknowledged before storage");
+        assert!(
+            !s.has_output(),
+            "nothing may be acknowledged before storage"
+        );
         assert_eq!(s.awaiting_storage(), 2);
         s.publish_done(7, Ok(()));
         s.publish_done(8, Ok(()));
@@ -682,10 +689,16 @@ mod tests {
         assert!(!s.wants_input());
         s.publish_done(1, Ok(()));
         // The fifth was waiting in the buffer and is decoded now.
-        assert!(matches!(&events(&mut s)[..], [Event::Publish { ack: Some(5), .. }]));
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Publish { ack: Some(5), .. }]
+        ));
         assert!(!s.wants_input());
         s.publish_done(2, Ok(()));
-        assert!(matches!(&events(&mut s)[..], [Event::Publish { ack: Some(6), .. }]));
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Publish { ack: Some(6), .. }]
+        ));
         s.publish_done(3, Ok(()));
         assert!(s.wants_input());
         assert!(!s.is_closed());
@@ -697,7 +710,14 @@ mod tests {
         let (mut s, now) = connected(v);
         let p = bytes(&publish(QoS::ExactlyOnce, Some(3), "q/2", b"once"), v);
         s.handle_bytes(&p, now);
-        assert!(matches!(&events(&mut s)[..], [Event::Publish { qos: 2, ack: Some(3), .. }]));
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Publish {
+                qos: 2,
+                ack: Some(3),
+                ..
+            }]
+        ));
         s.publish_done(3, Ok(()));
         assert!(matches!(&sent(&mut s, v)[..], [Packet::PubRec(a)] if a.packet_id == 3));
         // The client lost our PUBREC and resends (DUP) before PUBREL.
@@ -724,7 +744,10 @@ mod tests {
         assert!(s.is_closed());
         assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
         // Later input is ignored.
-        s.handle_bytes(&bytes(&connect(Version::V311, "x", true, 0), Version::V311), now);
+        s.handle_bytes(
+            &bytes(&connect(Version::V311, "x", true, 0), Version::V311),
+            now,
+        );
         assert!(events(&mut s).is_empty());
     }
 
@@ -734,7 +757,9 @@ mod tests {
         // PUBLISH announcing a 200 MB body.
         s.handle_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x5F], now);
         assert!(s.is_closed());
-        assert!(matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("protocol error")));
+        assert!(
+            matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("protocol error"))
+        );
     }
 
     #[test]
@@ -752,7 +777,10 @@ mod tests {
         assert_eq!(s.poll_deadline(), Some(now + Duration::from_secs(15)));
         let later = now + Duration::from_secs(12);
         s.handle_bytes(&bytes(&Packet::PingReq, Version::V311), later);
-        assert!(matches!(&sent(&mut s, Version::V311)[..], [Packet::PingResp]));
+        assert!(matches!(
+            &sent(&mut s, Version::V311)[..],
+            [Packet::PingResp]
+        ));
         s.handle_timeout(now + Duration::from_secs(15));
         assert!(!s.is_closed(), "the PINGREQ moved the deadline");
         s.handle_timeout(later + Duration::from_secs(15));
@@ -771,7 +799,9 @@ mod tests {
         let mut s = Session::new(limits(), now);
         s.handle_bytes(&bytes(&connect(v, "", true, 0), v), now);
         assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
-        assert!(matches!(&events(&mut s)[..], [Event::Connected { client_id, .. }] if client_id.starts_with("frond-")));
+        assert!(
+            matches!(&events(&mut s)[..], [Event::Connected { client_id, .. }] if client_id.starts_with("frond-"))
+        );
     }
 
     #[test]
@@ -822,7 +852,10 @@ mod tests {
     fn v5_store_failure_is_a_negative_puback() {
         let v = Version::V5;
         let (mut s, now) = connected(v);
-        s.handle_bytes(&bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v), now);
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v),
+            now,
+        );
         events(&mut s);
         s.publish_done(1, Err("stream full".into()));
         match &sent(&mut s, v)[..] {
@@ -839,10 +872,16 @@ mod tests {
     fn v311_store_failure_closes_the_connection() {
         let v = Version::V311;
         let (mut s, now) = connected(v);
-        s.handle_bytes(&bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v), now);
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v),
+            now,
+        );
         events(&mut s);
         s.publish_done(1, Err("disk full".into()));
         assert!(s.is_closed());
-        assert!(!s.has_output(), "no PUBACK for a message that was not stored");
+        assert!(
+            !s.has_output(),
+            "no PUBACK for a message that was not stored"
+        );
     }
 }
