@@ -189,6 +189,9 @@ pub struct MirrorStatus {
     pub cursor: u64,
     pub hub_seq: u64,
     pub local_last_seq: u64,
+    /// Estimated bytes not yet on the hub (backlog messages times the local
+    /// stream's mean stored message size); filled in by the shell.
+    pub backlog_bytes: Option<u64>,
     pub inflight: usize,
     pub sent: u64,
     pub acked: u64,
@@ -605,6 +608,7 @@ impl Mirror {
             cursor: self.l,
             hub_seq: self.cursor().hub_seq,
             local_last_seq: self.local_last_seq,
+            backlog_bytes: None,
             inflight: self.inflight.len(),
             sent: self.sent,
             acked: self.acked,

@@ -244,7 +244,21 @@ fn persist(slots: &mut [Slot], now: Instant, force: bool) {
 }
 
 fn publish_status(slots: &[Slot], status: &UplinkStatus) {
-    status.set_mirrors(slots.iter().map(|s| s.mirror.status()).collect());
+    status.set_mirrors(
+        slots
+            .iter()
+            .map(|s| {
+                let mut st = s.mirror.status();
+                let local = s.handle.state();
+                let backlog = st.local_last_seq.saturating_sub(st.cursor);
+                st.backlog_bytes = Some(match local.msgs {
+                    0 => 0,
+                    n => backlog.saturating_mul(local.bytes / n),
+                });
+                st
+            })
+            .collect(),
+    );
 }
 
 fn credentials(cfg: &UplinkConfig, url: &HubUrl) -> ConnectOptions {

@@ -70,7 +70,7 @@ impl UplinkStatus {
     /// The status as JSON:
     /// `{"link": .., "url": .., "mirrors": [{"stream", "hub_stream", "state",
     /// "cursor", "hub_seq", "local_last_seq", "backlog_msgs",
-    /// "backlog_bytes" (null: unknown), "inflight", "sent", "acked",
+    /// "backlog_bytes" (an estimate; null: unknown), "inflight", "sent", "acked",
     /// "skipped", "resyncs", "last_error"}]}`.
     pub fn snapshot(&self) -> Value {
         self.with(|i| {
@@ -86,7 +86,7 @@ impl UplinkStatus {
                         "hub_seq": m.hub_seq,
                         "local_last_seq": m.local_last_seq,
                         "backlog_msgs": m.local_last_seq.saturating_sub(m.cursor),
-                        "backlog_bytes": Value::Null,
+                        "backlog_bytes": m.backlog_bytes,
                         "inflight": m.inflight,
                         "sent": m.sent,
                         "acked": m.acked,
