@@ -60,6 +60,8 @@ pub struct Config {
 pub struct MqttConfig {
     /// `None` disables the MQTT TCP listener.
     pub listen: Option<String>,
+    /// MQTT over WebSocket (subprotocol `mqtt`); `None`: off (the default).
+    pub ws_listen: Option<String>,
     pub max_packet_size: usize,
     pub max_connections: usize,
     /// Largest accepted client keep-alive (seconds); 0 from a client is
@@ -331,9 +333,6 @@ impl RawConfig {
         if self.auth.is_some() {
             return err("[auth] is not supported yet (planned); remove the section — every local client is accepted");
         }
-        if self.mqtt.ws_listen.is_some() {
-            return err("mqtt.ws_listen: MQTT over WebSocket is not supported yet (planned); remove the key");
-        }
         if self.mqtt.tls_listen.is_some() {
             return err(
                 "mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key",
@@ -452,6 +451,7 @@ impl RawMqtt {
         }
         Ok(MqttConfig {
             listen: non_empty(self.listen),
+            ws_listen: self.ws_listen.and_then(non_empty),
             max_packet_size: self.max_packet_size as usize,
             max_connections: self.max_connections,
             max_keep_alive: ka as u16,

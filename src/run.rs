@@ -79,6 +79,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 broker.clone(),
                 cfg.mqtt.clone(),
                 stop_rx.clone(),
+                false,
+            )));
+        }
+        if let Some(addr) = &cfg.mqtt.ws_listen {
+            let l = smol::net::TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| format!("mqtt.ws_listen {addr}: cannot listen: {e}"))?;
+            log::info!("mqtt: WebSocket listening on ws://{addr}/ (subprotocol mqtt)");
+            tasks.push(smol::spawn(server::mqtt::serve(
+                l,
+                broker.clone(),
+                cfg.mqtt.clone(),
+                stop_rx.clone(),
+                true,
             )));
         }
         let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));

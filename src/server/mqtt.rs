@@ -31,12 +31,14 @@ use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError};
 
-/// Accept MQTT connections until `shutdown` fires.
+/// Accept MQTT connections (over WebSocket when `websocket`) until
+/// `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     cfg: MqttConfig,
     shutdown: Receiver<()>,
+    websocket: bool,
 ) {
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
@@ -81,7 +83,25 @@ pub async fn serve(
                 .counters
                 .total_connections
                 .fetch_add(1, Ordering::Relaxed);
-            let why = connection(sock, &broker, limits, max_queued, shutdown).await;
+            let why = if websocket {
+                let mut sock = sock;
+                let timeout = limits.connect_timeout;
+                let shaken = super::ws::handshake(&mut sock)
+                    .or(async {
+                        Timer::after(timeout).await;
+                        Err("no WebSocket handshake within connect_timeout".into())
+                    })
+                    .await;
+                match shaken {
+                    Ok(()) => {
+                        let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
+                        connection(ws, &broker, limits, max_queued, shutdown).await
+                    }
+                    Err(e) => format!("websocket handshake failed: {e}"),
+                }
+            } else {
+                connection(Tcp(sock), &broker, limits, max_queued, shutdown).await
+            };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
         })
@@ -106,8 +126,31 @@ enum PendingAck {
     Ready(u16, Result<(), String>),
 }
 
-async fn connection(
-    sock: TcpStream,
+/// How a connection's bytes travel: plain TCP, or WebSocket frames
+/// ([`super::ws`]). Reads and writes never run concurrently.
+pub trait Transport {
+    /// Read some bytes; `Ok(0)` is the end of the stream. Cancel-safe.
+    fn read(&mut self, buf: &mut [u8])
+        -> impl std::future::Future<Output = std::io::Result<usize>>;
+    /// Write all of `data`.
+    fn write_all(&mut self, data: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>>;
+}
+
+/// Plain TCP.
+pub struct Tcp(pub TcpStream);
+
+impl Transport for Tcp {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        AsyncReadExt::read(&mut self.0, buf).await
+    }
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        AsyncWriteExt::write_all(&mut self.0, data).await
+    }
+}
+
+/// Serve one MQTT connection over `transport` until it ends; returns why.
+pub async fn connection<T: Transport>(
+    mut transport: T,
     broker: &Arc<Broker>,
     limits: Limits,
     max_queued: usize,
@@ -117,8 +160,6 @@ async fn connection(
     let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
     let (kick_tx, kick_rx) = bounded::<()>(1);
     let mut session = Session::new(limits, Instant::now());
-    let mut reader = sock.clone();
-    let mut writer = sock;
     let mut buf = vec![0u8; 16 * 1024];
     let mut acks: VecDeque<PendingAck> = VecDeque::new();
     let mut client_id: Option<String> = None;
@@ -187,7 +228,7 @@ async fn connection(
             // DISCONNECT with reason) before closing.
             let out = session.take_output();
             if !out.is_empty() {
-                let _ = writer.write_all(&out).await;
+                let _ = transport.write_all(&out).await;
             }
             break why;
         }
@@ -209,7 +250,7 @@ async fn connection(
         // 4. Write.
         if session.has_output() {
             let out = session.take_output();
-            if let Err(e) = writer.write_all(&out).await {
+            if let Err(e) = transport.write_all(&out).await {
                 break format!("write failed: {e}");
             }
         }
@@ -230,7 +271,7 @@ async fn connection(
         let want_read = session.wants_input();
         let wake = async {
             if want_read {
-                Wake::Read(reader.read(&mut buf).await)
+                Wake::Read(transport.read(&mut buf).await)
             } else {
                 std::future::pending().await
             }

@@ -693,6 +693,8 @@ pub struct FrondSpec {
     pub mirror_to: String,
     pub ack_timeout: String,
     pub max_inflight: usize,
+    /// Also listen for MQTT over WebSocket (`Frond::ws_port`).
+    pub ws: bool,
 }
 
 impl Default for FrondSpec {
@@ -704,6 +706,7 @@ impl Default for FrondSpec {
             mirror_to: "FLEET".into(),
             ack_timeout: "2s".into(),
             max_inflight: 256,
+            ws: false,
         }
     }
 }
@@ -736,6 +739,8 @@ pub struct Frond {
     pub spec: FrondSpec,
     pub mqtt_port: u16,
     pub http_port: u16,
+    /// The WebSocket port when `spec.ws`, else 0.
+    pub ws_port: u16,
     dir: tempfile::TempDir,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -765,6 +770,10 @@ impl Frond {
         if let Some(m) = &spec.max_packet_size {
             cfg.push_str(&format!("max_packet_size = \"{m}\"\n"));
         }
+        let ws_port = if spec.ws { free_port() } else { 0 };
+        if spec.ws {
+            cfg.push_str(&format!("ws_listen = \"127.0.0.1:{ws_port}\"\n"));
+        }
         cfg.push_str(&format!(
             "\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[[stream]]\nname = \"TELEMETRY\"\nsubjects = [\"telemetry.>\"]\nsync = \"always\"\n"
         ));
@@ -782,6 +791,7 @@ impl Frond {
             spec,
             mqtt_port,
             http_port,
+            ws_port,
             dir,
             config_path,
             log_path,
