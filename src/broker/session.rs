@@ -105,6 +105,22 @@ pub struct Session {
     now: Instant,
     /// Deliveries dropped because the client's in-flight window was full.
     pub dropped: u64,
+    /// The will from CONNECT, until a normal DISCONNECT discards it.
+    will: Option<WillMessage>,
+    /// NATS filters this client subscribed to (for the `$` topic rule).
+    filters: Vec<String>,
+}
+
+/// A will message to publish when the connection ends abnormally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillMessage {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 will delay interval: publish this long after the connection
+    /// ended, unless the same client id connects again first.
+    pub delay: Duration,
 }
 
 impl Session {
@@ -125,6 +141,8 @@ impl Session {
             next_packet_id: 1,
             now,
             dropped: 0,
+            will: None,
+            filters: Vec::new(),
         }
     }
 
@@ -270,6 +288,9 @@ impl Session {
                     let qos = (opts.qos as u8).min(2);
                     codes.push(qos);
                     for nf in topics::filter_to_subjects(&filter) {
+                        if !self.filters.contains(&nf) {
+                            self.filters.push(nf.clone());
+                        }
                         granted.push((nf, qos));
                     }
                 }
@@ -286,6 +307,7 @@ impl Session {
                 for f in u.filters {
                     gone.extend(topics::filter_to_subjects(&f));
                 }
+                self.filters.retain(|f| !gone.contains(f));
                 self.events.push_back(Event::Unsubscribe(gone));
                 let codes = if self.version == Some(Version::V5) {
                     vec![0; n]
@@ -299,7 +321,11 @@ impl Session {
                 }));
             }
             Packet::PingReq => self.send(&Packet::PingResp),
-            Packet::Disconnect(_) => {
+            Packet::Disconnect(d) => {
+                // MQTT 5 reason 0x04: disconnect *with* will message.
+                if d.code != mqtt::reason::DISCONNECT_WITH_WILL_MESSAGE {
+                    self.will = None;
+                }
                 self.state = State::Closed;
                 self.events
                     .push_back(Event::Close("client sent DISCONNECT".into()));
@@ -312,6 +338,13 @@ impl Session {
     fn handle_connect(&mut self, c: mqtt::Connect, _now: Instant) {
         self.version = Some(c.version);
         let v5 = c.version == Version::V5;
+        self.will = c.will.map(|w| WillMessage {
+            subject: topics::topic_to_subject(&w.topic),
+            delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
+            payload: w.payload,
+            qos: w.qos as u8,
+            retain: w.retain,
+        });
         let mut client_id = c.client_id;
         let mut props = Properties::default();
         if client_id.is_empty() {
@@ -461,6 +494,11 @@ impl Session {
         if self.state != State::Connected {
             return;
         }
+        if d.subject.starts_with('$') && !self.dollar_subscribed(&d.subject) {
+            // MQTT 3.1.1 §4.7.2: a filter starting with a wildcard does not
+            // match topics starting with `$`.
+            return;
+        }
         let qos = match d.qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
@@ -491,6 +529,20 @@ impl Session {
             payload: d.payload.clone(),
         };
         self.send(&Packet::Publish(publish));
+    }
+
+    /// Whether a filter that does not start with a wildcard matches `subject`.
+    fn dollar_subscribed(&self, subject: &str) -> bool {
+        self.filters.iter().any(|f| {
+            !(f.starts_with('*') || f.starts_with('>')) && crate::subject::matches(f, subject)
+        })
+    }
+
+    /// The will to publish now that the connection ended (taken; `None`
+    /// after a normal DISCONNECT or when CONNECT had no will).
+    /// Call only once the connection has ended.
+    pub fn take_will(&mut self) -> Option<WillMessage> {
+        self.will.take()
     }
 
     fn alloc_packet_id(&mut self) -> u16 {

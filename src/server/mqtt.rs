@@ -26,7 +26,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
-use crate::broker::session::{Event, Limits, Session};
+use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError};
@@ -40,6 +40,7 @@ pub async fn serve(
     shutdown: Receiver<()>,
     websocket: bool,
 ) {
+    let wills = Arc::new(DelayedWills::default());
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
         max_keep_alive: cfg.max_keep_alive,
@@ -77,6 +78,7 @@ pub async fn serve(
         let limits = limits.clone();
         let max_queued = cfg.max_queued;
         let shutdown = shutdown.clone();
+        let wills = wills.clone();
         smol::spawn(async move {
             broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
@@ -95,12 +97,12 @@ pub async fn serve(
                 match shaken {
                     Ok(()) => {
                         let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                        connection(ws, &broker, limits, max_queued, shutdown).await
+                        connection(ws, &broker, limits, max_queued, shutdown, &wills).await
                     }
                     Err(e) => format!("websocket handshake failed: {e}"),
                 }
             } else {
-                connection(Tcp(sock), &broker, limits, max_queued, shutdown).await
+                connection(Tcp(sock), &broker, limits, max_queued, shutdown, &wills).await
             };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
@@ -124,6 +126,73 @@ enum PendingAck {
     Store(u16, AckWaiter),
     /// Nothing to wait for (QoS 2 duplicate, or no stream captures it).
     Ready(u16, Result<(), String>),
+}
+
+/// Wills waiting out their MQTT 5 delay, by client id. A new connection
+/// with the same client id cancels its will (MQTT 5 §3.1.3.2.2).
+#[derive(Default)]
+pub struct DelayedWills {
+    pending: std::sync::Mutex<std::collections::HashMap<String, smol::channel::Sender<()>>>,
+}
+
+impl DelayedWills {
+    fn cancel(&self, client_id: &str) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = p.remove(client_id) {
+            tx.close();
+        }
+    }
+
+    fn insert(&self, client_id: &str, tx: smol::channel::Sender<()>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = p.insert(client_id.to_string(), tx) {
+            old.close();
+        }
+    }
+}
+
+/// Publish a will now, or after its delay unless cancelled.
+fn publish_will(
+    broker: &Arc<Broker>,
+    wills: &Arc<DelayedWills>,
+    client_id: Option<&str>,
+    will: WillMessage,
+) {
+    let broker = broker.clone();
+    let (cancel_tx, cancel_rx) = bounded::<()>(1);
+    if !will.delay.is_zero() {
+        if let Some(id) = client_id {
+            wills.insert(id, cancel_tx);
+        }
+    }
+    smol::spawn(async move {
+        if !will.delay.is_zero() {
+            let fire = async {
+                Timer::after(will.delay).await;
+                true
+            }
+            .or(async {
+                let _ = cancel_rx.recv().await;
+                false
+            })
+            .await;
+            if !fire {
+                return;
+            }
+        }
+        broker.route(&will.subject, &will.payload, will.qos, will.retain);
+        if let Some(stream) = broker.capture(&will.subject) {
+            let msg = Message {
+                subject: will.subject.clone(),
+                headers: None,
+                payload: will.payload,
+            };
+            if let Err(e) = stream.publish(msg).await {
+                log::warn!("mqtt: will on {} not stored: {e}", will.subject);
+            }
+        }
+    })
+    .detach();
 }
 
 /// How a connection's bytes travel: plain TCP, or WebSocket frames
@@ -155,6 +224,7 @@ pub async fn connection<T: Transport>(
     limits: Limits,
     max_queued: usize,
     shutdown: Receiver<()>,
+    wills: &Arc<DelayedWills>,
 ) -> String {
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
@@ -172,6 +242,7 @@ pub async fn connection<T: Transport>(
         while let Some(ev) = session.poll_event() {
             match ev {
                 Event::Connected { client_id: id, .. } => {
+                    wills.cancel(&id);
                     broker.claim_client_id(&id, conn, kick_tx.clone());
                     client_id = Some(id);
                 }
@@ -324,6 +395,9 @@ pub async fn connection<T: Transport>(
     broker.drop_conn(conn);
     if let Some(id) = &client_id {
         broker.release_client_id(id, conn);
+    }
+    if let Some(will) = session.take_will() {
+        publish_will(broker, wills, client_id.as_deref(), will);
     }
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).

@@ -1,0 +1,158 @@
+//! MQTT features beyond publish/subscribe, through real clients (rumqttc):
+//! wills and the `$` topic rule.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// A subscriber whose received payloads arrive on a channel.
+async fn subscriber(
+    port: u16,
+    id: &str,
+    filters: &[&str],
+) -> (
+    AsyncClient,
+    mpsc::Receiver<(String, String)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let (tx, rx) = mpsc::channel(64);
+    let (sub_tx, mut sub_rx) = mpsc::channel(8);
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = sub_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx
+                        .send((
+                            p.topic.clone(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        ))
+                        .await;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    for f in filters {
+        client
+            .subscribe(*f, QoS::AtLeastOnce)
+            .await
+            .expect("queue SUBSCRIBE");
+        tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+            .await
+            .expect("SUBACK within 10 s");
+    }
+    (client, rx, task)
+}
+
+/// Connect a device with a will; returns its client and event loop (not
+/// polled in the background: the caller decides how the connection ends).
+async fn device_with_will(
+    port: u16,
+    id: &str,
+    topic: &str,
+    payload: &str,
+) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_last_will(LastWill::new(
+        topic,
+        payload.to_string(),
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+    }
+    (client, el)
+}
+
+/// Receive until `marker`; returns the payloads before it.
+async fn until_marker(
+    rx: &mut mpsc::Receiver<(String, String)>,
+    marker: &str,
+) -> Vec<(String, String)> {
+    let mut before = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some((_, p))) if p == marker => return before,
+            Ok(Some(m)) => before.push(m),
+            other => panic!("marker {marker:?} not received: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_is_published_on_abnormal_close_only() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let (watcher, mut rx, _t) = subscriber(frond.mqtt_port, "watcher", &["status/#"]).await;
+
+    // A clean DISCONNECT discards the will.
+    let (polite, mut el) =
+        device_with_will(frond.mqtt_port, "polite", "status/polite", "polite-gone").await;
+    polite.disconnect().await.expect("queue DISCONNECT");
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+        if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            break;
+        }
+    }
+    drop(el);
+
+    // A connection that just drops publishes it.
+    let (_rude, el) = device_with_will(frond.mqtt_port, "rude", "status/rude", "rude-gone").await;
+    drop(el); // closes the socket without DISCONNECT
+    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+        Ok(Some((topic, payload))) => {
+            assert_eq!(
+                (topic.as_str(), payload.as_str()),
+                ("status/rude", "rude-gone")
+            );
+        }
+        other => panic!("will of the dropped connection not received: {other:?}"),
+    }
+    // And the polite one's will never came: everything up to a marker
+    // published after both ends is checked.
+    watcher
+        .publish("status/marker", QoS::AtLeastOnce, false, "marker")
+        .await
+        .expect("queue marker");
+    let before = until_marker(&mut rx, "marker").await;
+    assert!(before.is_empty(), "unexpected messages: {before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_are_not_matched_by_leading_wildcards() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let (_a, mut all, _t1) = subscriber(frond.mqtt_port, "all", &["#", "+/info"]).await;
+    let (pubc, mut sys, _t2) = subscriber(frond.mqtt_port, "sys", &["$SYS/#"]).await;
+    pubc.publish("$SYS/info", QoS::AtLeastOnce, false, "dollar")
+        .await
+        .unwrap();
+    pubc.publish("plain/info", QoS::AtLeastOnce, false, "marker")
+        .await
+        .unwrap();
+    let before = until_marker(&mut all, "marker").await;
+    assert!(
+        before.is_empty(),
+        "`#` and `+/info` must not match $SYS/info: {before:?}"
+    );
+    match tokio::time::timeout(Duration::from_secs(10), sys.recv()).await {
+        Ok(Some((t, p))) => assert_eq!((t.as_str(), p.as_str()), ("$SYS/info", "dollar")),
+        other => panic!("$SYS/# subscriber got nothing: {other:?}"),
+    }
+}
