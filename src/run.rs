@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use smol::channel::bounded;
 use smol::future::FutureExt;
 
+use crate::broker::retained::Retained;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::server;
@@ -63,6 +64,21 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         handles.push(h);
     }
+    let mqtt_dir = cfg.data_dir.join("mqtt");
+    let (retained, rep) = Retained::open(&mqtt_dir).map_err(|e| {
+        format!(
+            "cannot open retained messages in {}: {e}",
+            mqtt_dir.display()
+        )
+    })?;
+    if rep.truncated_bytes > 0 {
+        log::warn!(
+            "retained: {} messages, truncated {} bytes of a torn tail",
+            rep.messages,
+            rep.truncated_bytes
+        );
+    }
+    let retained = Arc::new(retained);
     let broker = Broker::new(handles.clone());
     let (stop_tx, stop_rx) = bounded::<()>(1);
     install_signals(stop_tx.clone())?;
@@ -80,6 +96,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 cfg.mqtt.clone(),
                 stop_rx.clone(),
                 false,
+                retained.clone(),
             )));
         }
         if let Some(addr) = &cfg.mqtt.ws_listen {
@@ -93,6 +110,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 cfg.mqtt.clone(),
                 stop_rx.clone(),
                 true,
+                retained.clone(),
             )));
         }
         let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));

@@ -156,3 +156,105 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
         other => panic!("$SYS/# subscriber got nothing: {other:?}"),
     }
 }
+
+/// Connect, subscribe to `filter`, and collect (topic, payload, retain)
+/// until `marker` arrives on `marker_topic` (published by this client after
+/// its SUBACK, so everything retained arrived before it).
+async fn retained_seen(
+    port: u16,
+    id: &str,
+    filter: &str,
+    marker_topic: &str,
+) -> Vec<(String, String, bool)> {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    client
+        .subscribe(marker_topic, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut subacks = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                subacks += 1;
+                if subacks == 2 {
+                    client
+                        .publish(marker_topic, QoS::AtLeastOnce, false, "marker")
+                        .await
+                        .unwrap();
+                }
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                if payload == "marker" {
+                    return got;
+                }
+                got.push((p.topic.clone(), payload, p.retain));
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+}
+
+async fn publish_retained(port: u16, topic: &str, payload: &str) {
+    let mut opts = MqttOptions::new(format!("retainer-{topic}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload.to_string())
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return,
+            Ok(Ok(_)) => {}
+            other => panic!("retained publish on {topic} not acknowledged: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_restart_and_clear() {
+    let mut frond = Frond::start_new(FrondSpec::default()).await;
+    publish_retained(frond.mqtt_port, "cfg/dev1/mode", "eco").await;
+    publish_retained(frond.mqtt_port, "cfg/dev2/mode", "boost").await;
+    publish_retained(frond.mqtt_port, "cfg/dev1/mode", "sport").await; // replaces "eco"
+
+    let mut got = retained_seen(frond.mqtt_port, "s1", "cfg/+/mode", "m/1").await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("cfg/dev1/mode".to_string(), "sport".to_string(), true),
+            ("cfg/dev2/mode".to_string(), "boost".to_string(), true),
+        ]
+    );
+
+    // A SIGKILL right after the PUBACK must not lose it (fsynced first).
+    publish_retained(frond.mqtt_port, "cfg/dev3/mode", "off").await;
+    frond.kill9();
+    frond.start().await;
+    let got = retained_seen(frond.mqtt_port, "s2", "cfg/dev3/#", "m/2").await;
+    assert_eq!(
+        got,
+        vec![("cfg/dev3/mode".to_string(), "off".to_string(), true)]
+    );
+
+    // An empty retained publish clears it, across a clean restart too.
+    publish_retained(frond.mqtt_port, "cfg/dev2/mode", "").await;
+    frond.terminate();
+    frond.start().await;
+    let mut got = retained_seen(frond.mqtt_port, "s3", "cfg/#", "m/3").await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("cfg/dev1/mode".to_string(), "sport".to_string(), true),
+            ("cfg/dev3/mode".to_string(), "off".to_string(), true),
+        ]
+    );
+}

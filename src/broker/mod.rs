@@ -14,6 +14,7 @@
 //!   a channel that could block.
 //! - At most one stream captures a subject (config refuses overlaps).
 
+pub mod retained;
 pub mod session;
 
 use std::collections::HashMap;

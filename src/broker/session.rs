@@ -61,8 +61,8 @@ pub enum Event {
     /// Acknowledge packet `.0` in order once every earlier publish is
     /// acknowledged; nothing to store (a QoS 2 duplicate).
     AckInOrder(u16),
-    /// Add subscriptions (NATS filters with granted QoS).
-    Subscribe(Vec<(String, u8)>),
+    /// Add subscriptions.
+    Subscribe(Vec<SubRequest>),
     /// Remove subscriptions (NATS filters).
     Unsubscribe(Vec<String>),
     /// Close the connection; the reason is for the log.
@@ -109,6 +109,17 @@ pub struct Session {
     will: Option<WillMessage>,
     /// NATS filters this client subscribed to (for the `$` topic rule).
     filters: Vec<String>,
+}
+
+/// One subscription to add (a NATS filter; an MQTT filter ending in `#`
+/// yields two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubRequest {
+    pub filter: String,
+    pub qos: u8,
+    /// Send the retained messages matching `filter` (MQTT 5 retain
+    /// handling: 0 always, 1 only for a new subscription, 2 never).
+    pub send_retained: bool,
 }
 
 /// A will message to publish when the connection ends abnormally.
@@ -288,10 +299,20 @@ impl Session {
                     let qos = (opts.qos as u8).min(2);
                     codes.push(qos);
                     for nf in topics::filter_to_subjects(&filter) {
-                        if !self.filters.contains(&nf) {
+                        let new = !self.filters.contains(&nf);
+                        if new {
                             self.filters.push(nf.clone());
                         }
-                        granted.push((nf, qos));
+                        let send_retained = match opts.retain_handling {
+                            0 => true,
+                            1 => new,
+                            _ => false,
+                        };
+                        granted.push(SubRequest {
+                            filter: nf,
+                            qos,
+                            send_retained,
+                        });
                     }
                 }
                 self.events.push_back(Event::Subscribe(granted));
@@ -491,6 +512,15 @@ impl Session {
 
     /// A message for this client from a subscription.
     pub fn deliver(&mut self, d: &Delivery) {
+        self.deliver_with(d, false)
+    }
+
+    /// A retained message sent because of a new subscription (RETAIN set).
+    pub fn deliver_retained(&mut self, d: &Delivery) {
+        self.deliver_with(d, true)
+    }
+
+    fn deliver_with(&mut self, d: &Delivery, retain: bool) {
         if self.state != State::Connected {
             return;
         }
@@ -522,7 +552,7 @@ impl Session {
         let publish = Publish {
             dup: false,
             qos,
-            retain: false,
+            retain,
             topic: topics::subject_to_topic(&d.subject),
             packet_id,
             properties: Properties::default(),
@@ -877,11 +907,16 @@ mod tests {
         s.handle_bytes(&bytes(&sub, v), now);
         assert_eq!(
             events(&mut s),
-            vec![Event::Subscribe(vec![
-                ("plant.*.temp".into(), 1),
-                ("alarm".into(), 0),
-                ("alarm.>".into(), 0),
-            ])]
+            vec![Event::Subscribe(
+                [("plant.*.temp", 1), ("alarm", 0), ("alarm.>", 0)]
+                    .into_iter()
+                    .map(|(f, qos)| SubRequest {
+                        filter: f.into(),
+                        qos,
+                        send_retained: true
+                    })
+                    .collect()
+            )]
         );
         assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![1, 0]));
         s.deliver(&Delivery {

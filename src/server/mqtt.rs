@@ -26,6 +26,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
+use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
@@ -39,6 +40,7 @@ pub async fn serve(
     cfg: MqttConfig,
     shutdown: Receiver<()>,
     websocket: bool,
+    retained: Arc<Retained>,
 ) {
     let wills = Arc::new(DelayedWills::default());
     let limits = Limits {
@@ -79,6 +81,7 @@ pub async fn serve(
         let max_queued = cfg.max_queued;
         let shutdown = shutdown.clone();
         let wills = wills.clone();
+        let retained = retained.clone();
         smol::spawn(async move {
             broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
@@ -97,12 +100,22 @@ pub async fn serve(
                 match shaken {
                     Ok(()) => {
                         let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                        connection(ws, &broker, limits, max_queued, shutdown, &wills).await
+                        connection(ws, &broker, limits, max_queued, shutdown, &wills, &retained)
+                            .await
                     }
                     Err(e) => format!("websocket handshake failed: {e}"),
                 }
             } else {
-                connection(Tcp(sock), &broker, limits, max_queued, shutdown, &wills).await
+                connection(
+                    Tcp(sock),
+                    &broker,
+                    limits,
+                    max_queued,
+                    shutdown,
+                    &wills,
+                    &retained,
+                )
+                .await
             };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
@@ -225,6 +238,7 @@ pub async fn connection<T: Transport>(
     max_queued: usize,
     shutdown: Receiver<()>,
     wills: &Arc<DelayedWills>,
+    retained: &Arc<Retained>,
 ) -> String {
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
@@ -259,6 +273,22 @@ pub async fn connection<T: Transport>(
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
                     broker.route(&subject, &payload, qos, retain);
+                    if retain {
+                        // Durable before the acknowledgement, like the
+                        // stream below; a failure fails the publish.
+                        let store = retained.clone();
+                        let (s2, p2) = (subject.clone(), payload.clone());
+                        if let Err(e) = smol::unblock(move || store.set(&s2, &p2, qos)).await {
+                            log::warn!("mqtt: retained message on {subject} not stored: {e}");
+                            if let Some(id) = ack {
+                                acks.push_back(PendingAck::Ready(
+                                    id,
+                                    Err(format!("retained message not stored: {e}")),
+                                ));
+                            }
+                            continue;
+                        }
+                    }
                     let pending = match broker.capture(&subject) {
                         None => Ok(None),
                         Some(stream) => {
@@ -281,9 +311,25 @@ pub async fn connection<T: Transport>(
                     }
                 }
                 Event::AckInOrder(id) => acks.push_back(PendingAck::Ready(id, Ok(()))),
-                Event::Subscribe(filters) => {
-                    for (f, qos) in filters {
-                        broker.subscribe(conn, f, qos, deliver_tx.clone());
+                Event::Subscribe(requests) => {
+                    let mut seen = std::collections::HashSet::new();
+                    for r in requests {
+                        broker.subscribe(conn, r.filter.clone(), r.qos, deliver_tx.clone());
+                        if !r.send_retained || retained.is_empty() {
+                            continue;
+                        }
+                        let store = retained.clone();
+                        let filter = r.filter.clone();
+                        for m in smol::unblock(move || store.matching(&filter)).await {
+                            if seen.insert(m.subject.clone()) {
+                                session.deliver_retained(&Delivery {
+                                    subject: m.subject,
+                                    payload: m.payload,
+                                    qos: m.qos.min(r.qos),
+                                    retain: true,
+                                });
+                            }
+                        }
                     }
                 }
                 Event::Unsubscribe(filters) => {

@@ -339,7 +339,7 @@ mod tests {
         // The example in RFC 6455 §1.3.
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kZs+xmMRKsw1PE="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 

@@ -1,0 +1,297 @@
+//! MQTT retained messages: the last retained message per topic, durable.
+//!
+//! Owns `<data_dir>/mqtt/retained.log`, an append-only log of set/clear
+//! records replayed into an in-memory map at start, and rewritten
+//! (temp file, fsync, rename) when dead records outweigh live ones.
+//!
+//! Record layout (little endian): `len: u32` (bytes after this field),
+//! `crc32c: u32` (of the bytes after it), `qos: u8`, `subject_len: u16`,
+//! `subject`, `payload`. An empty payload clears the subject's retained
+//! message (MQTT 3.1.1 §3.3.1.3).
+//!
+//! Invariants:
+//! - [`Retained::set`] returns only after the record is fsynced, so a
+//!   PUBACK for a retained publish means the retained message survives a
+//!   power cut.
+//! - A torn or corrupt tail is cut at start (reported); a record is never
+//!   half applied.
+//! - All methods block on file I/O: call them from a blocking context
+//!   (`smol::unblock`), never while holding another lock.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::subject;
+
+/// One retained message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedMsg {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+}
+
+struct State {
+    map: BTreeMap<String, (Vec<u8>, u8)>,
+    file: File,
+    file_len: u64,
+    live_bytes: u64,
+}
+
+pub struct Retained {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+/// What start-up found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RetainedReport {
+    pub messages: usize,
+    pub truncated_bytes: u64,
+}
+
+const HEADER: usize = 8;
+
+fn record_len(subject: &str, payload: &[u8]) -> u64 {
+    (HEADER + 3 + subject.len() + payload.len()) as u64
+}
+
+fn encode(subject: &str, payload: &[u8], qos: u8, out: &mut Vec<u8>) -> io::Result<()> {
+    let slen = u16::try_from(subject.len()).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "topic longer than 65535 bytes")
+    })?;
+    let body_len = 4 + 3 + subject.len() + payload.len();
+    let len = u32::try_from(body_len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "retained message too large"))?;
+    let start = out.len();
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(qos);
+    out.extend_from_slice(&slen.to_le_bytes());
+    out.extend_from_slice(subject.as_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[start + HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Decode one record at the front of `b`: `Some((subject, payload, qos, used))`,
+/// or `None` if `b` does not start with a whole valid record.
+fn decode(b: &[u8]) -> Option<(String, Vec<u8>, u8, usize)> {
+    let len = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
+    let body = b.get(HEADER..4 + len)?;
+    if len < 7 || crc32c::crc32c(body) != crc {
+        return None;
+    }
+    let qos = *body.first()?;
+    let slen = u16::from_le_bytes(body.get(1..3)?.try_into().ok()?) as usize;
+    let subj = std::str::from_utf8(body.get(3..3 + slen)?)
+        .ok()?
+        .to_string();
+    let payload = body.get(3 + slen..)?.to_vec();
+    Some((subj, payload, qos, 4 + len))
+}
+
+impl Retained {
+    /// Open (or create) the retained store in `dir`.
+    pub fn open(dir: &Path) -> io::Result<(Retained, RetainedReport)> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join("retained.log");
+        let mut bytes = Vec::new();
+        if let Ok(mut f) = File::open(&path) {
+            f.read_to_end(&mut bytes)?;
+        }
+        let mut map = BTreeMap::new();
+        let mut at = 0;
+        while let Some((subj, payload, qos, used)) = bytes.get(at..).and_then(decode) {
+            if payload.is_empty() {
+                map.remove(&subj);
+            } else {
+                map.insert(subj, (payload, qos));
+            }
+            at += used;
+        }
+        let truncated = (bytes.len() - at) as u64;
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if truncated > 0 {
+            file.set_len(at as u64)?;
+            file.sync_data()?;
+        }
+        let live_bytes = map.iter().map(|(s, (p, _))| record_len(s, p)).sum();
+        let report = RetainedReport {
+            messages: map.len(),
+            truncated_bytes: truncated,
+        };
+        Ok((
+            Retained {
+                path,
+                state: Mutex::new(State {
+                    map,
+                    file,
+                    file_len: at as u64,
+                    live_bytes,
+                }),
+            },
+            report,
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set (or, with an empty payload, clear) the retained message of
+    /// `subject`; durable when it returns.
+    pub fn set(&self, subject: &str, payload: &[u8], qos: u8) -> io::Result<()> {
+        let mut st = self.lock();
+        if payload.is_empty() && !st.map.contains_key(subject) {
+            return Ok(());
+        }
+        let mut rec = Vec::with_capacity(record_len(subject, payload) as usize);
+        encode(subject, payload, qos, &mut rec)?;
+        if let Err(e) = st.file.write_all(&rec).and_then(|()| st.file.sync_data()) {
+            // Cut back whatever part of the record reached the file.
+            let len = st.file_len;
+            let _ = st.file.set_len(len);
+            return Err(e);
+        }
+        st.file_len += rec.len() as u64;
+        let old = if payload.is_empty() {
+            st.map.remove(subject)
+        } else {
+            st.map.insert(subject.to_string(), (payload.to_vec(), qos))
+        };
+        if let Some((p, _)) = old {
+            st.live_bytes -= record_len(subject, &p);
+        }
+        if !payload.is_empty() {
+            st.live_bytes += record_len(subject, payload);
+        }
+        if st.file_len > 2 * st.live_bytes + 64 * 1024 {
+            if let Err(e) = self.compact(&mut st) {
+                log::warn!(
+                    "retained: compaction of {} failed: {e}",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite the log with only live records.
+    fn compact(&self, st: &mut State) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut buf = Vec::with_capacity(st.live_bytes as usize);
+        for (s, (p, q)) in &st.map {
+            encode(s, p, *q, &mut buf)?;
+        }
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&buf)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        st.file = OpenOptions::new().append(true).open(&self.path)?;
+        st.file_len = buf.len() as u64;
+        Ok(())
+    }
+
+    /// Retained messages whose subject matches the NATS `filter`.
+    pub fn matching(&self, filter: &str) -> Vec<RetainedMsg> {
+        let st = self.lock();
+        st.map
+            .iter()
+            .filter(|(s, _)| subject::matches(filter, s))
+            .map(|(s, (p, q))| RetainedMsg {
+                subject: s.clone(),
+                payload: p.clone(),
+                qos: *q,
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_clear_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!(rep, RetainedReport::default());
+        r.set("a.b", b"one", 1).unwrap();
+        r.set("a.c", b"two", 0).unwrap();
+        r.set("a.b", b"three", 1).unwrap();
+        r.set("a.c", b"", 0).unwrap();
+        let got = r.matching("a.>");
+        assert_eq!(
+            got,
+            vec![RetainedMsg {
+                subject: "a.b".into(),
+                payload: b"three".to_vec(),
+                qos: 1
+            }]
+        );
+        drop(r);
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!(rep.messages, 1);
+        assert_eq!(r.matching(">").len(), 1);
+    }
+
+    #[test]
+    fn torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Retained::open(dir.path()).unwrap();
+        r.set("x", b"keep", 1).unwrap();
+        r.set("y", b"torn", 1).unwrap();
+        drop(r);
+        let path = dir.path().join("retained.log");
+        let len = fs::metadata(&path).unwrap().len();
+        for cut in 1..record_len("y", b"torn") {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(len - cut).unwrap();
+            drop(f);
+            let (r, rep) = Retained::open(dir.path()).unwrap();
+            assert_eq!(rep.messages, 1, "cut {cut}");
+            assert_eq!(rep.truncated_bytes, record_len("y", b"torn") - cut);
+            assert_eq!(r.matching("x")[0].payload, b"keep");
+            drop(r);
+            // restore the full record for the next cut
+            let (r, _) = Retained::open(dir.path()).unwrap();
+            r.set("y", b"torn", 1).unwrap();
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_live_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Retained::open(dir.path()).unwrap();
+        let big = vec![7u8; 4096];
+        for i in 0..100 {
+            r.set("hot", &big, 1).unwrap();
+            r.set(&format!("k.{}", i % 3), b"v", 0).unwrap();
+        }
+        let len = fs::metadata(dir.path().join("retained.log")).unwrap().len();
+        assert!(len < 200 * 1024, "log was not compacted: {len} bytes");
+        drop(r);
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!(rep.messages, 4);
+        assert_eq!(r.matching("hot")[0].payload, big);
+    }
+}
