@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::stream::{Discard, Storage, StreamConfig, SyncPolicy};
+use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
 
 /// The name of the stream that captures everything when no `[[stream]]` is
@@ -251,6 +251,27 @@ struct RawStream {
     discard: RawDiscard,
     #[serde(default = "default_dup_window", deserialize_with = "de_duration")]
     duplicate_window: Duration,
+    #[serde(default)]
+    discard_new_per_subject: bool,
+    #[serde(default)]
+    retention: RawRetention,
+    #[serde(default)]
+    allow_rollup: bool,
+    #[serde(default)]
+    deny_delete: bool,
+    #[serde(default)]
+    deny_purge: bool,
+    #[serde(default)]
+    allow_msg_ttl: bool,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawRetention {
+    #[default]
+    Limits,
+    Interest,
+    Workqueue,
 }
 
 fn default_sync() -> SyncPolicy {
@@ -380,7 +401,13 @@ impl RawConfig {
                 max_msgs_per_subject: 0,
                 max_msg_size: 0,
                 discard: Discard::Old,
+                discard_new_per_subject: false,
                 duplicate_window: default_dup_window(),
+                retention: Retention::Limits,
+                allow_rollup: false,
+                deny_delete: false,
+                deny_purge: false,
+                allow_msg_ttl: false,
             });
         }
         for (i, s) in self.stream.into_iter().enumerate() {
@@ -484,9 +511,16 @@ impl RawStream {
                 return err(format!("{key}.subjects: {s:?} is not a valid NATS subject"));
             }
         }
-        if self.max_msgs_per_subject != 0 {
+        if self.discard_new_per_subject
+            && (self.max_msgs_per_subject == 0 || matches!(self.discard, RawDiscard::Old))
+        {
             return err(format!(
-                "{key}.max_msgs_per_subject: not supported yet (planned); use 0"
+                "{key}.discard_new_per_subject: needs discard = \"new\" and max_msgs_per_subject > 0"
+            ));
+        }
+        if self.allow_rollup && self.deny_purge {
+            return err(format!(
+                "{key}.allow_rollup: a rollup purges, so it cannot be combined with deny_purge = true"
             ));
         }
         Ok(StreamConfig {
@@ -506,7 +540,17 @@ impl RawStream {
                 RawDiscard::Old => Discard::Old,
                 RawDiscard::New => Discard::New,
             },
+            discard_new_per_subject: self.discard_new_per_subject,
             duplicate_window: self.duplicate_window,
+            retention: match self.retention {
+                RawRetention::Limits => Retention::Limits,
+                RawRetention::Interest => Retention::Interest,
+                RawRetention::Workqueue => Retention::WorkQueue,
+            },
+            allow_rollup: self.allow_rollup,
+            deny_delete: self.deny_delete,
+            deny_purge: self.deny_purge,
+            allow_msg_ttl: self.allow_msg_ttl,
         })
     }
 }

@@ -18,7 +18,13 @@ fn cfg(sync: SyncPolicy) -> StreamConfig {
         max_msgs_per_subject: 0,
         max_msg_size: 0,
         discard: Discard::Old,
+        discard_new_per_subject: false,
         duplicate_window: Duration::from_secs(120),
+        retention: Retention::Limits,
+        allow_rollup: false,
+        deny_delete: false,
+        deny_purge: false,
+        allow_msg_ttl: false,
     }
 }
 
