@@ -1207,13 +1207,12 @@ impl Store {
     /// Hands buffered appends and tombstones to the backend (no fsync).
     pub fn flush(&mut self) -> io::Result<()> {
         self.run_repairs()?;
-        self.flush_tombs()?;
         if self.wbuf.is_empty() {
-            return Ok(());
+            return self.flush_tombs();
         }
         let Some(seg) = self.segs.back_mut() else {
             self.wbuf.clear();
-            return Ok(());
+            return self.flush_tombs();
         };
         let name = segment_name(seg.base);
         if !seg.created {
@@ -1226,7 +1225,8 @@ impl Store {
         self.backend.append(&name, &self.wbuf)?;
         seg.flushed += self.wbuf.len() as u64;
         self.wbuf.clear();
-        Ok(())
+        // Tombstones after the records they name exist on disk.
+        self.flush_tombs()
     }
 
     fn flush_tombs(&mut self) -> io::Result<()> {
@@ -1587,7 +1587,14 @@ impl Store {
         let mut removed = 0;
         for (seq, r) in std::mem::take(&mut self.rollups) {
             removed += match r {
-                Rollup::All => self.purge_before(seq, None),
+                Rollup::All => {
+                    let n = self.purge_before(seq, None);
+                    // Not derivable at open: record the new first_seq.
+                    if let Err(e) = self.write_meta() {
+                        log::error!("recording a rollup in the meta file: {e}");
+                    }
+                    n
+                }
                 Rollup::Subject => {
                     let sid = self.is_live(seq).map(|(si, i)| self.segs[si].sid(i));
                     match sid {
