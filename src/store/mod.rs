@@ -2126,6 +2126,8 @@ impl Store {
 }
 
 #[cfg(test)]
+mod bench_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -34,8 +34,17 @@
 //!   `Interval` they lag the acks by up to `d`), after the write with
 //!   `Never` (which can lose and then reuse sequences after a power cut).
 //!   For an empty stream `first_seq = last_seq + 1` (a new stream: 1 and 0).
-//! - Limits are applied after each committed batch and on the max_age
-//!   timer; duplicate-window ids live in memory only.
+//! - Limits (also max_msgs_per_subject, per-message TTLs and rollups) are
+//!   applied after each committed batch and on the expiry timer; their
+//!   tombstones are written (synced with `Always`) right after. The
+//!   duplicate window is rebuilt from stored headers at open.
+//! - Delete, purge, ack, get, last/next by subject, subject counts and info
+//!   are handled after the publishes of the batch they arrive in; delete,
+//!   purge and ack are durable when they reply. Compaction of a
+//!   mostly-deleted segment runs one segment at a time between batches.
+//! - `interest`/`workqueue` retention: no consumer registry yet; the
+//!   consumer layer calls [`StreamHandle::ack`] when the last interested
+//!   consumer acknowledged a message.
 //! - The thread reads the clock; the store never does.
 
 pub mod headers;
