@@ -896,6 +896,27 @@ subject_prefix = "fleet.truck-042."
     }
 
     #[test]
+    fn stream_semantics_keys() {
+        let base = "[[stream]]\nname = \"KV\"\nsubjects = [\"kv.>\"]\n";
+        let c = Config::parse(&format!(
+            "{base}max_msgs_per_subject = 1\ndiscard = \"new\"\ndiscard_new_per_subject = true\nretention = \"workqueue\"\nallow_rollup = true\ndeny_delete = true\nallow_msg_ttl = true\n"
+        ))
+        .unwrap();
+        let s = &c.streams[0];
+        assert_eq!(s.max_msgs_per_subject, 1);
+        assert!(s.discard_new_per_subject && s.allow_rollup && s.deny_delete && s.allow_msg_ttl);
+        assert!(!s.deny_purge);
+        assert_eq!(s.retention, Retention::WorkQueue);
+        let e = Config::parse(&format!("{base}discard_new_per_subject = true\n")).unwrap_err();
+        assert!(e.0.contains("discard_new_per_subject"), "{e}");
+        let e =
+            Config::parse(&format!("{base}allow_rollup = true\ndeny_purge = true\n")).unwrap_err();
+        assert!(e.0.contains("allow_rollup"), "{e}");
+        let e = Config::parse(&format!("{base}retention = \"forever\"\n")).unwrap_err();
+        assert!(e.0.contains("forever"), "{e}");
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("1kb").unwrap(), 1000);
