@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::stream::{Discard, Storage, StreamConfig, SyncPolicy};
+use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
 
 /// The name of the stream that captures everything when no `[[stream]]` is
@@ -253,6 +253,27 @@ struct RawStream {
     discard: RawDiscard,
     #[serde(default = "default_dup_window", deserialize_with = "de_duration")]
     duplicate_window: Duration,
+    #[serde(default)]
+    discard_new_per_subject: bool,
+    #[serde(default)]
+    retention: RawRetention,
+    #[serde(default)]
+    allow_rollup: bool,
+    #[serde(default)]
+    deny_delete: bool,
+    #[serde(default)]
+    deny_purge: bool,
+    #[serde(default)]
+    allow_msg_ttl: bool,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawRetention {
+    #[default]
+    Limits,
+    Interest,
+    Workqueue,
 }
 
 fn default_sync() -> SyncPolicy {
@@ -379,7 +400,13 @@ impl RawConfig {
                 max_msgs_per_subject: 0,
                 max_msg_size: 0,
                 discard: Discard::Old,
+                discard_new_per_subject: false,
                 duplicate_window: default_dup_window(),
+                retention: Retention::Limits,
+                allow_rollup: false,
+                deny_delete: false,
+                deny_purge: false,
+                allow_msg_ttl: false,
             });
         }
         for (i, s) in self.stream.into_iter().enumerate() {
@@ -484,9 +511,16 @@ impl RawStream {
                 return err(format!("{key}.subjects: {s:?} is not a valid NATS subject"));
             }
         }
-        if self.max_msgs_per_subject != 0 {
+        if self.discard_new_per_subject
+            && (self.max_msgs_per_subject == 0 || matches!(self.discard, RawDiscard::Old))
+        {
             return err(format!(
-                "{key}.max_msgs_per_subject: not supported yet (planned); use 0"
+                "{key}.discard_new_per_subject: needs discard = \"new\" and max_msgs_per_subject > 0"
+            ));
+        }
+        if self.allow_rollup && self.deny_purge {
+            return err(format!(
+                "{key}.allow_rollup: a rollup purges, so it cannot be combined with deny_purge = true"
             ));
         }
         Ok(StreamConfig {
@@ -506,7 +540,17 @@ impl RawStream {
                 RawDiscard::Old => Discard::Old,
                 RawDiscard::New => Discard::New,
             },
+            discard_new_per_subject: self.discard_new_per_subject,
             duplicate_window: self.duplicate_window,
+            retention: match self.retention {
+                RawRetention::Limits => Retention::Limits,
+                RawRetention::Interest => Retention::Interest,
+                RawRetention::Workqueue => Retention::WorkQueue,
+            },
+            allow_rollup: self.allow_rollup,
+            deny_delete: self.deny_delete,
+            deny_purge: self.deny_purge,
+            allow_msg_ttl: self.allow_msg_ttl,
         })
     }
 }
@@ -849,6 +893,27 @@ subject_prefix = "fleet.truck-042."
             Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nsync = \"sometimes\"\n")
                 .unwrap_err();
         assert!(e.0.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn stream_semantics_keys() {
+        let base = "[[stream]]\nname = \"KV\"\nsubjects = [\"kv.>\"]\n";
+        let c = Config::parse(&format!(
+            "{base}max_msgs_per_subject = 1\ndiscard = \"new\"\ndiscard_new_per_subject = true\nretention = \"workqueue\"\nallow_rollup = true\ndeny_delete = true\nallow_msg_ttl = true\n"
+        ))
+        .unwrap();
+        let s = &c.streams[0];
+        assert_eq!(s.max_msgs_per_subject, 1);
+        assert!(s.discard_new_per_subject && s.allow_rollup && s.deny_delete && s.allow_msg_ttl);
+        assert!(!s.deny_purge);
+        assert_eq!(s.retention, Retention::WorkQueue);
+        let e = Config::parse(&format!("{base}discard_new_per_subject = true\n")).unwrap_err();
+        assert!(e.0.contains("discard_new_per_subject"), "{e}");
+        let e =
+            Config::parse(&format!("{base}allow_rollup = true\ndeny_purge = true\n")).unwrap_err();
+        assert!(e.0.contains("allow_rollup"), "{e}");
+        let e = Config::parse(&format!("{base}retention = \"forever\"\n")).unwrap_err();
+        assert!(e.0.contains("forever"), "{e}");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub trait Backend: Send + 'static {
     /// Append `data` at the end of `name`. On error, any prefix of `data`
     /// may have been written; the caller truncates back.
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Overwrite bytes of `name` at `offset` (inside the file; used only by
+    /// secure delete). Not durable until `sync`.
+    fn write_at(&mut self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Fill `buf` from `name` at `offset` (an error if the file is shorter).
     fn read_at(&mut self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Make everything appended to `name` (and directory changes) durable.
@@ -129,6 +132,22 @@ impl Backend for FsBackend {
 
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         self.handle(name)?.write_all(data)
+    }
+
+    fn write_at(&mut self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        // The cached handles append; overwriting needs its own.
+        let f = OpenOptions::new().write(true).open(self.path(name))?;
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::write_all_at(&f, data, offset)
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = f;
+            f.seek(SeekFrom::Start(offset))?;
+            f.write_all(data)
+        }
     }
 
     fn read_at(&mut self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -328,6 +347,21 @@ impl Backend for MemBackend {
             ));
         }
         f.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn write_at(&mut self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut d = self.disk();
+        let f = d.files.get_mut(name).ok_or_else(|| not_found(name))?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let dst = start
+            .checked_add(data.len())
+            .and_then(|end| f.data.get_mut(start..end))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "write past end of file")
+            })?;
+        // Simulated as durable at once (a crash keeps the new bytes).
+        dst.copy_from_slice(data);
         Ok(())
     }
 

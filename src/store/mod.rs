@@ -1,39 +1,55 @@
 //! The segmented, checksummed stream store and its crash recovery.
 //!
 //! Owns every file in one stream's directory (through a [`Backend`]):
-//! segment files `<first seq, 20 digits>.seg` and the `meta` file. The byte
+//! segment files `<first seq, 20 digits>.seg`, their index snapshots
+//! (`.idx`) and tombstone files (`.del`), and the `meta` file. The byte
 //! layout, invariants and recovery procedure are in `docs/store-format.md`.
 //! Plain std, no async, no clock: every call that needs the time takes
 //! `now` (unix nanoseconds) from the caller.
 //!
 //! Invariants:
-//! - Sequences are contiguous inside a segment (record `i` has seq
-//!   `base + i`), strictly increasing across segments, and never reused,
-//!   even after every message was removed and the stream restarted (the
-//!   `meta` file keeps `last_seq` when segments are dropped and at close).
+//! - Sequences strictly increase inside a segment (record `i` of the index
+//!   has seq `base + i`; compaction leaves zero-size gaps) and across
+//!   segments, and are never reused, even after every message was removed
+//!   and the stream restarted (the `meta` file keeps `last_seq` when
+//!   segments are dropped, at purges and at close).
 //! - Timestamps never decrease (`max(now, previous)`), so age limits remove
 //!   a prefix.
 //! - Records with `seq < first_seq` are removed; a segment whose records are
 //!   all removed is deleted (after `meta` records the new `first_seq`).
+//!   Interior removals are tombstoned in `<base>.del` before the next sync.
+//! - An `.idx` snapshot is trusted only if it matches its segment file
+//!   (length, header, last record's checksum); otherwise the segment is
+//!   scanned.
+//! - Per-subject state (first, last, count) counts exactly the live
+//!   records (see [`subjects`]).
 //! - Opening never fails on damaged data, only on real I/O errors: a torn or
 //!   corrupt tail is cut and reported, nothing that fails its checksum is
 //!   ever returned.
 //! - Between [`Store::mark`] and [`Store::commit`]/[`Store::rollback`] only
 //!   appends happen; a rollback removes every byte written since the mark.
+//!   Removals caused by appends (per-subject limits, rollups) are applied
+//!   after the batch committed, in [`Store::enforce_limits`].
 
 pub mod backend;
+pub mod index;
 pub mod record;
+pub mod subjects;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::time::Duration;
 
 pub use backend::{Backend, FsBackend, MemBackend};
 
+use crate::stream::headers::{self, Rollup, Ttl};
 use crate::stream::{
-    Discard, Message, PubAck, RecoveryReport, StoredMessage, StreamConfig, StreamError, StreamState,
+    Discard, Message, PubAck, PurgeRequest, RecoveryReport, Retention, StoredMessage, StreamConfig,
+    StreamError, StreamInfo, StreamState,
 };
+use index::{SegIndex, Slot};
 use record::{RecordRef, SegHeader, SEG_HEADER_LEN};
+use subjects::SubjectTable;
 
 /// Default segment size.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 4 << 20;
@@ -45,20 +61,56 @@ const WBUF_FLUSH: usize = 1 << 20;
 pub const META_NAME: &str = "meta";
 const META_MAGIC: &[u8; 8] = b"FRNDMET1";
 const META_LEN: usize = 28;
+/// A sealed segment is compacted when live records use at most
+/// 1/COMPACT_RATIO of its record bytes.
+const COMPACT_RATIO: u64 = 4;
 
 /// The store's view of a stream configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreOptions {
+    /// For `Nats-Expected-Stream`.
+    pub stream_name: String,
     /// 0 = unlimited, for every limit.
     pub max_msgs: u64,
     pub max_bytes: u64,
     pub max_age: Duration,
     pub max_msg_size: u64,
+    pub max_msgs_per_subject: u64,
     pub discard: Discard,
+    /// With `discard = New`: reject a message whose subject already holds
+    /// `max_msgs_per_subject` messages (else the subject's oldest goes).
+    pub discard_new_per_subject: bool,
     pub duplicate_window: Duration,
+    pub retention: Retention,
+    pub allow_rollup: bool,
+    pub deny_delete: bool,
+    pub deny_purge: bool,
+    pub allow_msg_ttl: bool,
     /// A new segment starts when the next record would make the current
     /// one larger than this (a single bigger record gets its own segment).
     pub segment_size: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            stream_name: String::new(),
+            max_msgs: 0,
+            max_bytes: 0,
+            max_age: Duration::ZERO,
+            max_msg_size: 0,
+            max_msgs_per_subject: 0,
+            discard: Discard::Old,
+            discard_new_per_subject: false,
+            duplicate_window: Duration::ZERO,
+            retention: Retention::Limits,
+            allow_rollup: false,
+            deny_delete: false,
+            deny_purge: false,
+            allow_msg_ttl: false,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+        }
+    }
 }
 
 impl StoreOptions {
@@ -69,12 +121,20 @@ impl StoreOptions {
             (cfg.max_bytes / 8).clamp(MIN_SEGMENT_SIZE, DEFAULT_SEGMENT_SIZE)
         };
         StoreOptions {
+            stream_name: cfg.name.clone(),
             max_msgs: cfg.max_msgs,
             max_bytes: cfg.max_bytes,
             max_age: cfg.max_age,
             max_msg_size: cfg.max_msg_size,
+            max_msgs_per_subject: cfg.max_msgs_per_subject,
             discard: cfg.discard,
+            discard_new_per_subject: cfg.discard_new_per_subject,
             duplicate_window: cfg.duplicate_window,
+            retention: cfg.retention,
+            allow_rollup: cfg.allow_rollup,
+            deny_delete: cfg.deny_delete,
+            deny_purge: cfg.deny_purge,
+            allow_msg_ttl: cfg.allow_msg_ttl,
             segment_size,
         }
     }
@@ -93,15 +153,40 @@ struct Segment {
     flushed: u64,
     /// The file exists in the backend.
     created: bool,
-    /// Offset of the record with seq `base + i`.
+    /// Offset of the record with seq `base + i` (a gap has the offset of
+    /// the next record, so its size is 0).
     offsets: Vec<u32>,
-    /// Interior deletions (bit `i` = seq `base + i`), allocated on first use.
+    /// Subject id of record `i` (meaningless once the record is removed).
+    sids: Vec<u32>,
+    /// Interior deletions and gaps (bit `i` = seq `base + i`), allocated on
+    /// first use.
     deleted: Option<Vec<u64>>,
     /// Records neither deleted nor below `first_seq`.
     live: u64,
+    /// An `.idx` matching the current file exists.
+    indexed: bool,
+    /// The `.del` file exists.
+    has_tombs: bool,
 }
 
 impl Segment {
+    fn new(base: u64, base_ts: u64) -> Segment {
+        Segment {
+            base,
+            base_ts,
+            last_ts: base_ts,
+            len: SEG_HEADER_LEN as u64,
+            flushed: 0,
+            created: false,
+            offsets: Vec::new(),
+            sids: Vec::new(),
+            deleted: None,
+            live: 0,
+            indexed: false,
+            has_tombs: false,
+        }
+    }
+
     fn end(&self) -> u64 {
         self.base + self.offsets.len() as u64
     }
@@ -130,6 +215,10 @@ impl Segment {
             *w |= 1 << (i % 64);
         }
     }
+
+    fn sid(&self, i: usize) -> u32 {
+        self.sids.get(i).copied().unwrap_or(u32::MAX)
+    }
 }
 
 /// A segment file name for a base sequence.
@@ -137,12 +226,20 @@ pub fn segment_name(base: u64) -> String {
     format!("{base:020}.seg")
 }
 
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".seg")?;
+fn index_name(base: u64) -> String {
+    format!("{base:020}.idx")
+}
+
+fn tomb_name(base: u64) -> String {
+    format!("{base:020}.del")
+}
+
+fn parse_name(name: &str) -> Option<(u64, &str)> {
+    let (digits, ext) = name.split_once('.')?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    Some((digits.parse().ok()?, ext))
 }
 
 fn encode_meta(first_seq: u64, last_seq: u64) -> Vec<u8> {
@@ -170,15 +267,20 @@ fn decode_meta(b: &[u8]) -> Option<(u64, u64)> {
 
 /// Finds the value of the `Nats-Msg-Id` header in a NATS header block.
 pub fn msg_id(headers: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(headers).ok()?;
-    text.split("\r\n").skip(1).find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        let v = v.trim();
-        (k.trim().eq_ignore_ascii_case("Nats-Msg-Id") && !v.is_empty()).then_some(v)
-    })
+    headers::header(headers, headers::MSG_ID)
 }
 
-/// Recently seen message ids (memory only).
+/// Per-message expiry (unix ns) from a stored record's `Nats-TTL`.
+fn ttl_expiry(headers: Option<&[u8]>, ts: u64) -> Option<u64> {
+    match headers::parse_ttl(headers::header(headers?, headers::TTL)?) {
+        Ok(Ttl::After(d)) => {
+            Some(ts.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+        }
+        _ => None,
+    }
+}
+
+/// Recently seen message ids.
 #[derive(Debug, Default)]
 struct Dedup {
     window: u64,
@@ -200,6 +302,11 @@ impl Dedup {
         }
     }
 
+    fn insert(&mut self, id: &str, ts: u64, seq: u64) {
+        self.ids.insert(id.to_string(), seq);
+        self.order.push_back((ts, seq, id.to_string()));
+    }
+
     fn forget_after(&mut self, last_seq: u64) {
         while self.order.back().is_some_and(|(_, seq, _)| *seq > last_seq) {
             if let Some((_, seq, id)) = self.order.pop_back() {
@@ -212,11 +319,12 @@ impl Dedup {
 }
 
 /// A point to roll back to: everything appended after it can be undone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
     last_seq: u64,
     last_ts: u64,
     seg_last_ts: Option<u64>,
+    last_msg_id: Option<String>,
 }
 
 impl Mark {
@@ -246,15 +354,36 @@ pub struct Store {
     last_ts: u64,
     /// Bytes of the last segment not yet handed to the backend.
     wbuf: Vec<u8>,
-    /// Base seqs of segments with appends not yet synced.
-    unsynced: Vec<u64>,
+    /// Files (segments and tombstone files) written since the last sync.
+    unsynced: Vec<String>,
     repairs: Vec<Repair>,
     dedup: Dedup,
     scratch: Vec<u8>,
+    subjects: SubjectTable,
+    /// `Nats-Msg-Id` of the newest message (for Nats-Expected-Last-Msg-Id).
+    last_msg_id: Option<String>,
+    /// Per-message TTLs: (expiry, seq) and seq -> expiry.
+    ttl_queue: BTreeSet<(u64, u64)>,
+    ttl_of: BTreeMap<u64, u64>,
+    /// Tombstones not yet written: (segment base, slot).
+    tombs: Vec<(u64, u32)>,
+    /// Rollups appended but not applied yet (applied after the commit).
+    rollups: Vec<(u64, Rollup)>,
+    /// Subjects that may be over `max_msgs_per_subject`.
+    over_subjects: Vec<u32>,
+    /// Segments to check for compaction.
+    compact: BTreeSet<u64>,
 }
 
 fn io_err(e: io::Error) -> StreamError {
     StreamError::Io(e)
+}
+
+/// What recovery collected from one segment (index or scan).
+struct Loaded {
+    ix: SegIndex,
+    indexed: bool,
+    tombs: Vec<u32>,
 }
 
 impl Store {
@@ -282,141 +411,386 @@ impl Store {
             unsynced: Vec::new(),
             repairs: Vec::new(),
             scratch: Vec::new(),
+            subjects: SubjectTable::default(),
+            last_msg_id: None,
+            ttl_queue: BTreeSet::new(),
+            ttl_of: BTreeMap::new(),
+            tombs: Vec::new(),
+            rollups: Vec::new(),
+            over_subjects: Vec::new(),
+            compact: BTreeSet::new(),
         };
-        let report = st.recover()?;
+        let report = st.recover(now)?;
         st.enforce_limits(now);
         Ok((st, report))
     }
 
-    fn recover(&mut self) -> io::Result<RecoveryReport> {
+    fn read_file(&mut self, name: &str) -> io::Result<Vec<u8>> {
+        let len = self.backend.len(name)?;
+        let ulen =
+            usize::try_from(len).map_err(|_| io::Error::other(format!("file {name} too large")))?;
+        let mut b = vec![0u8; ulen];
+        self.backend.read_at(name, 0, &mut b)?;
+        Ok(b)
+    }
+
+    /// Uses `<base>.idx` if it matches the segment file exactly.
+    fn try_index(&mut self, base: u64, len: u64, prev_end: u64) -> io::Result<Option<SegIndex>> {
+        let Some(ix) = index::decode_index(&self.read_file(&index_name(base))?) else {
+            return Ok(None);
+        };
+        if ix.base != base || ix.len != len || base < prev_end || len < SEG_HEADER_LEN as u64 {
+            return Ok(None);
+        }
+        let mut h = [0u8; SEG_HEADER_LEN];
+        self.backend.read_at(&segment_name(base), 0, &mut h)?;
+        match record::decode_header(&h) {
+            Ok(hd) if hd.base_seq == base && hd.base_ts == ix.base_ts => {}
+            _ => return Ok(None),
+        }
+        let total: u64 = ix
+            .slots
+            .iter()
+            .map(|s| match *s {
+                Slot::Live { size, .. } | Slot::Dead { size } => u64::from(size),
+            })
+            .sum();
+        if SEG_HEADER_LEN as u64 + total != len {
+            return Ok(None);
+        }
+        let last = ix.slots.iter().rev().find_map(|s| match *s {
+            Slot::Live { size, .. } | Slot::Dead { size } => (size > 0).then_some(size),
+        });
+        if let Some(size) = last {
+            let mut p = [0u8; record::PREFIX_LEN];
+            self.backend
+                .read_at(&segment_name(base), len - u64::from(size), &mut p)?;
+            let body = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            let crc = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+            if u64::from(body) + record::PREFIX_LEN as u64 != u64::from(size) || crc != ix.last_crc
+            {
+                return Ok(None);
+            }
+        } else if ix.last_crc != 0 {
+            return Ok(None);
+        }
+        Ok(Some(ix))
+    }
+
+    fn recover(&mut self, now: u64) -> io::Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
         let mut bases = Vec::new();
+        let mut idx_files = BTreeSet::new();
+        let mut del_files = BTreeSet::new();
         let mut meta = None;
         for name in self.backend.list()? {
-            if let Some(base) = parse_segment_name(&name) {
-                bases.push(base);
-            } else if name == META_NAME {
-                let len = self.backend.len(&name)?;
-                let mut b = vec![0u8; usize::try_from(len).unwrap_or(0).min(META_LEN + 1)];
-                self.backend.read_at(&name, 0, &mut b)?;
-                meta = decode_meta(&b);
-                if meta.is_none() {
-                    log::warn!("stream meta file is damaged; ignoring it (sequences are recovered from the segments)");
+            match parse_name(&name) {
+                Some((base, "seg")) => bases.push(base),
+                Some((base, "idx")) => {
+                    idx_files.insert(base);
                 }
-            } else if name.ends_with(".tmp") {
-                self.backend.remove(&name)?;
+                Some((base, "del")) => {
+                    del_files.insert(base);
+                }
+                _ if name == META_NAME => {
+                    let b = self.read_file(&name)?;
+                    meta = decode_meta(&b);
+                    if meta.is_none() {
+                        log::warn!("stream meta file is damaged; ignoring it (sequences are recovered from the segments)");
+                    }
+                }
+                _ if name.ends_with(".tmp") => self.backend.remove(&name)?,
+                _ => {}
             }
         }
         bases.sort_unstable();
-        let mut buf = Vec::new();
+        let mut loaded: Vec<Loaded> = Vec::new();
         for (k, &base) in bases.iter().enumerate() {
             let name = segment_name(base);
             let next_base = bases.get(k + 1).copied();
             let is_last = next_base.is_none();
             let len = self.backend.len(&name)?;
-            let Ok(ulen) = usize::try_from(len) else {
-                return Err(io::Error::other(format!("segment {name} too large")));
-            };
-            buf.clear();
-            buf.resize(ulen, 0);
-            self.backend.read_at(&name, 0, &mut buf)?;
-            let prev_end = self.segs.back().map_or(0, Segment::end);
-            let header = record::decode_header(&buf)
-                .ok()
-                .filter(|h| h.base_seq == base && base >= prev_end);
-            let Some(h) = header else {
-                // Unusable header: nothing in this file can be trusted.
-                if is_last {
-                    report.truncated_bytes += len;
-                } else {
-                    report.lost_records += next_base.unwrap_or(base).saturating_sub(base);
-                    report.truncated_bytes += len;
+            let prev_end = loaded
+                .last()
+                .map_or(0, |l| l.ix.base + l.ix.slots.len() as u64);
+            let mut ix = None;
+            if idx_files.contains(&base) {
+                ix = self.try_index(base, len, prev_end)?;
+                if ix.is_none() {
+                    log::info!("segment {name}: index snapshot does not match; scanning");
                 }
-                log::error!("segment {name}: header damaged; removing the file ({len} bytes)");
-                self.backend.remove(&name)?;
-                continue;
-            };
-            let mut seg = Segment {
-                base,
-                base_ts: h.base_ts,
-                last_ts: h.base_ts,
-                len,
-                flushed: len,
-                created: true,
-                offsets: Vec::new(),
-                deleted: None,
-                live: 0,
-            };
-            let mut pos = SEG_HEADER_LEN;
-            let mut cut = None;
-            while pos < buf.len() {
-                let expect = seg.end();
-                match record::decode(&buf[pos..], base, h.base_ts) {
-                    Ok((rec, n)) if rec.seq == expect && u32::try_from(pos).is_ok() => {
-                        seg.offsets.push(pos as u32);
-                        seg.last_ts = seg.last_ts.max(rec.timestamp);
-                        pos += n;
-                    }
-                    Ok(_) => {
-                        cut = Some("record out of sequence");
-                        break;
-                    }
-                    Err(record::DecodeError::Incomplete) => {
-                        cut = Some("record incomplete (torn write)");
-                        break;
-                    }
-                    Err(record::DecodeError::Corrupt(why)) => {
-                        cut = Some(why);
-                        break;
-                    }
+                if is_last || ix.is_none() {
+                    // The active segment changes from now on: its snapshot
+                    // is rewritten at close.
+                    self.backend.remove(&index_name(base))?;
                 }
             }
-            if let Some(why) = cut {
-                let dropped = len - pos as u64;
-                report.truncated_bytes += dropped;
-                if let Some(nb) = next_base {
-                    report.lost_records += nb.saturating_sub(seg.end());
-                }
-                log::warn!(
-                    "segment {name}: {why} at offset {pos}; cutting {dropped} bytes{}",
-                    if is_last {
-                        " (unacknowledged tail)"
-                    } else {
-                        ""
+            let indexed = ix.is_some() && !is_last;
+            let ix = match ix {
+                Some(ix) => ix,
+                None => {
+                    let buf = self.read_file(&name)?;
+                    match self.scan(&name, base, &buf, prev_end, next_base, &mut report)? {
+                        Some(ix) => ix,
+                        None => continue,
                     }
-                );
-                self.backend.truncate(&name, pos as u64)?;
-                self.backend.sync(&name)?;
-                seg.len = pos as u64;
-                seg.flushed = seg.len;
-            }
-            if seg.offsets.is_empty() && !is_last {
-                self.backend.remove(&name)?;
+                }
+            };
+            if ix.slots.is_empty() && !is_last {
+                self.remove_segment_files(base)?;
                 continue;
             }
-            self.segs.push_back(seg);
+            let tombs = if del_files.contains(&base) {
+                let b = self.read_file(&tomb_name(base))?;
+                let (t, damaged) = index::decode_tombs(base, &b);
+                if damaged {
+                    log::warn!("segment {name}: tombstone file damaged after {} entries; deleted messages past that may reappear", t.len());
+                }
+                t
+            } else {
+                Vec::new()
+            };
+            loaded.push(Loaded { ix, indexed, tombs });
+        }
+        // Orphan snapshots and tombstones (their segment is gone).
+        for base in idx_files.iter().chain(del_files.iter()) {
+            if !loaded.iter().any(|l| l.ix.base == *base) {
+                self.backend.remove(&index_name(*base))?;
+                self.backend.remove(&tomb_name(*base))?;
+            }
         }
         let (meta_first, meta_last) = meta.unwrap_or((1, 0));
-        let seg_last = self.segs.back().map_or(0, |s| s.end().saturating_sub(1));
+        let seg_last = loaded.last().map_or(0, |l| {
+            (l.ix.base + l.ix.slots.len() as u64).saturating_sub(1)
+        });
         self.last_seq = meta_last.max(seg_last);
-        self.last_ts = self.segs.back().map_or(0, |s| s.last_ts);
+        self.last_ts = loaded.last().map_or(0, |l| l.ix.last_ts);
         self.first_seq = meta_first
-            .max(self.segs.front().map_or(1, |s| s.base))
+            .max(loaded.first().map_or(1, |l| l.ix.base))
             .max(1)
             .min(self.last_seq + 1);
-        for seg in self.segs.iter_mut() {
-            for i in 0..seg.offsets.len() {
-                if seg.base + i as u64 >= self.first_seq {
-                    seg.live += 1;
-                    self.bytes += seg.rec_size(i);
-                }
-            }
-            self.msgs += seg.live;
+        let cutoff = now.saturating_sub(self.dedup.window);
+        for l in loaded {
+            self.install(l, cutoff);
         }
         report.records = self.msgs;
         self.advance_first();
         self.drop_dead_segments();
+        for id in self.subjects.iter().map(|(id, _)| id).collect::<Vec<_>>() {
+            self.over_subjects.push(id);
+        }
         Ok(report)
+    }
+
+    /// Reads a segment record by record. `None`: the file was unusable and
+    /// removed.
+    fn scan(
+        &mut self,
+        name: &str,
+        base: u64,
+        buf: &[u8],
+        prev_end: u64,
+        next_base: Option<u64>,
+        report: &mut RecoveryReport,
+    ) -> io::Result<Option<SegIndex>> {
+        let len = buf.len() as u64;
+        let header = record::decode_header(buf)
+            .ok()
+            .filter(|h| h.base_seq == base && base >= prev_end);
+        let Some(h) = header else {
+            if let Some(nb) = next_base {
+                report.lost_records += nb.saturating_sub(base);
+            }
+            report.truncated_bytes += len;
+            log::error!("segment {name}: header damaged; removing the file ({len} bytes)");
+            self.remove_segment_files(base)?;
+            return Ok(None);
+        };
+        let mut ix = SegIndex {
+            base,
+            base_ts: h.base_ts,
+            last_ts: h.base_ts,
+            ..SegIndex::default()
+        };
+        let mut local: HashMap<String, u32> = HashMap::new();
+        let mut pos = SEG_HEADER_LEN;
+        let mut cut = None;
+        while pos < buf.len() {
+            let expect = base + ix.slots.len() as u64;
+            match record::decode(&buf[pos..], base, h.base_ts) {
+                Ok((rec, n)) if rec.seq >= expect && u32::try_from(pos + n).is_ok() => {
+                    // A gap: slots removed by compaction.
+                    let gap = usize::try_from(rec.seq - expect).unwrap_or(usize::MAX);
+                    if gap > u32::MAX as usize {
+                        cut = Some("record sequence out of range");
+                        break;
+                    }
+                    ix.slots
+                        .resize(ix.slots.len() + gap, Slot::Dead { size: 0 });
+                    let subj = String::from_utf8_lossy(rec.subject);
+                    let next = local.len() as u32;
+                    let subject = *local.entry(subj.into_owned()).or_insert(next);
+                    let slot = ix.slots.len() as u32;
+                    ix.slots.push(Slot::Live {
+                        size: n as u32,
+                        subject,
+                    });
+                    ix.last_ts = ix.last_ts.max(rec.timestamp);
+                    ix.last_crc = u32::from_le_bytes([
+                        buf[pos + 4],
+                        buf[pos + 5],
+                        buf[pos + 6],
+                        buf[pos + 7],
+                    ]);
+                    if let Some(h) = rec.headers {
+                        if let Some(exp) = ttl_expiry(Some(h), rec.timestamp) {
+                            ix.ttls.push((slot, exp));
+                        }
+                        if let Some(id) = msg_id(h) {
+                            ix.msg_ids.push((slot, rec.timestamp, id.to_string()));
+                        }
+                    }
+                    pos += n;
+                }
+                Ok(_) => {
+                    cut = Some("record out of sequence");
+                    break;
+                }
+                Err(record::DecodeError::Incomplete) => {
+                    cut = Some("record incomplete (torn write)");
+                    break;
+                }
+                Err(record::DecodeError::Corrupt(why)) => {
+                    cut = Some(why);
+                    break;
+                }
+            }
+        }
+        let mut subjects = vec![String::new(); local.len()];
+        for (s, i) in local {
+            if let Some(slot) = subjects.get_mut(i as usize) {
+                *slot = s;
+            }
+        }
+        ix.subjects = subjects;
+        ix.len = pos as u64;
+        if let Some(why) = cut {
+            let dropped = len - pos as u64;
+            report.truncated_bytes += dropped;
+            if let Some(nb) = next_base {
+                report.lost_records += nb.saturating_sub(base + ix.slots.len() as u64);
+            }
+            log::warn!(
+                "segment {name}: {why} at offset {pos}; cutting {dropped} bytes{}",
+                if next_base.is_none() {
+                    " (unacknowledged tail)"
+                } else {
+                    ""
+                }
+            );
+            self.backend.truncate(name, pos as u64)?;
+            self.backend.sync(name)?;
+        }
+        Ok(Some(ix))
+    }
+
+    /// Turns a loaded segment into memory state (first/last seq known).
+    fn install(&mut self, l: Loaded, dedup_cutoff: u64) {
+        let ix = l.ix;
+        let mut seg = Segment::new(ix.base, ix.base_ts);
+        seg.last_ts = ix.last_ts;
+        seg.len = ix.len;
+        seg.flushed = ix.len;
+        seg.created = true;
+        seg.indexed = l.indexed;
+        seg.has_tombs = !l.tombs.is_empty();
+        seg.offsets.reserve_exact(ix.slots.len());
+        seg.sids.reserve_exact(ix.slots.len());
+        let mut off = SEG_HEADER_LEN as u64;
+        let mut dead = Vec::new();
+        for (i, s) in ix.slots.iter().enumerate() {
+            seg.offsets.push(off as u32);
+            match *s {
+                Slot::Live { size, subject } => {
+                    off += u64::from(size);
+                    seg.sids.push(subject);
+                }
+                Slot::Dead { size } => {
+                    off += u64::from(size);
+                    seg.sids.push(u32::MAX);
+                    dead.push(i);
+                }
+            }
+        }
+        for i in dead {
+            seg.set_deleted(i);
+        }
+        for &t in &l.tombs {
+            if (t as usize) < seg.offsets.len() {
+                seg.set_deleted(t as usize);
+            }
+        }
+        // Local subject ids -> global, counting live records.
+        let mut map: Vec<Option<u32>> = vec![None; ix.subjects.len()];
+        for i in 0..seg.offsets.len() {
+            let seq = seg.base + i as u64;
+            if seq < self.first_seq || seg.is_deleted(i) {
+                continue;
+            }
+            let local = seg.sids[i] as usize;
+            let name = ix.subjects.get(local).map_or("", String::as_str);
+            let gid = match map.get(local).copied().flatten() {
+                Some(g) => {
+                    if let Some(e) = self.subjects.entry_mut(g) {
+                        if e.count == 0 {
+                            e.first = seq;
+                        }
+                        e.count += 1;
+                        e.last = seq;
+                    }
+                    g
+                }
+                None => {
+                    let g = self.subjects.add(name, seq);
+                    if let Some(m) = map.get_mut(local) {
+                        *m = Some(g);
+                    }
+                    g
+                }
+            };
+            seg.sids[i] = gid;
+            seg.live += 1;
+            self.bytes += seg.rec_size(i);
+        }
+        self.msgs += seg.live;
+        let live = |seg: &Segment, slot: u32, first: u64| {
+            let i = slot as usize;
+            i < seg.offsets.len() && !seg.is_deleted(i) && seg.base + i as u64 >= first
+        };
+        for &(slot, exp) in &ix.ttls {
+            if live(&seg, slot, self.first_seq) {
+                let seq = seg.base + u64::from(slot);
+                self.ttl_queue.insert((exp, seq));
+                self.ttl_of.insert(seq, exp);
+            }
+        }
+        self.last_msg_id = None;
+        for (slot, ts, id) in &ix.msg_ids {
+            let seq = seg.base + u64::from(*slot);
+            if *ts >= dedup_cutoff && self.dedup.window > 0 {
+                self.dedup.insert(id, *ts, seq);
+            }
+            if seq + 1 == seg.end() {
+                self.last_msg_id = Some(id.clone());
+            }
+        }
+        self.segs.push_back(seg);
+    }
+
+    fn remove_segment_files(&mut self, base: u64) -> io::Result<()> {
+        self.backend.remove(&segment_name(base))?;
+        self.backend.remove(&index_name(base))?;
+        self.backend.remove(&tomb_name(base))
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -429,6 +803,28 @@ impl Store {
             last_seq: self.last_seq,
             msgs: self.msgs,
             bytes: self.bytes,
+        }
+    }
+
+    /// The full state. Reads the oldest record for its timestamp.
+    pub fn info(&mut self) -> StreamInfo {
+        let s = self.state();
+        let first_ts = if s.msgs > 0 {
+            self.first_ts().unwrap_or(0)
+        } else {
+            0
+        };
+        StreamInfo {
+            first_seq: s.first_seq,
+            last_seq: s.last_seq,
+            first_ts,
+            last_ts: self.last_ts,
+            msgs: s.msgs,
+            bytes: s.bytes,
+            deleted: (s.last_seq + 1)
+                .saturating_sub(s.first_seq)
+                .saturating_sub(s.msgs),
+            subjects: self.subjects.len() as u64,
         }
     }
 
@@ -461,14 +857,19 @@ impl Store {
         self.backend.disk_usage()
     }
 
-    /// Timestamp (unix ns) at which the oldest message expires by max_age.
+    /// Timestamp (unix ns) at which the next message expires (max_age or a
+    /// per-message TTL).
     pub fn next_expiry(&mut self) -> Option<u64> {
+        let ttl = self.ttl_queue.first().map(|&(exp, _)| exp);
         if self.opts.max_age.is_zero() || self.msgs == 0 {
-            return None;
+            return ttl;
         }
         let age = u64::try_from(self.opts.max_age.as_nanos()).unwrap_or(u64::MAX);
-        let ts = self.first_ts()?;
-        Some(ts.saturating_add(age))
+        let by_age = self.first_ts().map(|ts| ts.saturating_add(age));
+        match (ttl, by_age) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The current position, for [`Store::rollback`].
@@ -477,7 +878,86 @@ impl Store {
             last_seq: self.last_seq,
             last_ts: self.last_ts,
             seg_last_ts: self.segs.back().map(|s| s.last_ts),
+            last_msg_id: self.last_msg_id.clone(),
         }
+    }
+
+    /// Checks the JetStream `Nats-Expected-*`, `Nats-Rollup` and `Nats-TTL`
+    /// headers; returns the rollup and TTL to apply.
+    fn check_headers(
+        &self,
+        msg: &Message,
+        h: &[u8],
+    ) -> Result<(Option<Rollup>, Option<Duration>), StreamError> {
+        if let Some(v) = headers::header(h, headers::EXPECTED_STREAM) {
+            if v != self.opts.stream_name {
+                return Err(StreamError::WrongStream {
+                    expected: v.to_string(),
+                    actual: self.opts.stream_name.clone(),
+                });
+            }
+        }
+        let num = |name: &str, v: &str| {
+            v.parse::<u64>().map_err(|_| {
+                StreamError::BadHeader(format!("{name}: {v:?} is not a sequence number"))
+            })
+        };
+        if let Some(v) = headers::header(h, headers::EXPECTED_LAST_SEQ) {
+            let expected = num(headers::EXPECTED_LAST_SEQ, v)?;
+            if expected != self.last_seq {
+                return Err(StreamError::WrongLastSequence {
+                    expected,
+                    last: self.last_seq,
+                });
+            }
+        }
+        if let Some(v) = headers::header(h, headers::EXPECTED_LAST_SUBJECT_SEQ) {
+            let expected = num(headers::EXPECTED_LAST_SUBJECT_SEQ, v)?;
+            let last = self
+                .subjects
+                .get(&msg.subject)
+                .and_then(|id| self.subjects.entry(id))
+                .map_or(0, |e| e.last);
+            if expected != last {
+                return Err(StreamError::WrongLastSubjectSequence {
+                    subject: msg.subject.clone(),
+                    expected,
+                    last,
+                });
+            }
+        }
+        if let Some(v) = headers::header(h, headers::EXPECTED_LAST_MSG_ID) {
+            if self.last_msg_id.as_deref() != Some(v) {
+                return Err(StreamError::WrongLastMsgId {
+                    expected: v.to_string(),
+                    last: self.last_msg_id.clone(),
+                });
+            }
+        }
+        let rollup = match headers::header(h, headers::ROLLUP) {
+            None => None,
+            Some(v) => {
+                if !self.opts.allow_rollup || self.opts.deny_purge {
+                    return Err(StreamError::RollupDenied(
+                        "Nats-Rollup is not permitted on this stream (set allow_rollup = true and deny_purge = false)".into(),
+                    ));
+                }
+                Some(headers::parse_rollup(v).map_err(StreamError::BadHeader)?)
+            }
+        };
+        let ttl = match headers::header(h, headers::TTL) {
+            None => None,
+            Some(v) => {
+                if !self.opts.allow_msg_ttl {
+                    return Err(StreamError::TtlDisabled);
+                }
+                match headers::parse_ttl(v).map_err(StreamError::InvalidTtl)? {
+                    Ttl::After(d) => Some(d),
+                    Ttl::Never => None,
+                }
+            }
+        };
+        Ok((rollup, ttl))
     }
 
     /// Appends one message (buffered; see [`Store::flush`], [`Store::sync`]).
@@ -490,11 +970,8 @@ impl Store {
                 max: self.opts.max_msg_size,
             });
         }
-        let id = match (&msg.headers, self.dedup.window) {
-            (Some(h), w) if w > 0 => msg_id(h),
-            _ => None,
-        };
-        if let Some(id) = id {
+        let id = msg.headers.as_deref().and_then(msg_id);
+        if let (Some(id), true) = (id, self.dedup.window > 0) {
             self.dedup.expire(now);
             if let Some(&seq) = self.dedup.ids.get(id) {
                 return Ok(PubAck {
@@ -503,6 +980,10 @@ impl Store {
                 });
             }
         }
+        let (rollup, ttl) = match &msg.headers {
+            Some(h) => self.check_headers(msg, h)?,
+            None => (None, None),
+        };
         let seq = self.last_seq + 1;
         let ts = now.max(self.last_ts);
         let rec_len = |base: u64, base_ts: u64| {
@@ -521,12 +1002,7 @@ impl Store {
         });
         let (roll, len) = match in_active {
             Some(len) => (false, len),
-            None => (true, SEG_HEADER_LEN as u64 + rec_len(seq, ts)),
-        };
-        let len = if roll {
-            len - SEG_HEADER_LEN as u64
-        } else {
-            len
+            None => (true, rec_len(seq, ts)),
         };
         let body = len - record::PREFIX_LEN as u64;
         if body > record::MAX_BODY as u64 {
@@ -555,20 +1031,30 @@ impl Store {
                     o.max_bytes
                 )));
             }
+            if o.discard_new_per_subject && o.max_msgs_per_subject > 0 {
+                let count = self
+                    .subjects
+                    .get(&msg.subject)
+                    .and_then(|id| self.subjects.entry(id))
+                    .map_or(0, |e| e.count);
+                if count >= o.max_msgs_per_subject {
+                    return Err(StreamError::SubjectFull {
+                        subject: msg.subject.clone(),
+                        max: o.max_msgs_per_subject,
+                    });
+                }
+            }
         }
         if roll {
             self.flush().map_err(io_err)?;
-            let mut seg = Segment {
-                base: seq,
-                base_ts: ts,
-                last_ts: ts,
-                len: 0,
-                flushed: 0,
-                created: false,
-                offsets: Vec::new(),
-                deleted: None,
-                live: 0,
-            };
+            if let Some(prev) = self.segs.len().checked_sub(1) {
+                self.write_index(prev);
+                if let Some(p) = self.segs.get(prev) {
+                    if p.deleted.is_some() {
+                        self.compact.insert(p.base);
+                    }
+                }
+            }
             record::encode_header(
                 SegHeader {
                     base_seq: seq,
@@ -576,9 +1062,9 @@ impl Store {
                 },
                 &mut self.wbuf,
             );
-            seg.len = SEG_HEADER_LEN as u64;
-            self.segs.push_back(seg);
+            self.segs.push_back(Segment::new(seq, ts));
         }
+        let sid = self.subjects.add(&msg.subject, seq);
         let Some(seg) = self.segs.back_mut() else {
             return Err(StreamError::Io(io::Error::other("no active segment")));
         };
@@ -596,6 +1082,7 @@ impl Store {
             },
         );
         seg.offsets.push(offset);
+        seg.sids.push(sid);
         seg.len += len;
         seg.last_ts = ts;
         seg.live += 1;
@@ -603,9 +1090,20 @@ impl Store {
         self.last_ts = ts;
         self.msgs += 1;
         self.bytes += len;
-        if let Some(id) = id {
-            self.dedup.ids.insert(id.to_string(), seq);
-            self.dedup.order.push_back((ts, seq, id.to_string()));
+        self.last_msg_id = id.map(str::to_string);
+        if let (Some(id), true) = (id, self.dedup.window > 0) {
+            self.dedup.insert(id, ts, seq);
+        }
+        if let Some(d) = ttl {
+            let exp = ts.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            self.ttl_queue.insert((exp, seq));
+            self.ttl_of.insert(seq, exp);
+        }
+        if let Some(r) = rollup {
+            self.rollups.push((seq, r));
+        }
+        if self.opts.max_msgs_per_subject > 0 {
+            self.over_subjects.push(sid);
         }
         if self.wbuf.len() >= WBUF_FLUSH {
             self.flush().map_err(io_err)?;
@@ -614,6 +1112,82 @@ impl Store {
             seq,
             duplicate: false,
         })
+    }
+
+    /// Writes the `.idx` snapshot of segment `si` (which must be flushed).
+    /// Failure only costs a scan at the next open.
+    fn write_index(&mut self, si: usize) {
+        let Some(seg) = self.segs.get(si) else {
+            return;
+        };
+        if seg.indexed || !seg.created || seg.flushed != seg.len {
+            return;
+        }
+        let mut ix = SegIndex {
+            base: seg.base,
+            base_ts: seg.base_ts,
+            last_ts: seg.last_ts,
+            len: seg.len,
+            ..SegIndex::default()
+        };
+        let mut local: HashMap<u32, u32> = HashMap::new();
+        for i in 0..seg.offsets.len() {
+            let size = seg.rec_size(i) as u32;
+            let seq = seg.base + i as u64;
+            if seg.is_deleted(i) || seq < self.first_seq {
+                ix.slots.push(Slot::Dead { size });
+                continue;
+            }
+            let gid = seg.sid(i);
+            let name = self.subjects.entry(gid).map_or("", |e| &e.name);
+            let next = local.len() as u32;
+            let subject = *local.entry(gid).or_insert_with(|| {
+                ix.subjects.push(name.to_string());
+                next
+            });
+            ix.slots.push(Slot::Live { size, subject });
+            if let Some(&exp) = self.ttl_of.get(&seq) {
+                ix.ttls.push((i as u32, exp));
+            }
+        }
+        for (ts, seq, id) in &self.dedup.order {
+            if *seq >= seg.base && *seq < seg.end() {
+                ix.msg_ids.push(((*seq - seg.base) as u32, *ts, id.clone()));
+            }
+        }
+        let newest = seg.end().saturating_sub(1);
+        if let (Some(id), true) = (&self.last_msg_id, newest == self.last_seq) {
+            let slot = (newest - seg.base) as u32;
+            if !ix.msg_ids.iter().any(|(s, _, _)| *s == slot) {
+                ix.msg_ids.push((slot, seg.last_ts, id.clone()));
+            }
+        }
+        let last = (0..seg.offsets.len()).rev().find(|&i| seg.rec_size(i) > 0);
+        let base = seg.base;
+        if let Some(i) = last {
+            let mut p = [0u8; record::PREFIX_LEN];
+            if let Err(e) = self
+                .backend
+                .read_at(&segment_name(base), seg.offset(i), &mut p)
+            {
+                log::warn!("segment {base}: cannot read for its index snapshot: {e}");
+                return;
+            }
+            ix.last_crc = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+        }
+        match self
+            .backend
+            .write_atomic(&index_name(base), &index::encode_index(&ix))
+        {
+            Ok(()) => {
+                if let Some(seg) = self.segs.get_mut(si) {
+                    seg.indexed = true;
+                }
+            }
+            Err(e) => log::warn!(
+                "cannot write index snapshot for segment {base}: {e}; the next open scans it"
+            ),
+        }
     }
 
     fn run_repairs(&mut self) -> io::Result<()> {
@@ -630,36 +1204,80 @@ impl Store {
         Ok(())
     }
 
-    /// Hands buffered appends to the backend (no fsync).
+    /// Hands buffered appends and tombstones to the backend (no fsync).
     pub fn flush(&mut self) -> io::Result<()> {
         self.run_repairs()?;
         if self.wbuf.is_empty() {
-            return Ok(());
+            return self.flush_tombs();
         }
         let Some(seg) = self.segs.back_mut() else {
             self.wbuf.clear();
-            return Ok(());
+            return self.flush_tombs();
         };
         let name = segment_name(seg.base);
         if !seg.created {
             self.backend.create(&name)?;
             seg.created = true;
         }
-        if !self.unsynced.contains(&seg.base) {
-            self.unsynced.push(seg.base);
+        if !self.unsynced.contains(&name) {
+            self.unsynced.push(name.clone());
         }
         self.backend.append(&name, &self.wbuf)?;
         seg.flushed += self.wbuf.len() as u64;
         self.wbuf.clear();
+        // Tombstones after the records they name exist on disk.
+        self.flush_tombs()
+    }
+
+    fn flush_tombs(&mut self) -> io::Result<()> {
+        if self.tombs.is_empty() {
+            return Ok(());
+        }
+        let mut tombs = std::mem::take(&mut self.tombs);
+        tombs.sort_unstable();
+        let mut k = 0;
+        while k < tombs.len() {
+            let base = tombs[k].0;
+            let mut buf = Vec::new();
+            while let Some(&(b, i)) = tombs.get(k) {
+                if b != base {
+                    break;
+                }
+                index::encode_tomb(base, i, &mut buf);
+                k += 1;
+            }
+            let Some(seg) = self.segs.iter_mut().find(|s| s.base == base && s.created) else {
+                continue; // segment gone (or never written): nothing to mark
+            };
+            let name = tomb_name(base);
+            let res = (|| {
+                if !seg.has_tombs {
+                    self.backend.create(&name)?;
+                    seg.has_tombs = true;
+                }
+                self.backend.append(&name, &buf)
+            })();
+            if let Err(e) = res {
+                // Keep the rest for the next try (a torn entry is ignored
+                // at open).
+                self.tombs.extend_from_slice(&tombs[k..]);
+                return Err(e);
+            }
+            if !self.unsynced.contains(&name) {
+                self.unsynced.push(name);
+            }
+        }
         Ok(())
     }
 
-    /// Flushes and fsyncs every segment written since the last sync.
+    /// Flushes and fsyncs every file written since the last sync.
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush()?;
-        while let Some(&base) = self.unsynced.first() {
-            if self.segs.iter().any(|s| s.base == base) {
-                self.backend.sync(&segment_name(base))?;
+        while let Some(name) = self.unsynced.first() {
+            match self.backend.sync(name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
             self.unsynced.remove(0);
         }
@@ -670,6 +1288,28 @@ impl Store {
     /// file bytes. If the file operations fail they are retried before the
     /// next write, so half-written records never stay.
     pub fn rollback(&mut self, mark: Mark) {
+        // Per-record state first (subjects, TTLs), newest first.
+        let mut q = self.last_seq;
+        while q > mark.last_seq {
+            if let Some(si) = self.seg_index(q) {
+                let i = (q - self.segs[si].base) as usize;
+                if !self.segs[si].is_deleted(i) && q >= self.first_seq {
+                    let sid = self.segs[si].sid(i);
+                    self.subjects.remove(sid, q);
+                    if let Some(e) = self.subjects.entry(sid) {
+                        if e.last >= q {
+                            let prev = self.find_prev(sid, q);
+                            if let Some(e) = self.subjects.entry_mut(sid) {
+                                e.last = prev.unwrap_or(e.first);
+                            }
+                        }
+                    }
+                }
+            }
+            self.forget_ttl(q);
+            q -= 1;
+        }
+        self.rollups.retain(|(s, _)| *s <= mark.last_seq);
         while self.segs.back().is_some_and(|s| s.base > mark.last_seq) {
             if let Some(seg) = self.segs.pop_back() {
                 self.msgs = self.msgs.saturating_sub(seg.live);
@@ -680,6 +1320,7 @@ impl Store {
                 self.wbuf.clear();
                 if seg.created {
                     self.repairs.push(Repair::Remove(segment_name(seg.base)));
+                    self.repairs.push(Repair::Remove(tomb_name(seg.base)));
                 }
             }
         }
@@ -696,6 +1337,7 @@ impl Store {
             }
             let new_len = seg.offset(keep);
             seg.offsets.truncate(keep);
+            seg.sids.truncate(keep);
             if new_len < seg.flushed {
                 self.wbuf.clear();
                 seg.flushed = new_len;
@@ -707,6 +1349,10 @@ impl Store {
             if let Some(t) = mark.seg_last_ts {
                 seg.last_ts = t;
             }
+            if seg.indexed {
+                seg.indexed = false;
+                self.repairs.push(Repair::Remove(index_name(seg.base)));
+            }
             if seg.created {
                 // The backend may hold a partial write beyond `flushed`.
                 self.repairs
@@ -715,6 +1361,7 @@ impl Store {
         }
         self.last_seq = mark.last_seq;
         self.last_ts = mark.last_ts;
+        self.last_msg_id = mark.last_msg_id;
         self.first_seq = self.first_seq.min(self.last_seq + 1);
         self.dedup.forget_after(mark.last_seq);
         if let Err(e) = self.run_repairs() {
@@ -728,6 +1375,88 @@ impl Store {
             .partition_point(|s| s.base <= seq)
             .checked_sub(1)?;
         (seq < self.segs.get(i)?.end()).then_some(i)
+    }
+
+    /// Is `seq` a live message?
+    fn is_live(&self, seq: u64) -> Option<(usize, usize)> {
+        if seq < self.first_seq || seq > self.last_seq {
+            return None;
+        }
+        let si = self.seg_index(seq)?;
+        let i = (seq - self.segs[si].base) as usize;
+        (!self.segs[si].is_deleted(i)).then_some((si, i))
+    }
+
+    /// The newest live message of subject `sid` below `before`.
+    fn find_prev(&self, sid: u32, before: u64) -> Option<u64> {
+        let lo = self.first_seq;
+        let mut q = before.checked_sub(1)?;
+        while q >= lo {
+            match self.seg_index(q) {
+                Some(si) => {
+                    let seg = &self.segs[si];
+                    let i0 = (q - seg.base) as usize;
+                    for i in (0..=i0).rev() {
+                        let s = seg.base + i as u64;
+                        if s < lo {
+                            return None;
+                        }
+                        if seg.sid(i) == sid && !seg.is_deleted(i) {
+                            return Some(s);
+                        }
+                    }
+                    q = seg.base.checked_sub(1)?;
+                }
+                None => {
+                    // In a gap between segments: jump to the previous one.
+                    let k = self.segs.partition_point(|s| s.base <= q);
+                    let prev = self.segs.get(k.checked_sub(1)?)?;
+                    q = prev.end().checked_sub(1)?;
+                }
+            }
+        }
+        None
+    }
+
+    /// The first live sequence >= `from` whose subject id is in `want`
+    /// (`None` = any subject), up to `upto`.
+    fn find_next(&self, from: u64, upto: u64, want: &dyn Fn(u32) -> bool) -> Option<u64> {
+        let mut q = from.max(self.first_seq);
+        let upto = upto.min(self.last_seq);
+        while q <= upto {
+            let Some(si) = self.seg_index(q) else {
+                let k = self.segs.partition_point(|s| s.base <= q);
+                q = self.segs.get(k)?.base;
+                continue;
+            };
+            let seg = &self.segs[si];
+            let i0 = (q - seg.base) as usize;
+            for i in i0..seg.offsets.len() {
+                let s = seg.base + i as u64;
+                if s > upto {
+                    return None;
+                }
+                if !seg.is_deleted(i) && want(seg.sid(i)) {
+                    return Some(s);
+                }
+            }
+            q = seg.end();
+        }
+        None
+    }
+
+    /// Exact first live sequence of subject `sid` (fixes the hint).
+    fn subject_first(&mut self, sid: u32) -> Option<u64> {
+        let e = self.subjects.entry(sid)?;
+        if e.count == 1 {
+            return Some(e.last);
+        }
+        let (hint, last) = (e.first, e.last);
+        let first = self.find_next(hint, last, &|s| s == sid)?;
+        if let Some(e) = self.subjects.entry_mut(sid) {
+            e.first = first;
+        }
+        Some(first)
     }
 
     /// Moves `first_seq` past gaps and deleted records.
@@ -753,6 +1482,11 @@ impl Store {
         }
     }
 
+    fn write_meta(&mut self) -> io::Result<()> {
+        let meta = encode_meta(self.first_seq, self.last_seq);
+        self.backend.write_atomic(META_NAME, &meta)
+    }
+
     /// Deletes front segments with no live records (meta first).
     fn drop_dead_segments(&mut self) {
         while let Some(seg) = self.segs.front() {
@@ -764,23 +1498,51 @@ impl Store {
                 // The active segment: its buffered bytes go with it.
                 self.wbuf.clear();
             }
-            let name = segment_name(seg.base);
-            let created = seg.created;
-            if created {
-                let meta = encode_meta(self.first_seq, self.last_seq);
-                if let Err(e) = self.backend.write_atomic(META_NAME, &meta) {
+            let base = seg.base;
+            if seg.created {
+                if let Err(e) = self.write_meta() {
                     log::warn!(
-                        "cannot write stream meta file: {e}; keeping segment {name} for now"
+                        "cannot write stream meta file: {e}; keeping segment {base} for now"
                     );
                     return;
                 }
-                if let Err(e) = self.backend.remove(&name) {
-                    log::warn!("cannot remove segment {name}: {e}; will retry");
+                if let Err(e) = self.remove_segment_files(base) {
+                    log::warn!("cannot remove segment {base}: {e}; will retry");
                     return;
                 }
             }
             self.segs.pop_front();
         }
+    }
+
+    fn forget_ttl(&mut self, seq: u64) {
+        if !self.ttl_of.is_empty() {
+            if let Some(exp) = self.ttl_of.remove(&seq) {
+                self.ttl_queue.remove(&(exp, seq));
+            }
+        }
+    }
+
+    /// Bookkeeping for removing live record `i` of segment `si`.
+    fn unlink(&mut self, si: usize, i: usize) {
+        let seg = &mut self.segs[si];
+        let seq = seg.base + i as u64;
+        let sid = seg.sid(i);
+        self.bytes = self.bytes.saturating_sub(seg.rec_size(i));
+        seg.live = seg.live.saturating_sub(1);
+        self.msgs = self.msgs.saturating_sub(1);
+        let was_last = self.subjects.entry(sid).is_some_and(|e| e.last == seq);
+        if self.subjects.remove(sid, seq) > 0 && was_last {
+            // Not on the hot path (removing a subject's newest message).
+            let prev = self.find_prev(sid, seq);
+            if let Some(e) = self.subjects.entry_mut(sid) {
+                e.last = prev.unwrap_or(e.first);
+                if e.count == 1 {
+                    e.first = e.last;
+                }
+            }
+        }
+        self.forget_ttl(seq);
     }
 
     /// Removes the oldest message. Returns false if the stream is empty.
@@ -791,51 +1553,81 @@ impl Store {
         let Some(si) = self.seg_index(self.first_seq) else {
             return false;
         };
-        let seg = &mut self.segs[si];
-        let i = (self.first_seq - seg.base) as usize;
-        self.bytes = self.bytes.saturating_sub(seg.rec_size(i));
-        seg.live = seg.live.saturating_sub(1);
-        self.msgs -= 1;
+        let i = (self.first_seq - self.segs[si].base) as usize;
+        self.unlink(si, i);
         self.first_seq += 1;
         self.advance_first();
         true
     }
 
-    /// Reads the raw bytes of records `i..j` of segment `si` into scratch.
-    fn read_span(&mut self, si: usize, i: usize, j: usize) -> io::Result<()> {
-        let seg = &self.segs[si];
-        let (start, end) = (seg.offset(i), seg.offset(j));
-        let name = segment_name(seg.base);
-        self.scratch.clear();
-        self.scratch
-            .resize(usize::try_from(end - start).unwrap_or(0), 0);
-        self.backend.read_at(&name, start, &mut self.scratch)
+    /// Removes live message `seq` (an interior tombstone, or moving
+    /// `first_seq` for the oldest). Returns false if it is not live.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some((si, i)) = self.is_live(seq) else {
+            return false;
+        };
+        self.unlink(si, i);
+        let seg = &mut self.segs[si];
+        seg.set_deleted(i);
+        let base = seg.base;
+        self.tombs.push((base, i as u32));
+        if si + 1 < self.segs.len() {
+            self.compact.insert(base);
+        }
+        if seq == self.first_seq {
+            self.advance_first();
+        }
+        true
     }
 
-    /// Timestamp of the oldest live message.
-    fn first_ts(&mut self) -> Option<u64> {
-        let si = self.seg_index(self.first_seq)?;
-        let i = (self.first_seq - self.segs[si].base) as usize;
-        if self.segs[si].offset(i) >= self.segs[si].flushed {
-            // Not on disk yet: it is as new as the newest record.
-            return Some(self.segs[si].last_ts);
-        }
-        if let Err(e) = self.read_span(si, i, i + 1) {
-            log::warn!("reading the oldest message's timestamp: {e}");
-            return None;
-        }
-        let seg = &self.segs[si];
-        match record::decode(&self.scratch, seg.base, seg.base_ts) {
-            Ok((r, _)) => Some(r.timestamp),
-            // A damaged oldest record: treat it as expired.
-            Err(_) => Some(0),
-        }
-    }
-
-    /// Applies max_msgs / max_bytes (discard = old) and max_age as of `now`.
+    /// Applies rollups, max_msgs_per_subject, per-message TTLs,
+    /// max_msgs / max_bytes (discard = old) and max_age as of `now`.
     /// Returns how many messages were removed.
     pub fn enforce_limits(&mut self, now: u64) -> u64 {
         let mut removed = 0;
+        for (seq, r) in std::mem::take(&mut self.rollups) {
+            removed += match r {
+                Rollup::All => {
+                    let n = self.purge_before(seq, None);
+                    // Not derivable at open: record the new first_seq.
+                    if let Err(e) = self.write_meta() {
+                        log::error!("recording a rollup in the meta file: {e}");
+                    }
+                    n
+                }
+                Rollup::Subject => {
+                    let sid = self.is_live(seq).map(|(si, i)| self.segs[si].sid(i));
+                    match sid {
+                        Some(sid) => self.purge_subject_before(sid, seq),
+                        None => 0,
+                    }
+                }
+            };
+        }
+        let per = self.opts.max_msgs_per_subject;
+        let mut over = std::mem::take(&mut self.over_subjects);
+        if per > 0 {
+            over.sort_unstable();
+            over.dedup();
+            for sid in over {
+                while self.subjects.entry(sid).is_some_and(|e| e.count > per) {
+                    match self.subject_first(sid) {
+                        Some(q) if self.remove(q) => removed += 1,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        while let Some(&(exp, seq)) = self.ttl_queue.first() {
+            if exp > now {
+                break;
+            }
+            self.ttl_queue.pop_first();
+            self.ttl_of.remove(&seq);
+            if self.remove(seq) {
+                removed += 1;
+            }
+        }
         if self.opts.discard == Discard::Old {
             loop {
                 let o = &self.opts;
@@ -869,6 +1661,37 @@ impl Store {
         }
         self.drop_dead_segments();
         removed
+    }
+
+    /// Reads the raw bytes of records `i..j` of segment `si` into scratch.
+    fn read_span(&mut self, si: usize, i: usize, j: usize) -> io::Result<()> {
+        let seg = &self.segs[si];
+        let (start, end) = (seg.offset(i), seg.offset(j));
+        let name = segment_name(seg.base);
+        self.scratch.clear();
+        self.scratch
+            .resize(usize::try_from(end - start).unwrap_or(0), 0);
+        self.backend.read_at(&name, start, &mut self.scratch)
+    }
+
+    /// Timestamp of the oldest live message.
+    fn first_ts(&mut self) -> Option<u64> {
+        let si = self.seg_index(self.first_seq)?;
+        let i = (self.first_seq - self.segs[si].base) as usize;
+        if self.segs[si].offset(i) >= self.segs[si].flushed {
+            // Not on disk yet: it is as new as the newest record.
+            return Some(self.segs[si].last_ts);
+        }
+        if let Err(e) = self.read_span(si, i, i + 1) {
+            log::warn!("reading the oldest message's timestamp: {e}");
+            return None;
+        }
+        let seg = &self.segs[si];
+        match record::decode(&self.scratch, seg.base, seg.base_ts) {
+            Ok((r, _)) => Some(r.timestamp),
+            // A damaged oldest record: treat it as expired.
+            Err(_) => Some(0),
+        }
     }
 
     /// Up to `max_msgs` messages with `from <= seq <= upto`, about
@@ -960,37 +1783,351 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes one message (interior tombstone). Returns false if absent.
-    pub fn delete(&mut self, seq: u64) -> bool {
-        if seq < self.first_seq {
-            return false;
+    /// The message with sequence `seq`, if live.
+    pub fn get(&mut self, seq: u64) -> io::Result<Option<StoredMessage>> {
+        if self.is_live(seq).is_none() {
+            return Ok(None);
         }
-        let Some(si) = self.seg_index(seq) else {
-            return false;
-        };
-        let seg = &mut self.segs[si];
-        let i = (seq - seg.base) as usize;
-        if seg.is_deleted(i) {
-            return false;
-        }
-        seg.set_deleted(i);
-        seg.live = seg.live.saturating_sub(1);
-        self.msgs = self.msgs.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(seg.rec_size(i));
-        if seq == self.first_seq {
-            self.advance_first();
-        }
-        self.drop_dead_segments();
-        true
+        Ok(self.read(seq, 1, usize::MAX, seq)?.pop())
     }
 
-    /// Flush, sync and record first/last sequence in `meta`.
+    /// Subject ids matching a filter (a literal subject or a wildcard).
+    fn matching(&self, filter: &str) -> Vec<u32> {
+        if !filter.contains(['*', '>']) {
+            return self.subjects.get(filter).into_iter().collect();
+        }
+        let mut v: Vec<u32> = self
+            .subjects
+            .iter()
+            .filter(|(_, e)| crate::subject::matches(filter, &e.name))
+            .map(|(id, _)| id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The newest live message whose subject matches `filter`.
+    pub fn last_by_subject(&mut self, filter: &str) -> io::Result<Option<StoredMessage>> {
+        let last = self
+            .matching(filter)
+            .into_iter()
+            .filter_map(|id| self.subjects.entry(id).map(|e| e.last))
+            .max();
+        match last {
+            Some(seq) => self.get(seq),
+            None => Ok(None),
+        }
+    }
+
+    /// The first live message with `seq >= from` whose subject matches
+    /// `filter`.
+    pub fn next_by_subject(
+        &mut self,
+        filter: &str,
+        from: u64,
+    ) -> io::Result<Option<StoredMessage>> {
+        let ids = self.matching(filter);
+        let start = ids
+            .iter()
+            .filter_map(|&id| self.subjects.entry(id).map(|e| e.first))
+            .min();
+        let Some(start) = start else {
+            return Ok(None);
+        };
+        let found = self.find_next(from.max(start), u64::MAX, &|s| {
+            ids.binary_search(&s).is_ok()
+        });
+        match found {
+            Some(seq) => self.get(seq),
+            None => Ok(None),
+        }
+    }
+
+    /// Live message counts of the subjects matching `filter`, sorted.
+    pub fn subject_counts(&self, filter: &str) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .matching(filter)
+            .into_iter()
+            .filter_map(|id| {
+                self.subjects
+                    .entry(id)
+                    .map(|e| (e.name.to_string(), e.count))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes one message (tombstoned; durable at the next sync). Returns
+    /// false if absent. Internal: ignores `deny_delete`.
+    pub fn delete(&mut self, seq: u64) -> bool {
+        let ok = self.remove(seq);
+        if ok {
+            self.drop_dead_segments();
+        }
+        ok
+    }
+
+    /// The API delete: honours `deny_delete`; with `secure`, the record's
+    /// subject, headers and payload are overwritten on disk (zeros). The
+    /// deletion (and the overwrite) is durable when this returns.
+    pub fn delete_msg(&mut self, seq: u64, secure: bool) -> Result<bool, StreamError> {
+        if self.opts.deny_delete {
+            return Err(StreamError::DeleteDenied);
+        }
+        let Some((si, i)) = self.is_live(seq) else {
+            return Ok(false);
+        };
+        let base = self.segs[si].base;
+        // The tombstone is durable before the bytes change, so a crash in
+        // between never shows an erased record as a message.
+        self.remove(seq);
+        self.sync().map_err(io_err)?;
+        if secure {
+            self.erase(base, i).map_err(io_err)?;
+        }
+        self.drop_dead_segments();
+        Ok(true)
+    }
+
+    /// Overwrites record `i` of segment `base` in place with a valid record
+    /// of the same length whose subject, headers and payload are zeros, and
+    /// syncs.
+    fn erase(&mut self, base: u64, i: usize) -> io::Result<()> {
+        let Some(si) = self.segs.iter().position(|s| s.base == base) else {
+            return Ok(());
+        };
+        if self.segs[si].offset(i + 1) > self.segs[si].flushed {
+            self.flush()?;
+        }
+        self.read_span(si, i, i + 1)?;
+        let seg = &self.segs[si];
+        let seq = seg.base + i as u64;
+        let (rec, n) = record::decode(&self.scratch, seg.base, seg.base_ts)
+            .map_err(|_| io::Error::other(format!("message {seq} is damaged; cannot erase it")))?;
+        let mut body = Vec::with_capacity(n);
+        record::put_varint(&mut body, rec.seq - seg.base);
+        record::put_varint(&mut body, rec.timestamp - seg.base_ts);
+        record::put_varint(&mut body, 0);
+        record::put_varint(&mut body, 0);
+        body.resize(n - record::PREFIX_LEN, 0);
+        let mut out = Vec::with_capacity(n);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        let name = segment_name(seg.base);
+        let off = seg.offset(i);
+        let last = i + 1 == seg.offsets.len();
+        if seg.indexed && last {
+            // The snapshot checks the last record's crc: it must go first.
+            self.backend.remove(&index_name(base))?;
+            if let Some(seg) = self.segs.get_mut(si) {
+                seg.indexed = false;
+            }
+        }
+        self.backend.write_at(&name, off, &out)?;
+        self.backend.sync(&name)
+    }
+
+    /// Removes every live message with `seq < before` (and, with `keep`,
+    /// not among the newest `keep`), all subjects. Returns the count.
+    fn purge_before(&mut self, before: u64, keep: Option<u64>) -> u64 {
+        let mut cut = before.min(self.last_seq + 1);
+        if let Some(k) = keep {
+            // The newest `k` live messages stay.
+            if self.msgs <= k {
+                return 0;
+            }
+            let mut left = k;
+            let mut q = self.last_seq;
+            while left > 0 && q >= self.first_seq {
+                if self.is_live(q).is_some() {
+                    left -= 1;
+                }
+                q -= 1;
+            }
+            cut = cut.min(q + 1);
+        }
+        let mut n = 0;
+        while self.first_seq < cut && self.msgs > 0 {
+            if self.remove_first() {
+                n += 1;
+            } else {
+                break;
+            }
+        }
+        if self.first_seq < cut && self.msgs == 0 {
+            self.first_seq = self.last_seq + 1;
+        }
+        n
+    }
+
+    /// Removes live messages of subject `sid` below `before`.
+    fn purge_subject_before(&mut self, sid: u32, before: u64) -> u64 {
+        let mut n = 0;
+        while let Some(q) = self.subject_first(sid) {
+            if q >= before || !self.remove(q) {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// The API purge (honours `deny_purge`). Durable when it returns.
+    pub fn purge(&mut self, req: &PurgeRequest) -> Result<u64, StreamError> {
+        if self.opts.deny_purge {
+            return Err(StreamError::PurgeDenied);
+        }
+        if req.upto_seq.is_some() && req.keep.is_some() {
+            return Err(StreamError::BadRequest(
+                "purge: give either a sequence or keep, not both".into(),
+            ));
+        }
+        let before = req.upto_seq.unwrap_or(u64::MAX);
+        let n = match &req.subject {
+            None => self.purge_before(before, req.keep),
+            Some(filter) => {
+                let ids = self.matching(filter);
+                let mut seqs = Vec::new();
+                for &id in &ids {
+                    let mut q = match self.subject_first(id) {
+                        Some(q) => q,
+                        None => continue,
+                    };
+                    let last = self.subjects.entry(id).map_or(0, |e| e.last);
+                    while let Some(s) = self.find_next(q, last, &|x| x == id) {
+                        seqs.push(s);
+                        q = s + 1;
+                    }
+                }
+                seqs.sort_unstable();
+                let keep = usize::try_from(req.keep.unwrap_or(0)).unwrap_or(usize::MAX);
+                let upto = seqs.len().saturating_sub(keep);
+                let mut n = 0;
+                for &s in seqs.iter().take(upto) {
+                    if s < before && self.remove(s) {
+                        n += 1;
+                    }
+                }
+                n
+            }
+        };
+        self.drop_dead_segments();
+        self.write_meta().map_err(io_err)?;
+        self.sync().map_err(io_err)?;
+        Ok(n)
+    }
+
+    /// Retention `interest`/`workqueue`: the message was acknowledged by
+    /// every interested consumer; it is removed. Returns false if absent.
+    pub fn ack(&mut self, seq: u64) -> Result<bool, StreamError> {
+        if self.opts.retention == Retention::Limits {
+            return Err(StreamError::BadRequest(
+                "ack: the stream has retention = \"limits\"; acknowledgements do not remove messages".into(),
+            ));
+        }
+        Ok(self.delete(seq))
+    }
+
+    /// True when [`Store::maintain`] has work (segment compaction).
+    pub fn needs_maintenance(&self) -> bool {
+        !self.compact.is_empty()
+    }
+
+    /// One step of background work: compacts at most one mostly-deleted
+    /// sealed segment (rewritten to a new file, swapped atomically).
+    pub fn maintain(&mut self) -> io::Result<()> {
+        let Some(base) = self.compact.pop_first() else {
+            return Ok(());
+        };
+        let Some(si) = self.segs.iter().position(|s| s.base == base) else {
+            return Ok(());
+        };
+        if si + 1 >= self.segs.len() {
+            return Ok(()); // the active segment is never compacted
+        }
+        let seg = &self.segs[si];
+        let data = seg.len - SEG_HEADER_LEN as u64;
+        let mut live_bytes = 0;
+        for i in 0..seg.offsets.len() {
+            if !seg.is_deleted(i) && seg.base + i as u64 >= self.first_seq {
+                live_bytes += seg.rec_size(i);
+            }
+        }
+        if live_bytes * COMPACT_RATIO > data {
+            return Ok(());
+        }
+        self.flush()?;
+        if live_bytes == 0 {
+            // Nothing left: drop the whole file.
+            let live = self.segs[si].live;
+            if live == 0 {
+                self.remove_segment_files(base)?;
+                self.segs.remove(si);
+                return Ok(());
+            }
+        }
+        let n = self.segs[si].offsets.len();
+        self.read_span(si, 0, n)?;
+        let seg = &self.segs[si];
+        let mut out = Vec::with_capacity(live_bytes as usize + SEG_HEADER_LEN);
+        record::encode_header(
+            SegHeader {
+                base_seq: seg.base,
+                base_ts: seg.base_ts,
+            },
+            &mut out,
+        );
+        let start = seg.offset(0);
+        let mut offsets = Vec::with_capacity(n);
+        let mut dead = Vec::new();
+        for i in 0..n {
+            offsets.push(out.len() as u32);
+            let alive = !seg.is_deleted(i) && seg.base + i as u64 >= self.first_seq;
+            if alive {
+                let a = (seg.offset(i) - start) as usize;
+                let b = (seg.offset(i + 1) - start) as usize;
+                out.extend_from_slice(self.scratch.get(a..b).unwrap_or(&[]));
+            } else {
+                dead.push(i);
+            }
+        }
+        let saved = seg.len - out.len() as u64;
+        self.backend.write_atomic(&segment_name(base), &out)?;
+        let seg = &mut self.segs[si];
+        seg.offsets = offsets;
+        seg.len = out.len() as u64;
+        seg.flushed = seg.len;
+        seg.indexed = false;
+        for i in dead {
+            seg.set_deleted(i);
+        }
+        self.backend.remove(&index_name(base))?;
+        self.write_index(si);
+        if self.segs[si].indexed {
+            // Gaps now carry the deletions: the tombstones are redundant.
+            self.backend.remove(&tomb_name(base))?;
+            self.segs[si].has_tombs = false;
+        }
+        log::debug!("compacted segment {base}: {saved} bytes freed");
+        Ok(())
+    }
+
+    /// Flush, sync, record first/last sequence in `meta` and write the
+    /// index snapshots of segments that have none.
     pub fn close(&mut self) -> io::Result<()> {
         self.sync()?;
-        self.backend
-            .write_atomic(META_NAME, &encode_meta(self.first_seq, self.last_seq))
+        for si in 0..self.segs.len() {
+            self.write_index(si);
+        }
+        self.write_meta()
     }
 }
 
+#[cfg(test)]
+mod bench_tests;
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

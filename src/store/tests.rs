@@ -7,15 +7,7 @@ const T0: u64 = 1_700_000_000_000_000_000;
 const SEC: u64 = 1_000_000_000;
 
 fn opts() -> StoreOptions {
-    StoreOptions {
-        max_msgs: 0,
-        max_bytes: 0,
-        max_age: Duration::ZERO,
-        max_msg_size: 0,
-        discard: Discard::Old,
-        duplicate_window: Duration::ZERO,
-        segment_size: DEFAULT_SEGMENT_SIZE,
-    }
+    StoreOptions::default()
 }
 
 fn msg(i: u64) -> Message {
@@ -210,6 +202,31 @@ fn corrupt_record_in_older_segment_cuts_only_that_segment() {
     let per_seg = seg.offsets.len() as u64;
     let off = seg.offsets[2] as usize + 10;
     drop(st);
+    b.flip_bit(&names[0], off, 1);
+    // With the index snapshot the segment is not scanned: the damage is
+    // found on read, and only that record is lost.
+    let snapshot = b.names();
+    assert!(snapshot.iter().any(|n| n.ends_with(".idx")));
+    let (mut st, rep) = open(&b, o.clone());
+    assert_eq!(
+        rep,
+        RecoveryReport {
+            records: 100,
+            ..Default::default()
+        }
+    );
+    let got = all(&mut st);
+    assert_eq!(got.len(), 99);
+    assert!(got.iter().all(|m| m.seq != 3));
+    drop(st);
+    // Without snapshots the scan cuts the segment at the damage.
+    b.flip_bit(&names[0], off, 1);
+    for n in b.names() {
+        if n.ends_with(".idx") || n.ends_with(".del") {
+            let mut bb = b.clone();
+            bb.remove(&n).unwrap();
+        }
+    }
     b.flip_bit(&names[0], off, 1);
     let (mut st, rep) = open(&b, o);
     assert_eq!(rep.lost_records, per_seg - 2);
@@ -551,4 +568,321 @@ fn many_records_scan() {
     assert_eq!(st.state(), state);
     let per = state.bytes as f64 / 20_000.0;
     assert!(per <= 116.0 + 20.0, "{per} bytes per record");
+}
+
+fn hmsg(subject: &str, headers: &str, payload: &[u8]) -> Message {
+    Message {
+        subject: subject.into(),
+        headers: Some(format!("NATS/1.0\r\n{headers}\r\n\r\n").into_bytes()),
+        payload: payload.to_vec(),
+    }
+}
+
+fn plain(subject: &str, payload: &[u8]) -> Message {
+    Message {
+        subject: subject.into(),
+        headers: None,
+        payload: payload.to_vec(),
+    }
+}
+
+#[test]
+fn snapshots_are_used_and_a_bad_one_falls_back_to_scanning() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 1000;
+    let (mut st, _) = open(&b, o.clone());
+    for i in 0..200u64 {
+        st.append(
+            &plain(["x.a", "x.b", "y"][i as usize % 3], b"0123456789"),
+            T0 + i,
+        )
+        .unwrap();
+    }
+    st.delete(5);
+    st.close().unwrap();
+    let want = all(&mut st);
+    let counts = st.subject_counts(">");
+    let info = st.info();
+    drop(st);
+    let idx: Vec<String> = b
+        .names()
+        .into_iter()
+        .filter(|n| n.ends_with(".idx"))
+        .collect();
+    assert_eq!(
+        idx.len(),
+        seg_names(&b).len(),
+        "one snapshot per segment after close"
+    );
+    let (mut st, rep) = open(&b, o.clone());
+    assert_eq!(rep.records, 199);
+    assert_eq!(all(&mut st), want);
+    assert_eq!(st.subject_counts(">"), counts);
+    assert_eq!(st.info(), info);
+    drop(st);
+    // A damaged snapshot and a snapshot that no longer matches its file.
+    b.flip_bit(&idx[0], 12, 0);
+    let seg1 = seg_names(&b)[1].clone();
+    let mut data = b.file(&seg1).unwrap();
+    let len = data.len();
+    b.set_file(&idx[1], b.file(&idx[2]).unwrap());
+    data.truncate(len);
+    let (mut st, rep) = open(&b, o);
+    assert_eq!(rep.truncated_bytes, 0);
+    assert_eq!(all(&mut st), want);
+    assert_eq!(st.subject_counts(">"), counts);
+    assert_eq!(st.info(), info);
+}
+
+#[test]
+fn per_subject_limit_and_discard_new_per_subject() {
+    let mut o = opts();
+    o.max_msgs_per_subject = 2;
+    let (mut st, _) = open(&MemBackend::new(), o.clone());
+    for i in 0..5u64 {
+        st.append(&plain("k.a", &[i as u8]), T0).unwrap();
+        st.append(&plain("k.b", &[i as u8]), T0).unwrap();
+        st.enforce_limits(T0);
+    }
+    assert_eq!(
+        st.subject_counts("k.*"),
+        [("k.a".into(), 2), ("k.b".into(), 2)]
+    );
+    assert_eq!(st.last_by_subject("k.a").unwrap().unwrap().payload, [4]);
+    assert_eq!(st.next_by_subject("k.a", 0).unwrap().unwrap().payload, [3]);
+    o.discard = Discard::New;
+    o.discard_new_per_subject = true;
+    let (mut st, _) = open(&MemBackend::new(), o);
+    st.append(&plain("k.a", b"1"), T0).unwrap();
+    st.append(&plain("k.a", b"2"), T0).unwrap();
+    let e = st.append(&plain("k.a", b"3"), T0).unwrap_err();
+    assert!(matches!(e, StreamError::SubjectFull { .. }), "{e}");
+    assert_eq!(e.code(), Some(10077));
+    st.append(&plain("k.b", b"1"), T0).unwrap();
+}
+
+#[test]
+fn expected_headers() {
+    let mut o = opts();
+    o.stream_name = "S".into();
+    o.duplicate_window = Duration::from_secs(60);
+    let (mut st, _) = open(&MemBackend::new(), o);
+    let e = st
+        .append(&hmsg("a", "Nats-Expected-Stream: T", b""), T0)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(10060));
+    st.append(&hmsg("a", "Nats-Expected-Stream: S", b""), T0)
+        .unwrap();
+    let e = st
+        .append(&hmsg("a", "Nats-Expected-Last-Sequence: 5", b""), T0)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StreamError::WrongLastSequence {
+                expected: 5,
+                last: 1
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.code(), Some(10071));
+    st.append(&hmsg("a", "Nats-Expected-Last-Sequence: 1", b""), T0)
+        .unwrap();
+    st.append(
+        &hmsg("b", "Nats-Expected-Last-Subject-Sequence: 0", b""),
+        T0,
+    )
+    .unwrap();
+    let e = st
+        .append(
+            &hmsg("a", "Nats-Expected-Last-Subject-Sequence: 1", b""),
+            T0,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, StreamError::WrongLastSubjectSequence { last: 2, .. }),
+        "{e}"
+    );
+    st.append(
+        &hmsg("a", "Nats-Expected-Last-Subject-Sequence: 2", b""),
+        T0,
+    )
+    .unwrap();
+    st.append(&hmsg("a", "Nats-Msg-Id: m1", b""), T0).unwrap();
+    let e = st
+        .append(&hmsg("a", "Nats-Expected-Last-Msg-Id: m0", b""), T0)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(10070));
+    st.append(&hmsg("a", "Nats-Expected-Last-Msg-Id: m1", b""), T0)
+        .unwrap();
+    let e = st
+        .append(&hmsg("a", "Nats-Expected-Last-Sequence: x", b""), T0)
+        .unwrap_err();
+    assert!(matches!(e, StreamError::BadHeader(_)));
+    let e = st
+        .append(&hmsg("a", "Nats-Rollup: sub", b""), T0)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(10111));
+    let e = st.append(&hmsg("a", "Nats-TTL: 5s", b""), T0).unwrap_err();
+    assert_eq!(e.code(), Some(10166));
+}
+
+#[test]
+fn rollup_ttl_and_dedup_survive_reopen() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.allow_rollup = true;
+    o.allow_msg_ttl = true;
+    o.duplicate_window = Duration::from_secs(60);
+    let (mut st, _) = open(&b, o.clone());
+    for i in 0..4u8 {
+        st.append(&plain("r.a", &[i]), T0).unwrap();
+        st.append(&plain("r.b", &[i]), T0).unwrap();
+    }
+    st.append(&hmsg("r.a", "Nats-Rollup: sub", b"A"), T0)
+        .unwrap();
+    st.enforce_limits(T0);
+    assert_eq!(
+        st.subject_counts(">"),
+        [("r.a".into(), 1), ("r.b".into(), 4)]
+    );
+    st.append(&hmsg("r.c", "Nats-Rollup: all", b"C"), T0)
+        .unwrap();
+    st.enforce_limits(T0);
+    assert_eq!(st.subject_counts(">"), [("r.c".into(), 1)]);
+    let e = st
+        .append(&hmsg("t", "Nats-TTL: 0.5s", b""), T0)
+        .unwrap_err();
+    assert_eq!(e.code(), Some(10165));
+    st.append(&hmsg("t", "Nats-TTL: 10s\r\nNats-Msg-Id: id-7", b"x"), T0)
+        .unwrap();
+    st.append(&hmsg("t", "Nats-TTL: 1h", b"y"), T0).unwrap();
+    assert_eq!(st.next_expiry(), Some(T0 + 10 * SEC));
+    st.sync().unwrap();
+    drop(st); // no clean close: the active segment is scanned
+    let (mut st, _) = open(&b, o.clone());
+    let dup = st
+        .append(&hmsg("t", "Nats-Msg-Id: id-7", b"again"), T0 + SEC)
+        .unwrap();
+    assert!(
+        dup.duplicate,
+        "dedup window rebuilt from the stored headers"
+    );
+    assert_eq!(dup.seq, 11);
+    st.enforce_limits(T0 + 11 * SEC);
+    assert!(st.get(11).unwrap().is_none(), "expired by its TTL");
+    assert!(st.get(12).unwrap().is_some());
+    st.close().unwrap();
+    drop(st);
+    let (mut st, _) = open(&b, o);
+    assert_eq!(
+        st.next_expiry(),
+        Some(T0 + 3600 * SEC),
+        "TTL kept in the snapshot"
+    );
+    assert_eq!(
+        all(&mut st).iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [10, 12]
+    );
+}
+
+#[test]
+fn compaction_rewrites_a_mostly_deleted_segment() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 2000;
+    let (mut st, _) = open(&b, o.clone());
+    for i in 0..200u64 {
+        st.append(
+            &plain(if i % 10 == 0 { "keep" } else { "drop" }, &[7; 20]),
+            T0,
+        )
+        .unwrap();
+    }
+    st.sync().unwrap();
+    let before = st.disk_usage().unwrap();
+    let n = st
+        .purge(&PurgeRequest {
+            subject: Some("drop".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(n, 180);
+    assert!(st.needs_maintenance());
+    while st.needs_maintenance() {
+        st.maintain().unwrap();
+    }
+    let after = st.disk_usage().unwrap();
+    assert!(after * 2 < before, "{after} vs {before}");
+    assert!(!b
+        .names()
+        .iter()
+        .any(|n| n.ends_with(".del") && n != &tomb_name(st.segs.back().unwrap().base)));
+    let want = all(&mut st);
+    assert_eq!(want.len(), 20);
+    st.append(&plain("keep", b"new"), T0).unwrap();
+    st.sync().unwrap();
+    drop(st);
+    for n in b.names() {
+        if n.ends_with(".idx") {
+            b.clone().remove(&n).unwrap(); // force scanning compacted files
+        }
+    }
+    let (mut st, _) = open(&b, o);
+    let got = all(&mut st);
+    assert_eq!(&got[..20], &want[..]);
+    assert_eq!(got.len(), 21);
+    assert_eq!(st.state().last_seq, 201);
+}
+
+#[test]
+fn secure_delete_overwrites_the_bytes() {
+    let b = MemBackend::new();
+    let (mut st, _) = open(&b, opts());
+    st.append(&plain("secret.subject", b"TOP-SECRET-PAYLOAD"), T0)
+        .unwrap();
+    st.append(&plain("other", b"public"), T0).unwrap();
+    st.sync().unwrap();
+    assert!(st.delete_msg(1, true).unwrap());
+    let seg = b.file(&seg_names(&b)[0]).unwrap();
+    let has = |needle: &[u8]| seg.windows(needle.len()).any(|w| w == needle);
+    assert!(!has(b"TOP-SECRET") && !has(b"secret.subject"));
+    assert!(has(b"public"));
+    drop(st);
+    let (mut st, rep) = open(&b, opts());
+    assert_eq!(rep.truncated_bytes, 0, "the erased record still checks out");
+    assert_eq!(all(&mut st).len(), 1);
+    assert!(!st.delete_msg(1, false).unwrap());
+}
+
+#[test]
+fn deny_flags_and_ack() {
+    let mut o = opts();
+    o.deny_delete = true;
+    o.deny_purge = true;
+    let (mut st, _) = open(&MemBackend::new(), o);
+    fill(&mut st, 3);
+    assert_eq!(st.delete_msg(1, false).unwrap_err().code(), Some(10057));
+    assert_eq!(
+        st.purge(&PurgeRequest::default()).unwrap_err().code(),
+        Some(10110)
+    );
+    assert!(st.ack(1).is_err(), "limits retention");
+    let mut o = opts();
+    o.retention = Retention::WorkQueue;
+    let b = MemBackend::new();
+    let (mut st, _) = open(&b, o.clone());
+    fill(&mut st, 3);
+    assert!(st.ack(2).unwrap());
+    assert!(!st.ack(2).unwrap());
+    st.sync().unwrap();
+    drop(st);
+    let (st, _) = open(&b, o);
+    assert_eq!(
+        st.state().msgs,
+        2,
+        "acked message stays removed (tombstone)"
+    );
 }

@@ -34,10 +34,20 @@
 //!   `Interval` they lag the acks by up to `d`), after the write with
 //!   `Never` (which can lose and then reuse sequences after a power cut).
 //!   For an empty stream `first_seq = last_seq + 1` (a new stream: 1 and 0).
-//! - Limits are applied after each committed batch and on the max_age
-//!   timer; duplicate-window ids live in memory only.
+//! - Limits (also max_msgs_per_subject, per-message TTLs and rollups) are
+//!   applied after each committed batch and on the expiry timer; their
+//!   tombstones are written (synced with `Always`) right after. The
+//!   duplicate window is rebuilt from stored headers at open.
+//! - Delete, purge, ack, get, last/next by subject, subject counts and info
+//!   are handled after the publishes of the batch they arrive in; delete,
+//!   purge and ack are durable when they reply. Compaction of a
+//!   mostly-deleted segment runs one segment at a time between batches.
+//! - `interest`/`workqueue` retention: no consumer registry yet; the
+//!   consumer layer calls [`StreamHandle::ack`] when the last interested
+//!   consumer acknowledged a message.
 //! - The thread reads the clock; the store never does.
 
+pub mod headers;
 mod owner;
 
 use std::path::Path;
@@ -71,6 +81,19 @@ pub enum Discard {
     New,
 }
 
+/// When messages leave the stream (besides the limits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Retention {
+    /// Only the limits remove messages.
+    #[default]
+    Limits,
+    /// A message goes once every interested consumer acknowledged it
+    /// ([`StreamHandle::ack`], called by the consumer layer).
+    Interest,
+    /// A message goes once one consumer acknowledged it ([`StreamHandle::ack`]).
+    WorkQueue,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
     File,
@@ -92,7 +115,19 @@ pub struct StreamConfig {
     pub max_msgs_per_subject: u64,
     pub max_msg_size: u64,
     pub discard: Discard,
+    /// With `discard = New` and `max_msgs_per_subject`: reject a message
+    /// whose subject is full instead of dropping the subject's oldest.
+    pub discard_new_per_subject: bool,
     pub duplicate_window: Duration,
+    pub retention: Retention,
+    /// Accept `Nats-Rollup` headers.
+    pub allow_rollup: bool,
+    /// Refuse [`StreamHandle::delete`].
+    pub deny_delete: bool,
+    /// Refuse [`StreamHandle::purge`] (and rollups).
+    pub deny_purge: bool,
+    /// Accept `Nats-TTL` headers.
+    pub allow_msg_ttl: bool,
 }
 
 /// A message to append.
@@ -129,6 +164,33 @@ pub struct StreamState {
     pub bytes: u64,
 }
 
+/// The full state of a stream ([`StreamHandle::info`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Unix ns of the oldest live message (0 if empty).
+    pub first_ts: u64,
+    /// Unix ns of the newest message ever stored (0 if none).
+    pub last_ts: u64,
+    pub msgs: u64,
+    pub bytes: u64,
+    /// Sequences between first and last that are not live (deleted).
+    pub deleted: u64,
+    /// Distinct subjects with live messages.
+    pub subjects: u64,
+}
+
+/// What [`StreamHandle::purge`] removes: messages matching `subject`
+/// (a filter; all if `None`) with `seq < upto_seq`, except the newest
+/// `keep`. `upto_seq` and `keep` exclude each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeRequest {
+    pub subject: Option<String>,
+    pub upto_seq: Option<u64>,
+    pub keep: Option<u64>,
+}
+
 /// What recovery found when the stream was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -149,6 +211,61 @@ pub enum StreamError {
     Io(std::io::Error),
     /// The stream's owner thread has stopped (shutdown).
     Closed,
+    /// `Nats-Expected-Stream` names another stream (JetStream 10060).
+    WrongStream { expected: String, actual: String },
+    /// `Nats-Expected-Last-Sequence` does not match (JetStream 10071).
+    WrongLastSequence { expected: u64, last: u64 },
+    /// `Nats-Expected-Last-Subject-Sequence` does not match (JetStream 10071).
+    WrongLastSubjectSequence {
+        subject: String,
+        expected: u64,
+        last: u64,
+    },
+    /// `Nats-Expected-Last-Msg-Id` does not match (JetStream 10070).
+    WrongLastMsgId {
+        expected: String,
+        last: Option<String>,
+    },
+    /// `Nats-Rollup` on a stream without `allow_rollup` (JetStream 10111).
+    RollupDenied(String),
+    /// `Nats-TTL` on a stream without `allow_msg_ttl` (JetStream 10166).
+    TtlDisabled,
+    /// `Nats-TTL` malformed (JetStream 10165).
+    InvalidTtl(String),
+    /// A header the store acts on is malformed (JetStream 10003).
+    BadHeader(String),
+    /// `discard_new_per_subject` and the subject holds
+    /// `max_msgs_per_subject` messages (JetStream 10077).
+    SubjectFull { subject: String, max: u64 },
+    /// The stream has `deny_delete` (JetStream 10057).
+    DeleteDenied,
+    /// The stream has `deny_purge` (JetStream 10110).
+    PurgeDenied,
+    /// A request that makes no sense for this stream (JetStream 10003).
+    BadRequest(String),
+}
+
+impl StreamError {
+    /// The JetStream API error code for this error, where one exists.
+    pub fn code(&self) -> Option<u16> {
+        Some(match self {
+            StreamError::Full(_) => 10077,
+            StreamError::TooLarge { .. } => 10054,
+            StreamError::Io(_) => 10077,
+            StreamError::Closed => return None,
+            StreamError::WrongStream { .. } => 10060,
+            StreamError::WrongLastSequence { .. } => 10071,
+            StreamError::WrongLastSubjectSequence { .. } => 10071,
+            StreamError::WrongLastMsgId { .. } => 10070,
+            StreamError::RollupDenied(_) => 10111,
+            StreamError::TtlDisabled => 10166,
+            StreamError::InvalidTtl(_) => 10165,
+            StreamError::BadHeader(_) | StreamError::BadRequest(_) => 10003,
+            StreamError::SubjectFull { .. } => 10077,
+            StreamError::DeleteDenied => 10057,
+            StreamError::PurgeDenied => 10110,
+        })
+    }
 }
 
 impl std::fmt::Display for StreamError {
@@ -160,6 +277,43 @@ impl std::fmt::Display for StreamError {
             }
             StreamError::Io(e) => write!(f, "storage error: {e}"),
             StreamError::Closed => write!(f, "stream is shut down"),
+            StreamError::WrongStream { expected, actual } => write!(
+                f,
+                "expected stream {expected:?} (Nats-Expected-Stream) but this is stream {actual:?}"
+            ),
+            StreamError::WrongLastSequence { expected, last } => write!(
+                f,
+                "wrong last sequence: expected {expected} (Nats-Expected-Last-Sequence), the stream's last is {last}"
+            ),
+            StreamError::WrongLastSubjectSequence {
+                subject,
+                expected,
+                last,
+            } => write!(
+                f,
+                "wrong last sequence for subject {subject:?}: expected {expected} (Nats-Expected-Last-Subject-Sequence), it is {last}"
+            ),
+            StreamError::WrongLastMsgId { expected, last } => write!(
+                f,
+                "wrong last msg id: expected {expected:?} (Nats-Expected-Last-Msg-Id), the last message has {}",
+                last.as_deref().map_or("none".to_string(), |l| format!("{l:?}"))
+            ),
+            StreamError::RollupDenied(why) => write!(f, "rollup refused: {why}"),
+            StreamError::TtlDisabled => write!(
+                f,
+                "per-message TTL (Nats-TTL) is disabled on this stream; set allow_msg_ttl = true"
+            ),
+            StreamError::InvalidTtl(why) => write!(f, "invalid per-message TTL: {why}"),
+            StreamError::BadHeader(why) => write!(f, "bad header: {why}"),
+            StreamError::SubjectFull { subject, max } => write!(
+                f,
+                "maximum messages per subject exceeded: {subject:?} holds max_msgs_per_subject {max} (discard_new_per_subject)"
+            ),
+            StreamError::DeleteDenied => {
+                write!(f, "message delete not permitted: the stream has deny_delete")
+            }
+            StreamError::PurgeDenied => write!(f, "purge not permitted: the stream has deny_purge"),
+            StreamError::BadRequest(why) => write!(f, "bad request: {why}"),
         }
     }
 }
@@ -193,6 +347,22 @@ enum Cmd {
     },
     DiskUsage(Reply<Result<u64, StreamError>>),
     Close(Reply<()>),
+    Delete {
+        seq: u64,
+        secure: bool,
+        reply: Reply<Result<bool, StreamError>>,
+    },
+    Purge(PurgeRequest, Reply<Result<u64, StreamError>>),
+    Ack(u64, Reply<Result<bool, StreamError>>),
+    Get(u64, Reply<Result<Option<StoredMessage>, StreamError>>),
+    LastBySubject(String, Reply<Result<Option<StoredMessage>, StreamError>>),
+    NextBySubject(
+        String,
+        u64,
+        Reply<Result<Option<StoredMessage>, StreamError>>,
+    ),
+    SubjectCounts(String, Reply<Result<Vec<(String, u64)>, StreamError>>),
+    Info(Reply<Result<StreamInfo, StreamError>>),
 }
 
 struct Inner {
@@ -282,6 +452,60 @@ impl StreamHandle {
     /// guaranteed: it reports the in-memory file sizes).
     pub async fn disk_usage(&self) -> Result<u64, StreamError> {
         self.call(Cmd::DiskUsage).await?
+    }
+
+    /// Delete one message. With `secure`, its bytes on disk are overwritten
+    /// too. Ok(false) if there is no such message. Durable when it returns.
+    pub async fn delete(&self, seq: u64, secure: bool) -> Result<bool, StreamError> {
+        self.call(|reply| Cmd::Delete { seq, secure, reply })
+            .await?
+    }
+
+    /// Purge messages (see [`PurgeRequest`]); returns how many went.
+    /// Durable when it returns.
+    pub async fn purge(&self, req: PurgeRequest) -> Result<u64, StreamError> {
+        self.call(|r| Cmd::Purge(req, r)).await?
+    }
+
+    /// Retention `interest`/`workqueue`: every interested consumer has
+    /// acknowledged `seq`, so it is removed. `BadRequest` with `limits`.
+    pub async fn ack(&self, seq: u64) -> Result<bool, StreamError> {
+        self.call(|r| Cmd::Ack(seq, r)).await?
+    }
+
+    /// The message with sequence `seq` (None if absent or deleted).
+    pub async fn get(&self, seq: u64) -> Result<Option<StoredMessage>, StreamError> {
+        self.call(|r| Cmd::Get(seq, r)).await?
+    }
+
+    /// The newest message whose subject matches `filter`.
+    pub async fn last_by_subject(
+        &self,
+        filter: &str,
+    ) -> Result<Option<StoredMessage>, StreamError> {
+        let f = filter.to_string();
+        self.call(|r| Cmd::LastBySubject(f, r)).await?
+    }
+
+    /// The first message with `seq >= from` whose subject matches `filter`.
+    pub async fn next_by_subject(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> Result<Option<StoredMessage>, StreamError> {
+        let f = filter.to_string();
+        self.call(|r| Cmd::NextBySubject(f, from, r)).await?
+    }
+
+    /// Message counts per subject matching `filter` (`">"` for all), sorted.
+    pub async fn subject_counts(&self, filter: &str) -> Result<Vec<(String, u64)>, StreamError> {
+        let f = filter.to_string();
+        self.call(|r| Cmd::SubjectCounts(f, r)).await?
+    }
+
+    /// The full state (a round trip to the owner).
+    pub async fn info(&self) -> Result<StreamInfo, StreamError> {
+        self.call(Cmd::Info).await?
     }
 
     /// Current state (cheap, no round trip to the owner).

@@ -106,16 +106,37 @@ impl Owner {
             let wait = Duration::from_nanos(exp.saturating_sub(now_ns())).max(MIN_EXPIRY_WAIT);
             Instant::now() + wait
         });
-        match (sync_at, expiry_at) {
+        let at = match (sync_at, expiry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        };
+        if self.store.needs_maintenance() {
+            // Compaction runs one segment at a time between batches.
+            return Some(Instant::now());
         }
+        at
     }
 
     fn tick(&mut self) {
         self.interval_sync();
         self.store.enforce_limits(now_ns());
+        self.after_removals();
         self.publish_state();
+        if let Err(e) = self.store.maintain() {
+            log::warn!("stream compaction failed: {e}; will retry");
+        }
+    }
+
+    /// Tombstones of removals caused by limits, TTLs and rollups are
+    /// written (and synced with `Always`) right away.
+    fn after_removals(&mut self) {
+        let res = match self.policy {
+            SyncPolicy::Always => self.store.sync(),
+            _ => self.store.flush(),
+        };
+        if let Err(e) = res {
+            log::warn!("writing tombstones: {e}; will retry");
+        }
     }
 
     /// `Interval`: fsync if the interval since the first unsynced write has
@@ -205,6 +226,7 @@ impl Owner {
             }
         }
         self.store.enforce_limits(now);
+        self.after_removals();
         self.publish_state();
         for (r, res) in acks {
             if let Some(res) = res {
@@ -228,8 +250,54 @@ impl Owner {
                 }
                 Cmd::DiskUsage(r) => reply(r, self.store.disk_usage().map_err(StreamError::Io)),
                 Cmd::Close(r) => closes.push(r),
+                Cmd::Delete {
+                    seq,
+                    secure,
+                    reply: r,
+                } => {
+                    let res = self.store.delete_msg(seq, secure);
+                    self.publish_state();
+                    reply(r, res);
+                }
+                Cmd::Purge(req, r) => {
+                    let res = self.store.purge(&req);
+                    self.publish_state();
+                    reply(r, res);
+                }
+                Cmd::Ack(seq, r) => {
+                    let res = self.store.ack(seq).and_then(|ok| {
+                        self.store.sync().map_err(StreamError::Io)?;
+                        Ok(ok)
+                    });
+                    self.publish_state();
+                    reply(r, res);
+                }
+                Cmd::Get(seq, r) => {
+                    let res = if seq > self.durable {
+                        Ok(None)
+                    } else {
+                        self.store.get(seq).map_err(StreamError::Io)
+                    };
+                    reply(r, res);
+                }
+                Cmd::LastBySubject(f, r) => {
+                    let res = self.store.last_by_subject(&f).map_err(StreamError::Io);
+                    reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
+                }
+                Cmd::NextBySubject(f, from, r) => {
+                    let res = self
+                        .store
+                        .next_by_subject(&f, from)
+                        .map_err(StreamError::Io);
+                    reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
+                }
+                Cmd::SubjectCounts(f, r) => reply(r, Ok(self.store.subject_counts(&f))),
+                Cmd::Info(r) => reply(r, Ok(self.store.info())),
                 Cmd::Publish(..) => {}
             }
+        }
+        if let Err(e) = self.store.maintain() {
+            log::warn!("stream compaction failed: {e}; will retry");
         }
         if closes.is_empty() {
             return false;

@@ -18,7 +18,13 @@ fn cfg(sync: SyncPolicy) -> StreamConfig {
         max_msgs_per_subject: 0,
         max_msg_size: 0,
         discard: Discard::Old,
+        discard_new_per_subject: false,
         duplicate_window: Duration::from_secs(120),
+        retention: Retention::Limits,
+        allow_rollup: false,
+        deny_delete: false,
+        deny_purge: false,
+        allow_msg_ttl: false,
     }
 }
 
@@ -307,4 +313,43 @@ fn file_storage_open_publish_reopen() {
     assert_eq!(h.state().last_seq, 10);
     let got = block_on(h.read(3, 2, usize::MAX)).unwrap();
     assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+}
+
+#[test]
+fn handle_operations_delete_purge_get_info_ack() {
+    let b = MemBackend::new();
+    let mut c = cfg(SyncPolicy::Always);
+    c.max_msgs_per_subject = 3;
+    c.retention = Retention::WorkQueue;
+    let h = open_mem(&b, c.clone());
+    block_on(async {
+        for i in 0..10 {
+            h.publish(msg(i % 4)).await.unwrap();
+        }
+        let counts = h.subject_counts("t.*").await.unwrap();
+        assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), 10);
+        assert!(h.delete(1, true).await.unwrap());
+        assert!(!h.delete(1, false).await.unwrap());
+        assert_eq!(h.get(2).await.unwrap().unwrap().subject, "t.1");
+        assert!(h.get(1).await.unwrap().is_none());
+        assert_eq!(h.last_by_subject("t.1").await.unwrap().unwrap().seq, 10);
+        assert_eq!(h.next_by_subject("t.1", 3).await.unwrap().unwrap().seq, 6);
+        assert!(h.ack(2).await.unwrap());
+        let n = h
+            .purge(PurgeRequest {
+                subject: Some("t.3".into()),
+                ..PurgeRequest::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let info = h.info().await.unwrap();
+        assert_eq!((info.msgs, info.first_seq, info.last_seq), (6, 3, 10));
+        assert_eq!(info.deleted, 2);
+        assert_eq!(info.subjects, 3);
+        assert_eq!(h.state().msgs, 6);
+        h.close().await;
+    });
+    let h = open_mem(&b, c);
+    assert_eq!(h.state().msgs, 6, "deletes and purges survive a reopen");
 }
