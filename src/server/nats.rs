@@ -21,6 +21,13 @@
 //! - PubAcks are published in the order the messages arrived, each only
 //!   after its message is durable.
 //! - Everything a connection registered is removed when it ends.
+//!
+//! Capture rules for NATS publishes: subjects under `_INBOX.` and `$` are
+//! never captured (replies and reserved namespaces). A stream that
+//! captures everything (`>`, as the default stream does) stores requests
+//! too but never answers them with a PubAck — it cannot tell a JetStream
+//! publish from a request — so requests still reach their responders, and
+//! "no responders" still applies (like nats-server's `no_ack` streams).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -197,7 +204,11 @@ async fn connection(
                         conn,
                         echo: machine.options().echo,
                     };
-                    let stream = broker.capture(&subject);
+                    let stream = capture(broker, &subject);
+                    // Who answers a request: a subscriber, or a stream that
+                    // acknowledges (a catch-all stream cannot tell
+                    // JetStream publishes from requests: it stays silent).
+                    let acking = stream.filter(|s| !catches_all(s));
                     let msg = Arc::new(Msg {
                         subject,
                         reply,
@@ -205,43 +216,39 @@ async fn connection(
                         payload,
                     });
                     let receivers = broker.route_msg(Some(origin), msg.clone(), 0);
-                    match stream {
-                        Some(stream) => {
-                            let m = Arc::unwrap_or_clone(msg);
-                            let reply = m.reply.clone();
-                            let stored = stream
-                                .submit(Message {
-                                    subject: m.subject,
-                                    headers: m.headers,
-                                    payload: m.payload,
-                                })
-                                .await;
-                            let name = stream.config().name.clone();
-                            match (reply, stored) {
-                                (Some(reply), Ok(waiter)) => acks.push_back(PendingAck {
-                                    reply,
-                                    stream: name,
-                                    waiter,
-                                }),
-                                (Some(reply), Err(e)) => {
-                                    publish_ack(broker, &reply, &name, Err(e));
-                                }
-                                (None, Ok(_)) => {}
-                                (None, Err(e)) => {
-                                    log::warn!("nats: message not stored in {name}: {e}");
-                                }
-                            }
+                    log::trace!("nats: conn {conn} PUB {} -> {receivers}", msg.subject);
+                    if receivers == 0 && no_responders && acking.is_none() {
+                        if let Some(r) = &msg.reply {
+                            machine.no_responders(r, &msg.subject);
                         }
-                        None => {
-                            if receivers == 0 && no_responders {
-                                if let Some(r) = &msg.reply {
-                                    machine.no_responders(r, &msg.subject);
-                                }
+                    }
+                    if let Some(stream) = stream {
+                        let m = Arc::unwrap_or_clone(msg);
+                        let reply = m.reply.filter(|_| acking.is_some());
+                        let stored = stream
+                            .submit(Message {
+                                subject: m.subject,
+                                headers: m.headers,
+                                payload: m.payload,
+                            })
+                            .await;
+                        let name = &stream.config().name;
+                        match (reply, stored) {
+                            (Some(reply), Ok(waiter)) => acks.push_back(PendingAck {
+                                reply,
+                                stream: name.clone(),
+                                waiter,
+                            }),
+                            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e)),
+                            (None, Ok(_)) => {}
+                            (None, Err(e)) => {
+                                log::warn!("nats: message not stored in {name}: {e}");
                             }
                         }
                     }
                 }
                 Event::Subscribe { id, subject, queue } => {
+                    log::trace!("nats: conn {conn} SUB {subject} as {id}");
                     broker.subscribe_nats(conn, id, subject, queue, outbox.clone());
                 }
                 Event::Unsubscribe { id, max } => broker.unsubscribe_nats(conn, id, max),
@@ -364,6 +371,21 @@ async fn connection(
     // JetStream publishes still awaiting storage get no PubAck; the
     // stream stores them anyway and the client retries (at-least-once).
     why
+}
+
+/// The stream a NATS publish is captured into. Reply subjects
+/// (`_INBOX.`) and the reserved `$` namespace are transient traffic and
+/// never captured.
+fn capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a crate::stream::StreamHandle> {
+    if subject.starts_with("_INBOX.") || subject.starts_with('$') {
+        return None;
+    }
+    broker.capture(subject)
+}
+
+/// Whether a stream captures every subject (the default stream does).
+fn catches_all(stream: &crate::stream::StreamHandle) -> bool {
+    stream.config().subjects.iter().any(|s| s == ">")
 }
 
 /// Publish a JetStream-style PubAck (or error) to `reply`.

@@ -21,8 +21,9 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
-/// Most cached lookup results.
-pub const CACHE_MAX: usize = 4096;
+/// Most cached lookup results. Every subscription change scans the cache
+/// (to drop the subjects it affects), so this also bounds that cost.
+pub const CACHE_MAX: usize = 1024;
 
 struct Node<V> {
     literal: HashMap<Box<str>, Node<V>>,

@@ -59,23 +59,46 @@ pub struct PubOp {
     pub payload: Vec<u8>,
 }
 
-/// The `CONNECT` options frond looks at; unknown fields are ignored.
+/// The `CONNECT` options frond looks at; unknown fields are ignored, and
+/// `null` (which some clients send, e.g. `"name":null`) means the default.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct ConnectInfo {
+    #[serde(deserialize_with = "null_default")]
     pub verbose: bool,
+    #[serde(deserialize_with = "null_default")]
     pub pedantic: bool,
+    #[serde(deserialize_with = "null_true")]
     pub echo: bool,
+    #[serde(deserialize_with = "null_default")]
     pub headers: bool,
+    #[serde(deserialize_with = "null_default")]
     pub no_responders: bool,
+    #[serde(deserialize_with = "null_default")]
     pub name: String,
+    #[serde(deserialize_with = "null_default")]
     pub lang: String,
+    #[serde(deserialize_with = "null_default")]
     pub version: String,
+    #[serde(deserialize_with = "null_default")]
     pub protocol: i64,
     pub user: Option<String>,
     pub pass: Option<String>,
     pub auth_token: Option<String>,
+    #[serde(deserialize_with = "null_default")]
     pub tls_required: bool,
+}
+
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn null_true<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
 }
 
 impl Default for ConnectInfo {
@@ -477,6 +500,11 @@ mod tests {
         };
         assert!(c.verbose && c.headers && c.no_responders && c.echo);
         assert_eq!(c.name, "x");
+        // What async-nats 0.38 sends (nulls included).
+        let ClientOp::Connect(c) = one(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"jwt\":null,\"nkey\":null,\"sig\":null,\"name\":null,\"echo\":true,\"lang\":\"rust\",\"version\":\"0.38.0\",\"protocol\":1,\"tls_required\":false,\"user\":null,\"pass\":null,\"auth_token\":null,\"headers\":true,\"no_responders\":true}\r\n") else {
+            panic!("not connect")
+        };
+        assert!(c.echo && c.headers && c.no_responders && c.name.is_empty());
         let ClientOp::Connect(c) = one(b"CONNECT {\"echo\":false}\r\n") else {
             panic!("not connect")
         };
