@@ -51,6 +51,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: String,
     pub mqtt: MqttConfig,
+    pub nats: NatsConfig,
     pub http: HttpConfig,
     pub streams: Vec<StreamConfig>,
     pub uplink: Option<UplinkConfig>,
@@ -75,6 +76,25 @@ pub struct MqttConfig {
     /// Messages queued for delivery to one subscriber before QoS 0 messages
     /// are dropped for it.
     pub max_queued: usize,
+}
+
+/// `[nats]`: the NATS client port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsConfig {
+    /// `None` disables the NATS listener.
+    pub listen: Option<String>,
+    /// Largest PUB/HPUB a client may send (advertised in INFO).
+    pub max_payload: usize,
+    /// Bytes queued for one client before it is disconnected as a slow
+    /// consumer.
+    pub max_pending: usize,
+    pub max_connections: usize,
+    pub max_control_line: usize,
+    /// Subscriptions per connection (0: unlimited).
+    pub max_subscriptions: usize,
+    pub ping_interval: Duration,
+    /// Unanswered PINGs before the connection is closed as stale.
+    pub max_pings_out: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -210,10 +230,70 @@ impl Default for RawMqtt {
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawNats {
-    listen: Option<String>,
+    listen: String,
+    #[serde(deserialize_with = "de_size")]
+    max_payload: u64,
+    #[serde(deserialize_with = "de_size")]
+    max_pending: u64,
+    max_connections: usize,
+    #[serde(deserialize_with = "de_size")]
+    max_control_line: u64,
+    max_subscriptions: usize,
+    #[serde(deserialize_with = "de_duration")]
+    ping_interval: Duration,
+    max_pings_out: u32,
+}
+
+impl Default for RawNats {
+    /// nats-server's defaults, except a bound on subscriptions.
+    fn default() -> Self {
+        RawNats {
+            listen: "127.0.0.1:4222".into(),
+            max_payload: 1 << 20,
+            max_pending: 64 << 20,
+            max_connections: 10_000,
+            max_control_line: 4096,
+            max_subscriptions: 100_000,
+            ping_interval: Duration::from_secs(120),
+            max_pings_out: 2,
+        }
+    }
+}
+
+impl RawNats {
+    fn validate(self) -> Result<NatsConfig, ConfigError> {
+        if !(1..=64 << 20).contains(&self.max_payload) {
+            return err("nats.max_payload: must be between 1 byte and 64MiB");
+        }
+        if self.max_pending < self.max_payload {
+            return err("nats.max_pending: must be at least nats.max_payload");
+        }
+        if self.max_connections == 0 {
+            return err("nats.max_connections: must be at least 1");
+        }
+        if !(256..=1 << 20).contains(&self.max_control_line) {
+            return err("nats.max_control_line: must be between 256 bytes and 1MiB");
+        }
+        if self.ping_interval.is_zero() {
+            return err("nats.ping_interval: must be more than 0");
+        }
+        if self.max_pings_out == 0 {
+            return err("nats.max_pings_out: must be at least 1");
+        }
+        Ok(NatsConfig {
+            listen: non_empty(self.listen),
+            max_payload: self.max_payload as usize,
+            max_pending: usize::try_from(self.max_pending).unwrap_or(usize::MAX),
+            max_connections: self.max_connections,
+            max_control_line: self.max_control_line as usize,
+            max_subscriptions: self.max_subscriptions,
+            ping_interval: self.ping_interval,
+            max_pings_out: self.max_pings_out,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -359,11 +439,6 @@ impl RawConfig {
                 "mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key",
             );
         }
-        if let Some(l) = &self.nats.listen {
-            if !l.is_empty() {
-                return err("nats.listen: the NATS client port is not supported yet (planned); remove the key");
-            }
-        }
         let node = match self.node {
             Some(n) => n,
             None => host_name(),
@@ -384,6 +459,7 @@ impl RawConfig {
             ));
         }
         let mqtt = self.mqtt.validate()?;
+        let nats = self.nats.validate()?;
         let http = HttpConfig {
             listen: non_empty(self.http.listen),
         };
@@ -440,6 +516,7 @@ impl RawConfig {
                 .unwrap_or_else(|| PathBuf::from("./frond-data")),
             log,
             mqtt,
+            nats,
             http,
             streams,
             uplink,
@@ -818,11 +895,34 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.mqtt.listen.as_deref(), Some("127.0.0.1:1883"));
+        assert_eq!(c.nats.listen.as_deref(), Some("127.0.0.1:4222"));
+        assert_eq!(c.nats.max_payload, 1 << 20);
         assert_eq!(c.data_dir, PathBuf::from("./frond-data"));
         assert_eq!(c.streams.len(), 1);
         assert_eq!(c.streams[0].subjects, vec![">".to_string()]);
         assert_eq!(c.streams[0].sync, SyncPolicy::Always);
         assert!(c.uplink.is_none());
+    }
+
+    #[test]
+    fn nats_section() {
+        let c = Config::parse(
+            "[nats]\nlisten = \"0.0.0.0:4333\"\nmax_payload = \"64KiB\"\nmax_pending = \"1MiB\"\nping_interval = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.nats.listen.as_deref(), Some("0.0.0.0:4333"));
+        assert_eq!((c.nats.max_payload, c.nats.max_pending), (65_536, 1 << 20));
+        assert_eq!(c.nats.ping_interval, Duration::from_secs(30));
+        let off = Config::parse("[nats]\nlisten = \"\"\n").unwrap();
+        assert_eq!(off.nats.listen, None);
+        for bad in [
+            "[nats]\nmax_payload = 0\n",
+            "[nats]\nmax_payload = \"1MiB\"\nmax_pending = \"64KiB\"\n",
+            "[nats]\nping_interval = 0\n",
+            "[nats]\nnope = 1\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

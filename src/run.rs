@@ -113,6 +113,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 retained.clone(),
             )));
         }
+        if let Some(addr) = &cfg.nats.listen {
+            let l = smol::net::TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| format!("nats.listen {addr}: cannot listen: {e}"))?;
+            log::info!("nats: listening on {addr}");
+            tasks.push(smol::spawn(server::nats::serve(
+                l,
+                broker.clone(),
+                cfg.nats.clone(),
+                cfg.node.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
         if let Some(addr) = &cfg.http.listen {
             let l = smol::net::TcpListener::bind(addr.as_str())

@@ -2,49 +2,140 @@
 //! captures a subject.
 //!
 //! Owns: the subscription table (NATS filters, whatever protocol the
-//! subscriber speaks), the client-id registry used for MQTT session
-//! takeover, and the subject -> stream capture map.
+//! subscriber speaks) indexed by an interest trie
+//! ([`crate::subject::SubjectTrie`]), queue groups, auto-unsubscribe after
+//! N messages, the per-connection NATS outboxes ([`Outbox`]), the client-id
+//! registry used for MQTT session takeover, and the subject -> stream
+//! capture map.
+//!
+//! Two kinds of subscriber:
+//! - MQTT sessions register filters with a bounded channel of
+//!   [`Delivery`]; a connection subscribed through several overlapping
+//!   filters receives a message once, at the highest granted QoS
+//!   (MQTT 3.1.1 §3.3.5).
+//! - NATS connections register subscriptions by `sid` with their
+//!   [`Outbox`]; every matching subscription gets its own copy (as in
+//!   nats-server), except that a queue group gets each message once, at a
+//!   randomly chosen member.
 //!
 //! Invariants:
-//! - Delivery never blocks a publisher: each subscriber has a bounded queue;
-//!   when it is full, the message is dropped for that subscriber only and
-//!   counted (the subscriber is slow; the publisher and the other
-//!   subscribers are not affected).
-//! - The table's lock is never held across an `.await` or while sending on
-//!   a channel that could block.
+//! - Delivery never blocks a publisher: MQTT queues are bounded by count,
+//!   NATS outboxes by bytes; when one is full the message is dropped for
+//!   that subscriber only and counted, and a NATS outbox is marked slow so
+//!   its connection is closed (slow consumer). Other subscribers and the
+//!   publisher are not affected.
+//! - The table's lock is never held across an `.await`; while it is held,
+//!   only non-blocking work happens (trie lookup, `try_send`, outbox push,
+//!   which takes the outbox's own short lock: order table -> outbox).
+//! - Every subscription of a connection is in `by_conn`, and in the trie
+//!   under its filter, exactly while it is in `subs`.
 //! - At most one stream captures a subject (config refuses overlaps).
 
+pub mod nats;
 pub mod retained;
 pub mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use smol::channel::{Sender, TrySendError};
 
 use crate::stream::StreamHandle;
-use crate::subject;
+use crate::subject::{self, SubjectTrie};
 
-/// A message handed to subscribers. Shared between all of them.
+/// A message handed to an MQTT subscriber.
 #[derive(Debug)]
 pub struct Delivery {
     /// The NATS subject.
     pub subject: String,
     pub payload: Vec<u8>,
-    /// The publisher's QoS (0 for NATS publishes).
+    /// The publisher's QoS (0 for NATS publishes), capped at the
+    /// subscription's.
     pub qos: u8,
     pub retain: bool,
+}
+
+/// A routed message as NATS subscribers see it; shared by all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub subject: String,
+    pub reply: Option<String>,
+    /// A raw `NATS/1.0` header block.
+    pub headers: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+impl Msg {
+    /// Bytes this message costs in an outbox (close to its wire size).
+    pub fn size(&self) -> usize {
+        self.subject.len()
+            + self.reply.as_ref().map_or(0, String::len)
+            + self.headers.as_ref().map_or(0, Vec::len)
+            + self.payload.len()
+            + 32
+    }
 }
 
 /// Identifies one connection.
 pub type ConnId = u64;
 
+/// Identifies one subscription inside the router.
+type SubId = u64;
+
+enum Target {
+    Mqtt { tx: Sender<Arc<Delivery>>, qos: u8 },
+    Nats { outbox: Arc<Outbox>, sid: u64 },
+}
+
 struct Sub {
     conn: ConnId,
     filter: String,
-    qos: u8,
-    tx: Sender<Arc<Delivery>>,
+    queue: Option<String>,
+    target: Target,
+    /// Remove after this many deliveries (NATS `UNSUB sid max`).
+    max: Option<u64>,
+    delivered: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    trie: SubjectTrie<SubId>,
+    subs: HashMap<SubId, Sub>,
+    by_conn: HashMap<ConnId, Vec<SubId>>,
+    next: SubId,
+}
+
+impl Table {
+    fn add(&mut self, sub: Sub) -> SubId {
+        self.next += 1;
+        let id = self.next;
+        self.trie.insert(&sub.filter, id);
+        self.by_conn.entry(sub.conn).or_default().push(id);
+        self.subs.insert(id, sub);
+        id
+    }
+
+    fn remove(&mut self, id: SubId) {
+        let Some(sub) = self.subs.remove(&id) else {
+            return;
+        };
+        self.trie.remove(&sub.filter, id);
+        if let Some(ids) = self.by_conn.get_mut(&sub.conn) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_conn.remove(&sub.conn);
+            }
+        }
+    }
+
+    fn find(&self, conn: ConnId, pred: impl Fn(&Sub) -> bool) -> Option<SubId> {
+        self.by_conn
+            .get(&conn)?
+            .iter()
+            .copied()
+            .find(|id| self.subs.get(id).is_some_and(&pred))
+    }
 }
 
 /// Counters for monitoring.
@@ -56,12 +147,127 @@ pub struct Counters {
     pub dropped_slow: AtomicU64,
     pub connections: AtomicU64,
     pub total_connections: AtomicU64,
+    pub nats_connections: AtomicU64,
+    pub slow_consumers: AtomicU64,
+}
+
+/// The outcome of [`Outbox::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// Over the byte limit: dropped, and the outbox is now marked slow.
+    Slow,
+    /// The connection is gone.
+    Closed,
+}
+
+/// Messages waiting for one NATS connection, bounded by bytes.
+///
+/// The router pushes (never blocking); the connection's task takes them.
+/// When a push would exceed the limit, the message is dropped and the
+/// outbox is marked slow: the connection must then be closed as a slow
+/// consumer.
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    max_bytes: usize,
+    ready: event_listener::Event,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    items: VecDeque<(u64, Arc<Msg>)>,
+    bytes: usize,
+    slow: bool,
+    closed: bool,
+}
+
+impl Outbox {
+    pub fn new(max_bytes: usize) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(OutboxState::default()),
+            max_bytes,
+            ready: event_listener::Event::new(),
+        })
+    }
+
+    /// Queue `msg` for subscription `sid`.
+    pub fn push(&self, sid: u64, msg: Arc<Msg>) -> Push {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Push::Closed;
+        }
+        let size = msg.size();
+        if st.slow || st.bytes.saturating_add(size) > self.max_bytes {
+            let first = !st.slow;
+            st.slow = true;
+            drop(st);
+            if first {
+                self.ready.notify(usize::MAX);
+            }
+            return Push::Slow;
+        }
+        st.bytes += size;
+        st.items.push_back((sid, msg));
+        drop(st);
+        self.ready.notify(usize::MAX);
+        Push::Queued
+    }
+
+    /// Take queued messages, about `budget` bytes (at least one if any).
+    pub fn take(&self, budget: usize) -> Vec<(u64, Arc<Msg>)> {
+        let mut st = lock(&self.state);
+        let mut out = Vec::new();
+        let mut used = 0;
+        while used < budget.max(1) {
+            let Some((sid, m)) = st.items.pop_front() else {
+                break;
+            };
+            let size = m.size();
+            used += size;
+            st.bytes = st.bytes.saturating_sub(size);
+            out.push((sid, m));
+        }
+        out
+    }
+
+    /// Bytes waiting.
+    pub fn pending(&self) -> usize {
+        lock(&self.state).bytes
+    }
+
+    pub fn is_slow(&self) -> bool {
+        lock(&self.state).slow
+    }
+
+    /// Refuse further pushes and drop what is queued.
+    pub fn close(&self) {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        st.items.clear();
+        st.bytes = 0;
+    }
+
+    /// Resolve once the outbox is slow, or (with `items`) once something
+    /// is queued.
+    pub async fn wait(&self, items: bool) {
+        loop {
+            let ready = |st: &OutboxState| (items && !st.items.is_empty()) || st.slow;
+            if ready(&lock(&self.state)) {
+                return;
+            }
+            let listener = self.ready.listen();
+            if ready(&lock(&self.state)) {
+                return;
+            }
+            listener.await;
+        }
+    }
 }
 
 /// The router shared by every listener task.
 pub struct Broker {
     streams: Vec<StreamHandle>,
-    subs: Mutex<Vec<Sub>>,
+    table: Mutex<Table>,
     clients: Mutex<HashMap<String, (ConnId, Sender<()>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
@@ -73,11 +279,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Who publishes, for echo suppression (NATS `echo: false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub conn: ConnId,
+    /// Whether the publisher's own subscriptions receive the message.
+    pub echo: bool,
+}
+
 impl Broker {
     pub fn new(streams: Vec<StreamHandle>) -> Arc<Broker> {
         Arc::new(Broker {
             streams,
-            subs: Mutex::new(Vec::new()),
+            table: Mutex::new(Table::default()),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
@@ -102,59 +316,214 @@ impl Broker {
         })
     }
 
-    /// Add a subscription for `conn`; replaces an identical filter of the
-    /// same connection (MQTT semantics).
+    /// Add an MQTT subscription for `conn`; replaces an identical filter of
+    /// the same connection (MQTT semantics).
     pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
-        let mut subs = lock(&self.subs);
-        if let Some(s) = subs
-            .iter_mut()
-            .find(|s| s.conn == conn && s.filter == filter)
-        {
-            s.qos = qos;
+        let mut t = lock(&self.table);
+        let same = |s: &Sub| s.filter == filter && matches!(s.target, Target::Mqtt { .. });
+        if let Some(id) = t.find(conn, same) {
+            if let Some(Sub {
+                target: Target::Mqtt { qos: q, .. },
+                ..
+            }) = t.subs.get_mut(&id)
+            {
+                *q = qos;
+            }
             return;
         }
-        subs.push(Sub {
+        t.add(Sub {
             conn,
             filter,
-            qos,
-            tx,
+            queue: None,
+            target: Target::Mqtt { tx, qos },
+            max: None,
+            delivered: 0,
         });
     }
 
+    /// Remove an MQTT subscription; false if there was none.
     pub fn unsubscribe(&self, conn: ConnId, filter: &str) -> bool {
-        let mut subs = lock(&self.subs);
-        let before = subs.len();
-        subs.retain(|s| !(s.conn == conn && s.filter == filter));
-        subs.len() != before
+        let mut t = lock(&self.table);
+        let same = |s: &Sub| s.filter == filter && matches!(s.target, Target::Mqtt { .. });
+        match t.find(conn, same) {
+            Some(id) => {
+                t.remove(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Add NATS subscription `sid` of `conn`. False (and nothing changes)
+    /// if the connection already has that sid.
+    pub fn subscribe_nats(
+        &self,
+        conn: ConnId,
+        sid: u64,
+        filter: String,
+        queue: Option<String>,
+        outbox: Arc<Outbox>,
+    ) -> bool {
+        let mut t = lock(&self.table);
+        if t.find(conn, |s| is_sid(s, sid)).is_some() {
+            return false;
+        }
+        t.add(Sub {
+            conn,
+            filter,
+            queue,
+            target: Target::Nats { outbox, sid },
+            max: None,
+            delivered: 0,
+        });
+        true
+    }
+
+    /// NATS `UNSUB sid [max]`: remove now, or after `max` deliveries in
+    /// total (at once if that many were already delivered).
+    pub fn unsubscribe_nats(&self, conn: ConnId, sid: u64, max: Option<u64>) {
+        let mut t = lock(&self.table);
+        let Some(id) = t.find(conn, |s| is_sid(s, sid)) else {
+            return;
+        };
+        match (max, t.subs.get_mut(&id)) {
+            (Some(m), Some(s)) if s.delivered < m => s.max = Some(m),
+            _ => t.remove(id),
+        }
     }
 
     /// Remove every subscription of a connection.
     pub fn drop_conn(&self, conn: ConnId) {
-        lock(&self.subs).retain(|s| s.conn != conn);
+        let mut t = lock(&self.table);
+        let ids = t.by_conn.remove(&conn).unwrap_or_default();
+        for id in ids {
+            if let Some(sub) = t.subs.remove(&id) {
+                t.trie.remove(&sub.filter, id);
+            }
+        }
     }
 
-    /// Hand a message to every matching subscriber (live delivery). A
-    /// connection subscribed through several overlapping filters receives
-    /// it once, at the highest granted QoS (MQTT 3.1.1 §3.3.5).
+    /// Number of subscriptions (for monitoring and tests).
+    pub fn subscription_count(&self) -> usize {
+        lock(&self.table).subs.len()
+    }
+
+    /// Whether some subscription matches `subj`.
+    pub fn has_interest(&self, subj: &str) -> bool {
+        lock(&self.table).trie.has_interest(subj)
+    }
+
+    /// Hand an MQTT publish to every matching subscriber (live delivery).
     pub fn route(&self, subj: &str, payload: &[u8], qos: u8, retain: bool) {
-        let subs = lock(&self.subs);
-        let mut hits: Vec<(ConnId, u8, &Sender<Arc<Delivery>>)> = Vec::new();
-        for s in subs.iter() {
-            if subject::matches(&s.filter, subj) {
-                match hits.iter_mut().find(|h| h.0 == s.conn) {
-                    Some(h) => h.1 = h.1.max(s.qos),
-                    None => hits.push((s.conn, s.qos, &s.tx)),
+        self.route_inner(None, subj, qos, retain, &mut || {
+            Arc::new(Msg {
+                subject: subj.to_string(),
+                reply: None,
+                headers: None,
+                payload: payload.to_vec(),
+            })
+        });
+    }
+
+    /// Hand a message (NATS publish, or one the server makes, such as a
+    /// JetStream acknowledgement) to every matching subscriber. Returns
+    /// how many subscriptions it was handed to (queue groups count once),
+    /// dropped ones included: 0 means nobody listens.
+    pub fn route_msg(&self, origin: Option<Origin>, msg: Arc<Msg>, qos: u8) -> usize {
+        let subj = msg.subject.clone();
+        self.route_inner(origin, &subj, qos, false, &mut || msg.clone())
+    }
+
+    fn route_inner(
+        &self,
+        origin: Option<Origin>,
+        subj: &str,
+        qos: u8,
+        retain: bool,
+        make: &mut dyn FnMut() -> Arc<Msg>,
+    ) -> usize {
+        let mut t = lock(&self.table);
+        let ids = t.trie.matches(subj);
+        if ids.is_empty() {
+            return 0;
+        }
+        let skip_conn = origin.filter(|o| !o.echo).map(|o| o.conn);
+        // Choose recipients: every plain subscription, one member per queue
+        // group.
+        let mut chosen: Vec<SubId> = Vec::with_capacity(ids.len());
+        let mut groups: Vec<(&str, Vec<SubId>)> = Vec::new();
+        for id in ids.iter() {
+            let Some(s) = t.subs.get(id) else { continue };
+            if Some(s.conn) == skip_conn {
+                continue;
+            }
+            match &s.queue {
+                None => chosen.push(*id),
+                Some(q) => match groups.iter_mut().find(|g| g.0 == q.as_str()) {
+                    Some(g) => g.1.push(*id),
+                    None => groups.push((q.as_str(), vec![*id])),
+                },
+            }
+        }
+        for (_, members) in &groups {
+            if let Some(id) = members.get(fastrand::usize(..members.len().max(1))) {
+                chosen.push(*id);
+            }
+        }
+        drop(groups);
+        let count = chosen.len();
+        // MQTT: once per connection at the highest QoS.
+        let mut mqtt: Vec<(ConnId, u8, SubId)> = Vec::new();
+        let mut msg: Option<Arc<Msg>> = None;
+        let mut finished: Vec<SubId> = Vec::new();
+        for id in chosen {
+            let Some(s) = t.subs.get_mut(&id) else {
+                continue;
+            };
+            s.delivered += 1;
+            if s.max.is_some_and(|m| s.delivered >= m) {
+                finished.push(id);
+            }
+            match &s.target {
+                Target::Mqtt { qos: sub_qos, .. } => {
+                    let q = qos.min(*sub_qos);
+                    match mqtt.iter_mut().find(|h| h.0 == s.conn) {
+                        Some(h) => {
+                            if q > h.1 {
+                                h.1 = q;
+                                h.2 = id;
+                            }
+                        }
+                        None => mqtt.push((s.conn, q, id)),
+                    }
+                }
+                Target::Nats { outbox, sid } => {
+                    let m = msg.get_or_insert_with(&mut *make).clone();
+                    match outbox.push(*sid, m) {
+                        Push::Queued => {
+                            self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Push::Slow => {
+                            self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Push::Closed => {}
+                    }
                 }
             }
         }
-        if hits.is_empty() {
-            return;
-        }
-        for (_, sub_qos, tx) in hits {
+        for (_, q, id) in mqtt {
+            let Some(Sub {
+                target: Target::Mqtt { tx, .. },
+                ..
+            }) = t.subs.get(&id)
+            else {
+                continue;
+            };
+            let m = msg.get_or_insert_with(&mut *make);
             let d = Arc::new(Delivery {
-                subject: subj.to_string(),
-                payload: payload.to_vec(),
-                qos: qos.min(sub_qos),
+                subject: m.subject.clone(),
+                payload: m.payload.clone(),
+                qos: q,
                 retain,
             });
             match tx.try_send(d) {
@@ -167,6 +536,10 @@ impl Broker {
                 Err(TrySendError::Closed(_)) => {}
             }
         }
+        for id in finished {
+            t.remove(id);
+        }
+        count
     }
 
     /// Register `client_id` for `conn`. If another connection holds it,
@@ -184,5 +557,158 @@ impl Broker {
         if clients.get(client_id).map(|c| c.0) == Some(conn) {
             clients.remove(client_id);
         }
+    }
+}
+
+fn is_sid(s: &Sub, sid: u64) -> bool {
+    matches!(s.target, Target::Nats { sid: x, .. } if x == sid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smol::channel::bounded;
+
+    fn msg(subject: &str, payload: &[u8]) -> Arc<Msg> {
+        Arc::new(Msg {
+            subject: subject.into(),
+            reply: None,
+            headers: None,
+            payload: payload.to_vec(),
+        })
+    }
+
+    #[test]
+    fn mqtt_overlapping_filters_deliver_once_at_highest_qos() {
+        let b = Broker::new(Vec::new());
+        let (tx, rx) = bounded(8);
+        b.subscribe(1, "a.*".into(), 0, tx.clone());
+        b.subscribe(1, "a.>".into(), 1, tx.clone());
+        b.subscribe(1, "a.>".into(), 2, tx); // replaces: qos 2
+        assert_eq!(b.subscription_count(), 2);
+        b.route("a.b", b"x", 2, false);
+        let d = rx.try_recv().unwrap();
+        assert_eq!((d.subject.as_str(), d.qos), ("a.b", 2));
+        assert!(rx.try_recv().is_err(), "delivered once");
+        assert!(b.unsubscribe(1, "a.>"));
+        assert!(!b.unsubscribe(1, "a.>"));
+        b.route("a.b", b"x", 2, false);
+        assert_eq!(rx.try_recv().unwrap().qos, 0);
+        b.drop_conn(1);
+        assert_eq!(b.subscription_count(), 0);
+        assert!(!b.has_interest("a.b"));
+    }
+
+    #[test]
+    fn nats_subscriptions_each_get_a_copy_and_mqtt_sees_nats() {
+        let b = Broker::new(Vec::new());
+        let ob = Outbox::new(1 << 20);
+        assert!(b.subscribe_nats(1, 10, "a.b".into(), None, ob.clone()));
+        assert!(b.subscribe_nats(1, 11, "a.>".into(), None, ob.clone()));
+        assert!(!b.subscribe_nats(1, 11, "x".into(), None, ob.clone()));
+        let (tx, rx) = bounded(8);
+        b.subscribe(2, "a.>".into(), 1, tx);
+        assert_eq!(b.route_msg(None, msg("a.b", b"hi"), 0), 3);
+        let mut sids: Vec<u64> = ob.take(usize::MAX).into_iter().map(|x| x.0).collect();
+        sids.sort_unstable();
+        assert_eq!(sids, vec![10, 11]);
+        let d = rx.try_recv().unwrap();
+        assert_eq!((d.payload.as_slice(), d.qos), (&b"hi"[..], 0));
+        // MQTT publishes reach NATS subscribers.
+        b.route("a.c", b"m", 1, false);
+        let got = ob.take(usize::MAX);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].1.payload.as_slice()), (11, &b"m"[..]));
+    }
+
+    #[test]
+    fn echo_off_skips_the_publisher() {
+        let b = Broker::new(Vec::new());
+        let ob = Outbox::new(1 << 20);
+        b.subscribe_nats(1, 1, "a".into(), None, ob.clone());
+        let me = Origin {
+            conn: 1,
+            echo: false,
+        };
+        assert_eq!(b.route_msg(Some(me), msg("a", b""), 0), 0);
+        assert_eq!(
+            b.route_msg(Some(Origin { echo: true, ..me }), msg("a", b""), 0),
+            1
+        );
+        assert_eq!(ob.take(usize::MAX).len(), 1);
+    }
+
+    #[test]
+    fn queue_groups_deliver_once_per_group_and_spread() {
+        let b = Broker::new(Vec::new());
+        let members: Vec<Arc<Outbox>> = (0..3).map(|_| Outbox::new(1 << 20)).collect();
+        for (i, ob) in members.iter().enumerate() {
+            b.subscribe_nats(
+                i as u64,
+                1,
+                "job.*".into(),
+                Some("workers".into()),
+                ob.clone(),
+            );
+        }
+        let other = Outbox::new(1 << 20);
+        b.subscribe_nats(9, 1, "job.*".into(), Some("audit".into()), other.clone());
+        for _ in 0..300 {
+            assert_eq!(b.route_msg(None, msg("job.x", b""), 0), 2);
+        }
+        let counts: Vec<usize> = members.iter().map(|m| m.take(usize::MAX).len()).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 300);
+        assert!(counts.iter().all(|&c| c > 50), "spread: {counts:?}");
+        assert_eq!(other.take(usize::MAX).len(), 300);
+    }
+
+    #[test]
+    fn unsub_max_removes_after_n() {
+        let b = Broker::new(Vec::new());
+        let ob = Outbox::new(1 << 20);
+        b.subscribe_nats(1, 1, "a".into(), None, ob.clone());
+        b.unsubscribe_nats(1, 1, Some(2));
+        for _ in 0..5 {
+            b.route_msg(None, msg("a", b""), 0);
+        }
+        assert_eq!(ob.take(usize::MAX).len(), 2);
+        assert_eq!(b.subscription_count(), 0);
+        // Already delivered enough: removed at once.
+        b.subscribe_nats(1, 2, "a".into(), None, ob.clone());
+        b.route_msg(None, msg("a", b""), 0);
+        b.unsubscribe_nats(1, 2, Some(1));
+        assert_eq!(b.subscription_count(), 0);
+    }
+
+    #[test]
+    fn full_outbox_marks_slow_and_spares_others() {
+        let b = Broker::new(Vec::new());
+        let slow = Outbox::new(200);
+        let fast = Outbox::new(1 << 20);
+        b.subscribe_nats(1, 1, "a".into(), None, slow.clone());
+        b.subscribe_nats(2, 1, "a".into(), None, fast.clone());
+        for _ in 0..10 {
+            b.route_msg(None, msg("a", &[0; 60]), 0);
+        }
+        assert!(slow.is_slow());
+        assert!(slow.pending() <= 200);
+        assert!(!fast.is_slow());
+        assert_eq!(fast.take(usize::MAX).len(), 10);
+        assert!(b.counters.dropped_slow.load(Ordering::Relaxed) > 0);
+        slow.close();
+        assert_eq!(slow.push(1, msg("a", b"")), Push::Closed);
+    }
+
+    #[test]
+    fn outbox_take_respects_budget() {
+        let ob = Outbox::new(1 << 20);
+        for _ in 0..10 {
+            ob.push(1, msg("a", &[0; 100]));
+        }
+        let size = msg("a", &[0; 100]).size();
+        assert_eq!(ob.take(size * 3).len(), 3);
+        assert_eq!(ob.take(0).len(), 1, "at least one");
+        assert_eq!(ob.pending(), size * 6);
+        smol::block_on(ob.wait(true));
     }
 }

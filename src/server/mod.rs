@@ -3,4 +3,5 @@
 
 pub mod http;
 pub mod mqtt;
+pub mod nats;
 pub mod ws;

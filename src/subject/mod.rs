@@ -1,7 +1,9 @@
-//! NATS subjects: syntax, wildcard matching, and the MQTT topic mapping.
+//! NATS subjects: syntax, wildcard matching, the interest trie, and the
+//! MQTT topic mapping.
 //!
 //! Owns: what a valid subject and filter are, whether a filter matches a
-//! subject, whether two filters can match a common subject, and the
+//! subject, whether two filters can match a common subject, the interest
+//! trie the router looks subscriptions up in ([`trie`]), and the
 //! round-tripping map between MQTT topics and NATS subjects ([`mqtt`]).
 //!
 //! Subjects are `.`-separated non-empty tokens without whitespace. In a
@@ -9,6 +11,9 @@
 //! or more tokens. Every function here is pure and never panics.
 
 pub mod mqtt;
+pub mod trie;
+
+pub use trie::SubjectTrie;
 
 /// Whether `s` is a valid subject to publish to (no wildcards).
 pub fn valid_subject(s: &str) -> bool {

@@ -741,6 +741,8 @@ pub struct Frond {
     pub http_port: u16,
     /// The WebSocket port when `spec.ws`, else 0.
     pub ws_port: u16,
+    /// The NATS client port.
+    pub nats_port: u16,
     dir: tempfile::TempDir,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -771,11 +773,12 @@ impl Frond {
             cfg.push_str(&format!("max_packet_size = \"{m}\"\n"));
         }
         let ws_port = if spec.ws { free_port() } else { 0 };
+        let nats_port = free_port();
         if spec.ws {
             cfg.push_str(&format!("ws_listen = \"127.0.0.1:{ws_port}\"\n"));
         }
         cfg.push_str(&format!(
-            "\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[[stream]]\nname = \"TELEMETRY\"\nsubjects = [\"telemetry.>\"]\nsync = \"always\"\n"
+            "\n[nats]\nlisten = \"127.0.0.1:{nats_port}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[[stream]]\nname = \"TELEMETRY\"\nsubjects = [\"telemetry.>\"]\nsync = \"always\"\n"
         ));
         if let Some(url) = &spec.hub_url {
             cfg.push_str(&format!(
@@ -792,6 +795,7 @@ impl Frond {
             mqtt_port,
             http_port,
             ws_port,
+            nats_port,
             dir,
             config_path,
             log_path,

@@ -3,9 +3,9 @@
 //! Owns: parsing what a NATS server sends to a client and emitting what a
 //! client sends ([`client`]), the `NATS/1.0` header block ([`headers`]) and a
 //! small standard base64 decoder ([`base64`]) for the JetStream API's
-//! `hdrs`/`data` fields. A server side (parsing client ops, emitting server
-//! ops) will live beside `client.rs` as `server.rs` and reuse the same
-//! control-line helpers.
+//! `hdrs`/`data` fields; and the server side ([`server`]): parsing what a
+//! client sends and emitting what a server sends. Both sides share the
+//! control-line helpers below.
 //!
 //! Invariants:
 //! - Nothing here does I/O, reads a clock or panics on any input. Parsers
@@ -21,6 +21,7 @@
 pub mod base64;
 pub mod client;
 pub mod headers;
+pub mod server;
 
 use std::fmt;
 
@@ -55,16 +56,19 @@ impl std::error::Error for EncodeError {}
 /// Find the first `\r\n` in `buf`, bounded by [`MAX_CONTROL_LINE`].
 /// `Ok(None)`: not yet complete. `Ok(Some(i))`: the line is `buf[..i]`.
 pub(crate) fn find_line(buf: &[u8]) -> Result<Option<usize>, Malformed> {
-    let limit = buf.len().min(MAX_CONTROL_LINE + 2);
+    find_line_max(buf, MAX_CONTROL_LINE)
+}
+
+/// [`find_line`] with a caller-chosen limit.
+pub(crate) fn find_line_max(buf: &[u8], max: usize) -> Result<Option<usize>, Malformed> {
+    let limit = buf.len().min(max.saturating_add(2));
     let window = buf.get(..limit).unwrap_or(buf);
     match window.windows(2).position(|w| w == b"\r\n") {
-        Some(i) if i <= MAX_CONTROL_LINE => Ok(Some(i)),
-        Some(_) => Err(Malformed(format!(
-            "control line longer than {MAX_CONTROL_LINE} bytes"
-        ))),
-        None if buf.len() > MAX_CONTROL_LINE + 1 => Err(Malformed(format!(
-            "control line longer than {MAX_CONTROL_LINE} bytes"
-        ))),
+        Some(i) if i <= max => Ok(Some(i)),
+        Some(_) => Err(Malformed(format!("control line longer than {max} bytes"))),
+        None if buf.len() > max.saturating_add(1) => {
+            Err(Malformed(format!("control line longer than {max} bytes")))
+        }
         None => Ok(None),
     }
 }

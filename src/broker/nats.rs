@@ -1,0 +1,606 @@
+//! One NATS client connection's protocol state machine, sans I/O.
+//!
+//! Owns: the decode buffer, the client's `CONNECT` options (verbose,
+//! pedantic, echo, headers, no_responders), the connection's
+//! subscriptions by client `sid` (mapped to router ids), their
+//! auto-unsubscribe counts, and the server's PING keep-alive.
+//!
+//! Call order (like [`super::session::Session`]): feed inputs with
+//! [`Conn::handle_bytes`], [`Conn::deliver`], [`Conn::no_responders`],
+//! [`Conn::slow_consumer`] and [`Conn::handle_timeout`]; then drain
+//! [`Conn::poll_event`] (work for the shell: route, capture, subscribe,
+//! close) and [`Conn::take_output`] (bytes for the socket), and sleep until
+//! [`Conn::poll_deadline`]. Nothing here reads a clock, touches a socket or
+//! panics on peer input.
+//!
+//! Invariants:
+//! - `INFO` is the first thing written. Ops are accepted before `CONNECT`
+//!   (with default options), as nats-server does when no authentication is
+//!   required.
+//! - Every fatal error writes `-ERR '<nats-server text>'` and then emits
+//!   exactly one [`Event::Close`]; after it, all input is ignored.
+//! - A subscription receives at most `max` messages after `UNSUB sid max`.
+//! - Headers reach a client only if it said `headers: true`; to others an
+//!   `HMSG` is delivered as a plain `MSG`.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::Msg;
+use crate::subject;
+use crate::wire::nats::server::{self as wire, ClientOp, ConnectInfo, InfoOut, PubOp};
+
+/// Limits the connection enforces (from `[nats]` config).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_control_line: usize,
+    pub max_subscriptions: usize,
+    /// The server sends PING this often ...
+    pub ping_interval: Duration,
+    /// ... and closes the connection when this many are unanswered.
+    pub max_pings_out: u32,
+}
+
+/// Work for the shell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A publish to route (and capture). `no_responders`: the client
+    /// wants a 503 status message on `reply` if nobody receives it (call
+    /// [`Conn::no_responders`]).
+    Publish {
+        subject: String,
+        reply: Option<String>,
+        headers: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        no_responders: bool,
+    },
+    /// Register router subscription `id` (unique in this connection).
+    Subscribe {
+        id: u64,
+        subject: String,
+        queue: Option<String>,
+    },
+    /// Remove router subscription `id` now, or after `max` deliveries in
+    /// total.
+    Unsubscribe { id: u64, max: Option<u64> },
+    /// Close the connection; the reason is for the log.
+    Close(String),
+}
+
+#[derive(Debug)]
+struct SubState {
+    sid: String,
+    subject: String,
+    max: Option<u64>,
+    delivered: u64,
+}
+
+pub struct Conn {
+    limits: Limits,
+    opts: ConnectInfo,
+    connected: bool,
+    closed: bool,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    events: VecDeque<Event>,
+    subs: HashMap<u64, SubState>,
+    by_sid: HashMap<String, u64>,
+    next_id: u64,
+    next_ping: Instant,
+    pings_out: u32,
+}
+
+impl Conn {
+    /// A new connection; `INFO` is queued for output at once.
+    pub fn new(limits: Limits, info: &InfoOut, now: Instant) -> Conn {
+        let mut out = Vec::with_capacity(512);
+        wire::info(info, &mut out);
+        Conn {
+            next_ping: now + limits.ping_interval,
+            limits,
+            opts: ConnectInfo::default(),
+            connected: false,
+            closed: false,
+            inbuf: Vec::new(),
+            out,
+            events: VecDeque::new(),
+            subs: HashMap::new(),
+            by_sid: HashMap::new(),
+            next_id: 1,
+            pings_out: 0,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The client's `CONNECT` options (defaults until it sends one).
+    pub fn options(&self) -> &ConnectInfo {
+        &self.opts
+    }
+
+    /// Whether the client sent `CONNECT`.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Bytes from the socket.
+    pub fn handle_bytes(&mut self, data: &[u8], now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        let mut start = 0;
+        while !self.closed {
+            let rest = self.inbuf.get(start..).unwrap_or_default();
+            match wire::parse_client_op(rest, self.limits.max_control_line, self.limits.max_payload)
+            {
+                Ok(Some((op, used))) => {
+                    start += used;
+                    self.handle_op(op, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.fatal(e.err_text(), format!("protocol error: {e}"));
+                    break;
+                }
+            }
+        }
+        self.inbuf.drain(..start.min(self.inbuf.len()));
+    }
+
+    fn fatal(&mut self, err_text: &str, why: String) {
+        if self.closed {
+            return;
+        }
+        wire::err(err_text, &mut self.out);
+        self.closed = true;
+        self.events.push_back(Event::Close(why));
+    }
+
+    fn ok(&mut self) {
+        if self.opts.verbose {
+            wire::ok(&mut self.out);
+        }
+    }
+
+    fn handle_op(&mut self, op: ClientOp, _now: Instant) {
+        match op {
+            ClientOp::Connect(c) => {
+                self.opts = *c;
+                self.connected = true;
+                self.ok();
+            }
+            ClientOp::Ping => wire::pong(&mut self.out),
+            ClientOp::Pong => self.pings_out = 0,
+            ClientOp::Pub(p) => self.handle_pub(p),
+            ClientOp::Sub {
+                subject,
+                queue,
+                sid,
+            } => self.handle_sub(subject, queue, sid),
+            ClientOp::Unsub { sid, max } => {
+                if let Some(&id) = self.by_sid.get(&sid) {
+                    match (max, self.subs.get_mut(&id)) {
+                        (Some(m), Some(s)) if s.delivered < m => {
+                            s.max = Some(m);
+                        }
+                        _ => self.forget(id),
+                    }
+                    self.events.push_back(Event::Unsubscribe { id, max });
+                }
+                self.ok();
+            }
+        }
+    }
+
+    fn handle_pub(&mut self, p: PubOp) {
+        if !subject::valid_subject(&p.subject) {
+            // Not fatal in nats-server either: the message is dropped.
+            wire::err(wire::ERR_INVALID_PUB_SUBJECT, &mut self.out);
+            return;
+        }
+        if self.opts.pedantic {
+            if let Some(r) = &p.reply {
+                if !subject::valid_subject(r) {
+                    wire::err(wire::ERR_INVALID_PUB_SUBJECT, &mut self.out);
+                    return;
+                }
+            }
+        }
+        let no_responders = self.opts.headers && self.opts.no_responders && p.reply.is_some();
+        self.events.push_back(Event::Publish {
+            subject: p.subject,
+            reply: p.reply,
+            headers: p.headers,
+            payload: p.payload,
+            no_responders,
+        });
+        self.ok();
+    }
+
+    fn handle_sub(&mut self, subject: String, queue: Option<String>, sid: String) {
+        let queue_ok = queue
+            .as_deref()
+            .is_none_or(|q| !q.contains(['*', '>']) && !q.is_empty());
+        if !subject::valid_filter(&subject) || !queue_ok {
+            wire::err(wire::ERR_INVALID_SUBJECT, &mut self.out);
+            return;
+        }
+        if self.by_sid.contains_key(&sid) {
+            // nats-server ignores a repeated sid; so do we.
+            self.ok();
+            return;
+        }
+        if self.limits.max_subscriptions > 0 && self.subs.len() >= self.limits.max_subscriptions {
+            wire::err(wire::ERR_MAX_SUBS, &mut self.out);
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_sid.insert(sid.clone(), id);
+        self.subs.insert(
+            id,
+            SubState {
+                sid,
+                subject: subject.clone(),
+                max: None,
+                delivered: 0,
+            },
+        );
+        self.events
+            .push_back(Event::Subscribe { id, subject, queue });
+        self.ok();
+    }
+
+    fn forget(&mut self, id: u64) {
+        if let Some(s) = self.subs.remove(&id) {
+            self.by_sid.remove(&s.sid);
+        }
+    }
+
+    /// A message for subscription `id` (from the router). Dropped if the
+    /// subscription is gone or reached its maximum.
+    pub fn deliver(&mut self, id: u64, m: &Msg) {
+        if self.closed {
+            return;
+        }
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
+        if s.max.is_some_and(|max| s.delivered >= max) {
+            return;
+        }
+        s.delivered += 1;
+        let done = s.max.is_some_and(|max| s.delivered >= max);
+        let sid = s.sid.clone();
+        let reply = m.reply.as_deref();
+        let res = match (&m.headers, self.opts.headers) {
+            (Some(h), true) => wire::hmsg(&m.subject, &sid, reply, h, &m.payload, &mut self.out),
+            _ => wire::msg(&m.subject, &sid, reply, &m.payload, &mut self.out),
+        };
+        if let Err(e) = res {
+            // Subjects are validated on the way in; a failure means a bad
+            // subject from elsewhere (an MQTT mapping bug). Skip it.
+            log::warn!("nats: cannot deliver on {:?}: {e}", m.subject);
+        }
+        if done {
+            self.forget(id);
+        }
+    }
+
+    /// Nobody received a request on `subject`: answer on `reply` with a
+    /// `503` status, through this connection's subscription that matches
+    /// `reply` (none: nothing to do).
+    pub fn no_responders(&mut self, reply: &str, subject: &str) {
+        if self.closed || !self.opts.headers {
+            return;
+        }
+        let Some(sid) = self
+            .subs
+            .values()
+            .find(|s| subject::matches(&s.subject, reply))
+            .map(|s| s.sid.clone())
+        else {
+            return;
+        };
+        let mut h = crate::wire::nats::headers::HeaderBlock::new();
+        h.status = Some(503);
+        h.push("Nats-Subject", subject);
+        let Ok(block) = h.encode() else { return };
+        if wire::hmsg(reply, &sid, None, &block, b"", &mut self.out).is_err() {
+            log::debug!("nats: cannot send no-responders to {reply:?}");
+        }
+    }
+
+    /// The router dropped messages for this connection (its outbox is
+    /// full): tell the client and close.
+    pub fn slow_consumer(&mut self) {
+        self.fatal(
+            wire::ERR_SLOW_CONSUMER,
+            "slow consumer: pending bytes over max_pending".into(),
+        );
+    }
+
+    /// Refuse and close (e.g. too many connections).
+    pub fn refuse(&mut self, err_text: &str, why: String) {
+        self.fatal(err_text, why);
+    }
+
+    /// The next time [`Conn::handle_timeout`] must be called.
+    pub fn poll_deadline(&self) -> Option<Instant> {
+        (!self.closed).then_some(self.next_ping)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed || now < self.next_ping {
+            return;
+        }
+        if self.pings_out >= self.limits.max_pings_out {
+            self.fatal(
+                wire::ERR_STALE,
+                format!("stale connection: {} PINGs unanswered", self.pings_out),
+            );
+            return;
+        }
+        wire::ping(&mut self.out);
+        self.pings_out += 1;
+        self.next_ping = now + self.limits.ping_interval;
+    }
+
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes to write to the socket (moved out).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Number of live subscriptions.
+    pub fn subscriptions(&self) -> usize {
+        self.subs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::nats::client::{parse_server_op, ServerOp};
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload: 1024,
+            max_control_line: 4096,
+            max_subscriptions: 3,
+            ping_interval: Duration::from_secs(10),
+            max_pings_out: 2,
+        }
+    }
+
+    fn ops(c: &mut Conn) -> Vec<ServerOp> {
+        let out = c.take_output();
+        let mut v = Vec::new();
+        let mut pos = 0;
+        while let Some((op, used)) = parse_server_op(&out[pos..], 1 << 20).unwrap() {
+            v.push(op);
+            pos += used;
+        }
+        assert_eq!(pos, out.len(), "trailing bytes");
+        v
+    }
+
+    fn events(c: &mut Conn) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn start(connect: &str) -> (Conn, Instant) {
+        let now = Instant::now();
+        let info = InfoOut {
+            server_id: "S".into(),
+            max_payload: 1024,
+            headers: true,
+            proto: 1,
+            ..InfoOut::default()
+        };
+        let mut c = Conn::new(limits(), &info, now);
+        assert!(matches!(&ops(&mut c)[..], [ServerOp::Info(_)]));
+        c.handle_bytes(format!("CONNECT {connect}\r\n").as_bytes(), now);
+        (c, now)
+    }
+
+    fn msg(subject: &str, reply: Option<&str>, headers: Option<&[u8]>, payload: &[u8]) -> Msg {
+        Msg {
+            subject: subject.into(),
+            reply: reply.map(Into::into),
+            headers: headers.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn verbose_acks_and_ping() {
+        let (mut c, now) = start(r#"{"verbose":true}"#);
+        c.handle_bytes(b"SUB a.* 1\r\nPUB a.b 2\r\nhi\r\nPING\r\nUNSUB 1\r\n", now);
+        assert_eq!(
+            ops(&mut c),
+            vec![
+                ServerOp::Ok,
+                ServerOp::Ok,
+                ServerOp::Ok,
+                ServerOp::Pong,
+                ServerOp::Ok
+            ]
+        );
+        let ev = events(&mut c);
+        assert_eq!(ev.len(), 3);
+        assert!(
+            matches!(&ev[0], Event::Subscribe { id: 1, subject, queue: None } if subject == "a.*")
+        );
+        assert!(
+            matches!(&ev[1], Event::Publish { subject, payload, no_responders: false, .. } if subject == "a.b" && payload == b"hi")
+        );
+        assert_eq!(ev[2], Event::Unsubscribe { id: 1, max: None });
+    }
+
+    #[test]
+    fn deliver_uses_client_sid_and_strips_headers_for_old_clients() {
+        let (mut c, now) = start("{}");
+        c.handle_bytes(b"SUB a.> x7\r\n", now);
+        events(&mut c);
+        // The client did not ask for headers: a plain MSG. (The sid "x7" is
+        // not a number, which the client-side parser insists on; compare
+        // raw bytes.)
+        c.deliver(
+            1,
+            &msg("a.b", Some("r.1"), Some(b"NATS/1.0\r\nK: v\r\n\r\n"), b"p"),
+        );
+        assert_eq!(c.take_output(), b"MSG a.b x7 r.1 1\r\np\r\n");
+        let (mut c, now) = start(r#"{"headers":true}"#);
+        c.handle_bytes(b"SUB a 3\r\n", now);
+        c.deliver(1, &msg("a", None, Some(b"NATS/1.0\r\n\r\n"), b"p"));
+        assert!(
+            matches!(&ops(&mut c)[..], [ServerOp::Msg(m)] if m.headers.is_some() && m.sid == 3)
+        );
+    }
+
+    #[test]
+    fn unsub_max_limits_deliveries() {
+        let (mut c, now) = start("{}");
+        c.handle_bytes(b"SUB a 1\r\nUNSUB 1 2\r\n", now);
+        assert_eq!(
+            events(&mut c)[1],
+            Event::Unsubscribe {
+                id: 1,
+                max: Some(2)
+            }
+        );
+        for _ in 0..4 {
+            c.deliver(1, &msg("a", None, None, b"x"));
+        }
+        assert_eq!(ops(&mut c).len(), 2);
+        assert_eq!(c.subscriptions(), 0);
+    }
+
+    #[test]
+    fn no_responders_only_when_asked() {
+        let (mut c, now) = start(r#"{"headers":true,"no_responders":true}"#);
+        c.handle_bytes(b"SUB _INBOX.abc.* 1\r\nPUB svc _INBOX.abc.1 0\r\n\r\n", now);
+        let ev = events(&mut c);
+        assert!(
+            matches!(&ev[1], Event::Publish { no_responders: true, reply: Some(r), .. } if r == "_INBOX.abc.1")
+        );
+        c.no_responders("_INBOX.abc.1", "svc");
+        match &ops(&mut c)[..] {
+            [ServerOp::Msg(m)] => {
+                assert_eq!(m.subject, "_INBOX.abc.1");
+                let h =
+                    crate::wire::nats::headers::HeaderBlock::parse(m.headers.as_deref().unwrap())
+                        .unwrap();
+                assert_eq!(h.status, Some(503));
+                assert!(m.payload.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        let (mut c, now) = start(r#"{"headers":true}"#);
+        c.handle_bytes(b"PUB svc r 0\r\n\r\n", now);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [Event::Publish {
+                no_responders: false,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn non_fatal_errors_keep_the_connection() {
+        let (mut c, now) = start("{}");
+        c.handle_bytes(
+            b"SUB a..b 1\r\nPUB a.* 0\r\n\r\nSUB a q* 2\r\nSUB ok 3\r\n",
+            now,
+        );
+        assert_eq!(
+            ops(&mut c),
+            vec![
+                ServerOp::Err("Invalid Subject".into()),
+                ServerOp::Err("Invalid Publish Subject".into()),
+                ServerOp::Err("Invalid Subject".into()),
+            ]
+        );
+        assert!(!c.is_closed());
+        assert!(matches!(&events(&mut c)[..], [Event::Subscribe { .. }]));
+        // The subscription limit (3) is not fatal either.
+        c.handle_bytes(b"SUB b 4\r\nSUB c 5\r\nSUB d 6\r\n", now);
+        assert_eq!(
+            ops(&mut c),
+            vec![ServerOp::Err("Maximum Subscriptions Exceeded".into())]
+        );
+    }
+
+    #[test]
+    fn fatal_errors_close_with_nats_texts() {
+        for (input, text) in [
+            (&b"PUB a 2048\r\n"[..], "Maximum Payload Violation"),
+            (b"HELLO\r\n", "Unknown Protocol Operation"),
+            (b"PUB a 3\r\nabcd\r\n", "Parser Error"),
+        ] {
+            let (mut c, now) = start("{}");
+            c.handle_bytes(input, now);
+            assert!(c.is_closed());
+            assert_eq!(ops(&mut c), vec![ServerOp::Err(text.into())]);
+            assert!(matches!(&events(&mut c)[..], [Event::Close(_)]));
+            c.handle_bytes(b"PING\r\n", now);
+            assert!(
+                !c.has_output() && !c.has_events(),
+                "input after close is ignored"
+            );
+        }
+        let (mut c, _) = start("{}");
+        c.slow_consumer();
+        assert_eq!(ops(&mut c), vec![ServerOp::Err("Slow Consumer".into())]);
+        assert!(c.is_closed());
+    }
+
+    #[test]
+    fn stale_connection_after_unanswered_pings() {
+        let (mut c, now) = start("{}");
+        let t = |s| now + Duration::from_secs(s);
+        assert_eq!(c.poll_deadline(), Some(t(10)));
+        c.handle_timeout(t(5));
+        assert!(!c.has_output());
+        c.handle_timeout(t(10));
+        assert_eq!(ops(&mut c), vec![ServerOp::Ping]);
+        c.handle_bytes(b"PONG\r\n", t(11));
+        c.handle_timeout(t(20));
+        c.handle_timeout(t(30));
+        assert_eq!(ops(&mut c), vec![ServerOp::Ping, ServerOp::Ping]);
+        assert!(!c.is_closed());
+        c.handle_timeout(t(40));
+        assert_eq!(ops(&mut c), vec![ServerOp::Err("Stale Connection".into())]);
+        assert!(c.is_closed());
+        assert_eq!(c.poll_deadline(), None);
+    }
+
+    #[test]
+    fn split_input_is_reassembled() {
+        let (mut c, now) = start("{}");
+        let wire = b"PUB a.b 11\r\nhello world\r\n";
+        for b in wire.chunks(3) {
+            c.handle_bytes(b, now);
+        }
+        assert!(
+            matches!(&events(&mut c)[..], [Event::Publish { payload, .. }] if payload == b"hello world")
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! The interest trie: which subscriptions match a subject, fast.
+//!
+//! Owns: a map from filters to values (subscription ids), organised as a
+//! tree of tokens. Each node has literal children, an optional `*` child and
+//! a set of values whose filter ends in `>` at that point. A lookup walks
+//! the literal and the `*` branch for each token, and collects `>` values
+//! along the way; it costs O(tokens × wildcard fan-out), independent of the
+//! number of subscriptions.
+//!
+//! A bounded result cache (subject -> matching values) sits in front of the
+//! tree. Invariant: a cached result is always what a fresh walk would
+//! return — every insert or remove drops the cached subjects its filter
+//! matches (at most [`CACHE_MAX`] filter-matches per change), and the cache
+//! is emptied when it is full.
+//!
+//! Filters must be valid ([`super::valid_filter`]); subjects need not be
+//! (an invalid subject simply matches what its tokens match). Nothing here
+//! panics on any input.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::Arc;
+
+/// Most cached lookup results. Every subscription change scans the cache
+/// (to drop the subjects it affects), so this also bounds that cost.
+pub const CACHE_MAX: usize = 1024;
+
+struct Node<V> {
+    literal: HashMap<Box<str>, Node<V>>,
+    star: Option<Box<Node<V>>>,
+    /// Values of filters that end at this node.
+    here: HashSet<V>,
+    /// Values of filters that end with `>` right after this node.
+    rest: HashSet<V>,
+}
+
+impl<V> Default for Node<V> {
+    fn default() -> Self {
+        Node {
+            literal: HashMap::new(),
+            star: None,
+            here: HashSet::new(),
+            rest: HashSet::new(),
+        }
+    }
+}
+
+impl<V> Node<V> {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty()
+            && self.star.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
+    }
+}
+
+/// A set of (filter, value) pairs with fast "who matches this subject".
+pub struct SubjectTrie<V> {
+    root: Node<V>,
+    len: usize,
+    cache: HashMap<Box<str>, Arc<[V]>>,
+    /// Lookups answered from the cache (for tests and metrics).
+    pub cache_hits: u64,
+}
+
+impl<V: Copy + Eq + Hash> Default for SubjectTrie<V> {
+    fn default() -> Self {
+        SubjectTrie::new()
+    }
+}
+
+impl<V: Copy + Eq + Hash> SubjectTrie<V> {
+    pub fn new() -> SubjectTrie<V> {
+        SubjectTrie {
+            root: Node::default(),
+            len: 0,
+            cache: HashMap::new(),
+            cache_hits: 0,
+        }
+    }
+
+    /// Number of (filter, value) pairs.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Add `value` under `filter`; false if that pair was already there.
+    pub fn insert(&mut self, filter: &str, value: V) -> bool {
+        let mut node = &mut self.root;
+        let mut tokens = filter.split('.').peekable();
+        let mut added = false;
+        while let Some(t) = tokens.next() {
+            if t == ">" && tokens.peek().is_none() {
+                added = node.rest.insert(value);
+                break;
+            }
+            node = if t == "*" {
+                node.star.get_or_insert_with(Box::default)
+            } else {
+                node.literal.entry(t.into()).or_default()
+            };
+            if tokens.peek().is_none() {
+                added = node.here.insert(value);
+            }
+        }
+        if added {
+            self.len += 1;
+            self.invalidate(filter);
+        }
+        added
+    }
+
+    /// Remove the pair; false if it was not there. Empty nodes are pruned.
+    pub fn remove(&mut self, filter: &str, value: V) -> bool {
+        let tokens: Vec<&str> = filter.split('.').collect();
+        let removed = remove_at(&mut self.root, &tokens, &value);
+        if removed {
+            self.len -= 1;
+            self.invalidate(filter);
+        }
+        removed
+    }
+
+    /// Every value whose filter matches `subject` (each once, any order).
+    pub fn matches(&mut self, subject: &str) -> Arc<[V]> {
+        if let Some(hit) = self.cache.get(subject) {
+            self.cache_hits += 1;
+            return hit.clone();
+        }
+        let result: Arc<[V]> = self.lookup(subject).into();
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(subject.into(), result.clone());
+        result
+    }
+
+    /// A fresh walk, bypassing the cache.
+    pub fn lookup(&self, subject: &str) -> Vec<V> {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let mut out = HashSet::new();
+        collect(&self.root, &tokens, &mut out);
+        out.into_iter().collect()
+    }
+
+    /// Whether anything matches `subject` (uses the cache when it can).
+    pub fn has_interest(&mut self, subject: &str) -> bool {
+        !self.matches(subject).is_empty()
+    }
+
+    fn invalidate(&mut self, filter: &str) {
+        if self.cache.is_empty() {
+            return;
+        }
+        self.cache.retain(|subj, _| !super::matches(filter, subj));
+    }
+}
+
+fn collect<V: Copy + Eq + Hash>(node: &Node<V>, tokens: &[&str], out: &mut HashSet<V>) {
+    let Some((first, rest)) = tokens.split_first() else {
+        out.extend(node.here.iter().copied());
+        return;
+    };
+    // `>` after this node matches one or more remaining tokens.
+    out.extend(node.rest.iter().copied());
+    if let Some(child) = node.literal.get(*first) {
+        collect(child, rest, out);
+    }
+    if let Some(star) = &node.star {
+        collect(star, rest, out);
+    }
+}
+
+fn remove_at<V: Eq + Hash>(node: &mut Node<V>, tokens: &[&str], value: &V) -> bool {
+    let Some((first, rest)) = tokens.split_first() else {
+        return false;
+    };
+    if *first == ">" && rest.is_empty() {
+        return node.rest.remove(value);
+    }
+    let child = if *first == "*" {
+        match node.star.as_deref_mut() {
+            Some(c) => c,
+            None => return false,
+        }
+    } else {
+        match node.literal.get_mut(*first) {
+            Some(c) => c,
+            None => return false,
+        }
+    };
+    let removed = if rest.is_empty() {
+        child.here.remove(value)
+    } else {
+        remove_at(child, rest, value)
+    };
+    if removed && child.is_empty() {
+        if *first == "*" {
+            node.star = None;
+        } else {
+            node.literal.remove(*first);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subject::matches;
+
+    fn sorted(v: &[u32]) -> Vec<u32> {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn basics() {
+        let mut t = SubjectTrie::new();
+        assert!(t.insert("a.b.c", 1));
+        assert!(t.insert("a.*.c", 2));
+        assert!(t.insert("a.>", 3));
+        assert!(t.insert(">", 4));
+        assert!(t.insert("*", 5));
+        assert!(!t.insert("a.>", 3));
+        assert_eq!(t.len(), 5);
+        assert_eq!(sorted(&t.matches("a.b.c")), vec![1, 2, 3, 4]);
+        assert_eq!(sorted(&t.matches("a")), vec![4, 5]);
+        assert_eq!(sorted(&t.matches("a.b")), vec![3, 4]);
+        assert_eq!(sorted(&t.matches("x.y")), vec![4]);
+        assert!(t.remove("a.>", 3));
+        assert!(!t.remove("a.>", 3));
+        assert!(!t.remove("nope.x", 3));
+        assert_eq!(sorted(&t.matches("a.b.c")), vec![1, 2, 4]);
+        for (f, v) in [("a.b.c", 1), ("a.*.c", 2), (">", 4), ("*", 5)] {
+            assert!(t.remove(f, v));
+        }
+        assert!(t.is_empty());
+        assert!(t.root.is_empty(), "empty nodes are pruned");
+    }
+
+    #[test]
+    fn cache_is_invalidated_by_changes() {
+        let mut t = SubjectTrie::new();
+        t.insert("a.*", 1u32);
+        assert_eq!(sorted(&t.matches("a.x")), vec![1]);
+        assert_eq!(sorted(&t.matches("a.x")), vec![1]);
+        assert_eq!(t.cache_hits, 1);
+        t.insert("a.x", 2);
+        assert_eq!(sorted(&t.matches("a.x")), vec![1, 2]);
+        t.remove("a.*", 1);
+        assert_eq!(sorted(&t.matches("a.x")), vec![2]);
+        // An unrelated change keeps the entry.
+        let hits = t.cache_hits;
+        t.insert("b.>", 3);
+        assert_eq!(sorted(&t.matches("a.x")), vec![2]);
+        assert_eq!(t.cache_hits, hits + 1);
+    }
+
+    /// Random filters and subjects over a tiny alphabet (so that they
+    /// collide often); the trie (with its cache) must agree with the naive
+    /// matcher after every change.
+    #[test]
+    fn randomized_against_naive_matcher() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let toks = ["a", "b", "c"];
+        let token = |rng: &mut fastrand::Rng, wild: bool| -> String {
+            if wild && rng.u8(..4) == 0 {
+                "*".into()
+            } else {
+                toks[rng.usize(..toks.len())].into()
+            }
+        };
+        let filter = |rng: &mut fastrand::Rng| -> String {
+            let n = rng.usize(1..5);
+            let mut parts: Vec<String> = (0..n).map(|_| token(rng, true)).collect();
+            if rng.u8(..4) == 0 {
+                parts.push(">".into());
+            }
+            parts.join(".")
+        };
+        let subject = |rng: &mut fastrand::Rng| -> String {
+            let n = rng.usize(1..6);
+            (0..n)
+                .map(|_| token(rng, false))
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let mut trie = SubjectTrie::new();
+        let mut naive: Vec<(String, u32)> = Vec::new();
+        for step in 0..4000u32 {
+            if naive.is_empty() || rng.u8(..3) != 0 {
+                let f = filter(&mut rng);
+                let v = rng.u32(..50);
+                let fresh = !naive.iter().any(|(g, w)| *g == f && *w == v);
+                assert_eq!(trie.insert(&f, v), fresh, "insert {f} {v}");
+                if fresh {
+                    naive.push((f, v));
+                }
+            } else {
+                let i = rng.usize(..naive.len());
+                let (f, v) = naive.swap_remove(i);
+                assert!(trie.remove(&f, v), "remove {f} {v}");
+            }
+            assert_eq!(trie.len(), naive.len());
+            for _ in 0..4 {
+                let s = subject(&mut rng);
+                let mut want: Vec<u32> = naive
+                    .iter()
+                    .filter(|(f, _)| matches(f, &s))
+                    .map(|(_, v)| *v)
+                    .collect();
+                want.sort_unstable();
+                want.dedup();
+                assert_eq!(sorted(&trie.matches(&s)), want, "step {step} subject {s}");
+            }
+        }
+        assert!(trie.cache_hits > 0);
+    }
+
+    #[test]
+    fn many_subscriptions_are_fast() {
+        // 100,000 subscriptions of devices; a lookup touches a few nodes.
+        let mut t = SubjectTrie::new();
+        for i in 0..100_000u32 {
+            t.insert(&format!("dev.{i}.cmd.>"), i);
+        }
+        t.insert("dev.*.status", 1_000_000);
+        t.insert(">", 1_000_001);
+        let start = std::time::Instant::now();
+        for i in 0..100_000u32 {
+            let m = t.lookup(&format!("dev.{i}.cmd.reboot"));
+            assert_eq!(m.len(), 2);
+        }
+        // A generous bound that still fails if lookups scan the table
+        // (100k × 100k comparisons would take minutes).
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        for i in 0..100_000u32 {
+            assert!(t.remove(&format!("dev.{i}.cmd.>"), i));
+        }
+        assert_eq!(t.len(), 2);
+    }
+}
