@@ -257,7 +257,7 @@ impl Session {
         if self.state == State::AwaitConnect {
             match packet {
                 Packet::Connect(c) => self.handle_connect(c, now),
-                other => self.close_with(0x82, format!("expected CONNECT, got {}", name(&other))),
+                other => self.close_with(0x82, format!("expected CONNECT, got {}", other.name())),
             }
             return;
         }
@@ -352,7 +352,7 @@ impl Session {
                     .push_back(Event::Close("client sent DISCONNECT".into()));
             }
             Packet::Auth(_) => self.close_with(0x8C, "AUTH not supported".into()),
-            other => self.close_with(0x82, format!("unexpected {} from a client", name(&other))),
+            other => self.close_with(0x82, format!("unexpected {} from a client", other.name())),
         }
     }
 
@@ -624,26 +624,6 @@ impl Session {
 
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
-    }
-}
-
-fn name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
     }
 }
 

@@ -238,20 +238,7 @@ pub fn publish(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    check_token(subject, "subject")?;
-    if let Some(r) = reply {
-        check_token(r, "reply subject")?;
-    }
-    out.extend_from_slice(b"PUB ");
-    out.extend_from_slice(subject.as_bytes());
-    if let Some(r) = reply {
-        out.push(b' ');
-        out.extend_from_slice(r.as_bytes());
-    }
-    out.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Ok(())
+    super::emit_message("PUB", subject, None, reply, None, payload, out)
 }
 
 /// Emit `HPUB subject [reply] hdr_size total_size\r\nheaders payload\r\n`.
@@ -262,23 +249,7 @@ pub fn hpublish(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    check_token(subject, "subject")?;
-    if let Some(r) = reply {
-        check_token(r, "reply subject")?;
-    }
-    out.extend_from_slice(b"HPUB ");
-    out.extend_from_slice(subject.as_bytes());
-    if let Some(r) = reply {
-        out.push(b' ');
-        out.extend_from_slice(r.as_bytes());
-    }
-    out.extend_from_slice(
-        format!(" {} {}\r\n", headers.len(), headers.len() + payload.len()).as_bytes(),
-    );
-    out.extend_from_slice(headers);
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Ok(())
+    super::emit_message("HPUB", subject, None, reply, Some(headers), payload, out)
 }
 
 /// Emit `SUB subject [queue] sid\r\n`.

@@ -104,6 +104,43 @@ pub(crate) fn check_token(tok: &str, what: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// Emit one message-carrying op, the shape PUB, HPUB, MSG and HMSG share:
+/// `OP subject [sid] [reply] [hdr_size] size\r\n[headers]payload\r\n`.
+/// `sid` is given for MSG/HMSG only; `headers` for HPUB/HMSG only.
+pub(crate) fn emit_message(
+    op: &str,
+    subject: &str,
+    sid: Option<&str>,
+    reply: Option<&str>,
+    headers: Option<&[u8]>,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    check_token(subject, "subject")?;
+    if let Some(sid) = sid {
+        check_token(sid, "sid")?;
+    }
+    if let Some(r) = reply {
+        check_token(r, "reply subject")?;
+    }
+    out.extend_from_slice(op.as_bytes());
+    for field in [Some(subject), sid, reply].into_iter().flatten() {
+        out.push(b' ');
+        out.extend_from_slice(field.as_bytes());
+    }
+    let sizes = match headers {
+        Some(h) => format!(" {} {}\r\n", h.len(), h.len() + payload.len()),
+        None => format!(" {}\r\n", payload.len()),
+    };
+    out.extend_from_slice(sizes.as_bytes());
+    if let Some(h) = headers {
+        out.extend_from_slice(h);
+    }
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

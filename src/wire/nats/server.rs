@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_token, find_line_max, parse_usize, EncodeError, Malformed};
+use super::{find_line_max, parse_usize, EncodeError, Malformed};
 
 pub const ERR_UNKNOWN_OP: &str = "Unknown Protocol Operation";
 pub const ERR_PARSER: &str = "Parser Error";
@@ -370,23 +370,7 @@ pub fn msg(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    check_token(subject, "subject")?;
-    check_token(sid, "sid")?;
-    if let Some(r) = reply {
-        check_token(r, "reply subject")?;
-    }
-    out.extend_from_slice(b"MSG ");
-    out.extend_from_slice(subject.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(sid.as_bytes());
-    if let Some(r) = reply {
-        out.push(b' ');
-        out.extend_from_slice(r.as_bytes());
-    }
-    out.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Ok(())
+    super::emit_message("MSG", subject, Some(sid), reply, None, payload, out)
 }
 
 /// Emit `HMSG subject sid [reply] hdr_size total_size\r\nheaders payload\r\n`.
@@ -398,26 +382,15 @@ pub fn hmsg(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    check_token(subject, "subject")?;
-    check_token(sid, "sid")?;
-    if let Some(r) = reply {
-        check_token(r, "reply subject")?;
-    }
-    out.extend_from_slice(b"HMSG ");
-    out.extend_from_slice(subject.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(sid.as_bytes());
-    if let Some(r) = reply {
-        out.push(b' ');
-        out.extend_from_slice(r.as_bytes());
-    }
-    out.extend_from_slice(
-        format!(" {} {}\r\n", headers.len(), headers.len() + payload.len()).as_bytes(),
-    );
-    out.extend_from_slice(headers);
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Ok(())
+    super::emit_message(
+        "HMSG",
+        subject,
+        Some(sid),
+        reply,
+        Some(headers),
+        payload,
+        out,
+    )
 }
 
 pub fn ping(out: &mut Vec<u8>) {
