@@ -1035,4 +1035,30 @@ subject_prefix = "fleet.truck-042."
         assert!(parse_hub_url("tls://h").is_err());
         assert!(parse_hub_url("nats://h:notaport").is_err());
     }
+
+    #[test]
+    fn readme_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let len = readme[start..].find("```").expect("closed toml block");
+        if let Err(e) = Config::parse(&readme[start..start + len]) {
+            panic!("README's configuration example is invalid: {e}");
+        }
+    }
+
+    #[test]
+    fn board_profiles_are_valid() {
+        for board in [
+            "generic",
+            "rpi4-5",
+            "rpi3-zero2-armv7",
+            "beaglebone-black",
+            "gateway-256mb",
+        ] {
+            let path = format!("{}/boards/{board}/frond.toml", env!("CARGO_MANIFEST_DIR"));
+            if let Err(e) = Config::load(std::path::Path::new(&path)) {
+                panic!("{e}");
+            }
+        }
+    }
 }
