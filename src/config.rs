@@ -10,6 +10,12 @@
 //!   unique and well formed, stream subjects are valid and do not overlap,
 //!   every mirror names a configured stream, sizes and durations are in
 //!   range. Later code never re-validates.
+//! - `max_storage` (optional, top level) is a budget for all file streams:
+//!   the configured `max_bytes` of file streams must sum to at most the
+//!   budget, and every file stream without `max_bytes` gets an equal share
+//!   of what is left (at least 64 KiB each, or start-up is refused). Memory
+//!   streams do not count. The budget bounds message bytes as `max_bytes`
+//!   does; index, snapshot and tombstone files come on top (a few percent).
 //! - Sizes accept integers (bytes) or strings such as `"512MiB"`; durations
 //!   accept integers (seconds) or strings such as `"100ms"`, `"30s"`, `"7d"`.
 
@@ -49,6 +55,9 @@ pub struct Config {
     /// This node's name; default: the host name.
     pub node: String,
     pub data_dir: PathBuf,
+    /// Budget for all file streams' `max_bytes` (0: none); already applied
+    /// to [`Config::streams`].
+    pub max_storage: u64,
     pub log: String,
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
@@ -183,6 +192,8 @@ fn unreachable_defaults(e: ConfigError) -> Config {
 struct RawConfig {
     node: Option<String>,
     data_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_size")]
+    max_storage: u64,
     log: Option<String>,
     #[serde(default)]
     mqtt: RawMqtt,
@@ -471,7 +482,8 @@ impl RawConfig {
                 storage: Storage::File,
                 sync: SyncPolicy::Always,
                 max_msgs: 0,
-                max_bytes: 1 << 30,
+                // With a budget, the catch-all stream gets all of it.
+                max_bytes: if self.max_storage > 0 { 0 } else { 1 << 30 },
                 max_age: Duration::ZERO,
                 max_msgs_per_subject: 0,
                 max_msg_size: 0,
@@ -505,6 +517,7 @@ impl RawConfig {
                 }
             }
         }
+        apply_storage_budget(self.max_storage, &mut streams)?;
         let uplink = match self.uplink {
             None => None,
             Some(u) => Some(u.validate(&streams)?),
@@ -514,6 +527,7 @@ impl RawConfig {
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("./frond-data")),
+            max_storage: self.max_storage,
             log,
             mqtt,
             nats,
@@ -522,6 +536,47 @@ impl RawConfig {
             uplink,
         })
     }
+}
+
+/// The smallest share of `max_storage` a file stream without `max_bytes`
+/// may get (one minimum-size segment).
+pub const MIN_STREAM_SHARE: u64 = crate::store::MIN_SEGMENT_SIZE;
+
+/// Checks the file streams' `max_bytes` against `budget` (0: no budget) and
+/// gives every file stream without `max_bytes` an equal share of the rest.
+fn apply_storage_budget(budget: u64, streams: &mut [StreamConfig]) -> Result<(), ConfigError> {
+    if budget == 0 {
+        return Ok(());
+    }
+    let files = || streams.iter().filter(|s| s.storage == Storage::File);
+    let fixed: u64 = files().map(|s| s.max_bytes).fold(0, u64::saturating_add);
+    if fixed > budget {
+        let list: Vec<String> = files()
+            .filter(|s| s.max_bytes > 0)
+            .map(|s| format!("{} = {}", s.name, s.max_bytes))
+            .collect();
+        return err(format!(
+            "max_storage: the file streams' max_bytes add up to {fixed} bytes ({}), more than max_storage = {budget} bytes; lower some max_bytes or raise max_storage",
+            list.join(", ")
+        ));
+    }
+    let open = files().filter(|s| s.max_bytes == 0).count() as u64;
+    if open == 0 {
+        return Ok(());
+    }
+    let share = (budget - fixed) / open;
+    if share < MIN_STREAM_SHARE {
+        return err(format!(
+            "max_storage: {} bytes are left for {open} file stream(s) without max_bytes, less than {MIN_STREAM_SHARE} bytes each; give them max_bytes or raise max_storage",
+            budget - fixed
+        ));
+    }
+    for s in streams.iter_mut() {
+        if s.storage == Storage::File && s.max_bytes == 0 {
+            s.max_bytes = share;
+        }
+    }
+    Ok(())
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -902,6 +957,37 @@ mod tests {
         assert_eq!(c.streams[0].subjects, vec![">".to_string()]);
         assert_eq!(c.streams[0].sync, SyncPolicy::Always);
         assert!(c.uplink.is_none());
+    }
+
+    #[test]
+    fn max_storage_budget() {
+        let two = "[[stream]]\nname = \"A\"\nsubjects = [\"a.>\"]\nmax_bytes = \"3GiB\"\n\n[[stream]]\nname = \"B\"\nsubjects = [\"b.>\"]\n\n[[stream]]\nname = \"C\"\nsubjects = [\"c.>\"]\n\n[[stream]]\nname = \"M\"\nsubjects = [\"m.>\"]\nstorage = \"memory\"\n";
+        let c = Config::parse(&format!("max_storage = \"8GiB\"\n{two}")).unwrap();
+        assert_eq!(c.max_storage, 8 << 30);
+        let by = |n: &str| c.streams.iter().find(|s| s.name == n).unwrap().max_bytes;
+        assert_eq!(by("A"), 3 << 30);
+        assert_eq!(by("B"), 5 << 29);
+        assert_eq!(by("C"), 5 << 29);
+        assert_eq!(by("M"), 0, "memory streams are outside the budget");
+        // Without a budget nothing changes.
+        let c = Config::parse(two).unwrap();
+        assert_eq!(c.max_storage, 0);
+        assert_eq!(c.streams[1].max_bytes, 0);
+        // Over budget: refused, naming the key and the streams.
+        let e = Config::parse(&format!("max_storage = \"2GiB\"\n{two}"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("max_storage") && e.contains("A = "), "{e}");
+        // Nothing (or too little) left for the streams without max_bytes.
+        let e = Config::parse(&format!("max_storage = \"3GiB\"\n{two}"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("without max_bytes"), "{e}");
+        // The catch-all default stream takes the whole budget.
+        let c = Config::parse("max_storage = \"100MiB\"\n").unwrap();
+        assert_eq!(c.streams[0].max_bytes, 100 << 20);
+        assert_eq!(Config::parse("").unwrap().streams[0].max_bytes, 1 << 30);
+        assert!(Config::parse("max_storage = \"lots\"\n").is_err());
     }
 
     #[test]
