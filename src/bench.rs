@@ -1,5 +1,7 @@
 //! `frond bench mqtt`: an MQTT publish benchmark against any broker
-//! (frond, Mosquitto, nats-server with MQTT on), built on frond's own codec.
+//! (frond, Mosquitto, nats-server with MQTT on), built on frond's own codec;
+//! `frond bench nats`: publish, fan-out and request/reply against any NATS
+//! server ([`NatsBench`]).
 //!
 //! Each publisher is one OS thread with one connection, keeping up to
 //! `inflight` QoS 1 publishes unacknowledged (QoS 0: just writes). The
@@ -11,6 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::wire::mqtt::{self, Connect, Packet, Properties, Publish, QoS, Version};
+use crate::wire::nats::client as nc;
 
 /// Benchmark parameters (see `frond --help`).
 #[derive(Debug, Clone)]
@@ -213,4 +216,338 @@ impl MqttBench {
         let _ = s.write_all(&bye);
         Ok(acked)
     }
+}
+
+// ---------------------------------------------------------------------------
+// NATS
+
+/// `frond bench nats`: publish rate, 1 -> N fan-out rate and request/reply
+/// round trips against any NATS server (frond or nats-server), on frond's
+/// own NATS client codec ([`crate::wire::nats::client`]) and OS threads.
+///
+/// - publish: `pubs` connections each publish `msgs` messages of `size`
+///   bytes to `bench.pub.<i>` (nobody subscribes), then a PING; the clock
+///   stops at the last PONG, when the server has processed everything;
+/// - fan-out: `subs` connections subscribe to `bench.fan`, one connection
+///   publishes `msgs` messages; the clock stops when every subscriber has
+///   all of them; the rate counts deliveries;
+/// - request/reply: one responder, one requester sending `reqs` requests
+///   one at a time; the rate is round trips per second;
+/// - with `subscriptions` > 0 and `rss_pid`, also: the server's resident
+///   memory (VmRSS of that pid) before and after one connection makes that
+///   many subscriptions to distinct subjects.
+#[derive(Debug, Clone)]
+pub struct NatsBench {
+    pub addr: String,
+    pub pubs: usize,
+    pub subs: usize,
+    pub msgs: usize,
+    pub size: usize,
+    pub reqs: usize,
+    pub subscriptions: usize,
+    pub rss_pid: Option<u32>,
+}
+
+impl Default for NatsBench {
+    fn default() -> Self {
+        NatsBench {
+            addr: "127.0.0.1:4222".into(),
+            pubs: 4,
+            subs: 4,
+            msgs: 100_000,
+            size: 100,
+            reqs: 10_000,
+            subscriptions: 0,
+            rss_pid: None,
+        }
+    }
+}
+
+/// One blocking client connection.
+struct NatsConn {
+    s: TcpStream,
+    inbuf: Vec<u8>,
+    chunk: Vec<u8>,
+    out: Vec<u8>,
+    max_payload: usize,
+}
+
+impl NatsConn {
+    fn connect(addr: &str, name: &str) -> Result<NatsConn, String> {
+        let s = TcpStream::connect(addr)
+            .map_err(|e| format!("bench: cannot connect to {addr}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut c = NatsConn {
+            s,
+            inbuf: Vec::with_capacity(256 * 1024),
+            chunk: vec![0u8; 256 * 1024],
+            out: Vec::with_capacity(256 * 1024),
+            max_payload: 1 << 20,
+        };
+        match c.next_op()? {
+            nc::ServerOp::Info(json) => {
+                let info = nc::ServerInfo::parse(&json).map_err(|e| format!("bench: {e}"))?;
+                if info.max_payload > 0 {
+                    c.max_payload = info.max_payload;
+                }
+            }
+            op => return Err(format!("bench: expected INFO, got {op:?}")),
+        }
+        nc::connect(
+            &nc::ConnectOptions {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            &mut c.out,
+        );
+        c.round_trip()?;
+        Ok(c)
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if !self.out.is_empty() {
+            self.s
+                .write_all(&self.out)
+                .map_err(|e| format!("bench: write: {e}"))?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// The next op other than PING (answered) and +OK.
+    fn next_op(&mut self) -> Result<nc::ServerOp, String> {
+        loop {
+            match nc::parse_server_op(&self.inbuf, self.max_payload + nc::PAYLOAD_SLACK) {
+                Ok(Some((op, used))) => {
+                    self.inbuf.drain(..used);
+                    match op {
+                        nc::ServerOp::Ping => {
+                            nc::pong(&mut self.out);
+                            self.flush()?;
+                        }
+                        nc::ServerOp::Ok => {}
+                        nc::ServerOp::Err(e) => return Err(format!("bench: server said -ERR {e}")),
+                        op => return Ok(op),
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("bench: {e}")),
+            }
+            let n = self
+                .s
+                .read(&mut self.chunk)
+                .map_err(|e| format!("bench: read: {e}"))?;
+            if n == 0 {
+                return Err("bench: the server closed the connection (slow consumer?)".into());
+            }
+            self.inbuf
+                .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
+        }
+    }
+
+    /// Send what is buffered plus a PING and wait for the PONG; messages
+    /// arriving meanwhile are counted and returned.
+    fn round_trip(&mut self) -> Result<usize, String> {
+        nc::ping(&mut self.out);
+        self.flush()?;
+        let mut msgs = 0;
+        loop {
+            match self.next_op()? {
+                nc::ServerOp::Pong => return Ok(msgs),
+                nc::ServerOp::Msg(_) => msgs += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn encode_err(e: crate::wire::nats::EncodeError) -> String {
+    format!("bench: {e}")
+}
+
+impl NatsBench {
+    /// Run every benchmark; one report line each.
+    pub fn run(&self) -> Result<String, String> {
+        if self.pubs == 0 || self.subs == 0 || self.msgs == 0 || self.reqs == 0 {
+            return Err("bench: --pubs, --subs, --msgs and --reqs must be at least 1".into());
+        }
+        let mut lines = vec![self.publish()?, self.fan_out()?, self.request_reply()?];
+        if self.subscriptions > 0 {
+            lines.push(self.subscription_memory()?);
+        }
+        Ok(lines.join("\n"))
+    }
+
+    fn publish(&self) -> Result<String, String> {
+        let payload = vec![b'x'; self.size];
+        let mut conns = (0..self.pubs)
+            .map(|i| NatsConn::connect(&self.addr, &format!("bench-pub-{i}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = Instant::now();
+        let threads: Vec<_> = conns
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut c)| {
+                let (payload, msgs) = (payload.clone(), self.msgs);
+                std::thread::spawn(move || -> Result<(), String> {
+                    let subject = format!("bench.pub.{i}");
+                    for _ in 0..msgs {
+                        nc::publish(&subject, None, &payload, &mut c.out).map_err(encode_err)?;
+                        if c.out.len() >= 64 * 1024 {
+                            c.flush()?;
+                        }
+                    }
+                    c.round_trip().map(|_| ())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join()
+                .map_err(|_| "bench: a publisher thread panicked".to_string())??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let total = self.pubs * self.msgs;
+        Ok(format!(
+            "nats publish: {} publishers x {} msgs of {} bytes: {:.0} msgs/s ({:.1} MB/s), {:.2}s",
+            self.pubs,
+            self.msgs,
+            self.size,
+            total as f64 / secs,
+            (total * self.size) as f64 / secs / 1e6,
+            secs
+        ))
+    }
+
+    fn fan_out(&self) -> Result<String, String> {
+        let mut subs = Vec::new();
+        for i in 0..self.subs {
+            let mut c = NatsConn::connect(&self.addr, &format!("bench-sub-{i}"))?;
+            nc::subscribe("bench.fan", None, 1, &mut c.out).map_err(encode_err)?;
+            c.round_trip()?;
+            subs.push(c);
+        }
+        let msgs = self.msgs;
+        let readers: Vec<_> = subs
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || -> Result<(), String> {
+                    let mut got = 0;
+                    while got < msgs {
+                        if let nc::ServerOp::Msg(_) = c.next_op()? {
+                            got += 1;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut p = NatsConn::connect(&self.addr, "bench-fan-pub")?;
+        let payload = vec![b'x'; self.size];
+        let start = Instant::now();
+        for i in 0..msgs {
+            nc::publish("bench.fan", None, &payload, &mut p.out).map_err(encode_err)?;
+            // Pace the publisher by a round trip now and then, so neither
+            // server queues nor subscribers are simply overrun.
+            if i % 1000 == 999 {
+                p.round_trip()?;
+            }
+        }
+        p.round_trip()?;
+        for r in readers {
+            r.join()
+                .map_err(|_| "bench: a subscriber thread panicked".to_string())??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let total = msgs * self.subs;
+        Ok(format!(
+            "nats fan-out: 1 -> {} subscribers, {} msgs of {} bytes: {:.0} deliveries/s, {:.2}s",
+            self.subs,
+            msgs,
+            self.size,
+            total as f64 / secs,
+            secs
+        ))
+    }
+
+    fn request_reply(&self) -> Result<String, String> {
+        let mut responder = NatsConn::connect(&self.addr, "bench-responder")?;
+        nc::subscribe("bench.req", None, 1, &mut responder.out).map_err(encode_err)?;
+        responder.round_trip()?;
+        let reqs = self.reqs;
+        let resp = std::thread::spawn(move || -> Result<(), String> {
+            let mut done = 0;
+            while done < reqs {
+                if let nc::ServerOp::Msg(m) = responder.next_op()? {
+                    if let Some(r) = &m.reply {
+                        nc::publish(r, None, &m.payload, &mut responder.out).map_err(encode_err)?;
+                        responder.flush()?;
+                    }
+                    done += 1;
+                }
+            }
+            Ok(())
+        });
+        let mut c = NatsConn::connect(&self.addr, "bench-requester")?;
+        nc::subscribe("_INBOX.bench.*", None, 1, &mut c.out).map_err(encode_err)?;
+        c.round_trip()?;
+        let payload = vec![b'x'; self.size];
+        let start = Instant::now();
+        for i in 0..reqs {
+            let reply = format!("_INBOX.bench.{i}");
+            nc::publish("bench.req", Some(&reply), &payload, &mut c.out).map_err(encode_err)?;
+            c.flush()?;
+            loop {
+                if let nc::ServerOp::Msg(m) = c.next_op()? {
+                    if m.subject == reply {
+                        break;
+                    }
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        resp.join()
+            .map_err(|_| "bench: the responder thread panicked".to_string())??;
+        Ok(format!(
+            "nats request/reply: {reqs} requests of {} bytes: {:.0} round trips/s ({:.0} us each), {:.2}s",
+            self.size,
+            reqs as f64 / secs,
+            secs * 1e6 / reqs as f64,
+            secs
+        ))
+    }
+
+    fn subscription_memory(&self) -> Result<String, String> {
+        let pid = self
+            .rss_pid
+            .ok_or("bench: --subscriptions needs --rss-pid (the server's process id)")?;
+        let before = rss_kib(pid)?;
+        let mut c = NatsConn::connect(&self.addr, "bench-subscriptions")?;
+        for i in 0..self.subscriptions {
+            nc::subscribe(&format!("bench.subs.{i}.x"), None, i as u64 + 1, &mut c.out)
+                .map_err(encode_err)?;
+            if c.out.len() >= 64 * 1024 {
+                c.flush()?;
+            }
+        }
+        c.round_trip()?;
+        let after = rss_kib(pid)?;
+        Ok(format!(
+            "nats subscriptions: RSS {before} KiB before, {after} KiB with {} subscriptions (+{} bytes each)",
+            self.subscriptions,
+            after.saturating_sub(before) * 1024 / self.subscriptions as u64
+        ))
+    }
+}
+
+/// VmRSS of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("bench: cannot read /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("bench: no VmRSS in /proc/{pid}/status"))
 }

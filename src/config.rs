@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
+use crate::subject::mapping::{parse_weight, Mapping, Mappings};
 
 /// The name of the stream that captures everything when no `[[stream]]` is
 /// configured.
@@ -64,6 +65,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub streams: Vec<StreamConfig>,
     pub uplink: Option<UplinkConfig>,
+    /// `[mappings]`: subject rewrites applied to every incoming publish.
+    pub mappings: Mappings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +209,58 @@ struct RawConfig {
     #[serde(default)]
     stream: Vec<RawStream>,
     uplink: Option<RawUplink>,
+    #[serde(default)]
+    mappings: std::collections::BTreeMap<String, RawMappingDest>,
+}
+
+/// `"source" = "dest"` or `"source" = [{destination, weight}, …]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawMappingDest {
+    One(String),
+    Weighted(Vec<RawWeighted>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeighted {
+    destination: String,
+    /// `"10%"`, `"10"` or `10`; default 100%.
+    weight: Option<IntOrStr>,
+}
+
+fn validate_mappings(
+    raw: std::collections::BTreeMap<String, RawMappingDest>,
+) -> Result<Mappings, ConfigError> {
+    let mut list = Vec::new();
+    for (source, dest) in raw {
+        let dests = match dest {
+            RawMappingDest::One(d) => vec![(d, 100)],
+            RawMappingDest::Weighted(ws) => {
+                let mut v = Vec::new();
+                for w in ws {
+                    let weight = match w.weight {
+                        None => Ok(100),
+                        Some(IntOrStr::Int(i)) => u8::try_from(i)
+                            .ok()
+                            .filter(|i| *i <= 100)
+                            .ok_or_else(|| format!("weight {i} must be from 0 to 100 (percent)")),
+                        Some(IntOrStr::Str(s)) => parse_weight(&s).map_err(|e| e.0),
+                    };
+                    match weight {
+                        Ok(weight) => v.push((w.destination, weight)),
+                        Err(e) => return err(format!("mappings.{source:?}: {e}")),
+                    }
+                }
+                v
+            }
+        };
+        match Mapping::new(&source, &dests) {
+            Ok(m) => list.push(m),
+            Err(e) => return err(format!("mappings.{source:?}: {e}")),
+        }
+    }
+    Mappings::new(list).map_err(|e| ConfigError(format!("mappings: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -522,6 +577,7 @@ impl RawConfig {
             None => None,
             Some(u) => Some(u.validate(&streams)?),
         };
+        let mappings = validate_mappings(self.mappings)?;
         Ok(Config {
             node,
             data_dir: self
@@ -534,6 +590,7 @@ impl RawConfig {
             http,
             streams,
             uplink,
+            mappings,
         })
     }
 }
@@ -1146,5 +1203,39 @@ subject_prefix = "fleet.truck-042."
                 panic!("{e}");
             }
         }
+    }
+
+    #[test]
+    fn mappings() {
+        let c = Config::parse(
+            r#"
+[mappings]
+"orders.*" = "orders.{{partition(3,1)}}.{{wildcard(1)}}"
+"svc" = [{destination = "svc.v1", weight = "90%"}, {destination = "svc.v2", weight = 10}]
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.mappings.apply("orders.7", || 0).as_deref(),
+            Some("orders.0.7") // fnv1a32("7") % 3
+        );
+        assert_eq!(c.mappings.apply("svc", || 95).as_deref(), Some("svc.v2"));
+        assert!(Config::parse("").unwrap().mappings.is_empty());
+        let e = Config::parse("[mappings]\n\"a.*\" = \"b.{{wildcard(2)}}\"\n").unwrap_err();
+        assert!(
+            e.0.contains("mappings.\"a.*\"") && e.0.contains("wildcard 2"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[mappings]\n\"s\" = [{destination = \"a\", weight = \"60%\"}, {destination = \"b\", weight = \"50%\"}]\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("more than 100%"), "{e}");
+        let e = Config::parse("[mappings]\n\"s\" = [{destination = \"a\", weight = \"x\"}]\n")
+            .unwrap_err();
+        assert!(
+            e.0.contains("mappings.\"s\"") && e.0.contains("percentage"),
+            "{e}"
+        );
     }
 }

@@ -14,6 +14,7 @@ USAGE:
     frond status [--config FILE | --http ADDR]
                                     show link state, backlog and stream state
     frond bench mqtt [OPTIONS]      MQTT publish benchmark against any broker
+    frond bench nats [OPTIONS]      NATS publish, fan-out, request/reply against any server
     frond check-config FILE         validate a configuration file and exit
     frond --version | --help
 
@@ -25,6 +26,16 @@ BENCH OPTIONS:
     --qos 0|1          (default 1)
     --inflight N       unacknowledged QoS 1 publishes per publisher (default 100)
     --topic T          topic prefix (default bench); publisher i uses T/i
+
+BENCH NATS OPTIONS:
+    --addr HOST:PORT   server address (default 127.0.0.1:4222)
+    --pubs N           concurrent publishers (default 4)
+    --subs N           fan-out subscribers (default 4)
+    --msgs N           messages per publisher, and fanned out (default 100000)
+    --size BYTES       payload size (default 100)
+    --reqs N           sequential requests (default 10000)
+    --subscriptions N  also measure the server's RSS with N subscriptions
+    --rss-pid PID      the server's process id (for --subscriptions)
 
 ENVIRONMENT:
     FROND_LOG          log level (error, warn, info, debug, trace); overrides config
@@ -104,10 +115,28 @@ fn real_main() -> Result<ExitCode, String> {
         }
         "bench" => {
             let what = string(p.value())
-                .map_err(|_| "bench: say what to benchmark: frond bench mqtt".to_string())?;
+                .map_err(|_| "bench: say what to benchmark: frond bench mqtt|nats".to_string())?;
+            if what == "nats" {
+                let mut b = frond::bench::NatsBench::default();
+                while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+                    match arg {
+                        Long("addr") => b.addr = string(p.value())?,
+                        Long("pubs") => b.pubs = num(p.value())?,
+                        Long("subs") => b.subs = num(p.value())?,
+                        Long("msgs") => b.msgs = num(p.value())?,
+                        Long("size") => b.size = num(p.value())?,
+                        Long("reqs") => b.reqs = num(p.value())?,
+                        Long("subscriptions") => b.subscriptions = num(p.value())?,
+                        Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
+                        other => return Err(format!("bench: {}", other.unexpected())),
+                    }
+                }
+                println!("{}", b.run()?);
+                return Ok(ExitCode::SUCCESS);
+            }
             if what != "mqtt" {
                 return Err(format!(
-                    "bench: unknown benchmark {what:?}; try: frond bench mqtt"
+                    "bench: unknown benchmark {what:?}; try: frond bench mqtt or frond bench nats"
                 ));
             }
             let mut b = frond::bench::MqttBench::default();

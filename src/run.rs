@@ -79,7 +79,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         );
     }
     let retained = Arc::new(retained);
-    let broker = Broker::new(handles.clone());
+    let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
     let (stop_tx, stop_rx) = bounded::<()>(1);
     install_signals(stop_tx.clone())?;
 

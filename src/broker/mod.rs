@@ -30,6 +30,8 @@
 //! - Every subscription of a connection is in `by_conn`, and in the trie
 //!   under its filter, exactly while it is in `subs`.
 //! - At most one stream captures a subject (config refuses overlaps).
+//! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
+//!   protocol shells, to each incoming publish before routing and capture.
 
 pub mod nats;
 pub mod retained;
@@ -42,6 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use smol::channel::{Sender, TrySendError};
 
 use crate::stream::StreamHandle;
+use crate::subject::mapping::Mappings;
 use crate::subject::{self, SubjectTrie};
 
 /// A message handed to an MQTT subscriber.
@@ -271,6 +274,7 @@ pub struct Broker {
     clients: Mutex<HashMap<String, (ConnId, Sender<()>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
+    mappings: Mappings,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -289,7 +293,13 @@ pub struct Origin {
 
 impl Broker {
     pub fn new(streams: Vec<StreamHandle>) -> Arc<Broker> {
+        Broker::with_mappings(streams, Mappings::default())
+    }
+
+    /// A broker that rewrites incoming publishes through `mappings`.
+    pub fn with_mappings(streams: Vec<StreamHandle>, mappings: Mappings) -> Arc<Broker> {
         Arc::new(Broker {
+            mappings,
             streams,
             table: Mutex::new(Table::default()),
             clients: Mutex::new(HashMap::new()),
@@ -304,6 +314,21 @@ impl Broker {
 
     pub fn new_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The subject an incoming client publish (MQTT or NATS) is routed and
+    /// captured under: `subject` rewritten by the configured mappings
+    /// (`[mappings]`), or unchanged. Protocol shells call this once per
+    /// publish, before [`Broker::route`]/[`Broker::route_msg`] and
+    /// [`Broker::capture`]; messages the server makes itself are not mapped.
+    pub fn map_subject(&self, subject: String) -> String {
+        if self.mappings.is_empty() {
+            return subject;
+        }
+        match self.mappings.apply(&subject, || fastrand::u8(..100)) {
+            Some(mapped) => mapped,
+            None => subject,
+        }
     }
 
     /// The stream that captures `subject`, if any.

@@ -267,6 +267,7 @@ pub async fn connection<T: Transport>(
                     retain,
                     ack,
                 } => {
+                    let subject = broker.map_subject(subject);
                     broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters

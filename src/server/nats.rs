@@ -196,6 +196,7 @@ async fn connection(
                     payload,
                     no_responders,
                 } => {
+                    let subject = broker.map_subject(subject);
                     let c = &broker.counters;
                     c.msgs_in.fetch_add(1, Ordering::Relaxed);
                     c.bytes_in

@@ -4,12 +4,14 @@
 //! Owns: what a valid subject and filter are, whether a filter matches a
 //! subject, whether two filters can match a common subject, the interest
 //! trie the router looks subscriptions up in ([`trie`]), and the
-//! round-tripping map between MQTT topics and NATS subjects ([`mqtt`]).
+//! round-tripping map between MQTT topics and NATS subjects ([`mqtt`]), and
+//! subject mappings applied to incoming publishes ([`mapping`]).
 //!
 //! Subjects are `.`-separated non-empty tokens without whitespace. In a
 //! filter, the token `*` matches exactly one token and a final `>` matches one
 //! or more tokens. Every function here is pure and never panics.
 
+pub mod mapping;
 pub mod mqtt;
 pub mod trie;
 

@@ -1,0 +1,27 @@
+//! frond's NATS port against nats-py, the official Python client: pub/sub
+//! with wildcards, a queue group, request/reply and headers
+//! (tests/py/nats_py_check.py).
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_pub_sub_queue_request_headers() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    wait_until("NATS port accepts", LONG, || accepts_tcp(frond.nats_port)).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_check.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(frond.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        frond.log_text()
+    );
+}
