@@ -32,6 +32,7 @@
 //! - At most one stream captures a subject (config refuses overlaps).
 
 pub mod nats;
+pub mod persist;
 pub mod retained;
 pub mod session;
 
