@@ -535,11 +535,20 @@ pub async fn connection<T: Transport>(
                 }
             }
         }
-        // 4. Write.
+        // 4. Write. A takeover interrupts a write to a client that does
+        // not read, so the new connection gets the session without waiting.
         if session.has_output() {
             let out = session.take_output();
-            if let Err(e) = transport.write_all(&out).await {
-                break format!("write failed: {e}");
+            let written = async { Some(transport.write_all(&out).await) }
+                .or(async {
+                    let _ = kick_rx.recv().await;
+                    None
+                })
+                .await;
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(e)) => break format!("write failed: {e}"),
+                None => break "another connection took over the client id".into(),
             }
         }
         if session.take_dirty() && save_at.is_none() {
