@@ -88,6 +88,10 @@ pub struct MqttConfig {
     /// Messages queued for delivery to one subscriber before QoS 0 messages
     /// are dropped for it.
     pub max_queued: usize,
+    /// Longest a persistent session outlives its connection (MQTT 5
+    /// session expiry is capped to it; 3.1.1 `clean_session = 0` sessions
+    /// use it). 0 disables persistent sessions.
+    pub max_session_expiry: Duration,
 }
 
 /// `[nats]`: the NATS client port.
@@ -278,6 +282,8 @@ struct RawMqtt {
     connect_timeout: Duration,
     max_inflight: usize,
     max_queued: usize,
+    #[serde(deserialize_with = "de_duration")]
+    max_session_expiry: Duration,
 }
 
 impl Default for RawMqtt {
@@ -292,6 +298,7 @@ impl Default for RawMqtt {
             connect_timeout: Duration::from_secs(10),
             max_inflight: 1024,
             max_queued: 10_000,
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -674,6 +681,7 @@ impl RawMqtt {
             connect_timeout: self.connect_timeout,
             max_inflight: self.max_inflight,
             max_queued: self.max_queued,
+            max_session_expiry: self.max_session_expiry,
         })
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use smol::channel::bounded;
 use smol::future::FutureExt;
 
+use crate::broker::persist::SessionStore;
 use crate::broker::retained::Retained;
 use crate::broker::Broker;
 use crate::config::Config;
@@ -79,6 +80,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
         );
     }
     let retained = Arc::new(retained);
+    let sessions_dir = mqtt_dir.join("sessions");
+    let (sessions, kept, expired) = SessionStore::open(&sessions_dir).map_err(|e| {
+        format!(
+            "cannot open MQTT sessions in {}: {e} (check that the directory is writable)",
+            sessions_dir.display()
+        )
+    })?;
+    if kept + expired > 0 {
+        log::info!("mqtt: {kept} persistent sessions, {expired} expired ones deleted");
+    }
+    let sessions = Arc::new(sessions);
     let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
     let (stop_tx, stop_rx) = bounded::<()>(1);
     install_signals(stop_tx.clone())?;
@@ -97,6 +109,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 stop_rx.clone(),
                 false,
                 retained.clone(),
+                sessions.clone(),
             )));
         }
         if let Some(addr) = &cfg.mqtt.ws_listen {
@@ -111,6 +124,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 stop_rx.clone(),
                 true,
                 retained.clone(),
+                sessions.clone(),
             )));
         }
         if let Some(addr) = &cfg.nats.listen {

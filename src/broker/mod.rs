@@ -34,6 +34,7 @@
 //!   protocol shells, to each incoming publish before routing and capture.
 
 pub mod nats;
+pub mod persist;
 pub mod retained;
 pub mod session;
 

@@ -20,13 +20,45 @@
 //! - A QoS 2 packet id awaiting PUBREL is never routed twice.
 //! - After [`Event::Close`] is emitted, all further input is ignored.
 //!
-//! Not yet: persistent sessions across reconnects (a session is always
-//! fresh; `session_present` is 0), retained messages, wills, MQTT 5 topic
-//! aliases and flow control beyond `max_inflight`. See the README's status.
+//!
+//! Persistent sessions (3.1.1 `clean_session = 0`, or a 5.0 session expiry
+//! interval > 0, capped by `mqtt.max_session_expiry`, which 3.1.1 persistent
+//! sessions use as their expiry):
+//! - After CONNECT the machine emits [`Event::Connected`] and waits
+//!   (decoding nothing more) until the shell calls [`Session::restore`]
+//!   with the stored state, if any: only then is CONNACK sent, with
+//!   `session_present` = 1 when a persistent session was resumed. The
+//!   stored subscriptions come back as an [`Event::Subscribe`] (without
+//!   retained messages) and the inbound QoS 2 ids awaiting PUBREL are
+//!   restored, so a publisher resending PUBLISH(DUP) or PUBREL after a
+//!   reconnect is handled exactly once.
+//! - Messages on subjects a stream captures come from the streams, not the
+//!   router: the shell registers each stream with [`Session::follow`] and
+//!   feeds what it reads from [`Session::stream_next`] into
+//!   [`Session::deliver_stored`]. The machine filters by its subscriptions
+//!   and sends at min(subscription QoS, 1): the stream does not record the
+//!   publisher's QoS, and QoS 1 is what at-least-once redelivery from a
+//!   cursor gives. Per stream, the cursor ([`Session::snapshot`]) is the
+//!   highest sequence such that every matching message at or below it was
+//!   sent and (QoS 1) acknowledged; PUBACKs advance it contiguously.
+//!   Messages re-sent above the stored `sent` mark carry DUP = 0, below it
+//!   DUP = 1.
+//! - Outbound QoS 2 (router deliveries only) keeps its PUBREC state in
+//!   memory: after a reconnect such a message is not resent.
+//! - The inbound QoS 2 ids are written with the session (lazily, see
+//!   [`crate::server::mqtt`]): across reconnects they are exact; after a
+//!   crash of frond within the write interval, a PUBLISH(DUP) the client
+//!   resends for an id whose PUBREC was sent is stored a second time.
+//!
+//! Not yet: MQTT 5 topic aliases, flow control beyond `max_inflight`, a
+//! session expiry changed by the 5.0 DISCONNECT, and the MQTT filter form
+//! and subscription options in stored sessions (NATS filters and QoS are
+//! kept; that is all delivery needs).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::broker::persist::{Cursor, StoredSession, StoredSub};
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{
@@ -41,13 +73,22 @@ pub struct Limits {
     pub max_keep_alive: u16,
     pub connect_timeout: Duration,
     pub max_inflight: usize,
+    /// Longest session expiry granted; also the expiry of 3.1.1
+    /// persistent sessions.
+    pub max_session_expiry: Duration,
 }
 
 /// Work for the shell.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// CONNECT accepted: claim this client id (takeover of an older one).
-    Connected { client_id: String, clean: bool },
+    /// CONNECT accepted: claim this client id (takeover of an older one),
+    /// delete stored state when `clean`, load it otherwise, then call
+    /// [`Session::restore`]. `expiry` > 0: the session is persistent.
+    Connected {
+        client_id: String,
+        clean: bool,
+        expiry: Duration,
+    },
     /// A PUBLISH to route and capture. When `ack` is `Some`, the shell must
     /// call [`Session::publish_done`] with it once stored (or failed), in
     /// the order these events were emitted.
@@ -72,6 +113,8 @@ pub enum Event {
 #[derive(Debug, PartialEq, Eq)]
 enum State {
     AwaitConnect,
+    /// CONNECT seen; waiting for [`Session::restore`].
+    Restoring,
     Connected,
     Closed,
 }
@@ -82,6 +125,29 @@ struct Outbound {
     packet_id: u16,
     /// For QoS 2: PUBREC seen, PUBREL sent, awaiting PUBCOMP.
     released: bool,
+    /// (follow index, stream sequence) for a message from a stream.
+    origin: Option<(usize, u64)>,
+}
+
+/// One stream a persistent session follows.
+#[derive(Debug)]
+struct Follow {
+    stream: String,
+    /// The next sequence to read.
+    next: u64,
+    /// Sequences sent at QoS 1 and not yet acknowledged.
+    inflight: BTreeSet<u64>,
+    /// Highest sequence known sent.
+    sent: u64,
+}
+
+impl Follow {
+    fn acked(&self) -> u64 {
+        match self.inflight.first() {
+            Some(s) => s.saturating_sub(1),
+            None => self.next.saturating_sub(1),
+        }
+    }
 }
 
 pub struct Session {
@@ -107,8 +173,18 @@ pub struct Session {
     pub dropped: u64,
     /// The will from CONNECT, until a normal DISCONNECT discards it.
     will: Option<WillMessage>,
-    /// NATS filters this client subscribed to (for the `$` topic rule).
-    filters: Vec<String>,
+    /// NATS filters this client subscribed to, with granted QoS.
+    filters: Vec<(String, u8)>,
+    client_id: String,
+    /// Session expiry; zero: not persistent.
+    expiry: Duration,
+    follows: Vec<Follow>,
+    /// Cursors from the stored session, until [`Session::follow`] uses them.
+    restored_cursors: Vec<Cursor>,
+    /// CONNACK properties, held until [`Session::restore`].
+    pending_connack: Option<Properties>,
+    /// Persistent state changed since [`Session::take_dirty`].
+    dirty: bool,
 }
 
 /// One subscription to add (a NATS filter; an MQTT filter ending in `#`
@@ -154,6 +230,12 @@ impl Session {
             dropped: 0,
             will: None,
             filters: Vec::new(),
+            client_id: String::new(),
+            expiry: Duration::ZERO,
+            follows: Vec::new(),
+            restored_cursors: Vec::new(),
+            pending_connack: None,
+            dirty: false,
         }
     }
 
@@ -188,7 +270,10 @@ impl Session {
     fn process(&mut self, now: Instant) {
         self.now = now;
         let mut start = 0;
-        while self.state != State::Closed && self.pending_acks.len() < self.limits.max_inflight {
+        while self.state != State::Closed
+            && self.state != State::Restoring
+            && self.pending_acks.len() < self.limits.max_inflight
+        {
             match mqtt::decode(
                 &self.inbuf[start..],
                 self.version,
@@ -264,9 +349,7 @@ impl Session {
         match packet {
             Packet::Connect(_) => self.close_with(0x82, "second CONNECT".into()),
             Packet::Publish(p) => self.handle_publish(p),
-            Packet::PubAck(a) => {
-                self.outbound.retain(|o| o.packet_id != a.packet_id);
-            }
+            Packet::PubAck(a) => self.outbound_done(a.packet_id),
             Packet::PubRec(a) => {
                 if let Some(o) = self
                     .outbound
@@ -281,11 +364,11 @@ impl Session {
                     properties: Properties::default(),
                 }));
             }
-            Packet::PubComp(a) => {
-                self.outbound.retain(|o| o.packet_id != a.packet_id);
-            }
+            Packet::PubComp(a) => self.outbound_done(a.packet_id),
             Packet::PubRel(a) => {
-                self.qos2_in.remove(&a.packet_id);
+                if self.qos2_in.remove(&a.packet_id) {
+                    self.dirty = true;
+                }
                 self.send(&Packet::PubComp(Ack {
                     packet_id: a.packet_id,
                     code: 0,
@@ -299,10 +382,17 @@ impl Session {
                     let qos = (opts.qos as u8).min(2);
                     codes.push(qos);
                     for nf in topics::filter_to_subjects(&filter) {
-                        let new = !self.filters.contains(&nf);
+                        let new = !self.filters.iter().any(|(f, _)| *f == nf);
                         if new {
-                            self.filters.push(nf.clone());
+                            self.filters.push((nf.clone(), qos));
+                        } else {
+                            for (f, q) in &mut self.filters {
+                                if *f == nf {
+                                    *q = qos;
+                                }
+                            }
                         }
+                        self.dirty = true;
                         let send_retained = match opts.retain_handling {
                             0 => true,
                             1 => new,
@@ -328,7 +418,8 @@ impl Session {
                 for f in u.filters {
                     gone.extend(topics::filter_to_subjects(&f));
                 }
-                self.filters.retain(|f| !gone.contains(f));
+                self.filters.retain(|(f, _)| !gone.contains(f));
+                self.dirty = true;
                 self.events.push_back(Event::Unsubscribe(gone));
                 let codes = if self.version == Some(Version::V5) {
                     vec![0; n]
@@ -406,16 +497,237 @@ impl Session {
             props.shared_subscription_available = Some(0);
             props.subscription_identifier_available = Some(0);
         }
-        self.state = State::Connected;
-        self.send(&Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: 0,
-            properties: props,
-        }));
+        let max_exp = self.limits.max_session_expiry;
+        self.expiry = if v5 {
+            match c.properties.session_expiry_interval.unwrap_or(0) {
+                0 => Duration::ZERO,
+                s => {
+                    let granted = Duration::from_secs(u64::from(s)).min(max_exp);
+                    if granted.as_secs() < u64::from(s) {
+                        props.session_expiry_interval =
+                            Some(u32::try_from(granted.as_secs()).unwrap_or(u32::MAX));
+                    }
+                    granted
+                }
+            }
+        } else if c.clean_start {
+            Duration::ZERO
+        } else {
+            max_exp
+        };
+        self.state = State::Restoring;
+        self.pending_connack = Some(props);
+        self.client_id = client_id.clone();
         self.events.push_back(Event::Connected {
             client_id,
             clean: c.clean_start,
+            expiry: self.expiry,
         });
+    }
+
+    /// Finish CONNECT: `stored` is the persistent state found for this
+    /// client id (None for a clean session or when there was none). Sends
+    /// CONNACK and resumes decoding.
+    pub fn restore(&mut self, stored: Option<StoredSession>) {
+        if self.state != State::Restoring {
+            return;
+        }
+        let props = self.pending_connack.take().unwrap_or_default();
+        let present = self.is_persistent() && stored.is_some();
+        if let Some(st) = stored.filter(|_| self.is_persistent()) {
+            self.qos2_in = st.qos2_in.into_iter().collect();
+            let subs: Vec<SubRequest> = st
+                .subs
+                .iter()
+                .map(|s| SubRequest {
+                    filter: s.filter.clone(),
+                    qos: s.qos.min(2),
+                    send_retained: false,
+                })
+                .collect();
+            self.filters = st.subs.into_iter().map(|s| (s.filter, s.qos)).collect();
+            self.restored_cursors = st.cursors;
+            if !subs.is_empty() {
+                self.events.push_back(Event::Subscribe(subs));
+            }
+        }
+        self.state = State::Connected;
+        self.dirty = self.is_persistent();
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: present,
+            code: 0,
+            properties: props,
+        }));
+        self.process(self.now);
+    }
+
+    /// Whether this session outlives its connection.
+    pub fn is_persistent(&self) -> bool {
+        !self.expiry.is_zero()
+    }
+
+    /// Follow stream `name` (persistent sessions): resume from the stored
+    /// cursor, or after `last_seq` (the stream's tail) for a stream the
+    /// session did not know. Returns the follow index.
+    pub fn follow(&mut self, name: &str, last_seq: u64) -> usize {
+        let (acked, sent) = self
+            .restored_cursors
+            .iter()
+            .find(|c| c.stream == name)
+            .map_or((last_seq, last_seq), |c| (c.acked, c.sent));
+        self.follows.push(Follow {
+            stream: name.to_string(),
+            next: acked.saturating_add(1),
+            inflight: BTreeSet::new(),
+            sent,
+        });
+        self.follows.len() - 1
+    }
+
+    /// How many more stream messages may be sent now (the in-flight window).
+    pub fn stream_room(&self) -> usize {
+        if self.state != State::Connected {
+            return 0;
+        }
+        self.limits
+            .max_inflight
+            .min(65_535)
+            .saturating_sub(self.outbound.len())
+    }
+
+    /// The next sequence to read from followed stream `idx`.
+    pub fn stream_next(&self, idx: usize) -> Option<u64> {
+        self.follows.get(idx).map(|f| f.next)
+    }
+
+    /// Messages below `seq` of stream `idx` are gone (stream limits):
+    /// continue from `seq`.
+    pub fn stream_skip_to(&mut self, idx: usize, seq: u64) {
+        if let Some(f) = self.follows.get_mut(idx) {
+            if seq > f.next {
+                f.next = seq;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// A message read from followed stream `idx` (in sequence order, from
+    /// [`Session::stream_next`] on). Sends it if a subscription matches.
+    pub fn deliver_stored(&mut self, idx: usize, seq: u64, subject: &str, payload: &[u8]) {
+        if self.state != State::Connected {
+            return;
+        }
+        let Some(f) = self.follows.get_mut(idx) else {
+            return;
+        };
+        if seq < f.next {
+            return;
+        }
+        f.next = seq.saturating_add(1);
+        self.dirty = true;
+        let Some(qos) = self.matching_qos(subject) else {
+            return;
+        };
+        let dollar_ok = !subject.starts_with('$') || self.dollar_subscribed(subject);
+        if !dollar_ok {
+            return;
+        }
+        let mut publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: topics::subject_to_topic(subject),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: payload.to_vec(),
+        };
+        if qos >= 1 {
+            let id = self.alloc_packet_id();
+            self.outbound.push_back(Outbound {
+                packet_id: id,
+                released: false,
+                origin: Some((idx, seq)),
+            });
+            if let Some(f) = self.follows.get_mut(idx) {
+                publish.dup = seq <= f.sent;
+                f.sent = f.sent.max(seq);
+                f.inflight.insert(seq);
+            }
+            publish.qos = QoS::AtLeastOnce;
+            publish.packet_id = Some(id);
+        }
+        self.send(&Packet::Publish(publish));
+    }
+
+    /// The highest QoS of the subscriptions matching `subject`, capped at 1.
+    fn matching_qos(&self, subject: &str) -> Option<u8> {
+        self.filters
+            .iter()
+            .filter(|(f, _)| crate::subject::matches(f, subject))
+            .map(|(_, q)| (*q).min(1))
+            .max()
+    }
+
+    fn outbound_done(&mut self, packet_id: u16) {
+        let Some(pos) = self.outbound.iter().position(|o| o.packet_id == packet_id) else {
+            return;
+        };
+        if let Some(o) = self.outbound.remove(pos) {
+            if let Some((idx, seq)) = o.origin {
+                if let Some(f) = self.follows.get_mut(idx) {
+                    f.inflight.remove(&seq);
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// True (once) if the persistent state changed since the last call.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty) && self.is_persistent()
+    }
+
+    /// The state to store for a persistent session (`disconnected_at`
+    /// is 0: the shell sets it at disconnect).
+    pub fn snapshot(&self) -> StoredSession {
+        let mut cursors: Vec<Cursor> = self
+            .follows
+            .iter()
+            .map(|f| Cursor {
+                stream: f.stream.clone(),
+                acked: f.acked(),
+                sent: f.sent,
+            })
+            .collect();
+        // Keep cursors of streams not followed now (not configured at the
+        // moment) so they survive a configuration round trip.
+        for c in &self.restored_cursors {
+            if !cursors.iter().any(|k| k.stream == c.stream) {
+                cursors.push(c.clone());
+            }
+        }
+        let mut qos2_in: Vec<u16> = self.qos2_in.iter().copied().collect();
+        qos2_in.sort_unstable();
+        StoredSession {
+            client_id: self.client_id.clone(),
+            version: if self.version == Some(Version::V5) {
+                5
+            } else {
+                4
+            },
+            subs: self
+                .filters
+                .iter()
+                .map(|(f, q)| StoredSub {
+                    filter: f.clone(),
+                    qos: *q,
+                })
+                .collect(),
+            expiry_secs: self.expiry.as_secs(),
+            disconnected_at: 0,
+            cursors,
+            qos2_in,
+        }
     }
 
     fn handle_publish(&mut self, p: Publish) {
@@ -476,6 +788,7 @@ impl Session {
                 };
                 if qos == 2 {
                     self.qos2_in.insert(id);
+                    self.dirty = true;
                     self.send(&Packet::PubRec(ack));
                 } else {
                     self.send(&Packet::PubAck(ack));
@@ -546,6 +859,7 @@ impl Session {
             self.outbound.push_back(Outbound {
                 packet_id: id,
                 released: false,
+                origin: None,
             });
             Some(id)
         };
@@ -563,7 +877,7 @@ impl Session {
 
     /// Whether a filter that does not start with a wildcard matches `subject`.
     fn dollar_subscribed(&self, subject: &str) -> bool {
-        self.filters.iter().any(|f| {
+        self.filters.iter().any(|(f, _)| {
             !(f.starts_with('*') || f.starts_with('>')) && crate::subject::matches(f, subject)
         })
     }
@@ -588,7 +902,7 @@ impl Session {
     /// The next time [`Session::handle_timeout`] must be called.
     pub fn poll_deadline(&self) -> Option<Instant> {
         match self.state {
-            State::AwaitConnect => Some(self.connect_deadline),
+            State::AwaitConnect | State::Restoring => Some(self.connect_deadline),
             State::Connected => self.keep_alive.map(|ka| self.last_packet + ka + ka / 2),
             State::Closed => None,
         }
@@ -599,7 +913,7 @@ impl Session {
             Some(d) if now >= d => {}
             _ => return,
         }
-        if self.state == State::AwaitConnect {
+        if self.state == State::AwaitConnect || self.state == State::Restoring {
             self.state = State::Closed;
             self.events
                 .push_back(Event::Close("no CONNECT within connect_timeout".into()));
@@ -638,6 +952,7 @@ mod tests {
             max_keep_alive: 60,
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4,
+            max_session_expiry: Duration::from_secs(3600),
         }
     }
 
@@ -693,17 +1008,23 @@ mod tests {
         let now = Instant::now();
         let mut s = Session::new(limits(), now);
         s.handle_bytes(&bytes(&connect(v, "dev-1", true, 10), v), now);
-        match &sent(&mut s, v)[..] {
-            [Packet::ConnAck(c)] => assert_eq!(c.code, 0),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
+        assert!(!s.has_output(), "CONNACK waits for restore");
         assert_eq!(
             events(&mut s),
             vec![Event::Connected {
                 client_id: "dev-1".into(),
-                clean: true
+                clean: true,
+                expiry: Duration::ZERO,
             }]
         );
+        s.restore(None);
+        match &sent(&mut s, v)[..] {
+            [Packet::ConnAck(c)] => {
+                assert_eq!(c.code, 0);
+                assert!(!c.session_present);
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
         (s, now)
     }
 
@@ -860,10 +1181,11 @@ mod tests {
 
         let mut s = Session::new(limits(), now);
         s.handle_bytes(&bytes(&connect(v, "", true, 0), v), now);
-        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
         assert!(
             matches!(&events(&mut s)[..], [Event::Connected { client_id, .. }] if client_id.starts_with("frond-"))
         );
+        s.restore(None);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
     }
 
     #[test]
@@ -950,5 +1272,215 @@ mod tests {
             !s.has_output(),
             "no PUBACK for a message that was not stored"
         );
+    }
+
+    fn persistent(v: Version, stored: Option<StoredSession>) -> (Session, Instant, bool) {
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&bytes(&connect(v, "dev-p", false, 10), v), now);
+        match &events(&mut s)[..] {
+            [Event::Connected { expiry, clean, .. }] => {
+                assert!(!clean);
+                assert_eq!(*expiry, Duration::from_secs(3600), "3.1.1 uses the max");
+            }
+            other => panic!("expected Connected, got {other:?}"),
+        }
+        s.restore(stored);
+        let present = match &sent(&mut s, v)[..] {
+            [Packet::ConnAck(c)] => c.session_present,
+            other => panic!("expected CONNACK, got {other:?}"),
+        };
+        (s, now, present)
+    }
+
+    fn subscribe_pkt(id: u16, filter: &str, qos: QoS) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: id,
+            filters: vec![(
+                filter.into(),
+                SubscriptionOptions {
+                    qos,
+                    ..SubscriptionOptions::default()
+                },
+            )],
+            properties: Properties::default(),
+        })
+    }
+
+    #[test]
+    fn input_after_connect_waits_for_restore() {
+        let v = Version::V311;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let mut input = bytes(&connect(v, "dev-p", false, 10), v);
+        input.extend(bytes(&Packet::PingReq, v));
+        s.handle_bytes(&input, now);
+        assert!(matches!(&events(&mut s)[..], [Event::Connected { .. }]));
+        assert!(!s.has_output());
+        s.restore(None);
+        // CONNACK first, then the answer to what followed CONNECT.
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::ConnAck(c), Packet::PingResp] if !c.session_present
+        ));
+    }
+
+    #[test]
+    fn stream_delivery_filters_caps_qos_and_advances_cursor_contiguously() {
+        let v = Version::V311;
+        let (mut s, now, present) = persistent(v, None);
+        assert!(!present);
+        assert!(s.is_persistent());
+        let idx = s.follow("T", 10);
+        assert_eq!(s.stream_next(idx), Some(11));
+        s.handle_bytes(&bytes(&subscribe_pkt(1, "t/#", QoS::ExactlyOnce), v), now);
+        assert!(matches!(&events(&mut s)[..], [Event::Subscribe(_)]));
+        sent(&mut s, v);
+        assert!(s.take_dirty());
+        s.deliver_stored(idx, 11, "t.a", b"1");
+        s.deliver_stored(idx, 12, "other", b"x"); // no match: skipped
+        s.deliver_stored(idx, 13, "t.b", b"3");
+        s.deliver_stored(idx, 13, "t.b", b"3"); // already read: ignored
+        let ids: Vec<u16> = sent(&mut s, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => {
+                    assert_eq!(p.qos, QoS::AtLeastOnce, "capped at 1");
+                    assert!(!p.dup);
+                    p.packet_id.unwrap()
+                }
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(s.stream_next(idx), Some(14));
+        assert_eq!(s.snapshot().cursors[0].acked, 10, "nothing acknowledged");
+        assert_eq!(s.stream_room(), 2, "window 4, two in flight");
+        // Acknowledge the second first: the cursor must not pass the first.
+        let ack = |id| {
+            bytes(
+                &Packet::PubAck(Ack {
+                    packet_id: id,
+                    ..Ack::default()
+                }),
+                v,
+            )
+        };
+        s.handle_bytes(&ack(ids[1]), now);
+        assert_eq!(s.snapshot().cursors[0].acked, 10);
+        s.handle_bytes(&ack(ids[0]), now);
+        let snap = s.snapshot();
+        assert_eq!(snap.cursors[0].acked, 13);
+        assert_eq!(snap.cursors[0].sent, 13);
+        assert_eq!(
+            snap.subs,
+            vec![
+                StoredSub {
+                    filter: "t".into(),
+                    qos: 2
+                },
+                StoredSub {
+                    filter: "t.>".into(),
+                    qos: 2
+                }
+            ]
+        );
+        assert!(s.take_dirty());
+        s.stream_skip_to(idx, 20);
+        assert_eq!(s.snapshot().cursors[0].acked, 19);
+    }
+
+    #[test]
+    fn restore_resumes_subscriptions_cursor_dup_and_qos2_ids() {
+        let v = Version::V311;
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            version: 4,
+            subs: vec![StoredSub {
+                filter: "t.*".into(),
+                qos: 1,
+            }],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            cursors: vec![Cursor {
+                stream: "T".into(),
+                acked: 5,
+                sent: 6,
+            }],
+            qos2_in: vec![9],
+        };
+        let (mut s, now, present) = persistent(v, Some(stored));
+        assert!(present, "session_present");
+        assert_eq!(
+            events(&mut s),
+            vec![Event::Subscribe(vec![SubRequest {
+                filter: "t.*".into(),
+                qos: 1,
+                send_retained: false
+            }])]
+        );
+        let idx = s.follow("T", 100);
+        assert_eq!(s.stream_next(idx), Some(6), "resume after the cursor");
+        let other = s.follow("NEW", 100);
+        assert_eq!(s.stream_next(other), Some(101), "a new stream: its tail");
+        s.deliver_stored(idx, 6, "t.a", b"6");
+        s.deliver_stored(idx, 7, "t.a", b"7");
+        let dups: Vec<bool> = sent(&mut s, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.dup,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(dups, vec![true, false], "DUP only for what was sent");
+        // The publisher resends QoS 2 id 9 (DUP): not routed again.
+        s.handle_bytes(
+            &bytes(&publish(QoS::ExactlyOnce, Some(9), "t/x", b"q"), v),
+            now,
+        );
+        assert_eq!(events(&mut s), vec![Event::AckInOrder(9)]);
+        s.publish_done(9, Ok(()));
+        let rel = Packet::PubRel(Ack {
+            packet_id: 9,
+            ..Ack::default()
+        });
+        s.handle_bytes(&bytes(&rel, v), now);
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::PubRec(_), Packet::PubComp(c)] if c.packet_id == 9
+        ));
+        assert!(s.snapshot().qos2_in.is_empty());
+    }
+
+    #[test]
+    fn clean_and_v5_expiry_decide_persistence() {
+        let now = Instant::now();
+        // 3.1.1 clean session: not persistent, stored state ignored.
+        let mut s = Session::new(limits(), now);
+        let v = Version::V311;
+        s.handle_bytes(&bytes(&connect(v, "c", true, 0), v), now);
+        events(&mut s);
+        s.restore(Some(StoredSession::default()));
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if !c.session_present));
+        assert!(!s.is_persistent());
+        assert!(!s.take_dirty());
+        // 5.0: expiry capped by max_session_expiry and told to the client.
+        let v = Version::V5;
+        let mut s = Session::new(limits(), now);
+        let mut c = connect(v, "c5", true, 0);
+        if let Packet::Connect(c) = &mut c {
+            c.properties.session_expiry_interval = Some(u32::MAX);
+        }
+        s.handle_bytes(&bytes(&c, v), now);
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Connected { expiry, clean: true, .. }] if *expiry == Duration::from_secs(3600)
+        ));
+        s.restore(None);
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::ConnAck(c)] if c.properties.session_expiry_interval == Some(3600)
+        ));
+        assert!(s.is_persistent());
     }
 }

@@ -14,6 +14,27 @@
 //!   publisher.
 //! - Everything a connection registered (subscriptions, client id) is
 //!   removed when it ends, whatever the reason.
+//!
+//! Persistent sessions (see [`crate::broker::session`] and
+//! [`crate::broker::persist`]):
+//! - On CONNECT the task claims the client id (kicking an older
+//!   connection), waits until that connection has written its final state
+//!   ([`SessionStore::checkout`]), then deletes (clean session, or no
+//!   expiry) or loads the stored state before CONNACK.
+//! - A persistent session follows every stream from its cursors: it reads
+//!   in batches (at most the free in-flight window, 256 messages, 1 MiB)
+//!   and waits with [`crate::stream::StreamHandle::wait_for`]. Router
+//!   deliveries of subjects a stream captures are skipped for it (they come
+//!   from the stream); subjects no stream captures still come live, and are
+//!   lost while the client is offline.
+//! - The backlog is bounded by the streams' limits: messages a stream drops
+//!   before the session read them are skipped, with a warning giving the
+//!   count.
+//! - State is written after SUBSCRIBE/UNSUBSCRIBE before the SUBACK /
+//!   UNSUBACK leaves, lazily (at most every 200 ms) while cursors move, and
+//!   at disconnect. After a crash, or a shutdown that does not wait for
+//!   connections, messages after the last written cursor are delivered
+//!   again (at least once; DUP set for those known to have been sent).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -26,11 +47,20 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
+use crate::broker::persist::{unix_now, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
-use crate::stream::{AckWaiter, Message, StreamError};
+use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
+
+/// Longest a connection waits for the previous connection of its client
+/// id to hand its session over.
+const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Cursor progress is written at most this often while a session is active.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most messages read from a stream in one batch.
+const READ_BATCH: usize = 256;
 
 /// Accept MQTT connections (over WebSocket when `websocket`) until
 /// `shutdown` fires.
@@ -41,6 +71,7 @@ pub async fn serve(
     shutdown: Receiver<()>,
     websocket: bool,
     retained: Arc<Retained>,
+    sessions: Arc<SessionStore>,
 ) {
     let wills = Arc::new(DelayedWills::default());
     let limits = Limits {
@@ -48,6 +79,7 @@ pub async fn serve(
         max_keep_alive: cfg.max_keep_alive,
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
+        max_session_expiry: cfg.max_session_expiry,
     };
     loop {
         let accepted = async { Some(listener.accept().await) }
@@ -82,6 +114,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let wills = wills.clone();
         let retained = retained.clone();
+        let sessions = sessions.clone();
         smol::spawn(async move {
             broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
@@ -100,22 +133,24 @@ pub async fn serve(
                 match shaken {
                     Ok(()) => {
                         let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                        connection(ws, &broker, limits, max_queued, shutdown, &wills, &retained)
-                            .await
+                        let ctx = Ctx {
+                            broker: &broker,
+                            wills: &wills,
+                            retained: &retained,
+                            sessions: &sessions,
+                        };
+                        connection(ws, &ctx, limits, max_queued, shutdown).await
                     }
                     Err(e) => format!("websocket handshake failed: {e}"),
                 }
             } else {
-                connection(
-                    Tcp(sock),
-                    &broker,
-                    limits,
-                    max_queued,
-                    shutdown,
-                    &wills,
-                    &retained,
-                )
-                .await
+                let ctx = Ctx {
+                    broker: &broker,
+                    wills: &wills,
+                    retained: &retained,
+                    sessions: &sessions,
+                };
+                connection(Tcp(sock), &ctx, limits, max_queued, shutdown).await
             };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
@@ -130,6 +165,7 @@ enum Wake {
     Stored,
     Kicked,
     Shutdown,
+    StreamGrew,
     Timer,
 }
 
@@ -230,16 +266,65 @@ impl Transport for Tcp {
     }
 }
 
+/// What a connection shares with the rest of the server.
+pub struct Ctx<'a> {
+    pub broker: &'a Arc<Broker>,
+    pub wills: &'a Arc<DelayedWills>,
+    pub retained: &'a Arc<Retained>,
+    pub sessions: &'a Arc<SessionStore>,
+}
+
+/// Write the session's state (persistent sessions only); logged on error.
+async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: bool) {
+    if !session.is_persistent() {
+        return;
+    }
+    let mut st = session.snapshot();
+    if disconnected {
+        st.disconnected_at = unix_now().max(1);
+    }
+    let store = sessions.clone();
+    if let Err(e) = smol::unblock(move || store.save(&st)).await {
+        log::warn!(
+            "mqtt: cannot save session state: {e}; after a restart some messages may be delivered again"
+        );
+    }
+}
+
+/// Resolve when any of `streams` reaches its sequence.
+async fn any_grew(streams: Vec<(&StreamHandle, u64)>) {
+    if streams.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut futs: Vec<_> = streams
+        .into_iter()
+        .map(|(s, seq)| Box::pin(s.wait_for(seq)))
+        .collect();
+    std::future::poll_fn(|cx| {
+        for f in &mut futs {
+            if f.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 /// Serve one MQTT connection over `transport` until it ends; returns why.
 pub async fn connection<T: Transport>(
     mut transport: T,
-    broker: &Arc<Broker>,
+    ctx: &Ctx<'_>,
     limits: Limits,
     max_queued: usize,
     shutdown: Receiver<()>,
-    wills: &Arc<DelayedWills>,
-    retained: &Arc<Retained>,
 ) -> String {
+    let Ctx {
+        broker,
+        wills,
+        retained,
+        sessions,
+    } = *ctx;
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
     let (kick_tx, kick_rx) = bounded::<()>(1);
@@ -250,15 +335,50 @@ pub async fn connection<T: Transport>(
     let mut timer = Timer::never();
     let mut timer_at: Option<Instant> = None;
     let mut close_reason: Option<String> = None;
+    // Streams a persistent session follows (index = follow index) and
+    // whether reading one failed (then it is not followed any more).
+    let mut follows: Vec<(StreamHandle, bool)> = Vec::new();
+    let mut checked_out = false;
+    let mut save_at: Option<Instant> = None;
 
     let why = loop {
         // 1. Do what the session asked for.
         while let Some(ev) = session.poll_event() {
             match ev {
-                Event::Connected { client_id: id, .. } => {
+                Event::Connected {
+                    client_id: id,
+                    clean,
+                    expiry,
+                } => {
                     wills.cancel(&id);
                     broker.claim_client_id(&id, conn, kick_tx.clone());
-                    client_id = Some(id);
+                    client_id = Some(id.clone());
+                    if !sessions.checkout(&id, HANDOVER_TIMEOUT).await {
+                        close_reason =
+                            Some("the previous connection of this client id did not end".into());
+                        continue;
+                    }
+                    checked_out = true;
+                    let store = sessions.clone();
+                    let fresh = clean || expiry.is_zero();
+                    let stored = smol::unblock(move || {
+                        if fresh {
+                            if let Err(e) = store.remove(&id) {
+                                log::warn!("mqtt: cannot delete the stored session of {id}: {e}");
+                            }
+                            None
+                        } else {
+                            store.load(&id)
+                        }
+                    })
+                    .await;
+                    session.restore(stored);
+                    if session.is_persistent() {
+                        for s in broker.streams() {
+                            session.follow(&s.config().name, s.state().last_seq);
+                            follows.push((s.clone(), false));
+                        }
+                    }
                 }
                 Event::Publish {
                     subject,
@@ -313,6 +433,8 @@ pub async fn connection<T: Transport>(
                 }
                 Event::AckInOrder(id) => acks.push_back(PendingAck::Ready(id, Ok(()))),
                 Event::Subscribe(requests) => {
+                    // Durable before the SUBACK (written in step 4).
+                    save(&session, sessions, false).await;
                     let mut seen = std::collections::HashSet::new();
                     for r in requests {
                         broker.subscribe(conn, r.filter.clone(), r.qos, deliver_tx.clone());
@@ -334,6 +456,7 @@ pub async fn connection<T: Transport>(
                     }
                 }
                 Event::Unsubscribe(filters) => {
+                    save(&session, sessions, false).await;
                     for f in filters {
                         broker.unsubscribe(conn, &f);
                     }
@@ -361,24 +484,87 @@ pub async fn connection<T: Transport>(
                 session.publish_done(id, result);
             }
         }
-        // 3. Pass queued deliveries on without waiting.
+        // 3. Pass queued deliveries on without waiting (for a persistent
+        // session, captured subjects come from the streams instead).
+        let persistent = session.is_persistent();
         while let Ok(d) = deliver_rx.try_recv() {
-            session.deliver(&d);
-        }
-        // 4. Write.
-        if session.has_output() {
-            let out = session.take_output();
-            if let Err(e) = transport.write_all(&out).await {
-                break format!("write failed: {e}");
+            if !(persistent && broker.capture(&d.subject).is_some()) {
+                session.deliver(&d);
             }
         }
-        if session.is_closed() || session.has_events() {
+        // 3b. Persistent sessions: one batch from each followed stream.
+        let mut more = false;
+        for (idx, (stream, broken)) in follows.iter_mut().enumerate() {
+            let room = session.stream_room();
+            let Some(next) = session.stream_next(idx) else {
+                continue;
+            };
+            if room == 0 || *broken {
+                continue;
+            }
+            let st = stream.state();
+            if next < st.first_seq {
+                log::warn!(
+                    "mqtt: {}: {} messages of stream {} were removed by its limits before delivery; skipped",
+                    client_id.as_deref().unwrap_or("?"),
+                    st.first_seq - next,
+                    stream.config().name
+                );
+                session.stream_skip_to(idx, st.first_seq);
+            }
+            let next = session.stream_next(idx).unwrap_or(next);
+            if st.last_seq < next {
+                continue;
+            }
+            match stream.read(next, room.min(READ_BATCH), 1 << 20).await {
+                Ok(msgs) => {
+                    if msgs.is_empty() {
+                        // Everything up to last_seq was deleted.
+                        session.stream_skip_to(idx, st.last_seq.saturating_add(1));
+                    }
+                    for m in msgs {
+                        session.deliver_stored(idx, m.seq, &m.subject, &m.payload);
+                    }
+                    more = true;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "mqtt: cannot read stream {} for a persistent session: {e}",
+                        stream.config().name
+                    );
+                    *broken = true;
+                }
+            }
+        }
+        // 4. Write. A takeover interrupts a write to a client that does
+        // not read, so the new connection gets the session without waiting.
+        if session.has_output() {
+            let out = session.take_output();
+            let written = async { Some(transport.write_all(&out).await) }
+                .or(async {
+                    let _ = kick_rx.recv().await;
+                    None
+                })
+                .await;
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(e)) => break format!("write failed: {e}"),
+                None => break "another connection took over the client id".into(),
+            }
+        }
+        if session.take_dirty() && save_at.is_none() {
+            save_at = Some(Instant::now() + SAVE_EVERY);
+        }
+        if session.is_closed() || session.has_events() || more {
             // Completing acks can resume decoding buffered input; handle
             // what it produced (or the Close reason) before sleeping.
             continue;
         }
         // 5. Sleep until something happens.
-        let deadline = session.poll_deadline();
+        let deadline = match (session.poll_deadline(), save_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if deadline != timer_at {
             match deadline {
                 Some(d) => timer.set_at(d),
@@ -387,6 +573,13 @@ pub async fn connection<T: Transport>(
             timer_at = deadline;
         }
         let want_read = session.wants_input();
+        let room = session.stream_room() > 0;
+        let waits: Vec<(&StreamHandle, u64)> = follows
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, broken))| room && !*broken)
+            .filter_map(|(i, (s, _))| Some((s, session.stream_next(i)?)))
+            .collect();
         let wake = async {
             if want_read {
                 Wake::Read(transport.read(&mut buf).await)
@@ -415,6 +608,10 @@ pub async fn connection<T: Transport>(
             Wake::Kicked
         })
         .or(async {
+            any_grew(waits).await;
+            Wake::StreamGrew
+        })
+        .or(async {
             let _ = shutdown.recv().await;
             Wake::Shutdown
         })
@@ -428,17 +625,32 @@ pub async fn connection<T: Transport>(
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
             Wake::Read(Ok(n)) => session.handle_bytes(&buf[..n], now),
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
-            Wake::Deliver(d) => session.deliver(&d),
+            Wake::Deliver(d) => {
+                if !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+                    session.deliver(&d);
+                }
+            }
+            Wake::StreamGrew => {}
             // The result is re-read from the waiter in step 2.
             Wake::Stored => {}
             Wake::Kicked => break "another connection took over the client id".into(),
             Wake::Shutdown => break "server shutting down".into(),
             Wake::Timer => {
                 timer_at = None;
+                if save_at.is_some_and(|t| t <= now) {
+                    save_at = None;
+                    save(&session, sessions, false).await;
+                }
                 session.handle_timeout(now);
             }
         }
     };
+    if checked_out {
+        save(&session, sessions, true).await;
+        if let Some(id) = &client_id {
+            sessions.checkin(id);
+        }
+    }
     broker.drop_conn(conn);
     if let Some(id) = &client_id {
         broker.release_client_id(id, conn);
