@@ -25,7 +25,10 @@
 //! aliases and flow control beyond `max_inflight`. See the README's status.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::auth::{Auth, Permissions, Refusal};
 
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
@@ -41,6 +44,8 @@ pub struct Limits {
     pub max_keep_alive: u16,
     pub connect_timeout: Duration,
     pub max_inflight: usize,
+    /// `[auth]`: `None` accepts everyone with every permission.
+    pub auth: Option<Arc<Auth>>,
 }
 
 /// Work for the shell.
@@ -109,6 +114,10 @@ pub struct Session {
     will: Option<WillMessage>,
     /// NATS filters this client subscribed to (for the `$` topic rule).
     filters: Vec<String>,
+    /// The client's permissions (`None`: everything allowed).
+    perms: Option<Arc<Permissions>>,
+    /// Pending acks of publishes refused by permissions (MQTT 5: 0x87).
+    denied: HashSet<u16>,
 }
 
 /// One subscription to add (a NATS filter; an MQTT filter ending in `#`
@@ -154,6 +163,8 @@ impl Session {
             dropped: 0,
             will: None,
             filters: Vec::new(),
+            perms: None,
+            denied: HashSet::new(),
         }
     }
 
@@ -297,8 +308,19 @@ impl Session {
                 let mut codes = Vec::new();
                 for (filter, opts) in s.filters {
                     let qos = (opts.qos as u8).min(2);
+                    let mut nfs = topics::filter_to_subjects(&filter);
+                    if let Some(p) = &self.perms {
+                        // `a/#` is `a.>` plus `a`: granted if either is
+                        // allowed, subscribing only the allowed ones.
+                        nfs.retain(|f| p.can_subscribe(f));
+                        if nfs.is_empty() {
+                            let v5 = self.version == Some(Version::V5);
+                            codes.push(if v5 { 0x87 } else { 0x80 });
+                            continue;
+                        }
+                    }
                     codes.push(qos);
-                    for nf in topics::filter_to_subjects(&filter) {
+                    for nf in nfs {
                         let new = !self.filters.contains(&nf);
                         if new {
                             self.filters.push(nf.clone());
@@ -359,6 +381,30 @@ impl Session {
     fn handle_connect(&mut self, c: mqtt::Connect, _now: Instant) {
         self.version = Some(c.version);
         let v5 = c.version == Version::V5;
+        if let Some(auth) = &self.limits.auth {
+            match auth.authenticate(c.username.as_deref(), c.password.as_deref()) {
+                Ok(p) => self.perms = (!p.is_unrestricted()).then_some(p),
+                Err(r) => {
+                    let code = match (r, v5) {
+                        (Refusal::BadCredentials, false) => 0x04,
+                        (Refusal::NotAuthorized, false) => 0x05,
+                        (Refusal::BadCredentials, true) => 0x86,
+                        (Refusal::NotAuthorized, true) => 0x87,
+                    };
+                    self.send(&Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code,
+                        properties: Properties::default(),
+                    }));
+                    self.state = State::Closed;
+                    self.events.push_back(Event::Close(format!(
+                        "authentication failed for user {:?} ({r:?})",
+                        c.username.unwrap_or_default()
+                    )));
+                    return;
+                }
+            }
+        }
         self.will = c.will.map(|w| WillMessage {
             subject: topics::topic_to_subject(&w.topic),
             delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
@@ -426,6 +472,23 @@ impl Session {
         }
         let qos = p.qos as u8;
         let subject = topics::topic_to_subject(&p.topic);
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|x| !x.can_publish(&subject))
+        {
+            // Dropped. QoS 1/2 are still acknowledged in order: a success
+            // in 3.1.1 (which has no negative ack), 0x87 in 5.0.
+            log::debug!("mqtt: publish to {subject:?} denied by permissions");
+            if let Some(id) = p.packet_id.filter(|_| qos > 0) {
+                if self.version == Some(Version::V5) {
+                    self.denied.insert(id);
+                }
+                self.pending_acks.push_back((id, qos));
+                self.events.push_back(Event::AckInOrder(id));
+            }
+            return;
+        }
         match (p.qos, p.packet_id) {
             (QoS::AtMostOnce, _) => self.events.push_back(Event::Publish {
                 subject,
@@ -468,6 +531,18 @@ impl Session {
         };
         debug_assert_eq!(id, packet_id);
         match result {
+            Ok(()) if self.denied.remove(&id) => {
+                let ack = Ack {
+                    packet_id: id,
+                    code: 0x87, // not authorized
+                    properties: Properties::default(),
+                };
+                if qos == 2 {
+                    self.send(&Packet::PubRec(ack));
+                } else {
+                    self.send(&Packet::PubAck(ack));
+                }
+            }
             Ok(()) => {
                 let ack = Ack {
                     packet_id: id,
@@ -522,6 +597,13 @@ impl Session {
 
     fn deliver_with(&mut self, d: &Delivery, retain: bool) {
         if self.state != State::Connected {
+            return;
+        }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|p| !p.may_deliver(&d.subject))
+        {
             return;
         }
         if d.subject.starts_with('$') && !self.dollar_subscribed(&d.subject) {
@@ -658,6 +740,7 @@ mod tests {
             max_keep_alive: 60,
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4,
+            auth: None,
         }
     }
 

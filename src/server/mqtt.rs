@@ -48,6 +48,7 @@ pub async fn serve(
         max_keep_alive: cfg.max_keep_alive,
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
+        auth: cfg.auth.clone(),
     };
     loop {
         let accepted = async { Some(listener.accept().await) }
