@@ -1019,6 +1019,88 @@ mod tests {
     }
 
     #[test]
+    fn v5_auth_reason_codes() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        use std::sync::Arc;
+        let v = Version::V5;
+        let perms = Permissions {
+            allow_publish: vec!["t.ok".into()],
+            deny_subscribe: vec!["no".into()],
+            ..Permissions::default()
+        };
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "u".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(perms),
+            }],
+        });
+        let lim = Limits {
+            auth: Some(auth),
+            ..limits()
+        };
+        let with = |user: Option<&str>, pass: &[u8]| {
+            let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+                unreachable!()
+            };
+            c.username = user.map(String::from);
+            c.password = user.map(|_| pass.to_vec());
+            Packet::Connect(c)
+        };
+        let now = Instant::now();
+        for (user, pass, code) in [(Some("u"), &b"bad"[..], 0x86), (None, &b""[..], 0x87)] {
+            let mut s = Session::new(lim.clone(), now);
+            s.handle_bytes(&bytes(&with(user, pass), v), now);
+            assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == code));
+            assert!(s.is_closed());
+        }
+        let mut s = Session::new(lim, now);
+        s.handle_bytes(&bytes(&with(Some("u"), b"pw"), v), now);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
+        events(&mut s);
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "t/denied", b"x"), v),
+            now,
+        );
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(2), "t/ok", b"x"), v),
+            now,
+        );
+        let evs = events(&mut s);
+        assert!(matches!(
+            &evs[..],
+            [Event::AckInOrder(1), Event::Publish { ack: Some(2), .. }]
+        ));
+        s.publish_done(1, Ok(()));
+        s.publish_done(2, Ok(()));
+        let acks: Vec<u8> = sent(&mut s, v)
+            .iter()
+            .filter_map(|p| match p {
+                Packet::PubAck(a) => Some(a.code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![0x87, 0]);
+        s.handle_bytes(
+            &bytes(
+                &Packet::Subscribe(Subscribe {
+                    packet_id: 3,
+                    filters: vec![
+                        ("no".into(), SubscriptionOptions::default()),
+                        ("yes".into(), SubscriptionOptions::default()),
+                    ],
+                    properties: Properties::default(),
+                }),
+                v,
+            ),
+            now,
+        );
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![0x87, 0]));
+    }
+
+    #[test]
     fn v5_store_failure_is_a_negative_puback() {
         let v = Version::V5;
         let (mut s, now) = connected(v);
