@@ -21,11 +21,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::auth::{Auth, Permissions, Secret, User};
 use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
 use crate::subject::mapping::{parse_weight, Mapping, Mappings};
@@ -92,6 +94,8 @@ pub struct MqttConfig {
     /// session expiry is capped to it; 3.1.1 `clean_session = 0` sessions
     /// use it). 0 disables persistent sessions.
     pub max_session_expiry: Duration,
+    /// `[auth]`; `None`: every client is accepted with every permission.
+    pub auth: Option<Arc<Auth>>,
 }
 
 /// `[nats]`: the NATS client port.
@@ -111,6 +115,8 @@ pub struct NatsConfig {
     pub ping_interval: Duration,
     /// Unanswered PINGs before the connection is closed as stale.
     pub max_pings_out: u32,
+    /// `[auth]` (the same as `mqtt.auth`).
+    pub auth: Option<Arc<Auth>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,7 +215,7 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     tls: Option<toml::Value>,
-    auth: Option<toml::Value>,
+    auth: Option<RawAuth>,
     #[serde(default)]
     stream: Vec<RawStream>,
     uplink: Option<RawUplink>,
@@ -365,6 +371,7 @@ impl RawNats {
             max_subscriptions: self.max_subscriptions,
             ping_interval: self.ping_interval,
             max_pings_out: self.max_pings_out,
+            auth: None,
         })
     }
 }
@@ -492,6 +499,118 @@ fn default_reconnect_max() -> Duration {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    anonymous: bool,
+    #[serde(default)]
+    anonymous_permissions: RawPermissions,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPermissions {
+    #[serde(default)]
+    allow_publish: Vec<String>,
+    #[serde(default)]
+    allow_subscribe: Vec<String>,
+    #[serde(default)]
+    deny_publish: Vec<String>,
+    #[serde(default)]
+    deny_subscribe: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password: String,
+    #[serde(default)]
+    allow_publish: Vec<String>,
+    #[serde(default)]
+    allow_subscribe: Vec<String>,
+    #[serde(default)]
+    deny_publish: Vec<String>,
+    #[serde(default)]
+    deny_subscribe: Vec<String>,
+}
+
+impl RawPermissions {
+    fn validate(self, key: &str) -> Result<Permissions, ConfigError> {
+        let lists = [
+            ("allow_publish", &self.allow_publish),
+            ("allow_subscribe", &self.allow_subscribe),
+            ("deny_publish", &self.deny_publish),
+            ("deny_subscribe", &self.deny_subscribe),
+        ];
+        for (name, list) in lists {
+            if let Some(bad) = list.iter().find(|f| !subject::valid_filter(f)) {
+                return err(format!(
+                    "{key}.{name}: {bad:?} is not a valid NATS subject filter (tokens separated by '.', '*' or a final '>'; MQTT topic a/b is subject a.b)"
+                ));
+            }
+        }
+        Ok(Permissions {
+            allow_publish: self.allow_publish,
+            deny_publish: self.deny_publish,
+            allow_subscribe: self.allow_subscribe,
+            deny_subscribe: self.deny_subscribe,
+        })
+    }
+}
+
+impl RawAuth {
+    fn validate(self) -> Result<Auth, ConfigError> {
+        let anonymous_permissions = Arc::new(
+            self.anonymous_permissions
+                .validate("auth.anonymous_permissions")?,
+        );
+        let mut users: Vec<User> = Vec::new();
+        for (i, u) in self.users.into_iter().enumerate() {
+            let key = format!("auth.users[{i}] ({:?})", u.name);
+            if u.name.is_empty() {
+                return err(format!("{key}.name: must not be empty"));
+            }
+            if users.iter().any(|x| x.name == u.name) {
+                return err(format!("{key}.name: user {:?} is defined twice", u.name));
+            }
+            if u.password.is_empty() {
+                return err(format!("{key}.password: must not be empty"));
+            }
+            let secret = Secret::parse(&u.password);
+            if matches!(&secret, Secret::Plain(p) if p.starts_with("$2")) {
+                return err(format!(
+                    "{key}.password: looks like a bcrypt hash but is not one ($2a$/$2b$/$2y$, cost, then 53 characters); check for truncation"
+                ));
+            }
+            users.push(User {
+                permissions: Arc::new(
+                    RawPermissions {
+                        allow_publish: u.allow_publish,
+                        allow_subscribe: u.allow_subscribe,
+                        deny_publish: u.deny_publish,
+                        deny_subscribe: u.deny_subscribe,
+                    }
+                    .validate(&key)?,
+                ),
+                name: u.name,
+                secret,
+            });
+        }
+        if !self.anonymous && users.is_empty() {
+            return err("[auth]: no [[auth.users]] and anonymous = false would refuse every client; add a user or set anonymous = true");
+        }
+        Ok(Auth {
+            anonymous: self.anonymous,
+            anonymous_permissions,
+            users,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMirror {
     stream: String,
     to: String,
@@ -503,9 +622,6 @@ impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         if self.tls.is_some() {
             return err("[tls] is not supported yet (planned); remove the section");
-        }
-        if self.auth.is_some() {
-            return err("[auth] is not supported yet (planned); remove the section — every local client is accepted");
         }
         if self.mqtt.tls_listen.is_some() {
             return err(
@@ -531,8 +647,8 @@ impl RawConfig {
                 "log: {log:?} is not a level; use error, warn, info, debug or trace"
             ));
         }
-        let mqtt = self.mqtt.validate()?;
-        let nats = self.nats.validate()?;
+        let mut mqtt = self.mqtt.validate()?;
+        let mut nats = self.nats.validate()?;
         let http = HttpConfig {
             listen: non_empty(self.http.listen),
         };
@@ -585,6 +701,11 @@ impl RawConfig {
             Some(u) => Some(u.validate(&streams)?),
         };
         let mappings = validate_mappings(self.mappings)?;
+        if let Some(a) = self.auth {
+            let a = Arc::new(a.validate()?);
+            mqtt.auth = Some(a.clone());
+            nats.auth = Some(a);
+        }
         Ok(Config {
             node,
             data_dir: self
@@ -682,6 +803,7 @@ impl RawMqtt {
             max_inflight: self.max_inflight,
             max_queued: self.max_queued,
             max_session_expiry: self.max_session_expiry,
+            auth: None,
         })
     }
 }
@@ -1074,6 +1196,45 @@ mod tests {
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn auth_section() {
+        assert!(Config::parse("").unwrap().mqtt.auth.is_none());
+        let c = Config::parse(
+            r#"
+[auth]
+[auth.anonymous_permissions]
+deny_subscribe = ["test.nosubscribe"]
+[[auth.users]]
+name = "sensor-1"
+password = "$2b$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"
+allow_publish = ["telemetry.sensor-1.>"]
+allow_subscribe = ["cmd.sensor-1.>"]
+[[auth.users]]
+name = "plain"
+password = "pw"
+"#,
+        )
+        .unwrap();
+        let a = c.mqtt.auth.clone().unwrap();
+        assert_eq!(c.nats.auth, c.mqtt.auth);
+        assert!(!a.anonymous);
+        assert_eq!(a.users.len(), 2);
+        assert_eq!(a.warnings().len(), 1);
+        let p = a.authenticate(Some("sensor-1"), Some(b"U*U")).unwrap();
+        assert!(p.can_publish("telemetry.sensor-1.x"));
+        assert!(!p.can_publish("telemetry.sensor-2.x"));
+        for bad in [
+            "[auth]\n",
+            "[auth]\nanonymous = true\n[auth.anonymous_permissions]\nallow_publish = [\"a..b\"]\n",
+            "[auth]\n[[auth.users]]\nname = \"a\"\npassword = \"$2b$10$short\"\n",
+            "[auth]\n[[auth.users]]\nname = \"a\"\npassword = \"x\"\n[[auth.users]]\nname = \"a\"\npassword = \"y\"\n",
+            "[auth]\n[[auth.users]]\nname = \"a\"\npassword = \"x\"\nallow = []\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Config::parse("[auth]\nanonymous = true\n").is_ok());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`server`]: listeners (MQTT, HTTP monitoring) — the thin smol shell.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod config;

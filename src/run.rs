@@ -25,6 +25,9 @@ use crate::uplink::{self, UplinkStatus};
 /// Run until a termination signal.
 pub fn run(cfg: Config) -> Result<(), String> {
     crate::logger::init(&cfg.log);
+    for w in cfg.mqtt.auth.iter().flat_map(|a| a.warnings()) {
+        log::warn!("{w}");
+    }
     log::info!(
         "frond {} starting: node {}, data in {}",
         env!("CARGO_PKG_VERSION"),

@@ -24,9 +24,11 @@
 //!   `HMSG` is delivered as a plain `MSG`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Msg;
+use crate::auth::{Auth, Permissions};
 use crate::subject;
 use crate::wire::nats::server::{self as wire, ClientOp, ConnectInfo, InfoOut, PubOp};
 
@@ -40,6 +42,9 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// ... and closes the connection when this many are unanswered.
     pub max_pings_out: u32,
+    /// `[auth]`: `None` accepts everyone with every permission; otherwise
+    /// the first op must be a `CONNECT` with valid credentials.
+    pub auth: Option<Arc<Auth>>,
 }
 
 /// Work for the shell.
@@ -89,6 +94,8 @@ pub struct Conn {
     next_id: u64,
     next_ping: Instant,
     pings_out: u32,
+    /// The client's permissions (`None`: everything allowed).
+    perms: Option<Arc<Permissions>>,
 }
 
 impl Conn {
@@ -109,6 +116,7 @@ impl Conn {
             by_sid: HashMap::new(),
             next_id: 1,
             pings_out: 0,
+            perms: None,
         }
     }
 
@@ -167,6 +175,33 @@ impl Conn {
     }
 
     fn handle_op(&mut self, op: ClientOp, _now: Instant) {
+        if let Some(auth) = self.limits.auth.clone() {
+            if !self.connected {
+                let ClientOp::Connect(c) = &op else {
+                    return self.fatal(
+                        wire::ERR_AUTH,
+                        "op before CONNECT with auth required".into(),
+                    );
+                };
+                let res = match (&c.user, &c.auth_token) {
+                    (Some(u), _) => {
+                        auth.authenticate(Some(u), c.pass.as_deref().map(str::as_bytes))
+                    }
+                    (None, Some(t)) => auth.authenticate_token(t),
+                    (None, None) => auth.authenticate(None, None),
+                };
+                match res {
+                    Ok(p) => self.perms = (!p.is_unrestricted()).then_some(p),
+                    Err(r) => {
+                        let who = c.user.clone().unwrap_or_default();
+                        return self.fatal(
+                            wire::ERR_AUTH,
+                            format!("authentication failed for user {who:?} ({r:?})"),
+                        );
+                    }
+                }
+            }
+        }
         match op {
             ClientOp::Connect(c) => {
                 self.opts = *c;
@@ -210,6 +245,15 @@ impl Conn {
                 }
             }
         }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|x| !x.can_publish(&p.subject))
+        {
+            let text = format!("Permissions Violation for Publish to \"{}\"", p.subject);
+            wire::err(&text, &mut self.out);
+            return;
+        }
         let no_responders = self.opts.headers && self.opts.no_responders && p.reply.is_some();
         self.events.push_back(Event::Publish {
             subject: p.subject,
@@ -227,6 +271,20 @@ impl Conn {
             .is_none_or(|q| !q.contains(['*', '>']) && !q.is_empty());
         if !subject::valid_filter(&subject) || !queue_ok {
             wire::err(wire::ERR_INVALID_SUBJECT, &mut self.out);
+            return;
+        }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|x| !x.can_subscribe(&subject))
+        {
+            let text = match &queue {
+                Some(q) => format!(
+                    "Permissions Violation for Subscription to \"{subject}\" using queue \"{q}\""
+                ),
+                None => format!("Permissions Violation for Subscription to \"{subject}\""),
+            };
+            wire::err(&text, &mut self.out);
             return;
         }
         if self.by_sid.contains_key(&sid) {
@@ -265,6 +323,13 @@ impl Conn {
     /// subscription is gone or reached its maximum.
     pub fn deliver(&mut self, id: u64, m: &Msg) {
         if self.closed {
+            return;
+        }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|p| !p.may_deliver(&m.subject))
+        {
             return;
         }
         let Some(s) = self.subs.get_mut(&id) else {
@@ -385,6 +450,7 @@ mod tests {
             max_subscriptions: 3,
             ping_interval: Duration::from_secs(10),
             max_pings_out: 2,
+            auth: None,
         }
     }
 

@@ -56,8 +56,10 @@
 //! kept; that is all delivery needs).
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Auth, Permissions, Refusal};
 use crate::broker::persist::{Cursor, StoredSession, StoredSub};
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
@@ -76,6 +78,8 @@ pub struct Limits {
     /// Longest session expiry granted; also the expiry of 3.1.1
     /// persistent sessions.
     pub max_session_expiry: Duration,
+    /// `[auth]`: `None` accepts everyone with every permission.
+    pub auth: Option<Arc<Auth>>,
 }
 
 /// Work for the shell.
@@ -185,6 +189,10 @@ pub struct Session {
     pending_connack: Option<Properties>,
     /// Persistent state changed since [`Session::take_dirty`].
     dirty: bool,
+    /// The client's permissions (`None`: everything allowed).
+    perms: Option<Arc<Permissions>>,
+    /// Pending acks of publishes refused by permissions (MQTT 5: 0x87).
+    denied: HashSet<u16>,
 }
 
 /// One subscription to add (a NATS filter; an MQTT filter ending in `#`
@@ -236,6 +244,8 @@ impl Session {
             restored_cursors: Vec::new(),
             pending_connack: None,
             dirty: false,
+            perms: None,
+            denied: HashSet::new(),
         }
     }
 
@@ -380,8 +390,19 @@ impl Session {
                 let mut codes = Vec::new();
                 for (filter, opts) in s.filters {
                     let qos = (opts.qos as u8).min(2);
+                    let mut nfs = topics::filter_to_subjects(&filter);
+                    if let Some(p) = &self.perms {
+                        // `a/#` is `a.>` plus `a`: granted if either is
+                        // allowed, subscribing only the allowed ones.
+                        nfs.retain(|f| p.can_subscribe(f));
+                        if nfs.is_empty() {
+                            let v5 = self.version == Some(Version::V5);
+                            codes.push(if v5 { 0x87 } else { 0x80 });
+                            continue;
+                        }
+                    }
                     codes.push(qos);
-                    for nf in topics::filter_to_subjects(&filter) {
+                    for nf in nfs {
                         let new = !self.filters.iter().any(|(f, _)| *f == nf);
                         if new {
                             self.filters.push((nf.clone(), qos));
@@ -450,6 +471,30 @@ impl Session {
     fn handle_connect(&mut self, c: mqtt::Connect, _now: Instant) {
         self.version = Some(c.version);
         let v5 = c.version == Version::V5;
+        if let Some(auth) = &self.limits.auth {
+            match auth.authenticate(c.username.as_deref(), c.password.as_deref()) {
+                Ok(p) => self.perms = (!p.is_unrestricted()).then_some(p),
+                Err(r) => {
+                    let code = match (r, v5) {
+                        (Refusal::BadCredentials, false) => 0x04,
+                        (Refusal::NotAuthorized, false) => 0x05,
+                        (Refusal::BadCredentials, true) => 0x86,
+                        (Refusal::NotAuthorized, true) => 0x87,
+                    };
+                    self.send(&Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code,
+                        properties: Properties::default(),
+                    }));
+                    self.state = State::Closed;
+                    self.events.push_back(Event::Close(format!(
+                        "authentication failed for user {:?} ({r:?})",
+                        c.username.unwrap_or_default()
+                    )));
+                    return;
+                }
+            }
+        }
         self.will = c.will.map(|w| WillMessage {
             subject: topics::topic_to_subject(&w.topic),
             delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
@@ -738,6 +783,23 @@ impl Session {
         }
         let qos = p.qos as u8;
         let subject = topics::topic_to_subject(&p.topic);
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|x| !x.can_publish(&subject))
+        {
+            // Dropped. QoS 1/2 are still acknowledged in order: a success
+            // in 3.1.1 (which has no negative ack), 0x87 in 5.0.
+            log::debug!("mqtt: publish to {subject:?} denied by permissions");
+            if let Some(id) = p.packet_id.filter(|_| qos > 0) {
+                if self.version == Some(Version::V5) {
+                    self.denied.insert(id);
+                }
+                self.pending_acks.push_back((id, qos));
+                self.events.push_back(Event::AckInOrder(id));
+            }
+            return;
+        }
         match (p.qos, p.packet_id) {
             (QoS::AtMostOnce, _) => self.events.push_back(Event::Publish {
                 subject,
@@ -780,6 +842,18 @@ impl Session {
         };
         debug_assert_eq!(id, packet_id);
         match result {
+            Ok(()) if self.denied.remove(&id) => {
+                let ack = Ack {
+                    packet_id: id,
+                    code: 0x87, // not authorized
+                    properties: Properties::default(),
+                };
+                if qos == 2 {
+                    self.send(&Packet::PubRec(ack));
+                } else {
+                    self.send(&Packet::PubAck(ack));
+                }
+            }
             Ok(()) => {
                 let ack = Ack {
                     packet_id: id,
@@ -835,6 +909,13 @@ impl Session {
 
     fn deliver_with(&mut self, d: &Delivery, retain: bool) {
         if self.state != State::Connected {
+            return;
+        }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|p| !p.may_deliver(&d.subject))
+        {
             return;
         }
         if d.subject.starts_with('$') && !self.dollar_subscribed(&d.subject) {
@@ -953,6 +1034,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4,
             max_session_expiry: Duration::from_secs(3600),
+            auth: None,
         }
     }
 
@@ -1235,6 +1317,89 @@ mod tests {
             }
             other => panic!("expected PUBLISH, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn v5_auth_reason_codes() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        use std::sync::Arc;
+        let v = Version::V5;
+        let perms = Permissions {
+            allow_publish: vec!["t.ok".into()],
+            deny_subscribe: vec!["no".into()],
+            ..Permissions::default()
+        };
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "u".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(perms),
+            }],
+        });
+        let lim = Limits {
+            auth: Some(auth),
+            ..limits()
+        };
+        let with = |user: Option<&str>, pass: &[u8]| {
+            let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+                unreachable!()
+            };
+            c.username = user.map(String::from);
+            c.password = user.map(|_| pass.to_vec());
+            Packet::Connect(c)
+        };
+        let now = Instant::now();
+        for (user, pass, code) in [(Some("u"), &b"bad"[..], 0x86), (None, &b""[..], 0x87)] {
+            let mut s = Session::new(lim.clone(), now);
+            s.handle_bytes(&bytes(&with(user, pass), v), now);
+            assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == code));
+            assert!(s.is_closed());
+        }
+        let mut s = Session::new(lim, now);
+        s.handle_bytes(&bytes(&with(Some("u"), b"pw"), v), now);
+        events(&mut s);
+        s.restore(None);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.code == 0));
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "t/denied", b"x"), v),
+            now,
+        );
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(2), "t/ok", b"x"), v),
+            now,
+        );
+        let evs = events(&mut s);
+        assert!(matches!(
+            &evs[..],
+            [Event::AckInOrder(1), Event::Publish { ack: Some(2), .. }]
+        ));
+        s.publish_done(1, Ok(()));
+        s.publish_done(2, Ok(()));
+        let acks: Vec<u8> = sent(&mut s, v)
+            .iter()
+            .filter_map(|p| match p {
+                Packet::PubAck(a) => Some(a.code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![0x87, 0]);
+        s.handle_bytes(
+            &bytes(
+                &Packet::Subscribe(Subscribe {
+                    packet_id: 3,
+                    filters: vec![
+                        ("no".into(), SubscriptionOptions::default()),
+                        ("yes".into(), SubscriptionOptions::default()),
+                    ],
+                    properties: Properties::default(),
+                }),
+                v,
+            ),
+            now,
+        );
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![0x87, 0]));
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub async fn serve(
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
         max_session_expiry: cfg.max_session_expiry,
+        auth: cfg.auth.clone(),
     };
     loop {
         let accepted = async { Some(listener.accept().await) }

@@ -67,6 +67,7 @@ pub async fn serve(
         max_subscriptions: cfg.max_subscriptions,
         ping_interval: cfg.ping_interval,
         max_pings_out: cfg.max_pings_out,
+        auth: cfg.auth.clone(),
     };
     let local = listener.local_addr().ok();
     let base = InfoOut {
@@ -79,6 +80,7 @@ pub async fn serve(
         port: local.map(|a| a.port()).unwrap_or(0),
         headers: true,
         max_payload: cfg.max_payload,
+        auth_required: cfg.auth.is_some(),
         ..InfoOut::default()
     };
     loop {

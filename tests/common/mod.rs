@@ -695,6 +695,8 @@ pub struct FrondSpec {
     pub max_inflight: usize,
     /// Also listen for MQTT over WebSocket (`Frond::ws_port`).
     pub ws: bool,
+    /// Appended to the generated config (e.g. an `[auth]` section).
+    pub extra_config: String,
 }
 
 impl Default for FrondSpec {
@@ -707,6 +709,7 @@ impl Default for FrondSpec {
             ack_timeout: "2s".into(),
             max_inflight: 256,
             ws: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -789,6 +792,7 @@ impl Frond {
                 spec.prefix()
             ));
         }
+        cfg.push_str(&spec.extra_config);
         std::fs::write(&config_path, cfg).expect("write frond config");
         let mut f = Frond {
             spec,
