@@ -142,20 +142,12 @@ pub fn parse_server_op(
                     "{name} of {total} bytes exceeds the limit of {max_payload}"
                 )));
             }
-            let end = after_line + total;
-            if buf.len() < end + 2 {
-                return Ok(None);
-            }
-            if buf.get(end..end + 2) != Some(&b"\r\n"[..]) {
-                return Err(Malformed(format!("{name} payload is not followed by CRLF")));
-            }
-            let body = buf.get(after_line..end).unwrap_or_default();
-            let (headers, payload) = match hdr {
-                Some(h) => {
-                    let (hb, pl) = body.split_at(h.min(body.len()));
-                    (Some(hb.to_vec()), pl.to_vec())
+            let (headers, payload, end) = match super::take_body(buf, after_line, total, hdr) {
+                super::Body::Incomplete => return Ok(None),
+                super::Body::NoCrlf => {
+                    return Err(Malformed(format!("{name} payload is not followed by CRLF")))
                 }
-                None => (None, body.to_vec()),
+                super::Body::Ready(h, p, end) => (h, p, end),
             };
             Ok(Some((
                 ServerOp::Msg(MsgOp {
@@ -165,7 +157,7 @@ pub fn parse_server_op(
                     headers,
                     payload,
                 }),
-                end + 2,
+                end,
             )))
         }
         _ => Err(Malformed(format!(

@@ -104,6 +104,38 @@ pub(crate) fn check_token(tok: &str, what: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// The body of a message-carrying op (MSG/HMSG or PUB/HPUB) whose control
+/// line ended at `after_line`, shared by both sides of the codec.
+pub(crate) enum Body {
+    /// Fewer than `total + 2` bytes have arrived.
+    Incomplete,
+    /// The payload is not followed by CRLF.
+    NoCrlf,
+    /// Header block (when `hdr` was given) and payload, and the offset
+    /// just past the trailing CRLF.
+    Ready(Option<Vec<u8>>, Vec<u8>, usize),
+}
+
+/// Split the `total` body bytes after `after_line` into headers (the first
+/// `hdr` bytes, if any) and payload.
+pub(crate) fn take_body(buf: &[u8], after_line: usize, total: usize, hdr: Option<usize>) -> Body {
+    let end = after_line + total;
+    if buf.len() < end + 2 {
+        return Body::Incomplete;
+    }
+    if buf.get(end..end + 2) != Some(&b"\r\n"[..]) {
+        return Body::NoCrlf;
+    }
+    let body = buf.get(after_line..end).unwrap_or_default();
+    match hdr {
+        Some(h) => {
+            let (hb, pl) = body.split_at(h.min(body.len()));
+            Body::Ready(Some(hb.to_vec()), pl.to_vec(), end + 2)
+        }
+        None => Body::Ready(None, body.to_vec(), end + 2),
+    }
+}
+
 /// Emit one message-carrying op, the shape PUB, HPUB, MSG and HMSG share:
 /// `OP subject [sid] [reply] [hdr_size] size\r\n[headers]payload\r\n`.
 /// `sid` is given for MSG/HMSG only; `headers` for HPUB/HMSG only.
