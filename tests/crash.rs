@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -35,27 +34,8 @@ async fn sigkill_mid_stream() {
 
     let devices = 3;
     let per_device = 3000;
-    let mut pubs = Vec::new();
-    let mut tasks = Vec::new();
-    for d in 0..devices {
-        let mut p = Publisher::new(
-            frond.mqtt_port,
-            &format!("dev{d}"),
-            &format!("telemetry/p{d}"),
-            &format!("p{d}"),
-        )
-        .reconnecting();
-        p.inflight = 32;
-        pubs.push(p.clone());
-        tasks.push(tokio::spawn(
-            async move { p.publish(0..per_device, LONG).await },
-        ));
-    }
-    let acked = || {
-        pubs.iter()
-            .map(|p| p.progress.load(Ordering::SeqCst))
-            .sum::<usize>()
-    };
+    let (pubs, tasks) = spawn_devices(frond.mqtt_port, devices, per_device);
+    let acked = || total_acked(&pubs);
 
     for (kill, at) in [(1, 1500), (2, 5000)] {
         wait_until(format!("{at} PUBACKs before kill {kill}"), LONG, || {

@@ -18,7 +18,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -79,27 +78,8 @@ async fn sigkill_loop_keeps_every_acknowledged_message() {
 
     let devices = 4;
     let per_device = 2500;
-    let mut pubs = Vec::new();
-    let mut tasks = Vec::new();
-    for d in 0..devices {
-        let mut p = Publisher::new(
-            frond.mqtt_port,
-            &format!("dev{d}"),
-            &format!("telemetry/p{d}"),
-            &format!("p{d}"),
-        )
-        .reconnecting();
-        p.inflight = 32;
-        pubs.push(p.clone());
-        tasks.push(tokio::spawn(
-            async move { p.publish(0..per_device, LONG).await },
-        ));
-    }
-    let acked = || {
-        pubs.iter()
-            .map(|p| p.progress.load(Ordering::SeqCst))
-            .sum::<usize>()
-    };
+    let (pubs, tasks) = spawn_devices(frond.mqtt_port, devices, per_device);
+    let acked = || total_acked(&pubs);
 
     let mut lost = 0;
     let mut kills = 0;

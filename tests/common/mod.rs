@@ -1024,6 +1024,38 @@ pub struct Publisher {
     pub progress: Arc<AtomicUsize>,
 }
 
+/// Start `devices` reconnecting QoS 1 publishers (`dev<d>` on
+/// `telemetry/p<d>`, payloads `p<d>-…`, 32 in flight), each publishing
+/// `per_device` messages in a task.
+pub fn spawn_devices(
+    port: u16,
+    devices: usize,
+    per_device: usize,
+) -> (Vec<Publisher>, Vec<tokio::task::JoinHandle<PublishLog>>) {
+    let mut pubs = Vec::new();
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let mut p = Publisher::new(
+            port,
+            &format!("dev{d}"),
+            &format!("telemetry/p{d}"),
+            &format!("p{d}"),
+        )
+        .reconnecting();
+        p.inflight = 32;
+        pubs.push(p.clone());
+        tasks.push(tokio::spawn(
+            async move { p.publish(0..per_device, LONG).await },
+        ));
+    }
+    (pubs, tasks)
+}
+
+/// PUBACKs received so far by all of `pubs`.
+pub fn total_acked(pubs: &[Publisher]) -> usize {
+    pubs.iter().map(|p| p.progress.load(Ordering::SeqCst)).sum()
+}
+
 impl Publisher {
     pub fn new(port: u16, client_id: &str, topic: &str, prefix: &str) -> Publisher {
         Publisher {
