@@ -194,14 +194,13 @@ async fn request_reply_and_no_responders() {
             .unwrap();
         assert_eq!(resp.payload, format!("echo: {i}"));
     }
-    // Nobody listens: the server answers 503 at once.
-    let started = Instant::now();
+    // Nobody listens: the server answers 503 (a timeout would be another
+    // error kind).
     let err = timeout(WAIT, c.request("nobody.home", "x".into()))
         .await
         .unwrap()
         .unwrap_err();
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
-    assert!(started.elapsed() < Duration::from_secs(2));
     responder.abort();
 }
 
@@ -353,7 +352,6 @@ async fn slow_consumer_is_disconnected_without_stalling_others() {
     let p = f.client().await;
     let payload = vec![b'x'; 256 * 1024];
     let n = 200; // 50 MiB: far more than socket buffers plus max_pending.
-    let started = Instant::now();
     // Lockstep with the fast subscriber, so that only the slow one falls
     // behind (a publisher faster than every subscriber would overflow
     // them all).
@@ -361,7 +359,6 @@ async fn slow_consumer_is_disconnected_without_stalling_others() {
         p.publish("big", payload.clone().into()).await.unwrap();
         assert_eq!(next(&mut sub).await.payload.len(), payload.len());
     }
-    assert!(started.elapsed() < WAIT);
 
     // The slow client was cut off: what it can still read ends early.
     let got = tokio::task::spawn_blocking(move || read_until(&mut slow, b"\xff-never-"))
