@@ -65,6 +65,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
     pub http: HttpConfig,
+    /// `[tls]`: the server certificate for `mqtt.tls_listen` and
+    /// `mqtt.wss_listen`.
+    pub tls: Option<TlsFiles>,
     pub streams: Vec<StreamConfig>,
     pub uplink: Option<UplinkConfig>,
     /// `[mappings]`: subject rewrites applied to every incoming publish.
@@ -77,6 +80,10 @@ pub struct MqttConfig {
     pub listen: Option<String>,
     /// MQTT over WebSocket (subprotocol `mqtt`); `None`: off (the default).
     pub ws_listen: Option<String>,
+    /// MQTT over TLS (needs `[tls]`); `None`: off (the default).
+    pub tls_listen: Option<String>,
+    /// MQTT over WebSocket over TLS (needs `[tls]`); `None`: off.
+    pub wss_listen: Option<String>,
     pub max_packet_size: usize,
     pub max_connections: usize,
     /// Largest accepted client keep-alive (seconds); 0 from a client is
@@ -133,6 +140,10 @@ pub struct UplinkConfig {
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// CA for the hub's certificate; `None`: the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// (certificate, key) presented to the hub, if it wants one.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// Unacknowledged JetStream publishes in flight per mirror.
     pub max_inflight: usize,
     /// A publish not acknowledged within this time counts as a link fault.
@@ -143,6 +154,16 @@ pub struct UplinkConfig {
     pub mirrors: Vec<MirrorConfig>,
 }
 
+/// `[tls]`: PEM files for frond's own TLS listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    pub ca: Option<PathBuf>,
+}
+
 /// One hub address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubUrl {
@@ -151,11 +172,14 @@ pub struct HubUrl {
     /// Credentials embedded in the URL (`nats://user:pass@host`), if any.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `tls://`: TLS is required even if the hub does not ask for it.
+    pub tls: bool,
 }
 
 impl fmt::Display for HubUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "nats://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "tls" } else { "nats" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -214,7 +238,7 @@ struct RawConfig {
     nats: RawNats,
     #[serde(default)]
     http: RawHttp,
-    tls: Option<toml::Value>,
+    tls: Option<RawTls>,
     auth: Option<RawAuth>,
     #[serde(default)]
     stream: Vec<RawStream>,
@@ -274,11 +298,20 @@ fn validate_mappings(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawMqtt {
     listen: String,
     ws_listen: Option<String>,
     tls_listen: Option<String>,
+    wss_listen: Option<String>,
     #[serde(deserialize_with = "de_size")]
     max_packet_size: u64,
     max_connections: usize,
@@ -298,6 +331,7 @@ impl Default for RawMqtt {
             listen: "127.0.0.1:1883".into(),
             ws_listen: None,
             tls_listen: None,
+            wss_listen: None,
             max_packet_size: 1 << 20,
             max_connections: 10_000,
             max_keep_alive: Duration::from_secs(65_535),
@@ -470,6 +504,8 @@ struct RawUplink {
     nkey_seed: Option<String>,
     creds: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default = "default_uplink_inflight")]
     max_inflight: usize,
     #[serde(default = "default_ack_timeout", deserialize_with = "de_duration")]
@@ -620,13 +656,19 @@ struct RawMirror {
 
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
-        if self.tls.is_some() {
-            return err("[tls] is not supported yet (planned); remove the section");
+        let tls = self.tls.map(|t| TlsFiles {
+            cert: t.cert,
+            key: t.key,
+            ca: t.ca,
+        });
+        let wants_tls = [&self.mqtt.tls_listen, &self.mqtt.wss_listen]
+            .iter()
+            .any(|l| l.as_deref().is_some_and(|l| !l.is_empty()));
+        if wants_tls && tls.is_none() {
+            return err("mqtt.tls_listen/wss_listen: need a [tls] section with cert and key");
         }
-        if self.mqtt.tls_listen.is_some() {
-            return err(
-                "mqtt.tls_listen: MQTT over TLS is not supported yet (planned); remove the key",
-            );
+        if !wants_tls && tls.is_some() {
+            return err("[tls]: no TLS listener uses it; set mqtt.tls_listen or mqtt.wss_listen (or remove [tls])");
         }
         let node = match self.node {
             Some(n) => n,
@@ -716,6 +758,7 @@ impl RawConfig {
             mqtt,
             nats,
             http,
+            tls,
             streams,
             uplink,
             mappings,
@@ -796,6 +839,8 @@ impl RawMqtt {
         Ok(MqttConfig {
             listen: non_empty(self.listen),
             ws_listen: self.ws_listen.and_then(non_empty),
+            tls_listen: self.tls_listen.and_then(non_empty),
+            wss_listen: self.wss_listen.and_then(non_empty),
             max_packet_size: self.max_packet_size as usize,
             max_connections: self.max_connections,
             max_keep_alive: ka as u16,
@@ -879,8 +924,8 @@ impl RawUplink {
         if self.nkey_seed.is_some() || self.creds.is_some() {
             return err("uplink: nkey_seed and creds are not supported yet (planned); use user/password or token");
         }
-        if self.tls_ca.is_some() {
-            return err("uplink.tls_ca: TLS to the hub is not supported yet (planned)");
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("uplink.tls_cert and uplink.tls_key go together");
         }
         if !self.source.is_empty() {
             return err("uplink.source: source-down is not supported yet (planned); remove [[uplink.source]]");
@@ -952,6 +997,8 @@ impl RawUplink {
             user: self.user,
             password: self.password,
             token: self.token,
+            tls_ca: self.tls_ca,
+            tls_client: self.tls_cert.zip(self.tls_key),
             max_inflight: self.max_inflight,
             ack_timeout: self.ack_timeout,
             reconnect_min: self.reconnect_min,
@@ -964,12 +1011,14 @@ impl RawUplink {
 /// Parse `nats://[user:pass@]host[:port]` (port default 4222). A bare
 /// `host:port` is accepted too.
 pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
-    let rest = if let Some(r) = u.strip_prefix("nats://") {
-        r
+    let (tls, rest) = if let Some(r) = u.strip_prefix("nats://") {
+        (false, r)
+    } else if let Some(r) = u.strip_prefix("tls://") {
+        (true, r)
     } else if u.contains("://") {
-        return Err("only nats:// URLs are supported (tls:// is planned)".into());
+        return Err("use nats://host:port or tls://host:port".into());
     } else {
-        u
+        (false, u)
     };
     let rest = rest.trim_end_matches('/');
     let (auth, hostport) = match rest.rsplit_once('@') {
@@ -1008,6 +1057,7 @@ pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
         port,
         user,
         password,
+        tls,
     })
 }
 
@@ -1344,7 +1394,10 @@ subject_prefix = "fleet.truck-042."
     fn hub_urls() {
         let u = parse_hub_url("nats://127.0.0.1:4333").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 4333));
-        assert!(parse_hub_url("tls://h").is_err());
+        let t = parse_hub_url("tls://hub.example:4443").unwrap();
+        assert!(t.tls && !u.tls);
+        assert_eq!(t.to_string(), "tls://hub.example:4443");
+        assert!(parse_hub_url("wss://h").is_err());
         assert!(parse_hub_url("nats://h:notaport").is_err());
     }
 

@@ -25,6 +25,7 @@ pub mod server;
 pub mod store;
 pub mod stream;
 pub mod subject;
+pub mod tls;
 pub mod uplink;
 pub mod util;
 pub mod wire;

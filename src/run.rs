@@ -100,32 +100,39 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     let result = smol::block_on(async {
         let mut tasks = Vec::new();
-        if let Some(addr) = &cfg.mqtt.listen {
+        let acceptor = match &cfg.tls {
+            None => None,
+            Some(t) => Some(futures_rustls::TlsAcceptor::from(
+                crate::tls::server_config(&t.cert, &t.key, t.ca.as_deref())?,
+            )),
+        };
+        let mqtt_listeners = [
+            ("listen", &cfg.mqtt.listen, false, false, "mqtt://"),
+            ("ws_listen", &cfg.mqtt.ws_listen, false, true, "ws://"),
+            ("tls_listen", &cfg.mqtt.tls_listen, true, false, "mqtts://"),
+            ("wss_listen", &cfg.mqtt.wss_listen, true, true, "wss://"),
+        ];
+        for (key, addr, tls, websocket, scheme) in mqtt_listeners {
+            let Some(addr) = addr else { continue };
             let l = smol::net::TcpListener::bind(addr.as_str())
                 .await
-                .map_err(|e| format!("mqtt.listen {addr}: cannot listen: {e}"))?;
-            log::info!("mqtt: listening on {addr}");
+                .map_err(|e| format!("mqtt.{key} {addr}: cannot listen: {e}"))?;
+            let ws = if websocket {
+                "/ (WebSocket, subprotocol mqtt)"
+            } else {
+                ""
+            };
+            log::info!("mqtt: listening on {scheme}{addr}{ws}");
+            let framing = server::mqtt::Framing {
+                tls: if tls { acceptor.clone() } else { None },
+                websocket,
+            };
             tasks.push(smol::spawn(server::mqtt::serve(
                 l,
                 broker.clone(),
                 cfg.mqtt.clone(),
                 stop_rx.clone(),
-                false,
-                retained.clone(),
-                sessions.clone(),
-            )));
-        }
-        if let Some(addr) = &cfg.mqtt.ws_listen {
-            let l = smol::net::TcpListener::bind(addr.as_str())
-                .await
-                .map_err(|e| format!("mqtt.ws_listen {addr}: cannot listen: {e}"))?;
-            log::info!("mqtt: WebSocket listening on ws://{addr}/ (subprotocol mqtt)");
-            tasks.push(smol::spawn(server::mqtt::serve(
-                l,
-                broker.clone(),
-                cfg.mqtt.clone(),
-                stop_rx.clone(),
-                true,
+                framing,
                 retained.clone(),
                 sessions.clone(),
             )));
@@ -162,6 +169,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
             )));
         }
         if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
+            if u.tls_ca.is_some() || u.tls_client.is_some() {
+                // Bad certificate files stop the start, not each reconnect.
+                let client = u
+                    .tls_client
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path()));
+                crate::tls::client_config(u.tls_ca.as_deref(), client)?;
+            }
             tasks.push(smol::spawn(uplink::run(
                 u.clone(),
                 cfg.node.clone(),

@@ -352,9 +352,9 @@ async fn slow_consumer_is_disconnected_without_stalling_others() {
     let p = f.client().await;
     let payload = vec![b'x'; 256 * 1024];
     let n = 200; // 50 MiB: far more than socket buffers plus max_pending.
-    // Lockstep with the fast subscriber, so that only the slow one falls
-    // behind (a publisher faster than every subscriber would overflow
-    // them all).
+                 // Lockstep with the fast subscriber, so that only the slow one falls
+                 // behind (a publisher faster than every subscriber would overflow
+                 // them all).
     for _ in 0..n {
         p.publish("big", payload.clone().into()).await.unwrap();
         assert_eq!(next(&mut sub).await.payload.len(), payload.len());

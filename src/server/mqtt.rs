@@ -43,8 +43,8 @@ use std::time::Instant;
 
 use smol::channel::{bounded, Receiver};
 use smol::future::FutureExt;
-use smol::io::{AsyncReadExt, AsyncWriteExt};
-use smol::net::{TcpListener, TcpStream};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::net::TcpListener;
 use smol::Timer;
 
 use crate::broker::persist::{unix_now, SessionStore};
@@ -62,14 +62,22 @@ const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Most messages read from a stream in one batch.
 const READ_BATCH: usize = 256;
 
-/// Accept MQTT connections (over WebSocket when `websocket`) until
-/// `shutdown` fires.
+/// What a listener speaks below MQTT.
+#[derive(Clone)]
+pub struct Framing {
+    /// TLS first (`mqtt.tls_listen`, `mqtt.wss_listen`).
+    pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// Then a WebSocket upgrade (`mqtt.ws_listen`, `mqtt.wss_listen`).
+    pub websocket: bool,
+}
+
+/// Accept MQTT connections until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     cfg: MqttConfig,
     shutdown: Receiver<()>,
-    websocket: bool,
+    framing: Framing,
     retained: Arc<Retained>,
     sessions: Arc<SessionStore>,
 ) {
@@ -116,42 +124,47 @@ pub async fn serve(
         let wills = wills.clone();
         let retained = retained.clone();
         let sessions = sessions.clone();
+        let framing = framing.clone();
         smol::spawn(async move {
             broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
                 .counters
                 .total_connections
                 .fetch_add(1, Ordering::Relaxed);
-            let why = if websocket {
-                let mut sock = sock;
-                let timeout = limits.connect_timeout;
-                let shaken = super::ws::handshake(&mut sock)
-                    .or(async {
-                        Timer::after(timeout).await;
-                        Err("no WebSocket handshake within connect_timeout".into())
-                    })
-                    .await;
-                match shaken {
-                    Ok(()) => {
-                        let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                        let ctx = Ctx {
-                            broker: &broker,
-                            wills: &wills,
-                            retained: &retained,
-                            sessions: &sessions,
-                        };
-                        connection(ws, &ctx, limits, max_queued, shutdown).await
-                    }
-                    Err(e) => format!("websocket handshake failed: {e}"),
+            let ctx = Ctx {
+                broker: &broker,
+                wills: &wills,
+                retained: &retained,
+                sessions: &sessions,
+            };
+            let timeout = limits.connect_timeout;
+            let why = match framing.tls.clone() {
+                None => {
+                    unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown)
+                        .await
                 }
-            } else {
-                let ctx = Ctx {
-                    broker: &broker,
-                    wills: &wills,
-                    retained: &retained,
-                    sessions: &sessions,
-                };
-                connection(Tcp(sock), &ctx, limits, max_queued, shutdown).await
+                Some(acceptor) => {
+                    let shaken = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) }
+                        .or(async {
+                            Timer::after(timeout).await;
+                            Err("no TLS handshake within connect_timeout".into())
+                        })
+                        .await;
+                    match shaken {
+                        Ok(tls) => {
+                            unwrap_and_serve(
+                                tls,
+                                framing.websocket,
+                                &ctx,
+                                limits,
+                                max_queued,
+                                shutdown,
+                            )
+                            .await
+                        }
+                        Err(e) => format!("TLS handshake failed: {e}"),
+                    }
+                }
             };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::debug!("mqtt: {peer} closed: {why}");
@@ -255,15 +268,46 @@ pub trait Transport {
     fn write_all(&mut self, data: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>>;
 }
 
-/// Plain TCP.
-pub struct Tcp(pub TcpStream);
+/// MQTT bytes straight on a byte stream (TCP, or TLS over TCP).
+pub struct Plain<S>(pub S);
 
-impl Transport for Tcp {
+impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Plain<S> {
     async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         AsyncReadExt::read(&mut self.0, buf).await
     }
     async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        AsyncWriteExt::write_all(&mut self.0, data).await
+        AsyncWriteExt::write_all(&mut self.0, data).await?;
+        // TLS buffers records; TCP's flush is a no-op.
+        self.0.flush().await
+    }
+}
+
+/// After TLS (if any): the WebSocket upgrade (if `websocket`), then the
+/// MQTT connection. Returns why it ended.
+async fn unwrap_and_serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    websocket: bool,
+    ctx: &Ctx<'_>,
+    limits: Limits,
+    max_queued: usize,
+    shutdown: Receiver<()>,
+) -> String {
+    if !websocket {
+        return connection(Plain(sock), ctx, limits, max_queued, shutdown).await;
+    }
+    let timeout = limits.connect_timeout;
+    let shaken = super::ws::handshake(&mut sock)
+        .or(async {
+            Timer::after(timeout).await;
+            Err("no WebSocket handshake within connect_timeout".into())
+        })
+        .await;
+    match shaken {
+        Ok(()) => {
+            let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
+            connection(ws, ctx, limits, max_queued, shutdown).await
+        }
+        Err(e) => format!("websocket handshake failed: {e}"),
     }
 }
 

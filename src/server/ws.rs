@@ -12,15 +12,14 @@
 
 use std::io;
 
-use smol::io::{AsyncReadExt, AsyncWriteExt};
-use smol::net::TcpStream;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::mqtt::Transport;
 use crate::wire::nats::base64;
 
 /// Read the upgrade request from `sock` and answer it. On error the
 /// connection is answered with 400 (when possible) and must be closed.
-pub async fn handshake(sock: &mut TcpStream) -> Result<(), String> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(sock: &mut S) -> Result<(), String> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -77,7 +76,7 @@ pub async fn handshake(sock: &mut TcpStream) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn refuse(sock: &mut TcpStream, why: &str) -> Result<(), String> {
+async fn refuse<S: AsyncWrite + Unpin>(sock: &mut S, why: &str) -> Result<(), String> {
     let body = format!("{why}\n");
     let resp = format!(
         "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -166,8 +165,8 @@ fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
 }
 
 /// A WebSocket connection presenting MQTT bytes as a stream.
-pub struct Ws {
-    sock: TcpStream,
+pub struct Ws<S> {
+    sock: S,
     max_frame: u64,
     /// Raw bytes read from the socket, not yet decoded.
     raw: Vec<u8>,
@@ -178,8 +177,8 @@ pub struct Ws {
     closed: bool,
 }
 
-impl Ws {
-    pub fn new(sock: TcpStream, max_frame: usize) -> Ws {
+impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
+    pub fn new(sock: S, max_frame: usize) -> Ws<S> {
         Ws {
             sock,
             max_frame: max_frame as u64,
@@ -236,6 +235,7 @@ impl Ws {
         if !self.control.is_empty() {
             let c = std::mem::take(&mut self.control);
             self.sock.write_all(&c).await?;
+            self.sock.flush().await?;
         }
         Ok(())
     }
@@ -245,7 +245,7 @@ fn invalid(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
-impl Transport for Ws {
+impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Ws<S> {
     async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             if !self.data.is_empty() {
@@ -271,7 +271,8 @@ impl Transport for Ws {
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         let mut out = std::mem::take(&mut self.control);
         encode_frame(0x2, data, &mut out);
-        self.sock.write_all(&out).await
+        self.sock.write_all(&out).await?;
+        self.sock.flush().await
     }
 }
 

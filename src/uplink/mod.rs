@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use smol::channel::{Receiver, Sender};
 use smol::future::{self, FutureExt};
-use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::net::TcpStream;
 use smol::Timer;
 
@@ -126,6 +126,7 @@ pub async fn run(
     }
     let mut backoff = cfg.reconnect_min;
     let mut url_idx = 0usize;
+    let mut tls = TlsClient::new(&cfg);
     'outer: loop {
         let Some(url) = cfg.urls.get(url_idx % cfg.urls.len().max(1)).cloned() else {
             log::error!("no hub URLs configured");
@@ -138,6 +139,7 @@ pub async fn run(
             &cfg,
             &node,
             &url,
+            &mut tls,
             &mut slots,
             &answers_rx,
             &status,
@@ -284,9 +286,90 @@ enum Ev {
     Shutdown,
 }
 
+/// Write all of `data` and flush it (TLS buffers records).
+async fn write_flush(sock: &mut Box<dyn HubIo>, data: &[u8]) -> std::io::Result<()> {
+    sock.write_all(data).await?;
+    sock.flush().await
+}
+
+/// The hub connection's byte stream: TCP, or TLS over TCP.
+trait HubIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> HubIo for T {}
+
+/// Upgrade to TLS after the hub's INFO when the hub requires it, the URL
+/// says `tls://`, or the hub offers TLS and a CA or client certificate is
+/// configured.
+async fn maybe_tls(
+    sock: TcpStream,
+    info: &ServerInfo,
+    url: &HubUrl,
+    tls: &mut TlsClient,
+    deadline: Instant,
+) -> Result<Box<dyn HubIo>, String> {
+    let offered = info.tls_required || info.tls_available;
+    if !(info.tls_required || url.tls || (offered && tls.configured)) {
+        return Ok(Box::new(sock));
+    }
+    if !offered {
+        return Err(format!(
+            "{url} asks for TLS but the hub does not offer it (its INFO has no tls_required/tls_available)"
+        ));
+    }
+    let config = tls.config()?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| format!("{:?} is not a valid TLS server name: {e}", url.host))?;
+    let connector = futures_rustls::TlsConnector::from(config);
+    let stream = async {
+        connector
+            .connect(name, sock)
+            .await
+            .map_err(|e| format!("TLS handshake with the hub failed: {e}"))
+    }
+    .or(async {
+        Timer::at(deadline).await;
+        Err("TLS handshake timed out".to_string())
+    })
+    .await?;
+    Ok(Box::new(stream))
+}
+
+/// The uplink's TLS client settings, built on first use.
+struct TlsClient {
+    ca: Option<std::path::PathBuf>,
+    client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A CA or client certificate was configured: use TLS whenever the hub
+    /// offers it.
+    configured: bool,
+    built: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl TlsClient {
+    fn new(cfg: &UplinkConfig) -> TlsClient {
+        TlsClient {
+            ca: cfg.tls_ca.clone(),
+            client: cfg.tls_client.clone(),
+            configured: cfg.tls_ca.is_some() || cfg.tls_client.is_some(),
+            built: None,
+        }
+    }
+
+    fn config(&mut self) -> Result<Arc<rustls::ClientConfig>, String> {
+        if let Some(c) = &self.built {
+            return Ok(c.clone());
+        }
+        let client = self
+            .client
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let c = crate::tls::client_config(self.ca.as_deref(), client)?;
+        self.built = Some(c.clone());
+        Ok(c)
+    }
+}
+
 /// Read ops until `want` says stop, with a deadline.
-async fn next_op(
-    sock: &mut TcpStream,
+async fn next_op<S: AsyncRead + Unpin + ?Sized>(
+    sock: &mut S,
     buf: &mut Vec<u8>,
     limit: usize,
     deadline: Instant,
@@ -319,6 +402,7 @@ async fn session(
     cfg: &UplinkConfig,
     node: &str,
     url: &HubUrl,
+    tls: &mut TlsClient,
     slots: &mut [Slot],
     answers: &Receiver<ReadAnswer>,
     status: &UplinkStatus,
@@ -337,14 +421,14 @@ async fn session(
         Err("TCP connect timed out".to_string())
     })
     .await;
-    let mut sock = match connected {
+    let mut tcp = match connected {
         Ok(s) => s,
         Err(e) => return lost(e, false),
     };
-    let _ = sock.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let mut buf = Vec::new();
     let mut limit = (1 << 20) + PAYLOAD_SLACK;
-    let info = match next_op(&mut sock, &mut buf, limit, deadline).await {
+    let info = match next_op(&mut tcp, &mut buf, limit, deadline).await {
         Ok(ServerOp::Info(j)) => match ServerInfo::parse(&j) {
             Ok(i) => i,
             Err(e) => return lost(e.to_string(), false),
@@ -352,12 +436,13 @@ async fn session(
         Ok(other) => return lost(format!("expected INFO, got {other:?}"), false),
         Err(e) => return lost(e, false),
     };
-    if info.tls_required {
-        return lost(
-            "the hub requires TLS, which is not supported yet".into(),
-            false,
-        );
+    if !buf.is_empty() {
+        return lost("the hub sent more than INFO before CONNECT".into(), false);
     }
+    let mut sock = match maybe_tls(tcp, &info, url, tls, deadline).await {
+        Ok(s) => s,
+        Err(e) => return lost(e, false),
+    };
     let max_payload = if info.max_payload > 0 {
         info.max_payload
     } else {
@@ -369,12 +454,12 @@ async fn session(
     opts.name = format!("frond {node}");
     client::connect(&opts, &mut out);
     client::ping(&mut out);
-    if let Err(e) = sock.write_all(&out).await {
+    if let Err(e) = write_flush(&mut sock, &out).await {
         return lost(e.to_string(), false);
     }
     out.clear();
     loop {
-        match next_op(&mut sock, &mut buf, limit, deadline).await {
+        match next_op(&mut *sock, &mut buf, limit, deadline).await {
             Ok(ServerOp::Pong) => break,
             Ok(ServerOp::Err(e)) => {
                 let hint = if e.to_ascii_lowercase().contains("authorization") {
@@ -428,7 +513,7 @@ async fn session(
         persist(slots, now, false);
         publish_status(slots, status);
         if !out.is_empty() {
-            if let Err(e) = sock.write_all(&out).await {
+            if let Err(e) = write_flush(&mut sock, &out).await {
                 return lost(e.to_string(), true);
             }
             out.clear();

@@ -166,11 +166,19 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     starts: usize,
+    /// With TLS: (certificate, key, CA that signed it).
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl NatsServer {
     /// Starts a hub on a free port and waits until JetStream answers.
     pub async fn start() -> NatsServer {
+        Self::start_with_tls(None).await
+    }
+
+    /// Starts a hub that requires TLS with `tls` = (certificate, key, CA);
+    /// this harness's own clients trust the CA.
+    pub async fn start_with_tls(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("frond-hub-")
             .tempdir()
@@ -180,6 +188,7 @@ impl NatsServer {
             dir,
             child: None,
             starts: 0,
+            tls,
         };
         s.spawn().await;
         s
@@ -211,7 +220,15 @@ impl NatsServer {
             .join(format!("nats-server.{}.log", self.starts));
         let log = File::create(&log_path).expect("create nats-server log file");
         let log2 = log.try_clone().expect("clone log file handle");
-        let child = Command::new("nats-server")
+        let mut cmd = Command::new("nats-server");
+        if let Some((cert, key, _)) = &self.tls {
+            cmd.arg("--tls")
+                .arg("--tlscert")
+                .arg(cert)
+                .arg("--tlskey")
+                .arg(key);
+        }
+        let child = cmd
             .arg("-js")
             .arg("-sd")
             .arg(self.store_dir())
@@ -292,10 +309,11 @@ impl NatsServer {
     }
 
     async fn try_client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
-        async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(2))
-            .connect(self.url())
-            .await
+        let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
+        if let Some((_, _, ca)) = &self.tls {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        opts.connect(self.url()).await
     }
 
     /// A new client connection to the hub (panics if it is down).
@@ -697,6 +715,10 @@ pub struct FrondSpec {
     pub ws: bool,
     /// Appended to the generated config (e.g. an `[auth]` section).
     pub extra_config: String,
+    /// Lines added to the `[mqtt]` section (e.g. `tls_listen = "…"`).
+    pub mqtt_extra: String,
+    /// Lines added to the `[uplink]` section (e.g. `tls_ca = "…"`).
+    pub uplink_extra: String,
 }
 
 impl Default for FrondSpec {
@@ -710,6 +732,8 @@ impl Default for FrondSpec {
             max_inflight: 256,
             ws: false,
             extra_config: String::new(),
+            mqtt_extra: String::new(),
+            uplink_extra: String::new(),
         }
     }
 }
@@ -780,14 +804,16 @@ impl Frond {
         if spec.ws {
             cfg.push_str(&format!("ws_listen = \"127.0.0.1:{ws_port}\"\n"));
         }
+        cfg.push_str(&spec.mqtt_extra);
         cfg.push_str(&format!(
             "\n[nats]\nlisten = \"127.0.0.1:{nats_port}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[[stream]]\nname = \"TELEMETRY\"\nsubjects = [\"telemetry.>\"]\nsync = \"always\"\n"
         ));
         if let Some(url) = &spec.hub_url {
             cfg.push_str(&format!(
-                "\n[uplink]\nurls = [\"{url}\"]\nmax_inflight = {}\nack_timeout = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\n[[uplink.mirror]]\nstream = \"TELEMETRY\"\nto = \"{}\"\nsubject_prefix = \"{}\"\n",
+                "\n[uplink]\nurls = [\"{url}\"]\nmax_inflight = {}\nack_timeout = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n{}\n[[uplink.mirror]]\nstream = \"TELEMETRY\"\nto = \"{}\"\nsubject_prefix = \"{}\"\n",
                 spec.max_inflight,
                 spec.ack_timeout,
+                spec.uplink_extra,
                 spec.mirror_to,
                 spec.prefix()
             ));

@@ -1,6 +1,7 @@
 """MQTT over WebSocket round trip with paho-mqtt (a real peer).
 
-Usage: ws_roundtrip.py PORT
+Usage: ws_roundtrip.py PORT [CAFILE]
+With CAFILE the connection is WebSocket over TLS (wss), trusting CAFILE.
 Subscribes to ws/test over WebSocket (subprotocol mqtt), publishes 20 QoS 1
 messages on it, and exits 0 once all 20 came back in order, 1 otherwise.
 """
@@ -34,6 +35,8 @@ c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ws-peer", transport
 c.on_connect = on_connect
 c.on_subscribe = on_subscribe
 c.on_message = on_message
+if len(sys.argv) > 2:
+    c.tls_set(ca_certs=sys.argv[2])
 c.connect("127.0.0.1", port, keepalive=30)
 c.loop_start()
 if not subscribed.wait(10):

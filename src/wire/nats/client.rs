@@ -53,6 +53,7 @@ pub struct ServerInfo {
     pub jetstream: bool,
     pub auth_required: bool,
     pub tls_required: bool,
+    pub tls_available: bool,
     pub nonce: String,
     pub connect_urls: Vec<String>,
 }
