@@ -90,13 +90,10 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn frond_with_tls(pki: &Pki, require_client: bool, hub: Option<String>) -> (Frond, u16, u16) {
+async fn frond_with_tls(pki: &Pki, require_client: bool) -> (Frond, u16, u16) {
     let tls_port = free_port();
     let wss_port = free_port();
-    let mut spec = FrondSpec {
-        hub_url: hub,
-        ..FrondSpec::default()
-    };
+    let mut spec = FrondSpec::default();
     spec.mqtt_extra =
         format!("tls_listen = \"127.0.0.1:{tls_port}\"\nwss_listen = \"127.0.0.1:{wss_port}\"\n");
     spec.extra_config = pki.frond_section(require_client);
@@ -108,7 +105,7 @@ async fn frond_with_tls(pki: &Pki, require_client: bool, hub: Option<String>) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_over_tls_with_mosquitto_clients() {
     let pki = Pki::new();
-    let (frond, port, _) = frond_with_tls(&pki, false, None).await;
+    let (frond, port, _) = frond_with_tls(&pki, false).await;
     let ca = pki.path("ca.pem");
 
     // A retained QoS 1 publish over TLS, then a subscriber over TLS gets it.
@@ -156,7 +153,7 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_required_when_tls_ca_is_set() {
     let pki = Pki::new();
-    let (_frond, port, _) = frond_with_tls(&pki, true, None).await;
+    let (_frond, port, _) = frond_with_tls(&pki, true).await;
     let ca = pki.path("ca.pem");
     let o = mosquitto(
         "mosquitto_pub",
@@ -190,7 +187,7 @@ async fn client_certificates_required_when_tls_ca_is_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_round_trip_over_wss() {
     let pki = Pki::new();
-    let (_frond, _, wss_port) = frond_with_tls(&pki, false, None).await;
+    let (_frond, _, wss_port) = frond_with_tls(&pki, false).await;
     wait_until("the wss port accepts", LONG, || accepts_tcp(wss_port)).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/ws_roundtrip.py");
     let out = tokio::process::Command::new("python3")
