@@ -81,6 +81,9 @@ pub async fn serve(
         max_inflight: cfg.max_inflight,
         max_session_expiry: cfg.max_session_expiry,
         auth: cfg.auth.clone(),
+        max_subscriptions: cfg.max_subscriptions,
+        max_topic_length: cfg.max_topic_length,
+        max_topic_levels: cfg.max_topic_levels,
     };
     loop {
         let accepted = async { Some(listener.accept().await) }
@@ -438,7 +441,13 @@ pub async fn connection<T: Transport>(
                     save(&session, sessions, false).await;
                     let mut seen = std::collections::HashSet::new();
                     for r in requests {
-                        broker.subscribe(conn, r.filter.clone(), r.qos, deliver_tx.clone());
+                        broker.subscribe_mqtt(
+                            conn,
+                            r.share.clone(),
+                            r.filter.clone(),
+                            r.qos,
+                            deliver_tx.clone(),
+                        );
                         if !r.send_retained || retained.is_empty() {
                             continue;
                         }
@@ -451,6 +460,7 @@ pub async fn connection<T: Transport>(
                                     payload: m.payload,
                                     qos: m.qos.min(r.qos),
                                     retain: true,
+                                    shared: false,
                                 });
                             }
                         }
@@ -460,6 +470,11 @@ pub async fn connection<T: Transport>(
                     save(&session, sessions, false).await;
                     for f in filters {
                         broker.unsubscribe(conn, &f);
+                    }
+                }
+                Event::UnsubscribeShared(filters) => {
+                    for (share, f) in filters {
+                        broker.unsubscribe_mqtt(conn, Some(&share), &f);
                     }
                 }
                 Event::Close(why) => close_reason = Some(why),
@@ -486,10 +501,11 @@ pub async fn connection<T: Transport>(
             }
         }
         // 3. Pass queued deliveries on without waiting (for a persistent
-        // session, captured subjects come from the streams instead).
+        // session, captured subjects come from the streams instead, except
+        // for shared subscriptions, which are always live).
         let persistent = session.is_persistent();
         while let Ok(d) = deliver_rx.try_recv() {
-            if !(persistent && broker.capture(&d.subject).is_some()) {
+            if d.shared || !(persistent && broker.capture(&d.subject).is_some()) {
                 session.deliver(&d);
             }
         }
@@ -627,7 +643,7 @@ pub async fn connection<T: Transport>(
             Wake::Read(Ok(n)) => session.handle_bytes(&buf[..n], now),
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
             Wake::Deliver(d) => {
-                if !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+                if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
                     session.deliver(&d);
                 }
             }
