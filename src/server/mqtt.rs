@@ -102,8 +102,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let current = broker.counters.connections.load(Ordering::Relaxed);
+        // Counted here, before the task exists, so a flood of accepts
+        // cannot overshoot the limit; the task gives the slot back.
+        let current = broker.counters.connections.fetch_add(1, Ordering::Relaxed);
         if current as usize >= cfg.max_connections {
+            broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
             log::warn!(
                 "mqtt: refusing {peer}: max_connections ({}) reached",
                 cfg.max_connections
@@ -120,7 +123,6 @@ pub async fn serve(
         let retained = retained.clone();
         let sessions = sessions.clone();
         smol::spawn(async move {
-            broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
                 .counters
                 .total_connections

@@ -697,6 +697,8 @@ pub struct FrondSpec {
     pub ws: bool,
     /// Appended to the generated config (e.g. an `[auth]` section).
     pub extra_config: String,
+    /// Lines added to the `[mqtt]` section (e.g. `max_connections = 5`).
+    pub mqtt_config: String,
 }
 
 impl Default for FrondSpec {
@@ -710,6 +712,7 @@ impl Default for FrondSpec {
             max_inflight: 256,
             ws: false,
             extra_config: String::new(),
+            mqtt_config: String::new(),
         }
     }
 }
@@ -775,6 +778,7 @@ impl Frond {
         if let Some(m) = &spec.max_packet_size {
             cfg.push_str(&format!("max_packet_size = \"{m}\"\n"));
         }
+        cfg.push_str(&spec.mqtt_config);
         let ws_port = if spec.ws { free_port() } else { 0 };
         let nats_port = free_port();
         if spec.ws {
