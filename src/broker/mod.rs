@@ -97,8 +97,18 @@ pub type ConnId = u64;
 type SubId = u64;
 
 enum Target {
-    Mqtt { tx: Sender<Arc<Delivery>>, qos: u8 },
-    Nats { outbox: Arc<Outbox>, sid: u64 },
+    Mqtt {
+        tx: Sender<Arc<Delivery>>,
+        qos: u8,
+        /// Deliveries queued in `tx` beyond which more are dropped (the
+        /// channel may be unbounded: it then allocates only what is
+        /// queued, so an idle client costs no queue memory).
+        max_queued: usize,
+    },
+    Nats {
+        outbox: Arc<Outbox>,
+        sid: u64,
+    },
 }
 
 struct Sub {
@@ -354,12 +364,14 @@ impl Broker {
     /// Add an MQTT subscription for `conn`; replaces an identical filter of
     /// the same connection (MQTT semantics).
     pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
-        self.subscribe_mqtt(conn, None, filter, qos, tx)
+        let max_queued = tx.capacity().unwrap_or(usize::MAX);
+        self.subscribe_mqtt(conn, None, filter, qos, tx, max_queued)
     }
 
     /// Add an MQTT subscription for `conn`, shared in queue group `share`
     /// when given (`$share/{share}/...`); replaces the same (share, filter)
-    /// of the same connection.
+    /// of the same connection. At most `max_queued` deliveries wait in
+    /// `tx`; more are dropped for this subscriber.
     pub fn subscribe_mqtt(
         &self,
         conn: ConnId,
@@ -367,6 +379,7 @@ impl Broker {
         filter: String,
         qos: u8,
         tx: Sender<Arc<Delivery>>,
+        max_queued: usize,
     ) {
         let mut t = lock(&self.table);
         let same = |s: &Sub| {
@@ -386,7 +399,11 @@ impl Broker {
             conn,
             filter,
             queue: share,
-            target: Target::Mqtt { tx, qos },
+            target: Target::Mqtt {
+                tx,
+                qos,
+                max_queued,
+            },
             max: None,
             delivered: 0,
         });
@@ -576,12 +593,16 @@ impl Broker {
         }
         for (_, shared, q, id) in mqtt {
             let Some(Sub {
-                target: Target::Mqtt { tx, .. },
+                target: Target::Mqtt { tx, max_queued, .. },
                 ..
             }) = t.subs.get(&id)
             else {
                 continue;
             };
+            if tx.len() >= *max_queued {
+                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let m = msg.get_or_insert_with(&mut *make);
             let d = Arc::new(Delivery {
                 subject: m.subject.clone(),
@@ -633,7 +654,7 @@ fn pick_member(subs: &HashMap<SubId, Sub>, members: &[SubId]) -> Option<SubId> {
     }
     let start = fastrand::usize(..n);
     let has_room = |id: &SubId| match subs.get(id).map(|s| &s.target) {
-        Some(Target::Mqtt { tx, .. }) => !tx.is_full(),
+        Some(Target::Mqtt { tx, max_queued, .. }) => !tx.is_full() && tx.len() < *max_queued,
         Some(Target::Nats { outbox, .. }) => !outbox.is_slow(),
         None => false,
     };
@@ -801,10 +822,10 @@ mod tests {
         let b = Broker::new(Vec::new());
         let (tx1, rx1) = bounded(1000);
         let (tx2, rx2) = bounded(1000);
-        b.subscribe_mqtt(1, Some("g".into()), "job.*".into(), 1, tx1.clone());
+        b.subscribe_mqtt(1, Some("g".into()), "job.*".into(), 1, tx1.clone(), 1000);
         // The same connection also holds a plain subscription: own copy.
         b.subscribe(1, "job.*".into(), 0, tx1);
-        b.subscribe_mqtt(2, Some("g".into()), "job.*".into(), 2, tx2);
+        b.subscribe_mqtt(2, Some("g".into()), "job.*".into(), 2, tx2, 1000);
         let nats = Outbox::new(1 << 20);
         b.subscribe_nats(3, 1, "job.*".into(), Some("g".into()), nats.clone());
         for _ in 0..300 {
@@ -837,10 +858,10 @@ mod tests {
     #[test]
     fn share_group_passes_over_a_full_member() {
         let b = Broker::new(Vec::new());
-        let (full_tx, full_rx) = bounded(1);
+        let (full_tx, full_rx) = smol::channel::unbounded();
         let (tx, rx) = bounded(1000);
-        b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx);
-        b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx);
+        b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx, 1);
+        b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx, 1000);
         for _ in 0..100 {
             b.route("a", b"x", 0, false);
         }

@@ -9,9 +9,12 @@
 //! - Per connection, at most `max_inflight` publishes await storage; the
 //!   task stops reading the socket while that many are pending
 //!   (backpressure reaches the client through TCP).
-//! - Deliveries to a client queue in a bounded channel (`max_queued`); a
-//!   client that does not read loses deliveries (counted), never stalls a
-//!   publisher.
+//! - Deliveries to a client queue in a channel the router bounds at
+//!   `max_queued` (allocated as it fills, so idle clients cost no queue
+//!   memory); a client that does not read loses deliveries (counted),
+//!   never stalls a publisher.
+//! - The read buffer starts at 1 KiB and doubles (to 16 KiB) while reads
+//!   fill it: idle devices stay small, busy publishers read in bulk.
 //! - Everything a connection registered (subscriptions, client id) is
 //!   removed when it ends, whatever the reason.
 //!
@@ -41,7 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use smol::channel::{bounded, Receiver};
+use smol::channel::{bounded, unbounded, Receiver};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
@@ -127,28 +130,33 @@ pub async fn serve(
                 .counters
                 .total_connections
                 .fetch_add(1, Ordering::Relaxed);
+            // Boxed: the WebSocket path's future is several KiB larger
+            // than the TCP one, and every task would otherwise be that big.
             let why = if websocket {
-                let mut sock = sock;
-                let timeout = limits.connect_timeout;
-                let shaken = super::ws::handshake(&mut sock)
-                    .or(async {
-                        Timer::after(timeout).await;
-                        Err("no WebSocket handshake within connect_timeout".into())
-                    })
-                    .await;
-                match shaken {
-                    Ok(()) => {
-                        let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                        let ctx = Ctx {
-                            broker: &broker,
-                            wills: &wills,
-                            retained: &retained,
-                            sessions: &sessions,
-                        };
-                        connection(ws, &ctx, limits, max_queued, shutdown).await
+                Box::pin(async {
+                    let mut sock = sock;
+                    let timeout = limits.connect_timeout;
+                    let shaken = super::ws::handshake(&mut sock)
+                        .or(async {
+                            Timer::after(timeout).await;
+                            Err("no WebSocket handshake within connect_timeout".into())
+                        })
+                        .await;
+                    match shaken {
+                        Ok(()) => {
+                            let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
+                            let ctx = Ctx {
+                                broker: &broker,
+                                wills: &wills,
+                                retained: &retained,
+                                sessions: &sessions,
+                            };
+                            connection(ws, &ctx, limits, max_queued, shutdown).await
+                        }
+                        Err(e) => format!("websocket handshake failed: {e}"),
                     }
-                    Err(e) => format!("websocket handshake failed: {e}"),
-                }
+                })
+                .await
             } else {
                 let ctx = Ctx {
                     broker: &broker,
@@ -332,10 +340,10 @@ pub async fn connection<T: Transport>(
         sessions,
     } = *ctx;
     let conn = broker.new_conn_id();
-    let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
+    let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
     let (kick_tx, kick_rx) = bounded::<()>(1);
     let mut session = Session::new(limits, Instant::now());
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 1024];
     let mut acks: VecDeque<PendingAck> = VecDeque::new();
     let mut client_id: Option<String> = None;
     let mut timer = Timer::never();
@@ -449,6 +457,7 @@ pub async fn connection<T: Transport>(
                             r.filter.clone(),
                             r.qos,
                             deliver_tx.clone(),
+                            max_queued,
                         );
                         if !r.send_retained || retained.is_empty() {
                             continue;
@@ -642,7 +651,12 @@ pub async fn connection<T: Transport>(
         let now = Instant::now();
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
-            Wake::Read(Ok(n)) => session.handle_bytes(&buf[..n], now),
+            Wake::Read(Ok(n)) => {
+                session.handle_bytes(&buf[..n], now);
+                if n == buf.len() && buf.len() < 16 * 1024 {
+                    buf.resize(buf.len() * 2, 0);
+                }
+            }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
             Wake::Deliver(d) => {
                 if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
