@@ -17,7 +17,7 @@
 //!   subscriber records publish-to-deliver times (same clock, same
 //!   process): p50, p99, max.
 //! - idle: `clients` connections (clean session, 60 s keep-alive, each
-//!   subscribed to its own topic) are opened and held; the report gives
+//!   subscribed at QoS 0 to its own topic) are opened and held; the report gives
 //!   the broker's VmRSS (`rss_pid`) before and with them connected.
 
 use std::io::{Read, Write};
@@ -451,7 +451,7 @@ impl MqttBench {
         let mut conns = Vec::with_capacity(self.clients);
         for i in 0..self.clients {
             let mut c = MqttConn::connect(&self.addr, &format!("idle-{i}"))?;
-            c.subscribe(&format!("{}/idle/{i}", self.topic), 1)?;
+            c.subscribe(&format!("{}/idle/{i}", self.topic), 0)?;
             conns.push(c);
         }
         // Let the broker settle (allocations after the last SUBACK).
