@@ -62,6 +62,8 @@ use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Cursor progress is written at most this often while a session is active.
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Refused connections are logged at most this often.
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most messages read from a stream in one batch.
 const READ_BATCH: usize = 256;
 
@@ -77,6 +79,7 @@ pub async fn serve(
     sessions: Arc<SessionStore>,
 ) {
     let wills = Arc::new(DelayedWills::default());
+    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
         max_keep_alive: cfg.max_keep_alive,
@@ -110,10 +113,17 @@ pub async fn serve(
         let current = broker.counters.connections.fetch_add(1, Ordering::Relaxed);
         if current as usize >= cfg.max_connections {
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
-            log::warn!(
-                "mqtt: refusing {peer}: max_connections ({}) reached",
-                cfg.max_connections
-            );
+            // A flood must not flood the log (flash wear): at most one
+            // line per second, with the count.
+            refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                log::warn!(
+                    "mqtt: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
+                    cfg.max_connections
+                );
+                refused = 0;
+                last_refusal_log = Some(Instant::now());
+            }
             drop(sock);
             continue;
         }
