@@ -1,12 +1,24 @@
-//! `frond bench mqtt`: an MQTT publish benchmark against any broker
-//! (frond, Mosquitto, nats-server with MQTT on), built on frond's own codec;
+//! `frond bench mqtt`: MQTT benchmarks against any broker (frond,
+//! Mosquitto, nats-server with MQTT on), built on frond's own codec;
 //! `frond bench nats`: publish, fan-out and request/reply against any NATS
 //! server ([`NatsBench`]).
 //!
-//! Each publisher is one OS thread with one connection, keeping up to
-//! `inflight` QoS 1 publishes unacknowledged (QoS 0: just writes). The
-//! report gives messages per second from the first publish to the last
-//! acknowledgement, across all publishers.
+//! MQTT modes ([`MqttMode`]):
+//! - publish: each publisher is one OS thread with one connection, keeping
+//!   up to `inflight` QoS 1 publishes unacknowledged (QoS 0: just writes).
+//!   The report gives messages per second from the first publish to the
+//!   last acknowledgement, across all publishers.
+//! - fan-out: `subs` subscribers (QoS 0) on one topic, one QoS 0 publisher
+//!   sending `msgs` messages, paced by a PINGREQ round trip every 1,000;
+//!   the rate counts deliveries until the last subscriber is done (a
+//!   subscriber that sees nothing for 5 s stops; losses are reported).
+//! - latency: one publisher, one subscriber at `qos`; the publisher sends
+//!   `msgs` messages at a fixed `rate`, each carrying its send time; the
+//!   subscriber records publish-to-deliver times (same clock, same
+//!   process): p50, p99, max.
+//! - idle: `clients` connections (clean session, 60 s keep-alive, each
+//!   subscribed at QoS 0 to its own topic) are opened and held; the report gives
+//!   the broker's VmRSS (`rss_pid`) before and with them connected.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,6 +37,39 @@ pub struct MqttBench {
     pub qos: u8,
     pub inflight: usize,
     pub topic: String,
+    pub mode: MqttMode,
+    /// Fan-out subscribers.
+    pub subs: usize,
+    /// Latency mode: messages per second.
+    pub rate: u32,
+    /// Idle mode: connections to hold.
+    pub clients: usize,
+    /// Idle mode: the broker's process id, for its VmRSS.
+    pub rss_pid: Option<u32>,
+}
+
+/// What `frond bench mqtt` measures (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttMode {
+    Publish,
+    FanOut,
+    Latency,
+    Idle,
+}
+
+impl std::str::FromStr for MqttMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "publish" => Ok(MqttMode::Publish),
+            "fanout" => Ok(MqttMode::FanOut),
+            "latency" => Ok(MqttMode::Latency),
+            "idle" => Ok(MqttMode::Idle),
+            other => Err(format!(
+                "bench: unknown --mode {other:?}; use publish, fanout, latency or idle"
+            )),
+        }
+    }
 }
 
 impl Default for MqttBench {
@@ -37,6 +82,11 @@ impl Default for MqttBench {
             qos: 1,
             inflight: 100,
             topic: "bench".into(),
+            mode: MqttMode::Publish,
+            subs: 4,
+            rate: 1000,
+            clients: 1000,
+            rss_pid: None,
         }
     }
 }
@@ -44,6 +94,15 @@ impl Default for MqttBench {
 impl MqttBench {
     /// Run and return a one-line report.
     pub fn run(&self) -> Result<String, String> {
+        match self.mode {
+            MqttMode::Publish => self.publish(),
+            MqttMode::FanOut => self.fan_out(),
+            MqttMode::Latency => self.latency(),
+            MqttMode::Idle => self.idle(),
+        }
+    }
+
+    fn publish(&self) -> Result<String, String> {
         if self.qos > 1 {
             return Err("bench: --qos must be 0 or 1".into());
         }
@@ -215,6 +274,327 @@ impl MqttBench {
         );
         let _ = s.write_all(&bye);
         Ok(acked)
+    }
+}
+
+impl MqttBench {
+    fn fan_out(&self) -> Result<String, String> {
+        if self.subs == 0 || self.msgs == 0 {
+            return Err("bench: --subs and --msgs must be at least 1".into());
+        }
+        let topic = format!("{}/fan", self.topic);
+        let mut subs = Vec::new();
+        for i in 0..self.subs {
+            let mut c = MqttConn::connect(&self.addr, &format!("fan-sub-{i}"))?;
+            c.subscribe(&topic, 0)?;
+            subs.push(c);
+        }
+        let msgs = self.msgs;
+        let readers: Vec<_> = subs
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || -> Result<(usize, Instant), String> {
+                    c.s.set_read_timeout(Some(Duration::from_secs(5)))
+                        .map_err(|e| format!("bench: {e}"))?;
+                    let mut got = 0;
+                    let mut last = Instant::now();
+                    while got < msgs {
+                        match c.next_packet() {
+                            Ok(Packet::Publish(_)) => {
+                                got += 1;
+                                last = Instant::now();
+                            }
+                            Ok(_) => {}
+                            Err(_) if got > 0 => break, // idle: the rest was lost
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok((got, last))
+                })
+            })
+            .collect();
+        let mut p = MqttConn::connect(&self.addr, "fan-pub")?;
+        let payload = vec![b'x'; self.size];
+        let start = Instant::now();
+        for i in 0..msgs {
+            p.send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: topic.clone(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: payload.clone(),
+            }))?;
+            if i % 1000 == 999 || i + 1 == msgs {
+                p.ping()?;
+            }
+        }
+        let (mut total, mut end) = (0, start);
+        for r in readers {
+            let (got, last) = r
+                .join()
+                .map_err(|_| "bench: a subscriber thread panicked".to_string())??;
+            total += got;
+            end = end.max(last);
+        }
+        let secs = end.duration_since(start).as_secs_f64().max(1e-6);
+        let want = msgs * self.subs;
+        Ok(format!(
+            "mqtt fan-out: 1 -> {} subscribers, {} msgs of {} bytes to {}: {:.0} deliveries/s, {:.2}s, {} lost",
+            self.subs,
+            msgs,
+            self.size,
+            self.addr,
+            total as f64 / secs,
+            secs,
+            want - total
+        ))
+    }
+
+    fn latency(&self) -> Result<String, String> {
+        if self.qos > 1 || self.msgs == 0 || self.rate == 0 {
+            return Err("bench: latency needs --qos 0|1, --msgs and --rate at least 1".into());
+        }
+        let topic = format!("{}/lat", self.topic);
+        let mut sub = MqttConn::connect(&self.addr, "lat-sub")?;
+        sub.subscribe(&topic, self.qos)?;
+        let base = Instant::now();
+        let msgs = self.msgs;
+        let reader = std::thread::spawn(move || -> Result<Vec<u64>, String> {
+            sub.s
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| format!("bench: {e}"))?;
+            let mut lat = Vec::with_capacity(msgs);
+            while lat.len() < msgs {
+                match sub.next_packet() {
+                    Ok(Packet::Publish(p)) => {
+                        let now = base.elapsed().as_nanos() as u64;
+                        let sent = p
+                            .payload
+                            .get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(now, u64::from_be_bytes);
+                        lat.push(now.saturating_sub(sent));
+                        if let Some(id) = p.packet_id {
+                            sub.send(&Packet::PubAck(mqtt::Ack {
+                                packet_id: id,
+                                code: 0,
+                                properties: Properties::default(),
+                            }))?;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) if !lat.is_empty() => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(lat)
+        });
+        let mut p = MqttConn::connect(&self.addr, "lat-pub")?;
+        let mut payload = vec![b'x'; self.size.max(8)];
+        let interval = Duration::from_secs_f64(1.0 / f64::from(self.rate));
+        let start = Instant::now();
+        let mut id: u16 = 0;
+        for i in 0..msgs {
+            let due = start + interval * i as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let now = base.elapsed().as_nanos() as u64;
+            payload[..8].copy_from_slice(&now.to_be_bytes());
+            id = if id == u16::MAX { 1 } else { id + 1 };
+            p.send(&Packet::Publish(Publish {
+                dup: false,
+                qos: if self.qos == 1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                },
+                retain: false,
+                topic: topic.clone(),
+                packet_id: (self.qos == 1).then_some(id),
+                properties: Properties::default(),
+                payload: payload.clone(),
+            }))?;
+            if self.qos == 1 {
+                p.drain_acks()?;
+            }
+        }
+        let mut lat = reader
+            .join()
+            .map_err(|_| "bench: the subscriber thread panicked".to_string())??;
+        lat.sort_unstable();
+        let pct = |q: f64| {
+            let i = ((lat.len() as f64 * q).ceil() as usize).saturating_sub(1);
+            lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        Ok(format!(
+            "mqtt latency qos{}: {} msgs of {} bytes at {}/s to {}: p50 {:.0} us, p99 {:.0} us, max {:.0} us, {} lost",
+            self.qos,
+            msgs,
+            self.size.max(8),
+            self.rate,
+            self.addr,
+            pct(0.50),
+            pct(0.99),
+            pct(1.0),
+            msgs - lat.len()
+        ))
+    }
+
+    fn idle(&self) -> Result<String, String> {
+        let pid = self
+            .rss_pid
+            .ok_or("bench: --mode idle needs --rss-pid (the broker's process id)")?;
+        let before = rss_kib(pid)?;
+        let mut conns = Vec::with_capacity(self.clients);
+        for i in 0..self.clients {
+            let mut c = MqttConn::connect(&self.addr, &format!("idle-{i}"))?;
+            c.subscribe(&format!("{}/idle/{i}", self.topic), 0)?;
+            conns.push(c);
+        }
+        // Let the broker settle (allocations after the last SUBACK).
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(pid)?;
+        drop(conns);
+        Ok(format!(
+            "mqtt idle: RSS {before} KiB before, {after} KiB with {} clients connected and subscribed ({:.1} MiB; +{} bytes each)",
+            self.clients,
+            after as f64 / 1024.0,
+            after.saturating_sub(before) * 1024 / self.clients.max(1) as u64
+        ))
+    }
+}
+
+/// One blocking MQTT 3.1.1 client connection (bench helper).
+struct MqttConn {
+    s: TcpStream,
+    inbuf: Vec<u8>,
+    chunk: Vec<u8>,
+    out: Vec<u8>,
+    next_id: u16,
+}
+
+impl MqttConn {
+    fn connect(addr: &str, name: &str) -> Result<MqttConn, String> {
+        let s = TcpStream::connect(addr)
+            .map_err(|e| format!("bench: cannot connect to {addr}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut c = MqttConn {
+            s,
+            inbuf: Vec::new(),
+            chunk: vec![0u8; 64 * 1024],
+            out: Vec::new(),
+            next_id: 1,
+        };
+        c.send(&Packet::Connect(Connect {
+            version: Version::V311,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: format!("frond-bench-{}-{name}", std::process::id()),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }))?;
+        match c.next_packet()? {
+            Packet::ConnAck(a) if a.code == 0 => Ok(c),
+            Packet::ConnAck(a) => Err(format!(
+                "bench: broker refused CONNECT with code {}",
+                a.code
+            )),
+            p => Err(format!("bench: expected CONNACK, got {}", p.name())),
+        }
+    }
+
+    fn send(&mut self, p: &Packet) -> Result<(), String> {
+        self.out.clear();
+        mqtt::encode(p, Version::V311, &mut self.out).map_err(|e| e.to_string())?;
+        self.s
+            .write_all(&self.out)
+            .map_err(|e| format!("bench: write: {e}"))
+    }
+
+    fn next_packet(&mut self) -> Result<Packet, String> {
+        loop {
+            match mqtt::decode(&self.inbuf, Some(Version::V311), 1 << 28) {
+                Ok(Some((p, used))) => {
+                    self.inbuf.drain(..used);
+                    return Ok(p);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("bench: bad packet from broker: {e}")),
+            }
+            let n = self
+                .s
+                .read(&mut self.chunk)
+                .map_err(|e| format!("bench: read: {e}"))?;
+            if n == 0 {
+                return Err("bench: broker closed the connection".into());
+            }
+            self.inbuf
+                .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
+        }
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: u8) -> Result<(), String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&Packet::Subscribe(mqtt::Subscribe {
+            packet_id: id,
+            filters: vec![(
+                filter.to_string(),
+                mqtt::SubscriptionOptions {
+                    qos: if qos == 1 {
+                        QoS::AtLeastOnce
+                    } else {
+                        QoS::AtMostOnce
+                    },
+                    ..mqtt::SubscriptionOptions::default()
+                },
+            )],
+            properties: Properties::default(),
+        }))?;
+        loop {
+            if let Packet::SubAck(a) = self.next_packet()? {
+                return match a.codes.first() {
+                    Some(c) if *c < 0x80 => Ok(()),
+                    _ => Err(format!("bench: SUBSCRIBE {filter} refused: {:?}", a.codes)),
+                };
+            }
+        }
+    }
+
+    /// PINGREQ and wait for the PINGRESP (the broker read what came before).
+    fn ping(&mut self) -> Result<(), String> {
+        self.send(&Packet::PingReq)?;
+        loop {
+            if let Packet::PingResp = self.next_packet()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Read and drop whatever acknowledgements have arrived, without
+    /// blocking.
+    fn drain_acks(&mut self) -> Result<(), String> {
+        self.s
+            .set_nonblocking(true)
+            .map_err(|e| format!("bench: {e}"))?;
+        let r = loop {
+            match self.s.read(&mut self.chunk) {
+                Ok(0) => break Err("bench: broker closed the connection".to_string()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(format!("bench: read: {e}")),
+            }
+        };
+        self.s
+            .set_nonblocking(false)
+            .map_err(|e| format!("bench: {e}"))?;
+        r
     }
 }
 

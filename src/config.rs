@@ -103,6 +103,13 @@ pub struct MqttConfig {
     pub max_session_expiry: Duration,
     /// `[auth]`; `None`: every client is accepted with every permission.
     pub auth: Option<Arc<Auth>>,
+    /// Subscriptions one client may hold (0: unlimited); more are refused
+    /// in the SUBACK (5.0: 0x97 quota exceeded; 3.1.1: 0x80).
+    pub max_subscriptions: usize,
+    /// Longest PUBLISH topic name or SUBSCRIBE filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated) in a topic name or filter.
+    pub max_topic_levels: usize,
 }
 
 /// `[nats]`: the NATS client port.
@@ -323,6 +330,10 @@ struct RawMqtt {
     max_queued: usize,
     #[serde(deserialize_with = "de_duration")]
     max_session_expiry: Duration,
+    max_subscriptions: usize,
+    #[serde(deserialize_with = "de_size")]
+    max_topic_length: u64,
+    max_topic_levels: usize,
 }
 
 impl Default for RawMqtt {
@@ -339,6 +350,9 @@ impl Default for RawMqtt {
             max_inflight: 1024,
             max_queued: 10_000,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_subscriptions: 1000,
+            max_topic_length: 4096,
+            max_topic_levels: 64,
         }
     }
 }
@@ -836,6 +850,12 @@ impl RawMqtt {
         if self.connect_timeout.is_zero() {
             return err("mqtt.connect_timeout: must be more than 0");
         }
+        if !(1..=65_535).contains(&self.max_topic_length) {
+            return err("mqtt.max_topic_length: must be between 1 and 65535 bytes");
+        }
+        if self.max_topic_levels == 0 {
+            return err("mqtt.max_topic_levels: must be at least 1");
+        }
         Ok(MqttConfig {
             listen: non_empty(self.listen),
             ws_listen: self.ws_listen.and_then(non_empty),
@@ -849,6 +869,9 @@ impl RawMqtt {
             max_queued: self.max_queued,
             max_session_expiry: self.max_session_expiry,
             auth: None,
+            max_subscriptions: self.max_subscriptions,
+            max_topic_length: self.max_topic_length as usize,
+            max_topic_levels: self.max_topic_levels,
         })
     }
 }
@@ -1194,6 +1217,28 @@ mod tests {
         assert_eq!(c.streams[0].subjects, vec![">".to_string()]);
         assert_eq!(c.streams[0].sync, SyncPolicy::Always);
         assert!(c.uplink.is_none());
+        assert_eq!(c.mqtt.max_subscriptions, 1000);
+        assert_eq!(c.mqtt.max_topic_length, 4096);
+        assert_eq!(c.mqtt.max_topic_levels, 64);
+    }
+
+    #[test]
+    fn mqtt_client_limits() {
+        let c = Config::parse(
+            "[mqtt]\nmax_subscriptions = 0\nmax_topic_length = \"1KiB\"\nmax_topic_levels = 8\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.max_subscriptions, 0);
+        assert_eq!(c.mqtt.max_topic_length, 1024);
+        assert_eq!(c.mqtt.max_topic_levels, 8);
+        for bad in [
+            "[mqtt]\nmax_topic_length = 0\n",
+            "[mqtt]\nmax_topic_length = 70000\n",
+            "[mqtt]\nmax_topic_levels = 0\n",
+        ] {
+            let e = Config::parse(bad).unwrap_err();
+            assert!(e.0.contains("mqtt.max_topic"), "{e}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ USAGE:
     frond run [--config FILE]       run the broker (embedded defaults without --config)
     frond status [--config FILE | --http ADDR]
                                     show link state, backlog and stream state
-    frond bench mqtt [OPTIONS]      MQTT publish benchmark against any broker
+    frond bench mqtt [OPTIONS]      MQTT publish, fan-out, latency, idle-RSS benchmarks
     frond bench nats [OPTIONS]      NATS publish, fan-out, request/reply against any server
     frond check-config FILE         validate a configuration file and exit
     frond --version | --help
@@ -26,6 +26,11 @@ BENCH OPTIONS:
     --qos 0|1          (default 1)
     --inflight N       unacknowledged QoS 1 publishes per publisher (default 100)
     --topic T          topic prefix (default bench); publisher i uses T/i
+    --mode M           publish (default), fanout, latency or idle
+    --subs N           fanout: subscribers (default 4)
+    --rate N           latency: messages per second (default 1000)
+    --clients N        idle: connections to hold (default 1000)
+    --rss-pid PID      idle: the broker's process id (its VmRSS is reported)
 
 BENCH NATS OPTIONS:
     --addr HOST:PORT   server address (default 127.0.0.1:4222)
@@ -149,6 +154,11 @@ fn real_main() -> Result<ExitCode, String> {
                     Long("qos") => b.qos = num(p.value())?,
                     Long("inflight") => b.inflight = num(p.value())?,
                     Long("topic") => b.topic = string(p.value())?,
+                    Long("mode") => b.mode = string(p.value())?.parse()?,
+                    Long("subs") => b.subs = num(p.value())?,
+                    Long("rate") => b.rate = num(p.value())?,
+                    Long("clients") => b.clients = num(p.value())?,
+                    Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
                     other => return Err(format!("bench: {}", other.unexpected())),
                 }
             }

@@ -93,10 +93,13 @@ fn text(o: &Output) -> String {
 async fn frond_with_tls(pki: &Pki, require_client: bool) -> (Frond, u16, u16) {
     let tls_port = free_port();
     let wss_port = free_port();
-    let mut spec = FrondSpec::default();
-    spec.mqtt_extra =
-        format!("tls_listen = \"127.0.0.1:{tls_port}\"\nwss_listen = \"127.0.0.1:{wss_port}\"\n");
-    spec.extra_config = pki.frond_section(require_client);
+    let spec = FrondSpec {
+        mqtt_config: format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\nwss_listen = \"127.0.0.1:{wss_port}\"\n"
+        ),
+        extra_config: pki.frond_section(require_client),
+        ..FrondSpec::default()
+    };
     let frond = Frond::start_new(spec).await;
     wait_until("the TLS port accepts", LONG, || accepts_tcp(tls_port)).await;
     (frond, tls_port, wss_port)

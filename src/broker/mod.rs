@@ -13,10 +13,16 @@
 //!   [`Delivery`]; a connection subscribed through several overlapping
 //!   filters receives a message once, at the highest granted QoS
 //!   (MQTT 3.1.1 §3.3.5).
+//! - MQTT shared subscriptions (`$share/{group}/{filter}`) are queue
+//!   subscriptions with the share name as queue group, so MQTT members of
+//!   group `G` and NATS queue subscribers of group `G` share the messages
+//!   of one subject (as in nats-server). A connection's shared copy is
+//!   separate from its non-shared one (MQTT 5 §4.8.2).
 //! - NATS connections register subscriptions by `sid` with their
 //!   [`Outbox`]; every matching subscription gets its own copy (as in
 //!   nats-server), except that a queue group gets each message once, at a
-//!   randomly chosen member.
+//!   randomly chosen member; a member whose queue is full (or a slow NATS
+//!   connection) is passed over while another member has room.
 //!
 //! Invariants:
 //! - Delivery never blocks a publisher: MQTT queues are bounded by count,
@@ -58,6 +64,9 @@ pub struct Delivery {
     /// subscription's.
     pub qos: u8,
     pub retain: bool,
+    /// Chosen for a shared subscription (`$share/...`): delivered live
+    /// even to a persistent session (see [`session`]).
+    pub shared: bool,
 }
 
 /// A routed message as NATS subscribers see it; shared by all of them.
@@ -88,8 +97,18 @@ pub type ConnId = u64;
 type SubId = u64;
 
 enum Target {
-    Mqtt { tx: Sender<Arc<Delivery>>, qos: u8 },
-    Nats { outbox: Arc<Outbox>, sid: u64 },
+    Mqtt {
+        tx: Sender<Arc<Delivery>>,
+        qos: u8,
+        /// Deliveries queued in `tx` beyond which more are dropped (the
+        /// channel may be unbounded: it then allocates only what is
+        /// queued, so an idle client costs no queue memory).
+        max_queued: usize,
+    },
+    Nats {
+        outbox: Arc<Outbox>,
+        sid: u64,
+    },
 }
 
 struct Sub {
@@ -345,8 +364,27 @@ impl Broker {
     /// Add an MQTT subscription for `conn`; replaces an identical filter of
     /// the same connection (MQTT semantics).
     pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
+        let max_queued = tx.capacity().unwrap_or(usize::MAX);
+        self.subscribe_mqtt(conn, None, filter, qos, tx, max_queued)
+    }
+
+    /// Add an MQTT subscription for `conn`, shared in queue group `share`
+    /// when given (`$share/{share}/...`); replaces the same (share, filter)
+    /// of the same connection. At most `max_queued` deliveries wait in
+    /// `tx`; more are dropped for this subscriber.
+    pub fn subscribe_mqtt(
+        &self,
+        conn: ConnId,
+        share: Option<String>,
+        filter: String,
+        qos: u8,
+        tx: Sender<Arc<Delivery>>,
+        max_queued: usize,
+    ) {
         let mut t = lock(&self.table);
-        let same = |s: &Sub| s.filter == filter && matches!(s.target, Target::Mqtt { .. });
+        let same = |s: &Sub| {
+            s.filter == filter && s.queue == share && matches!(s.target, Target::Mqtt { .. })
+        };
         if let Some(id) = t.find(conn, same) {
             if let Some(Sub {
                 target: Target::Mqtt { qos: q, .. },
@@ -360,8 +398,12 @@ impl Broker {
         t.add(Sub {
             conn,
             filter,
-            queue: None,
-            target: Target::Mqtt { tx, qos },
+            queue: share,
+            target: Target::Mqtt {
+                tx,
+                qos,
+                max_queued,
+            },
             max: None,
             delivered: 0,
         });
@@ -369,8 +411,18 @@ impl Broker {
 
     /// Remove an MQTT subscription; false if there was none.
     pub fn unsubscribe(&self, conn: ConnId, filter: &str) -> bool {
+        self.unsubscribe_mqtt(conn, None, filter)
+    }
+
+    /// Remove an MQTT subscription, shared in group `share` when given;
+    /// false if there was none.
+    pub fn unsubscribe_mqtt(&self, conn: ConnId, share: Option<&str>, filter: &str) -> bool {
         let mut t = lock(&self.table);
-        let same = |s: &Sub| s.filter == filter && matches!(s.target, Target::Mqtt { .. });
+        let same = |s: &Sub| {
+            s.filter == filter
+                && s.queue.as_deref() == share
+                && matches!(s.target, Target::Mqtt { .. })
+        };
         match t.find(conn, same) {
             Some(id) => {
                 t.remove(id);
@@ -492,14 +544,15 @@ impl Broker {
             }
         }
         for (_, members) in &groups {
-            if let Some(id) = members.get(fastrand::usize(..members.len().max(1))) {
-                chosen.push(*id);
+            if let Some(id) = pick_member(&t.subs, members) {
+                chosen.push(id);
             }
         }
         drop(groups);
         let count = chosen.len();
-        // MQTT: once per connection at the highest QoS.
-        let mut mqtt: Vec<(ConnId, u8, SubId)> = Vec::new();
+        // MQTT: once per connection at the highest QoS (and once more for a
+        // shared subscription of that connection).
+        let mut mqtt: Vec<(ConnId, bool, u8, SubId)> = Vec::new();
         let mut msg: Option<Arc<Msg>> = None;
         let mut finished: Vec<SubId> = Vec::new();
         for id in chosen {
@@ -513,14 +566,15 @@ impl Broker {
             match &s.target {
                 Target::Mqtt { qos: sub_qos, .. } => {
                     let q = qos.min(*sub_qos);
-                    match mqtt.iter_mut().find(|h| h.0 == s.conn) {
+                    let shared = s.queue.is_some();
+                    match mqtt.iter_mut().find(|h| h.0 == s.conn && h.1 == shared) {
                         Some(h) => {
-                            if q > h.1 {
-                                h.1 = q;
-                                h.2 = id;
+                            if q > h.2 {
+                                h.2 = q;
+                                h.3 = id;
                             }
                         }
-                        None => mqtt.push((s.conn, q, id)),
+                        None => mqtt.push((s.conn, shared, q, id)),
                     }
                 }
                 Target::Nats { outbox, sid } => {
@@ -537,20 +591,25 @@ impl Broker {
                 }
             }
         }
-        for (_, q, id) in mqtt {
+        for (_, shared, q, id) in mqtt {
             let Some(Sub {
-                target: Target::Mqtt { tx, .. },
+                target: Target::Mqtt { tx, max_queued, .. },
                 ..
             }) = t.subs.get(&id)
             else {
                 continue;
             };
+            if tx.len() >= *max_queued {
+                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let m = msg.get_or_insert_with(&mut *make);
             let d = Arc::new(Delivery {
                 subject: m.subject.clone(),
                 payload: m.payload.clone(),
                 qos: q,
                 retain,
+                shared,
             });
             match tx.try_send(d) {
                 Ok(()) => {
@@ -584,6 +643,26 @@ impl Broker {
             clients.remove(client_id);
         }
     }
+}
+
+/// One member of a queue group: a random one, or, if that one's queue is
+/// full, the next (in a random rotation) that has room.
+fn pick_member(subs: &HashMap<SubId, Sub>, members: &[SubId]) -> Option<SubId> {
+    let n = members.len();
+    if n == 0 {
+        return None;
+    }
+    let start = fastrand::usize(..n);
+    let has_room = |id: &SubId| match subs.get(id).map(|s| &s.target) {
+        Some(Target::Mqtt { tx, max_queued, .. }) => !tx.is_full() && tx.len() < *max_queued,
+        Some(Target::Nats { outbox, .. }) => !outbox.is_slow(),
+        None => false,
+    };
+    (0..n)
+        .filter_map(|i| members.get((start + i) % n))
+        .find(|id| has_room(id))
+        .or_else(|| members.get(start))
+        .copied()
 }
 
 fn is_sid(s: &Sub, sid: u64) -> bool {
@@ -736,5 +815,58 @@ mod tests {
         assert_eq!(ob.take(0).len(), 1, "at least one");
         assert_eq!(ob.pending(), size * 6);
         smol::block_on(ob.wait(true));
+    }
+
+    #[test]
+    fn mqtt_share_group_shares_with_nats_queue_group_and_keeps_plain_copy() {
+        let b = Broker::new(Vec::new());
+        let (tx1, rx1) = bounded(1000);
+        let (tx2, rx2) = bounded(1000);
+        b.subscribe_mqtt(1, Some("g".into()), "job.*".into(), 1, tx1.clone(), 1000);
+        // The same connection also holds a plain subscription: own copy.
+        b.subscribe(1, "job.*".into(), 0, tx1);
+        b.subscribe_mqtt(2, Some("g".into()), "job.*".into(), 2, tx2, 1000);
+        let nats = Outbox::new(1 << 20);
+        b.subscribe_nats(3, 1, "job.*".into(), Some("g".into()), nats.clone());
+        for _ in 0..300 {
+            // One plain subscription plus one group.
+            assert_eq!(b.route_msg(None, msg("job.x", b""), 2), 2);
+        }
+        let d1: Vec<Arc<Delivery>> = std::iter::from_fn(|| rx1.try_recv().ok()).collect();
+        let d2: Vec<Arc<Delivery>> = std::iter::from_fn(|| rx2.try_recv().ok()).collect();
+        let plain = d1.iter().filter(|d| !d.shared).count();
+        let shared1 = d1.iter().filter(|d| d.shared).count();
+        let n = nats.take(usize::MAX).len();
+        assert_eq!(plain, 300);
+        assert_eq!(shared1 + d2.len() + n, 300);
+        assert!(
+            shared1 > 30 && d2.len() > 30 && n > 30,
+            "{shared1} {} {n}",
+            d2.len()
+        );
+        assert!(
+            d1.iter().filter(|d| d.shared).all(|d| d.qos == 1),
+            "min(pub, sub)"
+        );
+        assert!(d2.iter().all(|d| d.qos == 2 && d.shared));
+        assert!(b.unsubscribe_mqtt(1, Some("g"), "job.*"));
+        assert!(!b.unsubscribe_mqtt(1, Some("g"), "job.*"));
+        assert!(b.unsubscribe(1, "job.*"));
+        assert_eq!(b.subscription_count(), 2);
+    }
+
+    #[test]
+    fn share_group_passes_over_a_full_member() {
+        let b = Broker::new(Vec::new());
+        let (full_tx, full_rx) = smol::channel::unbounded();
+        let (tx, rx) = bounded(1000);
+        b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx, 1);
+        b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx, 1000);
+        for _ in 0..100 {
+            b.route("a", b"x", 0, false);
+        }
+        assert_eq!(full_rx.len(), 1);
+        assert_eq!(rx.len(), 99, "nothing lost while a member had room");
+        assert_eq!(b.counters.dropped_slow.load(Ordering::Relaxed), 0);
     }
 }

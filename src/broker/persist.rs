@@ -45,6 +45,10 @@ pub struct Cursor {
 pub struct StoredSub {
     pub filter: String,
     pub qos: u8,
+    /// The share name of a shared subscription (`$share/{name}/...`);
+    /// absent in files written before shared subscriptions existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<String>,
 }
 
 /// Everything a persistent session keeps between connections.
@@ -259,6 +263,7 @@ mod tests {
             subs: vec![StoredSub {
                 filter: "telemetry.>".into(),
                 qos: 1,
+                share: None,
             }],
             expiry_secs: 60,
             disconnected_at: unix_now(),

@@ -12,6 +12,14 @@
 //! until [`Session::poll_deadline`]. Nothing here reads a clock, touches a
 //! socket or panics on peer input.
 //!
+//! Limits (`[mqtt]`): `max_subscriptions` per client (an MQTT `a/#` counts
+//! once; refused filters get SUBACK 0x97, 3.1.1: 0x80), and
+//! `max_topic_length`/`max_topic_levels` for topic names and filters (a
+//! filter over them: SUBACK 0x8F / 0x80; a PUBLISH: 5.0 PUBACK/PUBREC 0x90,
+//! or DISCONNECT 0x90 for QoS 0; 3.1.1 closes the connection). The connect
+//! timeout is a deadline for the complete CONNECT counted from the
+//! connection's start: bytes trickling in do not move it.
+//!
 //! Invariants:
 //! - A PUBACK (QoS 1) or PUBREC (QoS 2) is emitted only from
 //!   [`Session::publish_done`], which the shell calls once the message is
@@ -43,6 +51,17 @@
 //!   sent and (QoS 1) acknowledged; PUBACKs advance it contiguously.
 //!   Messages re-sent above the stored `sent` mark carry DUP = 0, below it
 //!   DUP = 1.
+//! - Shared subscriptions (`$share/{name}/{filter}`, 3.1.1 and 5.0) are
+//!   stored with the session (and resubscribed on resume) but are always
+//!   served live by the router, never from the stream cursors: a group's
+//!   messages are split between its members as they arrive, and
+//!   independent per-member cursors cannot split a stream. So a shared
+//!   message goes to a member connected at that moment; nothing is queued
+//!   for a member while it is offline (its share goes to the members that
+//!   are connected; with none connected the group misses it, though a
+//!   capturing stream still holds it). Shared subscriptions get no retained
+//!   messages on subscribe (MQTT 5 §4.8.2); no-local on one is a protocol
+//!   error (the 5.0 decoder refuses it).
 //! - Outbound QoS 2 (router deliveries only) keeps its PUBREC state in
 //!   memory: after a reconnect such a message is not resent.
 //! - The inbound QoS 2 ids are written with the session (lazily, see
@@ -55,7 +74,7 @@
 //! and subscription options in stored sessions (NATS filters and QoS are
 //! kept; that is all delivery needs).
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,6 +99,12 @@ pub struct Limits {
     pub max_session_expiry: Duration,
     /// `[auth]`: `None` accepts everyone with every permission.
     pub auth: Option<Arc<Auth>>,
+    /// Subscriptions one client may hold (0: unlimited); `a/#` counts once.
+    pub max_subscriptions: usize,
+    /// Longest topic name or filter, in bytes (after `$share/{name}/`).
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
 }
 
 /// Work for the shell.
@@ -110,6 +135,8 @@ pub enum Event {
     Subscribe(Vec<SubRequest>),
     /// Remove subscriptions (NATS filters).
     Unsubscribe(Vec<String>),
+    /// Remove shared subscriptions: (share name, NATS filter).
+    UnsubscribeShared(Vec<(String, String)>),
     /// Close the connection; the reason is for the log.
     Close(String),
 }
@@ -179,6 +206,9 @@ pub struct Session {
     will: Option<WillMessage>,
     /// NATS filters this client subscribed to, with granted QoS.
     filters: Vec<(String, u8)>,
+    /// Shared subscriptions: (share name, NATS filter, granted QoS). Served
+    /// live by the router only, never from stream cursors.
+    shared: Vec<(String, String, u8)>,
     client_id: String,
     /// Session expiry; zero: not persistent.
     expiry: Duration,
@@ -191,8 +221,9 @@ pub struct Session {
     dirty: bool,
     /// The client's permissions (`None`: everything allowed).
     perms: Option<Arc<Permissions>>,
-    /// Pending acks of publishes refused by permissions (MQTT 5: 0x87).
-    denied: HashSet<u16>,
+    /// Pending acks of publishes refused (MQTT 5 reason code: 0x87 by
+    /// permissions, 0x90 by the topic limits).
+    denied: HashMap<u16, u8>,
 }
 
 /// One subscription to add (a NATS filter; an MQTT filter ending in `#`
@@ -202,8 +233,11 @@ pub struct SubRequest {
     pub filter: String,
     pub qos: u8,
     /// Send the retained messages matching `filter` (MQTT 5 retain
-    /// handling: 0 always, 1 only for a new subscription, 2 never).
+    /// handling: 0 always, 1 only for a new subscription, 2 never; never
+    /// for a shared subscription).
     pub send_retained: bool,
+    /// The share name of a shared subscription (`$share/{name}/...`).
+    pub share: Option<String>,
 }
 
 /// A will message to publish when the connection ends abnormally.
@@ -238,6 +272,7 @@ impl Session {
             dropped: 0,
             will: None,
             filters: Vec::new(),
+            shared: Vec::new(),
             client_id: String::new(),
             expiry: Duration::ZERO,
             follows: Vec::new(),
@@ -245,7 +280,7 @@ impl Session {
             pending_connack: None,
             dirty: false,
             perms: None,
-            denied: HashSet::new(),
+            denied: HashMap::new(),
         }
     }
 
@@ -388,18 +423,51 @@ impl Session {
             Packet::Subscribe(s) => {
                 let mut granted = Vec::new();
                 let mut codes = Vec::new();
+                let v5 = self.version == Some(Version::V5);
                 for (filter, opts) in s.filters {
                     let qos = (opts.qos as u8).min(2);
-                    let mut nfs = topics::filter_to_subjects(&filter);
+                    let (share, inner) = match mqtt::split_shared(&filter) {
+                        Some((name, inner)) => (Some(name.to_string()), inner),
+                        None => (None, filter.as_str()),
+                    };
+                    if let Err(code) = self.check_filter(share.as_deref(), inner) {
+                        codes.push(if v5 { code } else { 0x80 });
+                        continue;
+                    }
+                    let mut nfs = topics::filter_to_subjects(inner);
                     if let Some(p) = &self.perms {
                         // `a/#` is `a.>` plus `a`: granted if either is
                         // allowed, subscribing only the allowed ones.
                         nfs.retain(|f| p.can_subscribe(f));
                         if nfs.is_empty() {
-                            let v5 = self.version == Some(Version::V5);
                             codes.push(if v5 { 0x87 } else { 0x80 });
                             continue;
                         }
+                    }
+                    if let Some(name) = share {
+                        if self.over_quota(&nfs, Some(&name)) {
+                            codes.push(if v5 { 0x97 } else { 0x80 });
+                            continue;
+                        }
+                        codes.push(qos);
+                        for nf in nfs {
+                            self.shared.retain(|(g, f, _)| !(*g == name && *f == nf));
+                            self.shared.push((name.clone(), nf.clone(), qos));
+                            self.dirty = true;
+                            // MQTT 5 §4.8.2: no retained messages for a
+                            // shared subscription.
+                            granted.push(SubRequest {
+                                filter: nf,
+                                qos,
+                                send_retained: false,
+                                share: Some(name.clone()),
+                            });
+                        }
+                        continue;
+                    }
+                    if self.over_quota(&nfs, None) {
+                        codes.push(if v5 { 0x97 } else { 0x80 });
+                        continue;
                     }
                     codes.push(qos);
                     for nf in nfs {
@@ -423,6 +491,7 @@ impl Session {
                             filter: nf,
                             qos,
                             send_retained,
+                            share: None,
                         });
                     }
                 }
@@ -436,11 +505,24 @@ impl Session {
             Packet::Unsubscribe(u) => {
                 let n = u.filters.len();
                 let mut gone = Vec::new();
+                let mut gone_shared = Vec::new();
                 for f in u.filters {
-                    gone.extend(topics::filter_to_subjects(&f));
+                    match mqtt::split_shared(&f) {
+                        Some((name, inner)) => {
+                            for nf in topics::filter_to_subjects(inner) {
+                                gone_shared.push((name.to_string(), nf));
+                            }
+                        }
+                        None => gone.extend(topics::filter_to_subjects(&f)),
+                    }
                 }
                 self.filters.retain(|(f, _)| !gone.contains(f));
+                self.shared
+                    .retain(|(g, f, _)| !gone_shared.iter().any(|x| x.0 == *g && x.1 == *f));
                 self.dirty = true;
+                if !gone_shared.is_empty() {
+                    self.events.push_back(Event::UnsubscribeShared(gone_shared));
+                }
                 self.events.push_back(Event::Unsubscribe(gone));
                 let codes = if self.version == Some(Version::V5) {
                     vec![0; n]
@@ -539,7 +621,7 @@ impl Session {
             props.receive_maximum = u16::try_from(self.limits.max_inflight).ok();
             props.retain_available = Some(0);
             props.topic_alias_maximum = None;
-            props.shared_subscription_available = Some(0);
+            props.shared_subscription_available = Some(1);
             props.subscription_identifier_available = Some(0);
         }
         let max_exp = self.limits.max_session_expiry;
@@ -588,9 +670,15 @@ impl Session {
                     filter: s.filter.clone(),
                     qos: s.qos.min(2),
                     send_retained: false,
+                    share: s.share.clone(),
                 })
                 .collect();
-            self.filters = st.subs.into_iter().map(|s| (s.filter, s.qos)).collect();
+            for s in st.subs {
+                match s.share {
+                    Some(g) => self.shared.push((g, s.filter, s.qos)),
+                    None => self.filters.push((s.filter, s.qos)),
+                }
+            }
             self.restored_cursors = st.cursors;
             if !subs.is_empty() {
                 self.events.push_back(Event::Subscribe(subs));
@@ -766,7 +854,13 @@ impl Session {
                 .map(|(f, q)| StoredSub {
                     filter: f.clone(),
                     qos: *q,
+                    share: None,
                 })
+                .chain(self.shared.iter().map(|(g, f, q)| StoredSub {
+                    filter: f.clone(),
+                    qos: *q,
+                    share: Some(g.clone()),
+                }))
                 .collect(),
             expiry_secs: self.expiry.as_secs(),
             disconnected_at: 0,
@@ -782,6 +876,21 @@ impl Session {
             return;
         }
         let qos = p.qos as u8;
+        if let Some(why) = self.topic_too_big(&p.topic) {
+            // 5.0: a negative acknowledgement (0x90 topic name invalid), or
+            // for QoS 0 a DISCONNECT saying why; 3.1.1 has neither, so the
+            // connection closes (dropping the message silently would hide
+            // the problem from the device).
+            match p.packet_id.filter(|_| qos > 0) {
+                Some(id) if self.version == Some(Version::V5) => {
+                    self.denied.insert(id, 0x90);
+                    self.pending_acks.push_back((id, qos));
+                    self.events.push_back(Event::AckInOrder(id));
+                }
+                _ => self.close_with(0x90, format!("PUBLISH refused: {why}")),
+            }
+            return;
+        }
         let subject = topics::topic_to_subject(&p.topic);
         if self
             .perms
@@ -793,7 +902,7 @@ impl Session {
             log::debug!("mqtt: publish to {subject:?} denied by permissions");
             if let Some(id) = p.packet_id.filter(|_| qos > 0) {
                 if self.version == Some(Version::V5) {
-                    self.denied.insert(id);
+                    self.denied.insert(id, 0x87);
                 }
                 self.pending_acks.push_back((id, qos));
                 self.events.push_back(Event::AckInOrder(id));
@@ -842,10 +951,11 @@ impl Session {
         };
         debug_assert_eq!(id, packet_id);
         match result {
-            Ok(()) if self.denied.remove(&id) => {
+            Ok(()) if self.denied.contains_key(&id) => {
                 let ack = Ack {
                     packet_id: id,
-                    code: 0x87, // not authorized
+                    // 0x87 not authorized, 0x90 topic name invalid
+                    code: self.denied.remove(&id).unwrap_or(0x80),
                     properties: Properties::default(),
                 };
                 if qos == 2 {
@@ -958,9 +1068,84 @@ impl Session {
 
     /// Whether a filter that does not start with a wildcard matches `subject`.
     fn dollar_subscribed(&self, subject: &str) -> bool {
-        self.filters.iter().any(|(f, _)| {
+        let shared = self.shared.iter().map(|(_, f, _)| f);
+        self.filters.iter().map(|(f, _)| f).chain(shared).any(|f| {
             !(f.starts_with('*') || f.starts_with('>')) && crate::subject::matches(f, subject)
         })
+    }
+
+    /// Why a PUBLISH topic name exceeds `max_topic_length`/`max_topic_levels`.
+    fn topic_too_big(&self, topic: &str) -> Option<String> {
+        let (len, max_len) = (topic.len(), self.limits.max_topic_length);
+        if len > max_len {
+            return Some(format!(
+                "topic of {len} bytes exceeds mqtt.max_topic_length ({max_len})"
+            ));
+        }
+        let (levels, max_levels) = (topic.split('/').count(), self.limits.max_topic_levels);
+        if levels > max_levels {
+            return Some(format!(
+                "topic of {levels} levels exceeds mqtt.max_topic_levels ({max_levels})"
+            ));
+        }
+        None
+    }
+
+    /// Check a SUBSCRIBE filter (the part after `$share/{name}/` for a
+    /// shared one); `Err` is the 5.0 SUBACK reason code. The 5.0 decoder
+    /// already refused malformed shared filters; 3.1.1 has no shared
+    /// subscriptions in its grammar, so they are checked here.
+    fn check_filter(&self, share: Option<&str>, inner: &str) -> Result<(), u8> {
+        if let Some(name) = share {
+            if name.is_empty() || name.contains(['+', '#']) || !mqtt::valid_filter(inner) {
+                return Err(0x8F); // topic filter invalid
+            }
+        }
+        match self.topic_too_big(inner) {
+            Some(why) => {
+                log::debug!("mqtt: SUBSCRIBE refused: {why}");
+                Err(0x8F)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether adding the NATS filters `nfs` (of one MQTT filter, shared in
+    /// `share` or not) would exceed `max_subscriptions`. Replacing an
+    /// existing subscription never does; `a/#` (`a` and `a.>`) counts once.
+    fn over_quota(&self, nfs: &[String], share: Option<&str>) -> bool {
+        let max = self.limits.max_subscriptions;
+        if max == 0 {
+            return false;
+        }
+        let exists = nfs.iter().all(|nf| match share {
+            Some(g) => self.shared.iter().any(|(sg, f, _)| sg == g && f == nf),
+            None => self.filters.iter().any(|(f, _)| f == nf),
+        });
+        !exists && self.subscription_count() >= max
+    }
+
+    /// Subscriptions held, counting an MQTT `a/#` (`a` plus `a.>`) once.
+    pub fn subscription_count(&self) -> usize {
+        let count = |fs: Vec<(Option<&str>, &str)>| {
+            fs.iter()
+                .filter(|(g, f)| {
+                    f.strip_suffix(".>")
+                        .is_none_or(|parent| !fs.contains(&(*g, parent)))
+                })
+                .count()
+        };
+        count(
+            self.filters
+                .iter()
+                .map(|(f, _)| (None, f.as_str()))
+                .collect(),
+        ) + count(
+            self.shared
+                .iter()
+                .map(|(g, f, _)| (Some(g.as_str()), f.as_str()))
+                .collect(),
+        )
     }
 
     /// The will to publish now that the connection ended (taken; `None`
@@ -1035,6 +1220,9 @@ mod tests {
             max_inflight: 4,
             max_session_expiry: Duration::from_secs(3600),
             auth: None,
+            max_subscriptions: 3,
+            max_topic_length: 32,
+            max_topic_levels: 4,
         }
     }
 
@@ -1297,7 +1485,8 @@ mod tests {
                     .map(|(f, qos)| SubRequest {
                         filter: f.into(),
                         qos,
-                        send_retained: true
+                        send_retained: true,
+                        share: None,
                     })
                     .collect()
             )]
@@ -1308,6 +1497,7 @@ mod tests {
             payload: b"21".to_vec(),
             qos: 1,
             retain: false,
+            shared: false,
         });
         match &sent(&mut s, v)[..] {
             [Packet::Publish(p)] => {
@@ -1542,11 +1732,13 @@ mod tests {
             vec![
                 StoredSub {
                     filter: "t".into(),
-                    qos: 2
+                    qos: 2,
+                    share: None,
                 },
                 StoredSub {
                     filter: "t.>".into(),
-                    qos: 2
+                    qos: 2,
+                    share: None,
                 }
             ]
         );
@@ -1564,6 +1756,7 @@ mod tests {
             subs: vec![StoredSub {
                 filter: "t.*".into(),
                 qos: 1,
+                share: None,
             }],
             expiry_secs: 3600,
             disconnected_at: 1,
@@ -1581,7 +1774,8 @@ mod tests {
             vec![Event::Subscribe(vec![SubRequest {
                 filter: "t.*".into(),
                 qos: 1,
-                send_retained: false
+                send_retained: false,
+                share: None,
             }])]
         );
         let idx = s.follow("T", 100);
@@ -1647,5 +1841,202 @@ mod tests {
             [Packet::ConnAck(c)] if c.properties.session_expiry_interval == Some(3600)
         ));
         assert!(s.is_persistent());
+    }
+
+    fn sub_opts(filters: &[(&str, QoS)], id: u16) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: id,
+            filters: filters
+                .iter()
+                .map(|(f, qos)| {
+                    (
+                        f.to_string(),
+                        SubscriptionOptions {
+                            qos: *qos,
+                            ..SubscriptionOptions::default()
+                        },
+                    )
+                })
+                .collect(),
+            properties: Properties::default(),
+        })
+    }
+
+    fn suback_codes(s: &mut Session, v: Version) -> Vec<u8> {
+        match &sent(s, v)[..] {
+            [Packet::SubAck(a)] => a.codes.clone(),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shared_subscriptions_both_versions() {
+        // 5.0 advertises them.
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&bytes(&connect(v, "d", true, 10), v), now);
+        events(&mut s);
+        s.restore(None);
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::ConnAck(c)] if c.properties.shared_subscription_available == Some(1)
+        ));
+        for v in [Version::V5, Version::V311] {
+            let (mut s, now) = connected(v);
+            let sub = sub_opts(
+                &[("$share/g/a/#", QoS::AtLeastOnce), ("a/b", QoS::AtMostOnce)],
+                1,
+            );
+            s.handle_bytes(&bytes(&sub, v), now);
+            let req = |f: &str, qos, share: Option<&str>| SubRequest {
+                filter: f.into(),
+                qos,
+                send_retained: share.is_none(),
+                share: share.map(String::from),
+            };
+            assert_eq!(
+                events(&mut s),
+                vec![Event::Subscribe(vec![
+                    req("a", 1, Some("g")),
+                    req("a.>", 1, Some("g")),
+                    req("a.b", 0, None),
+                ])]
+            );
+            assert_eq!(suback_codes(&mut s, v), vec![1, 0]);
+            assert_eq!(s.subscription_count(), 2);
+            let stored = s.snapshot().subs;
+            assert_eq!(stored.iter().filter(|x| x.share.is_some()).count(), 2);
+            // A shared delivery of a `$` topic is not refused by the
+            // non-wildcard check, and arrives at the router's QoS.
+            s.deliver(&Delivery {
+                subject: "a.c".into(),
+                payload: b"x".to_vec(),
+                qos: 1,
+                retain: false,
+                shared: true,
+            });
+            assert!(
+                matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce)
+            );
+            let unsub = Packet::Unsubscribe(mqtt::Unsubscribe {
+                packet_id: 2,
+                filters: vec!["$share/g/a/#".into()],
+                properties: Properties::default(),
+            });
+            s.handle_bytes(&bytes(&unsub, v), now);
+            assert_eq!(
+                events(&mut s),
+                vec![
+                    Event::UnsubscribeShared(vec![
+                        ("g".into(), "a".into()),
+                        ("g".into(), "a.>".into())
+                    ]),
+                    Event::Unsubscribe(vec![])
+                ]
+            );
+            assert_eq!(s.subscription_count(), 1);
+        }
+        // 3.1.1 has no grammar for them: checked by the session.
+        let v = Version::V311;
+        let (mut s, now) = connected(v);
+        let sub = sub_opts(
+            &[
+                ("$share/g", QoS::AtMostOnce),
+                ("$share//a", QoS::AtMostOnce),
+            ],
+            1,
+        );
+        s.handle_bytes(&bytes(&sub, v), now);
+        assert_eq!(suback_codes(&mut s, v), vec![0x80, 0x80]);
+        assert_eq!(events(&mut s), vec![Event::Subscribe(vec![])]);
+    }
+
+    #[test]
+    fn persistent_shared_subscription_is_live_only_and_restored() {
+        let v = Version::V311;
+        let (mut s, now, _) = persistent(v, None);
+        let idx = s.follow("T", 0);
+        s.handle_bytes(
+            &bytes(&subscribe_pkt(1, "$share/g/t/x", QoS::AtLeastOnce), v),
+            now,
+        );
+        events(&mut s);
+        sent(&mut s, v);
+        s.deliver_stored(idx, 1, "t.x", b"from the stream");
+        assert!(
+            !s.has_output(),
+            "shared subscriptions are not served from cursors"
+        );
+        let snap = s.snapshot();
+        let (s2, _, present) = persistent(v, Some(snap));
+        assert!(present);
+        assert_eq!(s2.shared, vec![("g".into(), "t.x".into(), 1)]);
+        assert!(s2.filters.is_empty());
+    }
+
+    #[test]
+    fn subscription_quota_and_topic_limits() {
+        for v in [Version::V5, Version::V311] {
+            let (mut s, now) = connected(v);
+            let quota = if v == Version::V5 { 0x97 } else { 0x80 };
+            let invalid = if v == Version::V5 { 0x8F } else { 0x80 };
+            let q0 = QoS::AtMostOnce;
+            // `a/#` counts once: three fit.
+            s.handle_bytes(
+                &bytes(&sub_opts(&[("a/#", q0), ("b", q0), ("c", q0)], 1), v),
+                now,
+            );
+            assert_eq!(suback_codes(&mut s, v), vec![0, 0, 0]);
+            let sub = sub_opts(&[("d", q0), ("b", QoS::AtLeastOnce), ("$share/g/e", q0)], 2);
+            s.handle_bytes(&bytes(&sub, v), now);
+            assert_eq!(
+                suback_codes(&mut s, v),
+                vec![quota, 1, quota],
+                "replacing is fine"
+            );
+            s.handle_bytes(&bytes(&sub_opts(&[("x/x/x/x/x", q0)], 3), v), now);
+            assert_eq!(suback_codes(&mut s, v), vec![invalid], "5 levels");
+            let long = "l".repeat(33);
+            s.handle_bytes(&bytes(&sub_opts(&[(long.as_str(), q0)], 4), v), now);
+            assert_eq!(suback_codes(&mut s, v), vec![invalid], "33 bytes");
+            assert_eq!(s.subscription_count(), 3);
+            events(&mut s);
+            // PUBLISH over the limits.
+            let p = publish(QoS::AtLeastOnce, Some(5), "p/p/p/p/p", b"x");
+            s.handle_bytes(&bytes(&p, v), now);
+            if v == Version::V5 {
+                assert_eq!(events(&mut s), vec![Event::AckInOrder(5)]);
+                s.publish_done(5, Ok(()));
+                assert!(matches!(&sent(&mut s, v)[..], [Packet::PubAck(a)] if a.code == 0x90));
+                let p = publish(QoS::AtMostOnce, None, &long, b"x");
+                s.handle_bytes(&bytes(&p, v), now);
+                assert!(matches!(&sent(&mut s, v)[..], [Packet::Disconnect(d)] if d.code == 0x90));
+            }
+            assert!(s.is_closed());
+        }
+    }
+
+    #[test]
+    fn connect_timeout_is_a_deadline_for_the_whole_connect() {
+        let v = Version::V311;
+        let start = Instant::now();
+        let mut s = Session::new(limits(), start);
+        let connect = bytes(&connect(v, "slow", true, 10), v);
+        // One byte a second: every byte is "activity", none moves the
+        // deadline (5 s from the start).
+        for (i, b) in connect.iter().take(connect.len() - 1).enumerate() {
+            let t = start + Duration::from_secs(i as u64);
+            s.handle_timeout(t);
+            s.handle_bytes(&[*b], t);
+            if s.is_closed() {
+                break;
+            }
+        }
+        assert!(connect.len() > 6);
+        assert!(s.is_closed(), "closed at the deadline, not reset per byte");
+        assert!(
+            matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("connect_timeout"))
+        );
     }
 }

@@ -9,9 +9,12 @@
 //! - Per connection, at most `max_inflight` publishes await storage; the
 //!   task stops reading the socket while that many are pending
 //!   (backpressure reaches the client through TCP).
-//! - Deliveries to a client queue in a bounded channel (`max_queued`); a
-//!   client that does not read loses deliveries (counted), never stalls a
-//!   publisher.
+//! - Deliveries to a client queue in a channel the router bounds at
+//!   `max_queued` (allocated as it fills, so idle clients cost no queue
+//!   memory); a client that does not read loses deliveries (counted),
+//!   never stalls a publisher.
+//! - The read buffer starts at 1 KiB and doubles (to 16 KiB) while reads
+//!   fill it: idle devices stay small, busy publishers read in bulk.
 //! - Everything a connection registered (subscriptions, client id) is
 //!   removed when it ends, whatever the reason.
 //!
@@ -41,7 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use smol::channel::{bounded, Receiver};
+use smol::channel::{bounded, unbounded, Receiver};
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::net::TcpListener;
@@ -59,6 +62,8 @@ use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Cursor progress is written at most this often while a session is active.
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Refused connections are logged at most this often.
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most messages read from a stream in one batch.
 const READ_BATCH: usize = 256;
 
@@ -82,6 +87,7 @@ pub async fn serve(
     sessions: Arc<SessionStore>,
 ) {
     let wills = Arc::new(DelayedWills::default());
+    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
         max_keep_alive: cfg.max_keep_alive,
@@ -89,6 +95,9 @@ pub async fn serve(
         max_inflight: cfg.max_inflight,
         max_session_expiry: cfg.max_session_expiry,
         auth: cfg.auth.clone(),
+        max_subscriptions: cfg.max_subscriptions,
+        max_topic_length: cfg.max_topic_length,
+        max_topic_levels: cfg.max_topic_levels,
     };
     loop {
         let accepted = async { Some(listener.accept().await) }
@@ -107,12 +116,22 @@ pub async fn serve(
                 continue;
             }
         };
-        let current = broker.counters.connections.load(Ordering::Relaxed);
+        // Counted here, before the task exists, so a flood of accepts
+        // cannot overshoot the limit; the task gives the slot back.
+        let current = broker.counters.connections.fetch_add(1, Ordering::Relaxed);
         if current as usize >= cfg.max_connections {
-            log::warn!(
-                "mqtt: refusing {peer}: max_connections ({}) reached",
-                cfg.max_connections
-            );
+            broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
+            // A flood must not flood the log (flash wear): at most one
+            // line per second, with the count.
+            refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                log::warn!(
+                    "mqtt: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
+                    cfg.max_connections
+                );
+                refused = 0;
+                last_refusal_log = Some(Instant::now());
+            }
             drop(sock);
             continue;
         }
@@ -126,7 +145,6 @@ pub async fn serve(
         let sessions = sessions.clone();
         let framing = framing.clone();
         smol::spawn(async move {
-            broker.counters.connections.fetch_add(1, Ordering::Relaxed);
             broker
                 .counters
                 .total_connections
@@ -143,27 +161,33 @@ pub async fn serve(
                     unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown)
                         .await
                 }
+                // Boxed, like the WebSocket path: the TLS state would make
+                // every plain connection's task that much bigger.
                 Some(acceptor) => {
-                    let shaken = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) }
-                        .or(async {
-                            Timer::after(timeout).await;
-                            Err("no TLS handshake within connect_timeout".into())
-                        })
-                        .await;
-                    match shaken {
-                        Ok(tls) => {
-                            unwrap_and_serve(
-                                tls,
-                                framing.websocket,
-                                &ctx,
-                                limits,
-                                max_queued,
-                                shutdown,
-                            )
-                            .await
+                    Box::pin(async {
+                        let shaken =
+                            async { acceptor.accept(sock).await.map_err(|e| e.to_string()) }
+                                .or(async {
+                                    Timer::after(timeout).await;
+                                    Err("no TLS handshake within connect_timeout".into())
+                                })
+                                .await;
+                        match shaken {
+                            Ok(tls) => {
+                                unwrap_and_serve(
+                                    tls,
+                                    framing.websocket,
+                                    &ctx,
+                                    limits,
+                                    max_queued,
+                                    shutdown,
+                                )
+                                .await
+                            }
+                            Err(e) => format!("TLS handshake failed: {e}"),
                         }
-                        Err(e) => format!("TLS handshake failed: {e}"),
-                    }
+                    })
+                    .await
                 }
             };
             broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
@@ -295,20 +319,25 @@ async fn unwrap_and_serve<S: AsyncRead + AsyncWrite + Unpin>(
     if !websocket {
         return connection(Plain(sock), ctx, limits, max_queued, shutdown).await;
     }
-    let timeout = limits.connect_timeout;
-    let shaken = super::ws::handshake(&mut sock)
-        .or(async {
-            Timer::after(timeout).await;
-            Err("no WebSocket handshake within connect_timeout".into())
-        })
-        .await;
-    match shaken {
-        Ok(()) => {
-            let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-            connection(ws, ctx, limits, max_queued, shutdown).await
+    // Boxed: the WebSocket path's future is several KiB larger than the
+    // plain one, and every task would otherwise be that big.
+    Box::pin(async {
+        let timeout = limits.connect_timeout;
+        let shaken = super::ws::handshake(&mut sock)
+            .or(async {
+                Timer::after(timeout).await;
+                Err("no WebSocket handshake within connect_timeout".into())
+            })
+            .await;
+        match shaken {
+            Ok(()) => {
+                let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
+                connection(ws, ctx, limits, max_queued, shutdown).await
+            }
+            Err(e) => format!("websocket handshake failed: {e}"),
         }
-        Err(e) => format!("websocket handshake failed: {e}"),
-    }
+    })
+    .await
 }
 
 /// What a connection shares with the rest of the server.
@@ -371,10 +400,10 @@ pub async fn connection<T: Transport>(
         sessions,
     } = *ctx;
     let conn = broker.new_conn_id();
-    let (deliver_tx, deliver_rx) = bounded::<Arc<Delivery>>(max_queued);
+    let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
     let (kick_tx, kick_rx) = bounded::<()>(1);
     let mut session = Session::new(limits, Instant::now());
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 1024];
     let mut acks: VecDeque<PendingAck> = VecDeque::new();
     let mut client_id: Option<String> = None;
     let mut timer = Timer::never();
@@ -482,7 +511,14 @@ pub async fn connection<T: Transport>(
                     save(&session, sessions, false).await;
                     let mut seen = std::collections::HashSet::new();
                     for r in requests {
-                        broker.subscribe(conn, r.filter.clone(), r.qos, deliver_tx.clone());
+                        broker.subscribe_mqtt(
+                            conn,
+                            r.share.clone(),
+                            r.filter.clone(),
+                            r.qos,
+                            deliver_tx.clone(),
+                            max_queued,
+                        );
                         if !r.send_retained || retained.is_empty() {
                             continue;
                         }
@@ -495,6 +531,7 @@ pub async fn connection<T: Transport>(
                                     payload: m.payload,
                                     qos: m.qos.min(r.qos),
                                     retain: true,
+                                    shared: false,
                                 });
                             }
                         }
@@ -504,6 +541,11 @@ pub async fn connection<T: Transport>(
                     save(&session, sessions, false).await;
                     for f in filters {
                         broker.unsubscribe(conn, &f);
+                    }
+                }
+                Event::UnsubscribeShared(filters) => {
+                    for (share, f) in filters {
+                        broker.unsubscribe_mqtt(conn, Some(&share), &f);
                     }
                 }
                 Event::Close(why) => close_reason = Some(why),
@@ -530,10 +572,11 @@ pub async fn connection<T: Transport>(
             }
         }
         // 3. Pass queued deliveries on without waiting (for a persistent
-        // session, captured subjects come from the streams instead).
+        // session, captured subjects come from the streams instead, except
+        // for shared subscriptions, which are always live).
         let persistent = session.is_persistent();
         while let Ok(d) = deliver_rx.try_recv() {
-            if !(persistent && broker.capture(&d.subject).is_some()) {
+            if d.shared || !(persistent && broker.capture(&d.subject).is_some()) {
                 session.deliver(&d);
             }
         }
@@ -668,10 +711,15 @@ pub async fn connection<T: Transport>(
         let now = Instant::now();
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
-            Wake::Read(Ok(n)) => session.handle_bytes(&buf[..n], now),
+            Wake::Read(Ok(n)) => {
+                session.handle_bytes(&buf[..n], now);
+                if n == buf.len() && buf.len() < 16 * 1024 {
+                    buf.resize(buf.len() * 2, 0);
+                }
+            }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
             Wake::Deliver(d) => {
-                if !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+                if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
                     session.deliver(&d);
                 }
             }

@@ -715,8 +715,8 @@ pub struct FrondSpec {
     pub ws: bool,
     /// Appended to the generated config (e.g. an `[auth]` section).
     pub extra_config: String,
-    /// Lines added to the `[mqtt]` section (e.g. `tls_listen = "…"`).
-    pub mqtt_extra: String,
+    /// Lines added to the `[mqtt]` section (e.g. `max_connections = 5`).
+    pub mqtt_config: String,
     /// Lines added to the `[uplink]` section (e.g. `tls_ca = "…"`).
     pub uplink_extra: String,
 }
@@ -732,7 +732,7 @@ impl Default for FrondSpec {
             max_inflight: 256,
             ws: false,
             extra_config: String::new(),
-            mqtt_extra: String::new(),
+            mqtt_config: String::new(),
             uplink_extra: String::new(),
         }
     }
@@ -799,12 +799,12 @@ impl Frond {
         if let Some(m) = &spec.max_packet_size {
             cfg.push_str(&format!("max_packet_size = \"{m}\"\n"));
         }
+        cfg.push_str(&spec.mqtt_config);
         let ws_port = if spec.ws { free_port() } else { 0 };
         let nats_port = free_port();
         if spec.ws {
             cfg.push_str(&format!("ws_listen = \"127.0.0.1:{ws_port}\"\n"));
         }
-        cfg.push_str(&spec.mqtt_extra);
         cfg.push_str(&format!(
             "\n[nats]\nlisten = \"127.0.0.1:{nats_port}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[[stream]]\nname = \"TELEMETRY\"\nsubjects = [\"telemetry.>\"]\nsync = \"always\"\n"
         ));
