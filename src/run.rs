@@ -161,6 +161,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 stop_rx.clone(),
             )));
         }
+        // The JetStream API and consumers of the local streams (also runs
+        // interest/workqueue retention, so it starts without a NATS port).
+        let mirrored: Vec<String> = cfg
+            .uplink
+            .iter()
+            .flat_map(|u| u.mirrors.iter().map(|m| m.stream.clone()))
+            .collect();
+        tasks.push(smol::spawn(server::jsapi::serve(
+            broker.clone(),
+            cfg.data_dir.join("streams"),
+            mirrored,
+            uplink_status.clone(),
+            stop_rx.clone(),
+        )));
         if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
             tasks.push(smol::spawn(uplink::run(
                 u.clone(),

@@ -47,6 +47,7 @@
 //!   consumer acknowledged a message.
 //! - The thread reads the clock; the store never does.
 
+pub mod consumer;
 pub mod headers;
 mod owner;
 
