@@ -402,3 +402,22 @@ subject_prefix = \"hubev.truck1.\"
         .collect();
     assert_eq!(on_hub, vec!["e1", "e2", "e3"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_jetstream_client() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_js_check.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(f.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py JetStream against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.log_text()
+    );
+}

@@ -1386,3 +1386,214 @@ pub async fn serve(
     broker.drop_conn(conn);
     outbox.close();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{Message, StreamConfig, SyncPolicy};
+    use smol::block_on;
+
+    fn scfg(name: &str, subject: &str, retention: Retention) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            storage: Storage::File,
+            sync: SyncPolicy::Always,
+            max_msgs: 0,
+            max_bytes: 0,
+            max_age: Duration::ZERO,
+            max_msgs_per_subject: 0,
+            max_msg_size: 0,
+            discard: Discard::Old,
+            discard_new_per_subject: false,
+            duplicate_window: Duration::from_secs(120),
+            retention,
+            allow_rollup: false,
+            deny_delete: false,
+            deny_purge: false,
+            allow_msg_ttl: false,
+        }
+    }
+
+    fn open(dir: &Path, c: StreamConfig) -> StreamHandle {
+        crate::stream::open(&dir.join(&c.name), c).unwrap().0
+    }
+
+    fn req(subject: &str, reply: &str, body: &str) -> Msg {
+        Msg {
+            subject: subject.into(),
+            reply: Some(reply.into()),
+            headers: None,
+            payload: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn publish(h: &StreamHandle, subject: &str) -> u64 {
+        block_on(h.publish(Message {
+            subject: subject.into(),
+            headers: None,
+            payload: b"x".to_vec(),
+        }))
+        .unwrap()
+        .seq
+    }
+
+    /// Handle one request and return the JSON answer sent to `r`.
+    fn call(api: &mut JsApi, subject: &str, body: &str) -> Value {
+        block_on(api.handle(&req(subject, "r", body), 1));
+        api.persist();
+        let out = api.take_out();
+        let (to, m) = out.into_iter().find(|(to, _)| to == "r").unwrap();
+        assert_eq!(to, m.subject);
+        serde_json::from_slice(&m.payload).unwrap()
+    }
+
+    #[test]
+    fn subjects_times_and_statuses() {
+        assert_eq!(parse_call("$JS.API.INFO"), Call::Info);
+        assert_eq!(
+            parse_call("$JS.API.STREAM.INFO.S"),
+            Call::StreamInfo("S".into())
+        );
+        assert_eq!(
+            parse_call("$JS.API.STREAM.MSG.GET.S"),
+            Call::MsgGet("S".into())
+        );
+        assert_eq!(
+            parse_call("$JS.API.CONSUMER.CREATE.S.c.a.b.>"),
+            Call::ConsumerCreate {
+                stream: "S".into(),
+                name: Some("c".into()),
+                filter: Some("a.b.>".into()),
+                durable_api: false
+            }
+        );
+        assert_eq!(
+            parse_call("$JS.API.CONSUMER.DURABLE.CREATE.S.d"),
+            Call::ConsumerCreate {
+                stream: "S".into(),
+                name: Some("d".into()),
+                filter: None,
+                durable_api: true
+            }
+        );
+        assert_eq!(
+            parse_call("$JS.API.CONSUMER.MSG.NEXT.S.c"),
+            Call::Next("S".into(), "c".into())
+        );
+        assert_eq!(parse_call("$JS.API.STREAM.INFO"), Call::Unknown);
+        assert_eq!(parse_call("foo"), Call::Unknown);
+        assert_eq!(rfc3339(0), "0001-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400 * 1_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+        assert_eq!(
+            status_msg(408, "Request Timeout", Some((2, 0))),
+            b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 2\r\nNats-Pending-Bytes: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn workqueue_consumer_flow_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path(), scfg("W", "w.>", Retention::WorkQueue));
+        let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        let v = call(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.W.c",
+            r#"{"stream_name":"W","config":{"durable_name":"c","ack_policy":"explicit"}}"#,
+        );
+        assert_eq!(v["name"], "c", "{v}");
+        assert_eq!(
+            v["type"],
+            "io.nats.jetstream.api.v1.consumer_create_response"
+        );
+        let v = call(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.W.d",
+            r#"{"stream_name":"W","config":{"durable_name":"d"}}"#,
+        );
+        assert_eq!(v["error"]["err_code"], 10099, "{v}");
+        let v = call(&mut api, "$JS.API.CONSUMER.INFO.W.nope", "");
+        assert_eq!(
+            (v["error"]["code"].as_u64(), v["error"]["err_code"].as_u64()),
+            (Some(404), Some(10014))
+        );
+        let v = call(&mut api, "$JS.API.STREAM.INFO.X", "");
+        assert_eq!(v["error"]["err_code"], 10059);
+        publish(&h, "w.1");
+        publish(&h, "w.2");
+        block_on(api.handle(
+            &req(
+                "$JS.API.CONSUMER.MSG.NEXT.W.c",
+                "inbox",
+                r#"{"batch":3,"no_wait":true}"#,
+            ),
+            10,
+        ));
+        block_on(api.deliver(10));
+        let out = api.take_out();
+        assert_eq!(out.len(), 3, "two messages and the end-of-batch status");
+        assert!(out.iter().all(|(to, _)| to == "inbox"));
+        let acks: Vec<String> = out.iter().filter_map(|(_, m)| m.reply.clone()).collect();
+        assert_eq!(acks.len(), 2);
+        assert_eq!(parse_ack_subject(&acks[0]), Some(("W", "c", 1)));
+        assert!(out[2]
+            .1
+            .headers
+            .as_deref()
+            .unwrap()
+            .starts_with(b"NATS/1.0 408"));
+        block_on(api.handle(&req(&acks[0], "ackr", "+ACK"), 11));
+        block_on(api.apply_retention());
+        api.persist();
+        assert!(api.take_out().iter().any(|(to, _)| to == "ackr"));
+        assert_eq!(h.state().msgs, 1, "the acked message left the workqueue");
+        // The consumer, reloaded, still owes message 2.
+        let again = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        let c = again.slots[0].consumers.get("c").unwrap();
+        assert_eq!(c.pending.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(c.delivered_sseq, 2);
+        let v = call(&mut api, "$JS.API.CONSUMER.DELETE.W.c", "");
+        assert_eq!(v["success"], true);
+        assert!(
+            JsApi::open(std::slice::from_ref(&h), dir.path(), &[]).slots[0]
+                .consumers
+                .is_empty()
+        );
+        block_on(h.close());
+    }
+
+    #[test]
+    fn interest_retention_waits_for_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = open(dir.path(), scfg("M", "m.>", Retention::Interest));
+        let p = open(dir.path(), scfg("P", "p.>", Retention::Interest));
+        let mut api = JsApi::open(&[m.clone(), p.clone()], dir.path(), &["M".to_string()]);
+        publish(&m, "m.1");
+        publish(&m, "m.2");
+        publish(&p, "p.1");
+        let cursor = std::cell::Cell::new(None);
+        let run = |api: &mut JsApi| {
+            api.tick(5, &|_| cursor.get());
+            block_on(api.apply_retention());
+        };
+        run(&mut api);
+        assert_eq!(p.state().msgs, 0, "no consumer, not mirrored: removed");
+        assert_eq!(m.state().msgs, 2, "not yet on the hub: kept");
+        cursor.set(Some(1));
+        run(&mut api);
+        assert_eq!(m.state().msgs, 1);
+        assert_eq!(m.state().first_seq, 2);
+        cursor.set(Some(2));
+        run(&mut api);
+        assert_eq!(m.state().msgs, 0);
+        block_on(m.close());
+        block_on(p.close());
+    }
+}
