@@ -63,6 +63,8 @@ use crate::wire::nats::base64;
 const INBOX_BYTES: usize = 64 << 20;
 /// Messages examined for retention per loop iteration.
 const RETENTION_BUDGET: usize = 4096;
+/// Consumers per stream (bounds memory and files).
+pub const MAX_CONSUMERS: usize = 1024;
 /// How often the mirror cursors are looked at (mirrored streams only).
 const MIRROR_POLL: Duration = Duration::from_millis(100);
 
@@ -739,6 +741,13 @@ impl JsApi {
         }
         if action == "update" {
             return Err(ApiError::new(400, 10149, "consumer does not exist"));
+        }
+        if slot.consumers.len() >= MAX_CONSUMERS {
+            return Err(ApiError::new(
+                400,
+                10026,
+                format!("maximum consumers limit reached ({MAX_CONSUMERS} per stream); delete unused consumers"),
+            ));
         }
         if scfg.retention == Retention::WorkQueue {
             if cfg.ack_policy != AckPolicy::Explicit {
@@ -1566,6 +1575,55 @@ mod tests {
                 .consumers
                 .is_empty()
         );
+        block_on(h.close());
+    }
+
+    #[test]
+    fn pull_expiry_heartbeats_and_ephemeral_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path(), scfg("L", "l.>", Retention::Limits));
+        let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        // Ephemeral (no name), created at t=1.
+        let v = call(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.L",
+            r#"{"stream_name":"L","config":{"ack_policy":"explicit"}}"#,
+        );
+        let name = v["name"].as_str().unwrap().to_string();
+        assert_eq!(v["config"]["inactive_threshold"], 5_000_000_000u64);
+        let next = format!("$JS.API.CONSUMER.MSG.NEXT.L.{name}");
+        block_on(api.handle(
+            &req(
+                &next,
+                "inbox",
+                r#"{"batch":2,"expires":1000,"idle_heartbeat":400}"#,
+            ),
+            10,
+        ));
+        block_on(api.deliver(10));
+        assert!(api.take_out().is_empty(), "nothing to deliver yet");
+        assert_eq!(api.next_deadline().0, Some(410));
+        api.tick(410, &|_| None);
+        let out = api.take_out();
+        assert!(out[0]
+            .1
+            .headers
+            .as_deref()
+            .unwrap()
+            .starts_with(b"NATS/1.0 100 Idle Heartbeat"));
+        api.tick(1010, &|_| None);
+        let out = api.take_out();
+        assert!(out[0]
+            .1
+            .headers
+            .as_deref()
+            .unwrap()
+            .starts_with(b"NATS/1.0 408 Request Timeout"));
+        // Idle for the inactive threshold: removed.
+        api.tick(1010 + 5_000_000_000, &|_| None);
+        assert!(api.slots[0].consumers.is_empty());
+        let v = call(&mut api, &next.replace("MSG.NEXT", "INFO"), "");
+        assert_eq!(v["error"]["err_code"], 10014);
         block_on(h.close());
     }
 

@@ -45,6 +45,9 @@ pub const DEFAULT_ACK_WAIT_NS: u64 = 30_000_000_000;
 pub const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
 /// JetStream's default max_waiting (pull requests held per consumer).
 pub const DEFAULT_MAX_WAITING: i64 = 512;
+/// Pending messages per consumer never exceed this, even with
+/// `max_ack_pending = -1` (keeps memory bounded).
+pub const MAX_PENDING_CAP: u64 = 100_000;
 /// How long an ephemeral consumer lives without pull requests (JetStream: 5 s).
 pub const DEFAULT_INACTIVE_NS: u64 = 5_000_000_000;
 
@@ -562,9 +565,9 @@ impl Consumer {
 
     /// Whether new (not redelivered) messages may go out now.
     pub fn may_deliver_new(&self) -> bool {
-        self.cfg.ack_policy == AckPolicy::None
-            || self.cfg.max_ack_pending < 0
-            || (self.pending.len() as u64) < self.cfg.max_ack_pending as u64
+        let max = u64::try_from(self.cfg.max_ack_pending)
+            .map_or(MAX_PENDING_CAP, |m| m.min(MAX_PENDING_CAP));
+        self.cfg.ack_policy == AckPolicy::None || (self.pending.len() as u64) < max
     }
 
     /// Step over a stream message the filter does not match.
