@@ -421,3 +421,85 @@ async fn nats_py_jetstream_client() {
         f.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_pull_with_messages_stream() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let js = connect_js(&f).await;
+    let stream = js.get_stream("TELEMETRY").await.unwrap();
+    let c: PullConsumer = stream
+        .create_consumer(durable("live", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let mut msgs = c.messages().await.expect("messages stream");
+    // Messages published while the pull request waits are delivered.
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let payloads: Vec<String> = (0..50).map(|i| format!("live-{i}")).collect();
+            let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+            publish(&js, "telemetry.live", &refs).await;
+        })
+    };
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let m = tokio::time::timeout(LONG, msgs.next())
+            .await
+            .expect("a message within the deadline")
+            .expect("stream open")
+            .expect("a message");
+        m.ack().await.unwrap();
+        got.push(text(&m));
+    }
+    publisher.await.unwrap();
+    let want: Vec<String> = (0..50).map(|i| format!("live-{i}")).collect();
+    assert_eq!(got, want);
+}
+
+/// Throughput of a workqueue drained by one pull consumer (fetch 100,
+/// ack each, until the stream is empty). Run by hand:
+/// `cargo test --test jetstream workqueue_drain_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn workqueue_drain_rate() {
+    const N: usize = 5000;
+    let f = Frond::start_new(FrondSpec {
+        extra_config: RETENTION_STREAMS.into(),
+        ..Default::default()
+    })
+    .await;
+    let js = connect_js(&f).await;
+    let mut acks = Vec::new();
+    for i in 0..N {
+        acks.push(js.publish("jobs.x", format!("{i}").into()).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let jobs = js.get_stream("JOBS").await.unwrap();
+    let w: PullConsumer = jobs
+        .create_consumer(durable("w", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while n < N {
+        let batch = fetch(&w, 100, Duration::from_secs(5)).await;
+        for m in &batch {
+            m.ack().await.unwrap();
+        }
+        n += batch.len();
+    }
+    let fetched = start.elapsed();
+    wait_until("the workqueue is empty", LONG, || {
+        let js = js.clone();
+        async move { messages(&js, "JOBS").await == 0 }
+    })
+    .await;
+    let drained = start.elapsed();
+    println!(
+        "workqueue: {N} messages fetched+acked in {fetched:?} ({:.0}/s), removed in {drained:?} ({:.0}/s)",
+        N as f64 / fetched.as_secs_f64(),
+        N as f64 / drained.as_secs_f64()
+    );
+}

@@ -988,9 +988,20 @@ impl JsApi {
                 }
             }
             let h = slot.handle.clone();
+            let first = h.state().first_seq;
+            // Removable messages that start at the stream's first sequence
+            // with no kept message among them go in one purge (one fsync);
+            // the others one by one.
+            let mut prefix = !h.config().deny_purge;
+            let mut prefix_seqs: Vec<u64> = Vec::new();
+            let mut singles: Vec<u64> = Vec::new();
             let mut left = Vec::new();
+            let mut next_expected = first;
             for (a, b) in merged {
-                let mut from = a.max(h.state().first_seq);
+                let mut from = a.max(first);
+                if from > next_expected {
+                    prefix = false;
+                }
                 while from <= b && budget > 0 {
                     let want = usize::try_from(b - from + 1).unwrap_or(usize::MAX).min(256);
                     let msgs = match h.read(from, want, 4 << 20).await {
@@ -1015,18 +1026,39 @@ impl JsApi {
                         from = m.seq + 1;
                         budget = budget.saturating_sub(1);
                         if removable(slot, retention, m.seq, &m.subject) {
-                            if let Err(e) = h.ack(m.seq).await {
-                                log::warn!(
-                                    "jetstream: cannot remove message {} of {}: {e}",
-                                    m.seq,
-                                    h.config().name
-                                );
+                            if prefix {
+                                prefix_seqs.push(m.seq);
+                            } else {
+                                singles.push(m.seq);
                             }
+                        } else {
+                            prefix = false;
                         }
                     }
                 }
                 if from <= b {
                     left.push((from, b));
+                    prefix = false;
+                }
+                next_expected = b.saturating_add(1);
+            }
+            if let Some(&last) = prefix_seqs.last() {
+                let purge = PurgeRequest {
+                    subject: None,
+                    upto_seq: Some(last + 1),
+                    keep: None,
+                };
+                if let Err(e) = h.purge(purge).await {
+                    log::debug!("jetstream: retention purge refused ({e}); removing one by one");
+                    singles.extend(prefix_seqs);
+                }
+            }
+            for seq in singles {
+                if let Err(e) = h.ack(seq).await {
+                    log::warn!(
+                        "jetstream: cannot remove message {seq} of {}: {e}",
+                        h.config().name
+                    );
                 }
             }
             slot.check = left;
