@@ -1007,10 +1007,13 @@ impl JsApi {
                     let msgs = match h.read(from, want, 4 << 20).await {
                         Ok(m) => m,
                         Err(e) => {
+                            // Not retried in a loop: the next ack, mirror
+                            // step or restart looks at these again.
                             log::warn!(
                                 "jetstream: retention read of {} failed: {e}",
                                 h.config().name
                             );
+                            from = b.saturating_add(1);
                             break;
                         }
                     };
@@ -1159,7 +1162,10 @@ async fn deliver_consumer(
             .front()
             .map_or(1, |r| r.batch.saturating_sub(r.sent))
             .clamp(1, 256);
-        let msgs = match h.read(c.delivered_sseq + 1, want, 1 << 20).await {
+        let msgs = match h
+            .read(c.delivered_sseq.saturating_add(1), want, 1 << 20)
+            .await
+        {
             Ok(m) => m,
             Err(_) => return,
         };
@@ -1358,6 +1364,9 @@ pub async fn serve(
             .map(|m| m.cursor)
     };
     loop {
+        if shutdown.is_closed() {
+            break;
+        }
         let now = unix_nanos();
         if outbox.is_slow() {
             log::warn!("jetstream: API requests arrived faster than they were served; some were dropped (clients retry)");
