@@ -1324,15 +1324,31 @@ enum Wake {
 /// Run the service until `shutdown` fires. `streams_dir` holds the stream
 /// directories; `mirrored` names the streams mirrored to the hub, whose
 /// progress `uplink` reports.
-pub async fn serve(
+///
+/// The consumers are loaded and the API subscriptions registered when this
+/// is called (before the returned future first runs), so requests sent
+/// right after start-up wait in the service's inbox instead of meeting
+/// "no responders".
+pub fn serve(
     broker: Arc<Broker>,
     streams_dir: PathBuf,
     mirrored: Vec<String>,
     uplink: Option<Arc<UplinkStatus>>,
     shutdown: Receiver<()>,
+) -> impl std::future::Future<Output = ()> {
+    let api = JsApi::open(broker.streams(), &streams_dir, &mirrored);
+    let (conn, outbox) = subscribe(&broker);
+    run(api, conn, outbox, broker, uplink, shutdown)
+}
+
+async fn run(
+    mut api: JsApi,
+    mut conn: u64,
+    mut outbox: Arc<Outbox>,
+    broker: Arc<Broker>,
+    uplink: Option<Arc<UplinkStatus>>,
+    shutdown: Receiver<()>,
 ) {
-    let mut api = JsApi::open(broker.streams(), &streams_dir, &mirrored);
-    let (mut conn, mut outbox) = subscribe(&broker);
     // One watcher per stream wakes the loop when messages arrive.
     let (wake_tx, wake_rx) = smol::channel::bounded::<()>(1);
     let _watchers: Vec<smol::Task<()>> = broker
