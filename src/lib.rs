@@ -12,7 +12,8 @@
 //! - [`stream`]: stream semantics (limits, sync policy) and the owner thread
 //!   that gives group commit.
 //! - [`broker`]: the router and MQTT session state machines.
-//! - [`server`]: listeners (MQTT, HTTP monitoring) — the thin smol shell.
+//! - [`server`]: listeners (MQTT, NATS, HTTP monitoring) — the thin smol
+//!   shell — and the JetStream API service for local streams.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
 
 pub mod auth;

@@ -137,6 +137,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 sessions.clone(),
             )));
         }
+        let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
+        // The JetStream API and consumers of the local streams (also runs
+        // interest/workqueue retention, so it starts without a NATS port);
+        // subscribed before the NATS port opens.
+        let mirrored: Vec<String> = cfg
+            .uplink
+            .iter()
+            .flat_map(|u| u.mirrors.iter().map(|m| m.stream.clone()))
+            .collect();
+        tasks.push(smol::spawn(server::jsapi::serve(
+            broker.clone(),
+            cfg.data_dir.join("streams"),
+            mirrored,
+            uplink_status.clone(),
+            stop_rx.clone(),
+        )));
         if let Some(addr) = &cfg.nats.listen {
             let l = smol::net::TcpListener::bind(addr.as_str())
                 .await
@@ -150,7 +166,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 stop_rx.clone(),
             )));
         }
-        let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
         if let Some(addr) = &cfg.http.listen {
             let l = smol::net::TcpListener::bind(addr.as_str())
                 .await

@@ -512,6 +512,13 @@ impl Broker {
         self.route_inner(origin, &subj, qos, false, &mut || msg.clone())
     }
 
+    /// Hand `msg` to the subscribers of `to` rather than of `msg.subject`
+    /// (JetStream pull deliveries reach the request's inbox with the
+    /// stored subject). Returns how many subscriptions got it.
+    pub fn route_to(&self, to: &str, msg: Arc<Msg>) -> usize {
+        self.route_inner(None, to, 0, false, &mut || msg.clone())
+    }
+
     fn route_inner(
         &self,
         origin: Option<Origin>,

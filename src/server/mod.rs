@@ -2,6 +2,7 @@
 //! protocol machines. Each submodule owns one listener.
 
 pub mod http;
+pub mod jsapi;
 pub mod mqtt;
 pub mod nats;
 pub mod ws;

@@ -42,11 +42,13 @@
 //!   are handled after the publishes of the batch they arrive in; delete,
 //!   purge and ack are durable when they reply. Compaction of a
 //!   mostly-deleted segment runs one segment at a time between batches.
-//! - `interest`/`workqueue` retention: no consumer registry yet; the
-//!   consumer layer calls [`StreamHandle::ack`] when the last interested
-//!   consumer acknowledged a message.
+//! - `interest`/`workqueue` retention: the consumer layer
+//!   ([`consumer`] state, run by `server::jsapi`) calls
+//!   [`StreamHandle::ack`] when the last interested consumer (and, for a
+//!   mirrored stream, the hub) acknowledged a message.
 //! - The thread reads the clock; the store never does.
 
+pub mod consumer;
 pub mod headers;
 mod owner;
 

@@ -1,0 +1,985 @@
+//! Pull consumers: configuration, delivery and acknowledgement state,
+//! persistence, and the retention questions ("may this message go?").
+//!
+//! Sans-IO: nothing here reads the clock, the store or the network. The
+//! JetStream API service (`server::jsapi`) reads messages from the stream,
+//! passes them in with `now` (unix ns) and routes what comes out.
+//!
+//! Model (JetStream's, reduced to what a pull consumer needs):
+//! - `delivered` is the highest stream sequence handed out for the first
+//!   time, and the consumer sequence of that delivery. Messages the filter
+//!   does not match are stepped over (they advance `delivered.stream`).
+//! - `pending` holds delivered, unacknowledged messages (ack policy
+//!   `explicit` or `all`) with their consumer sequence, delivery count and
+//!   ack deadline. A redelivery keeps the consumer sequence.
+//! - `redeliver` holds pending messages due again (ack wait expired, or
+//!   `-NAK`); they go out before new ones.
+//! - A message was *processed* by the consumer when its sequence is at or
+//!   below `delivered.stream` and not pending: acked, terminated (`+TERM`,
+//!   `max_deliver` reached) or ack policy `none`.
+//! - `floor` is where the consumer started (its deliver policy): messages
+//!   at or below it were never of interest to it.
+//!
+//! Invariants: every key of `pending` is in `(floor, delivered.stream]`;
+//! `redeliver` is a subset of `pending`'s keys; with ack policy `none`,
+//! `pending` is empty.
+//!
+//! Persistence ([`Consumer::encode`]/[`Consumer::decode`]): one JSON
+//! document, `{"v":1,"name","created","floor","config":{…JetStream consumer
+//! config…},"delivered":[cseq,sseq],"pending":[[sseq,cseq,ts,deliveries],…]}`.
+//! The service writes it atomically (temp file, fsync, rename, fsync of
+//! the directory) before it answers a synchronous ack, so an acknowledged,
+//! synced message is never redelivered after a restart; pending messages
+//! are redelivered once their ack wait (counted from the last delivery)
+//! has passed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde_json::{json, Value};
+
+use crate::subject;
+
+/// JetStream's default ack wait: 30 s.
+pub const DEFAULT_ACK_WAIT_NS: u64 = 30_000_000_000;
+/// JetStream's default max_ack_pending.
+pub const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
+/// JetStream's default max_waiting (pull requests held per consumer).
+pub const DEFAULT_MAX_WAITING: i64 = 512;
+/// Pending messages per consumer never exceed this, even with
+/// `max_ack_pending = -1` (keeps memory bounded).
+pub const MAX_PENDING_CAP: u64 = 100_000;
+/// How long an ephemeral consumer lives without pull requests (JetStream: 5 s).
+pub const DEFAULT_INACTIVE_NS: u64 = 5_000_000_000;
+
+/// An API error: HTTP-like code, JetStream error code, description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: u16,
+    pub err_code: u16,
+    pub description: String,
+}
+
+impl ApiError {
+    pub fn new(code: u16, err_code: u16, description: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            err_code,
+            description: description.into(),
+        }
+    }
+
+    pub fn bad_request(why: impl Into<String>) -> ApiError {
+        ApiError::new(400, 10003, why)
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"code": self.code, "err_code": self.err_code, "description": self.description})
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckPolicy {
+    None,
+    All,
+    Explicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverPolicy {
+    All,
+    New,
+    Last,
+    ByStartSequence(u64),
+}
+
+/// A consumer's configuration (the subset frond implements; unknown
+/// JetStream keys are accepted and ignored, push consumers are refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    pub durable_name: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub deliver_policy: DeliverPolicy,
+    pub ack_policy: AckPolicy,
+    pub ack_wait_ns: u64,
+    /// -1 (or 0 in the request): unlimited.
+    pub max_deliver: i64,
+    /// Empty: every subject of the stream.
+    pub filter_subjects: Vec<String>,
+    pub max_waiting: i64,
+    pub max_ack_pending: i64,
+    /// Ephemeral consumers only.
+    pub inactive_threshold_ns: u64,
+}
+
+fn name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('.')
+        && n.chars().all(|c| {
+            !c.is_whitespace() && !c.is_control() && !matches!(c, '.' | '*' | '>' | '/' | '\\')
+        })
+}
+
+fn get_u64(v: &Value, key: &str) -> Result<Option<u64>, ApiError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_u64() {
+            Some(n) => Ok(Some(n)),
+            None if x.as_i64().is_some() => Ok(None), // negative: "unset"
+            None => Err(ApiError::bad_request(format!("{key} must be an integer"))),
+        },
+    }
+}
+
+fn get_i64(v: &Value, key: &str) -> Result<Option<i64>, ApiError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{key} must be an integer"))),
+    }
+}
+
+fn get_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, ApiError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad_request(format!("{key} must be a string"))),
+    }
+}
+
+impl ConsumerConfig {
+    /// Parse a JetStream consumer config object.
+    pub fn from_json(v: &Value) -> Result<ConsumerConfig, ApiError> {
+        if !v.is_object() {
+            return Err(ApiError::new(400, 10078, "consumer config required"));
+        }
+        if get_str(v, "deliver_subject")?.is_some() {
+            return Err(ApiError::new(
+                400,
+                10012,
+                "consumer create failed: push consumers (deliver_subject) are not supported by frond; use a pull consumer",
+            ));
+        }
+        let durable_name = get_str(v, "durable_name")?.map(str::to_string);
+        let name = get_str(v, "name")?
+            .map(str::to_string)
+            .or_else(|| durable_name.clone());
+        for n in durable_name.iter().chain(name.iter()) {
+            if !name_ok(n) {
+                return Err(ApiError::new(
+                    400,
+                    10103,
+                    "durable name can not contain '.', '*', '>'",
+                ));
+            }
+        }
+        if let (Some(d), Some(n)) = (&durable_name, &name) {
+            if d != n {
+                return Err(ApiError::new(
+                    400,
+                    10132,
+                    "consumer durable and name have to be equal if both are provided",
+                ));
+            }
+        }
+        let deliver_policy = match get_str(v, "deliver_policy")?.unwrap_or("all") {
+            "all" => DeliverPolicy::All,
+            "new" => DeliverPolicy::New,
+            "last" => DeliverPolicy::Last,
+            "by_start_sequence" => match get_u64(v, "opt_start_seq")? {
+                Some(n) if n > 0 => DeliverPolicy::ByStartSequence(n),
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        10094,
+                        "consumer deliver policy by_start_sequence needs opt_start_seq",
+                    ))
+                }
+            },
+            other => {
+                return Err(ApiError::new(
+                    400,
+                    10094,
+                    format!("deliver policy {other:?} is not supported by frond (all, new, last, by_start_sequence)"),
+                ))
+            }
+        };
+        let ack_policy = match get_str(v, "ack_policy")?.unwrap_or("explicit") {
+            "none" => AckPolicy::None,
+            "all" => AckPolicy::All,
+            "explicit" => AckPolicy::Explicit,
+            other => {
+                return Err(ApiError::new(
+                    400,
+                    10094,
+                    format!("unknown ack policy {other:?}"),
+                ))
+            }
+        };
+        let mut filter_subjects: Vec<String> = Vec::new();
+        if let Some(f) = get_str(v, "filter_subject")? {
+            filter_subjects.push(f.to_string());
+        }
+        if let Some(list) = v.get("filter_subjects").and_then(Value::as_array) {
+            for f in list {
+                match f.as_str() {
+                    Some(s) if !s.is_empty() => filter_subjects.push(s.to_string()),
+                    _ => return Err(ApiError::bad_request("filter_subjects must be subjects")),
+                }
+            }
+        }
+        filter_subjects.sort();
+        filter_subjects.dedup();
+        for f in &filter_subjects {
+            if !subject::valid_filter(f) {
+                return Err(ApiError::new(
+                    400,
+                    10093,
+                    format!("consumer filter subject {f:?} is not a valid subject filter"),
+                ));
+            }
+        }
+        for (i, a) in filter_subjects.iter().enumerate() {
+            for b in filter_subjects.iter().skip(i + 1) {
+                if subject::filters_overlap(a, b) {
+                    return Err(ApiError::new(
+                        400,
+                        10136,
+                        format!("consumer subject filters cannot overlap ({a}, {b})"),
+                    ));
+                }
+            }
+        }
+        let ack_wait_ns = get_u64(v, "ack_wait")?
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_ACK_WAIT_NS);
+        let max_deliver = match get_i64(v, "max_deliver")? {
+            None | Some(0) => -1,
+            Some(n) if n < -1 => -1,
+            Some(n) => n,
+        };
+        let max_ack_pending = match get_i64(v, "max_ack_pending")? {
+            None | Some(0) => DEFAULT_MAX_ACK_PENDING,
+            Some(n) => n,
+        };
+        let max_waiting = match get_i64(v, "max_waiting")? {
+            None | Some(0) => DEFAULT_MAX_WAITING,
+            Some(n) if n < 0 => {
+                return Err(ApiError::new(
+                    400,
+                    10087,
+                    "consumer max waiting needs to be positive",
+                ))
+            }
+            Some(n) => n,
+        };
+        let inactive_threshold_ns = get_u64(v, "inactive_threshold")?
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_INACTIVE_NS);
+        Ok(ConsumerConfig {
+            durable_name,
+            name,
+            description: get_str(v, "description")?.map(str::to_string),
+            deliver_policy,
+            ack_policy,
+            ack_wait_ns,
+            max_deliver,
+            filter_subjects,
+            max_waiting,
+            max_ack_pending,
+            inactive_threshold_ns,
+        })
+    }
+
+    /// The JetStream JSON shape (in responses and on disk).
+    pub fn to_json(&self, name: &str) -> Value {
+        let mut v = json!({
+            "name": name,
+            "deliver_policy": match self.deliver_policy {
+                DeliverPolicy::All => "all",
+                DeliverPolicy::New => "new",
+                DeliverPolicy::Last => "last",
+                DeliverPolicy::ByStartSequence(_) => "by_start_sequence",
+            },
+            "ack_policy": match self.ack_policy {
+                AckPolicy::None => "none",
+                AckPolicy::All => "all",
+                AckPolicy::Explicit => "explicit",
+            },
+            "ack_wait": self.ack_wait_ns,
+            "max_deliver": self.max_deliver,
+            "replay_policy": "instant",
+            "max_waiting": self.max_waiting,
+            "max_ack_pending": self.max_ack_pending,
+            "num_replicas": 0,
+        });
+        if let DeliverPolicy::ByStartSequence(n) = self.deliver_policy {
+            v["opt_start_seq"] = json!(n);
+        }
+        if let Some(d) = &self.durable_name {
+            v["durable_name"] = json!(d);
+        } else {
+            v["inactive_threshold"] = json!(self.inactive_threshold_ns);
+        }
+        if let Some(d) = &self.description {
+            v["description"] = json!(d);
+        }
+        match self.filter_subjects.as_slice() {
+            [] => {}
+            [one] => v["filter_subject"] = json!(one),
+            many => v["filter_subjects"] = json!(many),
+        }
+        v
+    }
+
+    /// Whether this consumer sees `subj`.
+    pub fn matches(&self, subj: &str) -> bool {
+        self.filter_subjects.is_empty()
+            || self
+                .filter_subjects
+                .iter()
+                .any(|f| subject::matches(f, subj))
+    }
+
+    /// Whether two consumers' filters can select the same subject (for
+    /// the workqueue uniqueness rule).
+    pub fn overlaps(&self, other: &ConsumerConfig) -> bool {
+        if self.filter_subjects.is_empty() || other.filter_subjects.is_empty() {
+            return true;
+        }
+        self.filter_subjects.iter().any(|a| {
+            other
+                .filter_subjects
+                .iter()
+                .any(|b| subject::filters_overlap(a, b))
+        })
+    }
+}
+
+/// A pending (delivered, unacknowledged) message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub cseq: u64,
+    /// Unix ns of the last delivery.
+    pub ts: u64,
+    pub deliveries: u64,
+    /// Unix ns at which it is due again.
+    pub deadline: u64,
+}
+
+/// A waiting pull request (`CONSUMER.MSG.NEXT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequest {
+    pub reply: String,
+    pub batch: usize,
+    /// 0: unlimited.
+    pub max_bytes: usize,
+    pub no_wait: bool,
+    /// Unix ns; None: until the batch is filled.
+    pub expires: Option<u64>,
+    /// Idle heartbeat interval in ns (0: none) and when the next is due.
+    pub heartbeat: u64,
+    pub next_heartbeat: u64,
+    pub sent: usize,
+    pub sent_bytes: usize,
+}
+
+impl PullRequest {
+    /// Parse a pull request body (a number, empty, or JSON).
+    pub fn parse(reply: &str, body: &[u8], now: u64) -> Result<PullRequest, ApiError> {
+        let body = std::str::from_utf8(body)
+            .map_err(|_| ApiError::new(400, 10025, "invalid JSON"))?
+            .trim();
+        let mut req = PullRequest {
+            reply: reply.to_string(),
+            batch: 1,
+            max_bytes: 0,
+            no_wait: false,
+            expires: None,
+            heartbeat: 0,
+            next_heartbeat: 0,
+            sent: 0,
+            sent_bytes: 0,
+        };
+        if body.is_empty() {
+            return Ok(req);
+        }
+        if let Ok(n) = body.parse::<usize>() {
+            req.batch = n.max(1);
+            return Ok(req);
+        }
+        let v: Value =
+            serde_json::from_str(body).map_err(|_| ApiError::new(400, 10025, "invalid JSON"))?;
+        if let Some(b) = get_i64(&v, "batch")? {
+            if b < 0 {
+                return Err(ApiError::new(
+                    400,
+                    10114,
+                    "consumer max request batch needs to be > 0",
+                ));
+            }
+            req.batch = usize::try_from(b).unwrap_or(usize::MAX).max(1);
+        }
+        if let Some(b) = get_u64(&v, "max_bytes")? {
+            req.max_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+        }
+        req.no_wait = v.get("no_wait").and_then(Value::as_bool).unwrap_or(false);
+        if let Some(e) = get_u64(&v, "expires")?.filter(|e| *e > 0) {
+            req.expires = Some(now.saturating_add(e));
+        }
+        if let Some(h) = get_u64(&v, "idle_heartbeat")?.filter(|h| *h > 0) {
+            req.heartbeat = h;
+            req.next_heartbeat = now.saturating_add(h);
+        }
+        Ok(req)
+    }
+}
+
+/// What an ack message asks for (the payload on `$JS.ACK…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckKind {
+    Ack,
+    /// Redeliver, after a delay in ns (0: at once).
+    Nak(u64),
+    Progress,
+    Term,
+    /// Ack, then a pull request for this many messages.
+    Next(usize),
+}
+
+impl AckKind {
+    pub fn parse(body: &[u8]) -> Option<AckKind> {
+        let s = std::str::from_utf8(body).ok()?.trim();
+        let (word, rest) = match s.find(|c: char| c.is_whitespace()) {
+            Some(i) => (s.get(..i)?, s.get(i..)?.trim()),
+            None => (s, ""),
+        };
+        Some(match word {
+            "" | "+ACK" => AckKind::Ack,
+            "-NAK" => {
+                let delay = serde_json::from_str::<Value>(rest)
+                    .ok()
+                    .and_then(|v| v.get("delay").and_then(Value::as_u64))
+                    .unwrap_or(0);
+                AckKind::Nak(delay)
+            }
+            "+WPI" => AckKind::Progress,
+            "+TERM" => AckKind::Term,
+            "+NXT" => {
+                let batch = rest
+                    .parse::<usize>()
+                    .ok()
+                    .or_else(|| {
+                        serde_json::from_str::<Value>(rest)
+                            .ok()
+                            .and_then(|v| v.get("batch").and_then(Value::as_u64))
+                            .and_then(|b| usize::try_from(b).ok())
+                    })
+                    .unwrap_or(1);
+                AckKind::Next(batch.max(1))
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// The parts of an ack subject frond needs:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`.
+pub fn parse_ack_subject(subj: &str) -> Option<(&str, &str, u64)> {
+    let rest = subj.strip_prefix("$JS.ACK.")?;
+    let t: Vec<&str> = rest.split('.').collect();
+    if t.len() != 7 {
+        return None;
+    }
+    let sseq = t.get(3)?.parse().ok()?;
+    Some((t.first()?, t.get(1)?, sseq))
+}
+
+/// The reply subject of a delivery.
+pub fn ack_subject(
+    stream: &str,
+    consumer: &str,
+    deliveries: u64,
+    sseq: u64,
+    cseq: u64,
+    ts: u64,
+    pending: u64,
+) -> String {
+    format!("$JS.ACK.{stream}.{consumer}.{deliveries}.{sseq}.{cseq}.{ts}.{pending}")
+}
+
+/// One consumer's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer {
+    pub name: String,
+    pub cfg: ConsumerConfig,
+    /// Unix ns.
+    pub created: u64,
+    pub floor: u64,
+    pub delivered_cseq: u64,
+    pub delivered_sseq: u64,
+    pub pending: BTreeMap<u64, Pending>,
+    pub redeliver: BTreeSet<u64>,
+    pub waiting: VecDeque<PullRequest>,
+    /// Unix ns of the last pull request or ack (ephemeral clean-up).
+    pub last_active: u64,
+    /// Persisted state is behind.
+    pub dirty: bool,
+}
+
+impl Consumer {
+    /// A new consumer; `start` is the stream sequence it delivers first
+    /// (from its deliver policy, resolved by the caller).
+    pub fn new(name: String, cfg: ConsumerConfig, start: u64, now: u64) -> Consumer {
+        let floor = start.saturating_sub(1);
+        Consumer {
+            name,
+            cfg,
+            created: now,
+            floor,
+            delivered_cseq: 0,
+            delivered_sseq: floor,
+            pending: BTreeMap::new(),
+            redeliver: BTreeSet::new(),
+            waiting: VecDeque::new(),
+            last_active: now,
+            dirty: true,
+        }
+    }
+
+    pub fn durable(&self) -> bool {
+        self.cfg.durable_name.is_some()
+    }
+
+    /// Ack floor: (consumer seq, stream seq) below which everything is done.
+    pub fn ack_floor(&self) -> (u64, u64) {
+        match self.pending.iter().next() {
+            Some((s, p)) => (p.cseq.saturating_sub(1), s.saturating_sub(1)),
+            None => (self.delivered_cseq, self.delivered_sseq),
+        }
+    }
+
+    /// Whether new (not redelivered) messages may go out now.
+    pub fn may_deliver_new(&self) -> bool {
+        let max = u64::try_from(self.cfg.max_ack_pending)
+            .map_or(MAX_PENDING_CAP, |m| m.min(MAX_PENDING_CAP));
+        self.cfg.ack_policy == AckPolicy::None || (self.pending.len() as u64) < max
+    }
+
+    /// Step over a stream message the filter does not match.
+    pub fn skip(&mut self, sseq: u64) {
+        if sseq > self.delivered_sseq {
+            self.delivered_sseq = sseq;
+            self.dirty = true;
+        }
+    }
+
+    /// Record a delivery of `sseq` (new or redelivery); returns
+    /// `(cseq, deliveries)` for the ack subject.
+    pub fn record_delivery(&mut self, sseq: u64, now: u64) -> (u64, u64) {
+        self.dirty = true;
+        self.redeliver.remove(&sseq);
+        let deadline = now.saturating_add(self.cfg.ack_wait_ns);
+        if let Some(p) = self.pending.get_mut(&sseq) {
+            p.deliveries += 1;
+            p.ts = now;
+            p.deadline = deadline;
+            return (p.cseq, p.deliveries);
+        }
+        self.delivered_cseq += 1;
+        if sseq > self.delivered_sseq {
+            self.delivered_sseq = sseq;
+        }
+        let cseq = self.delivered_cseq;
+        if self.cfg.ack_policy != AckPolicy::None {
+            self.pending.insert(
+                sseq,
+                Pending {
+                    cseq,
+                    ts: now,
+                    deliveries: 1,
+                    deadline,
+                },
+            );
+        }
+        (cseq, 1)
+    }
+
+    /// A redelivery candidate whose message no longer exists.
+    pub fn forget(&mut self, sseq: u64) {
+        self.redeliver.remove(&sseq);
+        if self.pending.remove(&sseq).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// Apply an ack for `sseq`. Returns the stream sequences that became
+    /// processed (for retention).
+    pub fn ack(&mut self, sseq: u64, kind: &AckKind, now: u64) -> Vec<u64> {
+        self.last_active = now;
+        match kind {
+            AckKind::Ack | AckKind::Next(_) | AckKind::Term => {
+                let done: Vec<u64> =
+                    if self.cfg.ack_policy == AckPolicy::All && !matches!(kind, AckKind::Term) {
+                        self.pending.range(..=sseq).map(|(s, _)| *s).collect()
+                    } else if self.pending.contains_key(&sseq) {
+                        vec![sseq]
+                    } else {
+                        Vec::new()
+                    };
+                for s in &done {
+                    self.pending.remove(s);
+                    self.redeliver.remove(s);
+                }
+                if !done.is_empty() {
+                    self.dirty = true;
+                }
+                done
+            }
+            AckKind::Nak(delay) => {
+                if let Some(p) = self.pending.get_mut(&sseq) {
+                    if *delay == 0 {
+                        self.redeliver.insert(sseq);
+                    } else {
+                        p.deadline = now.saturating_add(*delay);
+                    }
+                }
+                Vec::new()
+            }
+            AckKind::Progress => {
+                if let Some(p) = self.pending.get_mut(&sseq) {
+                    p.deadline = now.saturating_add(self.cfg.ack_wait_ns);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Ack waits that expired: due messages join `redeliver`; those that
+    /// reached `max_deliver` are dropped from pending (returned, as they
+    /// are now processed).
+    pub fn handle_timeout(&mut self, now: u64) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        for (s, p) in &self.pending {
+            if p.deadline <= now && !self.redeliver.contains(s) {
+                if self.cfg.max_deliver > 0 && p.deliveries >= self.cfg.max_deliver as u64 {
+                    dropped.push(*s);
+                } else {
+                    self.redeliver.insert(*s);
+                }
+            }
+        }
+        for s in &dropped {
+            self.pending.remove(s);
+            self.dirty = true;
+        }
+        dropped
+    }
+
+    /// The next instant (unix ns) this consumer needs a timeout call.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let acks = self
+            .pending
+            .iter()
+            .filter(|(s, _)| !self.redeliver.contains(s))
+            .map(|(_, p)| p.deadline)
+            .min();
+        let reqs = self
+            .waiting
+            .iter()
+            .flat_map(|r| {
+                r.expires
+                    .into_iter()
+                    .chain((r.heartbeat > 0).then_some(r.next_heartbeat))
+            })
+            .min();
+        let idle = (!self.durable() && self.waiting.is_empty()).then(|| {
+            self.last_active
+                .saturating_add(self.cfg.inactive_threshold_ns)
+        });
+        [acks, reqs, idle].into_iter().flatten().min()
+    }
+
+    /// Whether this consumer is done with `sseq` (subject `subj`): it does
+    /// not select it, started after it, or processed it.
+    pub fn done_with(&self, sseq: u64, subj: &str) -> bool {
+        !self.cfg.matches(subj) || sseq <= self.floor || self.processed(sseq)
+    }
+
+    /// Delivered and no longer pending.
+    pub fn processed(&self, sseq: u64) -> bool {
+        sseq <= self.delivered_sseq && !self.pending.contains_key(&sseq)
+    }
+
+    /// Messages delivered more than once and still pending.
+    pub fn num_redelivered(&self) -> usize {
+        self.pending.values().filter(|p| p.deliveries > 1).count()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let pending: Vec<[u64; 4]> = self
+            .pending
+            .iter()
+            .map(|(s, p)| [*s, p.cseq, p.ts, p.deliveries])
+            .collect();
+        let v = json!({
+            "v": 1,
+            "name": self.name,
+            "created": self.created,
+            "floor": self.floor,
+            "config": self.cfg.to_json(&self.name),
+            "delivered": [self.delivered_cseq, self.delivered_sseq],
+            "pending": pending,
+        });
+        let mut out = v.to_string().into_bytes();
+        out.push(b'\n');
+        out
+    }
+
+    /// Load a persisted consumer. Pending messages become due one ack
+    /// wait after their last delivery.
+    pub fn decode(bytes: &[u8], now: u64) -> Result<Consumer, String> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        if v.get("v").and_then(Value::as_u64) != Some(1) {
+            return Err("unsupported consumer state version".into());
+        }
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| name_ok(n))
+            .ok_or("missing or bad name")?
+            .to_string();
+        let cfg = ConsumerConfig::from_json(v.get("config").unwrap_or(&Value::Null))
+            .map_err(|e| format!("bad config: {}", e.description))?;
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .ok_or(format!("missing {k}"))
+        };
+        let created = num("created")?;
+        let floor = num("floor")?;
+        let pair = v
+            .get("delivered")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .ok_or("missing delivered")?;
+        let d: Vec<u64> = pair.iter().filter_map(Value::as_u64).collect();
+        let (delivered_cseq, delivered_sseq) = match d.as_slice() {
+            [c, s] => (*c, *s),
+            _ => return Err("bad delivered".into()),
+        };
+        let mut pending = BTreeMap::new();
+        for p in v
+            .get("pending")
+            .and_then(Value::as_array)
+            .ok_or("missing pending")?
+        {
+            let f: Vec<u64> = p
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            let [s, c, ts, n] = f.as_slice() else {
+                return Err("bad pending entry".into());
+            };
+            if *s <= floor || *s > delivered_sseq {
+                return Err(format!(
+                    "pending sequence {s} outside ({floor}, {delivered_sseq}]"
+                ));
+            }
+            pending.insert(
+                *s,
+                Pending {
+                    cseq: *c,
+                    ts: *ts,
+                    deliveries: *n,
+                    deadline: ts.saturating_add(cfg.ack_wait_ns),
+                },
+            );
+        }
+        Ok(Consumer {
+            name,
+            cfg,
+            created,
+            floor,
+            delivered_cseq,
+            delivered_sseq,
+            pending,
+            redeliver: BTreeSet::new(),
+            waiting: VecDeque::new(),
+            last_active: now,
+            dirty: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(v: Value) -> ConsumerConfig {
+        ConsumerConfig::from_json(&v).unwrap()
+    }
+
+    #[test]
+    fn config_parse_and_render() {
+        let c = cfg(
+            json!({"durable_name": "d", "ack_policy": "explicit", "ack_wait": 1000,
+            "deliver_policy": "by_start_sequence", "opt_start_seq": 5, "filter_subject": "a.>",
+            "max_deliver": 3, "replay_policy": "instant", "unknown_key": 1}),
+        );
+        assert_eq!(c.deliver_policy, DeliverPolicy::ByStartSequence(5));
+        assert_eq!(c.ack_wait_ns, 1000);
+        assert_eq!(c.max_deliver, 3);
+        assert!(c.matches("a.b") && !c.matches("b"));
+        let back = ConsumerConfig::from_json(&c.to_json("d")).unwrap();
+        assert_eq!(back, c);
+        let e = ConsumerConfig::from_json(&json!({"durable_name": "a.b"})).unwrap_err();
+        assert_eq!(e.err_code, 10103);
+        let e = ConsumerConfig::from_json(&json!({"deliver_subject": "x"})).unwrap_err();
+        assert_eq!(e.err_code, 10012);
+        let e = ConsumerConfig::from_json(&json!({"filter_subjects": ["a.>", "a.b"]})).unwrap_err();
+        assert_eq!(e.err_code, 10136);
+        let e =
+            ConsumerConfig::from_json(&json!({"deliver_policy": "by_start_sequence"})).unwrap_err();
+        assert_eq!(e.err_code, 10094);
+        assert_eq!(cfg(json!({})).max_deliver, -1);
+        let a = cfg(json!({"filter_subject": "a.*"}));
+        let b = cfg(json!({"filter_subject": "a.b"}));
+        let c2 = cfg(json!({"filter_subject": "c"}));
+        assert!(a.overlaps(&b) && !a.overlaps(&c2) && cfg(json!({})).overlaps(&c2));
+    }
+
+    #[test]
+    fn pull_request_and_ack_parsing() {
+        let r = PullRequest::parse(
+            "_INBOX.x",
+            br#"{"batch":10,"expires":500,"no_wait":true,"idle_heartbeat":100}"#,
+            1000,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.batch, r.no_wait, r.expires, r.next_heartbeat),
+            (10, true, Some(1500), 1100)
+        );
+        assert_eq!(PullRequest::parse("r", b"", 0).unwrap().batch, 1);
+        assert_eq!(PullRequest::parse("r", b"7", 0).unwrap().batch, 7);
+        assert_eq!(
+            PullRequest::parse("r", b"{", 0).unwrap_err().err_code,
+            10025
+        );
+        assert_eq!(AckKind::parse(b"+ACK"), Some(AckKind::Ack));
+        assert_eq!(AckKind::parse(b""), Some(AckKind::Ack));
+        assert_eq!(AckKind::parse(b"-NAK"), Some(AckKind::Nak(0)));
+        assert_eq!(
+            AckKind::parse(br#"-NAK {"delay":5}"#),
+            Some(AckKind::Nak(5))
+        );
+        assert_eq!(AckKind::parse(b"+WPI"), Some(AckKind::Progress));
+        assert_eq!(AckKind::parse(b"+TERM reason"), Some(AckKind::Term));
+        assert_eq!(
+            AckKind::parse(br#"+NXT {"batch":3}"#),
+            Some(AckKind::Next(3))
+        );
+        assert_eq!(AckKind::parse(b"junk"), None);
+        let s = ack_subject("S", "c", 2, 10, 4, 99, 0);
+        assert_eq!(parse_ack_subject(&s), Some(("S", "c", 10)));
+        assert_eq!(parse_ack_subject("$JS.ACK.S.c.1.x.1.1.1"), None);
+        assert_eq!(parse_ack_subject("$JS.ACK.S.c"), None);
+    }
+
+    #[test]
+    fn delivery_ack_redelivery_and_floor() {
+        let c = cfg(json!({"durable_name": "d", "ack_wait": 100, "max_deliver": 2}));
+        let mut k = Consumer::new("d".into(), c, 1, 0);
+        assert_eq!(k.record_delivery(1, 0), (1, 1));
+        assert_eq!(k.record_delivery(2, 0), (2, 1));
+        k.skip(3);
+        assert_eq!(k.record_delivery(4, 0), (3, 1));
+        assert_eq!(k.ack_floor(), (0, 0));
+        assert_eq!(k.ack(2, &AckKind::Ack, 10), vec![2]);
+        assert!(k.processed(2) && k.processed(3) && !k.processed(1) && !k.processed(5));
+        assert_eq!(k.ack(1, &AckKind::Ack, 10), vec![1]);
+        assert_eq!(k.ack_floor(), (2, 3));
+        assert_eq!(k.next_deadline(), Some(100));
+        assert!(k.handle_timeout(99).is_empty() && k.redeliver.is_empty());
+        assert!(k.handle_timeout(100).is_empty());
+        assert!(k.redeliver.contains(&4));
+        // Redelivery keeps the consumer sequence.
+        assert_eq!(k.record_delivery(4, 100), (3, 2));
+        assert_eq!(k.num_redelivered(), 1);
+        // max_deliver reached: dropped, processed.
+        assert_eq!(k.handle_timeout(200), vec![4]);
+        assert!(k.processed(4));
+        // -NAK redelivers at once; +WPI extends.
+        k.record_delivery(5, 300);
+        k.ack(5, &AckKind::Nak(0), 301);
+        assert!(k.redeliver.contains(&5));
+        k.record_delivery(5, 302);
+        k.ack(5, &AckKind::Progress, 350);
+        assert_eq!(k.pending[&5].deadline, 450);
+        assert_eq!(k.ack(5, &AckKind::Term, 351), vec![5]);
+    }
+
+    #[test]
+    fn ack_all_and_none() {
+        let mut k = Consumer::new("d".into(), cfg(json!({"ack_policy": "all"})), 1, 0);
+        for s in 1..=3 {
+            k.record_delivery(s, 0);
+        }
+        assert_eq!(k.ack(2, &AckKind::Ack, 0), vec![1, 2]);
+        assert_eq!(k.pending.len(), 1);
+        let mut n = Consumer::new("n".into(), cfg(json!({"ack_policy": "none"})), 1, 0);
+        n.record_delivery(1, 0);
+        assert!(n.pending.is_empty() && n.processed(1));
+    }
+
+    #[test]
+    fn interest_questions() {
+        let k = Consumer::new("d".into(), cfg(json!({"filter_subject": "a.>"})), 11, 0);
+        assert!(k.done_with(10, "a.b"), "before its start");
+        assert!(k.done_with(11, "b"), "not selected");
+        assert!(!k.done_with(11, "a.b"), "not yet delivered");
+    }
+
+    #[test]
+    fn max_ack_pending_stops_new_deliveries() {
+        let mut k = Consumer::new("d".into(), cfg(json!({"max_ack_pending": 2})), 1, 0);
+        k.record_delivery(1, 0);
+        assert!(k.may_deliver_new());
+        k.record_delivery(2, 0);
+        assert!(!k.may_deliver_new());
+        k.ack(1, &AckKind::Ack, 0);
+        assert!(k.may_deliver_new());
+    }
+
+    #[test]
+    fn persist_round_trip() {
+        let mut k = Consumer::new(
+            "d".into(),
+            cfg(json!({"durable_name": "d", "ack_wait": 50, "filter_subjects": ["a", "b"]})),
+            3,
+            7,
+        );
+        k.record_delivery(3, 10);
+        k.record_delivery(5, 10);
+        k.ack(3, &AckKind::Ack, 11);
+        let back = Consumer::decode(&k.encode(), 20).unwrap();
+        assert_eq!(back.cfg, k.cfg);
+        assert_eq!(
+            (back.floor, back.delivered_cseq, back.delivered_sseq),
+            (2, 2, 5)
+        );
+        assert_eq!(back.pending, k.pending);
+        assert_eq!(back.created, 7);
+        for bad in [&b""[..], b"{}", b"{\"v\":2}", b"\xff"] {
+            assert!(Consumer::decode(bad, 0).is_err());
+        }
+        let mut corrupt: Value = serde_json::from_slice(&k.encode()).unwrap();
+        corrupt["pending"] = json!([[99, 1, 1, 1]]);
+        assert!(Consumer::decode(corrupt.to_string().as_bytes(), 0).is_err());
+    }
+}
