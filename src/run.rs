@@ -16,9 +16,11 @@ use smol::future::FutureExt;
 
 use crate::broker::persist::SessionStore;
 use crate::broker::retained::Retained;
+use crate::broker::wills::{unix_ms, WillStore};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::server;
+use crate::server::mqtt::DelayedWills;
 use crate::stream::{self, StreamHandle};
 use crate::uplink::{self, UplinkStatus};
 
@@ -94,7 +96,27 @@ pub fn run(cfg: Config) -> Result<(), String> {
         log::info!("mqtt: {kept} persistent sessions, {expired} expired ones deleted");
     }
     let sessions = Arc::new(sessions);
+    let wills_dir = mqtt_dir.join("wills");
+    let (will_store, owed_wills) = WillStore::open(&wills_dir).map_err(|e| {
+        format!(
+            "cannot open MQTT wills in {}: {e} (check that the directory is writable)",
+            wills_dir.display()
+        )
+    })?;
+    let wills = Arc::new(DelayedWills::with_store(will_store, retained.clone()));
     let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
+    if !owed_wills.is_empty() {
+        log::info!(
+            "mqtt: {} wills of connections that ended with the last run are published when due",
+            owed_wills.len()
+        );
+    }
+    let now_ms = unix_ms();
+    for w in owed_wills {
+        if let Some(will) = w.owed(now_ms) {
+            server::mqtt::publish_will(&broker, &wills, Some((w.client_id, w.token)), will);
+        }
+    }
     let (stop_tx, stop_rx) = bounded::<()>(1);
     install_signals(stop_tx.clone())?;
 
@@ -105,6 +127,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
             Some(t) => Some(futures_rustls::TlsAcceptor::from(
                 crate::tls::server_config(&t.cert, &t.key, t.ca.as_deref())?,
             )),
+        };
+        let mqtt_shared = server::mqtt::Shared {
+            broker: broker.clone(),
+            retained: retained.clone(),
+            sessions: sessions.clone(),
+            wills: wills.clone(),
         };
         let mqtt_listeners = [
             ("listen", &cfg.mqtt.listen, false, false, "mqtt://"),
@@ -129,12 +157,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
             };
             tasks.push(smol::spawn(server::mqtt::serve(
                 l,
-                broker.clone(),
+                mqtt_shared.clone(),
                 cfg.mqtt.clone(),
                 stop_rx.clone(),
                 framing,
-                retained.clone(),
-                sessions.clone(),
             )));
         }
         let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));

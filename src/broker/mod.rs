@@ -43,6 +43,7 @@ pub mod nats;
 pub mod persist;
 pub mod retained;
 pub mod session;
+pub mod wills;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -88,7 +88,7 @@ pub struct SessionStore {
     released: event_listener::Event,
 }
 
-fn hex(s: &str) -> String {
+pub(crate) fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -205,8 +205,9 @@ impl SessionStore {
     }
 }
 
-/// Replace `path` with `s`: temp file, fsync, rename, directory fsync.
-fn write(dir: &Path, path: &Path, s: &StoredSession) -> io::Result<()> {
+/// Replace `path` with `s` as JSON: temp file, fsync, rename, directory
+/// fsync (after a crash the file is the old or the new value, never a mix).
+pub(crate) fn write<T: Serialize>(dir: &Path, path: &Path, s: &T) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let data = serde_json::to_vec(s).map_err(io::Error::other)?;
     {

@@ -1155,6 +1155,11 @@ impl Session {
         self.will.take()
     }
 
+    /// The will that an abnormal end would publish, if any.
+    pub fn will(&self) -> Option<&WillMessage> {
+        self.will.as_ref()
+    }
+
     fn alloc_packet_id(&mut self) -> u16 {
         loop {
             let id = self.next_packet_id;

@@ -53,6 +53,7 @@ use smol::Timer;
 use crate::broker::persist::{unix_now, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
+use crate::broker::wills::{unix_ms, StoredWill, WillStore};
 use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
@@ -76,17 +77,30 @@ pub struct Framing {
     pub websocket: bool,
 }
 
+/// What every MQTT listener shares: the router, retained messages,
+/// persistent sessions and wills.
+#[derive(Clone)]
+pub struct Shared {
+    pub broker: Arc<Broker>,
+    pub retained: Arc<Retained>,
+    pub sessions: Arc<SessionStore>,
+    pub wills: Arc<DelayedWills>,
+}
+
 /// Accept MQTT connections until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
-    broker: Arc<Broker>,
+    shared: Shared,
     cfg: MqttConfig,
     shutdown: Receiver<()>,
     framing: Framing,
-    retained: Arc<Retained>,
-    sessions: Arc<SessionStore>,
 ) {
-    let wills = Arc::new(DelayedWills::default());
+    let Shared {
+        broker,
+        retained,
+        sessions,
+        wills,
+    } = shared;
     let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
@@ -215,14 +229,46 @@ enum PendingAck {
     Ready(u16, Result<(), String>),
 }
 
-/// Wills waiting out their MQTT 5 delay, by client id. A new connection
-/// with the same client id cancels its will (MQTT 5 §3.1.3.2.2).
+/// Wills waiting out their MQTT 5 delay, by client id, and the durable
+/// copies of all unsettled wills ([`WillStore`]; `None` in tests of the
+/// shell). A new connection with the same client id cancels its will
+/// (MQTT 5 §3.1.3.2.2). One per server, shared by all MQTT listeners.
 #[derive(Default)]
 pub struct DelayedWills {
     pending: std::sync::Mutex<std::collections::HashMap<String, smol::channel::Sender<()>>>,
+    store: Option<Arc<WillStore>>,
+    /// Where a will with the retain flag becomes the retained message.
+    retained: Option<Arc<Retained>>,
 }
 
 impl DelayedWills {
+    pub fn with_store(store: WillStore, retained: Arc<Retained>) -> DelayedWills {
+        DelayedWills {
+            pending: Default::default(),
+            store: Some(Arc::new(store)),
+            retained: Some(retained),
+        }
+    }
+
+    /// Make the will of a connection that just connected durable (or
+    /// forget the stored one when it has none); blocks on the disk, so the
+    /// CONNACK leaves after it. Returns the arming token.
+    pub async fn arm(&self, client_id: &str, will: Option<&WillMessage>) -> Option<u64> {
+        let store = self.store.clone()?;
+        let id = client_id.to_string();
+        let stored = will.map(|w| StoredWill::new(client_id, w));
+        let token = stored.as_ref().map(|w| w.token);
+        let r = smol::unblock(move || match &stored {
+            Some(w) => store.save(w),
+            None => store.remove(&id),
+        })
+        .await;
+        if let Err(e) = r {
+            log::warn!("mqtt: cannot store the will of {client_id}: {e}; it is lost if frond stops before it is due");
+        }
+        token
+    }
+
     fn cancel(&self, client_id: &str) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = p.remove(client_id) {
@@ -238,21 +284,34 @@ impl DelayedWills {
     }
 }
 
-/// Publish a will now, or after its delay unless cancelled.
-fn publish_will(
+/// Publish a will now, or after its delay unless cancelled. `armed`: the
+/// client id and token of its durable copy, settled once it is stored (a
+/// delayed one is first rewritten with its due time).
+pub fn publish_will(
     broker: &Arc<Broker>,
     wills: &Arc<DelayedWills>,
-    client_id: Option<&str>,
+    armed: Option<(String, u64)>,
     will: WillMessage,
 ) {
     let broker = broker.clone();
     let (cancel_tx, cancel_rx) = bounded::<()>(1);
     if !will.delay.is_zero() {
-        if let Some(id) = client_id {
+        if let Some((id, _)) = &armed {
             wills.insert(id, cancel_tx);
         }
     }
+    let store = wills.store.clone();
+    let retained = wills.retained.clone();
     smol::spawn(async move {
+        if let (Some(store), Some((id, token)), false) = (&store, &armed, will.delay.is_zero()) {
+            let mut w = StoredWill::new(id, &will);
+            w.token = *token;
+            w.due_ms = unix_ms().saturating_add(w.delay_ms);
+            let store = store.clone();
+            if let Err(e) = smol::unblock(move || store.save(&w)).await {
+                log::warn!("mqtt: cannot store the due time of a will: {e}");
+            }
+        }
         if !will.delay.is_zero() {
             let fire = async {
                 Timer::after(will.delay).await;
@@ -268,6 +327,12 @@ fn publish_will(
             }
         }
         broker.route(&will.subject, &will.payload, will.qos, will.retain);
+        if let (true, Some(retained)) = (will.retain, retained) {
+            let (s, p, q) = (will.subject.clone(), will.payload.clone(), will.qos);
+            if let Err(e) = smol::unblock(move || retained.set(&s, &p, q)).await {
+                log::warn!("mqtt: retained will on {} not stored: {e}", will.subject);
+            }
+        }
         if let Some(stream) = broker.capture(&will.subject) {
             let msg = Message {
                 subject: will.subject.clone(),
@@ -276,6 +341,12 @@ fn publish_will(
             };
             if let Err(e) = stream.publish(msg).await {
                 log::warn!("mqtt: will on {} not stored: {e}", will.subject);
+            }
+        }
+        if let (Some(store), Some((id, token))) = (store, armed) {
+            let r = smol::unblock(move || store.settle(&id, token)).await;
+            if let Err(e) = r {
+                log::warn!("mqtt: cannot delete a published will's file: {e}; it is published again at the next start");
             }
         }
     })
@@ -414,6 +485,8 @@ pub async fn connection<T: Transport>(
     let mut follows: Vec<(StreamHandle, bool)> = Vec::new();
     let mut checked_out = false;
     let mut save_at: Option<Instant> = None;
+    // The arming token of this connection's durable will.
+    let mut will_token: Option<u64> = None;
 
     let why = loop {
         // 1. Do what the session asked for.
@@ -447,6 +520,9 @@ pub async fn connection<T: Transport>(
                     })
                     .await;
                     session.restore(stored);
+                    // Durable before the CONNACK (queued by restore) leaves.
+                    let id = client_id.clone().unwrap_or_default();
+                    will_token = wills.arm(&id, session.will()).await;
                     if session.is_persistent() {
                         for s in broker.streams() {
                             session.follow(&s.config().name, s.state().last_seq);
@@ -749,7 +825,14 @@ pub async fn connection<T: Transport>(
         broker.release_client_id(id, conn);
     }
     if let Some(will) = session.take_will() {
-        publish_will(broker, wills, client_id.as_deref(), will);
+        let armed = client_id.clone().zip(will_token);
+        publish_will(broker, wills, armed, will);
+    } else if let (Some(id), Some(token)) = (&client_id, will_token) {
+        // Discarded (clean DISCONNECT): forget the durable copy.
+        if let Some(store) = wills.store.clone() {
+            let id = id.clone();
+            let _ = smol::unblock(move || store.settle(&id, token)).await;
+        }
     }
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).

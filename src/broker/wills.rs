@@ -1,0 +1,220 @@
+//! Durable will messages: a will survives a frond restart or power cut.
+//!
+//! Owns `<data_dir>/mqtt/wills/`, one JSON file ([`StoredWill`]) per client
+//! id (hex file name) whose will is not settled yet:
+//! - armed when a connection with a will is accepted, before its CONNACK
+//!   leaves (`due_ms` = 0: the connection is alive);
+//! - rewritten with its due time when the connection ends abnormally and
+//!   the will waits out an MQTT 5 will delay;
+//! - removed when the will is discarded (clean DISCONNECT, the same client
+//!   id connecting again) or once the published will is stored.
+//!
+//! At start, every file left is a will frond owes: its connection ended
+//! with the crash (publish after its delay, counted from the start) or it
+//! was waiting out its delay (publish at the due time, or now if that has
+//! passed). So a will is published at least once, never lost; a crash
+//! between publishing and removing the file publishes it again.
+//!
+//! Kept: topic (subject), payload, QoS, retain, delay. Not kept: MQTT 5 will
+//! properties (they are lost if frond restarts before the will fires).
+//! Files are replaced atomically ([`super::persist::write`]); a file that
+//! does not parse is reported and deleted.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::persist::{hex, write};
+use super::session::WillMessage;
+use crate::wire::nats::base64;
+
+/// One will as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredWill {
+    pub client_id: String,
+    /// The NATS subject the will is published to.
+    pub subject: String,
+    /// The payload, base64.
+    pub payload: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub delay_ms: u64,
+    /// Unix milliseconds at which the will is due; 0 while its connection
+    /// is alive.
+    pub due_ms: u64,
+    /// Random per arming: a settled will removes its file only if the file
+    /// still holds this arming (a newer connection may have armed its own).
+    pub token: u64,
+}
+
+impl StoredWill {
+    pub fn new(client_id: &str, w: &WillMessage) -> StoredWill {
+        StoredWill {
+            client_id: client_id.to_string(),
+            subject: w.subject.clone(),
+            payload: base64::encode(&w.payload),
+            qos: w.qos,
+            retain: w.retain,
+            delay_ms: u64::try_from(w.delay.as_millis()).unwrap_or(u64::MAX),
+            due_ms: 0,
+            token: fastrand::u64(..),
+        }
+    }
+
+    /// The will to publish, its delay being what remains at `now_ms`.
+    pub fn owed(&self, now_ms: u64) -> Option<WillMessage> {
+        let payload = base64::decode(self.payload.as_bytes()).ok()?;
+        let wait_ms = if self.due_ms == 0 {
+            self.delay_ms
+        } else {
+            self.due_ms.saturating_sub(now_ms)
+        };
+        Some(WillMessage {
+            subject: self.subject.clone(),
+            payload,
+            qos: self.qos.min(2),
+            retain: self.retain,
+            delay: Duration::from_millis(wait_ms),
+        })
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The directory of unsettled wills. Methods block: call them through
+/// `smol::unblock`.
+#[derive(Debug)]
+pub struct WillStore {
+    dir: PathBuf,
+}
+
+impl WillStore {
+    /// Open (create) the directory; returns the store and the wills owed
+    /// from before (see [`StoredWill::owed`]).
+    pub fn open(dir: &Path) -> io::Result<(WillStore, Vec<StoredWill>)> {
+        fs::create_dir_all(dir)?;
+        let now = unix_ms();
+        let mut owed = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let parsed = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|d| serde_json::from_slice::<StoredWill>(&d).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(w) if w.owed(now).is_some() => owed.push(w),
+                _ => {
+                    let why = parsed.err().unwrap_or_else(|| "bad base64 payload".into());
+                    log::warn!(
+                        "mqtt: will file {} is unreadable ({why}); deleted",
+                        path.display()
+                    );
+                    fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok((
+            WillStore {
+                dir: dir.to_path_buf(),
+            },
+            owed,
+        ))
+    }
+
+    fn path(&self, client_id: &str) -> PathBuf {
+        self.dir.join(hex(client_id))
+    }
+
+    /// Store (replace) the will of `w.client_id`.
+    pub fn save(&self, w: &StoredWill) -> io::Result<()> {
+        write(&self.dir, &self.path(&w.client_id), w)
+    }
+
+    /// Forget the will of `client_id` (absent is fine).
+    pub fn remove(&self, client_id: &str) -> io::Result<()> {
+        match fs::remove_file(self.path(client_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forget the will of `client_id` if the file still holds arming
+    /// `token` (it was settled; no newer connection armed its own).
+    pub fn settle(&self, client_id: &str, token: u64) -> io::Result<()> {
+        let held = fs::read(self.path(client_id))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<StoredWill>(&d).ok());
+        match held {
+            Some(w) if w.token == token => self.remove(client_id),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn will(delay_ms: u64) -> WillMessage {
+        WillMessage {
+            subject: "dev.status".into(),
+            payload: b"\x00gone\xff".to_vec(),
+            qos: 1,
+            retain: true,
+            delay: Duration::from_millis(delay_ms),
+        }
+    }
+
+    #[test]
+    fn owed_wills_come_back_with_their_remaining_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, owed) = WillStore::open(dir.path()).unwrap();
+        assert!(owed.is_empty());
+        // Alive at the crash: the full delay from the start.
+        store.save(&StoredWill::new("a", &will(5_000))).unwrap();
+        // Waiting out its delay, long due: now.
+        let mut b = StoredWill::new("b", &will(5_000));
+        b.due_ms = 1;
+        store.save(&b).unwrap();
+        // Discarded.
+        store.save(&StoredWill::new("c", &will(0))).unwrap();
+        store.remove("c").unwrap();
+        store.remove("never-there").unwrap();
+        std::fs::write(dir.path().join("junk"), b"{").unwrap();
+        drop(store);
+
+        let (store, mut owed) = WillStore::open(dir.path()).unwrap();
+        owed.sort_by(|x, y| x.client_id.cmp(&y.client_id));
+        assert_eq!(owed.len(), 2, "{owed:?}");
+        let now = unix_ms();
+        let a = owed[0].owed(now).unwrap();
+        assert_eq!(owed[0].client_id, "a");
+        assert_eq!(a.delay, Duration::from_millis(5_000));
+        assert_eq!(a.payload, b"\x00gone\xff");
+        assert!(a.retain && a.qos == 1);
+        assert_eq!(owed[1].client_id, "b");
+        assert_eq!(owed[1].owed(now).unwrap().delay, Duration::ZERO);
+        assert!(
+            !dir.path().join("junk").exists(),
+            "a corrupt file is deleted"
+        );
+
+        // Settling with another arming's token leaves the file alone.
+        store.settle("a", owed[0].token.wrapping_add(1)).unwrap();
+        assert_eq!(WillStore::open(dir.path()).unwrap().1.len(), 2);
+        store.settle("a", owed[0].token).unwrap();
+        assert_eq!(WillStore::open(dir.path()).unwrap().1.len(), 1);
+    }
+}
