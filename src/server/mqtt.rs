@@ -47,6 +47,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
+use crate::broker::bridge;
 use crate::broker::persist::{unix_now, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
@@ -79,6 +80,7 @@ pub async fn serve(
         max_keep_alive: cfg.max_keep_alive,
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
+        max_queued: cfg.max_queued,
         max_session_expiry: cfg.max_session_expiry,
         auth: cfg.auth.clone(),
     };
@@ -387,14 +389,24 @@ pub async fn connection<T: Transport>(
                     qos,
                     retain,
                     ack,
+                    props,
                 } => {
                     let subject = broker.map_subject(subject);
+                    // MQTT 5 properties travel as NATS headers ([`bridge`]);
+                    // a publish to a request inbox goes to its response topic.
+                    let now = Instant::now();
+                    let (headers, reply) = match &props {
+                        Some(p) => bridge::publish_meta(&broker.replies, p, now),
+                        None => (None, None),
+                    };
+                    let (subject, headers) =
+                        bridge::redirect_reply(&broker.replies, subject, headers, now);
                     broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    broker.route(&subject, &payload, qos, retain);
+                    broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
                     if retain {
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.
@@ -416,7 +428,7 @@ pub async fn connection<T: Transport>(
                         Some(stream) => {
                             let msg = Message {
                                 subject,
-                                headers: None,
+                                headers,
                                 payload,
                             };
                             stream.submit(msg).await.map(Some)
@@ -451,6 +463,9 @@ pub async fn connection<T: Transport>(
                                     payload: m.payload,
                                     qos: m.qos.min(r.qos),
                                     retain: true,
+                                    headers: None,
+                                    reply: None,
+                                    at: Instant::now(),
                                 });
                             }
                         }
@@ -523,8 +538,22 @@ pub async fn connection<T: Transport>(
                         // Everything up to last_seq was deleted.
                         session.stream_skip_to(idx, st.last_seq.saturating_add(1));
                     }
+                    let now_ns = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
                     for m in msgs {
-                        session.deliver_stored(idx, m.seq, &m.subject, &m.payload);
+                        // The age decides MQTT message expiry.
+                        let age = now_ns.saturating_sub(u128::from(m.timestamp));
+                        let age =
+                            std::time::Duration::from_nanos(u64::try_from(age).unwrap_or(u64::MAX));
+                        session.deliver_stored_msg(
+                            idx,
+                            m.seq,
+                            &m.subject,
+                            m.headers.as_deref(),
+                            &m.payload,
+                            age,
+                        );
                     }
                     more = true;
                 }
