@@ -751,3 +751,53 @@ async fn captured_nats_publish_reaches_mqtt_at_qos1_uncaptured_at_qos0() {
     let c = low.next().await;
     assert_eq!(c.qos, QoS::AtMostOnce, "capped by the subscription");
 }
+
+#[tokio::test]
+async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let (mut sub, _) = Raw::connect(
+        f.mqtt_port,
+        "q-exp-sub",
+        Properties {
+            receive_maximum: Some(1),
+            ..Properties::default()
+        },
+    )
+    .await;
+    // Not captured by a stream: these come from the router and wait in
+    // the session's queue while the window (1) is full.
+    sub.subscribe("live/exp/#", WQoS::AtLeastOnce, None).await;
+    let pb = V5::connect(f.mqtt_port, "q-exp-pub").await;
+    let expiring = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..PublishProperties::default()
+    };
+    pb.client
+        .publish("live/exp/a", QoS::AtLeastOnce, false, "first")
+        .await
+        .unwrap();
+    let first = publish_of(sub.recv().await);
+    assert_eq!(first.payload, b"first");
+    let queued_at = Instant::now();
+    pb.client
+        .publish_with_properties("live/exp/a", QoS::AtLeastOnce, false, "short", expiring)
+        .await
+        .unwrap();
+    pb.client
+        .publish("live/exp/a", QoS::AtLeastOnce, false, "last")
+        .await
+        .unwrap();
+    // The passing of time is what is tested: hold the window until the
+    // queued "short" message is past its 1 s expiry.
+    wait_elapsed(queued_at, Duration::from_millis(1500)).await;
+    sub.send(&Packet::PubAck(Ack {
+        packet_id: first.packet_id.unwrap(),
+        ..Ack::default()
+    }))
+    .await;
+    let next = publish_of(sub.recv().await);
+    assert_eq!(
+        next.payload, b"last",
+        "the expired queued message is skipped"
+    );
+}

@@ -2193,6 +2193,25 @@ mod tests {
     }
 
     #[test]
+    fn v5_response_information_when_requested() {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "a/b+", true, 10) else {
+            unreachable!()
+        };
+        c.properties.request_response_information = Some(1);
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::ConnAck(c)]
+                if c.properties.response_information.as_deref() == Some("frond/response/a_b_")
+        ));
+    }
+
+    #[test]
     fn v5_request_problem_information_zero_hides_reason_strings() {
         let v = Version::V5;
         let (mut s, now) = connected_v5(Properties {
