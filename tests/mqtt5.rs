@@ -801,3 +801,54 @@ async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
         "the expired queued message is skipped"
     );
 }
+
+#[tokio::test]
+async fn will_properties_reach_mqtt5_and_nats_subscribers() {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let mut sub = V5::connect(f.mqtt_port, "will-sub").await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce, None).await;
+    let nc = nats(&f).await;
+    let mut nsub = nc.subscribe("wills.>").await.unwrap();
+    nc.flush().await.unwrap();
+    let mut opts = MqttOptions::new("will-dev", "127.0.0.1", f.mqtt_port);
+    let wp = LastWillProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("reason".into(), "lost".into())],
+        delay_interval: None,
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        response_topic: None,
+        correlation_data: None,
+    };
+    opts.set_last_will(LastWill::new(
+        "wills/dev",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        Some(wp),
+    ));
+    let (_client, mut el) = AsyncClient::new(opts, 8);
+    tokio::time::timeout(T, async {
+        loop {
+            if let Event::Incoming(RPacket::ConnAck(_)) = el.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("CONNACK");
+    // Dropping the event loop closes the socket without DISCONNECT.
+    drop(el);
+    let w = sub.next().await;
+    assert_eq!(&w.payload[..], b"gone");
+    let p = props(&w);
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        p.user_properties,
+        vec![("reason".to_string(), "lost".to_string())]
+    );
+    let m = tokio::time::timeout(T, nsub.next()).await.unwrap().unwrap();
+    let h = m.headers.expect("headers");
+    assert_eq!(h.get("reason").map(|v| v.as_str()), Some("lost"));
+}

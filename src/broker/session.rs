@@ -81,7 +81,7 @@
 //! Not yet: a session expiry changed by the 5.0 DISCONNECT, the MQTT
 //! filter form and subscription options in stored sessions (NATS filters,
 //! QoS and subscription identifiers are kept; that is all delivery needs),
-//! and MQTT 5 properties of wills and retained messages.
+//! and MQTT 5 properties of retained messages.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -288,6 +288,8 @@ pub struct WillMessage {
     /// MQTT 5 will delay interval: publish this long after the connection
     /// ended, unless the same client id connects again first.
     pub delay: Duration,
+    /// MQTT 5 will properties carried with the message ([`bridge`]).
+    pub props: Option<Box<Properties>>,
 }
 
 impl Session {
@@ -605,6 +607,7 @@ impl Session {
             payload: w.payload,
             qos: w.qos as u8,
             retain: w.retain,
+            props: (!w.properties.is_empty()).then(|| Box::new(w.properties)),
         });
         let mut client_id = c.client_id;
         let mut props = Properties::default();
@@ -2190,6 +2193,39 @@ mod tests {
         );
         assert_eq!(got[1].properties.subscription_identifiers, vec![42]);
         assert_eq!(s.snapshot().sub_ids.len(), 2, "> and a.*");
+    }
+
+    #[test]
+    fn v5_subscription_identifiers_survive_in_stored_sessions() {
+        let v = Version::V5;
+        let now = Instant::now();
+        let stored = StoredSession {
+            client_id: "sid".into(),
+            version: 5,
+            subs: vec![StoredSub {
+                filter: "a.*".into(),
+                qos: 0,
+            }],
+            expiry_secs: 60,
+            sub_ids: vec![("a.*".into(), 11)],
+            ..StoredSession::default()
+        };
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "sid", false, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = Some(60);
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(Some(stored));
+        events(&mut s);
+        sent(&mut s, v);
+        s.deliver(&delivery("a.b", 0, None, now));
+        assert_eq!(
+            publishes(&mut s)[0].properties.subscription_identifiers,
+            vec![11]
+        );
+        assert_eq!(s.snapshot().sub_ids, vec![("a.*".to_string(), 11)]);
     }
 
     #[test]

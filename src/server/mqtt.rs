@@ -232,11 +232,22 @@ fn publish_will(
                 return;
             }
         }
-        broker.route(&will.subject, &will.payload, will.qos, will.retain);
+        let (headers, reply) = match &will.props {
+            Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
+            None => (None, None),
+        };
+        broker.route_mqtt(
+            &will.subject,
+            &will.payload,
+            will.qos,
+            will.retain,
+            headers.clone(),
+            reply,
+        );
         if let Some(stream) = broker.capture(&will.subject) {
             let msg = Message {
                 subject: will.subject.clone(),
-                headers: None,
+                headers,
                 payload: will.payload,
             };
             if let Err(e) = stream.publish(msg).await {
