@@ -554,12 +554,13 @@ async fn expired_stored_message_is_not_delivered() {
             .expect("mosquitto_pub");
         assert!(status.success());
     };
-    let stored_at = Instant::now();
     publish("old", &["-D", "publish", "message-expiry-interval", "1"]);
+    // mosquitto_pub -q 1 exits after the PUBACK, sent once it was stored.
+    let stored_at = Instant::now();
     publish("long", &["-D", "publish", "message-expiry-interval", "300"]);
     publish("keep", &[]);
     // The passing of time is what is tested here.
-    wait_elapsed(stored_at, Duration::from_millis(1500)).await;
+    wait_elapsed(stored_at, Duration::from_millis(1200)).await;
     let (_client, mut rx, _sa, _task) = start_sub(opts).await;
     let first = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
     assert_eq!(&first.payload[..], b"long", "the expired one is skipped");
@@ -778,18 +779,28 @@ async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
         .unwrap();
     let first = publish_of(sub.recv().await);
     assert_eq!(first.payload, b"first");
-    let queued_at = Instant::now();
+    // A NATS subscriber sees when "short" was routed (its expiry counts
+    // from then).
+    let nc = nats(&f).await;
+    let mut routed = nc.subscribe("live.exp.>").await.unwrap();
+    nc.flush().await.unwrap();
     pb.client
         .publish_with_properties("live/exp/a", QoS::AtLeastOnce, false, "short", expiring)
         .await
         .unwrap();
+    let m = tokio::time::timeout(T, routed.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"short");
+    let queued_at = Instant::now();
     pb.client
         .publish("live/exp/a", QoS::AtLeastOnce, false, "last")
         .await
         .unwrap();
     // The passing of time is what is tested: hold the window until the
     // queued "short" message is past its 1 s expiry.
-    wait_elapsed(queued_at, Duration::from_millis(1500)).await;
+    wait_elapsed(queued_at, Duration::from_millis(1200)).await;
     sub.send(&Packet::PubAck(Ack {
         packet_id: first.packet_id.unwrap(),
         ..Ack::default()
