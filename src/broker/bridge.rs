@@ -190,13 +190,16 @@ pub fn publish_meta(
 /// A publish to `subject` (from either protocol): when `subject` is a live
 /// request inbox, the response topic's subject and `headers` with the
 /// request's correlation data; otherwise both unchanged.
+/// Cheap for other subjects (a prefix check; no clock read, no lock).
 pub fn redirect_reply(
     replies: &Replies,
     subject: String,
     headers: Option<Vec<u8>>,
-    now: Instant,
 ) -> (String, Option<Vec<u8>>) {
-    match replies.resolve(&subject, now) {
+    if !subject.starts_with(INBOX_PREFIX) {
+        return (subject, headers);
+    }
+    match replies.resolve(&subject, Instant::now()) {
         Some((to, correlation)) => (to, with_correlation(headers, &correlation)),
         None => (subject, headers),
     }

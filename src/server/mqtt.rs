@@ -405,13 +405,12 @@ pub async fn connection<T: Transport>(
                     let subject = broker.map_subject(subject);
                     // MQTT 5 properties travel as NATS headers ([`bridge`]);
                     // a publish to a request inbox goes to its response topic.
-                    let now = Instant::now();
                     let (headers, reply) = match &props {
-                        Some(p) => bridge::publish_meta(&broker.replies, p, now),
+                        Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
                         None => (None, None),
                     };
                     let (subject, headers) =
-                        bridge::redirect_reply(&broker.replies, subject, headers, now);
+                        bridge::redirect_reply(&broker.replies, subject, headers);
                     broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters

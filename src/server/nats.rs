@@ -201,12 +201,8 @@ async fn connection(
                     let subject = broker.map_subject(subject);
                     // A reply to an MQTT 5 request goes to its response
                     // topic, with its correlation data.
-                    let (subject, headers) = crate::broker::bridge::redirect_reply(
-                        &broker.replies,
-                        subject,
-                        headers,
-                        Instant::now(),
-                    );
+                    let (subject, headers) =
+                        crate::broker::bridge::redirect_reply(&broker.replies, subject, headers);
                     let c = &broker.counters;
                     c.msgs_in.fetch_add(1, Ordering::Relaxed);
                     c.bytes_in
