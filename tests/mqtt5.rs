@@ -863,3 +863,43 @@ async fn will_properties_reach_mqtt5_and_nats_subscribers() {
     let h = m.headers.expect("headers");
     assert_eq!(h.get("reason").map(|v| v.as_str()), Some("lost"));
 }
+
+#[tokio::test]
+async fn retained_messages_keep_properties_across_restart_and_expire() {
+    let mut f = Frond::start_new(FrondSpec::default()).await;
+    let publish = |port: u16, topic: &str, extra: &[&str]| {
+        let status = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-V", "mqttv5", "-q", "1", "-r", "-t", topic, "-m", "r"])
+            .args(extra)
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success());
+    };
+    publish(
+        f.mqtt_port,
+        "ret/keep",
+        &["-D", "publish", "user-property", "unit", "C"],
+    );
+    publish(
+        f.mqtt_port,
+        "ret/short",
+        &["-D", "publish", "message-expiry-interval", "1"],
+    );
+    // mosquitto_pub -q 1 -r returns once the retained message is durable.
+    let set_at = Instant::now();
+    f.terminate();
+    f.start().await;
+    wait_elapsed(set_at, Duration::from_millis(1200)).await;
+    let (mut sub, _) = Raw::connect(f.mqtt_port, "ret-sub", Properties::default()).await;
+    sub.subscribe("ret/#", WQoS::AtMostOnce, None).await;
+    // Retained messages are written with the SUBACK; the PINGRESP after.
+    let got: Vec<Publish> = sub.ping().await.into_iter().map(publish_of).collect();
+    assert_eq!(got.len(), 1, "the expired retained message is not sent");
+    assert_eq!(got[0].topic, "ret/keep");
+    assert!(got[0].retain);
+    assert_eq!(
+        got[0].properties.user_properties,
+        vec![("unit".to_string(), "C".to_string())]
+    );
+}

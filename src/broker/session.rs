@@ -80,8 +80,9 @@
 //!
 //! Not yet: a session expiry changed by the 5.0 DISCONNECT, the MQTT
 //! filter form and subscription options in stored sessions (NATS filters,
-//! QoS and subscription identifiers are kept; that is all delivery needs),
-//! and MQTT 5 properties of retained messages.
+//! QoS and subscription identifiers are kept; that is all delivery needs).
+//! Retained messages keep their properties and expiry
+//! ([`crate::broker::retained`]); CONNACK says retain is available.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -651,7 +652,6 @@ impl Session {
         if v5 {
             props.maximum_packet_size = u32::try_from(self.limits.max_packet_size).ok();
             props.receive_maximum = u16::try_from(self.limits.max_inflight).ok();
-            props.retain_available = Some(0);
             props.topic_alias_maximum = Some(TOPIC_ALIAS_MAX);
             props.shared_subscription_available = Some(0);
             if c.properties.request_response_information == Some(1) {

@@ -421,8 +421,10 @@ pub async fn connection<T: Transport>(
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.
                         let store = retained.clone();
-                        let (s2, p2) = (subject.clone(), payload.clone());
-                        if let Err(e) = smol::unblock(move || store.set(&s2, &p2, qos)).await {
+                        let (s2, p2, h2) = (subject.clone(), payload.clone(), headers.clone());
+                        let now_ms = unix_now_ms();
+                        let set = move || store.set_with(&s2, &p2, qos, h2.as_deref(), now_ms);
+                        if let Err(e) = smol::unblock(set).await {
                             log::warn!("mqtt: retained message on {subject} not stored: {e}");
                             if let Some(id) = ack {
                                 acks.push_back(PendingAck::Ready(
@@ -473,9 +475,10 @@ pub async fn connection<T: Transport>(
                                     payload: m.payload,
                                     qos: m.qos.min(r.qos),
                                     retain: true,
-                                    headers: None,
+                                    // Expiry counts from when it was set.
+                                    at: retained_at(m.stored_ms),
+                                    headers: m.headers,
                                     reply: None,
-                                    at: Instant::now(),
                                 });
                             }
                         }
@@ -701,6 +704,23 @@ pub async fn connection<T: Transport>(
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
+}
+
+/// Unix time in milliseconds.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The `Instant` a retained message set at `stored_ms` (unix ms) was set.
+fn retained_at(stored_ms: u64) -> Instant {
+    let now = Instant::now();
+    let age = std::time::Duration::from_millis(unix_now_ms().saturating_sub(stored_ms));
+    match stored_ms {
+        0 => now,
+        _ => now.checked_sub(age).unwrap_or(now),
+    }
 }
 
 fn ack_result(r: Result<crate::stream::PubAck, StreamError>) -> Result<(), String> {
