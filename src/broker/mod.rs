@@ -38,7 +38,15 @@
 //! - At most one stream captures a subject (config refuses overlaps).
 //! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
 //!   protocol shells, to each incoming publish before routing and capture.
+//!
+//! MQTT <-> NATS metadata: MQTT 5 properties are NATS headers on the
+//! routed and stored message, a Response Topic is a reply subject, and
+//! replies to MQTT 5 requests are redirected through [`Broker::replies`]
+//! (see [`bridge`]). A NATS publish that a stream captures is durable, so
+//! MQTT subscribers get it at QoS 1 (capped by their subscription); an
+//! uncaptured one at QoS 0.
 
+pub mod bridge;
 pub mod nats;
 pub mod persist;
 pub mod retained;
@@ -68,6 +76,12 @@ pub struct Delivery {
     /// Chosen for a shared subscription (`$share/...`): delivered live
     /// even to a persistent session (see [`session`]).
     pub shared: bool,
+    /// The NATS header block (MQTT 5 properties, see [`bridge`]).
+    pub headers: Option<Vec<u8>>,
+    /// The NATS reply subject (an MQTT 5 Response Topic).
+    pub reply: Option<String>,
+    /// When it was routed (MQTT message expiry counts from here).
+    pub at: std::time::Instant,
 }
 
 /// A routed message as NATS subscribers see it; shared by all of them.
@@ -296,6 +310,8 @@ pub struct Broker {
     next_conn: AtomicU64,
     pub counters: Counters,
     mappings: Mappings,
+    /// Reply inboxes of MQTT 5 requests ([`bridge`]).
+    pub replies: bridge::Replies,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -326,6 +342,7 @@ impl Broker {
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
+            replies: bridge::Replies::default(),
         })
     }
 
@@ -494,11 +511,27 @@ impl Broker {
 
     /// Hand an MQTT publish to every matching subscriber (live delivery).
     pub fn route(&self, subj: &str, payload: &[u8], qos: u8, retain: bool) {
+        self.route_mqtt(subj, payload, qos, retain, None, None);
+    }
+
+    /// [`Broker::route`] with the NATS header block and reply subject an
+    /// MQTT 5 publish maps to ([`bridge`]).
+    pub fn route_mqtt(
+        &self,
+        subj: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        headers: Option<Vec<u8>>,
+        reply: Option<String>,
+    ) {
+        let mut headers = headers;
+        let mut reply = reply;
         self.route_inner(None, subj, qos, retain, &mut || {
             Arc::new(Msg {
                 subject: subj.to_string(),
-                reply: None,
-                headers: None,
+                reply: reply.take(),
+                headers: headers.take(),
                 payload: payload.to_vec(),
             })
         });
@@ -599,6 +632,11 @@ impl Broker {
                 }
             }
         }
+        // Only MQTT deliveries carry the routing time (message expiry).
+        let now = match mqtt.is_empty() {
+            true => None,
+            false => Some(std::time::Instant::now()),
+        };
         for (_, shared, q, id) in mqtt {
             let Some(Sub {
                 target: Target::Mqtt { tx, max_queued, .. },
@@ -618,6 +656,9 @@ impl Broker {
                 qos: q,
                 retain,
                 shared,
+                headers: m.headers.clone(),
+                reply: m.reply.clone(),
+                at: now.unwrap_or_else(std::time::Instant::now),
             });
             match tx.try_send(d) {
                 Ok(()) => {

@@ -65,6 +65,9 @@ pub struct StoredSession {
     pub cursors: Vec<Cursor>,
     /// Inbound QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL.
     pub qos2_in: Vec<u16>,
+    /// MQTT 5 subscription identifiers: (NATS filter, identifier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sub_ids: Vec<(String, u32)>,
 }
 
 impl StoredSession {
@@ -274,6 +277,7 @@ mod tests {
                 sent: 7,
             }],
             qos2_in: vec![3],
+            sub_ids: vec![("telemetry.>".into(), 7)],
         };
         st.save(&s).unwrap();
         assert_eq!(st.load("dev 1/ü"), Some(s.clone()));

@@ -7,7 +7,12 @@
 //! Record layout (little endian): `len: u32` (bytes after this field),
 //! `crc32c: u32` (of the bytes after it), `qos: u8`, `subject_len: u16`,
 //! `subject`, `payload`. An empty payload clears the subject's retained
-//! message (MQTT 3.1.1 §3.3.1.3).
+//! message (MQTT 3.1.1 §3.3.1.3). When bit 0x80 of `qos` is set, the record
+//! also carries MQTT 5 metadata between `subject` and `payload`:
+//! `stored_ms: u64` (unix milliseconds, for message expiry),
+//! `headers_len: u32`, `headers` (the NATS header block, see
+//! [`crate::broker::bridge`]). Records without metadata keep the original
+//! layout.
 //!
 //! Invariants:
 //! - [`Retained::set`] returns only after the record is fsynced, so a
@@ -32,10 +37,29 @@ pub struct RetainedMsg {
     pub subject: String,
     pub payload: Vec<u8>,
     pub qos: u8,
+    /// MQTT 5 metadata as a NATS header block, if any.
+    pub headers: Option<Vec<u8>>,
+    /// When it was set (unix milliseconds; 0 when unknown).
+    pub stored_ms: u64,
+}
+
+/// Flag in the stored `qos` byte: MQTT 5 metadata follows the subject.
+const EXT: u8 = 0x80;
+
+/// One decoded record.
+struct Record {
+    subject: String,
+    payload: Vec<u8>,
+    qos: u8,
+    ext: Option<(Vec<u8>, u64)>,
+    used: usize,
 }
 
 struct State {
     map: BTreeMap<String, (Vec<u8>, u8)>,
+    /// MQTT 5 metadata of the retained messages that have some:
+    /// (header block, stored unix ms).
+    meta: BTreeMap<String, (Vec<u8>, u64)>,
     file: File,
     file_len: u64,
     live_bytes: u64,
@@ -59,28 +83,45 @@ fn record_len(subject: &str, payload: &[u8]) -> u64 {
     (HEADER + 3 + subject.len() + payload.len()) as u64
 }
 
-fn encode(subject: &str, payload: &[u8], qos: u8, out: &mut Vec<u8>) -> io::Result<()> {
+fn ext_len(ext: Option<(&[u8], u64)>) -> usize {
+    ext.map_or(0, |(h, _)| 12 + h.len())
+}
+
+fn encode(
+    subject: &str,
+    payload: &[u8],
+    qos: u8,
+    ext: Option<(&[u8], u64)>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let slen = u16::try_from(subject.len()).map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, "topic longer than 65535 bytes")
     })?;
-    let body_len = 4 + 3 + subject.len() + payload.len();
+    let body_len = 4 + 3 + subject.len() + ext_len(ext) + payload.len();
     let len = u32::try_from(body_len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "retained message too large"))?;
     let start = out.len();
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    out.push(qos);
+    out.push(if ext.is_some() { qos | EXT } else { qos });
     out.extend_from_slice(&slen.to_le_bytes());
     out.extend_from_slice(subject.as_bytes());
+    if let Some((headers, stored_ms)) = ext {
+        let hlen = u32::try_from(headers.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "headers too large"))?;
+        out.extend_from_slice(&stored_ms.to_le_bytes());
+        out.extend_from_slice(&hlen.to_le_bytes());
+        out.extend_from_slice(headers);
+    }
     out.extend_from_slice(payload);
     let crc = crc32c::crc32c(&out[start + HEADER..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
-/// Decode one record at the front of `b`: `Some((subject, payload, qos, used))`,
-/// or `None` if `b` does not start with a whole valid record.
-fn decode(b: &[u8]) -> Option<(String, Vec<u8>, u8, usize)> {
+/// Decode one record at the front of `b`, or `None` if `b` does not start
+/// with a whole valid record.
+fn decode(b: &[u8]) -> Option<Record> {
     let len = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
     let body = b.get(HEADER..4 + len)?;
@@ -92,8 +133,24 @@ fn decode(b: &[u8]) -> Option<(String, Vec<u8>, u8, usize)> {
     let subj = std::str::from_utf8(body.get(3..3 + slen)?)
         .ok()?
         .to_string();
-    let payload = body.get(3 + slen..)?.to_vec();
-    Some((subj, payload, qos, 4 + len))
+    let mut at = 3 + slen;
+    let ext = if qos & EXT != 0 {
+        let stored_ms = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+        let hlen = u32::from_le_bytes(body.get(at + 8..at + 12)?.try_into().ok()?) as usize;
+        let headers = body.get(at + 12..at.checked_add(12 + hlen)?)?.to_vec();
+        at += 12 + hlen;
+        Some((headers, stored_ms))
+    } else {
+        None
+    };
+    let payload = body.get(at..)?.to_vec();
+    Some(Record {
+        subject: subj,
+        payload,
+        qos: qos & !EXT,
+        ext,
+        used: 4 + len,
+    })
 }
 
 impl Retained {
@@ -106,14 +163,19 @@ impl Retained {
             f.read_to_end(&mut bytes)?;
         }
         let mut map = BTreeMap::new();
+        let mut meta = BTreeMap::new();
         let mut at = 0;
-        while let Some((subj, payload, qos, used)) = bytes.get(at..).and_then(decode) {
-            if payload.is_empty() {
-                map.remove(&subj);
+        while let Some(r) = bytes.get(at..).and_then(decode) {
+            meta.remove(&r.subject);
+            if r.payload.is_empty() {
+                map.remove(&r.subject);
             } else {
-                map.insert(subj, (payload, qos));
+                if let Some(ext) = r.ext {
+                    meta.insert(r.subject.clone(), ext);
+                }
+                map.insert(r.subject, (r.payload, r.qos));
             }
-            at += used;
+            at += r.used;
         }
         let truncated = (bytes.len() - at) as u64;
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -121,7 +183,8 @@ impl Retained {
             file.set_len(at as u64)?;
             file.sync_data()?;
         }
-        let live_bytes = map.iter().map(|(s, (p, _))| record_len(s, p)).sum();
+        let live_bytes = map.iter().map(|(s, (p, _))| record_len(s, p)).sum::<u64>()
+            + meta.values().map(|(h, _)| 12 + h.len() as u64).sum::<u64>();
         let report = RetainedReport {
             messages: map.len(),
             truncated_bytes: truncated,
@@ -131,6 +194,7 @@ impl Retained {
                 path,
                 state: Mutex::new(State {
                     map,
+                    meta,
                     file,
                     file_len: at as u64,
                     live_bytes,
@@ -147,12 +211,28 @@ impl Retained {
     /// Set (or, with an empty payload, clear) the retained message of
     /// `subject`; durable when it returns.
     pub fn set(&self, subject: &str, payload: &[u8], qos: u8) -> io::Result<()> {
+        self.set_with(subject, payload, qos, None, 0)
+    }
+
+    /// [`Retained::set`] with MQTT 5 metadata (a NATS header block) and
+    /// the time it is set (unix milliseconds).
+    pub fn set_with(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        qos: u8,
+        headers: Option<&[u8]>,
+        stored_ms: u64,
+    ) -> io::Result<()> {
         let mut st = self.lock();
         if payload.is_empty() && !st.map.contains_key(subject) {
             return Ok(());
         }
-        let mut rec = Vec::with_capacity(record_len(subject, payload) as usize);
-        encode(subject, payload, qos, &mut rec)?;
+        let ext = headers
+            .filter(|_| !payload.is_empty())
+            .map(|h| (h, stored_ms));
+        let mut rec = Vec::with_capacity(record_len(subject, payload) as usize + ext_len(ext));
+        encode(subject, payload, qos, ext, &mut rec)?;
         if let Err(e) = st.file.write_all(&rec).and_then(|()| st.file.sync_data()) {
             // Cut back whatever part of the record reached the file.
             let len = st.file_len;
@@ -168,8 +248,14 @@ impl Retained {
         if let Some((p, _)) = old {
             st.live_bytes -= record_len(subject, &p);
         }
+        if let Some((h, _)) = st.meta.remove(subject) {
+            st.live_bytes -= 12 + h.len() as u64;
+        }
         if !payload.is_empty() {
-            st.live_bytes += record_len(subject, payload);
+            st.live_bytes += record_len(subject, payload) + ext_len(ext) as u64;
+            if let Some((h, at)) = ext {
+                st.meta.insert(subject.to_string(), (h.to_vec(), at));
+            }
         }
         if st.file_len > 2 * st.live_bytes + 64 * 1024 {
             if let Err(e) = self.compact(&mut st) {
@@ -187,7 +273,8 @@ impl Retained {
         let tmp = self.path.with_extension("tmp");
         let mut buf = Vec::with_capacity(st.live_bytes as usize);
         for (s, (p, q)) in &st.map {
-            encode(s, p, *q, &mut buf)?;
+            let ext = st.meta.get(s).map(|(h, at)| (h.as_slice(), *at));
+            encode(s, p, *q, ext, &mut buf)?;
         }
         {
             let mut f = File::create(&tmp)?;
@@ -209,10 +296,15 @@ impl Retained {
         st.map
             .iter()
             .filter(|(s, _)| subject::matches(filter, s))
-            .map(|(s, (p, q))| RetainedMsg {
-                subject: s.clone(),
-                payload: p.clone(),
-                qos: *q,
+            .map(|(s, (p, q))| {
+                let meta = st.meta.get(s);
+                RetainedMsg {
+                    subject: s.clone(),
+                    payload: p.clone(),
+                    qos: *q,
+                    headers: meta.map(|(h, _)| h.clone()),
+                    stored_ms: meta.map_or(0, |(_, at)| *at),
+                }
             })
             .collect()
     }
@@ -245,7 +337,9 @@ mod tests {
             vec![RetainedMsg {
                 subject: "a.b".into(),
                 payload: b"three".to_vec(),
-                qos: 1
+                qos: 1,
+                headers: None,
+                stored_ms: 0,
             }]
         );
         drop(r);
@@ -293,5 +387,41 @@ mod tests {
         let (r, rep) = Retained::open(dir.path()).unwrap();
         assert_eq!(rep.messages, 4);
         assert_eq!(r.matching("hot")[0].payload, big);
+    }
+
+    #[test]
+    fn mqtt5_metadata_survives_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Retained::open(dir.path()).unwrap();
+        let h = b"NATS/1.0\r\nk: v\r\n\r\n";
+        r.set_with("m", b"with", 1, Some(h), 1234).unwrap();
+        r.set("plain", b"p", 0).unwrap();
+        drop(r);
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!(
+            rep,
+            RetainedReport {
+                messages: 2,
+                truncated_bytes: 0
+            }
+        );
+        let m = &r.matching("m")[0];
+        assert_eq!(
+            (m.headers.as_deref(), m.stored_ms, m.qos),
+            (Some(&h[..]), 1234, 1)
+        );
+        assert_eq!(m.payload, b"with");
+        assert_eq!(r.matching("plain")[0].headers, None);
+        // Replaced without metadata: the old metadata is gone.
+        for _ in 0..40 {
+            r.set_with("m", &[1u8; 4096], 1, Some(h), 99).unwrap();
+        }
+        r.set("m", b"bare", 0).unwrap();
+        assert_eq!(r.matching("m")[0].headers, None);
+        r.set_with("m", b"again", 1, Some(h), 5).unwrap();
+        drop(r);
+        let (r, _) = Retained::open(dir.path()).unwrap();
+        let m = &r.matching("m")[0];
+        assert_eq!((m.payload.as_slice(), m.stored_ms), (&b"again"[..], 5));
     }
 }

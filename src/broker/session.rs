@@ -69,16 +69,46 @@
 //!   crash of frond within the write interval, a PUBLISH(DUP) the client
 //!   resends for an id whose PUBREC was sent is stored a second time.
 //!
-//! Not yet: MQTT 5 topic aliases, flow control beyond `max_inflight`, a
-//! session expiry changed by the 5.0 DISCONNECT, and the MQTT filter form
-//! and subscription options in stored sessions (NATS filters and QoS are
-//! kept; that is all delivery needs).
+//! MQTT 5 features (all per connection):
+//! - Topic aliases: inbound up to [`TOPIC_ALIAS_MAX`] (advertised in
+//!   CONNACK; alias 0 or above it: DISCONNECT 0x94, an unknown alias with
+//!   an empty topic: 0x82); outbound, when the client's CONNECT gives a
+//!   Topic Alias Maximum, the first that many topics get an alias, sent
+//!   with the topic once and with an empty topic afterwards.
+//! - Flow control: outbound QoS 1/2 in flight are bounded by
+//!   min(`max_inflight`, the client's Receive Maximum); further QoS 1/2
+//!   deliveries wait in a queue of at most `max_queued` (then dropped and
+//!   counted in `dropped`), QoS 0 goes out at once. frond's Receive
+//!   Maximum is `max_inflight`; a 5.0 client with that many publishes
+//!   unacknowledged that sends another QoS 1/2 PUBLISH is disconnected
+//!   with 0x93 (3.1.1 clients are slowed through TCP instead).
+//! - Maximum Packet Size: inbound enforced by the decoder; a PUBLISH
+//!   larger than the client's maximum is not sent (counted in
+//!   `oversize_dropped`, logged at debug; for a stream message the cursor
+//!   moves past it).
+//! - Metadata: PUBLISH properties travel as NATS headers
+//!   ([`crate::broker::bridge`]); subscribers on 5.0 get them back as
+//!   properties, plus the identifiers of every matching subscription
+//!   (kept in stored sessions). Message expiry counts from the routing
+//!   time (router deliveries, also while queued) or the stored timestamp
+//!   (stream messages); an expired message is not sent to anyone, and the
+//!   interval sent is the remaining time.
+//! - Request Problem Information = 0: no reason string on acks. Request
+//!   Response Information = 1: CONNACK Response Information
+//!   `frond/response/<client id>` (`+`, `#`, `/` replaced by `_`).
+//!
+//! Not yet: a session expiry changed by the 5.0 DISCONNECT, the MQTT
+//! filter form and subscription options in stored sessions (NATS filters,
+//! QoS and subscription identifiers are kept; that is all delivery needs).
+//! Retained messages keep their properties and expiry
+//! ([`crate::broker::retained`]); CONNACK says retain is available.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, Permissions, Refusal};
+use crate::broker::bridge;
 use crate::broker::persist::{Cursor, StoredSession, StoredSub};
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
@@ -94,6 +124,8 @@ pub struct Limits {
     pub max_keep_alive: u16,
     pub connect_timeout: Duration,
     pub max_inflight: usize,
+    /// QoS 1/2 deliveries held while the client's window is full.
+    pub max_queued: usize,
     /// Longest session expiry granted; also the expiry of 3.1.1
     /// persistent sessions.
     pub max_session_expiry: Duration,
@@ -127,6 +159,8 @@ pub enum Event {
         qos: u8,
         retain: bool,
         ack: Option<u16>,
+        /// MQTT 5 properties to carry ([`bridge`]); `None` when empty.
+        props: Option<Box<Properties>>,
     },
     /// Acknowledge packet `.0` in order once every earlier publish is
     /// acknowledged; nothing to store (a QoS 2 duplicate).
@@ -159,6 +193,25 @@ struct Outbound {
     /// (follow index, stream sequence) for a message from a stream.
     origin: Option<(usize, u64)>,
 }
+
+/// A QoS 1/2 delivery waiting for room in the client's window.
+#[derive(Debug)]
+struct Queued {
+    publish: Publish,
+    /// When it expires (MQTT 5 message expiry).
+    deadline: Option<Instant>,
+}
+
+/// What [`Session::emit`] did with a PUBLISH.
+#[derive(Debug, PartialEq, Eq)]
+enum Emitted {
+    Sent,
+    Expired,
+    TooLarge,
+}
+
+/// Topic aliases frond accepts from a client (CONNACK Topic Alias Maximum).
+pub const TOPIC_ALIAS_MAX: u16 = 64;
 
 /// One stream a persistent session follows.
 #[derive(Debug)]
@@ -224,6 +277,26 @@ pub struct Session {
     /// Pending acks of publishes refused (MQTT 5 reason code: 0x87 by
     /// permissions, 0x90 by the topic limits).
     denied: HashMap<u16, u8>,
+    /// MQTT 5 inbound topic aliases.
+    alias_in: HashMap<u16, String>,
+    /// MQTT 5 outbound topic aliases, up to the client's maximum.
+    alias_out: HashMap<String, u16>,
+    alias_out_max: u16,
+    /// The client's Maximum Packet Size (MQTT 5).
+    client_max_packet: Option<usize>,
+    /// The client's Receive Maximum (MQTT 5; 65,535 when not given).
+    client_receive_max: usize,
+    /// QoS 1/2 deliveries waiting for the in-flight window.
+    queued: VecDeque<Queued>,
+    /// MQTT 5 subscription identifiers, by NATS filter.
+    sub_ids: HashMap<String, u32>,
+    /// MQTT 5 Request Problem Information (reason strings on acks).
+    problem_info: bool,
+    /// Messages not sent because they exceed the client's Maximum Packet
+    /// Size.
+    pub oversize_dropped: u64,
+    /// Messages not sent because their message expiry passed.
+    pub expired: u64,
 }
 
 /// One subscription to add (a NATS filter; an MQTT filter ending in `#`
@@ -250,6 +323,8 @@ pub struct WillMessage {
     /// MQTT 5 will delay interval: publish this long after the connection
     /// ended, unless the same client id connects again first.
     pub delay: Duration,
+    /// MQTT 5 will properties carried with the message ([`bridge`]).
+    pub props: Option<Box<Properties>>,
 }
 
 impl Session {
@@ -281,7 +356,33 @@ impl Session {
             dirty: false,
             perms: None,
             denied: HashMap::new(),
+            alias_in: HashMap::new(),
+            alias_out: HashMap::new(),
+            alias_out_max: 0,
+            client_max_packet: None,
+            client_receive_max: 65_535,
+            queued: VecDeque::new(),
+            sub_ids: HashMap::new(),
+            problem_info: true,
+            oversize_dropped: 0,
+            expired: 0,
         }
+    }
+
+    /// Whether inbound publishes awaiting storage stop decoding: 3.1.1
+    /// clients are slowed through TCP; 5.0 clients are told the Receive
+    /// Maximum and disconnected (0x93) when they exceed it.
+    fn inflight_blocks(&self) -> bool {
+        self.version != Some(Version::V5) && self.pending_acks.len() >= self.limits.max_inflight
+    }
+
+    /// The outbound QoS 1/2 window: frond's `max_inflight`, capped by the
+    /// client's Receive Maximum.
+    fn window(&self) -> usize {
+        self.limits
+            .max_inflight
+            .min(self.client_receive_max)
+            .min(65_535)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -296,7 +397,7 @@ impl Session {
 
     pub fn wants_input(&self) -> bool {
         self.state != State::Closed
-            && self.pending_acks.len() < self.limits.max_inflight
+            && !self.inflight_blocks()
             && self.inbuf.len() < self.limits.max_packet_size.saturating_add(64 * 1024)
     }
 
@@ -317,7 +418,7 @@ impl Session {
         let mut start = 0;
         while self.state != State::Closed
             && self.state != State::Restoring
-            && self.pending_acks.len() < self.limits.max_inflight
+            && !self.inflight_blocks()
         {
             match mqtt::decode(
                 &self.inbuf[start..],
@@ -421,6 +522,7 @@ impl Session {
                 }));
             }
             Packet::Subscribe(s) => {
+                let sub_id = s.properties.subscription_identifiers.first().copied();
                 let mut granted = Vec::new();
                 let mut codes = Vec::new();
                 let v5 = self.version == Some(Version::V5);
@@ -482,6 +584,10 @@ impl Session {
                             }
                         }
                         self.dirty = true;
+                        match sub_id {
+                            Some(i) => self.sub_ids.insert(nf.clone(), i),
+                            None => self.sub_ids.remove(&nf),
+                        };
                         let send_retained = match opts.retain_handling {
                             0 => true,
                             1 => new,
@@ -519,6 +625,7 @@ impl Session {
                 self.filters.retain(|(f, _)| !gone.contains(f));
                 self.shared
                     .retain(|(g, f, _)| !gone_shared.iter().any(|x| x.0 == *g && x.1 == *f));
+                self.sub_ids.retain(|f, _| !gone.contains(f));
                 self.dirty = true;
                 if !gone_shared.is_empty() {
                     self.events.push_back(Event::UnsubscribeShared(gone_shared));
@@ -583,9 +690,17 @@ impl Session {
             payload: w.payload,
             qos: w.qos as u8,
             retain: w.retain,
+            props: (!w.properties.is_empty()).then(|| Box::new(w.properties)),
         });
         let mut client_id = c.client_id;
         let mut props = Properties::default();
+        if v5 {
+            let cp = &c.properties;
+            self.client_receive_max = usize::from(cp.receive_maximum.unwrap_or(65_535).max(1));
+            self.alias_out_max = cp.topic_alias_maximum.unwrap_or(0);
+            self.client_max_packet = cp.maximum_packet_size.and_then(|m| usize::try_from(m).ok());
+            self.problem_info = cp.request_problem_information != Some(0);
+        }
         if client_id.is_empty() {
             if !c.clean_start && !v5 {
                 // 3.1.1 §3.1.3-8: an empty id needs CleanSession = 1.
@@ -619,10 +734,19 @@ impl Session {
         if v5 {
             props.maximum_packet_size = u32::try_from(self.limits.max_packet_size).ok();
             props.receive_maximum = u16::try_from(self.limits.max_inflight).ok();
-            props.retain_available = Some(0);
-            props.topic_alias_maximum = None;
+            props.topic_alias_maximum = Some(TOPIC_ALIAS_MAX);
             props.shared_subscription_available = Some(1);
-            props.subscription_identifier_available = Some(0);
+            if c.properties.request_response_information == Some(1) {
+                // A per-client topic prefix for response topics.
+                let id: String = client_id
+                    .chars()
+                    .map(|ch| match ch {
+                        '+' | '#' | '/' | '\0' => '_',
+                        other => other,
+                    })
+                    .collect();
+                props.response_information = Some(format!("frond/response/{id}"));
+            }
         }
         let max_exp = self.limits.max_session_expiry;
         self.expiry = if v5 {
@@ -679,6 +803,7 @@ impl Session {
                     None => self.filters.push((s.filter, s.qos)),
                 }
             }
+            self.sub_ids = st.sub_ids.into_iter().collect();
             self.restored_cursors = st.cursors;
             if !subs.is_empty() {
                 self.events.push_back(Event::Subscribe(subs));
@@ -722,10 +847,8 @@ impl Session {
         if self.state != State::Connected {
             return 0;
         }
-        self.limits
-            .max_inflight
-            .min(65_535)
-            .saturating_sub(self.outbound.len())
+        self.window()
+            .saturating_sub(self.outbound.len() + self.queued.len())
     }
 
     /// The next sequence to read from followed stream `idx`.
@@ -747,6 +870,21 @@ impl Session {
     /// A message read from followed stream `idx` (in sequence order, from
     /// [`Session::stream_next`] on). Sends it if a subscription matches.
     pub fn deliver_stored(&mut self, idx: usize, seq: u64, subject: &str, payload: &[u8]) {
+        self.deliver_stored_msg(idx, seq, subject, None, payload, Duration::ZERO)
+    }
+
+    /// [`Session::deliver_stored`] with the stored header block (MQTT 5
+    /// properties, see [`bridge`]) and the message's age (time since it
+    /// was stored), against which its message expiry is checked.
+    pub fn deliver_stored_msg(
+        &mut self,
+        idx: usize,
+        seq: u64,
+        subject: &str,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+        age: Duration,
+    ) {
         if self.state != State::Connected {
             return;
         }
@@ -765,31 +903,139 @@ impl Session {
         if !dollar_ok {
             return;
         }
+        let (properties, deadline) = self.publish_props(subject, headers, None);
+        let deadline = match deadline {
+            Some(life) if life <= age => {
+                self.expired += 1;
+                return;
+            }
+            Some(life) => Some(self.now + (life - age)),
+            None => None,
+        };
         let mut publish = Publish {
             dup: false,
             qos: QoS::AtMostOnce,
             retain: false,
             topic: topics::subject_to_topic(subject),
             packet_id: None,
-            properties: Properties::default(),
+            properties,
             payload: payload.to_vec(),
         };
         if qos >= 1 {
-            let id = self.alloc_packet_id();
-            self.outbound.push_back(Outbound {
-                packet_id: id,
-                released: false,
-                origin: Some((idx, seq)),
-            });
-            if let Some(f) = self.follows.get_mut(idx) {
+            publish.qos = QoS::AtLeastOnce;
+            if let Some(f) = self.follows.get(idx) {
                 publish.dup = seq <= f.sent;
+            }
+        }
+        if self.emit(publish, deadline, Some((idx, seq))) == Emitted::Sent && qos >= 1 {
+            if let Some(f) = self.follows.get_mut(idx) {
                 f.sent = f.sent.max(seq);
                 f.inflight.insert(seq);
             }
-            publish.qos = QoS::AtLeastOnce;
-            publish.packet_id = Some(id);
         }
-        self.send(&Packet::Publish(publish));
+    }
+
+    /// MQTT 5 PUBLISH properties for a message to this client (from its
+    /// NATS headers and reply subject, plus matching subscription
+    /// identifiers), and the message's lifetime (`Mqtt-Expiry`).
+    fn publish_props(
+        &self,
+        subject: &str,
+        headers: Option<&[u8]>,
+        reply: Option<&str>,
+    ) -> (Properties, Option<Duration>) {
+        if headers.is_none() && reply.is_none() && self.sub_ids.is_empty() {
+            return (Properties::default(), None);
+        }
+        let meta = bridge::headers_to_meta(headers, reply);
+        let life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
+        if self.version != Some(Version::V5) {
+            return (Properties::default(), life);
+        }
+        let mut props = meta.props;
+        props.message_expiry_interval = None;
+        if !self.sub_ids.is_empty() {
+            let mut ids: Vec<u32> = self
+                .sub_ids
+                .iter()
+                .filter(|(f, _)| crate::subject::matches(f, subject))
+                .map(|(_, i)| *i)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            props.subscription_identifiers = ids;
+        }
+        (props, life)
+    }
+
+    /// Send one PUBLISH: sets the remaining message expiry, a topic alias
+    /// (when the client accepts them) and, for QoS 1/2, a packet id and the
+    /// in-flight entry. Not sent when expired, or (MQTT 5 §3.1.2.11.4) when
+    /// larger than the client's Maximum Packet Size.
+    fn emit(
+        &mut self,
+        mut p: Publish,
+        deadline: Option<Instant>,
+        origin: Option<(usize, u64)>,
+    ) -> Emitted {
+        if let Some(d) = deadline {
+            if d <= self.now {
+                self.expired += 1;
+                log::debug!("mqtt: {}: message on {} expired", self.client_id, p.topic);
+                return Emitted::Expired;
+            }
+            let left = d - self.now;
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            p.properties.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+        }
+        let v5 = self.version == Some(Version::V5);
+        let mut new_alias = None;
+        if v5 && self.alias_out_max > 0 {
+            if let Some(&a) = self.alias_out.get(&p.topic) {
+                p.properties.topic_alias = Some(a);
+                p.topic = String::new();
+            } else if let Ok(n) = u16::try_from(self.alias_out.len()) {
+                if n < self.alias_out_max {
+                    p.properties.topic_alias = Some(n + 1);
+                    new_alias = Some((p.topic.clone(), n + 1));
+                }
+            }
+        }
+        let id = (p.qos != QoS::AtMostOnce).then(|| self.alloc_packet_id());
+        p.packet_id = id;
+        let start = self.out.len();
+        self.send(&Packet::Publish(p));
+        let size = self.out.len().saturating_sub(start);
+        if self.client_max_packet.is_some_and(|max| size > max) {
+            self.out.truncate(start);
+            self.oversize_dropped += 1;
+            log::debug!(
+                "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
+                self.client_id
+            );
+            return Emitted::TooLarge;
+        }
+        if let Some((topic, a)) = new_alias {
+            self.alias_out.insert(topic, a);
+        }
+        if let Some(packet_id) = id {
+            self.outbound.push_back(Outbound {
+                packet_id,
+                released: false,
+                origin,
+            });
+        }
+        Emitted::Sent
+    }
+
+    /// Send queued deliveries while the window has room.
+    fn pump(&mut self) {
+        while self.state == State::Connected && self.outbound.len() < self.window() {
+            let Some(q) = self.queued.pop_front() else {
+                break;
+            };
+            self.emit(q.publish, q.deadline, None);
+        }
     }
 
     /// The highest QoS of the subscriptions matching `subject`, capped at 1.
@@ -813,6 +1059,7 @@ impl Session {
                 }
             }
         }
+        self.pump();
     }
 
     /// True (once) if the persistent state changed since the last call.
@@ -866,13 +1113,38 @@ impl Session {
             disconnected_at: 0,
             cursors,
             qos2_in,
+            sub_ids: {
+                let mut ids: Vec<(String, u32)> =
+                    self.sub_ids.iter().map(|(f, i)| (f.clone(), *i)).collect();
+                ids.sort();
+                ids
+            },
         }
     }
 
-    fn handle_publish(&mut self, p: Publish) {
+    fn handle_publish(&mut self, mut p: Publish) {
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                self.close_with(
+                    0x94,
+                    format!("topic alias {alias} is outside 1..={TOPIC_ALIAS_MAX}"),
+                );
+                return;
+            }
+            if p.topic.is_empty() {
+                match self.alias_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        self.close_with(0x82, format!("topic alias {alias} was never set"));
+                        return;
+                    }
+                }
+            } else {
+                self.alias_in.insert(alias, p.topic.clone());
+            }
+        }
         if p.topic.is_empty() {
-            // 5.0 topic aliases are not offered (topic_alias_maximum = 0).
-            self.close_with(0x82, "PUBLISH with an empty topic".into());
+            self.close_with(0x82, "PUBLISH with an empty topic and no alias".into());
             return;
         }
         let qos = p.qos as u8;
@@ -891,6 +1163,22 @@ impl Session {
             }
             return;
         }
+        if qos > 0
+            && self.version == Some(Version::V5)
+            && self.pending_acks.len() >= self.limits.max_inflight
+        {
+            // Every one of those is still unacknowledged: the client
+            // cannot have seen room for this one.
+            self.close_with(
+                0x93,
+                format!(
+                    "more than the Receive Maximum ({}) unacknowledged QoS 1/2 publishes",
+                    self.limits.max_inflight
+                ),
+            );
+            return;
+        }
+        let props = (!p.properties.is_empty()).then(|| Box::new(std::mem::take(&mut p.properties)));
         let subject = topics::topic_to_subject(&p.topic);
         if self
             .perms
@@ -916,6 +1204,7 @@ impl Session {
                 qos,
                 retain: p.retain,
                 ack: None,
+                props,
             }),
             (QoS::ExactlyOnce, Some(id))
                 if self.qos2_in.contains(&id)
@@ -934,6 +1223,7 @@ impl Session {
                     qos,
                     retain: p.retain,
                     ack: Some(id),
+                    props,
                 });
             }
             (_, None) => self.close_with(0x81, "QoS > 0 PUBLISH without packet id".into()),
@@ -981,7 +1271,8 @@ impl Session {
             Err(why) => {
                 if self.version == Some(Version::V5) {
                     let props = Properties {
-                        reason_string: Some(why.clone()),
+                        // Request Problem Information = 0: no reason string.
+                        reason_string: self.problem_info.then(|| why.clone()),
                         ..Properties::default()
                     };
                     let ack = Ack {
@@ -1038,32 +1329,33 @@ impl Session {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
-        let packet_id = if qos == QoS::AtMostOnce {
-            None
-        } else {
-            if self.outbound.len() >= self.limits.max_inflight.min(65_535) {
-                // The client is not acknowledging; drop rather than grow.
-                self.dropped += 1;
-                return;
-            }
-            let id = self.alloc_packet_id();
-            self.outbound.push_back(Outbound {
-                packet_id: id,
-                released: false,
-                origin: None,
-            });
-            Some(id)
-        };
+        // `now` may be older than the routing time when no input came for a
+        // while; expiry is counted from `d.at`.
+        self.now = self.now.max(d.at);
+        let (properties, life) =
+            self.publish_props(&d.subject, d.headers.as_deref(), d.reply.as_deref());
         let publish = Publish {
             dup: false,
             qos,
             retain,
             topic: topics::subject_to_topic(&d.subject),
-            packet_id,
-            properties: Properties::default(),
+            packet_id: None,
+            properties,
             payload: d.payload.clone(),
         };
-        self.send(&Packet::Publish(publish));
+        let deadline = life.map(|l| d.at + l);
+        if qos != QoS::AtMostOnce
+            && (self.outbound.len() >= self.window() || !self.queued.is_empty())
+        {
+            if self.queued.len() >= self.limits.max_queued {
+                // The client is not acknowledging; drop rather than grow.
+                self.dropped += 1;
+                return;
+            }
+            self.queued.push_back(Queued { publish, deadline });
+            return;
+        }
+        self.emit(publish, deadline, None);
     }
 
     /// Whether a filter that does not start with a wildcard matches `subject`.
@@ -1223,6 +1515,7 @@ mod tests {
             max_keep_alive: 60,
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4,
+            max_queued: 8,
             max_session_expiry: Duration::from_secs(3600),
             auth: None,
             max_subscriptions: 3,
@@ -1503,6 +1796,9 @@ mod tests {
             qos: 1,
             retain: false,
             shared: false,
+            headers: None,
+            reply: None,
+            at: now,
         });
         match &sent(&mut s, v)[..] {
             [Packet::Publish(p)] => {
@@ -1771,6 +2067,7 @@ mod tests {
                 sent: 6,
             }],
             qos2_in: vec![9],
+            sub_ids: Vec::new(),
         };
         let (mut s, now, present) = persistent(v, Some(stored));
         assert!(present, "session_present");
@@ -1920,6 +2217,9 @@ mod tests {
                 qos: 1,
                 retain: false,
                 shared: true,
+                headers: None,
+                reply: None,
+                at: now,
             });
             assert!(
                 matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce)
@@ -2043,5 +2343,360 @@ mod tests {
         assert!(
             matches!(&events(&mut s)[..], [Event::Close(why)] if why.contains("connect_timeout"))
         );
+    }
+    fn connected_v5(props: Properties) -> (Session, Instant) {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "dev-5", true, 10) else {
+            unreachable!()
+        };
+        c.properties = props;
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        match &sent(&mut s, v)[..] {
+            [Packet::ConnAck(c)] => {
+                assert_eq!(c.properties.topic_alias_maximum, Some(TOPIC_ALIAS_MAX));
+                assert_eq!(c.properties.receive_maximum, Some(4));
+                assert_eq!(c.properties.subscription_identifier_available, None);
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        (s, now)
+    }
+
+    fn delivery(subject: &str, qos: u8, headers: Option<Vec<u8>>, at: Instant) -> Delivery {
+        Delivery {
+            subject: subject.into(),
+            payload: b"p".to_vec(),
+            qos,
+            retain: false,
+            shared: false,
+            headers,
+            reply: None,
+            at,
+        }
+    }
+
+    fn publishes(s: &mut Session) -> Vec<Publish> {
+        sent(s, Version::V5)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn subscribe_all(s: &mut Session, now: Instant, id: Option<u32>) {
+        let Packet::Subscribe(mut sub) = subscribe_pkt(1, "#", QoS::AtLeastOnce) else {
+            unreachable!()
+        };
+        sub.properties.subscription_identifiers = id.into_iter().collect();
+        s.handle_bytes(&bytes(&Packet::Subscribe(sub), Version::V5), now);
+        events(s);
+        sent(s, Version::V5);
+    }
+
+    fn aliased(qos: QoS, id: Option<u16>, topic: &str, alias: u16) -> Packet {
+        let Packet::Publish(mut p) = publish(qos, id, topic, b"x") else {
+            unreachable!()
+        };
+        p.properties.topic_alias = Some(alias);
+        Packet::Publish(p)
+    }
+
+    #[test]
+    fn v5_inbound_topic_alias_set_reused_and_refused() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties::default());
+        s.handle_bytes(&bytes(&aliased(QoS::AtMostOnce, None, "a/b", 3), v), now);
+        s.handle_bytes(&bytes(&aliased(QoS::AtMostOnce, None, "", 3), v), now);
+        let subjects: Vec<String> = events(&mut s)
+            .into_iter()
+            .map(|e| match e {
+                Event::Publish { subject, props, .. } => {
+                    assert!(props.is_none(), "the alias is not carried");
+                    subject
+                }
+                other => panic!("expected Publish, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(subjects, vec!["a.b", "a.b"]);
+        // Unknown alias: protocol error.
+        s.handle_bytes(&bytes(&aliased(QoS::AtMostOnce, None, "", 4), v), now);
+        assert!(s.is_closed());
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::Disconnect(d)] if d.code == 0x82));
+        // Above the maximum: 0x94.
+        let (mut s, now) = connected_v5(Properties::default());
+        s.handle_bytes(
+            &bytes(&aliased(QoS::AtMostOnce, None, "t", TOPIC_ALIAS_MAX + 1), v),
+            now,
+        );
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::Disconnect(d)] if d.code == 0x94));
+    }
+
+    #[test]
+    fn v5_outbound_topic_aliases_up_to_the_client_maximum() {
+        let (mut s, now) = connected_v5(Properties {
+            topic_alias_maximum: Some(1),
+            ..Properties::default()
+        });
+        subscribe_all(&mut s, now, None);
+        for subject in ["a.b", "a.b", "c", "a.b"] {
+            s.deliver(&delivery(subject, 0, None, now));
+        }
+        let got: Vec<(String, Option<u16>)> = publishes(&mut s)
+            .into_iter()
+            .map(|p| (p.topic, p.properties.topic_alias))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a/b".into(), Some(1)),
+                (String::new(), Some(1)),
+                ("c".into(), None),
+                (String::new(), Some(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn v5_receive_maximum_queues_outbound_and_expiry_drops_queued() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties {
+            receive_maximum: Some(2),
+            ..Properties::default()
+        });
+        subscribe_all(&mut s, now, None);
+        let expiring = bridge::props_to_headers(&Properties {
+            message_expiry_interval: Some(5),
+            ..Properties::default()
+        });
+        s.deliver(&delivery("a", 1, None, now));
+        s.deliver(&delivery("b", 1, None, now));
+        s.deliver(&delivery("c", 1, expiring.clone(), now));
+        s.deliver(&delivery("d", 1, expiring, now));
+        s.deliver(&delivery("e", 1, None, now));
+        let first = publishes(&mut s);
+        assert_eq!(first.len(), 2, "window of 2");
+        assert_eq!(s.stream_room(), 0);
+        // One acknowledged 2 s later: "c" goes out with 3 s left.
+        let ack = |id| {
+            bytes(
+                &Packet::PubAck(Ack {
+                    packet_id: id,
+                    ..Ack::default()
+                }),
+                v,
+            )
+        };
+        let t2 = now + Duration::from_secs(2);
+        s.handle_bytes(&ack(first[0].packet_id.unwrap()), t2);
+        match &publishes(&mut s)[..] {
+            [p] => {
+                assert_eq!(p.topic, "c");
+                assert_eq!(p.properties.message_expiry_interval, Some(3));
+            }
+            other => panic!("expected one PUBLISH, got {other:?}"),
+        }
+        // The next acknowledgement comes after "d" expired: "e" is next.
+        s.handle_bytes(
+            &ack(first[1].packet_id.unwrap()),
+            now + Duration::from_secs(6),
+        );
+        let next = publishes(&mut s);
+        assert_eq!(
+            next.iter().map(|p| p.topic.as_str()).collect::<Vec<_>>(),
+            vec!["e"]
+        );
+        assert_eq!(s.expired, 1);
+    }
+
+    #[test]
+    fn v5_receive_maximum_exceeded_by_client_is_0x93() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties::default());
+        let mut input = Vec::new();
+        for id in 1..=5 {
+            input.extend(bytes(&publish(QoS::AtLeastOnce, Some(id), "t", b"x"), v));
+        }
+        s.handle_bytes(&input, now);
+        assert!(s.is_closed());
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::Disconnect(d)] if d.code == 0x93));
+    }
+
+    #[test]
+    fn v5_max_packet_size_drops_only_that_message() {
+        let (mut s, now) = connected_v5(Properties {
+            maximum_packet_size: Some(64),
+            topic_alias_maximum: Some(4),
+            ..Properties::default()
+        });
+        subscribe_all(&mut s, now, None);
+        let mut big = delivery("big", 1, None, now);
+        big.payload = vec![0; 100];
+        s.deliver(&big);
+        s.deliver(&delivery("big", 1, None, now));
+        let got = publishes(&mut s);
+        assert_eq!(s.oversize_dropped, 1);
+        assert_eq!(got.len(), 1);
+        // The dropped packet did not set the alias: the next one does.
+        assert_eq!(got[0].topic, "big");
+        assert_eq!(s.stream_room(), 3, "only the sent one is in flight");
+    }
+
+    #[test]
+    fn v5_subscription_identifiers_and_properties_reach_subscribers() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties::default());
+        subscribe_all(&mut s, now, Some(42));
+        s.handle_bytes(
+            &bytes(
+                &Packet::Subscribe(Subscribe {
+                    packet_id: 2,
+                    filters: vec![("a/+".into(), SubscriptionOptions::default())],
+                    properties: Properties {
+                        subscription_identifiers: vec![7],
+                        ..Properties::default()
+                    },
+                }),
+                v,
+            ),
+            now,
+        );
+        events(&mut s);
+        sent(&mut s, v);
+        let headers = bridge::props_to_headers(&Properties {
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+            ..Properties::default()
+        });
+        let mut d = delivery("a.b", 0, headers, now);
+        d.reply = Some("svc.reply".into());
+        s.deliver(&d);
+        s.deliver(&delivery("x", 0, None, now));
+        let got = publishes(&mut s);
+        assert_eq!(got[0].properties.subscription_identifiers, vec![7, 42]);
+        assert_eq!(
+            got[0].properties.user_properties,
+            vec![("k".to_string(), "v".to_string())]
+        );
+        assert_eq!(
+            got[0].properties.content_type.as_deref(),
+            Some("text/plain")
+        );
+        assert_eq!(
+            got[0].properties.response_topic.as_deref(),
+            Some("svc/reply")
+        );
+        assert_eq!(got[1].properties.subscription_identifiers, vec![42]);
+        assert_eq!(s.snapshot().sub_ids.len(), 2, "> and a.*");
+    }
+
+    #[test]
+    fn v5_subscription_identifiers_survive_in_stored_sessions() {
+        let v = Version::V5;
+        let now = Instant::now();
+        let stored = StoredSession {
+            client_id: "sid".into(),
+            version: 5,
+            subs: vec![StoredSub {
+                filter: "a.*".into(),
+                qos: 0,
+                share: None,
+            }],
+            expiry_secs: 60,
+            sub_ids: vec![("a.*".into(), 11)],
+            ..StoredSession::default()
+        };
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "sid", false, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = Some(60);
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(Some(stored));
+        events(&mut s);
+        sent(&mut s, v);
+        s.deliver(&delivery("a.b", 0, None, now));
+        assert_eq!(
+            publishes(&mut s)[0].properties.subscription_identifiers,
+            vec![11]
+        );
+        assert_eq!(s.snapshot().sub_ids, vec![("a.*".to_string(), 11)]);
+    }
+
+    #[test]
+    fn v5_response_information_when_requested() {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "a/b+", true, 10) else {
+            unreachable!()
+        };
+        c.properties.request_response_information = Some(1);
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::ConnAck(c)]
+                if c.properties.response_information.as_deref() == Some("frond/response/a_b_")
+        ));
+    }
+
+    #[test]
+    fn v5_request_problem_information_zero_hides_reason_strings() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties {
+            request_problem_information: Some(0),
+            request_response_information: Some(1),
+            ..Properties::default()
+        });
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "t", b"x"), v),
+            now,
+        );
+        events(&mut s);
+        s.publish_done(1, Err("stream full".into()));
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [Packet::PubAck(a)] if a.code == 0x80 && a.properties.reason_string.is_none()
+        ));
+    }
+
+    #[test]
+    fn v5_stored_message_expiry_uses_its_age() {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "p5", false, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = Some(60);
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        sent(&mut s, v);
+        let idx = s.follow("T", 0);
+        subscribe_all(&mut s, now, None);
+        let h = bridge::props_to_headers(&Properties {
+            message_expiry_interval: Some(10),
+            ..Properties::default()
+        });
+        s.deliver_stored_msg(idx, 1, "t", h.as_deref(), b"old", Duration::from_secs(11));
+        s.deliver_stored_msg(idx, 2, "t", h.as_deref(), b"new", Duration::from_secs(4));
+        match &publishes(&mut s)[..] {
+            [p] => {
+                assert_eq!(p.payload, b"new");
+                assert_eq!(p.properties.message_expiry_interval, Some(6));
+            }
+            other => panic!("expected one PUBLISH, got {other:?}"),
+        }
+        assert_eq!(s.expired, 1);
+        assert_eq!(s.stream_next(idx), Some(3));
     }
 }

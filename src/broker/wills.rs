@@ -78,6 +78,7 @@ impl StoredWill {
             qos: self.qos.min(2),
             retain: self.retain,
             delay: Duration::from_millis(wait_ms),
+            props: None,
         })
     }
 }
@@ -174,6 +175,7 @@ mod tests {
             qos: 1,
             retain: true,
             delay: Duration::from_millis(delay_ms),
+            props: None,
         }
     }
 

@@ -50,6 +50,7 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::net::TcpListener;
 use smol::Timer;
 
+use crate::broker::bridge;
 use crate::broker::persist::{unix_now, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
@@ -107,6 +108,7 @@ pub async fn serve(
         max_keep_alive: cfg.max_keep_alive,
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
+        max_queued: cfg.max_queued,
         max_session_expiry: cfg.max_session_expiry,
         auth: cfg.auth.clone(),
         max_subscriptions: cfg.max_subscriptions,
@@ -326,17 +328,35 @@ pub fn publish_will(
                 return;
             }
         }
-        broker.route(&will.subject, &will.payload, will.qos, will.retain);
+        let (headers, reply) = match &will.props {
+            Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
+            None => (None, None),
+        };
+        broker.route_mqtt(
+            &will.subject,
+            &will.payload,
+            will.qos,
+            will.retain,
+            headers.clone(),
+            reply,
+        );
         if let (true, Some(retained)) = (will.retain, retained) {
-            let (s, p, q) = (will.subject.clone(), will.payload.clone(), will.qos);
-            if let Err(e) = smol::unblock(move || retained.set(&s, &p, q)).await {
+            let (s, p, q, h) = (
+                will.subject.clone(),
+                will.payload.clone(),
+                will.qos,
+                headers.clone(),
+            );
+            let now_ms = unix_now_ms();
+            let set = move || retained.set_with(&s, &p, q, h.as_deref(), now_ms);
+            if let Err(e) = smol::unblock(set).await {
                 log::warn!("mqtt: retained will on {} not stored: {e}", will.subject);
             }
         }
         if let Some(stream) = broker.capture(&will.subject) {
             let msg = Message {
                 subject: will.subject.clone(),
-                headers: None,
+                headers,
                 payload: will.payload,
             };
             if let Err(e) = stream.publish(msg).await {
@@ -536,20 +556,31 @@ pub async fn connection<T: Transport>(
                     qos,
                     retain,
                     ack,
+                    props,
                 } => {
                     let subject = broker.map_subject(subject);
+                    // MQTT 5 properties travel as NATS headers ([`bridge`]);
+                    // a publish to a request inbox goes to its response topic.
+                    let (headers, reply) = match &props {
+                        Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
+                        None => (None, None),
+                    };
+                    let (subject, headers) =
+                        bridge::redirect_reply(&broker.replies, subject, headers);
                     broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    broker.route(&subject, &payload, qos, retain);
+                    broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
                     if retain {
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.
                         let store = retained.clone();
-                        let (s2, p2) = (subject.clone(), payload.clone());
-                        if let Err(e) = smol::unblock(move || store.set(&s2, &p2, qos)).await {
+                        let (s2, p2, h2) = (subject.clone(), payload.clone(), headers.clone());
+                        let now_ms = unix_now_ms();
+                        let set = move || store.set_with(&s2, &p2, qos, h2.as_deref(), now_ms);
+                        if let Err(e) = smol::unblock(set).await {
                             log::warn!("mqtt: retained message on {subject} not stored: {e}");
                             if let Some(id) = ack {
                                 acks.push_back(PendingAck::Ready(
@@ -565,7 +596,7 @@ pub async fn connection<T: Transport>(
                         Some(stream) => {
                             let msg = Message {
                                 subject,
-                                headers: None,
+                                headers,
                                 payload,
                             };
                             stream.submit(msg).await.map(Some)
@@ -608,6 +639,10 @@ pub async fn connection<T: Transport>(
                                     qos: m.qos.min(r.qos),
                                     retain: true,
                                     shared: false,
+                                    // Expiry counts from when it was set.
+                                    at: retained_at(m.stored_ms),
+                                    headers: m.headers,
+                                    reply: None,
                                 });
                             }
                         }
@@ -686,8 +721,22 @@ pub async fn connection<T: Transport>(
                         // Everything up to last_seq was deleted.
                         session.stream_skip_to(idx, st.last_seq.saturating_add(1));
                     }
+                    let now_ns = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
                     for m in msgs {
-                        session.deliver_stored(idx, m.seq, &m.subject, &m.payload);
+                        // The age decides MQTT message expiry.
+                        let age = now_ns.saturating_sub(u128::from(m.timestamp));
+                        let age =
+                            std::time::Duration::from_nanos(u64::try_from(age).unwrap_or(u64::MAX));
+                        session.deliver_stored_msg(
+                            idx,
+                            m.seq,
+                            &m.subject,
+                            m.headers.as_deref(),
+                            &m.payload,
+                            age,
+                        );
                     }
                     more = true;
                 }
@@ -837,6 +886,23 @@ pub async fn connection<T: Transport>(
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
+}
+
+/// Unix time in milliseconds.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The `Instant` a retained message set at `stored_ms` (unix ms) was set.
+fn retained_at(stored_ms: u64) -> Instant {
+    let now = Instant::now();
+    let age = std::time::Duration::from_millis(unix_now_ms().saturating_sub(stored_ms));
+    match stored_ms {
+        0 => now,
+        _ => now.checked_sub(age).unwrap_or(now),
+    }
 }
 
 fn ack_result(r: Result<crate::stream::PubAck, StreamError>) -> Result<(), String> {

@@ -199,6 +199,10 @@ async fn connection(
                     no_responders,
                 } => {
                     let subject = broker.map_subject(subject);
+                    // A reply to an MQTT 5 request goes to its response
+                    // topic, with its correlation data.
+                    let (subject, headers) =
+                        crate::broker::bridge::redirect_reply(&broker.replies, subject, headers);
                     let c = &broker.counters;
                     c.msgs_in.fetch_add(1, Ordering::Relaxed);
                     c.bytes_in
@@ -218,7 +222,10 @@ async fn connection(
                         headers,
                         payload,
                     });
-                    let receivers = broker.route_msg(Some(origin), msg.clone(), 0);
+                    // Captured messages are durable: MQTT subscribers get
+                    // them at QoS 1 (capped by their subscription's QoS).
+                    let qos = u8::from(stream.is_some());
+                    let receivers = broker.route_msg(Some(origin), msg.clone(), qos);
                     log::trace!("nats: conn {conn} PUB {} -> {receivers}", msg.subject);
                     if receivers == 0 && no_responders && acking.is_none() {
                         if let Some(r) = &msg.reply {

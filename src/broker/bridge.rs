@@ -1,0 +1,372 @@
+//! MQTT 5 message metadata <-> NATS headers and reply subjects.
+//!
+//! Owns: the mapping between an MQTT 5 PUBLISH's properties and the NATS
+//! header block stored and routed with the message, and the table of reply
+//! inboxes frond assigns to MQTT 5 requests. Pure functions plus one
+//! bounded table; no I/O.
+//!
+//! The mapping (one header per property; names are matched
+//! case-insensitively; values are text):
+//!
+//! | MQTT 5 property            | NATS header / field |
+//! | --- | --- |
+//! | user property `name=value` | header `name: value` (every pair, in order) |
+//! | content type               | `Content-Type` |
+//! | payload format indicator   | `Mqtt-Payload-Format` (`0` or `1`) |
+//! | message expiry interval    | `Mqtt-Expiry` (seconds, counted from when the message was routed or stored) |
+//! | response topic             | `Mqtt-Response-Topic` (the MQTT topic), and the NATS reply subject |
+//! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
+//!
+//! - A user property whose name is not a valid header name (empty, or
+//!   containing `:`, whitespace or control characters) or whose value has
+//!   CR/LF is not carried (logged at debug). Headers the store acts on
+//!   (`Nats-Msg-Id`, `Nats-TTL`, ...) may be set this way, with their
+//!   JetStream meaning.
+//! - NATS -> MQTT 5: every header other than the names above becomes a
+//!   user property; a reply subject becomes the Response Topic (mapped
+//!   to a topic) unless `Mqtt-Response-Topic` is present.
+//! - Request/reply: an MQTT 5 PUBLISH with a Response Topic and
+//!   Correlation Data reaches NATS subscribers with the reply subject
+//!   `_INBOX.frond.<n>`. frond remembers (response topic, correlation
+//!   data) under that inbox for [`REPLY_TTL`] (at most [`REPLY_TABLE_MAX`]
+//!   entries, oldest evicted); a message published to the inbox (by a
+//!   NATS service's `msg.respond`, or an MQTT client) is routed to the
+//!   response topic with `Mqtt-Correlation-Data` added. Without
+//!   Correlation Data the reply subject is the response topic's subject.
+//!   The `_INBOX.` prefix keeps requests' replies out of streams.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::subject::mqtt as topics;
+use crate::wire::mqtt::Properties;
+use crate::wire::nats::base64;
+use crate::wire::nats::headers::HeaderBlock;
+
+pub const CONTENT_TYPE: &str = "Content-Type";
+pub const PAYLOAD_FORMAT: &str = "Mqtt-Payload-Format";
+pub const EXPIRY: &str = "Mqtt-Expiry";
+pub const RESPONSE_TOPIC: &str = "Mqtt-Response-Topic";
+pub const CORRELATION_DATA: &str = "Mqtt-Correlation-Data";
+/// Reply subjects frond assigns to MQTT 5 requests start with this.
+pub const INBOX_PREFIX: &str = "_INBOX.frond.";
+/// How long a request's reply inbox is remembered.
+pub const REPLY_TTL: Duration = Duration::from_secs(120);
+/// Most reply inboxes remembered at once.
+pub const REPLY_TABLE_MAX: usize = 10_000;
+
+/// The NATS header block for an MQTT 5 PUBLISH's properties (`None`
+/// when nothing maps).
+pub fn props_to_headers(p: &Properties) -> Option<Vec<u8>> {
+    let mut h = HeaderBlock::new();
+    for (k, v) in &p.user_properties {
+        let bad_key = k.is_empty() || k.bytes().any(|b| b == b':' || b <= b' ' || b == 0x7f);
+        if bad_key || v.contains(['\r', '\n']) {
+            log::debug!("mqtt: user property {k:?} cannot be a NATS header; not carried");
+            continue;
+        }
+        h.push(k.clone(), v.clone());
+    }
+    if let Some(ct) = p
+        .content_type
+        .as_ref()
+        .filter(|c| !c.contains(['\r', '\n']))
+    {
+        h.push(CONTENT_TYPE, ct.clone());
+    }
+    if let Some(f) = p.payload_format_indicator {
+        h.push(PAYLOAD_FORMAT, f.to_string());
+    }
+    if let Some(e) = p.message_expiry_interval {
+        h.push(EXPIRY, e.to_string());
+    }
+    if let Some(rt) = p
+        .response_topic
+        .as_ref()
+        .filter(|t| !t.contains(['\r', '\n']))
+    {
+        h.push(RESPONSE_TOPIC, rt.clone());
+    }
+    if let Some(cd) = &p.correlation_data {
+        h.push(CORRELATION_DATA, base64::encode(cd));
+    }
+    if h.entries.is_empty() {
+        return None;
+    }
+    h.encode().ok()
+}
+
+/// The metadata an MQTT subscriber gets for a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// PUBLISH properties (message expiry as published, not yet reduced).
+    pub props: Properties,
+    /// `Mqtt-Expiry`: seconds the message lives after it was routed/stored.
+    pub expiry: Option<u32>,
+}
+
+/// MQTT metadata from a NATS header block and reply subject.
+pub fn headers_to_meta(headers: Option<&[u8]>, reply: Option<&str>) -> Meta {
+    let mut m = Meta::default();
+    if let Some(block) = headers {
+        match HeaderBlock::parse(block) {
+            Ok(h) => {
+                for (k, v) in h.entries {
+                    let is = |n: &str| k.eq_ignore_ascii_case(n);
+                    if is(CONTENT_TYPE) {
+                        m.props.content_type.get_or_insert(v);
+                    } else if is(PAYLOAD_FORMAT) {
+                        m.props.payload_format_indicator =
+                            m.props.payload_format_indicator.or(match v.trim() {
+                                "0" => Some(0),
+                                "1" => Some(1),
+                                _ => None,
+                            });
+                    } else if is(EXPIRY) {
+                        m.expiry = m.expiry.or(v.trim().parse().ok());
+                    } else if is(RESPONSE_TOPIC) {
+                        if crate::wire::mqtt::valid_topic_name(&v) {
+                            m.props.response_topic.get_or_insert(v);
+                        }
+                    } else if is(CORRELATION_DATA) {
+                        if m.props.correlation_data.is_none() {
+                            m.props.correlation_data = base64::decode(v.trim().as_bytes()).ok();
+                        }
+                    } else {
+                        m.props.user_properties.push((k, v));
+                    }
+                }
+            }
+            Err(e) => log::debug!("mqtt: unreadable header block not mapped: {e:?}"),
+        }
+    }
+    if m.props.response_topic.is_none() {
+        if let Some(r) = reply {
+            let t = topics::subject_to_topic(r);
+            if crate::wire::mqtt::valid_topic_name(&t) {
+                m.props.response_topic = Some(t);
+            }
+        }
+    }
+    m.props.message_expiry_interval = m.expiry;
+    m
+}
+
+/// Add `Mqtt-Correlation-Data` to a header block unless it has one.
+pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>> {
+    let mut h = match &headers {
+        Some(b) => match HeaderBlock::parse(b) {
+            Ok(h) => h,
+            Err(_) => return headers,
+        },
+        None => HeaderBlock::new(),
+    };
+    if h.get(CORRELATION_DATA).is_some() {
+        return headers;
+    }
+    h.push(CORRELATION_DATA, base64::encode(data));
+    h.encode().ok().or(headers)
+}
+
+/// The NATS form of an MQTT 5 PUBLISH's properties: the header block and
+/// the reply subject (an inbox from `replies` when it has Correlation Data).
+pub fn publish_meta(
+    replies: &Replies,
+    p: &Properties,
+    now: Instant,
+) -> (Option<Vec<u8>>, Option<String>) {
+    let headers = props_to_headers(p);
+    let reply = p.response_topic.as_ref().map(|t| {
+        let subject = topics::topic_to_subject(t);
+        match &p.correlation_data {
+            Some(cd) => replies.assign(subject, cd.clone(), now),
+            None => subject,
+        }
+    });
+    (headers, reply)
+}
+
+/// A publish to `subject` (from either protocol): when `subject` is a live
+/// request inbox, the response topic's subject and `headers` with the
+/// request's correlation data; otherwise both unchanged.
+/// Cheap for other subjects (a prefix check; no clock read, no lock).
+pub fn redirect_reply(
+    replies: &Replies,
+    subject: String,
+    headers: Option<Vec<u8>>,
+) -> (String, Option<Vec<u8>>) {
+    if !subject.starts_with(INBOX_PREFIX) {
+        return (subject, headers);
+    }
+    match replies.resolve(&subject, Instant::now()) {
+        Some((to, correlation)) => (to, with_correlation(headers, &correlation)),
+        None => (subject, headers),
+    }
+}
+
+struct Pending {
+    /// The NATS subject of the response topic.
+    subject: String,
+    correlation: Vec<u8>,
+    at: Instant,
+}
+
+/// Reply inboxes assigned to MQTT 5 requests (bounded by count and age).
+#[derive(Default)]
+pub struct Replies {
+    inner: Mutex<RepliesInner>,
+}
+
+#[derive(Default)]
+struct RepliesInner {
+    map: HashMap<String, Pending>,
+    order: VecDeque<String>,
+    next: u64,
+}
+
+impl Replies {
+    /// A fresh inbox whose replies go to `subject` with `correlation`.
+    pub fn assign(&self, subject: String, correlation: Vec<u8>, now: Instant) -> String {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.expire(now);
+        while t.map.len() >= REPLY_TABLE_MAX {
+            match t.order.pop_front() {
+                Some(old) => {
+                    t.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        t.next += 1;
+        let inbox = format!("{INBOX_PREFIX}{:x}{:08x}", t.next, fastrand::u32(..));
+        t.map.insert(
+            inbox.clone(),
+            Pending {
+                subject,
+                correlation,
+                at: now,
+            },
+        );
+        t.order.push_back(inbox.clone());
+        inbox
+    }
+
+    /// Where a message published to `subject` goes: `Some((response
+    /// subject, correlation data))` when `subject` is a live inbox.
+    pub fn resolve(&self, subject: &str, now: Instant) -> Option<(String, Vec<u8>)> {
+        if !subject.starts_with(INBOX_PREFIX) {
+            return None;
+        }
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.expire(now);
+        t.map
+            .get(subject)
+            .map(|p| (p.subject.clone(), p.correlation.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl RepliesInner {
+    fn expire(&mut self, now: Instant) {
+        while let Some(front) = self.order.front() {
+            let old = self
+                .map
+                .get(front)
+                .is_none_or(|p| now.saturating_duration_since(p.at) >= REPLY_TTL);
+            if !old {
+                break;
+            }
+            if let Some(k) = self.order.pop_front() {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_round_trip_through_headers() {
+        let p = Properties {
+            user_properties: vec![
+                ("site".into(), "north".into()),
+                ("bad key".into(), "x".into()),
+                ("site".into(), "second".into()),
+            ],
+            content_type: Some("application/json".into()),
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(30),
+            response_topic: Some("resp/me".into()),
+            correlation_data: Some(vec![0, 1, 255]),
+            ..Properties::default()
+        };
+        let h = props_to_headers(&p).unwrap();
+        let text = String::from_utf8(h.clone()).unwrap();
+        assert!(text.contains("site: north\r\n"));
+        assert!(text.contains("Content-Type: application/json\r\n"));
+        assert!(text.contains("Mqtt-Expiry: 30\r\n"));
+        assert!(!text.contains("bad key"));
+        let m = headers_to_meta(Some(&h), Some("ignored.reply"));
+        assert_eq!(m.expiry, Some(30));
+        assert_eq!(
+            m.props.user_properties,
+            vec![
+                ("site".to_string(), "north".to_string()),
+                ("site".to_string(), "second".to_string())
+            ]
+        );
+        assert_eq!(m.props.response_topic.as_deref(), Some("resp/me"));
+        assert_eq!(m.props.correlation_data, Some(vec![0, 1, 255]));
+        assert_eq!(m.props.payload_format_indicator, Some(1));
+        assert_eq!(props_to_headers(&Properties::default()), None);
+    }
+
+    #[test]
+    fn reply_subject_becomes_response_topic() {
+        let m = headers_to_meta(None, Some("_INBOX.abc.1"));
+        assert_eq!(m.props.response_topic.as_deref(), Some("_INBOX/abc/1"));
+        assert_eq!(headers_to_meta(Some(b"garbage"), None), Meta::default());
+    }
+
+    #[test]
+    fn correlation_added_once() {
+        let h = with_correlation(None, b"id-1").unwrap();
+        let m = headers_to_meta(Some(&h), None);
+        assert_eq!(m.props.correlation_data.as_deref(), Some(&b"id-1"[..]));
+        let again = with_correlation(Some(h.clone()), b"other").unwrap();
+        assert_eq!(again, h);
+    }
+
+    #[test]
+    fn replies_table_is_bounded_and_expires() {
+        let r = Replies::default();
+        let now = Instant::now();
+        let inbox = r.assign("resp.me".into(), b"c".to_vec(), now);
+        assert!(inbox.starts_with(INBOX_PREFIX));
+        assert_eq!(
+            r.resolve(&inbox, now),
+            Some(("resp.me".to_string(), b"c".to_vec()))
+        );
+        assert_eq!(r.resolve("_INBOX.frond.nope", now), None);
+        assert_eq!(r.resolve(&inbox, now + REPLY_TTL), None, "expired");
+        assert!(r.is_empty());
+        for i in 0..REPLY_TABLE_MAX + 5 {
+            r.assign(format!("s{i}"), Vec::new(), now);
+        }
+        assert_eq!(r.len(), REPLY_TABLE_MAX);
+    }
+}
