@@ -1,4 +1,5 @@
-//! The `frond` command line: `run`, `status`, `bench`.
+//! The `frond` command line: `run`, `status`, `bench`, `check-config`,
+//! `keygen`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ USAGE:
     frond bench mqtt [OPTIONS]      MQTT publish benchmark against any broker
     frond bench nats [OPTIONS]      NATS publish, fan-out, request/reply against any server
     frond check-config FILE         validate a configuration file and exit
+    frond keygen FILE               write a new random encryption key (64 hex digits,
+                                    mode 0600) for encryption_key_file; never overwrites
     frond --version | --help
 
 BENCH OPTIONS:
@@ -88,6 +91,15 @@ fn real_main() -> Result<ExitCode, String> {
                 .into();
             load(Some(&path))?;
             println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        "keygen" => {
+            let path: PathBuf = p
+                .value()
+                .map_err(|_| "keygen: give the key file to create".to_string())?
+                .into();
+            frond::store::crypt::generate_key_file(&path)?;
+            println!("{}: new key written (keep a copy: without it the encrypted streams cannot be read)", path.display());
             Ok(ExitCode::SUCCESS)
         }
         "status" => {

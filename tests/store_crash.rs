@@ -45,6 +45,8 @@ fn offline_cfg() -> StreamConfig {
         deny_delete: false,
         deny_purge: false,
         allow_msg_ttl: false,
+        key: None,
+        encrypt: false,
     }
 }
 

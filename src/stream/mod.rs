@@ -128,6 +128,10 @@ pub struct StreamConfig {
     pub deny_purge: bool,
     /// Accept `Nats-TTL` headers.
     pub allow_msg_ttl: bool,
+    /// Key for encrypted segments (the global `encryption_key_file`).
+    pub key: Option<crate::store::crypt::Key>,
+    /// Encrypt new records with `key`.
+    pub encrypt: bool,
 }
 
 /// A message to append.

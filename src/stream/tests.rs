@@ -25,6 +25,8 @@ fn cfg(sync: SyncPolicy) -> StreamConfig {
         deny_delete: false,
         deny_purge: false,
         allow_msg_ttl: false,
+        key: None,
+        encrypt: false,
     }
 }
 
