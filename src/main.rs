@@ -39,6 +39,11 @@ BENCH NATS OPTIONS:
     --reqs N           sequential requests (default 10000)
     --subscriptions N  also measure the server's RSS with N subscriptions
     --rss-pid PID      the server's process id (for --subscriptions)
+    --js               instead: JetStream publishes (reply inbox, PubAck awaited) of
+                       --msgs messages on bench.device.NNN, windowed; needs a stream
+                       capturing bench.> (nats-server JetStream or frond)
+    --window N         PubAcks awaited at once with --js (default 1000)
+    --js-subjects N    distinct subjects with --js (default 100)
 
 ENVIRONMENT:
     FROND_LOG          log level (error, warn, info, debug, trace); overrides config
@@ -140,6 +145,9 @@ fn real_main() -> Result<ExitCode, String> {
                         Long("reqs") => b.reqs = num(p.value())?,
                         Long("subscriptions") => b.subscriptions = num(p.value())?,
                         Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
+                        Long("js") => b.js = true,
+                        Long("window") => b.window = num(p.value())?,
+                        Long("js-subjects") => b.js_subjects = num(p.value())?,
                         other => return Err(format!("bench: {}", other.unexpected())),
                     }
                 }
