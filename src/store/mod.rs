@@ -405,6 +405,20 @@ pub struct Store {
     over_subjects: Vec<u32>,
     /// Segments to check for compaction.
     compact: BTreeSet<u64>,
+    /// Bumped by every removal of a live record and every rollback.
+    removals: u64,
+    upto_memo: std::cell::Cell<Option<UptoMemo>>,
+}
+
+/// Live records and bytes with `upto < seq <= scanned`, valid while
+/// `removals` is unchanged.
+#[derive(Debug, Clone, Copy)]
+struct UptoMemo {
+    upto: u64,
+    scanned: u64,
+    removals: u64,
+    msgs: u64,
+    bytes: u64,
 }
 
 fn io_err(e: io::Error) -> StreamError {
@@ -452,6 +466,8 @@ impl Store {
             rollups: Vec::new(),
             over_subjects: Vec::new(),
             compact: BTreeSet::new(),
+            removals: 0,
+            upto_memo: std::cell::Cell::new(None),
         };
         let report = st.recover(now)?;
         st.enforce_limits(now);
@@ -987,27 +1003,57 @@ impl Store {
     }
 
     /// The state as if nothing after `seq` had been appended yet.
+    ///
+    /// Called after every batch with the last durable sequence; with
+    /// `sync = "<interval>"` that can lag by many records, so the live
+    /// records after `seq` are counted incrementally (only the records
+    /// appended since the previous call), unless something was removed or
+    /// rolled back since ([`Store::removals`]).
     pub fn state_upto(&self, seq: u64) -> StreamState {
         let mut s = self.state();
         if seq >= self.last_seq {
             return s;
         }
+        let (mut msgs, mut bytes, from) = match self.upto_memo.get() {
+            Some(m)
+                if m.upto == seq && m.removals == self.removals && m.scanned <= self.last_seq =>
+            {
+                (m.msgs, m.bytes, m.scanned + 1)
+            }
+            _ => (0, 0, seq + 1),
+        };
         for seg in self.segs.iter().rev() {
-            if seg.end() <= seq + 1 {
+            if seg.end() <= from {
                 break;
             }
-            let from = (seq + 1).max(seg.base).max(self.first_seq);
-            for q in from..seg.end() {
+            let start = from.max(seg.base).max(self.first_seq);
+            for q in start..seg.end() {
                 let i = (q - seg.base) as usize;
                 if !seg.is_deleted(i) {
-                    s.msgs = s.msgs.saturating_sub(1);
-                    s.bytes = s.bytes.saturating_sub(seg.rec_size(i));
+                    msgs += 1;
+                    bytes += seg.rec_size(i);
                 }
             }
         }
+        self.upto_memo.set(Some(UptoMemo {
+            upto: seq,
+            scanned: self.last_seq,
+            removals: self.removals,
+            msgs,
+            bytes,
+        }));
+        s.msgs = s.msgs.saturating_sub(msgs);
+        s.bytes = s.bytes.saturating_sub(bytes);
         s.last_seq = seq;
         s.first_seq = s.first_seq.min(seq + 1);
         s
+    }
+
+    /// [`Store::state_upto`] without the memo (for tests).
+    #[cfg(test)]
+    pub(crate) fn state_upto_uncached(&self, seq: u64) -> StreamState {
+        self.upto_memo.set(None);
+        self.state_upto(seq)
     }
 
     /// Bytes used by the stream's files.
@@ -1495,6 +1541,7 @@ impl Store {
     /// file bytes. If the file operations fail they are retried before the
     /// next write, so half-written records never stay.
     pub fn rollback(&mut self, mark: Mark) {
+        self.removals += 1;
         // Per-record state first (subjects, TTLs), newest first.
         let mut q = self.last_seq;
         while q > mark.last_seq {
@@ -1734,6 +1781,7 @@ impl Store {
 
     /// Bookkeeping for removing live record `i` of segment `si`.
     fn unlink(&mut self, si: usize, i: usize) {
+        self.removals += 1;
         let seg = &mut self.segs[si];
         let seq = seg.base + i as u64;
         let sid = seg.sid(i);
