@@ -626,6 +626,12 @@ pub struct NatsBench {
     pub reqs: usize,
     pub subscriptions: usize,
     pub rss_pid: Option<u32>,
+    /// JetStream mode: only publish `msgs` messages with reply inboxes on
+    /// `js_subjects` subjects `bench.device.NNN`, at most `window` awaiting
+    /// their PubAck (works against nats-server JetStream and frond).
+    pub js: bool,
+    pub window: usize,
+    pub js_subjects: usize,
 }
 
 impl Default for NatsBench {
@@ -639,6 +645,9 @@ impl Default for NatsBench {
             reqs: 10_000,
             subscriptions: 0,
             rss_pid: None,
+            js: false,
+            window: 1000,
+            js_subjects: 100,
         }
     }
 }
@@ -750,6 +759,9 @@ fn encode_err(e: crate::wire::nats::EncodeError) -> String {
 impl NatsBench {
     /// Run every benchmark; one report line each.
     pub fn run(&self) -> Result<String, String> {
+        if self.js {
+            return self.js_publish();
+        }
         if self.pubs == 0 || self.subs == 0 || self.msgs == 0 || self.reqs == 0 {
             return Err("bench: --pubs, --subs, --msgs and --reqs must be at least 1".into());
         }
@@ -758,6 +770,60 @@ impl NatsBench {
             lines.push(self.subscription_memory()?);
         }
         Ok(lines.join("\n"))
+    }
+
+    /// JetStream publishes with PubAcks, windowed, on one connection.
+    fn js_publish(&self) -> Result<String, String> {
+        if self.msgs == 0 || self.window == 0 || self.js_subjects == 0 {
+            return Err("bench: --msgs, --window and --js-subjects must be at least 1".into());
+        }
+        let payload = vec![b'x'; self.size];
+        let subjects: Vec<String> = (0..self.js_subjects)
+            .map(|i| format!("bench.device.{i:03}"))
+            .collect();
+        let mut c = NatsConn::connect(&self.addr, "bench-js")?;
+        let inbox = format!("_INBOX.bench{}", std::process::id());
+        nc::subscribe(&format!("{inbox}.*"), None, 1, &mut c.out).map_err(encode_err)?;
+        c.round_trip()?;
+        let (mut sent, mut acked, mut errors) = (0usize, 0usize, 0usize);
+        let mut first_error = None;
+        let start = Instant::now();
+        while acked < self.msgs {
+            while sent < self.msgs && sent - acked < self.window {
+                let subject = &subjects[sent % subjects.len()];
+                let reply = format!("{inbox}.{sent}");
+                nc::publish(subject, Some(&reply), &payload, &mut c.out).map_err(encode_err)?;
+                sent += 1;
+                if c.out.len() >= 64 * 1024 {
+                    c.flush()?;
+                }
+            }
+            c.flush()?;
+            if let nc::ServerOp::Msg(m) = c.next_op()? {
+                acked += 1;
+                let body = String::from_utf8_lossy(&m.payload);
+                if body.contains("\"error\"") || !body.contains("\"seq\"") {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| body.into_owned());
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if let Some(e) = first_error {
+            return Err(format!(
+                "bench: {errors} of {} publishes refused, e.g. {e}",
+                self.msgs
+            ));
+        }
+        Ok(format!(
+            "js publish: {} msgs of {} bytes on {} subjects, window {}: {:.0} msgs/s, {:.3}s",
+            self.msgs,
+            self.size,
+            subjects.len(),
+            self.window,
+            self.msgs as f64 / secs,
+            secs
+        ))
     }
 
     fn publish(&self) -> Result<String, String> {

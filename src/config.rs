@@ -16,6 +16,10 @@
 //!   of what is left (at least 64 KiB each, or start-up is refused). Memory
 //!   streams do not count. The budget bounds message bytes as `max_bytes`
 //!   does; index, snapshot and tombstone files come on top (a few percent).
+//! - `encryption_key_file` (optional, top level) is read at validation: a
+//!   bad or missing key file is a configuration error. With it, every file
+//!   stream encrypts new records unless it sets `encrypt = false`;
+//!   `encrypt = true` without a key file is an error.
 //! - Sizes accept integers (bytes) or strings such as `"512MiB"`; durations
 //!   accept integers (seconds) or strings such as `"100ms"`, `"30s"`, `"7d"`.
 
@@ -28,6 +32,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::auth::{Auth, Permissions, Secret, User};
+use crate::store::crypt::Key;
 use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
 use crate::subject::mapping::{parse_weight, Mapping, Mappings};
@@ -238,6 +243,7 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_size")]
     max_storage: u64,
+    encryption_key_file: Option<PathBuf>,
     log: Option<String>,
     #[serde(default)]
     mqtt: RawMqtt,
@@ -473,6 +479,7 @@ struct RawStream {
     deny_purge: bool,
     #[serde(default)]
     allow_msg_ttl: bool,
+    encrypt: Option<bool>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -708,31 +715,25 @@ impl RawConfig {
         let http = HttpConfig {
             listen: non_empty(self.http.listen),
         };
+        let key = match &self.encryption_key_file {
+            None => None,
+            Some(p) => Some(
+                Key::from_file(p).map_err(|e| ConfigError(format!("encryption_key_file: {e}")))?,
+            ),
+        };
         let mut streams = Vec::new();
         if self.stream.is_empty() {
             streams.push(StreamConfig {
-                name: DEFAULT_STREAM.into(),
-                subjects: vec![">".into()],
-                storage: Storage::File,
-                sync: SyncPolicy::Always,
-                max_msgs: 0,
                 // With a budget, the catch-all stream gets all of it.
                 max_bytes: if self.max_storage > 0 { 0 } else { 1 << 30 },
-                max_age: Duration::ZERO,
-                max_msgs_per_subject: 0,
-                max_msg_size: 0,
-                discard: Discard::Old,
-                discard_new_per_subject: false,
                 duplicate_window: default_dup_window(),
-                retention: Retention::Limits,
-                allow_rollup: false,
-                deny_delete: false,
-                deny_purge: false,
-                allow_msg_ttl: false,
+                encrypt: key.is_some(),
+                key: key.clone(),
+                ..StreamConfig::new(DEFAULT_STREAM, &[">"])
             });
         }
         for (i, s) in self.stream.into_iter().enumerate() {
-            streams.push(s.validate(i)?);
+            streams.push(s.validate(i, key.as_ref())?);
         }
         for (i, a) in streams.iter().enumerate() {
             for b in &streams[..i] {
@@ -877,7 +878,7 @@ impl RawMqtt {
 }
 
 impl RawStream {
-    fn validate(self, i: usize) -> Result<StreamConfig, ConfigError> {
+    fn validate(self, i: usize, crypt_key: Option<&Key>) -> Result<StreamConfig, ConfigError> {
         let key = format!("stream[{i}] ({:?})", self.name);
         if self.name.is_empty()
             || self.name.len() > 64
@@ -910,6 +911,21 @@ impl RawStream {
                 "{key}.allow_rollup: a rollup purges, so it cannot be combined with deny_purge = true"
             ));
         }
+        let memory = matches!(self.storage, RawStorage::Memory);
+        let encrypt = match self.encrypt {
+            Some(true) if memory => {
+                return err(format!(
+                    "{key}.encrypt: a memory stream is never written to disk; remove encrypt"
+                ))
+            }
+            Some(true) if crypt_key.is_none() => {
+                return err(format!(
+                    "{key}.encrypt: needs the top-level encryption_key_file (create one with `frond keygen FILE`)"
+                ))
+            }
+            Some(e) => e,
+            None => crypt_key.is_some() && !memory,
+        };
         Ok(StreamConfig {
             name: self.name,
             subjects: self.subjects,
@@ -938,6 +954,8 @@ impl RawStream {
             deny_delete: self.deny_delete,
             deny_purge: self.deny_purge,
             allow_msg_ttl: self.allow_msg_ttl,
+            key: crypt_key.cloned(),
+            encrypt,
         })
     }
 }
@@ -1421,6 +1439,55 @@ subject_prefix = "fleet.truck-042."
         assert!(e.0.contains("allow_rollup"), "{e}");
         let e = Config::parse(&format!("{base}retention = \"forever\"\n")).unwrap_err();
         assert!(e.0.contains("forever"), "{e}");
+    }
+
+    #[test]
+    fn encryption_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let kf = d.path().join("frond.key");
+        crate::store::crypt::generate_key_file(&kf).unwrap();
+        let top = format!("encryption_key_file = {:?}\n", kf.to_str().unwrap());
+        let stream = |name: &str, extra: &str| {
+            format!("[[stream]]\nname = \"{name}\"\nsubjects = [\"{name}.>\"]\n{extra}")
+        };
+        // Global: every file stream encrypts unless it opts out.
+        let c = Config::parse(&format!(
+            "{top}{}{}{}",
+            stream("a", ""),
+            stream("b", "encrypt = false\n"),
+            stream("m", "storage = \"memory\"\n")
+        ))
+        .unwrap();
+        let enc: Vec<_> = c
+            .streams
+            .iter()
+            .map(|s| (s.encrypt, s.key.is_some()))
+            .collect();
+        assert_eq!(enc, [(true, true), (false, true), (false, true)]);
+        let c = Config::parse(&top).unwrap();
+        assert!(c.streams[0].encrypt, "the DEFAULT stream too");
+        // Without a key file nothing encrypts; asking for it is an error.
+        let c = Config::parse(&stream("a", "")).unwrap();
+        assert!(!c.streams[0].encrypt && c.streams[0].key.is_none());
+        let e = Config::parse(&stream("a", "encrypt = true\n")).unwrap_err();
+        assert!(
+            e.0.contains("encrypt") && e.0.contains("encryption_key_file"),
+            "{e}"
+        );
+        let e = Config::parse(&format!(
+            "{top}{}",
+            stream("m", "storage = \"memory\"\nencrypt = true\n")
+        ))
+        .unwrap_err();
+        assert!(e.0.contains("memory"), "{e}");
+        let e = Config::parse("encryption_key_file = \"/nonexistent/k\"\n").unwrap_err();
+        assert!(
+            e.0.contains("encryption_key_file") && e.0.contains("/nonexistent/k"),
+            "{e}"
+        );
+        std::fs::write(&kf, "not a key").unwrap();
+        let e = Config::parse(&top).unwrap_err();
+        assert!(e.0.contains("64 hex digits"), "{e}");
     }
 
     #[test]

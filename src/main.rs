@@ -1,4 +1,5 @@
-//! The `frond` command line: `run`, `status`, `bench`.
+//! The `frond` command line: `run`, `status`, `bench`, `check-config`,
+//! `keygen`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ USAGE:
     frond bench mqtt [OPTIONS]      MQTT publish, fan-out, latency, idle-RSS benchmarks
     frond bench nats [OPTIONS]      NATS publish, fan-out, request/reply against any server
     frond check-config FILE         validate a configuration file and exit
+    frond keygen FILE               write a new random encryption key (64 hex digits,
+                                    mode 0600) for encryption_key_file; never overwrites
     frond --version | --help
 
 BENCH OPTIONS:
@@ -41,6 +44,11 @@ BENCH NATS OPTIONS:
     --reqs N           sequential requests (default 10000)
     --subscriptions N  also measure the server's RSS with N subscriptions
     --rss-pid PID      the server's process id (for --subscriptions)
+    --js               instead: JetStream publishes (reply inbox, PubAck awaited) of
+                       --msgs messages on bench.device.NNN, windowed; needs a stream
+                       capturing bench.> (nats-server JetStream or frond)
+    --window N         PubAcks awaited at once with --js (default 1000)
+    --js-subjects N    distinct subjects with --js (default 100)
 
 ENVIRONMENT:
     FROND_LOG          log level (error, warn, info, debug, trace); overrides config
@@ -95,6 +103,15 @@ fn real_main() -> Result<ExitCode, String> {
             println!("{}: ok", path.display());
             Ok(ExitCode::SUCCESS)
         }
+        "keygen" => {
+            let path: PathBuf = p
+                .value()
+                .map_err(|_| "keygen: give the key file to create".to_string())?
+                .into();
+            frond::store::crypt::generate_key_file(&path)?;
+            println!("{}: new key written (keep a copy: without it the encrypted streams cannot be read)", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
         "status" => {
             let mut config: Option<PathBuf> = None;
             let mut http: Option<String> = None;
@@ -133,6 +150,9 @@ fn real_main() -> Result<ExitCode, String> {
                         Long("reqs") => b.reqs = num(p.value())?,
                         Long("subscriptions") => b.subscriptions = num(p.value())?,
                         Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
+                        Long("js") => b.js = true,
+                        Long("window") => b.window = num(p.value())?,
+                        Long("js-subjects") => b.js_subjects = num(p.value())?,
                         other => return Err(format!("bench: {}", other.unexpected())),
                     }
                 }

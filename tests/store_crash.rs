@@ -21,31 +21,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
-use frond::stream::{self, Discard, Retention, Storage, StreamConfig, SyncPolicy};
+use frond::stream::{self, StreamConfig};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 
 /// The configuration the offline reader opens the stream with: no limits,
 /// so opening it removes nothing.
 fn offline_cfg() -> StreamConfig {
-    StreamConfig {
-        name: "TELEMETRY".into(),
-        subjects: vec!["telemetry.>".into()],
-        storage: Storage::File,
-        sync: SyncPolicy::Always,
-        max_msgs: 0,
-        max_bytes: 0,
-        max_age: Duration::ZERO,
-        max_msgs_per_subject: 0,
-        max_msg_size: 0,
-        discard: Discard::Old,
-        discard_new_per_subject: false,
-        duplicate_window: Duration::from_secs(120),
-        retention: Retention::Limits,
-        allow_rollup: false,
-        deny_delete: false,
-        deny_purge: false,
-        allow_msg_ttl: false,
-    }
+    StreamConfig::new("TELEMETRY", &["telemetry.>"])
 }
 
 /// Parses frond's start-up recovery warning for the stream, if any:
@@ -74,7 +56,30 @@ fn lost_records_in(log: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loop_keeps_every_acknowledged_message() {
+    sigkill_loop(false).await;
+}
+
+/// The same with the stream encrypted at rest (`encryption_key_file`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loop_keeps_every_acknowledged_message_encrypted() {
+    sigkill_loop(true).await;
+}
+
+async fn sigkill_loop(encrypted: bool) {
     let mut frond = Frond::start_new(FrondSpec::default()).await;
+    let mut cfg = offline_cfg();
+    if encrypted {
+        // The key is a top-level setting: restart with it prepended.
+        frond.terminate();
+        let key = frond.config_path().with_file_name("stream.key");
+        frond::store::crypt::generate_key_file(&key).unwrap();
+        let text = std::fs::read_to_string(frond.config_path()).unwrap();
+        let text = format!("encryption_key_file = {:?}\n{text}", key.to_str().unwrap());
+        std::fs::write(frond.config_path(), text).unwrap();
+        frond.start().await;
+        cfg.key = Some(frond::store::crypt::Key::from_file(&key).unwrap());
+        cfg.encrypt = true;
+    }
 
     let devices = 4;
     let per_device = 2500;
@@ -118,7 +123,13 @@ async fn sigkill_loop_keeps_every_acknowledged_message() {
     );
 
     // Read the stream offline.
-    let (h, report) = stream::open(&frond.stream_dir("TELEMETRY"), offline_cfg())
+    if encrypted {
+        for seg in frond.segments("TELEMETRY") {
+            let head = std::fs::read(&seg).unwrap();
+            assert_eq!(head.get(..8), Some(&b"FRNDSEGE"[..]), "{}", seg.display());
+        }
+    }
+    let (h, report) = stream::open(&frond.stream_dir("TELEMETRY"), cfg)
         .expect("open the stream offline after a clean stop");
     assert_eq!(report.lost_records, 0, "offline open: {report:?}");
     assert_eq!(report.truncated_bytes, 0, "clean stop leaves no torn tail");

@@ -1456,28 +1456,13 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{Message, StreamConfig, SyncPolicy};
+    use crate::stream::{Message, StreamConfig};
     use smol::block_on;
 
     fn scfg(name: &str, subject: &str, retention: Retention) -> StreamConfig {
         StreamConfig {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            storage: Storage::File,
-            sync: SyncPolicy::Always,
-            max_msgs: 0,
-            max_bytes: 0,
-            max_age: Duration::ZERO,
-            max_msgs_per_subject: 0,
-            max_msg_size: 0,
-            discard: Discard::Old,
-            discard_new_per_subject: false,
-            duplicate_window: Duration::from_secs(120),
             retention,
-            allow_rollup: false,
-            deny_delete: false,
-            deny_purge: false,
-            allow_msg_ttl: false,
+            ..StreamConfig::new(name, &[subject])
         }
     }
 

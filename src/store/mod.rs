@@ -32,6 +32,7 @@
 //!   after the batch committed, in [`Store::enforce_limits`].
 
 pub mod backend;
+pub mod crypt;
 pub mod index;
 pub mod record;
 pub mod subjects;
@@ -47,8 +48,9 @@ use crate::stream::{
     Discard, Message, PubAck, PurgeRequest, RecoveryReport, Retention, StoredMessage, StreamConfig,
     StreamError, StreamInfo, StreamState,
 };
+use crypt::Key;
 use index::{SegIndex, Slot};
-use record::{RecordRef, SegHeader, SEG_HEADER_LEN};
+use record::{RecordRef, SealInfo, SegHeader, SEG_HEADER_LEN};
 use subjects::SubjectTable;
 
 /// Default segment size.
@@ -64,6 +66,8 @@ const META_LEN: usize = 28;
 /// A sealed segment is compacted when live records use at most
 /// 1/COMPACT_RATIO of its record bytes.
 const COMPACT_RATIO: u64 = 4;
+/// Magic of an encrypted index snapshot.
+const IDX_SEALED_MAGIC: &[u8; 8] = b"FRNDIDXE";
 
 /// The store's view of a stream configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +93,10 @@ pub struct StoreOptions {
     /// A new segment starts when the next record would make the current
     /// one larger than this (a single bigger record gets its own segment).
     pub segment_size: u64,
+    /// The stream key: needed to read encrypted segments.
+    pub key: Option<Key>,
+    /// New segments are encrypted with `key` (which must be set).
+    pub encrypt: bool,
 }
 
 impl Default for StoreOptions {
@@ -109,6 +117,8 @@ impl Default for StoreOptions {
             deny_purge: false,
             allow_msg_ttl: false,
             segment_size: DEFAULT_SEGMENT_SIZE,
+            key: None,
+            encrypt: false,
         }
     }
 }
@@ -136,6 +146,8 @@ impl StoreOptions {
             deny_purge: cfg.deny_purge,
             allow_msg_ttl: cfg.allow_msg_ttl,
             segment_size,
+            key: cfg.key.clone(),
+            encrypt: cfg.encrypt && cfg.key.is_some(),
         }
     }
 }
@@ -167,15 +179,22 @@ struct Segment {
     indexed: bool,
     /// The `.del` file exists.
     has_tombs: bool,
+    /// Salt and key check of an encrypted segment.
+    seal: Option<SealInfo>,
+    /// Never append again (an encrypted segment that was truncated or
+    /// reopened: its next offsets may have been used for other bytes).
+    no_append: bool,
 }
 
 impl Segment {
-    fn new(base: u64, base_ts: u64) -> Segment {
+    fn new(base: u64, base_ts: u64, seal: Option<SealInfo>) -> Segment {
         Segment {
             base,
             base_ts,
             last_ts: base_ts,
-            len: SEG_HEADER_LEN as u64,
+            len: record::header_len(seal.is_some()) as u64,
+            seal,
+            no_append: false,
             flushed: 0,
             created: false,
             offsets: Vec::new(),
@@ -189,6 +208,10 @@ impl Segment {
 
     fn end(&self) -> u64 {
         self.base + self.offsets.len() as u64
+    }
+
+    fn header_len(&self) -> u64 {
+        record::header_len(self.seal.is_some()) as u64
     }
 
     fn offset(&self, i: usize) -> u64 {
@@ -218,6 +241,15 @@ impl Segment {
 
     fn sid(&self, i: usize) -> u32 {
         self.sids.get(i).copied().unwrap_or(u32::MAX)
+    }
+}
+
+/// The key and salt to decode segment `seg`'s records with (`None`: plain,
+/// or encrypted without a key, which open refuses).
+fn sealing<'a>(key: &'a Option<Key>, seg: &'a Segment) -> record::Sealing<'a> {
+    match (key, &seg.seal) {
+        (Some(k), Some(si)) => Some((k, &si.salt)),
+        _ => None,
     }
 }
 
@@ -373,6 +405,20 @@ pub struct Store {
     over_subjects: Vec<u32>,
     /// Segments to check for compaction.
     compact: BTreeSet<u64>,
+    /// Bumped by every removal of a live record and every rollback.
+    removals: u64,
+    upto_memo: std::cell::Cell<Option<UptoMemo>>,
+}
+
+/// Live records and bytes with `upto < seq <= scanned`, valid while
+/// `removals` is unchanged.
+#[derive(Debug, Clone, Copy)]
+struct UptoMemo {
+    upto: u64,
+    scanned: u64,
+    removals: u64,
+    msgs: u64,
+    bytes: u64,
 }
 
 fn io_err(e: io::Error) -> StreamError {
@@ -382,6 +428,7 @@ fn io_err(e: io::Error) -> StreamError {
 /// What recovery collected from one segment (index or scan).
 struct Loaded {
     ix: SegIndex,
+    seal: Option<SealInfo>,
     indexed: bool,
     tombs: Vec<u32>,
 }
@@ -419,6 +466,8 @@ impl Store {
             rollups: Vec::new(),
             over_subjects: Vec::new(),
             compact: BTreeSet::new(),
+            removals: 0,
+            upto_memo: std::cell::Cell::new(None),
         };
         let report = st.recover(now)?;
         st.enforce_limits(now);
@@ -435,19 +484,34 @@ impl Store {
     }
 
     /// Uses `<base>.idx` if it matches the segment file exactly.
-    fn try_index(&mut self, base: u64, len: u64, prev_end: u64) -> io::Result<Option<SegIndex>> {
-        let Some(ix) = index::decode_index(&self.read_file(&index_name(base))?) else {
+    fn try_index(
+        &mut self,
+        base: u64,
+        len: u64,
+        prev_end: u64,
+    ) -> io::Result<Option<(SegIndex, SegHeader)>> {
+        let raw = self.read_file(&index_name(base))?;
+        let plain = if raw.starts_with(IDX_SEALED_MAGIC) {
+            match &self.opts.key {
+                Some(k) => k.open_blob(IDX_SEALED_MAGIC, &raw),
+                None => None,
+            }
+        } else {
+            Some(raw)
+        };
+        let Some(ix) = plain.and_then(|p| index::decode_index(&p)) else {
             return Ok(None);
         };
         if ix.base != base || ix.len != len || base < prev_end || len < SEG_HEADER_LEN as u64 {
             return Ok(None);
         }
-        let mut h = [0u8; SEG_HEADER_LEN];
+        let mut h = vec![0u8; (len as usize).min(record::SEALED_HEADER_LEN)];
         self.backend.read_at(&segment_name(base), 0, &mut h)?;
-        match record::decode_header(&h) {
-            Ok(hd) if hd.base_seq == base && hd.base_ts == ix.base_ts => {}
+        let hd = match record::decode_header(&h) {
+            Ok(hd) if hd.base_seq == base && hd.base_ts == ix.base_ts => hd,
             _ => return Ok(None),
-        }
+        };
+        self.check_seal(&segment_name(base), &hd.seal)?;
         let total: u64 = ix
             .slots
             .iter()
@@ -455,26 +519,103 @@ impl Store {
                 Slot::Live { size, .. } | Slot::Dead { size } => u64::from(size),
             })
             .sum();
-        if SEG_HEADER_LEN as u64 + total != len {
+        if hd.header_len() as u64 + total != len {
             return Ok(None);
         }
         let last = ix.slots.iter().rev().find_map(|s| match *s {
             Slot::Live { size, .. } | Slot::Dead { size } => (size > 0).then_some(size),
         });
         if let Some(size) = last {
-            let mut p = [0u8; record::PREFIX_LEN];
-            self.backend
-                .read_at(&segment_name(base), len - u64::from(size), &mut p)?;
-            let body = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-            let crc = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
-            if u64::from(body) + record::PREFIX_LEN as u64 != u64::from(size) || crc != ix.last_crc
-            {
+            let size = u64::from(size);
+            let (total, check) = self.record_check(base, hd.seal.is_some(), len - size, size)?;
+            if total != size || check != ix.last_crc {
                 return Ok(None);
             }
         } else if ix.last_crc != 0 {
             return Ok(None);
         }
-        Ok(Some(ix))
+        Ok(Some((ix, hd)))
+    }
+
+    /// Length (from its length field) and check word (plain: the crc;
+    /// encrypted: the last 4 bytes of the tag) of the record of `size`
+    /// bytes at `off` in segment `base`.
+    fn record_check(
+        &mut self,
+        base: u64,
+        sealed: bool,
+        off: u64,
+        size: u64,
+    ) -> io::Result<(u64, u32)> {
+        let name = segment_name(base);
+        if !sealed {
+            let mut p = [0u8; record::PREFIX_LEN];
+            self.backend.read_at(&name, off, &mut p)?;
+            let body = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            let crc = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+            return Ok((u64::from(body) + record::PREFIX_LEN as u64, crc));
+        }
+        if size < 4 {
+            return Ok((0, 0));
+        }
+        let mut p = vec![0u8; size.min(5) as usize];
+        self.backend.read_at(&name, off, &mut p)?;
+        let total = record::peek_len_sealed(&p).map_or(0, |(_, t)| t as u64);
+        let mut t = [0u8; 4];
+        self.backend.read_at(&name, off + size - 4, &mut t)?;
+        Ok((total, u32::from_le_bytes(t)))
+    }
+
+    /// Refuses an encrypted segment the configured key did not write:
+    /// reading on would find every record "corrupt" and cut them.
+    fn check_seal(&self, name: &str, seal: &Option<SealInfo>) -> io::Result<()> {
+        let Some(si) = seal else {
+            return Ok(());
+        };
+        let stream = &self.opts.stream_name;
+        match &self.opts.key {
+            None => Err(io::Error::other(format!(
+                "stream {stream}: segment {name} is encrypted but no encryption_key_file is \
+                 configured; configure the key file the stream was written with"
+            ))),
+            Some(k) if k.check_value(&si.salt) != si.check => Err(io::Error::other(format!(
+                "stream {stream}: the key in {} is not the key segment {name} was encrypted \
+                 with; configure the right encryption_key_file (nothing was changed on disk)",
+                k.source()
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Checks the stream's key check file against the configured key.
+    /// `Ok(true)`: a stream that encrypts and has no (valid) file; write one
+    /// once the segments were accepted.
+    fn check_keycheck(&mut self, file: Option<Vec<u8>>) -> io::Result<bool> {
+        let Some(key) = self.opts.key.clone() else {
+            return Ok(false);
+        };
+        let stream = &self.opts.stream_name;
+        match file.as_deref().map(|b| key.matches_keycheck(b)) {
+            Some(Some(true)) => Ok(false),
+            Some(Some(false)) if self.opts.encrypt => Err(io::Error::other(format!(
+                "stream {stream}: the key in {} is not the key this stream was encrypted with \
+                 (its {} file says so); configure the right encryption_key_file, or delete that \
+                 file if the stream holds no encrypted data any more",
+                key.source(),
+                crypt::KEYCHECK_NAME
+            ))),
+            Some(Some(false)) => Ok(false),
+            _ if self.opts.encrypt => {
+                if file.is_some() {
+                    log::warn!(
+                        "stream {stream}: {} file damaged; rewriting it",
+                        crypt::KEYCHECK_NAME
+                    );
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn recover(&mut self, now: u64) -> io::Result<RecoveryReport> {
@@ -483,6 +624,7 @@ impl Store {
         let mut idx_files = BTreeSet::new();
         let mut del_files = BTreeSet::new();
         let mut meta = None;
+        let mut keycheck = None;
         for name in self.backend.list()? {
             match parse_name(&name) {
                 Some((base, "seg")) => bases.push(base),
@@ -499,11 +641,24 @@ impl Store {
                         log::warn!("stream meta file is damaged; ignoring it (sequences are recovered from the segments)");
                     }
                 }
+                _ if name == crypt::KEYCHECK_NAME => keycheck = Some(self.read_file(&name)?),
                 _ if name.ends_with(".tmp") => self.backend.remove(&name)?,
                 _ => {}
             }
         }
+        let write_keycheck = self.check_keycheck(keycheck)?;
         bases.sort_unstable();
+        // Every encrypted segment's key check first: a wrong key must not
+        // get as far as cutting "corrupt" records anywhere.
+        for &base in &bases {
+            let name = segment_name(base);
+            let len = self.backend.len(&name)?;
+            let mut h = vec![0u8; len.min(record::SEALED_HEADER_LEN as u64) as usize];
+            self.backend.read_at(&name, 0, &mut h)?;
+            if let Ok(hd) = record::decode_header(&h) {
+                self.check_seal(&name, &hd.seal)?;
+            }
+        }
         let mut loaded: Vec<Loaded> = Vec::new();
         for (k, &base) in bases.iter().enumerate() {
             let name = segment_name(base);
@@ -526,11 +681,11 @@ impl Store {
                 }
             }
             let indexed = ix.is_some() && !is_last;
-            let ix = match ix {
+            let (ix, header) = match ix {
                 Some(ix) => ix,
                 None => {
                     let buf = self.read_file(&name)?;
-                    match self.scan(&name, base, &buf, prev_end, next_base, &mut report)? {
+                    match self.scan(&name, base, buf, prev_end, next_base, &mut report)? {
                         Some(ix) => ix,
                         None => continue,
                     }
@@ -550,7 +705,12 @@ impl Store {
             } else {
                 Vec::new()
             };
-            loaded.push(Loaded { ix, indexed, tombs });
+            loaded.push(Loaded {
+                ix,
+                seal: header.seal,
+                indexed,
+                tombs,
+            });
         }
         // Orphan snapshots and tombstones (their segment is gone).
         for base in idx_files.iter().chain(del_files.iter()) {
@@ -574,6 +734,15 @@ impl Store {
             self.install(l, cutoff);
         }
         report.records = self.msgs;
+        if let (true, Some(k)) = (write_keycheck, &self.opts.key) {
+            let b = k.keycheck()?;
+            self.backend.write_atomic(crypt::KEYCHECK_NAME, &b)?;
+        }
+        if let Some(seg) = self.segs.back_mut() {
+            // Its tail may have held other bytes before a crash (a torn or
+            // lost write): never encrypt new records at those offsets.
+            seg.no_append = seg.seal.is_some();
+        }
         self.advance_first();
         self.drop_dead_segments();
         for id in self.subjects.iter().map(|(id, _)| id).collect::<Vec<_>>() {
@@ -588,13 +757,13 @@ impl Store {
         &mut self,
         name: &str,
         base: u64,
-        buf: &[u8],
+        mut buf: Vec<u8>,
         prev_end: u64,
         next_base: Option<u64>,
         report: &mut RecoveryReport,
-    ) -> io::Result<Option<SegIndex>> {
+    ) -> io::Result<Option<(SegIndex, SegHeader)>> {
         let len = buf.len() as u64;
-        let header = record::decode_header(buf)
+        let header = record::decode_header(&buf)
             .ok()
             .filter(|h| h.base_seq == base && base >= prev_end);
         let Some(h) = header else {
@@ -612,12 +781,18 @@ impl Store {
             last_ts: h.base_ts,
             ..SegIndex::default()
         };
+        self.check_seal(name, &h.seal)?;
+        let key = self.opts.key.clone();
+        let seal = match (&key, &h.seal) {
+            (Some(k), Some(si)) => Some((k, &si.salt)),
+            _ => None,
+        };
         let mut local: HashMap<String, u32> = HashMap::new();
-        let mut pos = SEG_HEADER_LEN;
+        let mut pos = h.header_len();
         let mut cut = None;
         while pos < buf.len() {
             let expect = base + ix.slots.len() as u64;
-            match record::decode(&buf[pos..], base, h.base_ts) {
+            match record::decode_any(&mut buf[pos..], base, h.base_ts, seal, pos as u64) {
                 Ok((rec, n)) if rec.seq >= expect && u32::try_from(pos + n).is_ok() => {
                     // A gap: slots removed by compaction.
                     let gap = usize::try_from(rec.seq - expect).unwrap_or(usize::MAX);
@@ -636,12 +811,6 @@ impl Store {
                         subject,
                     });
                     ix.last_ts = ix.last_ts.max(rec.timestamp);
-                    ix.last_crc = u32::from_le_bytes([
-                        buf[pos + 4],
-                        buf[pos + 5],
-                        buf[pos + 6],
-                        buf[pos + 7],
-                    ]);
                     if let Some(h) = rec.headers {
                         if let Some(exp) = ttl_expiry(Some(h), rec.timestamp) {
                             ix.ttls.push((slot, exp));
@@ -650,6 +819,11 @@ impl Store {
                             ix.msg_ids.push((slot, rec.timestamp, id.to_string()));
                         }
                     }
+                    // Plain: the crc; encrypted: the tag's last 4 bytes.
+                    let w = if seal.is_some() { pos + n - 4 } else { pos + 4 };
+                    ix.last_crc = buf
+                        .get(w..w + 4)
+                        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                     pos += n;
                 }
                 Ok(_) => {
@@ -691,13 +865,13 @@ impl Store {
             self.backend.truncate(name, pos as u64)?;
             self.backend.sync(name)?;
         }
-        Ok(Some(ix))
+        Ok(Some((ix, h)))
     }
 
     /// Turns a loaded segment into memory state (first/last seq known).
     fn install(&mut self, l: Loaded, dedup_cutoff: u64) {
         let ix = l.ix;
-        let mut seg = Segment::new(ix.base, ix.base_ts);
+        let mut seg = Segment::new(ix.base, ix.base_ts, l.seal);
         seg.last_ts = ix.last_ts;
         seg.len = ix.len;
         seg.flushed = ix.len;
@@ -706,7 +880,7 @@ impl Store {
         seg.has_tombs = !l.tombs.is_empty();
         seg.offsets.reserve_exact(ix.slots.len());
         seg.sids.reserve_exact(ix.slots.len());
-        let mut off = SEG_HEADER_LEN as u64;
+        let mut off = seg.header_len();
         let mut dead = Vec::new();
         for (i, s) in ix.slots.iter().enumerate() {
             seg.offsets.push(off as u32);
@@ -829,27 +1003,57 @@ impl Store {
     }
 
     /// The state as if nothing after `seq` had been appended yet.
+    ///
+    /// Called after every batch with the last durable sequence; with
+    /// `sync = "<interval>"` that can lag by many records, so the live
+    /// records after `seq` are counted incrementally (only the records
+    /// appended since the previous call), unless something was removed or
+    /// rolled back since ([`Store::removals`]).
     pub fn state_upto(&self, seq: u64) -> StreamState {
         let mut s = self.state();
         if seq >= self.last_seq {
             return s;
         }
+        let (mut msgs, mut bytes, from) = match self.upto_memo.get() {
+            Some(m)
+                if m.upto == seq && m.removals == self.removals && m.scanned <= self.last_seq =>
+            {
+                (m.msgs, m.bytes, m.scanned + 1)
+            }
+            _ => (0, 0, seq + 1),
+        };
         for seg in self.segs.iter().rev() {
-            if seg.end() <= seq + 1 {
+            if seg.end() <= from {
                 break;
             }
-            let from = (seq + 1).max(seg.base).max(self.first_seq);
-            for q in from..seg.end() {
+            let start = from.max(seg.base).max(self.first_seq);
+            for q in start..seg.end() {
                 let i = (q - seg.base) as usize;
                 if !seg.is_deleted(i) {
-                    s.msgs = s.msgs.saturating_sub(1);
-                    s.bytes = s.bytes.saturating_sub(seg.rec_size(i));
+                    msgs += 1;
+                    bytes += seg.rec_size(i);
                 }
             }
         }
+        self.upto_memo.set(Some(UptoMemo {
+            upto: seq,
+            scanned: self.last_seq,
+            removals: self.removals,
+            msgs,
+            bytes,
+        }));
+        s.msgs = s.msgs.saturating_sub(msgs);
+        s.bytes = s.bytes.saturating_sub(bytes);
         s.last_seq = seq;
         s.first_seq = s.first_seq.min(seq + 1);
         s
+    }
+
+    /// [`Store::state_upto`] without the memo (for tests).
+    #[cfg(test)]
+    pub(crate) fn state_upto_uncached(&self, seq: u64) -> StreamState {
+        self.upto_memo.set(None);
+        self.state_upto(seq)
     }
 
     /// Bytes used by the stream's files.
@@ -986,8 +1190,10 @@ impl Store {
         };
         let seq = self.last_seq + 1;
         let ts = now.max(self.last_ts);
+        let encrypt = self.opts.encrypt && self.opts.key.is_some();
         let rec_len = |base: u64, base_ts: u64| {
-            record::encoded_len(
+            record::record_len(
+                encrypt,
                 seq - base,
                 ts - base_ts,
                 msg.subject.len(),
@@ -998,7 +1204,9 @@ impl Store {
         let in_active = self.segs.back().and_then(|s| {
             let len = rec_len(s.base, s.base_ts);
             let fits = s.offsets.is_empty() || s.len + len <= self.opts.segment_size;
-            (s.end() == seq && fits && s.len + len <= u64::from(u32::MAX)).then_some(len)
+            let same_kind = s.seal.is_some() == encrypt && !s.no_append;
+            (s.end() == seq && fits && same_kind && s.len + len <= u64::from(u32::MAX))
+                .then_some(len)
         });
         let (roll, len) = match in_active {
             Some(len) => (false, len),
@@ -1055,21 +1263,27 @@ impl Store {
                     }
                 }
             }
+            let seal = self.new_seal().map_err(io_err)?;
             record::encode_header(
                 SegHeader {
                     base_seq: seq,
                     base_ts: ts,
+                    seal,
                 },
                 &mut self.wbuf,
             );
-            self.segs.push_back(Segment::new(seq, ts));
+            self.segs.push_back(Segment::new(seq, ts, seal));
         }
         let sid = self.subjects.add(&msg.subject, seq);
         let Some(seg) = self.segs.back_mut() else {
             return Err(StreamError::Io(io::Error::other("no active segment")));
         };
         let offset = seg.len as u32;
-        record::encode_into(
+        let seal = match (&self.opts.key, &seg.seal) {
+            (Some(k), Some(si)) => Some((k, &si.salt)),
+            _ => None,
+        };
+        record::encode_any(
             &mut self.wbuf,
             seg.base,
             seg.base_ts,
@@ -1080,6 +1294,8 @@ impl Store {
                 headers: msg.headers.as_deref(),
                 payload: &msg.payload,
             },
+            seal,
+            offset,
         );
         seg.offsets.push(offset);
         seg.sids.push(sid);
@@ -1112,6 +1328,29 @@ impl Store {
             seq,
             duplicate: false,
         })
+    }
+
+    /// Header fields of a new segment file: a fresh random salt when the
+    /// stream encrypts.
+    fn new_seal(&self) -> io::Result<Option<SealInfo>> {
+        if !self.opts.encrypt {
+            return Ok(None);
+        }
+        self.new_seal_always()
+    }
+
+    /// A fresh salt under the configured key (for rewriting an encrypted
+    /// segment, whether or not the stream still encrypts new ones).
+    fn new_seal_always(&self) -> io::Result<Option<SealInfo>> {
+        let Some(key) = &self.opts.key else {
+            return Ok(None);
+        };
+        let mut salt = [0u8; crypt::SALT_LEN];
+        crypt::random(&mut salt)?;
+        Ok(Some(SealInfo {
+            salt,
+            check: key.check_value(&salt),
+        }))
     }
 
     /// Writes the `.idx` snapshot of segment `si` (which must be flushed).
@@ -1164,21 +1403,35 @@ impl Store {
         }
         let last = (0..seg.offsets.len()).rev().find(|&i| seg.rec_size(i) > 0);
         let base = seg.base;
+        let sealed = seg.seal.is_some();
         if let Some(i) = last {
-            let mut p = [0u8; record::PREFIX_LEN];
-            if let Err(e) = self
-                .backend
-                .read_at(&segment_name(base), seg.offset(i), &mut p)
-            {
-                log::warn!("segment {base}: cannot read for its index snapshot: {e}");
-                return;
+            let (off, size) = (seg.offset(i), seg.rec_size(i));
+            match self.record_check(base, sealed, off, size) {
+                Ok((_, check)) => ix.last_crc = check,
+                Err(e) => {
+                    log::warn!("segment {base}: cannot read for its index snapshot: {e}");
+                    return;
+                }
             }
-            ix.last_crc = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
         }
-        match self
-            .backend
-            .write_atomic(&index_name(base), &index::encode_index(&ix))
+        let mut bytes = index::encode_index(&ix);
+        // Subjects and message ids are content: sealed when the stream (or
+        // this segment) is encrypted.
+        if let Some(k) = self
+            .opts
+            .key
+            .as_ref()
+            .filter(|_| sealed || self.opts.encrypt)
         {
+            match k.seal_blob(IDX_SEALED_MAGIC, &bytes) {
+                Ok(b) => bytes = b,
+                Err(e) => {
+                    log::warn!("segment {base}: cannot encrypt its index snapshot: {e}");
+                    return;
+                }
+            }
+        }
+        match self.backend.write_atomic(&index_name(base), &bytes) {
             Ok(()) => {
                 if let Some(seg) = self.segs.get_mut(si) {
                     seg.indexed = true;
@@ -1288,6 +1541,7 @@ impl Store {
     /// file bytes. If the file operations fail they are retried before the
     /// next write, so half-written records never stay.
     pub fn rollback(&mut self, mark: Mark) {
+        self.removals += 1;
         // Per-record state first (subjects, TTLs), newest first.
         let mut q = self.last_seq;
         while q > mark.last_seq {
@@ -1358,6 +1612,8 @@ impl Store {
                 self.repairs
                     .push(Repair::Truncate(segment_name(seg.base), seg.flushed));
             }
+            // Offsets past the cut may have held other sealed bytes.
+            seg.no_append |= seg.seal.is_some();
         }
         self.last_seq = mark.last_seq;
         self.last_ts = mark.last_ts;
@@ -1525,6 +1781,7 @@ impl Store {
 
     /// Bookkeeping for removing live record `i` of segment `si`.
     fn unlink(&mut self, si: usize, i: usize) {
+        self.removals += 1;
         let seg = &mut self.segs[si];
         let seq = seg.base + i as u64;
         let sid = seg.sid(i);
@@ -1687,7 +1944,9 @@ impl Store {
             return None;
         }
         let seg = &self.segs[si];
-        match record::decode(&self.scratch, seg.base, seg.base_ts) {
+        let off = seg.offset(i);
+        let seal = sealing(&self.opts.key, seg);
+        match record::decode_any(&mut self.scratch, seg.base, seg.base_ts, seal, off) {
             Ok((r, _)) => Some(r.timestamp),
             // A damaged oldest record: treat it as expired.
             Err(_) => Some(0),
@@ -1750,11 +2009,14 @@ impl Store {
                 }
                 let at = (seg.offset(i) - start) as usize;
                 let q = seg.base + i as u64;
+                let seal = sealing(&self.opts.key, seg);
                 let decoded = self
                     .scratch
-                    .get(at..)
+                    .get_mut(at..)
                     .ok_or(record::DecodeError::Incomplete)
-                    .and_then(|b| record::decode(b, seg.base, seg.base_ts))
+                    .and_then(|b| {
+                        record::decode_any(b, seg.base, seg.base_ts, seal, start + at as u64)
+                    })
                     .ok()
                     .filter(|(r, _)| r.seq == q)
                     .and_then(|(r, _)| {
@@ -1903,20 +2165,34 @@ impl Store {
         self.read_span(si, i, i + 1)?;
         let seg = &self.segs[si];
         let seq = seg.base + i as u64;
-        let (rec, n) = record::decode(&self.scratch, seg.base, seg.base_ts)
-            .map_err(|_| io::Error::other(format!("message {seq} is damaged; cannot erase it")))?;
-        let mut body = Vec::with_capacity(n);
-        record::put_varint(&mut body, rec.seq - seg.base);
-        record::put_varint(&mut body, rec.timestamp - seg.base_ts);
-        record::put_varint(&mut body, 0);
-        record::put_varint(&mut body, 0);
-        body.resize(n - record::PREFIX_LEN, 0);
-        let mut out = Vec::with_capacity(n);
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        let name = segment_name(seg.base);
         let off = seg.offset(i);
+        let seal = sealing(&self.opts.key, seg);
+        let peek = record::peek_len_sealed(&self.scratch);
+        let damaged = || io::Error::other(format!("message {seq} is damaged; cannot erase it"));
+        let (rec, n) = record::decode_any(&mut self.scratch, seg.base, seg.base_ts, seal, off)
+            .map_err(|_| damaged())?;
+        let (seq_delta, ts_delta) = (rec.seq - seg.base, rec.timestamp - seg.base_ts);
+        let out = match seal {
+            Some((key, salt)) => {
+                let lens = peek.map_err(|_| damaged())?;
+                record::encode_erased_sealed(seq_delta, ts_delta, lens, key, salt, off as u32)
+                    .ok_or_else(damaged)?
+            }
+            None => {
+                let mut body = Vec::with_capacity(n);
+                record::put_varint(&mut body, seq_delta);
+                record::put_varint(&mut body, ts_delta);
+                record::put_varint(&mut body, 0);
+                record::put_varint(&mut body, 0);
+                body.resize(n - record::PREFIX_LEN, 0);
+                let mut out = Vec::with_capacity(n);
+                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+                out.extend_from_slice(&body);
+                out
+            }
+        };
+        let name = segment_name(seg.base);
         let last = i + 1 == seg.offsets.len();
         if seg.indexed && last {
             // The snapshot checks the last record's crc: it must go first.
@@ -2048,7 +2324,7 @@ impl Store {
             return Ok(()); // the active segment is never compacted
         }
         let seg = &self.segs[si];
-        let data = seg.len - SEG_HEADER_LEN as u64;
+        let data = seg.len - seg.header_len();
         let mut live_bytes = 0;
         for i in 0..seg.offsets.len() {
             if !seg.is_deleted(i) && seg.base + i as u64 >= self.first_seq {
@@ -2070,33 +2346,70 @@ impl Store {
         }
         let n = self.segs[si].offsets.len();
         self.read_span(si, 0, n)?;
+        // An encrypted segment is rewritten under a new salt: its records
+        // move to new offsets, which must never be reused with the old one.
+        let new_seal = match self.segs[si].seal {
+            Some(_) => match self.new_seal_always()? {
+                Some(ns) => Some(ns),
+                None => return Ok(()), // no key: open refuses such a stream
+            },
+            None => None,
+        };
         let seg = &self.segs[si];
-        let mut out = Vec::with_capacity(live_bytes as usize + SEG_HEADER_LEN);
+        let mut out = Vec::with_capacity(live_bytes as usize + record::SEALED_HEADER_LEN);
         record::encode_header(
             SegHeader {
                 base_seq: seg.base,
                 base_ts: seg.base_ts,
+                seal: new_seal,
             },
             &mut out,
         );
         let start = seg.offset(0);
         let mut offsets = Vec::with_capacity(n);
         let mut dead = Vec::new();
+        let old_seal = sealing(&self.opts.key, seg);
         for i in 0..n {
             offsets.push(out.len() as u32);
             let alive = !seg.is_deleted(i) && seg.base + i as u64 >= self.first_seq;
-            if alive {
-                let a = (seg.offset(i) - start) as usize;
-                let b = (seg.offset(i + 1) - start) as usize;
-                out.extend_from_slice(self.scratch.get(a..b).unwrap_or(&[]));
-            } else {
+            if !alive {
                 dead.push(i);
+                continue;
+            }
+            let a = (seg.offset(i) - start) as usize;
+            let b = (seg.offset(i + 1) - start) as usize;
+            let Some(bytes) = self.scratch.get_mut(a..b) else {
+                continue;
+            };
+            match (old_seal, &new_seal) {
+                (Some((key, _)), Some(ns)) => {
+                    let at = out.len() as u32;
+                    match record::decode_any(bytes, seg.base, seg.base_ts, old_seal, seg.offset(i))
+                    {
+                        Ok((rec, _)) => record::encode_any(
+                            &mut out,
+                            seg.base,
+                            seg.base_ts,
+                            &rec,
+                            Some((key, &ns.salt)),
+                            at,
+                        ),
+                        Err(_) => {
+                            return Err(io::Error::other(format!(
+                                "segment {base}: message {} is damaged; not compacting",
+                                seg.base + i as u64
+                            )))
+                        }
+                    }
+                }
+                _ => out.extend_from_slice(bytes),
             }
         }
         let saved = seg.len - out.len() as u64;
         self.backend.write_atomic(&segment_name(base), &out)?;
         let seg = &mut self.segs[si];
         seg.offsets = offsets;
+        seg.seal = new_seal;
         seg.len = out.len() as u64;
         seg.flushed = seg.len;
         seg.indexed = false;
@@ -2128,6 +2441,13 @@ impl Store {
 #[cfg(test)]
 mod bench_tests;
 #[cfg(test)]
+mod crypt_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod tests;
+// The same tests with every stream encrypted.
+#[cfg(test)]
+#[allow(clippy::duplicate_mod)]
+#[path = "tests.rs"]
+mod tests_encrypted;

@@ -72,6 +72,13 @@ impl Model {
 }
 
 fn check(st: &mut Store, m: &Model, rng: &mut fastrand::Rng, ctx: &str) {
+    // The memoised state_upto (as the owner calls it, with a lagging
+    // durable sequence) against a fresh count.
+    // A durable sequence that stays put for a while, so most calls hit
+    // the memo after appends (and removals) since the previous one.
+    let u = (m.last_seq / 16 * 16).saturating_sub(1);
+    let memo = st.state_upto(u);
+    assert_eq!(memo, st.state_upto_uncached(u), "{ctx}: state_upto({u})");
     let s = st.state();
     assert_eq!(
         (s.first_seq, s.last_seq, s.msgs),

@@ -3,7 +3,9 @@
 //!
 //! Invariants: [`decode`] never panics on any input and never returns a
 //! record whose checksum does not match; [`encode_into`] output always
-//! decodes back to the same fields (round-trip tests below).
+//! decodes back to the same fields (round-trip tests below). The same holds
+//! for encrypted records ([`encode_any`], [`decode_any`] with a key), whose
+//! AEAD tag replaces the crc.
 
 /// Bytes before the checksummed body: u32 body length + u32 crc32c.
 pub const PREFIX_LEN: usize = 8;
@@ -12,10 +14,18 @@ pub const MIN_BODY: usize = 4;
 /// Sanity cap on a body length read from disk (1 GiB).
 pub const MAX_BODY: usize = 1 << 30;
 
+use super::crypt::{Key, KIND_ERASED, SALT_LEN, TAG_LEN};
+
 /// Segment file header length.
 pub const SEG_HEADER_LEN: usize = 28;
 /// Magic and format version at the start of every segment file.
 pub const SEG_MAGIC: &[u8; 8] = b"FRNDSEG1";
+/// Header length of an encrypted segment (adds salt and key check).
+pub const SEALED_HEADER_LEN: usize = 52;
+/// Magic of an encrypted segment.
+pub const SEALED_MAGIC: &[u8; 8] = b"FRNDSEGE";
+/// Longest body length varint of an encrypted record (bodies <= 2^30).
+const MAX_LEN_VARINT: usize = 5;
 
 /// A record's fields, borrowed from a buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,34 +47,81 @@ pub enum DecodeError {
     Corrupt(&'static str),
 }
 
-/// Segment header: base sequence and base timestamp of the segment.
+/// Segment header: base sequence and base timestamp of the segment, and
+/// for an encrypted segment its salt and key check value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegHeader {
     pub base_seq: u64,
     pub base_ts: u64,
+    pub seal: Option<SealInfo>,
+}
+
+/// The encryption fields of a segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealInfo {
+    /// Random per segment file: with the key it selects the AEAD subkey.
+    pub salt: [u8; SALT_LEN],
+    /// [`Key::check_value`] of the key that wrote the segment.
+    pub check: [u8; 8],
+}
+
+impl SegHeader {
+    /// Bytes of the header in the file (where the first record starts).
+    pub fn header_len(&self) -> usize {
+        header_len(self.seal.is_some())
+    }
+}
+
+/// Header length of a plain (`false`) or encrypted (`true`) segment.
+pub fn header_len(sealed: bool) -> usize {
+    if sealed {
+        SEALED_HEADER_LEN
+    } else {
+        SEG_HEADER_LEN
+    }
 }
 
 pub fn encode_header(h: SegHeader, out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(SEG_MAGIC);
+    out.extend_from_slice(if h.seal.is_some() {
+        SEALED_MAGIC
+    } else {
+        SEG_MAGIC
+    });
     out.extend_from_slice(&h.base_seq.to_le_bytes());
     out.extend_from_slice(&h.base_ts.to_le_bytes());
+    if let Some(s) = &h.seal {
+        out.extend_from_slice(&s.salt);
+        out.extend_from_slice(&s.check);
+    }
     let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
 pub fn decode_header(buf: &[u8]) -> Result<SegHeader, DecodeError> {
-    let h = buf.get(..SEG_HEADER_LEN).ok_or(DecodeError::Incomplete)?;
-    let (body, crc) = h.split_at(SEG_HEADER_LEN - 4);
+    let magic = buf.get(..8).ok_or(DecodeError::Incomplete)?;
+    let sealed = magic == SEALED_MAGIC;
+    let hl = header_len(sealed);
+    let h = buf.get(..hl).ok_or(DecodeError::Incomplete)?;
+    let (body, crc) = h.split_at(hl - 4);
     if crc32c::crc32c(body) != u32::from_le_bytes(arr4(crc)) {
         return Err(DecodeError::Corrupt("segment header checksum mismatch"));
     }
-    if &body[..8] != SEG_MAGIC {
+    if !sealed && &body[..8] != SEG_MAGIC {
         return Err(DecodeError::Corrupt("segment header magic/version unknown"));
     }
+    let seal = sealed.then(|| {
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(&body[24..40]);
+        SealInfo {
+            salt,
+            check: arr8(&body[40..48]),
+        }
+    });
     Ok(SegHeader {
         base_seq: u64::from_le_bytes(arr8(&body[8..16])),
         base_ts: u64::from_le_bytes(arr8(&body[16..24])),
+        seal,
     })
 }
 
@@ -149,6 +206,121 @@ pub fn encode_into(out: &mut Vec<u8>, base_seq: u64, base_ts: u64, rec: &RecordR
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Encoded size of a plain (`sealed = false`) or encrypted record.
+pub fn record_len(
+    sealed: bool,
+    seq_delta: u64,
+    ts_delta: u64,
+    subject: usize,
+    headers: Option<usize>,
+    payload: usize,
+) -> usize {
+    let plain = encoded_len(seq_delta, ts_delta, subject, headers, payload);
+    if !sealed {
+        return plain;
+    }
+    let body = plain - PREFIX_LEN + TAG_LEN;
+    varint_len(body as u64) + body
+}
+
+/// The key and segment salt an encrypted record is sealed with.
+pub type Sealing<'a> = Option<(&'a Key, &'a [u8; SALT_LEN])>;
+
+/// Appends one record, encrypted when `seal` is given. `offset` is the
+/// record's offset in its segment file (part of the nonce).
+pub fn encode_any(
+    out: &mut Vec<u8>,
+    base_seq: u64,
+    base_ts: u64,
+    rec: &RecordRef<'_>,
+    seal: Sealing<'_>,
+    offset: u32,
+) {
+    let Some((key, salt)) = seal else {
+        return encode_into(out, base_seq, base_ts, rec);
+    };
+    let start = out.len();
+    encode_into(out, base_seq, base_ts, rec);
+    // Reuse the plain encoding's body; replace its 8-byte prefix.
+    let plain: Vec<u8> = out.drain(start..).skip(PREFIX_LEN).collect();
+    seal_body(out, plain, key, salt, u64::from(offset));
+}
+
+/// Appends `varint(len) ‖ ciphertext ‖ tag` for a plain body.
+fn seal_body(out: &mut Vec<u8>, mut body: Vec<u8>, key: &Key, salt: &[u8; SALT_LEN], counter: u64) {
+    put_varint(out, (body.len() + TAG_LEN) as u64);
+    let tag = key.seal(salt, counter, &mut body);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
+}
+
+/// A secure-erase overwrite for the encrypted record at `offset` whose
+/// length varint has `vlen` bytes and which is `total` bytes long: same
+/// length, sequence and timestamp, empty subject, no headers, zero payload,
+/// sealed under the erase counter kind so it never shares a nonce with the
+/// record it replaces.
+pub fn encode_erased_sealed(
+    seq_delta: u64,
+    ts_delta: u64,
+    (vlen, total): (usize, usize),
+    key: &Key,
+    salt: &[u8; SALT_LEN],
+    offset: u32,
+) -> Option<Vec<u8>> {
+    let plain = total.checked_sub(vlen)?.checked_sub(TAG_LEN)?;
+    let mut body = Vec::with_capacity(plain);
+    put_varint(&mut body, seq_delta);
+    put_varint(&mut body, ts_delta);
+    put_varint(&mut body, 0);
+    put_varint(&mut body, 0);
+    if body.len() > plain {
+        return None;
+    }
+    body.resize(plain, 0);
+    let mut out = Vec::with_capacity(total);
+    seal_body(&mut out, body, key, salt, u64::from(offset) | KIND_ERASED);
+    (out.len() == total).then_some(out)
+}
+
+/// Total length of an encrypted record from its length varint.
+pub fn peek_len_sealed(buf: &[u8]) -> Result<(usize, usize), DecodeError> {
+    let Some((body, n)) = get_varint(&buf[..buf.len().min(MAX_LEN_VARINT)]) else {
+        return Err(if buf.len() < MAX_LEN_VARINT {
+            DecodeError::Incomplete
+        } else {
+            DecodeError::Corrupt("record length malformed")
+        });
+    };
+    let body = usize::try_from(body).unwrap_or(usize::MAX);
+    if !(MIN_BODY + TAG_LEN..=MAX_BODY).contains(&body) {
+        return Err(DecodeError::Corrupt("record length out of range"));
+    }
+    Ok((n, n + body))
+}
+
+/// Decodes the record at the start of `buf`: plain (crc checked) or, with
+/// `seal`, authenticated and decrypted in place. `offset` is its offset in
+/// the segment file. Never returns a record that fails its check.
+pub fn decode_any<'a>(
+    buf: &'a mut [u8],
+    base_seq: u64,
+    base_ts: u64,
+    seal: Sealing<'_>,
+    offset: u64,
+) -> Result<(RecordRef<'a>, usize), DecodeError> {
+    let Some((key, salt)) = seal else {
+        return decode(buf, base_seq, base_ts);
+    };
+    let (vlen, total) = peek_len_sealed(buf)?;
+    let rec = buf.get_mut(..total).ok_or(DecodeError::Incomplete)?;
+    let (ct, tag) = rec[vlen..].split_at_mut(total - vlen - TAG_LEN);
+    if !key.open(salt, offset, ct, tag) && !key.open(salt, offset | KIND_ERASED, ct, tag) {
+        return Err(DecodeError::Corrupt("record authentication failed"));
+    }
+    let rec = parse_body(&rec[vlen..total - TAG_LEN], base_seq, base_ts)?;
+    Ok((rec, total))
+}
+
 /// Total length (prefix + body) of the record starting at `buf[0]`, from
 /// its length field alone (no checksum check).
 pub fn peek_len(buf: &[u8]) -> Result<usize, DecodeError> {
@@ -174,6 +346,11 @@ pub fn decode<'a>(
     if crc32c::crc32c(body) != crc {
         return Err(DecodeError::Corrupt("record checksum mismatch"));
     }
+    Ok((parse_body(body, base_seq, base_ts)?, total))
+}
+
+/// The fields of a verified record body.
+fn parse_body(body: &[u8], base_seq: u64, base_ts: u64) -> Result<RecordRef<'_>, DecodeError> {
     let bad = DecodeError::Corrupt("record fields malformed");
     let mut pos = 0usize;
     let next = |pos: &mut usize| -> Result<u64, DecodeError> {
@@ -196,16 +373,13 @@ pub fn decode<'a>(
     let payload = body.get(hdr_end..).ok_or(bad)?;
     let seq = base_seq.checked_add(seq_delta).ok_or(bad)?;
     let timestamp = base_ts.checked_add(ts_delta).ok_or(bad)?;
-    Ok((
-        RecordRef {
-            seq,
-            timestamp,
-            subject,
-            headers,
-            payload,
-        },
-        total,
-    ))
+    Ok(RecordRef {
+        seq,
+        timestamp,
+        subject,
+        headers,
+        payload,
+    })
 }
 
 #[cfg(test)]
@@ -304,6 +478,7 @@ mod tests {
         let h = SegHeader {
             base_seq: 77,
             base_ts: 123,
+            seal: None,
         };
         encode_header(h, &mut out);
         assert_eq!(out.len(), SEG_HEADER_LEN);
@@ -311,6 +486,95 @@ mod tests {
         assert_eq!(decode_header(&out[..10]), Err(DecodeError::Incomplete));
         out[9] ^= 4;
         assert!(matches!(decode_header(&out), Err(DecodeError::Corrupt(_))));
+        let sealed = SegHeader {
+            seal: Some(SealInfo {
+                salt: [9; 16],
+                check: [3; 8],
+            }),
+            ..h
+        };
+        let mut out = Vec::new();
+        encode_header(sealed, &mut out);
+        assert_eq!(out.len(), SEALED_HEADER_LEN);
+        assert_eq!(sealed.header_len(), SEALED_HEADER_LEN);
+        assert_eq!(decode_header(&out), Ok(sealed));
+        assert_eq!(decode_header(&out[..40]), Err(DecodeError::Incomplete));
+        for byte in 0..out.len() {
+            let mut b = out.clone();
+            b[byte] ^= 0x10;
+            assert!(decode_header(&b).is_err(), "flip in byte {byte}");
+        }
+    }
+
+    #[test]
+    fn sealed_round_trip_truncation_bitflip_and_erase() {
+        let key = Key::from_bytes([5; 32], "test");
+        let salt = [1u8; 16];
+        let seal = Some((&key, &salt));
+        let r = rec(12, 99, b"s.t", Some(b"h"), b"payload secret");
+        let mut out = vec![0xAA];
+        encode_any(&mut out, 10, 0, &r, seal, 300);
+        let expect = record_len(true, 2, 99, 3, Some(1), 14);
+        assert_eq!(out.len() - 1, expect);
+        assert!(!out.windows(6).any(|w| w == b"secret"), "payload in clear");
+        let mut b = out[1..].to_vec();
+        let (got, n) = decode_any(&mut b, 10, 0, seal, 300).unwrap();
+        assert_eq!((got, n), (r.clone(), expect));
+        // Wrong offset, salt or key: rejected, never garbage.
+        for (k, s, off) in [
+            (&key, &salt, 301),
+            (&key, &[2u8; 16], 300),
+            (&Key::from_bytes([6; 32], "x"), &salt, 300),
+        ] {
+            let mut b = out[1..].to_vec();
+            assert!(decode_any(&mut b, 10, 0, Some((k, s)), off).is_err());
+        }
+        let enc = out[1..].to_vec();
+        for k in 0..enc.len() {
+            let mut b = enc[..k].to_vec();
+            assert_eq!(
+                decode_any(&mut b, 10, 0, seal, 300).err(),
+                Some(DecodeError::Incomplete),
+                "cut at {k}"
+            );
+        }
+        for byte in 0..enc.len() {
+            for bit in 0..8 {
+                let mut b = enc.clone();
+                b[byte] ^= 1 << bit;
+                assert!(
+                    decode_any(&mut b, 10, 0, seal, 300).is_err(),
+                    "flip {byte}:{bit}"
+                );
+            }
+        }
+        let (vlen, total) = peek_len_sealed(&enc).unwrap();
+        assert_eq!(total, enc.len());
+        let mut erased = encode_erased_sealed(2, 99, (vlen, total), &key, &salt, 300).unwrap();
+        assert_eq!(erased.len(), enc.len());
+        let (e, n) = decode_any(&mut erased, 10, 0, seal, 300).unwrap();
+        assert_eq!(n, enc.len());
+        assert_eq!((e.seq, e.timestamp, e.subject), (12, 99, &b""[..]));
+        assert!(e.headers.is_none() && e.payload.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn sealed_overhead_of_typical_record() {
+        // As in the plain case, 1000th record 10 minutes into the segment,
+        // and the worst case of a full 4 MiB segment (3-byte sequence delta,
+        // 7-byte time delta: up to 6.5 days).
+        let key = Key::from_bytes([5; 32], "test");
+        let ts0 = 1_700_000_000_000_000_000u64;
+        for (seq, dt, max) in [
+            (1000, 600 * 1_000_000_000u64, 28),
+            (30_000, 5 * 86_400 * 1_000_000_000, 30),
+        ] {
+            let mut out = Vec::new();
+            let r = rec(seq, ts0 + dt, b"sensors.truck1.t", None, &[0u8; 100]);
+            encode_any(&mut out, 1, ts0, &r, Some((&key, &[0; 16])), 28);
+            let overhead = out.len() - 116;
+            assert!(overhead <= max, "overhead {overhead}");
+        }
     }
 
     #[test]

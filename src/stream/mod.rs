@@ -130,6 +130,39 @@ pub struct StreamConfig {
     pub deny_purge: bool,
     /// Accept `Nats-TTL` headers.
     pub allow_msg_ttl: bool,
+    /// Key for encrypted segments (the global `encryption_key_file`).
+    pub key: Option<crate::store::crypt::Key>,
+    /// Encrypt new records with `key`.
+    pub encrypt: bool,
+}
+
+impl StreamConfig {
+    /// A file stream capturing `subjects` with JetStream's defaults: sync
+    /// `always`, no limits, discard old, 2-minute duplicate window,
+    /// `limits` retention, no special headers honoured, not encrypted.
+    pub fn new(name: &str, subjects: &[&str]) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            storage: Storage::File,
+            sync: SyncPolicy::Always,
+            max_msgs: 0,
+            max_bytes: 0,
+            max_age: Duration::ZERO,
+            max_msgs_per_subject: 0,
+            max_msg_size: 0,
+            discard: Discard::Old,
+            discard_new_per_subject: false,
+            duplicate_window: Duration::from_secs(120),
+            retention: Retention::Limits,
+            allow_rollup: false,
+            deny_delete: false,
+            deny_purge: false,
+            allow_msg_ttl: false,
+            key: None,
+            encrypt: false,
+        }
+    }
 }
 
 /// A message to append.

@@ -8,23 +8,9 @@ use smol::future::{block_on, poll_once};
 
 fn cfg(sync: SyncPolicy) -> StreamConfig {
     StreamConfig {
-        name: "t".into(),
-        subjects: vec!["t.>".into()],
         storage: Storage::Memory,
         sync,
-        max_msgs: 0,
-        max_bytes: 0,
-        max_age: Duration::ZERO,
-        max_msgs_per_subject: 0,
-        max_msg_size: 0,
-        discard: Discard::Old,
-        discard_new_per_subject: false,
-        duplicate_window: Duration::from_secs(120),
-        retention: Retention::Limits,
-        allow_rollup: false,
-        deny_delete: false,
-        deny_purge: false,
-        allow_msg_ttl: false,
+        ..StreamConfig::new("t", &["t.>"])
     }
 }
 
