@@ -1,5 +1,5 @@
 //! MQTT features beyond publish/subscribe, through real clients (rumqttc):
-//! wills and the `$` topic rule.
+//! wills (also across a crash), the `$` topic rule, retained messages.
 
 mod common;
 
@@ -63,13 +63,23 @@ async fn device_with_will(
     topic: &str,
     payload: &str,
 ) -> (AsyncClient, EventLoop) {
+    device_with_will_opts(port, id, topic, payload, false).await
+}
+
+async fn device_with_will_opts(
+    port: u16,
+    id: &str,
+    topic: &str,
+    payload: &str,
+    retain: bool,
+) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_last_will(LastWill::new(
         topic,
         payload.to_string(),
         QoS::AtLeastOnce,
-        false,
+        retain,
     ));
     let (client, mut el) = AsyncClient::new(opts, 16);
     loop {
@@ -257,4 +267,58 @@ async fn retained_messages_survive_restart_and_clear() {
             ("cfg/dev3/mode".to_string(), "off".to_string(), true),
         ]
     );
+}
+
+/// Will files frond keeps for unsettled wills.
+fn will_files(frond: &Frond) -> usize {
+    std::fs::read_dir(frond.data_dir().join("mqtt").join("wills"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A device connected when frond is killed has its (retained) will
+/// published after the restart; a will discarded by a clean DISCONNECT
+/// before the kill is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_owed_at_a_crash_are_published_after_the_restart() {
+    let mut frond = Frond::start_new(FrondSpec::default()).await;
+    let port = frond.mqtt_port;
+    let (polite, mut el) = device_with_will_opts(port, "polite", "status/polite", "p", true).await;
+    polite.disconnect().await.expect("queue DISCONNECT");
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+        if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            break;
+        }
+    }
+    drop(el);
+    let (_dev, _el) = device_with_will_opts(port, "dev", "status/dev", "dev-offline", true).await;
+    // Only the connected device's will is still owed (the CONNACK came
+    // after it was stored).
+    wait_until("the polite device's will is settled", LONG, || {
+        let n = will_files(&frond);
+        async move { n == 1 }
+    })
+    .await;
+
+    frond.kill9();
+    frond.start().await;
+    let mut round = 0;
+    let got = wait_for("the owed will is retained after the restart", LONG, || {
+        round += 1;
+        let id = format!("w{round}");
+        async move {
+            let got = retained_seen(port, &id, "status/#", &format!("m/{id}")).await;
+            (!got.is_empty()).then_some(got)
+        }
+    })
+    .await;
+    assert_eq!(
+        got,
+        vec![("status/dev".to_string(), "dev-offline".to_string(), true)]
+    );
+    wait_until("the published will is settled", LONG, || {
+        let n = will_files(&frond);
+        async move { n == 0 }
+    })
+    .await;
 }
