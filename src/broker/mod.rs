@@ -105,8 +105,8 @@ struct Sub {
 #[derive(Default)]
 struct Table {
     trie: SubjectTrie<SubId>,
-    subs: HashMap<SubId, Sub>,
-    by_conn: HashMap<ConnId, Vec<SubId>>,
+    subs: subject::FastMap<SubId, Sub>,
+    by_conn: subject::FastMap<ConnId, Vec<SubId>>,
     next: SubId,
 }
 
@@ -456,8 +456,8 @@ impl Broker {
     /// how many subscriptions it was handed to (queue groups count once),
     /// dropped ones included: 0 means nobody listens.
     pub fn route_msg(&self, origin: Option<Origin>, msg: Arc<Msg>, qos: u8) -> usize {
-        let subj = msg.subject.clone();
-        self.route_inner(origin, &subj, qos, false, &mut || msg.clone())
+        let shared = &msg;
+        self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone())
     }
 
     fn route_inner(

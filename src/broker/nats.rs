@@ -89,7 +89,7 @@ pub struct Conn {
     inbuf: Vec<u8>,
     out: Vec<u8>,
     events: VecDeque<Event>,
-    subs: HashMap<u64, SubState>,
+    subs: subject::FastMap<u64, SubState>,
     by_sid: HashMap<String, u64>,
     next_id: u64,
     next_ping: Instant,
@@ -112,7 +112,7 @@ impl Conn {
             inbuf: Vec::new(),
             out,
             events: VecDeque::new(),
-            subs: HashMap::new(),
+            subs: subject::FastMap::default(),
             by_sid: HashMap::new(),
             next_id: 1,
             pings_out: 0,
@@ -139,10 +139,31 @@ impl Conn {
         if self.closed {
             return;
         }
-        self.inbuf.extend_from_slice(data);
+        if self.inbuf.is_empty() {
+            // The common case: parse straight from the socket's bytes and
+            // keep only an incomplete tail.
+            let used = self.parse_ops(data, now);
+            if !self.closed {
+                self.inbuf
+                    .extend_from_slice(data.get(used..).unwrap_or_default());
+            }
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.inbuf);
+        buf.extend_from_slice(data);
+        let used = self.parse_ops(&buf, now);
+        buf.drain(..used.min(buf.len()));
+        if !self.closed {
+            self.inbuf = buf;
+        }
+    }
+
+    /// Handle every complete op at the front of `buf`; returns the bytes
+    /// they used.
+    fn parse_ops(&mut self, buf: &[u8], now: Instant) -> usize {
         let mut start = 0;
         while !self.closed {
-            let rest = self.inbuf.get(start..).unwrap_or_default();
+            let rest = buf.get(start..).unwrap_or_default();
             match wire::parse_client_op(rest, self.limits.max_control_line, self.limits.max_payload)
             {
                 Ok(Some((op, used))) => {
@@ -156,7 +177,7 @@ impl Conn {
                 }
             }
         }
-        self.inbuf.drain(..start.min(self.inbuf.len()));
+        start
     }
 
     fn fatal(&mut self, err_text: &str, why: String) {
@@ -340,11 +361,11 @@ impl Conn {
         }
         s.delivered += 1;
         let done = s.max.is_some_and(|max| s.delivered >= max);
-        let sid = s.sid.clone();
+        let sid = s.sid.as_str();
         let reply = m.reply.as_deref();
         let res = match (&m.headers, self.opts.headers) {
-            (Some(h), true) => wire::hmsg(&m.subject, &sid, reply, h, &m.payload, &mut self.out),
-            _ => wire::msg(&m.subject, &sid, reply, &m.payload, &mut self.out),
+            (Some(h), true) => wire::hmsg(&m.subject, sid, reply, h, &m.payload, &mut self.out),
+            _ => wire::msg(&m.subject, sid, reply, &m.payload, &mut self.out),
         };
         if let Err(e) = res {
             // Subjects are validated on the way in; a failure means a bad
@@ -426,6 +447,17 @@ impl Conn {
     /// Bytes to write to the socket (moved out).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Move the bytes to write to the end of `dst`, keeping both buffers'
+    /// capacity (no allocation per batch once warmed up).
+    pub fn append_output(&mut self, dst: &mut Vec<u8>) {
+        if dst.is_empty() {
+            std::mem::swap(dst, &mut self.out);
+        } else {
+            dst.extend_from_slice(&self.out);
+            self.out.clear();
+        }
     }
 
     pub fn has_output(&self) -> bool {

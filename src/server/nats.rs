@@ -289,7 +289,7 @@ async fn connection(
                 wbuf.clear();
                 wpos = 0;
             }
-            wbuf.extend_from_slice(&machine.take_output());
+            machine.append_output(&mut wbuf);
         }
         if let Some(why) = close_reason.take() {
             // Best effort: the client may not be reading at all.
