@@ -96,7 +96,16 @@ pub struct Conn {
     pings_out: u32,
     /// The client's permissions (`None`: everything allowed).
     perms: Option<Arc<Permissions>>,
+    /// With `allow_responses`: reply subjects of requests delivered to
+    /// this client -> (responses published, when the request arrived).
+    replies: HashMap<String, (u64, Instant)>,
+    /// The latest time the shell told us (for `allow_responses` expiry).
+    now: Instant,
 }
+
+/// Most reply subjects tracked for `allow_responses`; expired and used-up
+/// ones are pruned first, then arbitrary ones are forgotten.
+pub const MAX_TRACKED_REPLIES: usize = 4096;
 
 impl Conn {
     /// A new connection; `INFO` is queued for output at once.
@@ -117,7 +126,14 @@ impl Conn {
             next_id: 1,
             pings_out: 0,
             perms: None,
+            replies: HashMap::new(),
+            now,
         }
+    }
+
+    /// The current time, for deliveries (call after each wake-up).
+    pub fn set_time(&mut self, now: Instant) {
+        self.now = now;
     }
 
     pub fn is_closed(&self) -> bool {
@@ -139,6 +155,7 @@ impl Conn {
         if self.closed {
             return;
         }
+        self.now = now;
         if self.inbuf.is_empty() {
             // The common case: parse straight from the socket's bytes and
             // keep only an incomplete tail.
@@ -270,6 +287,7 @@ impl Conn {
             .perms
             .as_ref()
             .is_some_and(|x| !x.can_publish(&p.subject))
+            && !self.response_allowed(&p.subject)
         {
             let text = format!("Permissions Violation for Publish to \"{}\"", p.subject);
             wire::err(&text, &mut self.out);
@@ -284,6 +302,44 @@ impl Conn {
             no_responders,
         });
         self.ok();
+    }
+
+    /// `allow_responses`: may the client publish to `subject` because it
+    /// received a request with that reply subject? Counts the response.
+    fn response_allowed(&mut self, subject: &str) -> bool {
+        let Some(rp) = self.perms.as_ref().and_then(|p| p.responses) else {
+            return false;
+        };
+        let Some((sent, at)) = self.replies.get_mut(subject) else {
+            return false;
+        };
+        *sent += 1;
+        let fresh = self.now.saturating_duration_since(*at) <= rp.expires;
+        let ok = fresh && *sent <= rp.max;
+        if !ok || *sent >= rp.max {
+            self.replies.remove(subject);
+        }
+        ok
+    }
+
+    /// `allow_responses`: remember the reply subject of a delivered
+    /// request.
+    fn track_reply(&mut self, reply: &str) {
+        let Some(rp) = self.perms.as_ref().and_then(|p| p.responses) else {
+            return;
+        };
+        if self.replies.len() >= MAX_TRACKED_REPLIES && !self.replies.contains_key(reply) {
+            let now = self.now;
+            self.replies.retain(|_, (sent, at)| {
+                *sent < rp.max && now.saturating_duration_since(*at) <= rp.expires
+            });
+            if self.replies.len() >= MAX_TRACKED_REPLIES {
+                if let Some(k) = self.replies.keys().next().cloned() {
+                    self.replies.remove(&k);
+                }
+            }
+        }
+        self.replies.insert(reply.to_string(), (0, self.now));
     }
 
     fn handle_sub(&mut self, subject: String, queue: Option<String>, sid: String) {
@@ -375,6 +431,9 @@ impl Conn {
         if done {
             self.forget(id);
         }
+        if let Some(r) = &m.reply {
+            self.track_reply(r);
+        }
     }
 
     /// Nobody received a request on `subject`: answer on `reply` with a
@@ -421,6 +480,7 @@ impl Conn {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         if self.closed || now < self.next_ping {
             return;
         }
@@ -688,6 +748,79 @@ mod tests {
         assert_eq!(ops(&mut c), vec![ServerOp::Err("Stale Connection".into())]);
         assert!(c.is_closed());
         assert_eq!(c.poll_deadline(), None);
+    }
+
+    #[test]
+    fn allow_responses_permits_max_replies_within_expiry() {
+        use crate::auth::{Auth, ResponsePermission, Secret, User};
+        let perms = Permissions {
+            allow_subscribe: vec!["svc.>".into()],
+            responses: Some(ResponsePermission {
+                max: 2,
+                expires: Duration::from_secs(10),
+            }),
+            ..Permissions::default()
+        };
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "svc".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(perms),
+            }],
+        });
+        let now = Instant::now();
+        let info = InfoOut::default();
+        let mut c = Conn::new(
+            Limits {
+                auth: Some(auth),
+                ..limits()
+            },
+            &info,
+            now,
+        );
+        c.handle_bytes(
+            b"CONNECT {\"user\":\"svc\",\"pass\":\"pw\"}\r\nSUB svc.> 1\r\n",
+            now,
+        );
+        ops(&mut c);
+        events(&mut c);
+        let publishes = |c: &mut Conn| {
+            events(c)
+                .into_iter()
+                .filter(|e| matches!(e, Event::Publish { .. }))
+                .count()
+        };
+        // Not a reply to anything yet: denied (implicitly, no allow list).
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nx\r\n", now);
+        assert_eq!(publishes(&mut c), 0);
+        assert_eq!(
+            ops(&mut c),
+            vec![ServerOp::Err(
+                "Permissions Violation for Publish to \"_INBOX.a\"".into()
+            )]
+        );
+        // A request arrives: two replies allowed, the third refused.
+        c.deliver(1, &msg("svc.echo", Some("_INBOX.a"), None, b"q"));
+        ops(&mut c);
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nx\r\nPUB _INBOX.a 1\r\ny\r\n", now);
+        assert_eq!(publishes(&mut c), 2);
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nz\r\n", now);
+        assert_eq!(publishes(&mut c), 0);
+        assert!(matches!(&ops(&mut c)[..], [ServerOp::Err(_)]));
+        // Another request, answered too late.
+        c.set_time(now);
+        c.deliver(1, &msg("svc.echo", Some("_INBOX.b"), None, b"q"));
+        ops(&mut c);
+        c.handle_bytes(b"PUB _INBOX.b 1\r\nx\r\n", now + Duration::from_secs(11));
+        assert_eq!(publishes(&mut c), 0);
+        assert!(!c.is_closed(), "a violation is not fatal");
+        // The bookkeeping is bounded.
+        for i in 0..MAX_TRACKED_REPLIES + 10 {
+            c.deliver(1, &msg("svc.echo", Some(&format!("_INBOX.{i}")), None, b""));
+        }
+        assert!(c.replies.len() <= MAX_TRACKED_REPLIES);
     }
 
     #[test]

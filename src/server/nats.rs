@@ -355,6 +355,7 @@ async fn connection(
         })
         .await;
         let now = Instant::now();
+        machine.set_time(now);
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
             Wake::Read(Ok(n)) => machine.handle_bytes(buf.get(..n).unwrap_or_default(), now),
