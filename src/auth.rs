@@ -9,6 +9,12 @@
 //! - An empty allow list allows everything; a deny entry always wins.
 //! - Publish: the literal subject must match an allow filter and no deny
 //!   filter.
+//! - `allow_responses`: the client may publish to the reply subject of a
+//!   request it received, at most `max` times (default 1) within `expires`
+//!   (default 2 minutes) of receiving it, even where the publish lists say
+//!   no. Setting it without `allow_publish` denies every other publish
+//!   (an explicit `allow_publish` still applies). NATS clients only; the
+//!   per-connection bookkeeping lives in the NATS connection machine.
 //! - Subscribe: a filter is allowed when it lies inside an allow filter
 //!   (every subject it can match is matched by that allow filter, e.g.
 //!   `a.*` inside `a.>`, but not `a.>` inside `a.*`), and refused when it
@@ -27,6 +33,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::subject;
 
@@ -37,12 +44,40 @@ pub struct Permissions {
     pub deny_publish: Vec<String>,
     pub allow_subscribe: Vec<String>,
     pub deny_subscribe: Vec<String>,
+    /// `allow_responses` (nats-server semantics, see the module doc).
+    pub responses: Option<ResponsePermission>,
+}
+
+/// How often and how long a client may answer a request it received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponsePermission {
+    /// Publishes per received reply subject (at least 1).
+    pub max: u64,
+    /// How long after the request arrived (non-zero).
+    pub expires: Duration,
+}
+
+impl ResponsePermission {
+    /// nats-server's defaults: one response within two minutes.
+    pub const DEFAULT_MAX: u64 = 1;
+    pub const DEFAULT_EXPIRES: Duration = Duration::from_secs(120);
+}
+
+impl Default for ResponsePermission {
+    fn default() -> Self {
+        ResponsePermission {
+            max: Self::DEFAULT_MAX,
+            expires: Self::DEFAULT_EXPIRES,
+        }
+    }
 }
 
 impl Permissions {
-    /// May a message be published to the literal `subject`?
+    /// May a message be published to the literal `subject` by the publish
+    /// lists? (A reply under `allow_responses` is checked by the caller.)
     pub fn can_publish(&self, subject: &str) -> bool {
-        (self.allow_publish.is_empty()
+        let no_list_allows = self.allow_publish.is_empty() && self.responses.is_none();
+        (no_list_allows
             || self
                 .allow_publish
                 .iter()
@@ -78,6 +113,7 @@ impl Permissions {
             && self.deny_publish.is_empty()
             && self.allow_subscribe.is_empty()
             && self.deny_subscribe.is_empty()
+            && self.responses.is_none()
     }
 }
 
@@ -238,7 +274,19 @@ mod tests {
             deny_publish: v(dp),
             allow_subscribe: v(asub),
             deny_subscribe: v(ds),
+            responses: None,
         }
+    }
+
+    #[test]
+    fn allow_responses_denies_other_publishes_unless_listed() {
+        let mut p = perms(&[], &[], &[], &[]);
+        p.responses = Some(ResponsePermission::default());
+        assert!(!p.is_unrestricted());
+        assert!(!p.can_publish("anything"), "implicit deny");
+        p.allow_publish = vec!["events.>".into()];
+        assert!(p.can_publish("events.x"), "explicit allow still applies");
+        assert!(!p.can_publish("other"));
     }
 
     #[test]

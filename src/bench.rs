@@ -655,7 +655,11 @@ impl Default for NatsBench {
 /// One blocking client connection.
 struct NatsConn {
     s: TcpStream,
+    /// Received bytes; `inbuf[pos..]` is not parsed yet. Consumed bytes
+    /// are dropped once per read, not once per op (which would make
+    /// parsing a big read quadratic and the client the bottleneck).
     inbuf: Vec<u8>,
+    pos: usize,
     chunk: Vec<u8>,
     out: Vec<u8>,
     max_payload: usize,
@@ -670,6 +674,7 @@ impl NatsConn {
         let mut c = NatsConn {
             s,
             inbuf: Vec::with_capacity(256 * 1024),
+            pos: 0,
             chunk: vec![0u8; 256 * 1024],
             out: Vec::with_capacity(256 * 1024),
             max_payload: 1 << 20,
@@ -707,9 +712,10 @@ impl NatsConn {
     /// The next op other than PING (answered) and +OK.
     fn next_op(&mut self) -> Result<nc::ServerOp, String> {
         loop {
-            match nc::parse_server_op(&self.inbuf, self.max_payload + nc::PAYLOAD_SLACK) {
+            let unparsed = self.inbuf.get(self.pos..).unwrap_or_default();
+            match nc::parse_server_op(unparsed, self.max_payload + nc::PAYLOAD_SLACK) {
                 Ok(Some((op, used))) => {
-                    self.inbuf.drain(..used);
+                    self.pos += used;
                     match op {
                         nc::ServerOp::Ping => {
                             nc::pong(&mut self.out);
@@ -731,6 +737,8 @@ impl NatsConn {
             if n == 0 {
                 return Err("bench: the server closed the connection (slow consumer?)".into());
             }
+            self.inbuf.drain(..self.pos.min(self.inbuf.len()));
+            self.pos = 0;
             self.inbuf
                 .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
         }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::auth::{Auth, Permissions, Secret, User};
+use crate::auth::{Auth, Permissions, ResponsePermission, Secret, User};
 use crate::store::crypt::Key;
 use crate::stream::{Discard, Retention, Storage, StreamConfig, SyncPolicy};
 use crate::subject;
@@ -576,6 +576,50 @@ struct RawPermissions {
     deny_publish: Vec<String>,
     #[serde(default)]
     deny_subscribe: Vec<String>,
+    #[serde(default)]
+    allow_responses: Option<RawResponses>,
+}
+
+/// `allow_responses = true` or `allow_responses = { max = 1, expires = "2m" }`.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawResponses {
+    Flag(bool),
+    Limits(RawResponseLimits),
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawResponseLimits {
+    #[serde(default)]
+    max: u64,
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+impl RawResponses {
+    fn validate(self, key: &str) -> Result<Option<ResponsePermission>, ConfigError> {
+        match self {
+            RawResponses::Flag(false) => Ok(None),
+            RawResponses::Flag(true) => Ok(Some(ResponsePermission::default())),
+            RawResponses::Limits(RawResponseLimits { max, expires }) => {
+                let mut r = ResponsePermission::default();
+                if max > 0 {
+                    r.max = max;
+                }
+                if let Some(e) = expires {
+                    let d = parse_duration(&e).map_err(|why| {
+                        ConfigError(format!("{key}.allow_responses.expires: {why}"))
+                    })?;
+                    // 0 means the default, as in nats-server.
+                    if !d.is_zero() {
+                        r.expires = d;
+                    }
+                }
+                Ok(Some(r))
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -591,6 +635,8 @@ struct RawUser {
     deny_publish: Vec<String>,
     #[serde(default)]
     deny_subscribe: Vec<String>,
+    #[serde(default)]
+    allow_responses: Option<RawResponses>,
 }
 
 impl RawPermissions {
@@ -608,11 +654,16 @@ impl RawPermissions {
                 ));
             }
         }
+        let responses = match self.allow_responses {
+            Some(r) => r.validate(key)?,
+            None => None,
+        };
         Ok(Permissions {
             allow_publish: self.allow_publish,
             deny_publish: self.deny_publish,
             allow_subscribe: self.allow_subscribe,
             deny_subscribe: self.deny_subscribe,
+            responses,
         })
     }
 }
@@ -648,6 +699,7 @@ impl RawAuth {
                         allow_subscribe: u.allow_subscribe,
                         deny_publish: u.deny_publish,
                         deny_subscribe: u.deny_subscribe,
+                        allow_responses: u.allow_responses,
                     }
                     .validate(&key)?,
                 ),
@@ -1348,6 +1400,40 @@ password = "pw"
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
         assert!(Config::parse("[auth]\nanonymous = true\n").is_ok());
+    }
+
+    #[test]
+    fn allow_responses_forms() {
+        let user = |extra: &str| {
+            Config::parse(&format!(
+                "[auth]\n[[auth.users]]\nname = \"svc\"\npassword = \"pw\"\n{extra}\n"
+            ))
+            .map(|c| c.nats.auth.unwrap().users[0].permissions.responses)
+        };
+        assert_eq!(user("").unwrap(), None);
+        assert_eq!(user("allow_responses = false").unwrap(), None);
+        assert_eq!(
+            user("allow_responses = true").unwrap(),
+            Some(ResponsePermission {
+                max: 1,
+                expires: Duration::from_secs(120)
+            })
+        );
+        assert_eq!(
+            user("allow_responses = { max = 5, expires = \"1s\" }").unwrap(),
+            Some(ResponsePermission {
+                max: 5,
+                expires: Duration::from_secs(1)
+            })
+        );
+        // 0 means the default, as in nats-server.
+        assert_eq!(
+            user("allow_responses = { max = 0 }").unwrap(),
+            Some(ResponsePermission::default())
+        );
+        assert!(user("allow_responses = { expires = \"soon\" }").is_err());
+        assert!(user("allow_responses = \"yes\"").is_err());
+        assert!(user("allow_responses = { maxx = 2 }").is_err());
     }
 
     #[test]

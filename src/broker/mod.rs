@@ -139,8 +139,8 @@ struct Sub {
 #[derive(Default)]
 struct Table {
     trie: SubjectTrie<SubId>,
-    subs: HashMap<SubId, Sub>,
-    by_conn: HashMap<ConnId, Vec<SubId>>,
+    subs: subject::FastMap<SubId, Sub>,
+    by_conn: subject::FastMap<ConnId, Vec<SubId>>,
     next: SubId,
 }
 
@@ -542,8 +542,8 @@ impl Broker {
     /// how many subscriptions it was handed to (queue groups count once),
     /// dropped ones included: 0 means nobody listens.
     pub fn route_msg(&self, origin: Option<Origin>, msg: Arc<Msg>, qos: u8) -> usize {
-        let subj = msg.subject.clone();
-        self.route_inner(origin, &subj, qos, false, &mut || msg.clone())
+        let shared = &msg;
+        self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone())
     }
 
     /// Hand `msg` to the subscribers of `to` rather than of `msg.subject`
@@ -696,7 +696,7 @@ impl Broker {
 
 /// One member of a queue group: a random one, or, if that one's queue is
 /// full, the next (in a random rotation) that has room.
-fn pick_member(subs: &HashMap<SubId, Sub>, members: &[SubId]) -> Option<SubId> {
+fn pick_member(subs: &subject::FastMap<SubId, Sub>, members: &[SubId]) -> Option<SubId> {
     let n = members.len();
     if n == 0 {
         return None;

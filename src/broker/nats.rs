@@ -89,14 +89,23 @@ pub struct Conn {
     inbuf: Vec<u8>,
     out: Vec<u8>,
     events: VecDeque<Event>,
-    subs: HashMap<u64, SubState>,
+    subs: subject::FastMap<u64, SubState>,
     by_sid: HashMap<String, u64>,
     next_id: u64,
     next_ping: Instant,
     pings_out: u32,
     /// The client's permissions (`None`: everything allowed).
     perms: Option<Arc<Permissions>>,
+    /// With `allow_responses`: reply subjects of requests delivered to
+    /// this client -> (responses published, when the request arrived).
+    replies: HashMap<String, (u64, Instant)>,
+    /// The latest time the shell told us (for `allow_responses` expiry).
+    now: Instant,
 }
+
+/// Most reply subjects tracked for `allow_responses`; expired and used-up
+/// ones are pruned first, then arbitrary ones are forgotten.
+pub const MAX_TRACKED_REPLIES: usize = 4096;
 
 impl Conn {
     /// A new connection; `INFO` is queued for output at once.
@@ -112,12 +121,19 @@ impl Conn {
             inbuf: Vec::new(),
             out,
             events: VecDeque::new(),
-            subs: HashMap::new(),
+            subs: subject::FastMap::default(),
             by_sid: HashMap::new(),
             next_id: 1,
             pings_out: 0,
             perms: None,
+            replies: HashMap::new(),
+            now,
         }
+    }
+
+    /// The current time, for deliveries (call after each wake-up).
+    pub fn set_time(&mut self, now: Instant) {
+        self.now = now;
     }
 
     pub fn is_closed(&self) -> bool {
@@ -139,10 +155,32 @@ impl Conn {
         if self.closed {
             return;
         }
-        self.inbuf.extend_from_slice(data);
+        self.now = now;
+        if self.inbuf.is_empty() {
+            // The common case: parse straight from the socket's bytes and
+            // keep only an incomplete tail.
+            let used = self.parse_ops(data, now);
+            if !self.closed {
+                self.inbuf
+                    .extend_from_slice(data.get(used..).unwrap_or_default());
+            }
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.inbuf);
+        buf.extend_from_slice(data);
+        let used = self.parse_ops(&buf, now);
+        buf.drain(..used.min(buf.len()));
+        if !self.closed {
+            self.inbuf = buf;
+        }
+    }
+
+    /// Handle every complete op at the front of `buf`; returns the bytes
+    /// they used.
+    fn parse_ops(&mut self, buf: &[u8], now: Instant) -> usize {
         let mut start = 0;
         while !self.closed {
-            let rest = self.inbuf.get(start..).unwrap_or_default();
+            let rest = buf.get(start..).unwrap_or_default();
             match wire::parse_client_op(rest, self.limits.max_control_line, self.limits.max_payload)
             {
                 Ok(Some((op, used))) => {
@@ -156,7 +194,7 @@ impl Conn {
                 }
             }
         }
-        self.inbuf.drain(..start.min(self.inbuf.len()));
+        start
     }
 
     fn fatal(&mut self, err_text: &str, why: String) {
@@ -249,6 +287,7 @@ impl Conn {
             .perms
             .as_ref()
             .is_some_and(|x| !x.can_publish(&p.subject))
+            && !self.response_allowed(&p.subject)
         {
             let text = format!("Permissions Violation for Publish to \"{}\"", p.subject);
             wire::err(&text, &mut self.out);
@@ -263,6 +302,44 @@ impl Conn {
             no_responders,
         });
         self.ok();
+    }
+
+    /// `allow_responses`: may the client publish to `subject` because it
+    /// received a request with that reply subject? Counts the response.
+    fn response_allowed(&mut self, subject: &str) -> bool {
+        let Some(rp) = self.perms.as_ref().and_then(|p| p.responses) else {
+            return false;
+        };
+        let Some((sent, at)) = self.replies.get_mut(subject) else {
+            return false;
+        };
+        *sent += 1;
+        let fresh = self.now.saturating_duration_since(*at) <= rp.expires;
+        let ok = fresh && *sent <= rp.max;
+        if !ok || *sent >= rp.max {
+            self.replies.remove(subject);
+        }
+        ok
+    }
+
+    /// `allow_responses`: remember the reply subject of a delivered
+    /// request.
+    fn track_reply(&mut self, reply: &str) {
+        let Some(rp) = self.perms.as_ref().and_then(|p| p.responses) else {
+            return;
+        };
+        if self.replies.len() >= MAX_TRACKED_REPLIES && !self.replies.contains_key(reply) {
+            let now = self.now;
+            self.replies.retain(|_, (sent, at)| {
+                *sent < rp.max && now.saturating_duration_since(*at) <= rp.expires
+            });
+            if self.replies.len() >= MAX_TRACKED_REPLIES {
+                if let Some(k) = self.replies.keys().next().cloned() {
+                    self.replies.remove(&k);
+                }
+            }
+        }
+        self.replies.insert(reply.to_string(), (0, self.now));
     }
 
     fn handle_sub(&mut self, subject: String, queue: Option<String>, sid: String) {
@@ -340,11 +417,11 @@ impl Conn {
         }
         s.delivered += 1;
         let done = s.max.is_some_and(|max| s.delivered >= max);
-        let sid = s.sid.clone();
+        let sid = s.sid.as_str();
         let reply = m.reply.as_deref();
         let res = match (&m.headers, self.opts.headers) {
-            (Some(h), true) => wire::hmsg(&m.subject, &sid, reply, h, &m.payload, &mut self.out),
-            _ => wire::msg(&m.subject, &sid, reply, &m.payload, &mut self.out),
+            (Some(h), true) => wire::hmsg(&m.subject, sid, reply, h, &m.payload, &mut self.out),
+            _ => wire::msg(&m.subject, sid, reply, &m.payload, &mut self.out),
         };
         if let Err(e) = res {
             // Subjects are validated on the way in; a failure means a bad
@@ -353,6 +430,9 @@ impl Conn {
         }
         if done {
             self.forget(id);
+        }
+        if let Some(r) = &m.reply {
+            self.track_reply(r);
         }
     }
 
@@ -400,6 +480,7 @@ impl Conn {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         if self.closed || now < self.next_ping {
             return;
         }
@@ -426,6 +507,17 @@ impl Conn {
     /// Bytes to write to the socket (moved out).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Move the bytes to write to the end of `dst`, keeping both buffers'
+    /// capacity (no allocation per batch once warmed up).
+    pub fn append_output(&mut self, dst: &mut Vec<u8>) {
+        if dst.is_empty() {
+            std::mem::swap(dst, &mut self.out);
+        } else {
+            dst.extend_from_slice(&self.out);
+            self.out.clear();
+        }
     }
 
     pub fn has_output(&self) -> bool {
@@ -656,6 +748,79 @@ mod tests {
         assert_eq!(ops(&mut c), vec![ServerOp::Err("Stale Connection".into())]);
         assert!(c.is_closed());
         assert_eq!(c.poll_deadline(), None);
+    }
+
+    #[test]
+    fn allow_responses_permits_max_replies_within_expiry() {
+        use crate::auth::{Auth, ResponsePermission, Secret, User};
+        let perms = Permissions {
+            allow_subscribe: vec!["svc.>".into()],
+            responses: Some(ResponsePermission {
+                max: 2,
+                expires: Duration::from_secs(10),
+            }),
+            ..Permissions::default()
+        };
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "svc".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(perms),
+            }],
+        });
+        let now = Instant::now();
+        let info = InfoOut::default();
+        let mut c = Conn::new(
+            Limits {
+                auth: Some(auth),
+                ..limits()
+            },
+            &info,
+            now,
+        );
+        c.handle_bytes(
+            b"CONNECT {\"user\":\"svc\",\"pass\":\"pw\"}\r\nSUB svc.> 1\r\n",
+            now,
+        );
+        ops(&mut c);
+        events(&mut c);
+        let publishes = |c: &mut Conn| {
+            events(c)
+                .into_iter()
+                .filter(|e| matches!(e, Event::Publish { .. }))
+                .count()
+        };
+        // Not a reply to anything yet: denied (implicitly, no allow list).
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nx\r\n", now);
+        assert_eq!(publishes(&mut c), 0);
+        assert_eq!(
+            ops(&mut c),
+            vec![ServerOp::Err(
+                "Permissions Violation for Publish to \"_INBOX.a\"".into()
+            )]
+        );
+        // A request arrives: two replies allowed, the third refused.
+        c.deliver(1, &msg("svc.echo", Some("_INBOX.a"), None, b"q"));
+        ops(&mut c);
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nx\r\nPUB _INBOX.a 1\r\ny\r\n", now);
+        assert_eq!(publishes(&mut c), 2);
+        c.handle_bytes(b"PUB _INBOX.a 1\r\nz\r\n", now);
+        assert_eq!(publishes(&mut c), 0);
+        assert!(matches!(&ops(&mut c)[..], [ServerOp::Err(_)]));
+        // Another request, answered too late.
+        c.set_time(now);
+        c.deliver(1, &msg("svc.echo", Some("_INBOX.b"), None, b"q"));
+        ops(&mut c);
+        c.handle_bytes(b"PUB _INBOX.b 1\r\nx\r\n", now + Duration::from_secs(11));
+        assert_eq!(publishes(&mut c), 0);
+        assert!(!c.is_closed(), "a violation is not fatal");
+        // The bookkeeping is bounded.
+        for i in 0..MAX_TRACKED_REPLIES + 10 {
+            c.deliver(1, &msg("svc.echo", Some(&format!("_INBOX.{i}")), None, b""));
+        }
+        assert!(c.replies.len() <= MAX_TRACKED_REPLIES);
     }
 
     #[test]

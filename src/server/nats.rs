@@ -296,7 +296,7 @@ async fn connection(
                 wbuf.clear();
                 wpos = 0;
             }
-            wbuf.extend_from_slice(&machine.take_output());
+            machine.append_output(&mut wbuf);
         }
         if let Some(why) = close_reason.take() {
             // Best effort: the client may not be reading at all.
@@ -362,6 +362,7 @@ async fn connection(
         })
         .await;
         let now = Instant::now();
+        machine.set_time(now);
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
             Wake::Read(Ok(n)) => machine.handle_bytes(buf.get(..n).unwrap_or_default(), now),

@@ -15,7 +15,7 @@ pub mod mapping;
 pub mod mqtt;
 pub mod trie;
 
-pub use trie::SubjectTrie;
+pub use trie::{FastMap, SubjectTrie};
 
 /// Whether `s` is a valid subject to publish to (no wildcards).
 pub fn valid_subject(s: &str) -> bool {
@@ -31,17 +31,18 @@ fn valid(s: &str, wildcards: bool) -> bool {
     if s.is_empty() {
         return false;
     }
-    let mut tokens = s.split('.').peekable();
+    // Byte-wise (this runs for every publish): tokens split at `.`.
+    let mut tokens = s.as_bytes().split(|b| *b == b'.').peekable();
     while let Some(t) = tokens.next() {
         if t.is_empty()
-            || t.bytes()
-                .any(|b| b == b' ' || b == b'\t' || b == b'\r' || b == b'\n')
+            || t.iter()
+                .any(|b| *b == b' ' || *b == b'\t' || *b == b'\r' || *b == b'\n')
         {
             return false;
         }
         match t {
-            "*" if !wildcards => return false,
-            ">" if !wildcards || tokens.peek().is_some() => return false,
+            b"*" if !wildcards => return false,
+            b">" if !wildcards || tokens.peek().is_some() => return false,
             _ => {}
         }
     }
@@ -50,13 +51,13 @@ fn valid(s: &str, wildcards: bool) -> bool {
 
 /// Whether `filter` matches the (literal) `subject`.
 pub fn matches(filter: &str, subject: &str) -> bool {
-    let mut f = filter.split('.');
-    let mut s = subject.split('.');
+    let mut f = filter.as_bytes().split(|b| *b == b'.');
+    let mut s = subject.as_bytes().split(|b| *b == b'.');
     loop {
         match (f.next(), s.next()) {
             (None, None) => return true,
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
+            (Some(b">"), Some(_)) => return true,
+            (Some(b"*"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
             _ => return false,
         }

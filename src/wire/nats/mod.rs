@@ -63,7 +63,22 @@ pub(crate) fn find_line(buf: &[u8]) -> Result<Option<usize>, Malformed> {
 pub(crate) fn find_line_max(buf: &[u8], max: usize) -> Result<Option<usize>, Malformed> {
     let limit = buf.len().min(max.saturating_add(2));
     let window = buf.get(..limit).unwrap_or(buf);
-    match window.windows(2).position(|w| w == b"\r\n") {
+    // Scan for LF (one byte compare per byte) and check the CR before it.
+    let mut from = 0;
+    let crlf = loop {
+        let Some(lf) = window
+            .get(from..)
+            .and_then(|w| w.iter().position(|b| *b == b'\n'))
+        else {
+            break None;
+        };
+        let lf = from + lf;
+        if lf > 0 && window.get(lf - 1) == Some(&b'\r') {
+            break Some(lf - 1);
+        }
+        from = lf + 1;
+    };
+    match crlf {
         Some(i) if i <= max => Ok(Some(i)),
         Some(_) => Err(Malformed(format!("control line longer than {max} bytes"))),
         None if buf.len() > max.saturating_add(1) => {
@@ -160,11 +175,16 @@ pub(crate) fn emit_message(
         out.push(b' ');
         out.extend_from_slice(field.as_bytes());
     }
-    let sizes = match headers {
-        Some(h) => format!(" {} {}\r\n", h.len(), h.len() + payload.len()),
-        None => format!(" {}\r\n", payload.len()),
-    };
-    out.extend_from_slice(sizes.as_bytes());
+    if let Some(h) = headers {
+        out.push(b' ');
+        push_decimal(h.len(), out);
+        out.push(b' ');
+        push_decimal(h.len() + payload.len(), out);
+    } else {
+        out.push(b' ');
+        push_decimal(payload.len(), out);
+    }
+    out.extend_from_slice(b"\r\n");
     if let Some(h) = headers {
         out.extend_from_slice(h);
     }
@@ -173,9 +193,35 @@ pub(crate) fn emit_message(
     Ok(())
 }
 
+/// Append `n` in decimal (no formatting machinery: this runs per message).
+pub(crate) fn push_decimal(mut n: usize, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(i..).unwrap_or_default());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals() {
+        for n in [0usize, 7, 10, 99, 100, 1_048_576, usize::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(n, &mut out);
+            assert_eq!(out, format!("x{n}").as_bytes());
+        }
+    }
 
     #[test]
     fn line_finding_is_bounded() {
@@ -187,6 +233,9 @@ mod tests {
         let mut ok = vec![b'a'; MAX_CONTROL_LINE];
         ok.extend_from_slice(b"\r\n");
         assert_eq!(find_line(&ok), Ok(Some(MAX_CONTROL_LINE)));
+        // A lone LF or CR is not a line end.
+        assert_eq!(find_line(b"\nA\rB\r\n"), Ok(Some(4)));
+        assert_eq!(find_line(b"A\n\r"), Ok(None));
     }
 
     #[test]

@@ -183,13 +183,20 @@ pub fn parse_client_op(
     let line = buf.get(..eol).unwrap_or_default();
     let after_line = eol + 2;
     let (op, args) = split_op(line);
-    let upper = op.to_ascii_uppercase();
-    let fields = || -> Vec<&[u8]> {
-        args.split(|b| *b == b' ' || *b == b'\t')
-            .filter(|f| !f.is_empty())
-            .collect()
+    // Per-message path: no allocation for the op name or the fields.
+    let mut upper = [0u8; 8];
+    let name_len = op.len().min(upper.len());
+    if let (Some(dst), Some(src)) = (upper.get_mut(..name_len), op.get(..name_len)) {
+        dst.copy_from_slice(src);
+        dst.make_ascii_uppercase();
+    }
+    let upper: &[u8] = if op.len() <= 7 {
+        upper.get(..name_len).unwrap_or_default()
+    } else {
+        b""
     };
-    match upper.as_slice() {
+    let fields = || Fields::split(args);
+    match upper {
         b"PING" => Ok(Some((ClientOp::Ping, after_line))),
         b"PONG" => Ok(Some((ClientOp::Pong, after_line))),
         b"CONNECT" => {
@@ -235,7 +242,7 @@ pub fn parse_client_op(
             )))
         }
         b"PUB" | b"HPUB" => {
-            let with_headers = upper.as_slice() == b"HPUB";
+            let with_headers = upper == b"HPUB";
             let name = if with_headers { "HPUB" } else { "PUB" };
             let f = fields();
             let sizes = if with_headers { 2 } else { 1 };
@@ -288,6 +295,46 @@ pub fn parse_client_op(
         _ => Err(ParseError::UnknownOp(
             String::from_utf8_lossy(op.get(..op.len().min(16)).unwrap_or_default()).into_owned(),
         )),
+    }
+}
+
+/// Up to [`Fields::MAX`] space/tab separated arguments, without a heap
+/// allocation; `len()` counts all of them (so too many are detected).
+struct Fields<'a> {
+    items: [&'a [u8]; Fields::MAX],
+    count: usize,
+}
+
+impl<'a> Fields<'a> {
+    const MAX: usize = 5;
+
+    fn split(args: &'a [u8]) -> Fields<'a> {
+        let mut f = Fields {
+            items: [&[]; Fields::MAX],
+            count: 0,
+        };
+        for field in args
+            .split(|b| *b == b' ' || *b == b'\t')
+            .filter(|f| !f.is_empty())
+        {
+            if let Some(slot) = f.items.get_mut(f.count) {
+                *slot = field;
+            }
+            f.count += 1;
+        }
+        f
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn as_slice(&self) -> &[&'a [u8]] {
+        self.items.get(..self.count).unwrap_or(&self.items)
+    }
+
+    fn get(&self, i: usize) -> Option<&&'a [u8]> {
+        self.as_slice().get(i)
     }
 }
 
