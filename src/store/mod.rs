@@ -61,6 +61,35 @@ pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
 const WBUF_FLUSH: usize = 1 << 20;
 /// Name of the metadata file.
 pub const META_NAME: &str = "meta";
+/// Name of the file recording the stream's retention policy (`limits`,
+/// `interest` or `workqueue`), so a config change JetStream would refuse
+/// is refused at open.
+pub const RETENTION_NAME: &str = "retention";
+
+fn retention_name(r: Retention) -> &'static str {
+    match r {
+        Retention::Limits => "limits",
+        Retention::Interest => "interest",
+        Retention::WorkQueue => "workqueue",
+    }
+}
+
+/// JetStream's rule: a stream's retention may change between `limits` and
+/// `interest`, never to or from `workqueue` (its messages were removed by
+/// acks with other meaning).
+fn check_retention_change(stream: &str, stored: &[u8], now: Retention) -> io::Result<()> {
+    let was = String::from_utf8_lossy(stored).trim().to_string();
+    let is = retention_name(now);
+    if was != is && (was == "workqueue" || is == "workqueue") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "stream {stream}: retention cannot change from {was:?} to {is:?} (to or from workqueue is refused, as in JetStream); set it back, or remove the stream's directory to start it anew"
+            ),
+        ));
+    }
+    Ok(())
+}
 const META_MAGIC: &[u8; 8] = b"FRNDMET1";
 const META_LEN: usize = 28;
 /// A sealed segment is compacted when live records use at most
@@ -625,6 +654,7 @@ impl Store {
         let mut del_files = BTreeSet::new();
         let mut meta = None;
         let mut keycheck = None;
+        let mut stored_retention = None;
         for name in self.backend.list()? {
             match parse_name(&name) {
                 Some((base, "seg")) => bases.push(base),
@@ -642,6 +672,11 @@ impl Store {
                     }
                 }
                 _ if name == crypt::KEYCHECK_NAME => keycheck = Some(self.read_file(&name)?),
+                _ if name == RETENTION_NAME => {
+                    let b = self.read_file(&name)?;
+                    check_retention_change(&self.opts.stream_name, &b, self.opts.retention)?;
+                    stored_retention = Some(b);
+                }
                 _ if name.ends_with(".tmp") => self.backend.remove(&name)?,
                 _ => {}
             }
@@ -737,6 +772,10 @@ impl Store {
         if let (true, Some(k)) = (write_keycheck, &self.opts.key) {
             let b = k.keycheck()?;
             self.backend.write_atomic(crypt::KEYCHECK_NAME, &b)?;
+        }
+        let retention = retention_name(self.opts.retention).as_bytes();
+        if stored_retention.as_deref() != Some(retention) {
+            self.backend.write_atomic(RETENTION_NAME, retention)?;
         }
         if let Some(seg) = self.segs.back_mut() {
             // Its tail may have held other bytes before a crash (a torn or

@@ -103,8 +103,8 @@ fn concurrent_async_publishers_get_ordered_acks() {
     assert_eq!(got.len(), 200);
     assert_eq!(
         s.bytes,
-        b.clone().disk_usage().unwrap() - 28,
-        "bytes = records without the segment header"
+        b.clone().disk_usage().unwrap() - 28 - "limits".len() as u64,
+        "bytes = records without the segment header and the retention file"
     );
     assert!(b.sync_count() <= 200);
     block_on(h.close());
@@ -299,6 +299,38 @@ fn file_storage_open_publish_reopen() {
     assert_eq!(h.state().last_seq, 10);
     let got = block_on(h.read(3, 2, usize::MAX)).unwrap();
     assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+}
+
+#[test]
+fn retention_changes_follow_jetstream_rules_across_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |r: Retention| StreamConfig {
+        retention: r,
+        ..StreamConfig::new("t", &["t.>"])
+    };
+    let reopen = |r: Retention| match open(dir.path(), with(r)) {
+        Ok((h, _)) => {
+            block_on(h.close());
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    // limits <-> interest is allowed.
+    reopen(Retention::Limits).unwrap();
+    reopen(Retention::Interest).unwrap();
+    reopen(Retention::Limits).unwrap();
+    // to workqueue is refused, naming the stream and both policies.
+    let e = reopen(Retention::WorkQueue).unwrap_err();
+    assert!(
+        e.contains("stream t") && e.contains("\"limits\" to \"workqueue\""),
+        "{e}"
+    );
+    // A new stream may be a workqueue, and then it stays one.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (h, _) = open(dir2.path(), with(Retention::WorkQueue)).unwrap();
+    block_on(h.close());
+    let e = open(dir2.path(), with(Retention::Interest)).err().unwrap();
+    assert!(e.to_string().contains("from \"workqueue\""), "{e}");
 }
 
 #[test]
