@@ -332,7 +332,7 @@ pub fn publish_will(
             Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
             None => (None, None),
         };
-        broker.route_mqtt(
+        let _ = broker.route_mqtt(
             &will.subject,
             &will.payload,
             will.qos,
@@ -572,7 +572,8 @@ pub async fn connection<T: Transport>(
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
+                    let routed =
+                        broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
                     if retain {
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.
@@ -594,6 +595,13 @@ pub async fn connection<T: Transport>(
                     let pending = match broker.capture(&subject) {
                         None => Ok(None),
                         Some(stream) => {
+                            // Live subscribers first: let their tasks write
+                            // the delivery before the stream's thread wakes
+                            // (on a busy machine that wake can preempt this
+                            // thread for a whole time slice).
+                            if routed > 0 {
+                                smol::future::yield_now().await;
+                            }
                             let msg = Message {
                                 subject,
                                 headers,
