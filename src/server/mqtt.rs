@@ -786,12 +786,16 @@ pub async fn connection<T: Transport>(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if deadline != timer_at {
-            match deadline {
-                Some(d) => timer.set_at(d),
-                None => timer = Timer::never(),
+        // Re-arm only when the deadline comes earlier. The keep-alive
+        // deadline moves later with every packet, and re-arming costs the
+        // reactor several syscalls per packet; a timer that fires early is
+        // harmless (`handle_timeout` and `save_at` check the time) and is
+        // re-armed at the current deadline on the next turn.
+        if let Some(d) = deadline {
+            if timer_at.is_none_or(|t| d < t) {
+                timer.set_at(d);
+                timer_at = Some(d);
             }
-            timer_at = deadline;
         }
         let want_read = session.wants_input();
         let room = session.stream_room() > 0;
