@@ -142,3 +142,31 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     .await;
     assert_eq!(code, 200);
 }
+
+/// The keep-alive timer is armed once and not moved with every packet
+/// (that cost syscalls on the delivery path); a client that stops talking
+/// after its deadline moved later must still be disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_closes_a_silent_client_after_activity() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let mut s = TcpStream::connect(("127.0.0.1", frond.mqtt_port))
+        .await
+        .expect("connect to frond");
+    // CONNECT as connect_packet, with a 1 s keep-alive.
+    let mut connect = connect_packet("ka-silent");
+    connect[10..12].copy_from_slice(&1u16.to_be_bytes());
+    s.write_all(&connect).await.expect("send CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.expect("read CONNACK");
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "CONNACK accepted");
+    // Activity moves the deadline later each time.
+    for _ in 0..3 {
+        s.write_all(&[0xC0, 0x00]).await.expect("send PINGREQ");
+        let mut resp = [0u8; 2];
+        s.read_exact(&mut resp).await.expect("read PINGRESP");
+        assert_eq!(resp, [0xD0, 0x00]);
+    }
+    // Then silence: frond closes within 1.5 × keep-alive (expect_closed
+    // allows 5 s).
+    expect_closed(&mut s, "silent client with a 1 s keep-alive").await;
+}

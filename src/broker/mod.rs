@@ -511,11 +511,12 @@ impl Broker {
 
     /// Hand an MQTT publish to every matching subscriber (live delivery).
     pub fn route(&self, subj: &str, payload: &[u8], qos: u8, retain: bool) {
-        self.route_mqtt(subj, payload, qos, retain, None, None);
+        let _ = self.route_mqtt(subj, payload, qos, retain, None, None);
     }
 
     /// [`Broker::route`] with the NATS header block and reply subject an
-    /// MQTT 5 publish maps to ([`bridge`]).
+    /// MQTT 5 publish maps to ([`bridge`]). Returns how many
+    /// subscriptions it was handed to, as [`Broker::route_msg`].
     pub fn route_mqtt(
         &self,
         subj: &str,
@@ -524,7 +525,7 @@ impl Broker {
         retain: bool,
         headers: Option<Vec<u8>>,
         reply: Option<String>,
-    ) {
+    ) -> usize {
         let mut headers = headers;
         let mut reply = reply;
         self.route_inner(None, subj, qos, retain, &mut || {
@@ -534,7 +535,7 @@ impl Broker {
                 headers: headers.take(),
                 payload: payload.to_vec(),
             })
-        });
+        })
     }
 
     /// Hand a message (NATS publish, or one the server makes, such as a

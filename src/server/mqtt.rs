@@ -332,7 +332,7 @@ pub fn publish_will(
             Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
             None => (None, None),
         };
-        broker.route_mqtt(
+        let _ = broker.route_mqtt(
             &will.subject,
             &will.payload,
             will.qos,
@@ -572,7 +572,8 @@ pub async fn connection<T: Transport>(
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
+                    let routed =
+                        broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
                     if retain {
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.
@@ -594,6 +595,13 @@ pub async fn connection<T: Transport>(
                     let pending = match broker.capture(&subject) {
                         None => Ok(None),
                         Some(stream) => {
+                            // Live subscribers first: let their tasks write
+                            // the delivery before the stream's thread wakes
+                            // (on a busy machine that wake can preempt this
+                            // thread for a whole time slice).
+                            if routed > 0 {
+                                smol::future::yield_now().await;
+                            }
                             let msg = Message {
                                 subject,
                                 headers,
@@ -778,12 +786,16 @@ pub async fn connection<T: Transport>(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if deadline != timer_at {
-            match deadline {
-                Some(d) => timer.set_at(d),
-                None => timer = Timer::never(),
+        // Re-arm only when the deadline comes earlier. The keep-alive
+        // deadline moves later with every packet, and re-arming costs the
+        // reactor several syscalls per packet; a timer that fires early is
+        // harmless (`handle_timeout` and `save_at` check the time) and is
+        // re-armed at the current deadline on the next turn.
+        if let Some(d) = deadline {
+            if timer_at.is_none_or(|t| d < t) {
+                timer.set_at(d);
+                timer_at = Some(d);
             }
-            timer_at = deadline;
         }
         let want_read = session.wants_input();
         let room = session.stream_room() > 0;
