@@ -1602,6 +1602,21 @@ subject_prefix = "fleet.truck-042."
     }
 
     #[test]
+    fn uplink_nkey_seed_and_creds() {
+        let seed = crate::nkey::SeedKey::from_bytes([6u8; 32]);
+        let up =
+            |extra: &str| Config::parse(&format!("[uplink]\nurls = [\"nats://h\"]\n{extra}\n"));
+        let c = up(&format!("nkey_seed = \"{}\"", seed.encode())).unwrap();
+        assert_eq!(c.uplink.unwrap().nkey_seed, Some(seed.clone()));
+        let e = up(&format!("nkey_seed = \"{}\"", seed.public_key())).unwrap_err();
+        assert!(e.0.contains("uplink.nkey_seed"), "{e}");
+        let e = up(&format!("nkey_seed = \"{}\"\ntoken = \"t\"", seed.encode())).unwrap_err();
+        assert!(e.0.contains("not several"), "{e}");
+        let e = up("creds = \"/etc/frond/hub.creds\"").unwrap_err();
+        assert!(e.0.contains("nkey_seed"), "{e}");
+    }
+
+    #[test]
     fn stream_semantics_keys() {
         let base = "[[stream]]\nname = \"KV\"\nsubjects = [\"kv.>\"]\n";
         let c = Config::parse(&format!(
