@@ -5,6 +5,12 @@
 //! anonymous policy, and the permission checks on NATS subjects (an MQTT
 //! topic `a/b` is checked as subject `a.b`).
 //!
+//! NATS clients may instead prove an nkey (`[[auth.users]]` with `nkey =
+//! "U…"`): `INFO` then carries a random nonce, and `CONNECT` must carry
+//! the public key and its Ed25519 signature of that nonce (see
+//! [`crate::nkey`]). MQTT `CONNECT` has no way to sign a nonce, so nkey
+//! users cannot log in over MQTT.
+//!
 //! Semantics follow nats-server:
 //! - An empty allow list allows everything; a deny entry always wins.
 //! - Publish: the literal subject must match an allow filter and no deny
@@ -141,6 +147,8 @@ pub enum Secret {
     Bcrypt(String),
     /// A plain-text password (accepted, warned about at start-up).
     Plain(String),
+    /// A user's Ed25519 public key (an nkey user; no password matches).
+    Nkey([u8; 32]),
 }
 
 impl fmt::Debug for Secret {
@@ -148,6 +156,7 @@ impl fmt::Debug for Secret {
         match self {
             Secret::Bcrypt(_) => f.write_str("Bcrypt(..)"),
             Secret::Plain(_) => f.write_str("Plain(..)"),
+            Secret::Nkey(k) => write!(f, "Nkey({})", crate::nkey::encode_user_public(k)),
         }
     }
 }
@@ -169,6 +178,7 @@ impl Secret {
         match self {
             Secret::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
             Secret::Plain(p) => ct_eq(p.as_bytes(), password),
+            Secret::Nkey(_) => false,
         }
     }
 }
@@ -250,6 +260,36 @@ impl Auth {
                 )
             })
             .collect()
+    }
+
+    /// Are there nkey users (then `INFO` must carry a nonce)?
+    pub fn has_nkeys(&self) -> bool {
+        self.users
+            .iter()
+            .any(|u| matches!(u.secret, Secret::Nkey(_)))
+    }
+
+    /// A NATS client's nkey proof: `nkey` (a user public key `U…`) and
+    /// `sig` (base64url Ed25519 signature of the `nonce` sent in `INFO`).
+    pub fn authenticate_nkey(
+        &self,
+        nkey: &str,
+        sig: &str,
+        nonce: &str,
+    ) -> Result<Arc<Permissions>, Refusal> {
+        let Ok(key) = crate::nkey::decode_user_public(nkey) else {
+            return Err(Refusal::BadCredentials);
+        };
+        let user = self
+            .users
+            .iter()
+            .find(|u| matches!(&u.secret, Secret::Nkey(k) if *k == key));
+        match user {
+            Some(u) if crate::nkey::verify(&key, nonce.as_bytes(), sig) => {
+                Ok(u.permissions.clone())
+            }
+            _ => Err(Refusal::BadCredentials),
+        }
     }
 
     /// A NATS `auth_token`: accepted when it is the password of a user

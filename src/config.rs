@@ -152,6 +152,8 @@ pub struct UplinkConfig {
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// `nkey_seed = "SU…"`: sign the hub's nonce as this nkey user.
+    pub nkey_seed: Option<crate::nkey::SeedKey>,
     /// CA for the hub's certificate; `None`: the system's roots.
     pub tls_ca: Option<PathBuf>,
     /// (certificate, key) presented to the hub, if it wants one.
@@ -625,8 +627,13 @@ impl RawResponses {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUser {
+    /// Optional for nkey users (their public key is used in logs).
+    #[serde(default)]
     name: String,
+    #[serde(default)]
     password: String,
+    /// A user public key `U…` (NATS clients only) instead of a password.
+    nkey: Option<String>,
     #[serde(default)]
     allow_publish: Vec<String>,
     #[serde(default)]
@@ -675,18 +682,51 @@ impl RawAuth {
                 .validate("auth.anonymous_permissions")?,
         );
         let mut users: Vec<User> = Vec::new();
-        for (i, u) in self.users.into_iter().enumerate() {
+        for (i, mut u) in self.users.into_iter().enumerate() {
             let key = format!("auth.users[{i}] ({:?})", u.name);
+            let nkey = match &u.nkey {
+                Some(_) if !u.password.is_empty() => {
+                    return err(format!(
+                        "{key}: give either password or nkey, not both"
+                    ))
+                }
+                Some(k) => match crate::nkey::decode_user_public(k) {
+                    Ok(raw) => {
+                        if u.name.is_empty() {
+                            u.name = k.clone();
+                        }
+                        Some(raw)
+                    }
+                    Err(e) => {
+                        return err(format!(
+                            "{key}.nkey: {e}; give the user's public key (56 characters starting with 'U', e.g. from `nsc describe user` or `nk -gen user -pubout`), never its seed"
+                        ))
+                    }
+                },
+                None => None,
+            };
             if u.name.is_empty() {
                 return err(format!("{key}.name: must not be empty"));
             }
             if users.iter().any(|x| x.name == u.name) {
                 return err(format!("{key}.name: user {:?} is defined twice", u.name));
             }
-            if u.password.is_empty() {
-                return err(format!("{key}.password: must not be empty"));
+            if nkey.is_some()
+                && users
+                    .iter()
+                    .any(|x| matches!(&x.secret, Secret::Nkey(k) if Some(*k) == nkey))
+            {
+                return err(format!("{key}.nkey: this public key is defined twice"));
             }
-            let secret = Secret::parse(&u.password);
+            if nkey.is_none() && u.password.is_empty() {
+                return err(format!(
+                    "{key}.password: must not be empty (or give nkey = \"U…\" for a NATS nkey user)"
+                ));
+            }
+            let secret = match nkey {
+                Some(k) => Secret::Nkey(k),
+                None => Secret::parse(&u.password),
+            };
             if matches!(&secret, Secret::Plain(p) if p.starts_with("$2")) {
                 return err(format!(
                     "{key}.password: looks like a bcrypt hash but is not one ($2a$/$2b$/$2y$, cost, then 53 characters); check for truncation"
@@ -1014,8 +1054,21 @@ impl RawStream {
 
 impl RawUplink {
     fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
-        if self.nkey_seed.is_some() || self.creds.is_some() {
-            return err("uplink: nkey_seed and creds are not supported yet (planned); use user/password or token");
+        if self.creds.is_some() {
+            return err("uplink.creds: .creds files (JWT authentication) are not supported yet (planned); use nkey_seed = \"SU…\" (an nkey user on the hub), user/password or token");
+        }
+        let nkey_seed = match &self.nkey_seed {
+            Some(s) => Some(crate::nkey::SeedKey::parse(s).map_err(|e| {
+                ConfigError(format!(
+                    "uplink.nkey_seed: {e}; give the user's seed (58 characters starting with \"SU\"), as stored by `nsc` or printed by `nk -gen user`"
+                ))
+            })?),
+            None => None,
+        };
+        if nkey_seed.is_some()
+            && (self.token.is_some() || self.user.is_some() || self.password.is_some())
+        {
+            return err("uplink: give either nkey_seed or user/password or token, not several");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return err("uplink.tls_cert and uplink.tls_key go together");
@@ -1090,6 +1143,7 @@ impl RawUplink {
             user: self.user,
             password: self.password,
             token: self.token,
+            nkey_seed,
             tls_ca: self.tls_ca,
             tls_client: self.tls_cert.zip(self.tls_key),
             max_inflight: self.max_inflight,
@@ -1403,6 +1457,47 @@ password = "pw"
     }
 
     #[test]
+    fn auth_nkey_users() {
+        use crate::nkey::SeedKey;
+        let seed = SeedKey::from_bytes([5u8; 32]);
+        let public = seed.public_key();
+        let c = Config::parse(&format!(
+            "[auth]\n[[auth.users]]\nnkey = \"{public}\"\nallow_publish = [\"a.>\"]\n[[auth.users]]\nname = \"plain\"\npassword = \"pw\"\n"
+        ))
+        .unwrap();
+        let a = c.nats.auth.unwrap();
+        assert!(a.has_nkeys());
+        assert_eq!(a.users[0].name, public, "the key names an unnamed user");
+        let nonce = "abc";
+        let p = a
+            .authenticate_nkey(&public, &seed.sign(nonce.as_bytes()), nonce)
+            .unwrap();
+        assert!(p.can_publish("a.b") && !p.can_publish("b"));
+        assert!(a
+            .authenticate_nkey(&public, &seed.sign(b"other"), nonce)
+            .is_err());
+        // An nkey user has no password (also not over MQTT).
+        assert!(a.authenticate(Some(&public), Some(b"")).is_err());
+        assert!(a.authenticate_token("").is_err());
+        let seed_text = seed.encode();
+        let mut bad_sum = public.clone().into_bytes();
+        bad_sum[5] = if bad_sum[5] == b'A' { b'B' } else { b'A' };
+        let bad_sum = String::from_utf8(bad_sum).unwrap();
+        for bad in [
+            format!("[auth]\n[[auth.users]]\nnkey = \"{seed_text}\"\n"),
+            format!("[auth]\n[[auth.users]]\nnkey = \"{bad_sum}\"\n"),
+            format!("[auth]\n[[auth.users]]\nnkey = \"{public}\"\npassword = \"x\"\n"),
+            format!("[auth]\n[[auth.users]]\nnkey = \"{public}\"\n[[auth.users]]\nname = \"b\"\nnkey = \"{public}\"\n"),
+            "[auth]\n[[auth.users]]\nname = \"a\"\n".to_string(),
+        ] {
+            assert!(Config::parse(&bad).is_err(), "{bad}");
+        }
+        let e = Config::parse(&format!("[auth]\n[[auth.users]]\nnkey = \"{seed_text}\"\n"))
+            .unwrap_err();
+        assert!(!e.to_string().contains(&seed_text[4..]), "{e}");
+    }
+
+    #[test]
     fn allow_responses_forms() {
         let user = |extra: &str| {
             Config::parse(&format!(
@@ -1504,6 +1599,21 @@ subject_prefix = "fleet.truck-042."
             Config::parse("[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nsync = \"sometimes\"\n")
                 .unwrap_err();
         assert!(e.0.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn uplink_nkey_seed_and_creds() {
+        let seed = crate::nkey::SeedKey::from_bytes([6u8; 32]);
+        let up =
+            |extra: &str| Config::parse(&format!("[uplink]\nurls = [\"nats://h\"]\n{extra}\n"));
+        let c = up(&format!("nkey_seed = \"{}\"", seed.encode())).unwrap();
+        assert_eq!(c.uplink.unwrap().nkey_seed, Some(seed.clone()));
+        let e = up(&format!("nkey_seed = \"{}\"", seed.public_key())).unwrap_err();
+        assert!(e.0.contains("uplink.nkey_seed"), "{e}");
+        let e = up(&format!("nkey_seed = \"{}\"\ntoken = \"t\"", seed.encode())).unwrap_err();
+        assert!(e.0.contains("not several"), "{e}");
+        let e = up("creds = \"/etc/frond/hub.creds\"").unwrap_err();
+        assert!(e.0.contains("nkey_seed"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod logger;
+pub mod nkey;
 pub mod run;
 pub mod server;
 pub mod store;

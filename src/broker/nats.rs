@@ -101,6 +101,8 @@ pub struct Conn {
     replies: HashMap<String, (u64, Instant)>,
     /// The latest time the shell told us (for `allow_responses` expiry).
     now: Instant,
+    /// The nonce sent in `INFO` (nkey users sign it in `CONNECT`).
+    nonce: Option<String>,
 }
 
 /// Most reply subjects tracked for `allow_responses`; expired and used-up
@@ -128,6 +130,7 @@ impl Conn {
             perms: None,
             replies: HashMap::new(),
             now,
+            nonce: info.nonce.clone(),
         }
     }
 
@@ -222,6 +225,12 @@ impl Conn {
                     );
                 };
                 let res = match (&c.user, &c.auth_token) {
+                    _ if c.nkey.is_some() => match (&c.nkey, &self.nonce) {
+                        (Some(k), Some(n)) => {
+                            auth.authenticate_nkey(k, c.sig.as_deref().unwrap_or_default(), n)
+                        }
+                        _ => Err(crate::auth::Refusal::BadCredentials),
+                    },
                     (Some(u), _) => {
                         auth.authenticate(Some(u), c.pass.as_deref().map(str::as_bytes))
                     }
@@ -231,7 +240,12 @@ impl Conn {
                 match res {
                     Ok(p) => self.perms = (!p.is_unrestricted()).then_some(p),
                     Err(r) => {
-                        let who = c.user.clone().unwrap_or_default();
+                        let who = c
+                            .user
+                            .as_ref()
+                            .or(c.nkey.as_ref())
+                            .cloned()
+                            .unwrap_or_default();
                         return self.fatal(
                             wire::ERR_AUTH,
                             format!("authentication failed for user {who:?} ({r:?})"),
@@ -748,6 +762,83 @@ mod tests {
         assert_eq!(ops(&mut c), vec![ServerOp::Err("Stale Connection".into())]);
         assert!(c.is_closed());
         assert_eq!(c.poll_deadline(), None);
+    }
+
+    #[test]
+    fn nkey_connect_verifies_the_signed_nonce() {
+        use crate::auth::{Auth, Secret, User};
+        use crate::nkey::{decode_user_public, SeedKey};
+        let seed = SeedKey::from_bytes([8u8; 32]);
+        let public = seed.public_key();
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "dev".into(),
+                secret: Secret::Nkey(decode_user_public(&public).unwrap()),
+                permissions: Arc::new(Permissions {
+                    allow_publish: vec!["ok".into()],
+                    ..Permissions::default()
+                }),
+            }],
+        });
+        let info = InfoOut {
+            nonce: Some("n0nce".into()),
+            auth_required: true,
+            ..InfoOut::default()
+        };
+        let conn = |line: String| {
+            let now = Instant::now();
+            let mut c = Conn::new(
+                Limits {
+                    auth: Some(auth.clone()),
+                    ..limits()
+                },
+                &info,
+                now,
+            );
+            let ServerOp::Info(j) = &ops(&mut c)[0] else {
+                panic!("no INFO")
+            };
+            assert!(j.contains("\"nonce\":\"n0nce\""), "{j}");
+            c.handle_bytes(format!("{line}\r\nPUB no 1\r\nx\r\n").as_bytes(), now);
+            (ops(&mut c), c.is_closed())
+        };
+        let good = format!(
+            "CONNECT {{\"nkey\":\"{public}\",\"sig\":\"{}\"}}",
+            seed.sign(b"n0nce")
+        );
+        let (o, closed) = conn(good);
+        assert!(!closed);
+        assert_eq!(
+            o,
+            vec![ServerOp::Err(
+                "Permissions Violation for Publish to \"no\"".into()
+            )],
+            "the user's permissions apply"
+        );
+        let other = SeedKey::from_bytes([9u8; 32]);
+        for bad in [
+            format!(
+                "CONNECT {{\"nkey\":\"{public}\",\"sig\":\"{}\"}}",
+                other.sign(b"n0nce")
+            ),
+            format!(
+                "CONNECT {{\"nkey\":\"{}\",\"sig\":\"{}\"}}",
+                other.public_key(),
+                other.sign(b"n0nce")
+            ),
+            format!("CONNECT {{\"nkey\":\"{public}\"}}"),
+            "CONNECT {\"user\":\"dev\",\"pass\":\"\"}".to_string(),
+        ] {
+            let (o, closed) = conn(bad.clone());
+            assert!(closed, "{bad}");
+            assert_eq!(
+                o,
+                vec![ServerOp::Err("Authorization Violation".into())],
+                "{bad}"
+            );
+        }
     }
 
     #[test]

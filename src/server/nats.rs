@@ -83,6 +83,7 @@ pub async fn serve(
         auth_required: cfg.auth.is_some(),
         ..InfoOut::default()
     };
+    let nkeys = cfg.auth.as_ref().is_some_and(|a| a.has_nkeys());
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -137,6 +138,9 @@ pub async fn serve(
             let conn = broker.new_conn_id();
             info.client_id = conn;
             info.client_ip = peer.ip().to_string();
+            if nkeys {
+                info.nonce = Some(crate::nkey::nonce());
+            }
             let why = connection(sock, &broker, conn, limits, &info, max_pending, shutdown).await;
             broker.drop_conn(conn);
             broker

@@ -452,6 +452,11 @@ async fn session(
     let mut out = Vec::new();
     let mut opts = credentials(cfg, url);
     opts.name = format!("frond {node}");
+    if let Some(seed) = &cfg.nkey_seed {
+        // The hub checks this signature of the nonce it just sent.
+        opts.nkey = Some(seed.public_key());
+        opts.sig = Some(seed.sign(info.nonce.as_bytes()));
+    }
     client::connect(&opts, &mut out);
     client::ping(&mut out);
     if let Err(e) = write_flush(&mut sock, &out).await {
@@ -463,7 +468,7 @@ async fn session(
             Ok(ServerOp::Pong) => break,
             Ok(ServerOp::Err(e)) => {
                 let hint = if e.to_ascii_lowercase().contains("authorization") {
-                    " (check uplink user/password/token)"
+                    " (check uplink user/password/token/nkey_seed)"
                 } else {
                     ""
                 };

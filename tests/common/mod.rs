@@ -168,6 +168,9 @@ pub struct NatsServer {
     starts: usize,
     /// With TLS: (certificate, key, CA that signed it).
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// With nkey authorization: (user public key, its seed); the hub
+    /// accepts only that user, and this harness's clients log in as it.
+    nkey: Option<(String, String)>,
 }
 
 impl NatsServer {
@@ -176,9 +179,22 @@ impl NatsServer {
         Self::start_with_tls(None).await
     }
 
+    /// Starts a hub (from a config file) that accepts only the nkey user
+    /// with `public` key; this harness's clients sign with `seed`.
+    pub async fn start_with_nkey_user(public: &str, seed: &str) -> NatsServer {
+        Self::start_inner(None, Some((public.to_string(), seed.to_string()))).await
+    }
+
     /// Starts a hub that requires TLS with `tls` = (certificate, key, CA);
     /// this harness's own clients trust the CA.
     pub async fn start_with_tls(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> NatsServer {
+        Self::start_inner(tls, None).await
+    }
+
+    async fn start_inner(
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+        nkey: Option<(String, String)>,
+    ) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("frond-hub-")
             .tempdir()
@@ -189,6 +205,7 @@ impl NatsServer {
             child: None,
             starts: 0,
             tls,
+            nkey,
         };
         s.spawn().await;
         s
@@ -227,6 +244,15 @@ impl NatsServer {
                 .arg(cert)
                 .arg("--tlskey")
                 .arg(key);
+        }
+        if let Some((public, _)) = &self.nkey {
+            let conf = self.dir.path().join("hub.conf");
+            std::fs::write(
+                &conf,
+                format!("authorization {{ users = [ {{ nkey: \"{public}\" }} ] }}\n"),
+            )
+            .expect("write nats-server config");
+            cmd.arg("-c").arg(conf);
         }
         let child = cmd
             .arg("-js")
@@ -312,6 +338,9 @@ impl NatsServer {
         let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
         if let Some((_, _, ca)) = &self.tls {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((_, seed)) = &self.nkey {
+            opts = opts.nkey(seed.clone());
         }
         opts.connect(self.url()).await
     }

@@ -181,6 +181,9 @@ pub struct ConnectOptions {
     pub user: Option<String>,
     pub pass: Option<String>,
     pub auth_token: Option<String>,
+    /// nkey authentication: the user public key and the signed nonce.
+    pub nkey: Option<String>,
+    pub sig: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -198,6 +201,10 @@ struct ConnectJson<'a> {
     pass: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     auth_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nkey: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<&'a str>,
     protocol: u8,
     echo: bool,
 }
@@ -215,6 +222,8 @@ pub fn connect(opts: &ConnectOptions, out: &mut Vec<u8>) {
         user: opts.user.as_deref(),
         pass: opts.pass.as_deref(),
         auth_token: opts.auth_token.as_deref(),
+        nkey: opts.nkey.as_deref(),
+        sig: opts.sig.as_deref(),
         protocol: 1,
         echo: false,
     };
@@ -436,6 +445,8 @@ mod tests {
                 user: Some("u".into()),
                 pass: Some("p\"q".into()),
                 auth_token: None,
+                nkey: None,
+                sig: None,
             },
             &mut out,
         );

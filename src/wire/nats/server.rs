@@ -85,6 +85,9 @@ pub struct ConnectInfo {
     pub user: Option<String>,
     pub pass: Option<String>,
     pub auth_token: Option<String>,
+    /// nkey authentication: the user public key and the signed nonce.
+    pub nkey: Option<String>,
+    pub sig: Option<String>,
     #[serde(deserialize_with = "null_default")]
     pub tls_required: bool,
 }
@@ -117,6 +120,8 @@ impl Default for ConnectInfo {
             user: None,
             pass: None,
             auth_token: None,
+            nkey: None,
+            sig: None,
             tls_required: false,
         }
     }
