@@ -467,6 +467,15 @@ impl MqttBench {
     }
 }
 
+/// A bench client socket: no Nagle delay, reads give up after 30 s.
+fn dial(addr: &str) -> Result<TcpStream, String> {
+    let s =
+        TcpStream::connect(addr).map_err(|e| format!("bench: cannot connect to {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    Ok(s)
+}
+
 /// One blocking MQTT 3.1.1 client connection (bench helper).
 struct MqttConn {
     s: TcpStream,
@@ -478,10 +487,7 @@ struct MqttConn {
 
 impl MqttConn {
     fn connect(addr: &str, name: &str) -> Result<MqttConn, String> {
-        let s = TcpStream::connect(addr)
-            .map_err(|e| format!("bench: cannot connect to {addr}: {e}"))?;
-        let _ = s.set_nodelay(true);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let s = dial(addr)?;
         let mut c = MqttConn {
             s,
             inbuf: Vec::new(),
@@ -667,10 +673,7 @@ struct NatsConn {
 
 impl NatsConn {
     fn connect(addr: &str, name: &str) -> Result<NatsConn, String> {
-        let s = TcpStream::connect(addr)
-            .map_err(|e| format!("bench: cannot connect to {addr}: {e}"))?;
-        let _ = s.set_nodelay(true);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let s = dial(addr)?;
         let mut c = NatsConn {
             s,
             inbuf: Vec::with_capacity(256 * 1024),
