@@ -22,6 +22,7 @@ pub mod broker;
 pub mod config;
 pub mod logger;
 pub mod nkey;
+pub mod oneshot;
 pub mod run;
 pub mod server;
 pub mod store;

@@ -165,7 +165,7 @@ enum Wake {
 /// A JetStream publish waiting for its message to be durable.
 struct PendingAck {
     reply: String,
-    stream: String,
+    stream: crate::stream::StreamHandle,
     waiter: AckWaiter,
 }
 
@@ -250,7 +250,7 @@ async fn connection(
                         match (reply, stored) {
                             (Some(reply), Ok(waiter)) => acks.push_back(PendingAck {
                                 reply,
-                                stream: name.clone(),
+                                stream: stream.clone(),
                                 waiter,
                             }),
                             (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e)),
@@ -275,7 +275,7 @@ async fn connection(
                 break;
             };
             if let Some(a) = acks.pop_front() {
-                publish_ack(broker, &a.reply, &a.stream, result);
+                publish_ack(broker, &a.reply, &a.stream.config().name, result);
             }
         }
         // 3. Deliveries, while the write buffer has room; a full outbox
@@ -410,25 +410,50 @@ fn publish_ack(
     stream: &str,
     result: Result<crate::stream::PubAck, StreamError>,
 ) {
-    let payload = pub_ack_json(stream, result);
     let msg = Arc::new(Msg {
         subject: reply.to_string(),
         reply: None,
         headers: None,
-        payload: payload.into_bytes(),
+        payload: pub_ack_json(stream, result).into_bytes(),
     });
     broker.route_msg(None, msg, 0);
 }
 
-/// The JSON JetStream clients expect in reply to a publish.
+/// A JetStream API error as clients read it.
+#[derive(serde::Serialize)]
+struct ApiErrorJson<'a> {
+    error: ApiError<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ApiError<'a> {
+    code: u16,
+    err_code: u32,
+    description: &'a str,
+}
+
+/// The JSON JetStream clients expect in reply to a publish. A PubAck is
+/// written by hand (one allocation, no serde): this runs once per
+/// JetStream publish.
 pub fn pub_ack_json(stream: &str, result: Result<crate::stream::PubAck, StreamError>) -> String {
-    let v = match result {
+    let json = match result {
         Ok(ack) => {
-            let mut v = serde_json::json!({ "stream": stream, "seq": ack.seq });
-            if ack.duplicate {
-                v["duplicate"] = serde_json::Value::Bool(true);
+            use std::fmt::Write;
+            let mut out = String::with_capacity(40 + stream.len());
+            out.push_str("{\"stream\":");
+            if stream.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+                out.push('"');
+                out.push_str(stream);
+                out.push('"');
+            } else {
+                out.push_str(&serde_json::to_string(stream).unwrap_or_default());
             }
-            v
+            let _ = write!(out, ",\"seq\":{}", ack.seq);
+            if ack.duplicate {
+                out.push_str(",\"duplicate\":true");
+            }
+            out.push('}');
+            Ok(out)
         }
         Err(e) => {
             // JetStream's codes: 10054 "message size exceeds maximum
@@ -441,12 +466,17 @@ pub fn pub_ack_json(stream: &str, result: Result<crate::stream::PubAck, StreamEr
                 ),
                 other => (503, 10077, other.to_string()),
             };
-            serde_json::json!({
-                "error": { "code": code, "err_code": err_code, "description": description }
+            serde_json::to_string(&ApiErrorJson {
+                error: ApiError {
+                    code,
+                    err_code,
+                    description: &description,
+                },
             })
         }
     };
-    v.to_string()
+    // Serialising these structs cannot fail (no maps with non-string keys).
+    json.unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -474,6 +504,18 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(dup["duplicate"], true);
+        let odd: serde_json::Value = serde_json::from_str(&pub_ack_json(
+            "a\"b\\c",
+            Ok(PubAck {
+                seq: u64::MAX,
+                duplicate: false,
+            }),
+        ))
+        .unwrap();
+        assert_eq!(
+            odd,
+            serde_json::json!({"stream": "a\"b\\c", "seq": u64::MAX})
+        );
         let e: serde_json::Value = serde_json::from_str(&pub_ack_json(
             "T",
             Err(StreamError::TooLarge { size: 9, max: 8 }),

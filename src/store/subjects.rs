@@ -9,7 +9,7 @@
 //! lazily by scanning forward, see `Store::subject_first`). Ids of removed
 //! entries are reused, so an id stored for a deleted record means nothing.
 
-use std::collections::HashMap;
+use crate::subject::FastMap;
 
 /// State of one subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub struct SubjectEntry {
 /// Subject name <-> id, with per-subject counts.
 #[derive(Debug, Default)]
 pub struct SubjectTable {
-    ids: HashMap<Box<str>, u32>,
+    ids: FastMap<Box<str>, u32>,
     entries: Vec<Option<SubjectEntry>>,
     free: Vec<u32>,
 }

@@ -370,7 +370,7 @@ impl Shared {
     }
 }
 
-type Reply<T> = smol::channel::Sender<T>;
+type Reply<T> = crate::oneshot::Sender<T>;
 
 enum Cmd {
     Publish(Message, Reply<Result<PubAck, StreamError>>),
@@ -438,13 +438,13 @@ impl StreamHandle {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StreamError> {
-        let (tx, rx) = smol::channel::bounded(1);
+        let (tx, rx) = crate::oneshot::channel();
         self.inner
             .tx
             .send(make(tx))
             .await
             .map_err(|_| StreamError::Closed)?;
-        rx.recv().await.map_err(|_| StreamError::Closed)
+        rx.await.map_err(|_| StreamError::Closed)
     }
 
     /// Append; resolves when durable per the sync policy.
@@ -457,7 +457,7 @@ impl StreamHandle {
     /// caller are stored in that order. Awaits only while the owner's queue
     /// is full (backpressure).
     pub async fn submit(&self, msg: Message) -> Result<AckWaiter, StreamError> {
-        let (tx, rx) = smol::channel::bounded(1);
+        let (tx, rx) = crate::oneshot::channel();
         self.inner
             .tx
             .send(Cmd::Publish(msg, tx))
@@ -583,7 +583,7 @@ impl StreamHandle {
 
 /// The acknowledgement of one submitted message.
 pub struct AckWaiter {
-    rx: smol::channel::Receiver<Result<PubAck, StreamError>>,
+    rx: crate::oneshot::Receiver<Result<PubAck, StreamError>>,
     done: Option<Result<PubAck, StreamError>>,
 }
 
@@ -592,20 +592,17 @@ impl AckWaiter {
     /// [`AckWaiter::try_take`]).
     pub async fn wait(&mut self) {
         if self.done.is_none() {
-            self.done = Some(self.rx.recv().await.unwrap_or(Err(StreamError::Closed)));
+            self.done = Some((&mut self.rx).await.unwrap_or(Err(StreamError::Closed)));
         }
     }
 
     /// The result, once known (taken: later calls return `None`).
     pub fn try_take(&mut self) -> Option<Result<PubAck, StreamError>> {
         if self.done.is_none() {
-            match self.rx.try_recv() {
-                Ok(r) => self.done = Some(r),
-                Err(smol::channel::TryRecvError::Closed) => {
-                    self.done = Some(Err(StreamError::Closed))
-                }
-                Err(smol::channel::TryRecvError::Empty) => {}
-            }
+            self.done = self
+                .rx
+                .try_recv()
+                .map(|r| r.unwrap_or(Err(StreamError::Closed)));
         }
         self.done.take()
     }

@@ -93,7 +93,7 @@ fn io_copy(e: &io::Error) -> io::Error {
 
 fn reply<T>(r: Reply<T>, v: T) {
     // The publisher may have gone away; that is fine.
-    let _ = r.try_send(v);
+    r.send(v);
 }
 
 impl Owner {

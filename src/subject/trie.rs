@@ -11,7 +11,9 @@
 //! tree. Invariant: a cached result is always what a fresh walk would
 //! return — every insert or remove drops the cached subjects its filter
 //! matches (at most [`CACHE_MAX`] filter-matches per change), and the cache
-//! is emptied when it is full.
+//! is emptied when it is full. Reply inboxes (`_INBOX.…`) are never
+//! cached: each is used for one request by convention, so caching them
+//! would only evict the subjects that repeat.
 //!
 //! Filters must be valid ([`super::valid_filter`]); subjects need not be
 //! (an invalid subject simply matches what its tokens match). Nothing here
@@ -236,6 +238,9 @@ pub struct SubjectTrie<V> {
     root: Node<V>,
     len: usize,
     cache: FastMap<Box<str>, Arc<[V]>>,
+    /// The shared result of every lookup that matches nothing (no
+    /// allocation per miss).
+    empty: Arc<[V]>,
     /// Lookups answered from the cache (for tests and metrics).
     pub cache_hits: u64,
 }
@@ -252,6 +257,7 @@ impl<V: Copy + Eq + Hash> SubjectTrie<V> {
             root: Node::default(),
             len: 0,
             cache: FastMap::default(),
+            empty: Arc::from(Vec::new()),
             cache_hits: 0,
         }
     }
@@ -308,7 +314,15 @@ impl<V: Copy + Eq + Hash> SubjectTrie<V> {
             self.cache_hits += 1;
             return hit.clone();
         }
-        let result: Arc<[V]> = self.lookup(subject).into();
+        let found = self.lookup(subject);
+        let result: Arc<[V]> = if found.is_empty() {
+            self.empty.clone()
+        } else {
+            found.into()
+        };
+        if subject.starts_with("_INBOX.") {
+            return result;
+        }
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
@@ -318,10 +332,10 @@ impl<V: Copy + Eq + Hash> SubjectTrie<V> {
 
     /// A fresh walk, bypassing the cache.
     pub fn lookup(&self, subject: &str) -> Vec<V> {
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let mut out = FastSet::default();
-        collect(&self.root, &tokens, &mut out);
-        out.into_iter().collect()
+        let mut out = Vec::new();
+        collect(&self.root, Some(subject), &mut out);
+        dedup(&mut out);
+        out
     }
 
     /// Whether anything matches `subject` (uses the cache when it can).
@@ -337,8 +351,9 @@ impl<V: Copy + Eq + Hash> SubjectTrie<V> {
     }
 }
 
-fn collect<V: Copy + Eq + Hash>(node: &Node<V>, tokens: &[&str], out: &mut FastSet<V>) {
-    let Some((first, rest)) = tokens.split_first() else {
+/// Walks the tokens of `subject` (`None`: all consumed) from `node`.
+fn collect<V: Copy>(node: &Node<V>, subject: Option<&str>, out: &mut Vec<V>) {
+    let Some(subject) = subject else {
         if let Some(v) = &node.values {
             out.extend(v.here.iter().copied());
         }
@@ -348,11 +363,33 @@ fn collect<V: Copy + Eq + Hash>(node: &Node<V>, tokens: &[&str], out: &mut FastS
     if let Some(v) = &node.values {
         out.extend(v.rest.iter().copied());
     }
+    let (first, rest) = match subject.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (subject, None),
+    };
     if let Some(child) = node.literal.get(first) {
         collect(child, rest, out);
     }
     if let Some(star) = &node.star {
         collect(star, rest, out);
+    }
+}
+
+/// Drops repeated values (one value stored under two filters that both
+/// match); order is not kept.
+fn dedup<V: Copy + Eq + Hash>(v: &mut Vec<V>) {
+    if v.len() <= 16 {
+        let mut i = 1;
+        while i < v.len() {
+            if v.get(..i).is_some_and(|seen| seen.contains(&v[i])) {
+                v.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    } else {
+        let mut seen = FastSet::with_capacity_and_hasher(v.len(), FastHash);
+        v.retain(|x| seen.insert(*x));
     }
 }
 
