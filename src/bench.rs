@@ -638,6 +638,8 @@ pub struct NatsBench {
     pub js: bool,
     pub window: usize,
     pub js_subjects: usize,
+    /// Run only this part: `publish`, `fanout` or `request` (all if None).
+    pub only: Option<String>,
 }
 
 impl Default for NatsBench {
@@ -654,6 +656,7 @@ impl Default for NatsBench {
             js: false,
             window: 1000,
             js_subjects: 100,
+            only: None,
         }
     }
 }
@@ -776,7 +779,17 @@ impl NatsBench {
         if self.pubs == 0 || self.subs == 0 || self.msgs == 0 || self.reqs == 0 {
             return Err("bench: --pubs, --subs, --msgs and --reqs must be at least 1".into());
         }
-        let mut lines = vec![self.publish()?, self.fan_out()?, self.request_reply()?];
+        let mut lines = match self.only.as_deref() {
+            None => vec![self.publish()?, self.fan_out()?, self.request_reply()?],
+            Some("publish") => vec![self.publish()?],
+            Some("fanout") => vec![self.fan_out()?],
+            Some("request") => vec![self.request_reply()?],
+            Some(other) => {
+                return Err(format!(
+                    "bench: --only {other:?}: say publish, fanout or request"
+                ))
+            }
+        };
         if self.subscriptions > 0 {
             lines.push(self.subscription_memory()?);
         }

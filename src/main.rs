@@ -49,6 +49,7 @@ BENCH NATS OPTIONS:
                        capturing bench.> (nats-server JetStream or frond)
     --window N         PubAcks awaited at once with --js (default 1000)
     --js-subjects N    distinct subjects with --js (default 100)
+    --only PART        run only publish, fanout or request
 
 ENVIRONMENT:
     FROND_LOG          log level (error, warn, info, debug, trace); overrides config
@@ -153,6 +154,7 @@ fn real_main() -> Result<ExitCode, String> {
                         Long("js") => b.js = true,
                         Long("window") => b.window = num(p.value())?,
                         Long("js-subjects") => b.js_subjects = num(p.value())?,
+                        Long("only") => b.only = Some(string(p.value())?),
                         other => return Err(format!("bench: {}", other.unexpected())),
                     }
                 }
