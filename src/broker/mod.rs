@@ -142,12 +142,20 @@ struct Table {
     subs: subject::FastMap<SubId, Sub>,
     by_conn: subject::FastMap<ConnId, Vec<SubId>>,
     next: SubId,
+    /// Bumped (under the table's lock) by every change of `trie`;
+    /// [`NoInterest`] memories are valid only while it stays the same.
+    generation: Arc<AtomicU64>,
 }
 
 impl Table {
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
     fn add(&mut self, sub: Sub) -> SubId {
         self.next += 1;
         let id = self.next;
+        self.changed();
         self.trie.insert(&sub.filter, id);
         self.by_conn.entry(sub.conn).or_default().push(id);
         self.subs.insert(id, sub);
@@ -158,6 +166,7 @@ impl Table {
         let Some(sub) = self.subs.remove(&id) else {
             return;
         };
+        self.changed();
         self.trie.remove(&sub.filter, id);
         if let Some(ids) = self.by_conn.get_mut(&sub.conn) {
             ids.retain(|i| *i != id);
@@ -302,10 +311,27 @@ impl Outbox {
     }
 }
 
+/// Most subjects one [`NoInterest`] remembers.
+const NO_INTEREST_MAX: usize = 256;
+
+/// A connection's memory of subjects no subscription matched, so that
+/// publishing to them again costs neither the router's lock nor a lookup
+/// (the common case for telemetry nobody is watching live). Valid only
+/// while the router's subscriptions are unchanged: any subscribe or
+/// unsubscribe anywhere empties it at the next publish. Reply inboxes are
+/// never remembered (each is used once).
+#[derive(Debug, Default)]
+pub struct NoInterest {
+    generation: u64,
+    subjects: subject::FastSet<Box<str>>,
+}
+
 /// The router shared by every listener task.
 pub struct Broker {
     streams: Vec<StreamHandle>,
     table: Mutex<Table>,
+    /// The table's generation, readable without its lock.
+    generation: Arc<AtomicU64>,
     clients: Mutex<HashMap<String, (ConnId, Sender<()>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
@@ -335,10 +361,12 @@ impl Broker {
 
     /// A broker that rewrites incoming publishes through `mappings`.
     pub fn with_mappings(streams: Vec<StreamHandle>, mappings: Mappings) -> Arc<Broker> {
+        let table = Table::default();
         Arc::new(Broker {
             mappings,
             streams,
-            table: Mutex::new(Table::default()),
+            generation: table.generation.clone(),
+            table: Mutex::new(table),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
@@ -494,6 +522,7 @@ impl Broker {
         let ids = t.by_conn.remove(&conn).unwrap_or_default();
         for id in ids {
             if let Some(sub) = t.subs.remove(&id) {
+                t.changed();
                 t.trie.remove(&sub.filter, id);
             }
         }
@@ -536,6 +565,7 @@ impl Broker {
                 payload: payload.to_vec(),
             })
         })
+        .unwrap_or(0)
     }
 
     /// Hand a message (NATS publish, or one the server makes, such as a
@@ -545,6 +575,38 @@ impl Broker {
     pub fn route_msg(&self, origin: Option<Origin>, msg: Arc<Msg>, qos: u8) -> usize {
         let shared = &msg;
         self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone())
+            .unwrap_or(0)
+    }
+
+    /// [`Broker::route_msg`] for a connection's publishes: subjects that
+    /// `seen` remembers as matching no subscription skip the table (no
+    /// lock, no lookup; the message is not even wrapped), and subjects
+    /// found to match none are remembered. Returns the message back, for
+    /// capture into a stream (a copy only when a subscriber kept it).
+    pub fn route_publish(
+        &self,
+        seen: &mut NoInterest,
+        origin: Option<Origin>,
+        msg: Msg,
+        qos: u8,
+    ) -> (usize, Msg) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if seen.generation != generation {
+            seen.subjects.clear();
+            seen.generation = generation;
+        } else if seen.subjects.contains(msg.subject.as_str()) {
+            return (0, msg);
+        }
+        let msg = Arc::new(msg);
+        let shared = &msg;
+        let routed = self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone());
+        if routed.is_none() && !msg.subject.starts_with("_INBOX.") {
+            if seen.subjects.len() >= NO_INTEREST_MAX {
+                seen.subjects.clear();
+            }
+            seen.subjects.insert(msg.subject.as_str().into());
+        }
+        (routed.unwrap_or(0), Arc::unwrap_or_clone(msg))
     }
 
     /// Hand `msg` to the subscribers of `to` rather than of `msg.subject`
@@ -552,6 +614,7 @@ impl Broker {
     /// stored subject). Returns how many subscriptions got it.
     pub fn route_to(&self, to: &str, msg: Arc<Msg>) -> usize {
         self.route_inner(None, to, 0, false, &mut || msg.clone())
+            .unwrap_or(0)
     }
 
     fn route_inner(
@@ -561,11 +624,11 @@ impl Broker {
         qos: u8,
         retain: bool,
         make: &mut dyn FnMut() -> Arc<Msg>,
-    ) -> usize {
+    ) -> Option<usize> {
         let mut t = lock(&self.table);
         let ids = t.trie.matches(subj);
         if ids.is_empty() {
-            return 0;
+            return None;
         }
         let skip_conn = origin.filter(|o| !o.echo).map(|o| o.conn);
         // Choose recipients: every plain subscription, one member per queue
@@ -674,7 +737,7 @@ impl Broker {
         for id in finished {
             t.remove(id);
         }
-        count
+        Some(count)
     }
 
     /// Register `client_id` for `conn`. If another connection holds it,
@@ -774,6 +837,45 @@ mod tests {
         let got = ob.take(usize::MAX);
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].0, got[0].1.payload.as_slice()), (11, &b"m"[..]));
+    }
+
+    #[test]
+    fn remembered_no_interest_ends_with_any_subscription_change() {
+        let b = Broker::new(Vec::new());
+        let mut seen = NoInterest::default();
+        let publish = |seen: &mut NoInterest, subject: &str| {
+            let m = Arc::unwrap_or_clone(msg(subject, b"p"));
+            let (n, back) = b.route_publish(seen, None, m, 0);
+            assert_eq!(
+                (back.subject.as_str(), back.payload.as_slice()),
+                (subject, &b"p"[..])
+            );
+            n
+        };
+        assert_eq!(publish(&mut seen, "t.a"), 0);
+        assert_eq!(publish(&mut seen, "_INBOX.x"), 0);
+        assert!(seen.subjects.contains("t.a"));
+        assert!(
+            !seen.subjects.contains("_INBOX.x"),
+            "inboxes are not remembered"
+        );
+        // A subscription elsewhere (another connection, another subject)
+        // makes the memory stale: the next publish looks again.
+        let ob = Outbox::new(1 << 20);
+        assert!(b.subscribe_nats(2, 1, "t.>".into(), None, ob.clone()));
+        assert_eq!(publish(&mut seen, "t.a"), 1);
+        assert_eq!(ob.take(usize::MAX).len(), 1);
+        assert!(!seen.subjects.contains("t.a"));
+        // Unsubscribing does too.
+        b.unsubscribe_nats(2, 1, None);
+        assert_eq!(publish(&mut seen, "t.a"), 0);
+        assert_eq!(publish(&mut seen, "t.a"), 0);
+        assert!(seen.subjects.contains("t.a"));
+        assert!(b.subscribe_nats(3, 1, "t.a".into(), None, ob.clone()));
+        assert_eq!(publish(&mut seen, "t.a"), 1);
+        b.drop_conn(3);
+        assert_eq!(publish(&mut seen, "t.a"), 0);
+        assert!(ob.take(usize::MAX).len() == 1);
     }
 
     #[test]

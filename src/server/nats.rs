@@ -41,7 +41,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
 use crate::broker::nats::{Conn, Event, Limits};
-use crate::broker::{Broker, Msg, Origin, Outbox};
+use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
 use crate::config::NatsConfig;
 use crate::stream::{AckWaiter, Message, StreamError};
 use crate::wire::nats::server::{self as wire, InfoOut};
@@ -191,8 +191,10 @@ async fn connection(
     let mut timer_at: Option<Instant> = None;
     let mut close_reason: Option<String> = None;
 
+    let mut no_interest = NoInterest::default();
     let why = loop {
         // 1. Do what the machine asked for.
+        let (mut msgs_in, mut bytes_in) = (0u64, 0u64);
         while let Some(ev) = machine.poll_event() {
             match ev {
                 Event::Publish {
@@ -207,10 +209,8 @@ async fn connection(
                     // topic, with its correlation data.
                     let (subject, headers) =
                         crate::broker::bridge::redirect_reply(&broker.replies, subject, headers);
-                    let c = &broker.counters;
-                    c.msgs_in.fetch_add(1, Ordering::Relaxed);
-                    c.bytes_in
-                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    msgs_in += 1;
+                    bytes_in += payload.len() as u64;
                     let origin = Origin {
                         conn,
                         echo: machine.options().echo,
@@ -220,24 +220,24 @@ async fn connection(
                     // acknowledges (a catch-all stream cannot tell
                     // JetStream publishes from requests: it stays silent).
                     let acking = stream.filter(|s| !catches_all(s));
-                    let msg = Arc::new(Msg {
+                    let msg = Msg {
                         subject,
                         reply,
                         headers,
                         payload,
-                    });
+                    };
                     // Captured messages are durable: MQTT subscribers get
                     // them at QoS 1 (capped by their subscription's QoS).
                     let qos = u8::from(stream.is_some());
-                    let receivers = broker.route_msg(Some(origin), msg.clone(), qos);
-                    log::trace!("nats: conn {conn} PUB {} -> {receivers}", msg.subject);
+                    let (receivers, m) =
+                        broker.route_publish(&mut no_interest, Some(origin), msg, qos);
+                    log::trace!("nats: conn {conn} PUB {} -> {receivers}", m.subject);
                     if receivers == 0 && no_responders && acking.is_none() {
-                        if let Some(r) = &msg.reply {
-                            machine.no_responders(r, &msg.subject);
+                        if let Some(r) = &m.reply {
+                            machine.no_responders(r, &m.subject);
                         }
                     }
                     if let Some(stream) = stream {
-                        let m = Arc::unwrap_or_clone(msg);
                         let reply = m.reply.filter(|_| acking.is_some());
                         let stored = stream
                             .submit(Message {
@@ -268,6 +268,11 @@ async fn connection(
                 Event::Unsubscribe { id, max } => broker.unsubscribe_nats(conn, id, max),
                 Event::Close(why) => close_reason = Some(why),
             }
+        }
+        if msgs_in > 0 {
+            let c = &broker.counters;
+            c.msgs_in.fetch_add(msgs_in, Ordering::Relaxed);
+            c.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         }
         // 2. Publish PubAcks that are ready, in order.
         while let Some(front) = acks.front_mut() {

@@ -15,7 +15,7 @@ pub mod mapping;
 pub mod mqtt;
 pub mod trie;
 
-pub use trie::{FastMap, SubjectTrie};
+pub use trie::{FastMap, FastSet, SubjectTrie};
 
 /// Whether `s` is a valid subject to publish to (no wildcards).
 pub fn valid_subject(s: &str) -> bool {
