@@ -41,6 +41,9 @@ use crate::subject::mapping::{parse_weight, Mapping, Mappings};
 /// configured.
 pub const DEFAULT_STREAM: &str = "DEFAULT";
 
+/// Most network threads (`threads`).
+pub const MAX_THREADS: usize = 64;
+
 /// A configuration error, worded for the operator.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -67,6 +70,11 @@ pub struct Config {
     /// to [`Config::streams`].
     pub max_storage: u64,
     pub log: String,
+    /// Threads that run the network tasks (`threads`, default 1). One
+    /// thread gives the lowest latency (a request and its reply never
+    /// cross threads); more spread many publishing connections over more
+    /// cores. Stream writers have their own threads either way.
+    pub threads: usize,
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
     pub http: HttpConfig,
@@ -247,6 +255,7 @@ struct RawConfig {
     max_storage: u64,
     encryption_key_file: Option<PathBuf>,
     log: Option<String>,
+    threads: Option<usize>,
     #[serde(default)]
     mqtt: RawMqtt,
     #[serde(default)]
@@ -850,6 +859,12 @@ impl RawConfig {
             Some(u) => Some(u.validate(&streams)?),
         };
         let mappings = validate_mappings(self.mappings)?;
+        let threads = self.threads.unwrap_or(1);
+        if !(1..=MAX_THREADS).contains(&threads) {
+            return err(format!(
+                "threads = {threads}: must be 1 to {MAX_THREADS} (about one per core; 1 is the default)"
+            ));
+        }
         if let Some(a) = self.auth {
             let a = Arc::new(a.validate()?);
             mqtt.auth = Some(a.clone());
@@ -862,6 +877,7 @@ impl RawConfig {
                 .unwrap_or_else(|| PathBuf::from("./frond-data")),
             max_storage: self.max_storage,
             log,
+            threads,
             mqtt,
             nats,
             http,
@@ -1529,6 +1545,15 @@ password = "pw"
         assert!(user("allow_responses = { expires = \"soon\" }").is_err());
         assert!(user("allow_responses = \"yes\"").is_err());
         assert!(user("allow_responses = { maxx = 2 }").is_err());
+    }
+
+    #[test]
+    fn threads_in_range() {
+        assert_eq!(Config::parse("").unwrap().threads, 1);
+        assert_eq!(Config::parse("threads = 2").unwrap().threads, 2);
+        let e = Config::parse("threads = 0").unwrap_err().to_string();
+        assert!(e.contains("threads = 0"), "{e}");
+        assert!(Config::parse("threads = 65").is_err());
     }
 
     #[test]

@@ -26,6 +26,12 @@ use crate::uplink::{self, UplinkStatus};
 
 /// Run until a termination signal.
 pub fn run(cfg: Config) -> Result<(), String> {
+    // smol's global executor reads SMOL_THREADS when the first task is
+    // spawned (below); no other thread exists yet. An operator's
+    // SMOL_THREADS in the environment wins over `threads`.
+    if std::env::var_os("SMOL_THREADS").is_none() {
+        std::env::set_var("SMOL_THREADS", cfg.threads.to_string());
+    }
     crate::logger::init(&cfg.log);
     for w in cfg.mqtt.auth.iter().flat_map(|a| a.warnings()) {
         log::warn!("{w}");
