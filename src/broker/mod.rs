@@ -578,29 +578,46 @@ impl Broker {
             .unwrap_or(0)
     }
 
-    /// [`Broker::route_msg`] for a connection's publishes: subjects that
-    /// `seen` remembers as matching no subscription skip the table (no
-    /// lock, no lookup; the message is not even wrapped), and subjects
-    /// found to match none are remembered. Returns the message back, for
-    /// capture into a stream (a copy only when a subscriber kept it).
+    /// Whether `seen` remembers that a client publish to `subject` reaches
+    /// nobody: no subscription matches it and no stream captures it (see
+    /// [`NoInterest`]). Lock-free. Always false with `[mappings]`, whose
+    /// rewrite comes first.
+    pub fn publish_unwanted(&self, seen: &mut NoInterest, subject: &str) -> bool {
+        if !self.mappings.is_empty() {
+            return false;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if seen.generation != generation {
+            seen.subjects.clear();
+            seen.generation = generation;
+            return false;
+        }
+        seen.subjects.contains(subject)
+    }
+
+    /// [`Broker::route_msg`] for a connection's publishes that remembers,
+    /// in `seen`, subjects that reached nobody (no subscription matched
+    /// and, as the caller says with `captured`, no stream took the
+    /// message), for [`Broker::publish_unwanted`]. Returns the message
+    /// back, for capture into a stream (a copy only when a subscriber
+    /// kept it).
     pub fn route_publish(
         &self,
         seen: &mut NoInterest,
         origin: Option<Origin>,
         msg: Msg,
         qos: u8,
+        captured: bool,
     ) -> (usize, Msg) {
         let generation = self.generation.load(Ordering::Acquire);
         if seen.generation != generation {
             seen.subjects.clear();
             seen.generation = generation;
-        } else if seen.subjects.contains(msg.subject.as_str()) {
-            return (0, msg);
         }
         let msg = Arc::new(msg);
         let shared = &msg;
         let routed = self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone());
-        if routed.is_none() && !msg.subject.starts_with("_INBOX.") {
+        if routed.is_none() && !captured && !msg.subject.starts_with("_INBOX.") {
             if seen.subjects.len() >= NO_INTEREST_MAX {
                 seen.subjects.clear();
             }
@@ -845,7 +862,10 @@ mod tests {
         let mut seen = NoInterest::default();
         let publish = |seen: &mut NoInterest, subject: &str| {
             let m = Arc::unwrap_or_clone(msg(subject, b"p"));
-            let (n, back) = b.route_publish(seen, None, m, 0);
+            if b.publish_unwanted(seen, subject) {
+                return 0;
+            }
+            let (n, back) = b.route_publish(seen, None, m, 0, false);
             assert_eq!(
                 (back.subject.as_str(), back.payload.as_slice()),
                 (subject, &b"p"[..])

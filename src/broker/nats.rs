@@ -155,6 +155,20 @@ impl Conn {
 
     /// Bytes from the socket.
     pub fn handle_bytes(&mut self, data: &[u8], now: Instant) {
+        self.handle_bytes_with(data, now, &mut |_| true)
+    }
+
+    /// [`Conn::handle_bytes`], asking `wanted` whether a publish to a
+    /// subject can reach anyone: a publish it says `false` to is checked
+    /// (subject, permissions) and acknowledged as usual, answered with
+    /// no-responders when asked for, and then dropped without producing
+    /// an event or allocating anything.
+    pub fn handle_bytes_with(
+        &mut self,
+        data: &[u8],
+        now: Instant,
+        wanted: &mut dyn FnMut(&str) -> bool,
+    ) {
         if self.closed {
             return;
         }
@@ -162,7 +176,7 @@ impl Conn {
         if self.inbuf.is_empty() {
             // The common case: parse straight from the socket's bytes and
             // keep only an incomplete tail.
-            let used = self.parse_ops(data, now);
+            let used = self.parse_ops(data, now, wanted);
             if !self.closed {
                 self.inbuf
                     .extend_from_slice(data.get(used..).unwrap_or_default());
@@ -171,7 +185,7 @@ impl Conn {
         }
         let mut buf = std::mem::take(&mut self.inbuf);
         buf.extend_from_slice(data);
-        let used = self.parse_ops(&buf, now);
+        let used = self.parse_ops(&buf, now, wanted);
         buf.drain(..used.min(buf.len()));
         if !self.closed {
             self.inbuf = buf;
@@ -180,7 +194,12 @@ impl Conn {
 
     /// Handle every complete op at the front of `buf`; returns the bytes
     /// they used.
-    fn parse_ops(&mut self, buf: &[u8], now: Instant) -> usize {
+    fn parse_ops(
+        &mut self,
+        buf: &[u8],
+        now: Instant,
+        wanted: &mut dyn FnMut(&str) -> bool,
+    ) -> usize {
         let mut start = 0;
         while !self.closed {
             let rest = buf.get(start..).unwrap_or_default();
@@ -188,7 +207,7 @@ impl Conn {
             {
                 Ok(Some((op, used))) => {
                     start += used;
-                    self.handle_op(op, now);
+                    self.handle_op(op, now, wanted);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -215,7 +234,7 @@ impl Conn {
         }
     }
 
-    fn handle_op(&mut self, op: ClientOp, _now: Instant) {
+    fn handle_op(&mut self, op: ClientOp, _now: Instant, wanted: &mut dyn FnMut(&str) -> bool) {
         if let Some(auth) = self.limits.auth.clone() {
             if !self.connected {
                 let ClientOp::Connect(c) = &op else {
@@ -262,7 +281,7 @@ impl Conn {
             }
             ClientOp::Ping => wire::pong(&mut self.out),
             ClientOp::Pong => self.pings_out = 0,
-            ClientOp::Pub(p) => self.handle_pub(p),
+            ClientOp::Pub(p) => self.handle_pub(p, wanted),
             ClientOp::Sub {
                 subject,
                 queue,
@@ -283,8 +302,8 @@ impl Conn {
         }
     }
 
-    fn handle_pub(&mut self, p: PubOp) {
-        if !subject::valid_subject(&p.subject) {
+    fn handle_pub(&mut self, p: PubOp, wanted: &mut dyn FnMut(&str) -> bool) {
+        if !subject::valid_subject(p.subject) {
             // Not fatal in nats-server either: the message is dropped.
             wire::err(wire::ERR_INVALID_PUB_SUBJECT, &mut self.out);
             return;
@@ -300,19 +319,26 @@ impl Conn {
         if self
             .perms
             .as_ref()
-            .is_some_and(|x| !x.can_publish(&p.subject))
-            && !self.response_allowed(&p.subject)
+            .is_some_and(|x| !x.can_publish(p.subject))
+            && !self.response_allowed(p.subject)
         {
             let text = format!("Permissions Violation for Publish to \"{}\"", p.subject);
             wire::err(&text, &mut self.out);
             return;
         }
         let no_responders = self.opts.headers && self.opts.no_responders && p.reply.is_some();
+        if !wanted(p.subject) {
+            if let (true, Some(reply)) = (no_responders, p.reply) {
+                self.no_responders(reply, p.subject);
+            }
+            self.ok();
+            return;
+        }
         self.events.push_back(Event::Publish {
-            subject: p.subject,
-            reply: p.reply,
-            headers: p.headers,
-            payload: p.payload,
+            subject: p.subject.to_string(),
+            reply: p.reply.map(str::to_string),
+            headers: p.headers.map(<[u8]>::to_vec),
+            payload: p.payload.to_vec(),
             no_responders,
         });
         self.ok();
@@ -693,6 +719,44 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    #[test]
+    fn unwanted_publishes_are_checked_acknowledged_and_dropped() {
+        let (mut c, now) = start(r#"{"verbose":true,"headers":true,"no_responders":true}"#);
+        let _ = ops(&mut c); // +OK for CONNECT
+        let mut asked = Vec::new();
+        let mut nobody = |s: &str| {
+            asked.push(s.to_string());
+            false
+        };
+        c.handle_bytes_with(
+            b"SUB _INBOX.q.* 1\r\nPUB t.a 2\r\nhi\r\nPUB svc _INBOX.q.1 0\r\n\r\nPUB bad..subject 0\r\n\r\n",
+            now,
+            &mut nobody,
+        );
+        // The invalid subject is refused before anyone is asked.
+        assert_eq!(asked, ["t.a", "svc"]);
+        assert!(
+            matches!(&events(&mut c)[..], [Event::Subscribe { .. }]),
+            "nothing to route"
+        );
+        match &ops(&mut c)[..] {
+            [ServerOp::Ok, ServerOp::Ok, ServerOp::Msg(m), ServerOp::Ok, ServerOp::Err(e)] => {
+                assert_eq!(m.subject, "_INBOX.q.1");
+                let h =
+                    crate::wire::nats::headers::HeaderBlock::parse(m.headers.as_deref().unwrap())
+                        .unwrap();
+                assert_eq!(h.status, Some(503));
+                assert!(e.contains("Invalid Publish Subject"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Wanted ones become events as before.
+        c.handle_bytes_with(b"PUB t.a 2\r\nhi\r\n", now, &mut |_| true);
+        assert!(
+            matches!(&events(&mut c)[..], [Event::Publish { subject, .. }] if subject == "t.a")
+        );
     }
 
     #[test]

@@ -229,8 +229,13 @@ async fn connection(
                     // Captured messages are durable: MQTT subscribers get
                     // them at QoS 1 (capped by their subscription's QoS).
                     let qos = u8::from(stream.is_some());
-                    let (receivers, m) =
-                        broker.route_publish(&mut no_interest, Some(origin), msg, qos);
+                    let (receivers, m) = broker.route_publish(
+                        &mut no_interest,
+                        Some(origin),
+                        msg,
+                        qos,
+                        stream.is_some(),
+                    );
                     log::trace!("nats: conn {conn} PUB {} -> {receivers}", m.subject);
                     if receivers == 0 && no_responders && acking.is_none() {
                         if let Some(r) = &m.reply {
@@ -374,7 +379,11 @@ async fn connection(
         machine.set_time(now);
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
-            Wake::Read(Ok(n)) => machine.handle_bytes(buf.get(..n).unwrap_or_default(), now),
+            Wake::Read(Ok(n)) => {
+                let data = buf.get(..n).unwrap_or_default();
+                let seen = &mut no_interest;
+                machine.handle_bytes_with(data, now, &mut |s| !broker.publish_unwanted(seen, s));
+            }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
             Wake::Wrote(Ok(0)) => break "socket closed for writing".into(),
             Wake::Wrote(Ok(n)) => wpos = (wpos + n).min(wbuf.len()),

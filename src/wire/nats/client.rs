@@ -148,7 +148,7 @@ pub fn parse_server_op(
                 super::Body::NoCrlf => {
                     return Err(Malformed(format!("{name} payload is not followed by CRLF")))
                 }
-                super::Body::Ready(h, p, end) => (h, p, end),
+                super::Body::Ready(h, p, end) => (h.map(<[u8]>::to_vec), p.to_vec(), end),
             };
             Ok(Some((
                 ServerOp::Msg(MsgOp {

@@ -121,19 +121,24 @@ pub(crate) fn check_token(tok: &str, what: &str) -> Result<(), EncodeError> {
 
 /// The body of a message-carrying op (MSG/HMSG or PUB/HPUB) whose control
 /// line ended at `after_line`, shared by both sides of the codec.
-pub(crate) enum Body {
+pub(crate) enum Body<'a> {
     /// Fewer than `total + 2` bytes have arrived.
     Incomplete,
     /// The payload is not followed by CRLF.
     NoCrlf,
     /// Header block (when `hdr` was given) and payload, and the offset
     /// just past the trailing CRLF.
-    Ready(Option<Vec<u8>>, Vec<u8>, usize),
+    Ready(Option<&'a [u8]>, &'a [u8], usize),
 }
 
 /// Split the `total` body bytes after `after_line` into headers (the first
 /// `hdr` bytes, if any) and payload.
-pub(crate) fn take_body(buf: &[u8], after_line: usize, total: usize, hdr: Option<usize>) -> Body {
+pub(crate) fn take_body(
+    buf: &[u8],
+    after_line: usize,
+    total: usize,
+    hdr: Option<usize>,
+) -> Body<'_> {
     let end = after_line + total;
     if buf.len() < end + 2 {
         return Body::Incomplete;
@@ -145,9 +150,9 @@ pub(crate) fn take_body(buf: &[u8], after_line: usize, total: usize, hdr: Option
     match hdr {
         Some(h) => {
             let (hb, pl) = body.split_at(h.min(body.len()));
-            Body::Ready(Some(hb.to_vec()), pl.to_vec(), end + 2)
+            Body::Ready(Some(hb), pl, end + 2)
         }
-        None => Body::Ready(None, body.to_vec(), end + 2),
+        None => Body::Ready(None, body, end + 2),
     }
 }
 

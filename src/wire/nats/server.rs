@@ -33,9 +33,9 @@ pub const ERR_MAX_SUBS: &str = "Maximum Subscriptions Exceeded";
 
 /// One operation received from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientOp {
+pub enum ClientOp<'a> {
     Connect(Box<ConnectInfo>),
-    Pub(PubOp),
+    Pub(PubOp<'a>),
     Sub {
         subject: String,
         queue: Option<String>,
@@ -49,14 +49,15 @@ pub enum ClientOp {
     Pong,
 }
 
-/// `PUB` or `HPUB`.
+/// `PUB` or `HPUB`, borrowed from the input: a publish nobody will see
+/// costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PubOp {
-    pub subject: String,
-    pub reply: Option<String>,
+pub struct PubOp<'a> {
+    pub subject: &'a str,
+    pub reply: Option<&'a str>,
     /// The raw header block of an `HPUB`.
-    pub headers: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
+    pub headers: Option<&'a [u8]>,
+    pub payload: &'a [u8],
 }
 
 /// The `CONNECT` options frond looks at; unknown fields are ignored, and
@@ -173,7 +174,7 @@ pub fn parse_client_op(
     buf: &[u8],
     max_control_line: usize,
     max_payload: usize,
-) -> Result<Option<(ClientOp, usize)>, ParseError> {
+) -> Result<Option<(ClientOp<'_>, usize)>, ParseError> {
     let eol = match find_line_max(buf, max_control_line) {
         Ok(Some(i)) => i,
         Ok(None) => {
@@ -255,9 +256,9 @@ pub fn parse_client_op(
                 return Err(malformed(format!("{name} has {} arguments", f.len())));
             }
             let field = |i: usize| f.get(i).copied().unwrap_or_default();
-            let subject = utf8(field(0), "subject")?;
+            let subject = utf8_ref(field(0), "subject")?;
             let reply = if f.len() == 2 + sizes {
-                Some(utf8(field(1), "reply subject")?)
+                Some(utf8_ref(field(1), "reply subject")?)
             } else {
                 None
             };
@@ -372,9 +373,11 @@ fn check_prefix(buf: &[u8]) -> Option<ParseError> {
 }
 
 fn utf8(b: &[u8], what: &str) -> Result<String, ParseError> {
-    std::str::from_utf8(b)
-        .map(str::to_string)
-        .map_err(|_| malformed(format!("{what} is not UTF-8")))
+    utf8_ref(b, what).map(str::to_string)
+}
+
+fn utf8_ref<'a>(b: &'a [u8], what: &str) -> Result<&'a str, ParseError> {
+    std::str::from_utf8(b).map_err(|_| malformed(format!("{what} is not UTF-8")))
 }
 
 /// What frond says in `INFO`.
@@ -472,7 +475,7 @@ mod tests {
     const LINE: usize = 4096;
     const MAX: usize = 1 << 20;
 
-    fn one(buf: &[u8]) -> ClientOp {
+    fn one(buf: &[u8]) -> ClientOp<'_> {
         let (op, used) = parse_client_op(buf, LINE, MAX).unwrap().unwrap();
         assert_eq!(used, buf.len());
         op
@@ -533,25 +536,25 @@ mod tests {
         assert_eq!(
             one(b"PUB a.b _INBOX.1 5\r\nhello\r\n"),
             ClientOp::Pub(PubOp {
-                subject: "a.b".into(),
-                reply: Some("_INBOX.1".into()),
+                subject: "a.b",
+                reply: Some("_INBOX.1"),
                 headers: None,
-                payload: b"hello".to_vec()
+                payload: b"hello"
             })
         );
         assert_eq!(
             one(b"PUB a 0\r\n\r\n"),
             ClientOp::Pub(PubOp {
-                subject: "a".into(),
+                subject: "a",
                 reply: None,
                 headers: None,
-                payload: vec![]
+                payload: b""
             })
         );
         let ClientOp::Pub(p) = one(b"HPUB a 12 14\r\nNATS/1.0\r\n\r\nhi\r\n") else {
             panic!("not pub")
         };
-        assert_eq!(p.headers.as_deref(), Some(&b"NATS/1.0\r\n\r\n"[..]));
+        assert_eq!(p.headers, Some(&b"NATS/1.0\r\n\r\n"[..]));
         assert_eq!(p.payload, b"hi");
         // Binary payloads may contain CRLF.
         let ClientOp::Pub(p) = one(b"PUB a 4\r\n\r\n\r\n\r\n") else {
@@ -718,7 +721,7 @@ mod tests {
         assert_eq!(pos, out.len());
         assert!(matches!(&ops[0], ClientOp::Connect(c) if c.headers && !c.echo));
         assert!(
-            matches!(&ops[1], ClientOp::Pub(p) if p.payload == b"x" && p.headers.as_ref().map(Vec::len) == Some(18))
+            matches!(&ops[1], ClientOp::Pub(p) if p.payload == b"x" && p.headers.map(<[u8]>::len) == Some(18))
         );
         assert!(matches!(&ops[2], ClientOp::Pub(p) if p.payload == b"yz" && p.headers.is_none()));
         assert!(
