@@ -7,6 +7,15 @@
 //! the last disconnect (0 while connected), per-stream cursors and the
 //! inbound QoS 2 packet ids that were PUBREC'd and await PUBREL.
 //!
+//! A cursor also holds the outbound QoS 2 state of its stream's messages
+//! (fields absent when empty, so files of sessions without QoS 2 look as
+//! before): each QoS 2 message in flight as `[sequence, packet id,
+//! PUBREC received]`, and the sequences above `acked` whose QoS 2 exchange
+//! completed (`done`), which are never sent again. The session machine
+//! ([`crate::broker::session`]) asks for this file to be written before a
+//! QoS 2 PUBLISH, a PUBREL, a PUBREC or a PUBCOMP whose state it records
+//! leaves, so what the client was told is always on disk.
+//!
 //! Invariants:
 //! - A file is replaced atomically (temp file, fsync, rename, directory
 //!   fsync): after a crash it holds either the old or the new state, never
@@ -38,6 +47,13 @@ pub struct Cursor {
     /// The highest sequence known to have been sent (a lower bound; used
     /// to set DUP on redelivery).
     pub sent: u64,
+    /// QoS 2 messages of this stream in flight: (sequence, packet id,
+    /// PUBREC received, i.e. PUBREL owed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qos2: Vec<(u64, u16, bool)>,
+    /// Sequences above `acked` delivered at QoS 2 and completed (PUBCOMP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<u64>,
 }
 
 /// One subscription (a NATS filter; MQTT `a/#` is stored as `a` and `a.>`).
@@ -275,12 +291,23 @@ mod tests {
                 stream: "T".into(),
                 acked: 5,
                 sent: 7,
+                qos2: vec![(6, 3, true), (7, 4, false)],
+                done: vec![9],
             }],
             qos2_in: vec![3],
             sub_ids: vec![("telemetry.>".into(), 7)],
         };
         st.save(&s).unwrap();
         assert_eq!(st.load("dev 1/ü"), Some(s.clone()));
+        // Files written before the QoS 2 fields existed still load.
+        let old = br#"{"client_id":"o","version":4,"subs":[],"expiry_secs":9,"disconnected_at":0,"cursors":[{"stream":"T","acked":1,"sent":2}],"qos2_in":[]}"#;
+        let parsed: StoredSession = serde_json::from_slice(old).unwrap();
+        assert_eq!(parsed.cursors[0].qos2, Vec::new());
+        let text = serde_json::to_string(&parsed).unwrap();
+        assert!(
+            !text.contains("qos2\""),
+            "empty QoS 2 state is not written: {text}"
+        );
         s.client_id = "old".into();
         s.disconnected_at = 1;
         st.save(&s).unwrap();
