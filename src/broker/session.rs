@@ -1051,12 +1051,13 @@ impl Session {
             return;
         }
         f.next = seq.saturating_add(1);
+        let done = f.done.contains(&seq);
         self.dirty = true;
-        if f.done.contains(&seq) {
+        self.release_unsent(idx, seq);
+        if done {
             // Delivered exactly once already.
             return;
         }
-        self.release_unsent(idx, seq);
         if let Some(o) = self.outbound.iter().find(|o| o.origin == Some((idx, seq))) {
             if o.awaiting_resend {
                 let packet_id = o.packet_id;
@@ -3176,6 +3177,45 @@ mod tests {
         assert!(s.take_sync());
         s.handle_bytes(&ack_pkt(Packet::PubComp, 40), now);
         assert_eq!(s.snapshot().cursors[0].acked, 6);
+    }
+
+    #[test]
+    fn restored_qos2_before_a_completed_one_is_released_when_gone() {
+        let v = Version::V311;
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            version: 4,
+            subs: vec![StoredSub {
+                filter: "q.>".into(),
+                qos: 2,
+                share: None,
+            }],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            cursors: vec![Cursor {
+                stream: "T".into(),
+                acked: 5,
+                sent: 8,
+                qos2: vec![(6, 40, false), (7, 41, false)],
+                done: vec![8],
+            }],
+            qos2_in: Vec::new(),
+            sub_ids: Vec::new(),
+        };
+        let (mut s, _, _) = persistent(v, Some(stored));
+        events(&mut s);
+        let idx = s.follow("T", 100);
+        // 6 and 7 were removed; 8 (completed) is the first read.
+        let h = qos2_header();
+        s.deliver_stored_msg(idx, 8, "q.a", h.as_deref(), b"8", Duration::ZERO);
+        let rels: Vec<u16> = sent(&mut s, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::PubRel(a) => a.packet_id,
+                other => panic!("expected PUBREL, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(rels, vec![40, 41]);
     }
 
     #[test]
