@@ -685,7 +685,11 @@ pub async fn connection<T: Transport>(
         }
         if let Some(why) = close_reason.take() {
             // Flush whatever the session queued (CONNACK refusal,
-            // DISCONNECT with reason) before closing.
+            // DISCONNECT with reason) before closing; QoS 2 state it
+            // depends on first, as in step 4.
+            if session.take_sync() {
+                save(&session, sessions, false).await;
+            }
             let out = session.take_output();
             if !out.is_empty() {
                 let _ = transport.write_all(&out).await;
