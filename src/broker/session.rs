@@ -1052,13 +1052,20 @@ impl Session {
         }
         f.next = seq.saturating_add(1);
         let done = f.done.contains(&seq);
+        // Only a restored QoS 2 entry is in flight when read: the stream
+        // is read past everything sent on this connection.
+        let restored = f.inflight.contains(&seq);
         self.dirty = true;
         self.release_unsent(idx, seq);
         if done {
             // Delivered exactly once already.
             return;
         }
-        if let Some(o) = self.outbound.iter().find(|o| o.origin == Some((idx, seq))) {
+        let entry = match restored {
+            true => self.outbound.iter().find(|o| o.origin == Some((idx, seq))),
+            false => None,
+        };
+        if let Some(o) = entry {
             if o.awaiting_resend {
                 let packet_id = o.packet_id;
                 self.resend_stored(packet_id, subject, headers, payload);
