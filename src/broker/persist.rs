@@ -1,4 +1,4 @@
-//! Persistent MQTT session state: one small file per session.
+//! Persistent MQTT session state: two small slot files per session.
 //!
 //! Owns `<data_dir>/mqtt/sessions/`: per persistent session, two slot
 //! files named after the hex of its client id, `<hex>.a` and `<hex>.b`
