@@ -5,7 +5,10 @@
 //!
 //! MQTT modes ([`MqttMode`]):
 //! - publish: each publisher is one OS thread with one connection, keeping
-//!   up to `inflight` QoS 1 publishes unacknowledged (QoS 0: just writes).
+//!   up to `inflight` QoS 1 publishes unacknowledged (QoS 0: just writes;
+//!   QoS 2: unfinished exchanges, each counted at its PUBCOMP, over a
+//!   persistent session (clean session 0, deleted afterwards by a clean
+//!   reconnect), as an exactly-once device would use).
 //!   The report gives messages per second from the first publish to the
 //!   last acknowledgement, across all publishers.
 //! - fan-out: `subs` subscribers (QoS 0) on one topic, one QoS 0 publisher
@@ -103,8 +106,8 @@ impl MqttBench {
     }
 
     fn publish(&self) -> Result<String, String> {
-        if self.qos > 1 {
-            return Err("bench: --qos must be 0 or 1".into());
+        if self.qos > 2 {
+            return Err("bench: --qos must be 0, 1 or 2".into());
         }
         if self.inflight == 0 || self.inflight > 65_000 || self.pubs == 0 {
             return Err(
@@ -146,7 +149,7 @@ impl MqttBench {
         let mut out = Vec::with_capacity(64 * 1024);
         let connect = Packet::Connect(Connect {
             version: Version::V311,
-            clean_start: true,
+            clean_start: self.qos < 2,
             keep_alive: 60,
             client_id: format!("frond-bench-{}-{i}", std::process::id()),
             will: None,
@@ -194,7 +197,7 @@ impl MqttBench {
                 && (self.qos == 0 || inflight < self.inflight)
                 && out.len() < 60_000
             {
-                let packet_id = if self.qos == 1 {
+                let packet_id = if self.qos >= 1 {
                     let id = next_id;
                     next_id = if next_id == u16::MAX { 1 } else { next_id + 1 };
                     Some(id)
@@ -203,10 +206,10 @@ impl MqttBench {
                 };
                 let p = Packet::Publish(Publish {
                     dup: false,
-                    qos: if self.qos == 1 {
-                        QoS::AtLeastOnce
-                    } else {
-                        QoS::AtMostOnce
+                    qos: match self.qos {
+                        0 => QoS::AtMostOnce,
+                        1 => QoS::AtLeastOnce,
+                        _ => QoS::ExactlyOnce,
                     },
                     retain: false,
                     topic: topic.clone(),
@@ -234,12 +237,21 @@ impl MqttBench {
             }
             inbuf.extend_from_slice(&chunk[..n]);
             let mut start = 0;
+            out.clear();
             loop {
                 match mqtt::decode(&inbuf[start..], Some(Version::V311), 1 << 20) {
-                    Ok(Some((Packet::PubAck(_), used))) => {
+                    Ok(Some((Packet::PubAck(_) | Packet::PubComp(_), used))) => {
                         start += used;
                         acked += 1;
                         inflight -= 1;
+                    }
+                    Ok(Some((Packet::PubRec(a), used))) => {
+                        start += used;
+                        let rel = Packet::PubRel(mqtt::Ack {
+                            packet_id: a.packet_id,
+                            ..mqtt::Ack::default()
+                        });
+                        mqtt::encode(&rel, Version::V311, &mut out).map_err(|e| e.to_string())?;
                     }
                     Ok(Some((_, used))) => start += used,
                     Ok(None) => break,
@@ -247,6 +259,10 @@ impl MqttBench {
                 }
             }
             inbuf.drain(..start);
+            if !out.is_empty() {
+                s.write_all(&out)
+                    .map_err(|e| format!("bench: write: {e}"))?;
+            }
         }
         if self.qos == 0 {
             // Make sure the broker read everything: a PINGREQ round trip.
@@ -273,6 +289,15 @@ impl MqttBench {
             &mut bye,
         );
         let _ = s.write_all(&bye);
+        if self.qos == 2 {
+            // Delete the persistent session: reconnect clean.
+            drop(s);
+            let mut c = MqttConn::connect(&self.addr, &i.to_string())?;
+            let _ = c.send(&Packet::Disconnect(mqtt::Disconnect {
+                code: 0,
+                properties: Properties::default(),
+            }));
+        }
         Ok(acked)
     }
 }

@@ -26,8 +26,8 @@ BENCH OPTIONS:
     --pubs N           concurrent publishers (default 4)
     --msgs N           messages per publisher (default 25000)
     --size BYTES       payload size (default 100)
-    --qos 0|1          (default 1)
-    --inflight N       unacknowledged QoS 1 publishes per publisher (default 100)
+    --qos 0|1|2        (default 1; 2: publish mode, persistent sessions)
+    --inflight N       unacknowledged QoS 1/2 publishes per publisher (default 100)
     --topic T          topic prefix (default bench); publisher i uses T/i
     --mode M           publish (default), fanout, latency or idle
     --subs N           fanout: subscribers (default 4)

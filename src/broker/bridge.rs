@@ -16,6 +16,17 @@
 //! | message expiry interval    | `Mqtt-Expiry` (seconds, counted from when the message was routed or stored) |
 //! | response topic             | `Mqtt-Response-Topic` (the MQTT topic), and the NATS reply subject |
 //! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
+//! | the publisher's QoS, when 2 | `Mqtt-QoS: 2` (stored copies only, see below) |
+//!
+//! The publisher's QoS: a message an MQTT client publishes at QoS 2 is
+//! stored in a stream with `Mqtt-QoS: 2`, so a persistent session that
+//! reads it back delivers it at min(2, granted QoS). QoS 0 and 1 publishes
+//! get no header (the record stays small), and a stored message without
+//! it counts as QoS 1 — as do messages NATS clients publish or the hub
+//! sources down (a NATS client may set `Mqtt-QoS: 2` itself). The header
+//! is added to the stored copy only, not to live deliveries (the router
+//! passes the publisher's QoS along). A user property of that name is not
+//! carried, so a client cannot raise its own QoS with one.
 //!
 //! - A user property whose name is not a valid header name (empty, or
 //!   containing `:`, whitespace or control characters) or whose value has
@@ -49,6 +60,7 @@ pub const PAYLOAD_FORMAT: &str = "Mqtt-Payload-Format";
 pub const EXPIRY: &str = "Mqtt-Expiry";
 pub const RESPONSE_TOPIC: &str = "Mqtt-Response-Topic";
 pub const CORRELATION_DATA: &str = "Mqtt-Correlation-Data";
+pub const QOS: &str = "Mqtt-QoS";
 /// Reply subjects frond assigns to MQTT 5 requests start with this.
 pub const INBOX_PREFIX: &str = "_INBOX.frond.";
 /// How long a request's reply inbox is remembered.
@@ -62,7 +74,7 @@ pub fn props_to_headers(p: &Properties) -> Option<Vec<u8>> {
     let mut h = HeaderBlock::new();
     for (k, v) in &p.user_properties {
         let bad_key = k.is_empty() || k.bytes().any(|b| b == b':' || b <= b' ' || b == 0x7f);
-        if bad_key || v.contains(['\r', '\n']) {
+        if bad_key || v.contains(['\r', '\n']) || k.eq_ignore_ascii_case(QOS) {
             log::debug!("mqtt: user property {k:?} cannot be a NATS header; not carried");
             continue;
         }
@@ -104,6 +116,8 @@ pub struct Meta {
     pub props: Properties,
     /// `Mqtt-Expiry`: seconds the message lives after it was routed/stored.
     pub expiry: Option<u32>,
+    /// `Mqtt-QoS`: the publisher's QoS (only 2 is ever written).
+    pub qos: Option<u8>,
 }
 
 /// MQTT metadata from a NATS header block and reply subject.
@@ -125,6 +139,8 @@ pub fn headers_to_meta(headers: Option<&[u8]>, reply: Option<&str>) -> Meta {
                             });
                     } else if is(EXPIRY) {
                         m.expiry = m.expiry.or(v.trim().parse().ok());
+                    } else if is(QOS) {
+                        m.qos = m.qos.or(v.trim().parse::<u8>().ok().map(|q| q.min(2)));
                     } else if is(RESPONSE_TOPIC) {
                         if crate::wire::mqtt::valid_topic_name(&v) {
                             m.props.response_topic.get_or_insert(v);
@@ -166,6 +182,23 @@ pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>
         return headers;
     }
     h.push(CORRELATION_DATA, base64::encode(data));
+    h.encode().ok().or(headers)
+}
+
+/// The header block to store with a message published at `qos`: `headers`
+/// plus `Mqtt-QoS: 2` for QoS 2, unchanged otherwise (see the module doc).
+pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
+    if qos < 2 {
+        return headers;
+    }
+    let mut h = match &headers {
+        Some(b) => match HeaderBlock::parse(b) {
+            Ok(h) => h,
+            Err(_) => return headers,
+        },
+        None => HeaderBlock::new(),
+    };
+    h.set(QOS, "2");
     h.encode().ok().or(headers)
 }
 
@@ -349,6 +382,33 @@ mod tests {
         assert_eq!(m.props.correlation_data.as_deref(), Some(&b"id-1"[..]));
         let again = with_correlation(Some(h.clone()), b"other").unwrap();
         assert_eq!(again, h);
+    }
+
+    #[test]
+    fn qos2_is_recorded_for_stored_copies_only_when_2() {
+        assert_eq!(stored_headers(None, 0), None);
+        assert_eq!(stored_headers(None, 1), None);
+        let h = stored_headers(None, 2).unwrap();
+        assert_eq!(h, b"NATS/1.0\r\nMqtt-QoS: 2\r\n\r\n");
+        let m = headers_to_meta(Some(&h), None);
+        assert_eq!(m.qos, Some(2));
+        assert!(m.props.user_properties.is_empty(), "not a user property");
+        // Added to existing metadata, kept once.
+        let p = Properties {
+            user_properties: vec![("k".into(), "v".into()), ("mqtt-qos".into(), "2".into())],
+            ..Properties::default()
+        };
+        let base = props_to_headers(&p).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&base).contains("qos"),
+            "a user property cannot set the QoS"
+        );
+        let h = stored_headers(Some(base), 2).unwrap();
+        let h = stored_headers(Some(h), 2).unwrap();
+        let m = headers_to_meta(Some(&h), None);
+        assert_eq!(m.qos, Some(2));
+        assert_eq!(m.props.user_properties, vec![("k".into(), "v".into())]);
+        assert_eq!(headers_to_meta(None, None).qos, None);
     }
 
     #[test]

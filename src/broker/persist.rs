@@ -1,26 +1,48 @@
-//! Persistent MQTT session state: one small file per session.
+//! Persistent MQTT session state: two small slot files per session.
 //!
-//! Owns `<data_dir>/mqtt/sessions/`, one file per persistent session named
-//! after the hex of its client id. A file is JSON ([`StoredSession`]):
+//! Owns `<data_dir>/mqtt/sessions/`: per persistent session, two slot
+//! files named after the hex of its client id, `<hex>.a` and `<hex>.b`
+//! (a file `<hex>` without suffix, written by earlier versions by atomic
+//! replace, is still read, as the oldest state). Each slot holds
+//! `FSS1`, a sequence number (u64 LE), the length (u32 LE) and crc32c
+//! (u32 LE) of the JSON that follows, then that JSON; bytes after it are
+//! stale. Saves alternate between the slots (sequence + 1 each time) and
+//! overwrite in place with one `fdatasync` — about a sixth of the cost of
+//! temp file, fsync, rename and directory fsync, which matters because
+//! QoS 2 saves before acknowledgements. Loading takes the valid slot with
+//! the highest sequence, so a torn save leaves the previous state. The
+//! JSON ([`StoredSession`]) holds:
 //! client id, protocol version, subscriptions (NATS filters, as the router
 //! holds them, with their granted QoS), the expiry interval, the time of
 //! the last disconnect (0 while connected), per-stream cursors and the
 //! inbound QoS 2 packet ids that were PUBREC'd and await PUBREL.
 //!
+//! A cursor also holds the outbound QoS 2 state of its stream's messages
+//! (fields absent when empty, so files of sessions without QoS 2 look as
+//! before): each QoS 2 message in flight as `[sequence, packet id,
+//! PUBREC received]`, and the sequences above `acked` whose QoS 2 exchange
+//! completed (`done`), which are never sent again. The session machine
+//! ([`crate::broker::session`]) asks for this file to be written before a
+//! QoS 2 PUBLISH, a PUBREL, a PUBREC or a PUBCOMP whose state it records
+//! leaves, so what the client was told is always on disk.
+//!
 //! Invariants:
-//! - A file is replaced atomically (temp file, fsync, rename, directory
-//!   fsync): after a crash it holds either the old or the new state, never
-//!   a mix. A file that does not parse is reported and ignored (the session
-//!   starts fresh), never fatal.
+//! - A save never touches the slot holding the latest state: after a crash
+//!   the session is either the old or the new state, never a mix (a slot
+//!   file is created, and the directory fsynced, only once). A slot that
+//!   does not check out is ignored; a session with none that does is
+//!   reported and starts fresh, never fatal.
+//! - Saves of one client id are sequential (one connection holds it).
 //! - At most one connection holds a session at a time
 //!   ([`SessionStore::checkout`] / [`SessionStore::checkin`]): a reconnecting
 //!   or taking-over client waits until the previous connection has written
 //!   its final state, so nothing it acknowledged is lost or redone.
 //! - Methods that touch files block: call them through `smol::unblock`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,6 +60,13 @@ pub struct Cursor {
     /// The highest sequence known to have been sent (a lower bound; used
     /// to set DUP on redelivery).
     pub sent: u64,
+    /// QoS 2 messages of this stream in flight: (sequence, packet id,
+    /// PUBREC received, i.e. PUBREL owed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qos2: Vec<(u64, u16, bool)>,
+    /// Sequences above `acked` delivered at QoS 2 and completed (PUBCOMP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<u64>,
 }
 
 /// One subscription (a NATS filter; MQTT `a/#` is stored as `a` and `a.>`).
@@ -89,7 +118,12 @@ pub struct SessionStore {
     /// Client ids held by a live connection.
     busy: Mutex<HashSet<String>>,
     released: event_listener::Event,
+    /// The sequence of the latest slot written or read, by client id.
+    seqs: Mutex<HashMap<String, u64>>,
 }
+
+const SLOT_MAGIC: &[u8; 4] = b"FSS1";
+const SLOT_HEADER: usize = 20;
 
 pub(crate) fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
@@ -102,6 +136,7 @@ impl SessionStore {
         fs::create_dir_all(dir)?;
         let now = unix_now();
         let (mut kept, mut expired) = (0, 0);
+        let mut stems = std::collections::BTreeSet::new();
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -109,17 +144,24 @@ impl SessionStore {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            match read(&path) {
-                Some(mut s) if s.disconnected_at == 0 => {
+            let stem = name
+                .strip_suffix(".a")
+                .or_else(|| name.strip_suffix(".b"))
+                .unwrap_or(name);
+            stems.insert(stem.to_string());
+        }
+        for stem in stems {
+            match read_best(dir, &stem) {
+                Some((mut s, seq)) if s.disconnected_at == 0 => {
                     // Connected when frond stopped: it disconnected now.
                     s.disconnected_at = now.max(1);
                     kept += 1;
-                    write(dir, &path, &s)?;
+                    write_slot(dir, &stem, seq + 1, &s)?;
                 }
-                Some(s) if !s.expired(now) => kept += 1,
+                Some((s, _)) if !s.expired(now) => kept += 1,
                 Some(_) => {
                     expired += 1;
-                    fs::remove_file(&path)?;
+                    remove_files(dir, &stem)?;
                 }
                 None => {}
             }
@@ -128,46 +170,54 @@ impl SessionStore {
             dir: dir.to_path_buf(),
             busy: Mutex::new(HashSet::new()),
             released: event_listener::Event::new(),
+            seqs: Mutex::new(HashMap::new()),
         };
         Ok((store, kept, expired))
     }
 
-    fn path(&self, client_id: &str) -> PathBuf {
-        self.dir.join(hex(client_id))
+    fn seqs(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.seqs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The stored session of `client_id`, if any and not expired (an
     /// expired one is deleted).
     pub fn load(&self, client_id: &str) -> Option<StoredSession> {
-        let path = self.path(client_id);
-        let s = read(&path)?;
+        let stem = hex(client_id);
+        let (s, seq) = read_best(&self.dir, &stem)?;
+        self.seqs().insert(client_id.to_string(), seq);
         if s.client_id != client_id {
             log::warn!(
                 "mqtt: session file {} names another client; ignored",
-                path.display()
+                self.dir.join(&stem).display()
             );
             return None;
         }
         if s.expired(unix_now()) {
             log::info!("mqtt: session of {client_id} expired; starting fresh");
-            let _ = fs::remove_file(&path);
+            let _ = remove_files(&self.dir, &stem);
+            self.seqs().remove(client_id);
             return None;
         }
         Some(s)
     }
 
-    /// Write `s` atomically and durably.
+    /// Write `s` durably (the slot not holding the latest state).
     pub fn save(&self, s: &StoredSession) -> io::Result<()> {
-        write(&self.dir, &self.path(&s.client_id), s)
+        let stem = hex(&s.client_id);
+        let known = self.seqs().get(&s.client_id).copied();
+        let last = match known {
+            Some(q) => q,
+            None => read_best(&self.dir, &stem).map_or(0, |(_, q)| q),
+        };
+        write_slot(&self.dir, &stem, last + 1, s)?;
+        self.seqs().insert(s.client_id.clone(), last + 1);
+        Ok(())
     }
 
     /// Delete the stored session of `client_id` (durably); fine if none.
     pub fn remove(&self, client_id: &str) -> io::Result<()> {
-        match fs::remove_file(self.path(client_id)) {
-            Ok(()) => File::open(&self.dir)?.sync_all(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.seqs().remove(client_id);
+        remove_files(&self.dir, &hex(client_id))
     }
 
     /// Take `client_id` for one connection, waiting (up to `timeout`) for
@@ -220,6 +270,107 @@ pub(crate) fn write<T: Serialize>(dir: &Path, path: &Path, s: &T) -> io::Result<
     }
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// The slot file of sequence `seq`.
+fn slot_path(dir: &Path, stem: &str, seq: u64) -> PathBuf {
+    dir.join(format!(
+        "{stem}.{}",
+        if seq.is_multiple_of(2) { "a" } else { "b" }
+    ))
+}
+
+/// Write `s` as sequence `seq` into its slot, in place, then fdatasync
+/// (a new slot file also gets its directory entry synced).
+fn write_slot(dir: &Path, stem: &str, seq: u64, s: &StoredSession) -> io::Result<()> {
+    let json = serde_json::to_vec(s).map_err(io::Error::other)?;
+    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
+    let mut data = Vec::with_capacity(SLOT_HEADER + json.len());
+    data.extend_from_slice(SLOT_MAGIC);
+    data.extend_from_slice(&seq.to_le_bytes());
+    data.extend_from_slice(&len.to_le_bytes());
+    data.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    data.extend_from_slice(&json);
+    let path = slot_path(dir, stem, seq);
+    let new = !path.exists();
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    f.write_all_at(&data, 0)?;
+    f.sync_data()?;
+    if new {
+        File::open(dir)?.sync_all()?;
+        // The file of an earlier version is older than any slot.
+        let _ = fs::remove_file(dir.join(stem));
+    }
+    Ok(())
+}
+
+/// Decode a slot: (session, sequence), or `None` if it does not check out.
+fn decode_slot(data: &[u8]) -> Option<(StoredSession, u64)> {
+    if data.get(..4)? != SLOT_MAGIC {
+        return None;
+    }
+    let seq = u64::from_le_bytes(data.get(4..12)?.try_into().ok()?);
+    let len = u32::from_le_bytes(data.get(12..16)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(data.get(16..20)?.try_into().ok()?);
+    let json = data.get(SLOT_HEADER..SLOT_HEADER.checked_add(len)?)?;
+    if crc32c::crc32c(json) != crc {
+        return None;
+    }
+    Some((serde_json::from_slice(json).ok()?, seq))
+}
+
+/// The latest valid state of session `stem`: its slots, or the file of an
+/// earlier version (sequence 0).
+fn read_best(dir: &Path, stem: &str) -> Option<(StoredSession, u64)> {
+    let mut best: Option<(StoredSession, u64)> = read(&dir.join(stem)).map(|s| (s, 0));
+    let mut found = false;
+    for seq in [0u64, 1] {
+        let path = slot_path(dir, stem, seq);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                log::warn!("mqtt: cannot read session file {}: {e}", path.display());
+                continue;
+            }
+        };
+        found = true;
+        match decode_slot(&data) {
+            Some((s, q)) if best.as_ref().is_none_or(|(_, b)| q > *b) => best = Some((s, q)),
+            Some(_) => {}
+            None => log::info!(
+                "mqtt: session slot {} is torn or corrupt; the other one is used",
+                path.display()
+            ),
+        }
+    }
+    if found && best.is_none() {
+        log::warn!(
+            "mqtt: no readable state in the session files {}.a/.b; the session starts fresh",
+            dir.join(stem).display()
+        );
+    }
+    best
+}
+
+/// Delete every file of session `stem` (durably); fine if none.
+fn remove_files(dir: &Path, stem: &str) -> io::Result<()> {
+    let mut removed = false;
+    for name in [stem.to_string(), format!("{stem}.a"), format!("{stem}.b")] {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if removed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Option<StoredSession> {
@@ -275,12 +426,23 @@ mod tests {
                 stream: "T".into(),
                 acked: 5,
                 sent: 7,
+                qos2: vec![(6, 3, true), (7, 4, false)],
+                done: vec![9],
             }],
             qos2_in: vec![3],
             sub_ids: vec![("telemetry.>".into(), 7)],
         };
         st.save(&s).unwrap();
         assert_eq!(st.load("dev 1/ü"), Some(s.clone()));
+        // Files written before the QoS 2 fields existed still load.
+        let old = br#"{"client_id":"o","version":4,"subs":[],"expiry_secs":9,"disconnected_at":0,"cursors":[{"stream":"T","acked":1,"sent":2}],"qos2_in":[]}"#;
+        let parsed: StoredSession = serde_json::from_slice(old).unwrap();
+        assert_eq!(parsed.cursors[0].qos2, Vec::new());
+        let text = serde_json::to_string(&parsed).unwrap();
+        assert!(
+            !text.contains("qos2\""),
+            "empty QoS 2 state is not written: {text}"
+        );
         s.client_id = "old".into();
         s.disconnected_at = 1;
         st.save(&s).unwrap();
@@ -292,6 +454,50 @@ mod tests {
         st.remove("dev 1/ü").unwrap();
         st.remove("dev 1/ü").unwrap();
         assert_eq!(st.load("dev 1/ü"), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn slots_alternate_and_a_torn_save_leaves_the_previous_state() {
+        let dir = tmpdir("slots");
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        let mut s = StoredSession {
+            client_id: "c".into(),
+            version: 5,
+            expiry_secs: 60,
+            disconnected_at: unix_now(),
+            ..StoredSession::default()
+        };
+        // A file of an earlier version (atomic replace) is read ...
+        write(&dir, &dir.join(hex("c")), &s).unwrap();
+        assert_eq!(st.load("c"), Some(s.clone()));
+        // ... and replaced by the slots.
+        s.qos2_in = vec![1];
+        st.save(&s).unwrap();
+        assert!(!dir.join(hex("c")).exists());
+        s.qos2_in = vec![1, 2, 3, 4, 5, 6];
+        st.save(&s).unwrap();
+        s.qos2_in = vec![7];
+        st.save(&s).unwrap(); // shorter than what its slot held
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.load("c").unwrap().qos2_in, vec![7]);
+        // Tear the next save: the state before it comes back.
+        s.qos2_in = vec![8];
+        st.save(&s).unwrap();
+        let latest = slot_path(&dir, &hex("c"), 4);
+        let mut data = fs::read(&latest).unwrap();
+        data[SLOT_HEADER + 2] ^= 0xff;
+        fs::write(&latest, &data).unwrap();
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.load("c").unwrap().qos2_in, vec![7]);
+        // Saving again goes on from there and wins.
+        s.qos2_in = vec![9];
+        st.save(&s).unwrap();
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.load("c").unwrap().qos2_in, vec![9]);
+        st.remove("c").unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "all files gone");
+        assert_eq!(st.load("c"), None);
         let _ = fs::remove_dir_all(&dir);
     }
 

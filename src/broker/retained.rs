@@ -14,6 +14,11 @@
 //! [`crate::broker::bridge`]). Records without metadata keep the original
 //! layout.
 //!
+//! A retained message whose MQTT 5 message expiry (`Mqtt-Expiry` in its
+//! headers, counted from `stored_ms`) has passed is deleted — a clear
+//! record is appended — when a subscription would get it
+//! ([`Retained::matching`]) and at start; it is never delivered.
+//!
 //! Invariants:
 //! - [`Retained::set`] returns only after the record is fsynced, so a
 //!   PUBACK for a retained publish means the retained message survives a
@@ -185,23 +190,22 @@ impl Retained {
         }
         let live_bytes = map.iter().map(|(s, (p, _))| record_len(s, p)).sum::<u64>()
             + meta.values().map(|(h, _)| 12 + h.len() as u64).sum::<u64>();
+        let retained = Retained {
+            path,
+            state: Mutex::new(State {
+                map,
+                meta,
+                file,
+                file_len: at as u64,
+                live_bytes,
+            }),
+        };
+        retained.remove_expired(unix_ms());
         let report = RetainedReport {
-            messages: map.len(),
+            messages: retained.len(),
             truncated_bytes: truncated,
         };
-        Ok((
-            Retained {
-                path,
-                state: Mutex::new(State {
-                    map,
-                    meta,
-                    file,
-                    file_len: at as u64,
-                    live_bytes,
-                }),
-            },
-            report,
-        ))
+        Ok((retained, report))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -225,6 +229,19 @@ impl Retained {
         stored_ms: u64,
     ) -> io::Result<()> {
         let mut st = self.lock();
+        self.set_in(&mut st, subject, payload, qos, headers, stored_ms)
+    }
+
+    /// [`Retained::set_with`] with the state locked.
+    fn set_in(
+        &self,
+        st: &mut State,
+        subject: &str,
+        payload: &[u8],
+        qos: u8,
+        headers: Option<&[u8]>,
+        stored_ms: u64,
+    ) -> io::Result<()> {
         if payload.is_empty() && !st.map.contains_key(subject) {
             return Ok(());
         }
@@ -258,7 +275,7 @@ impl Retained {
             }
         }
         if st.file_len > 2 * st.live_bytes + 64 * 1024 {
-            if let Err(e) = self.compact(&mut st) {
+            if let Err(e) = self.compact(st) {
                 log::warn!(
                     "retained: compaction of {} failed: {e}",
                     self.path.display()
@@ -290,23 +307,58 @@ impl Retained {
         Ok(())
     }
 
-    /// Retained messages whose subject matches the NATS `filter`.
+    /// Retained messages whose subject matches the NATS `filter`; expired
+    /// ones among them are deleted instead.
     pub fn matching(&self, filter: &str) -> Vec<RetainedMsg> {
-        let st = self.lock();
-        st.map
+        self.matching_at(filter, unix_ms())
+    }
+
+    /// [`Retained::matching`] at `now_ms` (unix milliseconds).
+    pub fn matching_at(&self, filter: &str, now_ms: u64) -> Vec<RetainedMsg> {
+        let mut st = self.lock();
+        let mut expired = Vec::new();
+        let found = st
+            .map
             .iter()
             .filter(|(s, _)| subject::matches(filter, s))
-            .map(|(s, (p, q))| {
+            .filter_map(|(s, (p, q))| {
                 let meta = st.meta.get(s);
-                RetainedMsg {
+                if meta.is_some_and(|(h, at)| is_expired(h, *at, now_ms)) {
+                    expired.push(s.clone());
+                    return None;
+                }
+                Some(RetainedMsg {
                     subject: s.clone(),
                     payload: p.clone(),
                     qos: *q,
                     headers: meta.map(|(h, _)| h.clone()),
                     stored_ms: meta.map_or(0, |(_, at)| *at),
-                }
+                })
             })
-            .collect()
+            .collect();
+        self.delete(&mut st, &expired);
+        found
+    }
+
+    /// Delete every expired retained message; returns how many.
+    pub fn remove_expired(&self, now_ms: u64) -> usize {
+        let mut st = self.lock();
+        let expired: Vec<String> = st
+            .meta
+            .iter()
+            .filter(|(_, (h, at))| is_expired(h, *at, now_ms))
+            .map(|(s, _)| s.clone())
+            .collect();
+        self.delete(&mut st, &expired);
+        expired.len()
+    }
+
+    fn delete(&self, st: &mut State, subjects: &[String]) {
+        for s in subjects {
+            if let Err(e) = self.set_in(st, s, &[], 0, None, 0) {
+                log::warn!("retained: cannot delete the expired message of {s}: {e}; it is not delivered, and deleted later");
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -316,6 +368,24 @@ impl Retained {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether a retained message with header block `headers`, set at
+/// `stored_ms`, has passed its MQTT 5 message expiry at `now_ms`.
+fn is_expired(headers: &[u8], stored_ms: u64, now_ms: u64) -> bool {
+    if stored_ms == 0 {
+        return false;
+    }
+    match crate::broker::bridge::headers_to_meta(Some(headers), None).expiry {
+        Some(secs) => now_ms >= stored_ms.saturating_add(u64::from(secs).saturating_mul(1000)),
+        None => false,
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -423,5 +493,37 @@ mod tests {
         let (r, _) = Retained::open(dir.path()).unwrap();
         let m = &r.matching("m")[0];
         assert_eq!((m.payload.as_slice(), m.stored_ms), (&b"again"[..], 5));
+    }
+
+    #[test]
+    fn expired_messages_are_deleted_not_just_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Retained::open(dir.path()).unwrap();
+        let h = crate::broker::bridge::props_to_headers(&crate::wire::mqtt::Properties {
+            message_expiry_interval: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+        r.set_with("e.one", b"1", 1, Some(&h), 1_000).unwrap();
+        r.set_with("e.two", b"2", 1, Some(&h), 5_000).unwrap();
+        r.set_with("e.keep", b"k", 1, None, 1_000).unwrap();
+        // At 11 s the first expired (set at 1 s, 10 s life); the second not.
+        let got: Vec<String> = r
+            .matching_at("e.*", 11_000)
+            .into_iter()
+            .map(|m| m.subject)
+            .collect();
+        assert_eq!(got, vec!["e.keep".to_string(), "e.two".to_string()]);
+        assert_eq!(r.len(), 2, "deleted, not only skipped");
+        assert_eq!(r.remove_expired(14_999), 0);
+        assert_eq!(r.remove_expired(15_000), 1);
+        r.set_with("e.late", b"l", 1, Some(&h), 1_000).unwrap();
+        drop(r);
+        // Reopening (now is long after 11 s) deletes it durably.
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!(rep.messages, 1);
+        drop(r);
+        let (r, rep) = Retained::open(dir.path()).unwrap();
+        assert_eq!((rep.messages, r.matching(">").len()), (1, 1));
     }
 }

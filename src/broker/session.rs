@@ -44,13 +44,24 @@
 //!   router: the shell registers each stream with [`Session::follow`] and
 //!   feeds what it reads from [`Session::stream_next`] into
 //!   [`Session::deliver_stored`]. The machine filters by its subscriptions
-//!   and sends at min(subscription QoS, 1): the stream does not record the
-//!   publisher's QoS, and QoS 1 is what at-least-once redelivery from a
-//!   cursor gives. Per stream, the cursor ([`Session::snapshot`]) is the
+//!   and sends at min(subscription QoS, publisher QoS), the publisher's
+//!   QoS being 2 when the stored message carries `Mqtt-QoS: 2` and 1
+//!   otherwise (MQTT QoS 0/1 publishes, NATS publishes, hub messages; see
+//!   [`bridge`]). Per stream, the cursor ([`Session::snapshot`]) is the
 //!   highest sequence such that every matching message at or below it was
-//!   sent and (QoS 1) acknowledged; PUBACKs advance it contiguously.
-//!   Messages re-sent above the stored `sent` mark carry DUP = 0, below it
-//!   DUP = 1.
+//!   sent and acknowledged (PUBACK, PUBCOMP); acknowledgements advance it
+//!   contiguously. QoS 1 messages above it are sent again after a
+//!   reconnect (new packet ids; DUP = 1 at or below the stored `sent`
+//!   mark, 0 above it).
+//! - QoS 2 stream messages are exactly once across reconnects and frond
+//!   restarts: the stored cursor lists each one in flight with its packet
+//!   id and whether PUBREC came, plus the completed ones above the cursor.
+//!   [`Session::take_sync`] makes the shell write that before the first
+//!   PUBLISH of one or its PUBREL leaves. On resume, a PUBREL is sent for
+//!   every PUBREC'd one (the message is not sent again), the others are
+//!   resent with DUP and their packet id when the stream is read up to
+//!   them, and completed ones are skipped. One removed from the stream
+//!   (limits) before its resend gets a PUBREL, releasing its id.
 //! - Shared subscriptions (`$share/{name}/{filter}`, 3.1.1 and 5.0) are
 //!   stored with the session (and resubscribed on resume) but are always
 //!   served live by the router, never from the stream cursors: a group's
@@ -62,12 +73,19 @@
 //!   capturing stream still holds it). Shared subscriptions get no retained
 //!   messages on subscribe (MQTT 5 §4.8.2); no-local on one is a protocol
 //!   error (the 5.0 decoder refuses it).
-//! - Outbound QoS 2 (router deliveries only) keeps its PUBREC state in
-//!   memory: after a reconnect such a message is not resent.
-//! - The inbound QoS 2 ids are written with the session (lazily, see
-//!   [`crate::server::mqtt`]): across reconnects they are exact; after a
-//!   crash of frond within the write interval, a PUBLISH(DUP) the client
-//!   resends for an id whose PUBREC was sent is stored a second time.
+//! - Outbound QoS 2 of router deliveries (subjects no stream captures,
+//!   shared subscriptions) keeps its PUBREC state in memory: after a
+//!   reconnect such a message is not resent.
+//! - The inbound QoS 2 ids are durable before the PUBREC that reports
+//!   one leaves, and their removal before the PUBCOMP ([`Session::take_sync`]),
+//!   so a PUBLISH(DUP) resent after a frond crash is not stored twice and
+//!   an id the client reuses is never taken for a duplicate. Left open: a
+//!   crash after the message is in the stream but before its id is
+//!   written (the PUBREC never left) stores the client's resend again.
+//! - A 5.0 DISCONNECT with a Session Expiry Interval replaces the expiry
+//!   (capped by `mqtt.max_session_expiry`; 0 deletes the stored session);
+//!   setting one when CONNECT had 0 is a protocol error (DISCONNECT 0x82,
+//!   the will is published; MQTT 5 §3.14.2.2.2).
 //!
 //! MQTT 5 features (all per connection):
 //! - Topic aliases: inbound up to [`TOPIC_ALIAS_MAX`] (advertised in
@@ -97,9 +115,9 @@
 //!   Response Information = 1: CONNACK Response Information
 //!   `frond/response/<client id>` (`+`, `#`, `/` replaced by `_`).
 //!
-//! Not yet: a session expiry changed by the 5.0 DISCONNECT, the MQTT
-//! filter form and subscription options in stored sessions (NATS filters,
-//! QoS and subscription identifiers are kept; that is all delivery needs).
+//! Not yet: the MQTT filter form and subscription options in stored
+//! sessions (NATS filters, QoS and subscription identifiers are kept;
+//! that is all delivery needs).
 //! Retained messages keep their properties and expiry
 //! ([`crate::broker::retained`]); CONNACK says retain is available.
 
@@ -192,6 +210,12 @@ struct Outbound {
     released: bool,
     /// (follow index, stream sequence) for a message from a stream.
     origin: Option<(usize, u64)>,
+    /// Sent at QoS 2.
+    exactly_once: bool,
+    /// Restored from the stored session, not yet sent again on this
+    /// connection: resent (DUP, same packet id) when the stream is read
+    /// up to it.
+    awaiting_resend: bool,
 }
 
 /// A QoS 1/2 delivery waiting for room in the client's window.
@@ -223,6 +247,9 @@ struct Follow {
     inflight: BTreeSet<u64>,
     /// Highest sequence known sent.
     sent: u64,
+    /// Sequences above [`Follow::acked`] whose QoS 2 exchange completed:
+    /// never sent again.
+    done: BTreeSet<u64>,
 }
 
 impl Follow {
@@ -272,6 +299,14 @@ pub struct Session {
     pending_connack: Option<Properties>,
     /// Persistent state changed since [`Session::take_dirty`].
     dirty: bool,
+    /// The output holds a packet whose state must be durable before it
+    /// leaves ([`Session::take_sync`]).
+    sync: bool,
+    /// The session was persistent when it was restored (its stored state
+    /// must go if a DISCONNECT sets the expiry to 0).
+    was_persistent: bool,
+    /// Outbound entries with `awaiting_resend` set.
+    resends: usize,
     /// The client's permissions (`None`: everything allowed).
     perms: Option<Arc<Permissions>>,
     /// Pending acks of publishes refused (MQTT 5 reason code: 0x87 by
@@ -354,6 +389,9 @@ impl Session {
             restored_cursors: Vec::new(),
             pending_connack: None,
             dirty: false,
+            sync: false,
+            was_persistent: false,
+            resends: 0,
             perms: None,
             denied: HashMap::new(),
             alias_in: HashMap::new(),
@@ -497,11 +535,29 @@ impl Session {
             Packet::Publish(p) => self.handle_publish(p),
             Packet::PubAck(a) => self.outbound_done(a.packet_id),
             Packet::PubRec(a) => {
+                if a.code >= 0x80 {
+                    // MQTT 5 §4.3.3: a failed PUBREC ends the exchange;
+                    // the message is not sent again.
+                    self.outbound_done(a.packet_id);
+                    return;
+                }
                 if let Some(o) = self
                     .outbound
                     .iter_mut()
                     .find(|o| o.packet_id == a.packet_id)
                 {
+                    if o.awaiting_resend {
+                        // The client had it from before: no resend.
+                        o.awaiting_resend = false;
+                        self.resends = self.resends.saturating_sub(1);
+                    }
+                    if !o.released && o.origin.is_some() {
+                        // A stream message: the PUBREL owed is recorded
+                        // before it leaves (after a restart frond sends
+                        // PUBREL, never the message again).
+                        self.sync = true;
+                        self.dirty = true;
+                    }
                     o.released = true;
                 }
                 self.send(&Packet::PubRel(Ack {
@@ -513,7 +569,11 @@ impl Session {
             Packet::PubComp(a) => self.outbound_done(a.packet_id),
             Packet::PubRel(a) => {
                 if self.qos2_in.remove(&a.packet_id) {
+                    // Durable before the PUBCOMP: once the client has it,
+                    // it may reuse the id for a new message, which a stale
+                    // id restored after a crash would drop as a duplicate.
                     self.dirty = true;
+                    self.sync = true;
                 }
                 self.send(&Packet::PubComp(Ack {
                     packet_id: a.packet_id,
@@ -644,6 +704,23 @@ impl Session {
             }
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => {
+                if let Some(secs) = d.properties.session_expiry_interval {
+                    if self.expiry.is_zero() && secs != 0 {
+                        // MQTT 5 §3.14.2.2.2: not a valid DISCONNECT (the
+                        // will stays armed).
+                        self.close_with(
+                            0x82,
+                            "DISCONNECT sets a session expiry, but CONNECT had 0".into(),
+                        );
+                        return;
+                    }
+                    let granted =
+                        Duration::from_secs(u64::from(secs)).min(self.limits.max_session_expiry);
+                    if granted != self.expiry {
+                        self.expiry = granted;
+                        self.dirty = true;
+                    }
+                }
                 // MQTT 5 reason 0x04: disconnect *with* will message.
                 if d.code != mqtt::reason::DISCONNECT_WITH_WILL_MESSAGE {
                     self.will = None;
@@ -811,12 +888,18 @@ impl Session {
         }
         self.state = State::Connected;
         self.dirty = self.is_persistent();
+        self.was_persistent = self.is_persistent();
         self.send(&Packet::ConnAck(ConnAck {
             session_present: present,
             code: 0,
             properties: props,
         }));
         self.process(self.now);
+    }
+
+    /// The client id (empty before CONNECT).
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     /// Whether this session outlives its connection.
@@ -827,19 +910,59 @@ impl Session {
     /// Follow stream `name` (persistent sessions): resume from the stored
     /// cursor, or after `last_seq` (the stream's tail) for a stream the
     /// session did not know. Returns the follow index.
+    ///
+    /// QoS 2 messages of the stream that were in flight come back in the
+    /// in-flight window with their packet ids: a PUBREL is sent now for
+    /// each one the client had PUBREC'd; the others are resent (DUP) when
+    /// the stream is read up to them.
     pub fn follow(&mut self, name: &str, last_seq: u64) -> usize {
-        let (acked, sent) = self
-            .restored_cursors
-            .iter()
-            .find(|c| c.stream == name)
-            .map_or((last_seq, last_seq), |c| (c.acked, c.sent));
-        self.follows.push(Follow {
+        let idx = self.follows.len();
+        let cursor = self.restored_cursors.iter().find(|c| c.stream == name);
+        let (acked, sent) = cursor.map_or((last_seq, last_seq), |c| (c.acked, c.sent));
+        let qos2 = cursor.map(|c| c.qos2.clone()).unwrap_or_default();
+        let done = cursor.map(|c| c.done.clone()).unwrap_or_default();
+        let mut f = Follow {
             stream: name.to_string(),
             next: acked.saturating_add(1),
             inflight: BTreeSet::new(),
             sent,
-        });
-        self.follows.len() - 1
+            done: done.into_iter().filter(|&d| d > acked).collect(),
+        };
+        let mut rels = Vec::new();
+        for (seq, packet_id, released) in qos2 {
+            if packet_id == 0 || self.outbound.iter().any(|o| o.packet_id == packet_id) {
+                log::warn!(
+                    "mqtt: {}: stored QoS 2 state of stream {name} reuses packet id {packet_id}; ignored",
+                    self.client_id
+                );
+                continue;
+            }
+            // An entry at or below the cursor is never read again: release
+            // its packet id at the client instead of resending.
+            let released = released || seq <= acked;
+            if released {
+                rels.push(packet_id);
+            } else {
+                self.resends += 1;
+            }
+            f.inflight.insert(seq);
+            self.outbound.push_back(Outbound {
+                packet_id,
+                released,
+                origin: Some((idx, seq)),
+                exactly_once: true,
+                awaiting_resend: !released,
+            });
+        }
+        self.follows.push(f);
+        for packet_id in rels {
+            self.send(&Packet::PubRel(Ack {
+                packet_id,
+                code: 0,
+                properties: Properties::default(),
+            }));
+        }
+        idx
     }
 
     /// How many more stream messages may be sent now (the in-flight window).
@@ -847,8 +970,9 @@ impl Session {
         if self.state != State::Connected {
             return 0;
         }
-        self.window()
-            .saturating_sub(self.outbound.len() + self.queued.len())
+        // Entries awaiting a resend need the stream read to go on.
+        let busy = self.outbound.len().saturating_sub(self.resends);
+        self.window().saturating_sub(busy + self.queued.len())
     }
 
     /// The next sequence to read from followed stream `idx`.
@@ -864,6 +988,38 @@ impl Session {
                 f.next = seq;
                 self.dirty = true;
             }
+        }
+        self.release_unsent(idx, seq);
+    }
+
+    /// Restored QoS 2 messages of stream `idx` below `seq` that the stream
+    /// no longer holds (its limits removed them) cannot be resent: release
+    /// their packet ids at the client with a PUBREL.
+    fn release_unsent(&mut self, idx: usize, seq: u64) {
+        if self.resends == 0 {
+            return;
+        }
+        let mut rels = Vec::new();
+        for o in &mut self.outbound {
+            if o.awaiting_resend && o.origin.is_some_and(|(i, s)| i == idx && s < seq) {
+                o.awaiting_resend = false;
+                o.released = true;
+                rels.push(o.packet_id);
+            }
+        }
+        for packet_id in rels {
+            log::warn!(
+                "mqtt: {}: a QoS 2 message in flight (packet id {packet_id}) left its stream before it could be resent",
+                self.client_id
+            );
+            self.resends = self.resends.saturating_sub(1);
+            self.sync = true;
+            self.dirty = true;
+            self.send(&Packet::PubRel(Ack {
+                packet_id,
+                code: 0,
+                properties: Properties::default(),
+            }));
         }
     }
 
@@ -895,15 +1051,39 @@ impl Session {
             return;
         }
         f.next = seq.saturating_add(1);
+        let done = f.done.contains(&seq);
+        // Only a restored QoS 2 entry is in flight when read: the stream
+        // is read past everything sent on this connection.
+        let restored = f.inflight.contains(&seq);
         self.dirty = true;
-        let Some(qos) = self.matching_qos(subject) else {
+        self.release_unsent(idx, seq);
+        if done {
+            // Delivered exactly once already.
+            return;
+        }
+        let entry = match restored {
+            true => self.outbound.iter().find(|o| o.origin == Some((idx, seq))),
+            false => None,
+        };
+        if let Some(o) = entry {
+            if o.awaiting_resend {
+                let packet_id = o.packet_id;
+                self.resend_stored(packet_id, subject, headers, payload);
+            }
+            // Otherwise in flight already (a PUBREL was sent for it).
+            return;
+        }
+        let Some(granted) = self.matching_qos(subject) else {
             return;
         };
         let dollar_ok = !subject.starts_with('$') || self.dollar_subscribed(subject);
         if !dollar_ok {
             return;
         }
-        let (properties, deadline) = self.publish_props(subject, headers, None);
+        let (properties, deadline, published) = self.publish_props(subject, headers, None);
+        // The publisher's QoS: recorded only when 2; everything else in a
+        // stream counts as QoS 1 (see [`bridge`]).
+        let qos = granted.min(published.unwrap_or(1));
         let deadline = match deadline {
             Some(life) if life <= age => {
                 self.expired += 1;
@@ -922,7 +1102,11 @@ impl Session {
             payload: payload.to_vec(),
         };
         if qos >= 1 {
-            publish.qos = QoS::AtLeastOnce;
+            publish.qos = if qos >= 2 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
             if let Some(f) = self.follows.get(idx) {
                 publish.dup = seq <= f.sent;
             }
@@ -932,25 +1116,73 @@ impl Session {
                 f.sent = f.sent.max(seq);
                 f.inflight.insert(seq);
             }
+            if qos >= 2 {
+                // Its packet id is recorded before it leaves, so after a
+                // restart it is resent with the same id, never as new.
+                self.sync = true;
+            }
+        }
+    }
+
+    /// Send again, with DUP and its packet id, a QoS 2 stream message
+    /// restored from the stored session. Its expiry is not checked: the
+    /// client may hold it already. One too large for the client now gets
+    /// a PUBREL instead (releasing the id).
+    fn resend_stored(
+        &mut self,
+        packet_id: u16,
+        subject: &str,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        let (properties, _, _) = self.publish_props(subject, headers, None);
+        let publish = Publish {
+            dup: true,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: topics::subject_to_topic(subject),
+            packet_id: Some(packet_id),
+            properties,
+            payload: payload.to_vec(),
+        };
+        if self.emit(publish, None, None) == Emitted::Sent {
+            return;
+        }
+        if let Some(o) = self
+            .outbound
+            .iter_mut()
+            .find(|o| o.packet_id == packet_id && o.awaiting_resend)
+        {
+            o.awaiting_resend = false;
+            o.released = true;
+            self.resends = self.resends.saturating_sub(1);
+            self.sync = true;
+            self.dirty = true;
+            self.send(&Packet::PubRel(Ack {
+                packet_id,
+                code: 0,
+                properties: Properties::default(),
+            }));
         }
     }
 
     /// MQTT 5 PUBLISH properties for a message to this client (from its
     /// NATS headers and reply subject, plus matching subscription
-    /// identifiers), and the message's lifetime (`Mqtt-Expiry`).
+    /// identifiers), the message's lifetime (`Mqtt-Expiry`) and the
+    /// publisher's QoS if recorded (`Mqtt-QoS`).
     fn publish_props(
         &self,
         subject: &str,
         headers: Option<&[u8]>,
         reply: Option<&str>,
-    ) -> (Properties, Option<Duration>) {
+    ) -> (Properties, Option<Duration>, Option<u8>) {
         if headers.is_none() && reply.is_none() && self.sub_ids.is_empty() {
-            return (Properties::default(), None);
+            return (Properties::default(), None, None);
         }
         let meta = bridge::headers_to_meta(headers, reply);
         let life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
         if self.version != Some(Version::V5) {
-            return (Properties::default(), life);
+            return (Properties::default(), life, meta.qos);
         }
         let mut props = meta.props;
         props.message_expiry_interval = None;
@@ -965,7 +1197,7 @@ impl Session {
             ids.dedup();
             props.subscription_identifiers = ids;
         }
-        (props, life)
+        (props, life, meta.qos)
     }
 
     /// Send one PUBLISH: sets the remaining message expiry, a topic alias
@@ -1001,7 +1233,13 @@ impl Session {
                 }
             }
         }
-        let id = (p.qos != QoS::AtMostOnce).then(|| self.alloc_packet_id());
+        // A resend keeps its packet id (its entry is in `outbound`).
+        let resend = p.packet_id.filter(|_| p.qos != QoS::AtMostOnce);
+        let id = match p.qos {
+            QoS::AtMostOnce => None,
+            _ => Some(resend.unwrap_or_else(|| self.alloc_packet_id())),
+        };
+        let exactly_once = p.qos == QoS::ExactlyOnce;
         p.packet_id = id;
         let start = self.out.len();
         self.send(&Packet::Publish(p));
@@ -1018,11 +1256,22 @@ impl Session {
         if let Some((topic, a)) = new_alias {
             self.alias_out.insert(topic, a);
         }
-        if let Some(packet_id) = id {
+        if let Some(packet_id) = resend {
+            if let Some(o) = self
+                .outbound
+                .iter_mut()
+                .find(|o| o.packet_id == packet_id && o.awaiting_resend)
+            {
+                o.awaiting_resend = false;
+                self.resends = self.resends.saturating_sub(1);
+            }
+        } else if let Some(packet_id) = id {
             self.outbound.push_back(Outbound {
                 packet_id,
                 released: false,
                 origin,
+                exactly_once,
+                awaiting_resend: false,
             });
         }
         Emitted::Sent
@@ -1038,12 +1287,12 @@ impl Session {
         }
     }
 
-    /// The highest QoS of the subscriptions matching `subject`, capped at 1.
+    /// The highest QoS of the subscriptions matching `subject`.
     fn matching_qos(&self, subject: &str) -> Option<u8> {
         self.filters
             .iter()
             .filter(|(f, _)| crate::subject::matches(f, subject))
-            .map(|(_, q)| (*q).min(1))
+            .map(|(_, q)| (*q).min(2))
             .max()
     }
 
@@ -1052,9 +1301,19 @@ impl Session {
             return;
         };
         if let Some(o) = self.outbound.remove(pos) {
+            if o.awaiting_resend {
+                self.resends = self.resends.saturating_sub(1);
+            }
             if let Some((idx, seq)) = o.origin {
                 if let Some(f) = self.follows.get_mut(idx) {
                     f.inflight.remove(&seq);
+                    let acked = f.acked();
+                    if o.exactly_once && seq > acked {
+                        f.done.insert(seq);
+                    }
+                    while f.done.first().is_some_and(|&d| d <= acked) {
+                        f.done.pop_first();
+                    }
                     self.dirty = true;
                 }
             }
@@ -1067,16 +1326,47 @@ impl Session {
         std::mem::take(&mut self.dirty) && self.is_persistent()
     }
 
+    /// True (once) if the output holds a packet whose state must be
+    /// durable before it leaves: the shell writes [`Session::snapshot`]
+    /// first (one write for everything queued). Set by a PUBREC (the
+    /// inbound QoS 2 id) or PUBCOMP (its removal) to the client, and by a
+    /// QoS 2 stream message's first PUBLISH (its packet id) or PUBREL (the
+    /// PUBREC received). Only for persistent sessions; never for QoS 0/1.
+    pub fn take_sync(&mut self) -> bool {
+        std::mem::take(&mut self.sync) && self.is_persistent()
+    }
+
+    /// Whether the stored state of this session must be deleted now that
+    /// its connection ended: it was persistent, and a 5.0 DISCONNECT set
+    /// its expiry to 0.
+    pub fn discard_stored(&self) -> bool {
+        self.was_persistent && !self.is_persistent()
+    }
+
     /// The state to store for a persistent session (`disconnected_at`
     /// is 0: the shell sets it at disconnect).
     pub fn snapshot(&self) -> StoredSession {
         let mut cursors: Vec<Cursor> = self
             .follows
             .iter()
-            .map(|f| Cursor {
-                stream: f.stream.clone(),
-                acked: f.acked(),
-                sent: f.sent,
+            .enumerate()
+            .map(|(i, f)| {
+                let acked = f.acked();
+                Cursor {
+                    stream: f.stream.clone(),
+                    acked,
+                    sent: f.sent,
+                    qos2: self
+                        .outbound
+                        .iter()
+                        .filter(|o| o.exactly_once)
+                        .filter_map(|o| match o.origin {
+                            Some((x, seq)) if x == i => Some((seq, o.packet_id, o.released)),
+                            _ => None,
+                        })
+                        .collect(),
+                    done: f.done.iter().copied().filter(|&d| d > acked).collect(),
+                }
             })
             .collect();
         // Keep cursors of streams not followed now (not configured at the
@@ -1261,8 +1551,10 @@ impl Session {
                     properties: Properties::default(),
                 };
                 if qos == 2 {
+                    // Durable before the PUBREC leaves ([`Session::take_sync`]).
                     self.qos2_in.insert(id);
                     self.dirty = true;
+                    self.sync = true;
                     self.send(&Packet::PubRec(ack));
                 } else {
                     self.send(&Packet::PubAck(ack));
@@ -1332,7 +1624,7 @@ impl Session {
         // `now` may be older than the routing time when no input came for a
         // while; expiry is counted from `d.at`.
         self.now = self.now.max(d.at);
-        let (properties, life) =
+        let (properties, life, _) =
             self.publish_props(&d.subject, d.headers.as_deref(), d.reply.as_deref());
         let publish = Publish {
             dup: false,
@@ -2065,6 +2357,7 @@ mod tests {
                 stream: "T".into(),
                 acked: 5,
                 sent: 6,
+                ..Cursor::default()
             }],
             qos2_in: vec![9],
             sub_ids: Vec::new(),
@@ -2698,5 +2991,352 @@ mod tests {
         }
         assert_eq!(s.expired, 1);
         assert_eq!(s.stream_next(idx), Some(3));
+    }
+
+    fn ack_pkt(kind: fn(Ack) -> Packet, id: u16) -> Vec<u8> {
+        bytes(
+            &kind(Ack {
+                packet_id: id,
+                ..Ack::default()
+            }),
+            Version::V311,
+        )
+    }
+
+    fn qos2_header() -> Option<Vec<u8>> {
+        bridge::stored_headers(None, 2)
+    }
+
+    /// Publishes sent, as (packet id, QoS, DUP, payload).
+    fn sent_publishes(s: &mut Session) -> Vec<(u16, QoS, bool, Vec<u8>)> {
+        sent(s, Version::V311)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.packet_id.unwrap_or(0), p.qos, p.dup, p.payload),
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stored_qos2_is_min_of_publisher_and_subscription_and_synced() {
+        let v = Version::V311;
+        let (mut s, now, _) = persistent(v, None);
+        let idx = s.follow("T", 0);
+        s.handle_bytes(&bytes(&subscribe_pkt(1, "q2/#", QoS::ExactlyOnce), v), now);
+        s.handle_bytes(&bytes(&subscribe_pkt(2, "q1/#", QoS::AtLeastOnce), v), now);
+        events(&mut s);
+        sent(&mut s, v);
+        assert!(!s.take_sync(), "SUBSCRIBE needs no sync");
+        let h = qos2_header();
+        s.deliver_stored_msg(idx, 1, "q2.a", h.as_deref(), b"1", Duration::ZERO);
+        s.deliver_stored_msg(idx, 2, "q1.a", h.as_deref(), b"2", Duration::ZERO);
+        s.deliver_stored_msg(idx, 3, "q2.a", None, b"3", Duration::ZERO);
+        let got = sent_publishes(&mut s);
+        let qos: Vec<QoS> = got.iter().map(|p| p.1).collect();
+        assert_eq!(
+            qos,
+            vec![QoS::ExactlyOnce, QoS::AtLeastOnce, QoS::AtLeastOnce],
+            "QoS 2 only when publisher and subscription are 2"
+        );
+        assert!(s.take_sync(), "a QoS 2 PUBLISH waits for its state on disk");
+        assert!(!s.take_sync(), "once");
+        let id1 = got[0].0;
+        assert_eq!(s.snapshot().cursors[0].qos2, vec![(1, id1, false)]);
+        // PUBACK for the QoS 1 ones: no sync needed.
+        s.handle_bytes(&ack_pkt(Packet::PubAck, got[1].0), now);
+        s.handle_bytes(&ack_pkt(Packet::PubAck, got[2].0), now);
+        assert!(!s.take_sync());
+        assert_eq!(s.snapshot().cursors[0].acked, 0, "message 1 is in flight");
+        // PUBREC: PUBREL, recorded first.
+        s.handle_bytes(&ack_pkt(Packet::PubRec, id1), now);
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::PubRel(a)] if a.packet_id == id1));
+        assert!(s.take_sync());
+        assert_eq!(s.snapshot().cursors[0].qos2, vec![(1, id1, true)]);
+        // PUBCOMP: done; lazily written.
+        s.handle_bytes(&ack_pkt(Packet::PubComp, id1), now);
+        assert!(!s.take_sync());
+        assert!(s.take_dirty());
+        let c = &s.snapshot().cursors[0];
+        assert_eq!((c.acked, c.qos2.len(), c.done.len()), (3, 0, 0));
+    }
+
+    #[test]
+    fn completed_qos2_above_the_cursor_is_remembered() {
+        let v = Version::V311;
+        let (mut s, now, _) = persistent(v, None);
+        let idx = s.follow("T", 0);
+        s.handle_bytes(&bytes(&subscribe_pkt(1, "q/#", QoS::ExactlyOnce), v), now);
+        events(&mut s);
+        sent(&mut s, v);
+        let h = qos2_header();
+        for seq in 1..=3 {
+            s.deliver_stored_msg(idx, seq, "q.a", h.as_deref(), b"x", Duration::ZERO);
+        }
+        let ids: Vec<u16> = sent_publishes(&mut s).iter().map(|p| p.0).collect();
+        // The third completes first; the first is still unanswered.
+        s.handle_bytes(&ack_pkt(Packet::PubRec, ids[2]), now);
+        s.handle_bytes(&ack_pkt(Packet::PubComp, ids[2]), now);
+        s.handle_bytes(&ack_pkt(Packet::PubRec, ids[1]), now);
+        let c = s.snapshot().cursors[0].clone();
+        assert_eq!(c.acked, 0);
+        assert_eq!(c.done, vec![3]);
+        assert_eq!(c.qos2, vec![(1, ids[0], false), (2, ids[1], true)]);
+        s.handle_bytes(&ack_pkt(Packet::PubRec, ids[0]), now);
+        s.handle_bytes(&ack_pkt(Packet::PubComp, ids[0]), now);
+        s.handle_bytes(&ack_pkt(Packet::PubComp, ids[1]), now);
+        let c = s.snapshot().cursors[0].clone();
+        assert_eq!((c.acked, c.done, c.qos2), (3, vec![], vec![]));
+    }
+
+    #[test]
+    fn restored_qos2_gets_pubrel_or_dup_resend_with_its_id_never_twice() {
+        let v = Version::V311;
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            version: 4,
+            subs: vec![StoredSub {
+                filter: "q.>".into(),
+                qos: 2,
+                share: None,
+            }],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            cursors: vec![Cursor {
+                stream: "T".into(),
+                acked: 5,
+                sent: 8,
+                qos2: vec![(6, 30, true), (7, 31, false), (9, 32, false)],
+                done: vec![8],
+            }],
+            qos2_in: Vec::new(),
+            sub_ids: Vec::new(),
+        };
+        let (mut s, now, present) = persistent(v, Some(stored));
+        assert!(present);
+        events(&mut s);
+        let idx = s.follow("T", 100);
+        // PUBREL for the one the client PUBREC'd, at once.
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::PubRel(a)] if a.packet_id == 30));
+        assert_eq!(s.stream_next(idx), Some(6));
+        assert_eq!(s.stream_room(), 3, "window 4, the PUBREL'd one in flight");
+        let h = qos2_header();
+        for seq in 6..=10 {
+            s.deliver_stored_msg(idx, seq, "q.a", h.as_deref(), &[seq as u8], Duration::ZERO);
+        }
+        let got = sent_publishes(&mut s);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].2, got[0].3.clone()), (31, true, vec![7]));
+        assert_eq!((got[1].0, got[1].2, got[1].3.clone()), (32, true, vec![9]));
+        assert!(
+            ![30, 31, 32].contains(&got[2].0),
+            "a new id for a new message"
+        );
+        assert_eq!((got[2].2, got[2].3.clone()), (false, vec![10]));
+        assert!(s.take_sync(), "the new message's id is recorded first");
+        // Completing them moves the cursor over the done one.
+        s.handle_bytes(&ack_pkt(Packet::PubComp, 30), now);
+        for id in [31, 32, got[2].0] {
+            s.handle_bytes(&ack_pkt(Packet::PubRec, id), now);
+            s.handle_bytes(&ack_pkt(Packet::PubComp, id), now);
+        }
+        let c = s.snapshot().cursors[0].clone();
+        assert_eq!((c.acked, c.done, c.qos2), (10, vec![], vec![]));
+    }
+
+    #[test]
+    fn restored_qos2_gone_from_the_stream_is_released() {
+        let v = Version::V311;
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            version: 4,
+            subs: vec![StoredSub {
+                filter: "q.>".into(),
+                qos: 2,
+                share: None,
+            }],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            cursors: vec![Cursor {
+                stream: "T".into(),
+                acked: 5,
+                sent: 7,
+                qos2: vec![(6, 40, false), (7, 41, false)],
+                done: Vec::new(),
+            }],
+            qos2_in: Vec::new(),
+            sub_ids: Vec::new(),
+        };
+        let (mut s, now, _) = persistent(v, Some(stored));
+        events(&mut s);
+        let idx = s.follow("T", 100);
+        assert!(sent(&mut s, v).is_empty());
+        // Limits removed 6; 7 is read.
+        let h = qos2_header();
+        s.deliver_stored_msg(idx, 7, "q.a", h.as_deref(), b"7", Duration::ZERO);
+        match &sent(&mut s, v)[..] {
+            [Packet::PubRel(r), Packet::Publish(p)] => {
+                assert_eq!(r.packet_id, 40);
+                assert_eq!((p.packet_id, p.dup), (Some(41), true));
+            }
+            other => panic!("expected PUBREL 40 and PUBLISH 41, got {other:?}"),
+        }
+        assert!(s.take_sync());
+        s.handle_bytes(&ack_pkt(Packet::PubComp, 40), now);
+        assert_eq!(s.snapshot().cursors[0].acked, 6);
+    }
+
+    #[test]
+    fn restored_qos2_before_a_completed_one_is_released_when_gone() {
+        let v = Version::V311;
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            version: 4,
+            subs: vec![StoredSub {
+                filter: "q.>".into(),
+                qos: 2,
+                share: None,
+            }],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            cursors: vec![Cursor {
+                stream: "T".into(),
+                acked: 5,
+                sent: 8,
+                qos2: vec![(6, 40, false), (7, 41, false)],
+                done: vec![8],
+            }],
+            qos2_in: Vec::new(),
+            sub_ids: Vec::new(),
+        };
+        let (mut s, _, _) = persistent(v, Some(stored));
+        events(&mut s);
+        let idx = s.follow("T", 100);
+        // 6 and 7 were removed; 8 (completed) is the first read.
+        let h = qos2_header();
+        s.deliver_stored_msg(idx, 8, "q.a", h.as_deref(), b"8", Duration::ZERO);
+        let rels: Vec<u16> = sent(&mut s, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::PubRel(a) => a.packet_id,
+                other => panic!("expected PUBREL, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(rels, vec![40, 41]);
+    }
+
+    #[test]
+    fn inbound_qos2_id_and_its_removal_are_synced_qos1_never() {
+        let v = Version::V311;
+        let (mut s, now, _) = persistent(v, None);
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(1), "a", b"1"), v),
+            now,
+        );
+        events(&mut s);
+        s.publish_done(1, Ok(()));
+        assert!(!s.take_sync(), "QoS 1 costs no session write");
+        s.handle_bytes(
+            &bytes(&publish(QoS::ExactlyOnce, Some(2), "a", b"2"), v),
+            now,
+        );
+        events(&mut s);
+        s.publish_done(2, Ok(()));
+        assert!(s.take_sync(), "the id is durable before the PUBREC");
+        assert_eq!(s.snapshot().qos2_in, vec![2]);
+        s.handle_bytes(&ack_pkt(Packet::PubRel, 2), now);
+        assert!(s.take_sync(), "and its removal before the PUBCOMP");
+        s.handle_bytes(&ack_pkt(Packet::PubRel, 2), now);
+        assert!(!s.take_sync(), "an unknown id changes nothing");
+        assert!(matches!(
+            &sent(&mut s, v)[..],
+            [
+                Packet::PubAck(_),
+                Packet::PubRec(_),
+                Packet::PubComp(_),
+                Packet::PubComp(_)
+            ]
+        ));
+    }
+
+    fn v5_session(expiry: u32) -> (Session, Instant) {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "dev-x", false, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = Some(expiry);
+        c.will = Some(mqtt::Will {
+            topic: "w".into(),
+            payload: b"gone".to_vec(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        sent(&mut s, v);
+        (s, now)
+    }
+
+    fn disconnect_pkt(expiry: Option<u32>) -> Vec<u8> {
+        bytes(
+            &Packet::Disconnect(Disconnect {
+                code: 0,
+                properties: Properties {
+                    session_expiry_interval: expiry,
+                    ..Properties::default()
+                },
+            }),
+            Version::V5,
+        )
+    }
+
+    #[test]
+    fn v5_disconnect_changes_the_session_expiry() {
+        // 3600 -> 0: no longer persistent, the stored state goes.
+        let (mut s, now) = v5_session(3600);
+        assert!(s.is_persistent() && !s.discard_stored());
+        s.handle_bytes(&disconnect_pkt(Some(0)), now);
+        assert!(!s.is_persistent());
+        assert!(s.discard_stored());
+        assert!(
+            s.take_will().is_none(),
+            "a normal DISCONNECT drops the will"
+        );
+        // 3600 -> 60 (and above the maximum: capped).
+        let (mut s, now) = v5_session(3600);
+        s.handle_bytes(&disconnect_pkt(Some(60)), now);
+        assert_eq!(s.snapshot().expiry_secs, 60);
+        assert!(!s.discard_stored());
+        let (mut s, now) = v5_session(60);
+        s.handle_bytes(&disconnect_pkt(Some(u32::MAX)), now);
+        assert_eq!(s.snapshot().expiry_secs, 3600);
+        // Absent: unchanged.
+        let (mut s, now) = v5_session(60);
+        s.handle_bytes(&disconnect_pkt(None), now);
+        assert_eq!(s.snapshot().expiry_secs, 60);
+    }
+
+    #[test]
+    fn v5_disconnect_setting_an_expiry_after_connect_zero_is_a_protocol_error() {
+        let (mut s, now) = v5_session(0);
+        s.handle_bytes(&disconnect_pkt(Some(10)), now);
+        match &sent(&mut s, Version::V5)[..] {
+            [Packet::Disconnect(d)] => assert_eq!(d.code, 0x82),
+            other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+        }
+        assert!(s.is_closed());
+        assert!(!s.is_persistent() && !s.discard_stored());
+        assert!(
+            s.take_will().is_some(),
+            "not a valid DISCONNECT: the will stays"
+        );
+        // Setting 0 again is fine.
+        let (mut s, now) = v5_session(0);
+        s.handle_bytes(&disconnect_pkt(Some(0)), now);
+        assert!(s.is_closed() && s.take_will().is_none());
     }
 }

@@ -15,8 +15,11 @@
 //! passed). So a will is published at least once, never lost; a crash
 //! between publishing and removing the file publishes it again.
 //!
-//! Kept: topic (subject), payload, QoS, retain, delay. Not kept: MQTT 5 will
-//! properties (they are lost if frond restarts before the will fires).
+//! Kept: topic (subject), payload, QoS, retain, delay, and the MQTT 5 will
+//! properties a published will carries ([`StoredProps`]: payload format,
+//! message expiry, content type, response topic, correlation data, user
+//! properties; absent from the file when there are none, so files written
+//! before they were kept still load).
 //! Files are replaced atomically ([`super::persist::write`]); a file that
 //! does not parse is reported and deleted.
 
@@ -29,7 +32,61 @@ use serde::{Deserialize, Serialize};
 
 use super::persist::{hex, write};
 use super::session::WillMessage;
+use crate::wire::mqtt::Properties;
 use crate::wire::nats::base64;
+
+/// The MQTT 5 will properties kept with a stored will.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoredProps {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_format: Option<u8>,
+    /// Seconds the will lives once published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_expiry: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// Base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl StoredProps {
+    /// The properties worth keeping, or `None` when there are none (the
+    /// will delay is stored on its own).
+    pub fn from_props(p: &Properties) -> Option<StoredProps> {
+        let s = StoredProps {
+            payload_format: p.payload_format_indicator,
+            message_expiry: p.message_expiry_interval,
+            content_type: p.content_type.clone(),
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.as_deref().map(base64::encode),
+            user_properties: p.user_properties.clone(),
+        };
+        (s != StoredProps::default()).then_some(s)
+    }
+
+    /// Back to will properties (a correlation data that is not base64 is
+    /// dropped).
+    pub fn to_props(&self) -> Properties {
+        Properties {
+            payload_format_indicator: self.payload_format,
+            message_expiry_interval: self.message_expiry,
+            content_type: self.content_type.clone(),
+            response_topic: self.response_topic.clone(),
+            correlation_data: self
+                .correlation_data
+                .as_ref()
+                .and_then(|c| base64::decode(c.as_bytes()).ok()),
+            user_properties: self.user_properties.clone(),
+            ..Properties::default()
+        }
+    }
+}
 
 /// One will as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +105,9 @@ pub struct StoredWill {
     /// Random per arming: a settled will removes its file only if the file
     /// still holds this arming (a newer connection may have armed its own).
     pub token: u64,
+    /// MQTT 5 will properties, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<StoredProps>,
 }
 
 impl StoredWill {
@@ -61,6 +121,7 @@ impl StoredWill {
             delay_ms: u64::try_from(w.delay.as_millis()).unwrap_or(u64::MAX),
             due_ms: 0,
             token: fastrand::u64(..),
+            props: w.props.as_deref().and_then(StoredProps::from_props),
         }
     }
 
@@ -78,7 +139,11 @@ impl StoredWill {
             qos: self.qos.min(2),
             retain: self.retain,
             delay: Duration::from_millis(wait_ms),
-            props: None,
+            props: self
+                .props
+                .as_ref()
+                .map(|p| Box::new(p.to_props()))
+                .filter(|p| !p.is_empty()),
         })
     }
 }
@@ -213,10 +278,52 @@ mod tests {
             "a corrupt file is deleted"
         );
 
+        assert_eq!(a.props, None);
+
         // Settling with another arming's token leaves the file alone.
         store.settle("a", owed[0].token.wrapping_add(1)).unwrap();
         assert_eq!(WillStore::open(dir.path()).unwrap().1.len(), 2);
         store.settle("a", owed[0].token).unwrap();
         assert_eq!(WillStore::open(dir.path()).unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn will_properties_survive_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = WillStore::open(dir.path()).unwrap();
+        let mut w = will(0);
+        let props = Properties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(30),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("resp/x".into()),
+            correlation_data: Some(vec![0, 1, 0xff]),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            will_delay_interval: Some(9),
+            ..Properties::default()
+        };
+        w.props = Some(Box::new(props.clone()));
+        store.save(&StoredWill::new("p", &w)).unwrap();
+        // Only a will delay: nothing else to keep.
+        let mut bare = will(0);
+        bare.props = Some(Box::new(Properties {
+            will_delay_interval: Some(5),
+            ..Properties::default()
+        }));
+        store.save(&StoredWill::new("q", &bare)).unwrap();
+        let (_, mut owed) = WillStore::open(dir.path()).unwrap();
+        owed.sort_by(|x, y| x.client_id.cmp(&y.client_id));
+        let got = owed[0].owed(unix_ms()).unwrap().props.unwrap();
+        let want = Properties {
+            will_delay_interval: None,
+            ..props
+        };
+        assert_eq!(*got, want);
+        assert_eq!(owed[1].props, None);
+        assert_eq!(owed[1].owed(unix_ms()).unwrap().props, None);
+        // A file from before properties were kept loads without them.
+        let old = br#"{"client_id":"o","subject":"s","payload":"","qos":0,"retain":false,"delay_ms":0,"due_ms":0,"token":1}"#;
+        let parsed: StoredWill = serde_json::from_slice(old).unwrap();
+        assert_eq!(parsed.props, None);
     }
 }

@@ -34,8 +34,11 @@
 //!   before the session read them are skipped, with a warning giving the
 //!   count.
 //! - State is written after SUBSCRIBE/UNSUBSCRIBE before the SUBACK /
-//!   UNSUBACK leaves, lazily (at most every 200 ms) while cursors move, and
-//!   at disconnect. After a crash, or a shutdown that does not wait for
+//!   UNSUBACK leaves, before a write that carries QoS 2 state the session
+//!   asks to be durable first ([`Session::take_sync`]: PUBREC, PUBCOMP,
+//!   a stream message's QoS 2 PUBLISH or PUBREL; one write per batch),
+//!   lazily (at most every 200 ms) while cursors move, and at disconnect
+//!   (a session whose 5.0 DISCONNECT set the expiry to 0 is deleted). After a crash, or a shutdown that does not wait for
 //!   connections, messages after the last written cursor are delivered
 //!   again (at least once; DUP set for those known to have been sent).
 
@@ -356,7 +359,7 @@ pub fn publish_will(
         if let Some(stream) = broker.capture(&will.subject) {
             let msg = Message {
                 subject: will.subject.clone(),
-                headers,
+                headers: bridge::stored_headers(headers, will.qos),
                 payload: will.payload,
             };
             if let Err(e) = stream.publish(msg).await {
@@ -440,7 +443,16 @@ pub struct Ctx<'a> {
 }
 
 /// Write the session's state (persistent sessions only); logged on error.
+/// A session whose expiry a DISCONNECT set to 0 is deleted instead.
 async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: bool) {
+    if disconnected && session.discard_stored() {
+        let store = sessions.clone();
+        let id = session.client_id().to_string();
+        if let Err(e) = smol::unblock(move || store.remove(&id)).await {
+            log::warn!("mqtt: cannot delete an ended session's state: {e}");
+        }
+        return;
+    }
     if !session.is_persistent() {
         return;
     }
@@ -604,7 +616,8 @@ pub async fn connection<T: Transport>(
                             }
                             let msg = Message {
                                 subject,
-                                headers,
+                                // The publisher's QoS when 2 ([`bridge`]).
+                                headers: bridge::stored_headers(headers, qos),
                                 payload,
                             };
                             stream.submit(msg).await.map(Some)
@@ -672,7 +685,11 @@ pub async fn connection<T: Transport>(
         }
         if let Some(why) = close_reason.take() {
             // Flush whatever the session queued (CONNACK refusal,
-            // DISCONNECT with reason) before closing.
+            // DISCONNECT with reason) before closing; QoS 2 state it
+            // depends on first, as in step 4.
+            if session.take_sync() {
+                save(&session, sessions, false).await;
+            }
             let out = session.take_output();
             if !out.is_empty() {
                 let _ = transport.write_all(&out).await;
@@ -759,6 +776,13 @@ pub async fn connection<T: Transport>(
         }
         // 4. Write. A takeover interrupts a write to a client that does
         // not read, so the new connection gets the session without waiting.
+        // QoS 2 state the output depends on is written first (one write
+        // for the whole batch; see `Session::take_sync`).
+        if session.take_sync() {
+            save(&session, sessions, false).await;
+            let _ = session.take_dirty();
+            save_at = None;
+        }
         if session.has_output() {
             let out = session.take_output();
             let written = async { Some(transport.write_all(&out).await) }
