@@ -804,19 +804,22 @@ impl NatsBench {
         if self.pubs == 0 || self.subs == 0 || self.msgs == 0 || self.reqs == 0 {
             return Err("bench: --pubs, --subs, --msgs and --reqs must be at least 1".into());
         }
-        let mut lines = match self.only.as_deref() {
-            None => vec![self.publish()?, self.fan_out()?, self.request_reply()?],
-            Some("publish") => vec![self.publish()?],
-            Some("fanout") => vec![self.fan_out()?],
-            Some("request") => vec![self.request_reply()?],
+        // Memory first, on the server as it started: the rate parts leave
+        // each server's allocator holding its high-water mark.
+        let mut lines = Vec::new();
+        if self.subscriptions > 0 {
+            lines.push(self.subscription_memory()?);
+        }
+        match self.only.as_deref() {
+            None => lines.extend([self.publish()?, self.fan_out()?, self.request_reply()?]),
+            Some("publish") => lines.push(self.publish()?),
+            Some("fanout") => lines.push(self.fan_out()?),
+            Some("request") => lines.push(self.request_reply()?),
             Some(other) => {
                 return Err(format!(
                     "bench: --only {other:?}: say publish, fanout or request"
                 ))
             }
-        };
-        if self.subscriptions > 0 {
-            lines.push(self.subscription_memory()?);
         }
         Ok(lines.join("\n"))
     }

@@ -75,7 +75,9 @@ pub enum Event {
 
 #[derive(Debug)]
 struct SubState {
-    sid: String,
+    /// The client's sid when it is not [`numeric_sid`] (then the
+    /// subscription's id is the sid itself and no string is kept).
+    name: Option<Box<str>>,
     subject: String,
     max: Option<u64>,
     delivered: u64,
@@ -90,7 +92,9 @@ pub struct Conn {
     out: Vec<u8>,
     events: VecDeque<Event>,
     subs: subject::FastMap<u64, SubState>,
-    by_sid: HashMap<String, u64>,
+    /// Ids of subscriptions whose sid is not numeric.
+    by_sid: HashMap<Box<str>, u64>,
+    /// The next id for a non-numeric sid (from [`NAMED_SIDS`] up).
     next_id: u64,
     next_ping: Instant,
     pings_out: u32,
@@ -103,6 +107,44 @@ pub struct Conn {
     now: Instant,
     /// The nonce sent in `INFO` (nkey users sign it in `CONNECT`).
     nonce: Option<String>,
+}
+
+/// Ids from here up belong to subscriptions with a non-numeric sid.
+const NAMED_SIDS: u64 = 1 << 63;
+
+/// A sid in canonical decimal ("0", "17"; not "017", at most 18 digits)
+/// is its subscription's id: most clients number their subscriptions, and
+/// then a subscription keeps no sid string and no sid -> id entry.
+fn numeric_sid(sid: &str) -> Option<u64> {
+    let canonical = !sid.is_empty()
+        && sid.len() <= 18
+        && sid.bytes().all(|b| b.is_ascii_digit())
+        && (sid.len() == 1 || !sid.starts_with('0'));
+    if canonical {
+        sid.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// The sid of subscription `id` as the client wrote it.
+fn sid_text<'a>(id: u64, name: Option<&'a str>, digits: &'a mut [u8; 20]) -> &'a str {
+    if let Some(n) = name {
+        return n;
+    }
+    let mut i = digits.len();
+    let mut v = id;
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(digits.get(i..).unwrap_or_default()).unwrap_or_default()
 }
 
 /// Most reply subjects tracked for `allow_responses`; expired and used-up
@@ -125,7 +167,7 @@ impl Conn {
             events: VecDeque::new(),
             subs: subject::FastMap::default(),
             by_sid: HashMap::new(),
-            next_id: 1,
+            next_id: NAMED_SIDS,
             pings_out: 0,
             perms: None,
             replies: HashMap::new(),
@@ -288,7 +330,7 @@ impl Conn {
                 sid,
             } => self.handle_sub(subject, queue, sid),
             ClientOp::Unsub { sid, max } => {
-                if let Some(&id) = self.by_sid.get(&sid) {
+                if let Some(id) = self.id_of(&sid) {
                     match (max, self.subs.get_mut(&id)) {
                         (Some(m), Some(s)) if s.delivered < m => {
                             s.max = Some(m);
@@ -404,7 +446,7 @@ impl Conn {
             wire::err(&text, &mut self.out);
             return;
         }
-        if self.by_sid.contains_key(&sid) {
+        if self.id_of(&sid).is_some() {
             // nats-server ignores a repeated sid; so do we.
             self.ok();
             return;
@@ -413,13 +455,20 @@ impl Conn {
             wire::err(wire::ERR_MAX_SUBS, &mut self.out);
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.by_sid.insert(sid.clone(), id);
+        let (id, name) = match numeric_sid(&sid) {
+            Some(n) => (n, None),
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let name: Box<str> = sid.into();
+                self.by_sid.insert(name.clone(), id);
+                (id, Some(name))
+            }
+        };
         self.subs.insert(
             id,
             SubState {
-                sid,
+                name,
                 subject: subject.clone(),
                 max: None,
                 delivered: 0,
@@ -431,8 +480,16 @@ impl Conn {
     }
 
     fn forget(&mut self, id: u64) {
-        if let Some(s) = self.subs.remove(&id) {
-            self.by_sid.remove(&s.sid);
+        if let Some(SubState { name: Some(n), .. }) = self.subs.remove(&id) {
+            self.by_sid.remove(&n);
+        }
+    }
+
+    /// The id of the live subscription with this sid.
+    fn id_of(&self, sid: &str) -> Option<u64> {
+        match numeric_sid(sid) {
+            Some(n) => self.subs.contains_key(&n).then_some(n),
+            None => self.by_sid.get(sid).copied(),
         }
     }
 
@@ -457,7 +514,8 @@ impl Conn {
         }
         s.delivered += 1;
         let done = s.max.is_some_and(|max| s.delivered >= max);
-        let sid = s.sid.as_str();
+        let mut digits = [0u8; 20];
+        let sid = sid_text(id, s.name.as_deref(), &mut digits);
         let reply = m.reply.as_deref();
         let res = match (&m.headers, self.opts.headers) {
             (Some(h), true) => wire::hmsg(&m.subject, sid, reply, h, &m.payload, &mut self.out),
@@ -483,11 +541,12 @@ impl Conn {
         if self.closed || !self.opts.headers {
             return;
         }
+        let mut digits = [0u8; 20];
         let Some(sid) = self
             .subs
-            .values()
-            .find(|s| subject::matches(&s.subject, reply))
-            .map(|s| s.sid.clone())
+            .iter()
+            .find(|(_, s)| subject::matches(&s.subject, reply))
+            .map(|(id, s)| sid_text(*id, s.name.as_deref(), &mut digits).to_string())
         else {
             return;
         };
@@ -655,21 +714,73 @@ mod tests {
     fn deliver_uses_client_sid_and_strips_headers_for_old_clients() {
         let (mut c, now) = start("{}");
         c.handle_bytes(b"SUB a.> x7\r\n", now);
-        events(&mut c);
+        let [Event::Subscribe { id, .. }] = &events(&mut c)[..] else {
+            panic!("no subscribe")
+        };
         // The client did not ask for headers: a plain MSG. (The sid "x7" is
         // not a number, which the client-side parser insists on; compare
         // raw bytes.)
         c.deliver(
-            1,
+            *id,
             &msg("a.b", Some("r.1"), Some(b"NATS/1.0\r\nK: v\r\n\r\n"), b"p"),
         );
         assert_eq!(c.take_output(), b"MSG a.b x7 r.1 1\r\np\r\n");
         let (mut c, now) = start(r#"{"headers":true}"#);
         c.handle_bytes(b"SUB a 3\r\n", now);
-        c.deliver(1, &msg("a", None, Some(b"NATS/1.0\r\n\r\n"), b"p"));
+        c.deliver(3, &msg("a", None, Some(b"NATS/1.0\r\n\r\n"), b"p"));
         assert!(
             matches!(&ops(&mut c)[..], [ServerOp::Msg(m)] if m.headers.is_some() && m.sid == 3)
         );
+    }
+
+    #[test]
+    fn numeric_and_named_sids_echo_back_and_unsubscribe() {
+        assert_eq!(numeric_sid("0"), Some(0));
+        assert_eq!(numeric_sid("17"), Some(17));
+        assert_eq!(numeric_sid("017"), None);
+        assert_eq!(numeric_sid(""), None);
+        assert_eq!(numeric_sid("1x"), None);
+        assert_eq!(
+            numeric_sid("999999999999999999"),
+            Some(999_999_999_999_999_999)
+        );
+        assert_eq!(
+            numeric_sid("1000000000000000000"),
+            None,
+            "19 digits are named"
+        );
+        let mut d = [0u8; 20];
+        assert_eq!(sid_text(0, None, &mut d), "0");
+        assert_eq!(sid_text(u64::MAX, None, &mut d), "18446744073709551615");
+        assert_eq!(sid_text(5, Some("07"), &mut d), "07");
+
+        let (mut c, now) = start("{}");
+        c.handle_bytes(b"SUB a 7\r\nSUB a 07\r\nSUB a 7\r\nSUB a 0\r\n", now);
+        let ids: Vec<u64> = events(&mut c)
+            .iter()
+            .filter_map(|e| match e {
+                Event::Subscribe { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 3, "a repeated sid is ignored");
+        assert_eq!((ids[0], ids[2]), (7, 0));
+        assert!(ids[1] >= NAMED_SIDS);
+        let _ = c.take_output();
+        for id in &ids {
+            c.deliver(*id, &msg("a", None, None, b"p"));
+        }
+        assert_eq!(
+            c.take_output(),
+            b"MSG a 7 1\r\np\r\nMSG a 07 1\r\np\r\nMSG a 0 1\r\np\r\n"
+        );
+        c.handle_bytes(b"UNSUB 07\r\nUNSUB 8\r\n", now);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [Event::Unsubscribe { id, max: None }] if *id == ids[1]
+        ));
+        assert_eq!(c.subscriptions(), 2);
+        assert!(c.by_sid.is_empty());
     }
 
     #[test]
