@@ -743,23 +743,8 @@ impl NatsConn {
     /// The next op other than PING (answered) and +OK.
     fn next_op(&mut self) -> Result<nc::ServerOp, String> {
         loop {
-            let unparsed = self.inbuf.get(self.pos..).unwrap_or_default();
-            match nc::parse_server_op(unparsed, self.max_payload + nc::PAYLOAD_SLACK) {
-                Ok(Some((op, used))) => {
-                    self.pos += used;
-                    match op {
-                        nc::ServerOp::Ping => {
-                            nc::pong(&mut self.out);
-                            self.flush()?;
-                        }
-                        nc::ServerOp::Ok => {}
-                        nc::ServerOp::Err(e) => return Err(format!("bench: server said -ERR {e}")),
-                        op => return Ok(op),
-                    }
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => return Err(format!("bench: {e}")),
+            if let Some(op) = self.buffered_op()? {
+                return Ok(op);
             }
             let n = self
                 .s
@@ -772,6 +757,30 @@ impl NatsConn {
             self.pos = 0;
             self.inbuf
                 .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
+        }
+    }
+
+    /// The next op already received, if any (no read); PINGs are answered
+    /// and +OKs skipped on the way.
+    fn buffered_op(&mut self) -> Result<Option<nc::ServerOp>, String> {
+        loop {
+            let unparsed = self.inbuf.get(self.pos..).unwrap_or_default();
+            match nc::parse_server_op(unparsed, self.max_payload + nc::PAYLOAD_SLACK) {
+                Ok(Some((op, used))) => {
+                    self.pos += used;
+                    match op {
+                        nc::ServerOp::Ping => {
+                            nc::pong(&mut self.out);
+                            self.flush()?;
+                        }
+                        nc::ServerOp::Ok => {}
+                        nc::ServerOp::Err(e) => return Err(format!("bench: server said -ERR {e}")),
+                        op => return Ok(Some(op)),
+                    }
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(format!("bench: {e}")),
+            }
         }
     }
 
@@ -851,13 +860,19 @@ impl NatsBench {
                 }
             }
             c.flush()?;
-            if let nc::ServerOp::Msg(m) = c.next_op()? {
-                acked += 1;
-                let body = String::from_utf8_lossy(&m.payload);
-                if body.contains("\"error\"") || !body.contains("\"seq\"") {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| body.into_owned());
+            // Every PubAck already received, then refill the window with
+            // one write (as asynchronous clients coalesce their writes).
+            let mut op = Some(c.next_op()?);
+            while let Some(o) = op {
+                if let nc::ServerOp::Msg(m) = o {
+                    acked += 1;
+                    let body = String::from_utf8_lossy(&m.payload);
+                    if body.contains("\"error\"") || !body.contains("\"seq\"") {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| body.into_owned());
+                    }
                 }
+                op = c.buffered_op()?;
             }
         }
         let secs = start.elapsed().as_secs_f64();
