@@ -16,14 +16,15 @@
 //! | message expiry interval    | `Mqtt-Expiry` (seconds, counted from when the message was routed or stored) |
 //! | response topic             | `Mqtt-Response-Topic` (the MQTT topic), and the NATS reply subject |
 //! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
-//! | the publisher's QoS, when 2 | `Mqtt-QoS: 2` (stored copies only, see below) |
+//! | the publisher's QoS, when 0 or 2 | `Mqtt-QoS: 0` / `Mqtt-QoS: 2` (stored copies only, see below) |
 //!
-//! The publisher's QoS: a message an MQTT client publishes at QoS 2 is
-//! stored in a stream with `Mqtt-QoS: 2`, so a persistent session that
-//! reads it back delivers it at min(2, granted QoS). QoS 0 and 1 publishes
-//! get no header (the record stays small), and a stored message without
-//! it counts as QoS 1 — as do messages NATS clients publish or the hub
-//! sources down (a NATS client may set `Mqtt-QoS: 2` itself). The header
+//! The publisher's QoS: a message an MQTT client publishes at QoS 0 or 2
+//! is stored in a stream with `Mqtt-QoS: 0` or `2`, so a persistent
+//! session that reads it back delivers it at min(publisher QoS, granted
+//! QoS), as MQTT requires (26 bytes per record). QoS 1 publishes get no
+//! header, and a stored message without it counts as QoS 1 — as do
+//! messages NATS clients publish or the hub sources down (a NATS client
+//! may set `Mqtt-QoS` itself). The header
 //! is added to the stored copy only, not to live deliveries (the router
 //! passes the publisher's QoS along). A user property of that name is not
 //! carried, so a client cannot raise its own QoS with one.
@@ -186,9 +187,12 @@ pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>
 }
 
 /// The header block to store with a message published at `qos`: `headers`
-/// plus `Mqtt-QoS: 2` for QoS 2, unchanged otherwise (see the module doc).
+/// plus `Mqtt-QoS: 0` or `Mqtt-QoS: 2`, unchanged for QoS 1 (see the
+/// module doc). QoS 0 is recorded so that a persistent session receives a
+/// stored QoS 0 message at QoS 0 (delivery QoS is the minimum of publish
+/// and subscription QoS); it costs 26 bytes per such record.
 pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
-    if qos < 2 {
+    if qos == 1 {
         return headers;
     }
     let mut h = match &headers {
@@ -198,7 +202,7 @@ pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
         },
         None => HeaderBlock::new(),
     };
-    h.set(QOS, "2");
+    h.set(QOS, if qos == 0 { "0" } else { "2" });
     h.encode().ok().or(headers)
 }
 
@@ -385,9 +389,11 @@ mod tests {
     }
 
     #[test]
-    fn qos2_is_recorded_for_stored_copies_only_when_2() {
-        assert_eq!(stored_headers(None, 0), None);
+    fn qos_is_recorded_for_stored_copies_unless_1() {
         assert_eq!(stored_headers(None, 1), None);
+        let h0 = stored_headers(None, 0).unwrap();
+        assert_eq!(h0, b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n");
+        assert_eq!(headers_to_meta(Some(&h0), None).qos, Some(0));
         let h = stored_headers(None, 2).unwrap();
         assert_eq!(h, b"NATS/1.0\r\nMqtt-QoS: 2\r\n\r\n");
         let m = headers_to_meta(Some(&h), None);

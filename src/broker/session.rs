@@ -45,8 +45,9 @@
 //!   feeds what it reads from [`Session::stream_next`] into
 //!   [`Session::deliver_stored`]. The machine filters by its subscriptions
 //!   and sends at min(subscription QoS, publisher QoS), the publisher's
-//!   QoS being 2 when the stored message carries `Mqtt-QoS: 2` and 1
-//!   otherwise (MQTT QoS 0/1 publishes, NATS publishes, hub messages; see
+//!   QoS being what the stored message carries in `Mqtt-QoS` (MQTT QoS 0
+//!   and 2 publishes) and 1 otherwise (MQTT QoS 1, NATS publishes, hub
+//!   messages; see
 //!   [`bridge`]). Per stream, the cursor ([`Session::snapshot`]) is the
 //!   highest sequence such that every matching message at or below it was
 //!   sent and acknowledged (PUBACK, PUBCOMP); acknowledgements advance it
@@ -1081,8 +1082,8 @@ impl Session {
             return;
         }
         let (properties, deadline, published) = self.publish_props(subject, headers, None);
-        // The publisher's QoS: recorded only when 2; everything else in a
-        // stream counts as QoS 1 (see [`bridge`]).
+        // The publisher's QoS: recorded for MQTT QoS 0 and 2; everything
+        // else in a stream counts as QoS 1 (see [`bridge`]).
         let qos = granted.min(published.unwrap_or(1));
         let deadline = match deadline {
             Some(life) if life <= age => {
@@ -3059,6 +3060,16 @@ mod tests {
         assert!(s.take_dirty());
         let c = &s.snapshot().cursors[0];
         assert_eq!((c.acked, c.qos2.len(), c.done.len()), (3, 0, 0));
+        // A stored QoS 0 publish goes out at QoS 0 to a QoS 2 subscription,
+        // and the cursor passes it without an acknowledgement.
+        let h0 = bridge::stored_headers(None, 0);
+        s.deliver_stored_msg(idx, 4, "q2.b", h0.as_deref(), b"4", Duration::ZERO);
+        let got = sent_publishes(&mut s);
+        assert_eq!(
+            got.iter().map(|p| p.1).collect::<Vec<_>>(),
+            vec![QoS::AtMostOnce]
+        );
+        assert_eq!(s.snapshot().cursors[0].acked, 4);
     }
 
     #[test]
