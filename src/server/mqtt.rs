@@ -234,6 +234,38 @@ enum PendingAck {
     Ready(u16, Result<(), String>),
 }
 
+/// The captured publishes of one read, handed to their streams together:
+/// first every live delivery of the batch (the router queued them; one
+/// yield lets the subscribers' tasks write them, each in one write), then
+/// the stream submits, in order, which wake each stream's thread about
+/// once per batch instead of once per message (a wake can preempt this
+/// thread, and costs more than the write of a small message).
+#[derive(Default)]
+struct StoreBatch {
+    msgs: Vec<(StreamHandle, Message, Option<u16>)>,
+    /// Some message of the batch went to live subscribers.
+    routed: bool,
+}
+
+impl StoreBatch {
+    async fn submit(&mut self, acks: &mut VecDeque<PendingAck>) {
+        if self.msgs.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.routed) {
+            smol::future::yield_now().await;
+        }
+        for (stream, msg, ack) in self.msgs.drain(..) {
+            match (ack, stream.submit(msg).await) {
+                (Some(id), Ok(w)) => acks.push_back(PendingAck::Store(id, w)),
+                (Some(id), Err(e)) => acks.push_back(PendingAck::Ready(id, Err(e.to_string()))),
+                (None, Ok(_)) => {}
+                (None, Err(e)) => log::warn!("mqtt: QoS 0 message not stored: {e}"),
+            }
+        }
+    }
+}
+
 /// Wills waiting out their MQTT 5 delay, by client id, and the durable
 /// copies of all unsettled wills ([`WillStore`]; `None` in tests of the
 /// shell). A new connection with the same client id cancels its will
@@ -520,9 +552,15 @@ pub async fn connection<T: Transport>(
     // The arming token of this connection's durable will.
     let mut will_token: Option<u64> = None;
 
+    let mut batch = StoreBatch::default();
     let why = loop {
-        // 1. Do what the session asked for.
+        // 1. Do what the session asked for. Captured publishes are handed
+        //    to their streams together, after the batch's live deliveries
+        //    ([`StoreBatch`]); anything else waits for them (acks in order).
         while let Some(ev) = session.poll_event() {
+            if !matches!(ev, Event::Publish { .. }) {
+                batch.submit(&mut acks).await;
+            }
             match ev {
                 Event::Connected {
                     client_id: id,
@@ -596,6 +634,7 @@ pub async fn connection<T: Transport>(
                         if let Err(e) = smol::unblock(set).await {
                             log::warn!("mqtt: retained message on {subject} not stored: {e}");
                             if let Some(id) = ack {
+                                batch.submit(&mut acks).await;
                                 acks.push_back(PendingAck::Ready(
                                     id,
                                     Err(format!("retained message not stored: {e}")),
@@ -604,33 +643,26 @@ pub async fn connection<T: Transport>(
                             continue;
                         }
                     }
-                    let pending = match broker.capture(&subject) {
-                        None => Ok(None),
+                    match broker.capture(&subject) {
                         Some(stream) => {
-                            // Live subscribers first: let their tasks write
-                            // the delivery before the stream's thread wakes
-                            // (on a busy machine that wake can preempt this
-                            // thread for a whole time slice).
-                            if routed > 0 {
-                                smol::future::yield_now().await;
-                            }
-                            let msg = Message {
-                                subject,
-                                // The publisher's QoS when 2 ([`bridge`]).
-                                headers: bridge::stored_headers(headers, qos),
-                                payload,
-                            };
-                            stream.submit(msg).await.map(Some)
+                            batch.routed |= routed > 0;
+                            batch.msgs.push((
+                                stream.clone(),
+                                Message {
+                                    subject,
+                                    // The publisher's QoS when 0 or 2 ([`bridge`]).
+                                    headers: bridge::stored_headers(headers, qos),
+                                    payload,
+                                },
+                                ack,
+                            ));
                         }
-                    };
-                    if let Some(id) = ack {
-                        acks.push_back(match pending {
-                            Ok(Some(w)) => PendingAck::Store(id, w),
-                            Ok(None) => PendingAck::Ready(id, Ok(())),
-                            Err(e) => PendingAck::Ready(id, Err(e.to_string())),
-                        });
-                    } else if let Err(e) = pending {
-                        log::warn!("mqtt: QoS 0 message not stored: {e}");
+                        None => {
+                            if let Some(id) = ack {
+                                batch.submit(&mut acks).await;
+                                acks.push_back(PendingAck::Ready(id, Ok(())));
+                            }
+                        }
                     }
                 }
                 Event::AckInOrder(id) => acks.push_back(PendingAck::Ready(id, Ok(()))),
@@ -683,6 +715,7 @@ pub async fn connection<T: Transport>(
                 Event::Close(why) => close_reason = Some(why),
             }
         }
+        batch.submit(&mut acks).await;
         if let Some(why) = close_reason.take() {
             // Flush whatever the session queued (CONNACK refusal,
             // DISCONNECT with reason) before closing; QoS 2 state it
