@@ -192,8 +192,11 @@ pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>
 /// stored QoS 0 message at QoS 0 (delivery QoS is the minimum of publish
 /// and subscription QoS); it costs 26 bytes per such record.
 pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
-    if qos == 1 {
-        return headers;
+    match (qos, &headers) {
+        (1, _) => return headers,
+        // The common case, without building a block.
+        (0, None) => return Some(b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n".to_vec()),
+        _ => {}
     }
     let mut h = match &headers {
         Some(b) => match HeaderBlock::parse(b) {

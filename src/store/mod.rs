@@ -328,11 +328,17 @@ fn decode_meta(b: &[u8]) -> Option<(u64, u64)> {
 
 /// Finds the value of the `Nats-Msg-Id` header in a NATS header block.
 pub fn msg_id(headers: &[u8]) -> Option<&str> {
+    if !headers::has_nats(headers) {
+        return None;
+    }
     headers::header(headers, headers::MSG_ID)
 }
 
 /// Per-message expiry (unix ns) from a stored record's `Nats-TTL`.
 fn ttl_expiry(headers: Option<&[u8]>, ts: u64) -> Option<u64> {
+    if !headers::has_nats(headers?) {
+        return None;
+    }
     match headers::parse_ttl(headers::header(headers?, headers::TTL)?) {
         Ok(Ttl::After(d)) => {
             Some(ts.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
@@ -1132,6 +1138,9 @@ impl Store {
         msg: &Message,
         h: &[u8],
     ) -> Result<(Option<Rollup>, Option<Duration>), StreamError> {
+        if !headers::has_nats(h) {
+            return Ok((None, None));
+        }
         if let Some(v) = headers::header(h, headers::EXPECTED_STREAM) {
             if v != self.opts.stream_name {
                 return Err(StreamError::WrongStream {

@@ -20,6 +20,13 @@ pub const TTL: &str = "Nats-TTL";
 /// The value of header `name` in a raw NATS header block
 /// (`NATS/1.0\r\nKey: value\r\n...\r\n\r\n`), trimmed; `None` if absent or
 /// empty.
+/// Whether `block` may hold a JetStream header (`Nats-…`, any case): a
+/// cheap test that lets a message with only other headers (MQTT metadata,
+/// user properties) skip every [`header`] lookup.
+pub fn has_nats(block: &[u8]) -> bool {
+    block.windows(5).any(|w| w.eq_ignore_ascii_case(b"nats-"))
+}
+
 pub fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
     let text = std::str::from_utf8(block).ok()?;
     text.split("\r\n").skip(1).find_map(|line| {
