@@ -117,6 +117,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn has_nats_tells_jetstream_headers_apart() {
+        assert!(!has_nats(b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n"));
+        assert!(!has_nats(b"NATS/1.0\r\n\r\n"));
+        assert!(has_nats(b"NATS/1.0\r\nnats-msg-id: a\r\n\r\n"));
+        assert!(has_nats(b"NATS/1.0\r\nK: v\r\nNats-TTL: 5s\r\n\r\n"));
+    }
+
+    #[test]
     fn finds_headers_case_insensitively() {
         let h = b"NATS/1.0\r\nnats-msg-id:  abc \r\nNats-TTL: 5s\r\nX:\r\n\r\n";
         assert_eq!(header(h, MSG_ID), Some("abc"));
