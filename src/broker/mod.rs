@@ -326,6 +326,19 @@ pub struct NoInterest {
     subjects: subject::FastSet<Box<str>>,
 }
 
+impl NoInterest {
+    /// Forget everything if the router's subscriptions changed since the
+    /// memory was made; whether it is still valid.
+    fn refresh(&mut self, generation: u64) -> bool {
+        if self.generation == generation {
+            return true;
+        }
+        self.subjects.clear();
+        self.generation = generation;
+        false
+    }
+}
+
 /// The router shared by every listener task.
 pub struct Broker {
     streams: Vec<StreamHandle>,
@@ -586,13 +599,7 @@ impl Broker {
         if !self.mappings.is_empty() {
             return false;
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        if seen.generation != generation {
-            seen.subjects.clear();
-            seen.generation = generation;
-            return false;
-        }
-        seen.subjects.contains(subject)
+        seen.refresh(self.generation.load(Ordering::Acquire)) && seen.subjects.contains(subject)
     }
 
     /// [`Broker::route_msg`] for a connection's publishes that remembers,
@@ -609,11 +616,7 @@ impl Broker {
         qos: u8,
         captured: bool,
     ) -> (usize, Msg) {
-        let generation = self.generation.load(Ordering::Acquire);
-        if seen.generation != generation {
-            seen.subjects.clear();
-            seen.generation = generation;
-        }
+        seen.refresh(self.generation.load(Ordering::Acquire));
         let msg = Arc::new(msg);
         let shared = &msg;
         let routed = self.route_inner(origin, &msg.subject, qos, false, &mut || shared.clone());

@@ -3100,10 +3100,10 @@ mod tests {
         assert_eq!((c.acked, c.done, c.qos2), (3, vec![], vec![]));
     }
 
-    #[test]
-    fn restored_qos2_gets_pubrel_or_dup_resend_with_its_id_never_twice() {
-        let v = Version::V311;
-        let stored = StoredSession {
+    /// A stored 3.1.1 session of `dev-p` subscribed to `q.>` at QoS 2,
+    /// with one stream cursor.
+    fn qos2_session(cursor: Cursor) -> StoredSession {
+        StoredSession {
             client_id: "dev-p".into(),
             version: 4,
             subs: vec![StoredSub {
@@ -3113,16 +3113,22 @@ mod tests {
             }],
             expiry_secs: 3600,
             disconnected_at: 1,
-            cursors: vec![Cursor {
-                stream: "T".into(),
-                acked: 5,
-                sent: 8,
-                qos2: vec![(6, 30, true), (7, 31, false), (9, 32, false)],
-                done: vec![8],
-            }],
+            cursors: vec![cursor],
             qos2_in: Vec::new(),
             sub_ids: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn restored_qos2_gets_pubrel_or_dup_resend_with_its_id_never_twice() {
+        let v = Version::V311;
+        let stored = qos2_session(Cursor {
+            stream: "T".into(),
+            acked: 5,
+            sent: 8,
+            qos2: vec![(6, 30, true), (7, 31, false), (9, 32, false)],
+            done: vec![8],
+        });
         let (mut s, now, present) = persistent(v, Some(stored));
         assert!(present);
         events(&mut s);
@@ -3158,26 +3164,13 @@ mod tests {
     #[test]
     fn restored_qos2_gone_from_the_stream_is_released() {
         let v = Version::V311;
-        let stored = StoredSession {
-            client_id: "dev-p".into(),
-            version: 4,
-            subs: vec![StoredSub {
-                filter: "q.>".into(),
-                qos: 2,
-                share: None,
-            }],
-            expiry_secs: 3600,
-            disconnected_at: 1,
-            cursors: vec![Cursor {
-                stream: "T".into(),
-                acked: 5,
-                sent: 7,
-                qos2: vec![(6, 40, false), (7, 41, false)],
-                done: Vec::new(),
-            }],
-            qos2_in: Vec::new(),
-            sub_ids: Vec::new(),
-        };
+        let stored = qos2_session(Cursor {
+            stream: "T".into(),
+            acked: 5,
+            sent: 7,
+            qos2: vec![(6, 40, false), (7, 41, false)],
+            done: Vec::new(),
+        });
         let (mut s, now, _) = persistent(v, Some(stored));
         events(&mut s);
         let idx = s.follow("T", 100);
@@ -3200,26 +3193,13 @@ mod tests {
     #[test]
     fn restored_qos2_before_a_completed_one_is_released_when_gone() {
         let v = Version::V311;
-        let stored = StoredSession {
-            client_id: "dev-p".into(),
-            version: 4,
-            subs: vec![StoredSub {
-                filter: "q.>".into(),
-                qos: 2,
-                share: None,
-            }],
-            expiry_secs: 3600,
-            disconnected_at: 1,
-            cursors: vec![Cursor {
-                stream: "T".into(),
-                acked: 5,
-                sent: 8,
-                qos2: vec![(6, 40, false), (7, 41, false)],
-                done: vec![8],
-            }],
-            qos2_in: Vec::new(),
-            sub_ids: Vec::new(),
-        };
+        let stored = qos2_session(Cursor {
+            stream: "T".into(),
+            acked: 5,
+            sent: 8,
+            qos2: vec![(6, 40, false), (7, 41, false)],
+            done: vec![8],
+        });
         let (mut s, _, _) = persistent(v, Some(stored));
         events(&mut s);
         let idx = s.follow("T", 100);

@@ -43,6 +43,7 @@ use smol::Timer;
 use crate::broker::nats::{Conn, Event, Limits};
 use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
 use crate::config::NatsConfig;
+use crate::stream::consumer::ApiError;
 use crate::stream::{AckWaiter, Message, StreamError};
 use crate::wire::nats::server::{self as wire, InfoOut};
 
@@ -433,24 +434,11 @@ fn publish_ack(
     broker.route_msg(None, msg, 0);
 }
 
-/// A JetStream API error as clients read it.
-#[derive(serde::Serialize)]
-struct ApiErrorJson<'a> {
-    error: ApiError<'a>,
-}
-
-#[derive(serde::Serialize)]
-struct ApiError<'a> {
-    code: u16,
-    err_code: u32,
-    description: &'a str,
-}
-
 /// The JSON JetStream clients expect in reply to a publish. A PubAck is
 /// written by hand (one allocation, no serde): this runs once per
 /// JetStream publish.
 pub fn pub_ack_json(stream: &str, result: Result<crate::stream::PubAck, StreamError>) -> String {
-    let json = match result {
+    match result {
         Ok(ack) => {
             use std::fmt::Write;
             let mut out = String::with_capacity(40 + stream.len());
@@ -467,30 +455,20 @@ pub fn pub_ack_json(stream: &str, result: Result<crate::stream::PubAck, StreamEr
                 out.push_str(",\"duplicate\":true");
             }
             out.push('}');
-            Ok(out)
+            out
         }
         Err(e) => {
             // JetStream's codes: 10054 "message size exceeds maximum
             // allowed" (400), 10077 "stream store failed" (503).
-            let (code, err_code, description) = match &e {
-                StreamError::TooLarge { .. } => (
-                    400,
-                    10054,
-                    "message size exceeds maximum allowed".to_string(),
-                ),
-                other => (503, 10077, other.to_string()),
+            let err = match &e {
+                StreamError::TooLarge { .. } => {
+                    ApiError::new(400, 10054, "message size exceeds maximum allowed")
+                }
+                other => ApiError::new(503, 10077, other.to_string()),
             };
-            serde_json::to_string(&ApiErrorJson {
-                error: ApiError {
-                    code,
-                    err_code,
-                    description: &description,
-                },
-            })
+            serde_json::json!({ "error": err.to_json() }).to_string()
         }
-    };
-    // Serialising these structs cannot fail (no maps with non-string keys).
-    json.unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
