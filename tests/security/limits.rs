@@ -1,0 +1,4 @@
+//! Security tests: limits (see tests/security.rs for the cast).
+
+#[allow(unused_imports)]
+use super::*;

@@ -1,0 +1,4 @@
+//! Security tests: reply (see tests/security.rs for the cast).
+
+#[allow(unused_imports)]
+use super::*;
