@@ -1,0 +1,224 @@
+//! The shape rules of DESIGN.md, checked on the sources (not a runtime
+//! test): which module may import which, which modules may touch a clock,
+//! the network, the file system or the async runtime, and how long a file
+//! or a function may grow.
+//!
+//! Code after the first top-level `#[cfg(test)]` of a file, and files named
+//! `*tests.rs`, are test code and exempt.
+//!
+//! [`DEBT`] lists what broke a rule before the rule was checked (issue 11,
+//! the restructure). It may only shrink: a new violation fails, and so does
+//! a listed one that no longer exists (delete its line).
+
+use std::path::{Path, PathBuf};
+
+/// A module directory and what its non-test code may use.
+struct Rule {
+    dir: &'static str,
+    /// `crate::<m>` paths allowed besides the module itself.
+    may_import: &'static [&'static str],
+    /// Substrings that must not appear (clock, I/O, runtime).
+    forbidden: &'static [&'static str],
+}
+
+const CLOCK: &[&str] = &["Instant::now", "SystemTime::now"];
+const IO: &[&str] = &[
+    "std::fs",
+    "std::net",
+    "std::thread",
+    "smol",
+    "async_io",
+    "async_net",
+    "Instant::now",
+    "SystemTime::now",
+];
+
+const RULES: &[Rule] = &[
+    Rule {
+        dir: "src/wire",
+        may_import: &[],
+        forbidden: IO,
+    },
+    Rule {
+        dir: "src/subject",
+        may_import: &[],
+        forbidden: IO,
+    },
+    Rule {
+        dir: "src/uplink/mirror.rs",
+        may_import: &["uplink", "stream", "wire", "subject"],
+        forbidden: CLOCK,
+    },
+];
+
+const MAX_FILE_LINES: usize = 1200;
+const MAX_FN_LINES: usize = 120;
+
+/// Known violations, to be removed by the restructure (issue 11).
+const DEBT: &[&str] = &[
+    "file src/broker/session.rs",
+    "file src/config.rs",
+    "file src/server/jsapi.rs",
+    "file src/store/mod.rs",
+    "fn src/bench.rs publisher",
+    "fn src/broker/mod.rs route_inner",
+    "fn src/broker/session.rs handle_packet",
+    "fn src/main.rs real_main",
+    "fn src/server/jsapi.rs consumer_create",
+    "fn src/server/mqtt.rs connection",
+    "fn src/server/mqtt.rs serve",
+    "fn src/server/nats.rs connection",
+    "fn src/store/mod.rs append",
+    "fn src/store/mod.rs recover",
+    "fn src/stream/consumer.rs from_json",
+    "fn src/stream/owner.rs handle_batch",
+    "fn src/uplink/mod.rs run",
+    "fn src/uplink/mod.rs session",
+    "fn src/wire/nats/server.rs parse_client_op",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    if dir.is_file() {
+        out.push(dir.to_path_buf());
+        return;
+    }
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The file's non-test lines, or nothing for a test file.
+fn code_lines(path: &Path) -> Vec<String> {
+    let name = path.file_name().unwrap().to_string_lossy();
+    if name.ends_with("tests.rs") {
+        return Vec::new();
+    }
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .take_while(|l| !l.starts_with("#[cfg(test)]"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rel(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `(name, lines)` of each function: from its `fn` line to the closing
+/// brace at the same indentation (rustfmt's layout).
+fn functions(lines: &[String]) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = &lines[i];
+        let t = l.trim_start();
+        let indent = &l[..l.len() - t.len()];
+        let t = t
+            .trim_start_matches("pub(crate) ")
+            .trim_start_matches("pub(super) ")
+            .trim_start_matches("pub ")
+            .trim_start_matches("const ")
+            .trim_start_matches("async ")
+            .trim_start_matches("unsafe ");
+        if let Some(rest) = t.strip_prefix("fn ") {
+            if !l.trim_end().ends_with(';') {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                let close = format!("{indent}}}");
+                let end = (i + 1..lines.len())
+                    .find(|&j| lines[j] == close)
+                    .unwrap_or(lines.len() - 1);
+                out.push((name, end - i + 1));
+                i = end;
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn imports_clock_and_io_follow_the_module_rules() {
+    let mut bad = Vec::new();
+    for rule in RULES {
+        let mut files = Vec::new();
+        rust_files(&root().join(rule.dir), &mut files);
+        let own = rule
+            .dir
+            .trim_start_matches("src/")
+            .split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".rs");
+        for f in files {
+            for (n, line) in code_lines(&f).iter().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for (at, _) in code.match_indices("crate::") {
+                    let m: String = code[at + 7..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if m != own && !rule.may_import.contains(&m.as_str()) {
+                        bad.push(format!("{}:{}: imports crate::{m}", rel(&f), n + 1));
+                    }
+                }
+                for x in rule.forbidden {
+                    if code.contains(x) {
+                        bad.push(format!("{}:{}: uses {x}", rel(&f), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "module rules broken:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn files_and_functions_stay_small() {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut found = Vec::new();
+    for f in files {
+        let lines = code_lines(&f);
+        if lines.len() > MAX_FILE_LINES {
+            found.push((format!("file {}", rel(&f)), lines.len()));
+        }
+        for (name, n) in functions(&lines) {
+            if n > MAX_FN_LINES {
+                found.push((format!("fn {} {name}", rel(&f)), n));
+            }
+        }
+    }
+    let new: Vec<String> = found
+        .iter()
+        .filter(|(k, _)| !DEBT.contains(&k.as_str()))
+        .map(|(k, n)| format!("{k}: {n} lines"))
+        .collect();
+    assert!(
+        new.is_empty(),
+        "over {MAX_FILE_LINES} lines per file / {MAX_FN_LINES} per function (outside tests):\n{}",
+        new.join("\n")
+    );
+    let paid: Vec<&&str> = DEBT
+        .iter()
+        .filter(|d| !found.iter().any(|(k, _)| k == *d))
+        .collect();
+    assert!(
+        paid.is_empty(),
+        "no longer too long — delete from DEBT: {paid:?}"
+    );
+}
