@@ -64,6 +64,7 @@ const DEBT: &[&str] = &[
     "fn src/broker/mod.rs route_inner",
     "fn src/broker/session.rs handle_packet",
     "fn src/main.rs real_main",
+    "fn src/run.rs run",
     "fn src/server/jsapi.rs consumer_create",
     "fn src/server/mqtt.rs connection",
     "fn src/server/mqtt.rs serve",
