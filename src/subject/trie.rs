@@ -550,22 +550,19 @@ mod tests {
     }
 
     #[test]
-    fn many_subscriptions_are_fast() {
-        // 100,000 subscriptions of devices; a lookup touches a few nodes.
+    fn many_subscriptions() {
+        // 100,000 subscriptions of devices (lookup speed is measured by
+        // `frond bench nats`, not asserted here).
         let mut t = SubjectTrie::new();
         for i in 0..100_000u32 {
             t.insert(&format!("dev.{i}.cmd.>"), i);
         }
         t.insert("dev.*.status", 1_000_000);
         t.insert(">", 1_000_001);
-        let start = std::time::Instant::now();
         for i in 0..100_000u32 {
             let m = t.lookup(&format!("dev.{i}.cmd.reboot"));
             assert_eq!(m.len(), 2);
         }
-        // A generous bound that still fails if lookups scan the table
-        // (100k × 100k comparisons would take minutes).
-        assert!(start.elapsed() < std::time::Duration::from_secs(5));
         for i in 0..100_000u32 {
             assert!(t.remove(&format!("dev.{i}.cmd.>"), i));
         }
