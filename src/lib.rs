@@ -16,6 +16,8 @@
 //!   shell — and the JetStream API service for local streams.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod bench;
 pub mod broker;

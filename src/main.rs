@@ -1,6 +1,8 @@
 //! The `frond` command line: `run`, `status`, `bench`, `check-config`,
 //! `keygen`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
