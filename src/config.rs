@@ -988,6 +988,13 @@ impl RawMqtt {
 impl RawStream {
     fn validate(self, i: usize, crypt_key: Option<&Key>) -> Result<StreamConfig, ConfigError> {
         let key = format!("stream[{i}] ({:?})", self.name);
+        // The name is a directory name ([`crate::names`]); the charset
+        // below is stricter still (it is also a subject token on the hub).
+        if let Err(e) = crate::names::validate(&self.name) {
+            return err(format!(
+                "{key}.name: {e} (it names a directory; use 1-64 letters, digits, '-' or '_')"
+            ));
+        }
         if self.name.is_empty()
             || self.name.len() > 64
             || !self

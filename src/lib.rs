@@ -15,6 +15,7 @@
 //! - [`server`]: listeners (MQTT, NATS, HTTP monitoring) — the thin smol
 //!   shell — and the JetStream API service for local streams.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
+//! - [`names`]: the one check for names that become file names.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod logger;
+pub mod names;
 pub mod nkey;
 pub mod oneshot;
 pub mod run;

@@ -52,7 +52,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     let mut handles: Vec<StreamHandle> = Vec::new();
     for sc in &cfg.streams {
-        let dir = cfg.data_dir.join("streams").join(&sc.name);
+        let dir = crate::names::path_in(&cfg.data_dir.join("streams"), &sc.name, "")
+            .map_err(|e| format!("stream name {:?}: {e}", sc.name))?;
         let (h, report) = stream::open(&dir, sc.clone())
             .map_err(|e| format!("cannot open stream {} in {}: {e}", sc.name, dir.display()))?;
         let st = h.state();

@@ -92,6 +92,11 @@ pub struct Msg {
     /// A raw `NATS/1.0` header block.
     pub headers: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// The permissions of the client that published it, when it has
+    /// restrictions (`None`: an unrestricted client, or frond itself). The
+    /// JetStream API service authorizes its callers with them
+    /// (`server::jsapi`); subscribers never see them.
+    pub publisher: Option<Arc<crate::auth::Permissions>>,
 }
 
 impl Msg {
@@ -568,14 +573,33 @@ impl Broker {
         headers: Option<Vec<u8>>,
         reply: Option<String>,
     ) -> usize {
+        self.route_mqtt_as(None, subj, payload, qos, retain, headers, reply)
+    }
+
+    /// [`Broker::route_mqtt`] for a client publish: NATS subscribers (the
+    /// JetStream API service among them) see the publisher's permissions
+    /// ([`Msg::publisher`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_mqtt_as(
+        &self,
+        publisher: Option<Arc<crate::auth::Permissions>>,
+        subj: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        headers: Option<Vec<u8>>,
+        reply: Option<String>,
+    ) -> usize {
         let mut headers = headers;
         let mut reply = reply;
+        let mut publisher = publisher;
         self.route_inner(None, subj, qos, retain, &mut || {
             Arc::new(Msg {
                 subject: subj.to_string(),
                 reply: reply.take(),
                 headers: headers.take(),
                 payload: payload.to_vec(),
+                publisher: publisher.take(),
             })
         })
         .unwrap_or(0)
@@ -813,6 +837,7 @@ mod tests {
             reply: None,
             headers: None,
             payload: payload.to_vec(),
+            publisher: None,
         })
     }
 

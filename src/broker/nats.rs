@@ -190,6 +190,11 @@ impl Conn {
         &self.opts
     }
 
+    /// The client's permissions (`None`: everything allowed).
+    pub fn permissions(&self) -> Option<&Arc<Permissions>> {
+        self.perms.as_ref()
+    }
+
     /// Whether the client sent `CONNECT`.
     pub fn is_connected(&self) -> bool {
         self.connected
@@ -682,6 +687,7 @@ mod tests {
             reply: reply.map(Into::into),
             headers: headers.map(<[u8]>::to_vec),
             payload: payload.to_vec(),
+            publisher: None,
         }
     }
 

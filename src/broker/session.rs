@@ -903,6 +903,11 @@ impl Session {
         &self.client_id
     }
 
+    /// The client's permissions (`None`: everything allowed).
+    pub fn permissions(&self) -> Option<&Arc<Permissions>> {
+        self.perms.as_ref()
+    }
+
     /// Whether this session outlives its connection.
     pub fn is_persistent(&self) -> bool {
         !self.expiry.is_zero()
@@ -1471,14 +1476,26 @@ impl Session {
         }
         let props = (!p.properties.is_empty()).then(|| Box::new(std::mem::take(&mut p.properties)));
         let subject = topics::topic_to_subject(&p.topic);
-        if self
-            .perms
+        // An MQTT 5 request's Response Topic is checked as the requester's
+        // own publish and subscribe ([`bridge::response_topic_allowed`]).
+        let bad_response = props
             .as_ref()
-            .is_some_and(|x| !x.can_publish(&subject))
+            .and_then(|p| p.response_topic.as_deref())
+            .filter(|t| !bridge::response_topic_allowed(self.perms.as_deref(), t));
+        if bad_response.is_some()
+            || self
+                .perms
+                .as_ref()
+                .is_some_and(|x| !x.can_publish(&subject))
         {
             // Dropped. QoS 1/2 are still acknowledged in order: a success
             // in 3.1.1 (which has no negative ack), 0x87 in 5.0.
-            log::debug!("mqtt: publish to {subject:?} denied by permissions");
+            match bad_response {
+                Some(t) => log::debug!(
+                    "mqtt: publish to {subject:?} denied: response topic {t:?} not allowed"
+                ),
+                None => log::debug!("mqtt: publish to {subject:?} denied by permissions"),
+            }
             if let Some(id) = p.packet_id.filter(|_| qos > 0) {
                 if self.version == Some(Version::V5) {
                     self.denied.insert(id, 0x87);

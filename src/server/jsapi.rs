@@ -37,6 +37,41 @@
 //!   acknowledged it (the mirror's cursor counts as one more interested
 //!   party), so nothing is removed before it is uplinked.
 //! - Limits (max_msgs, max_age…) still apply to every stream.
+//!
+//! Authorization. Who may call what is decided by the publish permission
+//! on the API subject, as in nats-server (checked by the protocol shells).
+//! Beyond nats-server, the service also applies the caller's subscribe
+//! permissions, which reach it as [`Msg::publisher`]:
+//! - Answers go only to a reply subject the caller may subscribe to; a
+//!   request whose answer it could not receive is ignored (logged at
+//!   debug), so no one can aim API answers at subjects it may not use.
+//! - `STREAM.MSG.GET` answers 403 with err_code [`NOT_AUTHORIZED`] for a
+//!   message on a subject the caller's `deny_subscribe` covers (and for a
+//!   `last_by_subj`/`next_by_subj` filter wholly inside it);
+//!   `STREAM.INFO` leaves such subjects out of its `subjects` map. Only
+//!   `deny_subscribe` applies: JetStream clients receive on `_INBOX.`
+//!   subjects, so `allow_subscribe` rarely lists the stream's subjects.
+//! - Consumers: a filter wholly inside the creator's `deny_subscribe` is
+//!   refused at create (403); an unfiltered consumer on a stream whose
+//!   subjects are all denied likewise; what the deny list covers of the
+//!   rest is excluded by the consumer (stepped over like filtered-out
+//!   subjects, see [`Consumer::exclusions`]). A pull (`MSG.NEXT`, `+NXT`)
+//!   is refused with a 403 status when the consumer can deliver a subject
+//!   the puller's `deny_subscribe` covers ([`Consumer::readable_by`]), and
+//!   every delivery is checked once more against the puller.
+//!   `num_pending` is an upper bound: it counts every stream message after
+//!   the consumer's position, including those outside its filter or
+//!   excluded, which are stepped over when reached (nats-server counts
+//!   filtered messages exactly).
+//! - Names that become files (consumer and durable names) pass
+//!   [`crate::names`] before anything else; the answers use nats-server's
+//!   codes (10127 path separator, 10102 too long, 10103 otherwise).
+//! - A stream holds at most [`MAX_CONSUMERS`] consumers, whoever created
+//!   them: any user allowed to publish `CONSUMER.CREATE` for a stream can
+//!   fill them (as in nats-server without account limits); restrict
+//!   `allow_publish` on `$JS.API.CONSUMER.>` to trusted users.
+//! - Wills carry permissions that allow nothing, so no will is answered
+//!   (see [`crate::broker::bridge::will_publisher`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,10 +82,11 @@ use serde_json::{json, Value};
 use smol::channel::Receiver;
 use smol::future::FutureExt;
 
+use crate::auth::Permissions;
 use crate::broker::{Broker, Msg, Outbox};
 use crate::stream::consumer::{
-    ack_subject, parse_ack_subject, AckKind, AckPolicy, ApiError, Consumer, ConsumerConfig,
-    DeliverPolicy, PullRequest,
+    ack_subject, check_name, parse_ack_subject, AckKind, AckPolicy, ApiError, Consumer,
+    ConsumerConfig, DeliverPolicy, PullRequest,
 };
 use crate::stream::{
     Discard, PurgeRequest, Retention, Storage, StoredMessage, StreamError, StreamHandle,
@@ -226,6 +262,38 @@ fn not_found_consumer() -> ApiError {
     ApiError::new(404, 10014, "consumer not found")
 }
 
+/// frond's error code for an API call its caller's subscribe permissions
+/// do not allow (JetStream has none: nats-server does not check them).
+pub const NOT_AUTHORIZED: u16 = 10403;
+
+fn not_authorized(why: impl std::fmt::Display) -> ApiError {
+    ApiError::new(403, NOT_AUTHORIZED, format!("not authorized: {why}"))
+}
+
+/// Whether a caller with `perms` (`None`: unrestricted) may receive a
+/// stored message on `subject` (its `deny_subscribe`, see the module doc).
+fn may_read(perms: Option<&Permissions>, subject: &str) -> bool {
+    perms.is_none_or(|p| p.may_deliver(subject))
+}
+
+/// Whether a caller with `perms` may subscribe to `reply`, where its
+/// answer would go.
+fn may_answer(perms: Option<&Permissions>, reply: &str) -> bool {
+    perms.is_none_or(|p| p.can_subscribe(reply))
+}
+
+/// The file of consumer `name` in `dir` (names are checked at creation and
+/// load; this is the last guard, see [`crate::names`]).
+fn consumer_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    match crate::names::path_in(dir, name, ".json") {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::error!("jetstream: consumer name {name:?} cannot be a file name ({e}); not touched on disk");
+            None
+        }
+    }
+}
+
 fn body_json(body: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::new(400, 10025, "invalid JSON"))?;
     if text.trim().is_empty() {
@@ -287,7 +355,16 @@ impl JsApi {
         for h in streams {
             let name = h.config().name.clone();
             let dir = (h.config().storage == Storage::File)
-                .then(|| streams_dir.join(&name).join("consumers"));
+                .then(|| crate::names::path_in(streams_dir, &name, ""))
+                .and_then(|d| match d {
+                    Ok(d) => Some(d.join("consumers")),
+                    Err(e) => {
+                        log::error!(
+                            "jetstream: stream {name:?}: {e}; its consumers are not persisted"
+                        );
+                        None
+                    }
+                });
             let mut consumers = BTreeMap::new();
             if let Some(d) = &dir {
                 for c in load_consumers(d, &name, now) {
@@ -347,8 +424,16 @@ impl JsApi {
         let Some(reply) = m.reply.clone() else {
             return;
         };
+        let caller = m.publisher.as_deref();
+        if !may_answer(caller, &reply) {
+            log::debug!(
+                "jetstream: {} ignored: its caller may not subscribe to the reply subject {reply:?}",
+                m.subject
+            );
+            return;
+        }
         self.api_total += 1;
-        let (kind, res) = self.api(call, &m.payload, now).await;
+        let (kind, res) = self.api(call, &m.payload, now, caller).await;
         let v = match res {
             Ok(mut v) => {
                 v["type"] = json!(format!("io.nats.jetstream.api.v1.{kind}"));
@@ -370,6 +455,7 @@ impl JsApi {
                 reply: None,
                 headers: None,
                 payload,
+                publisher: None,
             },
         ));
     }
@@ -382,6 +468,7 @@ impl JsApi {
                 reply: None,
                 headers: Some(status_msg(code, text, pending)),
                 payload: Vec::new(),
+                publisher: None,
             },
         ));
     }
@@ -391,12 +478,16 @@ impl JsApi {
         call: Call,
         body: &[u8],
         now: u64,
+        caller: Option<&Permissions>,
     ) -> (&'static str, Result<Value, ApiError>) {
         match call {
             Call::Info => ("account_info_response", Ok(self.account_info())),
             Call::StreamNames => ("stream_names_response", self.stream_names(body)),
             Call::StreamList => ("stream_list_response", self.stream_list().await),
-            Call::StreamInfo(s) => ("stream_info_response", self.stream_info(&s, body).await),
+            Call::StreamInfo(s) => (
+                "stream_info_response",
+                self.stream_info(&s, body, caller).await,
+            ),
             Call::StreamCreate(_) => (
                 "stream_create_response",
                 Err(ApiError::new(500, 10049, "stream create failed: frond's streams are configured in frond.toml ([[stream]]); edit it and restart")),
@@ -409,7 +500,10 @@ impl JsApi {
                 "stream_delete_response",
                 Err(ApiError::new(500, 10050, "stream delete failed: frond's streams are configured in frond.toml ([[stream]]); remove it there")),
             ),
-            Call::MsgGet(s) => ("stream_msg_get_response", self.msg_get(&s, body).await),
+            Call::MsgGet(s) => (
+                "stream_msg_get_response",
+                self.msg_get(&s, body, caller).await,
+            ),
             Call::MsgDelete(s) => ("stream_msg_delete_response", self.msg_delete(&s, body).await),
             Call::Purge(s) => ("stream_purge_response", self.purge(&s, body).await),
             Call::ConsumerCreate {
@@ -419,7 +513,7 @@ impl JsApi {
                 durable_api,
             } => (
                 "consumer_create_response",
-                self.consumer_create(&stream, name, filter, durable_api, body, now)
+                self.consumer_create(&stream, name, filter, durable_api, body, now, caller)
                     .await,
             ),
             Call::ConsumerInfo(s, c) => ("consumer_info_response", self.consumer_info(&s, &c)),
@@ -484,17 +578,30 @@ impl JsApi {
         )
     }
 
-    async fn stream_info(&self, name: &str, body: &[u8]) -> Result<Value, ApiError> {
+    async fn stream_info(
+        &self,
+        name: &str,
+        body: &[u8],
+        caller: Option<&Permissions>,
+    ) -> Result<Value, ApiError> {
         let req = body_json(body)?;
         let filter = req
             .get("subjects_filter")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty());
-        let v = self.info_of(self.slot(name)?, filter).await?;
+        let v = self
+            .info_of(self.slot(name)?, filter.map(|f| (f, caller)))
+            .await?;
         Ok(v)
     }
 
-    async fn info_of(&self, s: &Slot, subjects: Option<&str>) -> Result<Value, ApiError> {
+    /// `subjects`: the `subjects_filter` of a `STREAM.INFO` and its caller
+    /// (subjects the caller may not read are left out of the answer).
+    async fn info_of(
+        &self,
+        s: &Slot,
+        subjects: Option<(&str, Option<&Permissions>)>,
+    ) -> Result<Value, ApiError> {
         let i = s.handle.info().await.map_err(stream_err)?;
         let mut state = json!({
             "messages": i.msgs,
@@ -507,10 +614,13 @@ impl JsApi {
             "num_deleted": i.deleted,
             "consumer_count": s.consumers.len(),
         });
-        if let Some(f) = subjects {
+        if let Some((f, caller)) = subjects {
             let counts = s.handle.subject_counts(f).await.map_err(stream_err)?;
-            let map: serde_json::Map<String, Value> =
-                counts.into_iter().map(|(k, n)| (k, json!(n))).collect();
+            let map: serde_json::Map<String, Value> = counts
+                .into_iter()
+                .filter(|(k, _)| may_read(caller, k))
+                .map(|(k, n)| (k, json!(n)))
+                .collect();
             state["subjects"] = Value::Object(map);
         }
         Ok(json!({
@@ -521,10 +631,29 @@ impl JsApi {
         }))
     }
 
-    async fn msg_get(&self, name: &str, body: &[u8]) -> Result<Value, ApiError> {
+    async fn msg_get(
+        &self,
+        name: &str,
+        body: &[u8],
+        caller: Option<&Permissions>,
+    ) -> Result<Value, ApiError> {
         let h = &self.slot(name)?.handle;
         let req = body_json(body)?;
         let seq = req.get("seq").and_then(Value::as_u64);
+        for key in ["last_by_subj", "next_by_subj"] {
+            let denied = |f: &str| {
+                caller.is_some_and(|p| {
+                    p.deny_subscribe
+                        .iter()
+                        .any(|d| crate::auth::filter_within(f, d))
+                })
+            };
+            if let Some(f) = req.get(key).and_then(Value::as_str).filter(|f| denied(f)) {
+                return Err(not_authorized(format!(
+                    "{key} {f:?} is denied to this user"
+                )));
+            }
+        }
         let found = if let Some(subj) = req.get("last_by_subj").and_then(Value::as_str) {
             h.last_by_subject(subj).await
         } else if let Some(subj) = req.get("next_by_subj").and_then(Value::as_str) {
@@ -538,6 +667,12 @@ impl JsApi {
         }
         .map_err(stream_err)?;
         let m = found.ok_or_else(|| ApiError::new(404, 10037, "no message found"))?;
+        if !may_read(caller, &m.subject) {
+            return Err(not_authorized(format!(
+                "message {} is on a subject this user may not subscribe to",
+                m.seq
+            )));
+        }
         let mut msg = json!({
             "subject": m.subject,
             "seq": m.seq,
@@ -607,6 +742,7 @@ impl JsApi {
     }
 
     fn consumer_info(&self, stream: &str, name: &str) -> Result<Value, ApiError> {
+        check_name(name)?;
         let s = self.slot(stream)?;
         let c = s.consumers.get(name).ok_or_else(not_found_consumer)?;
         Ok(self.consumer_json(s, c))
@@ -631,11 +767,12 @@ impl JsApi {
     }
 
     fn consumer_delete(&mut self, stream: &str, name: &str) -> Result<Value, ApiError> {
+        check_name(name)?;
         let i = self.slot_idx(stream)?;
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         let c = slot.consumers.remove(name).ok_or_else(not_found_consumer)?;
-        if let Some(d) = &slot.dir {
-            remove_file_synced(&d.join(format!("{name}.json")));
+        if let Some(f) = slot.dir.as_deref().and_then(|d| consumer_file(d, name)) {
+            remove_file_synced(&f);
         }
         let st = slot.handle.state();
         if slot.handle.config().retention == Retention::Interest && st.msgs > 0 {
@@ -648,6 +785,7 @@ impl JsApi {
         Ok(json!({"success": true}))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn consumer_create(
         &mut self,
         stream: &str,
@@ -656,7 +794,13 @@ impl JsApi {
         durable_api: bool,
         body: &[u8],
         now: u64,
+        caller: Option<&Permissions>,
     ) -> Result<Value, ApiError> {
+        // The name becomes a file name: checked before anything else
+        // (nats-server's order and error codes).
+        if let Some(n) = &subj_name {
+            check_name(n)?;
+        }
         let i = self.slot_idx(stream)?;
         let req = body_json(body)?;
         if let Some(sn) = req.get("stream_name").and_then(Value::as_str) {
@@ -699,6 +843,7 @@ impl JsApi {
                 .map(|_| fastrand::alphanumeric().to_ascii_uppercase())
                 .collect()
         });
+        check_name(&name)?;
         let action = req.get("action").and_then(Value::as_str).unwrap_or("");
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
         let scfg = slot.handle.config();
@@ -715,7 +860,29 @@ impl JsApi {
                 ));
             }
         }
+        // The caller's deny_subscribe: a filter wholly inside it is
+        // refused; what it covers of the rest is excluded.
+        let exclude = match caller {
+            Some(p) => {
+                let explicit = !cfg.filter_subjects.is_empty();
+                let filters = if explicit {
+                    &cfg.filter_subjects
+                } else {
+                    &scfg.subjects
+                };
+                Consumer::exclusions(filters, explicit, p)
+                    .map_err(|f| not_authorized(format!("this user may not subscribe to {f:?}")))?
+            }
+            None => Vec::new(),
+        };
         if let Some(old) = slot.consumers.get(&name) {
+            if let Some(p) = caller {
+                if !old.readable_by(&scfg.subjects, p) {
+                    return Err(not_authorized(format!(
+                        "consumer {name} can deliver subjects this user may not subscribe to"
+                    )));
+                }
+            }
             if action == "create" && old.cfg != cfg {
                 return Err(ApiError::new(400, 10148, "consumer already exists"));
             }
@@ -809,7 +976,8 @@ impl JsApi {
                 }
             },
         };
-        let c = Consumer::new(name.clone(), cfg, start, now);
+        let mut c = Consumer::new(name.clone(), cfg, start, now);
+        c.exclude = exclude;
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         slot.consumers.insert(name.clone(), c);
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
@@ -822,17 +990,31 @@ impl JsApi {
         let Some(reply) = m.reply.clone() else {
             return;
         };
-        let c = self
+        let caller = m.publisher.as_ref();
+        if !may_answer(caller.map(|p| &**p), &reply) {
+            log::debug!(
+                "jetstream: pull request ignored: its caller may not subscribe to {reply:?}"
+            );
+            return;
+        }
+        let slot = self
             .slots
             .iter_mut()
-            .find(|s| s.handle.config().name == stream)
-            .and_then(|s| s.consumers.get_mut(consumer));
-        let Some(c) = c else {
+            .find(|s| s.handle.config().name == stream);
+        let Some((c, subjects)) =
+            slot.and_then(|s| Some((s.consumers.get_mut(consumer)?, &s.handle.config().subjects)))
+        else {
             self.status(&reply, 409, "Consumer Deleted", None);
             return;
         };
+        if caller.is_some_and(|p| !c.readable_by(subjects, p)) {
+            log::debug!("jetstream: pull from {stream}/{consumer} refused: it can deliver subjects its caller may not subscribe to");
+            self.status(&reply, 403, "Not Authorized", None);
+            return;
+        }
         match PullRequest::parse(&reply, &m.payload, now) {
-            Ok(r) => {
+            Ok(mut r) => {
+                r.receiver = caller.cloned();
                 c.last_active = now;
                 if c.waiting.len() as i64 >= c.cfg.max_waiting {
                     self.status(&reply, 409, "Exceeded MaxWaiting", None);
@@ -867,12 +1049,28 @@ impl JsApi {
         };
         let done = c.ack(sseq, &kind, now);
         let mut sync_reply = None;
-        if let (AckKind::Next(batch), Some(reply)) = (&kind, &m.reply) {
-            if let Ok(mut r) = PullRequest::parse(reply, b"", now) {
-                r.batch = *batch;
-                c.waiting.push_back(r);
+        let caller = m.publisher.as_ref();
+        // The reply of an ack (a `+NXT` pull, an AckSync answer) is
+        // authorized like a pull request (see `handle_next`).
+        let reply = m.reply.clone().filter(|r| {
+            let ok = may_answer(caller.map(|p| &**p), r);
+            if !ok {
+                log::debug!("jetstream: no answer to the ack's reply {r:?}: its caller may not subscribe to it");
             }
-        } else if let Some(reply) = m.reply.clone() {
+            ok
+        });
+        if let (AckKind::Next(batch), Some(reply)) = (&kind, &reply) {
+            let readable = caller.is_none_or(|p| c.readable_by(&slot.handle.config().subjects, p));
+            match PullRequest::parse(reply, b"", now) {
+                Ok(mut r) if readable => {
+                    r.batch = *batch;
+                    r.receiver = caller.cloned();
+                    c.waiting.push_back(r);
+                }
+                Ok(_) => log::debug!("jetstream: +NXT on {stream}/{consumer} refused: it can deliver subjects its caller may not subscribe to"),
+                Err(_) => {}
+            }
+        } else if let Some(reply) = reply {
             sync_reply = Some(reply);
         }
         if slot.handle.config().retention != Retention::Limits {
@@ -1079,7 +1277,10 @@ impl JsApi {
                 let (Some(dir), true) = (&slot.dir, c.durable()) else {
                     continue;
                 };
-                if let Err(e) = write_synced(dir, &format!("{}.json", c.name), &c.encode()) {
+                let Some(file) = consumer_file(dir, &c.name) else {
+                    continue;
+                };
+                if let Err(e) = write_synced(&file, &c.encode()) {
                     c.dirty = true;
                     log::error!(
                         "jetstream: cannot save consumer {} in {}: {e}; its acknowledgements may be redelivered after a restart (check the disk)",
@@ -1131,7 +1332,7 @@ fn removable(slot: &Slot, retention: Retention, seq: u64, subj: &str) -> bool {
         Retention::WorkQueue => slot
             .consumers
             .values()
-            .any(|c| c.cfg.matches(subj) && seq > c.floor && c.processed(seq)),
+            .any(|c| c.selects(subj) && seq > c.floor && c.processed(seq)),
     }
 }
 
@@ -1148,6 +1349,7 @@ async fn deliver_consumer(
         }
         if let Some(&s) = c.redeliver.iter().next() {
             match h.get(s).await {
+                Ok(Some(m)) if !receiver_may_read(c, &m.subject, out) => {}
                 Ok(Some(m)) => send(h, stream, c, m, now, out),
                 Ok(None) => c.forget(s),
                 Err(_) => return,
@@ -1173,11 +1375,14 @@ async fn deliver_consumer(
             break;
         }
         for m in msgs {
-            if !c.cfg.matches(&m.subject) {
+            if !c.selects(&m.subject) {
                 c.skip(m.seq);
                 continue;
             }
             if c.waiting.is_empty() || !c.may_deliver_new() {
+                break;
+            }
+            if !receiver_may_read(c, &m.subject, out) {
                 break;
             }
             send(h, stream, c, m, now, out);
@@ -1206,10 +1411,42 @@ async fn deliver_consumer(
                 reply: None,
                 headers: Some(status_msg(code, text, Some(left))),
                 payload: Vec::new(),
+                publisher: None,
             },
         ));
     }
     c.waiting = keep;
+}
+
+/// The last check per delivery: whether the client of the first waiting
+/// pull request may receive a message on `subject`. A request whose client
+/// may not is ended with a 403 status (pulls are authorized when they
+/// arrive, so this only guards against a consumer that changed since); the
+/// message stays for another request.
+fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut Vec<Out>) -> bool {
+    let Some(r) = c.waiting.front() else {
+        return false;
+    };
+    if may_read(r.receiver.as_deref(), subject) {
+        return true;
+    }
+    if let Some(r) = c.waiting.pop_front() {
+        log::warn!(
+            "jetstream: pull request of consumer {} ended: its client may not receive {subject:?}",
+            c.name
+        );
+        out.push((
+            r.reply.clone(),
+            Msg {
+                subject: r.reply,
+                reply: None,
+                headers: Some(status_msg(403, "Not Authorized", None)),
+                payload: Vec::new(),
+                publisher: None,
+            },
+        ));
+    }
+    false
 }
 
 fn send(
@@ -1240,6 +1477,7 @@ fn send(
             reply: Some(reply),
             headers: m.headers,
             payload: m.payload,
+            publisher: None,
         },
     ));
 }
@@ -1279,17 +1517,21 @@ fn load_consumers(dir: &Path, stream: &str, now: u64) -> Vec<Consumer> {
     out
 }
 
-/// Write `dir/name` atomically: temp file, fsync, rename, fsync of `dir`.
-fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+/// Write `file` atomically: `<file>.tmp`, fsync, rename, fsync of its
+/// directory.
+fn write_synced(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{name}.tmp"));
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::rename(&tmp, file)?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -1476,6 +1718,7 @@ mod tests {
             reply: Some(reply.into()),
             headers: None,
             payload: body.as_bytes().to_vec(),
+            publisher: None,
         }
     }
 
@@ -1695,5 +1938,215 @@ mod tests {
         assert_eq!(m.state().msgs, 0);
         block_on(m.close());
         block_on(p.close());
+    }
+
+    fn dave() -> Arc<Permissions> {
+        Arc::new(Permissions {
+            deny_publish: vec!["secret.>".into()],
+            deny_subscribe: vec!["secret.>".into()],
+            ..Permissions::default()
+        })
+    }
+
+    /// Like [`call`], for a caller with permissions `who`; `None` when
+    /// nothing was answered.
+    fn call_as(
+        api: &mut JsApi,
+        subject: &str,
+        body: &str,
+        who: &Arc<Permissions>,
+    ) -> Option<Value> {
+        let mut m = req(subject, "r", body);
+        m.publisher = Some(who.clone());
+        block_on(api.handle(&m, 1));
+        api.persist();
+        let out = api.take_out();
+        let (_, m) = out.into_iter().find(|(to, _)| to == "r")?;
+        Some(serde_json::from_slice(&m.payload).unwrap())
+    }
+
+    /// A pull of up to `batch` messages (no_wait) by `who`: the subjects
+    /// delivered, and the status line that ended it.
+    fn pull_as(
+        api: &mut JsApi,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        who: Option<&Arc<Permissions>>,
+    ) -> (Vec<String>, String) {
+        let mut m = req(
+            &format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+            "inbox",
+            &format!(r#"{{"batch":{batch},"no_wait":true}}"#),
+        );
+        m.publisher = who.cloned();
+        block_on(api.handle(&m, 10));
+        block_on(api.deliver(10));
+        let out = api.take_out();
+        let subjects = out
+            .iter()
+            .filter(|(_, m)| m.headers.is_none())
+            .map(|(_, m)| m.subject.clone())
+            .collect();
+        let status = out
+            .iter()
+            .filter_map(|(_, m)| m.headers.as_deref())
+            .map(|h| {
+                String::from_utf8_lossy(h)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .next()
+            .unwrap_or_default();
+        (subjects, status)
+    }
+
+    #[test]
+    fn names_that_are_paths_touch_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path(), scfg("A", "a.>", Retention::Limits));
+        let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        let victim_dir = tempfile::Builder::new().prefix("victim").tempdir().unwrap();
+        let victim = victim_dir.path().join("victim.json");
+        std::fs::write(&victim, b"{}").unwrap();
+        let abs = victim.with_extension("");
+        let abs = abs.to_str().unwrap();
+        let v = call(
+            &mut api,
+            &format!("$JS.API.CONSUMER.CREATE.A.{abs}"),
+            r#"{"stream_name":"A","config":{"ack_policy":"explicit"}}"#,
+        );
+        assert_eq!(v["error"]["err_code"], 10127, "{v}");
+        let v = call(&mut api, &format!("$JS.API.CONSUMER.DELETE.A.{abs}"), "");
+        assert_eq!(v["error"]["err_code"], 10127, "{v}");
+        let v = call(&mut api, &format!("$JS.API.CONSUMER.INFO.A.{abs}"), "");
+        assert_eq!(v["error"]["err_code"], 10127, "{v}");
+        assert!(victim.exists());
+        // Names from the request body.
+        for (name, code) in [("..", 10103), ("a/../b", 10127), ("a\u{0}b", 10103)] {
+            let body = json!({"stream_name": "A", "config": {"durable_name": name}});
+            let v = call(&mut api, "$JS.API.CONSUMER.CREATE.A", &body.to_string());
+            assert_eq!(v["error"]["err_code"], code, "{name:?}: {v}");
+        }
+        let long = "x".repeat(crate::names::MAX_NAME_LEN + 1);
+        let v = call(
+            &mut api,
+            &format!("$JS.API.CONSUMER.DURABLE.CREATE.A.{long}"),
+            r#"{"stream_name":"A","config":{}}"#,
+        );
+        assert_eq!(v["error"]["err_code"], 10102, "{v}");
+        assert!(api.slots[0].consumers.is_empty());
+        // Nothing was written outside the stream's consumers directory.
+        assert_eq!(std::fs::read_dir(victim_dir.path()).unwrap().count(), 1);
+        block_on(h.close());
+    }
+
+    #[test]
+    fn deny_subscribe_applies_to_reads_and_consumers() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path(), scfg("M", ">", Retention::Limits));
+        let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        let dave = dave();
+        publish(&h, "a.1");
+        publish(&h, "secret.1");
+        publish(&h, "a.2");
+        // MSG.GET
+        let get = |api: &mut JsApi, body: &str| {
+            call_as(api, "$JS.API.STREAM.MSG.GET.M", body, &dave).unwrap()
+        };
+        assert_eq!(get(&mut api, r#"{"seq":1}"#)["message"]["subject"], "a.1");
+        let v = get(&mut api, r#"{"seq":2}"#);
+        assert_eq!(
+            (v["error"]["code"].as_u64(), v["error"]["err_code"].as_u64()),
+            (Some(403), Some(u64::from(NOT_AUTHORIZED))),
+            "{v}"
+        );
+        assert!(v.to_string().find("secret.1").is_none(), "{v}");
+        let v = get(&mut api, r#"{"last_by_subj":"secret.1"}"#);
+        assert_eq!(v["error"]["code"], 403, "{v}");
+        let v = get(&mut api, r#"{"next_by_subj":">","seq":2}"#);
+        assert_eq!(v["error"]["code"], 403, "{v}");
+        let v = call(&mut api, "$JS.API.STREAM.MSG.GET.M", r#"{"seq":2}"#);
+        assert_eq!(v["message"]["subject"], "secret.1", "unrestricted: {v}");
+        let v = call_as(
+            &mut api,
+            "$JS.API.STREAM.INFO.M",
+            r#"{"subjects_filter":">"}"#,
+            &dave,
+        )
+        .unwrap();
+        let subjects = v["state"]["subjects"].as_object().unwrap();
+        assert_eq!(subjects.len(), 2, "{v}");
+        assert!(!subjects.contains_key("secret.1"));
+        // An answer goes only where the caller may subscribe.
+        let mut m = req("$JS.API.STREAM.MSG.GET.M", "secret.inbox", r#"{"seq":1}"#);
+        m.publisher = Some(dave.clone());
+        block_on(api.handle(&m, 1));
+        assert!(api.take_out().is_empty(), "no answer to secret.inbox");
+
+        // Consumers: a filter inside the deny list is refused ...
+        let v = call_as(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.M",
+            r#"{"stream_name":"M","config":{"durable_name":"s","filter_subject":"secret.>"}}"#,
+            &dave,
+        )
+        .unwrap();
+        assert_eq!(v["error"]["code"], 403, "{v}");
+        // ... an unfiltered one excludes it, durably.
+        let v = call_as(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.M",
+            r#"{"stream_name":"M","config":{"durable_name":"dv"}}"#,
+            &dave,
+        )
+        .unwrap();
+        assert_eq!(v["name"], "dv", "{v}");
+        let (got, _) = pull_as(&mut api, "M", "dv", 5, Some(&dave));
+        assert_eq!(got, vec!["a.1", "a.2"]);
+        let again = JsApi::open(std::slice::from_ref(&h), dir.path(), &[]);
+        assert_eq!(again.slots[0].consumers["dv"].exclude, vec!["secret.>"]);
+        // A consumer that can deliver secret.> is not for dave to pull ...
+        let v = call(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.M",
+            r#"{"stream_name":"M","config":{"durable_name":"adm"}}"#,
+        );
+        assert_eq!(v["name"], "adm", "{v}");
+        let (got, status) = pull_as(&mut api, "M", "adm", 5, Some(&dave));
+        assert!(got.is_empty(), "{got:?}");
+        assert!(status.starts_with("NATS/1.0 403"), "{status}");
+        // ... nor to take over by creating it again ...
+        let v = call_as(
+            &mut api,
+            "$JS.API.CONSUMER.CREATE.M",
+            r#"{"stream_name":"M","config":{"durable_name":"adm"}}"#,
+            &dave,
+        )
+        .unwrap();
+        assert_eq!(v["error"]["code"], 403, "{v}");
+        // ... and its messages are still all there for its owner.
+        let (got, _) = pull_as(&mut api, "M", "adm", 5, None);
+        assert_eq!(got, vec!["a.1", "secret.1", "a.2"]);
+        // The last check per delivery: a pull request whose client may
+        // not receive the next message ends (the message stays).
+        let mut r = PullRequest::parse("inbox", b"", 10).unwrap();
+        r.receiver = Some(dave.clone());
+        let c = api.slots[0].consumers.get_mut("adm").unwrap();
+        c.redeliver.insert(2);
+        c.waiting.push_back(r);
+        block_on(api.deliver(10));
+        let out = api.take_out();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0]
+            .1
+            .headers
+            .as_deref()
+            .unwrap()
+            .starts_with(b"NATS/1.0 403"));
+        assert!(api.slots[0].consumers["adm"].redeliver.contains(&2));
+        block_on(h.close());
     }
 }

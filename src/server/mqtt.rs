@@ -363,11 +363,14 @@ pub fn publish_will(
                 return;
             }
         }
+        // No request inbox for a will, and no JetStream API call: its
+        // client's permissions may be long gone ([`bridge::will_meta`]).
         let (headers, reply) = match &will.props {
-            Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
+            Some(p) => bridge::will_meta(p),
             None => (None, None),
         };
-        let _ = broker.route_mqtt(
+        let _ = broker.route_mqtt_as(
+            Some(bridge::will_publisher()),
             &will.subject,
             &will.payload,
             will.qos,
@@ -610,20 +613,43 @@ pub async fn connection<T: Transport>(
                 } => {
                     let subject = broker.map_subject(subject);
                     // MQTT 5 properties travel as NATS headers ([`bridge`]);
-                    // a publish to a request inbox goes to its response topic.
+                    // a publish to a request inbox goes to its response
+                    // topic, without a reply subject of its own (so a reply
+                    // gets no inbox either).
                     let (headers, reply) = match &props {
+                        Some(p) if subject.starts_with(bridge::INBOX_PREFIX) => {
+                            (bridge::props_to_headers(p), None)
+                        }
                         Some(p) => bridge::publish_meta(&broker.replies, p, Instant::now()),
                         None => (None, None),
                     };
-                    let (subject, headers) =
-                        bridge::redirect_reply(&broker.replies, subject, headers);
+                    let redirected =
+                        bridge::redirect_reply(&broker.replies, subject, headers, reply);
+                    let (subject, headers, reply) = match redirected {
+                        Ok(r) => r,
+                        Err(to) => {
+                            log::warn!("mqtt: reply to a request dropped: its response subject {to:?} is reserved");
+                            if let Some(id) = ack {
+                                batch.submit(&mut acks).await;
+                                acks.push_back(PendingAck::Ready(id, Ok(())));
+                            }
+                            continue;
+                        }
+                    };
                     broker.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     broker
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    let routed =
-                        broker.route_mqtt(&subject, &payload, qos, retain, headers.clone(), reply);
+                    let routed = broker.route_mqtt_as(
+                        session.permissions().cloned(),
+                        &subject,
+                        &payload,
+                        qos,
+                        retain,
+                        headers.clone(),
+                        reply,
+                    );
                     if retain {
                         // Durable before the acknowledgement, like the
                         // stream below; a failure fails the publish.

@@ -22,6 +22,11 @@
 //!   after its message is durable.
 //! - Everything a connection registered is removed when it ends.
 //!
+//! A JetStream PubAck is published only to a reply subject the publisher
+//! may subscribe to; otherwise the message is stored and the PubAck
+//! dropped (logged at debug): nats-server sends it anyway, which lets a
+//! client write acks onto subjects it may not use.
+//!
 //! Capture rules for NATS publishes: subjects under `_INBOX.` and `$` are
 //! never captured (replies and reserved namespaces). A stream that
 //! captures everything (`>`, as the default stream does) stores requests
@@ -207,9 +212,21 @@ async fn connection(
                 } => {
                     let subject = broker.map_subject(subject);
                     // A reply to an MQTT 5 request goes to its response
-                    // topic, with its correlation data.
-                    let (subject, headers) =
-                        crate::broker::bridge::redirect_reply(&broker.replies, subject, headers);
+                    // topic, with its correlation data and without a reply
+                    // subject of its own ([`crate::broker::bridge`]).
+                    let redirected = crate::broker::bridge::redirect_reply(
+                        &broker.replies,
+                        subject,
+                        headers,
+                        reply,
+                    );
+                    let (subject, headers, reply) = match redirected {
+                        Ok(r) => r,
+                        Err(to) => {
+                            log::warn!("nats: conn {conn}: reply to a request dropped: its response subject {to:?} is reserved");
+                            continue;
+                        }
+                    };
                     msgs_in += 1;
                     bytes_in += payload.len() as u64;
                     let origin = Origin {
@@ -226,6 +243,7 @@ async fn connection(
                         reply,
                         headers,
                         payload,
+                        publisher: machine.permissions().cloned(),
                     };
                     // Captured messages are durable: MQTT subscribers get
                     // them at QoS 1 (capped by their subscription's QoS).
@@ -244,7 +262,15 @@ async fn connection(
                         }
                     }
                     if let Some(stream) = stream {
-                        let reply = m.reply.filter(|_| acking.is_some());
+                        // A PubAck goes only where the publisher may
+                        // subscribe (it is the publisher's answer).
+                        let reply = m.reply.filter(|_| acking.is_some()).filter(|r| {
+                            let ok = machine.permissions().is_none_or(|p| p.can_subscribe(r));
+                            if !ok {
+                                log::debug!("nats: conn {conn}: no PubAck to {r:?}: the publisher may not subscribe to it");
+                            }
+                            ok
+                        });
                         let stored = stream
                             .submit(Message {
                                 subject: m.subject,
@@ -430,6 +456,7 @@ fn publish_ack(
         reply: None,
         headers: None,
         payload: pub_ack_json(stream, result).into_bytes(),
+        publisher: None,
     });
     broker.route_msg(None, msg, 0);
 }

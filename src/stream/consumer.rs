@@ -20,13 +20,24 @@
 //! - `floor` is where the consumer started (its deliver policy): messages
 //!   at or below it were never of interest to it.
 //!
+//! - Authorization (beyond JetStream, which ignores the caller's
+//!   `deny_subscribe`): a consumer excludes what its creator's
+//!   `deny_subscribe` covers of its filter ([`Consumer::exclusions`],
+//!   persisted as `exclude`); excluded messages are stepped over like
+//!   filtered-out ones (so they count as not selected for retention). A
+//!   client may pull only from a consumer that cannot hand it a subject
+//!   its `deny_subscribe` covers ([`Consumer::readable_by`]); each pull
+//!   request also carries its client's permissions for a last check per
+//!   delivery.
+//!
 //! Invariants: every key of `pending` is in `(floor, delivered.stream]`;
 //! `redeliver` is a subset of `pending`'s keys; with ack policy `none`,
 //! `pending` is empty.
 //!
 //! Persistence ([`Consumer::encode`]/[`Consumer::decode`]): one JSON
 //! document, `{"v":1,"name","created","floor","config":{…JetStream consumer
-//! config…},"delivered":[cseq,sseq],"pending":[[sseq,cseq,ts,deliveries],…]}`.
+//! config…},"delivered":[cseq,sseq],"pending":[[sseq,cseq,ts,deliveries],…],
+//! "exclude":[filter,…]}` (`exclude` may be absent).
 //! The service writes it atomically (temp file, fsync, rename, fsync of
 //! the directory) before it answers a synchronous ack, so an acknowledged,
 //! synced message is never redelivered after a restart; pending messages
@@ -112,13 +123,29 @@ pub struct ConsumerConfig {
     pub inactive_threshold_ns: u64,
 }
 
-fn name_ok(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && !n.starts_with('.')
-        && n.chars().all(|c| {
-            !c.is_whitespace() && !c.is_control() && !matches!(c, '.' | '*' | '>' | '/' | '\\')
-        })
+/// A consumer or durable name as the API checks it: [`crate::names`]'s
+/// rule (it names a file), with nats-server's error codes: 10127 for a
+/// path separator, 10102 for a name that is too long, 10103 otherwise.
+pub fn check_name(n: &str) -> Result<(), ApiError> {
+    use crate::names::{validate, NameError, MAX_NAME_LEN};
+    match validate(n) {
+        Ok(()) => Ok(()),
+        Err(NameError::PathSeparator) => Err(ApiError::new(
+            400,
+            10127,
+            "Consumer name can not contain path separators",
+        )),
+        Err(NameError::TooLong(_)) => Err(ApiError::new(
+            400,
+            10102,
+            format!("consumer name is too long, maximum allowed is {MAX_NAME_LEN}"),
+        )),
+        Err(e) => Err(ApiError::new(
+            400,
+            10103,
+            format!("durable name can not contain '.', '*', '>' ({e})"),
+        )),
+    }
 }
 
 fn get_u64(v: &Value, key: &str) -> Result<Option<u64>, ApiError> {
@@ -169,13 +196,7 @@ impl ConsumerConfig {
             .map(str::to_string)
             .or_else(|| durable_name.clone());
         for n in durable_name.iter().chain(name.iter()) {
-            if !name_ok(n) {
-                return Err(ApiError::new(
-                    400,
-                    10103,
-                    "durable name can not contain '.', '*', '>'",
-                ));
-            }
+            check_name(n)?;
         }
         if let (Some(d), Some(n)) = (&durable_name, &name) {
             if d != n {
@@ -386,6 +407,9 @@ pub struct PullRequest {
     pub next_heartbeat: u64,
     pub sent: usize,
     pub sent_bytes: usize,
+    /// The permissions of the client that asked (`None`: unrestricted);
+    /// nothing its `deny_subscribe` covers is delivered to it.
+    pub receiver: Option<std::sync::Arc<crate::auth::Permissions>>,
 }
 
 impl PullRequest {
@@ -404,6 +428,7 @@ impl PullRequest {
             next_heartbeat: 0,
             sent: 0,
             sent_bytes: 0,
+            receiver: None,
         };
         if body.is_empty() {
             return Ok(req);
@@ -529,6 +554,11 @@ pub struct Consumer {
     pub last_active: u64,
     /// Persisted state is behind.
     pub dirty: bool,
+    /// Subjects this consumer never delivers (a frond extension): the part
+    /// of its filter that its creator's `deny_subscribe` covers, fixed at
+    /// creation ([`Consumer::exclusions`]) and persisted. Messages on them
+    /// are stepped over like subjects outside the filter.
+    pub exclude: Vec<String>,
 }
 
 impl Consumer {
@@ -548,7 +578,76 @@ impl Consumer {
             waiting: VecDeque::new(),
             last_active: now,
             dirty: true,
+            exclude: Vec::new(),
         }
+    }
+
+    /// What a consumer created by a client with `perms` on `filters` (its
+    /// filter subjects, or the stream's subjects when it has none) must
+    /// exclude: the intersections of each filter with each
+    /// `deny_subscribe` filter. `Err(filter)` when `explicit` (the client
+    /// named the filters) and one lies wholly inside a denied filter, or
+    /// when every filter does: the consumer could deliver nothing the
+    /// client may receive.
+    pub fn exclusions(
+        filters: &[String],
+        explicit: bool,
+        perms: &crate::auth::Permissions,
+    ) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut open = false;
+        for f in filters {
+            let denied = perms
+                .deny_subscribe
+                .iter()
+                .any(|d| crate::auth::filter_within(f, d));
+            if denied && explicit {
+                return Err(f.clone());
+            }
+            open |= !denied;
+            for d in &perms.deny_subscribe {
+                if let Some(x) = subject::filter_intersection(f, d) {
+                    if !out.contains(&x) {
+                        out.push(x);
+                    }
+                }
+            }
+        }
+        match (open, filters.first()) {
+            (false, Some(f)) => Err(f.clone()),
+            _ => Ok(out),
+        }
+    }
+
+    /// Whether a client with `perms` may receive everything this consumer
+    /// can deliver (`stream_subjects`: the stream's, for a consumer
+    /// without filter): every subject a `deny_subscribe` filter shares
+    /// with the consumer's filters is one the consumer excludes.
+    pub fn readable_by(
+        &self,
+        stream_subjects: &[String],
+        perms: &crate::auth::Permissions,
+    ) -> bool {
+        let filters = match self.cfg.filter_subjects.as_slice() {
+            [] => stream_subjects,
+            f => f,
+        };
+        perms.deny_subscribe.iter().all(|d| {
+            filters
+                .iter()
+                .filter_map(|f| subject::filter_intersection(f, d))
+                .all(|i| {
+                    self.exclude
+                        .iter()
+                        .any(|x| crate::auth::filter_within(&i, x))
+                })
+        })
+    }
+
+    /// Whether this consumer delivers `subj`: its filter matches and it
+    /// does not exclude it.
+    pub fn selects(&self, subj: &str) -> bool {
+        self.cfg.matches(subj) && !self.exclude.iter().any(|x| subject::matches(x, subj))
     }
 
     pub fn durable(&self) -> bool {
@@ -707,7 +806,7 @@ impl Consumer {
     /// Whether this consumer is done with `sseq` (subject `subj`): it does
     /// not select it, started after it, or processed it.
     pub fn done_with(&self, sseq: u64, subj: &str) -> bool {
-        !self.cfg.matches(subj) || sseq <= self.floor || self.processed(sseq)
+        !self.selects(subj) || sseq <= self.floor || self.processed(sseq)
     }
 
     /// Delivered and no longer pending.
@@ -734,6 +833,7 @@ impl Consumer {
             "config": self.cfg.to_json(&self.name),
             "delivered": [self.delivered_cseq, self.delivered_sseq],
             "pending": pending,
+            "exclude": self.exclude,
         });
         let mut out = v.to_string().into_bytes();
         out.push(b'\n');
@@ -750,7 +850,7 @@ impl Consumer {
         let name = v
             .get("name")
             .and_then(Value::as_str)
-            .filter(|n| name_ok(n))
+            .filter(|n| crate::names::validate(n).is_ok())
             .ok_or("missing or bad name")?
             .to_string();
         let cfg = ConsumerConfig::from_json(v.get("config").unwrap_or(&Value::Null))
@@ -800,6 +900,16 @@ impl Consumer {
                 },
             );
         }
+        // Absent in files written before exclusions existed.
+        let mut exclude = Vec::new();
+        if let Some(list) = v.get("exclude") {
+            for x in list.as_array().ok_or("bad exclude")? {
+                match x.as_str() {
+                    Some(f) if subject::valid_filter(f) => exclude.push(f.to_string()),
+                    _ => return Err("bad exclude entry".into()),
+                }
+            }
+        }
         Ok(Consumer {
             name,
             cfg,
@@ -812,6 +922,7 @@ impl Consumer {
             waiting: VecDeque::new(),
             last_active: now,
             dirty: false,
+            exclude,
         })
     }
 }
@@ -981,5 +1092,70 @@ mod tests {
         let mut corrupt: Value = serde_json::from_slice(&k.encode()).unwrap();
         corrupt["pending"] = json!([[99, 1, 1, 1]]);
         assert!(Consumer::decode(corrupt.to_string().as_bytes(), 0).is_err());
+    }
+
+    #[test]
+    fn names_get_nats_server_error_codes() {
+        assert_eq!(check_name("ok-1"), Ok(()));
+        let code = |n: &str| check_name(n).unwrap_err().err_code;
+        assert_eq!(code("/abs/victim"), 10127);
+        assert_eq!(code("a\\b"), 10127);
+        assert_eq!(code(".."), 10103);
+        assert_eq!(code("a*"), 10103);
+        assert_eq!(code(""), 10103);
+        assert_eq!(code(&"x".repeat(300)), 10102);
+        let e = ConsumerConfig::from_json(&json!({"durable_name": "../x"})).unwrap_err();
+        assert_eq!(e.err_code, 10127);
+        // A stored file with a bad name is refused at load.
+        let k = Consumer::new("d".into(), cfg(json!({"durable_name": "d"})), 1, 0);
+        let mut v: Value = serde_json::from_slice(&k.encode()).unwrap();
+        v["name"] = json!("/etc/x");
+        assert!(Consumer::decode(v.to_string().as_bytes(), 0).is_err());
+    }
+
+    #[test]
+    fn exclusions_follow_the_creators_deny_list() {
+        let dave = crate::auth::Permissions {
+            deny_subscribe: vec!["secret.>".into()],
+            ..Default::default()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // Explicit filters inside the deny list are refused.
+        assert_eq!(
+            Consumer::exclusions(&s(&["secret.a"]), true, &dave),
+            Err("secret.a".into())
+        );
+        // A stream whose every subject is denied: refused too.
+        assert!(Consumer::exclusions(&s(&["secret.>"]), false, &dave).is_err());
+        // Partly denied: excluded.
+        assert_eq!(
+            Consumer::exclusions(&s(&[">"]), false, &dave),
+            Ok(s(&["secret.>"]))
+        );
+        assert_eq!(
+            Consumer::exclusions(&s(&["*.x"]), true, &dave),
+            Ok(s(&["secret.x"]))
+        );
+        assert_eq!(Consumer::exclusions(&s(&["a.>"]), true, &dave), Ok(vec![]));
+
+        let mut k = Consumer::new("d".into(), cfg(json!({"durable_name": "d"})), 1, 0);
+        let stream = s(&[">"]);
+        assert!(!k.readable_by(&stream, &dave), "can deliver secret.>");
+        assert!(
+            k.readable_by(&s(&["a.>"]), &dave),
+            "the stream has no secret"
+        );
+        assert!(k.readable_by(&stream, &crate::auth::Permissions::default()));
+        k.exclude = s(&["secret.>"]);
+        assert!(k.readable_by(&stream, &dave));
+        assert!(!k.selects("secret.x") && k.selects("a.x"));
+        assert!(k.done_with(5, "secret.x"), "excluded: not selected");
+        let back = Consumer::decode(&k.encode(), 0).unwrap();
+        assert_eq!(back.exclude, k.exclude);
+        // Narrower exclusion than the deny list, on a narrower filter.
+        let mut f = Consumer::new("f".into(), cfg(json!({"filter_subject": "*.x"})), 1, 0);
+        assert!(!f.readable_by(&stream, &dave));
+        f.exclude = s(&["secret.x"]);
+        assert!(f.readable_by(&stream, &dave));
     }
 }

@@ -79,9 +79,51 @@ pub fn filters_overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// The filter that matches exactly the subjects both filters match, or
+/// `None` when no subject matches both (both must be valid filters).
+pub fn filter_intersection(a: &str, b: &str) -> Option<String> {
+    let x: Vec<&str> = a.split('.').collect();
+    let y: Vec<&str> = b.split('.').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(x.len().max(y.len()));
+    for i in 0.. {
+        match (x.get(i).copied(), y.get(i).copied()) {
+            (None, None) => break,
+            (Some(">"), Some(_)) => {
+                out.extend_from_slice(y.get(i..).unwrap_or_default());
+                break;
+            }
+            (Some(_), Some(">")) => {
+                out.extend_from_slice(x.get(i..).unwrap_or_default());
+                break;
+            }
+            (Some("*"), Some(t)) | (Some(t), Some("*")) => out.push(t),
+            (Some(p), Some(q)) if p == q => out.push(p),
+            _ => return None,
+        }
+    }
+    Some(out.join("."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intersection_of_filters() {
+        let i = |a, b| filter_intersection(a, b);
+        assert_eq!(i("secret.>", ">").as_deref(), Some("secret.>"));
+        assert_eq!(i(">", "secret.>").as_deref(), Some("secret.>"));
+        assert_eq!(i("secret.>", "secret.a.>").as_deref(), Some("secret.a.>"));
+        assert_eq!(i("a.*.c", "a.b.*").as_deref(), Some("a.b.c"));
+        assert_eq!(i("a.*", "*.b").as_deref(), Some("a.b"));
+        assert_eq!(i("a.>", "*.*.x").as_deref(), Some("a.*.x"));
+        assert_eq!(i(">", ">").as_deref(), Some(">"));
+        assert_eq!(i("a.b", "a.b").as_deref(), Some("a.b"));
+        assert_eq!(i("a.>", "a"), None);
+        assert_eq!(i("a.b", "a.c"), None);
+        assert_eq!(i("a.*", "a.b.c"), None);
+        assert_eq!(i("secret.>", "a.>"), None);
+    }
 
     #[test]
     fn validity() {

@@ -56,9 +56,10 @@ impl Cursor {
     }
 }
 
-/// The cursor file for a local stream.
-pub fn path(data_dir: &Path, stream: &str) -> PathBuf {
-    data_dir.join("uplink").join(format!("{stream}.cursor"))
+/// The cursor file for a local stream (an error for a name that cannot
+/// be a file name, see [`crate::names`]; configured names always can).
+pub fn path(data_dir: &Path, stream: &str) -> Result<PathBuf, crate::names::NameError> {
+    crate::names::path_in(&data_dir.join("uplink"), stream, ".cursor")
 }
 
 /// Load a cursor. `Ok(None)`: no file. `Err`: unreadable or corrupt.
@@ -130,7 +131,8 @@ mod tests {
     #[test]
     fn store_and_load() {
         let dir = tempfile::tempdir().unwrap();
-        let p = path(dir.path(), "TELEMETRY");
+        assert!(path(dir.path(), "../x").is_err());
+        let p = path(dir.path(), "TELEMETRY").unwrap();
         assert_eq!(load(&p).unwrap(), None);
         let c = Cursor {
             local_seq: 5,

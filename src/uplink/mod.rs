@@ -80,7 +80,13 @@ pub async fn run(
             );
             continue;
         };
-        let path = cursor::path(&data_dir, &mc.stream);
+        let path = match cursor::path(&data_dir, &mc.stream) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("mirror of stream {:?} skipped: {e}", mc.stream);
+                continue;
+            }
+        };
         let start = match cursor::load(&path) {
             Ok(c) => c,
             Err(e) => {
