@@ -47,6 +47,9 @@
 //!   which takes the outbox's own short lock: order table -> outbox).
 //! - Every subscription of a connection is in `by_conn`, and in the trie
 //!   under its filter, exactly while it is in `subs`.
+//! - A subscription's `deny` is its connection's entry in the table's
+//!   `deny` map (set by [`Broker::set_permissions`], dropped with the
+//!   connection).
 //! - At most one stream captures a subject (config refuses overlaps).
 //! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
 //!   protocol shells, to each incoming publish before routing and capture.

@@ -2338,6 +2338,47 @@ mod tests {
     }
 
     #[test]
+    fn retained_messages_respect_deny_subscribe_and_dollar_topics() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "dave".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(Permissions {
+                    deny_subscribe: vec!["secret.>".into()],
+                    ..Permissions::default()
+                }),
+            }],
+        });
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(
+            Limits {
+                auth: Some(auth),
+                ..limits()
+            },
+            now,
+        );
+        let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+            unreachable!()
+        };
+        c.username = Some("dave".into());
+        c.password = Some(b"pw".to_vec());
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        sent(&mut s, v);
+        subscribe_all(&mut s, now, None);
+        for subject in ["secret.x", "$SYS.x", "a.x"] {
+            s.deliver_retained(&delivery(subject, 0, None, now));
+        }
+        let got: Vec<String> = publishes(&mut s).into_iter().map(|p| p.topic).collect();
+        assert_eq!(got, vec!["a/x"], "only what dave may receive through #");
+    }
+
+    #[test]
     fn second_connect_with_an_unknown_level_is_a_protocol_error() {
         let v = Version::V5;
         let (mut s, now) = connected(v);
