@@ -110,6 +110,23 @@ pub fn run(cfg: Config) -> Result<(), String> {
             wills_dir.display()
         )
     })?;
+    // Permissions may have been narrowed (or users removed) since a will
+    // was armed: each is checked again against the current `[auth]`.
+    let mut owed_wills = owed_wills;
+    owed_wills.retain(|w| match w.authorized(cfg.mqtt.auth.as_deref()) {
+        Ok(()) => true,
+        Err(why) => {
+            log::warn!(
+                "mqtt: the will of client {:?} on {} from the last run is not published: {why}",
+                w.client_id,
+                w.subject
+            );
+            if let Err(e) = will_store.settle(&w.client_id, w.token) {
+                log::warn!("mqtt: cannot delete a refused will's file: {e}");
+            }
+            false
+        }
+    });
     let wills = Arc::new(DelayedWills::with_store(will_store, retained.clone()));
     let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
     if !owed_wills.is_empty() {

@@ -24,6 +24,18 @@
 //!   randomly chosen member; a member whose queue is full (or a slow NATS
 //!   connection) is passed over while another member has room.
 //!
+//! Who may receive (issue 10): a subscription receives a message only if
+//! its connection may receive the subject (not denied by
+//! `deny_subscribe`, [`crate::auth::Permissions::may_deliver`]; the shells
+//! register a connection's permissions with [`Broker::set_permissions`])
+//! and, for an MQTT filter starting with a wildcard, the subject does not
+//! start with `$` (MQTT 3.1.1 §4.7.2). This is decided here, before a queue
+//! group's member is chosen: the member is picked among those that may
+//! receive the message (as nats-server does), and a group none of whose
+//! members may receive it does not get it. Connections without a deny list
+//! cost one pointer test per matching subscription. The protocol machines
+//! check again at delivery (they also serve retained and stream messages).
+//!
 //! Invariants:
 //! - Delivery never blocks a publisher: MQTT queues are bounded by count,
 //!   NATS outboxes by bytes; when one is full the message is dropped for
@@ -35,6 +47,9 @@
 //!   which takes the outbox's own short lock: order table -> outbox).
 //! - Every subscription of a connection is in `by_conn`, and in the trie
 //!   under its filter, exactly while it is in `subs`.
+//! - A subscription's `deny` is its connection's entry in the table's
+//!   `deny` map (set by [`Broker::set_permissions`], dropped with the
+//!   connection).
 //! - At most one stream captures a subject (config refuses overlaps).
 //! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
 //!   protocol shells, to each incoming publish before routing and capture.
@@ -59,6 +74,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use smol::channel::{Sender, TrySendError};
 
+use crate::auth::Permissions;
 use crate::stream::StreamHandle;
 use crate::subject::mapping::Mappings;
 use crate::subject::{self, SubjectTrie};
@@ -139,6 +155,27 @@ struct Sub {
     /// Remove after this many deliveries (NATS `UNSUB sid max`).
     max: Option<u64>,
     delivered: u64,
+    /// The connection's permissions when they deny some subjects
+    /// (`deny_subscribe`); `None`: it may receive whatever it matches.
+    deny: Option<Arc<Permissions>>,
+    /// An MQTT filter starting with a wildcard: it does not match subjects
+    /// starting with `$` (MQTT 3.1.1 §4.7.2).
+    dollar_blind: bool,
+}
+
+impl Sub {
+    /// Whether this subscription may receive a message on `subj`
+    /// (`dollar`: `subj` starts with `$`).
+    #[inline]
+    fn may_receive(&self, subj: &str, dollar: bool) -> bool {
+        !(dollar && self.dollar_blind) && self.deny.as_ref().is_none_or(|p| p.may_deliver(subj))
+    }
+}
+
+/// Whether an MQTT subscription to NATS filter `filter` must not receive
+/// `$` subjects.
+fn mqtt_dollar_blind(filter: &str) -> bool {
+    filter.starts_with('*') || filter.starts_with('>')
 }
 
 #[derive(Default)]
@@ -146,6 +183,9 @@ struct Table {
     trie: SubjectTrie<SubId>,
     subs: subject::FastMap<SubId, Sub>,
     by_conn: subject::FastMap<ConnId, Vec<SubId>>,
+    /// Connections whose permissions deny some subjects
+    /// ([`Broker::set_permissions`]).
+    deny: subject::FastMap<ConnId, Arc<Permissions>>,
     next: SubId,
     /// Bumped (under the table's lock) by every change of `trie`;
     /// [`NoInterest`] memories are valid only while it stays the same.
@@ -157,7 +197,8 @@ impl Table {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    fn add(&mut self, sub: Sub) -> SubId {
+    fn add(&mut self, mut sub: Sub) -> SubId {
+        sub.deny = self.deny.get(&sub.conn).cloned();
         self.next += 1;
         let id = self.next;
         self.changed();
@@ -461,6 +502,7 @@ impl Broker {
         }
         t.add(Sub {
             conn,
+            dollar_blind: mqtt_dollar_blind(&filter),
             filter,
             queue: share,
             target: Target::Mqtt {
@@ -470,7 +512,32 @@ impl Broker {
             },
             max: None,
             delivered: 0,
+            deny: None,
         });
+    }
+
+    /// The permissions of connection `conn` (`None`: unrestricted), for
+    /// deciding who may receive what ([`Sub::may_receive`]). Shells call it
+    /// once the client is authenticated, before it subscribes; it also
+    /// applies to subscriptions the connection already holds. Forgotten by
+    /// [`Broker::drop_conn`].
+    pub fn set_permissions(&self, conn: ConnId, perms: Option<Arc<Permissions>>) {
+        let deny = perms.filter(|p| !p.deny_subscribe.is_empty());
+        let mut t = lock(&self.table);
+        match &deny {
+            Some(p) => {
+                t.deny.insert(conn, p.clone());
+            }
+            None => {
+                t.deny.remove(&conn);
+            }
+        }
+        let ids = t.by_conn.get(&conn).cloned().unwrap_or_default();
+        for id in ids {
+            if let Some(s) = t.subs.get_mut(&id) {
+                s.deny = deny.clone();
+            }
+        }
     }
 
     /// Remove an MQTT subscription; false if there was none.
@@ -517,6 +584,8 @@ impl Broker {
             target: Target::Nats { outbox, sid },
             max: None,
             delivered: 0,
+            deny: None,
+            dollar_blind: false,
         });
         true
     }
@@ -537,6 +606,7 @@ impl Broker {
     /// Remove every subscription of a connection.
     pub fn drop_conn(&self, conn: ConnId) {
         let mut t = lock(&self.table);
+        t.deny.remove(&conn);
         let ids = t.by_conn.remove(&conn).unwrap_or_default();
         for id in ids {
             if let Some(sub) = t.subs.remove(&id) {
@@ -675,13 +745,14 @@ impl Broker {
             return None;
         }
         let skip_conn = origin.filter(|o| !o.echo).map(|o| o.conn);
-        // Choose recipients: every plain subscription, one member per queue
-        // group.
+        let dollar = subj.starts_with('$');
+        // Choose recipients among the subscriptions that may receive the
+        // subject: every plain one, one member per queue group.
         let mut chosen: Vec<SubId> = Vec::with_capacity(ids.len());
         let mut groups: Vec<(&str, Vec<SubId>)> = Vec::new();
         for id in ids.iter() {
             let Some(s) = t.subs.get(id) else { continue };
-            if Some(s.conn) == skip_conn {
+            if Some(s.conn) == skip_conn || !s.may_receive(subj, dollar) {
                 continue;
             }
             match &s.queue {
@@ -1053,6 +1124,68 @@ mod tests {
         assert!(!b.unsubscribe_mqtt(1, Some("g"), "job.*"));
         assert!(b.unsubscribe(1, "job.*"));
         assert_eq!(b.subscription_count(), 2);
+    }
+
+    #[test]
+    fn queue_member_is_chosen_among_those_who_may_receive() {
+        let b = Broker::new(Vec::new());
+        let deny = Arc::new(Permissions {
+            deny_subscribe: vec!["secret.>".into()],
+            ..Permissions::default()
+        });
+        let (admin_tx, admin_rx) = bounded(1000);
+        let (dave_tx, dave_rx) = bounded(1000);
+        b.subscribe_mqtt(1, Some("g".into()), "secret.>".into(), 1, admin_tx, 1000);
+        b.set_permissions(2, Some(deny.clone()));
+        b.subscribe_mqtt(2, Some("g".into()), ">".into(), 1, dave_tx, 1000);
+        let nats = Outbox::new(1 << 20);
+        b.subscribe_nats(3, 1, ">".into(), Some("g".into()), nats.clone());
+        // Permissions set after subscribing apply too.
+        b.set_permissions(3, Some(deny.clone()));
+        for _ in 0..100 {
+            assert_eq!(b.route_msg(None, msg("secret.s", b""), 1), 1);
+        }
+        assert_eq!(admin_rx.len(), 100, "every one reaches the member allowed");
+        assert_eq!((dave_rx.len(), nats.pending()), (0, 0));
+        // A group none of whose members may receive it does not get it.
+        b.drop_conn(1);
+        assert_eq!(b.route_msg(None, msg("secret.s", b""), 1), 0);
+        assert_eq!((dave_rx.len(), nats.pending()), (0, 0));
+        // Other subjects still spread over the members.
+        for _ in 0..100 {
+            assert_eq!(b.route_msg(None, msg("a.b", b""), 1), 1);
+        }
+        let n = nats.take(usize::MAX).len();
+        assert_eq!(dave_rx.len() + n, 100);
+        assert!(n > 10 && dave_rx.len() > 10, "{n}");
+        // A plain subscription that may not receive is not counted (a
+        // request gets no-responders) and its UNSUB max is not used up.
+        let plain = Outbox::new(1 << 20);
+        b.set_permissions(4, Some(deny));
+        b.subscribe_nats(4, 1, "secret.>".into(), None, plain.clone());
+        b.unsubscribe_nats(4, 1, Some(1));
+        assert_eq!(b.route_msg(None, msg("secret.x", b""), 0), 0);
+        assert_eq!(b.subscription_count(), 3);
+        b.drop_conn(4);
+        assert!(!lock(&b.table).deny.contains_key(&4));
+    }
+
+    #[test]
+    fn dollar_subjects_pick_a_member_whose_filter_names_them() {
+        let b = Broker::new(Vec::new());
+        let (wild_tx, wild_rx) = bounded(1000);
+        let (sys_tx, sys_rx) = bounded(1000);
+        b.subscribe_mqtt(1, Some("g".into()), ">".into(), 0, wild_tx, 1000);
+        b.subscribe_mqtt(2, Some("g".into()), "$SYS.>".into(), 0, sys_tx, 1000);
+        for _ in 0..50 {
+            b.route("$SYS.up", b"", 0, false);
+        }
+        assert_eq!((wild_rx.len(), sys_rx.len()), (0, 50));
+        // NATS subscribers match `$` subjects with wildcards (nats-server).
+        let ob = Outbox::new(1 << 20);
+        b.subscribe_nats(3, 1, ">".into(), None, ob.clone());
+        assert_eq!(b.route_msg(None, msg("$SYS.up", b""), 0), 2);
+        assert_eq!(ob.take(usize::MAX).len(), 1);
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //! - Every fatal error writes `-ERR '<nats-server text>'` and then emits
 //!   exactly one [`Event::Close`]; after it, all input is ignored.
 //! - A subscription receives at most `max` messages after `UNSUB sid max`.
+//! - A subscription's sid can be written on a `MSG` line: a `SUB` whose
+//!   sid holds a control character is refused (`-ERR 'Invalid Subscription
+//!   ID'`, the connection stays open), so no delivery can fail on it.
 //! - Headers reach a client only if it said `headers: true`; to others an
 //!   `HMSG` is delivered as a plain `MSG`.
 
@@ -190,7 +193,8 @@ impl Conn {
         &self.opts
     }
 
-    /// The client's permissions (`None`: everything allowed).
+    /// The client's permissions (`None`: unrestricted, or not yet
+    /// authenticated).
     pub fn permissions(&self) -> Option<&Arc<Permissions>> {
         self.perms.as_ref()
     }
@@ -435,6 +439,13 @@ impl Conn {
             .is_none_or(|q| !q.contains(['*', '>']) && !q.is_empty());
         if !subject::valid_filter(&subject) || !queue_ok {
             wire::err(wire::ERR_INVALID_SUBJECT, &mut self.out);
+            return;
+        }
+        if crate::wire::nats::check_token(&sid, "sid").is_err() {
+            // A sid that cannot be echoed on a MSG line (a control
+            // character) would fail every delivery. nats-server has no
+            // check and so no wording; not fatal, like an invalid subject.
+            wire::err(wire::ERR_INVALID_SID, &mut self.out);
             return;
         }
         if self
@@ -880,7 +891,7 @@ mod tests {
     fn non_fatal_errors_keep_the_connection() {
         let (mut c, now) = start("{}");
         c.handle_bytes(
-            b"SUB a..b 1\r\nPUB a.* 0\r\n\r\nSUB a q* 2\r\nSUB ok 3\r\n",
+            b"SUB a..b 1\r\nPUB a.* 0\r\n\r\nSUB a q* 2\r\nSUB a x\x01y\r\nSUB a \x7f\r\nSUB ok 3\r\n",
             now,
         );
         assert_eq!(
@@ -889,6 +900,8 @@ mod tests {
                 ServerOp::Err("Invalid Subject".into()),
                 ServerOp::Err("Invalid Publish Subject".into()),
                 ServerOp::Err("Invalid Subject".into()),
+                ServerOp::Err("Invalid Subscription ID".into()),
+                ServerOp::Err("Invalid Subscription ID".into()),
             ]
         );
         assert!(!c.is_closed());

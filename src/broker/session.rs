@@ -20,6 +20,17 @@
 //! timeout is a deadline for the complete CONNECT counted from the
 //! connection's start: bytes trickling in do not move it.
 //!
+//! Wills are authorized at CONNECT (issue 10): with `[auth]`, a will whose
+//! topic the user may not publish to, or whose MQTT 5 response topic it may
+//! not subscribe to, refuses the CONNECT (5.0: CONNACK 0x87 with a reason
+//! string; 3.1.1: return code 0x05), as HiveMQ, EMQX and VerneMQ do, rather
+//! than accepting it and dropping the will later as Mosquitto 2 does: the
+//! client learns of the mistake when it can still fix it, not when its
+//! will silently never arrives. The will records its owner
+//! ([`WillMessage::owner`]) so that a will restored after a restart is
+//! checked again against the then current `[auth]`
+//! ([`crate::broker::wills`]).
+//!
 //! Invariants:
 //! - A PUBACK (QoS 1) or PUBREC (QoS 2) is emitted only from
 //!   [`Session::publish_done`], which the shell calls once the message is
@@ -129,6 +140,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{Auth, Permissions, Refusal};
 use crate::broker::bridge;
 use crate::broker::persist::{Cursor, StoredSession, StoredSub};
+use crate::broker::wills::WillOwner;
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{
@@ -361,6 +373,9 @@ pub struct WillMessage {
     pub delay: Duration,
     /// MQTT 5 will properties carried with the message ([`bridge`]).
     pub props: Option<Box<Properties>>,
+    /// Who armed it, for re-checking its permission after a restart;
+    /// `None` without `[auth]`.
+    pub owner: Option<WillOwner>,
 }
 
 impl Session {
@@ -489,7 +504,14 @@ impl Session {
                 properties: Properties::default(),
             }));
         }
-        self.close_with(e.reason_code(), format!("protocol error: {e}"));
+        let code = match e {
+            // After CONNECT, an unsupported protocol level can only be a
+            // second CONNECT: a protocol error (MQTT 5 §3.1). 0x84 is a
+            // CONNACK code, not a DISCONNECT reason.
+            DecodeError::UnsupportedVersion(_) => mqtt::reason::PROTOCOL_ERROR,
+            _ => e.reason_code(),
+        };
+        self.close_with(code, format!("protocol error: {e}"));
     }
 
     /// Close; in 5.0 after CONNECT, tell the client why.
@@ -762,6 +784,10 @@ impl Session {
                 }
             }
         }
+        let owner = self.limits.auth.as_ref().map(|_| match &c.username {
+            Some(u) => WillOwner::User(u.clone()),
+            None => WillOwner::Anonymous,
+        });
         self.will = c.will.map(|w| WillMessage {
             subject: topics::topic_to_subject(&w.topic),
             delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
@@ -769,7 +795,32 @@ impl Session {
             qos: w.qos as u8,
             retain: w.retain,
             props: (!w.properties.is_empty()).then(|| Box::new(w.properties)),
+            owner,
         });
+        if let Some(why) = self.will_refused() {
+            // A will is a publish by this client: one it may not make
+            // refuses the CONNECT (as HiveMQ, EMQX and VerneMQ do), so the
+            // client learns at once rather than when its will is dropped.
+            self.will = None;
+            self.send(&Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: if v5 {
+                    mqtt::reason::NOT_AUTHORIZED
+                } else {
+                    0x05
+                },
+                properties: Properties {
+                    reason_string: v5.then(|| why.clone()),
+                    ..Properties::default()
+                },
+            }));
+            self.state = State::Closed;
+            self.events.push_back(Event::Close(format!(
+                "CONNECT refused for user {:?}: {why}",
+                c.username.unwrap_or_default()
+            )));
+            return;
+        }
         let mut client_id = c.client_id;
         let mut props = Properties::default();
         if v5 {
@@ -854,6 +905,26 @@ impl Session {
         });
     }
 
+    /// Why the will from CONNECT may not be armed, if so: its client may
+    /// not publish to its topic, or not subscribe to its response topic
+    /// (the reply would reach a subject the client may not read).
+    fn will_refused(&self) -> Option<String> {
+        let (Some(w), Some(p)) = (&self.will, &self.perms) else {
+            return None;
+        };
+        if !p.can_publish(&w.subject) {
+            let topic = topics::subject_to_topic(&w.subject);
+            return Some(format!("not authorized to publish the will to {topic}"));
+        }
+        let response = w.props.as_ref().and_then(|x| x.response_topic.as_deref());
+        match response {
+            Some(rt) if !p.can_subscribe(&topics::topic_to_subject(rt)) => Some(format!(
+                "not authorized to subscribe to the will's response topic {rt}"
+            )),
+            _ => None,
+        }
+    }
+
     /// Finish CONNECT: `stored` is the persistent state found for this
     /// client id (None for a clean session or when there was none). Sends
     /// CONNACK and resumes decoding.
@@ -898,14 +969,15 @@ impl Session {
         self.process(self.now);
     }
 
+    /// The client's permissions once CONNECT is accepted (`None`:
+    /// unrestricted, or before CONNECT).
+    pub fn permissions(&self) -> Option<&Arc<Permissions>> {
+        self.perms.as_ref()
+    }
+
     /// The client id (empty before CONNECT).
     pub fn client_id(&self) -> &str {
         &self.client_id
-    }
-
-    /// The client's permissions (`None`: everything allowed).
-    pub fn permissions(&self) -> Option<&Arc<Permissions>> {
-        self.perms.as_ref()
     }
 
     /// Whether this session outlives its connection.
@@ -2201,6 +2273,140 @@ mod tests {
             now,
         );
         assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![0x87, 0]));
+    }
+
+    #[test]
+    fn will_the_user_may_not_publish_refuses_the_connect() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        let perms = Permissions {
+            allow_publish: vec!["a.>".into()],
+            allow_subscribe: vec!["a.>".into()],
+            ..Permissions::default()
+        };
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "alice".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(perms),
+            }],
+        });
+        let lim = Limits {
+            auth: Some(auth),
+            ..limits()
+        };
+        let with_will = |v: Version, topic: &str, response: Option<&str>| {
+            let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+                unreachable!()
+            };
+            c.username = Some("alice".into());
+            c.password = Some(b"pw".to_vec());
+            c.will = Some(mqtt::Will {
+                topic: topic.into(),
+                payload: b"gone".to_vec(),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                properties: Properties {
+                    response_topic: response.map(String::from),
+                    ..Properties::default()
+                },
+            });
+            bytes(&Packet::Connect(c), v)
+        };
+        let now = Instant::now();
+        for (v, topic, response, code) in [
+            (Version::V5, "secret/will", None, 0x87),
+            (Version::V311, "secret/will", None, 0x05),
+            (Version::V5, "a/will", Some("secret/replies"), 0x87),
+        ] {
+            let mut s = Session::new(lim.clone(), now);
+            s.handle_bytes(&with_will(v, topic, response), now);
+            match &sent(&mut s, v)[..] {
+                [Packet::ConnAck(c)] => {
+                    assert_eq!(c.code, code, "{topic} {response:?}");
+                    let why = c.properties.reason_string.as_deref();
+                    assert_eq!(why.is_some(), v == Version::V5, "{why:?}");
+                }
+                other => panic!("expected a refusing CONNACK, got {other:?}"),
+            }
+            assert!(s.is_closed());
+            assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
+            assert!(s.take_will().is_none(), "nothing to publish");
+        }
+        // An allowed will is armed with its owner.
+        let v = Version::V5;
+        let mut s = Session::new(lim, now);
+        s.handle_bytes(&with_will(v, "a/will", Some("a/replies")), now);
+        assert!(matches!(&events(&mut s)[..], [Event::Connected { .. }]));
+        let will = s.will().cloned().expect("armed");
+        assert_eq!(will.owner, Some(WillOwner::User("alice".into())));
+        assert_eq!(will.subject, "a.will");
+        // Without [auth], no owner is recorded.
+        let mut s = Session::new(limits(), now);
+        s.handle_bytes(&with_will(v, "secret/will", None), now);
+        assert!(matches!(&events(&mut s)[..], [Event::Connected { .. }]));
+        assert_eq!(s.will().map(|w| w.owner.clone()), Some(None));
+    }
+
+    #[test]
+    fn retained_messages_respect_deny_subscribe_and_dollar_topics() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        let auth = Arc::new(Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![User {
+                name: "dave".into(),
+                secret: Secret::parse("pw"),
+                permissions: Arc::new(Permissions {
+                    deny_subscribe: vec!["secret.>".into()],
+                    ..Permissions::default()
+                }),
+            }],
+        });
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(
+            Limits {
+                auth: Some(auth),
+                ..limits()
+            },
+            now,
+        );
+        let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+            unreachable!()
+        };
+        c.username = Some("dave".into());
+        c.password = Some(b"pw".to_vec());
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        sent(&mut s, v);
+        subscribe_all(&mut s, now, None);
+        for subject in ["secret.x", "$SYS.x", "a.x"] {
+            s.deliver_retained(&delivery(subject, 0, None, now));
+        }
+        let got: Vec<String> = publishes(&mut s).into_iter().map(|p| p.topic).collect();
+        assert_eq!(got, vec!["a/x"], "only what dave may receive through #");
+    }
+
+    #[test]
+    fn second_connect_with_an_unknown_level_is_a_protocol_error() {
+        let v = Version::V5;
+        let (mut s, now) = connected(v);
+        // CONNECT with protocol level 9.
+        let mut c = bytes(&connect(Version::V311, "x", true, 10), Version::V311);
+        c[8] = 9;
+        s.handle_bytes(&c, now);
+        assert!(s.is_closed());
+        match &sent(&mut s, v)[..] {
+            [Packet::Disconnect(d)] => assert_eq!(d.code, 0x82),
+            other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+        }
+        assert!(
+            matches!(&events(&mut s)[..], [Event::Close(why)] if !why.contains("encode")),
+            "no encode error"
+        );
     }
 
     #[test]

@@ -15,11 +15,21 @@
 //! passed). So a will is published at least once, never lost; a crash
 //! between publishing and removing the file publishes it again.
 //!
-//! Kept: topic (subject), payload, QoS, retain, delay, and the MQTT 5 will
+//! Kept: topic (subject), payload, QoS, retain, delay, the MQTT 5 will
 //! properties a published will carries ([`StoredProps`]: payload format,
 //! message expiry, content type, response topic, correlation data, user
 //! properties; absent from the file when there are none, so files written
-//! before they were kept still load).
+//! before they were kept still load), and who armed it ([`WillOwner`]).
+//!
+//! Authorization (issue 10): a will is a publish by its client, checked
+//! against that user's publish permissions. The CONNECT that carries one
+//! the user may not publish is refused ([`crate::broker::session`]). A will
+//! left from the last run is checked again at start against the current
+//! `[auth]` ([`StoredWill::authorized`]), since the operator may have
+//! narrowed the user's permissions or removed the user: one that is no
+//! longer allowed, or that has no recorded owner while `[auth]` is on
+//! (written by an older frond, or while `[auth]` was off), is deleted with
+//! a warning instead of published.
 //! Files are replaced atomically ([`super::persist::write`]); a file that
 //! does not parse is reported and deleted.
 
@@ -32,6 +42,8 @@ use serde::{Deserialize, Serialize};
 
 use super::persist::{hex, write};
 use super::session::WillMessage;
+use crate::auth::Auth;
+use crate::subject::mqtt as topics;
 use crate::wire::mqtt::Properties;
 use crate::wire::nats::base64;
 
@@ -88,6 +100,16 @@ impl StoredProps {
     }
 }
 
+/// Who armed a will, for the check of its publish permission: an
+/// authenticated `[auth]` user, or an anonymous client. Stored as
+/// `{"user":"alice"}` or `"anonymous"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WillOwner {
+    User(String),
+    Anonymous,
+}
+
 /// One will as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredWill {
@@ -108,6 +130,10 @@ pub struct StoredWill {
     /// MQTT 5 will properties, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub props: Option<StoredProps>,
+    /// Who armed it; `None` when frond ran without `[auth]` (and in files
+    /// written before owners were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<WillOwner>,
 }
 
 impl StoredWill {
@@ -122,7 +148,48 @@ impl StoredWill {
             due_ms: 0,
             token: fastrand::u64(..),
             props: w.props.as_deref().and_then(StoredProps::from_props),
+            owner: w.owner.clone(),
         }
+    }
+
+    /// Whether this will may still be published under `auth` (the current
+    /// `[auth]`; `None`: everyone may publish anything): its owner must
+    /// still exist and may publish to its subject, and subscribe to its
+    /// response topic if it has one (a reply to it would otherwise reach
+    /// a subject the owner may not read). `Err` says why not.
+    pub fn authorized(&self, auth: Option<&Auth>) -> Result<(), String> {
+        let Some(auth) = auth else { return Ok(()) };
+        let (who, perms) = match &self.owner {
+            None => {
+                return Err(
+                    "it records no owner (armed while [auth] was off, or by an older frond), so its permission cannot be checked".into(),
+                )
+            }
+            Some(WillOwner::Anonymous) if !auth.anonymous => {
+                return Err("it was armed by an anonymous client and anonymous clients are no longer allowed".into())
+            }
+            Some(WillOwner::Anonymous) => ("anonymous clients".to_string(), &auth.anonymous_permissions),
+            Some(WillOwner::User(name)) => match auth.users.iter().find(|u| u.name == *name) {
+                Some(u) => (format!("user {name:?}"), &u.permissions),
+                None => return Err(format!("its user {name:?} no longer exists")),
+            },
+        };
+        if !perms.can_publish(&self.subject) {
+            return Err(format!("{who} may no longer publish to {}", self.subject));
+        }
+        let response = self
+            .props
+            .as_ref()
+            .and_then(|p| p.response_topic.as_deref());
+        if let Some(rt) = response {
+            let rs = topics::topic_to_subject(rt);
+            if !perms.can_subscribe(&rs) {
+                return Err(format!(
+                    "{who} may no longer subscribe to its response topic {rt}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The will to publish, its delay being what remains at `now_ms`.
@@ -144,6 +211,7 @@ impl StoredWill {
                 .as_ref()
                 .map(|p| Box::new(p.to_props()))
                 .filter(|p| !p.is_empty()),
+            owner: self.owner.clone(),
         })
     }
 }
@@ -241,6 +309,7 @@ mod tests {
             retain: true,
             delay: Duration::from_millis(delay_ms),
             props: None,
+            owner: None,
         }
     }
 
@@ -288,6 +357,84 @@ mod tests {
     }
 
     #[test]
+    fn restored_wills_are_checked_against_the_current_auth() {
+        use crate::auth::{Permissions, Secret, User};
+        use std::sync::Arc;
+        let user = |name: &str, allow: &[&str]| User {
+            name: name.into(),
+            secret: Secret::parse("pw"),
+            permissions: Arc::new(Permissions {
+                allow_publish: allow.iter().map(|s| s.to_string()).collect(),
+                allow_subscribe: allow.iter().map(|s| s.to_string()).collect(),
+                ..Permissions::default()
+            }),
+        };
+        let auth = Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![user("alice", &["dev.>"]), user("bob", &["other.>"])],
+        };
+        let stored = |owner: Option<WillOwner>| {
+            let mut w = will(0);
+            w.owner = owner;
+            StoredWill::new("c", &w)
+        };
+        let alice = stored(Some(WillOwner::User("alice".into())));
+        assert_eq!(alice.authorized(Some(&auth)), Ok(()));
+        assert_eq!(alice.authorized(None), Ok(()), "no [auth]: anything");
+        for (w, why) in [
+            (
+                stored(Some(WillOwner::User("bob".into()))),
+                "may no longer publish",
+            ),
+            (
+                stored(Some(WillOwner::User("carol".into()))),
+                "no longer exists",
+            ),
+            (stored(Some(WillOwner::Anonymous)), "anonymous"),
+            (stored(None), "no owner"),
+        ] {
+            let e = w.authorized(Some(&auth)).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+        // Anonymous clients, when allowed, use their permissions.
+        let open = Auth {
+            anonymous: true,
+            ..auth.clone()
+        };
+        assert_eq!(
+            stored(Some(WillOwner::Anonymous)).authorized(Some(&open)),
+            Ok(())
+        );
+        // The response topic must still be readable by the owner.
+        let mut w = will(0);
+        w.owner = Some(WillOwner::User("alice".into()));
+        w.props = Some(Box::new(Properties {
+            response_topic: Some("secret/replies".into()),
+            ..Properties::default()
+        }));
+        let e = StoredWill::new("c", &w)
+            .authorized(Some(&auth))
+            .unwrap_err();
+        assert!(e.contains("response topic"), "{e}");
+        // The owner survives the file; files without one still load.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = WillStore::open(dir.path()).unwrap();
+        store.save(&alice).unwrap();
+        let (_, owed) = WillStore::open(dir.path()).unwrap();
+        assert_eq!(owed[0].owner, Some(WillOwner::User("alice".into())));
+        assert_eq!(
+            owed[0].owed(unix_ms()).unwrap().owner,
+            Some(WillOwner::User("alice".into()))
+        );
+        let json = serde_json::to_string(&stored(Some(WillOwner::Anonymous))).unwrap();
+        assert!(json.contains(r#""owner":"anonymous""#), "{json}");
+        assert!(!serde_json::to_string(&stored(None))
+            .unwrap()
+            .contains("owner"));
+    }
+
+    #[test]
     fn will_properties_survive_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = WillStore::open(dir.path()).unwrap();
@@ -325,5 +472,6 @@ mod tests {
         let old = br#"{"client_id":"o","subject":"s","payload":"","qos":0,"retain":false,"delay_ms":0,"due_ms":0,"token":1}"#;
         let parsed: StoredWill = serde_json::from_slice(old).unwrap();
         assert_eq!(parsed.props, None);
+        assert_eq!(parsed.owner, None);
     }
 }

@@ -571,6 +571,8 @@ pub async fn connection<T: Transport>(
                     expiry,
                 } => {
                     wills.cancel(&id);
+                    // Before any subscription (restored ones included).
+                    broker.set_permissions(conn, session.permissions().cloned());
                     broker.claim_client_id(&id, conn, kick_tx.clone());
                     client_id = Some(id.clone());
                     if !sessions.checkout(&id, HANDOVER_TIMEOUT).await {

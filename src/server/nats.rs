@@ -198,6 +198,8 @@ async fn connection(
     let mut close_reason: Option<String> = None;
 
     let mut no_interest = NoInterest::default();
+    // Whether the router knows this connection's permissions.
+    let mut perms_set = false;
     let why = loop {
         // 1. Do what the machine asked for.
         let (mut msgs_in, mut bytes_in) = (0u64, 0u64);
@@ -295,6 +297,12 @@ async fn connection(
                 }
                 Event::Subscribe { id, subject, queue } => {
                     log::trace!("nats: conn {conn} SUB {subject} as {id}");
+                    if !perms_set {
+                        // Permissions are fixed at CONNECT, which comes
+                        // before any subscription when [auth] is on.
+                        broker.set_permissions(conn, machine.permissions().cloned());
+                        perms_set = true;
+                    }
                     broker.subscribe_nats(conn, id, subject, queue, outbox.clone());
                 }
                 Event::Unsubscribe { id, max } => broker.unsubscribe_nats(conn, id, max),

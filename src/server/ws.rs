@@ -9,6 +9,16 @@
 //! configured maximum is refused and closes the connection; text frames are
 //! refused (MQTT requires binary); client frames must be masked. Pings are
 //! answered with pongs; a close frame ends the stream.
+//!
+//! Framing rules (RFC 6455 §5.2, §5.4, §5.5), each broken one closing the
+//! connection with a Close frame carrying its status code and then an
+//! error from [`Transport::read`]: reserved bits or opcodes, an unmasked
+//! client frame, a continuation frame with no fragmented message before
+//! it, a new data frame inside a fragmented message, a control frame that
+//! is fragmented or carries more than 125 bytes, and a close frame with a
+//! one-byte body are protocol errors (1002); a text frame is unsupported
+//! data (1003); a frame over the maximum is too big (1009). Control frames
+//! may come between the fragments of a message.
 
 use std::io;
 
@@ -164,6 +174,28 @@ fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Close status codes (RFC 6455 §7.4.1).
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Largest control frame payload (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: u64 = 125;
+
+/// A frame the peer may not send: the connection is closed with `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Violation {
+    code: u16,
+    why: &'static str,
+}
+
+fn protocol_error(why: &'static str) -> Violation {
+    Violation {
+        code: CLOSE_PROTOCOL_ERROR,
+        why,
+    }
+}
+
 /// A WebSocket connection presenting MQTT bytes as a stream.
 pub struct Ws<S> {
     sock: S,
@@ -175,6 +207,9 @@ pub struct Ws<S> {
     /// Control frames (pong, close) to send with the next write or read.
     control: Vec<u8>,
     closed: bool,
+    /// A fragmented data message is in progress (its first frame had FIN
+    /// clear): only continuation and control frames may come until FIN.
+    fragmented: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
@@ -186,49 +221,94 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
             data: Vec::new(),
             control: Vec::new(),
             closed: false,
+            fragmented: false,
         }
     }
 
-    /// Decode complete frames from `raw` into `data`/`control`.
-    fn decode(&mut self) -> io::Result<()> {
-        loop {
-            let Some(h) = decode_head(&self.raw).map_err(invalid)? else {
+    /// Decode complete frames from `raw` into `data`/`control`. A frame
+    /// breaking the rules is refused as soon as its header shows it.
+    fn decode(&mut self) -> Result<(), Violation> {
+        while !self.closed {
+            let Some(h) = decode_head(&self.raw).map_err(protocol_error)? else {
                 return Ok(());
             };
+            let control = h.opcode & 0x8 != 0;
+            if control && !h.fin {
+                return Err(protocol_error("fragmented control frame"));
+            }
+            if control && h.len > MAX_CONTROL_PAYLOAD {
+                return Err(protocol_error("control frame payload over 125 bytes"));
+            }
+            match h.opcode {
+                0x0 if !self.fragmented => {
+                    return Err(protocol_error(
+                        "continuation frame without a fragmented message before it",
+                    ))
+                }
+                0x1 => {
+                    return Err(Violation {
+                        code: CLOSE_UNSUPPORTED_DATA,
+                        why: "text frames are not allowed; MQTT uses binary frames",
+                    })
+                }
+                0x2 if self.fragmented => {
+                    return Err(protocol_error(
+                        "new data frame before the fragmented message ended",
+                    ))
+                }
+                0x0 | 0x2 | 0x8 | 0x9 | 0xA => {}
+                _ => return Err(protocol_error("reserved WebSocket opcode")),
+            }
             if h.len > self.max_frame {
-                return Err(invalid("WebSocket frame larger than mqtt.max_packet_size"));
+                return Err(Violation {
+                    code: CLOSE_TOO_BIG,
+                    why: "WebSocket frame larger than mqtt.max_packet_size",
+                });
             }
             let Some(mask) = h.mask else {
-                return Err(invalid("client WebSocket frames must be masked"));
+                return Err(protocol_error("client WebSocket frames must be masked"));
             };
+            // Fits: h.len <= max_frame, a usize.
             let total = h.header_len + h.len as usize;
-            if self.raw.len() < total {
+            let Some(body) = self.raw.get(h.header_len..total) else {
                 return Ok(());
-            }
-            let mut payload: Vec<u8> = self.raw[h.header_len..total].to_vec();
+            };
+            let mut payload: Vec<u8> = body.to_vec();
             for (i, b) in payload.iter_mut().enumerate() {
                 *b ^= mask[i % 4];
             }
             self.raw.drain(..total);
             match h.opcode {
                 // binary, or continuation of a binary message
-                0x2 | 0x0 => self.data.extend_from_slice(&payload),
-                0x1 => {
-                    return Err(invalid(
-                        "text frames are not allowed; MQTT uses binary frames",
-                    ))
+                0x2 | 0x0 => {
+                    self.data.extend_from_slice(&payload);
+                    self.fragmented = !h.fin;
+                }
+                0x8 if payload.len() == 1 => {
+                    return Err(protocol_error("close frame with a one-byte body"))
                 }
                 0x8 => {
                     encode_frame(0x8, &[], &mut self.control);
                     self.closed = true;
-                    return Ok(());
                 }
                 0x9 => encode_frame(0xA, &payload, &mut self.control),
-                0xA => {}
-                _ => return Err(invalid("unknown WebSocket opcode")),
+                _ => {} // pong
             }
-            let _ = h.fin; // fragmentation needs no bookkeeping: bytes are a stream
         }
+        Ok(())
+    }
+
+    /// Refuse the peer's framing: queue a Close frame with the status code
+    /// and reason, send it (best effort) and end the stream.
+    async fn refuse(&mut self, v: Violation) -> io::Error {
+        let mut body = v.code.to_be_bytes().to_vec();
+        body.extend_from_slice(v.why.as_bytes());
+        body.truncate(MAX_CONTROL_PAYLOAD as usize);
+        encode_frame(0x8, &body, &mut self.control);
+        self.closed = true;
+        self.raw.clear();
+        let _ = self.flush_control().await;
+        invalid(v.why)
     }
 
     async fn flush_control(&mut self) -> io::Result<()> {
@@ -264,7 +344,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Ws<S> {
                 return Ok(0);
             }
             self.raw.extend_from_slice(&chunk[..n]);
-            self.decode()?;
+            if let Err(v) = self.decode() {
+                self.data.clear();
+                return Err(self.refuse(v).await);
+            }
         }
     }
 
@@ -330,5 +413,157 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(2, &[7; 300], &mut out);
         assert_eq!(&out[..4], &[0x82, 126, 1, 44]);
+    }
+
+    /// A socket in memory: reads `input`, collects what is written.
+    struct Mem {
+        input: Vec<u8>,
+        pos: usize,
+        output: Vec<u8>,
+    }
+
+    impl AsyncRead for Mem {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let rest = &self.input[self.pos..];
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Mem {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.output.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A masked client frame (header only when `body` is false).
+    fn frame(fin: bool, opcode: u8, payload: &[u8], body: bool) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        if body {
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        f
+    }
+
+    /// Read everything `input` yields: the bytes, or the error, and what
+    /// was written back.
+    fn read_all(input: Vec<u8>) -> (Result<Vec<u8>, io::Error>, Vec<u8>) {
+        let mem = Mem {
+            input,
+            pos: 0,
+            output: Vec::new(),
+        };
+        let mut ws = Ws::new(mem, 1024);
+        let mut got = Vec::new();
+        let res = smol::block_on(async {
+            let mut buf = [0u8; 64];
+            loop {
+                match ws.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        (res.map(|()| got), ws.sock.output)
+    }
+
+    /// The status code of the close frame at the start of `out`.
+    fn close_code(out: &[u8]) -> Option<u16> {
+        match out {
+            [0x88, len, hi, lo, ..] if *len >= 2 && *len <= 125 => {
+                Some(u16::from_be_bytes([*hi, *lo]))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn fragments_and_interleaved_control_frames_are_a_stream() {
+        let mut input = frame(false, 0x2, b"ab", true);
+        input.extend(frame(true, 0x9, b"p", true));
+        input.extend(frame(false, 0x0, b"cd", true));
+        input.extend(frame(true, 0x0, b"e", true));
+        input.extend(frame(true, 0x2, b"f", true));
+        input.extend(frame(true, 0x8, &1000u16.to_be_bytes(), true));
+        let (got, out) = read_all(input);
+        assert_eq!(got.unwrap(), b"abcdef");
+        // The pong, then the answering close.
+        assert_eq!(out, [0x8A, 1, b'p', 0x88, 0]);
+    }
+
+    #[test]
+    fn framing_violations_close_with_their_status_code() {
+        let big = [0u8; 126];
+        let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+            (
+                "continuation with nothing before",
+                frame(true, 0x0, b"x", true),
+                1002,
+            ),
+            (
+                "ping over 125 bytes (refused from its header)",
+                frame(true, 0x9, &big, false),
+                1002,
+            ),
+            ("close over 125 bytes", frame(true, 0x8, &big, true), 1002),
+            ("fragmented ping", frame(false, 0x9, b"p", true), 1002),
+            ("fragmented close", frame(false, 0x8, b"", true), 1002),
+            (
+                "new message inside a fragmented one",
+                [frame(false, 0x2, b"a", true), frame(true, 0x2, b"b", true)].concat(),
+                1002,
+            ),
+            ("reserved opcode", frame(true, 0x3, b"", true), 1002),
+            ("reserved control opcode", frame(true, 0xB, b"", true), 1002),
+            ("reserved bits", vec![0xC2, 0x80, 1, 2, 3, 4], 1002),
+            ("unmasked", vec![0x82, 0x01, 0x10], 1002),
+            ("one-byte close body", frame(true, 0x8, b"x", true), 1002),
+            ("text frame", frame(true, 0x1, b"hi", true), 1003),
+            (
+                "over the maximum",
+                frame(true, 0x2, &[0; 2000], false),
+                1009,
+            ),
+        ];
+        for (what, input, code) in cases {
+            let (got, out) = read_all(input);
+            let e = got.expect_err(what);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}");
+            assert_eq!(close_code(&out), Some(code), "{what}: {out:?}");
+            assert_eq!(out.len(), 2 + usize::from(out[1]), "{what}: one frame");
+        }
     }
 }

@@ -30,6 +30,8 @@ pub const ERR_AUTH: &str = "Authorization Violation";
 pub const ERR_AUTH_TIMEOUT: &str = "Authorization Timeout";
 pub const ERR_NO_HEADERS: &str = "Headers Not Supported";
 pub const ERR_MAX_SUBS: &str = "Maximum Subscriptions Exceeded";
+/// frond's own: nats-server does not check sids.
+pub const ERR_INVALID_SID: &str = "Invalid Subscription ID";
 
 /// One operation received from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
