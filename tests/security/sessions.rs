@@ -213,8 +213,8 @@ async fn finding_02_persistent_session_belongs_to_its_user() {
             let present = alice.present;
             // Whatever she gets within a marker's round trip is a leak.
             publish(&f, "admin", "a/marker", "marker").await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), alice.wait_payload("queued-1"))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), alice.wait_payload("queued-1")).await;
             panic!(
                 "alice (clean = {clean}) took over admin's stored session: session present = {present}, got {:?}",
                 alice.got
@@ -236,7 +236,10 @@ async fn finding_02_persistent_session_belongs_to_its_user() {
 async fn finding_04_stream_cursor_honours_deny_subscribe() {
     let f = setup().await;
     let mut dave = dev(&f, "dave-dev", "dave", false).await;
-    assert!(dave.subscribe("#").await, "`#` partly overlaps the deny list");
+    assert!(
+        dave.subscribe("#").await,
+        "`#` partly overlaps the deny list"
+    );
 
     // Live. The secret is stored (PUBACK) before the marker is published;
     // the session reads every stream it follows when any grows, so once the
