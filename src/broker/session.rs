@@ -834,13 +834,7 @@ impl Session {
         let v5 = c.version == Version::V5;
         if let Some(auth) = &self.limits.auth {
             match auth.authenticate(c.username.as_deref(), c.password.as_deref()) {
-                Ok(p) => {
-                    self.perms = (!p.is_unrestricted()).then_some(p);
-                    self.owner = Some(match &c.username {
-                        Some(u) => Owner::User(u.clone()),
-                        None => Owner::Anonymous,
-                    });
-                }
+                Ok(p) => self.logged_in(p, c.username.as_deref()),
                 Err(r) => {
                     let code = match (r, v5) {
                         (Refusal::BadCredentials, false) => 0x04,
@@ -952,6 +946,12 @@ impl Session {
             clean: c.clean_start,
             expiry: self.expiry,
         });
+    }
+
+    /// Authenticated as `user` (`None`: anonymous) with permissions `p`.
+    fn logged_in(&mut self, p: Arc<Permissions>, user: Option<&str>) {
+        self.perms = (!p.is_unrestricted()).then_some(p);
+        self.owner = Some(user.map_or(Owner::Anonymous, |u| Owner::User(u.into())));
     }
 
     /// Finish CONNECT: `stored` is the persistent state found for this
