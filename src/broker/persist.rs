@@ -1,9 +1,16 @@
 //! Persistent MQTT session state: two small slot files per session.
 //!
 //! Owns `<data_dir>/mqtt/sessions/`: per persistent session, two slot
-//! files named after the hex of its client id, `<hex>.a` and `<hex>.b`
-//! (a file `<hex>` without suffix, written by earlier versions by atomic
-//! replace, is still read, as the oldest state). Each slot holds
+//! files named after the SHA-256 of its client id ([`file_stem`], 64 hex
+//! digits), `<sha>.a` and `<sha>.b`, so any client id MQTT allows (up to
+//! 65,535 bytes of UTF-8, `/` and `..` included) has a file name of the
+//! same short length; the full client id is inside the file and a file
+//! holding another id is not this session. Files of earlier versions,
+//! named after the hex of the client id ([`legacy_stem`], only possible
+//! for ids up to 126 bytes), are still read: `<hex>.a`/`<hex>.b`, and
+//! `<hex>` without suffix (written by atomic replace, the oldest state).
+//! A session found under its old name is written under the new one from
+//! its next save on, and the old files are then deleted. Each slot holds
 //! `FSS1`, a sequence number (u64 LE), the length (u32 LE) and crc32c
 //! (u32 LE) of the JSON that follows, then that JSON; bytes after it are
 //! stale. Saves alternate between the slots (sequence + 1 each time) and
@@ -12,8 +19,11 @@
 //! QoS 2 saves before acknowledgements. Loading takes the valid slot with
 //! the highest sequence, so a torn save leaves the previous state. The
 //! JSON ([`StoredSession`]) holds:
-//! client id, protocol version, subscriptions (NATS filters, as the router
-//! holds them, with their granted QoS), the expiry interval, the time of
+//! client id, the owner (the user that created the session: `"anonymous"`
+//! or `{"user": name}`; absent when frond runs without `[auth]` and in
+//! files of earlier versions), protocol version, subscriptions (NATS
+//! filters, as the router holds them, with their granted QoS), the expiry
+//! interval, the time of
 //! the last disconnect (0 while connected), per-stream cursors and the
 //! inbound QoS 2 packet ids that were PUBREC'd and await PUBREL.
 //!
@@ -37,6 +47,10 @@
 //!   ([`SessionStore::checkout`] / [`SessionStore::checkin`]): a reconnecting
 //!   or taking-over client waits until the previous connection has written
 //!   its final state, so nothing it acknowledged is lost or redone.
+//! - A session belongs to its owner ([`Owner`], [`claim`]): another user
+//!   never resumes it, deletes it or takes over a live connection of its
+//!   client id ([`SessionStore::hold`]); see the module doc of
+//!   [`crate::broker::session`] for the rule.
 //! - Methods that touch files block: call them through `smol::unblock`.
 
 use std::collections::{HashMap, HashSet};
@@ -80,10 +94,77 @@ pub struct StoredSub {
     pub share: Option<String>,
 }
 
+/// Who a session belongs to: the authenticated user that created it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// A client without credentials (`[auth] anonymous = true`).
+    Anonymous,
+    /// An `[[auth.users]]` user, by name.
+    User(String),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Anonymous => f.write_str("anonymous"),
+            Owner::User(u) => write!(f, "user {u:?}"),
+        }
+    }
+}
+
+/// What a connecting client may do with the stored session of its client
+/// id ([`claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Its own (or nobody's): resume it, or delete it for a clean start.
+    Resume,
+    /// Another user's: refuse the connection (CONNACK not authorized);
+    /// the session stays as it is.
+    Refuse,
+    /// Another user's, who can no longer log in (removed from `[auth]`,
+    /// or anonymous clients are no longer allowed): delete it, the
+    /// connection starts fresh.
+    Discard,
+}
+
+/// Whether a client logged in as `me` may take a stored session owned by
+/// `stored`. `me` is `None` when frond runs without `[auth]` (nobody is
+/// authenticated, everything is allowed: no ownership). A session without
+/// owner (written without `[auth]`, or by a version before owners were
+/// kept) goes to the first client that takes it, which becomes its owner;
+/// its subscriptions are re-checked against that client's permissions at
+/// restore, like every restored subscription.
+pub fn claim(
+    stored: Option<&Owner>,
+    me: Option<&Owner>,
+    auth: Option<&crate::auth::Auth>,
+) -> Claim {
+    let (Some(stored), Some(me), Some(auth)) = (stored, me, auth) else {
+        return Claim::Resume;
+    };
+    if stored == me {
+        return Claim::Resume;
+    }
+    let can_log_in = match stored {
+        Owner::Anonymous => auth.anonymous,
+        Owner::User(u) => auth.users.iter().any(|x| x.name == *u),
+    };
+    if can_log_in {
+        Claim::Refuse
+    } else {
+        Claim::Discard
+    }
+}
+
 /// Everything a persistent session keeps between connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSession {
     pub client_id: String,
+    /// The user that created it (`None`: frond runs without `[auth]`, or
+    /// a file of an earlier version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     /// 4 (3.1.1) or 5 (5.0).
     pub version: u8,
     pub subs: Vec<StoredSub>,
@@ -120,6 +201,12 @@ pub struct SessionStore {
     released: event_listener::Event,
     /// The sequence of the latest slot written or read, by client id.
     seqs: Mutex<HashMap<String, u64>>,
+    /// Client ids whose state was found under the old file name: those
+    /// files are deleted after the next save under the new name.
+    legacy: Mutex<HashSet<String>>,
+    /// The connection holding each client id, and its owner (`None`
+    /// without `[auth]`), for [`SessionStore::hold`].
+    holders: Mutex<HashMap<String, (u64, Option<Owner>)>>,
 }
 
 const SLOT_MAGIC: &[u8; 4] = b"FSS1";
@@ -127,6 +214,32 @@ const SLOT_HEADER: usize = 20;
 
 pub(crate) fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The file name stem of the session or will of `client_id`: the hex of
+/// its SHA-256 (64 bytes, whatever the id's length or characters).
+pub(crate) fn file_stem(client_id: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `client_id` for a log line: quoted, and cut after 64 characters (a
+/// client id may be 65,535 bytes; the log is on flash).
+pub(crate) fn log_id(client_id: &str) -> String {
+    match client_id.char_indices().nth(64) {
+        None => format!("{client_id:?}"),
+        Some((at, _)) => format!(
+            "{:?}… ({} bytes)",
+            client_id.get(..at).unwrap_or_default(),
+            client_id.len()
+        ),
+    }
+}
+
+/// The stem earlier versions used (the hex of the client id), when such a
+/// file could exist: `<hex>.tmp` had to fit in 255 bytes.
+pub(crate) fn legacy_stem(client_id: &str) -> Option<String> {
+    (client_id.len() <= 125).then(|| hex(client_id))
 }
 
 impl SessionStore {
@@ -171,6 +284,8 @@ impl SessionStore {
             busy: Mutex::new(HashSet::new()),
             released: event_listener::Event::new(),
             seqs: Mutex::new(HashMap::new()),
+            legacy: Mutex::new(HashSet::new()),
+            holders: Mutex::new(HashMap::new()),
         };
         Ok((store, kept, expired))
     }
@@ -179,11 +294,35 @@ impl SessionStore {
         self.seqs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn legacy(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.legacy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The stored session of `client_id`, if any and not expired (an
-    /// expired one is deleted).
+    /// expired one is deleted). Looked up under its file name, then under
+    /// the name of earlier versions.
     pub fn load(&self, client_id: &str) -> Option<StoredSession> {
-        let stem = hex(client_id);
-        let (s, seq) = read_best(&self.dir, &stem)?;
+        let legacy = legacy_stem(client_id);
+        let mut stem = file_stem(client_id);
+        let mut found = read_best(&self.dir, &stem);
+        if let Some(old) = &legacy {
+            match found {
+                // Saved under the new name, then crashed before the old
+                // files were deleted: the new name holds the newer state.
+                Some(_) if has_files(&self.dir, old) => {
+                    self.legacy().insert(client_id.to_string());
+                }
+                Some(_) => {}
+                None => {
+                    found = read_best(&self.dir, old);
+                    if found.is_some() {
+                        stem = old.clone();
+                        self.legacy().insert(client_id.to_string());
+                    }
+                }
+            }
+        }
+        let (s, seq) = found?;
         self.seqs().insert(client_id.to_string(), seq);
         if s.client_id != client_id {
             log::warn!(
@@ -193,9 +332,11 @@ impl SessionStore {
             return None;
         }
         if s.expired(unix_now()) {
-            log::info!("mqtt: session of {client_id} expired; starting fresh");
-            let _ = remove_files(&self.dir, &stem);
-            self.seqs().remove(client_id);
+            log::info!(
+                "mqtt: session of {} expired; starting fresh",
+                log_id(client_id)
+            );
+            let _ = self.remove(client_id);
             return None;
         }
         Some(s)
@@ -203,7 +344,7 @@ impl SessionStore {
 
     /// Write `s` durably (the slot not holding the latest state).
     pub fn save(&self, s: &StoredSession) -> io::Result<()> {
-        let stem = hex(&s.client_id);
+        let stem = file_stem(&s.client_id);
         let known = self.seqs().get(&s.client_id).copied();
         let last = match known {
             Some(q) => q,
@@ -211,13 +352,52 @@ impl SessionStore {
         };
         write_slot(&self.dir, &stem, last + 1, s)?;
         self.seqs().insert(s.client_id.clone(), last + 1);
+        if self.legacy().remove(&s.client_id) {
+            if let Some(old) = legacy_stem(&s.client_id) {
+                if let Err(e) = remove_files(&self.dir, &old) {
+                    log::warn!(
+                        "mqtt: cannot delete the session files {}.a/.b of an earlier version: {e}",
+                        self.dir.join(&old).display()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
     /// Delete the stored session of `client_id` (durably); fine if none.
     pub fn remove(&self, client_id: &str) -> io::Result<()> {
         self.seqs().remove(client_id);
-        remove_files(&self.dir, &hex(client_id))
+        self.legacy().remove(client_id);
+        if let Some(old) = legacy_stem(client_id) {
+            remove_files(&self.dir, &old)?;
+        }
+        remove_files(&self.dir, &file_stem(client_id))
+    }
+
+    /// Record that connection `conn`, logged in as `owner`, holds
+    /// `client_id` (before the shell kicks an older connection of it).
+    /// Refused, with the holder's owner, when another user's connection
+    /// holds it: a live connection is never taken over across users.
+    /// `owner` `None` (no `[auth]`) never conflicts.
+    pub fn hold(&self, client_id: &str, conn: u64, owner: Option<&Owner>) -> Result<(), Owner> {
+        let mut h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, Some(held))) = h.get(client_id) {
+            if owner.is_some_and(|o| o != held) {
+                return Err(held.clone());
+            }
+        }
+        h.insert(client_id.to_string(), (conn, owner.cloned()));
+        Ok(())
+    }
+
+    /// Connection `conn` ended: forget it as the holder of `client_id`
+    /// (unless a newer connection holds it).
+    pub fn unhold(&self, client_id: &str, conn: u64) {
+        let mut h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if h.get(client_id).is_some_and(|(c, _)| *c == conn) {
+            h.remove(client_id);
+        }
     }
 
     /// Take `client_id` for one connection, waiting (up to `timeout`) for
@@ -357,6 +537,13 @@ fn read_best(dir: &Path, stem: &str) -> Option<(StoredSession, u64)> {
     best
 }
 
+/// Whether any file of session `stem` exists.
+fn has_files(dir: &Path, stem: &str) -> bool {
+    [stem.to_string(), format!("{stem}.a"), format!("{stem}.b")]
+        .iter()
+        .any(|n| dir.join(n).exists())
+}
+
 /// Delete every file of session `stem` (durably); fine if none.
 fn remove_files(dir: &Path, stem: &str) -> io::Result<()> {
     let mut removed = false;
@@ -414,6 +601,7 @@ mod tests {
         assert_eq!((kept, expired), (0, 0));
         let mut s = StoredSession {
             client_id: "dev 1/ü".into(),
+            owner: Some(Owner::User("alice".into())),
             version: 4,
             subs: vec![StoredSub {
                 filter: "telemetry.>".into(),
@@ -484,7 +672,7 @@ mod tests {
         // Tear the next save: the state before it comes back.
         s.qos2_in = vec![8];
         st.save(&s).unwrap();
-        let latest = slot_path(&dir, &hex("c"), 4);
+        let latest = slot_path(&dir, &file_stem("c"), 4);
         let mut data = fs::read(&latest).unwrap();
         data[SLOT_HEADER + 2] ^= 0xff;
         fs::write(&latest, &data).unwrap();
@@ -498,6 +686,140 @@ mod tests {
         st.remove("c").unwrap();
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "all files gone");
         assert_eq!(st.load("c"), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn any_client_id_has_a_file_and_old_names_are_still_found() {
+        let dir = tmpdir("names");
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        let session = |id: &str, qos2_in: Vec<u16>| StoredSession {
+            client_id: id.into(),
+            owner: Some(Owner::Anonymous),
+            version: 4,
+            expiry_secs: 60,
+            disconnected_at: unix_now(),
+            qos2_in,
+            ..StoredSession::default()
+        };
+        // Long, with `/`, `..` and non-ASCII: a 64-digit name each.
+        let long = format!("../ü/{}", "x".repeat(65_000));
+        for id in ["a/../b", &"y".repeat(300), &long] {
+            st.save(&session(id, vec![1])).unwrap();
+            assert_eq!(st.load(id), Some(session(id, vec![1])), "{:.20}", id);
+        }
+        for e in fs::read_dir(&dir).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert_eq!(name.len(), 66, "{name}");
+        }
+        // A file that holds another client id is not this session.
+        fs::copy(
+            slot_path(&dir, &file_stem("a/../b"), 1),
+            slot_path(&dir, &file_stem("other"), 1),
+        )
+        .unwrap();
+        assert_eq!(st.load("other"), None);
+
+        // Slots of an earlier version (hex of the id) are found ...
+        let old = session("old-dev", vec![5]);
+        write_slot(&dir, &hex("old-dev"), 7, &old).unwrap();
+        let (st, kept, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(kept, 5);
+        assert_eq!(st.load("old-dev"), Some(old.clone()));
+        // ... and moved to the new name by the next save.
+        st.save(&session("old-dev", vec![6])).unwrap();
+        assert!(!has_files(&dir, &hex("old-dev")), "old files deleted");
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.load("old-dev").unwrap().qos2_in, vec![6]);
+        // Both names present (a crash between the save and the delete):
+        // the new one holds the newer state, the old files go next time.
+        write_slot(&dir, &hex("old-dev"), 9, &old).unwrap();
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.load("old-dev").unwrap().qos2_in, vec![6]);
+        st.save(&session("old-dev", vec![7])).unwrap();
+        assert!(!has_files(&dir, &hex("old-dev")));
+        st.remove("old-dev").unwrap();
+        st.remove(&long).unwrap();
+        assert_eq!(st.load("old-dev"), None);
+        assert_eq!(st.load(&long), None);
+        // Ids too long for an old name are never looked up under one.
+        assert_eq!(legacy_stem(&"z".repeat(126)), None);
+        assert_eq!(legacy_stem("ab"), Some("6162".into()));
+        assert_eq!(log_id("a/b"), "\"a/b\"");
+        assert!(
+            log_id(&long).ends_with("… (65006 bytes)"),
+            "{}",
+            log_id(&long)
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sessions_belong_to_their_owner() {
+        use crate::auth::{Auth, Permissions, Secret, User};
+        let user = |n: &str| User {
+            name: n.into(),
+            secret: Secret::parse("pw"),
+            permissions: std::sync::Arc::new(Permissions::default()),
+        };
+        let auth = Auth {
+            anonymous: false,
+            anonymous_permissions: std::sync::Arc::new(Permissions::default()),
+            users: vec![user("admin"), user("alice")],
+        };
+        let (admin, alice) = (Owner::User("admin".into()), Owner::User("alice".into()));
+        let gone = Owner::User("removed".into());
+        let a = Some(&auth);
+        assert_eq!(claim(Some(&admin), Some(&admin), a), Claim::Resume);
+        assert_eq!(claim(Some(&admin), Some(&alice), a), Claim::Refuse);
+        assert_eq!(claim(Some(&gone), Some(&alice), a), Claim::Discard);
+        // anonymous = false: an anonymous session has no one to return.
+        assert_eq!(
+            claim(Some(&Owner::Anonymous), Some(&alice), a),
+            Claim::Discard
+        );
+        let anon_ok = Auth {
+            anonymous: true,
+            ..auth.clone()
+        };
+        assert_eq!(
+            claim(Some(&Owner::Anonymous), Some(&alice), Some(&anon_ok)),
+            Claim::Refuse
+        );
+        // No owner recorded (earlier version, or no [auth]), or no [auth]
+        // now: nobody to protect it from.
+        assert_eq!(claim(None, Some(&alice), a), Claim::Resume);
+        assert_eq!(claim(Some(&admin), None, None), Claim::Resume);
+        // The owner is kept in the file.
+        let json = serde_json::to_string(&StoredSession {
+            owner: Some(alice.clone()),
+            ..StoredSession::default()
+        })
+        .unwrap();
+        assert!(json.contains(r#""owner":{"user":"alice"}"#), "{json}");
+        let json = serde_json::to_string(&StoredSession {
+            owner: Some(Owner::Anonymous),
+            ..StoredSession::default()
+        })
+        .unwrap();
+        assert!(json.contains(r#""owner":"anonymous""#), "{json}");
+
+        // Live connections: another user's is never taken over.
+        let dir = tmpdir("hold");
+        let (st, _, _) = SessionStore::open(&dir).unwrap();
+        assert_eq!(st.hold("c", 1, Some(&admin)), Ok(()));
+        assert_eq!(st.hold("c", 2, Some(&alice)), Err(admin.clone()));
+        assert_eq!(
+            st.hold("c", 3, Some(&admin)),
+            Ok(()),
+            "same user takes over"
+        );
+        st.unhold("c", 1); // an older connection: no effect
+        assert_eq!(st.hold("c", 4, Some(&alice)), Err(admin.clone()));
+        st.unhold("c", 3);
+        assert_eq!(st.hold("c", 5, Some(&alice)), Ok(()));
+        assert_eq!(st.hold("d", 6, None), Ok(()));
+        assert_eq!(st.hold("d", 7, None), Ok(()), "no [auth]: no owners");
         let _ = fs::remove_dir_all(&dir);
     }
 

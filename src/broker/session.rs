@@ -51,6 +51,47 @@
 //!   retained messages) and the inbound QoS 2 ids awaiting PUBREL are
 //!   restored, so a publisher resending PUBLISH(DUP) or PUBREL after a
 //!   reconnect is handled exactly once.
+//! - Sessions belong to a user ([`Session::owner`]: the authenticated
+//!   user name, or anonymous; nobody without `[auth]`). The stored
+//!   session records its owner. A client id is never handed across
+//!   users: while another user's connection holds it, or another user's
+//!   stored session exists for it, the CONNECT is refused with "not
+//!   authorized" ([`Session::refuse`]: 5.0 0x87, 3.1.1 0x05) — the holder
+//!   is not kicked, the stored session is neither resumed nor deleted
+//!   (not even by a clean start), and the refused connection's will is
+//!   dropped. A session whose owner can no longer log in (removed from
+//!   `[auth]`) is discarded and the newcomer starts fresh; one without
+//!   owner (written by an earlier version, or without `[auth]`) is
+//!   adopted by the first client that resumes it. The rule
+//!   ([`crate::broker::persist::claim`]) follows MQTT 5 §5.4.2 (the server
+//!   should check the client is authorized to use the client id) and
+//!   brokers that enforce it (Azure Event Grid refuses live and kept
+//!   sessions of another client; HiveMQ and EMQX leave it to plugins).
+//!   Refusing rather than discarding keeps one user from erasing
+//!   another's queued messages by guessing a client id.
+//! - Restored subscriptions are re-checked against the client's current
+//!   permissions (the configuration may have changed since they were
+//!   granted): one no longer allowed is dropped, with a warning naming
+//!   client id, user and filter.
+//! - Every message from a stream cursor passes the same check as a live
+//!   delivery ([`Permissions::may_deliver`], i.e. `deny_subscribe`);
+//!   one that fails is skipped and the cursor moves past it (it is not for
+//!   this client). A restored QoS 2 message in flight that fails it is not
+//!   sent again: its packet id is released with a PUBREL.
+//! - Durable before acknowledged: a persistent session's SUBACK is held
+//!   (and decoding with it) until the shell reports the save through
+//!   [`Session::subscribe_done`]; when the save failed, every filter the
+//!   SUBSCRIBE would have granted gets 0x80 (3.1.1 failure, 5.0
+//!   unspecified error, with a reason string) and the subscriptions are
+//!   put back as before it (nothing is added live either). When a save
+//!   [`Session::take_sync`] asked for fails, the shell calls
+//!   [`Session::sync_failed`]: the pending output (PUBREC, PUBCOMP, a QoS
+//!   2 PUBLISH or PUBREL whose state is not on disk) is dropped and the
+//!   connection closes (5.0: DISCONNECT 0x80); the client resends what
+//!   was not acknowledged. 3.1.1 has no negative PUBREC, so closing is
+//!   the one answer that works for both versions. (A failed save after
+//!   UNSUBSCRIBE is only logged: the subscription may come back after a
+//!   restart.)
 //! - Messages on subjects a stream captures come from the streams, not the
 //!   router: the shell registers each stream with [`Session::follow`] and
 //!   feeds what it reads from [`Session::stream_next`] into
@@ -139,7 +180,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, Permissions, Refusal};
 use crate::broker::bridge;
-use crate::broker::persist::{Cursor, StoredSession, StoredSub};
+use crate::broker::persist::{log_id, Cursor, Owner, StoredSession, StoredSub};
 use crate::broker::wills::WillOwner;
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
@@ -173,9 +214,11 @@ pub struct Limits {
 /// Work for the shell.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// CONNECT accepted: claim this client id (takeover of an older one),
-    /// delete stored state when `clean`, load it otherwise, then call
-    /// [`Session::restore`]. `expiry` > 0: the session is persistent.
+    /// CONNECT accepted: claim this client id (takeover of an older
+    /// connection of the same user), delete stored state when `clean`,
+    /// load it otherwise, then call [`Session::restore`] — or
+    /// [`Session::refuse`] when the client id belongs to another user.
+    /// `expiry` > 0: the session is persistent.
     Connected {
         client_id: String,
         clean: bool,
@@ -196,7 +239,8 @@ pub enum Event {
     /// Acknowledge packet `.0` in order once every earlier publish is
     /// acknowledged; nothing to store (a QoS 2 duplicate).
     AckInOrder(u16),
-    /// Add subscriptions.
+    /// Add subscriptions. The shell saves the session first, then calls
+    /// [`Session::subscribe_done`] and adds them only if it returns true.
     Subscribe(Vec<SubRequest>),
     /// Remove subscriptions (NATS filters).
     Unsubscribe(Vec<String>),
@@ -229,6 +273,20 @@ struct Outbound {
     /// connection: resent (DUP, same packet id) when the stream is read
     /// up to it.
     awaiting_resend: bool,
+}
+
+/// A SUBACK of a persistent session, held until its state is durable
+/// ([`Session::subscribe_done`]).
+#[derive(Debug)]
+struct PendingSubAck {
+    packet_id: u16,
+    codes: Vec<u8>,
+    /// Indices into `codes` of the filters granted.
+    granted: Vec<usize>,
+    /// The subscriptions before the SUBSCRIBE, restored if it fails.
+    filters: Vec<(String, u8)>,
+    shared: Vec<(String, String, u8)>,
+    sub_ids: HashMap<String, u32>,
 }
 
 /// A QoS 1/2 delivery waiting for room in the client's window.
@@ -322,6 +380,12 @@ pub struct Session {
     resends: usize,
     /// The client's permissions (`None`: everything allowed).
     perms: Option<Arc<Permissions>>,
+    /// Who logged in (`None` without `[auth]`): the owner of the session.
+    owner: Option<Owner>,
+    /// One entry per [`Event::Subscribe`] not yet passed to
+    /// [`Session::subscribe_done`]: the SUBACK held until the session is
+    /// durable (persistent sessions), or `None` (nothing held).
+    subacks: VecDeque<Option<PendingSubAck>>,
     /// Pending acks of publishes refused (MQTT 5 reason code: 0x87 by
     /// permissions, 0x90 by the topic limits).
     denied: HashMap<u16, u8>,
@@ -409,6 +473,8 @@ impl Session {
             was_persistent: false,
             resends: 0,
             perms: None,
+            owner: None,
+            subacks: VecDeque::new(),
             denied: HashMap::new(),
             alias_in: HashMap::new(),
             alias_out: HashMap::new(),
@@ -473,6 +539,7 @@ impl Session {
         while self.state != State::Closed
             && self.state != State::Restoring
             && !self.inflight_blocks()
+            && !self.subacks.iter().any(Option::is_some)
         {
             match mqtt::decode(
                 &self.inbuf[start..],
@@ -608,6 +675,14 @@ impl Session {
                 let sub_id = s.properties.subscription_identifiers.first().copied();
                 let mut granted = Vec::new();
                 let mut codes = Vec::new();
+                let mut granted_at = Vec::new();
+                let before = self.is_persistent().then(|| {
+                    (
+                        self.filters.clone(),
+                        self.shared.clone(),
+                        self.sub_ids.clone(),
+                    )
+                });
                 let v5 = self.version == Some(Version::V5);
                 for (filter, opts) in s.filters {
                     let qos = (opts.qos as u8).min(2);
@@ -634,6 +709,7 @@ impl Session {
                             codes.push(if v5 { 0x97 } else { 0x80 });
                             continue;
                         }
+                        granted_at.push(codes.len());
                         codes.push(qos);
                         for nf in nfs {
                             self.shared.retain(|(g, f, _)| !(*g == name && *f == nf));
@@ -654,6 +730,7 @@ impl Session {
                         codes.push(if v5 { 0x97 } else { 0x80 });
                         continue;
                     }
+                    granted_at.push(codes.len());
                     codes.push(qos);
                     for nf in nfs {
                         let new = !self.filters.iter().any(|(f, _)| *f == nf);
@@ -685,11 +762,28 @@ impl Session {
                     }
                 }
                 self.events.push_back(Event::Subscribe(granted));
-                self.send(&Packet::SubAck(SubAck {
-                    packet_id: s.packet_id,
-                    codes,
-                    properties: Properties::default(),
-                }));
+                match before {
+                    // Durable before acknowledged: the SUBACK waits for
+                    // the shell's save, and decoding waits with it.
+                    Some((filters, shared, sub_ids)) => {
+                        self.subacks.push_back(Some(PendingSubAck {
+                            packet_id: s.packet_id,
+                            codes,
+                            granted: granted_at,
+                            filters,
+                            shared,
+                            sub_ids,
+                        }))
+                    }
+                    None => {
+                        self.subacks.push_back(None);
+                        self.send(&Packet::SubAck(SubAck {
+                            packet_id: s.packet_id,
+                            codes,
+                            properties: Properties::default(),
+                        }));
+                    }
+                }
             }
             Packet::Unsubscribe(u) => {
                 let n = u.filters.len();
@@ -762,7 +856,7 @@ impl Session {
         let v5 = c.version == Version::V5;
         if let Some(auth) = &self.limits.auth {
             match auth.authenticate(c.username.as_deref(), c.password.as_deref()) {
-                Ok(p) => self.perms = (!p.is_unrestricted()).then_some(p),
+                Ok(p) => self.logged_in(p, c.username.as_deref()),
                 Err(r) => {
                     let code = match (r, v5) {
                         (Refusal::BadCredentials, false) => 0x04,
@@ -925,6 +1019,12 @@ impl Session {
         }
     }
 
+    /// Authenticated as `user` (`None`: anonymous) with permissions `p`.
+    fn logged_in(&mut self, p: Arc<Permissions>, user: Option<&str>) {
+        self.perms = (!p.is_unrestricted()).then_some(p);
+        self.owner = Some(user.map_or(Owner::Anonymous, |u| Owner::User(u.into())));
+    }
+
     /// Finish CONNECT: `stored` is the persistent state found for this
     /// client id (None for a clean session or when there was none). Sends
     /// CONNACK and resumes decoding.
@@ -934,8 +1034,9 @@ impl Session {
         }
         let props = self.pending_connack.take().unwrap_or_default();
         let present = self.is_persistent() && stored.is_some();
-        if let Some(st) = stored.filter(|_| self.is_persistent()) {
+        if let Some(mut st) = stored.filter(|_| self.is_persistent()) {
             self.qos2_in = st.qos2_in.into_iter().collect();
+            self.recheck_restored(&mut st.subs, &mut st.sub_ids);
             let subs: Vec<SubRequest> = st
                 .subs
                 .iter()
@@ -956,6 +1057,7 @@ impl Session {
             self.restored_cursors = st.cursors;
             if !subs.is_empty() {
                 self.events.push_back(Event::Subscribe(subs));
+                self.subacks.push_back(None);
             }
         }
         self.state = State::Connected;
@@ -973,6 +1075,114 @@ impl Session {
     /// unrestricted, or before CONNECT).
     pub fn permissions(&self) -> Option<&Arc<Permissions>> {
         self.perms.as_ref()
+    }
+
+    /// Drop restored subscriptions the client's current permissions do not
+    /// allow (the configuration may have changed since they were granted);
+    /// each is logged.
+    fn recheck_restored(&self, subs: &mut Vec<StoredSub>, sub_ids: &mut Vec<(String, u32)>) {
+        let Some(p) = &self.perms else { return };
+        subs.retain(|s| {
+            let ok = p.can_subscribe(&s.filter);
+            if !ok {
+                log::warn!(
+                    "mqtt: {}: restored subscription {}{} is no longer allowed for {}; dropped",
+                    log_id(&self.client_id),
+                    s.share
+                        .as_ref()
+                        .map_or(String::new(), |g| format!("(share {g}) ")),
+                    s.filter,
+                    self.owner
+                        .as_ref()
+                        .map_or("this client".into(), |o| o.to_string()),
+                );
+            }
+            ok
+        });
+        sub_ids.retain(|(f, _)| subs.iter().any(|s| s.share.is_none() && s.filter == *f));
+    }
+
+    /// Refuse the CONNECT (after [`Event::Connected`], instead of
+    /// [`Session::restore`]): the client id belongs to another user's
+    /// session. CONNACK "not authorized" (5.0 0x87, 3.1.1 0x05), then
+    /// close; the will is dropped and nothing of this connection is stored.
+    pub fn refuse(&mut self, why: String) {
+        if self.state != State::Restoring {
+            return;
+        }
+        let code = if self.version == Some(Version::V5) {
+            0x87
+        } else {
+            0x05
+        };
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: Properties::default(),
+        }));
+        self.will = None;
+        self.expiry = Duration::ZERO;
+        self.was_persistent = false;
+        self.state = State::Closed;
+        self.events.push_back(Event::Close(why));
+    }
+
+    /// Who logged in (`None` when frond runs without `[auth]`).
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+
+    /// The shell stored the state of the oldest [`Event::Subscribe`] not
+    /// yet answered (`saved`), or could not. Call once per such event, in
+    /// order. Returns whether to add its subscriptions: a persistent
+    /// session's SUBACK leaves only now; when the save failed, every
+    /// filter it would have granted is refused instead (0x80; 5.0
+    /// "unspecified error") and the subscriptions are as before it.
+    pub fn subscribe_done(&mut self, saved: bool) -> bool {
+        let Some(Some(p)) = self.subacks.pop_front() else {
+            return true;
+        };
+        let mut codes = p.codes;
+        let mut properties = Properties::default();
+        if !saved {
+            for &i in &p.granted {
+                if let Some(c) = codes.get_mut(i) {
+                    *c = 0x80;
+                }
+            }
+            self.filters = p.filters;
+            self.shared = p.shared;
+            self.sub_ids = p.sub_ids;
+            // What reached the disk, if anything, is overwritten.
+            self.dirty = true;
+            if self.version == Some(Version::V5) && self.problem_info {
+                properties.reason_string = Some("the session state could not be saved".into());
+            }
+        }
+        if self.state != State::Closed {
+            self.send(&Packet::SubAck(SubAck {
+                packet_id: p.packet_id,
+                codes,
+                properties,
+            }));
+        }
+        if !self.inbuf.is_empty() {
+            self.process(self.now);
+        }
+        saved
+    }
+
+    /// The save [`Session::take_sync`] asked for failed: what the output
+    /// holds must not leave (a PUBREC or PUBCOMP the disk does not back,
+    /// a QoS 2 PUBLISH whose packet id is not recorded). It is dropped and
+    /// the connection closes (5.0: DISCONNECT 0x80); the client resends
+    /// what was not acknowledged after reconnecting.
+    pub fn sync_failed(&mut self, why: &str) {
+        self.out.clear();
+        self.close_with(
+            0x80,
+            format!("session state could not be saved ({why}); nothing unsaved is acknowledged"),
+        );
     }
 
     /// The client id (empty before CONNECT).
@@ -1139,6 +1349,20 @@ impl Session {
             // Delivered exactly once already.
             return;
         }
+        if self.perms.as_ref().is_some_and(|p| !p.may_deliver(subject)) {
+            // Not for this client (deny_subscribe, as on the live path);
+            // the cursor moves past it. A QoS 2 one in flight from before
+            // is not sent again: its packet id is released.
+            if restored {
+                if let Some(o) = self.outbound.iter().find(|o| o.origin == Some((idx, seq))) {
+                    if o.awaiting_resend {
+                        let packet_id = o.packet_id;
+                        self.release_restored(packet_id);
+                    }
+                }
+            }
+            return;
+        }
         let entry = match restored {
             true => self.outbound.iter().find(|o| o.origin == Some((idx, seq))),
             false => None,
@@ -1226,6 +1450,12 @@ impl Session {
         if self.emit(publish, None, None) == Emitted::Sent {
             return;
         }
+        self.release_restored(packet_id);
+    }
+
+    /// A restored QoS 2 stream message awaiting its resend is not sent
+    /// again: PUBREL releases its packet id at the client.
+    fn release_restored(&mut self, packet_id: u16) {
         if let Some(o) = self
             .outbound
             .iter_mut()
@@ -1458,6 +1688,7 @@ impl Session {
         qos2_in.sort_unstable();
         StoredSession {
             client_id: self.client_id.clone(),
+            owner: self.owner.clone(),
             version: if self.version == Some(Version::V5) {
                 5
             } else {
@@ -1950,8 +2181,17 @@ mod tests {
         packets
     }
 
+    /// Drain the events as the shell does when every save succeeds: each
+    /// [`Event::Subscribe`] is answered with [`Session::subscribe_done`].
     fn events(s: &mut Session) -> Vec<Event> {
-        std::iter::from_fn(|| s.poll_event()).collect()
+        let mut out = Vec::new();
+        while let Some(ev) = s.poll_event() {
+            if matches!(ev, Event::Subscribe(_)) {
+                s.subscribe_done(true);
+            }
+            out.push(ev);
+        }
+        out
     }
 
     fn connected(v: Version) -> (Session, Instant) {
@@ -2569,6 +2809,7 @@ mod tests {
         let v = Version::V311;
         let stored = StoredSession {
             client_id: "dev-p".into(),
+            owner: None,
             version: 4,
             subs: vec![StoredSub {
                 filter: "t.*".into(),
@@ -3328,6 +3569,7 @@ mod tests {
     fn qos2_session(cursor: Cursor) -> StoredSession {
         StoredSession {
             client_id: "dev-p".into(),
+            owner: None,
             version: 4,
             subs: vec![StoredSub {
                 filter: "q.>".into(),
@@ -3552,5 +3794,293 @@ mod tests {
         let (mut s, now) = v5_session(0);
         s.handle_bytes(&disconnect_pkt(Some(0)), now);
         assert!(s.is_closed() && s.take_will().is_none());
+    }
+
+    // Issue 10: sessions belong to a user, stored deliveries pass the
+    // permission check, and nothing unsaved is acknowledged.
+
+    /// Users `alice` (subscribe `a.pub.>` only) and `dave` (deny subscribe
+    /// `secret.>`), password `pw`.
+    fn cast() -> Limits {
+        use crate::auth::{Auth, Secret, User};
+        let user = |name: &str, p: Permissions| User {
+            name: name.into(),
+            secret: Secret::parse("pw"),
+            permissions: Arc::new(p),
+        };
+        let auth = Auth {
+            anonymous: false,
+            anonymous_permissions: Arc::new(Permissions::default()),
+            users: vec![
+                user(
+                    "alice",
+                    Permissions {
+                        allow_subscribe: vec!["a.pub.>".into()],
+                        ..Permissions::default()
+                    },
+                ),
+                user(
+                    "dave",
+                    Permissions {
+                        deny_subscribe: vec!["secret.>".into()],
+                        ..Permissions::default()
+                    },
+                ),
+            ],
+        };
+        Limits {
+            auth: Some(Arc::new(auth)),
+            ..limits()
+        }
+    }
+
+    /// A persistent session of `user` (of [`cast`]), restored from
+    /// `stored`: (session, now, session present).
+    fn session_as(
+        v: Version,
+        user: &str,
+        stored: Option<StoredSession>,
+    ) -> (Session, Instant, bool) {
+        let now = Instant::now();
+        let mut s = Session::new(cast(), now);
+        let Packet::Connect(mut c) = connect(v, "dev-p", false, 10) else {
+            unreachable!()
+        };
+        c.username = Some(user.into());
+        c.password = Some(b"pw".to_vec());
+        if v == Version::V5 {
+            c.properties.session_expiry_interval = Some(3600);
+        }
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        assert!(matches!(&events(&mut s)[..], [Event::Connected { .. }]));
+        assert_eq!(s.owner(), Some(&Owner::User(user.into())));
+        s.restore(stored);
+        let present = match &sent(&mut s, v)[..] {
+            [Packet::ConnAck(c)] => c.session_present,
+            other => panic!("expected CONNACK, got {other:?}"),
+        };
+        (s, now, present)
+    }
+
+    /// The events, without answering any (the shell's save not done yet).
+    fn raw_events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    #[test]
+    fn suback_waits_for_the_save_and_a_failed_save_refuses_it() {
+        for v in [Version::V311, Version::V5] {
+            let (mut s, now) = if v == Version::V311 {
+                let (s, now, _) = persistent(v, None);
+                (s, now)
+            } else {
+                v5_session(60)
+            };
+            assert!(s.is_persistent());
+            let mut input = bytes(&sub_opts(&[("a/#", QoS::AtLeastOnce)], 1), v);
+            input.extend(bytes(&Packet::PingReq, v));
+            s.handle_bytes(&input, now);
+            assert!(matches!(&raw_events(&mut s)[..], [Event::Subscribe(r)] if r.len() == 2));
+            assert!(
+                !s.has_output(),
+                "no SUBACK (nor anything after it) before the save"
+            );
+            assert_eq!(s.snapshot().subs.len(), 2, "what the save writes");
+            assert!(!s.subscribe_done(false), "not added after a failed save");
+            match &sent(&mut s, v)[..] {
+                [Packet::SubAck(a), Packet::PingResp] => {
+                    assert_eq!(a.codes, vec![0x80]);
+                    if v == Version::V5 {
+                        assert!(a.properties.reason_string.is_some());
+                    }
+                }
+                other => panic!("expected SUBACK 0x80 then PINGRESP, got {other:?}"),
+            }
+            assert!(s.snapshot().subs.is_empty(), "rolled back");
+            // Saved: granted.
+            s.handle_bytes(&bytes(&sub_opts(&[("a/#", QoS::AtLeastOnce)], 2), v), now);
+            raw_events(&mut s);
+            assert!(s.subscribe_done(true));
+            assert_eq!(suback_codes(&mut s, v), vec![1]);
+            // A failed upgrade to QoS 2 keeps QoS 1; a refused filter
+            // (over max_topic_length) keeps its own code.
+            let long = "z".repeat(40);
+            s.handle_bytes(
+                &bytes(
+                    &sub_opts(&[("a/#", QoS::ExactlyOnce), (&long, QoS::AtMostOnce)], 3),
+                    v,
+                ),
+                now,
+            );
+            raw_events(&mut s);
+            assert!(!s.subscribe_done(false));
+            let codes = suback_codes(&mut s, v);
+            assert_eq!(codes[0], 0x80);
+            assert!(codes[1] >= 0x80);
+            assert!(s.snapshot().subs.iter().all(|x| x.qos == 1));
+        }
+        // Not persistent: nothing to save, the SUBACK leaves at once.
+        let (mut s, now) = connected(Version::V311);
+        s.handle_bytes(
+            &bytes(&subscribe_pkt(1, "a", QoS::AtMostOnce), Version::V311),
+            now,
+        );
+        assert_eq!(suback_codes(&mut s, Version::V311), vec![0]);
+        raw_events(&mut s);
+        assert!(s.subscribe_done(false));
+    }
+
+    #[test]
+    fn a_failed_sync_drops_the_ack_and_closes() {
+        for v in [Version::V311, Version::V5] {
+            let (mut s, now) = if v == Version::V311 {
+                let (s, now, _) = persistent(v, None);
+                (s, now)
+            } else {
+                v5_session(60)
+            };
+            s.handle_bytes(
+                &bytes(&publish(QoS::ExactlyOnce, Some(7), "a", b"2"), v),
+                now,
+            );
+            events(&mut s);
+            s.publish_done(7, Ok(()));
+            assert!(s.take_sync());
+            s.sync_failed("disk full");
+            assert!(s.is_closed());
+            match (&sent(&mut s, v)[..], v) {
+                ([], Version::V311) => {}
+                ([Packet::Disconnect(d)], Version::V5) => assert_eq!(d.code, 0x80),
+                (other, _) => panic!("no PUBREC may leave; got {other:?}"),
+            }
+            assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
+        }
+    }
+
+    #[test]
+    fn restore_drops_subscriptions_the_permissions_no_longer_allow() {
+        let sub = |f: &str, share: Option<&str>| StoredSub {
+            filter: f.into(),
+            qos: 1,
+            share: share.map(String::from),
+        };
+        let stored = StoredSession {
+            client_id: "dev-p".into(),
+            owner: Some(Owner::User("alice".into())),
+            version: 4,
+            subs: vec![
+                sub("a.>", None),
+                sub("a.pub.>", None),
+                sub("a.>", Some("g")),
+            ],
+            expiry_secs: 3600,
+            disconnected_at: 1,
+            sub_ids: vec![("a.>".into(), 1), ("a.pub.>".into(), 2)],
+            ..StoredSession::default()
+        };
+        let (mut s, _, present) = session_as(Version::V311, "alice", Some(stored));
+        assert!(present);
+        match &events(&mut s)[..] {
+            [Event::Subscribe(r)] => {
+                assert_eq!(r.len(), 1);
+                assert_eq!(r[0].filter, "a.pub.>");
+            }
+            other => panic!("expected one Subscribe, got {other:?}"),
+        }
+        let snap = s.snapshot();
+        assert_eq!(snap.subs, vec![sub("a.pub.>", None)]);
+        assert_eq!(snap.sub_ids, vec![("a.pub.>".into(), 2)]);
+        assert_eq!(snap.owner, Some(Owner::User("alice".into())));
+        let idx = s.follow("T", 0);
+        s.deliver_stored(idx, 1, "a.x", b"no");
+        s.deliver_stored(idx, 2, "a.pub.x", b"yes");
+        let got = sent_publishes(&mut s);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].3, b"yes");
+    }
+
+    #[test]
+    fn stored_messages_pass_deny_subscribe_and_the_cursor_moves_on() {
+        let v = Version::V311;
+        let (mut s, now, _) = session_as(v, "dave", None);
+        let idx = s.follow("T", 10);
+        s.handle_bytes(&bytes(&subscribe_pkt(1, "#", QoS::AtLeastOnce), v), now);
+        events(&mut s);
+        assert_eq!(suback_codes(&mut s, v), vec![1]);
+        s.deliver_stored(idx, 11, "secret.s", b"no");
+        s.deliver_stored(idx, 12, "a.b", b"yes");
+        let got = sent_publishes(&mut s);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].3, b"yes");
+        s.handle_bytes(&ack_pkt(Packet::PubAck, got[0].0), now);
+        assert_eq!(s.snapshot().cursors[0].acked, 12, "skipped, not stuck");
+
+        // A QoS 2 one in flight from before the permissions changed is
+        // not sent again: its packet id is released.
+        let mut stored = qos2_session(Cursor {
+            stream: "T".into(),
+            acked: 5,
+            sent: 7,
+            qos2: vec![(6, 30, false), (7, 31, false)],
+            done: vec![],
+        });
+        stored.subs[0].filter = ">".into();
+        let (mut s, now, present) = session_as(v, "dave", Some(stored));
+        assert!(present);
+        events(&mut s);
+        let idx = s.follow("T", 100);
+        let h = qos2_header();
+        s.deliver_stored_msg(idx, 6, "secret.x", h.as_deref(), b"no", Duration::ZERO);
+        s.deliver_stored_msg(idx, 7, "q.x", h.as_deref(), b"yes", Duration::ZERO);
+        match &sent(&mut s, v)[..] {
+            [Packet::PubRel(r), Packet::Publish(p)] => {
+                assert_eq!(r.packet_id, 30);
+                assert_eq!(
+                    (p.packet_id, p.dup, &p.payload[..]),
+                    (Some(31), true, &b"yes"[..])
+                );
+            }
+            other => panic!("expected PUBREL 30 and the resend of 31, got {other:?}"),
+        }
+        s.handle_bytes(&ack_pkt(Packet::PubComp, 30), now);
+        s.handle_bytes(&ack_pkt(Packet::PubRec, 31), now);
+        s.handle_bytes(&ack_pkt(Packet::PubComp, 31), now);
+        assert_eq!(s.snapshot().cursors[0].acked, 7);
+    }
+
+    #[test]
+    fn refuse_answers_not_authorized_and_keeps_nothing() {
+        for (v, code) in [(Version::V311, 0x05), (Version::V5, 0x87)] {
+            let now = Instant::now();
+            let mut s = Session::new(cast(), now);
+            let Packet::Connect(mut c) = connect(v, "dev-p", false, 10) else {
+                unreachable!()
+            };
+            c.username = Some("alice".into());
+            c.password = Some(b"pw".to_vec());
+            c.properties.session_expiry_interval = Some(60);
+            c.will = Some(mqtt::Will {
+                topic: "a/pub/w".into(),
+                payload: b"w".to_vec(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            });
+            s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+            events(&mut s);
+            assert!(s.is_persistent() && s.will().is_some());
+            s.refuse("held by another user".into());
+            match &sent(&mut s, v)[..] {
+                [Packet::ConnAck(a)] => assert_eq!((a.code, a.session_present), (code, false)),
+                other => panic!("expected CONNACK {code:#x}, got {other:?}"),
+            }
+            assert!(s.is_closed());
+            assert!(
+                !s.is_persistent() && !s.discard_stored(),
+                "nothing saved or deleted"
+            );
+            assert!(s.take_will().is_none(), "no will for a refused connection");
+            assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
+        }
     }
 }

@@ -1,7 +1,13 @@
 //! Durable will messages: a will survives a frond restart or power cut.
 //!
 //! Owns `<data_dir>/mqtt/wills/`, one JSON file ([`StoredWill`]) per client
-//! id (hex file name) whose will is not settled yet:
+//! id whose will is not settled yet, named after the SHA-256 of the client
+//! id ([`super::persist::file_stem`]), so any valid client id (up to 65,535
+//! bytes) has a file; the client id is inside, and a file holding another
+//! id is not this client's. A file of an earlier version (named after the
+//! hex of the id, [`super::persist::legacy_stem`]) is still read at start
+//! and settled or removed like the new one; the next save of that client
+//! id deletes it:
 //! - armed when a connection with a will is accepted, before its CONNACK
 //!   leaves (`due_ms` = 0: the connection is alive);
 //! - rewritten with its due time when the connection ends abnormally and
@@ -40,7 +46,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::persist::{hex, write};
+use super::persist::{file_stem, legacy_stem, write};
 use super::session::WillMessage;
 use crate::auth::Auth;
 use crate::subject::mqtt as topics;
@@ -268,32 +274,54 @@ impl WillStore {
     }
 
     fn path(&self, client_id: &str) -> PathBuf {
-        self.dir.join(hex(client_id))
+        self.dir.join(file_stem(client_id))
+    }
+
+    /// The file an earlier version would have used, if it could exist.
+    fn legacy_path(&self, client_id: &str) -> Option<PathBuf> {
+        legacy_stem(client_id).map(|s| self.dir.join(s))
     }
 
     /// Store (replace) the will of `w.client_id`.
     pub fn save(&self, w: &StoredWill) -> io::Result<()> {
-        write(&self.dir, &self.path(&w.client_id), w)
+        write(&self.dir, &self.path(&w.client_id), w)?;
+        if let Some(old) = self.legacy_path(&w.client_id) {
+            remove_if_present(&old)?;
+        }
+        Ok(())
     }
 
     /// Forget the will of `client_id` (absent is fine).
     pub fn remove(&self, client_id: &str) -> io::Result<()> {
-        match fs::remove_file(self.path(client_id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        if let Some(old) = self.legacy_path(client_id) {
+            remove_if_present(&old)?;
         }
+        remove_if_present(&self.path(client_id))
     }
 
     /// Forget the will of `client_id` if the file still holds arming
     /// `token` (it was settled; no newer connection armed its own).
     pub fn settle(&self, client_id: &str, token: u64) -> io::Result<()> {
-        let held = fs::read(self.path(client_id))
-            .ok()
-            .and_then(|d| serde_json::from_slice::<StoredWill>(&d).ok());
+        let read = |p: &Path| {
+            fs::read(p)
+                .ok()
+                .and_then(|d| serde_json::from_slice::<StoredWill>(&d).ok())
+                .filter(|w| w.client_id == client_id)
+        };
+        let held = read(&self.path(client_id))
+            .or_else(|| self.legacy_path(client_id).and_then(|p| read(&p)));
         match held {
             Some(w) if w.token == token => self.remove(client_id),
             _ => Ok(()),
         }
+    }
+}
+
+/// Delete `path`; absent is fine.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -432,6 +460,43 @@ mod tests {
         assert!(!serde_json::to_string(&stored(None))
             .unwrap()
             .contains("owner"));
+    }
+
+    #[test]
+    fn any_client_id_has_a_will_file_and_old_names_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = WillStore::open(dir.path()).unwrap();
+        let long = format!("../ü/{}", "x".repeat(65_000));
+        let w = StoredWill::new(&long, &will(0));
+        store.save(&w).unwrap();
+        // A will of an earlier version, under the hex of its id.
+        let old = StoredWill::new("old-dev", &will(0));
+        write(
+            dir.path(),
+            &dir.path().join(super::super::persist::hex("old-dev")),
+            &old,
+        )
+        .unwrap();
+        let (store, mut owed) = WillStore::open(dir.path()).unwrap();
+        owed.sort_by_key(|x| x.client_id.len());
+        assert_eq!(owed.len(), 2);
+        assert_eq!(owed[0].client_id, "old-dev");
+        assert_eq!(owed[1].client_id, long);
+        // Settled under either name.
+        store.settle("old-dev", old.token).unwrap();
+        store.settle(&long, w.token).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A new arming of an old client id replaces the old file.
+        write(
+            dir.path(),
+            &dir.path().join(super::super::persist::hex("old-dev")),
+            &old,
+        )
+        .unwrap();
+        store.save(&StoredWill::new("old-dev", &will(0))).unwrap();
+        let (_, owed) = WillStore::open(dir.path()).unwrap();
+        assert_eq!(owed.len(), 1);
+        assert_ne!(owed[0].token, old.token);
     }
 
     #[test]

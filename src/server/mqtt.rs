@@ -21,9 +21,13 @@
 //! Persistent sessions (see [`crate::broker::session`] and
 //! [`crate::broker::persist`]):
 //! - On CONNECT the task claims the client id (kicking an older
-//!   connection), waits until that connection has written its final state
-//!   ([`SessionStore::checkout`]), then deletes (clean session, or no
-//!   expiry) or loads the stored state before CONNACK.
+//!   connection of the same user; another user's live connection is never
+//!   kicked, the newcomer is refused: [`SessionStore::hold`]), waits until
+//!   that connection has written its final state
+//!   ([`SessionStore::checkout`]), loads the stored state and checks its
+//!   owner ([`crate::broker::persist::claim`]: another user's session is
+//!   refused, never resumed or deleted), then deletes it (clean session,
+//!   or no expiry) or restores it before CONNACK.
 //! - A persistent session follows every stream from its cursors: it reads
 //!   in batches (at most the free in-flight window, 256 messages, 1 MiB)
 //!   and waits with [`crate::stream::StreamHandle::wait_for`]. Router
@@ -34,9 +38,12 @@
 //!   before the session read them are skipped, with a warning giving the
 //!   count.
 //! - State is written after SUBSCRIBE/UNSUBSCRIBE before the SUBACK /
-//!   UNSUBACK leaves, before a write that carries QoS 2 state the session
-//!   asks to be durable first ([`Session::take_sync`]: PUBREC, PUBCOMP,
-//!   a stream message's QoS 2 PUBLISH or PUBREL; one write per batch),
+//!   UNSUBACK leaves (a SUBSCRIBE whose save fails is refused:
+//!   [`Session::subscribe_done`]), before a write that carries QoS 2 state
+//!   the session asks to be durable first ([`Session::take_sync`]: PUBREC,
+//!   PUBCOMP, a stream message's QoS 2 PUBLISH or PUBREL; one write per
+//!   batch; when it fails that output never leaves and the connection
+//!   closes: [`Session::sync_failed`]),
 //!   lazily (at most every 200 ms) while cursors move, and at disconnect
 //!   (a session whose 5.0 DISCONNECT set the expiry to 0 is deleted). After a crash, or a shutdown that does not wait for
 //!   connections, messages after the last written cursor are delivered
@@ -54,7 +61,7 @@ use smol::net::TcpListener;
 use smol::Timer;
 
 use crate::broker::bridge;
-use crate::broker::persist::{unix_now, SessionStore};
+use crate::broker::persist::{claim, log_id, unix_now, Claim, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::wills::{unix_ms, StoredWill, WillStore};
@@ -479,17 +486,20 @@ pub struct Ctx<'a> {
 
 /// Write the session's state (persistent sessions only); logged on error.
 /// A session whose expiry a DISCONNECT set to 0 is deleted instead.
-async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: bool) {
+/// False when the write failed (nothing that depends on it may be
+/// acknowledged).
+async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: bool) -> bool {
     if disconnected && session.discard_stored() {
         let store = sessions.clone();
         let id = session.client_id().to_string();
         if let Err(e) = smol::unblock(move || store.remove(&id)).await {
             log::warn!("mqtt: cannot delete an ended session's state: {e}");
+            return false;
         }
-        return;
+        return true;
     }
     if !session.is_persistent() {
-        return;
+        return true;
     }
     let mut st = session.snapshot();
     if disconnected {
@@ -498,9 +508,12 @@ async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: boo
     let store = sessions.clone();
     if let Err(e) = smol::unblock(move || store.save(&st)).await {
         log::warn!(
-            "mqtt: cannot save session state: {e}; after a restart some messages may be delivered again"
+            "mqtt: cannot save the session state of {}: {e}; what depends on it is not acknowledged, and after a restart some messages may be delivered again",
+            log_id(session.client_id())
         );
+        return false;
     }
+    true
 }
 
 /// Resolve when any of `streams` reaches its sequence.
@@ -540,6 +553,7 @@ pub async fn connection<T: Transport>(
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
     let (kick_tx, kick_rx) = bounded::<()>(1);
+    let limits_auth = limits.auth.clone();
     let mut session = Session::new(limits, Instant::now());
     let mut buf = vec![0u8; 1024];
     let mut acks: VecDeque<PendingAck> = VecDeque::new();
@@ -551,6 +565,8 @@ pub async fn connection<T: Transport>(
     // whether reading one failed (then it is not followed any more).
     let mut follows: Vec<(StreamHandle, bool)> = Vec::new();
     let mut checked_out = false;
+    // This connection is the recorded holder of its client id.
+    let mut held = false;
     let mut save_at: Option<Instant> = None;
     // The arming token of this connection's durable will.
     let mut will_token: Option<u64> = None;
@@ -570,7 +586,22 @@ pub async fn connection<T: Transport>(
                     clean,
                     expiry,
                 } => {
-                    wills.cancel(&id);
+                    // A client id held by another user's connection is
+                    // refused, never taken over ([`SessionStore::hold`]).
+                    let owner = session.owner().cloned();
+                    if let Err(holder) = sessions.hold(&id, conn, owner.as_ref()) {
+                        let why = format!(
+                            "client id {} is held by a connection of {holder}; {} refused",
+                            log_id(&id),
+                            owner
+                                .as_ref()
+                                .map_or("this client".into(), |o| o.to_string())
+                        );
+                        log::warn!("mqtt: {why}");
+                        session.refuse(why);
+                        continue;
+                    }
+                    held = true;
                     // Before any subscription (restored ones included).
                     broker.set_permissions(conn, session.permissions().cloned());
                     broker.claim_client_id(&id, conn, kick_tx.clone());
@@ -583,17 +614,57 @@ pub async fn connection<T: Transport>(
                     checked_out = true;
                     let store = sessions.clone();
                     let fresh = clean || expiry.is_zero();
-                    let stored = smol::unblock(move || {
-                        if fresh {
-                            if let Err(e) = store.remove(&id) {
-                                log::warn!("mqtt: cannot delete the stored session of {id}: {e}");
+                    let load_id = id.clone();
+                    let stored = smol::unblock(move || store.load(&load_id)).await;
+                    // The stored session belongs to its owner: another
+                    // user neither resumes nor deletes it.
+                    let stored_owner = stored.as_ref().and_then(|s| s.owner.as_ref());
+                    let decision = claim(stored_owner, owner.as_ref(), limits_auth.as_deref());
+                    if decision == Claim::Refuse {
+                        let why = format!(
+                            "client id {} has a stored session of {}; {} refused",
+                            log_id(&id),
+                            stored_owner.map_or("another user".into(), |o| o.to_string()),
+                            owner
+                                .as_ref()
+                                .map_or("this client".into(), |o| o.to_string())
+                        );
+                        log::warn!("mqtt: {why}");
+                        session.refuse(why);
+                        continue;
+                    }
+                    if decision == Claim::Discard {
+                        log::warn!(
+                            "mqtt: the stored session of client id {} belonged to {}, who can no longer log in; discarded",
+                            log_id(&id),
+                            stored_owner.map_or("another user".into(), |o| o.to_string())
+                        );
+                    }
+                    if let (Some(me), Some(st)) = (&owner, &stored) {
+                        if st.owner.is_none() && !fresh {
+                            log::info!(
+                                "mqtt: the stored session of client id {} had no owner (an earlier version); it now belongs to {me}",
+                                log_id(&id)
+                            );
+                        }
+                    }
+                    let stored = match (fresh, decision, stored) {
+                        (false, Claim::Resume, stored) => stored,
+                        (_, _, None) => None,
+                        (_, _, Some(_)) => {
+                            let store = sessions.clone();
+                            let rm_id = id.clone();
+                            let removed = smol::unblock(move || store.remove(&rm_id)).await;
+                            if let Err(e) = removed {
+                                log::warn!(
+                                    "mqtt: cannot delete the stored session of {}: {e}",
+                                    log_id(&id)
+                                );
                             }
                             None
-                        } else {
-                            store.load(&id)
                         }
-                    })
-                    .await;
+                    };
+                    wills.cancel(&id);
                     session.restore(stored);
                     // Durable before the CONNACK (queued by restore) leaves.
                     let id = client_id.clone().unwrap_or_default();
@@ -695,8 +766,12 @@ pub async fn connection<T: Transport>(
                 }
                 Event::AckInOrder(id) => acks.push_back(PendingAck::Ready(id, Ok(()))),
                 Event::Subscribe(requests) => {
-                    // Durable before the SUBACK (written in step 4).
-                    save(&session, sessions, false).await;
+                    // Durable before the SUBACK (which the session holds
+                    // until told; refused when the save failed).
+                    let saved = save(&session, sessions, false).await;
+                    if !session.subscribe_done(saved) {
+                        continue;
+                    }
                     let mut seen = std::collections::HashSet::new();
                     for r in requests {
                         broker.subscribe_mqtt(
@@ -748,8 +823,8 @@ pub async fn connection<T: Transport>(
             // Flush whatever the session queued (CONNACK refusal,
             // DISCONNECT with reason) before closing; QoS 2 state it
             // depends on first, as in step 4.
-            if session.take_sync() {
-                save(&session, sessions, false).await;
+            if session.take_sync() && !save(&session, sessions, false).await {
+                session.sync_failed("write failed");
             }
             let out = session.take_output();
             if !out.is_empty() {
@@ -840,9 +915,14 @@ pub async fn connection<T: Transport>(
         // QoS 2 state the output depends on is written first (one write
         // for the whole batch; see `Session::take_sync`).
         if session.take_sync() {
-            save(&session, sessions, false).await;
-            let _ = session.take_dirty();
-            save_at = None;
+            if save(&session, sessions, false).await {
+                let _ = session.take_dirty();
+                save_at = None;
+            } else {
+                // Nothing the disk does not back leaves; the connection
+                // closes (handled on the next turn).
+                session.sync_failed("write failed");
+            }
         }
         if session.has_output() {
             let out = session.take_output();
@@ -969,6 +1049,9 @@ pub async fn connection<T: Transport>(
     broker.drop_conn(conn);
     if let Some(id) = &client_id {
         broker.release_client_id(id, conn);
+        if held {
+            sessions.unhold(id, conn);
+        }
     }
     if let Some(will) = session.take_will() {
         let armed = client_id.clone().zip(will_token);
