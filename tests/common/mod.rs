@@ -40,13 +40,28 @@ const POLL: Duration = Duration::from_millis(20);
 // ---------------------------------------------------------------------------
 // Small helpers
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, below Linux's
+/// ephemeral range (32768–60999): a port the OS hands out for port 0 can
+/// be given to some client's outgoing connection before the server under
+/// test binds it. Each test process walks its own sequence (offset by its
+/// pid), so parallel tests and test binaries do not pick the same port.
 pub fn free_port() -> u16 {
-    let l =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a free port");
-    l.local_addr()
-        .expect("local_addr of a bound listener")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n * 7) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free TCP port on 127.0.0.1 between {LOW} and {}",
+        LOW + SPAN
+    );
 }
 
 /// Polls `cond` every 20 ms until it returns true; panics naming `what`
@@ -931,13 +946,24 @@ impl Frond {
                     );
                 }
             }
-            if accepts_tcp(self.mqtt_port).await {
+            // Listeners bind one after another: ready when all accept.
+            let mut ports = vec![self.mqtt_port, self.nats_port, self.http_port];
+            if self.ws_port != 0 {
+                ports.push(self.ws_port);
+            }
+            let mut ready = true;
+            for p in ports {
+                ready = ready && accepts_tcp(p).await;
+            }
+            if ready {
                 return;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "frond's MQTT port {} not accepting within 20s; log:\n{}",
+                    "frond's ports (MQTT {}, NATS {}, HTTP {}) not all accepting within 20s; log:\n{}",
                     self.mqtt_port,
+                    self.nats_port,
+                    self.http_port,
                     tail(&self.log_text(), 40)
                 );
             }
