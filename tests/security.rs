@@ -22,6 +22,8 @@ mod common;
 
 #[path = "security/limits.rs"]
 mod limits;
+#[path = "security/model.rs"]
+mod model;
 #[path = "security/paths.rs"]
 mod paths;
 #[path = "security/reply.rs"]
