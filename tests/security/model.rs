@@ -204,9 +204,10 @@ impl Mqtt {
         let (client, mut ev) = AsyncClient::new(o, 256);
         let acks = Arc::new(AtomicUsize::new(0));
         let connected = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
         let task = {
             let (log, user, id) = (log.clone(), user.to_string(), id.to_string());
-            let (acks, connected) = (acks.clone(), connected.clone());
+            let (acks, connected, refused) = (acks.clone(), connected.clone(), refused.clone());
             tokio::spawn(async move {
                 loop {
                     match ev.poll().await {
@@ -221,15 +222,20 @@ impl Mqtt {
                             connected.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(_) => {}
+                        Err(rumqttc::ConnectionError::ConnectionRefused(_)) => {
+                            // E.g. a will the user may not publish.
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                         // Reconnect pacing after an error, not synchronisation.
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
             })
         };
-        wait_until(format!("{id} connects"), WAIT, || {
-            let c = connected.clone();
-            async move { c.load(Ordering::SeqCst) > 0 }
+        wait_until(format!("{id} connects or is refused"), WAIT, || {
+            let (c, r) = (connected.clone(), refused.clone());
+            async move { c.load(Ordering::SeqCst) + r.load(Ordering::SeqCst) > 0 }
         })
         .await;
         let m = Mqtt {
