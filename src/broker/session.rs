@@ -181,7 +181,6 @@ use std::time::{Duration, Instant};
 use crate::auth::{Auth, Permissions, Refusal};
 use crate::broker::bridge;
 use crate::broker::persist::{log_id, Cursor, Owner, StoredSession, StoredSub};
-use crate::broker::wills::WillOwner;
 use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{
@@ -439,7 +438,7 @@ pub struct WillMessage {
     pub props: Option<Box<Properties>>,
     /// Who armed it, for re-checking its permission after a restart;
     /// `None` without `[auth]`.
-    pub owner: Option<WillOwner>,
+    pub owner: Option<Owner>,
 }
 
 impl Session {
@@ -878,41 +877,7 @@ impl Session {
                 }
             }
         }
-        let owner = self.limits.auth.as_ref().map(|_| match &c.username {
-            Some(u) => WillOwner::User(u.clone()),
-            None => WillOwner::Anonymous,
-        });
-        self.will = c.will.map(|w| WillMessage {
-            subject: topics::topic_to_subject(&w.topic),
-            delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
-            payload: w.payload,
-            qos: w.qos as u8,
-            retain: w.retain,
-            props: (!w.properties.is_empty()).then(|| Box::new(w.properties)),
-            owner,
-        });
-        if let Some(why) = self.will_refused() {
-            // A will is a publish by this client: one it may not make
-            // refuses the CONNECT (as HiveMQ, EMQX and VerneMQ do), so the
-            // client learns at once rather than when its will is dropped.
-            self.will = None;
-            self.send(&Packet::ConnAck(ConnAck {
-                session_present: false,
-                code: if v5 {
-                    mqtt::reason::NOT_AUTHORIZED
-                } else {
-                    0x05
-                },
-                properties: Properties {
-                    reason_string: v5.then(|| why.clone()),
-                    ..Properties::default()
-                },
-            }));
-            self.state = State::Closed;
-            self.events.push_back(Event::Close(format!(
-                "CONNECT refused for user {:?}: {why}",
-                c.username.unwrap_or_default()
-            )));
+        if !self.accept_will(c.will, c.username.as_deref(), v5) {
             return;
         }
         let mut client_id = c.client_id;
@@ -997,6 +962,46 @@ impl Session {
             clean: c.clean_start,
             expiry: self.expiry,
         });
+    }
+
+    /// Arm the will of CONNECT, owned by who logged in. A will is a
+    /// publish by this client: one it may not make refuses the CONNECT (as
+    /// HiveMQ, EMQX and VerneMQ do; CONNACK not authorized, then close),
+    /// so the client learns at once rather than when its will is dropped.
+    /// Returns whether the CONNECT goes on.
+    fn accept_will(&mut self, will: Option<mqtt::Will>, user: Option<&str>, v5: bool) -> bool {
+        let owner = self.owner.clone();
+        self.will = will.map(|w| WillMessage {
+            subject: topics::topic_to_subject(&w.topic),
+            delay: Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
+            payload: w.payload,
+            qos: w.qos as u8,
+            retain: w.retain,
+            props: (!w.properties.is_empty()).then(|| Box::new(w.properties)),
+            owner,
+        });
+        let Some(why) = self.will_refused() else {
+            return true;
+        };
+        self.will = None;
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: if v5 {
+                mqtt::reason::NOT_AUTHORIZED
+            } else {
+                0x05
+            },
+            properties: Properties {
+                reason_string: v5.then(|| why.clone()),
+                ..Properties::default()
+            },
+        }));
+        self.state = State::Closed;
+        self.events.push_back(Event::Close(format!(
+            "CONNECT refused for user {:?}: {why}",
+            user.unwrap_or_default()
+        )));
+        false
     }
 
     /// Why the will from CONNECT may not be armed, if so: its client may
@@ -2580,7 +2585,7 @@ mod tests {
         s.handle_bytes(&with_will(v, "a/will", Some("a/replies")), now);
         assert!(matches!(&events(&mut s)[..], [Event::Connected { .. }]));
         let will = s.will().cloned().expect("armed");
-        assert_eq!(will.owner, Some(WillOwner::User("alice".into())));
+        assert_eq!(will.owner, Some(Owner::User("alice".into())));
         assert_eq!(will.subject, "a.will");
         // Without [auth], no owner is recorded.
         let mut s = Session::new(limits(), now);

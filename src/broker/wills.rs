@@ -25,7 +25,7 @@
 //! properties a published will carries ([`StoredProps`]: payload format,
 //! message expiry, content type, response topic, correlation data, user
 //! properties; absent from the file when there are none, so files written
-//! before they were kept still load), and who armed it ([`WillOwner`]).
+//! before they were kept still load), and who armed it ([`Owner`]).
 //!
 //! Authorization (issue 10): a will is a publish by its client, checked
 //! against that user's publish permissions. The CONNECT that carries one
@@ -46,7 +46,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::persist::{file_stem, legacy_stem, write};
+use super::persist::{file_stem, legacy_stem, write, Owner};
 use super::session::WillMessage;
 use crate::auth::Auth;
 use crate::subject::mqtt as topics;
@@ -106,16 +106,6 @@ impl StoredProps {
     }
 }
 
-/// Who armed a will, for the check of its publish permission: an
-/// authenticated `[auth]` user, or an anonymous client. Stored as
-/// `{"user":"alice"}` or `"anonymous"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WillOwner {
-    User(String),
-    Anonymous,
-}
-
 /// One will as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredWill {
@@ -139,7 +129,7 @@ pub struct StoredWill {
     /// Who armed it; `None` when frond ran without `[auth]` (and in files
     /// written before owners were kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<WillOwner>,
+    pub owner: Option<Owner>,
 }
 
 impl StoredWill {
@@ -171,11 +161,11 @@ impl StoredWill {
                     "it records no owner (armed while [auth] was off, or by an older frond), so its permission cannot be checked".into(),
                 )
             }
-            Some(WillOwner::Anonymous) if !auth.anonymous => {
+            Some(Owner::Anonymous) if !auth.anonymous => {
                 return Err("it was armed by an anonymous client and anonymous clients are no longer allowed".into())
             }
-            Some(WillOwner::Anonymous) => ("anonymous clients".to_string(), &auth.anonymous_permissions),
-            Some(WillOwner::User(name)) => match auth.users.iter().find(|u| u.name == *name) {
+            Some(Owner::Anonymous) => ("anonymous clients".to_string(), &auth.anonymous_permissions),
+            Some(Owner::User(name)) => match auth.users.iter().find(|u| u.name == *name) {
                 Some(u) => (format!("user {name:?}"), &u.permissions),
                 None => return Err(format!("its user {name:?} no longer exists")),
             },
@@ -402,24 +392,24 @@ mod tests {
             anonymous_permissions: Arc::new(Permissions::default()),
             users: vec![user("alice", &["dev.>"]), user("bob", &["other.>"])],
         };
-        let stored = |owner: Option<WillOwner>| {
+        let stored = |owner: Option<Owner>| {
             let mut w = will(0);
             w.owner = owner;
             StoredWill::new("c", &w)
         };
-        let alice = stored(Some(WillOwner::User("alice".into())));
+        let alice = stored(Some(Owner::User("alice".into())));
         assert_eq!(alice.authorized(Some(&auth)), Ok(()));
         assert_eq!(alice.authorized(None), Ok(()), "no [auth]: anything");
         for (w, why) in [
             (
-                stored(Some(WillOwner::User("bob".into()))),
+                stored(Some(Owner::User("bob".into()))),
                 "may no longer publish",
             ),
             (
-                stored(Some(WillOwner::User("carol".into()))),
+                stored(Some(Owner::User("carol".into()))),
                 "no longer exists",
             ),
-            (stored(Some(WillOwner::Anonymous)), "anonymous"),
+            (stored(Some(Owner::Anonymous)), "anonymous"),
             (stored(None), "no owner"),
         ] {
             let e = w.authorized(Some(&auth)).expect_err(why);
@@ -431,12 +421,12 @@ mod tests {
             ..auth.clone()
         };
         assert_eq!(
-            stored(Some(WillOwner::Anonymous)).authorized(Some(&open)),
+            stored(Some(Owner::Anonymous)).authorized(Some(&open)),
             Ok(())
         );
         // The response topic must still be readable by the owner.
         let mut w = will(0);
-        w.owner = Some(WillOwner::User("alice".into()));
+        w.owner = Some(Owner::User("alice".into()));
         w.props = Some(Box::new(Properties {
             response_topic: Some("secret/replies".into()),
             ..Properties::default()
@@ -450,12 +440,12 @@ mod tests {
         let (store, _) = WillStore::open(dir.path()).unwrap();
         store.save(&alice).unwrap();
         let (_, owed) = WillStore::open(dir.path()).unwrap();
-        assert_eq!(owed[0].owner, Some(WillOwner::User("alice".into())));
+        assert_eq!(owed[0].owner, Some(Owner::User("alice".into())));
         assert_eq!(
             owed[0].owed(unix_ms()).unwrap().owner,
-            Some(WillOwner::User("alice".into()))
+            Some(Owner::User("alice".into()))
         );
-        let json = serde_json::to_string(&stored(Some(WillOwner::Anonymous))).unwrap();
+        let json = serde_json::to_string(&stored(Some(Owner::Anonymous))).unwrap();
         assert!(json.contains(r#""owner":"anonymous""#), "{json}");
         assert!(!serde_json::to_string(&stored(None))
             .unwrap()
