@@ -26,7 +26,7 @@ pub mod config;
 pub mod logger;
 pub mod names;
 pub mod nkey;
-pub mod oneshot;
+pub use stream::oneshot;
 pub mod run;
 pub mod server;
 pub mod store;

@@ -50,6 +50,7 @@
 
 pub mod consumer;
 pub mod headers;
+pub mod oneshot;
 mod owner;
 
 use std::path::Path;
