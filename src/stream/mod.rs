@@ -4,12 +4,15 @@
 //! stream's [`crate::store::Store`] plus the JetStream rules (duplicate
 //! window, `Nats-Expected-*`, rollups, per-message TTLs, the limits and
 //! discard policies, purge, delete, retention acks, the retention change
-//! check), taking `now` from its caller and reading no clock. [`owner`]
+//! check), taking `now` from its caller and reading no clock. `owner.rs`
 //! is the thin shell: one thread per stream that batches queued commands
 //! into group commits, applies the sync policy, runs the expiry timer and
-//! calls [`Stream`]. [`handle`] is the async side ([`StreamHandle`]).
-//! [`consumer`] holds consumer state (run by `server::jsapi`). This module
-//! imports only [`crate::store`] and [`crate::subject`] of the crate.
+//! calls [`Stream`]. `handle.rs` is the async side ([`StreamHandle`]).
+//! [`consumer`] holds consumer state (run by `server::jsapi`). Of the
+//! crate, this module imports only [`crate::store`] and [`crate::subject`]
+//! (checked by `tests/layout.rs`), except `consumer.rs`, which uses
+//! `crate::auth` and `crate::names` for the API's permission and name
+//! checks.
 //!
 //! CONTRACT (used by the broker and the uplink):
 //!
