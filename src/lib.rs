@@ -8,9 +8,10 @@
 //! - [`config`]: the TOML configuration, defaults and validation.
 //! - [`subject`]: NATS subject syntax, wildcard matching, MQTT topic mapping.
 //! - [`wire`]: pure codecs (MQTT, NATS client protocol); no I/O, never panic.
-//! - [`store`]: the segmented, checksummed file store and its recovery.
-//! - [`stream`]: stream semantics (limits, sync policy) and the owner thread
-//!   that gives group commit.
+//! - [`store`]: the raw segmented, checksummed log (append, read, remove,
+//!   compaction, recovery, per-subject index); imports only [`subject`].
+//! - [`stream`]: the JetStream rules as a sans-IO [`stream::Stream`] on the
+//!   store, consumers, and the owner thread that gives group commit.
 //! - [`broker`]: the router and MQTT session state machines.
 //! - [`server`]: listeners (MQTT, NATS, HTTP monitoring) — the thin smol
 //!   shell — and the JetStream API service for local streams.
@@ -26,7 +27,7 @@ pub mod config;
 pub mod logger;
 pub mod names;
 pub mod nkey;
-pub mod oneshot;
+pub use stream::oneshot;
 pub mod run;
 pub mod server;
 pub mod store;

@@ -14,7 +14,6 @@ fn time_open(dir: &std::path::Path, what: &str) -> Store {
     let (st, rep) = Store::open(
         Box::new(FsBackend::open(dir).unwrap()),
         StoreOptions::default(),
-        1,
     )
     .unwrap();
     let dt = t.elapsed();
@@ -44,17 +43,19 @@ fn store_open_bench() {
     let (mut st, _) = Store::open(
         Box::new(FsBackend::open(&dir).unwrap()),
         StoreOptions::default(),
-        1,
     )
     .unwrap();
     let payload = vec![0x5a; 100];
     for i in 0..n {
-        let m = Message {
-            subject: format!("sensors.truck.{:02}", i % 100),
+        let subject = format!("sensors.truck.{:02}", i % 100);
+        st.append(&NewRecord {
+            subject: &subject,
             headers: None,
-            payload: payload.clone(),
-        };
-        st.append(&m, 1_700_000_000_000_000_000 + i * 1000).unwrap();
+            payload: &payload,
+            timestamp: 1_700_000_000_000_000_000 + i * 1000,
+            tags: Tags::default(),
+        })
+        .unwrap();
     }
     st.close().unwrap();
     let s = st.state();

@@ -3,6 +3,7 @@
 //! encryption on and off. (Every other store test also runs encrypted, as
 //! `tests_encrypted`.)
 
+use super::tests::{put, Msg};
 use super::*;
 
 const T0: u64 = 1_700_000_000_000_000_000;
@@ -13,26 +14,28 @@ fn key(b: u8, file: &str) -> Key {
 
 fn enc(k: Key) -> StoreOptions {
     StoreOptions {
-        stream_name: "SECRET".into(),
+        name: "SECRET".into(),
         key: Some(k),
         encrypt: true,
+        tagger: Some(super::tests::test_tags),
         ..StoreOptions::default()
     }
 }
 
-fn msg(i: u64) -> Message {
-    Message {
+/// With an id and a deadline, so the snapshots hold both.
+fn msg(i: u64) -> Msg {
+    Msg {
         subject: format!("plant.line{i}.temp"),
-        headers: Some(b"NATS/1.0\r\nNats-Msg-Id: hidden-id\r\n\r\n".to_vec()),
+        headers: Some(b"NATS/1.0\r\nId: hidden-id\r\nTtl: 100\r\n\r\n".to_vec()),
         payload: format!("CONFIDENTIAL-{i:04}").into_bytes(),
     }
 }
 
 fn open(b: &MemBackend, o: StoreOptions) -> io::Result<(Store, RecoveryReport)> {
-    Store::open(Box::new(b.clone()), o, T0)
+    Store::open(Box::new(b.clone()), o)
 }
 
-fn all(st: &mut Store) -> Vec<StoredMessage> {
+fn all(st: &mut Store) -> Vec<Record> {
     st.read(0, usize::MAX, usize::MAX, u64::MAX).unwrap()
 }
 
@@ -63,7 +66,7 @@ fn nothing_in_clear_and_reopen_reads_back() {
     let o = enc(key(1, "k1"));
     let (mut st, _) = open(&b, o.clone()).unwrap();
     for i in 0..50 {
-        st.append(&msg(i), T0 + i).unwrap();
+        put(&mut st, &msg(i), T0 + i);
     }
     st.close().unwrap();
     let want = all(&mut st);
@@ -79,7 +82,12 @@ fn nothing_in_clear_and_reopen_reads_back() {
     }
     assert!(b.names().iter().any(|n| n.ends_with(".idx")));
     assert!(b.names().iter().any(|n| n == crypt::KEYCHECK_NAME));
-    let (mut st, rep) = open(&b, o).unwrap();
+    let mut ids = 0;
+    let (mut st, rep) = Store::open_visiting_ids(Box::new(b.clone()), o, &mut |_, _, id| {
+        assert_eq!(id, "hidden-id");
+        ids += 1;
+    })
+    .unwrap();
     assert_eq!(
         rep,
         RecoveryReport {
@@ -87,6 +95,8 @@ fn nothing_in_clear_and_reopen_reads_back() {
             ..Default::default()
         }
     );
+    assert_eq!(ids, 50, "the ids were in the (sealed) snapshots");
+    assert_eq!(st.next_deadline().map(|(_, q)| q), Some(1));
     assert_eq!(all(&mut st), want);
 }
 
@@ -95,7 +105,7 @@ fn wrong_or_missing_key_is_refused_and_changes_nothing() {
     let b = MemBackend::new();
     let (mut st, _) = open(&b, enc(key(1, "good.key"))).unwrap();
     for i in 0..5 {
-        st.append(&msg(i), T0).unwrap();
+        put(&mut st, &msg(i), T0);
     }
     st.sync().unwrap();
     drop(st); // a crash: no snapshot, the segment must be scanned
@@ -113,7 +123,7 @@ fn wrong_or_missing_key_is_refused_and_changes_nothing() {
     o.encrypt = false;
     assert!(open(&b, o).is_err(), "reading needs the right key too");
     let o = StoreOptions {
-        stream_name: "SECRET".into(),
+        name: "SECRET".into(),
         ..StoreOptions::default()
     };
     let e = open(&b, o).err().unwrap().to_string();
@@ -151,25 +161,25 @@ fn every_reopen_and_rollback_starts_a_segment_with_a_fresh_salt() {
     let b = MemBackend::new();
     let o = enc(key(1, "k"));
     let (mut st, _) = open(&b, o.clone()).unwrap();
-    st.append(&msg(0), T0).unwrap();
+    put(&mut st, &msg(0), T0);
     st.sync().unwrap();
     // Torn, unacknowledged tail: cut at open; the next record must not be
     // sealed at the offset the cut bytes used.
-    st.append(&msg(1), T0).unwrap();
+    put(&mut st, &msg(1), T0);
     st.flush().unwrap();
     b.crash_torn(10);
     drop(st);
     let (mut st, rep) = open(&b, o.clone()).unwrap();
     assert!(rep.truncated_bytes > 0);
-    st.append(&msg(2), T0).unwrap();
+    put(&mut st, &msg(2), T0);
     st.sync().unwrap();
     assert_eq!(salts(&b).len(), 2, "a new segment after the reopen");
     // A rolled-back batch: same rule.
     let mark = st.mark();
-    st.append(&msg(3), T0).unwrap();
+    put(&mut st, &msg(3), T0);
     st.flush().unwrap();
     st.rollback(mark);
-    st.append(&msg(4), T0).unwrap();
+    put(&mut st, &msg(4), T0);
     st.sync().unwrap();
     let s = salts(&b);
     assert_eq!(s.len(), 3, "a new segment after the rollback");
@@ -194,16 +204,14 @@ fn compaction_reencrypts_under_a_new_salt() {
         } else {
             "drop".into()
         };
-        st.append(&m, T0).unwrap();
+        put(&mut st, &m, T0);
     }
     st.sync().unwrap();
     let first = segment_name(st.segs[0].base);
     let old = record::decode_header(&b.file(&first).unwrap()).unwrap();
-    st.purge(&PurgeRequest {
-        subject: Some("drop".into()),
-        ..Default::default()
-    })
-    .unwrap();
+    let drop_id = st.subject_id("drop").unwrap();
+    st.remove_subject_before(drop_id, u64::MAX);
+    st.sync().unwrap();
     while st.needs_maintenance() {
         st.maintain().unwrap();
     }
@@ -227,11 +235,11 @@ fn switching_encryption_on_and_off_keeps_everything_readable() {
     let b = MemBackend::new();
     let plain = StoreOptions::default();
     let (mut st, _) = open(&b, plain.clone()).unwrap();
-    st.append(&msg(0), T0).unwrap();
+    put(&mut st, &msg(0), T0);
     st.close().unwrap();
     drop(st);
     let (mut st, _) = open(&b, enc(key(1, "k"))).unwrap();
-    st.append(&msg(1), T0).unwrap();
+    put(&mut st, &msg(1), T0);
     st.close().unwrap();
     drop(st);
     let kinds: Vec<bool> = b
@@ -249,7 +257,7 @@ fn switching_encryption_on_and_off_keeps_everything_readable() {
     let mut off = enc(key(1, "k"));
     off.encrypt = false;
     let (mut st, _) = open(&b, off).unwrap();
-    st.append(&msg(2), T0).unwrap();
+    put(&mut st, &msg(2), T0);
     st.sync().unwrap();
     let got: Vec<_> = all(&mut st).into_iter().map(|m| m.payload).collect();
     assert_eq!(got, [msg(0).payload, msg(1).payload, msg(2).payload]);
@@ -261,11 +269,11 @@ fn secure_erase_of_an_encrypted_record_survives_reopen() {
     let o = enc(key(1, "k"));
     let (mut st, _) = open(&b, o.clone()).unwrap();
     for i in 0..3 {
-        st.append(&msg(i), T0).unwrap();
+        put(&mut st, &msg(i), T0);
     }
     st.sync().unwrap();
-    assert!(st.delete_msg(3, true).unwrap());
-    assert!(st.delete_msg(1, true).unwrap());
+    assert!(st.erase(3).unwrap());
+    assert!(st.erase(1).unwrap());
     drop(st);
     let (mut st, rep) = open(&b, o).unwrap();
     assert_eq!(rep.truncated_bytes, 0, "erased records still authenticate");

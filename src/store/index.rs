@@ -7,11 +7,45 @@
 //! decodes to the same value. [`decode_tombs`] returns the valid prefix of
 //! a tombstone file (a torn last entry is ignored).
 
+use std::ops::Range;
+
 use super::record::{get_varint, put_varint};
 
+// Index snapshot (plain; an encrypted one is `"FRNDIDXE" ‖ nonce ‖
+// ciphertext of this ‖ tag`), little-endian:
+//
+//   0..8    magic "FRNDIDX1"
+//   8..16   base_seq u64   must equal the segment's
+//   16..24  base_ts  u64   must equal the segment header's
+//   24..32  last_ts  u64   newest timestamp in the segment
+//   32..40  len      u64   segment file length described
+//   40..44  last_crc u32   crc field (encrypted: last 4 tag bytes) of the
+//                          last record in the file, 0 if none
+//   44..    varint n_subjects, n × (varint len, UTF-8)
+//           varint n_slots, per slot: varint (size << 1) | 1, varint
+//             subject (a live record) or varint size << 1 (removed; 0: gap)
+//           varint n_ttl, n × (varint slot, varint deadline unix ns)
+//           varint n_ids, n × (varint slot, varint timestamp, varint len, id)
+//   last 4  crc32c of everything before it
+
 pub const IDX_MAGIC: &[u8; 8] = b"FRNDIDX1";
+const IDX_BASE_SEQ: Range<usize> = 8..16;
+const IDX_BASE_TS: Range<usize> = 16..24;
+const IDX_LAST_TS: Range<usize> = 24..32;
+const IDX_LEN: Range<usize> = 32..40;
+const IDX_LAST_CRC: Range<usize> = 40..44;
+/// Where the variable-length sections start.
+const IDX_FIXED_LEN: usize = 44;
+/// Bytes of the trailing crc32c.
+const IDX_CRC_LEN: usize = 4;
+
+// Tombstone file: entries of 8 bytes, `slot u32 ‖ crc32c of (base_seq u64
+// ‖ slot u32)`, little-endian.
+
 /// Bytes per tombstone entry: u32 slot + u32 crc32c.
 pub const TOMB_LEN: usize = 8;
+const TOMB_SLOT: Range<usize> = 0..4;
+const TOMB_CRC: Range<usize> = 4..8;
 
 /// One record slot of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +56,15 @@ pub enum Slot {
     /// A deleted record still in the file (`size > 0`) or a gap left by
     /// compaction (`size == 0`).
     Dead { size: u32 },
+}
+
+impl Slot {
+    /// Bytes of the record in the file (0 for a gap).
+    pub fn size(&self) -> u32 {
+        match *self {
+            Slot::Live { size, .. } | Slot::Dead { size } => size,
+        }
+    }
 }
 
 /// Everything the store needs to know about a segment without reading it.
@@ -38,19 +81,23 @@ pub struct SegIndex {
     pub subjects: Vec<String>,
     /// Slot `i` is sequence `base + i`.
     pub slots: Vec<Slot>,
-    /// Live records with a per-message TTL: (slot, expiry unix ns).
+    /// Live records with a deadline (the stream's per-message TTL):
+    /// (slot, deadline unix ns).
     pub ttls: Vec<(u32, u64)>,
-    /// Live records with a `Nats-Msg-Id`: (slot, timestamp, id).
+    /// Records with an id (the stream's `Nats-Msg-Id`): (slot, timestamp,
+    /// id).
     pub msg_ids: Vec<(u32, u64, String)>,
 }
 
 pub fn encode_index(ix: &SegIndex) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + ix.slots.len() * 3);
-    out.extend_from_slice(IDX_MAGIC);
-    for v in [ix.base, ix.base_ts, ix.last_ts, ix.len] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(&ix.last_crc.to_le_bytes());
+    let mut out = vec![0u8; IDX_FIXED_LEN];
+    out.reserve(64 + ix.slots.len() * 3);
+    out[..IDX_BASE_SEQ.start].copy_from_slice(IDX_MAGIC);
+    out[IDX_BASE_SEQ].copy_from_slice(&ix.base.to_le_bytes());
+    out[IDX_BASE_TS].copy_from_slice(&ix.base_ts.to_le_bytes());
+    out[IDX_LAST_TS].copy_from_slice(&ix.last_ts.to_le_bytes());
+    out[IDX_LEN].copy_from_slice(&ix.len.to_le_bytes());
+    out[IDX_LAST_CRC].copy_from_slice(&ix.last_crc.to_le_bytes());
     put_varint(&mut out, ix.subjects.len() as u64);
     for s in &ix.subjects {
         put_varint(&mut out, s.len() as u64);
@@ -102,9 +149,6 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Some(s)
     }
-    fn u64le(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.bytes(8)?.try_into().ok()?))
-    }
     fn string(&mut self) -> Option<String> {
         let n = usize::try_from(self.var()?).ok()?;
         String::from_utf8(self.bytes(n)?.to_vec()).ok()
@@ -117,22 +161,26 @@ impl<'a> Reader<'a> {
 }
 
 pub fn decode_index(buf: &[u8]) -> Option<SegIndex> {
-    let body_len = buf.len().checked_sub(4)?;
+    let body_len = buf.len().checked_sub(IDX_CRC_LEN)?;
     let (body, crc) = buf.split_at(body_len);
     if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
         return None;
     }
-    let mut r = Reader { b: body, pos: 0 };
-    if r.bytes(8)? != IDX_MAGIC {
+    if body.get(..IDX_BASE_SEQ.start)? != IDX_MAGIC {
         return None;
     }
+    let u64_at = |r: Range<usize>| Some(u64::from_le_bytes(body.get(r)?.try_into().ok()?));
     let mut ix = SegIndex {
-        base: r.u64le()?,
-        base_ts: r.u64le()?,
-        last_ts: r.u64le()?,
-        len: r.u64le()?,
-        last_crc: u32::from_le_bytes(r.bytes(4)?.try_into().ok()?),
+        base: u64_at(IDX_BASE_SEQ)?,
+        base_ts: u64_at(IDX_BASE_TS)?,
+        last_ts: u64_at(IDX_LAST_TS)?,
+        len: u64_at(IDX_LEN)?,
+        last_crc: u32::from_le_bytes(body.get(IDX_LAST_CRC)?.try_into().ok()?),
         ..SegIndex::default()
+    };
+    let mut r = Reader {
+        b: body,
+        pos: IDX_FIXED_LEN,
     };
     let n = r.count()?;
     for _ in 0..n {
@@ -166,8 +214,10 @@ pub fn decode_index(buf: &[u8]) -> Option<SegIndex> {
 
 /// One tombstone entry for slot `i` of the segment with base `base`.
 pub fn encode_tomb(base: u64, i: u32, out: &mut Vec<u8>) {
-    out.extend_from_slice(&i.to_le_bytes());
-    out.extend_from_slice(&tomb_crc(base, i).to_le_bytes());
+    let mut e = [0u8; TOMB_LEN];
+    e[TOMB_SLOT].copy_from_slice(&i.to_le_bytes());
+    e[TOMB_CRC].copy_from_slice(&tomb_crc(base, i).to_le_bytes());
+    out.extend_from_slice(&e);
 }
 
 fn tomb_crc(base: u64, i: u32) -> u32 {
@@ -182,7 +232,7 @@ fn tomb_crc(base: u64, i: u32) -> u32 {
 pub fn decode_tombs(base: u64, buf: &[u8]) -> (Vec<u32>, bool) {
     let mut out = Vec::with_capacity(buf.len() / TOMB_LEN);
     for e in buf.chunks(TOMB_LEN) {
-        let (Some(i), Some(c)) = (e.get(..4), e.get(4..8)) else {
+        let (Some(i), Some(c)) = (e.get(TOMB_SLOT), e.get(TOMB_CRC)) else {
             return (out, false);
         };
         let i = u32::from_le_bytes([i[0], i[1], i[2], i[3]]);

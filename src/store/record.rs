@@ -1,5 +1,6 @@
 //! The on-disk record and segment-header codec: pure functions over byte
-//! slices, no I/O. See `docs/store-format.md` for the layout.
+//! slices, no I/O. See `docs/store-format.md` for the layout; the byte
+//! positions are the constants below.
 //!
 //! Invariants: [`decode`] never panics on any input and never returns a
 //! record whose checksum does not match; [`encode_into`] output always
@@ -7,14 +8,35 @@
 //! for encrypted records ([`encode_any`], [`decode_any`] with a key), whose
 //! AEAD tag replaces the crc.
 
+use std::ops::Range;
+
+use super::crypt::{Key, KIND_ERASED, SALT_LEN, TAG_LEN};
+
+// Plain record: `body_len u32 ‖ crc32c u32 of the body ‖ body`, where the
+// body is `varint seq_delta ‖ varint ts_delta ‖ varint subject_len ‖
+// varint hdr_field (0: none, n + 1: n header bytes) ‖ subject ‖ headers ‖
+// payload`. Encrypted record: `varint body_len ‖ ciphertext of the same
+// body ‖ 16-byte tag`.
+
 /// Bytes before the checksummed body: u32 body length + u32 crc32c.
 pub const PREFIX_LEN: usize = 8;
+/// Where the body length sits in a plain record's prefix.
+pub const REC_BODY_LEN: Range<usize> = 0..4;
+/// Where the crc32c of the body sits in a plain record's prefix.
+pub const REC_CRC: Range<usize> = 4..8;
 /// The smallest possible body: four one-byte varints.
 pub const MIN_BODY: usize = 4;
 /// Sanity cap on a body length read from disk (1 GiB).
 pub const MAX_BODY: usize = 1 << 30;
 
-use super::crypt::{Key, KIND_ERASED, SALT_LEN, TAG_LEN};
+// Segment header, plain (28 bytes) and encrypted (52 bytes), little-endian:
+//
+//   0..8    magic and version ("FRNDSEG1" / "FRNDSEGE")
+//   8..16   base_seq u64   sequence of the first record (equals the name)
+//   16..24  base_ts  u64   unix ns, timestamp of the first record
+//   24..40  salt           encrypted only
+//   40..48  key check      encrypted only
+//   last 4  crc32c of everything before it
 
 /// Segment file header length.
 pub const SEG_HEADER_LEN: usize = 28;
@@ -24,6 +46,13 @@ pub const SEG_MAGIC: &[u8; 8] = b"FRNDSEG1";
 pub const SEALED_HEADER_LEN: usize = 52;
 /// Magic of an encrypted segment.
 pub const SEALED_MAGIC: &[u8; 8] = b"FRNDSEGE";
+const HDR_MAGIC: Range<usize> = 0..8;
+const HDR_BASE_SEQ: Range<usize> = 8..16;
+const HDR_BASE_TS: Range<usize> = 16..24;
+const HDR_SALT: Range<usize> = 24..40;
+const HDR_KEY_CHECK: Range<usize> = 40..48;
+/// Bytes of the trailing crc32c of a segment header.
+const HDR_CRC_LEN: usize = 4;
 /// Longest body length varint of an encrypted record (bodies <= 2^30).
 const MAX_LEN_VARINT: usize = 5;
 
@@ -99,28 +128,28 @@ pub fn encode_header(h: SegHeader, out: &mut Vec<u8>) {
 }
 
 pub fn decode_header(buf: &[u8]) -> Result<SegHeader, DecodeError> {
-    let magic = buf.get(..8).ok_or(DecodeError::Incomplete)?;
+    let magic = buf.get(HDR_MAGIC).ok_or(DecodeError::Incomplete)?;
     let sealed = magic == SEALED_MAGIC;
     let hl = header_len(sealed);
     let h = buf.get(..hl).ok_or(DecodeError::Incomplete)?;
-    let (body, crc) = h.split_at(hl - 4);
+    let (body, crc) = h.split_at(hl - HDR_CRC_LEN);
     if crc32c::crc32c(body) != u32::from_le_bytes(arr4(crc)) {
         return Err(DecodeError::Corrupt("segment header checksum mismatch"));
     }
-    if !sealed && &body[..8] != SEG_MAGIC {
+    if !sealed && &body[HDR_MAGIC] != SEG_MAGIC {
         return Err(DecodeError::Corrupt("segment header magic/version unknown"));
     }
     let seal = sealed.then(|| {
         let mut salt = [0u8; SALT_LEN];
-        salt.copy_from_slice(&body[24..40]);
+        salt.copy_from_slice(&body[HDR_SALT]);
         SealInfo {
             salt,
-            check: arr8(&body[40..48]),
+            check: arr8(&body[HDR_KEY_CHECK]),
         }
     });
     Ok(SegHeader {
-        base_seq: u64::from_le_bytes(arr8(&body[8..16])),
-        base_ts: u64::from_le_bytes(arr8(&body[16..24])),
+        base_seq: u64::from_le_bytes(arr8(&body[HDR_BASE_SEQ])),
+        base_ts: u64::from_le_bytes(arr8(&body[HDR_BASE_TS])),
         seal,
     })
 }
@@ -202,8 +231,9 @@ pub fn encode_into(out: &mut Vec<u8>, base_seq: u64, base_ts: u64, rec: &RecordR
     out.extend_from_slice(rec.payload);
     let body_len = (out.len() - start - PREFIX_LEN) as u32;
     let crc = crc32c::crc32c(&out[start + PREFIX_LEN..]);
-    out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    let prefix = &mut out[start..start + PREFIX_LEN];
+    prefix[REC_BODY_LEN].copy_from_slice(&body_len.to_le_bytes());
+    prefix[REC_CRC].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encoded size of a plain (`sealed = false`) or encrypted record.
@@ -282,6 +312,22 @@ pub fn encode_erased_sealed(
     (out.len() == total).then_some(out)
 }
 
+/// A secure-erase overwrite for the plain record of `total` bytes: same
+/// length, sequence and timestamp, empty subject, no headers, zero payload.
+pub fn encode_erased(seq_delta: u64, ts_delta: u64, total: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(total);
+    put_varint(&mut body, seq_delta);
+    put_varint(&mut body, ts_delta);
+    put_varint(&mut body, 0);
+    put_varint(&mut body, 0);
+    body.resize(total.saturating_sub(PREFIX_LEN), 0);
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
 /// Total length of an encrypted record from its length varint.
 pub fn peek_len_sealed(buf: &[u8]) -> Result<(usize, usize), DecodeError> {
     let Some((body, n)) = get_varint(&buf[..buf.len().min(MAX_LEN_VARINT)]) else {
@@ -324,7 +370,7 @@ pub fn decode_any<'a>(
 /// Total length (prefix + body) of the record starting at `buf[0]`, from
 /// its length field alone (no checksum check).
 pub fn peek_len(buf: &[u8]) -> Result<usize, DecodeError> {
-    let len = buf.get(..4).ok_or(DecodeError::Incomplete)?;
+    let len = buf.get(REC_BODY_LEN).ok_or(DecodeError::Incomplete)?;
     let body = u32::from_le_bytes(arr4(len)) as usize;
     if !(MIN_BODY..=MAX_BODY).contains(&body) {
         return Err(DecodeError::Corrupt("record length out of range"));
@@ -341,7 +387,7 @@ pub fn decode<'a>(
 ) -> Result<(RecordRef<'a>, usize), DecodeError> {
     let total = peek_len(buf)?;
     let rec = buf.get(..total).ok_or(DecodeError::Incomplete)?;
-    let crc = u32::from_le_bytes(arr4(&rec[4..8]));
+    let crc = u32::from_le_bytes(arr4(&rec[REC_CRC]));
     let body = &rec[PREFIX_LEN..];
     if crc32c::crc32c(body) != crc {
         return Err(DecodeError::Corrupt("record checksum mismatch"));

@@ -1,7 +1,10 @@
-//! Store tests: recovery from crashes, torn writes, bit flips and ENOSPC
-//! through [`MemBackend`]; limits with explicit `now`. Compiled twice (see
-//! `mod.rs`): plain, and as `tests_encrypted` with every stream encrypted.
+//! Store tests over the raw log: recovery from crashes, torn writes, bit
+//! flips and ENOSPC through [`MemBackend`]; snapshots, tags, removals and
+//! compaction. Compiled twice (see `mod.rs`): plain, and as
+//! `tests_encrypted` with every log encrypted. The stream rules on top
+//! are tested in `stream::rules_tests`.
 
+use super::segment::tomb_name;
 use super::*;
 
 const T0: u64 = 1_700_000_000_000_000_000;
@@ -11,38 +14,89 @@ fn encrypted() -> bool {
     module_path!().ends_with("encrypted")
 }
 
+/// The tags these tests give records: header `Id: <id>` and header
+/// `Ttl: <seconds>` (a deadline that many seconds after the timestamp).
+pub(super) fn test_tags(h: &[u8], ts: u64) -> Tags<'_> {
+    let text = std::str::from_utf8(h).unwrap_or("");
+    let mut t = Tags::default();
+    for line in text.split("\r\n") {
+        if let Some(v) = line.strip_prefix("Id: ") {
+            t.id = Some(v);
+        }
+        if let Some(v) = line
+            .strip_prefix("Ttl: ")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            t.deadline = Some(ts + v * SEC);
+        }
+    }
+    t
+}
+
 fn opts() -> StoreOptions {
+    let o = StoreOptions {
+        tagger: Some(test_tags),
+        ..StoreOptions::default()
+    };
     if encrypted() {
         StoreOptions {
             key: Some(crypt::Key::from_bytes([0x5a; 32], "test.key")),
             encrypt: true,
-            ..StoreOptions::default()
+            ..o
         }
     } else {
-        StoreOptions::default()
+        o
     }
 }
 
-fn msg(i: u64) -> Message {
-    Message {
+/// A record to append.
+#[derive(Debug, Clone)]
+pub(super) struct Msg {
+    pub subject: String,
+    pub headers: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+fn msg(i: u64) -> Msg {
+    Msg {
         subject: format!("sensors.truck.{i}"),
         headers: None,
         payload: format!("payload-{i}").into_bytes(),
     }
 }
 
+/// Appends `m` at `ts` with the tags [`test_tags`] gives it.
+pub(super) fn try_put(st: &mut Store, m: &Msg, ts: u64) -> Result<(u64, SubjectId), AppendError> {
+    let ts = ts.max(st.last_ts());
+    let tags = m
+        .headers
+        .as_deref()
+        .map_or(Tags::default(), |h| test_tags(h, ts));
+    st.append(&NewRecord {
+        subject: &m.subject,
+        headers: m.headers.as_deref(),
+        payload: &m.payload,
+        timestamp: ts,
+        tags,
+    })
+}
+
+pub(super) fn put(st: &mut Store, m: &Msg, ts: u64) -> u64 {
+    try_put(st, m, ts).unwrap().0
+}
+
 fn open(b: &MemBackend, o: StoreOptions) -> (Store, RecoveryReport) {
-    Store::open(Box::new(b.clone()), o, T0).unwrap()
+    Store::open(Box::new(b.clone()), o).unwrap()
 }
 
 fn fill(st: &mut Store, n: u64) {
     for i in 0..n {
-        st.append(&msg(i), T0).unwrap();
+        put(st, &msg(i), T0);
     }
     st.sync().unwrap();
 }
 
-fn all(st: &mut Store) -> Vec<StoredMessage> {
+fn all(st: &mut Store) -> Vec<Record> {
     st.read(0, usize::MAX, usize::MAX, u64::MAX).unwrap()
 }
 
@@ -53,6 +107,27 @@ fn seg_names(b: &MemBackend) -> Vec<String> {
         .collect()
 }
 
+/// What `StreamInfo` reports, from the store.
+fn info_of(st: &mut Store) -> (State, Option<u64>, u64, usize) {
+    (st.state(), st.first_ts(), st.last_ts(), st.subject_count())
+}
+
+fn hmsg(subject: &str, headers: &str, payload: &[u8]) -> Msg {
+    Msg {
+        subject: subject.into(),
+        headers: Some(format!("NATS/1.0\r\n{headers}\r\n\r\n").into_bytes()),
+        payload: payload.to_vec(),
+    }
+}
+
+fn plain(subject: &str, payload: &[u8]) -> Msg {
+    Msg {
+        subject: subject.into(),
+        headers: None,
+        payload: payload.to_vec(),
+    }
+}
+
 #[test]
 fn append_read_reopen() {
     let b = MemBackend::new();
@@ -60,7 +135,7 @@ fn append_read_reopen() {
     assert_eq!(rep, RecoveryReport::default());
     assert_eq!(
         st.state(),
-        StreamState {
+        State {
             first_seq: 1,
             last_seq: 0,
             msgs: 0,
@@ -70,7 +145,7 @@ fn append_read_reopen() {
     let mut with_hdr = msg(9);
     with_hdr.headers = Some(b"NATS/1.0\r\nA: b\r\n\r\n".to_vec());
     fill(&mut st, 3);
-    st.append(&with_hdr, T0 + 5).unwrap();
+    put(&mut st, &with_hdr, T0 + 5);
     st.sync().unwrap();
     let got = all(&mut st);
     assert_eq!(got.len(), 4);
@@ -100,9 +175,9 @@ fn fs_backend_round_trip() {
     let p = dir.path().join("stream");
     let mut o = opts();
     o.segment_size = MIN_SEGMENT_SIZE;
-    let (mut st, _) = Store::open(Box::new(FsBackend::open(&p).unwrap()), o.clone(), T0).unwrap();
+    let (mut st, _) = Store::open(Box::new(FsBackend::open(&p).unwrap()), o.clone()).unwrap();
     for i in 0..3000 {
-        st.append(&msg(i), T0 + i).unwrap();
+        put(&mut st, &msg(i), T0 + i);
     }
     st.close().unwrap();
     let state = st.state();
@@ -111,7 +186,7 @@ fn fs_backend_round_trip() {
         std::fs::read_dir(&p).unwrap().count() > 2,
         "several segments"
     );
-    let (mut st, rep) = Store::open(Box::new(FsBackend::open(&p).unwrap()), o, T0).unwrap();
+    let (mut st, rep) = Store::open(Box::new(FsBackend::open(&p).unwrap()), o).unwrap();
     assert_eq!(rep.records, 3000);
     assert_eq!(st.state(), state);
     let got = all(&mut st);
@@ -136,7 +211,7 @@ fn five_records() -> (MemBackend, String, usize, usize) {
 }
 
 fn fill_one(st: &mut Store, i: u64) {
-    st.append(&msg(i), T0).unwrap();
+    put(st, &msg(i), T0);
     st.sync().unwrap();
 }
 
@@ -158,7 +233,7 @@ fn torn_tail_at_every_offset_of_last_record() {
             assert_eq!(m.payload, msg(i as u64).payload);
         }
         // The next append reuses seq 5 (it was never acknowledged).
-        assert_eq!(st.append(&msg(7), T0).unwrap().seq, 5);
+        assert_eq!(put(&mut st, &msg(7), T0), 5);
     }
 }
 
@@ -167,7 +242,7 @@ fn torn_tail_via_crash_torn() {
     let b = MemBackend::new();
     let (mut st, _) = open(&b, opts());
     fill(&mut st, 3);
-    st.append(&msg(3), T0).unwrap();
+    put(&mut st, &msg(3), T0);
     st.flush().unwrap(); // written, never synced
     b.crash_torn(5);
     drop(st);
@@ -248,7 +323,7 @@ fn corrupt_record_in_older_segment_cuts_only_that_segment() {
     assert_eq!(got.len() as u64, 100 - (per_seg - 2));
     assert_eq!(got[2].seq, per_seg + 1, "resumes at the next segment");
     assert_eq!(st.state().last_seq, 100);
-    assert_eq!(st.append(&msg(0), T0).unwrap().seq, 101);
+    assert_eq!(put(&mut st, &msg(0), T0), 101);
 }
 
 #[test]
@@ -270,7 +345,7 @@ fn damaged_segment_header_and_garbage_files() {
     b.set_file(&segment_name(1), vec![b'F', b'R']);
     let (mut st, rep) = open(&b, opts());
     assert_eq!(rep.truncated_bytes, 2);
-    assert_eq!(st.append(&msg(1), T0).unwrap().seq, 1);
+    assert_eq!(put(&mut st, &msg(1), T0), 1);
 }
 
 #[test]
@@ -279,7 +354,7 @@ fn crash_loses_only_unsynced_appends() {
     let (mut st, _) = open(&b, opts());
     fill(&mut st, 10);
     for i in 10..15 {
-        st.append(&msg(i), T0).unwrap();
+        put(&mut st, &msg(i), T0);
     }
     st.flush().unwrap();
     b.crash();
@@ -291,237 +366,12 @@ fn crash_loses_only_unsynced_appends() {
 }
 
 #[test]
-fn max_msgs_discard_old_drops_segments() {
-    let b = MemBackend::new();
-    let mut o = opts();
-    o.max_msgs = 50;
-    o.segment_size = 1000;
-    let (mut st, _) = open(&b, o.clone());
-    for i in 0..500 {
-        st.append(&msg(i), T0).unwrap();
-        st.sync().unwrap();
-        st.enforce_limits(T0);
-    }
-    let s = st.state();
-    assert_eq!((s.first_seq, s.last_seq, s.msgs), (451, 500, 50));
-    let got = all(&mut st);
-    assert_eq!(got.len(), 50);
-    assert_eq!(got[0].seq, 451);
-    assert!(
-        seg_names(&b).len() <= 4,
-        "old segments removed: {:?}",
-        seg_names(&b)
-    );
-    drop(st);
-    let (st, _) = open(&b, o);
-    assert_eq!(st.state(), s, "limits re-applied on open");
-}
-
-#[test]
-fn max_bytes_discard_old_and_new() {
-    let b = MemBackend::new();
-    let mut o = opts();
-    o.max_bytes = 1000;
-    let (mut st, _) = open(&b, o.clone());
-    for i in 0..100 {
-        st.append(&msg(i), T0).unwrap();
-        st.enforce_limits(T0);
-        assert!(st.state().bytes <= 1000);
-    }
-    assert!(st.state().msgs > 10 && st.state().msgs < 100);
-    assert!(matches!(
-        st.append(
-            &Message {
-                subject: "a".into(),
-                headers: None,
-                payload: vec![0; 2000]
-            },
-            T0
-        ),
-        Err(StreamError::Full(_))
-    ));
-
-    let b = MemBackend::new();
-    o.discard = Discard::New;
-    let (mut st, _) = open(&b, o.clone());
-    let mut stored = 0;
-    let err = loop {
-        match st.append(&msg(stored), T0) {
-            Ok(_) => stored += 1,
-            Err(e) => break e,
-        }
-    };
-    assert!(
-        matches!(&err, StreamError::Full(why) if why.contains("max_bytes")),
-        "{err}"
-    );
-    assert_eq!(st.state().msgs, stored);
-    assert!(st.state().bytes <= 1000);
-
-    let mut o = opts();
-    o.max_msgs = 3;
-    o.discard = Discard::New;
-    let (mut st, _) = open(&MemBackend::new(), o);
-    fill(&mut st, 3);
-    assert!(matches!(st.append(&msg(3), T0), Err(StreamError::Full(w)) if w.contains("max_msgs")));
-    assert_eq!(st.enforce_limits(T0), 0);
-    assert_eq!(st.state().msgs, 3);
-}
-
-#[test]
-fn max_msg_size() {
-    let mut o = opts();
-    o.max_msg_size = 10;
-    let (mut st, _) = open(&MemBackend::new(), o);
-    let m = Message {
-        subject: "a".into(),
-        headers: Some(vec![0; 4]),
-        payload: vec![0; 7],
-    };
-    assert!(matches!(
-        st.append(&m, T0),
-        Err(StreamError::TooLarge { size: 11, max: 10 })
-    ));
-    assert_eq!(st.state().last_seq, 0);
-}
-
-#[test]
-fn max_age_with_explicit_now_and_no_seq_reuse() {
-    let b = MemBackend::new();
-    let mut o = opts();
-    o.max_age = Duration::from_secs(10);
-    o.segment_size = 1000;
-    let (mut st, _) = open(&b, o.clone());
-    for i in 0..100u64 {
-        st.append(&msg(i), T0 + i * SEC).unwrap(); // one per second
-    }
-    st.sync().unwrap();
-    assert_eq!(st.next_expiry(), Some(T0 + 10 * SEC));
-    st.enforce_limits(T0 + 99 * SEC);
-    let s = st.state();
-    assert_eq!((s.first_seq, s.last_seq, s.msgs), (90, 100, 11));
-    assert_eq!(st.next_expiry(), Some(T0 + 99 * SEC));
-    // Everything expires; files go, but sequences never restart.
-    st.enforce_limits(T0 + 1000 * SEC);
-    assert_eq!(
-        st.state(),
-        StreamState {
-            first_seq: 101,
-            last_seq: 100,
-            msgs: 0,
-            bytes: 0
-        }
-    );
-    assert!(seg_names(&b).is_empty());
-    assert_eq!(st.next_expiry(), None);
-    drop(st);
-    let (mut st, _) = open(&b, o.clone());
-    assert_eq!(st.state().last_seq, 100);
-    assert_eq!(st.append(&msg(1), T0 + 1001 * SEC).unwrap().seq, 101);
-    // A clock that goes backwards does not make timestamps decrease.
-    st.append(&msg(2), T0).unwrap();
-    let got = all(&mut st);
-    assert_eq!(got[1].timestamp, T0 + 1001 * SEC);
-}
-
-#[test]
-fn duplicate_window() {
-    let mut o = opts();
-    o.duplicate_window = Duration::from_secs(60);
-    let (mut st, _) = open(&MemBackend::new(), o);
-    let with_id = |id: &str| Message {
-        subject: "orders".into(),
-        headers: Some(format!("NATS/1.0\r\nX: y\r\nNats-Msg-Id: {id}\r\n\r\n").into_bytes()),
-        payload: b"x".to_vec(),
-    };
-    assert_eq!(
-        st.append(&with_id("a"), T0).unwrap(),
-        PubAck {
-            seq: 1,
-            duplicate: false
-        }
-    );
-    assert_eq!(
-        st.append(&with_id("b"), T0).unwrap(),
-        PubAck {
-            seq: 2,
-            duplicate: false
-        }
-    );
-    assert_eq!(
-        st.append(&with_id("a"), T0 + 59 * SEC).unwrap(),
-        PubAck {
-            seq: 1,
-            duplicate: true
-        }
-    );
-    assert_eq!(st.state().msgs, 2);
-    assert_eq!(
-        st.append(&with_id("a"), T0 + 61 * SEC).unwrap(),
-        PubAck {
-            seq: 3,
-            duplicate: false
-        }
-    );
-    assert_eq!(msg_id(b"NATS/1.0\r\nnats-msg-id:  z \r\n\r\n"), Some("z"));
-    assert_eq!(msg_id(b"NATS/1.0\r\nNats-Msg-Idx: z\r\n\r\n"), None);
-    assert_eq!(
-        msg_id(b"Nats-Msg-Id: z\r\n"),
-        None,
-        "first line is the status line"
-    );
-}
-
-#[test]
-fn enospc_rolls_back_then_recovers() {
-    let b = MemBackend::new();
-    let mut o = opts();
-    o.duplicate_window = Duration::from_secs(60);
-    o.segment_size = 1000;
-    let (mut st, _) = open(&b, o.clone());
-    fill(&mut st, 30);
-    let before = st.state();
-    let usage = b.clone().disk_usage().unwrap();
-    b.set_space_limit(Some(usage + 100));
-    let mark = st.mark();
-    let mut dup = msg(99);
-    dup.headers = Some(b"NATS/1.0\r\nNats-Msg-Id: k\r\n\r\n".to_vec());
-    st.append(&dup, T0).unwrap();
-    // Rolls into new segments too; the roll's flush may already fail.
-    let failed = (0..40).any(|i| st.append(&msg(i), T0).is_err());
-    assert!(failed || st.sync().is_err());
-    st.rollback(mark);
-    assert_eq!(st.state(), before);
-    assert_eq!(
-        b.clone().disk_usage().unwrap(),
-        usage,
-        "no half-written bytes stay"
-    );
-    b.set_space_limit(None);
-    assert_eq!(
-        st.append(&dup, T0).unwrap(),
-        PubAck {
-            seq: 31,
-            duplicate: false
-        }
-    );
-    fill(&mut st, 40);
-    assert_eq!(st.state().last_seq, 71);
-    drop(st);
-    let (mut st, rep) = open(&b, o);
-    assert_eq!(rep.truncated_bytes, 0);
-    assert_eq!(rep.records, 71);
-    let got = all(&mut st);
-    assert!(got.iter().enumerate().all(|(i, m)| m.seq == i as u64 + 1));
-}
-
-#[test]
 fn failed_fsync_rolls_back() {
     let b = MemBackend::new();
     let (mut st, _) = open(&b, opts());
     fill(&mut st, 3);
     let mark = st.mark();
-    st.append(&msg(3), T0).unwrap();
+    put(&mut st, &msg(3), T0);
     b.set_fail_sync(true);
     assert!(st.sync().is_err());
     st.rollback(mark);
@@ -545,8 +395,8 @@ fn read_skips_and_deletes_a_record_damaged_after_open() {
     let got = all(&mut st);
     assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 4, 5]);
     assert_eq!(st.state().msgs, 4);
-    assert!(st.delete(1));
-    assert!(!st.delete(1));
+    assert!(st.remove(1));
+    assert!(!st.remove(1));
     assert_eq!(st.state().first_seq, 2);
 }
 
@@ -555,7 +405,7 @@ fn state_upto_hides_the_unsynced_suffix() {
     let (mut st, _) = open(&MemBackend::new(), opts());
     fill(&mut st, 3);
     let s3 = st.state();
-    st.append(&msg(3), T0).unwrap();
+    put(&mut st, &msg(3), T0);
     assert_eq!(st.state_upto(3), s3);
     assert_eq!(st.state_upto(4), st.state());
 }
@@ -565,13 +415,13 @@ fn many_records_scan() {
     // Not timed: checks a larger multi-segment recovery stays exact.
     let b = MemBackend::new();
     let (mut st, _) = open(&b, opts());
-    let m = Message {
+    let m = Msg {
         subject: "sensors.truck.00".into(),
         headers: None,
         payload: vec![1; 100],
     };
     for i in 0..20_000 {
-        st.append(&m, T0 + i).unwrap();
+        put(&mut st, &m, T0 + i);
     }
     st.sync().unwrap();
     let state = st.state();
@@ -586,22 +436,6 @@ fn many_records_scan() {
     assert!(per <= 116.0 + overhead, "{per} bytes per record");
 }
 
-fn hmsg(subject: &str, headers: &str, payload: &[u8]) -> Message {
-    Message {
-        subject: subject.into(),
-        headers: Some(format!("NATS/1.0\r\n{headers}\r\n\r\n").into_bytes()),
-        payload: payload.to_vec(),
-    }
-}
-
-fn plain(subject: &str, payload: &[u8]) -> Message {
-    Message {
-        subject: subject.into(),
-        headers: None,
-        payload: payload.to_vec(),
-    }
-}
-
 #[test]
 fn snapshots_are_used_and_a_bad_one_falls_back_to_scanning() {
     let b = MemBackend::new();
@@ -609,17 +443,17 @@ fn snapshots_are_used_and_a_bad_one_falls_back_to_scanning() {
     o.segment_size = 1000;
     let (mut st, _) = open(&b, o.clone());
     for i in 0..200u64 {
-        st.append(
+        put(
+            &mut st,
             &plain(["x.a", "x.b", "y"][i as usize % 3], b"0123456789"),
             T0 + i,
-        )
-        .unwrap();
+        );
     }
-    st.delete(5);
+    st.remove(5);
     st.close().unwrap();
     let want = all(&mut st);
     let counts = st.subject_counts(">");
-    let info = st.info();
+    let info = info_of(&mut st);
     drop(st);
     let idx: Vec<String> = b
         .names()
@@ -635,7 +469,7 @@ fn snapshots_are_used_and_a_bad_one_falls_back_to_scanning() {
     assert_eq!(rep.records, 199);
     assert_eq!(all(&mut st), want);
     assert_eq!(st.subject_counts(">"), counts);
-    assert_eq!(st.info(), info);
+    assert_eq!(info_of(&mut st), info);
     drop(st);
     // A damaged snapshot and a snapshot that no longer matches its file.
     b.flip_bit(&idx[0], 12, 0);
@@ -648,160 +482,7 @@ fn snapshots_are_used_and_a_bad_one_falls_back_to_scanning() {
     assert_eq!(rep.truncated_bytes, 0);
     assert_eq!(all(&mut st), want);
     assert_eq!(st.subject_counts(">"), counts);
-    assert_eq!(st.info(), info);
-}
-
-#[test]
-fn per_subject_limit_and_discard_new_per_subject() {
-    let mut o = opts();
-    o.max_msgs_per_subject = 2;
-    let (mut st, _) = open(&MemBackend::new(), o.clone());
-    for i in 0..5u64 {
-        st.append(&plain("k.a", &[i as u8]), T0).unwrap();
-        st.append(&plain("k.b", &[i as u8]), T0).unwrap();
-        st.enforce_limits(T0);
-    }
-    assert_eq!(
-        st.subject_counts("k.*"),
-        [("k.a".into(), 2), ("k.b".into(), 2)]
-    );
-    assert_eq!(st.last_by_subject("k.a").unwrap().unwrap().payload, [4]);
-    assert_eq!(st.next_by_subject("k.a", 0).unwrap().unwrap().payload, [3]);
-    o.discard = Discard::New;
-    o.discard_new_per_subject = true;
-    let (mut st, _) = open(&MemBackend::new(), o);
-    st.append(&plain("k.a", b"1"), T0).unwrap();
-    st.append(&plain("k.a", b"2"), T0).unwrap();
-    let e = st.append(&plain("k.a", b"3"), T0).unwrap_err();
-    assert!(matches!(e, StreamError::SubjectFull { .. }), "{e}");
-    assert_eq!(e.code(), Some(10077));
-    st.append(&plain("k.b", b"1"), T0).unwrap();
-}
-
-#[test]
-fn expected_headers() {
-    let mut o = opts();
-    o.stream_name = "S".into();
-    o.duplicate_window = Duration::from_secs(60);
-    let (mut st, _) = open(&MemBackend::new(), o);
-    let e = st
-        .append(&hmsg("a", "Nats-Expected-Stream: T", b""), T0)
-        .unwrap_err();
-    assert_eq!(e.code(), Some(10060));
-    st.append(&hmsg("a", "Nats-Expected-Stream: S", b""), T0)
-        .unwrap();
-    let e = st
-        .append(&hmsg("a", "Nats-Expected-Last-Sequence: 5", b""), T0)
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            StreamError::WrongLastSequence {
-                expected: 5,
-                last: 1
-            }
-        ),
-        "{e}"
-    );
-    assert_eq!(e.code(), Some(10071));
-    st.append(&hmsg("a", "Nats-Expected-Last-Sequence: 1", b""), T0)
-        .unwrap();
-    st.append(
-        &hmsg("b", "Nats-Expected-Last-Subject-Sequence: 0", b""),
-        T0,
-    )
-    .unwrap();
-    let e = st
-        .append(
-            &hmsg("a", "Nats-Expected-Last-Subject-Sequence: 1", b""),
-            T0,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(e, StreamError::WrongLastSubjectSequence { last: 2, .. }),
-        "{e}"
-    );
-    st.append(
-        &hmsg("a", "Nats-Expected-Last-Subject-Sequence: 2", b""),
-        T0,
-    )
-    .unwrap();
-    st.append(&hmsg("a", "Nats-Msg-Id: m1", b""), T0).unwrap();
-    let e = st
-        .append(&hmsg("a", "Nats-Expected-Last-Msg-Id: m0", b""), T0)
-        .unwrap_err();
-    assert_eq!(e.code(), Some(10070));
-    st.append(&hmsg("a", "Nats-Expected-Last-Msg-Id: m1", b""), T0)
-        .unwrap();
-    let e = st
-        .append(&hmsg("a", "Nats-Expected-Last-Sequence: x", b""), T0)
-        .unwrap_err();
-    assert!(matches!(e, StreamError::BadHeader(_)));
-    let e = st
-        .append(&hmsg("a", "Nats-Rollup: sub", b""), T0)
-        .unwrap_err();
-    assert_eq!(e.code(), Some(10111));
-    let e = st.append(&hmsg("a", "Nats-TTL: 5s", b""), T0).unwrap_err();
-    assert_eq!(e.code(), Some(10166));
-}
-
-#[test]
-fn rollup_ttl_and_dedup_survive_reopen() {
-    let b = MemBackend::new();
-    let mut o = opts();
-    o.allow_rollup = true;
-    o.allow_msg_ttl = true;
-    o.duplicate_window = Duration::from_secs(60);
-    let (mut st, _) = open(&b, o.clone());
-    for i in 0..4u8 {
-        st.append(&plain("r.a", &[i]), T0).unwrap();
-        st.append(&plain("r.b", &[i]), T0).unwrap();
-    }
-    st.append(&hmsg("r.a", "Nats-Rollup: sub", b"A"), T0)
-        .unwrap();
-    st.enforce_limits(T0);
-    assert_eq!(
-        st.subject_counts(">"),
-        [("r.a".into(), 1), ("r.b".into(), 4)]
-    );
-    st.append(&hmsg("r.c", "Nats-Rollup: all", b"C"), T0)
-        .unwrap();
-    st.enforce_limits(T0);
-    assert_eq!(st.subject_counts(">"), [("r.c".into(), 1)]);
-    let e = st
-        .append(&hmsg("t", "Nats-TTL: 0.5s", b""), T0)
-        .unwrap_err();
-    assert_eq!(e.code(), Some(10165));
-    st.append(&hmsg("t", "Nats-TTL: 10s\r\nNats-Msg-Id: id-7", b"x"), T0)
-        .unwrap();
-    st.append(&hmsg("t", "Nats-TTL: 1h", b"y"), T0).unwrap();
-    assert_eq!(st.next_expiry(), Some(T0 + 10 * SEC));
-    st.sync().unwrap();
-    drop(st); // no clean close: the active segment is scanned
-    let (mut st, _) = open(&b, o.clone());
-    let dup = st
-        .append(&hmsg("t", "Nats-Msg-Id: id-7", b"again"), T0 + SEC)
-        .unwrap();
-    assert!(
-        dup.duplicate,
-        "dedup window rebuilt from the stored headers"
-    );
-    assert_eq!(dup.seq, 11);
-    st.enforce_limits(T0 + 11 * SEC);
-    assert!(st.get(11).unwrap().is_none(), "expired by its TTL");
-    assert!(st.get(12).unwrap().is_some());
-    st.close().unwrap();
-    drop(st);
-    let (mut st, _) = open(&b, o);
-    assert_eq!(
-        st.next_expiry(),
-        Some(T0 + 3600 * SEC),
-        "TTL kept in the snapshot"
-    );
-    assert_eq!(
-        all(&mut st).iter().map(|m| m.seq).collect::<Vec<_>>(),
-        [10, 12]
-    );
+    assert_eq!(info_of(&mut st), info);
 }
 
 #[test]
@@ -811,21 +492,18 @@ fn compaction_rewrites_a_mostly_deleted_segment() {
     o.segment_size = 2000;
     let (mut st, _) = open(&b, o.clone());
     for i in 0..200u64 {
-        st.append(
+        put(
+            &mut st,
             &plain(if i % 10 == 0 { "keep" } else { "drop" }, &[7; 20]),
             T0,
-        )
-        .unwrap();
+        );
     }
     st.sync().unwrap();
     let before = st.disk_usage().unwrap();
-    let n = st
-        .purge(&PurgeRequest {
-            subject: Some("drop".into()),
-            ..Default::default()
-        })
-        .unwrap();
+    let drop_id = st.subject_id("drop").unwrap();
+    let n = st.remove_subject_before(drop_id, u64::MAX);
     assert_eq!(n, 180);
+    st.sync().unwrap();
     assert!(st.needs_maintenance());
     while st.needs_maintenance() {
         st.maintain().unwrap();
@@ -838,7 +516,7 @@ fn compaction_rewrites_a_mostly_deleted_segment() {
         .any(|n| n.ends_with(".del") && n != &tomb_name(st.segs.back().unwrap().base)));
     let want = all(&mut st);
     assert_eq!(want.len(), 20);
-    st.append(&plain("keep", b"new"), T0).unwrap();
+    put(&mut st, &plain("keep", b"new"), T0);
     st.sync().unwrap();
     drop(st);
     for n in b.names() {
@@ -857,11 +535,10 @@ fn compaction_rewrites_a_mostly_deleted_segment() {
 fn secure_delete_overwrites_the_bytes() {
     let b = MemBackend::new();
     let (mut st, _) = open(&b, opts());
-    st.append(&plain("secret.subject", b"TOP-SECRET-PAYLOAD"), T0)
-        .unwrap();
-    st.append(&plain("other", b"public"), T0).unwrap();
+    put(&mut st, &plain("secret.subject", b"TOP-SECRET-PAYLOAD"), T0);
+    put(&mut st, &plain("other", b"public"), T0);
     st.sync().unwrap();
-    assert!(st.delete_msg(1, true).unwrap());
+    assert!(st.erase(1).unwrap());
     let seg = b.file(&seg_names(&b)[0]).unwrap();
     let has = |needle: &[u8]| seg.windows(needle.len()).any(|w| w == needle);
     assert!(!has(b"TOP-SECRET") && !has(b"secret.subject"));
@@ -870,35 +547,176 @@ fn secure_delete_overwrites_the_bytes() {
     let (mut st, rep) = open(&b, opts());
     assert_eq!(rep.truncated_bytes, 0, "the erased record still checks out");
     assert_eq!(all(&mut st).len(), 1);
-    assert!(!st.delete_msg(1, false).unwrap());
+    assert!(!st.erase(1).unwrap());
+    assert!(!st.remove(1));
 }
 
 #[test]
-fn deny_flags_and_ack() {
-    let mut o = opts();
-    o.deny_delete = true;
-    o.deny_purge = true;
-    let (mut st, _) = open(&MemBackend::new(), o);
-    fill(&mut st, 3);
-    assert_eq!(st.delete_msg(1, false).unwrap_err().code(), Some(10057));
-    assert_eq!(
-        st.purge(&PurgeRequest::default()).unwrap_err().code(),
-        Some(10110)
-    );
-    assert!(st.ack(1).is_err(), "limits retention");
-    let mut o = opts();
-    o.retention = Retention::WorkQueue;
+fn enospc_rolls_back_then_recovers() {
     let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 1000;
     let (mut st, _) = open(&b, o.clone());
-    fill(&mut st, 3);
-    assert!(st.ack(2).unwrap());
-    assert!(!st.ack(2).unwrap());
+    fill(&mut st, 30);
+    let before = st.state();
+    let usage = b.clone().disk_usage().unwrap();
+    b.set_space_limit(Some(usage + 100));
+    let mark = st.mark();
+    let mut dup = msg(99);
+    dup.headers = Some(b"NATS/1.0\r\nId: k\r\nTtl: 9\r\n\r\n".to_vec());
+    put(&mut st, &dup, T0);
+    // Rolls into new segments too; the roll's flush may already fail.
+    let failed = (0..40).any(|i| try_put(&mut st, &msg(i), T0).is_err());
+    assert!(failed || st.sync().is_err());
+    st.rollback(mark);
+    assert_eq!(st.state(), before);
+    assert_eq!(
+        b.clone().disk_usage().unwrap(),
+        usage,
+        "no half-written bytes stay"
+    );
+    b.set_space_limit(None);
+    assert_eq!(st.next_deadline(), None, "rolled back with its record");
+    assert_eq!(put(&mut st, &dup, T0), 31);
+    fill(&mut st, 40);
+    assert_eq!(st.state().last_seq, 71);
+    drop(st);
+    let (mut st, rep) = open(&b, o);
+    assert_eq!(rep.truncated_bytes, 0);
+    assert_eq!(rep.records, 71);
+    let got = all(&mut st);
+    assert!(got.iter().enumerate().all(|(i, m)| m.seq == i as u64 + 1));
+}
+
+/// Every id the store reports at open, in order.
+fn open_ids(b: &MemBackend, o: StoreOptions) -> (Store, Vec<(u64, u64, String)>) {
+    let mut ids = Vec::new();
+    let (st, _) = Store::open_visiting_ids(Box::new(b.clone()), o, &mut |q, ts, id| {
+        ids.push((q, ts, id.to_string()))
+    })
+    .unwrap();
+    (st, ids)
+}
+
+#[test]
+fn tags_survive_snapshots_scans_compaction_and_rollback() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 1000;
+    let (mut st, _) = open(&b, o.clone());
+    let mut want_ids = Vec::new();
+    for i in 0..120u64 {
+        let m = match i % 4 {
+            0 => hmsg("t.id", &format!("Id: id-{i}"), b"x"),
+            1 => hmsg("t.ttl", &format!("Ttl: {}", 1000 - i), b"x"),
+            2 => hmsg("t.other", "Other: 1", b"x"),
+            _ => plain("t.plain", b"x"),
+        };
+        let seq = put(&mut st, &m, T0 + i);
+        if i % 4 == 0 {
+            want_ids.push((seq, T0 + i, format!("id-{i}")));
+        }
+    }
+    st.sync().unwrap();
+    assert!(seg_names(&b).len() >= 4, "several segments");
+    // The earliest deadline: record i = 117 (1000 - 117 s after T0 + 117).
+    let first_deadline = (T0 + 117 + 883 * SEC, 118);
+    assert_eq!(st.next_deadline(), Some(first_deadline));
+    // A rolled-back record leaves no tags behind.
+    let mark = st.mark();
+    put(&mut st, &hmsg("t.id", "Id: gone\r\nTtl: 1", b"x"), T0 + 200);
+    st.rollback(mark);
+    assert_eq!(st.next_deadline(), Some(first_deadline));
+    drop(st); // kill -9: sealed segments from snapshots, the last scanned
+    let (mut st, ids) = open_ids(&b, o.clone());
+    assert_eq!(ids, want_ids);
+    assert_eq!(st.next_deadline(), Some(first_deadline));
+    st.close().unwrap();
+    drop(st);
+    let (st, ids) = open_ids(&b, o.clone());
+    assert_eq!(ids, want_ids, "after a clean close");
+    assert_eq!(st.next_deadline(), Some(first_deadline));
+    drop(st);
+    for n in b.names() {
+        if n.ends_with(".idx") {
+            b.clone().remove(&n).unwrap();
+        }
+    }
+    let (mut st, ids) = open_ids(&b, o.clone());
+    assert_eq!(ids, want_ids, "full scan");
+    // Compaction keeps the ids (of removed records too) and the deadlines
+    // of the live ones.
+    let first_seg = st.segs[0].offsets.len() as u64;
+    for q in 1..first_seg {
+        if q % 4 != 2 {
+            st.remove(q);
+        }
+    }
+    st.sync().unwrap();
+    while st.needs_maintenance() {
+        st.maintain().unwrap();
+    }
+    st.close().unwrap();
+    let live_deadlines = st.deadlines.clone();
+    drop(st);
+    let (mut st, ids) = open_ids(&b, o.clone());
+    assert_eq!(ids, want_ids, "after compaction");
+    assert_eq!(st.deadlines, live_deadlines);
+    // Deadlines expire.
+    let n = st.remove_expired(T0 + 1000 * SEC);
+    assert_eq!(n, live_deadlines.len() as u64);
+    assert_eq!(st.next_deadline(), None);
+}
+
+#[test]
+fn removal_primitives() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 600;
+    let (mut st, _) = open(&b, o.clone());
+    for i in 0..60u64 {
+        put(
+            &mut st,
+            &plain(["a", "b", "c"][i as usize % 3], b"0123"),
+            T0 + i * SEC,
+        );
+    }
+    st.sync().unwrap();
+    assert_eq!(st.nth_newest(1), Some(60));
+    assert_eq!(st.nth_newest(3), Some(58));
+    assert_eq!(st.nth_newest(61), None);
+    let a = st.subject_id("a").unwrap();
+    assert_eq!(st.subject_seqs(a), (1..=58).step_by(3).collect::<Vec<_>>());
+    assert_eq!(st.subject(a).map(|s| (s.last, s.count)), Some((58, 20)));
+    assert_eq!(st.remove_subject_before(a, 30), 10);
+    assert_eq!(st.subject_first(a), Some(31));
+    assert_eq!(st.subject_of(31), Some(a));
+    assert_eq!(st.subject_of(1), None);
+    // A prefix: not durable until the bounds are persisted.
+    assert_eq!(st.remove_before(11), 6, "1..=10 minus the 4 of subject a");
+    assert_eq!(st.state().first_seq, 11);
     st.sync().unwrap();
     drop(st);
-    let (st, _) = open(&b, o);
-    assert_eq!(
-        st.state().msgs,
-        2,
-        "acked message stays removed (tombstone)"
+    let (mut st, _) = open(&b, o.clone());
+    assert!(
+        st.state().first_seq < 11,
+        "prefix removal is not durable yet"
     );
+    st.remove_before(11);
+    st.persist_bounds().unwrap();
+    drop(st);
+    let (mut st, _) = open(&b, o.clone());
+    assert_eq!(st.state().first_seq, 11);
+    // By time: records 0..=29 are older than T0 + 30 s.
+    let n = st.remove_older_than(T0 + 30 * SEC);
+    assert_eq!(st.state().first_seq, 31);
+    assert_eq!(n, 20 - 6, "11..=30 minus a's 13..=28 removed before");
+    assert!(st.remove_first());
+    assert_eq!(st.state().first_seq, 32);
+    assert_eq!(st.first_ts(), Some(T0 + 31 * SEC));
+    assert_eq!(st.remove_before(u64::MAX), 29);
+    let s = st.state();
+    assert_eq!((s.first_seq, s.last_seq, s.msgs, s.bytes), (61, 60, 0, 0));
+    assert!(!st.remove_first());
+    assert!(seg_names(&b).len() <= 1, "dead segments deleted");
 }

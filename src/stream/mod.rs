@@ -1,6 +1,20 @@
-//! Streams: the semantics on top of the store, and the owner thread.
+//! Streams: the JetStream rules on top of the store, and the owner thread.
 //!
-//! CONTRACT (used by the broker and the uplink; helper-implemented):
+//! Owns: what a stream means. [`rules`] is the sans-IO [`Stream`]: one
+//! stream's [`crate::store::Store`] plus the JetStream rules (duplicate
+//! window, `Nats-Expected-*`, rollups, per-message TTLs, the limits and
+//! discard policies, purge, delete, retention acks, the retention change
+//! check), taking `now` from its caller and reading no clock. `owner.rs`
+//! is the thin shell: one thread per stream that batches queued commands
+//! into group commits, applies the sync policy, runs the expiry timer and
+//! calls [`Stream`]. `handle.rs` is the async side ([`StreamHandle`]).
+//! [`consumer`] holds consumer state (run by `server::jsapi`). Of the
+//! crate, this module imports only [`crate::store`] and [`crate::subject`]
+//! (checked by `tests/layout.rs`), except `consumer.rs`, which uses
+//! `crate::auth` and `crate::names` for the API's permission and name
+//! checks.
+//!
+//! CONTRACT (used by the broker and the uplink):
 //!
 //! - [`open`] opens (or creates) a stream in its directory, recovers the
 //!   store and spawns one owner thread per stream. The thread owns the
@@ -21,11 +35,11 @@
 //!   oldest message's max_age expiry) it races `recv` against an
 //!   `async_io::Timer` inside `smol::block_on`, so it wakes while idle.
 //! - Group commit: take one command, drain what is already queued (up to
-//!   [`MAX_BATCH`]), append all of it into one buffered write, then `Always`:
-//!   one fsync (fdatasync) per touched segment, then reply to all.
-//!   `Interval(d)`: write, reply, fsync once `d` has passed since the first
-//!   unsynced write. `Never`: write, reply; fsync only at close.
-//! - If an append, write or fsync fails, the whole batch is rolled back
+//!   [`MAX_BATCH`]), publish all of it into one buffered write, then
+//!   `Always`: one fsync (fdatasync) per touched segment, then reply to
+//!   all. `Interval(d)`: write, reply, fsync once `d` has passed since the
+//!   first unsynced write. `Never`: write, reply; fsync only at close.
+//! - If a publish, write or fsync fails, the whole batch is rolled back
 //!   (file truncated to the pre-batch length) and every publisher of the
 //!   batch gets [`StreamError::Io`]; later batches try again.
 //! - Visibility: [`StreamHandle::state`], [`StreamHandle::read`] and
@@ -37,7 +51,8 @@
 //! - Limits (also max_msgs_per_subject, per-message TTLs and rollups) are
 //!   applied after each committed batch and on the expiry timer; their
 //!   tombstones are written (synced with `Always`) right after. The
-//!   duplicate window is rebuilt from stored headers at open.
+//!   duplicate window is rebuilt at open from the message ids the store
+//!   keeps in its snapshots and scans.
 //! - Delete, purge, ack, get, last/next by subject, subject counts and info
 //!   are handled after the publishes of the batch they arrive in; delete,
 //!   purge and ack are durable when they reply. Compaction of a
@@ -46,19 +61,27 @@
 //!   ([`consumer`] state, run by `server::jsapi`) calls
 //!   [`StreamHandle::ack`] when the last interested consumer (and, for a
 //!   mirrored stream, the hub) acknowledged a message.
-//! - The thread reads the clock; the store never does.
+//! - The owner thread reads the clock; [`Stream`] and the store never do.
 
 pub mod consumer;
+mod dedup;
+mod handle;
 pub mod headers;
+mod limits;
+pub mod oneshot;
 mod owner;
+pub mod rules;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::store::{Backend, FsBackend, MemBackend, Store, StoreOptions};
+pub use crate::store::RecoveryReport;
+use crate::store::{Backend, FsBackend, MemBackend, StoreOptions};
+pub use handle::{AckWaiter, StreamHandle};
+use handle::{Inner, Shared};
+pub use rules::{msg_id, store_options, Mark, Stream};
 
 /// Commands queued to one stream's owner before `publish` awaits.
 pub const QUEUE_DEPTH: usize = 1024;
@@ -226,16 +249,6 @@ pub struct PurgeRequest {
     pub keep: Option<u64>,
 }
 
-/// What recovery found when the stream was opened.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    pub records: u64,
-    /// Bytes cut from torn or corrupt tails.
-    pub truncated_bytes: u64,
-    /// Records known lost (a corrupt record in the middle, skipped).
-    pub lost_records: u64,
-}
-
 #[derive(Debug)]
 pub enum StreamError {
     /// discard = new and a limit is reached.
@@ -355,259 +368,6 @@ impl std::fmt::Display for StreamError {
 
 impl std::error::Error for StreamError {}
 
-/// State shared between the handles and the owner thread.
-struct Shared {
-    /// The durable view (see the module notes).
-    state: Mutex<StreamState>,
-    /// Notified after every change of `state` and at shutdown.
-    changed: event_listener::Event,
-    closed: AtomicBool,
-}
-
-impl Shared {
-    fn state(&self) -> MutexGuard<'_, StreamState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-type Reply<T> = crate::oneshot::Sender<T>;
-
-enum Cmd {
-    Publish(Message, Reply<Result<PubAck, StreamError>>),
-    Read {
-        from: u64,
-        max_msgs: usize,
-        max_bytes: usize,
-        reply: Reply<Result<Vec<StoredMessage>, StreamError>>,
-    },
-    DiskUsage(Reply<Result<u64, StreamError>>),
-    Close(Reply<()>),
-    Delete {
-        seq: u64,
-        secure: bool,
-        reply: Reply<Result<bool, StreamError>>,
-    },
-    Purge(PurgeRequest, Reply<Result<u64, StreamError>>),
-    Ack(u64, Reply<Result<bool, StreamError>>),
-    Get(u64, Reply<Result<Option<StoredMessage>, StreamError>>),
-    LastBySubject(String, Reply<Result<Option<StoredMessage>, StreamError>>),
-    NextBySubject(
-        String,
-        u64,
-        Reply<Result<Option<StoredMessage>, StreamError>>,
-    ),
-    SubjectCounts(String, Reply<Result<Vec<(String, u64)>, StreamError>>),
-    Info(Reply<Result<StreamInfo, StreamError>>),
-}
-
-struct Inner {
-    cfg: StreamConfig,
-    tx: smol::channel::Sender<Cmd>,
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Inner {
-    fn take_thread(&self) -> Option<JoinHandle<()>> {
-        self.thread.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-impl Drop for Inner {
-    /// The last handle went away: let the owner sync and stop, and wait for
-    /// it (a short block for the final fsync).
-    fn drop(&mut self) {
-        self.tx.close();
-        if let Some(t) = self.take_thread() {
-            if t.join().is_err() {
-                log::error!("stream {}: owner thread panicked", self.cfg.name);
-            }
-        }
-    }
-}
-
-/// A cheap, cloneable handle to a stream's owner thread.
-#[derive(Clone)]
-pub struct StreamHandle {
-    inner: Arc<Inner>,
-}
-
-impl StreamHandle {
-    pub fn config(&self) -> &StreamConfig {
-        &self.inner.cfg
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StreamError> {
-        let (tx, rx) = crate::oneshot::channel();
-        self.inner
-            .tx
-            .send(make(tx))
-            .await
-            .map_err(|_| StreamError::Closed)?;
-        rx.await.map_err(|_| StreamError::Closed)
-    }
-
-    /// Append; resolves when durable per the sync policy.
-    pub async fn publish(&self, msg: Message) -> Result<PubAck, StreamError> {
-        self.call(|r| Cmd::Publish(msg, r)).await?
-    }
-
-    /// Queue a message for appending and return at once with a waiter for
-    /// its acknowledgement. Messages submitted one after another by the same
-    /// caller are stored in that order. Awaits only while the owner's queue
-    /// is full (backpressure).
-    pub async fn submit(&self, msg: Message) -> Result<AckWaiter, StreamError> {
-        let (tx, rx) = crate::oneshot::channel();
-        self.inner
-            .tx
-            .send(Cmd::Publish(msg, tx))
-            .await
-            .map_err(|_| StreamError::Closed)?;
-        Ok(AckWaiter { rx, done: None })
-    }
-
-    /// Messages with `seq >= from`, in order, skipping deleted ones, at most
-    /// `max_msgs` and about `max_bytes` (at least one if any exists).
-    pub async fn read(
-        &self,
-        from: u64,
-        max_msgs: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StreamError> {
-        self.call(|reply| Cmd::Read {
-            from,
-            max_msgs,
-            max_bytes,
-            reply,
-        })
-        .await?
-    }
-
-    /// Bytes the stream's files use on disk (0 for memory storage is not
-    /// guaranteed: it reports the in-memory file sizes).
-    pub async fn disk_usage(&self) -> Result<u64, StreamError> {
-        self.call(Cmd::DiskUsage).await?
-    }
-
-    /// Delete one message. With `secure`, its bytes on disk are overwritten
-    /// too. Ok(false) if there is no such message. Durable when it returns.
-    pub async fn delete(&self, seq: u64, secure: bool) -> Result<bool, StreamError> {
-        self.call(|reply| Cmd::Delete { seq, secure, reply })
-            .await?
-    }
-
-    /// Purge messages (see [`PurgeRequest`]); returns how many went.
-    /// Durable when it returns.
-    pub async fn purge(&self, req: PurgeRequest) -> Result<u64, StreamError> {
-        self.call(|r| Cmd::Purge(req, r)).await?
-    }
-
-    /// Retention `interest`/`workqueue`: every interested consumer has
-    /// acknowledged `seq`, so it is removed. `BadRequest` with `limits`.
-    pub async fn ack(&self, seq: u64) -> Result<bool, StreamError> {
-        self.call(|r| Cmd::Ack(seq, r)).await?
-    }
-
-    /// The message with sequence `seq` (None if absent or deleted).
-    pub async fn get(&self, seq: u64) -> Result<Option<StoredMessage>, StreamError> {
-        self.call(|r| Cmd::Get(seq, r)).await?
-    }
-
-    /// The newest message whose subject matches `filter`.
-    pub async fn last_by_subject(
-        &self,
-        filter: &str,
-    ) -> Result<Option<StoredMessage>, StreamError> {
-        let f = filter.to_string();
-        self.call(|r| Cmd::LastBySubject(f, r)).await?
-    }
-
-    /// The first message with `seq >= from` whose subject matches `filter`.
-    pub async fn next_by_subject(
-        &self,
-        filter: &str,
-        from: u64,
-    ) -> Result<Option<StoredMessage>, StreamError> {
-        let f = filter.to_string();
-        self.call(|r| Cmd::NextBySubject(f, from, r)).await?
-    }
-
-    /// Message counts per subject matching `filter` (`">"` for all), sorted.
-    pub async fn subject_counts(&self, filter: &str) -> Result<Vec<(String, u64)>, StreamError> {
-        let f = filter.to_string();
-        self.call(|r| Cmd::SubjectCounts(f, r)).await?
-    }
-
-    /// The full state (a round trip to the owner).
-    pub async fn info(&self) -> Result<StreamInfo, StreamError> {
-        self.call(Cmd::Info).await?
-    }
-
-    /// Current state (cheap, no round trip to the owner).
-    pub fn state(&self) -> StreamState {
-        *self.inner.shared.state()
-    }
-
-    /// Resolves once `last_seq >= seq` or the stream is closed.
-    pub async fn wait_for(&self, seq: u64) {
-        let shared = &self.inner.shared;
-        let done = || shared.state().last_seq >= seq || shared.closed.load(Ordering::Acquire);
-        loop {
-            if done() {
-                return;
-            }
-            let listener = shared.changed.listen();
-            if done() {
-                return;
-            }
-            listener.await;
-        }
-    }
-
-    /// Flush, sync, write the meta file, stop the owner thread and wait
-    /// for it. Later calls on any clone return `Closed`. Idempotent.
-    pub async fn close(&self) {
-        let _ = self.call(Cmd::Close).await;
-        self.inner.tx.close();
-        if let Some(t) = self.inner.take_thread() {
-            let name = self.inner.cfg.name.clone();
-            smol::unblock(move || {
-                if t.join().is_err() {
-                    log::error!("stream {name}: owner thread panicked");
-                }
-            })
-            .await;
-        }
-    }
-}
-
-/// The acknowledgement of one submitted message.
-pub struct AckWaiter {
-    rx: crate::oneshot::Receiver<Result<PubAck, StreamError>>,
-    done: Option<Result<PubAck, StreamError>>,
-}
-
-impl AckWaiter {
-    /// Wait until the result is known (cancel-safe; the result is kept for
-    /// [`AckWaiter::try_take`]).
-    pub async fn wait(&mut self) {
-        if self.done.is_none() {
-            self.done = Some((&mut self.rx).await.unwrap_or(Err(StreamError::Closed)));
-        }
-    }
-
-    /// The result, once known (taken: later calls return `None`).
-    pub fn try_take(&mut self) -> Option<Result<PubAck, StreamError>> {
-        if self.done.is_none() {
-            self.done = self
-                .rx
-                .try_recv()
-                .map(|r| r.unwrap_or(Err(StreamError::Closed)));
-        }
-        self.done.take()
-    }
-}
-
 /// Open or create the stream stored in `dir`.
 pub fn open(dir: &Path, cfg: StreamConfig) -> Result<(StreamHandle, RecoveryReport), StreamError> {
     let backend: Box<dyn Backend> = match cfg.storage {
@@ -619,14 +379,16 @@ pub fn open(dir: &Path, cfg: StreamConfig) -> Result<(StreamHandle, RecoveryRepo
 
 /// Open a stream on a given backend (tests: [`MemBackend`] for crash
 /// simulation). `opts` overrides the store options derived from `cfg`
-/// (e.g. a small segment size).
+/// ([`store_options`], e.g. a small segment size; the tagger is always the
+/// stream's).
 pub fn open_with_backend(
     backend: Box<dyn Backend>,
     cfg: StreamConfig,
     opts: Option<StoreOptions>,
 ) -> Result<(StreamHandle, RecoveryReport), StreamError> {
-    let opts = opts.unwrap_or_else(|| StoreOptions::from_config(&cfg));
-    let (store, report) = Store::open(backend, opts, owner::now_ns()).map_err(StreamError::Io)?;
+    let opts = opts.unwrap_or_else(|| store_options(&cfg));
+    let (stream, report) =
+        Stream::open(backend, &cfg, opts, owner::now_ns()).map_err(StreamError::Io)?;
     if report.truncated_bytes > 0 || report.lost_records > 0 {
         log::warn!(
             "stream {}: recovery cut {} damaged bytes; {} records lost; {} records intact",
@@ -637,7 +399,7 @@ pub fn open_with_backend(
         );
     }
     let shared = Arc::new(Shared {
-        state: Mutex::new(store.state()),
+        state: Mutex::new(stream.state()),
         changed: event_listener::Event::new(),
         closed: AtomicBool::new(false),
     });
@@ -647,7 +409,7 @@ pub fn open_with_backend(
         let policy = cfg.sync;
         std::thread::Builder::new()
             .name(format!("stream-{}", cfg.name))
-            .spawn(move || owner::run(store, rx, shared, policy))
+            .spawn(move || owner::run(stream, rx, shared, policy))
             .map_err(StreamError::Io)?
     };
     let handle = StreamHandle {
@@ -661,5 +423,14 @@ pub fn open_with_backend(
     Ok((handle, report))
 }
 
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod rules_tests;
+// The same rule tests with every stream encrypted.
+#[cfg(test)]
+#[allow(clippy::duplicate_mod)]
+#[path = "rules_tests.rs"]
+mod rules_tests_encrypted;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
-//! The per-stream owner thread: the only code that touches a stream's
-//! [`Store`]. Batches queued commands into group commits, applies the sync
-//! policy, runs the max_age timer and publishes the durable state.
+//! The per-stream owner thread, a thin shell around [`Stream`]: the only
+//! code that touches a stream (and so its store). Batches queued commands
+//! into group commits, applies the sync policy, reads the clock and passes
+//! `now` in, runs the expiry timer and publishes the durable state. No
+//! JetStream rule is decided here.
 //!
 //! Invariants: a publisher is acknowledged only after its batch was written
 //! (and fsynced with `Always`); a failed batch leaves no bytes behind and
@@ -12,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Cmd, Reply, Shared, StreamError, SyncPolicy, MAX_BATCH};
-use crate::store::Store;
+use super::handle::{Cmd, Reply, Shared};
+use super::{Stream, StreamError, SyncPolicy, MAX_BATCH};
 
 /// Unix time in nanoseconds (0 if the clock is before 1970).
 pub(super) fn now_ns() -> u64 {
@@ -27,7 +29,7 @@ pub(super) fn now_ns() -> u64 {
 const MIN_EXPIRY_WAIT: Duration = Duration::from_millis(10);
 
 struct Owner {
-    store: Store,
+    stream: Stream,
     shared: Arc<Shared>,
     policy: SyncPolicy,
     /// Highest sequence durable per the policy.
@@ -37,14 +39,14 @@ struct Owner {
 }
 
 pub(super) fn run(
-    store: Store,
+    stream: Stream,
     rx: smol::channel::Receiver<Cmd>,
     shared: Arc<Shared>,
     policy: SyncPolicy,
 ) {
-    let durable = store.state().last_seq;
+    let durable = stream.state().last_seq;
     let mut o = Owner {
-        store,
+        stream,
         shared,
         policy,
         durable,
@@ -102,7 +104,7 @@ impl Owner {
             (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
             _ => None,
         };
-        let expiry_at = self.store.next_expiry().map(|exp| {
+        let expiry_at = self.stream.next_expiry().map(|exp| {
             let wait = Duration::from_nanos(exp.saturating_sub(now_ns())).max(MIN_EXPIRY_WAIT);
             Instant::now() + wait
         });
@@ -110,7 +112,7 @@ impl Owner {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if self.store.needs_maintenance() {
+        if self.stream.needs_maintenance() {
             // Compaction runs one segment at a time between batches.
             return Some(Instant::now());
         }
@@ -119,10 +121,10 @@ impl Owner {
 
     fn tick(&mut self) {
         self.interval_sync();
-        self.store.enforce_limits(now_ns());
+        self.stream.enforce_limits(now_ns());
         self.after_removals();
         self.publish_state();
-        if let Err(e) = self.store.maintain() {
+        if let Err(e) = self.stream.maintain() {
             log::warn!("stream compaction failed: {e}; will retry");
         }
     }
@@ -131,8 +133,8 @@ impl Owner {
     /// written (and synced with `Always`) right away.
     fn after_removals(&mut self) {
         let res = match self.policy {
-            SyncPolicy::Always => self.store.sync(),
-            _ => self.store.flush(),
+            SyncPolicy::Always => self.stream.sync(),
+            _ => self.stream.flush(),
         };
         if let Err(e) = res {
             log::warn!("writing tombstones: {e}; will retry");
@@ -148,9 +150,9 @@ impl Owner {
         if since.elapsed() < d {
             return;
         }
-        match self.store.sync() {
+        match self.stream.sync() {
             Ok(()) => {
-                self.durable = self.store.state().last_seq;
+                self.durable = self.stream.state().last_seq;
                 self.dirty_since = None;
             }
             Err(e) => {
@@ -161,7 +163,7 @@ impl Owner {
     }
 
     fn publish_state(&mut self) {
-        let s = self.store.state_upto(self.durable);
+        let s = self.stream.state_upto(self.durable);
         let mut g = self.shared.state();
         if *g != s {
             *g = s;
@@ -173,7 +175,7 @@ impl Owner {
     /// One group commit. Returns true when a close was requested.
     fn handle_batch(&mut self, batch: Vec<Cmd>) -> bool {
         let now = now_ns();
-        let mark = self.store.mark();
+        let mark = self.stream.mark();
         let mut acks = Vec::new();
         let mut failed: Option<io::Error> = None;
         let mut later = Vec::new();
@@ -184,7 +186,7 @@ impl Owner {
                         acks.push((r, None));
                         continue;
                     }
-                    match self.store.append(&msg, now) {
+                    match self.stream.publish(&msg, now) {
                         Err(StreamError::Io(e)) => {
                             failed = Some(e);
                             acks.push((r, None));
@@ -195,11 +197,11 @@ impl Owner {
                 other => later.push(other),
             }
         }
-        let appended = self.store.state().last_seq != mark.last_seq();
+        let appended = self.stream.state().last_seq != mark.last_seq();
         if failed.is_none() && appended {
             let res = match self.policy {
-                SyncPolicy::Always => self.store.sync(),
-                SyncPolicy::Interval(_) | SyncPolicy::Never => self.store.flush(),
+                SyncPolicy::Always => self.stream.sync(),
+                SyncPolicy::Interval(_) | SyncPolicy::Never => self.stream.flush(),
             };
             failed = res.err();
         }
@@ -208,7 +210,7 @@ impl Owner {
                 "stream write failed: {e}; rejecting {} publishes",
                 acks.len()
             );
-            self.store.rollback(mark);
+            self.stream.rollback(mark);
             for (_, res) in acks.iter_mut() {
                 if !matches!(res, Some(Err(_))) {
                     *res = Some(Err(StreamError::Io(io_copy(e))));
@@ -217,7 +219,7 @@ impl Owner {
         } else if appended {
             match self.policy {
                 SyncPolicy::Always | SyncPolicy::Never => {
-                    self.durable = self.store.state().last_seq;
+                    self.durable = self.stream.state().last_seq;
                 }
                 SyncPolicy::Interval(_) => {
                     self.dirty_since.get_or_insert_with(Instant::now);
@@ -225,7 +227,7 @@ impl Owner {
                 }
             }
         }
-        self.store.enforce_limits(now);
+        self.stream.enforce_limits(now);
         self.after_removals();
         self.publish_state();
         for (r, res) in acks {
@@ -235,68 +237,9 @@ impl Owner {
         }
         let mut closes = Vec::new();
         for cmd in later {
-            match cmd {
-                Cmd::Read {
-                    from,
-                    max_msgs,
-                    max_bytes,
-                    reply: r,
-                } => {
-                    let res = self
-                        .store
-                        .read(from, max_msgs, max_bytes, self.durable)
-                        .map_err(StreamError::Io);
-                    reply(r, res);
-                }
-                Cmd::DiskUsage(r) => reply(r, self.store.disk_usage().map_err(StreamError::Io)),
-                Cmd::Close(r) => closes.push(r),
-                Cmd::Delete {
-                    seq,
-                    secure,
-                    reply: r,
-                } => {
-                    let res = self.store.delete_msg(seq, secure);
-                    self.publish_state();
-                    reply(r, res);
-                }
-                Cmd::Purge(req, r) => {
-                    let res = self.store.purge(&req);
-                    self.publish_state();
-                    reply(r, res);
-                }
-                Cmd::Ack(seq, r) => {
-                    let res = self.store.ack(seq).and_then(|ok| {
-                        self.store.sync().map_err(StreamError::Io)?;
-                        Ok(ok)
-                    });
-                    self.publish_state();
-                    reply(r, res);
-                }
-                Cmd::Get(seq, r) => {
-                    let res = if seq > self.durable {
-                        Ok(None)
-                    } else {
-                        self.store.get(seq).map_err(StreamError::Io)
-                    };
-                    reply(r, res);
-                }
-                Cmd::LastBySubject(f, r) => {
-                    let res = self.store.last_by_subject(&f).map_err(StreamError::Io);
-                    reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
-                }
-                Cmd::NextBySubject(f, from, r) => {
-                    let res = self
-                        .store
-                        .next_by_subject(&f, from)
-                        .map_err(StreamError::Io);
-                    reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
-                }
-                Cmd::SubjectCounts(f, r) => reply(r, Ok(self.store.subject_counts(&f))),
-                Cmd::Info(r) => reply(r, Ok(self.store.info())),
-                Cmd::Publish(..) => {}
-            }
+            self.handle_other(cmd, &mut closes);
         }
-        if let Err(e) = self.store.maintain() {
+        if let Err(e) = self.stream.maintain() {
             log::warn!("stream compaction failed: {e}; will retry");
         }
         if closes.is_empty() {
@@ -309,10 +252,74 @@ impl Owner {
         true
     }
 
+    /// A command other than a publish, after the batch's publishes.
+    fn handle_other(&mut self, cmd: Cmd, closes: &mut Vec<Reply<()>>) {
+        match cmd {
+            Cmd::Read {
+                from,
+                max_msgs,
+                max_bytes,
+                reply: r,
+            } => {
+                let res = self
+                    .stream
+                    .read(from, max_msgs, max_bytes, self.durable)
+                    .map_err(StreamError::Io);
+                reply(r, res);
+            }
+            Cmd::DiskUsage(r) => reply(r, self.stream.disk_usage().map_err(StreamError::Io)),
+            Cmd::Close(r) => closes.push(r),
+            Cmd::Delete {
+                seq,
+                secure,
+                reply: r,
+            } => {
+                let res = self.stream.delete_msg(seq, secure);
+                self.publish_state();
+                reply(r, res);
+            }
+            Cmd::Purge(req, r) => {
+                let res = self.stream.purge(&req);
+                self.publish_state();
+                reply(r, res);
+            }
+            Cmd::Ack(seq, r) => {
+                let res = self.stream.ack(seq).and_then(|ok| {
+                    self.stream.sync().map_err(StreamError::Io)?;
+                    Ok(ok)
+                });
+                self.publish_state();
+                reply(r, res);
+            }
+            Cmd::Get(seq, r) => {
+                let res = if seq > self.durable {
+                    Ok(None)
+                } else {
+                    self.stream.get(seq).map_err(StreamError::Io)
+                };
+                reply(r, res);
+            }
+            Cmd::LastBySubject(f, r) => {
+                let res = self.stream.last_by_subject(&f).map_err(StreamError::Io);
+                reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
+            }
+            Cmd::NextBySubject(f, from, r) => {
+                let res = self
+                    .stream
+                    .next_by_subject(&f, from)
+                    .map_err(StreamError::Io);
+                reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
+            }
+            Cmd::SubjectCounts(f, r) => reply(r, Ok(self.stream.subject_counts(&f))),
+            Cmd::Info(r) => reply(r, Ok(self.stream.info())),
+            Cmd::Publish(..) => {}
+        }
+    }
+
     /// Final sync and meta write; everything written becomes durable.
     fn finish(&mut self) {
-        match self.store.close() {
-            Ok(()) => self.durable = self.store.state().last_seq,
+        match self.stream.close() {
+            Ok(()) => self.durable = self.stream.state().last_seq,
             Err(e) => log::error!("closing stream: {e}"),
         }
         self.dirty_since = None;
