@@ -10,12 +10,22 @@
 //!   unique and well formed, stream subjects are valid and do not overlap,
 //!   every mirror names a configured stream, sizes and durations are in
 //!   range. Later code never re-validates.
-//! - `max_storage` (optional, top level) is a budget for all file streams:
-//!   the configured `max_bytes` of file streams must sum to at most the
-//!   budget, and every file stream without `max_bytes` gets an equal share
-//!   of what is left (at least 64 KiB each, or start-up is refused). Memory
-//!   streams do not count. The budget bounds message bytes as `max_bytes`
-//!   does; index, snapshot and tombstone files come on top (a few percent).
+//! - `max_storage` (optional, top level) is a budget for all file streams
+//!   and the MQTT retained messages: the configured `max_bytes` of file
+//!   streams plus twice `mqtt.max_retained_bytes` (the retained log holds
+//!   at most about twice its live bytes before it is compacted) must sum
+//!   to at most the budget, and every file stream without `max_bytes` gets
+//!   an equal share of what is left (at least 64 KiB each, or start-up is
+//!   refused). Memory streams do not count. The budget bounds message bytes
+//!   as `max_bytes` does; index, snapshot and tombstone files come on top
+//!   (a few percent).
+//! - Per-client memory is bounded in bytes as well as in messages:
+//!   `mqtt.max_queued_bytes` (deliveries waiting for one MQTT connection)
+//!   is at least `mqtt.max_packet_size`, as `nats.max_pending` is at least
+//!   `nats.max_payload`, so one largest message always fits.
+//! - Connection limits default to values that, with the descriptors
+//!   streams and files need, fit the shipped systemd unit's
+//!   `LimitNOFILE=8192` ([`crate::run`] checks the real limit at start).
 //! - `encryption_key_file` (optional, top level) is read at validation: a
 //!   bad or missing key file is a configuration error. With it, every file
 //!   stream encrypts new records unless it sets `encrypt = false`;
@@ -43,6 +53,26 @@ pub const DEFAULT_STREAM: &str = "DEFAULT";
 
 /// Most network threads (`threads`).
 pub const MAX_THREADS: usize = 64;
+
+/// Default `mqtt.max_connections`. With [`DEFAULT_NATS_MAX_CONNECTIONS`],
+/// [`DEFAULT_HTTP_MAX_CONNECTIONS`] and the descriptors the streams and
+/// files need, it fits the shipped systemd unit's `LimitNOFILE=8192`.
+pub const DEFAULT_MQTT_MAX_CONNECTIONS: usize = 4096;
+/// Default `nats.max_connections` (the NATS port serves local programs).
+pub const DEFAULT_NATS_MAX_CONNECTIONS: usize = 1024;
+/// Default `http.max_connections` (monitoring scrapers, `frond status`).
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 64;
+/// Default `mqtt.max_queued_bytes`: 8 MiB per connection holds eight
+/// largest (1 MiB) messages, or the whole `max_queued` count of messages
+/// up to 800 bytes, while one subscriber that stops reading costs a
+/// 256 MB board at most that (raised to `max_packet_size` if larger).
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 8 << 20;
+/// Default `mqtt.max_retained`: the last value of 10,000 topics; the
+/// in-memory index costs about 100 bytes plus the topic per message.
+pub const DEFAULT_MAX_RETAINED: usize = 10_000;
+/// Default `mqtt.max_retained_bytes` (on disk; payloads are read from
+/// there when a subscription needs them, never all held in memory).
+pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 16 << 20;
 
 /// A configuration error, worded for the operator.
 #[derive(Debug)]
@@ -110,6 +140,16 @@ pub struct MqttConfig {
     /// Messages queued for delivery to one subscriber before QoS 0 messages
     /// are dropped for it.
     pub max_queued: usize,
+    /// Bytes of deliveries queued for one MQTT connection (in the router's
+    /// channel and the session's queue together) before more are dropped
+    /// for it; at least `max_packet_size`.
+    pub max_queued_bytes: usize,
+    /// Most retained messages (topics with one); a new one beyond it is
+    /// refused (see [`crate::broker::retained`]).
+    pub max_retained: usize,
+    /// Most bytes of retained messages (records: topic, properties,
+    /// payload, 11 bytes); at least `max_packet_size`.
+    pub max_retained_bytes: u64,
     /// Longest a persistent session outlives its connection (MQTT 5
     /// session expiry is capped to it; 3.1.1 `clean_session = 0` sessions
     /// use it). 0 disables persistent sessions.
@@ -150,6 +190,12 @@ pub struct NatsConfig {
 pub struct HttpConfig {
     /// `None` disables the monitoring endpoint.
     pub listen: Option<String>,
+    /// Connections served at once; more are closed at once (a short 503
+    /// if the socket takes it without waiting).
+    pub max_connections: usize,
+    /// The request head must arrive within this time (and the answer be
+    /// written within it again), else the connection is closed.
+    pub header_timeout: Duration,
 }
 
 /// `[uplink]`: the link to the hub.
@@ -345,6 +391,13 @@ struct RawMqtt {
     connect_timeout: Duration,
     max_inflight: usize,
     max_queued: usize,
+    /// `None`: [`DEFAULT_MAX_QUEUED_BYTES`], or `max_packet_size` if larger.
+    #[serde(deserialize_with = "de_opt_size")]
+    max_queued_bytes: Option<u64>,
+    max_retained: usize,
+    /// `None`: [`DEFAULT_MAX_RETAINED_BYTES`], or `max_packet_size` if larger.
+    #[serde(deserialize_with = "de_opt_size")]
+    max_retained_bytes: Option<u64>,
     #[serde(deserialize_with = "de_duration")]
     max_session_expiry: Duration,
     max_subscriptions: usize,
@@ -361,11 +414,14 @@ impl Default for RawMqtt {
             tls_listen: None,
             wss_listen: None,
             max_packet_size: 1 << 20,
-            max_connections: 10_000,
+            max_connections: DEFAULT_MQTT_MAX_CONNECTIONS,
             max_keep_alive: Duration::from_secs(65_535),
             connect_timeout: Duration::from_secs(10),
             max_inflight: 1024,
             max_queued: 10_000,
+            max_queued_bytes: None,
+            max_retained: DEFAULT_MAX_RETAINED,
+            max_retained_bytes: None,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_subscriptions: 1000,
             max_topic_length: 4096,
@@ -398,7 +454,7 @@ impl Default for RawNats {
             listen: "127.0.0.1:4222".into(),
             max_payload: 1 << 20,
             max_pending: 64 << 20,
-            max_connections: 10_000,
+            max_connections: DEFAULT_NATS_MAX_CONNECTIONS,
             max_control_line: 4096,
             max_subscriptions: 100_000,
             ping_interval: Duration::from_secs(120),
@@ -445,13 +501,34 @@ impl RawNats {
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
     listen: String,
+    max_connections: usize,
+    #[serde(deserialize_with = "de_duration")]
+    header_timeout: Duration,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
             listen: "127.0.0.1:8222".into(),
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+impl RawHttp {
+    fn validate(self) -> Result<HttpConfig, ConfigError> {
+        if self.max_connections == 0 {
+            return err("http.max_connections: must be at least 1");
+        }
+        if self.header_timeout.is_zero() {
+            return err("http.header_timeout: must be more than 0");
+        }
+        Ok(HttpConfig {
+            listen: non_empty(self.listen),
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout,
+        })
     }
 }
 
@@ -813,9 +890,7 @@ impl RawConfig {
         }
         let mut mqtt = self.mqtt.validate()?;
         let mut nats = self.nats.validate()?;
-        let http = HttpConfig {
-            listen: non_empty(self.http.listen),
-        };
+        let http = self.http.validate()?;
         let key = match &self.encryption_key_file {
             None => None,
             Some(p) => Some(
@@ -853,7 +928,11 @@ impl RawConfig {
                 }
             }
         }
-        apply_storage_budget(self.max_storage, &mut streams)?;
+        apply_storage_budget(
+            self.max_storage,
+            mqtt.max_retained_bytes.saturating_mul(2),
+            &mut streams,
+        )?;
         let uplink = match self.uplink {
             None => None,
             Some(u) => Some(u.validate(&streams)?),
@@ -893,21 +972,32 @@ impl RawConfig {
 /// may get (one minimum-size segment).
 pub const MIN_STREAM_SHARE: u64 = crate::store::MIN_SEGMENT_SIZE;
 
-/// Checks the file streams' `max_bytes` against `budget` (0: no budget) and
-/// gives every file stream without `max_bytes` an equal share of the rest.
-fn apply_storage_budget(budget: u64, streams: &mut [StreamConfig]) -> Result<(), ConfigError> {
+/// Checks the file streams' `max_bytes` plus `retained` (the bytes the
+/// retained messages' log may take: twice `mqtt.max_retained_bytes`)
+/// against `budget` (0: no budget) and gives every file stream without
+/// `max_bytes` an equal share of the rest.
+fn apply_storage_budget(
+    budget: u64,
+    retained: u64,
+    streams: &mut [StreamConfig],
+) -> Result<(), ConfigError> {
     if budget == 0 {
         return Ok(());
     }
     let files = || streams.iter().filter(|s| s.storage == Storage::File);
-    let fixed: u64 = files().map(|s| s.max_bytes).fold(0, u64::saturating_add);
+    let fixed: u64 = files()
+        .map(|s| s.max_bytes)
+        .fold(retained, u64::saturating_add);
     if fixed > budget {
-        let list: Vec<String> = files()
+        let mut list: Vec<String> = files()
             .filter(|s| s.max_bytes > 0)
             .map(|s| format!("{} = {}", s.name, s.max_bytes))
             .collect();
+        list.push(format!(
+            "retained messages = {retained} (twice mqtt.max_retained_bytes)"
+        ));
         return err(format!(
-            "max_storage: the file streams' max_bytes add up to {fixed} bytes ({}), more than max_storage = {budget} bytes; lower some max_bytes or raise max_storage",
+            "max_storage: the file streams' max_bytes and the retained messages add up to {fixed} bytes ({}), more than max_storage = {budget} bytes; lower some max_bytes or mqtt.max_retained_bytes, or raise max_storage",
             list.join(", ")
         ));
     }
@@ -952,6 +1042,29 @@ impl RawMqtt {
         if self.max_queued == 0 {
             return err("mqtt.max_queued: must be at least 1");
         }
+        let max_queued_bytes = match self.max_queued_bytes {
+            None => DEFAULT_MAX_QUEUED_BYTES.max(self.max_packet_size),
+            Some(b) if b < self.max_packet_size => {
+                return err(format!(
+                    "mqtt.max_queued_bytes: must be at least mqtt.max_packet_size ({} bytes), so that one largest message can be queued",
+                    self.max_packet_size
+                ))
+            }
+            Some(b) => b,
+        };
+        if self.max_retained == 0 {
+            return err("mqtt.max_retained: must be at least 1");
+        }
+        let max_retained_bytes = match self.max_retained_bytes {
+            None => DEFAULT_MAX_RETAINED_BYTES.max(self.max_packet_size),
+            Some(b) if b < self.max_packet_size => {
+                return err(format!(
+                    "mqtt.max_retained_bytes: must be at least mqtt.max_packet_size ({} bytes), so that one largest message can be retained",
+                    self.max_packet_size
+                ))
+            }
+            Some(b) => b,
+        };
         let ka = self.max_keep_alive.as_secs();
         if ka == 0 || ka > 65_535 {
             return err("mqtt.max_keep_alive: must be between 1s and 65535s");
@@ -976,6 +1089,9 @@ impl RawMqtt {
             connect_timeout: self.connect_timeout,
             max_inflight: self.max_inflight,
             max_queued: self.max_queued,
+            max_queued_bytes: usize::try_from(max_queued_bytes).unwrap_or(usize::MAX),
+            max_retained: self.max_retained,
+            max_retained_bytes,
             max_session_expiry: self.max_session_expiry,
             auth: None,
             max_subscriptions: self.max_subscriptions,
@@ -1327,6 +1443,11 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// [`de_size`] for a key whose absence means "derived from other keys".
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match IntOrStr::deserialize(d)? {
         IntOrStr::Int(i) if i >= 0 => Ok(Duration::from_secs(i as u64)),
@@ -1367,6 +1488,56 @@ mod tests {
         assert_eq!(c.mqtt.max_subscriptions, 1000);
         assert_eq!(c.mqtt.max_topic_length, 4096);
         assert_eq!(c.mqtt.max_topic_levels, 64);
+        assert_eq!(c.mqtt.max_queued_bytes, 8 << 20);
+        assert_eq!(
+            (c.mqtt.max_retained, c.mqtt.max_retained_bytes),
+            (10_000, 16 << 20)
+        );
+        assert_eq!(
+            (c.http.max_connections, c.http.header_timeout),
+            (64, Duration::from_secs(5))
+        );
+        assert_eq!(
+            (c.mqtt.max_connections, c.nats.max_connections),
+            (4096, 1024)
+        );
+    }
+
+    #[test]
+    fn byte_limits_for_queues_and_retained_messages() {
+        let c = Config::parse(
+            "[mqtt]\nmax_queued_bytes = \"2MiB\"\nmax_retained = 5\nmax_retained_bytes = \"3MiB\"\n[http]\nmax_connections = 3\nheader_timeout = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.max_queued_bytes, 2 << 20);
+        assert_eq!(
+            (c.mqtt.max_retained, c.mqtt.max_retained_bytes),
+            (5, 3 << 20)
+        );
+        assert_eq!(
+            (c.http.max_connections, c.http.header_timeout),
+            (3, Duration::from_secs(1))
+        );
+        // Unset, they grow with a larger max_packet_size.
+        let c = Config::parse("[mqtt]\nmax_packet_size = \"32MiB\"\n").unwrap();
+        assert_eq!(c.mqtt.max_queued_bytes, 32 << 20);
+        assert_eq!(c.mqtt.max_retained_bytes, 32 << 20);
+        for (bad, key) in [
+            (
+                "[mqtt]\nmax_queued_bytes = \"512KiB\"\n",
+                "mqtt.max_queued_bytes",
+            ),
+            (
+                "[mqtt]\nmax_retained_bytes = 1000\n",
+                "mqtt.max_retained_bytes",
+            ),
+            ("[mqtt]\nmax_retained = 0\n", "mqtt.max_retained"),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
+            ("[http]\nheader_timeout = 0\n", "http.header_timeout"),
+        ] {
+            let e = Config::parse(bad).unwrap_err().0;
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1395,8 +1566,10 @@ mod tests {
         assert_eq!(c.max_storage, 8 << 30);
         let by = |n: &str| c.streams.iter().find(|s| s.name == n).unwrap().max_bytes;
         assert_eq!(by("A"), 3 << 30);
-        assert_eq!(by("B"), 5 << 29);
-        assert_eq!(by("C"), 5 << 29);
+        // The retained messages' log takes twice mqtt.max_retained_bytes.
+        let retained = 2 * DEFAULT_MAX_RETAINED_BYTES;
+        assert_eq!(by("B"), ((5 << 30) - retained) / 2);
+        assert_eq!(by("C"), ((5 << 30) - retained) / 2);
         assert_eq!(by("M"), 0, "memory streams are outside the budget");
         // Without a budget nothing changes.
         let c = Config::parse(two).unwrap();
@@ -1408,13 +1581,25 @@ mod tests {
             .0;
         assert!(e.contains("max_storage") && e.contains("A = "), "{e}");
         // Nothing (or too little) left for the streams without max_bytes.
-        let e = Config::parse(&format!("max_storage = \"3GiB\"\n{two}"))
+        let e = Config::parse(&format!(
+            "max_storage = {}\n{two}",
+            (3u64 << 30) + 2 * DEFAULT_MAX_RETAINED_BYTES + 65_536
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("without max_bytes"), "{e}");
+        // The catch-all default stream takes the whole budget but the
+        // retained messages' share.
+        let c = Config::parse("max_storage = \"100MiB\"\n").unwrap();
+        assert_eq!(c.streams[0].max_bytes, (100 << 20) - retained);
+        let c = Config::parse("max_storage = \"100MiB\"\n[mqtt]\nmax_retained_bytes = \"1MiB\"\n")
+            .unwrap();
+        assert_eq!(c.streams[0].max_bytes, 98 << 20);
+        // Retained messages alone over the budget: refused, naming them.
+        let e = Config::parse("max_storage = \"16MiB\"\n[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\nmax_bytes = \"1MiB\"\n")
             .unwrap_err()
             .0;
-        assert!(e.contains("without max_bytes"), "{e}");
-        // The catch-all default stream takes the whole budget.
-        let c = Config::parse("max_storage = \"100MiB\"\n").unwrap();
-        assert_eq!(c.streams[0].max_bytes, 100 << 20);
+        assert!(e.contains("retained messages = "), "{e}");
         assert_eq!(Config::parse("").unwrap().streams[0].max_bytes, 1 << 30);
         assert!(Config::parse("max_storage = \"lots\"\n").is_err());
     }

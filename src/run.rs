@@ -1,10 +1,18 @@
 //! `frond run`: open the streams, start the listeners and the uplink, and
 //! shut everything down cleanly on SIGINT/SIGTERM.
 //!
-//! Owns the process lifecycle. Start-up order: data directory lock, streams
-//! (recovery is logged), router, listeners, uplink. Shutdown order is the
-//! reverse: stop accepting, let the uplink persist its cursors, then close
-//! every stream (flush, fsync, files closed).
+//! Owns the process lifecycle. Start-up order: descriptor limit check, data
+//! directory lock, streams (recovery is logged), router, listeners, uplink.
+//! Shutdown order is the reverse: stop accepting, let the uplink persist
+//! its cursors, then close every stream (flush, fsync, files closed).
+//!
+//! Descriptors: at start the soft `RLIMIT_NOFILE` (read from
+//! `/proc/self/limits`) is compared with [`descriptors_needed`], the
+//! connection limits of the enabled listeners plus a reserve for streams
+//! and files. When it is lower, the soft limit is raised to the hard limit
+//! (`setrlimit` through rustix, no `unsafe`; the shipped unit's system
+//! call filter refuses it, and its `LimitNOFILE` sets both anyway), and if
+//! that is still not enough a warning says what to change.
 
 use std::fs::File;
 use std::path::Path;
@@ -15,7 +23,7 @@ use smol::channel::bounded;
 use smol::future::FutureExt;
 
 use crate::broker::persist::SessionStore;
-use crate::broker::retained::Retained;
+use crate::broker::retained::{Retained, RetainedLimits};
 use crate::broker::wills::{unix_ms, WillStore};
 use crate::broker::Broker;
 use crate::config::Config;
@@ -42,6 +50,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         cfg.node,
         cfg.data_dir.display()
     );
+    check_descriptor_limit(&cfg);
     std::fs::create_dir_all(cfg.data_dir.join("streams")).map_err(|e| {
         format!(
             "cannot create data directory {}: {e} (set data_dir in the config)",
@@ -78,7 +87,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
         handles.push(h);
     }
     let mqtt_dir = cfg.data_dir.join("mqtt");
-    let (retained, rep) = Retained::open(&mqtt_dir).map_err(|e| {
+    let limits = RetainedLimits {
+        max_msgs: cfg.mqtt.max_retained,
+        max_bytes: cfg.mqtt.max_retained_bytes,
+    };
+    let (retained, rep) = Retained::open_limited(&mqtt_dir, limits).map_err(|e| {
         format!(
             "cannot open retained messages in {}: {e}",
             mqtt_dir.display()
@@ -230,6 +243,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             tasks.push(smol::spawn(server::http::serve(
                 l,
                 monitor,
+                cfg.http.clone(),
                 stop_rx.clone(),
             )));
         }
@@ -279,6 +293,91 @@ pub fn run(cfg: Config) -> Result<(), String> {
         log::info!("stopped cleanly");
     }
     result
+}
+
+/// Descriptors kept for everything but connections: listeners, the event
+/// loop, signal pipe, log, retained log, session and will files being
+/// written, the uplink, and slack.
+pub const FD_RESERVE: u64 = 64;
+/// Descriptors per stream: up to 16 cached segment handles, the
+/// directory, index snapshots and tombstone files being written.
+pub const FD_PER_STREAM: u64 = 20;
+
+/// Descriptors frond may need with every enabled listener at its
+/// connection limit: `(connections, reserve)`.
+pub fn descriptors_needed(cfg: &Config) -> (u64, u64) {
+    let m = &cfg.mqtt;
+    let mqtt = [&m.listen, &m.ws_listen, &m.tls_listen, &m.wss_listen]
+        .iter()
+        .any(|l| l.is_some());
+    let conns = [
+        (mqtt, cfg.mqtt.max_connections),
+        (cfg.nats.listen.is_some(), cfg.nats.max_connections),
+        (cfg.http.listen.is_some(), cfg.http.max_connections),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n as u64)
+    .sum();
+    let reserve = FD_RESERVE + FD_PER_STREAM * cfg.streams.len() as u64;
+    (conns, reserve)
+}
+
+/// The soft and hard `RLIMIT_NOFILE` from the text of `/proc/self/limits`
+/// (`u64::MAX` for "unlimited").
+pub fn parse_nofile(limits: &str) -> Option<(u64, u64)> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.strip_prefix("Max open files")?.split_whitespace();
+    let value = |f: Option<&str>| match f? {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    Some((value(fields.next())?, value(fields.next())?))
+}
+
+/// Warn (after trying to raise the soft limit to the hard one) when the
+/// descriptor limit is below what the configured connection limits and
+/// the streams may need.
+fn check_descriptor_limit(cfg: &Config) {
+    let (conns, reserve) = descriptors_needed(cfg);
+    let need = conns + reserve;
+    let limits = match std::fs::read_to_string("/proc/self/limits") {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("cannot read /proc/self/limits ({e}); descriptor limit not checked");
+            return;
+        }
+    };
+    let Some((mut soft, hard)) = parse_nofile(&limits) else {
+        log::debug!("no \"Max open files\" in /proc/self/limits; descriptor limit not checked");
+        return;
+    };
+    if soft < need && hard > soft {
+        let to = if hard == u64::MAX { need } else { hard };
+        let new = rustix::process::Rlimit {
+            current: Some(to),
+            maximum: (hard != u64::MAX).then_some(hard),
+        };
+        match rustix::process::setrlimit(rustix::process::Resource::Nofile, new) {
+            Ok(()) => {
+                log::info!("raised the open-file limit (RLIMIT_NOFILE) from {soft} to {to}");
+                soft = to;
+            }
+            Err(e) => log::info!(
+                "cannot raise the open-file limit (RLIMIT_NOFILE) from {soft} to its hard limit {hard}: {e}"
+            ),
+        }
+    }
+    if soft < need {
+        log::warn!(
+            "the open-file limit (RLIMIT_NOFILE) is {soft}, but mqtt.max_connections ({}) + nats.max_connections ({}) + http.max_connections ({}) of the enabled listeners + {reserve} for streams and files need {need}: under load, connections and stream writes fail with \"too many open files\"; raise LimitNOFILE= in the systemd unit (or ulimit -n), or lower the connection limits",
+            cfg.mqtt.max_connections,
+            cfg.nats.max_connections,
+            cfg.http.max_connections
+        );
+    } else {
+        log::debug!("open-file limit {soft}, {need} needed at most");
+    }
 }
 
 /// One frond per data directory: a second one would corrupt the streams.
@@ -355,4 +454,65 @@ pub fn format_status(varz_json: &str) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_open_file_limit() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \nMax cpu time              unlimited            unlimited            seconds   \nMax open files            1024                 524288               files     \n";
+        assert_eq!(parse_nofile(text), Some((1024, 524_288)));
+        let text = "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_nofile(text), Some((u64::MAX, u64::MAX)));
+        assert_eq!(parse_nofile("Max processes 1 2 processes\n"), None);
+        assert_eq!(parse_nofile("Max open files  lots  1 files\n"), None);
+    }
+
+    /// The defaults fit the shipped unit's LimitNOFILE, and every board's
+    /// frond.toml its board.env's LIMIT_NOFILE.
+    #[test]
+    fn connection_limits_fit_the_shipped_descriptor_limits() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("boards");
+        let unit = std::fs::read_to_string(root.join("frond.service")).unwrap();
+        let unit_limit: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let (c, r) = descriptors_needed(&Config::defaults());
+        assert!(
+            c + r <= unit_limit,
+            "defaults need {c} + {r} > {unit_limit}"
+        );
+        let mut boards = 0;
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let dir = entry.unwrap().path();
+            let (Ok(toml), Ok(env)) = (
+                std::fs::read_to_string(dir.join("frond.toml")),
+                std::fs::read_to_string(dir.join("board.env")),
+            ) else {
+                continue;
+            };
+            let limit: u64 = env
+                .lines()
+                .find_map(|l| l.strip_prefix("LIMIT_NOFILE="))
+                .unwrap_or_else(|| panic!("{}: no LIMIT_NOFILE", dir.display()))
+                .trim()
+                .parse()
+                .unwrap();
+            let cfg = Config::parse(&toml).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let (c, r) = descriptors_needed(&cfg);
+            assert!(
+                c + r <= limit,
+                "{}: connection limits {c} + reserve {r} exceed LIMIT_NOFILE {limit}",
+                dir.display()
+            );
+            boards += 1;
+        }
+        assert!(boards >= 5, "found {boards} boards");
+    }
 }

@@ -169,9 +169,11 @@ async fn a_subscriber_that_stops_reading_stalls_nobody() {
     const N: usize = 2000;
     const SIZE: usize = 16 * 1024; // 32 MiB in all: more than socket buffers hold
     let frond = Frond::start_new(FrondSpec {
-        // The good subscriber's QoS 1 window holds the whole burst, so
-        // what it gets does not depend on how fast it acknowledges.
-        mqtt_config: "max_inflight = 4096\n".into(),
+        // The good subscriber's QoS 1 window and queue hold the whole
+        // burst, so what it gets does not depend on how fast it
+        // acknowledges or reads (the default max_queued_bytes, 8 MiB,
+        // would drop for a reader more than 8 MiB behind).
+        mqtt_config: "max_inflight = 4096\nmax_queued_bytes = \"64MiB\"\n".into(),
         max_packet_size: Some("1MiB".into()),
         ..Default::default()
     })

@@ -9,10 +9,12 @@
 //! capture map.
 //!
 //! Two kinds of subscriber:
-//! - MQTT sessions register filters with a bounded channel of
-//!   [`Delivery`]; a connection subscribed through several overlapping
-//!   filters receives a message once, at the highest granted QoS
-//!   (MQTT 3.1.1 §3.3.5).
+//! - MQTT sessions register filters with a channel of [`Delivery`],
+//!   bounded by count (`max_queued`) and, once the connection registered
+//!   its [`QueueBudget`] ([`Broker::limit_mqtt_queue`]), by bytes
+//!   (`mqtt.max_queued_bytes`); a connection subscribed through several
+//!   overlapping filters receives a message once, at the highest granted
+//!   QoS (MQTT 3.1.1 §3.3.5).
 //! - MQTT shared subscriptions (`$share/{group}/{filter}`) are queue
 //!   subscriptions with the share name as queue group, so MQTT members of
 //!   group `G` and NATS queue subscribers of group `G` share the messages
@@ -37,11 +39,13 @@
 //! check again at delivery (they also serve retained and stream messages).
 //!
 //! Invariants:
-//! - Delivery never blocks a publisher: MQTT queues are bounded by count,
-//!   NATS outboxes by bytes; when one is full the message is dropped for
-//!   that subscriber only and counted, and a NATS outbox is marked slow so
-//!   its connection is closed (slow consumer). Other subscribers and the
-//!   publisher are not affected.
+//! - Delivery never blocks a publisher: MQTT queues are bounded by count
+//!   and bytes, NATS outboxes by bytes; when one is full the message is
+//!   dropped for that subscriber only and counted (`dropped_slow`), and a
+//!   NATS outbox is marked slow so its connection is closed (slow
+//!   consumer). Other subscribers and the publisher are not affected. An
+//!   empty queue always takes one message, however large, so a message
+//!   bigger than a limit is never lost for a subscriber that keeps up.
 //! - The table's lock is never held across an `.await`; while it is held,
 //!   only non-blocking work happens (trie lookup, `try_send`, outbox push,
 //!   which takes the outbox's own short lock: order table -> outbox).
@@ -69,7 +73,7 @@ pub mod session;
 pub mod wills;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use smol::channel::{Sender, TrySendError};
@@ -98,6 +102,93 @@ pub struct Delivery {
     pub reply: Option<String>,
     /// When it was routed (MQTT message expiry counts from here).
     pub at: std::time::Instant,
+}
+
+impl Delivery {
+    /// Bytes this delivery costs while queued (close to what it holds).
+    pub fn cost(&self) -> usize {
+        DELIVERY_OVERHEAD
+            + self.subject.len()
+            + self.payload.len()
+            + self.headers.as_ref().map_or(0, Vec::len)
+            + self.reply.as_ref().map_or(0, String::len)
+    }
+}
+
+/// What a queued [`Delivery`] costs beyond its strings and payload (the
+/// struct, its `Arc`, the channel slot).
+pub const DELIVERY_OVERHEAD: usize = 128;
+
+/// The byte budget of one MQTT connection's queued deliveries
+/// (`mqtt.max_queued_bytes`), shared by the router, which charges what it
+/// puts into the connection's channel, and the connection, which releases
+/// what it takes out and reports what its session still holds in its own
+/// queue ([`QueueBudget::set_held`]). A delivery is admitted while both
+/// together stay within the limit, or when nothing is queued at all.
+#[derive(Debug)]
+pub struct QueueBudget {
+    max_bytes: usize,
+    /// Bytes in the channel.
+    queued: AtomicUsize,
+    /// Bytes the session holds (QoS 1/2 waiting for the client's window).
+    held: AtomicUsize,
+}
+
+impl QueueBudget {
+    pub fn new(max_bytes: usize) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget {
+            max_bytes,
+            queued: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Charge `n` bytes if they fit (or nothing is queued); false if not.
+    pub fn try_charge(&self, n: usize) -> bool {
+        let held = self.held.load(Ordering::Relaxed);
+        let mut cur = self.queued.load(Ordering::Relaxed);
+        loop {
+            let used = cur.saturating_add(held);
+            if used > 0 && used.saturating_add(n) > self.max_bytes {
+                return false;
+            }
+            match self.queued.compare_exchange_weak(
+                cur,
+                cur.saturating_add(n),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// `n` bytes left the channel.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n))
+            });
+    }
+
+    /// The session now holds `n` bytes in its own queue.
+    pub fn set_held(&self, n: usize) {
+        self.held.store(n, Ordering::Relaxed);
+    }
+
+    /// Bytes charged: in the channel plus held by the session.
+    pub fn used(&self) -> usize {
+        self.queued
+            .load(Ordering::Relaxed)
+            .saturating_add(self.held.load(Ordering::Relaxed))
+    }
+
+    /// Whether anything more fits now.
+    pub fn has_room(&self) -> bool {
+        self.used() < self.max_bytes
+    }
 }
 
 /// A routed message as NATS subscribers see it; shared by all of them.
@@ -140,6 +231,8 @@ enum Target {
         /// channel may be unbounded: it then allocates only what is
         /// queued, so an idle client costs no queue memory).
         max_queued: usize,
+        /// The connection's byte budget, if it registered one.
+        budget: Option<Arc<QueueBudget>>,
     },
     Nats {
         outbox: Arc<Outbox>,
@@ -186,6 +279,8 @@ struct Table {
     /// Connections whose permissions deny some subjects
     /// ([`Broker::set_permissions`]).
     deny: subject::FastMap<ConnId, Arc<Permissions>>,
+    /// Byte budgets of MQTT connections ([`Broker::limit_mqtt_queue`]).
+    budgets: subject::FastMap<ConnId, Arc<QueueBudget>>,
     next: SubId,
     /// Bumped (under the table's lock) by every change of `trie`;
     /// [`NoInterest`] memories are valid only while it stays the same.
@@ -242,6 +337,9 @@ pub struct Counters {
     pub total_connections: AtomicU64,
     pub nats_connections: AtomicU64,
     pub slow_consumers: AtomicU64,
+    /// Retained messages not stored because `mqtt.max_retained` or
+    /// `mqtt.max_retained_bytes` was reached.
+    pub retained_refused: AtomicU64,
 }
 
 /// The outcome of [`Outbox::push`].
@@ -500,6 +598,7 @@ impl Broker {
             }
             return;
         }
+        let budget = t.budgets.get(&conn).cloned();
         t.add(Sub {
             conn,
             dollar_blind: mqtt_dollar_blind(&filter),
@@ -509,6 +608,7 @@ impl Broker {
                 tx,
                 qos,
                 max_queued,
+                budget,
             },
             max: None,
             delivered: 0,
@@ -603,10 +703,18 @@ impl Broker {
         }
     }
 
+    /// Bound the bytes queued for MQTT connection `conn` by `budget` (for
+    /// the subscriptions it makes from now on; call before subscribing).
+    /// Forgotten with [`Broker::drop_conn`].
+    pub fn limit_mqtt_queue(&self, conn: ConnId, budget: Arc<QueueBudget>) {
+        lock(&self.table).budgets.insert(conn, budget);
+    }
+
     /// Remove every subscription of a connection.
     pub fn drop_conn(&self, conn: ConnId) {
         let mut t = lock(&self.table);
         t.deny.remove(&conn);
+        t.budgets.remove(&conn);
         let ids = t.by_conn.remove(&conn).unwrap_or_default();
         for id in ids {
             if let Some(sub) = t.subs.remove(&id) {
@@ -818,7 +926,13 @@ impl Broker {
         };
         for (_, shared, q, id) in mqtt {
             let Some(Sub {
-                target: Target::Mqtt { tx, max_queued, .. },
+                target:
+                    Target::Mqtt {
+                        tx,
+                        max_queued,
+                        budget,
+                        ..
+                    },
                 ..
             }) = t.subs.get(&id)
             else {
@@ -829,6 +943,17 @@ impl Broker {
                 continue;
             }
             let m = msg.get_or_insert_with(&mut *make);
+            if let Some(b) = budget {
+                let cost = DELIVERY_OVERHEAD
+                    + m.subject.len()
+                    + m.payload.len()
+                    + m.headers.as_ref().map_or(0, Vec::len)
+                    + m.reply.as_ref().map_or(0, String::len);
+                if !b.try_charge(cost) {
+                    self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
             let d = Arc::new(Delivery {
                 subject: m.subject.clone(),
                 payload: m.payload.clone(),
@@ -843,10 +968,17 @@ impl Broker {
                 Ok(()) => {
                     self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(TrySendError::Full(_)) => {
+                Err(TrySendError::Full(d)) => {
+                    if let Some(b) = budget {
+                        b.release(d.cost());
+                    }
                     self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(TrySendError::Closed(_)) => {}
+                Err(TrySendError::Closed(d)) => {
+                    if let Some(b) = budget {
+                        b.release(d.cost());
+                    }
+                }
             }
         }
         for id in finished {
@@ -882,7 +1014,14 @@ fn pick_member(subs: &subject::FastMap<SubId, Sub>, members: &[SubId]) -> Option
     }
     let start = fastrand::usize(..n);
     let has_room = |id: &SubId| match subs.get(id).map(|s| &s.target) {
-        Some(Target::Mqtt { tx, max_queued, .. }) => !tx.is_full() && tx.len() < *max_queued,
+        Some(Target::Mqtt {
+            tx,
+            max_queued,
+            budget,
+            ..
+        }) => {
+            !tx.is_full() && tx.len() < *max_queued && budget.as_ref().is_none_or(|b| b.has_room())
+        }
         Some(Target::Nats { outbox, .. }) => !outbox.is_slow(),
         None => false,
     };
@@ -1201,5 +1340,65 @@ mod tests {
         assert_eq!(full_rx.len(), 1);
         assert_eq!(rx.len(), 99, "nothing lost while a member had room");
         assert_eq!(b.counters.dropped_slow.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn mqtt_queue_bytes_are_bounded_and_given_back() {
+        let b = Broker::new(Vec::new());
+        let (tx, rx) = smol::channel::unbounded();
+        let budget = QueueBudget::new(10_000);
+        b.limit_mqtt_queue(1, budget.clone());
+        b.subscribe_mqtt(1, None, "a".into(), 0, tx, 1000);
+        let (fast_tx, fast_rx) = smol::channel::unbounded();
+        b.subscribe_mqtt(2, None, "a".into(), 0, fast_tx, 1000);
+        // An empty queue takes one message of any size.
+        b.route("a", &[0; 50_000], 0, false);
+        assert_eq!(rx.len(), 1);
+        b.route("a", &[0; 1000], 0, false);
+        assert_eq!(rx.len(), 1, "over the budget: dropped");
+        assert_eq!(b.counters.dropped_slow.load(Ordering::Relaxed), 1);
+        let d = rx.try_recv().unwrap();
+        budget.release(d.cost());
+        assert_eq!(budget.used(), 0);
+        for _ in 0..20 {
+            b.route("a", &[0; 1000], 0, false);
+        }
+        let cost = 1000 + 1 + DELIVERY_OVERHEAD;
+        assert_eq!(rx.len(), 10_000 / cost);
+        assert!(budget.used() <= 10_000);
+        // What the session holds counts too.
+        budget.set_held(budget.used());
+        while let Ok(d) = rx.try_recv() {
+            budget.release(d.cost());
+        }
+        b.route("a", &[0; 1000], 0, false);
+        assert_eq!(rx.len(), 0, "the session holds the whole budget");
+        budget.set_held(0);
+        b.route("a", &[0; 1000], 0, false);
+        assert_eq!(rx.len(), 1);
+        // The other subscriber, without a budget, got every message.
+        assert_eq!(fast_rx.len(), 24);
+        // A connection's budget goes with it.
+        b.drop_conn(1);
+        assert!(lock(&b.table).budgets.is_empty());
+    }
+
+    #[test]
+    fn share_group_passes_over_a_member_out_of_bytes() {
+        let b = Broker::new(Vec::new());
+        let (full_tx, full_rx) = smol::channel::unbounded();
+        let (tx, rx) = smol::channel::unbounded();
+        b.limit_mqtt_queue(1, QueueBudget::new(100));
+        b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx, 1000);
+        b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx, 1000);
+        for _ in 0..100 {
+            b.route("a", &[0; 200], 0, false);
+        }
+        assert!(full_rx.len() <= 1);
+        assert_eq!(
+            full_rx.len() + rx.len(),
+            100,
+            "nothing lost while a member had room"
+        );
     }
 }

@@ -148,8 +148,14 @@
 //!   with the topic once and with an empty topic afterwards.
 //! - Flow control: outbound QoS 1/2 in flight are bounded by
 //!   min(`max_inflight`, the client's Receive Maximum); further QoS 1/2
-//!   deliveries wait in a queue of at most `max_queued` (then dropped and
-//!   counted in `dropped`), QoS 0 goes out at once. frond's Receive
+//!   deliveries wait in a queue of at most `max_queued` messages and
+//!   `max_queued_bytes` bytes ([`Delivery::cost`]; an empty queue takes
+//!   one message of any size), then are dropped and counted in `dropped`;
+//!   QoS 0 goes out at once. The shell reports [`Session::queued_bytes`]
+//!   to the connection's [`crate::broker::QueueBudget`], so the router's
+//!   channel and this queue share one byte limit, and moves deliveries in
+//!   only while [`Session::output_len`] is small (the output is bounded by
+//!   what the shell lets in, not here). frond's Receive
 //!   Maximum is `max_inflight`; a 5.0 client with that many publishes
 //!   unacknowledged that sends another QoS 1/2 PUBLISH is disconnected
 //!   with 0x93 (3.1.1 clients are slowed through TCP instead).
@@ -197,6 +203,8 @@ pub struct Limits {
     pub max_inflight: usize,
     /// QoS 1/2 deliveries held while the client's window is full.
     pub max_queued: usize,
+    /// Bytes of those ([`Delivery::cost`]).
+    pub max_queued_bytes: usize,
     /// Longest session expiry granted; also the expiry of 3.1.1
     /// persistent sessions.
     pub max_session_expiry: Duration,
@@ -294,6 +302,8 @@ struct Queued {
     publish: Publish,
     /// When it expires (MQTT 5 message expiry).
     deadline: Option<Instant>,
+    /// What it counts against `max_queued_bytes`.
+    cost: usize,
 }
 
 /// What [`Session::emit`] did with a PUBLISH.
@@ -399,6 +409,8 @@ pub struct Session {
     client_receive_max: usize,
     /// QoS 1/2 deliveries waiting for the in-flight window.
     queued: VecDeque<Queued>,
+    /// The sum of their costs.
+    queued_bytes: usize,
     /// MQTT 5 subscription identifiers, by NATS filter.
     sub_ids: HashMap<String, u32>,
     /// MQTT 5 Request Problem Information (reason strings on acks).
@@ -481,6 +493,7 @@ impl Session {
             client_max_packet: None,
             client_receive_max: 65_535,
             queued: VecDeque::new(),
+            queued_bytes: 0,
             sub_ids: HashMap::new(),
             problem_info: true,
             oversize_dropped: 0,
@@ -1596,6 +1609,7 @@ impl Session {
             let Some(q) = self.queued.pop_front() else {
                 break;
             };
+            self.queued_bytes = self.queued_bytes.saturating_sub(q.cost);
             self.emit(q.publish, q.deadline, None);
         }
     }
@@ -1965,12 +1979,21 @@ impl Session {
         if qos != QoS::AtMostOnce
             && (self.outbound.len() >= self.window() || !self.queued.is_empty())
         {
-            if self.queued.len() >= self.limits.max_queued {
+            let cost = d.cost();
+            if self.queued.len() >= self.limits.max_queued
+                || (!self.queued.is_empty()
+                    && self.queued_bytes.saturating_add(cost) > self.limits.max_queued_bytes)
+            {
                 // The client is not acknowledging; drop rather than grow.
                 self.dropped += 1;
                 return;
             }
-            self.queued.push_back(Queued { publish, deadline });
+            self.queued_bytes += cost;
+            self.queued.push_back(Queued {
+                publish,
+                deadline,
+                cost,
+            });
             return;
         }
         self.emit(publish, deadline, None);
@@ -2120,6 +2143,35 @@ impl Session {
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }
+
+    /// Bytes waiting in the output (the shell moves deliveries in only
+    /// while this is small).
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Bytes of QoS 1/2 deliveries waiting for the client's window.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// How many QoS 1/2 deliveries wait for the client's window.
+    pub fn queued_len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Refuse the QoS 1/2 publish `packet_id` (announced by an
+    /// [`Event::Publish`]) with MQTT 5 reason `code` instead of storing
+    /// it: the shell then completes it with `publish_done(packet_id,
+    /// Ok(()))`, in order, and routes and stores nothing. False on 3.1.1,
+    /// which has no negative acknowledgement: the shell decides then.
+    pub fn refuse_publish(&mut self, packet_id: u16, code: u8) -> bool {
+        if self.version != Some(Version::V5) {
+            return false;
+        }
+        self.denied.insert(packet_id, code);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -2134,6 +2186,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4,
             max_queued: 8,
+            max_queued_bytes: 1 << 20,
             max_session_expiry: Duration::from_secs(3600),
             auth: None,
             max_subscriptions: 3,
@@ -3275,6 +3328,66 @@ mod tests {
             vec!["e"]
         );
         assert_eq!(s.expired, 1);
+    }
+
+    #[test]
+    fn queued_deliveries_are_bounded_in_bytes_too() {
+        let (mut s, now) = connected_v5(Properties {
+            receive_maximum: Some(1),
+            ..Properties::default()
+        });
+        subscribe_all(&mut s, now, None);
+        let big = |subject: &str| Delivery {
+            payload: vec![7u8; 300_000],
+            ..delivery(subject, 1, None, now)
+        };
+        // One in flight; then the queue takes one of any size, and more
+        // while under max_queued_bytes (1 MiB in these limits).
+        for t in ["a", "b", "c", "d", "e", "f"] {
+            s.deliver(&big(t));
+        }
+        assert_eq!(publishes(&mut s).len(), 1);
+        assert_eq!(s.queued_len(), 3, "3 x 300 kB fit in 1 MiB, a fourth not");
+        assert_eq!(s.dropped, 2);
+        assert_eq!(s.queued_bytes(), 3 * big("x").cost());
+        // QoS 0 is never queued.
+        s.deliver(&delivery("z", 0, None, now));
+        assert_eq!(publishes(&mut s).len(), 1);
+        // An empty queue takes a message larger than the limit.
+        let mut s2 = connected_v5(Properties {
+            receive_maximum: Some(1),
+            ..Properties::default()
+        })
+        .0;
+        subscribe_all(&mut s2, now, None);
+        s2.deliver(&big("a"));
+        s2.deliver(&Delivery {
+            payload: vec![1u8; 2 << 20],
+            ..delivery("b", 1, None, now)
+        });
+        assert_eq!((s2.queued_len(), s2.dropped), (1, 0));
+    }
+
+    #[test]
+    fn refused_publish_gets_its_reason_code_in_5_only() {
+        let v = Version::V5;
+        let (mut s, now) = connected_v5(Properties::default());
+        s.handle_bytes(
+            &bytes(&publish(QoS::AtLeastOnce, Some(3), "r", b"x"), v),
+            now,
+        );
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Publish { ack: Some(3), .. }]
+        ));
+        assert!(s.refuse_publish(3, 0x97));
+        s.publish_done(3, Ok(()));
+        match &sent(&mut s, v)[..] {
+            [Packet::PubAck(a)] => assert_eq!((a.packet_id, a.code), (3, 0x97)),
+            other => panic!("expected PUBACK 0x97, got {other:?}"),
+        }
+        let (mut s, _) = connected(Version::V311);
+        assert!(!s.refuse_publish(3, 0x97), "3.1.1 has no negative ack");
     }
 
     #[test]

@@ -3,9 +3,19 @@
 //!
 //! Owns: a deliberately tiny HTTP/1.0 responder. One request per
 //! connection; the request head is bounded (8 KiB) and must arrive within
-//! 5 s; anything else gets 400/404 and the connection is closed.
+//! `http.header_timeout` (default 5 s), and the answer be written within
+//! it again; anything else gets 400/404 and the connection is closed.
+//!
+//! Invariants:
+//! - At most `http.max_connections` (default 64) connections are served
+//!   at once: one over the limit is accepted and closed at once (after a
+//!   `503` if the socket takes it without waiting), so idle sockets on
+//!   this port cannot hold more descriptors than that, and MQTT, NATS and
+//!   the streams keep theirs.
+//! - A failed accept (EMFILE, ENFILE, ...) is retried after 100 ms, never
+//!   in a busy loop, and logged at most every 10 s.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +25,14 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
 use crate::broker::Broker;
+use crate::config::HttpConfig;
 use crate::uplink::UplinkStatus;
+
+/// Failed accepts and refusals are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// What a connection over `http.max_connections` is told, if it listens.
+const BUSY: &[u8] =
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// What the endpoint reports.
 pub struct Monitor {
@@ -57,6 +74,7 @@ impl Monitor {
                 "bytes_in": c.bytes_in.load(Ordering::Relaxed),
                 "msgs_out": c.msgs_out.load(Ordering::Relaxed),
                 "dropped_slow": c.dropped_slow.load(Ordering::Relaxed),
+                "retained_refused": c.retained_refused.load(Ordering::Relaxed),
             },
             "streams": streams,
             "uplink": self.uplink.as_ref().map(|u| u.snapshot()),
@@ -95,6 +113,11 @@ impl Monitor {
             "Deliveries dropped for slow subscribers",
             c.dropped_slow.load(Ordering::Relaxed),
         );
+        gauge(
+            "frond_mqtt_retained_refused_total",
+            "Retained messages not stored: mqtt.max_retained or max_retained_bytes reached",
+            c.retained_refused.load(Ordering::Relaxed),
+        );
         for s in self.broker.streams() {
             let st = s.state();
             let n = &s.config().name;
@@ -110,7 +133,17 @@ impl Monitor {
     }
 }
 
-pub async fn serve(listener: TcpListener, monitor: Arc<Monitor>, shutdown: Receiver<()>) {
+/// Serve the endpoint until `shutdown` fires, with `cfg`'s connection
+/// limit and header timeout.
+pub async fn serve(
+    listener: TcpListener,
+    monitor: Arc<Monitor>,
+    cfg: HttpConfig,
+    shutdown: Receiver<()>,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
+    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -120,76 +153,99 @@ pub async fn serve(listener: TcpListener, monitor: Arc<Monitor>, shutdown: Recei
             .await;
         match accepted {
             None => return,
-            Some(Ok((sock, _))) => {
+            Some(Ok((mut sock, peer))) => {
+                if open.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections {
+                    open.fetch_sub(1, Ordering::Relaxed);
+                    // Say why if the socket takes it now; never wait.
+                    let _ = smol::future::poll_once(sock.write(BUSY)).await;
+                    drop(sock);
+                    refused += 1;
+                    if last_refusal_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        log::warn!(
+                            "http: refused {refused} connection(s) (latest from {peer}): http.max_connections ({}) reached",
+                            cfg.max_connections
+                        );
+                        refused = 0;
+                        last_refusal_log = Some(Instant::now());
+                    }
+                    continue;
+                }
                 let m = monitor.clone();
+                let open = open.clone();
+                let timeout = cfg.header_timeout;
                 smol::spawn(async move {
-                    let _ = respond(sock, &m)
-                        .or(async {
-                            smol::Timer::after(Duration::from_secs(5)).await;
-                            Ok(())
-                        })
-                        .await;
+                    let _ = respond(sock, &m, timeout).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
                 })
                 .detach();
             }
             Some(Err(e)) => {
-                log::warn!("http: accept failed: {e}");
+                failed += 1;
+                if last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    log::warn!("http: accept failed {failed} time(s): {e}; retrying every 100ms");
+                    failed = 0;
+                    last_failure_log = Some(Instant::now());
+                }
                 smol::Timer::after(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn respond(mut sock: TcpStream, m: &Monitor) -> std::io::Result<()> {
+/// Read the request head within `timeout`, then answer within `timeout`.
+async fn respond(mut sock: TcpStream, m: &Monitor, timeout: Duration) -> std::io::Result<()> {
+    let head = read_head(&mut sock)
+        .or(async {
+            smol::Timer::after(timeout).await;
+            Err(std::io::ErrorKind::TimedOut.into())
+        })
+        .await?;
+    answer(&mut sock, m, head)
+        .or(async {
+            smol::Timer::after(timeout).await;
+            Err(std::io::ErrorKind::TimedOut.into())
+        })
+        .await
+}
+
+/// What the client sent up to the end of its request head; `None` when
+/// it closed first or sent too much (answered with 400 then).
+async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = sock.read(&mut buf).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > 8192 {
-            return reply(
-                &mut sock,
-                "400 Bad Request",
-                "text/plain",
-                "request too large\n",
-            )
-            .await;
+            reply(sock, "400 Bad Request", "text/plain", "request too large\n").await?;
+            return Ok(None);
         }
     }
+    Ok(Some(head))
+}
+
+async fn answer(sock: &mut TcpStream, m: &Monitor, head: Option<Vec<u8>>) -> std::io::Result<()> {
+    let Some(head) = head else { return Ok(()) };
     let line = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" {
-        return reply(
-            &mut sock,
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n",
-        )
-        .await;
+        return reply(sock, "405 Method Not Allowed", "text/plain", "GET only\n").await;
     }
     match path.split('?').next().unwrap_or("") {
-        "/healthz" => reply(&mut sock, "200 OK", "text/plain", "ok\n").await,
+        "/healthz" => reply(sock, "200 OK", "text/plain", "ok\n").await,
         "/varz" | "/" => {
             let body = serde_json::to_string_pretty(&m.varz()).unwrap_or_default() + "\n";
-            reply(&mut sock, "200 OK", "application/json", &body).await
+            reply(sock, "200 OK", "application/json", &body).await
         }
-        "/metrics" => {
-            reply(
-                &mut sock,
-                "200 OK",
-                "text/plain; version=0.0.4",
-                &m.metrics(),
-            )
-            .await
-        }
+        "/metrics" => reply(sock, "200 OK", "text/plain; version=0.0.4", &m.metrics()).await,
         _ => {
             reply(
-                &mut sock,
+                sock,
                 "404 Not Found",
                 "text/plain",
                 "try /healthz, /varz or /metrics\n",

@@ -10,9 +10,34 @@
 //!   task stops reading the socket while that many are pending
 //!   (backpressure reaches the client through TCP).
 //! - Deliveries to a client queue in a channel the router bounds at
-//!   `max_queued` (allocated as it fills, so idle clients cost no queue
-//!   memory); a client that does not read loses deliveries (counted),
-//!   never stalls a publisher.
+//!   `max_queued` messages and, together with the session's own queue of
+//!   QoS 1/2 messages waiting for the client's window, `max_queued_bytes`
+//!   ([`QueueBudget`]; allocated as it fills, so idle clients cost no
+//!   queue memory); a client that does not read loses deliveries (counted
+//!   in `dropped_slow`), never stalls a publisher. The task moves
+//!   deliveries into the session's output only while that holds less than
+//!   [`WRITE_BUDGET`], and writes it before taking more: per connection,
+//!   memory for deliveries is at most `max_queued_bytes` plus about two
+//!   write budgets and one largest message (and, for a persistent
+//!   session, one 1 MiB stream read), whatever the client does.
+//!   At the limit, QoS 0 messages are dropped; so are live QoS 1/2
+//!   messages of a clean session (at most once for a subscriber that does
+//!   not keep up, as in Mosquitto's `max_queued_messages`); a persistent
+//!   session loses none of the subjects a stream captures, which it reads
+//!   from its stream cursors at its own pace.
+//! - Retained messages of a new subscription are read from the retained
+//!   store in batches of about [`WRITE_BUDGET`] ([`RetainedScan`]), before
+//!   any live delivery that came after the SUBSCRIBE, and only while the
+//!   session's queue is empty (they wait in the store, not in memory); at
+//!   most [`MAX_RETAINED_SCANS`] scans wait per connection (a client that
+//!   subscribes faster than it reads gets no retained messages for the
+//!   excess, with a warning).
+//! - A retained publish past `mqtt.max_retained`/`max_retained_bytes`:
+//!   MQTT 5 QoS 1/2 is refused with PUBACK/PUBREC 0x97 (quota exceeded),
+//!   neither routed nor stored; MQTT 3.1.1 (no negative acknowledgement)
+//!   and QoS 0 publishes go on (routed, captured, acknowledged) without
+//!   being retained. Refusals are counted (`retained_refused`) and logged
+//!   at most every 10 s.
 //! - The read buffer starts at 1 KiB and doubles (to 16 KiB) while reads
 //!   fill it: idle devices stay small, busy publishers read in bulk.
 //! - Everything a connection registered (subscriptions, client id) is
@@ -62,10 +87,10 @@ use smol::Timer;
 
 use crate::broker::bridge;
 use crate::broker::persist::{claim, log_id, unix_now, Claim, SessionStore};
-use crate::broker::retained::Retained;
+use crate::broker::retained::{Retained, RetainedScan};
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::wills::{unix_ms, StoredWill, WillStore};
-use crate::broker::{Broker, Delivery};
+use crate::broker::{Broker, Delivery, QueueBudget};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
 
@@ -78,6 +103,14 @@ const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most messages read from a stream in one batch.
 const READ_BATCH: usize = 256;
+/// Deliveries (and retained messages) are moved into the session's output
+/// only while it holds less than this many bytes.
+pub const WRITE_BUDGET: usize = 64 * 1024;
+/// Retained-message scans (one per filter of a SUBSCRIBE) that may wait
+/// per connection; subscriptions beyond them get no retained messages.
+pub const MAX_RETAINED_SCANS: usize = 1024;
+/// Failed accepts are logged at most this often.
+const ACCEPT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a listener speaks below MQTT.
 #[derive(Clone)]
@@ -113,12 +146,14 @@ pub async fn serve(
         wills,
     } = shared;
     let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
+    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
         max_keep_alive: cfg.max_keep_alive,
         connect_timeout: cfg.connect_timeout,
         max_inflight: cfg.max_inflight,
         max_queued: cfg.max_queued,
+        max_queued_bytes: cfg.max_queued_bytes,
         max_session_expiry: cfg.max_session_expiry,
         auth: cfg.auth.clone(),
         max_subscriptions: cfg.max_subscriptions,
@@ -136,8 +171,16 @@ pub async fn serve(
             None => return,
             Some(Ok(x)) => x,
             Some(Err(e)) => {
-                // EMFILE and friends: wait a little instead of spinning.
-                log::warn!("mqtt: accept failed: {e}; retrying in 100ms");
+                // EMFILE and friends: wait a little instead of spinning,
+                // and say so at most every 10 s (flash wear).
+                failed += 1;
+                if last_failure_log.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
+                    log::warn!(
+                        "mqtt: accept failed {failed} time(s): {e}; retrying every 100ms (out of file descriptors? see the start-up line about RLIMIT_NOFILE)"
+                    );
+                    failed = 0;
+                    last_failure_log = Some(Instant::now());
+                }
                 Timer::after(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -226,6 +269,8 @@ pub async fn serve(
 enum Wake {
     Read(std::io::Result<usize>),
     Deliver(Arc<Delivery>),
+    /// Retained messages are owed (step 3 reads them).
+    Retained,
     Stored,
     Kicked,
     Shutdown,
@@ -394,8 +439,17 @@ pub fn publish_will(
             );
             let now_ms = unix_now_ms();
             let set = move || retained.set_with(&s, &p, q, h.as_deref(), now_ms);
-            if let Err(e) = smol::unblock(set).await {
-                log::warn!("mqtt: retained will on {} not stored: {e}", will.subject);
+            match smol::unblock(set).await {
+                Ok(()) => {}
+                // Over mqtt.max_retained(_bytes): published, not retained
+                // (logged by the store).
+                Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
+                    broker
+                        .counters
+                        .retained_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::warn!("mqtt: retained will on {} not stored: {e}", will.subject),
             }
         }
         if let Some(stream) = broker.capture(&will.subject) {
@@ -552,6 +606,10 @@ pub async fn connection<T: Transport>(
     } = *ctx;
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
+    let budget = QueueBudget::new(limits.max_queued_bytes);
+    broker.limit_mqtt_queue(conn, budget.clone());
+    // Retained messages owed to new subscriptions, with the granted QoS.
+    let mut retained_scans: VecDeque<(RetainedScan, u8)> = VecDeque::new();
     let (kick_tx, kick_rx) = bounded::<()>(1);
     let limits_auth = limits.auth.clone();
     let mut session = Session::new(limits, Instant::now());
@@ -572,6 +630,8 @@ pub async fn connection<T: Transport>(
     let mut will_token: Option<u64> = None;
 
     let mut batch = StoreBatch::default();
+    // The session's `dropped` already added to the counters.
+    let mut dropped_seen = 0u64;
     let why = loop {
         // 1. Do what the session asked for. Captured publishes are handed
         //    to their streams together, after the batch's live deliveries
@@ -714,6 +774,43 @@ pub async fn connection<T: Transport>(
                         .counters
                         .bytes_in
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    if retain {
+                        // Durable before the acknowledgement (and before it
+                        // is routed), like the stream below.
+                        let store = retained.clone();
+                        let (s2, p2, h2) = (subject.clone(), payload.clone(), headers.clone());
+                        let now_ms = unix_now_ms();
+                        let set = move || store.set_with(&s2, &p2, qos, h2.as_deref(), now_ms);
+                        match smol::unblock(set).await {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
+                                // Logged (rate-limited) by the store.
+                                broker
+                                    .counters
+                                    .retained_refused
+                                    .fetch_add(1, Ordering::Relaxed);
+                                if let Some(id) = ack.filter(|&id| session.refuse_publish(id, 0x97))
+                                {
+                                    // 5.0: quota exceeded; nothing routed or stored.
+                                    batch.submit(&mut acks).await;
+                                    acks.push_back(PendingAck::Ready(id, Ok(())));
+                                    continue;
+                                }
+                                // 3.1.1 and QoS 0: on, without being retained.
+                            }
+                            Err(e) => {
+                                log::warn!("mqtt: retained message on {subject} not stored: {e}");
+                                if let Some(id) = ack {
+                                    batch.submit(&mut acks).await;
+                                    acks.push_back(PendingAck::Ready(
+                                        id,
+                                        Err(format!("retained message not stored: {e}")),
+                                    ));
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let routed = broker.route_mqtt_as(
                         session.permissions().cloned(),
                         &subject,
@@ -723,25 +820,6 @@ pub async fn connection<T: Transport>(
                         headers.clone(),
                         reply,
                     );
-                    if retain {
-                        // Durable before the acknowledgement, like the
-                        // stream below; a failure fails the publish.
-                        let store = retained.clone();
-                        let (s2, p2, h2) = (subject.clone(), payload.clone(), headers.clone());
-                        let now_ms = unix_now_ms();
-                        let set = move || store.set_with(&s2, &p2, qos, h2.as_deref(), now_ms);
-                        if let Err(e) = smol::unblock(set).await {
-                            log::warn!("mqtt: retained message on {subject} not stored: {e}");
-                            if let Some(id) = ack {
-                                batch.submit(&mut acks).await;
-                                acks.push_back(PendingAck::Ready(
-                                    id,
-                                    Err(format!("retained message not stored: {e}")),
-                                ));
-                            }
-                            continue;
-                        }
-                    }
                     match broker.capture(&subject) {
                         Some(stream) => {
                             batch.routed |= routed > 0;
@@ -772,7 +850,8 @@ pub async fn connection<T: Transport>(
                     if !session.subscribe_done(saved) {
                         continue;
                     }
-                    let mut seen = std::collections::HashSet::new();
+                    let mut filters = Vec::new();
+                    let mut granted = Vec::new();
                     for r in requests {
                         broker.subscribe_mqtt(
                             conn,
@@ -782,26 +861,29 @@ pub async fn connection<T: Transport>(
                             deliver_tx.clone(),
                             max_queued,
                         );
-                        if !r.send_retained || retained.is_empty() {
-                            continue;
+                        if r.send_retained {
+                            filters.push(r.filter);
+                            granted.push(r.qos);
                         }
+                    }
+                    // Read from disk in step 3, in batches, before later
+                    // live deliveries.
+                    if !filters.is_empty() {
                         let store = retained.clone();
-                        let filter = r.filter.clone();
-                        for m in smol::unblock(move || store.matching(&filter)).await {
-                            if seen.insert(m.subject.clone()) {
-                                session.deliver_retained(&Delivery {
-                                    subject: m.subject,
-                                    payload: m.payload,
-                                    qos: m.qos.min(r.qos),
-                                    retain: true,
-                                    shared: false,
-                                    // Expiry counts from when it was set.
-                                    at: retained_at(m.stored_ms),
-                                    headers: m.headers,
-                                    reply: None,
-                                });
-                            }
+                        let scans = smol::unblock(move || match store.is_empty() {
+                            true => Vec::new(),
+                            false => store.scans(filters),
+                        })
+                        .await;
+                        let room = MAX_RETAINED_SCANS.saturating_sub(retained_scans.len());
+                        if scans.len() > room {
+                            log::warn!(
+                                "mqtt: {}: more than {MAX_RETAINED_SCANS} subscriptions wait for their retained messages; {} get none",
+                                client_id.as_deref().unwrap_or("?"),
+                                scans.len() - room
+                            );
                         }
+                        retained_scans.extend(scans.into_iter().zip(granted).take(room));
                     }
                 }
                 Event::Unsubscribe(filters) => {
@@ -843,23 +925,59 @@ pub async fn connection<T: Transport>(
                 session.publish_done(id, result);
             }
         }
-        // 3. Pass queued deliveries on without waiting (for a persistent
-        // session, captured subjects come from the streams instead, except
-        // for shared subscriptions, which are always live).
-        let persistent = session.is_persistent();
-        while let Ok(d) = deliver_rx.try_recv() {
-            if d.shared || !(persistent && broker.capture(&d.subject).is_some()) {
-                session.deliver(&d);
+        // 3. Pass queued deliveries on without waiting, while the output
+        // is under WRITE_BUDGET (the rest waits in the channel, counted in
+        // the budget): first the retained messages owed to new
+        // subscriptions, read from disk in batches, then live ones.
+        // Retained messages wait in the store, not in the session's
+        // queue: a batch is read only while that queue is empty, and holds
+        // no more than it may.
+        let mut more = false;
+        while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
+            let Some((mut scan, granted)) = retained_scans.pop_front() else {
+                break;
+            };
+            let store = retained.clone();
+            let (scan, msgs) = smol::unblock(move || {
+                let msgs = store.next_batch(&mut scan, WRITE_BUDGET, max_queued);
+                (scan, msgs)
+            })
+            .await;
+            for m in msgs {
+                session.deliver_retained(&Delivery {
+                    subject: m.subject,
+                    payload: m.payload,
+                    qos: m.qos.min(granted),
+                    retain: true,
+                    shared: false,
+                    // Expiry counts from when it was set.
+                    at: retained_at(m.stored_ms),
+                    headers: m.headers,
+                    reply: None,
+                });
+            }
+            if !scan.is_done() {
+                retained_scans.push_front((scan, granted));
             }
         }
+        while retained_scans.is_empty() && session.output_len() < WRITE_BUDGET {
+            let Ok(d) = deliver_rx.try_recv() else { break };
+            take_delivery(&mut session, broker, &budget, &d);
+        }
+        count_dropped(&session, broker, &mut dropped_seen);
+        budget.set_held(session.queued_bytes());
         // 3b. Persistent sessions: one batch from each followed stream.
-        let mut more = false;
         for (idx, (stream, broken)) in follows.iter_mut().enumerate() {
             let room = session.stream_room();
             let Some(next) = session.stream_next(idx) else {
                 continue;
             };
             if room == 0 || *broken {
+                continue;
+            }
+            if session.output_len() >= WRITE_BUDGET {
+                // Written in step 4 first.
+                more = true;
                 continue;
             }
             let st = stream.state();
@@ -963,6 +1081,11 @@ pub async fn connection<T: Transport>(
             }
         }
         let want_read = session.wants_input();
+        // Owed retained messages go before live deliveries: while any are,
+        // the channel is not watched; they are read once the session's
+        // queue is empty (an acknowledgement, read from the socket, empties it).
+        let retained_waiting = !retained_scans.is_empty();
+        let retained_owed = retained_waiting && session.queued_len() == 0;
         let room = session.stream_room() > 0;
         let waits: Vec<(&StreamHandle, u64)> = follows
             .iter()
@@ -978,6 +1101,16 @@ pub async fn connection<T: Transport>(
             }
         }
         .or(async {
+            // Retained messages owed go before live deliveries (step 3).
+            match retained_owed {
+                true => Wake::Retained,
+                false => std::future::pending().await,
+            }
+        })
+        .or(async {
+            if retained_waiting {
+                return std::future::pending().await;
+            }
             match deliver_rx.recv().await {
                 Ok(d) => Wake::Deliver(d),
                 Err(_) => std::future::pending().await,
@@ -1020,11 +1153,8 @@ pub async fn connection<T: Transport>(
                 }
             }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
-            Wake::Deliver(d) => {
-                if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
-                    session.deliver(&d);
-                }
-            }
+            Wake::Deliver(d) => take_delivery(&mut session, broker, &budget, &d),
+            Wake::Retained => {}
             Wake::StreamGrew => {}
             // The result is re-read from the waiter in step 2.
             Wake::Stored => {}
@@ -1066,6 +1196,31 @@ pub async fn connection<T: Transport>(
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
+}
+
+/// Hand a delivery taken from the channel to the session and give its
+/// bytes back to the budget (for a persistent session, captured subjects
+/// come from the streams instead, except for shared subscriptions, which
+/// are always live). The session may queue it (QoS 1/2 waiting for the
+/// window): that is reported to the budget as held.
+fn take_delivery(session: &mut Session, broker: &Broker, budget: &QueueBudget, d: &Delivery) {
+    budget.release(d.cost());
+    if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+        session.deliver(d);
+    }
+    budget.set_held(session.queued_bytes());
+}
+
+/// Add what the session dropped since `seen` (its queue was full) to the
+/// router's `dropped_slow`.
+fn count_dropped(session: &Session, broker: &Broker, seen: &mut u64) {
+    if session.dropped > *seen {
+        broker
+            .counters
+            .dropped_slow
+            .fetch_add(session.dropped - *seen, Ordering::Relaxed);
+        *seen = session.dropped;
+    }
 }
 
 /// Unix time in milliseconds.

@@ -21,6 +21,11 @@
 //! - PubAcks are published in the order the messages arrived, each only
 //!   after its message is durable.
 //! - Everything a connection registered is removed when it ends.
+//! - A connection over `max_connections` gets `-ERR 'maximum connections
+//!   exceeded'` if its fresh socket takes it at once, and is closed at
+//!   once (refusals hold no descriptors); a failed accept (EMFILE, ...) is
+//!   retried after 100 ms, never in a busy loop. Both are logged at most
+//!   every 10 s.
 //!
 //! A JetStream PubAck is published only to a reply subject the publisher
 //! may subscribe to; otherwise the message is stored and the PubAck
@@ -58,6 +63,8 @@ pub const WRITE_BUDGET: usize = 64 * 1024;
 pub const MAX_PENDING_ACKS: usize = 1024;
 /// How long a closing connection may take to flush its last words.
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+/// Failed accepts and refused connections are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Accept NATS connections until `shutdown` fires.
 pub async fn serve(
@@ -90,6 +97,8 @@ pub async fn serve(
         ..InfoOut::default()
     };
     let nkeys = cfg.auth.as_ref().is_some_and(|a| a.has_nkeys());
+    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
+    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -101,29 +110,34 @@ pub async fn serve(
             None => return,
             Some(Ok(x)) => x,
             Some(Err(e)) => {
-                log::warn!("nats: accept failed: {e}; retrying in 100ms");
+                // EMFILE and friends: retry after 100 ms, never spin; say
+                // so at most every 10 s.
+                failed += 1;
+                if last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    log::warn!("nats: accept failed {failed} time(s): {e}; retrying every 100ms");
+                    failed = 0;
+                    last_failure_log = Some(Instant::now());
+                }
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let current = broker.counters.nats_connections.load(Ordering::Relaxed);
         if current as usize >= cfg.max_connections {
-            log::warn!(
-                "nats: refusing {peer}: max_connections ({}) reached",
-                cfg.max_connections
-            );
+            refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                log::warn!(
+                    "nats: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
+                    cfg.max_connections
+                );
+                refused = 0;
+                last_refusal_log = Some(Instant::now());
+            }
+            // Say why if the fresh socket takes it now, then close: a
+            // flood of refused connections holds no descriptors.
             let mut out = Vec::new();
             wire::err(wire::ERR_MAX_CONNECTIONS, &mut out);
-            smol::spawn(async move {
-                let _ = sock
-                    .write_all(&out)
-                    .or(async {
-                        Timer::after(CLOSE_FLUSH).await;
-                        Ok(())
-                    })
-                    .await;
-            })
-            .detach();
+            let _ = smol::future::poll_once(sock.write(&out)).await;
             continue;
         }
         let _ = sock.set_nodelay(true);

@@ -2,14 +2,16 @@
 //! the commands it queues to the owner thread, and the durable state the
 //! owner publishes for it.
 //!
-//! Invariants: every queue is bounded ([`QUEUE_DEPTH`]); a reply channel
-//! carries exactly one answer; dropping the last handle stops the owner
-//! after a final sync.
+//! Invariants: every queue is bounded ([`QUEUE_DEPTH`] commands, and
+//! [`QUEUE_BYTES`] of publishes, reserved before sending and given back
+//! by the owner after their batch); a reply channel carries exactly one
+//! answer; dropping the last handle stops the owner after a final sync.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use super::QUEUE_BYTES;
 #[cfg(doc)]
 use super::QUEUE_DEPTH;
 use super::{oneshot, Message};
@@ -24,11 +26,65 @@ pub(super) struct Shared {
     /// Notified after every change of `state` and at shutdown.
     pub changed: event_listener::Event,
     pub closed: AtomicBool,
+    /// Bytes of publishes reserved ([`QUEUE_BYTES`]).
+    pub queued_bytes: AtomicUsize,
+    /// Notified when reserved bytes are given back, and at shutdown.
+    pub room: event_listener::Event,
 }
 
 impl Shared {
     pub fn state(&self) -> MutexGuard<'_, StreamState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserve `n` bytes if they fit (or none are reserved, or the owner
+    /// is gone: the send then fails).
+    fn try_reserve(&self, n: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut cur = self.queued_bytes.load(Ordering::Acquire);
+        loop {
+            if cur > 0 && cur.saturating_add(n) > QUEUE_BYTES {
+                return false;
+            }
+            match self.queued_bytes.compare_exchange_weak(
+                cur,
+                cur.saturating_add(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Wait until `n` bytes are reserved.
+    async fn reserve(&self, n: usize) {
+        loop {
+            if self.try_reserve(n) {
+                return;
+            }
+            let listener = self.room.listen();
+            if self.try_reserve(n) {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Give back `n` reserved bytes.
+    pub fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let _ = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c.saturating_sub(n))
+            });
+        self.room.notify(usize::MAX);
     }
 }
 
@@ -111,7 +167,16 @@ impl StreamHandle {
 
     /// Append; resolves when durable per the sync policy.
     pub async fn publish(&self, msg: Message) -> Result<PubAck, StreamError> {
-        self.call(|r| Cmd::Publish(msg, r)).await?
+        let (tx, rx) = oneshot::channel();
+        let n = msg.size();
+        self.inner.shared.reserve(n).await;
+        if self.inner.tx.send(Cmd::Publish(msg, tx)).await.is_err() {
+            // Never queued: give its bytes back (the owner gives back
+            // those of what it took).
+            self.inner.shared.release(n);
+            return Err(StreamError::Closed);
+        }
+        rx.await.map_err(|_| StreamError::Closed)?
     }
 
     /// Queue a message for appending and return at once with a waiter for
@@ -120,11 +185,12 @@ impl StreamHandle {
     /// is full (backpressure).
     pub async fn submit(&self, msg: Message) -> Result<AckWaiter, StreamError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Cmd::Publish(msg, tx))
-            .await
-            .map_err(|_| StreamError::Closed)?;
+        let n = msg.size();
+        self.inner.shared.reserve(n).await;
+        if self.inner.tx.send(Cmd::Publish(msg, tx)).await.is_err() {
+            self.inner.shared.release(n);
+            return Err(StreamError::Closed);
+        }
         Ok(AckWaiter { rx, done: None })
     }
 

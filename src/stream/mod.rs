@@ -25,12 +25,19 @@
 //!   (group commit). Acks resolve in sequence order.
 //! - Limits (max_msgs, max_bytes, max_age, discard old/new) are applied on
 //!   append; `discard = "new"` rejects with [`StreamError::Full`].
-//! - Every queue is bounded; `publish` awaits when the owner is busy.
+//! - Every queue is bounded, in commands and in bytes; `publish` awaits
+//!   when the owner is busy.
 //!
 //! IMPLEMENTATION NOTES (owner thread, `owner.rs`):
 //!
 //! - Commands travel over a bounded `smol::channel` ([`QUEUE_DEPTH`]);
-//!   replies over a one-slot channel. The thread blocks in `recv_blocking`
+//!   publishes also reserve their size ([`Message::size`]) in a byte
+//!   budget of [`QUEUE_BYTES`] per stream before they are queued (an empty
+//!   budget takes any one message), given back when their batch is done:
+//!   with 1 MiB messages 1,024 queued commands would otherwise hold 1 GiB,
+//!   and the batch built from them a copy. Ingest memory per stream is
+//!   thus at most about twice `QUEUE_BYTES` plus one message. Replies
+//!   travel over a one-slot channel. The thread blocks in `recv_blocking`
 //!   when it has no deadline; when it has one (an interval fsync due, or the
 //!   oldest message's max_age expiry) it races `recv` against an
 //!   `async_io::Timer` inside `smol::block_on`, so it wakes while idle.
@@ -73,7 +80,7 @@ mod owner;
 pub mod rules;
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,6 +94,9 @@ pub use rules::{msg_id, store_options, Mark, Stream};
 pub const QUEUE_DEPTH: usize = 1024;
 /// Most commands handled in one group commit.
 pub const MAX_BATCH: usize = 1024;
+/// Bytes of publishes queued to (or being written by) one stream's owner
+/// before `publish`/`submit` await.
+pub const QUEUE_BYTES: usize = 4 << 20;
 
 /// When appended records are flushed to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +205,13 @@ pub struct Message {
     /// Raw NATS header block (`NATS/1.0\r\n...\r\n\r\n`), if any.
     pub headers: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// Bytes it holds (what it counts against [`QUEUE_BYTES`]).
+    pub fn size(&self) -> usize {
+        64 + self.subject.len() + self.headers.as_ref().map_or(0, Vec::len) + self.payload.len()
+    }
 }
 
 /// A message as stored.
@@ -402,6 +419,8 @@ pub fn open_with_backend(
         state: Mutex::new(stream.state()),
         changed: event_listener::Event::new(),
         closed: AtomicBool::new(false),
+        queued_bytes: AtomicUsize::new(0),
+        room: event_listener::Event::new(),
     });
     let (tx, rx) = smol::channel::bounded(QUEUE_DEPTH);
     let thread = {

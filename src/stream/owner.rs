@@ -72,7 +72,17 @@ pub(super) fn run(
                         Err(_) => break,
                     }
                 }
+                // Reserved by the publishers; given back once written
+                // (or failed), when the batch's messages are freed.
+                let bytes: usize = batch
+                    .iter()
+                    .map(|c| match c {
+                        Cmd::Publish(m, _) => m.size(),
+                        _ => 0,
+                    })
+                    .sum();
                 closed = o.handle_batch(batch);
+                o.shared.release(bytes);
             }
         }
     }
@@ -84,6 +94,8 @@ pub(super) fn run(
     }
     o.shared.closed.store(true, Ordering::Release);
     o.shared.changed.notify(usize::MAX);
+    // Publishers waiting for room find the stream closed.
+    o.shared.room.notify(usize::MAX);
 }
 
 fn io_copy(e: &io::Error) -> io::Error {

@@ -371,3 +371,41 @@ fn handle_operations_delete_purge_get_info_ack() {
     let h = open_mem(&b, c);
     assert_eq!(h.state().msgs, 6, "deletes and purges survive a reopen");
 }
+
+#[test]
+fn queued_publishes_are_bounded_in_bytes() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let big = |i| Message {
+        payload: vec![0; 1 << 20],
+        ..msg(i)
+    };
+    let gate = b.hold_syncs();
+    let mut futs: Vec<_> = (0..16).map(|i| Box::pin(h.publish(big(i)))).collect();
+    for f in futs.iter_mut() {
+        assert!(block_on(poll_once(f)).is_none());
+    }
+    let reserved = h
+        .inner
+        .shared
+        .queued_bytes
+        .load(std::sync::atomic::Ordering::Acquire);
+    assert!(
+        (3 << 20..=QUEUE_BYTES + big(0).size()).contains(&reserved),
+        "{reserved} bytes queued"
+    );
+    drop(gate);
+    for f in futs {
+        block_on(f).unwrap();
+    }
+    // Given back after each batch (just after its acks): once a later
+    // publish is acknowledged, at most that one is still counted.
+    block_on(h.publish(msg(99))).unwrap();
+    let left = h
+        .inner
+        .shared
+        .queued_bytes
+        .load(std::sync::atomic::Ordering::Acquire);
+    assert!(left <= msg(99).size(), "{left} bytes still reserved");
+    assert_eq!(h.state().msgs, 17);
+}
