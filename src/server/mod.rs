@@ -5,4 +5,5 @@ pub mod http;
 pub mod jsapi;
 pub mod mqtt;
 pub mod nats;
+pub mod outbound;
 pub mod ws;

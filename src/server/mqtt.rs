@@ -9,29 +9,11 @@
 //! - Per connection, at most `max_inflight` publishes await storage; the
 //!   task stops reading the socket while that many are pending
 //!   (backpressure reaches the client through TCP).
-//! - Deliveries to a client queue in a channel the router bounds at
-//!   `max_queued` messages and, together with the session's own queue of
-//!   QoS 1/2 messages waiting for the client's window, `max_queued_bytes`
-//!   ([`QueueBudget`]; allocated as it fills, so idle clients cost no
-//!   queue memory); a client that does not read loses deliveries (counted
-//!   in `dropped_slow`), never stalls a publisher. The task moves
-//!   deliveries into the session's output only while that holds less than
-//!   [`WRITE_BUDGET`], and writes it before taking more: per connection,
-//!   memory for deliveries is at most `max_queued_bytes` plus about two
-//!   write budgets and one largest message (and, for a persistent
-//!   session, one 1 MiB stream read), whatever the client does.
-//!   At the limit, QoS 0 messages are dropped; so are live QoS 1/2
-//!   messages of a clean session (at most once for a subscriber that does
-//!   not keep up, as in Mosquitto's `max_queued_messages`); a persistent
-//!   session loses none of the subjects a stream captures, which it reads
-//!   from its stream cursors at its own pace.
-//! - Retained messages of a new subscription are read from the retained
-//!   store in batches of about [`WRITE_BUDGET`] ([`RetainedScan`]), before
-//!   any live delivery that came after the SUBSCRIBE, and only while the
-//!   session's queue is empty (they wait in the store, not in memory); at
-//!   most [`MAX_RETAINED_SCANS`] scans wait per connection (a client that
-//!   subscribes faster than it reads gets no retained messages for the
-//!   excess, with a warning).
+//! - Deliveries to a client, and the retained messages of its new
+//!   subscriptions, are bounded in messages (`max_queued`) and bytes
+//!   (`max_queued_bytes`) and moved into the session at the pace the
+//!   client reads ([`super::outbound`]); a client that does not read
+//!   loses deliveries (counted), never stalls a publisher.
 //! - A retained publish past `mqtt.max_retained`/`max_retained_bytes`:
 //!   MQTT 5 QoS 1/2 is refused with PUBACK/PUBREC 0x97 (quota exceeded),
 //!   neither routed nor stored; MQTT 3.1.1 (no negative acknowledgement)
@@ -87,12 +69,14 @@ use smol::Timer;
 
 use crate::broker::bridge;
 use crate::broker::persist::{claim, log_id, unix_now, Claim, SessionStore};
-use crate::broker::retained::{Retained, RetainedScan};
+use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::wills::{unix_ms, StoredWill, WillStore};
-use crate::broker::{Broker, Delivery, QueueBudget};
+use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
+
+use super::outbound::{Outbound, WRITE_BUDGET};
 
 /// Longest a connection waits for the previous connection of its client
 /// id to hand its session over.
@@ -103,12 +87,6 @@ const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most messages read from a stream in one batch.
 const READ_BATCH: usize = 256;
-/// Deliveries (and retained messages) are moved into the session's output
-/// only while it holds less than this many bytes.
-pub const WRITE_BUDGET: usize = 64 * 1024;
-/// Retained-message scans (one per filter of a SUBSCRIBE) that may wait
-/// per connection; subscriptions beyond them get no retained messages.
-pub const MAX_RETAINED_SCANS: usize = 1024;
 /// Failed accepts are logged at most this often.
 const ACCEPT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -606,10 +584,7 @@ pub async fn connection<T: Transport>(
     } = *ctx;
     let conn = broker.new_conn_id();
     let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
-    let budget = QueueBudget::new(limits.max_queued_bytes);
-    broker.limit_mqtt_queue(conn, budget.clone());
-    // Retained messages owed to new subscriptions, with the granted QoS.
-    let mut retained_scans: VecDeque<(RetainedScan, u8)> = VecDeque::new();
+    let mut owed = Outbound::new(broker, conn, max_queued, limits.max_queued_bytes);
     let (kick_tx, kick_rx) = bounded::<()>(1);
     let limits_auth = limits.auth.clone();
     let mut session = Session::new(limits, Instant::now());
@@ -630,8 +605,6 @@ pub async fn connection<T: Transport>(
     let mut will_token: Option<u64> = None;
 
     let mut batch = StoreBatch::default();
-    // The session's `dropped` already added to the counters.
-    let mut dropped_seen = 0u64;
     let why = loop {
         // 1. Do what the session asked for. Captured publishes are handed
         //    to their streams together, after the batch's live deliveries
@@ -868,23 +841,8 @@ pub async fn connection<T: Transport>(
                     }
                     // Read from disk in step 3, in batches, before later
                     // live deliveries.
-                    if !filters.is_empty() {
-                        let store = retained.clone();
-                        let scans = smol::unblock(move || match store.is_empty() {
-                            true => Vec::new(),
-                            false => store.scans(filters),
-                        })
-                        .await;
-                        let room = MAX_RETAINED_SCANS.saturating_sub(retained_scans.len());
-                        if scans.len() > room {
-                            log::warn!(
-                                "mqtt: {}: more than {MAX_RETAINED_SCANS} subscriptions wait for their retained messages; {} get none",
-                                client_id.as_deref().unwrap_or("?"),
-                                scans.len() - room
-                            );
-                        }
-                        retained_scans.extend(scans.into_iter().zip(granted).take(room));
-                    }
+                    let id = client_id.as_deref().unwrap_or("?");
+                    owed.owe_retained(retained, filters, granted, id).await;
                 }
                 Event::Unsubscribe(filters) => {
                     save(&session, sessions, false).await;
@@ -925,47 +883,10 @@ pub async fn connection<T: Transport>(
                 session.publish_done(id, result);
             }
         }
-        // 3. Pass queued deliveries on without waiting, while the output
-        // is under WRITE_BUDGET (the rest waits in the channel, counted in
-        // the budget): first the retained messages owed to new
-        // subscriptions, read from disk in batches, then live ones.
-        // Retained messages wait in the store, not in the session's
-        // queue: a batch is read only while that queue is empty, and holds
-        // no more than it may.
+        // 3. Pass owed retained messages, then queued deliveries, on
+        // without waiting, while the output is small ([`Outbound`]).
         let mut more = false;
-        while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
-            let Some((mut scan, granted)) = retained_scans.pop_front() else {
-                break;
-            };
-            let store = retained.clone();
-            let (scan, msgs) = smol::unblock(move || {
-                let msgs = store.next_batch(&mut scan, WRITE_BUDGET, max_queued);
-                (scan, msgs)
-            })
-            .await;
-            for m in msgs {
-                session.deliver_retained(&Delivery {
-                    subject: m.subject,
-                    payload: m.payload,
-                    qos: m.qos.min(granted),
-                    retain: true,
-                    shared: false,
-                    // Expiry counts from when it was set.
-                    at: retained_at(m.stored_ms),
-                    headers: m.headers,
-                    reply: None,
-                });
-            }
-            if !scan.is_done() {
-                retained_scans.push_front((scan, granted));
-            }
-        }
-        while retained_scans.is_empty() && session.output_len() < WRITE_BUDGET {
-            let Ok(d) = deliver_rx.try_recv() else { break };
-            take_delivery(&mut session, broker, &budget, &d);
-        }
-        count_dropped(&session, broker, &mut dropped_seen);
-        budget.set_held(session.queued_bytes());
+        owed.pump(&mut session, broker, retained, &deliver_rx).await;
         // 3b. Persistent sessions: one batch from each followed stream.
         for (idx, (stream, broken)) in follows.iter_mut().enumerate() {
             let room = session.stream_room();
@@ -1082,10 +1003,9 @@ pub async fn connection<T: Transport>(
         }
         let want_read = session.wants_input();
         // Owed retained messages go before live deliveries: while any are,
-        // the channel is not watched; they are read once the session's
-        // queue is empty (an acknowledgement, read from the socket, empties it).
-        let retained_waiting = !retained_scans.is_empty();
-        let retained_owed = retained_waiting && session.queued_len() == 0;
+        // the channel is not watched.
+        let retained_waiting = owed.retained_waiting();
+        let retained_owed = owed.retained_ready(&session);
         let room = session.stream_room() > 0;
         let waits: Vec<(&StreamHandle, u64)> = follows
             .iter()
@@ -1153,7 +1073,7 @@ pub async fn connection<T: Transport>(
                 }
             }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
-            Wake::Deliver(d) => take_delivery(&mut session, broker, &budget, &d),
+            Wake::Deliver(d) => owed.take(&mut session, broker, &d),
             Wake::Retained => {}
             Wake::StreamGrew => {}
             // The result is re-read from the waiter in step 2.
@@ -1198,31 +1118,6 @@ pub async fn connection<T: Transport>(
     why
 }
 
-/// Hand a delivery taken from the channel to the session and give its
-/// bytes back to the budget (for a persistent session, captured subjects
-/// come from the streams instead, except for shared subscriptions, which
-/// are always live). The session may queue it (QoS 1/2 waiting for the
-/// window): that is reported to the budget as held.
-fn take_delivery(session: &mut Session, broker: &Broker, budget: &QueueBudget, d: &Delivery) {
-    budget.release(d.cost());
-    if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
-        session.deliver(d);
-    }
-    budget.set_held(session.queued_bytes());
-}
-
-/// Add what the session dropped since `seen` (its queue was full) to the
-/// router's `dropped_slow`.
-fn count_dropped(session: &Session, broker: &Broker, seen: &mut u64) {
-    if session.dropped > *seen {
-        broker
-            .counters
-            .dropped_slow
-            .fetch_add(session.dropped - *seen, Ordering::Relaxed);
-        *seen = session.dropped;
-    }
-}
-
 /// Unix time in milliseconds.
 fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1231,7 +1126,7 @@ fn unix_now_ms() -> u64 {
 }
 
 /// The `Instant` a retained message set at `stored_ms` (unix ms) was set.
-fn retained_at(stored_ms: u64) -> Instant {
+pub(super) fn retained_at(stored_ms: u64) -> Instant {
     let now = Instant::now();
     let age = std::time::Duration::from_millis(unix_now_ms().saturating_sub(stored_ms));
     match stored_ms {

@@ -1,0 +1,182 @@
+//! What one MQTT connection owes its client, bounded in bytes: live
+//! deliveries from the router and the retained messages of new
+//! subscriptions ([`Outbound`]; used by [`super::mqtt::connection`]).
+//!
+//! Owns: the connection's [`QueueBudget`] (`mqtt.max_queued_bytes`), the
+//! retained-message scans waiting to be read, and moving both into the
+//! [`Session`] at the pace the client reads.
+//!
+//! Invariants:
+//! - The router's channel for the connection and the session's queue of
+//!   QoS 1/2 messages waiting for the client's window share one byte
+//!   budget ([`QueueBudget`]: the router charges, [`Outbound::take`]
+//!   releases and reports what the session holds); a client that does not
+//!   read loses deliveries (counted in `dropped_slow`, the session's own
+//!   drops too), never stalls a publisher.
+//! - Deliveries and retained messages go into the session's output only
+//!   while it holds less than [`WRITE_BUDGET`]; the shell writes it before
+//!   taking more. Per connection, memory for deliveries is thus at most
+//!   `max_queued_bytes` plus about two write budgets and one largest
+//!   message (and, for a persistent session, one 1 MiB stream read).
+//! - At the limit QoS 0 messages are dropped, and so are live QoS 1/2
+//!   messages of a clean session (at most once for a subscriber that does
+//!   not keep up, as at Mosquitto's `max_queued_messages`); a persistent
+//!   session loses nothing a stream captures: it reads those from its
+//!   stream cursors at its own pace.
+//! - Retained messages of a new subscription are read from the store in
+//!   batches of about [`WRITE_BUDGET`] ([`RetainedScan`]) and only while
+//!   the session's queue is empty (they wait on disk, not in memory),
+//!   before any live delivery that came after the SUBSCRIBE. At most
+//!   [`MAX_RETAINED_SCANS`] scans wait; subscriptions beyond them get no
+//!   retained messages (with a warning).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use smol::channel::Receiver;
+
+use crate::broker::retained::{Retained, RetainedScan};
+use crate::broker::session::Session;
+use crate::broker::{Broker, ConnId, Delivery, QueueBudget};
+
+/// Deliveries (and retained messages) are moved into the session's output
+/// only while it holds less than this many bytes.
+pub const WRITE_BUDGET: usize = 64 * 1024;
+/// Retained-message scans (one per filter of a SUBSCRIBE) that may wait
+/// per connection; subscriptions beyond them get no retained messages.
+pub const MAX_RETAINED_SCANS: usize = 1024;
+
+/// One connection's owed deliveries (see the module doc).
+pub struct Outbound {
+    budget: Arc<QueueBudget>,
+    /// Retained messages owed to new subscriptions, with the granted QoS.
+    scans: VecDeque<(RetainedScan, u8)>,
+    /// The session's `dropped` already added to the counters.
+    dropped_seen: u64,
+    /// Most messages in one retained batch (`mqtt.max_queued`).
+    max_queued: usize,
+}
+
+impl Outbound {
+    /// Register connection `conn`'s byte budget with the router (before it
+    /// subscribes).
+    pub fn new(broker: &Broker, conn: ConnId, max_queued: usize, max_bytes: usize) -> Outbound {
+        let budget = QueueBudget::new(max_bytes);
+        broker.limit_mqtt_queue(conn, budget.clone());
+        Outbound {
+            budget,
+            scans: VecDeque::new(),
+            dropped_seen: 0,
+            max_queued,
+        }
+    }
+
+    /// A SUBSCRIBE's filters that get retained messages (NATS filters,
+    /// with their granted QoS): owe them.
+    pub async fn owe_retained(
+        &mut self,
+        retained: &Arc<Retained>,
+        filters: Vec<String>,
+        granted: Vec<u8>,
+        client_id: &str,
+    ) {
+        if filters.is_empty() {
+            return;
+        }
+        let store = retained.clone();
+        let scans = smol::unblock(move || match store.is_empty() {
+            true => Vec::new(),
+            false => store.scans(filters),
+        })
+        .await;
+        let room = MAX_RETAINED_SCANS.saturating_sub(self.scans.len());
+        if scans.len() > room {
+            log::warn!(
+                "mqtt: {client_id}: more than {MAX_RETAINED_SCANS} subscriptions wait for their retained messages; {} get none",
+                scans.len() - room
+            );
+        }
+        self.scans.extend(scans.into_iter().zip(granted).take(room));
+    }
+
+    /// Move what is owed into the session while its output is under
+    /// [`WRITE_BUDGET`]: retained messages first (read from disk), then
+    /// live deliveries waiting in `rx`.
+    pub async fn pump(
+        &mut self,
+        session: &mut Session,
+        broker: &Broker,
+        retained: &Arc<Retained>,
+        rx: &Receiver<Arc<Delivery>>,
+    ) {
+        while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
+            let Some((mut scan, granted)) = self.scans.pop_front() else {
+                break;
+            };
+            let (store, max) = (retained.clone(), self.max_queued);
+            let (scan, msgs) = smol::unblock(move || {
+                let msgs = store.next_batch(&mut scan, WRITE_BUDGET, max);
+                (scan, msgs)
+            })
+            .await;
+            for m in msgs {
+                session.deliver_retained(&Delivery {
+                    subject: m.subject,
+                    payload: m.payload,
+                    qos: m.qos.min(granted),
+                    retain: true,
+                    shared: false,
+                    // Expiry counts from when it was set.
+                    at: super::mqtt::retained_at(m.stored_ms),
+                    headers: m.headers,
+                    reply: None,
+                });
+            }
+            if !scan.is_done() {
+                self.scans.push_front((scan, granted));
+            }
+        }
+        while self.scans.is_empty() && session.output_len() < WRITE_BUDGET {
+            let Ok(d) = rx.try_recv() else { break };
+            self.take(session, broker, &d);
+        }
+        self.settle(session, broker);
+    }
+
+    /// Hand a delivery taken from the channel to the session and give its
+    /// bytes back to the budget (for a persistent session, captured
+    /// subjects come from the streams instead, except for shared
+    /// subscriptions, which are always live).
+    pub fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
+        self.budget.release(d.cost());
+        if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+            session.deliver(d);
+        }
+        self.settle(session, broker);
+    }
+
+    /// Report what the session holds to the budget, and what it dropped
+    /// since the last time to `dropped_slow`.
+    fn settle(&mut self, session: &Session, broker: &Broker) {
+        self.budget.set_held(session.queued_bytes());
+        if session.dropped > self.dropped_seen {
+            broker
+                .counters
+                .dropped_slow
+                .fetch_add(session.dropped - self.dropped_seen, Ordering::Relaxed);
+            self.dropped_seen = session.dropped;
+        }
+    }
+
+    /// Retained messages are owed: live deliveries wait behind them.
+    pub fn retained_waiting(&self) -> bool {
+        !self.scans.is_empty()
+    }
+
+    /// Retained messages can be read now (the session's queue is empty;
+    /// an acknowledgement read from the socket empties it).
+    pub fn retained_ready(&self, session: &Session) -> bool {
+        self.retained_waiting() && session.queued_len() == 0
+    }
+}
