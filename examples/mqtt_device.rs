@@ -16,7 +16,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    let acked = run(std::env::args().skip(1).collect()).await?;
+    println!("{acked} readings acknowledged (stored) by the broker");
+    Ok(())
+}
+
+/// Publishes the readings; returns how many the broker acknowledged.
+pub async fn run(args: Vec<String>) -> Result<usize, Box<dyn std::error::Error>> {
+    let mut args = args.into_iter();
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:1883".into());
     let id = args.next().unwrap_or_else(|| "sensor-1".into());
     let count: usize = args.next().map_or(Ok(10), |n| n.parse())?;
@@ -57,6 +64,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let client = publisher.await??;
     client.disconnect().await?;
-    println!("{acked} readings acknowledged (stored) by the broker");
-    Ok(())
+    Ok(acked)
 }

@@ -17,7 +17,13 @@ use smol::stream::StreamExt;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    run(std::env::args().skip(1).collect()).await?;
+    Ok(())
+}
+
+/// Answers requests on `svc.time`; returns how many it answered.
+pub async fn run(args: Vec<String>) -> Result<usize, Box<dyn std::error::Error>> {
+    let mut args = args.into_iter();
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:4222".into());
     let limit: Option<usize> = args.next().map(|n| n.parse()).transpose()?;
 
@@ -40,5 +46,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     client.flush().await?;
-    Ok(())
+    Ok(answered)
 }

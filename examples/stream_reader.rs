@@ -19,7 +19,18 @@ use smol::stream::StreamExt;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut args = std::env::args().skip(1);
+    for line in run(std::env::args().skip(1).collect()).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Reads and acknowledges up to the wanted number of messages; returns a
+/// line per message (`#<seq> <subject>: <payload>`).
+pub async fn run(
+    args: Vec<String>,
+) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut args = args.into_iter();
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:4222".into());
     let stream = args.next().unwrap_or_else(|| "DEFAULT".into());
     let want: usize = args.next().map_or(Ok(10), |n| n.parse())?;
@@ -36,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             },
         )
         .await?;
+    let mut lines = Vec::new();
     let mut read = 0;
     while read < want {
         let mut batch = consumer
@@ -48,20 +60,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         while let Some(msg) = batch.next().await {
             let msg = msg?;
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            println!(
-                "#{seq} {}: {}",
-                msg.subject,
-                String::from_utf8_lossy(&msg.payload)
-            );
+            let text = String::from_utf8_lossy(&msg.payload);
+            lines.push(format!("#{seq} {}: {text}", msg.subject));
             // Acknowledged: not delivered to this consumer again.
             msg.ack().await?;
             got += 1;
         }
         if got == 0 {
-            println!("no new messages for 5 s");
-            break;
+            break; // no new messages for 5 s
         }
         read += got;
     }
-    Ok(())
+    Ok(lines)
 }

@@ -1,45 +1,24 @@
 //! The programs in `examples/` work against a real frond, as an
-//! integrator would run them (`cargo test --all-targets` builds them
-//! before this test runs), and the example configuration is valid.
+//! integrator would run them, and the example configuration is valid.
+//! Each example's `run` is the code its `main` runs; it is compiled in
+//! here so that `cargo test` alone tests it.
 
 mod common;
 
-use std::path::PathBuf;
+#[allow(dead_code)]
+#[path = "../examples/mqtt_device.rs"]
+mod mqtt_device;
+#[allow(dead_code)]
+#[path = "../examples/nats_service.rs"]
+mod nats_service;
+#[allow(dead_code)]
+#[path = "../examples/stream_reader.rs"]
+mod stream_reader;
+
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-/// `target/<profile>/examples/<name>`, next to this test's own binary.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo test --all-targets` (or `cargo build --examples`) first",
-        path.display()
-    );
-    path
-}
-
-fn run(name: &str, args: &[String]) -> String {
-    let out = Command::new(example(name))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run example {name}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "example {name} failed: {}\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
 
 #[test]
 fn gateway_config_is_valid() {
@@ -62,33 +41,32 @@ async fn device_reader_and_service_examples() {
     let nats = format!("127.0.0.1:{}", f.nats_port);
 
     // A device publishes 10 readings; each PUBACK means stored.
-    let (m, n) = (mqtt.clone(), nats.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        run("mqtt_device", &[m, "truck-042".into(), "10".into()])
-    })
-    .await
-    .unwrap();
-    assert!(out.contains("10 readings acknowledged"), "{out}");
+    let acked = mqtt_device::run(vec![mqtt, "truck-042".into(), "10".into()])
+        .await
+        .expect("the device example runs");
+    assert_eq!(acked, 10);
 
     // The reader gets all ten from the TELEMETRY stream.
-    let out = tokio::task::spawn_blocking(move || {
-        run("stream_reader", &[n, "TELEMETRY".into(), "10".into()])
-    })
-    .await
-    .unwrap();
-    let lines: Vec<&str> = out
-        .lines()
-        .filter(|l| l.contains("telemetry.truck-042.temp"))
-        .collect();
-    assert_eq!(lines.len(), 10, "{out}");
+    let lines = stream_reader::run(vec![nats.clone(), "TELEMETRY".into(), "10".into()])
+        .await
+        .expect("the reader example runs");
+    assert_eq!(lines.len(), 10, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.contains("telemetry.truck-042.temp")),
+        "{lines:?}"
+    );
     assert!(
         lines[0].starts_with("#1 ") && lines[9].starts_with("#10 "),
-        "{out}"
+        "{lines:?}"
     );
 
-    // The service answers one request, then exits.
+    // The service answers one request, then returns.
     let n = nats.clone();
-    let service = tokio::task::spawn_blocking(move || run("nats_service", &[n, "1".into()]));
+    let service = tokio::spawn(async move {
+        nats_service::run(vec![n, "1".into()])
+            .await
+            .map_err(|e| e.to_string())
+    });
     let client = async_nats::connect(&nats).await.unwrap();
     let answer = wait_for(
         "the example service answers",
@@ -104,5 +82,5 @@ async fn device_reader_and_service_examples() {
     .await;
     let secs: u64 = String::from_utf8_lossy(&answer.payload).parse().unwrap();
     assert!(secs > 1_700_000_000, "unix time, got {secs}");
-    service.await.unwrap();
+    assert_eq!(service.await.unwrap(), Ok(1));
 }
