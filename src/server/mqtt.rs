@@ -68,7 +68,7 @@ use smol::net::TcpListener;
 use smol::Timer;
 
 use crate::broker::bridge;
-use crate::broker::persist::{claim, log_id, unix_now, Claim, SessionStore};
+use crate::broker::persist::{claim, log_id, unix_now, Claim, Owner, SessionStore};
 use crate::broker::retained::Retained;
 use crate::broker::session::{Event, Limits, Session, WillMessage};
 use crate::broker::wills::{unix_ms, StoredWill, WillStore};
@@ -623,15 +623,8 @@ pub async fn connection<T: Transport>(
                     // refused, never taken over ([`SessionStore::hold`]).
                     let owner = session.owner().cloned();
                     if let Err(holder) = sessions.hold(&id, conn, owner.as_ref()) {
-                        let why = format!(
-                            "client id {} is held by a connection of {holder}; {} refused",
-                            log_id(&id),
-                            owner
-                                .as_ref()
-                                .map_or("this client".into(), |o| o.to_string())
-                        );
-                        log::warn!("mqtt: {why}");
-                        session.refuse(why);
+                        let held_by = format!("is held by a connection of {holder}");
+                        refuse_client_id(&mut session, &id, &held_by, owner.as_ref());
                         continue;
                     }
                     held = true;
@@ -654,16 +647,9 @@ pub async fn connection<T: Transport>(
                     let stored_owner = stored.as_ref().and_then(|s| s.owner.as_ref());
                     let decision = claim(stored_owner, owner.as_ref(), limits_auth.as_deref());
                     if decision == Claim::Refuse {
-                        let why = format!(
-                            "client id {} has a stored session of {}; {} refused",
-                            log_id(&id),
-                            stored_owner.map_or("another user".into(), |o| o.to_string()),
-                            owner
-                                .as_ref()
-                                .map_or("this client".into(), |o| o.to_string())
-                        );
-                        log::warn!("mqtt: {why}");
-                        session.refuse(why);
+                        let other = stored_owner.map_or("another user".into(), |o| o.to_string());
+                        let has = format!("has a stored session of {other}");
+                        refuse_client_id(&mut session, &id, &has, owner.as_ref());
                         continue;
                     }
                     if decision == Claim::Discard {
@@ -1116,6 +1102,15 @@ pub async fn connection<T: Transport>(
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
+}
+
+/// Refuse a CONNECT whose client id belongs to another user (`why`
+/// completes "client id … "), with a warning naming both.
+fn refuse_client_id(session: &mut Session, id: &str, why: &str, me: Option<&Owner>) {
+    let me = me.map_or("this client".into(), |o| o.to_string());
+    let why = format!("client id {} {why}; {me} refused", log_id(id));
+    log::warn!("mqtt: {why}");
+    session.refuse(why);
 }
 
 /// Unix time in milliseconds.
