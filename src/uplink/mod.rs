@@ -1,14 +1,16 @@
-//! The hub link, part 1: exactly-once mirror-up of local streams into hub
-//! JetStream streams.
+//! The hub link's shell: mirror-up of local streams into hub JetStream
+//! streams, exactly once, over one NATS connection to the hub cluster.
 //!
-//! Owns: the single NATS connection to the hub (connect, auth, PING/PONG
-//! liveness, reconnect with jittered exponential backoff), one
-//! [`mirror::Mirror`] state machine per configured mirror, the per-mirror
-//! cursor files ([`cursor`]) and the shared [`UplinkStatus`].
+//! Owns: the socket (TCP, TLS), the reader task per mirror, the per-mirror
+//! cursor files ([`cursor`]) and the shared [`UplinkStatus`]. The logic
+//! lives in two sans-IO machines this shell only moves bytes for:
+//! [`link::Link`] (which server, handshake, auth, PING/PONG, reconnect
+//! backoff, failover to servers discovered from `INFO.connect_urls`) and
+//! one [`mirror::Mirror`] per configured mirror.
 //!
 //! Invariants:
-//! - All mirror logic lives in the sans-IO [`mirror`] module; [`run`] only
-//!   moves bytes, reads local streams, runs timers and persists cursors.
+//! - [`run`] only dials, upgrades, reads, writes, reads local streams,
+//!   runs timers and persists cursors; every decision is the machines'.
 //! - A cursor file is written (temp + rename) at most once a second per
 //!   mirror while it changes, and with fsync at shutdown. A stale cursor
 //!   only causes a longer resync, never loss or duplicates.
@@ -16,6 +18,7 @@
 //!   construction (one outstanding local read per mirror).
 
 pub mod cursor;
+pub mod link;
 pub mod mirror;
 pub mod status;
 
@@ -29,10 +32,10 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::net::TcpStream;
 use smol::Timer;
 
-use crate::config::{HubUrl, UplinkConfig};
+use crate::config::UplinkConfig;
 use crate::stream::{StoredMessage, StreamError, StreamHandle};
-use crate::wire::nats::client::{self, ConnectOptions, ServerInfo, ServerOp, PAYLOAD_SLACK};
 
+pub use link::{Action, Link, LinkEvent, LinkParams};
 pub use mirror::{Mirror, MirrorParams, MirrorStatus};
 pub use status::UplinkStatus;
 
@@ -50,11 +53,6 @@ struct Slot {
     reads: Sender<mirror::ReadRequest>,
 }
 
-enum Ended {
-    Shutdown,
-    Lost { reason: String, was_up: bool },
-}
-
 /// Run the uplink until `shutdown` fires (or its sender is dropped).
 pub async fn run(
     cfg: UplinkConfig,
@@ -66,6 +64,85 @@ pub async fn run(
 ) {
     let (answers_tx, answers_rx) =
         smol::channel::bounded::<ReadAnswer>(cfg.mirrors.len().max(1) * 2);
+    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, &streams, &answers_tx);
+    let params = link_params(&cfg, &node);
+    let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
+    let mut tls = TlsClient::new(&cfg);
+    let mut sock: Option<Box<dyn HubIo>> = None;
+    // Mirror index by the sid of its reply subscription on this connection.
+    let mut by_sid: Vec<(u64, usize)> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::new();
+    loop {
+        drive_actions(&mut link, &mut sock, &mut tls, &status, &shutdown).await;
+        let now = Instant::now();
+        while let Some(ev) = link.poll_event() {
+            on_link_event(&mut link, ev, now, &mut slots, &mut by_sid, &status);
+        }
+        if link.is_up() {
+            pump_mirrors(&mut link, &mut slots);
+        }
+        persist(&mut slots, now, false);
+        publish_status(&slots, &status);
+        link.poll_transmit(&mut out);
+        if !out.is_empty() {
+            if let Some(s) = sock.as_mut() {
+                if let Err(e) = write_flush(s, &out).await {
+                    link.handle_io_error(Instant::now(), e.to_string());
+                }
+            }
+            out.clear();
+            continue;
+        }
+        let deadline = slots
+            .iter()
+            .filter_map(|s| s.mirror.poll_deadline())
+            .chain(link.poll_deadline())
+            .min();
+        let ev = wait(sock.as_mut(), &mut buf, &answers_rx, &shutdown, deadline).await;
+        let now = Instant::now();
+        match ev {
+            Ev::Shutdown => break,
+            Ev::Data(Err(e)) => link.handle_io_error(now, e.to_string()),
+            Ev::Data(Ok(0)) => link.handle_io_error(now, "connection closed by the hub".into()),
+            Ev::Data(Ok(n)) => link.handle_bytes(now, buf.get(..n).unwrap_or_default()),
+            Ev::Read((idx, from, msgs)) => {
+                if let Some(s) = slots.get_mut(idx) {
+                    s.mirror.handle_messages(now, from, msgs);
+                }
+            }
+            Ev::Timer => {}
+        }
+        link.handle_timeout(now);
+        for s in slots.iter_mut() {
+            s.mirror.handle_tick(now);
+        }
+    }
+    link.stop();
+    while link.poll_action().is_some() {}
+    drop(sock);
+    for s in slots.iter_mut() {
+        s.mirror.handle_disconnected();
+    }
+    persist(&mut slots, Instant::now(), true);
+    status.set_link("disconnected", None);
+    publish_status(&slots, &status);
+    drop(slots);
+    for r in readers {
+        r.cancel().await;
+    }
+}
+
+/// One [`Slot`] (mirror machine, stream, cursor file, reader task) per
+/// configured mirror whose local stream is open and whose cursor path is
+/// valid; the others are logged and skipped.
+fn open_mirrors(
+    cfg: &UplinkConfig,
+    node: &str,
+    data_dir: &std::path::Path,
+    streams: &[StreamHandle],
+    answers_tx: &Sender<ReadAnswer>,
+) -> (Vec<Slot>, Vec<smol::Task<()>>) {
     let mut slots = Vec::new();
     let mut readers = Vec::new();
     for mc in &cfg.mirrors {
@@ -80,7 +157,7 @@ pub async fn run(
             );
             continue;
         };
-        let path = match cursor::path(&data_dir, &mc.stream) {
+        let path = match cursor::path(data_dir, &mc.stream) {
             Ok(p) => p,
             Err(e) => {
                 log::error!("mirror of stream {:?} skipped: {e}", mc.stream);
@@ -95,7 +172,7 @@ pub async fn run(
             }
         };
         let params = MirrorParams {
-            node: node.clone(),
+            node: node.to_string(),
             stream: mc.stream.clone(),
             hub_stream: mc.to.clone(),
             subject_prefix: mc.subject_prefix.clone(),
@@ -130,71 +207,208 @@ pub async fn run(
             reads: tx,
         });
     }
-    let mut backoff = cfg.reconnect_min;
-    let mut url_idx = 0usize;
-    let mut tls = TlsClient::new(&cfg);
-    'outer: loop {
-        let Some(url) = cfg.urls.get(url_idx % cfg.urls.len().max(1)).cloned() else {
-            log::error!("no hub URLs configured");
-            break;
-        };
-        url_idx = url_idx.wrapping_add(1);
-        status.set_link("connecting", Some(url.to_string()));
-        publish_status(&slots, &status);
-        let ended = session(
-            &cfg,
-            &node,
-            &url,
-            &mut tls,
-            &mut slots,
-            &answers_rx,
-            &status,
-            &shutdown,
-        )
-        .await;
-        for s in slots.iter_mut() {
-            s.mirror.handle_disconnected();
+    (slots, readers)
+}
+
+fn link_params(cfg: &UplinkConfig, node: &str) -> LinkParams {
+    LinkParams {
+        urls: cfg.urls.clone(),
+        name: format!("frond {node}"),
+        user: cfg.user.clone(),
+        password: cfg.password.clone(),
+        token: cfg.token.clone(),
+        nkey_seed: cfg.nkey_seed.clone(),
+        tls_configured: cfg.tls_ca.is_some() || cfg.tls_client.is_some(),
+        discover: true,
+        ping_interval: PING_INTERVAL,
+        max_pings_out: MAX_PINGS_OUT,
+        connect_timeout: CONNECT_TIMEOUT,
+        retry_min: cfg.reconnect_min,
+        retry_max: cfg.reconnect_max,
+    }
+}
+
+/// Perform what the link asks: dial, TLS upgrade, close.
+async fn drive_actions(
+    link: &mut Link,
+    sock: &mut Option<Box<dyn HubIo>>,
+    tls: &mut TlsClient,
+    status: &UplinkStatus,
+    shutdown: &Receiver<()>,
+) {
+    while let Some(a) = link.poll_action() {
+        match a {
+            Action::Dial(server) => {
+                status.set_link("connecting", Some(server.url.to_string()));
+                let deadline = link.poll_deadline().unwrap_or_else(Instant::now);
+                let addr = format!("{}:{}", server.url.host, server.url.port);
+                let r = async {
+                    TcpStream::connect(addr.as_str())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                .or(async {
+                    Timer::at(deadline).await;
+                    Err("TCP connect timed out".to_string())
+                })
+                .or(async {
+                    let _ = shutdown.recv().await;
+                    Err("shutting down".to_string())
+                })
+                .await;
+                match r {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        *sock = Some(Box::new(tcp));
+                        link.handle_dialed(Instant::now());
+                    }
+                    Err(e) => link.handle_io_error(Instant::now(), e),
+                }
+            }
+            Action::StartTls { server_name } => {
+                let deadline = link.poll_deadline().unwrap_or_else(Instant::now);
+                let r = match sock.take() {
+                    Some(s) => start_tls(s, &server_name, tls, deadline).await,
+                    None => Err("no socket to upgrade".to_string()),
+                };
+                match r {
+                    Ok(s) => {
+                        *sock = Some(s);
+                        link.handle_tls_ready(Instant::now());
+                    }
+                    Err(e) => link.handle_io_error(Instant::now(), e),
+                }
+            }
+            Action::Close => *sock = None,
         }
-        persist(&mut slots, Instant::now(), false);
-        match ended {
-            Ended::Shutdown => break,
-            Ended::Lost { reason, was_up } => {
-                if was_up {
-                    log::info!("disconnected from {url}: {reason}");
-                    backoff = cfg.reconnect_min;
-                    status.set_link("disconnected", Some(url.to_string()));
-                } else {
-                    log::warn!("cannot connect to {url}: {reason}");
-                    status.set_link(format!("error: {reason}"), Some(url.to_string()));
+    }
+}
+
+/// Apply one link event to the mirrors, the status and the log.
+fn on_link_event(
+    link: &mut Link,
+    ev: LinkEvent,
+    now: Instant,
+    slots: &mut [Slot],
+    by_sid: &mut Vec<(u64, usize)>,
+    status: &UplinkStatus,
+) {
+    match ev {
+        LinkEvent::Up {
+            server,
+            info,
+            max_payload,
+        } => {
+            log::info!(
+                "connected to {} (server {} {})",
+                server.url,
+                info.server_name,
+                info.version
+            );
+            status.set_link("connected", Some(server.url.to_string()));
+            by_sid.clear();
+            for (i, s) in slots.iter_mut().enumerate() {
+                let sid = link.alloc_sid();
+                by_sid.push((sid, i));
+                let token = format!("{:016x}", fastrand::u64(..));
+                s.mirror.handle_connected(now, sid, &token, max_payload);
+            }
+        }
+        LinkEvent::Down {
+            server,
+            reason,
+            was_up,
+        } => {
+            by_sid.clear();
+            for s in slots.iter_mut() {
+                s.mirror.handle_disconnected();
+            }
+            persist(slots, now, false);
+            if was_up {
+                log::info!("disconnected from {}: {reason}", server.url);
+                status.set_link("disconnected", Some(server.url.to_string()));
+            } else {
+                log::warn!("cannot connect to {}: {reason}", server.url);
+                status.set_link(format!("error: {reason}"), Some(server.url.to_string()));
+            }
+        }
+        LinkEvent::Msg(m) => {
+            if let Some(&(_, i)) = by_sid.iter().find(|(sid, _)| *sid == m.sid) {
+                if let Some(s) = slots.get_mut(i) {
+                    s.mirror
+                        .handle_reply(now, &m.subject, m.headers.as_deref(), &m.payload);
                 }
             }
         }
-        publish_status(&slots, &status);
-        let jittered = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-        backoff = backoff.saturating_mul(2).min(cfg.reconnect_max);
-        let stop = async {
-            let _ = shutdown.recv().await;
-            true
+        LinkEvent::HubError(e) => {
+            log::error!("hub says: {e} (grant this user publish/subscribe permissions)")
         }
-        .or(async {
-            Timer::after(jittered).await;
-            false
-        })
-        .await;
-        if stop {
-            break 'outer;
+        LinkEvent::Discovered(urls) => {
+            log::info!("hub cluster servers discovered: {}", urls.join(", "))
         }
     }
+}
+
+/// Move every mirror's commands into the link's write buffer and hand its
+/// read requests to its reader.
+fn pump_mirrors(link: &mut Link, slots: &mut [Slot]) {
     for s in slots.iter_mut() {
-        s.mirror.handle_disconnected();
+        s.mirror.handle_local_state(s.handle.state().last_seq);
+        while let Some(c) = s.mirror.poll_command() {
+            let Some(out) = link.send() else { break };
+            if let Err(e) = c.encode(out) {
+                log::error!("dropping unencodable command: {e}");
+            }
+        }
+        while let Some(ev) = s.mirror.poll_event() {
+            log::log!(
+                ev.level(),
+                "mirror {} -> {}: {ev}",
+                s.mirror.params().stream,
+                s.mirror.params().hub_stream
+            );
+        }
+        if let Some(r) = s.mirror.poll_read() {
+            let _ = s.reads.try_send(r);
+        }
     }
-    persist(&mut slots, Instant::now(), true);
-    status.set_link("disconnected", None);
-    publish_status(&slots, &status);
-    drop(slots);
-    for r in readers {
-        r.cancel().await;
+}
+
+/// Wait for the first of: socket data, a local read's answer, shutdown,
+/// the deadline.
+async fn wait(
+    sock: Option<&mut Box<dyn HubIo>>,
+    buf: &mut [u8],
+    answers: &Receiver<ReadAnswer>,
+    shutdown: &Receiver<()>,
+    deadline: Option<Instant>,
+) -> Ev {
+    async {
+        match sock {
+            Some(s) => Ev::Data(s.read(buf).await),
+            None => future::pending().await,
+        }
     }
+    .or(async {
+        match answers.recv().await {
+            Ok(a) => Ev::Read(a),
+            Err(_) => future::pending().await,
+        }
+    })
+    .or(async {
+        let _ = shutdown.recv().await;
+        Ev::Shutdown
+    })
+    .or(async {
+        match deadline {
+            Some(d) => {
+                Timer::at(d).await;
+                Ev::Timer
+            }
+            None => future::pending().await,
+        }
+    })
+    .await
 }
 
 /// Serve read requests for one mirror: read, or wait until the stream has
@@ -269,22 +483,6 @@ fn publish_status(slots: &[Slot], status: &UplinkStatus) {
     );
 }
 
-fn credentials(cfg: &UplinkConfig, url: &HubUrl) -> ConnectOptions {
-    let mut o = ConnectOptions::default();
-    if cfg.token.is_some() {
-        o.auth_token = cfg.token.clone();
-    } else if cfg.user.is_some() {
-        o.user = cfg.user.clone();
-        o.pass = cfg.password.clone();
-    } else if let (Some(u), Some(p)) = (&url.user, &url.password) {
-        o.user = Some(u.clone());
-        o.pass = Some(p.clone());
-    } else if let Some(t) = &url.user {
-        o.auth_token = Some(t.clone());
-    }
-    o
-}
-
 enum Ev {
     Data(std::io::Result<usize>),
     Read(ReadAnswer),
@@ -302,28 +500,16 @@ async fn write_flush(sock: &mut Box<dyn HubIo>, data: &[u8]) -> std::io::Result<
 trait HubIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> HubIo for T {}
 
-/// Upgrade to TLS after the hub's INFO when the hub requires it, the URL
-/// says `tls://`, or the hub offers TLS and a CA or client certificate is
-/// configured.
-async fn maybe_tls(
-    sock: TcpStream,
-    info: &ServerInfo,
-    url: &HubUrl,
+/// Upgrade the hub connection to TLS, verifying `server_name`.
+async fn start_tls(
+    sock: Box<dyn HubIo>,
+    server_name: &str,
     tls: &mut TlsClient,
     deadline: Instant,
 ) -> Result<Box<dyn HubIo>, String> {
-    let offered = info.tls_required || info.tls_available;
-    if !(info.tls_required || url.tls || (offered && tls.configured)) {
-        return Ok(Box::new(sock));
-    }
-    if !offered {
-        return Err(format!(
-            "{url} asks for TLS but the hub does not offer it (its INFO has no tls_required/tls_available)"
-        ));
-    }
     let config = tls.config()?;
-    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-        .map_err(|e| format!("{:?} is not a valid TLS server name: {e}", url.host))?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| format!("{server_name:?} is not a valid TLS server name: {e}"))?;
     let connector = futures_rustls::TlsConnector::from(config);
     let stream = async {
         connector
@@ -343,9 +529,6 @@ async fn maybe_tls(
 struct TlsClient {
     ca: Option<std::path::PathBuf>,
     client: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// A CA or client certificate was configured: use TLS whenever the hub
-    /// offers it.
-    configured: bool,
     built: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -354,7 +537,6 @@ impl TlsClient {
         TlsClient {
             ca: cfg.tls_ca.clone(),
             client: cfg.tls_client.clone(),
-            configured: cfg.tls_ca.is_some() || cfg.tls_client.is_some(),
             built: None,
         }
     }
@@ -370,244 +552,5 @@ impl TlsClient {
         let c = crate::tls::client_config(self.ca.as_deref(), client)?;
         self.built = Some(c.clone());
         Ok(c)
-    }
-}
-
-/// Read ops until `want` says stop, with a deadline.
-async fn next_op<S: AsyncRead + Unpin + ?Sized>(
-    sock: &mut S,
-    buf: &mut Vec<u8>,
-    limit: usize,
-    deadline: Instant,
-) -> Result<ServerOp, String> {
-    loop {
-        match client::parse_server_op(buf, limit) {
-            Ok(Some((op, used))) => {
-                buf.drain(..used);
-                return Ok(op);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        let mut tmp = [0u8; 16 * 1024];
-        let n = async { sock.read(&mut tmp).await.map_err(|e| e.to_string()) }
-            .or(async {
-                Timer::at(deadline).await;
-                Err("timed out waiting for the server".to_string())
-            })
-            .await?;
-        if n == 0 {
-            return Err("connection closed by the hub".into());
-        }
-        buf.extend_from_slice(tmp.get(..n).unwrap_or_default());
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    cfg: &UplinkConfig,
-    node: &str,
-    url: &HubUrl,
-    tls: &mut TlsClient,
-    slots: &mut [Slot],
-    answers: &Receiver<ReadAnswer>,
-    status: &UplinkStatus,
-    shutdown: &Receiver<()>,
-) -> Ended {
-    let lost = |reason: String, was_up: bool| Ended::Lost { reason, was_up };
-    let addr = format!("{}:{}", url.host, url.port);
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let connected = async {
-        TcpStream::connect(addr.as_str())
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .or(async {
-        Timer::at(deadline).await;
-        Err("TCP connect timed out".to_string())
-    })
-    .await;
-    let mut tcp = match connected {
-        Ok(s) => s,
-        Err(e) => return lost(e, false),
-    };
-    let _ = tcp.set_nodelay(true);
-    let mut buf = Vec::new();
-    let mut limit = (1 << 20) + PAYLOAD_SLACK;
-    let info = match next_op(&mut tcp, &mut buf, limit, deadline).await {
-        Ok(ServerOp::Info(j)) => match ServerInfo::parse(&j) {
-            Ok(i) => i,
-            Err(e) => return lost(e.to_string(), false),
-        },
-        Ok(other) => return lost(format!("expected INFO, got {other:?}"), false),
-        Err(e) => return lost(e, false),
-    };
-    if !buf.is_empty() {
-        return lost("the hub sent more than INFO before CONNECT".into(), false);
-    }
-    let mut sock = match maybe_tls(tcp, &info, url, tls, deadline).await {
-        Ok(s) => s,
-        Err(e) => return lost(e, false),
-    };
-    let max_payload = if info.max_payload > 0 {
-        info.max_payload
-    } else {
-        1 << 20
-    };
-    limit = max_payload + PAYLOAD_SLACK;
-    let mut out = Vec::new();
-    let mut opts = credentials(cfg, url);
-    opts.name = format!("frond {node}");
-    if let Some(seed) = &cfg.nkey_seed {
-        // The hub checks this signature of the nonce it just sent.
-        opts.nkey = Some(seed.public_key());
-        opts.sig = Some(seed.sign(info.nonce.as_bytes()));
-    }
-    client::connect(&opts, &mut out);
-    client::ping(&mut out);
-    if let Err(e) = write_flush(&mut sock, &out).await {
-        return lost(e.to_string(), false);
-    }
-    out.clear();
-    loop {
-        match next_op(&mut *sock, &mut buf, limit, deadline).await {
-            Ok(ServerOp::Pong) => break,
-            Ok(ServerOp::Err(e)) => {
-                let hint = if e.to_ascii_lowercase().contains("authorization") {
-                    " (check uplink user/password/token/nkey_seed)"
-                } else {
-                    ""
-                };
-                return lost(format!("hub refused the connection: {e}{hint}"), false);
-            }
-            Ok(ServerOp::Ping) => client::pong(&mut out),
-            Ok(_) => {}
-            Err(e) => return lost(e, false),
-        }
-    }
-    log::info!(
-        "connected to {url} (server {} {})",
-        info.server_name,
-        info.version
-    );
-    status.set_link("connected", Some(url.to_string()));
-    let now = Instant::now();
-    for (i, s) in slots.iter_mut().enumerate() {
-        let token = format!("{:016x}", fastrand::u64(..));
-        s.mirror
-            .handle_connected(now, i as u64 + 1, &token, max_payload);
-    }
-    let mut next_ping = now + PING_INTERVAL;
-    let mut pings_out = 0u32;
-    loop {
-        let now = Instant::now();
-        // Outputs of every mirror.
-        for s in slots.iter_mut() {
-            s.mirror.handle_local_state(s.handle.state().last_seq);
-            while let Some(c) = s.mirror.poll_command() {
-                if let Err(e) = c.encode(&mut out) {
-                    log::error!("dropping unencodable command: {e}");
-                }
-            }
-            while let Some(ev) = s.mirror.poll_event() {
-                log::log!(
-                    ev.level(),
-                    "mirror {} -> {}: {ev}",
-                    s.mirror.params().stream,
-                    s.mirror.params().hub_stream
-                );
-            }
-            if let Some(r) = s.mirror.poll_read() {
-                let _ = s.reads.try_send(r);
-            }
-        }
-        persist(slots, now, false);
-        publish_status(slots, status);
-        if !out.is_empty() {
-            if let Err(e) = write_flush(&mut sock, &out).await {
-                return lost(e.to_string(), true);
-            }
-            out.clear();
-        }
-        let deadline = slots
-            .iter()
-            .filter_map(|s| s.mirror.poll_deadline())
-            .fold(next_ping, Instant::min);
-        let mut tmp = [0u8; 16 * 1024];
-        let ev = async { Ev::Data(sock.read(&mut tmp).await) }
-            .or(async {
-                match answers.recv().await {
-                    Ok(a) => Ev::Read(a),
-                    Err(_) => future::pending().await,
-                }
-            })
-            .or(async {
-                let _ = shutdown.recv().await;
-                Ev::Shutdown
-            })
-            .or(async {
-                Timer::at(deadline).await;
-                Ev::Timer
-            })
-            .await;
-        let now = Instant::now();
-        match ev {
-            Ev::Shutdown => return Ended::Shutdown,
-            Ev::Data(Err(e)) => return lost(e.to_string(), true),
-            Ev::Data(Ok(0)) => return lost("connection closed by the hub".into(), true),
-            Ev::Data(Ok(n)) => {
-                buf.extend_from_slice(tmp.get(..n).unwrap_or_default());
-                loop {
-                    match client::parse_server_op(&buf, limit) {
-                        Ok(None) => break,
-                        Err(e) => return lost(e.to_string(), true),
-                        Ok(Some((op, used))) => {
-                            buf.drain(..used);
-                            match op {
-                                ServerOp::Ping => client::pong(&mut out),
-                                ServerOp::Pong => pings_out = 0,
-                                ServerOp::Msg(m) => {
-                                    let idx = usize::try_from(m.sid).unwrap_or(0).wrapping_sub(1);
-                                    if let Some(s) = slots.get_mut(idx) {
-                                        s.mirror.handle_reply(
-                                            now,
-                                            &m.subject,
-                                            m.headers.as_deref(),
-                                            &m.payload,
-                                        );
-                                    }
-                                }
-                                ServerOp::Err(e) => {
-                                    let l = e.to_ascii_lowercase();
-                                    if l.contains("permissions violation") {
-                                        log::error!("hub says: {e} (grant this user publish/subscribe permissions)");
-                                    } else {
-                                        return lost(format!("hub error: {e}"), true);
-                                    }
-                                }
-                                ServerOp::Info(_) | ServerOp::Ok => {}
-                            }
-                        }
-                    }
-                }
-            }
-            Ev::Read((idx, from, msgs)) => {
-                if let Some(s) = slots.get_mut(idx) {
-                    s.mirror.handle_messages(now, from, msgs);
-                }
-            }
-            Ev::Timer => {}
-        }
-        for s in slots.iter_mut() {
-            s.mirror.handle_tick(now);
-        }
-        if now >= next_ping {
-            if pings_out >= MAX_PINGS_OUT {
-                return lost(format!("hub did not answer {MAX_PINGS_OUT} PINGs"), true);
-            }
-            client::ping(&mut out);
-            pings_out += 1;
-            next_ping = now + PING_INTERVAL;
-        }
     }
 }
