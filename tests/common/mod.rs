@@ -186,6 +186,9 @@ pub struct NatsServer {
     /// With nkey authorization: (user public key, its seed); the hub
     /// accepts only that user, and this harness's clients log in as it.
     nkey: Option<(String, String)>,
+    /// As a node of a cluster: (server name, own route port, every node's
+    /// route port).
+    cluster: Option<(String, u16, Vec<u16>)>,
 }
 
 impl NatsServer {
@@ -221,6 +224,7 @@ impl NatsServer {
             starts: 0,
             tls,
             nkey,
+            cluster: None,
         };
         s.spawn().await;
         s
@@ -244,6 +248,13 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    /// Start the process without waiting for it (a cluster node is ready
+    /// only once a quorum of its peers runs).
+    fn launch(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
         self.starts += 1;
         let log_path = self
@@ -269,6 +280,21 @@ impl NatsServer {
             .expect("write nats-server config");
             cmd.arg("-c").arg(conf);
         }
+        if let Some((name, own, all)) = &self.cluster {
+            let routes: Vec<String> = all
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.arg("--server_name")
+                .arg(name)
+                .arg("--cluster_name")
+                .arg("frondhub")
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{own}"))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
         let child = cmd
             .arg("-js")
             .arg("-sd")
@@ -288,6 +314,10 @@ impl NatsServer {
             Err(e) => panic!("cannot start nats-server: {e}"),
         };
         self.child = Some(child);
+    }
+
+    /// Wait until the server's JetStream answers (20 s).
+    async fn wait_ready(&mut self) {
         let port = self.port;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -460,10 +490,14 @@ impl NatsServer {
         if expected == 0 {
             return out;
         }
-        let consumer = s
-            .create_consumer(OrderedConfig::default())
-            .await
-            .unwrap_or_else(|e| panic!("ordered consumer on hub stream {stream}: {e}"));
+        // A cluster that just lost a node may time out consumer creation
+        // until its leaders are re-elected: retry until LONG.
+        let what = format!("an ordered consumer on hub stream {stream} is created");
+        let consumer = wait_for(what, LONG, || {
+            let s = s.clone();
+            async move { s.create_consumer(OrderedConfig::default()).await.ok() }
+        })
+        .await;
         let mut msgs = consumer
             .messages()
             .await
@@ -737,6 +771,107 @@ where
         if w.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A 3-node (or n-node) nats-server JetStream cluster on loopback.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes routed to each other and waits until each one's
+    /// JetStream answers (which needs an elected meta leader).
+    pub async fn start(n: usize) -> NatsCluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, &route) in routes.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("frond-hub-")
+                .tempdir()
+                .expect("create temp dir for nats-server");
+            let mut s = NatsServer {
+                port: free_port(),
+                dir,
+                child: None,
+                starts: 0,
+                tls: None,
+                nkey: None,
+                cluster: Some((format!("n{i}"), route, routes.clone())),
+            };
+            s.launch();
+            nodes.push(s);
+        }
+        for s in nodes.iter_mut() {
+            s.wait_ready().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    /// A node that is running (panics if none is).
+    pub fn live(&self) -> &NatsServer {
+        self.nodes
+            .iter()
+            .find(|s| s.is_running())
+            .expect("no hub node is running")
+    }
+
+    /// Creates a file-backed stream with `replicas` replicas.
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        subjects: &[&str],
+        replicas: usize,
+        duplicate_window: Duration,
+    ) {
+        let js = self.live().jetstream().await;
+        let cfg = async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            duplicate_window,
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        if let Err(e) = js.create_stream(cfg).await {
+            panic!("cannot create hub stream {name}: {e}");
+        }
+    }
+
+    /// The index of the node leading `stream`, if it has a leader now.
+    pub async fn leader(&self, stream: &str) -> Option<usize> {
+        for s in self.nodes.iter().filter(|s| s.is_running()) {
+            let Ok(client) = s.try_client().await else {
+                continue;
+            };
+            let js = async_nats::jetstream::new(client);
+            let Ok(mut st) = js.get_stream(stream).await else {
+                continue;
+            };
+            let Ok(info) = st.info().await else { continue };
+            let name = info.cluster.as_ref().and_then(|c| c.leader.clone())?;
+            return name.strip_prefix('n').and_then(|i| i.parse().ok());
+        }
+        None
+    }
+
+    /// The message count of `stream` as any live node answers it.
+    pub async fn try_count(&self, stream: &str) -> Option<u64> {
+        for s in self.nodes.iter().filter(|s| s.is_running()) {
+            if let Some(n) = s.try_count(stream).await {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// Waits until `stream` holds at least `n` messages.
+    pub async fn wait_count_at_least(&self, stream: &str, n: u64, timeout: Duration) {
+        let what = format!("hub cluster stream {stream} holds at least {n} messages");
+        wait_until(what, timeout, || async {
+            self.try_count(stream).await.is_some_and(|c| c >= n)
+        })
+        .await;
     }
 }
 
