@@ -26,11 +26,14 @@
 //!   published in local order. The hub's duplicate window covers the short
 //!   race of a publish stored after the scan passed it; the scan covers
 //!   outages of any length.
-//! - Order: the hub receives messages in local order as long as it does not
-//!   store a later publish of a window after rejecting an earlier one (a
-//!   transient error in the middle of a window, e.g. a leader change, can
-//!   put the resent earlier message after the later one; it is still stored
-//!   exactly once).
+//! - Order: the hub answers one connection's publishes in order, so an ack
+//!   that arrives while an earlier publish is unanswered means the earlier
+//!   one was lost (a stream leader change drops the unreplicated tail of a
+//!   window while the new leader stores what follows). The mirror stops
+//!   sending at that ack and resyncs, so a resent message lands after at
+//!   most one window (`max_inflight`) of later ones, never after more. It
+//!   is still stored exactly once. (Strict order through a leader change
+//!   needs one publish per round trip; not done.)
 //! - Resync cost: the scan reads every hub message matching the filter
 //!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
 //!   node's messages are read even in a shared hub stream; without one it is
@@ -57,6 +60,9 @@ pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
 pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// Default cap on hub messages examined by one resync round.
 pub const DEFAULT_SCAN_CAP: u64 = 100_000;
+/// Longest wait for the answer to one resync read (see
+/// [`Mirror::resync_timeout`]).
+pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Upper bound on the bytes asked for in one local read.
 pub const READ_MAX_BYTES: usize = 4 << 20;
 
@@ -367,6 +373,14 @@ impl Mirror {
         }
     }
 
+    /// How long a resync read may go unanswered. The hub drops a
+    /// `MSG.GET` silently while the stream has no leader (an election after
+    /// a node died), so waiting the whole `ack_timeout` would stall the
+    /// recovery; a resend costs one small request.
+    fn resync_timeout(&self) -> Duration {
+        self.p.ack_timeout.min(RESYNC_TIMEOUT)
+    }
+
     fn floor(&self) -> u64 {
         self.inflight
             .values()
@@ -497,8 +511,8 @@ impl Mirror {
     pub fn handle_tick(&mut self, now: Instant) {
         match self.phase {
             Phase::Wait { until } if now >= until && self.conn.is_some() => self.start_resync(now),
-            Phase::Resync { sent_at, .. } if now >= sent_at + self.p.ack_timeout => {
-                let t = self.p.ack_timeout;
+            Phase::Resync { sent_at, .. } if now >= sent_at + self.resync_timeout() => {
+                let t = self.resync_timeout();
                 self.fault(
                     now,
                     format!(
@@ -553,7 +567,7 @@ impl Mirror {
         let timer = match self.phase {
             Phase::Offline => None,
             Phase::Wait { until } => Some(until),
-            Phase::Resync { sent_at, .. } => Some(sent_at + self.p.ack_timeout),
+            Phase::Resync { sent_at, .. } => Some(sent_at + self.resync_timeout()),
             Phase::Streaming => self
                 .inflight
                 .values()
@@ -808,6 +822,20 @@ impl Mirror {
                     self.inflight.remove(&seq);
                     self.latest = hub_seq;
                     self.acked += 1;
+                    if let Some(&first) = self.inflight.keys().next().filter(|&&f| f < seq) {
+                        // The hub answers a connection's publishes in
+                        // order: an earlier one still unanswered was lost
+                        // (a leader change drops the unreplicated part of
+                        // a window). Sending on would store later
+                        // messages before it; stop now and resync.
+                        self.advance();
+                        return self.fault(
+                            now,
+                            format!(
+                                "hub acknowledged message {seq} while message {first} is unanswered (lost in the hub, e.g. by a leader change); resyncing before sending more"
+                            ),
+                        );
+                    }
                     self.fail_streak = 0;
                     self.last_error = None;
                 }

@@ -345,7 +345,7 @@ fn original_headers_are_kept_and_local_ids_replaced() {
 }
 
 #[test]
-fn acks_out_of_order() {
+fn ack_past_an_unanswered_publish_is_a_gap() {
     let mut w = World::new(params("", 4));
     for _ in 0..4 {
         w.append(5);
@@ -358,25 +358,69 @@ fn acks_out_of_order() {
     for _ in 0..4 {
         w.hub_step(false);
     }
-    // Deliver acks 4, 2, 3, 1.
+    // Deliver acks 4, 2, 3, 1: ack 4 with 1..3 unanswered is a gap.
     let mut acks: Vec<Delivery> = w.to_client.drain(..).collect();
     let order = [3, 1, 2, 0];
     let mut ls = Vec::new();
-    for i in order {
+    for (k, i) in order.into_iter().enumerate() {
         let (s, h, p) = acks[i].clone();
         w.m.handle_reply(w.now(), &s, h.as_deref(), &p);
+        w.drain();
+        if k == 0 {
+            assert!(
+                w.events.iter().any(
+                    |e| matches!(e, Event::Error(e) if e.contains("while message 1 is unanswered"))
+                ),
+                "{:?}",
+                w.events
+            );
+            assert!(w.m.inflight.is_empty(), "the window is dropped at once");
+        }
         ls.push(w.m.cursor().local_seq);
     }
     acks.clear();
+    // The late acks are still facts.
     assert_eq!(ls, vec![0, 0, 0, 4]);
     assert_eq!(
         w.m.cursor(),
         Cursor {
             local_seq: 4,
-            hub_seq: 1
+            hub_seq: 0
         },
         "H stays conservative"
     );
+}
+
+#[test]
+fn leader_change_losing_a_window_tail_reorders_at_most_one_window() {
+    // 8 in flight; the hub loses 3..5 (no reply, not stored) and stores
+    // 6..8 (a new leader). Before the gap rule the mirror kept sending
+    // 9, 10, ... on every ack, so 3..5 landed after everything sent until
+    // the ack timeout.
+    let mut w = World::new(params("", 8));
+    for _ in 0..40 {
+        w.append(5);
+    }
+    w.connect();
+    w.hub_step(false);
+    w.hub_step(false);
+    w.client_step();
+    w.serve_read();
+    assert_eq!(w.to_hub.len(), 8);
+    w.hub_step(false);
+    w.hub_step(false);
+    for _ in 0..3 {
+        w.to_hub.pop_front(); // lost with the old leader
+    }
+    while w.hub_step(false) {}
+    while w.client_step() {}
+    assert_eq!(w.hub.ours(), vec![1, 2, 6, 7, 8]);
+    assert!(w.to_hub.is_empty(), "nothing new is sent after the gap");
+    w.settle();
+    let ours = w.hub.ours();
+    assert_eq!(ours.len(), 40, "each once: {ours:?}");
+    assert_eq!(&ours[..8], &[1, 2, 6, 7, 8, 3, 4, 5]);
+    assert_eq!(&ours[8..], &(9..=40).collect::<Vec<_>>()[..]);
 }
 
 #[test]
@@ -756,4 +800,29 @@ fn late_ack_after_window_drop_is_a_fact() {
     m.handle_reply(t, "_INBOX.t.zz", None, b"junk");
     m.handle_reply(t, "_INBOX.other.1", None, b"{}");
     m.handle_reply(t, "_INBOX.t.1", Some(b"garbage"), b"\xff");
+}
+
+#[test]
+fn unanswered_resync_read_is_retried_before_the_ack_timeout() {
+    // A MSG.GET sent while the hub stream has no leader gets no answer.
+    let mut p = params("", 4);
+    p.ack_timeout = Duration::from_secs(10);
+    let mut w = World::new(p);
+    w.append(5);
+    w.connect();
+    w.to_hub.clear(); // the SUB and the GET vanish
+    w.tick(1_999);
+    assert!(w.events.is_empty(), "{:?}", w.events);
+    w.tick(1);
+    assert!(
+        w.events.iter().any(
+            |e| matches!(e, Event::Error(e) if e.contains("resync request") && e.contains("2s"))
+        ),
+        "{:?}",
+        w.events
+    );
+    // After the backoff the read is sent again and the mirror drains.
+    w.connect();
+    w.settle();
+    assert_eq!(w.hub.ours(), vec![1]);
 }
