@@ -36,8 +36,9 @@
 //! - Application bytes ([`Link::send`]) are accepted only while `Up`;
 //!   everything buffered for a connection is dropped with it.
 //! - Every state but `Up` and `Waiting` has a deadline (`connect_timeout`
-//!   for the whole handshake); `Up` is bounded by `max_pings_out`
-//!   unanswered PINGs.
+//!   for the whole handshake); `Up` ends when the hub has sent nothing for
+//!   `max_pings_out + 1` PING intervals (a PING is sent every interval;
+//!   any bytes from the hub, not only a PONG, count as a sign of life).
 //! - Exactly one [`LinkEvent::Down`] follows every [`LinkEvent::Up`].
 
 use std::collections::VecDeque;
@@ -381,6 +382,16 @@ impl Link {
             State::Waiting { .. } | State::Stopped | State::Dialing { .. }
         ) {
             return;
+        }
+        if let State::Up { next_ping, .. } = self.state {
+            // Bytes from the hub prove the link alive, also when our PING
+            // waits behind a slow link's backlog of publishes.
+            if !data.is_empty() {
+                self.state = State::Up {
+                    next_ping,
+                    pings_out: 0,
+                };
+            }
         }
         self.buf.extend_from_slice(data);
         let mut used_total = 0;

@@ -436,3 +436,25 @@ fn simulated_cluster_faults_many_seeds() {
         simulate(seed);
     }
 }
+
+#[test]
+fn any_bytes_from_the_hub_count_as_liveness() {
+    let t0 = Instant::now();
+    let mut p = params(&[4222]);
+    p.max_pings_out = 1;
+    let mut l = Link::new(p, t0, 1);
+    bring_up(&mut l, t0, &[]);
+    let _ = events(&mut l);
+    let s = Duration::from_secs(10);
+    l.handle_timeout(t0 + s);
+    assert_eq!(out(&mut l), "PING\r\n");
+    // No PONG (it waits behind our backlog), but a message arrives.
+    l.handle_bytes(t0 + s, b"MSG x 1 0\r\n\r\n");
+    l.handle_timeout(t0 + 2 * s);
+    assert!(l.is_up(), "data reset the count");
+    assert_eq!(out(&mut l), "PING\r\n");
+    // Silence for the next interval: dead, 2 intervals after the last
+    // sign of life (a half-open link).
+    l.handle_timeout(t0 + 3 * s);
+    assert!(!l.is_up());
+}

@@ -39,9 +39,11 @@ pub use link::{Action, Link, LinkEvent, LinkParams};
 pub use mirror::{Mirror, MirrorParams, MirrorStatus};
 pub use status::UplinkStatus;
 
-/// Our PING interval; two unanswered PINGs close the connection.
+/// Our PING interval. A hub silent for two intervals (a PING sent and not
+/// answered within the next) is a dead link: a half-open connection is
+/// detected within 20 s.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-const MAX_PINGS_OUT: u32 = 2;
+const MAX_PINGS_OUT: u32 = 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 type ReadAnswer = (usize, u64, Vec<StoredMessage>);
