@@ -30,6 +30,7 @@ pub mod nkey;
 pub use stream::oneshot;
 pub mod run;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod stream;
 pub mod subject;

@@ -1,76 +1,33 @@
-//! Durable will messages: a will survives a frond restart or power cut.
+//! What a stored will means to the MQTT code, and the old path of the will
+//! store: the store itself is [`crate::state::wills`] (re-exported here for
+//! the code that still imports it from `broker`).
 //!
-//! Owns `<data_dir>/mqtt/wills/`, one JSON file ([`StoredWill`]) per client
-//! id whose will is not settled yet, named after the SHA-256 of the client
-//! id ([`super::persist::file_stem`]), so any valid client id (up to 65,535
-//! bytes) has a file; the client id is inside, and a file holding another
-//! id is not this client's. A file of an earlier version (named after the
-//! hex of the id, [`super::persist::legacy_stem`]) is still read at start
-//! and settled or removed like the new one; the next save of that client
-//! id deletes it:
-//! - armed when a connection with a will is accepted, before its CONNACK
-//!   leaves (`due_ms` = 0: the connection is alive);
-//! - rewritten with its due time when the connection ends abnormally and
-//!   the will waits out an MQTT 5 will delay;
-//! - removed when the will is discarded (clean DISCONNECT, the same client
-//!   id connecting again) or once the published will is stored.
-//!
-//! At start, every file left is a will frond owes: its connection ended
-//! with the crash (publish after its delay, counted from the start) or it
-//! was waiting out its delay (publish at the due time, or now if that has
-//! passed). So a will is published at least once, never lost; a crash
-//! between publishing and removing the file publishes it again.
-//!
-//! Kept: topic (subject), payload, QoS, retain, delay, the MQTT 5 will
-//! properties a published will carries ([`StoredProps`]: payload format,
-//! message expiry, content type, response topic, correlation data, user
-//! properties; absent from the file when there are none, so files written
-//! before they were kept still load), and who armed it ([`Owner`]).
-//!
-//! Authorization (issue 10): a will is a publish by its client, checked
-//! against that user's publish permissions. The CONNECT that carries one
-//! the user may not publish is refused ([`crate::broker::session`]). A will
-//! left from the last run is checked again at start against the current
-//! `[auth]` ([`StoredWill::authorized`]), since the operator may have
-//! narrowed the user's permissions or removed the user: one that is no
-//! longer allowed, or that has no recorded owner while `[auth]` is on
-//! (written by an older frond, or while `[auth]` was off), is deleted with
-//! a warning instead of published.
-//! Files are replaced atomically ([`super::persist::write`]); a file that
-//! does not parse is reported and deleted.
+//! Owns the conversions between the session's will
+//! ([`crate::broker::session::WillMessage`]) and its record, and the
+//! authorization of a restored will (issue 10): a will is a publish by its
+//! client, checked against that user's publish permissions. The CONNECT
+//! that carries one the user may not publish is refused
+//! ([`crate::broker::session`]). A will left from the last run is checked
+//! again at start against the current `[auth]` ([`StoredWill::authorized`]),
+//! since the operator may have narrowed the user's permissions or removed
+//! the user: one that is no longer allowed, or that has no recorded owner
+//! while `[auth]` is on (written by an older frond, or while `[auth]` was
+//! off), is deleted with a warning instead of published.
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use crate::state::wills::*;
 
-use super::persist::{file_stem, legacy_stem, write, Owner};
+use super::persist::Owner;
 use super::session::WillMessage;
 use crate::auth::Auth;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::Properties;
 use crate::wire::nats::base64;
 
-/// The MQTT 5 will properties kept with a stored will.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StoredProps {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload_format: Option<u8>,
-    /// Seconds the will lives once published.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message_expiry: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response_topic: Option<String>,
-    /// Base64.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub correlation_data: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub user_properties: Vec<(String, String)>,
+/// Unix milliseconds now (the shell's clock).
+pub fn unix_ms() -> u64 {
+    crate::util::unix_nanos() / 1_000_000
 }
 
 impl StoredProps {
@@ -104,32 +61,6 @@ impl StoredProps {
             ..Properties::default()
         }
     }
-}
-
-/// One will as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredWill {
-    pub client_id: String,
-    /// The NATS subject the will is published to.
-    pub subject: String,
-    /// The payload, base64.
-    pub payload: String,
-    pub qos: u8,
-    pub retain: bool,
-    pub delay_ms: u64,
-    /// Unix milliseconds at which the will is due; 0 while its connection
-    /// is alive.
-    pub due_ms: u64,
-    /// Random per arming: a settled will removes its file only if the file
-    /// still holds this arming (a newer connection may have armed its own).
-    pub token: u64,
-    /// MQTT 5 will properties, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub props: Option<StoredProps>,
-    /// Who armed it; `None` when frond ran without `[auth]` (and in files
-    /// written before owners were kept).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<Owner>,
 }
 
 impl StoredWill {
@@ -209,109 +140,6 @@ impl StoredWill {
                 .filter(|p| !p.is_empty()),
             owner: self.owner.clone(),
         })
-    }
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The directory of unsettled wills. Methods block: call them through
-/// `smol::unblock`.
-#[derive(Debug)]
-pub struct WillStore {
-    dir: PathBuf,
-}
-
-impl WillStore {
-    /// Open (create) the directory; returns the store and the wills owed
-    /// from before (see [`StoredWill::owed`]).
-    pub fn open(dir: &Path) -> io::Result<(WillStore, Vec<StoredWill>)> {
-        fs::create_dir_all(dir)?;
-        let now = unix_ms();
-        let mut owed = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "tmp") {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            let parsed = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|d| serde_json::from_slice::<StoredWill>(&d).map_err(|e| e.to_string()));
-            match parsed {
-                Ok(w) if w.owed(now).is_some() => owed.push(w),
-                _ => {
-                    let why = parsed.err().unwrap_or_else(|| "bad base64 payload".into());
-                    log::warn!(
-                        "mqtt: will file {} is unreadable ({why}); deleted",
-                        path.display()
-                    );
-                    fs::remove_file(&path)?;
-                }
-            }
-        }
-        Ok((
-            WillStore {
-                dir: dir.to_path_buf(),
-            },
-            owed,
-        ))
-    }
-
-    fn path(&self, client_id: &str) -> PathBuf {
-        self.dir.join(file_stem(client_id))
-    }
-
-    /// The file an earlier version would have used, if it could exist.
-    fn legacy_path(&self, client_id: &str) -> Option<PathBuf> {
-        legacy_stem(client_id).map(|s| self.dir.join(s))
-    }
-
-    /// Store (replace) the will of `w.client_id`.
-    pub fn save(&self, w: &StoredWill) -> io::Result<()> {
-        write(&self.dir, &self.path(&w.client_id), w)?;
-        if let Some(old) = self.legacy_path(&w.client_id) {
-            remove_if_present(&old)?;
-        }
-        Ok(())
-    }
-
-    /// Forget the will of `client_id` (absent is fine).
-    pub fn remove(&self, client_id: &str) -> io::Result<()> {
-        if let Some(old) = self.legacy_path(client_id) {
-            remove_if_present(&old)?;
-        }
-        remove_if_present(&self.path(client_id))
-    }
-
-    /// Forget the will of `client_id` if the file still holds arming
-    /// `token` (it was settled; no newer connection armed its own).
-    pub fn settle(&self, client_id: &str, token: u64) -> io::Result<()> {
-        let read = |p: &Path| {
-            fs::read(p)
-                .ok()
-                .and_then(|d| serde_json::from_slice::<StoredWill>(&d).ok())
-                .filter(|w| w.client_id == client_id)
-        };
-        let held = read(&self.path(client_id))
-            .or_else(|| self.legacy_path(client_id).and_then(|p| read(&p)));
-        match held {
-            Some(w) if w.token == token => self.remove(client_id),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Delete `path`; absent is fine.
-fn remove_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
     }
 }
 
@@ -445,11 +273,10 @@ mod tests {
             owed[0].owed(unix_ms()).unwrap().owner,
             Some(Owner::User("alice".into()))
         );
-        let json = serde_json::to_string(&stored(Some(Owner::Anonymous))).unwrap();
-        assert!(json.contains(r#""owner":"anonymous""#), "{json}");
-        assert!(!serde_json::to_string(&stored(None))
-            .unwrap()
-            .contains("owner"));
+        // JSON files of earlier releases keep theirs.
+        let json = r#"{"client_id":"c","subject":"s","payload":"","qos":0,"retain":false,"delay_ms":0,"due_ms":0,"token":1,"owner":"anonymous"}"#;
+        let w: StoredWill = serde_json::from_str(json).unwrap();
+        assert_eq!(w.owner, Some(Owner::Anonymous));
     }
 
     #[test]
@@ -461,10 +288,9 @@ mod tests {
         store.save(&w).unwrap();
         // A will of an earlier version, under the hex of its id.
         let old = StoredWill::new("old-dev", &will(0));
-        write(
-            dir.path(),
-            &dir.path().join(super::super::persist::hex("old-dev")),
-            &old,
+        std::fs::write(
+            dir.path().join(super::super::persist::hex("old-dev")),
+            serde_json::to_vec(&old).unwrap(),
         )
         .unwrap();
         let (store, mut owed) = WillStore::open(dir.path()).unwrap();
@@ -477,10 +303,9 @@ mod tests {
         store.settle(&long, w.token).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         // A new arming of an old client id replaces the old file.
-        write(
-            dir.path(),
-            &dir.path().join(super::super::persist::hex("old-dev")),
-            &old,
+        std::fs::write(
+            dir.path().join(super::super::persist::hex("old-dev")),
+            serde_json::to_vec(&old).unwrap(),
         )
         .unwrap();
         store.save(&StoredWill::new("old-dev", &will(0))).unwrap();

@@ -282,18 +282,6 @@ fn may_answer(perms: Option<&Permissions>, reply: &str) -> bool {
     perms.is_none_or(|p| p.can_subscribe(reply))
 }
 
-/// The file of consumer `name` in `dir` (names are checked at creation and
-/// load; this is the last guard, see [`crate::names`]).
-fn consumer_file(dir: &Path, name: &str) -> Option<PathBuf> {
-    match crate::names::path_in(dir, name, ".json") {
-        Ok(p) => Some(p),
-        Err(e) => {
-            log::error!("jetstream: consumer name {name:?} cannot be a file name ({e}); not touched on disk");
-            None
-        }
-    }
-}
-
 fn body_json(body: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::new(400, 10025, "invalid JSON"))?;
     if text.trim().is_empty() {
@@ -367,7 +355,7 @@ impl JsApi {
                 });
             let mut consumers = BTreeMap::new();
             if let Some(d) = &dir {
-                for c in load_consumers(d, &name, now) {
+                for c in crate::state::consumers::load(d, &name, now) {
                     consumers.insert(c.name.clone(), c);
                 }
             }
@@ -771,8 +759,13 @@ impl JsApi {
         let i = self.slot_idx(stream)?;
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         let c = slot.consumers.remove(name).ok_or_else(not_found_consumer)?;
-        if let Some(f) = slot.dir.as_deref().and_then(|d| consumer_file(d, name)) {
-            remove_file_synced(&f);
+        if let Some(d) = slot.dir.as_deref() {
+            if let Err(e) = crate::state::consumers::remove(d, name) {
+                log::warn!(
+                    "jetstream: cannot remove consumer {name} in {}: {e}",
+                    d.display()
+                );
+            }
         }
         let st = slot.handle.state();
         if slot.handle.config().retention == Retention::Interest && st.msgs > 0 {
@@ -1277,10 +1270,7 @@ impl JsApi {
                 let (Some(dir), true) = (&slot.dir, c.durable()) else {
                     continue;
                 };
-                let Some(file) = consumer_file(dir, &c.name) else {
-                    continue;
-                };
-                if let Err(e) = write_synced(&file, &c.encode()) {
+                if let Err(e) = crate::state::consumers::save(dir, c) {
                     c.dirty = true;
                     log::error!(
                         "jetstream: cannot save consumer {} in {}: {e}; its acknowledgements may be redelivered after a restart (check the disk)",
@@ -1480,72 +1470,6 @@ fn send(
             publisher: None,
         },
     ));
-}
-
-fn load_consumers(dir: &Path, stream: &str, now: u64) -> Vec<Consumer> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("json") {
-            if p.extension().and_then(|x| x.to_str()) == Some("tmp") {
-                let _ = std::fs::remove_file(&p);
-            }
-            continue;
-        }
-        match std::fs::read(&p)
-            .map_err(|e| e.to_string())
-            .and_then(|b| Consumer::decode(&b, now))
-        {
-            Ok(c) => {
-                log::info!(
-                    "jetstream: consumer {} of stream {stream}: delivered {}, {} pending",
-                    c.name,
-                    c.delivered_sseq,
-                    c.pending.len()
-                );
-                out.push(c)
-            }
-            Err(e) => log::error!(
-                "jetstream: consumer file {} is unusable ({e}); the consumer is skipped — move the file away and recreate the consumer",
-                p.display()
-            ),
-        }
-    }
-    out
-}
-
-/// Write `file` atomically: `<file>.tmp`, fsync, rename, fsync of its
-/// directory.
-fn write_synced(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, file)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn remove_file_synced(p: &Path) {
-    if let Err(e) = std::fs::remove_file(p) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("jetstream: cannot remove {}: {e}", p.display());
-        }
-    }
-    if let Some(d) = p.parent() {
-        if let Ok(f) = std::fs::File::open(d) {
-            let _ = f.sync_all();
-        }
-    }
 }
 
 fn subscribe(broker: &Broker) -> (u64, Arc<Outbox>) {

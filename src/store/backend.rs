@@ -39,6 +39,12 @@ pub trait Backend: Send + 'static {
     fn remove(&mut self, name: &str) -> io::Result<()>;
     /// Replace `name` with `data` atomically and durably.
     fn write_atomic(&mut self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Replace `to` with the synced file `from`, atomically and durably
+    /// (used by `state::retained` to swap in a compacted log).
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()>;
+    /// Make earlier creations and removals durable (`sync` does too, but
+    /// needs a file to sync).
+    fn sync_dir(&mut self) -> io::Result<()>;
     /// Bytes used by all files.
     fn disk_usage(&mut self) -> io::Result<u64> {
         let mut total = 0;
@@ -195,6 +201,18 @@ impl Backend for FsBackend {
         std::fs::rename(&tmp, self.path(name))?;
         self.dir_dirty = true;
         self.sync_dir()
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
+        self.handles.remove(from);
+        self.handles.remove(to);
+        std::fs::rename(self.path(from), self.path(to))?;
+        self.dir_dirty = true;
+        FsBackend::sync_dir(self)
+    }
+
+    fn sync_dir(&mut self) -> io::Result<()> {
+        FsBackend::sync_dir(self)
     }
 }
 
@@ -409,6 +427,18 @@ impl Backend for MemBackend {
         self.set_file(name, data.to_vec());
         Ok(())
     }
+
+    fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
+        let mut d = self.disk();
+        let f = d.files.remove(from).ok_or_else(|| not_found(from))?;
+        d.files.insert(to.to_string(), f);
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> io::Result<()> {
+        // Creations and removals are durable at once here.
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -430,6 +460,13 @@ mod tests {
         let mut all = [0u8; 6];
         b.read_at("a", 0, &mut all).unwrap();
         assert_eq!(&all, b"hello!");
+        b.write_atomic("m", b"meta").unwrap();
+        b.write_atomic("r", b"x").unwrap();
+        b.rename("r", "m").unwrap();
+        b.sync_dir().unwrap();
+        let mut one = [0u8; 1];
+        b.read_at("m", 0, &mut one).unwrap();
+        assert_eq!(&one, b"x");
         b.write_atomic("m", b"meta").unwrap();
         let mut names = b.list().unwrap();
         names.sort();

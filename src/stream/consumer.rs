@@ -819,101 +819,61 @@ impl Consumer {
         self.pending.values().filter(|p| p.deliveries > 1).count()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let pending: Vec<[u64; 4]> = self
-            .pending
-            .iter()
-            .map(|(s, p)| [*s, p.cseq, p.ts, p.deliveries])
-            .collect();
-        let v = json!({
-            "v": 1,
-            "name": self.name,
-            "created": self.created,
-            "floor": self.floor,
-            "config": self.cfg.to_json(&self.name),
-            "delivered": [self.delivered_cseq, self.delivered_sseq],
-            "pending": pending,
-            "exclude": self.exclude,
-        });
-        let mut out = v.to_string().into_bytes();
-        out.push(b'\n');
-        out
+    /// What is persisted of this consumer (see [`crate::state::consumers`]).
+    pub fn saved(&self) -> SavedConsumer {
+        SavedConsumer {
+            name: self.name.clone(),
+            created: self.created,
+            floor: self.floor,
+            config: self.cfg.to_json(&self.name).to_string(),
+            delivered: (self.delivered_cseq, self.delivered_sseq),
+            pending: self
+                .pending
+                .iter()
+                .map(|(s, p)| [*s, p.cseq, p.ts, p.deliveries])
+                .collect(),
+            exclude: self.exclude.clone(),
+        }
     }
 
-    /// Load a persisted consumer. Pending messages become due one ack
-    /// wait after their last delivery.
+    /// Load a persisted consumer of an earlier release (JSON).
     pub fn decode(bytes: &[u8], now: u64) -> Result<Consumer, String> {
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        if v.get("v").and_then(Value::as_u64) != Some(1) {
-            return Err("unsupported consumer state version".into());
+        Consumer::restore(SavedConsumer::from_json(bytes)?, now)
+    }
+
+    /// A persisted consumer, checked. Pending messages become due one ack
+    /// wait after their last delivery.
+    pub fn restore(s: SavedConsumer, now: u64) -> Result<Consumer, String> {
+        if crate::names::validate(&s.name).is_err() {
+            return Err("missing or bad name".into());
         }
-        let name = v
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|n| crate::names::validate(n).is_ok())
-            .ok_or("missing or bad name")?
-            .to_string();
-        let cfg = ConsumerConfig::from_json(v.get("config").unwrap_or(&Value::Null))
-            .map_err(|e| format!("bad config: {}", e.description))?;
-        let num = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .ok_or(format!("missing {k}"))
-        };
-        let created = num("created")?;
-        let floor = num("floor")?;
-        let pair = v
-            .get("delivered")
-            .and_then(Value::as_array)
-            .filter(|a| a.len() == 2)
-            .ok_or("missing delivered")?;
-        let d: Vec<u64> = pair.iter().filter_map(Value::as_u64).collect();
-        let (delivered_cseq, delivered_sseq) = match d.as_slice() {
-            [c, s] => (*c, *s),
-            _ => return Err("bad delivered".into()),
-        };
+        let v: Value = serde_json::from_str(&s.config).map_err(|e| format!("bad config: {e}"))?;
+        let cfg =
+            ConsumerConfig::from_json(&v).map_err(|e| format!("bad config: {}", e.description))?;
+        let (floor, (delivered_cseq, delivered_sseq)) = (s.floor, s.delivered);
         let mut pending = BTreeMap::new();
-        for p in v
-            .get("pending")
-            .and_then(Value::as_array)
-            .ok_or("missing pending")?
-        {
-            let f: Vec<u64> = p
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                .unwrap_or_default();
-            let [s, c, ts, n] = f.as_slice() else {
-                return Err("bad pending entry".into());
-            };
-            if *s <= floor || *s > delivered_sseq {
+        for [seq, c, ts, n] in s.pending {
+            if seq <= floor || seq > delivered_sseq {
                 return Err(format!(
-                    "pending sequence {s} outside ({floor}, {delivered_sseq}]"
+                    "pending sequence {seq} outside ({floor}, {delivered_sseq}]"
                 ));
             }
-            pending.insert(
-                *s,
-                Pending {
-                    cseq: *c,
-                    ts: *ts,
-                    deliveries: *n,
-                    deadline: ts.saturating_add(cfg.ack_wait_ns),
-                },
-            );
+            let deadline = ts.saturating_add(cfg.ack_wait_ns);
+            let p = Pending {
+                cseq: c,
+                ts,
+                deliveries: n,
+                deadline,
+            };
+            pending.insert(seq, p);
         }
-        // Absent in files written before exclusions existed.
-        let mut exclude = Vec::new();
-        if let Some(list) = v.get("exclude") {
-            for x in list.as_array().ok_or("bad exclude")? {
-                match x.as_str() {
-                    Some(f) if subject::valid_filter(f) => exclude.push(f.to_string()),
-                    _ => return Err("bad exclude entry".into()),
-                }
-            }
+        if s.exclude.iter().any(|f| !subject::valid_filter(f)) {
+            return Err("bad exclude entry".into());
         }
         Ok(Consumer {
-            name,
+            name: s.name,
             cfg,
-            created,
+            created: s.created,
             floor,
             delivered_cseq,
             delivered_sseq,
@@ -922,6 +882,78 @@ impl Consumer {
             waiting: VecDeque::new(),
             last_active: now,
             dirty: false,
+            exclude: s.exclude,
+        })
+    }
+}
+
+/// The persisted state of a consumer: what [`Consumer::restore`] needs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedConsumer {
+    pub name: String,
+    /// Unix ns of its creation.
+    pub created: u64,
+    pub floor: u64,
+    /// Its configuration as the API's JSON (checked again at restore).
+    pub config: String,
+    /// (consumer sequence, stream sequence) of the last first delivery.
+    pub delivered: (u64, u64),
+    /// Pending messages: stream sequence, consumer sequence, last delivery
+    /// (unix ns), deliveries.
+    pub pending: Vec<[u64; 4]>,
+    /// Filters excluded for its creator ([`Consumer::exclusions`]).
+    pub exclude: Vec<String>,
+}
+
+impl SavedConsumer {
+    /// The JSON file of earlier releases: `{"v":1,"name","created",
+    /// "floor","config":{..},"delivered":[c,s],"pending":[[s,c,ts,n],..],
+    /// "exclude":[..]}` (`exclude` absent before exclusions existed).
+    pub fn from_json(bytes: &[u8]) -> Result<SavedConsumer, String> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        if v.get("v").and_then(Value::as_u64) != Some(1) {
+            return Err("unsupported consumer state version".into());
+        }
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .ok_or(format!("missing {k}"))
+        };
+        let list = |k: &str| v.get(k).and_then(Value::as_array);
+        let nums = |x: &Value| -> Vec<u64> {
+            x.as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default()
+        };
+        let delivered = match nums(v.get("delivered").unwrap_or(&Value::Null)).as_slice() {
+            [c, s] => (*c, *s),
+            _ => return Err("missing or bad delivered".into()),
+        };
+        let mut pending = Vec::new();
+        for p in list("pending").ok_or("missing pending")? {
+            match nums(p).as_slice() {
+                [s, c, ts, n] => pending.push([*s, *c, *ts, *n]),
+                _ => return Err("bad pending entry".into()),
+            }
+        }
+        let mut exclude = Vec::new();
+        for x in list("exclude").map_or(&[][..], Vec::as_slice) {
+            exclude.push(x.as_str().ok_or("bad exclude entry")?.to_string());
+        }
+        if v.get("exclude").is_some_and(|x| !x.is_array()) {
+            return Err("bad exclude".into());
+        }
+        Ok(SavedConsumer {
+            name: v
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or("missing or bad name")?
+                .to_string(),
+            created: num("created")?,
+            floor: num("floor")?,
+            config: v.get("config").unwrap_or(&Value::Null).to_string(),
+            delivered,
+            pending,
             exclude,
         })
     }
@@ -930,6 +962,26 @@ impl Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The JSON file earlier releases wrote for `k`.
+    pub(crate) fn legacy_json(k: &Consumer) -> Vec<u8> {
+        let s = k.saved();
+        let config: Value = serde_json::from_str(&s.config).unwrap();
+        let mut v = json!({
+            "v": 1,
+            "name": s.name,
+            "created": s.created,
+            "floor": s.floor,
+            "config": config,
+            "delivered": [s.delivered.0, s.delivered.1],
+            "pending": s.pending,
+            "exclude": s.exclude,
+        })
+        .to_string()
+        .into_bytes();
+        v.push(b'\n');
+        v
+    }
 
     fn cfg(v: Value) -> ConsumerConfig {
         ConsumerConfig::from_json(&v).unwrap()
@@ -1078,7 +1130,7 @@ mod tests {
         k.record_delivery(3, 10);
         k.record_delivery(5, 10);
         k.ack(3, &AckKind::Ack, 11);
-        let back = Consumer::decode(&k.encode(), 20).unwrap();
+        let back = Consumer::decode(&legacy_json(&k), 20).unwrap();
         assert_eq!(back.cfg, k.cfg);
         assert_eq!(
             (back.floor, back.delivered_cseq, back.delivered_sseq),
@@ -1089,7 +1141,7 @@ mod tests {
         for bad in [&b""[..], b"{}", b"{\"v\":2}", b"\xff"] {
             assert!(Consumer::decode(bad, 0).is_err());
         }
-        let mut corrupt: Value = serde_json::from_slice(&k.encode()).unwrap();
+        let mut corrupt: Value = serde_json::from_slice(&legacy_json(&k)).unwrap();
         corrupt["pending"] = json!([[99, 1, 1, 1]]);
         assert!(Consumer::decode(corrupt.to_string().as_bytes(), 0).is_err());
     }
@@ -1108,7 +1160,7 @@ mod tests {
         assert_eq!(e.err_code, 10127);
         // A stored file with a bad name is refused at load.
         let k = Consumer::new("d".into(), cfg(json!({"durable_name": "d"})), 1, 0);
-        let mut v: Value = serde_json::from_slice(&k.encode()).unwrap();
+        let mut v: Value = serde_json::from_slice(&legacy_json(&k)).unwrap();
         v["name"] = json!("/etc/x");
         assert!(Consumer::decode(v.to_string().as_bytes(), 0).is_err());
     }
@@ -1150,7 +1202,7 @@ mod tests {
         assert!(k.readable_by(&stream, &dave));
         assert!(!k.selects("secret.x") && k.selects("a.x"));
         assert!(k.done_with(5, "secret.x"), "excluded: not selected");
-        let back = Consumer::decode(&k.encode(), 0).unwrap();
+        let back = Consumer::decode(&legacy_json(&k), 0).unwrap();
         assert_eq!(back.exclude, k.exclude);
         // Narrower exclusion than the deny list, on a narrower filter.
         let mut f = Consumer::new("f".into(), cfg(json!({"filter_subject": "*.x"})), 1, 0);

@@ -1,0 +1,1 @@
+//! Crash injection over the state records.

@@ -1,0 +1,197 @@
+//! The persisted mirror cursor of a local stream: slot records
+//! `<stream>.cursor.a` / `.b` in `<data_dir>/uplink/` (the path comes from
+//! `uplink::cursor::path`).
+//!
+//! A cursor is `(L, H)`: every local message with sequence <= L is known
+//! to be on the hub (or was skipped by policy), and every message of ours
+//! with sequence > L that the hub holds has a hub sequence > H (so a
+//! resync scans the hub from H + 1). Stored as a slot record
+//! ([`crate::state::put_slot`], postcard body). Earlier releases wrote one
+//! JSON line, `{"v":1,"local_seq":L,"hub_seq":H}`, to `<stream>.cursor`
+//! (temp file + rename); it is still read, and deleted by the first slot
+//! written.
+//!
+//! Invariants: a save overwrites the slot not holding the latest cursor,
+//! so a torn save leaves the previous one. Saves are synced only when
+//! asked (at shutdown): a stale cursor only makes the next resync scan
+//! more; a missing file means "start from 0"; a corrupt one is reported
+//! so the caller can warn and start from 0 with a full resync.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, put_slot, read_all, read_slots, Body};
+use crate::store::backend::{Backend, FsBackend};
+
+/// `(L, H)`; see the module doc.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub local_seq: u64,
+    pub hub_seq: u64,
+}
+
+/// The JSON of earlier releases.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDiskJson {
+    v: u32,
+    local_seq: u64,
+    hub_seq: u64,
+}
+
+impl Cursor {
+    /// The record body.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self).unwrap_or_default()
+    }
+
+    /// A record body, or the JSON of earlier releases.
+    pub fn decode(bytes: &[u8]) -> Result<Cursor, String> {
+        if bytes.first() == Some(&super::VERSION) {
+            return decode(bytes);
+        }
+        let d: OnDiskJson =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a cursor: {e}"))?;
+        if d.v != 1 {
+            return Err(format!("unsupported cursor version {}", d.v));
+        }
+        Ok(Cursor {
+            local_seq: d.local_seq,
+            hub_seq: d.hub_seq,
+        })
+    }
+}
+
+/// The directory and the file stem of a cursor path.
+fn split(path: &Path) -> Result<(&Path, &str), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let stem = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: not a cursor file name", path.display()))?;
+    Ok((dir, stem))
+}
+
+/// Load the cursor at `path`. `Ok(None)`: none. `Err`: unreadable or
+/// corrupt.
+pub fn load(path: &Path) -> Result<Option<Cursor>, String> {
+    let (dir, stem) = split(path)?;
+    let mut b = FsBackend::open(dir).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    load_on(&mut b, stem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The latest valid cursor `stem` on `b`, with its sequence.
+fn latest(b: &mut dyn Backend, stem: &str) -> Result<Option<(Cursor, u64)>, String> {
+    let slots = read_slots(b, stem);
+    match slots.best {
+        Some((Body::Current(body), seq)) => return Ok(Some((Cursor::decode(&body)?, seq))),
+        Some((Body::Json(body), seq)) => return Ok(Some((Cursor::decode(&body)?, seq))),
+        None => {}
+    }
+    if let Some((name, why)) = slots.bad.first() {
+        return Err(format!("{name}: {why}"));
+    }
+    match read_all(b, stem) {
+        Ok(Some(old)) => Cursor::decode(&old).map(|c| Some((c, 0))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("cannot read: {e}")),
+    }
+}
+
+/// [`load`] on a backend.
+pub fn load_on(b: &mut dyn Backend, stem: &str) -> Result<Option<Cursor>, String> {
+    latest(b, stem).map(|c| c.map(|(c, _)| c))
+}
+
+/// Save cursor `c` at `path`; `sync` makes it durable.
+pub fn store(path: &Path, c: Cursor, sync: bool) -> std::io::Result<()> {
+    let (dir, stem) = split(path).map_err(std::io::Error::other)?;
+    let mut b = FsBackend::open(dir)?;
+    store_on(&mut b, stem, c, sync)
+}
+
+/// [`store`] on a backend.
+pub fn store_on(b: &mut dyn Backend, stem: &str, c: Cursor, sync: bool) -> std::io::Result<()> {
+    let seq = latest(b, stem).ok().flatten().map_or(0, |(_, q)| q);
+    if put_slot(b, stem, seq + 1, &c.encode(), sync)? {
+        // The first slot replaces the file of earlier releases.
+        b.remove(stem)?;
+        if sync {
+            b.sync_dir()?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::backend::MemBackend;
+
+    #[test]
+    fn encode_decode_and_the_json_of_earlier_releases() {
+        let c = Cursor {
+            local_seq: 42,
+            hub_seq: 9_000_000_000,
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(c.encode().len() < 12);
+        let old = b"{\"v\":1,\"local_seq\":42,\"hub_seq\":9000000000}\n";
+        assert_eq!(Cursor::decode(old).unwrap(), c);
+    }
+
+    #[test]
+    fn corrupt_is_an_error() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{\"v\":2,\"local_seq\":1,\"hub_seq\":1}",
+            b"\x00\x01",
+            b"\x01",
+            b"{\"v\":1,\"local_seq\":-1,\"hub_seq\":1}",
+        ] {
+            assert!(Cursor::decode(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn store_load_and_upgrade() {
+        let mem = MemBackend::new();
+        let mut b = mem.clone();
+        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), None);
+        mem.set_file(
+            "T.cursor",
+            b"{\"v\":1,\"local_seq\":5,\"hub_seq\":7}\n".to_vec(),
+        );
+        let old = Cursor {
+            local_seq: 5,
+            hub_seq: 7,
+        };
+        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(old));
+        let c = Cursor {
+            local_seq: 6,
+            hub_seq: 8,
+        };
+        store_on(&mut b, "T.cursor", c, true).unwrap();
+        assert_eq!(mem.file("T.cursor"), None, "the old file goes");
+        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(c));
+        mem.set_file("T.cursor.b", b"garbage".to_vec());
+        assert!(load_on(&mut b, "T.cursor").is_err());
+    }
+
+    #[test]
+    fn store_and_load_on_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("uplink").join("TELEMETRY.cursor");
+        assert_eq!(load(&p).unwrap(), None);
+        for i in 0..3 {
+            let c = Cursor {
+                local_seq: i,
+                hub_seq: i + 1,
+            };
+            store(&p, c, i == 2).unwrap();
+            assert_eq!(load(&p).unwrap(), Some(c));
+        }
+    }
+}
