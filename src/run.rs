@@ -91,13 +91,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
         max_msgs: cfg.mqtt.max_retained,
         max_bytes: cfg.mqtt.max_retained_bytes,
     };
-    let (retained, rep) = Retained::open_limited(&mqtt_dir, limits, crate::broker::retained::env())
-        .map_err(|e| {
-            format!(
-                "cannot open retained messages in {}: {e}",
-                mqtt_dir.display()
-            )
-        })?;
+    let env = crate::broker::retained::env();
+    let (retained, rep) = Retained::open_limited(&mqtt_dir, limits, env).map_err(|e| {
+        format!(
+            "cannot open retained messages in {}: {e}",
+            mqtt_dir.display()
+        )
+    })?;
     if rep.truncated_bytes > 0 {
         log::warn!(
             "retained: {} messages, truncated {} bytes of a torn tail",
@@ -107,13 +107,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let retained = Arc::new(retained);
     let sessions_dir = mqtt_dir.join("sessions");
-    let (sessions, kept, expired) =
-        SessionStore::open(&sessions_dir, crate::broker::persist::clock()).map_err(|e| {
-            format!(
-                "cannot open MQTT sessions in {}: {e} (check that the directory is writable)",
-                sessions_dir.display()
-            )
-        })?;
+    let clock = crate::broker::persist::clock();
+    let (sessions, kept, expired) = SessionStore::open(&sessions_dir, clock).map_err(|e| {
+        format!(
+            "cannot open MQTT sessions in {}: {e} (check that the directory is writable)",
+            sessions_dir.display()
+        )
+    })?;
     if kept + expired > 0 {
         log::info!("mqtt: {kept} persistent sessions, {expired} expired ones deleted");
     }

@@ -100,6 +100,14 @@ const RULES: &[Rule] = &[
         may_import: &["uplink", "config", "nkey", "wire"],
         forbidden: IO,
     },
+    // state/: durable records on the store's backend. It imports the
+    // backend, the consumer state it persists (stream) and the file-name
+    // check (names); callers pass the time (a `now` or a `Clock`).
+    Rule {
+        dir: "src/state",
+        may_import: &["store", "subject", "stream", "names"],
+        forbidden: CLOCK,
+    },
     Rule {
         dir: "src/uplink/mirror.rs",
         may_import: &["uplink", "stream", "wire", "subject"],

@@ -21,9 +21,11 @@
 //!   (wills, consumers, cursors).
 //!
 //! Record layouts (little endian), also in `docs/store-format.md`:
-//! - slot: [`SLOT_MAGIC`], `seq: u64`, `len: u32`, `crc32c: u32` of the
-//!   body, body; bytes after the body are stale. [`SLOT_MAGIC_JSON`] marks
-//!   the JSON slots of earlier releases, read for upgrade.
+//! - slot: [`SLOT_MAGIC`], `seq: u64`, `len: u32`, `crc32c: u32` of
+//!   `seq`, `len` and the body, body; bytes after the body are stale.
+//!   [`SLOT_MAGIC_JSON`] marks the JSON slots of earlier releases, read
+//!   for upgrade (their checksum covers the body only, so a write torn
+//!   inside their header could pass: the new checksum covers it).
 //! - atomic record: [`REC_MAGIC`], `len: u32`, `crc32c: u32`, body. A file
 //!   that does not start with the magic is a JSON file of an earlier
 //!   release, read for upgrade.
@@ -64,7 +66,7 @@ pub const SLOT_MAGIC: &[u8; 4] = b"FSS2";
 /// Slot record of earlier releases (JSON body).
 pub const SLOT_MAGIC_JSON: &[u8; 4] = b"FSS1";
 /// Slot header: magic, `seq: u64` at 4, `len: u32` at 12, `crc32c: u32`
-/// at 16.
+/// at 16 (of bytes 4..16 and the body).
 pub const SLOT_HEADER: usize = 20;
 /// Atomic record (postcard body).
 pub const REC_MAGIC: &[u8; 4] = b"FSR1";
@@ -231,7 +233,8 @@ pub fn put_slot(
     data.extend_from_slice(SLOT_MAGIC);
     data.extend_from_slice(&seq.to_le_bytes());
     data.extend_from_slice(&len.to_le_bytes());
-    data.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&data[4..16]), body);
+    data.extend_from_slice(&crc.to_le_bytes());
     data.extend_from_slice(body);
     write_slot_bytes(b, &slot_name(stem, seq), &data, sync)
 }
@@ -313,7 +316,11 @@ fn decode_slot(data: &[u8]) -> Result<(Body, u64), &'static str> {
         .checked_add(len)
         .and_then(|end| data.get(SLOT_HEADER..end))
         .ok_or("shorter than its length")?;
-    if crc32c::crc32c(body) != crc {
+    let sum = match json {
+        true => crc32c::crc32c(body),
+        false => crc32c::crc32c_append(crc32c::crc32c(data.get(4..16).ok_or("torn")?), body),
+    };
+    if sum != crc {
         return Err("checksum mismatch");
     }
     let body = body.to_vec();

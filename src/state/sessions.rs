@@ -62,7 +62,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, read_all, read_slots, write_slot, Body, Clock, Disk};
+use super::{decode, encode, read_all, read_slots, slot_name, write_slot, Body, Clock, Disk};
 use crate::store::backend::Backend;
 
 /// A stream cursor of one session.
@@ -459,12 +459,19 @@ fn has_files(b: &mut dyn Backend, stem: &str) -> bool {
         .any(|n| b.len(n).is_ok())
 }
 
-/// Delete every file of session `stem` (durably); fine if none.
+/// Delete every file of session `stem` (durably); fine if none. Oldest
+/// first, so a crash part-way leaves the latest state, never an older one.
 fn remove_files(b: &mut dyn Backend, stem: &str) -> io::Result<()> {
     if !has_files(b, stem) {
         return Ok(());
     }
-    for name in [stem.to_string(), format!("{stem}.a"), format!("{stem}.b")] {
+    let newest = read_slots(b, stem).best.map_or(0, |(_, q)| q);
+    let oldest_first = [
+        stem.to_string(),
+        slot_name(stem, newest + 1),
+        slot_name(stem, newest),
+    ];
+    for name in oldest_first {
         b.remove(&name)?;
     }
     b.sync_dir()

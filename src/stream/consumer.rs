@@ -960,7 +960,7 @@ impl SavedConsumer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The JSON file earlier releases wrote for `k`.
