@@ -132,7 +132,6 @@ const DEBT: &[&str] = &[
     "fn src/server/mqtt.rs connection",
     "fn src/server/mqtt.rs serve",
     "fn src/server/nats.rs connection",
-    "fn src/stream/consumer.rs from_json",
     "fn src/wire/nats/server.rs parse_client_op",
 ];
 

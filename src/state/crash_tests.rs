@@ -95,7 +95,9 @@ impl Backend for Faulty {
         self.mem.read_at(name, offset, buf)
     }
     fn create(&mut self, name: &str) -> io::Result<()> {
-        self.step()?.then(|| self.mem.create(name)).ok_or_else(crashed)?
+        self.step()?
+            .then(|| self.mem.create(name))
+            .ok_or_else(crashed)?
     }
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         if self.step()? {
@@ -113,7 +115,9 @@ impl Backend for Faulty {
         Err(crashed())
     }
     fn sync(&mut self, name: &str) -> io::Result<()> {
-        self.step()?.then(|| self.mem.sync(name)).ok_or_else(crashed)?
+        self.step()?
+            .then(|| self.mem.sync(name))
+            .ok_or_else(crashed)?
     }
     fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
         self.step()?
@@ -121,7 +125,9 @@ impl Backend for Faulty {
             .ok_or_else(crashed)?
     }
     fn remove(&mut self, name: &str) -> io::Result<()> {
-        self.step()?.then(|| self.mem.remove(name)).ok_or_else(crashed)?
+        self.step()?
+            .then(|| self.mem.remove(name))
+            .ok_or_else(crashed)?
     }
     fn write_atomic(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         self.step()?
@@ -134,7 +140,9 @@ impl Backend for Faulty {
             .ok_or_else(crashed)?
     }
     fn sync_dir(&mut self) -> io::Result<()> {
-        self.step()?.then(|| self.mem.sync_dir()).ok_or_else(crashed)?
+        self.step()?
+            .then(|| self.mem.sync_dir())
+            .ok_or_else(crashed)?
     }
 }
 
@@ -156,7 +164,11 @@ fn every_crash<S>(
             f.arm(k);
             let ok = op(&s).is_ok();
             let hit = f.crashed();
-            check(f.mem.crash_image(), ok, &format!("crash at call {k}, keep {keep}"));
+            check(
+                f.mem.crash_image(),
+                ok,
+                &format!("crash at call {k}, keep {keep}"),
+            );
             tried += 1;
             if !hit {
                 assert!(ok, "no crash, yet failed (k {k})");
@@ -346,7 +358,9 @@ fn env() -> RetainedEnv {
 }
 
 fn open_retained(b: Box<dyn Backend>) -> Retained {
-    Retained::open_on(b, RetainedLimits::default(), env()).unwrap().0
+    Retained::open_on(b, RetainedLimits::default(), env())
+        .unwrap()
+        .0
 }
 
 #[test]
@@ -369,8 +383,7 @@ fn retained_survives_a_crash_at_every_step_of_a_set_and_a_compaction() {
         },
         |img, ok, ctx| {
             let (r, rep) =
-                Retained::open_on(Box::new(img.clone()), RetainedLimits::default(), env())
-                    .unwrap();
+                Retained::open_on(Box::new(img.clone()), RetainedLimits::default(), env()).unwrap();
             let a = r.matching("a");
             let b = r.matching("b");
             assert_eq!(b.len(), 1, "{ctx}");
@@ -382,7 +395,10 @@ fn retained_survives_a_crash_at_every_step_of_a_set_and_a_compaction() {
                 assert!(b[0].payload == big || b[0].payload == b"small", "{ctx}");
                 assert!(a.len() <= 1, "{ctx}");
             }
-            assert!(img.file(super::retained::TMP).is_none(), "{ctx}: temp removed");
+            assert!(
+                img.file(super::retained::TMP).is_none(),
+                "{ctx}: temp removed"
+            );
             // The torn tail was cut: a second start finds none.
             drop(r);
             let (_, again) =
@@ -417,9 +433,11 @@ fn retained_log_under_torn_tails_bit_flips_enospc_and_failed_fsync() {
     for cut in 1..full.len() - synced {
         let img = MemBackend::new();
         img.set_file(LOG, full[..full.len() - cut].to_vec());
-        let (r, rep) =
-            Retained::open_on(Box::new(img), RetainedLimits::default(), env()).unwrap();
-        assert_eq!((rep.messages, rep.truncated_bytes), (1, (full.len() - synced - cut) as u64));
+        let (r, rep) = Retained::open_on(Box::new(img), RetainedLimits::default(), env()).unwrap();
+        assert_eq!(
+            (rep.messages, rep.truncated_bytes),
+            (1, (full.len() - synced - cut) as u64)
+        );
         assert_eq!(r.matching("x")[0].payload, b"keep");
     }
     // A bit flipped in a record read back: that message is skipped.
@@ -427,8 +445,12 @@ fn retained_log_under_torn_tails_bit_flips_enospc_and_failed_fsync() {
     assert!(r.matching("y").is_empty());
     assert_eq!(r.matching("x").len(), 1);
     // At start the corrupt record and all after it are cut, reported.
-    let (r2, rep) =
-        Retained::open_on(Box::new(mem.crash_image()), RetainedLimits::default(), env()).unwrap();
+    let (r2, rep) = Retained::open_on(
+        Box::new(mem.crash_image()),
+        RetainedLimits::default(),
+        env(),
+    )
+    .unwrap();
     assert_eq!(rep.messages, 1);
     assert!(rep.truncated_bytes > 0);
     drop(r2);
@@ -446,8 +468,12 @@ fn retained_log_under_torn_tails_bit_flips_enospc_and_failed_fsync() {
     mem.set_fail_sync(false);
     assert!(r.matching("y").is_empty(), "a failed set is not applied");
     r.set("z", b"later", 1).unwrap();
-    let (r, rep) =
-        Retained::open_on(Box::new(mem.crash_image()), RetainedLimits::default(), env()).unwrap();
+    let (r, rep) = Retained::open_on(
+        Box::new(mem.crash_image()),
+        RetainedLimits::default(),
+        env(),
+    )
+    .unwrap();
     assert_eq!((rep.messages, rep.truncated_bytes), (2, 0));
     assert_eq!(r.matching("z")[0].payload, b"later");
 }
@@ -503,7 +529,10 @@ fn consumer_state_survives_a_crash_at_every_step() {
             let got = consumers::load_on(&mut img.clone(), "S", 20);
             assert_eq!(got.len(), 1, "{ctx}");
             let p = pending(&got[0]);
-            assert!(p == vec![3, 4, 5] || (!ok && p == vec![2, 3, 4, 5]), "{ctx}");
+            assert!(
+                p == vec![3, 4, 5] || (!ok && p == vec![2, 3, 4, 5]),
+                "{ctx}"
+            );
         },
     );
     // Removal, and a corrupt record: reported and skipped.
@@ -514,7 +543,9 @@ fn consumer_state_survives_a_crash_at_every_step() {
     assert!(consumers::load_on(&mut b, "S", 20).is_empty());
     consumers::remove_on(&mut b, "d").unwrap();
     assert!(mem.names().is_empty());
-    assert!(consumers::save_on(&mut b, &Consumer::new("../x".into(), consumer(0).cfg, 0, 0)).is_err());
+    assert!(
+        consumers::save_on(&mut b, &Consumer::new("../x".into(), consumer(0).cfg, 0, 0)).is_err()
+    );
 }
 
 #[test]

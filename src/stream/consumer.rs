@@ -191,90 +191,10 @@ impl ConsumerConfig {
                 "consumer create failed: push consumers (deliver_subject) are not supported by frond; use a pull consumer",
             ));
         }
-        let durable_name = get_str(v, "durable_name")?.map(str::to_string);
-        let name = get_str(v, "name")?
-            .map(str::to_string)
-            .or_else(|| durable_name.clone());
-        for n in durable_name.iter().chain(name.iter()) {
-            check_name(n)?;
-        }
-        if let (Some(d), Some(n)) = (&durable_name, &name) {
-            if d != n {
-                return Err(ApiError::new(
-                    400,
-                    10132,
-                    "consumer durable and name have to be equal if both are provided",
-                ));
-            }
-        }
-        let deliver_policy = match get_str(v, "deliver_policy")?.unwrap_or("all") {
-            "all" => DeliverPolicy::All,
-            "new" => DeliverPolicy::New,
-            "last" => DeliverPolicy::Last,
-            "by_start_sequence" => match get_u64(v, "opt_start_seq")? {
-                Some(n) if n > 0 => DeliverPolicy::ByStartSequence(n),
-                _ => {
-                    return Err(ApiError::new(
-                        400,
-                        10094,
-                        "consumer deliver policy by_start_sequence needs opt_start_seq",
-                    ))
-                }
-            },
-            other => {
-                return Err(ApiError::new(
-                    400,
-                    10094,
-                    format!("deliver policy {other:?} is not supported by frond (all, new, last, by_start_sequence)"),
-                ))
-            }
-        };
-        let ack_policy = match get_str(v, "ack_policy")?.unwrap_or("explicit") {
-            "none" => AckPolicy::None,
-            "all" => AckPolicy::All,
-            "explicit" => AckPolicy::Explicit,
-            other => {
-                return Err(ApiError::new(
-                    400,
-                    10094,
-                    format!("unknown ack policy {other:?}"),
-                ))
-            }
-        };
-        let mut filter_subjects: Vec<String> = Vec::new();
-        if let Some(f) = get_str(v, "filter_subject")? {
-            filter_subjects.push(f.to_string());
-        }
-        if let Some(list) = v.get("filter_subjects").and_then(Value::as_array) {
-            for f in list {
-                match f.as_str() {
-                    Some(s) if !s.is_empty() => filter_subjects.push(s.to_string()),
-                    _ => return Err(ApiError::bad_request("filter_subjects must be subjects")),
-                }
-            }
-        }
-        filter_subjects.sort();
-        filter_subjects.dedup();
-        for f in &filter_subjects {
-            if !subject::valid_filter(f) {
-                return Err(ApiError::new(
-                    400,
-                    10093,
-                    format!("consumer filter subject {f:?} is not a valid subject filter"),
-                ));
-            }
-        }
-        for (i, a) in filter_subjects.iter().enumerate() {
-            for b in filter_subjects.iter().skip(i + 1) {
-                if subject::filters_overlap(a, b) {
-                    return Err(ApiError::new(
-                        400,
-                        10136,
-                        format!("consumer subject filters cannot overlap ({a}, {b})"),
-                    ));
-                }
-            }
-        }
+        let (durable_name, name) = ConsumerConfig::names_of(v)?;
+        let deliver_policy = ConsumerConfig::deliver_policy_of(v)?;
+        let ack_policy = ConsumerConfig::ack_policy_of(v)?;
+        let filter_subjects = ConsumerConfig::filters_of(v)?;
         let ack_wait_ns = get_u64(v, "ack_wait")?
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_ACK_WAIT_NS);
@@ -314,6 +234,110 @@ impl ConsumerConfig {
             max_ack_pending,
             inactive_threshold_ns,
         })
+    }
+
+    /// `durable_name` and `name` (the durable name when absent): checked,
+    /// and equal when both are given.
+    fn names_of(v: &Value) -> Result<(Option<String>, Option<String>), ApiError> {
+        let durable_name = get_str(v, "durable_name")?.map(str::to_string);
+        let name = get_str(v, "name")?
+            .map(str::to_string)
+            .or_else(|| durable_name.clone());
+        for n in durable_name.iter().chain(name.iter()) {
+            check_name(n)?;
+        }
+        if let (Some(d), Some(n)) = (&durable_name, &name) {
+            if d != n {
+                return Err(ApiError::new(
+                    400,
+                    10132,
+                    "consumer durable and name have to be equal if both are provided",
+                ));
+            }
+        }
+        Ok((durable_name, name))
+    }
+
+    fn deliver_policy_of(v: &Value) -> Result<DeliverPolicy, ApiError> {
+        let policy = match get_str(v, "deliver_policy")?.unwrap_or("all") {
+            "all" => DeliverPolicy::All,
+            "new" => DeliverPolicy::New,
+            "last" => DeliverPolicy::Last,
+            "by_start_sequence" => match get_u64(v, "opt_start_seq")? {
+                Some(n) if n > 0 => DeliverPolicy::ByStartSequence(n),
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        10094,
+                        "consumer deliver policy by_start_sequence needs opt_start_seq",
+                    ))
+                }
+            },
+            other => {
+                return Err(ApiError::new(
+                    400,
+                    10094,
+                    format!("deliver policy {other:?} is not supported by frond (all, new, last, by_start_sequence)"),
+                ))
+            }
+        };
+        Ok(policy)
+    }
+
+    fn ack_policy_of(v: &Value) -> Result<AckPolicy, ApiError> {
+        let policy = match get_str(v, "ack_policy")?.unwrap_or("explicit") {
+            "none" => AckPolicy::None,
+            "all" => AckPolicy::All,
+            "explicit" => AckPolicy::Explicit,
+            other => {
+                return Err(ApiError::new(
+                    400,
+                    10094,
+                    format!("unknown ack policy {other:?}"),
+                ))
+            }
+        };
+        Ok(policy)
+    }
+
+    /// `filter_subject` and `filter_subjects`: sorted, deduplicated, valid
+    /// and not overlapping.
+    fn filters_of(v: &Value) -> Result<Vec<String>, ApiError> {
+        let mut filter_subjects: Vec<String> = Vec::new();
+        if let Some(f) = get_str(v, "filter_subject")? {
+            filter_subjects.push(f.to_string());
+        }
+        if let Some(list) = v.get("filter_subjects").and_then(Value::as_array) {
+            for f in list {
+                match f.as_str() {
+                    Some(s) if !s.is_empty() => filter_subjects.push(s.to_string()),
+                    _ => return Err(ApiError::bad_request("filter_subjects must be subjects")),
+                }
+            }
+        }
+        filter_subjects.sort();
+        filter_subjects.dedup();
+        for f in &filter_subjects {
+            if !subject::valid_filter(f) {
+                return Err(ApiError::new(
+                    400,
+                    10093,
+                    format!("consumer filter subject {f:?} is not a valid subject filter"),
+                ));
+            }
+        }
+        for (i, a) in filter_subjects.iter().enumerate() {
+            for b in filter_subjects.iter().skip(i + 1) {
+                if subject::filters_overlap(a, b) {
+                    return Err(ApiError::new(
+                        400,
+                        10136,
+                        format!("consumer subject filters cannot overlap ({a}, {b})"),
+                    ));
+                }
+            }
+        }
+        Ok(filter_subjects)
     }
 
     /// The JetStream JSON shape (in responses and on disk).
