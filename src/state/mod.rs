@@ -107,21 +107,45 @@ impl Disk {
         })
     }
 
-    /// The instance of `key`'s files.
-    pub fn lock(&self, key: &str) -> MutexGuard<'_, Box<dyn Backend>> {
+    /// The instance of `key`'s files; its file handles are closed when the
+    /// guard drops (a directory of many sessions holds no descriptors
+    /// between saves).
+    pub fn lock(&self, key: &str) -> Held<'_> {
         // FNV-1a: stable, cheap, good enough to spread keys.
         let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
         let i = usize::try_from(h % self.shards.len() as u64).unwrap_or(0);
         let shard = self.shards.get(i).unwrap_or(&self.shards[0]);
-        shard.lock().unwrap_or_else(|e| e.into_inner())
+        Held(shard.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A fresh instance for a scan at start (dropped after, with its file
     /// handles).
     pub fn scratch(&self) -> io::Result<Box<dyn Backend>> {
         (self.make)()
+    }
+}
+
+/// One instance of a [`Disk`], locked.
+pub struct Held<'a>(MutexGuard<'a, Box<dyn Backend>>);
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Box<dyn Backend>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 

@@ -45,6 +45,9 @@ pub trait Backend: Send + 'static {
     /// Make earlier creations and removals durable (`sync` does too, but
     /// needs a file to sync).
     fn sync_dir(&mut self) -> io::Result<()>;
+    /// Close cached file handles (a backend kept idle between rare
+    /// operations holds no descriptors).
+    fn release(&mut self) {}
     /// Bytes used by all files.
     fn disk_usage(&mut self) -> io::Result<u64> {
         let mut total = 0;
@@ -213,6 +216,10 @@ impl Backend for FsBackend {
 
     fn sync_dir(&mut self) -> io::Result<()> {
         FsBackend::sync_dir(self)
+    }
+
+    fn release(&mut self) {
+        self.handles.clear();
     }
 }
 
