@@ -407,6 +407,7 @@ pub fn publish_will(
             will.retain,
             headers.clone(),
             reply,
+            Instant::now(),
         );
         if let (true, Some(retained)) = (will.retain, retained) {
             let (s, p, q, h) = (
@@ -778,6 +779,7 @@ pub async fn connection<T: Transport>(
                         retain,
                         headers.clone(),
                         reply,
+                        Instant::now(),
                     );
                     match broker.capture(&subject) {
                         Some(stream) => {

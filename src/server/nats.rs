@@ -50,9 +50,9 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
-use crate::broker::nats::{Conn, Event, Limits};
 use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
 use crate::config::NatsConfig;
+use crate::nats::{Conn, Event, Limits};
 use crate::stream::consumer::ApiError;
 use crate::stream::{AckWaiter, Message, StreamError};
 use crate::wire::nats::server::{self as wire, InfoOut};
@@ -270,6 +270,7 @@ async fn connection(
                         msg,
                         qos,
                         stream.is_some(),
+                        Instant::now(),
                     );
                     log::trace!("nats: conn {conn} PUB {} -> {receivers}", m.subject);
                     if receivers == 0 && no_responders && acking.is_none() {
@@ -480,7 +481,7 @@ fn publish_ack(
         payload: pub_ack_json(stream, result).into_bytes(),
         publisher: None,
     });
-    broker.route_msg(None, msg, 0);
+    broker.route_msg(None, msg, 0, Instant::now());
 }
 
 /// The JSON JetStream clients expect in reply to a publish. A PubAck is
