@@ -6,4 +6,5 @@ pub mod jsapi;
 pub mod mqtt;
 pub mod nats;
 pub mod outbound;
+pub mod transport;
 pub mod ws;

@@ -63,7 +63,7 @@ use std::time::Instant;
 
 use smol::channel::{bounded, unbounded, Receiver};
 use smol::future::FutureExt;
-use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncWrite};
 use smol::net::TcpListener;
 use smol::Timer;
 
@@ -77,6 +77,7 @@ use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
 
 use super::outbound::{Outbound, WRITE_BUDGET};
+use super::transport::{Plain, Transport};
 
 /// Longest a connection waits for the previous connection of its client
 /// id to hand its session over.
@@ -449,30 +450,6 @@ pub fn publish_will(
         }
     })
     .detach();
-}
-
-/// How a connection's bytes travel: plain TCP, or WebSocket frames
-/// ([`super::ws`]). Reads and writes never run concurrently.
-pub trait Transport {
-    /// Read some bytes; `Ok(0)` is the end of the stream. Cancel-safe.
-    fn read(&mut self, buf: &mut [u8])
-        -> impl std::future::Future<Output = std::io::Result<usize>>;
-    /// Write all of `data`.
-    fn write_all(&mut self, data: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>>;
-}
-
-/// MQTT bytes straight on a byte stream (TCP, or TLS over TCP).
-pub struct Plain<S>(pub S);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Plain<S> {
-    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        AsyncReadExt::read(&mut self.0, buf).await
-    }
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        AsyncWriteExt::write_all(&mut self.0, data).await?;
-        // TLS buffers records; TCP's flush is a no-op.
-        self.0.flush().await
-    }
 }
 
 /// After TLS (if any): the WebSocket upgrade (if `websocket`), then the
