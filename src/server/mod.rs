@@ -1,6 +1,7 @@
 //! Listeners: the thin async shell between sockets and the sans-IO
 //! protocol machines. Each submodule owns one listener.
 
+pub mod accept;
 pub mod http;
 pub mod jsapi;
 pub mod mqtt;

@@ -76,6 +76,7 @@ use crate::broker::{Broker, Delivery};
 use crate::config::MqttConfig;
 use crate::stream::{AckWaiter, Message, StreamError, StreamHandle};
 
+use super::accept::{self, Accept};
 use super::outbound::{Outbound, WRITE_BUDGET};
 use super::transport::{Plain, Transport};
 
@@ -118,14 +119,6 @@ pub async fn serve(
     shutdown: Receiver<()>,
     framing: Framing,
 ) {
-    let Shared {
-        broker,
-        retained,
-        sessions,
-        wills,
-    } = shared;
-    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
-    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
     let limits = Limits {
         max_packet_size: cfg.max_packet_size,
         max_keep_alive: cfg.max_keep_alive,
@@ -139,110 +132,86 @@ pub async fn serve(
         max_topic_length: cfg.max_topic_length,
         max_topic_levels: cfg.max_topic_levels,
     };
-    loop {
-        let accepted = async { Some(listener.accept().await) }
-            .or(async {
-                let _ = shutdown.recv().await;
-                None
-            })
-            .await;
-        let (sock, peer) = match accepted {
-            None => return,
-            Some(Ok(x)) => x,
-            Some(Err(e)) => {
-                // EMFILE and friends: wait a little instead of spinning,
-                // and say so at most every 10 s (flash wear).
-                failed += 1;
-                if last_failure_log.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
-                    log::warn!(
-                        "mqtt: accept failed {failed} time(s): {e}; retrying every 100ms (out of file descriptors? see the start-up line about RLIMIT_NOFILE)"
-                    );
-                    failed = 0;
-                    last_failure_log = Some(Instant::now());
-                }
-                Timer::after(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Counted here, before the task exists, so a flood of accepts
-        // cannot overshoot the limit; the task gives the slot back.
-        let current = broker.counters.connections.fetch_add(1, Ordering::Relaxed);
-        if current as usize >= cfg.max_connections {
-            broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
-            // A flood must not flood the log (flash wear): at most one
-            // line per second, with the count.
-            refused += 1;
-            if last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
-                log::warn!(
-                    "mqtt: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
-                    cfg.max_connections
-                );
-                refused = 0;
-                last_refusal_log = Some(Instant::now());
-            }
-            drop(sock);
-            continue;
-        }
+    let accept = Accept {
+        name: "mqtt",
+        open: &shared.broker.counters.connections,
+        max_connections: cfg.max_connections,
+        limit_key: "max_connections",
+        refusal: b"",
+        refusal_log_every: REFUSAL_LOG_EVERY,
+        failure_log_every: ACCEPT_LOG_EVERY,
+        failure_hint: " (out of file descriptors? see the start-up line about RLIMIT_NOFILE)",
+    };
+    accept::serve(&listener, &shutdown, accept, |sock, peer| {
         let _ = sock.set_nodelay(true);
-        let broker = broker.clone();
-        let limits = limits.clone();
-        let max_queued = cfg.max_queued;
-        let shutdown = shutdown.clone();
-        let wills = wills.clone();
-        let retained = retained.clone();
-        let sessions = sessions.clone();
-        let framing = framing.clone();
+        let task = serve_one(
+            sock,
+            shared.clone(),
+            limits.clone(),
+            shutdown.clone(),
+            framing.clone(),
+        );
         smol::spawn(async move {
-            broker
-                .counters
-                .total_connections
-                .fetch_add(1, Ordering::Relaxed);
-            let ctx = Ctx {
-                broker: &broker,
-                wills: &wills,
-                retained: &retained,
-                sessions: &sessions,
-            };
-            let timeout = limits.connect_timeout;
-            let why = match framing.tls.clone() {
-                None => {
-                    unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown)
-                        .await
-                }
-                // Boxed, like the WebSocket path: the TLS state would make
-                // every plain connection's task that much bigger.
-                Some(acceptor) => {
-                    Box::pin(async {
-                        let shaken =
-                            async { acceptor.accept(sock).await.map_err(|e| e.to_string()) }
-                                .or(async {
-                                    Timer::after(timeout).await;
-                                    Err("no TLS handshake within connect_timeout".into())
-                                })
-                                .await;
-                        match shaken {
-                            Ok(tls) => {
-                                unwrap_and_serve(
-                                    tls,
-                                    framing.websocket,
-                                    &ctx,
-                                    limits,
-                                    max_queued,
-                                    shutdown,
-                                )
-                                .await
-                            }
-                            Err(e) => format!("TLS handshake failed: {e}"),
-                        }
-                    })
-                    .await
-                }
-            };
-            broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
+            let why = task.await;
             log::debug!("mqtt: {peer} closed: {why}");
         })
         .detach();
-    }
+    })
+    .await
+}
+
+/// One accepted connection, through TLS and WebSocket if configured;
+/// gives its slot back when it ends. Returns why it ended.
+async fn serve_one(
+    sock: smol::net::TcpStream,
+    shared: Shared,
+    limits: Limits,
+    shutdown: Receiver<()>,
+    framing: Framing,
+) -> String {
+    let Shared {
+        broker,
+        retained,
+        sessions,
+        wills,
+    } = shared;
+    broker
+        .counters
+        .total_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let max_queued = limits.max_queued;
+    let ctx = Ctx {
+        broker: &broker,
+        wills: &wills,
+        retained: &retained,
+        sessions: &sessions,
+    };
+    let timeout = limits.connect_timeout;
+    let why = match framing.tls {
+        None => unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown).await,
+        // Boxed, like the WebSocket path: the TLS state would make every
+        // plain connection's task that much bigger.
+        Some(acceptor) => {
+            Box::pin(async {
+                let shaken = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) }
+                    .or(async {
+                        Timer::after(timeout).await;
+                        Err("no TLS handshake within connect_timeout".into())
+                    })
+                    .await;
+                match shaken {
+                    Ok(tls) => {
+                        let ws = framing.websocket;
+                        unwrap_and_serve(tls, ws, &ctx, limits, max_queued, shutdown).await
+                    }
+                    Err(e) => format!("TLS handshake failed: {e}"),
+                }
+            })
+            .await
+        }
+    };
+    broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    why
 }
 
 enum Wake {

@@ -50,6 +50,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
+use super::accept::{self, Accept};
 use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
 use crate::config::NatsConfig;
 use crate::nats::{Conn, Event, Limits};
@@ -97,49 +98,19 @@ pub async fn serve(
         ..InfoOut::default()
     };
     let nkeys = cfg.auth.as_ref().is_some_and(|a| a.has_nkeys());
-    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
-    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
-    loop {
-        let accepted = async { Some(listener.accept().await) }
-            .or(async {
-                let _ = shutdown.recv().await;
-                None
-            })
-            .await;
-        let (mut sock, peer) = match accepted {
-            None => return,
-            Some(Ok(x)) => x,
-            Some(Err(e)) => {
-                // EMFILE and friends: retry after 100 ms, never spin; say
-                // so at most every 10 s.
-                failed += 1;
-                if last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                    log::warn!("nats: accept failed {failed} time(s): {e}; retrying every 100ms");
-                    failed = 0;
-                    last_failure_log = Some(Instant::now());
-                }
-                Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let current = broker.counters.nats_connections.load(Ordering::Relaxed);
-        if current as usize >= cfg.max_connections {
-            refused += 1;
-            if last_refusal_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                log::warn!(
-                    "nats: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
-                    cfg.max_connections
-                );
-                refused = 0;
-                last_refusal_log = Some(Instant::now());
-            }
-            // Say why if the fresh socket takes it now, then close: a
-            // flood of refused connections holds no descriptors.
-            let mut out = Vec::new();
-            wire::err(wire::ERR_MAX_CONNECTIONS, &mut out);
-            let _ = smol::future::poll_once(sock.write(&out)).await;
-            continue;
-        }
+    let mut refusal = Vec::new();
+    wire::err(wire::ERR_MAX_CONNECTIONS, &mut refusal);
+    let accept = Accept {
+        name: "nats",
+        open: &broker.counters.nats_connections,
+        max_connections: cfg.max_connections,
+        limit_key: "max_connections",
+        refusal: &refusal,
+        refusal_log_every: LOG_EVERY,
+        failure_log_every: LOG_EVERY,
+        failure_hint: "",
+    };
+    accept::serve(&listener, &shutdown, accept, |sock, peer| {
         let _ = sock.set_nodelay(true);
         let broker = broker.clone();
         let limits = limits.clone();
@@ -147,10 +118,6 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let max_pending = cfg.max_pending;
         smol::spawn(async move {
-            broker
-                .counters
-                .nats_connections
-                .fetch_add(1, Ordering::Relaxed);
             broker
                 .counters
                 .total_connections
@@ -170,7 +137,8 @@ pub async fn serve(
             log::debug!("nats: {peer} closed: {why}");
         })
         .detach();
-    }
+    })
+    .await
 }
 
 enum Wake {
