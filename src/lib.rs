@@ -24,6 +24,7 @@ pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod ingest;
 pub mod logger;
 pub mod names;
 pub mod nats;

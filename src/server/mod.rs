@@ -2,6 +2,7 @@
 //! protocol machines. Each submodule owns one listener.
 
 pub mod accept;
+pub mod driver;
 pub mod http;
 pub mod jsapi;
 pub mod mqtt;

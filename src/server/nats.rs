@@ -39,7 +39,6 @@
 //! publish from a request — so requests still reach their responders, and
 //! "no responders" still applies (like nats-server's `no_ack` streams).
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,11 +50,13 @@ use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
 use super::accept::{self, Accept};
-use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
+use super::driver::{self, Deadline};
 use crate::config::NatsConfig;
+use crate::ingest::{AckError, AckQueue, Ingest, NatsClient, NatsPublish, Refused, Tally};
 use crate::nats::{Conn, Event, Limits};
+use crate::router::{Broker, ConnId, Msg, NoInterest, Outbox};
 use crate::stream::consumer::ApiError;
-use crate::stream::{AckWaiter, Message, StreamError};
+use crate::stream::{StreamError, StreamHandle};
 use crate::wire::nats::server::{self as wire, InfoOut};
 
 /// Deliveries are moved into the write buffer only while it holds less.
@@ -150,11 +151,140 @@ enum Wake {
     Timer,
 }
 
-/// A JetStream publish waiting for its message to be durable.
-struct PendingAck {
-    reply: String,
-    stream: crate::stream::StreamHandle,
-    waiter: AckWaiter,
+/// One connection's shell: the machine, what the router queues for it,
+/// its write buffer and its PubAcks waiting for storage.
+struct Shell<'b> {
+    broker: &'b Arc<Broker>,
+    conn: ConnId,
+    machine: Conn,
+    outbox: Arc<Outbox>,
+    /// JetStream publishes waiting for their message to be durable: the
+    /// reply subject and the stream.
+    acks: AckQueue<(String, StreamHandle)>,
+    no_interest: NoInterest,
+    /// Whether the router knows this connection's permissions.
+    perms_set: bool,
+    close_reason: Option<String>,
+    wbuf: Vec<u8>,
+    /// Written up to here.
+    wpos: usize,
+    now: Instant,
+}
+
+impl Shell<'_> {
+    /// 1. Do what the machine asked for.
+    async fn handle_events(&mut self) {
+        let mut tally = Tally::default();
+        while let Some(ev) = self.machine.poll_event() {
+            match ev {
+                Event::Publish {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                    no_responders,
+                } => {
+                    let p = NatsPublish {
+                        subject,
+                        reply,
+                        headers,
+                        payload,
+                        no_responders,
+                    };
+                    self.publish(p, &mut tally).await;
+                }
+                Event::Subscribe { id, subject, queue } => {
+                    log::trace!("nats: conn {} SUB {subject} as {id}", self.conn);
+                    if !self.perms_set {
+                        // Permissions are fixed at CONNECT, which comes
+                        // before any subscription when [auth] is on.
+                        let perms = self.machine.permissions().cloned();
+                        self.broker.set_permissions(self.conn, perms);
+                        self.perms_set = true;
+                    }
+                    let outbox = self.outbox.clone();
+                    self.broker
+                        .subscribe_nats(self.conn, id, subject, queue, outbox);
+                }
+                Event::Unsubscribe { id, max } => self.broker.unsubscribe_nats(self.conn, id, max),
+                Event::Close(why) => self.close_reason = Some(why),
+            }
+        }
+        Ingest::new(self.broker).count(tally);
+    }
+
+    /// One publish through [`Ingest::nats`]; its capture is submitted, and
+    /// its PubAck (if any) queued until the message is durable.
+    async fn publish(&mut self, p: NatsPublish, tally: &mut Tally) {
+        let (conn, now, broker) = (self.conn, self.now, self.broker);
+        let client = NatsClient {
+            conn,
+            echo: self.machine.options().echo,
+            permissions: self.machine.permissions(),
+        };
+        let ingest = Ingest::new(broker);
+        let routed = match ingest.nats(&client, p, &mut self.no_interest, tally, now) {
+            Ok(r) => r,
+            Err(Refused::ReservedReply(to)) => {
+                log::warn!("nats: conn {conn}: reply to a request dropped: its response subject {to:?} is reserved");
+                return;
+            }
+            Err(_) => return,
+        };
+        if let Some((reply, subject)) = &routed.no_responders {
+            self.machine.no_responders(reply, subject);
+        }
+        let Some((c, ack_to)) = routed.capture else {
+            return;
+        };
+        let stored = c.stream.submit(c.message).await;
+        let name = &c.stream.config().name;
+        match (ack_to, stored) {
+            (Some(reply), Ok(waiter)) => self.acks.stored((reply, c.stream.clone()), waiter),
+            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e), now),
+            (None, Ok(_)) => {}
+            (None, Err(e)) => log::warn!("nats: message not stored in {name}: {e}"),
+        }
+    }
+
+    /// 2. Publish PubAcks that are ready, in order.
+    fn complete_acks(&mut self) {
+        while let Some(((reply, stream), result)) = self.acks.pop() {
+            let result = match result {
+                Ok(Some(ack)) => Ok(ack),
+                Err(AckError::Stream(e)) => Err(e),
+                // Only stored messages are queued here.
+                Ok(None) | Err(AckError::Retained(_)) => continue,
+            };
+            publish_ack(self.broker, &reply, &stream.config().name, result, self.now);
+        }
+    }
+
+    /// 3. Deliveries, while the write buffer has room, then 4. the output
+    /// queued. False when the outbox overflowed (a slow consumer: the
+    /// machine now closes).
+    fn pump(&mut self) -> bool {
+        if self.outbox.is_slow() && !self.machine.is_closed() {
+            let c = &self.broker.counters;
+            c.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            self.machine.slow_consumer();
+            return false;
+        }
+        let room = WRITE_BUDGET.saturating_sub(self.wbuf.len() - self.wpos);
+        if room > 0 && !self.machine.is_closed() {
+            for (id, m) in self.outbox.take(room) {
+                self.machine.deliver(id, &m);
+            }
+        }
+        if self.machine.has_output() {
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+            }
+            self.machine.append_output(&mut self.wbuf);
+        }
+        true
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,172 +297,33 @@ async fn connection(
     max_pending: usize,
     shutdown: Receiver<()>,
 ) -> String {
-    let outbox = Outbox::new(max_pending);
-    let mut machine = Conn::new(limits, info, Instant::now());
+    let now = Instant::now();
+    let mut sh = Shell {
+        broker,
+        conn,
+        machine: Conn::new(limits, info, now),
+        outbox: Outbox::new(max_pending),
+        acks: AckQueue::default(),
+        no_interest: NoInterest::default(),
+        perms_set: false,
+        close_reason: None,
+        wbuf: Vec::new(),
+        wpos: 0,
+        now,
+    };
     let mut reader = sock.clone();
     let mut writer = sock;
     let mut buf = vec![0u8; 32 * 1024];
-    let mut wbuf: Vec<u8> = Vec::new();
-    let mut wpos = 0usize;
-    let mut acks: VecDeque<PendingAck> = VecDeque::new();
-    let mut timer = Timer::never();
-    let mut timer_at: Option<Instant> = None;
-    let mut close_reason: Option<String> = None;
-
-    let mut no_interest = NoInterest::default();
-    // Whether the router knows this connection's permissions.
-    let mut perms_set = false;
+    let mut timer = Deadline::default();
     let why = loop {
-        // 1. Do what the machine asked for.
-        let (mut msgs_in, mut bytes_in) = (0u64, 0u64);
-        while let Some(ev) = machine.poll_event() {
-            match ev {
-                Event::Publish {
-                    subject,
-                    reply,
-                    headers,
-                    payload,
-                    no_responders,
-                } => {
-                    let subject = broker.map_subject(subject);
-                    // A reply to an MQTT 5 request goes to its response
-                    // topic, with its correlation data and without a reply
-                    // subject of its own ([`crate::broker::bridge`]).
-                    let redirected = crate::broker::bridge::redirect_reply(
-                        &broker.replies,
-                        subject,
-                        headers,
-                        reply,
-                    );
-                    let (subject, headers, reply) = match redirected {
-                        Ok(r) => r,
-                        Err(to) => {
-                            log::warn!("nats: conn {conn}: reply to a request dropped: its response subject {to:?} is reserved");
-                            continue;
-                        }
-                    };
-                    msgs_in += 1;
-                    bytes_in += payload.len() as u64;
-                    let origin = Origin {
-                        conn,
-                        echo: machine.options().echo,
-                    };
-                    let stream = capture(broker, &subject);
-                    // Who answers a request: a subscriber, or a stream that
-                    // acknowledges (a catch-all stream cannot tell
-                    // JetStream publishes from requests: it stays silent).
-                    let acking = stream.filter(|s| !catches_all(s));
-                    let msg = Msg {
-                        subject,
-                        reply,
-                        headers,
-                        payload,
-                        publisher: machine.permissions().cloned(),
-                    };
-                    // Captured messages are durable: MQTT subscribers get
-                    // them at QoS 1 (capped by their subscription's QoS).
-                    let qos = u8::from(stream.is_some());
-                    let (receivers, m) = broker.route_publish(
-                        &mut no_interest,
-                        Some(origin),
-                        msg,
-                        qos,
-                        stream.is_some(),
-                        Instant::now(),
-                    );
-                    log::trace!("nats: conn {conn} PUB {} -> {receivers}", m.subject);
-                    if receivers == 0 && no_responders && acking.is_none() {
-                        if let Some(r) = &m.reply {
-                            machine.no_responders(r, &m.subject);
-                        }
-                    }
-                    if let Some(stream) = stream {
-                        // A PubAck goes only where the publisher may
-                        // subscribe (it is the publisher's answer).
-                        let reply = m.reply.filter(|_| acking.is_some()).filter(|r| {
-                            let ok = machine.permissions().is_none_or(|p| p.can_subscribe(r));
-                            if !ok {
-                                log::debug!("nats: conn {conn}: no PubAck to {r:?}: the publisher may not subscribe to it");
-                            }
-                            ok
-                        });
-                        let stored = stream
-                            .submit(Message {
-                                subject: m.subject,
-                                headers: m.headers,
-                                payload: m.payload,
-                            })
-                            .await;
-                        let name = &stream.config().name;
-                        match (reply, stored) {
-                            (Some(reply), Ok(waiter)) => acks.push_back(PendingAck {
-                                reply,
-                                stream: stream.clone(),
-                                waiter,
-                            }),
-                            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e)),
-                            (None, Ok(_)) => {}
-                            (None, Err(e)) => {
-                                log::warn!("nats: message not stored in {name}: {e}");
-                            }
-                        }
-                    }
-                }
-                Event::Subscribe { id, subject, queue } => {
-                    log::trace!("nats: conn {conn} SUB {subject} as {id}");
-                    if !perms_set {
-                        // Permissions are fixed at CONNECT, which comes
-                        // before any subscription when [auth] is on.
-                        broker.set_permissions(conn, machine.permissions().cloned());
-                        perms_set = true;
-                    }
-                    broker.subscribe_nats(conn, id, subject, queue, outbox.clone());
-                }
-                Event::Unsubscribe { id, max } => broker.unsubscribe_nats(conn, id, max),
-                Event::Close(why) => close_reason = Some(why),
-            }
-        }
-        if msgs_in > 0 {
-            let c = &broker.counters;
-            c.msgs_in.fetch_add(msgs_in, Ordering::Relaxed);
-            c.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        }
-        // 2. Publish PubAcks that are ready, in order.
-        while let Some(front) = acks.front_mut() {
-            let Some(result) = front.waiter.try_take() else {
-                break;
-            };
-            if let Some(a) = acks.pop_front() {
-                publish_ack(broker, &a.reply, &a.stream.config().name, result);
-            }
-        }
-        // 3. Deliveries, while the write buffer has room; a full outbox
-        //    means a slow consumer.
-        if outbox.is_slow() && !machine.is_closed() {
-            broker
-                .counters
-                .slow_consumers
-                .fetch_add(1, Ordering::Relaxed);
-            machine.slow_consumer();
+        sh.handle_events().await;
+        sh.complete_acks();
+        if !sh.pump() {
             continue;
         }
-        let room = WRITE_BUDGET.saturating_sub(wbuf.len() - wpos);
-        if room > 0 && !machine.is_closed() {
-            for (id, m) in outbox.take(room) {
-                machine.deliver(id, &m);
-            }
-        }
-        // 4. Queue output.
-        if machine.has_output() {
-            if wpos == wbuf.len() {
-                wbuf.clear();
-                wpos = 0;
-            }
-            machine.append_output(&mut wbuf);
-        }
-        if let Some(why) = close_reason.take() {
+        if let Some(why) = sh.close_reason.take() {
             // Best effort: the client may not be reading at all.
-            let rest = wbuf.get(wpos..).unwrap_or_default();
+            let rest = sh.wbuf.get(sh.wpos..).unwrap_or_default();
             let _ = writer
                 .write_all(rest)
                 .or(async {
@@ -342,21 +333,15 @@ async fn connection(
                 .await;
             break why;
         }
-        if machine.has_events() {
+        if sh.machine.has_events() {
             continue;
         }
         // 5. Sleep until something happens.
-        let deadline = machine.poll_deadline();
-        if deadline != timer_at {
-            match deadline {
-                Some(d) => timer.set_at(d),
-                None => timer = Timer::never(),
-            }
-            timer_at = deadline;
-        }
-        let want_read = acks.len() < MAX_PENDING_ACKS;
-        let want_items = wbuf.len() - wpos < WRITE_BUDGET;
-        let pending_write = wbuf.get(wpos..).unwrap_or_default();
+        timer.set(sh.machine.poll_deadline());
+        let want_read = sh.acks.len() < MAX_PENDING_ACKS;
+        let want_items = sh.wbuf.len() - sh.wpos < WRITE_BUDGET;
+        let pending_write = sh.wbuf.get(sh.wpos..).unwrap_or_default();
+        let (outbox, acks) = (&sh.outbox, &mut sh.acks);
         let wake = async {
             if want_read {
                 Wake::Read(reader.read(&mut buf).await)
@@ -376,63 +361,45 @@ async fn connection(
             Wake::Outbox
         })
         .or(async {
-            match acks.front_mut() {
-                Some(a) => {
-                    a.waiter.wait().await;
-                    Wake::Stored
-                }
-                None => std::future::pending().await,
-            }
+            driver::ack_front(acks).await;
+            Wake::Stored
         })
         .or(async {
             let _ = shutdown.recv().await;
             Wake::Shutdown
         })
         .or(async {
-            (&mut timer).await;
+            timer.wait().await;
             Wake::Timer
         })
         .await;
         let now = Instant::now();
-        machine.set_time(now);
+        sh.now = now;
+        sh.machine.set_time(now);
         match wake {
             Wake::Read(Ok(0)) => break "client closed the connection".into(),
             Wake::Read(Ok(n)) => {
                 let data = buf.get(..n).unwrap_or_default();
-                let seen = &mut no_interest;
-                machine.handle_bytes_with(data, now, &mut |s| !broker.publish_unwanted(seen, s));
+                let seen = &mut sh.no_interest;
+                let wanted = &mut |s: &str| !broker.publish_unwanted(seen, s);
+                sh.machine.handle_bytes_with(data, now, wanted);
             }
             Wake::Read(Err(e)) => break format!("read failed: {e}"),
             Wake::Wrote(Ok(0)) => break "socket closed for writing".into(),
-            Wake::Wrote(Ok(n)) => wpos = (wpos + n).min(wbuf.len()),
+            Wake::Wrote(Ok(n)) => sh.wpos = (sh.wpos + n).min(sh.wbuf.len()),
             Wake::Wrote(Err(e)) => break format!("write failed: {e}"),
             Wake::Outbox | Wake::Stored => {}
             Wake::Shutdown => break "server shutting down".into(),
             Wake::Timer => {
-                timer_at = None;
-                machine.handle_timeout(now);
+                timer.fired();
+                sh.machine.handle_timeout(now);
             }
         }
     };
-    outbox.close();
+    sh.outbox.close();
     // JetStream publishes still awaiting storage get no PubAck; the
     // stream stores them anyway and the client retries (at-least-once).
     why
-}
-
-/// The stream a NATS publish is captured into. Reply subjects
-/// (`_INBOX.`) and the reserved `$` namespace are transient traffic and
-/// never captured.
-fn capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a crate::stream::StreamHandle> {
-    if subject.starts_with("_INBOX.") || subject.starts_with('$') {
-        return None;
-    }
-    broker.capture(subject)
-}
-
-/// Whether a stream captures every subject (the default stream does).
-fn catches_all(stream: &crate::stream::StreamHandle) -> bool {
-    stream.config().subjects.iter().any(|s| s == ">")
 }
 
 /// Publish a JetStream-style PubAck (or error) to `reply`.
@@ -441,6 +408,7 @@ fn publish_ack(
     reply: &str,
     stream: &str,
     result: Result<crate::stream::PubAck, StreamError>,
+    now: Instant,
 ) {
     let msg = Arc::new(Msg {
         subject: reply.to_string(),
@@ -449,7 +417,7 @@ fn publish_ack(
         payload: pub_ack_json(stream, result).into_bytes(),
         publisher: None,
     });
-    broker.route_msg(None, msg, 0, Instant::now());
+    broker.route_msg(None, msg, 0, now);
 }
 
 /// The JSON JetStream clients expect in reply to a publish. A PubAck is
