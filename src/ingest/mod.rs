@@ -316,7 +316,11 @@ impl<'a> Ingest<'a> {
         let qos = u8::from(stream.is_some());
         let captured = stream.is_some();
         let (receivers, m) = b.route_publish(seen, Some(origin), msg, qos, captured, now);
-        log::trace!("nats: conn {} PUB {} -> {receivers}", client.conn, m.subject);
+        log::trace!(
+            "nats: conn {} PUB {} -> {receivers}",
+            client.conn,
+            m.subject
+        );
         let no_responders = match (&m.reply, receivers, p.no_responders, acking) {
             (Some(r), 0, true, false) => Some((r.clone(), m.subject.clone())),
             _ => None,

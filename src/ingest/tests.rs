@@ -148,7 +148,10 @@ fn a_will_keeps_its_subject_and_is_retained_when_flagged() {
     let p = ingest.will(will);
     let (retained, capture) = ingest.route_will(p, Instant::now());
     let r = retained.expect("the retain flag keeps a copy");
-    assert_eq!((r.subject.as_str(), &r.payload[..]), ("dev.1.gone", &b"bye"[..]));
+    assert_eq!(
+        (r.subject.as_str(), &r.payload[..]),
+        ("dev.1.gone", &b"bye"[..])
+    );
     assert!(capture.is_none());
     assert_eq!(broker.counters.msgs_in.load(Ordering::Relaxed), 0);
 }

@@ -172,7 +172,7 @@ struct Shell<'b> {
 }
 
 impl Shell<'_> {
-    /// 1. Do what the machine asked for.
+    /// Step 1: do what the machine asked for.
     async fn handle_events(&mut self) {
         let mut tally = Tally::default();
         while let Some(ev) = self.machine.poll_event() {
@@ -247,7 +247,7 @@ impl Shell<'_> {
         }
     }
 
-    /// 2. Publish PubAcks that are ready, in order.
+    /// Step 2: publish PubAcks that are ready, in order.
     fn complete_acks(&mut self) {
         while let Some(((reply, stream), result)) = self.acks.pop() {
             let result = match result {
@@ -260,7 +260,7 @@ impl Shell<'_> {
         }
     }
 
-    /// 3. Deliveries, while the write buffer has room, then 4. the output
+    /// Step 3: deliveries, while the write buffer has room, then step 4: the output
     /// queued. False when the outbox overflowed (a slow consumer: the
     /// machine now closes).
     fn pump(&mut self) -> bool {
