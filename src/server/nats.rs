@@ -50,7 +50,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
 use super::accept::{self, Accept};
-use super::driver::{self, Deadline};
+use super::driver::{self, Deadline, Turn};
 use crate::config::NatsConfig;
 use crate::ingest::{AckError, AckQueue, Ingest, NatsClient, NatsPublish, Refused, Tally};
 use crate::nats::{Conn, Event, Limits};
@@ -165,9 +165,14 @@ struct Shell<'b> {
     /// Whether the router knows this connection's permissions.
     perms_set: bool,
     close_reason: Option<String>,
+    reader: TcpStream,
+    writer: TcpStream,
+    buf: Vec<u8>,
     wbuf: Vec<u8>,
     /// Written up to here.
     wpos: usize,
+    timer: Deadline,
+    shutdown: Receiver<()>,
     now: Instant,
 }
 
@@ -307,44 +312,62 @@ async fn connection(
         no_interest: NoInterest::default(),
         perms_set: false,
         close_reason: None,
+        reader: sock.clone(),
+        writer: sock,
+        buf: vec![0u8; 32 * 1024],
         wbuf: Vec::new(),
         wpos: 0,
+        timer: Deadline::default(),
+        shutdown,
         now,
     };
-    let mut reader = sock.clone();
-    let mut writer = sock;
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut timer = Deadline::default();
-    let why = loop {
-        sh.handle_events().await;
-        sh.complete_acks();
-        if !sh.pump() {
-            continue;
+    let why = driver::run(&mut sh).await;
+    sh.outbox.close();
+    // JetStream publishes still awaiting storage get no PubAck; the
+    // stream stores them anyway and the client retries (at-least-once).
+    why
+}
+
+impl driver::Shell for Shell<'_> {
+    type Wake = Wake;
+
+    async fn turn(&mut self) -> Turn {
+        self.handle_events().await;
+        self.complete_acks();
+        if !self.pump() {
+            return Turn::Again;
         }
-        if let Some(why) = sh.close_reason.take() {
+        if let Some(why) = self.close_reason.take() {
             // Best effort: the client may not be reading at all.
-            let rest = sh.wbuf.get(sh.wpos..).unwrap_or_default();
-            let _ = writer
+            let rest = self.wbuf.get(self.wpos..).unwrap_or_default();
+            let _ = self
+                .writer
                 .write_all(rest)
                 .or(async {
                     Timer::after(CLOSE_FLUSH).await;
                     Ok(())
                 })
                 .await;
-            break why;
+            return Turn::Close(why);
         }
-        if sh.machine.has_events() {
-            continue;
+        match self.machine.has_events() {
+            true => Turn::Again,
+            false => Turn::Sleep,
         }
-        // 5. Sleep until something happens.
-        timer.set(sh.machine.poll_deadline());
-        let want_read = sh.acks.len() < MAX_PENDING_ACKS;
-        let want_items = sh.wbuf.len() - sh.wpos < WRITE_BUDGET;
-        let pending_write = sh.wbuf.get(sh.wpos..).unwrap_or_default();
-        let (outbox, acks) = (&sh.outbox, &mut sh.acks);
-        let wake = async {
+    }
+
+    /// Step 5: sleep until something happens.
+    async fn sleep(&mut self) -> Wake {
+        self.timer.set(self.machine.poll_deadline());
+        let want_read = self.acks.len() < MAX_PENDING_ACKS;
+        let want_items = self.wbuf.len() - self.wpos < WRITE_BUDGET;
+        let pending_write = self.wbuf.get(self.wpos..).unwrap_or_default();
+        let (outbox, acks) = (&self.outbox, &mut self.acks);
+        let (reader, writer, buf) = (&mut self.reader, &mut self.writer, &mut self.buf);
+        let (timer, shutdown) = (&mut self.timer, &self.shutdown);
+        async {
             if want_read {
-                Wake::Read(reader.read(&mut buf).await)
+                Wake::Read(reader.read(buf).await)
             } else {
                 std::future::pending().await
             }
@@ -372,34 +395,34 @@ async fn connection(
             timer.wait().await;
             Wake::Timer
         })
-        .await;
+        .await
+    }
+
+    async fn woke(&mut self, wake: Wake) -> Result<(), String> {
         let now = Instant::now();
-        sh.now = now;
-        sh.machine.set_time(now);
+        self.now = now;
+        self.machine.set_time(now);
         match wake {
-            Wake::Read(Ok(0)) => break "client closed the connection".into(),
+            Wake::Read(Ok(0)) => return Err("client closed the connection".into()),
             Wake::Read(Ok(n)) => {
-                let data = buf.get(..n).unwrap_or_default();
-                let seen = &mut sh.no_interest;
+                let data = self.buf.get(..n).unwrap_or_default();
+                let (broker, seen) = (self.broker, &mut self.no_interest);
                 let wanted = &mut |s: &str| !broker.publish_unwanted(seen, s);
-                sh.machine.handle_bytes_with(data, now, wanted);
+                self.machine.handle_bytes_with(data, now, wanted);
             }
-            Wake::Read(Err(e)) => break format!("read failed: {e}"),
-            Wake::Wrote(Ok(0)) => break "socket closed for writing".into(),
-            Wake::Wrote(Ok(n)) => sh.wpos = (sh.wpos + n).min(sh.wbuf.len()),
-            Wake::Wrote(Err(e)) => break format!("write failed: {e}"),
+            Wake::Read(Err(e)) => return Err(format!("read failed: {e}")),
+            Wake::Wrote(Ok(0)) => return Err("socket closed for writing".into()),
+            Wake::Wrote(Ok(n)) => self.wpos = (self.wpos + n).min(self.wbuf.len()),
+            Wake::Wrote(Err(e)) => return Err(format!("write failed: {e}")),
             Wake::Outbox | Wake::Stored => {}
-            Wake::Shutdown => break "server shutting down".into(),
+            Wake::Shutdown => return Err("server shutting down".into()),
             Wake::Timer => {
-                timer.fired();
-                sh.machine.handle_timeout(now);
+                self.timer.fired();
+                self.machine.handle_timeout(now);
             }
         }
-    };
-    sh.outbox.close();
-    // JetStream publishes still awaiting storage get no PubAck; the
-    // stream stores them anyway and the client retries (at-least-once).
-    why
+        Ok(())
+    }
 }
 
 /// Publish a JetStream-style PubAck (or error) to `reply`.

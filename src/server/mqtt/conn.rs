@@ -18,7 +18,7 @@ use crate::broker::persist::{claim, log_id, Claim};
 use crate::broker::session::{Event, Limits, Session, SubRequest};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
 use crate::router::{ConnId, Delivery};
-use crate::server::driver::{self, Deadline};
+use crate::server::driver::{self, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};
 use crate::server::transport::Transport;
 use crate::stream::{Message, StreamHandle};
@@ -68,8 +68,14 @@ impl StoreBatch {
 }
 
 /// One connection's state around its session.
-struct Conn<'c> {
+struct Conn<'c, T> {
     ctx: &'c Ctx<'c>,
+    transport: T,
+    /// The read buffer: starts at 1 KiB and doubles (to 16 KiB) while
+    /// reads fill it.
+    buf: Vec<u8>,
+    timer: Deadline,
+    shutdown: Receiver<()>,
     conn: ConnId,
     session: Session,
     limits_auth: Option<Arc<crate::auth::Auth>>,
@@ -97,55 +103,68 @@ struct Conn<'c> {
 
 /// Serve one MQTT connection over `transport` until it ends; returns why.
 pub async fn connection<T: Transport>(
-    mut transport: T,
+    transport: T,
     ctx: &Ctx<'_>,
     limits: Limits,
     max_queued: usize,
     shutdown: Receiver<()>,
 ) -> String {
-    let mut c = Conn::new(ctx, limits, max_queued);
-    let mut buf = vec![0u8; 1024];
-    let mut timer = Deadline::default();
-    let why = loop {
-        c.handle_events().await;
-        if let Some(why) = c.close_reason.take() {
-            // Flush whatever the session queued (CONNACK refusal,
-            // DISCONNECT with reason) before closing; QoS 2 state it
-            // depends on first, as in step 4.
-            if c.session.take_sync() && !save(&c.session, ctx.sessions, false).await {
-                c.session.sync_failed("write failed");
-            }
-            let out = c.session.take_output();
-            if !out.is_empty() {
-                let _ = transport.write_all(&out).await;
-            }
-            break why;
-        }
-        c.complete_acks();
-        let more = c.pass_on().await;
-        if let Err(why) = c.write(&mut transport).await {
-            break why;
-        }
-        if c.session.is_closed() || c.session.has_events() || more {
-            // Completing acks can resume decoding buffered input; handle
-            // what it produced (or the Close reason) before sleeping.
-            continue;
-        }
-        let wake = c
-            .sleep(&mut transport, &mut buf, &mut timer, &shutdown)
-            .await;
-        if let Err(why) = c.woke(wake, &mut buf, &mut timer).await {
-            break why;
-        }
-    };
+    let mut c = Conn::new(ctx, limits, max_queued, transport, shutdown);
+    let why = driver::run(&mut c).await;
     c.finish().await;
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
 }
 
-impl<'c> Conn<'c> {
-    fn new(ctx: &'c Ctx<'c>, limits: Limits, max_queued: usize) -> Conn<'c> {
+impl<T: Transport> driver::Shell for Conn<'_, T> {
+    type Wake = Wake;
+
+    async fn turn(&mut self) -> Turn {
+        self.handle_events().await;
+        if let Some(why) = self.close_reason.take() {
+            // Flush whatever the session queued (CONNACK refusal,
+            // DISCONNECT with reason) before closing; QoS 2 state it
+            // depends on first, as in step 4.
+            if self.session.take_sync() && !save(&self.session, self.ctx.sessions, false).await {
+                self.session.sync_failed("write failed");
+            }
+            let out = self.session.take_output();
+            if !out.is_empty() {
+                let _ = self.transport.write_all(&out).await;
+            }
+            return Turn::Close(why);
+        }
+        self.complete_acks();
+        let more = self.pass_on().await;
+        if let Err(why) = self.write().await {
+            return Turn::Close(why);
+        }
+        if self.session.is_closed() || self.session.has_events() || more {
+            // Completing acks can resume decoding buffered input; handle
+            // what it produced (or the Close reason) before sleeping.
+            return Turn::Again;
+        }
+        Turn::Sleep
+    }
+
+    async fn sleep(&mut self) -> Wake {
+        self.wait().await
+    }
+
+    async fn woke(&mut self, wake: Wake) -> Result<(), String> {
+        self.act(wake).await
+    }
+}
+
+impl<'c, T: Transport> Conn<'c, T> {
+    fn new(
+        ctx: &'c Ctx<'c>,
+        limits: Limits,
+        max_queued: usize,
+        transport: T,
+        shutdown: Receiver<()>,
+    ) -> Self {
         let conn = ctx.broker.new_conn_id();
         let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
         let owed = Outbound::new(ctx.broker, conn, max_queued, limits.max_queued_bytes);
@@ -154,6 +173,10 @@ impl<'c> Conn<'c> {
         let now = Instant::now();
         Conn {
             ctx,
+            transport,
+            buf: vec![0u8; 1024],
+            timer: Deadline::default(),
+            shutdown,
             conn,
             session: Session::new(limits, now),
             limits_auth,
@@ -478,7 +501,7 @@ impl<'c> Conn<'c> {
     /// 2 state the output depends on is written first (one write for the
     /// whole batch; see `Session::take_sync`). `Err`: why the connection
     /// ends.
-    async fn write<T: Transport>(&mut self, transport: &mut T) -> Result<(), String> {
+    async fn write(&mut self) -> Result<(), String> {
         let sessions = self.ctx.sessions;
         if self.session.take_sync() {
             if save(&self.session, sessions, false).await {
@@ -492,7 +515,7 @@ impl<'c> Conn<'c> {
         }
         if self.session.has_output() {
             let out = self.session.take_output();
-            let kick_rx = &self.kick_rx;
+            let (transport, kick_rx) = (&mut self.transport, &self.kick_rx);
             let written = async { Some(transport.write_all(&out).await) }
                 .or(async {
                     let _ = kick_rx.recv().await;
@@ -512,18 +535,12 @@ impl<'c> Conn<'c> {
     }
 
     /// Step 5: sleep until something happens.
-    async fn sleep<T: Transport>(
-        &mut self,
-        transport: &mut T,
-        buf: &mut [u8],
-        timer: &mut Deadline,
-        shutdown: &Receiver<()>,
-    ) -> Wake {
+    async fn wait(&mut self) -> Wake {
         let deadline = match (self.session.poll_deadline(), self.save_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        timer.set(deadline);
+        self.timer.set(deadline);
         let want_read = self.session.wants_input();
         // Owed retained messages go before live deliveries: while any are,
         // the channel is not watched.
@@ -539,6 +556,8 @@ impl<'c> Conn<'c> {
             .filter_map(|(i, (s, _))| Some((s, session.stream_next(i)?)))
             .collect();
         let (deliver_rx, kick_rx, acks) = (&self.deliver_rx, &self.kick_rx, &mut self.acks);
+        let (transport, buf) = (&mut self.transport, &mut self.buf);
+        let (timer, shutdown) = (&mut self.timer, &self.shutdown);
         async {
             if want_read {
                 Wake::Read(transport.read(buf).await)
@@ -586,17 +605,13 @@ impl<'c> Conn<'c> {
     }
 
     /// Act on what woke the connection; `Err`: why it ends.
-    async fn woke(
-        &mut self,
-        wake: Wake,
-        buf: &mut Vec<u8>,
-        timer: &mut Deadline,
-    ) -> Result<(), String> {
+    async fn act(&mut self, wake: Wake) -> Result<(), String> {
         let now = Instant::now();
         self.now = now;
         match wake {
             Wake::Read(Ok(0)) => return Err("client closed the connection".into()),
             Wake::Read(Ok(n)) => {
+                let buf = &mut self.buf;
                 self.session
                     .handle_bytes(buf.get(..n).unwrap_or_default(), now);
                 // The read buffer grows while reads fill it (to 16 KiB).
@@ -611,7 +626,7 @@ impl<'c> Conn<'c> {
             Wake::Kicked => return Err("another connection took over the client id".into()),
             Wake::Shutdown => return Err("server shutting down".into()),
             Wake::Timer => {
-                timer.fired();
+                self.timer.fired();
                 if self.save_at.is_some_and(|t| t <= now) {
                     self.save_at = None;
                     save(&self.session, self.ctx.sessions, false).await;
