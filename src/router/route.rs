@@ -24,30 +24,16 @@ type MqttCopy = (ConnId, bool, u8, SubId);
 impl Broker {
     /// Hand an MQTT publish to every matching subscriber (live delivery).
     pub fn route(&self, subj: &str, payload: &[u8], qos: u8, retain: bool, now: Instant) {
-        let _ = self.route_mqtt(subj, payload, qos, retain, None, None, now);
+        let _ = self.route_mqtt_as(None, subj, payload, qos, retain, None, None, now);
     }
 
-    /// [`Broker::route`] with the NATS header block and reply subject an
-    /// MQTT 5 publish maps to ([`crate::broker::bridge`]). Returns how many
-    /// subscriptions it was handed to, as [`Broker::route_msg`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn route_mqtt(
-        &self,
-        subj: &str,
-        payload: &[u8],
-        qos: u8,
-        retain: bool,
-        headers: Option<Vec<u8>>,
-        reply: Option<String>,
-        now: Instant,
-    ) -> usize {
-        self.route_mqtt_as(None, subj, payload, qos, retain, headers, reply, now)
-    }
-
-    /// [`Broker::route_mqtt`] for a client publish: NATS subscribers (the
-    /// JetStream API service among them) see the publisher's permissions
+    /// [`Broker::route`] for a client publish, with the NATS header block
+    /// and reply subject an MQTT 5 publish maps to
+    /// ([`crate::broker::bridge`]): NATS subscribers (the JetStream API
+    /// service among them) see the publisher's permissions
     /// ([`Msg::publisher`]). The payload is copied only if a NATS
-    /// subscriber takes the message.
+    /// subscriber takes the message. Returns how many subscriptions it was
+    /// handed to, as [`Broker::route_msg`].
     #[allow(clippy::too_many_arguments)]
     pub fn route_mqtt_as(
         &self,

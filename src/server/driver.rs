@@ -18,6 +18,8 @@
 use std::future::Future;
 use std::time::Instant;
 
+use smol::channel::Receiver;
+use smol::future::FutureExt;
 use smol::Timer;
 
 use crate::ingest::{AckQueue, Front};
@@ -60,9 +62,40 @@ impl Deadline {
     }
 }
 
+/// What every shell's sleep waits for besides its own sources.
+pub enum Common {
+    /// The front acknowledgement is known.
+    Stored,
+    Shutdown,
+    /// The deadline timer fired.
+    Timer,
+}
+
+/// Race the front acknowledgement of `acks`, `shutdown` and `timer`: the
+/// part of a sleep every shell shares.
+pub async fn wait_common<K>(
+    acks: &mut AckQueue<K>,
+    shutdown: &Receiver<()>,
+    timer: &mut Deadline,
+) -> Common {
+    async {
+        ack_front(acks).await;
+        Common::Stored
+    }
+    .or(async {
+        let _ = shutdown.recv().await;
+        Common::Shutdown
+    })
+    .or(async {
+        timer.wait().await;
+        Common::Timer
+    })
+    .await
+}
+
 /// Resolve when the front acknowledgement of `acks` is known (at once if
 /// it is; never while the queue is empty).
-pub async fn ack_front<K>(acks: &mut AckQueue<K>) {
+async fn ack_front<K>(acks: &mut AckQueue<K>) {
     match acks.front() {
         Front::Empty => std::future::pending().await,
         Front::Ready => {}

@@ -50,7 +50,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
 use super::accept::{self, Accept};
-use super::driver::{self, Deadline, Turn};
+use super::driver::{self, Common, Deadline, Turn};
 use crate::config::NatsConfig;
 use crate::ingest::{AckError, AckQueue, Ingest, NatsClient, NatsPublish, Refused, Tally};
 use crate::nats::{Conn, Event, Limits};
@@ -146,9 +146,7 @@ enum Wake {
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
     Outbox,
-    Stored,
-    Shutdown,
-    Timer,
+    Common(Common),
 }
 
 /// One connection's shell: the machine, what the router queues for it,
@@ -383,18 +381,7 @@ impl driver::Shell for Shell<'_> {
             outbox.wait(want_items).await;
             Wake::Outbox
         })
-        .or(async {
-            driver::ack_front(acks).await;
-            Wake::Stored
-        })
-        .or(async {
-            let _ = shutdown.recv().await;
-            Wake::Shutdown
-        })
-        .or(async {
-            timer.wait().await;
-            Wake::Timer
-        })
+        .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
         .await
     }
 
@@ -414,9 +401,9 @@ impl driver::Shell for Shell<'_> {
             Wake::Wrote(Ok(0)) => return Err("socket closed for writing".into()),
             Wake::Wrote(Ok(n)) => self.wpos = (self.wpos + n).min(self.wbuf.len()),
             Wake::Wrote(Err(e)) => return Err(format!("write failed: {e}")),
-            Wake::Outbox | Wake::Stored => {}
-            Wake::Shutdown => return Err("server shutting down".into()),
-            Wake::Timer => {
+            Wake::Outbox | Wake::Common(Common::Stored) => {}
+            Wake::Common(Common::Shutdown) => return Err("server shutting down".into()),
+            Wake::Common(Common::Timer) => {
                 self.timer.fired();
                 self.machine.handle_timeout(now);
             }

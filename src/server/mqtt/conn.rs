@@ -18,7 +18,7 @@ use crate::broker::persist::{claim, log_id, Claim};
 use crate::broker::session::{Event, Limits, Session, SubRequest};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
 use crate::router::{ConnId, Delivery};
-use crate::server::driver::{self, Deadline, Turn};
+use crate::server::driver::{self, Common, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};
 use crate::server::transport::Transport;
 use crate::stream::{Message, StreamHandle};
@@ -28,11 +28,10 @@ enum Wake {
     Deliver(Arc<Delivery>),
     /// Retained messages are owed (step 3 reads them).
     Retained,
-    Stored,
     Kicked,
-    Shutdown,
     StreamGrew,
-    Timer,
+    /// The front acknowledgement, shutdown or the timer.
+    Common(Common),
 }
 
 /// The captured publishes of one read, handed to their streams together:
@@ -581,10 +580,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                 Err(_) => std::future::pending().await,
             }
         })
-        .or(async {
-            driver::ack_front(acks).await;
-            Wake::Stored
-        })
+        .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
         .or(async {
             let _ = kick_rx.recv().await;
             Wake::Kicked
@@ -592,14 +588,6 @@ impl<'c, T: Transport> Conn<'c, T> {
         .or(async {
             any_grew(waits).await;
             Wake::StreamGrew
-        })
-        .or(async {
-            let _ = shutdown.recv().await;
-            Wake::Shutdown
-        })
-        .or(async {
-            timer.wait().await;
-            Wake::Timer
         })
         .await
     }
@@ -622,10 +610,10 @@ impl<'c, T: Transport> Conn<'c, T> {
             Wake::Read(Err(e)) => return Err(format!("read failed: {e}")),
             Wake::Deliver(d) => self.owed.take(&mut self.session, self.ctx.broker, &d),
             // The result is re-read from the waiter in step 2.
-            Wake::Retained | Wake::StreamGrew | Wake::Stored => {}
+            Wake::Retained | Wake::StreamGrew | Wake::Common(Common::Stored) => {}
             Wake::Kicked => return Err("another connection took over the client id".into()),
-            Wake::Shutdown => return Err("server shutting down".into()),
-            Wake::Timer => {
+            Wake::Common(Common::Shutdown) => return Err("server shutting down".into()),
+            Wake::Common(Common::Timer) => {
                 self.timer.fired();
                 if self.save_at.is_some_and(|t| t <= now) {
                     self.save_at = None;
