@@ -12,9 +12,15 @@
 //!   compaction, recovery, per-subject index); imports only [`subject`].
 //! - [`stream`]: the JetStream rules as a sans-IO [`stream::Stream`] on the
 //!   store, consumers, and the owner thread that gives group commit.
-//! - [`broker`]: the router and MQTT session state machines.
+//! - [`router`]: who subscribes to what; hands each message to its
+//!   subscribers and says which stream captures it.
+//! - [`ingest`]: the one sans-IO publish path (MQTT, NATS, wills): mapping,
+//!   reply redirects, routing, capture, in-order acknowledgements.
+//! - [`nats`]: the NATS connection state machine.
+//! - [`broker`]: the MQTT session state machine and MQTT's durable state.
 //! - [`server`]: listeners (MQTT, NATS, HTTP monitoring) — the thin smol
-//!   shell — and the JetStream API service for local streams.
+//!   shell: one accept loop, transports, the connection loops — and the
+//!   JetStream API service for local streams.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
 //! - [`names`]: the one check for names that become file names.
 
@@ -24,10 +30,13 @@ pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod ingest;
 pub mod logger;
 pub mod names;
+pub mod nats;
 pub mod nkey;
 pub use stream::oneshot;
+pub mod router;
 pub mod run;
 pub mod server;
 pub mod state;

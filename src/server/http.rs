@@ -15,7 +15,7 @@
 //! - A failed accept (EMFILE, ENFILE, ...) is retried after 100 ms, never
 //!   in a busy loop, and logged at most every 10 s.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
+use super::accept::{self, Accept};
 use crate::broker::Broker;
 use crate::config::HttpConfig;
 use crate::uplink::UplinkStatus;
@@ -141,55 +142,28 @@ pub async fn serve(
     cfg: HttpConfig,
     shutdown: Receiver<()>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
-    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
-    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
-    loop {
-        let accepted = async { Some(listener.accept().await) }
-            .or(async {
-                let _ = shutdown.recv().await;
-                None
-            })
-            .await;
-        match accepted {
-            None => return,
-            Some(Ok((mut sock, peer))) => {
-                if open.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections {
-                    open.fetch_sub(1, Ordering::Relaxed);
-                    // Say why if the socket takes it now; never wait.
-                    let _ = smol::future::poll_once(sock.write(BUSY)).await;
-                    drop(sock);
-                    refused += 1;
-                    if last_refusal_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                        log::warn!(
-                            "http: refused {refused} connection(s) (latest from {peer}): http.max_connections ({}) reached",
-                            cfg.max_connections
-                        );
-                        refused = 0;
-                        last_refusal_log = Some(Instant::now());
-                    }
-                    continue;
-                }
-                let m = monitor.clone();
-                let open = open.clone();
-                let timeout = cfg.header_timeout;
-                smol::spawn(async move {
-                    let _ = respond(sock, &m, timeout).await;
-                    open.fetch_sub(1, Ordering::Relaxed);
-                })
-                .detach();
-            }
-            Some(Err(e)) => {
-                failed += 1;
-                if last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                    log::warn!("http: accept failed {failed} time(s): {e}; retrying every 100ms");
-                    failed = 0;
-                    last_failure_log = Some(Instant::now());
-                }
-                smol::Timer::after(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let open = Arc::new(AtomicU64::new(0));
+    let accept = Accept {
+        name: "http",
+        open: &open,
+        max_connections: cfg.max_connections,
+        limit_key: "http.max_connections",
+        refusal: BUSY,
+        refusal_log_every: LOG_EVERY,
+        failure_log_every: LOG_EVERY,
+        failure_hint: "",
+    };
+    accept::serve(&listener, &shutdown, accept, |sock, _| {
+        let m = monitor.clone();
+        let open = open.clone();
+        let timeout = cfg.header_timeout;
+        smol::spawn(async move {
+            let _ = respond(sock, &m, timeout).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        })
+        .detach();
+    })
+    .await
 }
 
 /// Read the request head within `timeout`, then answer within `timeout`.

@@ -1564,7 +1564,7 @@ async fn run(
         api.apply_retention().await;
         api.persist();
         for (to, m) in api.take_out() {
-            broker.route_to(&to, Arc::new(m));
+            broker.route_to(&to, Arc::new(m), std::time::Instant::now());
         }
         if outbox.pending() > 0 {
             continue;

@@ -39,7 +39,6 @@
 //! publish from a request — so requests still reach their responders, and
 //! "no responders" still applies (like nats-server's `no_ack` streams).
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,11 +49,14 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
 
-use crate::broker::nats::{Conn, Event, Limits};
-use crate::broker::{Broker, Msg, NoInterest, Origin, Outbox};
+use super::accept::{self, Accept};
+use super::driver::{self, Common, Deadline, Turn};
 use crate::config::NatsConfig;
+use crate::ingest::{AckError, AckQueue, Ingest, NatsClient, NatsPublish, Refused, Tally};
+use crate::nats::{Conn, Event, Limits};
+use crate::router::{Broker, ConnId, Msg, NoInterest, Outbox};
 use crate::stream::consumer::ApiError;
-use crate::stream::{AckWaiter, Message, StreamError};
+use crate::stream::{StreamError, StreamHandle};
 use crate::wire::nats::server::{self as wire, InfoOut};
 
 /// Deliveries are moved into the write buffer only while it holds less.
@@ -97,49 +99,19 @@ pub async fn serve(
         ..InfoOut::default()
     };
     let nkeys = cfg.auth.as_ref().is_some_and(|a| a.has_nkeys());
-    let (mut failed, mut last_failure_log) = (0u64, None::<Instant>);
-    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
-    loop {
-        let accepted = async { Some(listener.accept().await) }
-            .or(async {
-                let _ = shutdown.recv().await;
-                None
-            })
-            .await;
-        let (mut sock, peer) = match accepted {
-            None => return,
-            Some(Ok(x)) => x,
-            Some(Err(e)) => {
-                // EMFILE and friends: retry after 100 ms, never spin; say
-                // so at most every 10 s.
-                failed += 1;
-                if last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                    log::warn!("nats: accept failed {failed} time(s): {e}; retrying every 100ms");
-                    failed = 0;
-                    last_failure_log = Some(Instant::now());
-                }
-                Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let current = broker.counters.nats_connections.load(Ordering::Relaxed);
-        if current as usize >= cfg.max_connections {
-            refused += 1;
-            if last_refusal_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                log::warn!(
-                    "nats: refused {refused} connection(s) (latest from {peer}): max_connections ({}) reached",
-                    cfg.max_connections
-                );
-                refused = 0;
-                last_refusal_log = Some(Instant::now());
-            }
-            // Say why if the fresh socket takes it now, then close: a
-            // flood of refused connections holds no descriptors.
-            let mut out = Vec::new();
-            wire::err(wire::ERR_MAX_CONNECTIONS, &mut out);
-            let _ = smol::future::poll_once(sock.write(&out)).await;
-            continue;
-        }
+    let mut refusal = Vec::new();
+    wire::err(wire::ERR_MAX_CONNECTIONS, &mut refusal);
+    let accept = Accept {
+        name: "nats",
+        open: &broker.counters.nats_connections,
+        max_connections: cfg.max_connections,
+        limit_key: "max_connections",
+        refusal: &refusal,
+        refusal_log_every: LOG_EVERY,
+        failure_log_every: LOG_EVERY,
+        failure_hint: "",
+    };
+    accept::serve(&listener, &shutdown, accept, |sock, peer| {
         let _ = sock.set_nodelay(true);
         let broker = broker.clone();
         let limits = limits.clone();
@@ -147,10 +119,6 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let max_pending = cfg.max_pending;
         smol::spawn(async move {
-            broker
-                .counters
-                .nats_connections
-                .fetch_add(1, Ordering::Relaxed);
             broker
                 .counters
                 .total_connections
@@ -170,23 +138,156 @@ pub async fn serve(
             log::debug!("nats: {peer} closed: {why}");
         })
         .detach();
-    }
+    })
+    .await
 }
 
 enum Wake {
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
     Outbox,
-    Stored,
-    Shutdown,
-    Timer,
+    Common(Common),
 }
 
-/// A JetStream publish waiting for its message to be durable.
-struct PendingAck {
-    reply: String,
-    stream: crate::stream::StreamHandle,
-    waiter: AckWaiter,
+/// One connection's shell: the machine, what the router queues for it,
+/// its write buffer and its PubAcks waiting for storage.
+struct Shell<'b> {
+    broker: &'b Arc<Broker>,
+    conn: ConnId,
+    machine: Conn,
+    outbox: Arc<Outbox>,
+    /// JetStream publishes waiting for their message to be durable: the
+    /// reply subject and the stream.
+    acks: AckQueue<(String, StreamHandle)>,
+    no_interest: NoInterest,
+    /// Whether the router knows this connection's permissions.
+    perms_set: bool,
+    close_reason: Option<String>,
+    reader: TcpStream,
+    writer: TcpStream,
+    buf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// Written up to here.
+    wpos: usize,
+    timer: Deadline,
+    shutdown: Receiver<()>,
+    now: Instant,
+}
+
+impl Shell<'_> {
+    /// Step 1: do what the machine asked for.
+    async fn handle_events(&mut self) {
+        let mut tally = Tally::default();
+        while let Some(ev) = self.machine.poll_event() {
+            match ev {
+                Event::Publish {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                    no_responders,
+                } => {
+                    let p = NatsPublish {
+                        subject,
+                        reply,
+                        headers,
+                        payload,
+                        no_responders,
+                    };
+                    self.publish(p, &mut tally).await;
+                }
+                Event::Subscribe { id, subject, queue } => {
+                    log::trace!("nats: conn {} SUB {subject} as {id}", self.conn);
+                    if !self.perms_set {
+                        // Permissions are fixed at CONNECT, which comes
+                        // before any subscription when [auth] is on.
+                        let perms = self.machine.permissions().cloned();
+                        self.broker.set_permissions(self.conn, perms);
+                        self.perms_set = true;
+                    }
+                    let outbox = self.outbox.clone();
+                    self.broker
+                        .subscribe_nats(self.conn, id, subject, queue, outbox);
+                }
+                Event::Unsubscribe { id, max } => self.broker.unsubscribe_nats(self.conn, id, max),
+                Event::Close(why) => self.close_reason = Some(why),
+            }
+        }
+        Ingest::new(self.broker).count(tally);
+    }
+
+    /// One publish through [`Ingest::nats`]; its capture is submitted, and
+    /// its PubAck (if any) queued until the message is durable.
+    async fn publish(&mut self, p: NatsPublish, tally: &mut Tally) {
+        let (conn, now, broker) = (self.conn, self.now, self.broker);
+        let client = NatsClient {
+            conn,
+            echo: self.machine.options().echo,
+            permissions: self.machine.permissions(),
+        };
+        let ingest = Ingest::new(broker);
+        let routed = match ingest.nats(&client, p, &mut self.no_interest, tally, now) {
+            Ok(r) => r,
+            Err(Refused::ReservedReply(to)) => {
+                log::warn!("nats: conn {conn}: reply to a request dropped: its response subject {to:?} is reserved");
+                return;
+            }
+            Err(_) => return,
+        };
+        if let Some((reply, subject)) = &routed.no_responders {
+            self.machine.no_responders(reply, subject);
+        }
+        let Some((c, ack_to)) = routed.capture else {
+            return;
+        };
+        let stored = c.stream.submit(c.message).await;
+        let name = &c.stream.config().name;
+        match (ack_to, stored) {
+            (Some(reply), Ok(waiter)) => self.acks.stored((reply, c.stream.clone()), waiter),
+            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e), now),
+            (None, Ok(_)) => {}
+            (None, Err(e)) => log::warn!("nats: message not stored in {name}: {e}"),
+        }
+    }
+
+    /// Step 2: publish PubAcks that are ready, in order.
+    fn complete_acks(&mut self) {
+        while let Some(((reply, stream), result)) = self.acks.pop() {
+            let result = match result {
+                Ok(Some(ack)) => Ok(ack),
+                Err(AckError::Stream(e)) => Err(e),
+                // Only stored messages are queued here.
+                Ok(None) | Err(AckError::Retained(_)) => continue,
+            };
+            publish_ack(self.broker, &reply, &stream.config().name, result, self.now);
+        }
+    }
+
+    /// Step 3: deliveries, while the write buffer has room, then step 4: the output
+    /// queued. False when the outbox overflowed (a slow consumer: the
+    /// machine now closes).
+    fn pump(&mut self) -> bool {
+        if self.outbox.is_slow() && !self.machine.is_closed() {
+            let c = &self.broker.counters;
+            c.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            self.machine.slow_consumer();
+            return false;
+        }
+        let room = WRITE_BUDGET.saturating_sub(self.wbuf.len() - self.wpos);
+        if room > 0 && !self.machine.is_closed() {
+            for (id, m) in self.outbox.take(room) {
+                self.machine.deliver(id, &m);
+            }
+        }
+        if self.machine.has_output() {
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+            }
+            self.machine.append_output(&mut self.wbuf);
+        }
+        true
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -199,198 +300,72 @@ async fn connection(
     max_pending: usize,
     shutdown: Receiver<()>,
 ) -> String {
-    let outbox = Outbox::new(max_pending);
-    let mut machine = Conn::new(limits, info, Instant::now());
-    let mut reader = sock.clone();
-    let mut writer = sock;
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut wbuf: Vec<u8> = Vec::new();
-    let mut wpos = 0usize;
-    let mut acks: VecDeque<PendingAck> = VecDeque::new();
-    let mut timer = Timer::never();
-    let mut timer_at: Option<Instant> = None;
-    let mut close_reason: Option<String> = None;
+    let now = Instant::now();
+    let mut sh = Shell {
+        broker,
+        conn,
+        machine: Conn::new(limits, info, now),
+        outbox: Outbox::new(max_pending),
+        acks: AckQueue::default(),
+        no_interest: NoInterest::default(),
+        perms_set: false,
+        close_reason: None,
+        reader: sock.clone(),
+        writer: sock,
+        buf: vec![0u8; 32 * 1024],
+        wbuf: Vec::new(),
+        wpos: 0,
+        timer: Deadline::default(),
+        shutdown,
+        now,
+    };
+    let why = driver::run(&mut sh).await;
+    sh.outbox.close();
+    // JetStream publishes still awaiting storage get no PubAck; the
+    // stream stores them anyway and the client retries (at-least-once).
+    why
+}
 
-    let mut no_interest = NoInterest::default();
-    // Whether the router knows this connection's permissions.
-    let mut perms_set = false;
-    let why = loop {
-        // 1. Do what the machine asked for.
-        let (mut msgs_in, mut bytes_in) = (0u64, 0u64);
-        while let Some(ev) = machine.poll_event() {
-            match ev {
-                Event::Publish {
-                    subject,
-                    reply,
-                    headers,
-                    payload,
-                    no_responders,
-                } => {
-                    let subject = broker.map_subject(subject);
-                    // A reply to an MQTT 5 request goes to its response
-                    // topic, with its correlation data and without a reply
-                    // subject of its own ([`crate::broker::bridge`]).
-                    let redirected = crate::broker::bridge::redirect_reply(
-                        &broker.replies,
-                        subject,
-                        headers,
-                        reply,
-                    );
-                    let (subject, headers, reply) = match redirected {
-                        Ok(r) => r,
-                        Err(to) => {
-                            log::warn!("nats: conn {conn}: reply to a request dropped: its response subject {to:?} is reserved");
-                            continue;
-                        }
-                    };
-                    msgs_in += 1;
-                    bytes_in += payload.len() as u64;
-                    let origin = Origin {
-                        conn,
-                        echo: machine.options().echo,
-                    };
-                    let stream = capture(broker, &subject);
-                    // Who answers a request: a subscriber, or a stream that
-                    // acknowledges (a catch-all stream cannot tell
-                    // JetStream publishes from requests: it stays silent).
-                    let acking = stream.filter(|s| !catches_all(s));
-                    let msg = Msg {
-                        subject,
-                        reply,
-                        headers,
-                        payload,
-                        publisher: machine.permissions().cloned(),
-                    };
-                    // Captured messages are durable: MQTT subscribers get
-                    // them at QoS 1 (capped by their subscription's QoS).
-                    let qos = u8::from(stream.is_some());
-                    let (receivers, m) = broker.route_publish(
-                        &mut no_interest,
-                        Some(origin),
-                        msg,
-                        qos,
-                        stream.is_some(),
-                    );
-                    log::trace!("nats: conn {conn} PUB {} -> {receivers}", m.subject);
-                    if receivers == 0 && no_responders && acking.is_none() {
-                        if let Some(r) = &m.reply {
-                            machine.no_responders(r, &m.subject);
-                        }
-                    }
-                    if let Some(stream) = stream {
-                        // A PubAck goes only where the publisher may
-                        // subscribe (it is the publisher's answer).
-                        let reply = m.reply.filter(|_| acking.is_some()).filter(|r| {
-                            let ok = machine.permissions().is_none_or(|p| p.can_subscribe(r));
-                            if !ok {
-                                log::debug!("nats: conn {conn}: no PubAck to {r:?}: the publisher may not subscribe to it");
-                            }
-                            ok
-                        });
-                        let stored = stream
-                            .submit(Message {
-                                subject: m.subject,
-                                headers: m.headers,
-                                payload: m.payload,
-                            })
-                            .await;
-                        let name = &stream.config().name;
-                        match (reply, stored) {
-                            (Some(reply), Ok(waiter)) => acks.push_back(PendingAck {
-                                reply,
-                                stream: stream.clone(),
-                                waiter,
-                            }),
-                            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e)),
-                            (None, Ok(_)) => {}
-                            (None, Err(e)) => {
-                                log::warn!("nats: message not stored in {name}: {e}");
-                            }
-                        }
-                    }
-                }
-                Event::Subscribe { id, subject, queue } => {
-                    log::trace!("nats: conn {conn} SUB {subject} as {id}");
-                    if !perms_set {
-                        // Permissions are fixed at CONNECT, which comes
-                        // before any subscription when [auth] is on.
-                        broker.set_permissions(conn, machine.permissions().cloned());
-                        perms_set = true;
-                    }
-                    broker.subscribe_nats(conn, id, subject, queue, outbox.clone());
-                }
-                Event::Unsubscribe { id, max } => broker.unsubscribe_nats(conn, id, max),
-                Event::Close(why) => close_reason = Some(why),
-            }
+impl driver::Shell for Shell<'_> {
+    type Wake = Wake;
+
+    async fn turn(&mut self) -> Turn {
+        self.handle_events().await;
+        self.complete_acks();
+        if !self.pump() {
+            return Turn::Again;
         }
-        if msgs_in > 0 {
-            let c = &broker.counters;
-            c.msgs_in.fetch_add(msgs_in, Ordering::Relaxed);
-            c.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        }
-        // 2. Publish PubAcks that are ready, in order.
-        while let Some(front) = acks.front_mut() {
-            let Some(result) = front.waiter.try_take() else {
-                break;
-            };
-            if let Some(a) = acks.pop_front() {
-                publish_ack(broker, &a.reply, &a.stream.config().name, result);
-            }
-        }
-        // 3. Deliveries, while the write buffer has room; a full outbox
-        //    means a slow consumer.
-        if outbox.is_slow() && !machine.is_closed() {
-            broker
-                .counters
-                .slow_consumers
-                .fetch_add(1, Ordering::Relaxed);
-            machine.slow_consumer();
-            continue;
-        }
-        let room = WRITE_BUDGET.saturating_sub(wbuf.len() - wpos);
-        if room > 0 && !machine.is_closed() {
-            for (id, m) in outbox.take(room) {
-                machine.deliver(id, &m);
-            }
-        }
-        // 4. Queue output.
-        if machine.has_output() {
-            if wpos == wbuf.len() {
-                wbuf.clear();
-                wpos = 0;
-            }
-            machine.append_output(&mut wbuf);
-        }
-        if let Some(why) = close_reason.take() {
+        if let Some(why) = self.close_reason.take() {
             // Best effort: the client may not be reading at all.
-            let rest = wbuf.get(wpos..).unwrap_or_default();
-            let _ = writer
+            let rest = self.wbuf.get(self.wpos..).unwrap_or_default();
+            let _ = self
+                .writer
                 .write_all(rest)
                 .or(async {
                     Timer::after(CLOSE_FLUSH).await;
                     Ok(())
                 })
                 .await;
-            break why;
+            return Turn::Close(why);
         }
-        if machine.has_events() {
-            continue;
+        match self.machine.has_events() {
+            true => Turn::Again,
+            false => Turn::Sleep,
         }
-        // 5. Sleep until something happens.
-        let deadline = machine.poll_deadline();
-        if deadline != timer_at {
-            match deadline {
-                Some(d) => timer.set_at(d),
-                None => timer = Timer::never(),
-            }
-            timer_at = deadline;
-        }
-        let want_read = acks.len() < MAX_PENDING_ACKS;
-        let want_items = wbuf.len() - wpos < WRITE_BUDGET;
-        let pending_write = wbuf.get(wpos..).unwrap_or_default();
-        let wake = async {
+    }
+
+    /// Step 5: sleep until something happens.
+    async fn sleep(&mut self) -> Wake {
+        self.timer.set(self.machine.poll_deadline());
+        let want_read = self.acks.len() < MAX_PENDING_ACKS;
+        let want_items = self.wbuf.len() - self.wpos < WRITE_BUDGET;
+        let pending_write = self.wbuf.get(self.wpos..).unwrap_or_default();
+        let (outbox, acks) = (&self.outbox, &mut self.acks);
+        let (reader, writer, buf) = (&mut self.reader, &mut self.writer, &mut self.buf);
+        let (timer, shutdown) = (&mut self.timer, &self.shutdown);
+        async {
             if want_read {
-                Wake::Read(reader.read(&mut buf).await)
+                Wake::Read(reader.read(buf).await)
             } else {
                 std::future::pending().await
             }
@@ -406,64 +381,35 @@ async fn connection(
             outbox.wait(want_items).await;
             Wake::Outbox
         })
-        .or(async {
-            match acks.front_mut() {
-                Some(a) => {
-                    a.waiter.wait().await;
-                    Wake::Stored
-                }
-                None => std::future::pending().await,
-            }
-        })
-        .or(async {
-            let _ = shutdown.recv().await;
-            Wake::Shutdown
-        })
-        .or(async {
-            (&mut timer).await;
-            Wake::Timer
-        })
-        .await;
+        .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
+        .await
+    }
+
+    async fn woke(&mut self, wake: Wake) -> Result<(), String> {
         let now = Instant::now();
-        machine.set_time(now);
+        self.now = now;
+        self.machine.set_time(now);
         match wake {
-            Wake::Read(Ok(0)) => break "client closed the connection".into(),
+            Wake::Read(Ok(0)) => return Err("client closed the connection".into()),
             Wake::Read(Ok(n)) => {
-                let data = buf.get(..n).unwrap_or_default();
-                let seen = &mut no_interest;
-                machine.handle_bytes_with(data, now, &mut |s| !broker.publish_unwanted(seen, s));
+                let data = self.buf.get(..n).unwrap_or_default();
+                let (broker, seen) = (self.broker, &mut self.no_interest);
+                let wanted = &mut |s: &str| !broker.publish_unwanted(seen, s);
+                self.machine.handle_bytes_with(data, now, wanted);
             }
-            Wake::Read(Err(e)) => break format!("read failed: {e}"),
-            Wake::Wrote(Ok(0)) => break "socket closed for writing".into(),
-            Wake::Wrote(Ok(n)) => wpos = (wpos + n).min(wbuf.len()),
-            Wake::Wrote(Err(e)) => break format!("write failed: {e}"),
-            Wake::Outbox | Wake::Stored => {}
-            Wake::Shutdown => break "server shutting down".into(),
-            Wake::Timer => {
-                timer_at = None;
-                machine.handle_timeout(now);
+            Wake::Read(Err(e)) => return Err(format!("read failed: {e}")),
+            Wake::Wrote(Ok(0)) => return Err("socket closed for writing".into()),
+            Wake::Wrote(Ok(n)) => self.wpos = (self.wpos + n).min(self.wbuf.len()),
+            Wake::Wrote(Err(e)) => return Err(format!("write failed: {e}")),
+            Wake::Outbox | Wake::Common(Common::Stored) => {}
+            Wake::Common(Common::Shutdown) => return Err("server shutting down".into()),
+            Wake::Common(Common::Timer) => {
+                self.timer.fired();
+                self.machine.handle_timeout(now);
             }
         }
-    };
-    outbox.close();
-    // JetStream publishes still awaiting storage get no PubAck; the
-    // stream stores them anyway and the client retries (at-least-once).
-    why
-}
-
-/// The stream a NATS publish is captured into. Reply subjects
-/// (`_INBOX.`) and the reserved `$` namespace are transient traffic and
-/// never captured.
-fn capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a crate::stream::StreamHandle> {
-    if subject.starts_with("_INBOX.") || subject.starts_with('$') {
-        return None;
+        Ok(())
     }
-    broker.capture(subject)
-}
-
-/// Whether a stream captures every subject (the default stream does).
-fn catches_all(stream: &crate::stream::StreamHandle) -> bool {
-    stream.config().subjects.iter().any(|s| s == ">")
 }
 
 /// Publish a JetStream-style PubAck (or error) to `reply`.
@@ -472,6 +418,7 @@ fn publish_ack(
     reply: &str,
     stream: &str,
     result: Result<crate::stream::PubAck, StreamError>,
+    now: Instant,
 ) {
     let msg = Arc::new(Msg {
         subject: reply.to_string(),
@@ -480,7 +427,7 @@ fn publish_ack(
         payload: pub_ack_json(stream, result).into_bytes(),
         publisher: None,
     });
-    broker.route_msg(None, msg, 0);
+    broker.route_msg(None, msg, 0, now);
 }
 
 /// The JSON JetStream clients expect in reply to a publish. A PubAck is

@@ -24,7 +24,7 @@ use std::io;
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::mqtt::Transport;
+use super::transport::Transport;
 use crate::wire::nats::base64;
 
 /// Read the upgrade request from `sock` and answer it. On error the

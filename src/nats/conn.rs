@@ -5,7 +5,7 @@
 //! subscriptions by client `sid` (mapped to router ids), their
 //! auto-unsubscribe counts, and the server's PING keep-alive.
 //!
-//! Call order (like [`super::session::Session`]): feed inputs with
+//! Call order (like [`crate::broker::session::Session`]): feed inputs with
 //! [`Conn::handle_bytes`], [`Conn::deliver`], [`Conn::no_responders`],
 //! [`Conn::slow_consumer`] and [`Conn::handle_timeout`]; then drain
 //! [`Conn::poll_event`] (work for the shell: route, capture, subscribe,
@@ -30,8 +30,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Msg;
 use crate::auth::{Auth, Permissions};
+use crate::router::Msg;
 use crate::subject;
 use crate::wire::nats::server::{self as wire, ClientOp, ConnectInfo, InfoOut, PubOp};
 

@@ -1,0 +1,274 @@
+//! Routing: hand one message to every subscription that matches and may
+//! receive it — every plain subscription, one member per queue group, each
+//! MQTT connection once at its highest granted QoS.
+//!
+//! Nothing here blocks or reads a clock: the caller passes `now`, the
+//! routing time MQTT deliveries carry (message expiry counts from it).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use smol::channel::TrySendError;
+
+use super::table::{pick_member, Sub, SubId, Table, Target};
+use super::{
+    lock, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, DELIVERY_OVERHEAD,
+    NO_INTEREST_MAX,
+};
+
+/// One MQTT connection's copy of a message: (connection, through a shared
+/// subscription, QoS, the subscription that gives it).
+type MqttCopy = (ConnId, bool, u8, SubId);
+
+impl Broker {
+    /// Hand an MQTT publish to every matching subscriber (live delivery).
+    pub fn route(&self, subj: &str, payload: &[u8], qos: u8, retain: bool, now: Instant) {
+        let _ = self.route_mqtt_as(None, subj, payload, qos, retain, None, None, now);
+    }
+
+    /// [`Broker::route`] for a client publish, with the NATS header block
+    /// and reply subject an MQTT 5 publish maps to
+    /// ([`crate::broker::bridge`]): NATS subscribers (the JetStream API
+    /// service among them) see the publisher's permissions
+    /// ([`Msg::publisher`]). The payload is copied only if a NATS
+    /// subscriber takes the message. Returns how many subscriptions it was
+    /// handed to, as [`Broker::route_msg`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_mqtt_as(
+        &self,
+        publisher: Option<Arc<crate::auth::Permissions>>,
+        subj: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        headers: Option<Vec<u8>>,
+        reply: Option<String>,
+        now: Instant,
+    ) -> usize {
+        let mut headers = headers;
+        let mut reply = reply;
+        let mut publisher = publisher;
+        self.route_inner(None, subj, qos, retain, now, &mut || {
+            Arc::new(Msg {
+                subject: subj.to_string(),
+                reply: reply.take(),
+                headers: headers.take(),
+                payload: payload.to_vec(),
+                publisher: publisher.take(),
+            })
+        })
+        .unwrap_or(0)
+    }
+
+    /// Hand a message (NATS publish, or one the server makes, such as a
+    /// JetStream acknowledgement) to every matching subscriber. Returns
+    /// how many subscriptions it was handed to (queue groups count once),
+    /// dropped ones included: 0 means nobody listens.
+    pub fn route_msg(&self, origin: Option<Origin>, msg: Arc<Msg>, qos: u8, now: Instant) -> usize {
+        let shared = &msg;
+        self.route_inner(origin, &msg.subject, qos, false, now, &mut || {
+            shared.clone()
+        })
+        .unwrap_or(0)
+    }
+
+    /// Whether `seen` remembers that a client publish to `subject` reaches
+    /// nobody: no subscription matches it and no stream captures it (see
+    /// [`NoInterest`]). Lock-free. Always false with `[mappings]`, whose
+    /// rewrite comes first.
+    pub fn publish_unwanted(&self, seen: &mut NoInterest, subject: &str) -> bool {
+        if !self.mappings.is_empty() {
+            return false;
+        }
+        seen.refresh(self.generation.load(Ordering::Acquire)) && seen.subjects.contains(subject)
+    }
+
+    /// [`Broker::route_msg`] for a connection's publishes that remembers,
+    /// in `seen`, subjects that reached nobody (no subscription matched
+    /// and, as the caller says with `captured`, no stream took the
+    /// message), for [`Broker::publish_unwanted`]. Returns the message
+    /// back, for capture into a stream (a copy only when a subscriber
+    /// kept it).
+    pub fn route_publish(
+        &self,
+        seen: &mut NoInterest,
+        origin: Option<Origin>,
+        msg: Msg,
+        qos: u8,
+        captured: bool,
+        now: Instant,
+    ) -> (usize, Msg) {
+        seen.refresh(self.generation.load(Ordering::Acquire));
+        let msg = Arc::new(msg);
+        let shared = &msg;
+        let routed = self.route_inner(origin, &msg.subject, qos, false, now, &mut || {
+            shared.clone()
+        });
+        if routed.is_none() && !captured && !msg.subject.starts_with("_INBOX.") {
+            if seen.subjects.len() >= NO_INTEREST_MAX {
+                seen.subjects.clear();
+            }
+            seen.subjects.insert(msg.subject.as_str().into());
+        }
+        (routed.unwrap_or(0), Arc::unwrap_or_clone(msg))
+    }
+
+    /// Hand `msg` to the subscribers of `to` rather than of `msg.subject`
+    /// (JetStream pull deliveries reach the request's inbox with the
+    /// stored subject). Returns how many subscriptions got it.
+    pub fn route_to(&self, to: &str, msg: Arc<Msg>, now: Instant) -> usize {
+        self.route_inner(None, to, 0, false, now, &mut || msg.clone())
+            .unwrap_or(0)
+    }
+
+    /// Route to the subscriptions of `subj`; `None` when none matches.
+    /// `make` builds the shared message, at most once and only if some
+    /// subscriber takes it.
+    fn route_inner(
+        &self,
+        origin: Option<Origin>,
+        subj: &str,
+        qos: u8,
+        retain: bool,
+        now: Instant,
+        make: &mut dyn FnMut() -> Arc<Msg>,
+    ) -> Option<usize> {
+        let mut t = lock(&self.table);
+        let ids = t.trie.matches(subj);
+        if ids.is_empty() {
+            return None;
+        }
+        let chosen = choose(&t, &ids, origin, subj);
+        let count = chosen.len();
+        let mut msg: Option<Arc<Msg>> = None;
+        let mut mqtt: Vec<MqttCopy> = Vec::new();
+        let mut finished: Vec<SubId> = Vec::new();
+        for id in chosen {
+            let Some(s) = t.subs.get_mut(&id) else {
+                continue;
+            };
+            s.delivered += 1;
+            if s.max.is_some_and(|m| s.delivered >= m) {
+                finished.push(id);
+            }
+            match &s.target {
+                Target::Mqtt { qos: sub_qos, .. } => {
+                    mqtt_copy(&mut mqtt, s.conn, s.queue.is_some(), qos.min(*sub_qos), id)
+                }
+                Target::Nats { outbox, sid } => {
+                    let m = msg.get_or_insert_with(&mut *make).clone();
+                    match outbox.push(*sid, m) {
+                        Push::Queued => self.counters.msgs_out.fetch_add(1, Ordering::Relaxed),
+                        Push::Slow => self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed),
+                        Push::Closed => 0,
+                    };
+                }
+            }
+        }
+        for (_, shared, q, id) in mqtt {
+            let Some(sub) = t.subs.get(&id) else { continue };
+            if let Target::Mqtt { tx, max_queued, .. } = &sub.target {
+                if tx.len() >= *max_queued {
+                    self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let m = msg.get_or_insert_with(&mut *make);
+            self.send_mqtt(sub, shared, q, retain, now, m);
+        }
+        for id in finished {
+            t.remove(id);
+        }
+        Some(count)
+    }
+
+    /// Queue one MQTT delivery of `m` for `sub` (whose queue has room in
+    /// messages) unless its byte budget is spent (then it is dropped and
+    /// counted).
+    fn send_mqtt(&self, sub: &Sub, shared: bool, qos: u8, retain: bool, now: Instant, m: &Msg) {
+        let Target::Mqtt { tx, budget, .. } = &sub.target else {
+            return;
+        };
+        if let Some(b) = budget {
+            let cost = DELIVERY_OVERHEAD
+                + m.subject.len()
+                + m.payload.len()
+                + m.headers.as_ref().map_or(0, Vec::len)
+                + m.reply.as_ref().map_or(0, String::len);
+            if !b.try_charge(cost) {
+                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let d = Arc::new(Delivery {
+            subject: m.subject.clone(),
+            payload: m.payload.clone(),
+            qos,
+            retain,
+            shared,
+            headers: m.headers.clone(),
+            reply: m.reply.clone(),
+            at: now,
+        });
+        match tx.try_send(d) {
+            Ok(()) => {
+                self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(d)) => {
+                if let Some(b) = budget {
+                    b.release(d.cost());
+                }
+                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Closed(d)) => {
+                if let Some(b) = budget {
+                    b.release(d.cost());
+                }
+            }
+        }
+    }
+}
+
+/// The recipients among the subscriptions `ids` that may receive `subj`:
+/// every plain one, one member per queue group (the publisher's own
+/// subscriptions left out when it does not want its echo).
+fn choose(t: &Table, ids: &[SubId], origin: Option<Origin>, subj: &str) -> Vec<SubId> {
+    let skip_conn = origin.filter(|o| !o.echo).map(|o| o.conn);
+    let dollar = subj.starts_with('$');
+    let mut chosen: Vec<SubId> = Vec::with_capacity(ids.len());
+    let mut groups: Vec<(&str, Vec<SubId>)> = Vec::new();
+    for id in ids {
+        let Some(s) = t.subs.get(id) else { continue };
+        if Some(s.conn) == skip_conn || !s.may_receive(subj, dollar) {
+            continue;
+        }
+        match &s.queue {
+            None => chosen.push(*id),
+            Some(q) => match groups.iter_mut().find(|g| g.0 == q.as_str()) {
+                Some(g) => g.1.push(*id),
+                None => groups.push((q.as_str(), vec![*id])),
+            },
+        }
+    }
+    for (_, members) in &groups {
+        if let Some(id) = pick_member(&t.subs, members) {
+            chosen.push(id);
+        }
+    }
+    chosen
+}
+
+/// MQTT: once per connection at the highest QoS (and once more for a
+/// shared subscription of that connection).
+fn mqtt_copy(mqtt: &mut Vec<MqttCopy>, conn: ConnId, shared: bool, q: u8, id: SubId) {
+    match mqtt.iter_mut().find(|h| h.0 == conn && h.1 == shared) {
+        Some(h) => {
+            if q > h.2 {
+                h.2 = q;
+                h.3 = id;
+            }
+        }
+        None => mqtt.push((conn, shared, q, id)),
+    }
+}
