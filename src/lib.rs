@@ -17,7 +17,9 @@
 //! - [`ingest`]: the one sans-IO publish path (MQTT, NATS, wills): mapping,
 //!   reply redirects, routing, capture, in-order acknowledgements.
 //! - [`nats`]: the NATS connection state machine.
-//! - [`broker`]: the MQTT session state machine and MQTT's durable state.
+//! - [`broker`]: MQTT's durable state (sessions, wills, retained).
+//! - [`mqtt`]: the sans-IO MQTT protocol machine (one per connection).
+//! - [`close`]: why a protocol machine closes its connection.
 //! - [`server`]: listeners (MQTT, NATS, HTTP monitoring) — the thin smol
 //!   shell: one accept loop, transports, the connection loops — and the
 //!   JetStream API service for local streams.
@@ -29,9 +31,11 @@
 pub mod auth;
 pub mod bench;
 pub mod broker;
+pub mod close;
 pub mod config;
 pub mod ingest;
 pub mod logger;
+pub mod mqtt;
 pub mod names;
 pub mod nats;
 pub mod nkey;

@@ -7,7 +7,7 @@
 pub mod bridge;
 pub mod persist;
 pub mod retained;
-pub mod session;
+pub use crate::mqtt as session;
 pub mod wills;
 
 pub use crate::router::*;

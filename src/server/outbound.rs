@@ -37,7 +37,7 @@ use std::sync::Arc;
 use smol::channel::Receiver;
 
 use crate::broker::retained::{Retained, RetainedScan};
-use crate::broker::session::Session;
+use crate::mqtt::Session;
 use crate::broker::{Broker, ConnId, Delivery, QueueBudget};
 
 /// Deliveries (and retained messages) are moved into the session's output

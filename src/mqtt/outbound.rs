@@ -1,0 +1,336 @@
+//! Deliveries to the client: PUBLISH encoding with MQTT 5 properties and
+//! topic aliases, packet ids, the in-flight window and the bounded queue
+//! behind it, and the acknowledgements that free the window.
+//!
+//! MQTT 5 features (all per connection):
+//! - Topic aliases: inbound up to [`TOPIC_ALIAS_MAX`] (advertised in
+//!   CONNACK; alias 0 or above it: DISCONNECT 0x94, an unknown alias with
+//!   an empty topic: 0x82); outbound, when the client's CONNECT gives a
+//!   Topic Alias Maximum, the first that many topics get an alias, sent
+//!   with the topic once and with an empty topic afterwards.
+//! - Flow control: outbound QoS 1/2 in flight are bounded by
+//!   min(`max_inflight`, the client's Receive Maximum); further QoS 1/2
+//!   deliveries wait in a queue of at most `max_queued` messages and
+//!   `max_queued_bytes` bytes ([`Delivery::cost`]; an empty queue takes
+//!   one message of any size), then are dropped and counted in `dropped`;
+//!   QoS 0 goes out at once. The shell reports [`Session::queued_bytes`]
+//!   to the connection's [`crate::broker::QueueBudget`], so the router's
+//!   channel and this queue share one byte limit, and moves deliveries in
+//!   only while [`Session::output_len`] is small (the output is bounded by
+//!   what the shell lets in, not here). frond's Receive
+//!   Maximum is `max_inflight`; a 5.0 client with that many publishes
+//!   unacknowledged that sends another QoS 1/2 PUBLISH is disconnected
+//!   with 0x93 (3.1.1 clients are slowed through TCP instead).
+//! - Maximum Packet Size: inbound enforced by the decoder; a PUBLISH
+//!   larger than the client's maximum is not sent (counted in
+//!   `oversize_dropped`, logged at debug; for a stream message the cursor
+//!   moves past it).
+//! - Metadata: PUBLISH properties travel as NATS headers
+//!   ([`crate::broker::bridge`]); subscribers on 5.0 get them back as
+//!   properties, plus the identifiers of every matching subscription
+//!   (kept in stored sessions). Message expiry counts from the routing
+//!   time (router deliveries, also while queued) or the stored timestamp
+//!   (stream messages); an expired message is not sent to anyone, and the
+//!   interval sent is the remaining time.
+//! - Request Problem Information = 0: no reason string on acks. Request
+//!   Response Information = 1: CONNACK Response Information
+//!   `frond/response/<client id>` (`+`, `#`, `/` replaced by `_`).
+use std::time::{Duration, Instant};
+
+use super::{Session, State};
+use crate::broker::Delivery;
+use crate::broker::bridge as props;
+use crate::subject::mqtt as topics;
+use crate::wire::mqtt::{Packet, Properties, Publish, QoS, Version};
+
+/// An outbound QoS 1/2 message awaiting the client's acknowledgement.
+#[derive(Debug)]
+pub(super) struct Outbound {
+    pub(super) packet_id: u16,
+    /// For QoS 2: PUBREC seen, PUBREL sent, awaiting PUBCOMP.
+    pub(super) released: bool,
+    /// (follow index, stream sequence) for a message from a stream.
+    pub(super) origin: Option<(usize, u64)>,
+    /// Sent at QoS 2.
+    pub(super) exactly_once: bool,
+    /// Restored from the stored session, not yet sent again on this
+    /// connection: resent (DUP, same packet id) when the stream is read
+    /// up to it.
+    pub(super) awaiting_resend: bool,
+}
+
+/// A QoS 1/2 delivery waiting for room in the client's window.
+#[derive(Debug)]
+pub(super) struct Queued {
+    publish: Publish,
+    /// When it expires (MQTT 5 message expiry).
+    deadline: Option<Instant>,
+    /// What it counts against `max_queued_bytes`.
+    cost: usize,
+}
+
+/// What [`Session::emit`] did with a PUBLISH.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Emitted {
+    Sent,
+    Expired,
+    TooLarge,
+}
+
+impl Session {
+    /// The outbound QoS 1/2 window: frond's `max_inflight`, capped by the
+    /// client's Receive Maximum.
+    pub(super) fn window(&self) -> usize {
+        self.limits
+            .max_inflight
+            .min(self.client_receive_max)
+            .min(65_535)
+    }
+
+    /// MQTT 5 PUBLISH properties for a message to this client (from its
+    /// NATS headers and reply subject, plus matching subscription
+    /// identifiers), the message's lifetime (`Mqtt-Expiry`) and the
+    /// publisher's QoS if recorded (`Mqtt-QoS`).
+    pub(super) fn publish_props(
+        &self,
+        subject: &str,
+        headers: Option<&[u8]>,
+        reply: Option<&str>,
+    ) -> (Properties, Option<Duration>, Option<u8>) {
+        if headers.is_none() && reply.is_none() && self.sub_ids.is_empty() {
+            return (Properties::default(), None, None);
+        }
+        let meta = props::headers_to_meta(headers, reply);
+        let life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
+        if self.version != Some(Version::V5) {
+            return (Properties::default(), life, meta.qos);
+        }
+        let mut props = meta.props;
+        props.message_expiry_interval = None;
+        if !self.sub_ids.is_empty() {
+            let mut ids: Vec<u32> = self
+                .sub_ids
+                .iter()
+                .filter(|(f, _)| crate::subject::matches(f, subject))
+                .map(|(_, i)| *i)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            props.subscription_identifiers = ids;
+        }
+        (props, life, meta.qos)
+    }
+
+    /// Send one PUBLISH: sets the remaining message expiry, a topic alias
+    /// (when the client accepts them) and, for QoS 1/2, a packet id and the
+    /// in-flight entry. Not sent when expired, or (MQTT 5 §3.1.2.11.4) when
+    /// larger than the client's Maximum Packet Size.
+    pub(super) fn emit(
+        &mut self,
+        mut p: Publish,
+        deadline: Option<Instant>,
+        origin: Option<(usize, u64)>,
+    ) -> Emitted {
+        if let Some(d) = deadline {
+            if d <= self.now {
+                self.expired += 1;
+                log::debug!("mqtt: {}: message on {} expired", self.client_id, p.topic);
+                return Emitted::Expired;
+            }
+            let left = d - self.now;
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            p.properties.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+        }
+        let v5 = self.version == Some(Version::V5);
+        let mut new_alias = None;
+        if v5 && self.alias_out_max > 0 {
+            if let Some(&a) = self.alias_out.get(&p.topic) {
+                p.properties.topic_alias = Some(a);
+                p.topic = String::new();
+            } else if let Ok(n) = u16::try_from(self.alias_out.len()) {
+                if n < self.alias_out_max {
+                    p.properties.topic_alias = Some(n + 1);
+                    new_alias = Some((p.topic.clone(), n + 1));
+                }
+            }
+        }
+        // A resend keeps its packet id (its entry is in `outbound`).
+        let resend = p.packet_id.filter(|_| p.qos != QoS::AtMostOnce);
+        let id = match p.qos {
+            QoS::AtMostOnce => None,
+            _ => Some(resend.unwrap_or_else(|| self.alloc_packet_id())),
+        };
+        let exactly_once = p.qos == QoS::ExactlyOnce;
+        p.packet_id = id;
+        let start = self.out.len();
+        self.send(&Packet::Publish(p));
+        let size = self.out.len().saturating_sub(start);
+        if self.client_max_packet.is_some_and(|max| size > max) {
+            self.out.truncate(start);
+            self.oversize_dropped += 1;
+            log::debug!(
+                "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
+                self.client_id
+            );
+            return Emitted::TooLarge;
+        }
+        if let Some((topic, a)) = new_alias {
+            self.alias_out.insert(topic, a);
+        }
+        if let Some(packet_id) = resend {
+            if let Some(o) = self
+                .outbound
+                .iter_mut()
+                .find(|o| o.packet_id == packet_id && o.awaiting_resend)
+            {
+                o.awaiting_resend = false;
+                self.resends = self.resends.saturating_sub(1);
+            }
+        } else if let Some(packet_id) = id {
+            self.outbound.push_back(Outbound {
+                packet_id,
+                released: false,
+                origin,
+                exactly_once,
+                awaiting_resend: false,
+            });
+        }
+        Emitted::Sent
+    }
+
+    /// Send queued deliveries while the window has room.
+    pub(super) fn pump(&mut self) {
+        while self.state == State::Connected && self.outbound.len() < self.window() {
+            let Some(q) = self.queued.pop_front() else {
+                break;
+            };
+            self.queued_bytes = self.queued_bytes.saturating_sub(q.cost);
+            self.emit(q.publish, q.deadline, None);
+        }
+    }
+
+    /// The highest QoS of the subscriptions matching `subject`.
+    pub(super) fn matching_qos(&self, subject: &str) -> Option<u8> {
+        self.filters
+            .iter()
+            .filter(|(f, _)| crate::subject::matches(f, subject))
+            .map(|(_, q)| (*q).min(2))
+            .max()
+    }
+
+    pub(super) fn outbound_done(&mut self, packet_id: u16) {
+        let Some(pos) = self.outbound.iter().position(|o| o.packet_id == packet_id) else {
+            return;
+        };
+        if let Some(o) = self.outbound.remove(pos) {
+            if o.awaiting_resend {
+                self.resends = self.resends.saturating_sub(1);
+            }
+            if let Some((idx, seq)) = o.origin {
+                if let Some(f) = self.follows.get_mut(idx) {
+                    f.inflight.remove(&seq);
+                    let acked = f.acked();
+                    if o.exactly_once && seq > acked {
+                        f.done.insert(seq);
+                    }
+                    while f.done.first().is_some_and(|&d| d <= acked) {
+                        f.done.pop_first();
+                    }
+                    self.dirty = true;
+                }
+            }
+        }
+        self.pump();
+    }
+
+
+    /// A message for this client from a subscription.
+    pub fn deliver(&mut self, d: &Delivery) {
+        self.deliver_with(d, false)
+    }
+
+    /// A retained message sent because of a new subscription (RETAIN set).
+    pub fn deliver_retained(&mut self, d: &Delivery) {
+        self.deliver_with(d, true)
+    }
+
+    fn deliver_with(&mut self, d: &Delivery, retain: bool) {
+        if self.state != State::Connected {
+            return;
+        }
+        if self
+            .perms
+            .as_ref()
+            .is_some_and(|p| !p.may_deliver(&d.subject))
+        {
+            return;
+        }
+        if d.subject.starts_with('$') && !self.dollar_subscribed(&d.subject) {
+            // MQTT 3.1.1 §4.7.2: a filter starting with a wildcard does not
+            // match topics starting with `$`.
+            return;
+        }
+        let qos = match d.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        // `now` may be older than the routing time when no input came for a
+        // while; expiry is counted from `d.at`.
+        self.now = self.now.max(d.at);
+        let (properties, life, _) =
+            self.publish_props(&d.subject, d.headers.as_deref(), d.reply.as_deref());
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain,
+            topic: topics::subject_to_topic(&d.subject),
+            packet_id: None,
+            properties,
+            payload: d.payload.clone(),
+        };
+        let deadline = life.map(|l| d.at + l);
+        if qos != QoS::AtMostOnce
+            && (self.outbound.len() >= self.window() || !self.queued.is_empty())
+        {
+            let cost = d.cost();
+            if self.queued.len() >= self.limits.max_queued
+                || (!self.queued.is_empty()
+                    && self.queued_bytes.saturating_add(cost) > self.limits.max_queued_bytes)
+            {
+                // The client is not acknowledging; drop rather than grow.
+                self.dropped += 1;
+                return;
+            }
+            self.queued_bytes += cost;
+            self.queued.push_back(Queued {
+                publish,
+                deadline,
+                cost,
+            });
+            return;
+        }
+        self.emit(publish, deadline, None);
+    }
+
+    /// Whether a filter that does not start with a wildcard matches `subject`.
+    pub(super) fn dollar_subscribed(&self, subject: &str) -> bool {
+        let shared = self.shared.iter().map(|(_, f, _)| f);
+        self.filters.iter().map(|(f, _)| f).chain(shared).any(|f| {
+            !(f.starts_with('*') || f.starts_with('>')) && crate::subject::matches(f, subject)
+        })
+    }
+
+
+    pub(super) fn alloc_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.outbound.iter().any(|o| o.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+}
+

@@ -1,0 +1,281 @@
+//! Deliveries: QoS, the window and queue, aliases, properties.
+
+use super::*;
+
+#[test]
+fn subscribe_maps_filters_and_deliver_uses_min_qos_from_router() {
+    let v = Version::V311;
+    let (mut s, now) = connected(v);
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 9,
+        filters: vec![
+            (
+                "plant/+/temp".into(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            ),
+            ("alarm/#".into(), SubscriptionOptions::default()),
+        ],
+        properties: Properties::default(),
+    });
+    s.handle_bytes(&bytes(&sub, v), now);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Subscribe(
+            [("plant.*.temp", 1), ("alarm", 0), ("alarm.>", 0)]
+                .into_iter()
+                .map(|(f, qos)| SubRequest {
+                    filter: f.into(),
+                    qos,
+                    send_retained: true,
+                    share: None,
+                })
+                .collect()
+        )]
+    );
+    assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![1, 0]));
+    s.deliver(&Delivery {
+        subject: "plant.l1.temp".into(),
+        payload: b"21".to_vec(),
+        qos: 1,
+        retain: false,
+        shared: false,
+        headers: None,
+        reply: None,
+        at: now,
+    });
+    match &sent(&mut s, v)[..] {
+        [Packet::Publish(p)] => {
+            assert_eq!(p.topic, "plant/l1/temp");
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+            assert!(p.packet_id.is_some());
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+#[test]
+fn retained_messages_respect_deny_subscribe_and_dollar_topics() {
+    use crate::auth::{Auth, Permissions, Secret, User};
+    let auth = Arc::new(Auth {
+        anonymous: false,
+        anonymous_permissions: Arc::new(Permissions::default()),
+        users: vec![User {
+            name: "dave".into(),
+            secret: Secret::parse("pw"),
+            permissions: Arc::new(Permissions {
+                deny_subscribe: vec!["secret.>".into()],
+                ..Permissions::default()
+            }),
+        }],
+    });
+    let v = Version::V5;
+    let now = Instant::now();
+    let mut s = Session::new(
+        Limits {
+            auth: Some(auth),
+            ..limits()
+        },
+        now,
+    );
+    let Packet::Connect(mut c) = connect(v, "d", true, 10) else {
+        unreachable!()
+    };
+    c.username = Some("dave".into());
+    c.password = Some(b"pw".to_vec());
+    s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+    events(&mut s);
+    s.restore(None);
+    sent(&mut s, v);
+    subscribe_all(&mut s, now, None);
+    for subject in ["secret.x", "$SYS.x", "a.x"] {
+        s.deliver_retained(&delivery(subject, 0, None, now));
+    }
+    let got: Vec<String> = publishes(&mut s).into_iter().map(|p| p.topic).collect();
+    assert_eq!(got, vec!["a/x"], "only what dave may receive through #");
+}
+
+#[test]
+fn v5_outbound_topic_aliases_up_to_the_client_maximum() {
+    let (mut s, now) = connected_v5(Properties {
+        topic_alias_maximum: Some(1),
+        ..Properties::default()
+    });
+    subscribe_all(&mut s, now, None);
+    for subject in ["a.b", "a.b", "c", "a.b"] {
+        s.deliver(&delivery(subject, 0, None, now));
+    }
+    let got: Vec<(String, Option<u16>)> = publishes(&mut s)
+        .into_iter()
+        .map(|p| (p.topic, p.properties.topic_alias))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a/b".into(), Some(1)),
+            (String::new(), Some(1)),
+            ("c".into(), None),
+            (String::new(), Some(1)),
+        ]
+    );
+}
+
+#[test]
+fn v5_receive_maximum_queues_outbound_and_expiry_drops_queued() {
+    let v = Version::V5;
+    let (mut s, now) = connected_v5(Properties {
+        receive_maximum: Some(2),
+        ..Properties::default()
+    });
+    subscribe_all(&mut s, now, None);
+    let expiring = crate::broker::bridge::props_to_headers(&Properties {
+        message_expiry_interval: Some(5),
+        ..Properties::default()
+    });
+    s.deliver(&delivery("a", 1, None, now));
+    s.deliver(&delivery("b", 1, None, now));
+    s.deliver(&delivery("c", 1, expiring.clone(), now));
+    s.deliver(&delivery("d", 1, expiring, now));
+    s.deliver(&delivery("e", 1, None, now));
+    let first = publishes(&mut s);
+    assert_eq!(first.len(), 2, "window of 2");
+    assert_eq!(s.stream_room(), 0);
+    // One acknowledged 2 s later: "c" goes out with 3 s left.
+    let ack = |id| {
+        bytes(
+            &Packet::PubAck(Ack {
+                packet_id: id,
+                ..Ack::default()
+            }),
+            v,
+        )
+    };
+    let t2 = now + Duration::from_secs(2);
+    s.handle_bytes(&ack(first[0].packet_id.unwrap()), t2);
+    match &publishes(&mut s)[..] {
+        [p] => {
+            assert_eq!(p.topic, "c");
+            assert_eq!(p.properties.message_expiry_interval, Some(3));
+        }
+        other => panic!("expected one PUBLISH, got {other:?}"),
+    }
+    // The next acknowledgement comes after "d" expired: "e" is next.
+    s.handle_bytes(
+        &ack(first[1].packet_id.unwrap()),
+        now + Duration::from_secs(6),
+    );
+    let next = publishes(&mut s);
+    assert_eq!(
+        next.iter().map(|p| p.topic.as_str()).collect::<Vec<_>>(),
+        vec!["e"]
+    );
+    assert_eq!(s.expired, 1);
+}
+
+#[test]
+fn queued_deliveries_are_bounded_in_bytes_too() {
+    let (mut s, now) = connected_v5(Properties {
+        receive_maximum: Some(1),
+        ..Properties::default()
+    });
+    subscribe_all(&mut s, now, None);
+    let big = |subject: &str| Delivery {
+        payload: vec![7u8; 300_000],
+        ..delivery(subject, 1, None, now)
+    };
+    // One in flight; then the queue takes one of any size, and more
+    // while under max_queued_bytes (1 MiB in these limits).
+    for t in ["a", "b", "c", "d", "e", "f"] {
+        s.deliver(&big(t));
+    }
+    assert_eq!(publishes(&mut s).len(), 1);
+    assert_eq!(s.queued_len(), 3, "3 x 300 kB fit in 1 MiB, a fourth not");
+    assert_eq!(s.dropped, 2);
+    assert_eq!(s.queued_bytes(), 3 * big("x").cost());
+    // QoS 0 is never queued.
+    s.deliver(&delivery("z", 0, None, now));
+    assert_eq!(publishes(&mut s).len(), 1);
+    // An empty queue takes a message larger than the limit.
+    let mut s2 = connected_v5(Properties {
+        receive_maximum: Some(1),
+        ..Properties::default()
+    })
+    .0;
+    subscribe_all(&mut s2, now, None);
+    s2.deliver(&big("a"));
+    s2.deliver(&Delivery {
+        payload: vec![1u8; 2 << 20],
+        ..delivery("b", 1, None, now)
+    });
+    assert_eq!((s2.queued_len(), s2.dropped), (1, 0));
+}
+
+#[test]
+fn v5_max_packet_size_drops_only_that_message() {
+    let (mut s, now) = connected_v5(Properties {
+        maximum_packet_size: Some(64),
+        topic_alias_maximum: Some(4),
+        ..Properties::default()
+    });
+    subscribe_all(&mut s, now, None);
+    let mut big = delivery("big", 1, None, now);
+    big.payload = vec![0; 100];
+    s.deliver(&big);
+    s.deliver(&delivery("big", 1, None, now));
+    let got = publishes(&mut s);
+    assert_eq!(s.oversize_dropped, 1);
+    assert_eq!(got.len(), 1);
+    // The dropped packet did not set the alias: the next one does.
+    assert_eq!(got[0].topic, "big");
+    assert_eq!(s.stream_room(), 3, "only the sent one is in flight");
+}
+
+#[test]
+fn v5_subscription_identifiers_and_properties_reach_subscribers() {
+    let v = Version::V5;
+    let (mut s, now) = connected_v5(Properties::default());
+    subscribe_all(&mut s, now, Some(42));
+    s.handle_bytes(
+        &bytes(
+            &Packet::Subscribe(Subscribe {
+                packet_id: 2,
+                filters: vec![("a/+".into(), SubscriptionOptions::default())],
+                properties: Properties {
+                    subscription_identifiers: vec![7],
+                    ..Properties::default()
+                },
+            }),
+            v,
+        ),
+        now,
+    );
+    events(&mut s);
+    sent(&mut s, v);
+    let headers = crate::broker::bridge::props_to_headers(&Properties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Properties::default()
+    });
+    let mut d = delivery("a.b", 0, headers, now);
+    d.reply = Some("svc.reply".into());
+    s.deliver(&d);
+    s.deliver(&delivery("x", 0, None, now));
+    let got = publishes(&mut s);
+    assert_eq!(got[0].properties.subscription_identifiers, vec![7, 42]);
+    assert_eq!(
+        got[0].properties.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
+    assert_eq!(
+        got[0].properties.content_type.as_deref(),
+        Some("text/plain")
+    );
+    assert_eq!(
+        got[0].properties.response_topic.as_deref(),
+        Some("svc/reply")
+    );
+    assert_eq!(got[1].properties.subscription_identifiers, vec![42]);
+    assert_eq!(s.snapshot().sub_ids.len(), 2, "> and a.*");
+}

@@ -1,0 +1,217 @@
+//! SUBSCRIBE: shared subscriptions, quotas, the held SUBACK.
+
+use super::*;
+
+#[test]
+fn shared_subscriptions_both_versions() {
+    // 5.0 advertises them.
+    let v = Version::V5;
+    let now = Instant::now();
+    let mut s = Session::new(limits(), now);
+    s.handle_bytes(&bytes(&connect(v, "d", true, 10), v), now);
+    events(&mut s);
+    s.restore(None);
+    assert!(matches!(
+        &sent(&mut s, v)[..],
+        [Packet::ConnAck(c)] if c.properties.shared_subscription_available == Some(1)
+    ));
+    for v in [Version::V5, Version::V311] {
+        let (mut s, now) = connected(v);
+        let sub = sub_opts(
+            &[("$share/g/a/#", QoS::AtLeastOnce), ("a/b", QoS::AtMostOnce)],
+            1,
+        );
+        s.handle_bytes(&bytes(&sub, v), now);
+        let req = |f: &str, qos, share: Option<&str>| SubRequest {
+            filter: f.into(),
+            qos,
+            send_retained: share.is_none(),
+            share: share.map(String::from),
+        };
+        assert_eq!(
+            events(&mut s),
+            vec![Event::Subscribe(vec![
+                req("a", 1, Some("g")),
+                req("a.>", 1, Some("g")),
+                req("a.b", 0, None),
+            ])]
+        );
+        assert_eq!(suback_codes(&mut s, v), vec![1, 0]);
+        assert_eq!(s.subscription_count(), 2);
+        let stored = s.snapshot().subs;
+        assert_eq!(stored.iter().filter(|x| x.share.is_some()).count(), 2);
+        // A shared delivery of a `$` topic is not refused by the
+        // non-wildcard check, and arrives at the router's QoS.
+        s.deliver(&Delivery {
+            subject: "a.c".into(),
+            payload: b"x".to_vec(),
+            qos: 1,
+            retain: false,
+            shared: true,
+            headers: None,
+            reply: None,
+            at: now,
+        });
+        assert!(
+            matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce)
+        );
+        let unsub = Packet::Unsubscribe(mqtt::Unsubscribe {
+            packet_id: 2,
+            filters: vec!["$share/g/a/#".into()],
+            properties: Properties::default(),
+        });
+        s.handle_bytes(&bytes(&unsub, v), now);
+        assert_eq!(
+            events(&mut s),
+            vec![
+                Event::UnsubscribeShared(vec![
+                    ("g".into(), "a".into()),
+                    ("g".into(), "a.>".into())
+                ]),
+                Event::Unsubscribe(vec![])
+            ]
+        );
+        assert_eq!(s.subscription_count(), 1);
+    }
+    // 3.1.1 has no grammar for them: checked by the session.
+    let v = Version::V311;
+    let (mut s, now) = connected(v);
+    let sub = sub_opts(
+        &[
+            ("$share/g", QoS::AtMostOnce),
+            ("$share//a", QoS::AtMostOnce),
+        ],
+        1,
+    );
+    s.handle_bytes(&bytes(&sub, v), now);
+    assert_eq!(suback_codes(&mut s, v), vec![0x80, 0x80]);
+    assert_eq!(events(&mut s), vec![Event::Subscribe(vec![])]);
+}
+
+#[test]
+fn persistent_shared_subscription_is_live_only_and_restored() {
+    let v = Version::V311;
+    let (mut s, now, _) = persistent(v, None);
+    let idx = s.follow("T", 0);
+    s.handle_bytes(
+        &bytes(&subscribe_pkt(1, "$share/g/t/x", QoS::AtLeastOnce), v),
+        now,
+    );
+    events(&mut s);
+    sent(&mut s, v);
+    s.deliver_stored(idx, 1, "t.x", b"from the stream");
+    assert!(
+        !s.has_output(),
+        "shared subscriptions are not served from cursors"
+    );
+    let snap = s.snapshot();
+    let (s2, _, present) = persistent(v, Some(snap));
+    assert!(present);
+    assert_eq!(s2.shared, vec![("g".into(), "t.x".into(), 1)]);
+    assert!(s2.filters.is_empty());
+}
+
+#[test]
+fn subscription_quota_and_topic_limits() {
+    for v in [Version::V5, Version::V311] {
+        let (mut s, now) = connected(v);
+        let quota = if v == Version::V5 { 0x97 } else { 0x80 };
+        let invalid = if v == Version::V5 { 0x8F } else { 0x80 };
+        let q0 = QoS::AtMostOnce;
+        // `a/#` counts once: three fit.
+        s.handle_bytes(
+            &bytes(&sub_opts(&[("a/#", q0), ("b", q0), ("c", q0)], 1), v),
+            now,
+        );
+        assert_eq!(suback_codes(&mut s, v), vec![0, 0, 0]);
+        let sub = sub_opts(&[("d", q0), ("b", QoS::AtLeastOnce), ("$share/g/e", q0)], 2);
+        s.handle_bytes(&bytes(&sub, v), now);
+        assert_eq!(
+            suback_codes(&mut s, v),
+            vec![quota, 1, quota],
+            "replacing is fine"
+        );
+        s.handle_bytes(&bytes(&sub_opts(&[("x/x/x/x/x", q0)], 3), v), now);
+        assert_eq!(suback_codes(&mut s, v), vec![invalid], "5 levels");
+        let long = "l".repeat(33);
+        s.handle_bytes(&bytes(&sub_opts(&[(long.as_str(), q0)], 4), v), now);
+        assert_eq!(suback_codes(&mut s, v), vec![invalid], "33 bytes");
+        assert_eq!(s.subscription_count(), 3);
+        events(&mut s);
+        // PUBLISH over the limits.
+        let p = publish(QoS::AtLeastOnce, Some(5), "p/p/p/p/p", b"x");
+        s.handle_bytes(&bytes(&p, v), now);
+        if v == Version::V5 {
+            assert_eq!(events(&mut s), vec![Event::AckInOrder(5)]);
+            s.publish_done(5, Ok(()));
+            assert!(matches!(&sent(&mut s, v)[..], [Packet::PubAck(a)] if a.code == 0x90));
+            let p = publish(QoS::AtMostOnce, None, &long, b"x");
+            s.handle_bytes(&bytes(&p, v), now);
+            assert!(matches!(&sent(&mut s, v)[..], [Packet::Disconnect(d)] if d.code == 0x90));
+        }
+        assert!(s.is_closed());
+    }
+}
+
+#[test]
+fn suback_waits_for_the_save_and_a_failed_save_refuses_it() {
+    for v in [Version::V311, Version::V5] {
+        let (mut s, now) = if v == Version::V311 {
+            let (s, now, _) = persistent(v, None);
+            (s, now)
+        } else {
+            v5_session(60)
+        };
+        assert!(s.is_persistent());
+        let mut input = bytes(&sub_opts(&[("a/#", QoS::AtLeastOnce)], 1), v);
+        input.extend(bytes(&Packet::PingReq, v));
+        s.handle_bytes(&input, now);
+        assert!(matches!(&raw_events(&mut s)[..], [Event::Subscribe(r)] if r.len() == 2));
+        assert!(
+            !s.has_output(),
+            "no SUBACK (nor anything after it) before the save"
+        );
+        assert_eq!(s.snapshot().subs.len(), 2, "what the save writes");
+        assert!(!s.subscribe_done(false), "not added after a failed save");
+        match &sent(&mut s, v)[..] {
+            [Packet::SubAck(a), Packet::PingResp] => {
+                assert_eq!(a.codes, vec![0x80]);
+                if v == Version::V5 {
+                    assert!(a.properties.reason_string.is_some());
+                }
+            }
+            other => panic!("expected SUBACK 0x80 then PINGRESP, got {other:?}"),
+        }
+        assert!(s.snapshot().subs.is_empty(), "rolled back");
+        // Saved: granted.
+        s.handle_bytes(&bytes(&sub_opts(&[("a/#", QoS::AtLeastOnce)], 2), v), now);
+        raw_events(&mut s);
+        assert!(s.subscribe_done(true));
+        assert_eq!(suback_codes(&mut s, v), vec![1]);
+        // A failed upgrade to QoS 2 keeps QoS 1; a refused filter
+        // (over max_topic_length) keeps its own code.
+        let long = "z".repeat(40);
+        s.handle_bytes(
+            &bytes(
+                &sub_opts(&[("a/#", QoS::ExactlyOnce), (&long, QoS::AtMostOnce)], 3),
+                v,
+            ),
+            now,
+        );
+        raw_events(&mut s);
+        assert!(!s.subscribe_done(false));
+        let codes = suback_codes(&mut s, v);
+        assert_eq!(codes[0], 0x80);
+        assert!(codes[1] >= 0x80);
+        assert!(s.snapshot().subs.iter().all(|x| x.qos == 1));
+    }
+    // Not persistent: nothing to save, the SUBACK leaves at once.
+    let (mut s, now) = connected(Version::V311);
+    s.handle_bytes(
+        &bytes(&subscribe_pkt(1, "a", QoS::AtMostOnce), Version::V311),
+        now,
+    );
+    assert_eq!(suback_codes(&mut s, Version::V311), vec![0]);
+    raw_events(&mut s);
+    assert!(s.subscribe_done(false));
+}
