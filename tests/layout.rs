@@ -3,8 +3,9 @@
 //! the network, the file system or the async runtime, and how long a file
 //! or a function may grow.
 //!
-//! Code after the first top-level `#[cfg(test)]` of a file, and files named
-//! `*tests.rs`, are test code and exempt.
+//! Code after the first top-level `#[cfg(test)]` of a file, files named
+//! `*tests.rs` and files in a `tests/` directory under `src/` are test code
+//! and exempt.
 //!
 //! [`DEBT`] lists what broke a rule before the rule was checked (issue 11,
 //! the restructure). It may only shrink: a new violation fails, and so does
@@ -126,6 +127,18 @@ const RULES: &[Rule] = &[
         may_import: &["auth", "broker", "stream", "subject"],
         forbidden: CLOCK,
     },
+    // The sans-IO MQTT machine: the router's Delivery and the stored
+    // session types come from broker/, permissions from auth/.
+    Rule {
+        dir: "src/mqtt",
+        may_import: &["auth", "broker", "close", "subject", "wire"],
+        forbidden: IO,
+    },
+    Rule {
+        dir: "src/close.rs",
+        may_import: &[],
+        forbidden: IO,
+    },
     Rule {
         dir: "src/uplink/mirror.rs",
         may_import: &["uplink", "stream", "wire", "subject"],
@@ -138,11 +151,9 @@ const MAX_FN_LINES: usize = 120;
 
 /// Known violations, to be removed by the restructure (issue 11).
 const DEBT: &[&str] = &[
-    "file src/broker/session.rs",
     "file src/config.rs",
     "file src/server/jsapi.rs",
     "fn src/bench.rs publisher",
-    "fn src/broker/session.rs handle_packet",
     "fn src/main.rs real_main",
     "fn src/run.rs run",
     "fn src/server/jsapi.rs consumer_create",
@@ -171,7 +182,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The file's non-test lines, or nothing for a test file.
 fn code_lines(path: &Path) -> Vec<String> {
     let name = path.file_name().unwrap().to_string_lossy();
-    if name.ends_with("tests.rs") {
+    let in_tests_dir = path
+        .strip_prefix(root())
+        .ok()
+        .and_then(Path::parent)
+        .is_some_and(|d| d.components().any(|c| c.as_os_str() == "tests"));
+    if name.ends_with("tests.rs") || in_tests_dir {
         return Vec::new();
     }
     let text = std::fs::read_to_string(path).unwrap();
