@@ -56,7 +56,9 @@ use super::{CloseReason, Event, Session, State, SubRequest, Timer, TOPIC_ALIAS_M
 use crate::auth::{Permissions, Refusal};
 use crate::broker::persist::{log_id, Owner, StoredSession, StoredSub};
 use crate::subject::mqtt as topics;
-use crate::wire::mqtt::{self, reason, return_code, ConnAck, Disconnect, Packet, Properties, Version};
+use crate::wire::mqtt::{
+    self, reason, return_code, ConnAck, Disconnect, Packet, Properties, Version,
+};
 
 /// A will message to publish when the connection ends abnormally.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +220,12 @@ impl Session {
     /// HiveMQ, EMQX and VerneMQ do; CONNACK not authorized, then close),
     /// so the client learns at once rather than when its will is dropped.
     /// Returns whether the CONNECT goes on.
-    pub(super) fn accept_will(&mut self, will: Option<mqtt::Will>, user: Option<&str>, v5: bool) -> bool {
+    pub(super) fn accept_will(
+        &mut self,
+        will: Option<mqtt::Will>,
+        user: Option<&str>,
+        v5: bool,
+    ) -> bool {
         let owner = self.owner.clone();
         self.will = will.map(|w| WillMessage {
             subject: topics::topic_to_subject(&w.topic),
@@ -328,7 +335,11 @@ impl Session {
     /// Drop restored subscriptions the client's current permissions do not
     /// allow (the configuration may have changed since they were granted);
     /// each is logged.
-    pub(super) fn recheck_restored(&self, subs: &mut Vec<StoredSub>, sub_ids: &mut Vec<(String, u32)>) {
+    pub(super) fn recheck_restored(
+        &self,
+        subs: &mut Vec<StoredSub>,
+        sub_ids: &mut Vec<(String, u32)>,
+    ) {
         let Some(p) = &self.perms else { return };
         subs.retain(|s| {
             let ok = p.can_subscribe(&s.filter);
@@ -372,7 +383,6 @@ impl Session {
     pub fn owner(&self) -> Option<&Owner> {
         self.owner.as_ref()
     }
-
 
     /// The will to publish now that the connection ended (taken; `None`
     /// after a normal DISCONNECT or when CONNECT had no will).

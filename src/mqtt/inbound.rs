@@ -187,10 +187,7 @@ impl Session {
             Ok(()) if self.denied.contains_key(&id) => {
                 let ack = Ack {
                     packet_id: id,
-                    code: self
-                        .denied
-                        .remove(&id)
-                        .unwrap_or(reason::UNSPECIFIED_ERROR),
+                    code: self.denied.remove(&id).unwrap_or(reason::UNSPECIFIED_ERROR),
                     properties: Properties::default(),
                 };
                 self.send_ack(qos, ack);
@@ -235,7 +232,6 @@ impl Session {
         }
     }
 
-
     /// Why a PUBLISH topic name exceeds `max_topic_length`/`max_topic_levels`.
     pub(super) fn topic_too_big(&self, topic: &str) -> Option<String> {
         let (len, max_len) = (topic.len(), self.limits.max_topic_length);
@@ -252,7 +248,6 @@ impl Session {
         }
         None
     }
-
 
     /// Refuse the QoS 1/2 publish `packet_id` (announced by an
     /// [`Event::Publish`]) with MQTT 5 reason `code` instead of storing

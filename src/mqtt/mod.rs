@@ -44,19 +44,19 @@ mod outbound;
 mod qos2;
 mod stored;
 mod subscribe;
-mod timers;
 #[cfg(test)]
 mod tests;
+mod timers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use crate::close::CloseReason;
 use crate::auth::{Auth, Permissions};
 use crate::broker::persist::{Cursor, Owner};
 #[cfg(doc)]
 use crate::broker::Delivery;
+pub use crate::close::CloseReason;
 use crate::wire::mqtt::{
     self, reason, return_code, ConnAck, DecodeError, Disconnect, Packet, Properties, Version,
 };
@@ -437,7 +437,6 @@ impl Session {
         !self.expiry.is_zero()
     }
 
-
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()
     }
@@ -473,6 +472,4 @@ impl Session {
     pub fn queued_len(&self) -> usize {
         self.queued.len()
     }
-
 }
-

@@ -38,8 +38,8 @@
 use std::time::{Duration, Instant};
 
 use super::{Session, State};
-use crate::broker::Delivery;
 use crate::broker::bridge as props;
+use crate::broker::Delivery;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{Packet, Properties, Publish, QoS, Version};
 
@@ -243,7 +243,6 @@ impl Session {
         self.pump();
     }
 
-
     /// A message for this client from a subscription.
     pub fn deliver(&mut self, d: &Delivery) {
         self.deliver_with(d, false)
@@ -321,7 +320,6 @@ impl Session {
         })
     }
 
-
     pub(super) fn alloc_packet_id(&mut self) -> u16 {
         loop {
             let id = self.next_packet_id;
@@ -331,6 +329,4 @@ impl Session {
             }
         }
     }
-
 }
-

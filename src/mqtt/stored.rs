@@ -98,7 +98,6 @@ impl Session {
         );
     }
 
-
     /// Follow stream `name` (persistent sessions): resume from the stored
     /// cursor, or after `last_seq` (the stream's tail) for a stream the
     /// session did not know. Returns the follow index.
@@ -322,7 +321,6 @@ impl Session {
         self.release_restored(packet_id);
     }
 
-
     /// True (once) if the persistent state changed since the last call.
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty) && self.is_persistent()
@@ -415,4 +413,3 @@ impl Session {
         }
     }
 }
-

@@ -66,7 +66,6 @@ fn refused(v5: bool, code: u8) -> u8 {
     }
 }
 
-
 impl Session {
     /// The shell stored the state of the oldest [`Event::Subscribe`] not
     /// yet answered (`saved`), or could not. Call once per such event, in
@@ -107,7 +106,6 @@ impl Session {
         }
         saved
     }
-
 
     /// Check a SUBSCRIBE filter (the part after `$share/{name}/` for a
     /// shared one); `Err` is the 5.0 SUBACK reason code. The 5.0 decoder
@@ -166,7 +164,6 @@ impl Session {
         )
     }
 
-
     pub(super) fn handle_subscribe(&mut self, s: Subscribe) {
         let sub_id = s.properties.subscription_identifiers.first().copied();
         let mut granted = Vec::new();
@@ -192,16 +189,14 @@ impl Session {
         match before {
             // Durable before acknowledged: the SUBACK waits for
             // the shell's save, and decoding waits with it.
-            Some((filters, shared, sub_ids)) => {
-                self.subacks.push_back(Some(PendingSubAck {
-                    packet_id: s.packet_id,
-                    codes,
-                    granted: granted_at,
-                    filters,
-                    shared,
-                    sub_ids,
-                }))
-            }
+            Some((filters, shared, sub_ids)) => self.subacks.push_back(Some(PendingSubAck {
+                packet_id: s.packet_id,
+                codes,
+                granted: granted_at,
+                filters,
+                shared,
+                sub_ids,
+            })),
             None => {
                 self.subacks.push_back(None);
                 self.send(&Packet::SubAck(SubAck {

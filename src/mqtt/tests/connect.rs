@@ -23,9 +23,10 @@ fn oversized_packet_closes_before_body_arrives() {
     // PUBLISH announcing a 200 MB body.
     s.handle_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x5F], now);
     assert!(s.is_closed());
-    assert!(
-        matches!(&events(&mut s)[..], [Event::Close(CloseReason::Malformed(_))])
-    );
+    assert!(matches!(
+        &events(&mut s)[..],
+        [Event::Close(CloseReason::Malformed(_))]
+    ));
 }
 
 #[test]
@@ -217,7 +218,10 @@ fn second_connect_with_an_unknown_level_is_a_protocol_error() {
         other => panic!("expected DISCONNECT 0x82, got {other:?}"),
     }
     assert!(
-        matches!(&events(&mut s)[..], [Event::Close(CloseReason::Malformed(_))]),
+        matches!(
+            &events(&mut s)[..],
+            [Event::Close(CloseReason::Malformed(_))]
+        ),
         "no encode error"
     );
 }

@@ -5,6 +5,7 @@
 //! the shell.
 
 mod connect;
+mod flows;
 mod inbound;
 mod outbound;
 mod pair;
@@ -362,11 +363,7 @@ fn cast() -> Limits {
 
 /// A persistent session of `user` (of [`cast`]), restored from
 /// `stored`: (session, now, session present).
-fn session_as(
-    v: Version,
-    user: &str,
-    stored: Option<StoredSession>,
-) -> (Session, Instant, bool) {
+fn session_as(v: Version, user: &str, stored: Option<StoredSession>) -> (Session, Instant, bool) {
     let now = Instant::now();
     let mut s = Session::new(cast(), now);
     let Packet::Connect(mut c) = connect(v, "dev-p", false, 10) else {

@@ -52,9 +52,7 @@ fn shared_subscriptions_both_versions() {
             reply: None,
             at: now,
         });
-        assert!(
-            matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce)
-        );
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce));
         let unsub = Packet::Unsubscribe(mqtt::Unsubscribe {
             packet_id: 2,
             filters: vec!["$share/g/a/#".into()],

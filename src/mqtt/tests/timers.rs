@@ -10,7 +10,10 @@ fn connect_timeout_and_keep_alive() {
     s.handle_timeout(now + Duration::from_secs(4));
     assert!(!s.is_closed());
     s.handle_timeout(now + Duration::from_secs(5));
-    assert!(matches!(&events(&mut s)[..], [Event::Close(CloseReason::ConnectTimeout)]));
+    assert!(matches!(
+        &events(&mut s)[..],
+        [Event::Close(CloseReason::ConnectTimeout)]
+    ));
 
     let (mut s, now) = connected(Version::V311);
     // keep_alive 10 s: closed after 1.5 x without a packet.
@@ -45,7 +48,8 @@ fn connect_timeout_is_a_deadline_for_the_whole_connect() {
     }
     assert!(connect.len() > 6);
     assert!(s.is_closed(), "closed at the deadline, not reset per byte");
-    assert!(
-        matches!(&events(&mut s)[..], [Event::Close(CloseReason::ConnectTimeout)])
-    );
+    assert!(matches!(
+        &events(&mut s)[..],
+        [Event::Close(CloseReason::ConnectTimeout)]
+    ));
 }
