@@ -1,42 +1,11 @@
-//! MQTT 5 message metadata <-> NATS headers and reply subjects.
+//! MQTT 5 request/reply across protocols: the reply inboxes frond assigns
+//! to MQTT 5 requests and the redirect of a reply to its response topic.
 //!
-//! Owns: the mapping between an MQTT 5 PUBLISH's properties and the NATS
-//! header block stored and routed with the message, and the table of reply
-//! inboxes frond assigns to MQTT 5 requests. Pure functions plus one
-//! bounded table; no I/O.
+//! Owns: the bounded, shared table of reply inboxes ([`Replies`]) and the
+//! NATS form of a will's properties. Reads the clock and the OS's
+//! randomness (inbox names); the property <-> header mapping itself is
+//! [`crate::mqtt::props`], re-exported here for the callers of this path.
 //!
-//! The mapping (one header per property; names are matched
-//! case-insensitively; values are text):
-//!
-//! | MQTT 5 property            | NATS header / field |
-//! | --- | --- |
-//! | user property `name=value` | header `name: value` (every pair, in order) |
-//! | content type               | `Content-Type` |
-//! | payload format indicator   | `Mqtt-Payload-Format` (`0` or `1`) |
-//! | message expiry interval    | `Mqtt-Expiry` (seconds, counted from when the message was routed or stored) |
-//! | response topic             | `Mqtt-Response-Topic` (the MQTT topic), and the NATS reply subject |
-//! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
-//! | the publisher's QoS, when 0 or 2 | `Mqtt-QoS: 0` / `Mqtt-QoS: 2` (stored copies only, see below) |
-//!
-//! The publisher's QoS: a message an MQTT client publishes at QoS 0 or 2
-//! is stored in a stream with `Mqtt-QoS: 0` or `2`, so a persistent
-//! session that reads it back delivers it at min(publisher QoS, granted
-//! QoS), as MQTT requires (26 bytes per record). QoS 1 publishes get no
-//! header, and a stored message without it counts as QoS 1 — as do
-//! messages NATS clients publish or the hub sources down (a NATS client
-//! may set `Mqtt-QoS` itself). The header
-//! is added to the stored copy only, not to live deliveries (the router
-//! passes the publisher's QoS along). A user property of that name is not
-//! carried, so a client cannot raise its own QoS with one.
-//!
-//! - A user property whose name is not a valid header name (empty, or
-//!   containing `:`, whitespace or control characters) or whose value has
-//!   CR/LF is not carried (logged at debug). Headers the store acts on
-//!   (`Nats-Msg-Id`, `Nats-TTL`, ...) may be set this way, with their
-//!   JetStream meaning.
-//! - NATS -> MQTT 5: every header other than the names above becomes a
-//!   user property; a reply subject becomes the Response Topic (mapped
-//!   to a topic) unless `Mqtt-Response-Topic` is present.
 //! - Request/reply: an MQTT 5 PUBLISH with a Response Topic and
 //!   Correlation Data reaches NATS subscribers with the reply subject
 //!   `_INBOX.frond.<n>.<random>`. frond remembers (response topic, correlation
@@ -80,163 +49,20 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::auth::Permissions;
+pub use crate::mqtt::props::{
+    headers_to_meta, props_to_headers, response_topic_allowed, stored_headers, with_correlation,
+    Meta, CONTENT_TYPE, CORRELATION_DATA, EXPIRY, PAYLOAD_FORMAT, QOS, RESPONSE_TOPIC,
+};
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::Properties;
-use crate::wire::nats::base64;
 use crate::wire::nats::headers::HeaderBlock;
 
-pub const CONTENT_TYPE: &str = "Content-Type";
-pub const PAYLOAD_FORMAT: &str = "Mqtt-Payload-Format";
-pub const EXPIRY: &str = "Mqtt-Expiry";
-pub const RESPONSE_TOPIC: &str = "Mqtt-Response-Topic";
-pub const CORRELATION_DATA: &str = "Mqtt-Correlation-Data";
-pub const QOS: &str = "Mqtt-QoS";
 /// Reply subjects frond assigns to MQTT 5 requests start with this.
 pub const INBOX_PREFIX: &str = "_INBOX.frond.";
 /// How long a request's reply inbox is remembered.
 pub const REPLY_TTL: Duration = Duration::from_secs(120);
 /// Most reply inboxes remembered at once.
 pub const REPLY_TABLE_MAX: usize = 10_000;
-
-/// The NATS header block for an MQTT 5 PUBLISH's properties (`None`
-/// when nothing maps).
-pub fn props_to_headers(p: &Properties) -> Option<Vec<u8>> {
-    let mut h = HeaderBlock::new();
-    for (k, v) in &p.user_properties {
-        let bad_key = k.is_empty() || k.bytes().any(|b| b == b':' || b <= b' ' || b == 0x7f);
-        if bad_key || v.contains(['\r', '\n']) || k.eq_ignore_ascii_case(QOS) {
-            log::debug!("mqtt: user property {k:?} cannot be a NATS header; not carried");
-            continue;
-        }
-        h.push(k.clone(), v.clone());
-    }
-    if let Some(ct) = p
-        .content_type
-        .as_ref()
-        .filter(|c| !c.contains(['\r', '\n']))
-    {
-        h.push(CONTENT_TYPE, ct.clone());
-    }
-    if let Some(f) = p.payload_format_indicator {
-        h.push(PAYLOAD_FORMAT, f.to_string());
-    }
-    if let Some(e) = p.message_expiry_interval {
-        h.push(EXPIRY, e.to_string());
-    }
-    if let Some(rt) = p
-        .response_topic
-        .as_ref()
-        .filter(|t| !t.contains(['\r', '\n']))
-    {
-        h.push(RESPONSE_TOPIC, rt.clone());
-    }
-    if let Some(cd) = &p.correlation_data {
-        h.push(CORRELATION_DATA, base64::encode(cd));
-    }
-    if h.entries.is_empty() {
-        return None;
-    }
-    h.encode().ok()
-}
-
-/// The metadata an MQTT subscriber gets for a message.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Meta {
-    /// PUBLISH properties (message expiry as published, not yet reduced).
-    pub props: Properties,
-    /// `Mqtt-Expiry`: seconds the message lives after it was routed/stored.
-    pub expiry: Option<u32>,
-    /// `Mqtt-QoS`: the publisher's QoS (only 2 is ever written).
-    pub qos: Option<u8>,
-}
-
-/// MQTT metadata from a NATS header block and reply subject.
-pub fn headers_to_meta(headers: Option<&[u8]>, reply: Option<&str>) -> Meta {
-    let mut m = Meta::default();
-    if let Some(block) = headers {
-        match HeaderBlock::parse(block) {
-            Ok(h) => {
-                for (k, v) in h.entries {
-                    let is = |n: &str| k.eq_ignore_ascii_case(n);
-                    if is(CONTENT_TYPE) {
-                        m.props.content_type.get_or_insert(v);
-                    } else if is(PAYLOAD_FORMAT) {
-                        m.props.payload_format_indicator =
-                            m.props.payload_format_indicator.or(match v.trim() {
-                                "0" => Some(0),
-                                "1" => Some(1),
-                                _ => None,
-                            });
-                    } else if is(EXPIRY) {
-                        m.expiry = m.expiry.or(v.trim().parse().ok());
-                    } else if is(QOS) {
-                        m.qos = m.qos.or(v.trim().parse::<u8>().ok().map(|q| q.min(2)));
-                    } else if is(RESPONSE_TOPIC) {
-                        if crate::wire::mqtt::valid_topic_name(&v) {
-                            m.props.response_topic.get_or_insert(v);
-                        }
-                    } else if is(CORRELATION_DATA) {
-                        if m.props.correlation_data.is_none() {
-                            m.props.correlation_data = base64::decode(v.trim().as_bytes()).ok();
-                        }
-                    } else {
-                        m.props.user_properties.push((k, v));
-                    }
-                }
-            }
-            Err(e) => log::debug!("mqtt: unreadable header block not mapped: {e:?}"),
-        }
-    }
-    if m.props.response_topic.is_none() {
-        if let Some(r) = reply {
-            let t = topics::subject_to_topic(r);
-            if crate::wire::mqtt::valid_topic_name(&t) {
-                m.props.response_topic = Some(t);
-            }
-        }
-    }
-    m.props.message_expiry_interval = m.expiry;
-    m
-}
-
-/// Add `Mqtt-Correlation-Data` to a header block unless it has one.
-pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>> {
-    let mut h = match &headers {
-        Some(b) => match HeaderBlock::parse(b) {
-            Ok(h) => h,
-            Err(_) => return headers,
-        },
-        None => HeaderBlock::new(),
-    };
-    if h.get(CORRELATION_DATA).is_some() {
-        return headers;
-    }
-    h.push(CORRELATION_DATA, base64::encode(data));
-    h.encode().ok().or(headers)
-}
-
-/// The header block to store with a message published at `qos`: `headers`
-/// plus `Mqtt-QoS: 0` or `Mqtt-QoS: 2`, unchanged for QoS 1 (see the
-/// module doc). QoS 0 is recorded so that a persistent session receives a
-/// stored QoS 0 message at QoS 0 (delivery QoS is the minimum of publish
-/// and subscription QoS); it costs 26 bytes per such record.
-pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
-    match (qos, &headers) {
-        (1, _) => return headers,
-        // The common case, without building a block.
-        (0, None) => return Some(b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n".to_vec()),
-        _ => {}
-    }
-    let mut h = match &headers {
-        Some(b) => match HeaderBlock::parse(b) {
-            Ok(h) => h,
-            Err(_) => return headers,
-        },
-        None => HeaderBlock::new(),
-    };
-    h.set(QOS, if qos == 0 { "0" } else { "2" });
-    h.encode().ok().or(headers)
-}
 
 /// The NATS form of an MQTT 5 PUBLISH's properties: the header block and
 /// the reply subject (an inbox from `replies` when it has Correlation Data).
@@ -254,16 +80,6 @@ pub fn publish_meta(
         }
     });
     (headers, reply)
-}
-
-/// Whether a client with `perms` (`None`: unrestricted) may make a request
-/// whose replies go to the MQTT topic `response_topic`: it may subscribe
-/// and publish to its subject, which is not in the reserved `$` namespace
-/// (see the module doc).
-pub fn response_topic_allowed(perms: Option<&Permissions>, response_topic: &str) -> bool {
-    let subject = topics::topic_to_subject(response_topic);
-    !subject.starts_with('$')
-        && perms.is_none_or(|p| p.can_subscribe(&subject) && p.can_publish(&subject))
 }
 
 /// Where a client publish goes (see [`redirect_reply`]).
@@ -451,87 +267,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn properties_round_trip_through_headers() {
-        let p = Properties {
-            user_properties: vec![
-                ("site".into(), "north".into()),
-                ("bad key".into(), "x".into()),
-                ("site".into(), "second".into()),
-            ],
-            content_type: Some("application/json".into()),
-            payload_format_indicator: Some(1),
-            message_expiry_interval: Some(30),
-            response_topic: Some("resp/me".into()),
-            correlation_data: Some(vec![0, 1, 255]),
-            ..Properties::default()
-        };
-        let h = props_to_headers(&p).unwrap();
-        let text = String::from_utf8(h.clone()).unwrap();
-        assert!(text.contains("site: north\r\n"));
-        assert!(text.contains("Content-Type: application/json\r\n"));
-        assert!(text.contains("Mqtt-Expiry: 30\r\n"));
-        assert!(!text.contains("bad key"));
-        let m = headers_to_meta(Some(&h), Some("ignored.reply"));
-        assert_eq!(m.expiry, Some(30));
-        assert_eq!(
-            m.props.user_properties,
-            vec![
-                ("site".to_string(), "north".to_string()),
-                ("site".to_string(), "second".to_string())
-            ]
-        );
-        assert_eq!(m.props.response_topic.as_deref(), Some("resp/me"));
-        assert_eq!(m.props.correlation_data, Some(vec![0, 1, 255]));
-        assert_eq!(m.props.payload_format_indicator, Some(1));
-        assert_eq!(props_to_headers(&Properties::default()), None);
-    }
-
-    #[test]
-    fn reply_subject_becomes_response_topic() {
-        let m = headers_to_meta(None, Some("_INBOX.abc.1"));
-        assert_eq!(m.props.response_topic.as_deref(), Some("_INBOX/abc/1"));
-        assert_eq!(headers_to_meta(Some(b"garbage"), None), Meta::default());
-    }
-
-    #[test]
-    fn correlation_added_once() {
-        let h = with_correlation(None, b"id-1").unwrap();
-        let m = headers_to_meta(Some(&h), None);
-        assert_eq!(m.props.correlation_data.as_deref(), Some(&b"id-1"[..]));
-        let again = with_correlation(Some(h.clone()), b"other").unwrap();
-        assert_eq!(again, h);
-    }
-
-    #[test]
-    fn qos_is_recorded_for_stored_copies_unless_1() {
-        assert_eq!(stored_headers(None, 1), None);
-        let h0 = stored_headers(None, 0).unwrap();
-        assert_eq!(h0, b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n");
-        assert_eq!(headers_to_meta(Some(&h0), None).qos, Some(0));
-        let h = stored_headers(None, 2).unwrap();
-        assert_eq!(h, b"NATS/1.0\r\nMqtt-QoS: 2\r\n\r\n");
-        let m = headers_to_meta(Some(&h), None);
-        assert_eq!(m.qos, Some(2));
-        assert!(m.props.user_properties.is_empty(), "not a user property");
-        // Added to existing metadata, kept once.
-        let p = Properties {
-            user_properties: vec![("k".into(), "v".into()), ("mqtt-qos".into(), "2".into())],
-            ..Properties::default()
-        };
-        let base = props_to_headers(&p).unwrap();
-        assert!(
-            !String::from_utf8_lossy(&base).contains("qos"),
-            "a user property cannot set the QoS"
-        );
-        let h = stored_headers(Some(base), 2).unwrap();
-        let h = stored_headers(Some(h), 2).unwrap();
-        let m = headers_to_meta(Some(&h), None);
-        assert_eq!(m.qos, Some(2));
-        assert_eq!(m.props.user_properties, vec![("k".into(), "v".into())]);
-        assert_eq!(headers_to_meta(None, None).qos, None);
-    }
-
-    #[test]
     fn replies_table_is_bounded_and_expires() {
         let r = Replies::default();
         let now = Instant::now();
@@ -548,31 +283,6 @@ mod tests {
             r.assign(format!("s{i}"), Vec::new(), now);
         }
         assert_eq!(r.len(), REPLY_TABLE_MAX);
-    }
-
-    #[test]
-    fn response_topic_needs_both_permissions_and_no_dollar() {
-        let p = |sub: &[&str], publ: &[&str]| Permissions {
-            allow_subscribe: sub.iter().map(|s| s.to_string()).collect(),
-            allow_publish: publ.iter().map(|s| s.to_string()).collect(),
-            ..Permissions::default()
-        };
-        let bob = p(&["a.>", "_INBOX.>"], &["a.>", "_INBOX.>"]);
-        assert!(response_topic_allowed(Some(&bob), "a/resp"));
-        assert!(!response_topic_allowed(Some(&bob), "secret/x"));
-        assert!(!response_topic_allowed(
-            Some(&bob),
-            "$JS/API/STREAM/PURGE/SEC"
-        ));
-        // Subscribe alone is not enough: the reply lands there in the
-        // requester's name.
-        assert!(!response_topic_allowed(
-            Some(&p(&["cmd.>"], &["a.>"])),
-            "cmd/x"
-        ));
-        assert!(response_topic_allowed(None, "anything/at/all"));
-        assert!(!response_topic_allowed(None, "$JS/API/STREAM/PURGE/SEC"));
-        assert!(!response_topic_allowed(None, "$JS/ACK/S/C/1/1/1/1/0"));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub struct WillMessage {
     /// MQTT 5 will delay interval: publish this long after the connection
     /// ended, unless the same client id connects again first.
     pub delay: Duration,
-    /// MQTT 5 will properties carried with the message ([`crate::broker::bridge`]).
+    /// MQTT 5 will properties carried with the message ([`super::props`]).
     pub props: Option<Box<Properties>>,
     /// Who armed it, for re-checking its permission after a restart;
     /// `None` without `[auth]`.
@@ -387,6 +387,7 @@ impl Session {
     /// The will to publish now that the connection ended (taken; `None`
     /// after a normal DISCONNECT or when CONNECT had no will).
     /// Call only once the connection has ended.
+    #[must_use]
     pub fn take_will(&mut self) -> Option<WillMessage> {
         self.will.take()
     }

@@ -8,7 +8,7 @@
 //! its reason code in 5.0.
 
 use super::{CloseReason, Event, Session, State, TOPIC_ALIAS_MAX};
-use crate::broker::bridge as props;
+use crate::mqtt::props;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{reason, Ack, Packet, Properties, Publish, QoS, Version};
 

@@ -20,8 +20,9 @@
 //! [`qos2`] (the QoS 2 state of both directions), [`stored`] (stream
 //! cursors of persistent sessions and their snapshot), [`subscribe`]
 //! (SUBSCRIBE/UNSUBSCRIBE and the limits on filters) and [`timers`]
-//! (connect timeout and keep-alive). [`crate::broker::bridge`] maps MQTT 5 properties to
-//! NATS headers. Reason codes are the constants of
+//! (connect timeout and keep-alive). [`props`] maps MQTT 5 properties to
+//! NATS headers (the reply inboxes of requests are
+//! [`crate::broker::bridge`]'s). Reason codes are the constants of
 //! [`crate::wire::mqtt::reason`] and [`crate::wire::mqtt::return_code`];
 //! why a connection closed is a [`CloseReason`].
 //!
@@ -40,7 +41,7 @@
 mod connect;
 mod inbound;
 mod outbound;
-
+pub mod props;
 mod qos2;
 mod stored;
 mod subscribe;
@@ -131,6 +132,7 @@ pub enum Event {
     Close(CloseReason),
 }
 
+/// Where the connection is in its life.
 #[derive(Debug, PartialEq, Eq)]
 enum State {
     AwaitConnect,
@@ -143,6 +145,9 @@ enum State {
 /// Topic aliases frond accepts from a client (CONNACK Topic Alias Maximum).
 pub const TOPIC_ALIAS_MAX: u16 = 64;
 
+/// One MQTT connection's protocol state (see the module doc for the call
+/// order). Its fields are kept by the files of this module, each for its
+/// concern.
 pub struct Session {
     limits: Limits,
     state: State,

@@ -26,7 +26,7 @@
 //!   `oversize_dropped`, logged at debug; for a stream message the cursor
 //!   moves past it).
 //! - Metadata: PUBLISH properties travel as NATS headers
-//!   ([`crate::broker::bridge`]); subscribers on 5.0 get them back as
+//!   ([`props`]); subscribers on 5.0 get them back as
 //!   properties, plus the identifiers of every matching subscription
 //!   (kept in stored sessions). Message expiry counts from the routing
 //!   time (router deliveries, also while queued) or the stored timestamp
@@ -38,8 +38,8 @@
 use std::time::{Duration, Instant};
 
 use super::{Session, State};
-use crate::broker::bridge as props;
 use crate::broker::Delivery;
+use crate::mqtt::props;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{Packet, Properties, Publish, QoS, Version};
 

@@ -31,7 +31,7 @@
 //!   QoS being what the stored message carries in `Mqtt-QoS` (MQTT QoS 0
 //!   and 2 publishes) and 1 otherwise (MQTT QoS 1, NATS publishes, hub
 //!   messages; see
-//!   [`crate::broker::bridge`]). Per stream, the cursor ([`Session::snapshot`]) is the
+//!   [`super::props`]). Per stream, the cursor ([`Session::snapshot`]) is the
 //!   highest sequence such that every matching message at or below it was
 //!   sent and acknowledged (PUBACK, PUBCOMP); acknowledgements advance it
 //!   contiguously. QoS 1 messages above it are sent again after a
@@ -186,7 +186,7 @@ impl Session {
     }
 
     /// [`Session::deliver_stored`] with the stored header block (MQTT 5
-    /// properties, see [`crate::broker::bridge`]) and the message's age (time since it
+    /// properties, see [`super::props`]) and the message's age (time since it
     /// was stored), against which its message expiry is checked.
     pub fn deliver_stored_msg(
         &mut self,
@@ -252,7 +252,7 @@ impl Session {
         }
         let (properties, deadline, published) = self.publish_props(subject, headers, None);
         // The publisher's QoS: recorded for MQTT QoS 0 and 2; everything
-        // else in a stream counts as QoS 1 (see [`crate::broker::bridge`]).
+        // else in a stream counts as QoS 1 (see [`super::props`]).
         let qos = granted.min(published.unwrap_or(1));
         let deadline = match deadline {
             Some(life) if life <= age => {
@@ -322,6 +322,7 @@ impl Session {
     }
 
     /// True (once) if the persistent state changed since the last call.
+    #[must_use]
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty) && self.is_persistent()
     }
@@ -332,6 +333,7 @@ impl Session {
     /// inbound QoS 2 id) or PUBCOMP (its removal) to the client, and by a
     /// QoS 2 stream message's first PUBLISH (its packet id) or PUBREL (the
     /// PUBREC received). Only for persistent sessions; never for QoS 0/1.
+    #[must_use]
     pub fn take_sync(&mut self) -> bool {
         std::mem::take(&mut self.sync) && self.is_persistent()
     }

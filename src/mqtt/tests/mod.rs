@@ -254,7 +254,7 @@ fn ack_pkt(kind: fn(Ack) -> Packet, id: u16) -> Vec<u8> {
 }
 
 fn qos2_header() -> Option<Vec<u8>> {
-    crate::broker::bridge::stored_headers(None, 2)
+    crate::mqtt::props::stored_headers(None, 2)
 }
 
 /// Publishes sent, as (packet id, QoS, DUP, payload).

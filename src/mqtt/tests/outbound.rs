@@ -130,7 +130,7 @@ fn v5_receive_maximum_queues_outbound_and_expiry_drops_queued() {
         ..Properties::default()
     });
     subscribe_all(&mut s, now, None);
-    let expiring = crate::broker::bridge::props_to_headers(&Properties {
+    let expiring = crate::mqtt::props::props_to_headers(&Properties {
         message_expiry_interval: Some(5),
         ..Properties::default()
     });
@@ -253,7 +253,7 @@ fn v5_subscription_identifiers_and_properties_reach_subscribers() {
     );
     events(&mut s);
     sent(&mut s, v);
-    let headers = crate::broker::bridge::props_to_headers(&Properties {
+    let headers = crate::mqtt::props::props_to_headers(&Properties {
         user_properties: vec![("k".into(), "v".into())],
         content_type: Some("text/plain".into()),
         ..Properties::default()

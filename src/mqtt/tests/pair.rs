@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
-use crate::broker::bridge;
+use crate::mqtt::props as bridge;
 
 /// A client's half of a connection.
 pub(super) struct Client {

@@ -185,7 +185,7 @@ fn v5_stored_message_expiry_uses_its_age() {
     sent(&mut s, v);
     let idx = s.follow("T", 0);
     subscribe_all(&mut s, now, None);
-    let h = crate::broker::bridge::props_to_headers(&Properties {
+    let h = crate::mqtt::props::props_to_headers(&Properties {
         message_expiry_interval: Some(10),
         ..Properties::default()
     });
