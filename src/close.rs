@@ -70,3 +70,47 @@ impl fmt::Display for CloseReason {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CloseReason::*;
+
+    /// The texts are what 5.0 clients get as the DISCONNECT reason string
+    /// and what the log says: they must not drift.
+    #[test]
+    fn display_texts() {
+        let cases = [
+            (ClientDisconnect, "client sent DISCONNECT"),
+            (Malformed("bad".into()), "protocol error: bad"),
+            (ProtocolError("second CONNECT".into()), "second CONNECT"),
+            (Unsupported("AUTH"), "AUTH not supported"),
+            (
+                AuthFailed {
+                    user: "u".into(),
+                    refusal: "BadCredentials".into(),
+                },
+                "authentication failed for user \"u\" (BadCredentials)",
+            ),
+            (Refused("no".into()), "no"),
+            (
+                PublishRefused("too long".into()),
+                "PUBLISH refused: too long",
+            ),
+            (
+                ReceiveMaximumExceeded(4),
+                "more than the Receive Maximum (4) unacknowledged QoS 1/2 publishes",
+            ),
+            (NotStored("disk".into()), "message not stored: disk"),
+            (
+                SyncFailed("write failed".into()),
+                "session state could not be saved (write failed); nothing unsaved is acknowledged",
+            ),
+            (ConnectTimeout, "no CONNECT within connect_timeout"),
+            (KeepAliveTimeout, "keep-alive timeout"),
+            (Internal("x".into()), "internal encode error: x"),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
+}

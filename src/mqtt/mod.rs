@@ -13,13 +13,13 @@
 //! socket or panics on peer input.
 //!
 //! The machine is split by concern, each file with its own doc:
-//! [`connect`] (CONNECT/CONNACK, authentication, the will, restoring a
-//! stored session, DISCONNECT), [`inbound`] (PUBLISH from the client,
+//! `connect.rs` (CONNECT/CONNACK, authentication, the will, restoring a
+//! stored session, DISCONNECT), `inbound.rs` (PUBLISH from the client,
 //! acknowledgements in order, topic aliases, Receive Maximum),
-//! [`outbound`] (deliveries, packet ids, the in-flight window and queue),
-//! [`qos2`] (the QoS 2 state of both directions), [`stored`] (stream
-//! cursors of persistent sessions and their snapshot), [`subscribe`]
-//! (SUBSCRIBE/UNSUBSCRIBE and the limits on filters) and [`timers`]
+//! `outbound.rs` (deliveries, packet ids, the in-flight window and queue),
+//! `qos2.rs` (the QoS 2 state of both directions), `stored.rs` (stream
+//! cursors of persistent sessions and their snapshot), `subscribe.rs`
+//! (SUBSCRIBE/UNSUBSCRIBE and the limits on filters) and `timers.rs`
 //! (connect timeout and keep-alive). [`props`] maps MQTT 5 properties to
 //! NATS headers (the reply inboxes of requests are
 //! [`crate::broker::bridge`]'s). Reason codes are the constants of
@@ -114,7 +114,7 @@ pub enum Event {
         qos: u8,
         retain: bool,
         ack: Option<u16>,
-        /// MQTT 5 properties to carry ([`bridge`]); `None` when empty.
+        /// MQTT 5 properties to carry ([`props`]); `None` when empty.
         props: Option<Box<Properties>>,
     },
     /// Acknowledge packet `.0` in order once every earlier publish is
