@@ -7,6 +7,8 @@
 pub mod bridge;
 pub mod persist;
 pub mod retained;
+// The MQTT machine moved to crate::mqtt; the old path stays while
+// broker/wills.rs and doc links in persist.rs and server/mqtt.rs use it.
 pub use crate::mqtt as session;
 pub mod wills;
 
