@@ -195,7 +195,6 @@ const DEBT: &[&str] = &[
     "fn src/broker/session.rs handle_packet",
     "fn src/main.rs real_main",
     "fn src/run.rs run",
-    "fn src/wire/nats/server.rs parse_client_op",
 ];
 
 fn root() -> PathBuf {
