@@ -193,7 +193,6 @@ const DEBT: &[&str] = &[
     "file src/broker/session.rs",
     "fn src/bench.rs publisher",
     "fn src/broker/session.rs handle_packet",
-    "fn src/main.rs real_main",
     "fn src/run.rs run",
 ];
 
