@@ -94,8 +94,7 @@ mod task;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::broker::Msg;
