@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::subject;
+use crate::subject::filter_within;
 
 /// What a client may publish and subscribe to (NATS subjects / filters).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -120,23 +121,6 @@ impl Permissions {
             && self.allow_subscribe.is_empty()
             && self.deny_subscribe.is_empty()
             && self.responses.is_none()
-    }
-}
-
-/// Whether every subject matched by `inner` is matched by `outer` (both
-/// valid NATS filters).
-pub fn filter_within(inner: &str, outer: &str) -> bool {
-    let mut i = inner.split('.');
-    let mut o = outer.split('.');
-    loop {
-        match (i.next(), o.next()) {
-            (None, None) => return true,
-            (Some(_), Some(">")) => return true,
-            (Some(">"), Some(_)) => return false,
-            (Some(_), Some("*")) => {}
-            (Some(a), Some(b)) if a == b && a != "*" => {}
-            _ => return false,
-        }
     }
 }
 
@@ -376,19 +360,6 @@ mod tests {
         let both = perms(&[], &[], &["a.>"], &["a.b"]);
         assert!(!both.can_subscribe("a.b"));
         assert!(both.can_subscribe("a.c"));
-    }
-
-    #[test]
-    fn filter_within_rules() {
-        assert!(filter_within("a.b", "a.b"));
-        assert!(filter_within("a.b", "a.*"));
-        assert!(filter_within("a.*", "a.*"));
-        assert!(filter_within("a.>", "a.>"));
-        assert!(filter_within("a.*.c", "a.>"));
-        assert!(!filter_within("a.>", "a.*"));
-        assert!(!filter_within("a.*", "a.b"));
-        assert!(!filter_within("a", "a.>"));
-        assert!(!filter_within("a.b.c", "a.*"));
     }
 
     // A published bcrypt test vector (OpenBSD / jBCrypt test suite):

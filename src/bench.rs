@@ -142,51 +142,9 @@ impl MqttBench {
     }
 
     fn publisher(&self, i: usize) -> Result<usize, String> {
-        let mut s = TcpStream::connect(&self.addr)
-            .map_err(|e| format!("bench: cannot connect to {}: {e}", self.addr))?;
-        let _ = s.set_nodelay(true);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-        let mut out = Vec::with_capacity(64 * 1024);
-        let connect = Packet::Connect(Connect {
-            version: Version::V311,
-            clean_start: self.qos < 2,
-            keep_alive: 60,
-            client_id: format!("frond-bench-{}-{i}", std::process::id()),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        });
-        mqtt::encode(&connect, Version::V311, &mut out).map_err(|e| e.to_string())?;
-        s.write_all(&out)
-            .map_err(|e| format!("bench: write: {e}"))?;
-        let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
-        // CONNACK
-        loop {
-            match mqtt::decode(&inbuf, Some(Version::V311), 1 << 20) {
-                Ok(Some((Packet::ConnAck(c), used))) => {
-                    if c.code != 0 {
-                        return Err(format!(
-                            "bench: broker refused CONNECT with code {}",
-                            c.code
-                        ));
-                    }
-                    inbuf.drain(..used);
-                    break;
-                }
-                Ok(Some((p, _))) => return Err(format!("bench: expected CONNACK, got {p:?}")),
-                Ok(None) => {}
-                Err(e) => return Err(format!("bench: bad CONNACK: {e}")),
-            }
-            let n = s
-                .read(&mut chunk)
-                .map_err(|e| format!("bench: read: {e}"))?;
-            if n == 0 {
-                return Err("bench: broker closed the connection".into());
-            }
-            inbuf.extend_from_slice(&chunk[..n]);
-        }
+        let (mut s, mut inbuf) = self.publisher_connect(i, &mut chunk)?;
+        let mut out = Vec::with_capacity(64 * 1024);
         let payload = vec![b'x'; self.size];
         let topic = format!("{}/{i}", self.topic);
         let (mut sent, mut acked, mut inflight) = (0usize, 0usize, 0usize);
@@ -229,55 +187,17 @@ impl MqttBench {
                 acked = sent;
                 continue;
             }
-            let n = s
-                .read(&mut chunk)
-                .map_err(|e| format!("bench: read: {e}"))?;
-            if n == 0 {
-                return Err("bench: broker closed the connection".into());
-            }
-            inbuf.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            out.clear();
-            loop {
-                match mqtt::decode(&inbuf[start..], Some(Version::V311), 1 << 20) {
-                    Ok(Some((Packet::PubAck(_) | Packet::PubComp(_), used))) => {
-                        start += used;
-                        acked += 1;
-                        inflight -= 1;
-                    }
-                    Ok(Some((Packet::PubRec(a), used))) => {
-                        start += used;
-                        let rel = Packet::PubRel(mqtt::Ack {
-                            packet_id: a.packet_id,
-                            ..mqtt::Ack::default()
-                        });
-                        mqtt::encode(&rel, Version::V311, &mut out).map_err(|e| e.to_string())?;
-                    }
-                    Ok(Some((_, used))) => start += used,
-                    Ok(None) => break,
-                    Err(e) => return Err(format!("bench: bad packet from broker: {e}")),
-                }
-            }
-            inbuf.drain(..start);
-            if !out.is_empty() {
-                s.write_all(&out)
-                    .map_err(|e| format!("bench: write: {e}"))?;
-            }
+            read_acks(
+                &mut s,
+                &mut inbuf,
+                &mut chunk,
+                &mut out,
+                &mut acked,
+                &mut inflight,
+            )?;
         }
         if self.qos == 0 {
-            // Make sure the broker read everything: a PINGREQ round trip.
-            out.clear();
-            mqtt::encode(&Packet::PingReq, Version::V311, &mut out).map_err(|e| e.to_string())?;
-            s.write_all(&out)
-                .map_err(|e| format!("bench: write: {e}"))?;
-            loop {
-                let n = s
-                    .read(&mut chunk)
-                    .map_err(|e| format!("bench: read: {e}"))?;
-                if n == 0 || chunk[..n].contains(&0xD0) {
-                    break;
-                }
-            }
+            ping_round_trip(&mut s, &mut out, &mut chunk)?;
         }
         let mut bye = Vec::new();
         let _ = mqtt::encode(
@@ -299,6 +219,58 @@ impl MqttBench {
             }));
         }
         Ok(acked)
+    }
+
+    /// Connects publisher `i` (a clean session unless QoS 2) and waits for
+    /// its CONNACK; returns the socket and what was read past it.
+    fn publisher_connect(
+        &self,
+        i: usize,
+        chunk: &mut [u8],
+    ) -> Result<(TcpStream, Vec<u8>), String> {
+        let mut s = TcpStream::connect(&self.addr)
+            .map_err(|e| format!("bench: cannot connect to {}: {e}", self.addr))?;
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut out = Vec::new();
+        let connect = Packet::Connect(Connect {
+            version: Version::V311,
+            clean_start: self.qos < 2,
+            keep_alive: 60,
+            client_id: format!("frond-bench-{}-{i}", std::process::id()),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        });
+        mqtt::encode(&connect, Version::V311, &mut out).map_err(|e| e.to_string())?;
+        s.write_all(&out)
+            .map_err(|e| format!("bench: write: {e}"))?;
+        let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        // CONNACK
+        loop {
+            match mqtt::decode(&inbuf, Some(Version::V311), 1 << 20) {
+                Ok(Some((Packet::ConnAck(c), used))) => {
+                    if c.code != 0 {
+                        return Err(format!(
+                            "bench: broker refused CONNECT with code {}",
+                            c.code
+                        ));
+                    }
+                    inbuf.drain(..used);
+                    break;
+                }
+                Ok(Some((p, _))) => return Err(format!("bench: expected CONNACK, got {p:?}")),
+                Ok(None) => {}
+                Err(e) => return Err(format!("bench: bad CONNACK: {e}")),
+            }
+            let n = s.read(chunk).map_err(|e| format!("bench: read: {e}"))?;
+            if n == 0 {
+                return Err("bench: broker closed the connection".into());
+            }
+            inbuf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((s, inbuf))
     }
 }
 
@@ -490,6 +462,64 @@ impl MqttBench {
             after.saturating_sub(before) * 1024 / self.clients.max(1) as u64
         ))
     }
+}
+
+/// Reads once from the broker: PUBACK/PUBCOMP count in `acked` and free
+/// an `inflight` slot; a PUBREC is answered with PUBREL.
+fn read_acks(
+    s: &mut TcpStream,
+    inbuf: &mut Vec<u8>,
+    chunk: &mut [u8],
+    out: &mut Vec<u8>,
+    acked: &mut usize,
+    inflight: &mut usize,
+) -> Result<(), String> {
+    let n = s.read(chunk).map_err(|e| format!("bench: read: {e}"))?;
+    if n == 0 {
+        return Err("bench: broker closed the connection".into());
+    }
+    inbuf.extend_from_slice(&chunk[..n]);
+    let mut start = 0;
+    out.clear();
+    loop {
+        match mqtt::decode(&inbuf[start..], Some(Version::V311), 1 << 20) {
+            Ok(Some((Packet::PubAck(_) | Packet::PubComp(_), used))) => {
+                start += used;
+                *acked += 1;
+                *inflight -= 1;
+            }
+            Ok(Some((Packet::PubRec(a), used))) => {
+                start += used;
+                let rel = Packet::PubRel(mqtt::Ack {
+                    packet_id: a.packet_id,
+                    ..mqtt::Ack::default()
+                });
+                mqtt::encode(&rel, Version::V311, out).map_err(|e| e.to_string())?;
+            }
+            Ok(Some((_, used))) => start += used,
+            Ok(None) => break,
+            Err(e) => return Err(format!("bench: bad packet from broker: {e}")),
+        }
+    }
+    inbuf.drain(..start);
+    if !out.is_empty() {
+        s.write_all(out).map_err(|e| format!("bench: write: {e}"))?;
+    }
+    Ok(())
+}
+
+/// QoS 0: a PINGREQ round trip, so the broker has read everything.
+fn ping_round_trip(s: &mut TcpStream, out: &mut Vec<u8>, chunk: &mut [u8]) -> Result<(), String> {
+    out.clear();
+    mqtt::encode(&Packet::PingReq, Version::V311, out).map_err(|e| e.to_string())?;
+    s.write_all(out).map_err(|e| format!("bench: write: {e}"))?;
+    loop {
+        let n = s.read(chunk).map_err(|e| format!("bench: read: {e}"))?;
+        if n == 0 || chunk[..n].contains(&0xD0) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A bench client socket: no Nagle delay, reads give up after 30 s.

@@ -83,115 +83,144 @@ fn real_main() -> Result<ExitCode, String> {
         Some(other) => return Err(format!("{}; see frond --help", other.unexpected())),
     };
     match cmd.as_str() {
-        "run" => {
-            let mut config: Option<PathBuf> = None;
-            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
-                match arg {
-                    Long("config") | Short('c') => {
-                        config = Some(p.value().map_err(|e| e.to_string())?.into())
-                    }
-                    other => return Err(format!("run: {}", other.unexpected())),
-                }
-            }
-            let cfg = load(config.as_deref())?;
-            frond::run::run(cfg).map_err(|e| e.to_string())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        "check-config" => {
-            let path: PathBuf = p
-                .value()
-                .map_err(|_| "check-config: give the file to check".to_string())?
-                .into();
-            load(Some(&path))?;
-            println!("{}: ok", path.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        "keygen" => {
-            let path: PathBuf = p
-                .value()
-                .map_err(|_| "keygen: give the key file to create".to_string())?
-                .into();
-            frond::store::crypt::generate_key_file(&path)?;
-            println!("{}: new key written (keep a copy: without it the encrypted streams cannot be read)", path.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        "status" => {
-            let mut config: Option<PathBuf> = None;
-            let mut http: Option<String> = None;
-            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
-                match arg {
-                    Long("config") | Short('c') => {
-                        config = Some(p.value().map_err(|e| e.to_string())?.into())
-                    }
-                    Long("http") => http = Some(string(p.value())?),
-                    other => return Err(format!("status: {}", other.unexpected())),
-                }
-            }
-            let addr = match http {
-                Some(a) => a,
-                None => load(config.as_deref())?
-                    .http
-                    .listen
-                    .ok_or("the configuration disables [http]; nothing to ask")?,
-            };
-            let body = frond::server::http::get(&addr, "/varz")?;
-            print!("{}", frond::run::format_status(&body));
-            Ok(ExitCode::SUCCESS)
-        }
-        "bench" => {
-            let what = string(p.value())
-                .map_err(|_| "bench: say what to benchmark: frond bench mqtt|nats".to_string())?;
-            if what == "nats" {
-                let mut b = frond::bench::NatsBench::default();
-                while let Some(arg) = p.next().map_err(|e| e.to_string())? {
-                    match arg {
-                        Long("addr") => b.addr = string(p.value())?,
-                        Long("pubs") => b.pubs = num(p.value())?,
-                        Long("subs") => b.subs = num(p.value())?,
-                        Long("msgs") => b.msgs = num(p.value())?,
-                        Long("size") => b.size = num(p.value())?,
-                        Long("reqs") => b.reqs = num(p.value())?,
-                        Long("subscriptions") => b.subscriptions = num(p.value())?,
-                        Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
-                        Long("js") => b.js = true,
-                        Long("window") => b.window = num(p.value())?,
-                        Long("js-subjects") => b.js_subjects = num(p.value())?,
-                        Long("only") => b.only = Some(string(p.value())?),
-                        other => return Err(format!("bench: {}", other.unexpected())),
-                    }
-                }
-                println!("{}", b.run()?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            if what != "mqtt" {
-                return Err(format!(
-                    "bench: unknown benchmark {what:?}; try: frond bench mqtt or frond bench nats"
-                ));
-            }
-            let mut b = frond::bench::MqttBench::default();
-            while let Some(arg) = p.next().map_err(|e| e.to_string())? {
-                match arg {
-                    Long("addr") => b.addr = string(p.value())?,
-                    Long("pubs") => b.pubs = num(p.value())?,
-                    Long("msgs") => b.msgs = num(p.value())?,
-                    Long("size") => b.size = num(p.value())?,
-                    Long("qos") => b.qos = num(p.value())?,
-                    Long("inflight") => b.inflight = num(p.value())?,
-                    Long("topic") => b.topic = string(p.value())?,
-                    Long("mode") => b.mode = string(p.value())?.parse()?,
-                    Long("subs") => b.subs = num(p.value())?,
-                    Long("rate") => b.rate = num(p.value())?,
-                    Long("clients") => b.clients = num(p.value())?,
-                    Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
-                    other => return Err(format!("bench: {}", other.unexpected())),
-                }
-            }
-            let report = b.run()?;
-            println!("{report}");
-            Ok(ExitCode::SUCCESS)
-        }
+        "run" => run(&mut p),
+        "check-config" => check_config(&mut p),
+        "keygen" => keygen(&mut p),
+        "status" => status(&mut p),
+        "bench" => bench(&mut p),
         other => Err(format!("unknown command {other:?}; see frond --help")),
     }
+}
+
+/// `frond run [--config FILE]`.
+fn run(p: &mut lexopt::Parser) -> Result<ExitCode, String> {
+    use lexopt::prelude::*;
+    let mut config: Option<PathBuf> = None;
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("config") | Short('c') => {
+                config = Some(p.value().map_err(|e| e.to_string())?.into())
+            }
+            other => return Err(format!("run: {}", other.unexpected())),
+        }
+    }
+    let cfg = load(config.as_deref())?;
+    frond::run::run(cfg).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `frond check-config FILE`.
+fn check_config(p: &mut lexopt::Parser) -> Result<ExitCode, String> {
+    let path: PathBuf = p
+        .value()
+        .map_err(|_| "check-config: give the file to check".to_string())?
+        .into();
+    load(Some(&path))?;
+    println!("{}: ok", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `frond keygen FILE`.
+fn keygen(p: &mut lexopt::Parser) -> Result<ExitCode, String> {
+    let path: PathBuf = p
+        .value()
+        .map_err(|_| "keygen: give the key file to create".to_string())?
+        .into();
+    frond::store::crypt::generate_key_file(&path)?;
+    println!(
+        "{}: new key written (keep a copy: without it the encrypted streams cannot be read)",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `frond status [--config FILE | --http ADDR]`.
+fn status(p: &mut lexopt::Parser) -> Result<ExitCode, String> {
+    use lexopt::prelude::*;
+    let mut config: Option<PathBuf> = None;
+    let mut http: Option<String> = None;
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("config") | Short('c') => {
+                config = Some(p.value().map_err(|e| e.to_string())?.into())
+            }
+            Long("http") => http = Some(string(p.value())?),
+            other => return Err(format!("status: {}", other.unexpected())),
+        }
+    }
+    let addr = match http {
+        Some(a) => a,
+        None => load(config.as_deref())?
+            .http
+            .listen
+            .ok_or("the configuration disables [http]; nothing to ask")?,
+    };
+    let body = frond::server::http::get(&addr, "/varz")?;
+    print!("{}", frond::run::format_status(&body));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `frond bench mqtt|nats [OPTIONS]`.
+fn bench(p: &mut lexopt::Parser) -> Result<ExitCode, String> {
+    let what = string(p.value())
+        .map_err(|_| "bench: say what to benchmark: frond bench mqtt|nats".to_string())?;
+    let report = match what.as_str() {
+        "nats" => bench_nats(p)?,
+        "mqtt" => bench_mqtt(p)?,
+        _ => {
+            return Err(format!(
+                "bench: unknown benchmark {what:?}; try: frond bench mqtt or frond bench nats"
+            ))
+        }
+    };
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_nats(p: &mut lexopt::Parser) -> Result<String, String> {
+    use lexopt::prelude::*;
+    let mut b = frond::bench::NatsBench::default();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("addr") => b.addr = string(p.value())?,
+            Long("pubs") => b.pubs = num(p.value())?,
+            Long("subs") => b.subs = num(p.value())?,
+            Long("msgs") => b.msgs = num(p.value())?,
+            Long("size") => b.size = num(p.value())?,
+            Long("reqs") => b.reqs = num(p.value())?,
+            Long("subscriptions") => b.subscriptions = num(p.value())?,
+            Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
+            Long("js") => b.js = true,
+            Long("window") => b.window = num(p.value())?,
+            Long("js-subjects") => b.js_subjects = num(p.value())?,
+            Long("only") => b.only = Some(string(p.value())?),
+            other => return Err(format!("bench: {}", other.unexpected())),
+        }
+    }
+    b.run()
+}
+
+fn bench_mqtt(p: &mut lexopt::Parser) -> Result<String, String> {
+    use lexopt::prelude::*;
+    let mut b = frond::bench::MqttBench::default();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("addr") => b.addr = string(p.value())?,
+            Long("pubs") => b.pubs = num(p.value())?,
+            Long("msgs") => b.msgs = num(p.value())?,
+            Long("size") => b.size = num(p.value())?,
+            Long("qos") => b.qos = num(p.value())?,
+            Long("inflight") => b.inflight = num(p.value())?,
+            Long("topic") => b.topic = string(p.value())?,
+            Long("mode") => b.mode = string(p.value())?.parse()?,
+            Long("subs") => b.subs = num(p.value())?,
+            Long("rate") => b.rate = num(p.value())?,
+            Long("clients") => b.clients = num(p.value())?,
+            Long("rss-pid") => b.rss_pid = Some(num(p.value())?),
+            other => return Err(format!("bench: {}", other.unexpected())),
+        }
+    }
+    b.run()
 }
 
 fn string(v: Result<std::ffi::OsString, lexopt::Error>) -> Result<String, String> {

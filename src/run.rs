@@ -19,12 +19,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smol::channel::bounded;
+use smol::channel::{bounded, Receiver};
 use smol::future::FutureExt;
+use smol::Task;
 
 use crate::broker::persist::SessionStore;
 use crate::broker::retained::{Retained, RetainedLimits};
-use crate::broker::wills::{unix_ms, WillStore};
+use crate::broker::wills::{unix_ms, StoredWill, WillStore};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::server;
@@ -58,7 +59,33 @@ pub fn run(cfg: Config) -> Result<(), String> {
         )
     })?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
+    let handles = open_streams(&cfg)?;
+    let (mqtt, owed_wills) = open_mqtt_state(&cfg)?;
+    let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
+    publish_owed_wills(&broker, &mqtt.wills, owed_wills);
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    install_signals(stop_tx.clone())?;
 
+    let result = smol::block_on(async {
+        let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
+        let mut tasks = start_listeners(&cfg, &broker, mqtt, &uplink_status, &stop_rx).await?;
+        if let Some(t) = start_uplink(&cfg, &handles, &uplink_status, &stop_rx)? {
+            tasks.push(t);
+        }
+        log::info!("ready");
+        let _ = stop_rx.recv().await;
+        wait_for_shutdown(tasks, &handles).await;
+        Ok::<(), String>(())
+    });
+    drop(stop_rx);
+    if result.is_ok() {
+        log::info!("stopped cleanly");
+    }
+    result
+}
+
+/// Opens every configured stream (recovering it), logging what it holds.
+fn open_streams(cfg: &Config) -> Result<Vec<StreamHandle>, String> {
     let mut handles: Vec<StreamHandle> = Vec::new();
     for sc in &cfg.streams {
         let dir = crate::names::path_in(&cfg.data_dir.join("streams"), &sc.name, "")
@@ -86,6 +113,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         handles.push(h);
     }
+    Ok(handles)
+}
+
+/// The MQTT state that outlives connections.
+struct MqttState {
+    retained: Arc<Retained>,
+    sessions: Arc<SessionStore>,
+    wills: Arc<DelayedWills>,
+}
+
+/// Opens the retained messages, persistent sessions and wills; returns
+/// them and the wills owed from the last run that the current `[auth]`
+/// still allows.
+fn open_mqtt_state(cfg: &Config) -> Result<(MqttState, Vec<StoredWill>), String> {
     let mqtt_dir = cfg.data_dir.join("mqtt");
     let limits = RetainedLimits {
         max_msgs: cfg.mqtt.max_retained,
@@ -143,7 +184,23 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     });
     let wills = Arc::new(DelayedWills::with_store(will_store, retained.clone()));
-    let broker = Broker::with_mappings(handles.clone(), cfg.mappings.clone());
+    Ok((
+        MqttState {
+            retained,
+            sessions,
+            wills,
+        },
+        owed_wills,
+    ))
+}
+
+/// Publishes (or schedules, when delayed) the wills of connections that
+/// ended with the last run.
+fn publish_owed_wills(
+    broker: &Arc<Broker>,
+    wills: &Arc<DelayedWills>,
+    owed_wills: Vec<StoredWill>,
+) {
     if !owed_wills.is_empty() {
         log::info!(
             "mqtt: {} wills of connections that ended with the last run are published when due",
@@ -153,148 +210,173 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let now_ms = unix_ms();
     for w in owed_wills {
         if let Some(will) = w.owed(now_ms) {
-            server::mqtt::publish_will(&broker, &wills, Some((w.client_id, w.token)), will);
+            server::mqtt::publish_will(broker, wills, Some((w.client_id, w.token)), will);
         }
     }
-    let (stop_tx, stop_rx) = bounded::<()>(1);
-    install_signals(stop_tx.clone())?;
+}
 
-    let result = smol::block_on(async {
-        let mut tasks = Vec::new();
-        let acceptor = match &cfg.tls {
-            None => None,
-            Some(t) => Some(futures_rustls::TlsAcceptor::from(
-                crate::tls::server_config(&t.cert, &t.key, t.ca.as_deref())?,
-            )),
-        };
-        let mqtt_shared = server::mqtt::Shared {
-            broker: broker.clone(),
-            retained: retained.clone(),
-            sessions: sessions.clone(),
-            wills: wills.clone(),
-        };
-        let mqtt_listeners = [
-            ("listen", &cfg.mqtt.listen, false, false, "mqtt://"),
-            ("ws_listen", &cfg.mqtt.ws_listen, false, true, "ws://"),
-            ("tls_listen", &cfg.mqtt.tls_listen, true, false, "mqtts://"),
-            ("wss_listen", &cfg.mqtt.wss_listen, true, true, "wss://"),
-        ];
-        for (key, addr, tls, websocket, scheme) in mqtt_listeners {
-            let Some(addr) = addr else { continue };
-            let l = smol::net::TcpListener::bind(addr.as_str())
-                .await
-                .map_err(|e| format!("mqtt.{key} {addr}: cannot listen: {e}"))?;
-            let ws = if websocket {
-                "/ (WebSocket, subprotocol mqtt)"
-            } else {
-                ""
-            };
-            log::info!("mqtt: listening on {scheme}{addr}{ws}");
-            let framing = server::mqtt::Framing {
-                tls: if tls { acceptor.clone() } else { None },
-                websocket,
-            };
-            tasks.push(smol::spawn(server::mqtt::serve(
-                l,
-                mqtt_shared.clone(),
-                cfg.mqtt.clone(),
-                stop_rx.clone(),
-                framing,
-            )));
-        }
-        let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
-        // The JetStream API and consumers of the local streams (also runs
-        // interest/workqueue retention, so it starts without a NATS port);
-        // subscribed before the NATS port opens.
-        let mirrored: Vec<String> = cfg
-            .uplink
-            .iter()
-            .flat_map(|u| u.mirrors.iter().map(|m| m.stream.clone()))
-            .collect();
-        tasks.push(smol::spawn(server::jsapi::serve(
+/// Binds and starts every enabled listener (MQTT in its four framings,
+/// NATS, HTTP monitoring) and the JetStream API service.
+async fn start_listeners(
+    cfg: &Config,
+    broker: &Arc<Broker>,
+    mqtt: MqttState,
+    uplink_status: &Option<Arc<UplinkStatus>>,
+    stop_rx: &Receiver<()>,
+) -> Result<Vec<Task<()>>, String> {
+    let mut tasks = Vec::new();
+    start_mqtt_listeners(cfg, broker, mqtt, stop_rx, &mut tasks).await?;
+    // The JetStream API and consumers of the local streams (also runs
+    // interest/workqueue retention, so it starts without a NATS port);
+    // subscribed before the NATS port opens.
+    let mirrored: Vec<String> = cfg
+        .uplink
+        .iter()
+        .flat_map(|u| u.mirrors.iter().map(|m| m.stream.clone()))
+        .collect();
+    tasks.push(smol::spawn(server::jsapi::serve(
+        broker.clone(),
+        cfg.data_dir.join("streams"),
+        mirrored,
+        uplink_status.clone(),
+        stop_rx.clone(),
+    )));
+    if let Some(addr) = &cfg.nats.listen {
+        let l = smol::net::TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|e| format!("nats.listen {addr}: cannot listen: {e}"))?;
+        log::info!("nats: listening on {addr}");
+        tasks.push(smol::spawn(server::nats::serve(
+            l,
             broker.clone(),
-            cfg.data_dir.join("streams"),
-            mirrored,
-            uplink_status.clone(),
+            cfg.nats.clone(),
+            cfg.node.clone(),
             stop_rx.clone(),
         )));
-        if let Some(addr) = &cfg.nats.listen {
-            let l = smol::net::TcpListener::bind(addr.as_str())
-                .await
-                .map_err(|e| format!("nats.listen {addr}: cannot listen: {e}"))?;
-            log::info!("nats: listening on {addr}");
-            tasks.push(smol::spawn(server::nats::serve(
-                l,
-                broker.clone(),
-                cfg.nats.clone(),
-                cfg.node.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        if let Some(addr) = &cfg.http.listen {
-            let l = smol::net::TcpListener::bind(addr.as_str())
-                .await
-                .map_err(|e| format!("http.listen {addr}: cannot listen: {e}"))?;
-            log::info!("http: monitoring on http://{addr}/varz");
-            let monitor = Arc::new(server::http::Monitor {
-                node: cfg.node.clone(),
-                started: Instant::now(),
-                broker: broker.clone(),
-                uplink: uplink_status.clone(),
-            });
-            tasks.push(smol::spawn(server::http::serve(
-                l,
-                monitor,
-                cfg.http.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
-            if u.tls_ca.is_some() || u.tls_client.is_some() {
-                // Bad certificate files stop the start, not each reconnect.
-                let client = u
-                    .tls_client
-                    .as_ref()
-                    .map(|(c, k)| (c.as_path(), k.as_path()));
-                crate::tls::client_config(u.tls_ca.as_deref(), client)?;
-            }
-            tasks.push(smol::spawn(uplink::run(
-                u.clone(),
-                cfg.node.clone(),
-                cfg.data_dir.clone(),
-                handles.clone(),
-                status.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        log::info!("ready");
-        let _ = stop_rx.recv().await;
-        log::info!("shutting down");
-        for t in tasks {
-            // Listeners stop at once; the uplink persists its cursors.
-            let done = async {
-                t.await;
-                true
-            }
-            .or(async {
-                smol::Timer::after(Duration::from_secs(10)).await;
-                false
-            })
-            .await;
-            if !done {
-                log::warn!("a task did not stop within 10s; closing anyway");
-            }
-        }
-        for h in &handles {
-            h.close().await;
-        }
-        Ok::<(), String>(())
-    });
-    drop(stop_rx);
-    if result.is_ok() {
-        log::info!("stopped cleanly");
     }
-    result
+    if let Some(addr) = &cfg.http.listen {
+        let l = smol::net::TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|e| format!("http.listen {addr}: cannot listen: {e}"))?;
+        log::info!("http: monitoring on http://{addr}/varz");
+        let monitor = Arc::new(server::http::Monitor {
+            node: cfg.node.clone(),
+            started: Instant::now(),
+            broker: broker.clone(),
+            uplink: uplink_status.clone(),
+        });
+        tasks.push(smol::spawn(server::http::serve(
+            l,
+            monitor,
+            cfg.http.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
+/// The MQTT listeners: TCP, WebSocket, TLS and WebSocket over TLS.
+async fn start_mqtt_listeners(
+    cfg: &Config,
+    broker: &Arc<Broker>,
+    mqtt: MqttState,
+    stop_rx: &Receiver<()>,
+    tasks: &mut Vec<Task<()>>,
+) -> Result<(), String> {
+    let acceptor = match &cfg.tls {
+        None => None,
+        Some(t) => Some(futures_rustls::TlsAcceptor::from(
+            crate::tls::server_config(&t.cert, &t.key, t.ca.as_deref())?,
+        )),
+    };
+    let mqtt_shared = server::mqtt::Shared {
+        broker: broker.clone(),
+        retained: mqtt.retained,
+        sessions: mqtt.sessions,
+        wills: mqtt.wills,
+    };
+    let mqtt_listeners = [
+        ("listen", &cfg.mqtt.listen, false, false, "mqtt://"),
+        ("ws_listen", &cfg.mqtt.ws_listen, false, true, "ws://"),
+        ("tls_listen", &cfg.mqtt.tls_listen, true, false, "mqtts://"),
+        ("wss_listen", &cfg.mqtt.wss_listen, true, true, "wss://"),
+    ];
+    for (key, addr, tls, websocket, scheme) in mqtt_listeners {
+        let Some(addr) = addr else { continue };
+        let l = smol::net::TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|e| format!("mqtt.{key} {addr}: cannot listen: {e}"))?;
+        let ws = if websocket {
+            "/ (WebSocket, subprotocol mqtt)"
+        } else {
+            ""
+        };
+        log::info!("mqtt: listening on {scheme}{addr}{ws}");
+        let framing = server::mqtt::Framing {
+            tls: if tls { acceptor.clone() } else { None },
+            websocket,
+        };
+        tasks.push(smol::spawn(server::mqtt::serve(
+            l,
+            mqtt_shared.clone(),
+            cfg.mqtt.clone(),
+            stop_rx.clone(),
+            framing,
+        )));
+    }
+    Ok(())
+}
+
+/// The uplink to the hub, when configured (its TLS files checked first).
+fn start_uplink(
+    cfg: &Config,
+    handles: &[StreamHandle],
+    uplink_status: &Option<Arc<UplinkStatus>>,
+    stop_rx: &Receiver<()>,
+) -> Result<Option<Task<()>>, String> {
+    if let (Some(u), Some(status)) = (&cfg.uplink, &uplink_status) {
+        if u.tls_ca.is_some() || u.tls_client.is_some() {
+            // Bad certificate files stop the start, not each reconnect.
+            let client = u
+                .tls_client
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path()));
+            crate::tls::client_config(u.tls_ca.as_deref(), client)?;
+        }
+        return Ok(Some(smol::spawn(uplink::run(
+            u.clone(),
+            cfg.node.clone(),
+            cfg.data_dir.clone(),
+            handles.to_vec(),
+            status.clone(),
+            stop_rx.clone(),
+        ))));
+    }
+    Ok(None)
+}
+
+/// After the stop signal: waits for every task (at most 10 s each; the
+/// uplink persists its cursors), then closes every stream.
+async fn wait_for_shutdown(tasks: Vec<Task<()>>, handles: &[StreamHandle]) {
+    log::info!("shutting down");
+    for t in tasks {
+        // Listeners stop at once; the uplink persists its cursors.
+        let done = async {
+            t.await;
+            true
+        }
+        .or(async {
+            smol::Timer::after(Duration::from_secs(10)).await;
+            false
+        })
+        .await;
+        if !done {
+            log::warn!("a task did not stop within 10s; closing anyway");
+        }
+    }
+    for h in handles {
+        h.close().await;
+    }
 }
 
 /// Descriptors kept for everything but connections: listeners, the event

@@ -8,6 +8,14 @@
 //! for encrypted records ([`encode_any`], [`decode_any`] with a key), whose
 //! AEAD tag replaces the crc.
 
+#![deny(
+    unsafe_code,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
 use std::ops::Range;
 
 use super::crypt::{Key, KIND_ERASED, SALT_LEN, TAG_LEN};
@@ -123,7 +131,7 @@ pub fn encode_header(h: SegHeader, out: &mut Vec<u8>) {
         out.extend_from_slice(&s.salt);
         out.extend_from_slice(&s.check);
     }
-    let crc = crc32c::crc32c(&out[start..]);
+    let crc = crc32c::crc32c(out.get(start..).unwrap_or_default());
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
@@ -133,37 +141,40 @@ pub fn decode_header(buf: &[u8]) -> Result<SegHeader, DecodeError> {
     let hl = header_len(sealed);
     let h = buf.get(..hl).ok_or(DecodeError::Incomplete)?;
     let (body, crc) = h.split_at(hl - HDR_CRC_LEN);
-    if crc32c::crc32c(body) != u32::from_le_bytes(arr4(crc)) {
+    if crc32c::crc32c(body) != u32::from_le_bytes(arr(crc)) {
         return Err(DecodeError::Corrupt("segment header checksum mismatch"));
     }
-    if !sealed && &body[HDR_MAGIC] != SEG_MAGIC {
+    if !sealed && body.get(HDR_MAGIC) != Some(SEG_MAGIC) {
         return Err(DecodeError::Corrupt("segment header magic/version unknown"));
     }
-    let seal = sealed.then(|| {
-        let mut salt = [0u8; SALT_LEN];
-        salt.copy_from_slice(&body[HDR_SALT]);
-        SealInfo {
-            salt,
-            check: arr8(&body[HDR_KEY_CHECK]),
-        }
+    // `body` is `header_len(sealed) - HDR_CRC_LEN` bytes: every field is in it.
+    let field = |r: Range<usize>| body.get(r).unwrap_or_default();
+    let seal = sealed.then(|| SealInfo {
+        salt: arr(field(HDR_SALT)),
+        check: arr(field(HDR_KEY_CHECK)),
     });
     Ok(SegHeader {
-        base_seq: u64::from_le_bytes(arr8(&body[HDR_BASE_SEQ])),
-        base_ts: u64::from_le_bytes(arr8(&body[HDR_BASE_TS])),
+        base_seq: u64::from_le_bytes(arr(field(HDR_BASE_SEQ))),
+        base_ts: u64::from_le_bytes(arr(field(HDR_BASE_TS))),
         seal,
     })
 }
 
-fn arr4(b: &[u8]) -> [u8; 4] {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
+/// The first `N` bytes of `b` (zeros past its end: callers pass fields
+/// of a length-checked buffer).
+fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    if let Some(s) = b.get(..N) {
+        a.copy_from_slice(s);
+    }
     a
 }
 
-fn arr8(b: &[u8]) -> [u8; 8] {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    a
+/// Writes `bytes` over `buf[at]` (a field of a length-checked buffer).
+fn put(buf: &mut [u8], at: Range<usize>, bytes: &[u8]) {
+    if let Some(d) = buf.get_mut(at) {
+        d.copy_from_slice(bytes);
+    }
 }
 
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -230,10 +241,10 @@ pub fn encode_into(out: &mut Vec<u8>, base_seq: u64, base_ts: u64, rec: &RecordR
     }
     out.extend_from_slice(rec.payload);
     let body_len = (out.len() - start - PREFIX_LEN) as u32;
-    let crc = crc32c::crc32c(&out[start + PREFIX_LEN..]);
-    let prefix = &mut out[start..start + PREFIX_LEN];
-    prefix[REC_BODY_LEN].copy_from_slice(&body_len.to_le_bytes());
-    prefix[REC_CRC].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c::crc32c(out.get(start + PREFIX_LEN..).unwrap_or_default());
+    let prefix = out.get_mut(start..).unwrap_or_default();
+    put(prefix, REC_BODY_LEN, &body_len.to_le_bytes());
+    put(prefix, REC_CRC, &crc.to_le_bytes());
 }
 
 /// Encoded size of a plain (`sealed = false`) or encrypted record.
@@ -330,7 +341,7 @@ pub fn encode_erased(seq_delta: u64, ts_delta: u64, total: usize) -> Vec<u8> {
 
 /// Total length of an encrypted record from its length varint.
 pub fn peek_len_sealed(buf: &[u8]) -> Result<(usize, usize), DecodeError> {
-    let Some((body, n)) = get_varint(&buf[..buf.len().min(MAX_LEN_VARINT)]) else {
+    let Some((body, n)) = get_varint(buf.get(..MAX_LEN_VARINT).unwrap_or(buf)) else {
         return Err(if buf.len() < MAX_LEN_VARINT {
             DecodeError::Incomplete
         } else {
@@ -359,11 +370,13 @@ pub fn decode_any<'a>(
     };
     let (vlen, total) = peek_len_sealed(buf)?;
     let rec = buf.get_mut(..total).ok_or(DecodeError::Incomplete)?;
-    let (ct, tag) = rec[vlen..].split_at_mut(total - vlen - TAG_LEN);
+    // peek_len_sealed: total >= vlen + MIN_BODY + TAG_LEN.
+    let sealed = rec.get_mut(vlen..).unwrap_or_default();
+    let (ct, tag) = sealed.split_at_mut(total - vlen - TAG_LEN);
     if !key.open(salt, offset, ct, tag) && !key.open(salt, offset | KIND_ERASED, ct, tag) {
         return Err(DecodeError::Corrupt("record authentication failed"));
     }
-    let rec = parse_body(&rec[vlen..total - TAG_LEN], base_seq, base_ts)?;
+    let rec = parse_body(ct, base_seq, base_ts)?;
     Ok((rec, total))
 }
 
@@ -371,7 +384,7 @@ pub fn decode_any<'a>(
 /// its length field alone (no checksum check).
 pub fn peek_len(buf: &[u8]) -> Result<usize, DecodeError> {
     let len = buf.get(REC_BODY_LEN).ok_or(DecodeError::Incomplete)?;
-    let body = u32::from_le_bytes(arr4(len)) as usize;
+    let body = u32::from_le_bytes(arr(len)) as usize;
     if !(MIN_BODY..=MAX_BODY).contains(&body) {
         return Err(DecodeError::Corrupt("record length out of range"));
     }
@@ -387,8 +400,9 @@ pub fn decode<'a>(
 ) -> Result<(RecordRef<'a>, usize), DecodeError> {
     let total = peek_len(buf)?;
     let rec = buf.get(..total).ok_or(DecodeError::Incomplete)?;
-    let crc = u32::from_le_bytes(arr4(&rec[REC_CRC]));
-    let body = &rec[PREFIX_LEN..];
+    // peek_len: total >= PREFIX_LEN + MIN_BODY.
+    let crc = u32::from_le_bytes(arr(rec.get(REC_CRC).unwrap_or_default()));
+    let body = rec.get(PREFIX_LEN..).unwrap_or_default();
     if crc32c::crc32c(body) != crc {
         return Err(DecodeError::Corrupt("record checksum mismatch"));
     }
@@ -430,6 +444,13 @@ fn parse_body(body: &[u8], base_seq: u64, base_ts: u64) -> Result<RecordRef<'_>,
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
     use super::*;
 
     fn rec<'a>(seq: u64, ts: u64, s: &'a [u8], h: Option<&'a [u8]>, p: &'a [u8]) -> RecordRef<'a> {

@@ -45,6 +45,7 @@
 //! has passed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -431,10 +432,30 @@ pub struct PullRequest {
     pub next_heartbeat: u64,
     pub sent: usize,
     pub sent_bytes: usize,
-    /// The permissions of the client that asked (`None`: unrestricted);
-    /// nothing its `deny_subscribe` covers is delivered to it.
-    pub receiver: Option<std::sync::Arc<crate::auth::Permissions>>,
+    /// The client that asked (`None`: unrestricted); nothing it may not
+    /// receive is delivered to it.
+    pub receiver: Option<ReceiverRef>,
 }
+
+/// Who a pull request delivers to, as far as this module needs to know:
+/// which subjects it may receive. The API shell implements it for its
+/// permissions type (this module knows no auth types).
+pub trait Receiver: std::fmt::Debug + Send + Sync {
+    /// Whether a message on `subject` may be delivered to it.
+    fn may_receive(&self, subject: &str) -> bool;
+}
+
+/// A shared [`Receiver`]; two are equal when they are the same one.
+#[derive(Debug, Clone)]
+pub struct ReceiverRef(pub Arc<dyn Receiver>);
+
+impl PartialEq for ReceiverRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ReceiverRef {}
 
 impl PullRequest {
     /// Parse a pull request body (a number, empty, or JSON).
@@ -606,30 +627,27 @@ impl Consumer {
         }
     }
 
-    /// What a consumer created by a client with `perms` on `filters` (its
-    /// filter subjects, or the stream's subjects when it has none) must
-    /// exclude: the intersections of each filter with each
-    /// `deny_subscribe` filter. `Err(filter)` when `explicit` (the client
+    /// What a consumer created by a client whose `deny_subscribe` filters
+    /// are `deny` on `filters` (its filter subjects, or the stream's
+    /// subjects when it has none) must exclude: the intersections of each
+    /// filter with each `deny` filter. `Err(filter)` when `explicit` (the client
     /// named the filters) and one lies wholly inside a denied filter, or
     /// when every filter does: the consumer could deliver nothing the
     /// client may receive.
     pub fn exclusions(
         filters: &[String],
         explicit: bool,
-        perms: &crate::auth::Permissions,
+        deny: &[String],
     ) -> Result<Vec<String>, String> {
         let mut out = Vec::new();
         let mut open = false;
         for f in filters {
-            let denied = perms
-                .deny_subscribe
-                .iter()
-                .any(|d| crate::auth::filter_within(f, d));
+            let denied = deny.iter().any(|d| subject::filter_within(f, d));
             if denied && explicit {
                 return Err(f.clone());
             }
             open |= !denied;
-            for d in &perms.deny_subscribe {
+            for d in deny {
                 if let Some(x) = subject::filter_intersection(f, d) {
                     if !out.contains(&x) {
                         out.push(x);
@@ -643,28 +661,21 @@ impl Consumer {
         }
     }
 
-    /// Whether a client with `perms` may receive everything this consumer
-    /// can deliver (`stream_subjects`: the stream's, for a consumer
-    /// without filter): every subject a `deny_subscribe` filter shares
-    /// with the consumer's filters is one the consumer excludes.
-    pub fn readable_by(
-        &self,
-        stream_subjects: &[String],
-        perms: &crate::auth::Permissions,
-    ) -> bool {
+    /// Whether a client whose `deny_subscribe` filters are `deny` may
+    /// receive everything this consumer can deliver (`stream_subjects`:
+    /// the stream's, for a consumer without filter): every subject a
+    /// `deny` filter shares with the consumer's filters is one the
+    /// consumer excludes.
+    pub fn readable_by(&self, stream_subjects: &[String], deny: &[String]) -> bool {
         let filters = match self.cfg.filter_subjects.as_slice() {
             [] => stream_subjects,
             f => f,
         };
-        perms.deny_subscribe.iter().all(|d| {
+        deny.iter().all(|d| {
             filters
                 .iter()
                 .filter_map(|f| subject::filter_intersection(f, d))
-                .all(|i| {
-                    self.exclude
-                        .iter()
-                        .any(|x| crate::auth::filter_within(&i, x))
-                })
+                .all(|i| self.exclude.iter().any(|x| subject::filter_within(&i, x)))
         })
     }
 
@@ -1191,11 +1202,8 @@ pub(crate) mod tests {
 
     #[test]
     fn exclusions_follow_the_creators_deny_list() {
-        let dave = crate::auth::Permissions {
-            deny_subscribe: vec!["secret.>".into()],
-            ..Default::default()
-        };
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let dave = s(&["secret.>"]);
         // Explicit filters inside the deny list are refused.
         assert_eq!(
             Consumer::exclusions(&s(&["secret.a"]), true, &dave),
@@ -1221,7 +1229,7 @@ pub(crate) mod tests {
             k.readable_by(&s(&["a.>"]), &dave),
             "the stream has no secret"
         );
-        assert!(k.readable_by(&stream, &crate::auth::Permissions::default()));
+        assert!(k.readable_by(&stream, &[]));
         k.exclude = s(&["secret.>"]);
         assert!(k.readable_by(&stream, &dave));
         assert!(!k.selects("secret.x") && k.selects("a.x"));

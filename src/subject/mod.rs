@@ -104,9 +104,39 @@ pub fn filter_intersection(a: &str, b: &str) -> Option<String> {
     Some(out.join("."))
 }
 
+/// Whether every subject matched by `inner` is matched by `outer` (both
+/// valid NATS filters).
+pub fn filter_within(inner: &str, outer: &str) -> bool {
+    let mut i = inner.split('.');
+    let mut o = outer.split('.');
+    loop {
+        match (i.next(), o.next()) {
+            (None, None) => return true,
+            (Some(_), Some(">")) => return true,
+            (Some(">"), Some(_)) => return false,
+            (Some(_), Some("*")) => {}
+            (Some(a), Some(b)) if a == b && a != "*" => {}
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_within_rules() {
+        assert!(filter_within("a.b", "a.b"));
+        assert!(filter_within("a.b", "a.*"));
+        assert!(filter_within("a.*", "a.*"));
+        assert!(filter_within("a.>", "a.>"));
+        assert!(filter_within("a.*.c", "a.>"));
+        assert!(!filter_within("a.>", "a.*"));
+        assert!(!filter_within("a.*", "a.b"));
+        assert!(!filter_within("a", "a.>"));
+        assert!(!filter_within("a.b.c", "a.*"));
+    }
 
     #[test]
     fn intersection_of_filters() {

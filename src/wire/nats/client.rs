@@ -293,6 +293,13 @@ pub fn pong(out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
     use super::*;
 
     const MAX: usize = 1 << 20;

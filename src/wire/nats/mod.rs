@@ -18,6 +18,14 @@
 //! - Emitters refuse subjects that would break the line framing (empty, or
 //!   containing whitespace or control characters).
 
+#![deny(
+    unsafe_code,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
 pub mod base64;
 pub mod client;
 pub mod headers;
@@ -217,6 +225,13 @@ pub(crate) fn push_decimal(mut n: usize, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
     use super::*;
 
     #[test]

@@ -203,107 +203,121 @@ pub fn parse_client_op(
     } else {
         b""
     };
-    let fields = || Fields::split(args);
     match upper {
         b"PING" => Ok(Some((ClientOp::Ping, after_line))),
         b"PONG" => Ok(Some((ClientOp::Pong, after_line))),
-        b"CONNECT" => {
-            let json = std::str::from_utf8(args)
-                .map_err(|_| malformed("CONNECT is not UTF-8"))?
-                .trim();
-            let info: ConnectInfo = serde_json::from_str(json)
-                .map_err(|e| malformed(format!("CONNECT is not valid JSON: {e}")))?;
-            Ok(Some((ClientOp::Connect(Box::new(info)), after_line)))
-        }
-        b"SUB" => {
-            let f = fields();
-            let (subject, queue, sid) = match f.as_slice() {
-                [s, sid] => (*s, None, *sid),
-                [s, q, sid] => (*s, Some(*q), *sid),
-                _ => return Err(malformed(format!("SUB has {} arguments", f.len()))),
-            };
-            Ok(Some((
-                ClientOp::Sub {
-                    subject: utf8(subject, "subject")?,
-                    queue: queue.map(|q| utf8(q, "queue group")).transpose()?,
-                    sid: utf8(sid, "sid")?,
-                },
-                after_line,
-            )))
-        }
-        b"UNSUB" => {
-            let f = fields();
-            let (sid, max) = match f.as_slice() {
-                [sid] => (*sid, None),
-                [sid, max] => (
-                    *sid,
-                    Some(parse_usize(max, "max").map_err(ParseError::Malformed)?),
-                ),
-                _ => return Err(malformed(format!("UNSUB has {} arguments", f.len()))),
-            };
-            Ok(Some((
-                ClientOp::Unsub {
-                    sid: utf8(sid, "sid")?,
-                    max: max.map(|m| m as u64),
-                },
-                after_line,
-            )))
-        }
-        b"PUB" | b"HPUB" => {
-            let with_headers = upper == b"HPUB";
-            let name = if with_headers { "HPUB" } else { "PUB" };
-            let f = fields();
-            let sizes = if with_headers { 2 } else { 1 };
-            if f.len() != 1 + sizes && f.len() != 2 + sizes {
-                return Err(malformed(format!("{name} has {} arguments", f.len())));
-            }
-            let field = |i: usize| f.get(i).copied().unwrap_or_default();
-            let subject = utf8_ref(field(0), "subject")?;
-            let reply = if f.len() == 2 + sizes {
-                Some(utf8_ref(field(1), "reply subject")?)
-            } else {
-                None
-            };
-            let n = f.len();
-            let total = parse_usize(field(n - 1), "size").map_err(ParseError::Malformed)?;
-            let hdr = if with_headers {
-                let h = parse_usize(field(n - 2), "header size").map_err(ParseError::Malformed)?;
-                if h > total {
-                    return Err(malformed(format!(
-                        "HPUB header size {h} exceeds total size {total}"
-                    )));
-                }
-                Some(h)
-            } else {
-                None
-            };
-            if total > max_payload {
-                return Err(ParseError::MaxPayload {
-                    size: total,
-                    max: max_payload,
-                });
-            }
-            let (headers, payload, end) = match super::take_body(buf, after_line, total, hdr) {
-                super::Body::Incomplete => return Ok(None),
-                super::Body::NoCrlf => {
-                    return Err(malformed(format!("{name} payload is not followed by CRLF")))
-                }
-                super::Body::Ready(h, p, end) => (h, p, end),
-            };
-            Ok(Some((
-                ClientOp::Pub(PubOp {
-                    subject,
-                    reply,
-                    headers,
-                    payload,
-                }),
-                end,
-            )))
-        }
+        b"CONNECT" => parse_connect(args).map(|op| Some((op, after_line))),
+        b"SUB" => parse_sub(args).map(|op| Some((op, after_line))),
+        b"UNSUB" => parse_unsub(args).map(|op| Some((op, after_line))),
+        b"PUB" => parse_pub(buf, args, after_line, false, max_payload),
+        b"HPUB" => parse_pub(buf, args, after_line, true, max_payload),
         _ => Err(ParseError::UnknownOp(
             String::from_utf8_lossy(op.get(..op.len().min(16)).unwrap_or_default()).into_owned(),
         )),
     }
+}
+
+/// `CONNECT {json}`.
+fn parse_connect(args: &[u8]) -> Result<ClientOp<'_>, ParseError> {
+    let json = std::str::from_utf8(args)
+        .map_err(|_| malformed("CONNECT is not UTF-8"))?
+        .trim();
+    let info: ConnectInfo = serde_json::from_str(json)
+        .map_err(|e| malformed(format!("CONNECT is not valid JSON: {e}")))?;
+    Ok(ClientOp::Connect(Box::new(info)))
+}
+
+/// `SUB subject [queue] sid`.
+fn parse_sub(args: &[u8]) -> Result<ClientOp<'_>, ParseError> {
+    let f = Fields::split(args);
+    let (subject, queue, sid) = match f.as_slice() {
+        [s, sid] => (*s, None, *sid),
+        [s, q, sid] => (*s, Some(*q), *sid),
+        _ => return Err(malformed(format!("SUB has {} arguments", f.len()))),
+    };
+    Ok(ClientOp::Sub {
+        subject: utf8(subject, "subject")?,
+        queue: queue.map(|q| utf8(q, "queue group")).transpose()?,
+        sid: utf8(sid, "sid")?,
+    })
+}
+
+/// `UNSUB sid [max]`.
+fn parse_unsub(args: &[u8]) -> Result<ClientOp<'_>, ParseError> {
+    let f = Fields::split(args);
+    let (sid, max) = match f.as_slice() {
+        [sid] => (*sid, None),
+        [sid, max] => (
+            *sid,
+            Some(parse_usize(max, "max").map_err(ParseError::Malformed)?),
+        ),
+        _ => return Err(malformed(format!("UNSUB has {} arguments", f.len()))),
+    };
+    Ok(ClientOp::Unsub {
+        sid: utf8(sid, "sid")?,
+        max: max.map(|m| m as u64),
+    })
+}
+
+/// `PUB subject [reply] size` or `HPUB subject [reply] hdr_size size`
+/// (`with_headers`), with its body from `buf` at `after_line`: the
+/// per-message path, borrowing subject, reply and body from `buf`.
+#[inline]
+fn parse_pub<'a>(
+    buf: &'a [u8],
+    args: &'a [u8],
+    after_line: usize,
+    with_headers: bool,
+    max_payload: usize,
+) -> Result<Option<(ClientOp<'a>, usize)>, ParseError> {
+    let name = if with_headers { "HPUB" } else { "PUB" };
+    let f = Fields::split(args);
+    let sizes = if with_headers { 2 } else { 1 };
+    if f.len() != 1 + sizes && f.len() != 2 + sizes {
+        return Err(malformed(format!("{name} has {} arguments", f.len())));
+    }
+    let field = |i: usize| f.get(i).copied().unwrap_or_default();
+    let subject = utf8_ref(field(0), "subject")?;
+    let reply = if f.len() == 2 + sizes {
+        Some(utf8_ref(field(1), "reply subject")?)
+    } else {
+        None
+    };
+    let n = f.len();
+    let total = parse_usize(field(n - 1), "size").map_err(ParseError::Malformed)?;
+    let hdr = if with_headers {
+        let h = parse_usize(field(n - 2), "header size").map_err(ParseError::Malformed)?;
+        if h > total {
+            return Err(malformed(format!(
+                "HPUB header size {h} exceeds total size {total}"
+            )));
+        }
+        Some(h)
+    } else {
+        None
+    };
+    if total > max_payload {
+        return Err(ParseError::MaxPayload {
+            size: total,
+            max: max_payload,
+        });
+    }
+    let (headers, payload, end) = match super::take_body(buf, after_line, total, hdr) {
+        super::Body::Incomplete => return Ok(None),
+        super::Body::NoCrlf => {
+            return Err(malformed(format!("{name} payload is not followed by CRLF")))
+        }
+        super::Body::Ready(h, p, end) => (h, p, end),
+    };
+    Ok(Some((
+        ClientOp::Pub(PubOp {
+            subject,
+            reply,
+            headers,
+            payload,
+        }),
+        end,
+    )))
 }
 
 /// Up to [`Fields::MAX`] space/tab separated arguments, without a heap
@@ -471,6 +485,13 @@ pub fn err(text: &str, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
     use super::super::client::{self, parse_server_op, ServerOp};
     use super::*;
 

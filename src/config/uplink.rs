@@ -1,0 +1,325 @@
+//! `[uplink]`: the hub URLs, credentials, timers and `[[uplink.mirror]]`
+//! list; every mirror names a configured stream.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::values::de_duration;
+use super::{err, ConfigError};
+use crate::stream::StreamConfig;
+use crate::subject;
+
+/// `[uplink]`: the link to the hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UplinkConfig {
+    /// `nats://host:port` URLs, tried in turn.
+    pub urls: Vec<HubUrl>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// `nkey_seed = "SU…"`: sign the hub's nonce as this nkey user.
+    pub nkey_seed: Option<crate::nkey::SeedKey>,
+    /// CA for the hub's certificate; `None`: the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// (certificate, key) presented to the hub, if it wants one.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// Unacknowledged JetStream publishes in flight per mirror.
+    pub max_inflight: usize,
+    /// A publish not acknowledged within this time counts as a link fault.
+    pub ack_timeout: Duration,
+    /// First reconnect delay; doubles (with jitter) up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// One hub address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    pub host: String,
+    pub port: u16,
+    /// Credentials embedded in the URL (`nats://user:pass@host`), if any.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// `tls://`: TLS is required even if the hub does not ask for it.
+    pub tls: bool,
+}
+
+impl fmt::Display for HubUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "tls" } else { "nats" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// `[[uplink.mirror]]`: a local stream copied into a hub stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Local stream name.
+    pub stream: String,
+    /// Hub stream name.
+    pub to: String,
+    /// Prepended to every subject on the hub (for example `"fleet.truck-042."`).
+    pub subject_prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUplink {
+    urls: Vec<String>,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    nkey_seed: Option<String>,
+    creds: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default = "default_uplink_inflight")]
+    max_inflight: usize,
+    #[serde(default = "default_ack_timeout", deserialize_with = "de_duration")]
+    ack_timeout: Duration,
+    #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
+    reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", deserialize_with = "de_duration")]
+    reconnect_max: Duration,
+    #[serde(default)]
+    mirror: Vec<RawMirror>,
+    #[serde(default)]
+    source: Vec<toml::Value>,
+}
+
+pub(super) fn default_uplink_inflight() -> usize {
+    256
+}
+pub(super) fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+pub(super) fn default_reconnect_min() -> Duration {
+    Duration::from_millis(250)
+}
+pub(super) fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMirror {
+    stream: String,
+    to: String,
+    #[serde(default)]
+    subject_prefix: String,
+}
+
+impl RawUplink {
+    pub(super) fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
+        if self.creds.is_some() {
+            return err("uplink.creds: .creds files (JWT authentication) are not supported yet (planned); use nkey_seed = \"SU…\" (an nkey user on the hub), user/password or token");
+        }
+        let nkey_seed = match &self.nkey_seed {
+            Some(s) => Some(crate::nkey::SeedKey::parse(s).map_err(|e| {
+                ConfigError(format!(
+                    "uplink.nkey_seed: {e}; give the user's seed (58 characters starting with \"SU\"), as stored by `nsc` or printed by `nk -gen user`"
+                ))
+            })?),
+            None => None,
+        };
+        if nkey_seed.is_some()
+            && (self.token.is_some() || self.user.is_some() || self.password.is_some())
+        {
+            return err("uplink: give either nkey_seed or user/password or token, not several");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("uplink.tls_cert and uplink.tls_key go together");
+        }
+        if !self.source.is_empty() {
+            return err("uplink.source: source-down is not supported yet (planned); remove [[uplink.source]]");
+        }
+        if self.urls.is_empty() {
+            return err("uplink.urls: list at least one hub URL, e.g. [\"nats://hub:4222\"]");
+        }
+        let mut urls = Vec::new();
+        for u in &self.urls {
+            urls.push(
+                parse_hub_url(u).map_err(|e| ConfigError(format!("uplink.urls: {u:?}: {e}")))?,
+            );
+        }
+        if self.token.is_some() && (self.user.is_some() || self.password.is_some()) {
+            return err("uplink: give either token or user/password, not both");
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return err("uplink: user and password go together");
+        }
+        if self.max_inflight == 0 || self.max_inflight > 65_536 {
+            return err("uplink.max_inflight: must be between 1 and 65536");
+        }
+        if self.ack_timeout.is_zero() {
+            return err("uplink.ack_timeout: must be more than 0");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return err(
+                "uplink.reconnect_min/reconnect_max: need 0 < reconnect_min <= reconnect_max",
+            );
+        }
+        let mut mirrors = Vec::new();
+        for (i, m) in self.mirror.into_iter().enumerate() {
+            let key = format!("uplink.mirror[{i}]");
+            if !streams.iter().any(|s| s.name == m.stream) {
+                return err(format!(
+                    "{key}.stream: no local stream named {:?}; configure it with [[stream]]",
+                    m.stream
+                ));
+            }
+            if mirrors.iter().any(|x: &MirrorConfig| x.stream == m.stream) {
+                return err(format!(
+                    "{key}.stream: stream {:?} is mirrored twice",
+                    m.stream
+                ));
+            }
+            if m.to.is_empty() || m.to.contains(['.', ' ', '*', '>']) {
+                return err(format!(
+                    "{key}.to: {:?} is not a valid hub stream name",
+                    m.to
+                ));
+            }
+            if !m.subject_prefix.is_empty() {
+                let probe = format!("{}x", m.subject_prefix);
+                if !m.subject_prefix.ends_with('.') || !subject::valid_subject(&probe) {
+                    return err(format!(
+                        "{key}.subject_prefix: {:?} must be subject tokens ending in '.', e.g. \"fleet.truck-042.\"",
+                        m.subject_prefix
+                    ));
+                }
+            }
+            mirrors.push(MirrorConfig {
+                stream: m.stream,
+                to: m.to,
+                subject_prefix: m.subject_prefix,
+            });
+        }
+        Ok(UplinkConfig {
+            urls,
+            user: self.user,
+            password: self.password,
+            token: self.token,
+            nkey_seed,
+            tls_ca: self.tls_ca,
+            tls_client: self.tls_cert.zip(self.tls_key),
+            max_inflight: self.max_inflight,
+            ack_timeout: self.ack_timeout,
+            reconnect_min: self.reconnect_min,
+            reconnect_max: self.reconnect_max,
+            mirrors,
+        })
+    }
+}
+
+/// Parse `nats://[user:pass@]host[:port]` (port default 4222). A bare
+/// `host:port` is accepted too.
+pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
+    let (tls, rest) = if let Some(r) = u.strip_prefix("nats://") {
+        (false, r)
+    } else if let Some(r) = u.strip_prefix("tls://") {
+        (true, r)
+    } else if u.contains("://") {
+        return Err("use nats://host:port or tls://host:port".into());
+    } else {
+        (false, u)
+    };
+    let rest = rest.trim_end_matches('/');
+    let (auth, hostport) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let (user, password) = match auth {
+        None => (None, None),
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+            None => (Some(a.to_string()), None),
+        },
+    };
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        // [v6]:port
+        let (h, p) = h.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+        let port = match p.strip_prefix(':') {
+            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+            None => 4222,
+        };
+        (h.to_string(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+            ),
+            None => (hostport.to_string(), 4222),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    Ok(HubUrl {
+        host,
+        port,
+        user,
+        password,
+        tls,
+    })
+}
+
+pub(super) fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "frond".into()
+    } else {
+        cleaned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+
+    #[test]
+    fn uplink_nkey_seed_and_creds() {
+        let seed = crate::nkey::SeedKey::from_bytes([6u8; 32]);
+        let up =
+            |extra: &str| Config::parse(&format!("[uplink]\nurls = [\"nats://h\"]\n{extra}\n"));
+        let c = up(&format!("nkey_seed = \"{}\"", seed.encode())).unwrap();
+        assert_eq!(c.uplink.unwrap().nkey_seed, Some(seed.clone()));
+        let e = up(&format!("nkey_seed = \"{}\"", seed.public_key())).unwrap_err();
+        assert!(e.0.contains("uplink.nkey_seed"), "{e}");
+        let e = up(&format!("nkey_seed = \"{}\"\ntoken = \"t\"", seed.encode())).unwrap_err();
+        assert!(e.0.contains("not several"), "{e}");
+        let e = up("creds = \"/etc/frond/hub.creds\"").unwrap_err();
+        assert!(e.0.contains("nkey_seed"), "{e}");
+    }
+
+    #[test]
+    fn hub_urls() {
+        let u = parse_hub_url("nats://127.0.0.1:4333").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 4333));
+        let t = parse_hub_url("tls://hub.example:4443").unwrap();
+        assert!(t.tls && !u.tls);
+        assert_eq!(t.to_string(), "tls://hub.example:4443");
+        assert!(parse_hub_url("wss://h").is_err());
+        assert!(parse_hub_url("nats://h:notaport").is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! The JetStream API for local streams: an internal service on the router
+//! that answers `$JS.API.…` requests and `$JS.ACK.…` acknowledgements, so
+//! local programs use frond's streams with ordinary JetStream clients.
+//!
+//! Owns: the consumers of every local stream ([`crate::stream::consumer`]),
+//! their files (`<stream dir>/consumers/<name>.json`), waiting pull
+//! requests, and retention by acknowledgement (`interest`, `workqueue`).
+//!
+//! Seam: the service subscribes to `$JS.API.>` and `$JS.ACK.>` on the
+//! router like a NATS connection (its own [`Outbox`]) and publishes its
+//! replies through the router; the NATS shell needs no change. Deliveries
+//! to a pull request's inbox keep the stored subject ([`Broker::route_to`]).
+//!
+//! Supported: `INFO`, `STREAM.NAMES`, `STREAM.LIST`, `STREAM.INFO`,
+//! `STREAM.MSG.GET` (seq, last_by_subj, next_by_subj), `STREAM.MSG.DELETE`,
+//! `STREAM.PURGE` (filter, seq, keep), `CONSUMER.CREATE`,
+//! `CONSUMER.DURABLE.CREATE`, `CONSUMER.INFO`, `CONSUMER.DELETE`,
+//! `CONSUMER.NAMES`, `CONSUMER.LIST`, `CONSUMER.MSG.NEXT` (pull: batch,
+//! max_bytes, expires, no_wait, idle_heartbeat). Streams are configured in
+//! frond.toml: `STREAM.CREATE/UPDATE/DELETE` answer an error saying so.
+//! Push consumers are refused.
+//!
+//! Layout: [`JsApi`] is the service's state and takes `now` from its
+//! caller; it reads no clock, and touches the disk only through `files`
+//! (the consumer state, kept by [`crate::state::consumers`]). `call`
+//! parses a request subject and dispatches it to `streams`, `messages` or
+//! `consumers`; `pull` holds pull requests, acks and delivery; `retention`
+//! removes what acknowledgement retention no longer keeps; `render` the
+//! JSON shapes; `task` the async loop that drives it all.
+//!
+//! Invariants:
+//! - One loop iteration: take requests and acks, expire timers, deliver to
+//!   waiting pull requests, apply retention, write changed consumer files,
+//!   then publish the replies. So an API answer or a synchronous ack reply
+//!   (`AckSync`) is sent only after the consumer state it reports is on
+//!   disk (file streams).
+//! - Retention: `workqueue` removes a message once a consumer that selects
+//!   it processed it (acked, terminated, or gave up after `max_deliver`);
+//!   consumers on a workqueue stream must use explicit acks, deliver all and
+//!   have disjoint filters. `interest` removes a message once every consumer
+//!   that existed when it was stored (and selects it) processed it; with no
+//!   consumer at all it is removed at once, as in JetStream.
+//! - Edge rule: a stream mirrored to the hub (`[[uplink.mirror]]`) never
+//!   loses a message to `interest`/`workqueue` retention before the hub has
+//!   acknowledged it (the mirror's cursor counts as one more interested
+//!   party), so nothing is removed before it is uplinked.
+//! - Limits (max_msgs, max_age…) still apply to every stream.
+//!
+//! Authorization. Who may call what is decided by the publish permission
+//! on the API subject, as in nats-server (checked by the protocol shells).
+//! Beyond nats-server, the service also applies the caller's subscribe
+//! permissions, which reach it as [`Msg::publisher`]:
+//! - Answers go only to a reply subject the caller may subscribe to; a
+//!   request whose answer it could not receive is ignored (logged at
+//!   debug), so no one can aim API answers at subjects it may not use.
+//! - `STREAM.MSG.GET` answers 403 with err_code [`NOT_AUTHORIZED`] for a
+//!   message on a subject the caller's `deny_subscribe` covers (and for a
+//!   `last_by_subj`/`next_by_subj` filter wholly inside it);
+//!   `STREAM.INFO` leaves such subjects out of its `subjects` map. Only
+//!   `deny_subscribe` applies: JetStream clients receive on `_INBOX.`
+//!   subjects, so `allow_subscribe` rarely lists the stream's subjects.
+//! - Consumers: a filter wholly inside the creator's `deny_subscribe` is
+//!   refused at create (403); an unfiltered consumer on a stream whose
+//!   subjects are all denied likewise; what the deny list covers of the
+//!   rest is excluded by the consumer (stepped over like filtered-out
+//!   subjects, see [`Consumer::exclusions`]). A pull (`MSG.NEXT`, `+NXT`)
+//!   is refused with a 403 status when the consumer can deliver a subject
+//!   the puller's `deny_subscribe` covers ([`Consumer::readable_by`]), and
+//!   every delivery is checked once more against the puller.
+//!   `num_pending` is an upper bound: it counts every stream message after
+//!   the consumer's position, including those outside its filter or
+//!   excluded, which are stepped over when reached (nats-server counts
+//!   filtered messages exactly).
+//! - Names that become files (consumer and durable names) pass
+//!   [`crate::names`] before anything else; the answers use nats-server's
+//!   codes (10127 path separator, 10102 too long, 10103 otherwise).
+//! - A stream holds at most [`MAX_CONSUMERS`] consumers, whoever created
+//!   them: any user allowed to publish `CONSUMER.CREATE` for a stream can
+//!   fill them (as in nats-server without account limits); restrict
+//!   `allow_publish` on `$JS.API.CONSUMER.>` to trusted users.
+//! - Wills carry permissions that allow nothing, so no will is answered
+//!   (see [`crate::broker::bridge::will_publisher`]).
+
+mod call;
+mod consumers;
+mod files;
+mod messages;
+mod pull;
+mod render;
+mod retention;
+mod streams;
+mod task;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::broker::Msg;
+use crate::stream::consumer::{ApiError, Consumer};
+use crate::stream::{Retention, Storage, StreamHandle};
+
+pub use call::{parse_call, Call, NOT_AUTHORIZED};
+pub use render::{rfc3339, stream_config_json};
+pub use task::serve;
+
+use call::not_found_stream;
+use files::load_consumers;
+
+/// Bytes of requests and acks queued for the service before it is "slow".
+const INBOX_BYTES: usize = 64 << 20;
+/// Messages examined for retention per loop iteration.
+const RETENTION_BUDGET: usize = 4096;
+/// Consumers per stream (bounds memory and files).
+pub const MAX_CONSUMERS: usize = 1024;
+/// How often the mirror cursors are looked at (mirrored streams only).
+const MIRROR_POLL: Duration = Duration::from_millis(100);
+
+/// One local stream and its consumers.
+struct Slot {
+    handle: StreamHandle,
+    /// `<stream dir>/consumers` for file streams; memory streams keep
+    /// their consumers in memory only.
+    dir: Option<PathBuf>,
+    consumers: BTreeMap<String, Consumer>,
+    mirrored: bool,
+    /// Every local message up to here is on the hub.
+    mirror_cursor: u64,
+    /// Sequence ranges to examine for retention.
+    check: Vec<(u64, u64)>,
+    /// Highest sequence seen (interest: new messages are examined).
+    seen_last: u64,
+}
+
+/// Something to publish once the iteration's state is on disk:
+/// (subject routed to, message).
+type Out = (String, Msg);
+
+/// A status message for a pull request: (inbox, code, text, pending).
+type StatusOut = (String, u16, &'static str, Option<(usize, usize)>);
+
+/// The service's state.
+pub struct JsApi {
+    slots: Vec<Slot>,
+    started: u64,
+    api_total: u64,
+    api_errors: u64,
+    out: Vec<Out>,
+}
+
+impl JsApi {
+    /// Load the consumers of every stream. `streams_dir` holds one
+    /// directory per stream; `mirrored` names the streams mirrored to the hub.
+    pub fn open(
+        streams: &[StreamHandle],
+        streams_dir: &Path,
+        mirrored: &[String],
+        now: u64,
+    ) -> JsApi {
+        let mut slots = Vec::new();
+        for h in streams {
+            let name = h.config().name.clone();
+            let dir = (h.config().storage == Storage::File)
+                .then(|| crate::names::path_in(streams_dir, &name, ""))
+                .and_then(|d| match d {
+                    Ok(d) => Some(d.join("consumers")),
+                    Err(e) => {
+                        log::error!(
+                            "jetstream: stream {name:?}: {e}; its consumers are not persisted"
+                        );
+                        None
+                    }
+                });
+            let mut consumers = BTreeMap::new();
+            if let Some(d) = &dir {
+                for c in load_consumers(d, &name, now) {
+                    consumers.insert(c.name.clone(), c);
+                }
+            }
+            let st = h.state();
+            let check = if h.config().retention == Retention::Limits || st.msgs == 0 {
+                Vec::new()
+            } else {
+                vec![(st.first_seq, st.last_seq)]
+            };
+            slots.push(Slot {
+                handle: h.clone(),
+                dir,
+                consumers,
+                mirrored: mirrored.contains(&name),
+                mirror_cursor: 0,
+                check,
+                seen_last: st.last_seq,
+            });
+        }
+        JsApi {
+            slots,
+            started: now,
+            api_total: 0,
+            api_errors: 0,
+            out: Vec::new(),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Result<&Slot, ApiError> {
+        self.slots
+            .iter()
+            .find(|s| s.handle.config().name == name)
+            .ok_or_else(not_found_stream)
+    }
+
+    fn slot_idx(&self, name: &str) -> Result<usize, ApiError> {
+        self.slots
+            .iter()
+            .position(|s| s.handle.config().name == name)
+            .ok_or_else(not_found_stream)
+    }
+
+    /// Replies and deliveries of this iteration.
+    pub fn take_out(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Earliest timer (unix ns), and whether retention work is left.
+    pub fn next_deadline(&self) -> (Option<u64>, bool) {
+        let t = self
+            .slots
+            .iter()
+            .flat_map(|s| s.consumers.values())
+            .filter_map(Consumer::next_deadline)
+            .min();
+        (t, self.slots.iter().any(|s| !s.check.is_empty()))
+    }
+
+    /// Whether a consumer of stream `i` waits for messages past what it has.
+    fn hungry(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.consumers.values().any(|c| !c.waiting.is_empty()))
+    }
+
+    fn any_mirrored(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.mirrored && s.handle.config().retention != Retention::Limits)
+    }
+}

@@ -1,0 +1,165 @@
+//! The service's task: subscribes to `$JS.API.>` and `$JS.ACK.>` on the
+//! router, and runs the loop of one iteration (requests and acks, timers,
+//! delivery, retention, files, then replies), sleeping until input, a new
+//! stream message, a timer or shutdown. It alone reads the clock and
+//! passes `now` to [`JsApi`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smol::channel::Receiver;
+use smol::future::FutureExt;
+
+use super::{JsApi, INBOX_BYTES, MIRROR_POLL};
+use crate::broker::{Broker, Outbox};
+use crate::stream::Retention;
+use crate::uplink::UplinkStatus;
+use crate::util::unix_nanos;
+
+fn subscribe(broker: &Broker) -> (u64, Arc<Outbox>) {
+    let conn = broker.new_conn_id();
+    let outbox = Outbox::new(INBOX_BYTES);
+    broker.subscribe_nats(conn, 1, "$JS.API.>".into(), None, outbox.clone());
+    broker.subscribe_nats(conn, 2, "$JS.ACK.>".into(), None, outbox.clone());
+    (conn, outbox)
+}
+
+enum Wake {
+    Input,
+    Stream,
+    Timer,
+    Shutdown,
+}
+
+/// Run the service until `shutdown` fires. `streams_dir` holds the stream
+/// directories; `mirrored` names the streams mirrored to the hub, whose
+/// progress `uplink` reports.
+///
+/// The consumers are loaded and the API subscriptions registered when this
+/// is called (before the returned future first runs), so requests sent
+/// right after start-up wait in the service's inbox instead of meeting
+/// "no responders".
+pub fn serve(
+    broker: Arc<Broker>,
+    streams_dir: PathBuf,
+    mirrored: Vec<String>,
+    uplink: Option<Arc<UplinkStatus>>,
+    shutdown: Receiver<()>,
+) -> impl std::future::Future<Output = ()> {
+    let api = JsApi::open(broker.streams(), &streams_dir, &mirrored, unix_nanos());
+    let (conn, outbox) = subscribe(&broker);
+    run(api, conn, outbox, broker, uplink, shutdown)
+}
+
+async fn run(
+    mut api: JsApi,
+    mut conn: u64,
+    mut outbox: Arc<Outbox>,
+    broker: Arc<Broker>,
+    uplink: Option<Arc<UplinkStatus>>,
+    shutdown: Receiver<()>,
+) {
+    // One watcher per stream wakes the loop when messages arrive.
+    let (wake_tx, wake_rx) = smol::channel::bounded::<()>(1);
+    let _watchers: Vec<smol::Task<()>> = broker
+        .streams()
+        .iter()
+        .cloned()
+        .map(|h| {
+            let tx = wake_tx.clone();
+            smol::spawn(async move {
+                let mut seen = h.state().last_seq;
+                loop {
+                    h.wait_for(seen + 1).await;
+                    let last = h.state().last_seq;
+                    if last <= seen {
+                        return; // closed
+                    }
+                    seen = last;
+                    let _ = tx.try_send(());
+                }
+            })
+        })
+        .collect();
+    let cursors = |name: &str| -> Option<u64> {
+        uplink
+            .as_ref()?
+            .mirrors()
+            .into_iter()
+            .find(|m| m.stream == name)
+            .map(|m| m.cursor)
+    };
+    loop {
+        if shutdown.is_closed() {
+            break;
+        }
+        let now = unix_nanos();
+        if outbox.is_slow() {
+            log::warn!("jetstream: API requests arrived faster than they were served; some were dropped (clients retry)");
+            broker.drop_conn(conn);
+            outbox.close();
+            (conn, outbox) = subscribe(&broker);
+        }
+        for (_, m) in outbox.take(1 << 20) {
+            api.handle(&m, now).await;
+        }
+        api.tick(now, &cursors);
+        api.deliver(now).await;
+        api.apply_retention().await;
+        api.persist();
+        for (to, m) in api.take_out() {
+            broker.route_to(&to, Arc::new(m), std::time::Instant::now());
+        }
+        if outbox.pending() > 0 {
+            continue;
+        }
+        let (deadline, more_work) = api.next_deadline();
+        if more_work {
+            smol::future::yield_now().await;
+            continue;
+        }
+        let mut sleep = deadline.map(|d| Duration::from_nanos(d.saturating_sub(unix_nanos())));
+        if api.any_mirrored() {
+            sleep = Some(sleep.map_or(MIRROR_POLL, |s| s.min(MIRROR_POLL)));
+        }
+        let hungry = api.hungry()
+            || api
+                .slots
+                .iter()
+                .any(|s| s.handle.config().retention == Retention::Interest);
+        let wake = async {
+            outbox.wait(true).await;
+            Wake::Input
+        }
+        .or(async {
+            if hungry {
+                let _ = wake_rx.recv().await;
+                Wake::Stream
+            } else {
+                std::future::pending().await
+            }
+        })
+        .or(async {
+            match sleep {
+                Some(d) => {
+                    smol::Timer::after(d).await;
+                    Wake::Timer
+                }
+                None => std::future::pending().await,
+            }
+        })
+        .or(async {
+            let _ = shutdown.recv().await;
+            Wake::Shutdown
+        })
+        .await;
+        match wake {
+            Wake::Shutdown => break,
+            Wake::Input | Wake::Stream | Wake::Timer => {}
+        }
+    }
+    api.persist();
+    broker.drop_conn(conn);
+    outbox.close();
+}
