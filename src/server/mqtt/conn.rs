@@ -110,7 +110,9 @@ pub async fn connection<T: Transport>(
 ) -> String {
     let mut c = Conn::new(ctx, limits, max_queued, transport, shutdown);
     let why = driver::run(&mut c).await;
-    c.finish().await;
+    // Boxed, like the other once-per-connection steps below: their
+    // futures would otherwise make every connection's task bigger.
+    Box::pin(c.finish()).await;
     // Publishes still awaiting storage get no acknowledgement; the stream
     // stores them anyway and the client resends (at-least-once).
     why
@@ -211,7 +213,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                     client_id,
                     clean,
                     expiry,
-                } => self.connected(client_id, clean || expiry.is_zero()).await,
+                } => Box::pin(self.connected(client_id, clean || expiry.is_zero())).await,
                 Event::Publish {
                     subject,
                     payload,
@@ -232,7 +234,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                     }
                 }
                 Event::AckInOrder(id) => self.acks.ready(id, Ok(())),
-                Event::Subscribe(requests) => self.subscribe(requests).await,
+                Event::Subscribe(requests) => Box::pin(self.subscribe(requests)).await,
                 Event::Unsubscribe(filters) => {
                     save(&self.session, self.ctx.sessions, false).await;
                     for f in filters {

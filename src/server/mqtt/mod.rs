@@ -145,31 +145,32 @@ pub async fn serve(
     };
     accept::serve(&listener, &shutdown, accept, |sock, peer| {
         let _ = sock.set_nodelay(true);
-        let task = serve_one(
+        // Spawned as it is: wrapping it in another async block would store
+        // the future twice (the captured value and the awaited one), and
+        // every connection's task would be twice as big.
+        smol::spawn(serve_one(
             sock,
+            peer,
             shared.clone(),
             limits.clone(),
             shutdown.clone(),
             framing.clone(),
-        );
-        smol::spawn(async move {
-            let why = task.await;
-            log::debug!("mqtt: {peer} closed: {why}");
-        })
+        ))
         .detach();
     })
     .await
 }
 
 /// One accepted connection, through TLS and WebSocket if configured;
-/// gives its slot back when it ends. Returns why it ended.
+/// gives its slot back when it ends, and logs why it ended.
 async fn serve_one(
     sock: smol::net::TcpStream,
+    peer: std::net::SocketAddr,
     shared: Shared,
     limits: Limits,
     shutdown: Receiver<()>,
     framing: Framing,
-) -> String {
+) {
     let Shared {
         broker,
         retained,
@@ -212,7 +213,7 @@ async fn serve_one(
         }
     };
     broker.counters.connections.fetch_sub(1, Ordering::Relaxed);
-    why
+    log::debug!("mqtt: {peer} closed: {why}");
 }
 
 /// After TLS (if any): the WebSocket upgrade (if `websocket`), then the
