@@ -24,7 +24,6 @@
 //!   shell: one accept loop, transports, the connection loops — and the
 //!   JetStream API service for local streams.
 //! - [`uplink`]: the hub link: NATS client, mirror-up state machine.
-//! - [`names`]: the one check for names that become file names.
 
 #![forbid(unsafe_code)]
 
@@ -36,7 +35,6 @@ pub mod config;
 pub mod ingest;
 pub mod logger;
 pub mod mqtt;
-pub mod names;
 pub mod nats;
 pub mod nkey;
 pub use stream::oneshot;

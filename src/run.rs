@@ -88,7 +88,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
 fn open_streams(cfg: &Config) -> Result<Vec<StreamHandle>, String> {
     let mut handles: Vec<StreamHandle> = Vec::new();
     for sc in &cfg.streams {
-        let dir = crate::names::path_in(&cfg.data_dir.join("streams"), &sc.name, "")
+        let dir = crate::stream::names::path_in(&cfg.data_dir.join("streams"), &sc.name, "")
             .map_err(|e| format!("stream name {:?}: {e}", sc.name))?;
         let (h, report) = stream::open(&dir, sc.clone())
             .map_err(|e| format!("cannot open stream {} in {}: {e}", sc.name, dir.display()))?;

@@ -80,12 +80,17 @@ const RULES: &[Rule] = &[
         may_import: &["store", "subject"],
         forbidden: &[],
     },
-    // consumer.rs: the name rule (`check_name` in `from_json`, and
-    // `restore`) is crate::names, a leaf of pure functions; permissions
-    // come in as deny lists and a `Receiver` (the API shell's types).
+    // The one validator for names that become file names.
+    Rule {
+        dir: "src/stream/names.rs",
+        may_import: &[],
+        forbidden: IO,
+    },
+    // consumer.rs: permissions come in as deny lists and a `Receiver` (the
+    // API shell's types).
     Rule {
         dir: "src/stream/consumer.rs",
-        may_import: &["store", "subject", "names"],
+        may_import: &["store", "subject"],
         forbidden: CLOCK,
     },
     // The sans-IO Stream: the owner thread (owner.rs) reads the clock and
@@ -116,7 +121,7 @@ const RULES: &[Rule] = &[
     // check (names); callers pass the time (a `now` or a `Clock`).
     Rule {
         dir: "src/state",
-        may_import: &["store", "subject", "stream", "names"],
+        may_import: &["store", "subject", "stream"],
         forbidden: CLOCK,
     },
     // The one publish path: sans-IO, takes `now`.

@@ -141,9 +141,9 @@ impl RawStream {
         crypt_key: Option<&Key>,
     ) -> Result<StreamConfig, ConfigError> {
         let key = format!("stream[{i}] ({:?})", self.name);
-        // The name is a directory name ([`crate::names`]); the charset
+        // The name is a directory name ([`crate::stream::names`]); the charset
         // below is stricter still (it is also a subject token on the hub).
-        if let Err(e) = crate::names::validate(&self.name) {
+        if let Err(e) = crate::stream::names::validate(&self.name) {
             return err(format!(
                 "{key}.name: {e} (it names a directory; use 1-64 letters, digits, '-' or '_')"
             ));

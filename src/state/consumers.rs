@@ -11,7 +11,7 @@
 //! removal; a record that does not check out (checksum, version, or a
 //! state [`Consumer::restore`] refuses) is reported and skipped — the
 //! consumer is not loaded, its file is left for the operator. Consumer
-//! names are checked ([`crate::names`]) before they become file names.
+//! names are checked ([`crate::stream::names`]) before they become file names.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -56,12 +56,14 @@ pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
 
 /// A consumer record's file name stem, if `name` may be one.
 fn checked(name: &str) -> io::Result<&str> {
-    crate::names::validate(name).map(|()| name).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("consumer name {name:?}: {e}"),
-        )
-    })
+    crate::stream::names::validate(name)
+        .map(|()| name)
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("consumer name {name:?}: {e}"),
+            )
+        })
 }
 
 /// The consumers on `b`, each logged; unusable records are reported and

@@ -124,11 +124,11 @@ pub struct ConsumerConfig {
     pub inactive_threshold_ns: u64,
 }
 
-/// A consumer or durable name as the API checks it: [`crate::names`]'s
+/// A consumer or durable name as the API checks it: [`crate::stream::names`]'s
 /// rule (it names a file), with nats-server's error codes: 10127 for a
 /// path separator, 10102 for a name that is too long, 10103 otherwise.
 pub fn check_name(n: &str) -> Result<(), ApiError> {
-    use crate::names::{validate, NameError, MAX_NAME_LEN};
+    use crate::stream::names::{validate, NameError, MAX_NAME_LEN};
     match validate(n) {
         Ok(()) => Ok(()),
         Err(NameError::PathSeparator) => Err(ApiError::new(
@@ -879,7 +879,7 @@ impl Consumer {
     /// A persisted consumer, checked. Pending messages become due one ack
     /// wait after their last delivery.
     pub fn restore(s: SavedConsumer, now: u64) -> Result<Consumer, String> {
-        if crate::names::validate(&s.name).is_err() {
+        if crate::stream::names::validate(&s.name).is_err() {
             return Err("missing or bad name".into());
         }
         let v: Value = serde_json::from_str(&s.config).map_err(|e| format!("bad config: {e}"))?;

@@ -10,9 +10,9 @@
 //! calls [`Stream`]. `handle.rs` is the async side ([`StreamHandle`]).
 //! [`consumer`] holds consumer state (run by `server::jsapi`). Of the
 //! crate, this module imports only [`crate::store`] and [`crate::subject`]
-//! (checked by `tests/layout.rs`), except `consumer.rs`, which uses
-//! `crate::auth` and `crate::names` for the API's permission and name
-//! checks.
+//! (checked by `tests/layout.rs`). [`names`] is the one validator for
+//! names that become file names (streams, consumers, cursors): it lives
+//! here because stream and consumer names are its first users.
 //!
 //! CONTRACT (used by the broker and the uplink):
 //!
@@ -75,6 +75,7 @@ mod dedup;
 mod handle;
 pub mod headers;
 mod limits;
+pub mod names;
 pub mod oneshot;
 mod owner;
 pub mod rules;

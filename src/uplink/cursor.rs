@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 pub use crate::state::cursors::*;
 
 /// The cursor file for a local stream (an error for a name that cannot
-/// be a file name, see [`crate::names`]; configured names always can).
-pub fn path(data_dir: &Path, stream: &str) -> Result<PathBuf, crate::names::NameError> {
-    crate::names::path_in(&data_dir.join("uplink"), stream, ".cursor")
+/// be a file name, see [`crate::stream::names`]; configured names always can).
+pub fn path(data_dir: &Path, stream: &str) -> Result<PathBuf, crate::stream::names::NameError> {
+    crate::stream::names::path_in(&data_dir.join("uplink"), stream, ".cursor")
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@
 //!   excluded, which are stepped over when reached (nats-server counts
 //!   filtered messages exactly).
 //! - Names that become files (consumer and durable names) pass
-//!   [`crate::names`] before anything else; the answers use nats-server's
+//!   [`crate::stream::names`] before anything else; the answers use nats-server's
 //!   codes (10127 path separator, 10102 too long, 10103 otherwise).
 //! - A stream holds at most [`MAX_CONSUMERS`] consumers, whoever created
 //!   them: any user allowed to publish `CONSUMER.CREATE` for a stream can
@@ -162,7 +162,7 @@ impl JsApi {
         for h in streams {
             let name = h.config().name.clone();
             let dir = (h.config().storage == Storage::File)
-                .then(|| crate::names::path_in(streams_dir, &name, ""))
+                .then(|| crate::stream::names::path_in(streams_dir, &name, ""))
                 .and_then(|d| match d {
                     Ok(d) => Some(d.join("consumers")),
                     Err(e) => {

@@ -333,7 +333,7 @@ fn names_that_are_paths_touch_no_file() {
         let v = call(&mut api, "$JS.API.CONSUMER.CREATE.A", &body.to_string());
         assert_eq!(v["error"]["err_code"], code, "{name:?}: {v}");
     }
-    let long = "x".repeat(crate::names::MAX_NAME_LEN + 1);
+    let long = "x".repeat(crate::stream::names::MAX_NAME_LEN + 1);
     let v = call(
         &mut api,
         &format!("$JS.API.CONSUMER.DURABLE.CREATE.A.{long}"),
