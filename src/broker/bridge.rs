@@ -129,7 +129,7 @@ fn without_response_topic(headers: Option<Vec<u8>>) -> Option<Vec<u8>> {
     h.encode().ok().or(headers)
 }
 
-/// The [`crate::broker::Msg::publisher`] of a will: allowed nothing, so
+/// The [`crate::router::Msg::publisher`] of a will: allowed nothing, so
 /// the JetStream API answers no will (its client's permissions are not
 /// known when it fires, possibly after a restart).
 pub fn will_publisher() -> std::sync::Arc<Permissions> {

@@ -1,15 +1,15 @@
-//! The MQTT session machine and the durable state of MQTT (sessions,
-//! wills, retained messages), with the MQTT <-> NATS metadata bridge.
+//! What is left of the old `broker/` after the restructure of issue 11:
+//! the MQTT-facing rules around durable state that are neither the
+//! protocol machine ([`crate::mqtt`]) nor the records ([`crate::state`]):
+//! the reply-inbox table and request/reply redirect ([`bridge`]), who owns
+//! a stored session ([`persist`]: `claim`), a stored will's meaning and
+//! authorization ([`wills`]) and retained-message expiry ([`retained`]).
+//! The router that used to live here is [`crate::router`].
 //!
-//! The router that used to live here is [`crate::router`]; its items are
-//! re-exported at this path for code that still imports them from here.
+//! Still to do: these four belong with their users (ingest, the MQTT shell,
+//! state), and the module should then go.
 
 pub mod bridge;
 pub mod persist;
 pub mod retained;
-// The MQTT machine moved to crate::mqtt; the old path stays while
-// broker/wills.rs and doc links in persist.rs and server/mqtt.rs use it.
-pub use crate::mqtt as session;
 pub mod wills;
-
-pub use crate::router::*;

@@ -3,11 +3,11 @@
 //! the code that still imports it from `broker`).
 //!
 //! Owns the conversions between the session's will
-//! ([`crate::broker::session::WillMessage`]) and its record, and the
+//! ([`crate::mqtt::WillMessage`]) and its record, and the
 //! authorization of a restored will (issue 10): a will is a publish by its
 //! client, checked against that user's publish permissions. The CONNECT
 //! that carries one the user may not publish is refused
-//! ([`crate::broker::session`]). A will left from the last run is checked
+//! ([`crate::mqtt`]). A will left from the last run is checked
 //! again at start against the current `[auth]` ([`StoredWill::authorized`]),
 //! since the operator may have narrowed the user's permissions or removed
 //! the user: one that is no longer allowed, or that has no recorded owner
@@ -19,8 +19,8 @@ use std::time::Duration;
 pub use crate::state::wills::*;
 
 use super::persist::Owner;
-use super::session::WillMessage;
 use crate::auth::Auth;
+use crate::mqtt::WillMessage;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::Properties;
 use crate::wire::nats::base64;

@@ -48,7 +48,7 @@ use std::time::Instant;
 
 use crate::auth::Permissions;
 use crate::broker::bridge;
-use crate::broker::session::WillMessage;
+use crate::mqtt::WillMessage;
 use crate::router::{Broker, ConnId, Msg, NoInterest, Origin};
 use crate::stream::{AckWaiter, Message, PubAck, StreamError, StreamHandle};
 use crate::wire::mqtt::Properties;

@@ -55,9 +55,9 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, Permissions};
 use crate::broker::persist::{Cursor, Owner};
-#[cfg(doc)]
-use crate::broker::Delivery;
 pub use crate::close::CloseReason;
+#[cfg(doc)]
+use crate::router::Delivery;
 use crate::wire::mqtt::{
     self, reason, return_code, ConnAck, DecodeError, Disconnect, Packet, Properties, Version,
 };

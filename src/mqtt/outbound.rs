@@ -14,7 +14,7 @@
 //!   `max_queued_bytes` bytes ([`Delivery::cost`]; an empty queue takes
 //!   one message of any size), then are dropped and counted in `dropped`;
 //!   QoS 0 goes out at once. The shell reports [`Session::queued_bytes`]
-//!   to the connection's [`crate::broker::QueueBudget`], so the router's
+//!   to the connection's [`crate::router::QueueBudget`], so the router's
 //!   channel and this queue share one byte limit, and moves deliveries in
 //!   only while [`Session::output_len`] is small (the output is bounded by
 //!   what the shell lets in, not here). frond's Receive
@@ -38,8 +38,8 @@
 use std::time::{Duration, Instant};
 
 use super::{Session, State};
-use crate::broker::Delivery;
 use crate::mqtt::props;
+use crate::router::Delivery;
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{Packet, Properties, Publish, QoS, Version};
 

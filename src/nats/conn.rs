@@ -5,7 +5,7 @@
 //! subscriptions by client `sid` (mapped to router ids), their
 //! auto-unsubscribe counts, and the server's PING keep-alive.
 //!
-//! Call order (like [`crate::broker::session::Session`]): feed inputs with
+//! Call order (like [`crate::mqtt::Session`]): feed inputs with
 //! [`Conn::handle_bytes`], [`Conn::deliver`], [`Conn::no_responders`],
 //! [`Conn::slow_consumer`] and [`Conn::handle_timeout`]; then drain
 //! [`Conn::poll_event`] (work for the shell: route, capture, subscribe,

@@ -25,8 +25,8 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
 use super::accept::{self, Accept};
-use crate::broker::Broker;
 use crate::config::HttpConfig;
+use crate::router::Broker;
 use crate::uplink::UplinkStatus;
 
 /// Failed accepts and refusals are logged at most this often.

@@ -37,8 +37,8 @@ use std::sync::Arc;
 use smol::channel::Receiver;
 
 use crate::broker::retained::{Retained, RetainedScan};
-use crate::broker::{Broker, ConnId, Delivery, QueueBudget};
 use crate::mqtt::Session;
+use crate::router::{Broker, ConnId, Delivery, QueueBudget};
 
 /// Deliveries (and retained messages) are moved into the session's output
 /// only while it holds less than this many bytes.

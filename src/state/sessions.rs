@@ -31,7 +31,7 @@
 //! each QoS 2 message in flight as `[sequence, packet id, PUBREC
 //! received]`, and the sequences above `acked` whose QoS 2 exchange
 //! completed (`done`), which are never sent again. The session machine
-//! ([`crate::broker::session`]) asks for this record to be written before
+//! ([`crate::mqtt`]) asks for this record to be written before
 //! a QoS 2 PUBLISH, a PUBREL, a PUBREC or a PUBCOMP whose state it records
 //! leaves, so what the client was told is always on disk.
 //!
@@ -50,7 +50,7 @@
 //! - A session belongs to its owner ([`Owner`], `broker::persist::claim`):
 //!   another user never resumes it, deletes it or takes over a live
 //!   connection of its client id ([`SessionStore::hold`]); see the module
-//!   doc of [`crate::broker::session`] for the rule.
+//!   doc of [`crate::mqtt`] for the rule.
 //! - Expiry is judged on the [`Clock`] given at open (the caller's).
 //! - Methods that touch files block: call them through `smol::unblock`.
 

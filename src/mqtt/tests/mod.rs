@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::broker::persist::{Cursor, StoredSession, StoredSub};
-use crate::broker::Delivery;
+use crate::router::Delivery;
 use crate::wire::mqtt::{
     Ack, Connect, Packet, Properties, Publish, QoS, Subscribe, SubscriptionOptions, Version,
 };

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::render::status_msg;
 use super::JsApi;
 use crate::auth::Permissions;
-use crate::broker::Msg;
+use crate::router::Msg;
 use crate::stream::consumer::ApiError;
 use crate::stream::StreamError;
 

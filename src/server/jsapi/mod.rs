@@ -97,7 +97,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::broker::Msg;
+use crate::router::Msg;
 use crate::stream::consumer::{ApiError, Consumer};
 use crate::stream::{Retention, Storage, StreamHandle};
 

@@ -9,7 +9,7 @@ use super::call::may_answer;
 use super::render::status_msg;
 use super::{JsApi, Out, StatusOut};
 use crate::auth::Permissions;
-use crate::broker::Msg;
+use crate::router::Msg;
 use crate::stream::consumer::{
     ack_subject, parse_ack_subject, AckKind, Consumer, PullRequest, Receiver, ReceiverRef,
 };

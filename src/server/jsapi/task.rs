@@ -12,7 +12,7 @@ use smol::channel::Receiver;
 use smol::future::FutureExt;
 
 use super::{JsApi, INBOX_BYTES, MIRROR_POLL};
-use crate::broker::{Broker, Outbox};
+use crate::router::{Broker, Outbox};
 use crate::stream::Retention;
 use crate::uplink::UplinkStatus;
 use crate::util::unix_nanos;

@@ -15,8 +15,8 @@ use smol::future::FutureExt;
 
 use super::{refuse_client_id, save, Ctx, HANDOVER_TIMEOUT, READ_BATCH, SAVE_EVERY};
 use crate::broker::persist::{claim, log_id, Claim};
-use crate::broker::session::{Event, Limits, Session, SubRequest};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
+use crate::mqtt::{Event, Limits, Session, SubRequest};
 use crate::router::{ConnId, Delivery};
 use crate::server::driver::{self, Common, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};

@@ -25,7 +25,7 @@
 //! - Everything a connection registered (subscriptions, client id) is
 //!   removed when it ends, whatever the reason.
 //!
-//! Persistent sessions (see [`crate::broker::session`] and
+//! Persistent sessions (see [`crate::mqtt`] and
 //! [`crate::broker::persist`]):
 //! - On CONNECT the task claims the client id (kicking an older
 //!   connection of the same user; another user's live connection is never
@@ -71,8 +71,8 @@ use smol::Timer;
 
 use crate::broker::persist::{log_id, unix_now, Owner, SessionStore};
 use crate::broker::retained::Retained;
-use crate::broker::session::{Limits, Session};
 use crate::config::MqttConfig;
+use crate::mqtt::{Limits, Session};
 use crate::router::Broker;
 
 use super::accept::{self, Accept};

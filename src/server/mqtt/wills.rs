@@ -12,9 +12,9 @@ use smol::future::FutureExt;
 use smol::Timer;
 
 use crate::broker::retained::Retained;
-use crate::broker::session::WillMessage;
 use crate::broker::wills::{unix_ms, StoredWill, WillStore};
 use crate::ingest::Ingest;
+use crate::mqtt::WillMessage;
 use crate::router::Broker;
 
 /// Wills waiting out their MQTT 5 delay, by client id, and the durable
