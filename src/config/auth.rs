@@ -77,8 +77,11 @@ impl RawResponses {
     }
 }
 
+/// A user: its credentials, and every other key of its table read as its
+/// [`RawPermissions`] (which refuses unknown keys; serde cannot combine
+/// `flatten` with `deny_unknown_fields`, so the rest is kept as a table and
+/// parsed into the permissions in [`RawAuth::validate`]).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawUser {
     /// Optional for nkey users (their public key is used in logs).
     #[serde(default)]
@@ -87,16 +90,8 @@ pub(super) struct RawUser {
     password: String,
     /// A user public key `U…` (NATS clients only) instead of a password.
     nkey: Option<String>,
-    #[serde(default)]
-    allow_publish: Vec<String>,
-    #[serde(default)]
-    allow_subscribe: Vec<String>,
-    #[serde(default)]
-    deny_publish: Vec<String>,
-    #[serde(default)]
-    deny_subscribe: Vec<String>,
-    #[serde(default)]
-    allow_responses: Option<RawResponses>,
+    #[serde(flatten)]
+    permissions: toml::Table,
 }
 
 impl RawPermissions {
@@ -185,17 +180,11 @@ impl RawAuth {
                     "{key}.password: looks like a bcrypt hash but is not one ($2a$/$2b$/$2y$, cost, then 53 characters); check for truncation"
                 ));
             }
+            let permissions: RawPermissions = toml::Value::Table(u.permissions)
+                .try_into()
+                .or_else(|e| err(format!("{key}: {e}")))?;
             users.push(User {
-                permissions: Arc::new(
-                    RawPermissions {
-                        allow_publish: u.allow_publish,
-                        allow_subscribe: u.allow_subscribe,
-                        deny_publish: u.deny_publish,
-                        deny_subscribe: u.deny_subscribe,
-                        allow_responses: u.allow_responses,
-                    }
-                    .validate(&key)?,
-                ),
+                permissions: Arc::new(permissions.validate(&key)?),
                 name: u.name,
                 secret,
             });
@@ -217,6 +206,21 @@ mod tests {
 
     use super::*;
     use crate::config::*;
+
+    #[test]
+    fn a_user_key_that_is_no_permission_is_refused_by_name() {
+        let e = Config::parse(
+            "[auth]\n[[auth.users]]\nname = \"a\"\npassword = \"p\"\nalow_publish = [\"x\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("auth.users[0]"), "{e}");
+        assert!(e.0.contains("alow_publish"), "{e}");
+        let e = Config::parse(
+            "[auth]\n[[auth.users]]\nname = \"a\"\npassword = \"p\"\nallow_publish = \"x\"\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("allow_publish"), "wrong type named: {e}");
+    }
 
     #[test]
     fn auth_section() {

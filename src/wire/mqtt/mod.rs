@@ -30,8 +30,8 @@
 //! Topic filter syntax is validated by the decoder (SUBSCRIBE, UNSUBSCRIBE)
 //! and also exposed as [`valid_filter`] / [`split_shared`].
 
+// Codecs never panic on input (`unsafe` is forbidden crate-wide).
 #![deny(
-    unsafe_code,
     clippy::indexing_slicing,
     clippy::unwrap_used,
     clippy::expect_used,

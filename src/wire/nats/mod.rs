@@ -18,8 +18,8 @@
 //! - Emitters refuse subjects that would break the line framing (empty, or
 //!   containing whitespace or control characters).
 
+// Codecs never panic on input (`unsafe` is forbidden crate-wide).
 #![deny(
-    unsafe_code,
     clippy::indexing_slicing,
     clippy::unwrap_used,
     clippy::expect_used,
