@@ -69,7 +69,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let result = smol::block_on(async {
         let uplink_status = cfg.uplink.as_ref().map(|_| Arc::new(UplinkStatus::new()));
         let mut tasks = start_listeners(&cfg, &broker, mqtt, &uplink_status, &stop_rx).await?;
-        if let Some(t) = start_uplink(&cfg, &handles, &uplink_status, &stop_rx)? {
+        if let Some(t) = start_uplink(&cfg, &broker, &uplink_status, &stop_rx)? {
             tasks.push(t);
         }
         log::info!("ready");
@@ -330,7 +330,7 @@ async fn start_mqtt_listeners(
 /// The uplink to the hub, when configured (its TLS files checked first).
 fn start_uplink(
     cfg: &Config,
-    handles: &[StreamHandle],
+    broker: &Arc<Broker>,
     uplink_status: &Option<Arc<UplinkStatus>>,
     stop_rx: &Receiver<()>,
 ) -> Result<Option<Task<()>>, String> {
@@ -347,7 +347,7 @@ fn start_uplink(
             u.clone(),
             cfg.node.clone(),
             cfg.data_dir.clone(),
-            handles.to_vec(),
+            broker.clone(),
             status.clone(),
             stop_rx.clone(),
         ))));

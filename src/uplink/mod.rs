@@ -33,6 +33,7 @@ use smol::net::TcpStream;
 use smol::Timer;
 
 use crate::config::UplinkConfig;
+use crate::router::Broker;
 use crate::stream::{StoredMessage, StreamError, StreamHandle};
 
 pub use link::{Action, Link, LinkEvent, LinkParams};
@@ -60,13 +61,14 @@ pub async fn run(
     cfg: UplinkConfig,
     node: String,
     data_dir: PathBuf,
-    streams: Vec<StreamHandle>,
+    broker: Arc<Broker>,
     status: Arc<UplinkStatus>,
     shutdown: Receiver<()>,
 ) {
+    let streams = broker.streams();
     let (answers_tx, answers_rx) =
         smol::channel::bounded::<ReadAnswer>(cfg.mirrors.len().max(1) * 2);
-    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, &streams, &answers_tx);
+    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, streams, &answers_tx);
     let params = link_params(&cfg, &node);
     let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
     let mut tls = TlsClient::new(&cfg);
