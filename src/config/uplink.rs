@@ -45,12 +45,21 @@ pub struct HubUrl {
     pub user: Option<String>,
     pub password: Option<String>,
     /// `tls://`: TLS is required even if the hub does not ask for it.
+    /// With `ws`: `wss://`, TLS under the WebSocket.
     pub tls: bool,
+    /// `ws://` / `wss://`: NATS over WebSocket (with permessage-deflate
+    /// when the hub offers it; see `uplink::ws`).
+    pub ws: bool,
 }
 
 impl fmt::Display for HubUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "tls" } else { "nats" };
+        let scheme = match (self.ws, self.tls) {
+            (true, true) => "wss",
+            (true, false) => "ws",
+            (false, true) => "tls",
+            (false, false) => "nats",
+        };
         write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
@@ -78,8 +87,8 @@ pub(super) struct RawUplink {
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
-    #[serde(default = "default_uplink_inflight")]
-    max_inflight: usize,
+    /// Default: [`default_uplink_inflight`] for the URLs given.
+    max_inflight: Option<usize>,
     #[serde(default = "default_ack_timeout", deserialize_with = "de_duration")]
     ack_timeout: Duration,
     #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
@@ -92,8 +101,17 @@ pub(super) struct RawUplink {
     source: Vec<toml::Value>,
 }
 
-pub(super) fn default_uplink_inflight() -> usize {
-    256
+/// 256 publishes in flight; 1024 when every hub URL is `ws://`/`wss://`:
+/// compressed publishes are about 4x smaller, so the same bytes are in
+/// flight, and a window refilled in halves (see `uplink::mirror`) must
+/// span twice a slow link's bandwidth-delay product in messages (a
+/// 1 Mbit/s, 150 ms RTT link holds about 300 compressed publishes).
+pub(super) fn default_uplink_inflight(urls: &[HubUrl]) -> usize {
+    if !urls.is_empty() && urls.iter().all(|u| u.ws) {
+        1024
+    } else {
+        256
+    }
 }
 pub(super) fn default_ack_timeout() -> Duration {
     Duration::from_secs(10)
@@ -153,7 +171,10 @@ impl RawUplink {
         if self.user.is_some() != self.password.is_some() {
             return err("uplink: user and password go together");
         }
-        if self.max_inflight == 0 || self.max_inflight > 65_536 {
+        let max_inflight = self
+            .max_inflight
+            .unwrap_or_else(|| default_uplink_inflight(&urls));
+        if max_inflight == 0 || max_inflight > 65_536 {
             return err("uplink.max_inflight: must be between 1 and 65536");
         }
         if self.ack_timeout.is_zero() {
@@ -208,7 +229,7 @@ impl RawUplink {
             nkey_seed,
             tls_ca: self.tls_ca,
             tls_client: self.tls_cert.zip(self.tls_key),
-            max_inflight: self.max_inflight,
+            max_inflight,
             ack_timeout: self.ack_timeout,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
@@ -217,17 +238,29 @@ impl RawUplink {
     }
 }
 
-/// Parse `nats://[user:pass@]host[:port]` (port default 4222). A bare
+/// Parse `nats://[user:pass@]host[:port]` (port default 4222), `tls://`
+/// likewise, `ws://` / `wss://` (port default 80 / 443). A bare
 /// `host:port` is accepted too.
 pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
-    let (tls, rest) = if let Some(r) = u.strip_prefix("nats://") {
-        (false, r)
+    let (tls, ws, rest) = if let Some(r) = u.strip_prefix("nats://") {
+        (false, false, r)
     } else if let Some(r) = u.strip_prefix("tls://") {
-        (true, r)
+        (true, false, r)
+    } else if let Some(r) = u.strip_prefix("ws://") {
+        (false, true, r)
+    } else if let Some(r) = u.strip_prefix("wss://") {
+        (true, true, r)
     } else if u.contains("://") {
-        return Err("use nats://host:port or tls://host:port".into());
+        return Err(
+            "use nats://host:port, tls://host:port, ws://host:port or wss://host:port".into(),
+        );
     } else {
-        (false, u)
+        (false, false, u)
+    };
+    let default_port = match (ws, tls) {
+        (true, true) => 443,
+        (true, false) => 80,
+        _ => 4222,
     };
     let rest = rest.trim_end_matches('/');
     let (auth, hostport) = match rest.rsplit_once('@') {
@@ -246,7 +279,7 @@ pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
         let (h, p) = h.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
         let port = match p.strip_prefix(':') {
             Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
-            None => 4222,
+            None => default_port,
         };
         (h.to_string(), port)
     } else {
@@ -255,7 +288,7 @@ pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
                 h.to_string(),
                 p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
             ),
-            None => (hostport.to_string(), 4222),
+            None => (hostport.to_string(), default_port),
         }
     };
     if host.is_empty() {
@@ -267,6 +300,7 @@ pub fn parse_hub_url(u: &str) -> Result<HubUrl, String> {
         user,
         password,
         tls,
+        ws,
     })
 }
 
@@ -319,7 +353,27 @@ mod tests {
         let t = parse_hub_url("tls://hub.example:4443").unwrap();
         assert!(t.tls && !u.tls);
         assert_eq!(t.to_string(), "tls://hub.example:4443");
-        assert!(parse_hub_url("wss://h").is_err());
+        let w = parse_hub_url("ws://hub.example:8080").unwrap();
+        assert!(w.ws && !w.tls && w.port == 8080, "{w:?}");
+        assert_eq!(w.to_string(), "ws://hub.example:8080");
+        let w = parse_hub_url("wss://hub.example").unwrap();
+        assert!(w.ws && w.tls && w.port == 443, "{w:?}");
+        assert!(parse_hub_url("http://h").is_err());
         assert!(parse_hub_url("nats://h:notaport").is_err());
+    }
+
+    #[test]
+    fn max_inflight_default_follows_the_transport() {
+        let up = |urls: &str, extra: &str| {
+            Config::parse(&format!("[uplink]\nurls = [{urls}]\n{extra}\n"))
+                .map(|c| c.uplink.unwrap().max_inflight)
+                .map_err(|e| e.0)
+        };
+        assert_eq!(up("\"nats://h\"", ""), Ok(256));
+        assert_eq!(up("\"ws://h:8080\", \"wss://g\"", ""), Ok(1024));
+        assert_eq!(up("\"ws://h:8080\", \"nats://g\"", ""), Ok(256));
+        assert_eq!(up("\"ws://h:8080\"", "max_inflight = 64"), Ok(64));
+        let e = up("\"ws://h\"", "max_inflight = 0").unwrap_err();
+        assert!(e.contains("uplink.max_inflight"), "{e}");
     }
 }

@@ -507,7 +507,9 @@ impl Link {
         };
         self.limit = self.max_payload + PAYLOAD_SLACK;
         let offered = info.tls_required || info.tls_available;
-        let want = info.tls_required || server.url.tls || (offered && self.p.tls_configured);
+        // Over WebSocket, TLS (wss) is below the upgrade, done before INFO.
+        let want = !server.url.ws
+            && (info.tls_required || server.url.tls || (offered && self.p.tls_configured));
         let nonce = info.nonce.clone();
         self.discover(&info);
         self.pending_info = Some(Box::new(info));
@@ -603,6 +605,7 @@ impl Link {
                     user: via.url.user.clone(),
                     password: via.url.password.clone(),
                     tls: via.url.tls,
+                    ws: via.url.ws,
                 },
                 tls_name,
                 discovered: true,

@@ -10,6 +10,7 @@ fn url(port: u16) -> HubUrl {
         user: None,
         password: None,
         tls: false,
+        ws: false,
     }
 }
 

@@ -906,8 +906,16 @@ impl Mirror {
     }
 
     /// Send from `pending` while the window has room; ask for more.
+    ///
+    /// The window refills in halves: nothing is sent or read while more
+    /// than half of it is in flight. A backlog then leaves in batches of
+    /// half a window, written as one chunk (one compressed WebSocket
+    /// message on a `ws://` link, where a few publishes per message would
+    /// compress poorly); a lone live message still leaves at once.
     fn pump(&mut self, now: Instant) {
-        if self.phase != Phase::Streaming {
+        if self.phase != Phase::Streaming
+            || self.inflight.len() + (self.p.max_inflight / 2).max(1) > self.p.max_inflight
+        {
             return;
         }
         let Some(conn) = self.conn.clone() else {

@@ -21,6 +21,8 @@ pub mod cursor;
 pub mod link;
 pub mod mirror;
 pub mod status;
+pub mod ws;
+mod ws_io;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -260,10 +262,17 @@ async fn drive_actions(
                     Err("shutting down".to_string())
                 })
                 .await;
-                match r {
+                let r = match r {
+                    Ok(tcp) if server.url.ws => ws_connect(tcp, &server, tls, deadline).await,
                     Ok(tcp) => {
                         let _ = tcp.set_nodelay(true);
-                        *sock = Some(Box::new(tcp));
+                        Ok(Box::new(tcp) as Box<dyn HubIo>)
+                    }
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(s) => {
+                        *sock = Some(s);
                         link.handle_dialed(Instant::now());
                     }
                     Err(e) => link.handle_io_error(Instant::now(), e),
@@ -503,6 +512,29 @@ async fn write_flush(sock: &mut Box<dyn HubIo>, data: &[u8]) -> std::io::Result<
 /// The hub connection's byte stream: TCP, or TLS over TCP.
 trait HubIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> HubIo for T {}
+
+/// A `ws://` / `wss://` hub: TLS first for `wss`, then the WebSocket
+/// upgrade, all before `deadline`.
+async fn ws_connect(
+    tcp: TcpStream,
+    server: &link::Server,
+    tls: &mut TlsClient,
+    deadline: Instant,
+) -> Result<Box<dyn HubIo>, String> {
+    let _ = tcp.set_nodelay(true);
+    let (host, port) = (server.url.host.as_str(), server.url.port);
+    let sock: Box<dyn HubIo> = if server.url.tls {
+        start_tls(Box::new(tcp), &server.tls_name, tls, deadline).await?
+    } else {
+        Box::new(tcp)
+    };
+    async { Ok(Box::new(ws_io::upgrade(sock, host, port).await?) as Box<dyn HubIo>) }
+        .or(async {
+            Timer::at(deadline).await;
+            Err("WebSocket upgrade timed out".to_string())
+        })
+        .await
+}
 
 /// Upgrade the hub connection to TLS, verifying `server_name`.
 async fn start_tls(

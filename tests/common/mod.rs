@@ -189,6 +189,8 @@ pub struct NatsServer {
     /// As a node of a cluster: (server name, own route port, every node's
     /// route port).
     cluster: Option<(String, u16, Vec<u16>)>,
+    /// Also a WebSocket listener (no TLS, permessage-deflate) on this port.
+    pub ws_port: Option<u16>,
 }
 
 impl NatsServer {
@@ -225,6 +227,7 @@ impl NatsServer {
             tls,
             nkey,
             cluster: None,
+            ws_port: None,
         };
         s.spawn().await;
         s
@@ -232,6 +235,35 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a hub that also accepts NATS over WebSocket with
+    /// permessage-deflate (`ws_url`).
+    pub async fn start_with_ws() -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("frond-hub-")
+            .tempdir()
+            .expect("create temp dir for nats-server");
+        let mut s = NatsServer {
+            port: free_port(),
+            dir,
+            child: None,
+            starts: 0,
+            tls: None,
+            nkey: None,
+            cluster: None,
+            ws_port: Some(free_port()),
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// `ws://127.0.0.1:<ws_port>` (a hub started with [`Self::start_with_ws`]).
+    pub fn ws_url(&self) -> String {
+        format!(
+            "ws://127.0.0.1:{}",
+            self.ws_port.expect("hub started with_ws")
+        )
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -271,13 +303,20 @@ impl NatsServer {
                 .arg("--tlskey")
                 .arg(key);
         }
+        let mut conf_text = String::new();
         if let Some((public, _)) = &self.nkey {
+            conf_text.push_str(&format!(
+                "authorization {{ users = [ {{ nkey: \"{public}\" }} ] }}\n"
+            ));
+        }
+        if let Some(ws) = self.ws_port {
+            conf_text.push_str(&format!(
+                "websocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true, compression: true }}\n"
+            ));
+        }
+        if !conf_text.is_empty() {
             let conf = self.dir.path().join("hub.conf");
-            std::fs::write(
-                &conf,
-                format!("authorization {{ users = [ {{ nkey: \"{public}\" }} ] }}\n"),
-            )
-            .expect("write nats-server config");
+            std::fs::write(&conf, conf_text).expect("write nats-server config");
             cmd.arg("-c").arg(conf);
         }
         if let Some((name, own, all)) = &self.cluster {
@@ -798,6 +837,7 @@ impl NatsCluster {
                 tls: None,
                 nkey: None,
                 cluster: Some((format!("n{i}"), route, routes.clone())),
+                ws_port: None,
             };
             s.launch();
             nodes.push(s);
