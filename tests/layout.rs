@@ -196,6 +196,12 @@ const RULES: &[Rule] = &[
         may_import: JSAPI,
         forbidden: JSAPI_IO,
     },
+    // The WebSocket codec of a ws:// hub link: sans-IO.
+    Rule {
+        dir: "src/uplink/ws.rs",
+        may_import: &["wire"],
+        forbidden: IO,
+    },
     Rule {
         dir: "src/uplink/mirror.rs",
         may_import: &["uplink", "stream", "wire", "subject"],
