@@ -170,7 +170,7 @@ fn client_frames_are_masked_and_compressed_per_message() {
     // Small writes go uncompressed; without deflate nothing is compressed.
     let mut small = Vec::new();
     c.encode(b"PING\r\n", &mut small);
-    assert_eq!(cframe(&small).1, false);
+    assert!(!cframe(&small).1, "small writes are not compressed");
     assert_eq!(cframe(&small).3, b"PING\r\n");
     let mut plain = WsClient::new(false, 1 << 20, 7);
     let mut o = Vec::new();
