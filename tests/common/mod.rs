@@ -238,8 +238,9 @@ impl NatsServer {
     }
 
     /// Starts a hub that also accepts NATS over WebSocket with
-    /// permessage-deflate (`ws_url`).
-    pub async fn start_with_ws() -> NatsServer {
+    /// permessage-deflate (`ws_url`); with `tls` = (certificate, key, CA)
+    /// both its ports require TLS (`wss://` for the WebSocket).
+    pub async fn start_with_ws(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("frond-hub-")
             .tempdir()
@@ -249,7 +250,7 @@ impl NatsServer {
             dir,
             child: None,
             starts: 0,
-            tls: None,
+            tls,
             nkey: None,
             cluster: None,
             ws_port: Some(free_port()),
@@ -258,12 +259,12 @@ impl NatsServer {
         s
     }
 
-    /// `ws://127.0.0.1:<ws_port>` (a hub started with [`Self::start_with_ws`]).
+    /// `ws://127.0.0.1:<ws_port>` (`wss://` with TLS) of a hub started
+    /// with [`Self::start_with_ws`].
     pub fn ws_url(&self) -> String {
-        format!(
-            "ws://127.0.0.1:{}",
-            self.ws_port.expect("hub started with_ws")
-        )
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        let port = self.ws_port.expect("hub started with_ws");
+        format!("{scheme}://127.0.0.1:{port}")
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -310,8 +311,16 @@ impl NatsServer {
             ));
         }
         if let Some(ws) = self.ws_port {
+            let tls = match &self.tls {
+                Some((cert, key, _)) => format!(
+                    "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+                    cert.display(),
+                    key.display()
+                ),
+                None => "no_tls: true".to_string(),
+            };
             conf_text.push_str(&format!(
-                "websocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true, compression: true }}\n"
+                "websocket {{ listen: \"127.0.0.1:{ws}\", {tls}, compression: true }}\n"
             ));
         }
         if !conf_text.is_empty() {
