@@ -826,3 +826,53 @@ fn unanswered_resync_read_is_retried_before_the_ack_timeout() {
     w.settle();
     assert_eq!(w.hub.ours(), vec![1]);
 }
+
+/// A backlog leaves in batches of half a window (one write each, which a
+/// `ws://` link compresses as one message): nothing is sent while more
+/// than half of the window is unacknowledged. A lone live message leaves
+/// at once.
+#[test]
+fn window_refills_in_halves() {
+    let mut w = World::new(params("", 8));
+    for _ in 0..40 {
+        w.append(10);
+    }
+    w.connect();
+    while w.hub_step(false) || w.client_step() {}
+    assert_eq!(w.m.phase, Phase::Streaming);
+    assert!(w.serve_read());
+    assert_eq!(w.m.inflight.len(), 8, "the first batch fills the window");
+    let published = |w: &World| {
+        w.to_hub
+            .iter()
+            .filter(|c| matches!(c, Command::Publish { .. }))
+            .count()
+    };
+    // Acks one at a time: the first three free slots send nothing (and
+    // read nothing); the fourth opens half a window, filled at once.
+    for acked in 1..=4 {
+        assert!(w.hub_step(false));
+        assert!(w.client_step());
+        while w.serve_read() {}
+        let queued = published(&w);
+        if acked < 4 {
+            assert_eq!(w.m.inflight.len(), 8 - acked, "ack {acked}");
+            assert!(
+                w.read.is_none(),
+                "no read while more than half is in flight"
+            );
+        } else {
+            assert_eq!(w.m.inflight.len(), 8, "a batch of 4 after the 4th ack");
+        }
+        // Publishes not yet taken by the hub: 8 - acked, then 4 + 4.
+        assert_eq!(queued, if acked < 4 { 8 - acked } else { 8 }, "ack {acked}");
+    }
+    w.settle();
+    assert_eq!(w.hub.ours(), (1..=40).collect::<Vec<_>>());
+    // Idle, then one live message: sent without waiting for anything.
+    w.append(10);
+    while w.serve_read() {}
+    assert_eq!(w.m.inflight.len(), 1);
+    w.settle();
+    assert_eq!(w.hub.ours(), (1..=41).collect::<Vec<_>>());
+}

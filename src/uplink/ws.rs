@@ -155,9 +155,6 @@ pub struct WsClient {
     /// Frames to send that the hub asked for (pong, close).
     control: Vec<u8>,
     closed: bool,
-    /// Bytes in and out of [`WsClient::encode`] (status, measurements).
-    pub plain_out: u64,
-    pub wire_out: u64,
 }
 
 impl WsClient {
@@ -173,8 +170,6 @@ impl WsClient {
             app: Vec::new(),
             control: Vec::new(),
             closed: false,
-            plain_out: 0,
-            wire_out: 0,
         }
     }
 
@@ -185,7 +180,6 @@ impl WsClient {
     /// Frame `data` as one binary message (compressed when negotiated and
     /// worth it) into `out`.
     pub fn encode(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        let start = out.len();
         let mut body;
         let mut rsv1 = false;
         let payload = match self.deflate.as_mut() {
@@ -208,8 +202,6 @@ impl WsClient {
         };
         let key = self.rng.u32(..).to_be_bytes();
         frame(true, rsv1, OP_BINARY, payload, key, out);
-        self.plain_out += data.len() as u64;
-        self.wire_out += (out.len() - start) as u64;
     }
 
     /// Decode bytes from the hub. Application bytes are then in
