@@ -196,6 +196,12 @@ const RULES: &[Rule] = &[
         may_import: JSAPI,
         forbidden: JSAPI_IO,
     },
+    // The live bridge machine: no clock, no sockets, injected randomness.
+    Rule {
+        dir: "src/uplink/bridge.rs",
+        may_import: &["uplink", "wire", "subject"],
+        forbidden: IO,
+    },
     Rule {
         dir: "src/uplink/mirror.rs",
         may_import: &["uplink", "stream", "wire", "subject"],

@@ -17,6 +17,7 @@
 //! - No lock is held across an `.await`; every channel is bounded by
 //!   construction (one outstanding local read per mirror).
 
+pub mod bridge;
 pub mod cursor;
 pub mod link;
 pub mod mirror;
