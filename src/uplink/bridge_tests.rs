@@ -177,7 +177,10 @@ fn hub_request_answered_locally_goes_back_to_the_hub_reply() {
     b.handle_local(now, &mut l, LOCAL_INBOX_SID, local(&guess, None, b"x"));
     assert_eq!(out(&mut l), "");
     let st = b.status();
-    assert_eq!((st.msgs_down, st.replies_up, st.dropped_no_inbox), (1, 2, 2));
+    assert_eq!(
+        (st.msgs_down, st.replies_up, st.dropped_no_inbox),
+        (1, 2, 2)
+    );
     // Not the bridge's subscription: handed back.
     assert!(b.handle_hub_msg(now, hub_msg(999, "x", None, b"")).is_err());
 }
@@ -229,7 +232,12 @@ fn local_request_on_an_import_is_answered_from_the_hub() {
     assert_eq!(down, Ok(Some(local("fleet.all", None, b"b"))));
     let st = b.status();
     assert_eq!(
-        (st.msgs_up, st.replies_down, st.msgs_down, st.dropped_no_inbox),
+        (
+            st.msgs_up,
+            st.replies_down,
+            st.msgs_down,
+            st.dropped_no_inbox
+        ),
         (2, 1, 1, 1)
     );
     assert_eq!(st.pending_local_requests, 1);
@@ -237,10 +245,7 @@ fn local_request_on_an_import_is_answered_from_the_hub() {
 
 #[test]
 fn overlapping_entries_pass_one_copy_each_way() {
-    let (mut b, mut l, subs, now) = up(
-        &[entry("a.b", "")],
-        &[entry("a.>", ""), entry("a.b", "")],
-    );
+    let (mut b, mut l, subs, now) = up(&[entry("a.b", "")], &[entry("a.>", ""), entry("a.b", "")]);
     let exp = sid_of(&subs, "a.b");
     let imp = sid_of(&subs, "a.>");
     assert!(exp < imp, "exports first");
