@@ -559,6 +559,11 @@ name = "limited"
 password = "pw-limited"
 allow_publish = ["other.>"]
 [[auth.users]]
+name = "asker"
+password = "pw-asker"
+allow_publish = ["fleet.up.>"]
+allow_subscribe = ["_INBOX.>"]
+[[auth.users]]
 name = "ok"
 password = "pw-ok"
 "#;
@@ -611,13 +616,27 @@ password = "pw-ok"
         .unwrap()
         .unwrap();
     assert!(ack.contains("NotAuthorized"), "{ack}");
+    // A request whose reply subject its sender may not subscribe to: the
+    // hub's answer would land there in frond's name. Refused.
+    let asker = connect("asker", "pw-asker").await;
+    asker
+        .publish_with_reply("fleet.up.q", "cmd.victim", "bad-reply".into())
+        .await
+        .unwrap();
+    asker
+        .publish_with_reply("fleet.up.q", "_INBOX.asker.1", "good-reply".into())
+        .await
+        .unwrap();
+    asker.flush().await.unwrap();
     ok.publish("fleet.up.x", "fence".into()).await.unwrap();
     ok.flush().await.unwrap();
     wait_until("the fence reaches the hub", LONG, || async {
         hub_seen.has("fence")
     })
     .await;
-    assert_eq!(hub_seen.real(), vec!["fence".to_string()]);
+    assert_eq!(hub_seen.real(), vec!["good-reply", "fence"]);
+    let v = f.varz().await.unwrap();
+    assert_eq!(v["uplink"]["bridge"]["refused"], 1, "{}", v["uplink"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
