@@ -408,6 +408,14 @@ async fn an_import_broadcast_reaches_each_local_subscriber_once() {
     with_fence.push("fence".into());
     assert_eq!(nats_seen.real(), with_fence, "NATS: exactly once, in order");
     assert_eq!(mqtt_seen.real(), with_fence, "MQTT: exactly once, in order");
+    // The counters are in /metrics (and `frond status`).
+    let (_, metrics) = f.http_get("/metrics").await.unwrap();
+    let down: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("frond_uplink_bridge_msgs_down "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no bridge counters in /metrics:\n{metrics}"));
+    assert!(down > 101, "{down}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,10 @@
 //! lives in two sans-IO machines this shell only moves bytes for:
 //! [`link::Link`] (which server, handshake, auth, PING/PONG, reconnect
 //! backoff, failover to servers discovered from `INFO.connect_urls`) and
-//! one [`mirror::Mirror`] per configured mirror.
+//! one [`mirror::Mirror`] per configured mirror; the live bridge
+//! ([`bridge::Bridge`], with its router connection in [`bridge_io`]) sees
+//! every link event first and takes the hub messages of its own
+//! subscriptions.
 //!
 //! Invariants:
 //! - [`run`] only dials, upgrades, reads, writes, reads local streams,
