@@ -505,6 +505,13 @@ impl Bridge {
         self.stats.dropped_local_overflow += n;
     }
 
+    /// Forget reply-table entries older than `reply_ttl` (also done on
+    /// every use; this keeps the status counts current when idle).
+    pub fn handle_tick(&mut self, now: Instant) {
+        self.to_hub.expire(now);
+        self.to_local.expire(now);
+    }
+
     pub fn status(&self) -> BridgeStatus {
         let mut s = self.stats.clone();
         s.pending_hub_requests = self.to_hub.len();

@@ -136,6 +136,7 @@ impl BridgeIo {
     /// Hand one batch of local messages to the machine (hub-bound bytes go
     /// into `link`).
     pub fn pump(&mut self, now: Instant, link: &mut Link) {
+        self.machine.handle_tick(now);
         if self.outbox.is_slow() {
             self.broker.drop_conn(self.conn);
             self.outbox.close();

@@ -169,6 +169,11 @@ fn hub_request_answered_locally_goes_back_to_the_hub_reply() {
     // A second answer (several responders) goes too, until it expires.
     b.handle_local(now, &mut l, LOCAL_INBOX_SID, local(&inbox, None, b"pong2"));
     assert_eq!(out(&mut l), "PUB _INBOX.hubapp.1 5\r\npong2\r\n");
+    assert_eq!(b.status().pending_hub_requests, 1);
+    b.handle_tick(now + Duration::from_secs(119));
+    assert_eq!(b.status().pending_hub_requests, 1);
+    b.handle_tick(now + Duration::from_secs(120));
+    assert_eq!(b.status().pending_hub_requests, 0, "expired");
     let late = now + Duration::from_secs(120);
     b.handle_local(late, &mut l, LOCAL_INBOX_SID, local(&inbox, None, b"late"));
     assert_eq!(out(&mut l), "");
