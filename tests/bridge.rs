@@ -390,6 +390,11 @@ async fn an_import_broadcast_reaches_each_local_subscriber_once() {
     let (_mc, mqtt_seen, _t) = m.collect();
     let app = hub.client().await;
     until_bridged_down(&app, "fleet.broadcast.probe", &[&nats_seen, &mqtt_seen]).await;
+    // The mirror shares the hub connection: telemetry goes up meanwhile.
+    let port = f.mqtt_port;
+    let telemetry = tokio::spawn(async move {
+        publish_range(port, "dev1", "telemetry/t1", "msg", 0..500).await;
+    });
     let expect: Vec<String> = (0..100).map(|i| payload("b", i)).collect();
     for p in &expect {
         app.publish("fleet.broadcast.all", p.clone().into())
@@ -416,6 +421,11 @@ async fn an_import_broadcast_reaches_each_local_subscriber_once() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no bridge counters in /metrics:\n{metrics}"));
     assert!(down > 101, "{down}");
+    telemetry.await.unwrap();
+    hub.wait_count_at_least("FLEET", 500, LONG).await;
+    let msgs = hub.read_all("FLEET").await;
+    let sent: Vec<String> = (0..500).map(|i| payload("msg", i)).collect();
+    assert_exact_mirror(&msgs, &sent, "truck1", "fleet.truck1.telemetry.t1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
