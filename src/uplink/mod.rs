@@ -87,12 +87,8 @@ pub async fn run(
         drive_actions(&mut link, &mut sock, &mut tls, &status, &shutdown).await;
         let now = Instant::now();
         while let Some(ev) = link.poll_event() {
-            let ev = match (ev, bridge.as_mut()) {
-                (ev, Some(b)) => match on_bridge_event(b, &mut link, ev, now) {
-                    Some(ev) => ev,
-                    None => continue,
-                },
-                (ev, None) => ev,
+            let Some(ev) = on_bridge_event(bridge.as_mut(), &mut link, ev, now) else {
+                continue;
             };
             on_link_event(&mut link, ev, now, &mut slots, &mut by_sid, &status);
         }
@@ -383,11 +379,12 @@ fn on_link_event(
 /// while down, its hub messages are published locally. Returns the event
 /// for the others (`None`: it was the bridge's message).
 fn on_bridge_event(
-    b: &mut bridge_io::BridgeIo,
+    bridge: Option<&mut bridge_io::BridgeIo>,
     link: &mut Link,
     ev: LinkEvent,
     now: Instant,
 ) -> Option<LinkEvent> {
+    let Some(b) = bridge else { return Some(ev) };
     match ev {
         LinkEvent::Msg(m) => b.handle_hub_msg(now, m).err().map(LinkEvent::Msg),
         ev => {
