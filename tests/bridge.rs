@@ -700,3 +700,126 @@ async fn the_bridge_works_again_after_the_hub_link_is_cut() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_prefixes_map_subjects_both_ways() {
+    let hub = hub_with_stream().await;
+    let extra = r#"
+[[uplink.export]]
+subjects = ["svc.truck1.>"]
+hub_prefix = "edge."
+[[uplink.import]]
+subjects = ["cfg.truck1.>"]
+hub_prefix = "hubside."
+"#;
+    let f = start_frond(hub.url(), extra.to_string()).await;
+    let local = local_nats(&f).await;
+    let served = serve(&local, "svc.truck1.diag", "diag").await;
+    let local_seen = collect(local.subscribe("cfg.truck1.>").await.unwrap());
+    local.flush().await.unwrap();
+    let app = hub.client().await;
+    let hub_seen = collect(app.subscribe("hubside.cfg.truck1.>").await.unwrap());
+    app.flush().await.unwrap();
+    let r = request_until_answered(&app, "edge.svc.truck1.diag", None, "q").await;
+    assert_eq!(&r.payload[..], b"diag:q");
+    // Without the prefix the hub reaches nothing.
+    let e = app.request("svc.truck1.diag", "bare".into()).await;
+    assert!(e.is_err(), "{e:?}");
+    until_bridged_down(&app, "hubside.cfg.truck1.probe", &[&local_seen]).await;
+    assert!(local_seen
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(s, _)| s == "cfg.truck1.probe"));
+    local.publish("cfg.truck1.ack", "up".into()).await.unwrap();
+    local.flush().await.unwrap();
+    wait_until("the local publish reaches the hub", LONG, || async {
+        hub_seen.has("up")
+    })
+    .await;
+    let on_hub = hub_seen.0.lock().unwrap().clone();
+    let up: Vec<&(String, String)> = on_hub.iter().filter(|m| m.1 == "up").collect();
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].0, "hubside.cfg.truck1.ack");
+    assert_eq!(served.real(), vec!["q".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_link_is_down_a_small_buffer_then_counted_drops() {
+    let hub = hub_with_stream().await;
+    let proxy = FaultProxy::start(hub.port).await;
+    let f = start_frond(proxy.url(), bridge_config(&[], &["up.>"])).await;
+    let app = hub.client().await;
+    let hub_seen = collect(app.subscribe("up.>").await.unwrap());
+    app.flush().await.unwrap();
+    let local = local_nats(&f).await;
+    let mut k = 0;
+    wait_until("local messages reach the hub", LONG, || {
+        k += 1;
+        let local = local.clone();
+        let hub_seen = hub_seen.clone();
+        async move {
+            local
+                .publish("up.x", format!("probe-{k}").into())
+                .await
+                .unwrap();
+            local.flush().await.unwrap();
+            hub_seen.any_probe()
+        }
+    })
+    .await;
+    // A standalone hub announces no other server: frond cannot fail over.
+    proxy.set_blocked(true);
+    proxy.cut();
+    wait_until("frond sees the link down", LONG, || async {
+        f.varz()
+            .await
+            .is_some_and(|v| v["uplink"]["link"] != "connected")
+    })
+    .await;
+    let n = 1000;
+    let pad = "x".repeat(1000);
+    for i in 0..n {
+        local
+            .publish("up.x", format!("m{i:04}-{pad}").into())
+            .await
+            .unwrap();
+    }
+    local.flush().await.unwrap();
+    // Every message is accounted for before the link returns: kept in the
+    // 64 KiB buffer or counted as dropped.
+    let kept = wait_for("all 1000 messages handled by the bridge", LONG, || async {
+        let v = f.varz().await?;
+        let b = &v["uplink"]["bridge"];
+        let dropped = b["dropped_link_down"].as_u64()? + b["dropped_local_overflow"].as_u64()?;
+        let up = b["msgs_up"].as_u64()?;
+        (dropped + up == n + k as u64).then_some((up, dropped))
+    })
+    .await;
+    proxy.set_blocked(false);
+    local.publish("up.x", "fence".into()).await.unwrap();
+    local.flush().await.unwrap();
+    wait_until("the fence reaches the hub", LONG, || async {
+        hub_seen.has("fence")
+    })
+    .await;
+    let got: Vec<String> = hub_seen
+        .real()
+        .into_iter()
+        .filter(|p| p.starts_with('m'))
+        .map(|p| p[..5].to_string())
+        .collect();
+    let want: Vec<String> = (0..got.len()).map(|i| format!("m{i:04}")).collect();
+    assert_eq!(got, want, "the first messages, in order, once each");
+    assert!(
+        (40..=64).contains(&got.len()),
+        "about 64 KiB kept: {}",
+        got.len()
+    );
+    let v = f.varz().await.unwrap();
+    let b = &v["uplink"]["bridge"];
+    let dropped =
+        b["dropped_link_down"].as_u64().unwrap() + b["dropped_local_overflow"].as_u64().unwrap();
+    assert_eq!(got.len() as u64 + dropped, n, "{b} {kept:?}");
+}

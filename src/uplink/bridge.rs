@@ -145,7 +145,8 @@ pub struct LocalMsg {
 pub struct BridgeStatus {
     /// Hub messages published locally (requests included).
     pub msgs_down: u64,
-    /// Local messages sent to the hub (requests included).
+    /// Local messages sent to the hub, or kept in the down buffer to be
+    /// sent (requests included).
     pub msgs_up: u64,
     /// Hub answers to local requests, published locally.
     pub replies_down: u64,
