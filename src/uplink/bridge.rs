@@ -495,6 +495,19 @@ impl Bridge {
         }
     }
 
+    /// An `-ERR` the hub sent without closing. When it refuses one of the
+    /// bridge's subscriptions (`Permissions Violation for Subscription to
+    /// "S"`), that subscription no longer counts for the overlap rule, so
+    /// an overlapping entry the hub does serve delivers instead. Returns
+    /// the refused hub filter.
+    pub fn handle_hub_error(&mut self, text: &str) -> Option<String> {
+        let (_, rest) = text.split_once("Subscription to \"")?;
+        let (filter, _) = rest.split_once('"')?;
+        let before = self.hub_subs.len();
+        self.hub_subs.retain(|s| s.filter != filter);
+        (self.hub_subs.len() < before).then(|| filter.to_string())
+    }
+
     /// Count a local request refused by the shell (the requester may not
     /// subscribe to its reply subject).
     pub fn count_refused(&mut self) {

@@ -95,6 +95,13 @@ impl BridgeIo {
         self.machine.status()
     }
 
+    /// An `-ERR` from the hub that did not close the connection.
+    pub fn handle_hub_error(&mut self, text: &str) {
+        if let Some(f) = self.machine.handle_hub_error(text) {
+            log::error!("bridge: the hub refuses frond's subscription to {f:?}: grant the uplink's hub user permission to subscribe to it");
+        }
+    }
+
     /// The link came up.
     pub fn handle_up(&mut self, link: &mut Link) {
         self.machine.handle_up(link);

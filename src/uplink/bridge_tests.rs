@@ -347,3 +347,23 @@ fn while_down_a_small_buffer_then_drops_and_oversize_never_goes() {
     assert_eq!(b.status().dropped_too_big, 1);
     assert_eq!(b.status().msgs_up, 1);
 }
+
+#[test]
+fn a_subscription_the_hub_refuses_leaves_the_overlap_to_the_others() {
+    let (mut b, _l, subs, now) = up(&[entry("a.b", "")], &[entry("a.>", "")]);
+    let imp = sid_of(&subs, "a.>");
+    assert_eq!(
+        b.handle_hub_msg(now, hub_msg(imp, "a.b", None, b"")),
+        Ok(None)
+    );
+    let e = "Permissions Violation for Subscription to \"a.b\"";
+    assert_eq!(b.handle_hub_error(e).as_deref(), Some("a.b"));
+    assert_eq!(
+        b.handle_hub_error("Permissions Violation for Publish to \"x\""),
+        None
+    );
+    assert!(matches!(
+        b.handle_hub_msg(now, hub_msg(imp, "a.b", None, b"")),
+        Ok(Some(_))
+    ));
+}

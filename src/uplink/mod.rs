@@ -388,8 +388,10 @@ fn on_bridge_event(
     match ev {
         LinkEvent::Msg(m) => b.handle_hub_msg(now, m).err().map(LinkEvent::Msg),
         ev => {
-            if matches!(ev, LinkEvent::Up { .. }) {
-                b.handle_up(link);
+            match &ev {
+                LinkEvent::Up { .. } => b.handle_up(link),
+                LinkEvent::HubError(e) => b.handle_hub_error(e),
+                _ => {}
             }
             Some(ev)
         }
