@@ -202,6 +202,12 @@ const RULES: &[Rule] = &[
         may_import: &["wire"],
         forbidden: IO,
     },
+    // The live bridge machine: no clock, no sockets, injected randomness.
+    Rule {
+        dir: "src/uplink/bridge.rs",
+        may_import: &["uplink", "wire", "subject"],
+        forbidden: IO,
+    },
     Rule {
         dir: "src/uplink/mirror.rs",
         may_import: &["uplink", "stream", "wire", "subject"],

@@ -65,7 +65,7 @@ pub use mqtt::MqttConfig;
 pub use nats::NatsConfig;
 pub use streams::MIN_STREAM_SHARE;
 pub use tls::TlsFiles;
-pub use uplink::{parse_hub_url, HubUrl, MirrorConfig, UplinkConfig};
+pub use uplink::{parse_hub_url, BridgeSubject, HubUrl, MirrorConfig, UplinkConfig};
 pub use values::{parse_duration, parse_size};
 
 use auth::RawAuth;

@@ -34,7 +34,25 @@ pub struct UplinkConfig {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub mirrors: Vec<MirrorConfig>,
+    /// `[[uplink.export]]`: local subjects hub clients may reach (live).
+    pub exports: Vec<BridgeSubject>,
+    /// `[[uplink.import]]`: hub subjects local clients receive and publish
+    /// to (live).
+    pub imports: Vec<BridgeSubject>,
 }
+
+/// One subject of `[[uplink.export]]` or `[[uplink.import]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeSubject {
+    /// The local subject filter.
+    pub subject: String,
+    /// Prepended on the hub (`""`, or tokens ending in `.`).
+    pub hub_prefix: String,
+}
+
+/// Most subjects of `[[uplink.export]]` and `[[uplink.import]]` together
+/// (each is one subscription on the hub).
+pub const MAX_BRIDGE_SUBJECTS: usize = 1024;
 
 /// One hub address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +117,18 @@ pub(super) struct RawUplink {
     mirror: Vec<RawMirror>,
     #[serde(default)]
     source: Vec<toml::Value>,
+    #[serde(default)]
+    export: Vec<RawBridge>,
+    #[serde(default)]
+    import: Vec<RawBridge>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBridge {
+    subjects: Vec<String>,
+    #[serde(default)]
+    hub_prefix: String,
 }
 
 /// 256 publishes in flight; 1024 when every hub URL is `ws://`/`wss://`:
@@ -221,7 +251,14 @@ impl RawUplink {
                 subject_prefix: m.subject_prefix,
             });
         }
+        let exports = bridge_subjects("uplink.export", self.export)?;
+        let imports = bridge_subjects("uplink.import", self.import)?;
+        if exports.len() + imports.len() > MAX_BRIDGE_SUBJECTS {
+            return err(format!("uplink.export/uplink.import: at most {MAX_BRIDGE_SUBJECTS} subjects in all (each is a subscription on the hub); use wildcards"));
+        }
         Ok(UplinkConfig {
+            exports,
+            imports,
             urls,
             user: self.user,
             password: self.password,
@@ -236,6 +273,55 @@ impl RawUplink {
             mirrors,
         })
     }
+}
+
+/// The subjects of `[[uplink.export]]` or `[[uplink.import]]` (`key`),
+/// one entry per subject. Refused: invalid filters, filters that can reach
+/// reserved subjects (`$JS.>`, `$SYS.>`, `_INBOX.>`, or a first token that
+/// is a wildcard, which matches those too), bad or reserved prefixes.
+fn bridge_subjects(key: &str, raw: Vec<RawBridge>) -> Result<Vec<BridgeSubject>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, b) in raw.into_iter().enumerate() {
+        let key = format!("{key}[{i}]");
+        if b.subjects.is_empty() {
+            return err(format!(
+                "{key}.subjects: list at least one subject, e.g. [\"svc.truck-042.>\"]"
+            ));
+        }
+        let p = &b.hub_prefix;
+        if !p.is_empty() {
+            let probe = format!("{p}x");
+            if !p.ends_with('.') || !subject::valid_subject(&probe) || bridge_reserved(&probe) {
+                return err(format!(
+                    "{key}.hub_prefix: {p:?} must be subject tokens ending in '.', not starting with '$' or '_INBOX', e.g. \"fleet.\""
+                ));
+            }
+        }
+        for s in b.subjects {
+            if !subject::valid_filter(&s) {
+                return err(format!(
+                    "{key}.subjects: {s:?} is not a valid subject filter"
+                ));
+            }
+            if bridge_reserved(&s) {
+                return err(format!(
+                    "{key}.subjects: {s:?} reaches reserved subjects ($JS, $SYS, _INBOX) or everything; the bridge carries application subjects only: name a first token, e.g. \"svc.truck-042.>\""
+                ));
+            }
+            out.push(BridgeSubject {
+                subject: s,
+                hub_prefix: b.hub_prefix.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a bridge filter can match a reserved subject: it starts with
+/// `$` or `_INBOX`, or its first token is a wildcard.
+fn bridge_reserved(filter: &str) -> bool {
+    let first = filter.split('.').next().unwrap_or_default();
+    first.starts_with('$') || first == "_INBOX" || first == "*" || first == ">"
 }
 
 /// Parse `nats://[user:pass@]host[:port]` (port default 4222), `tls://`
@@ -344,6 +430,51 @@ mod tests {
         assert!(e.0.contains("not several"), "{e}");
         let e = up("creds = \"/etc/frond/hub.creds\"").unwrap_err();
         assert!(e.0.contains("nkey_seed"), "{e}");
+    }
+
+    #[test]
+    fn bridge_export_and_import() {
+        let up =
+            |extra: &str| Config::parse(&format!("[uplink]\nurls = [\"nats://h\"]\n{extra}\n"));
+        let c = up("[[uplink.export]]\nsubjects = [\"svc.t.>\", \"cfg.t\"]\n[[uplink.import]]\nsubjects = [\"fleet.broadcast.>\"]\nhub_prefix = \"hub.\"").unwrap();
+        let u = c.uplink.unwrap();
+        assert_eq!(
+            u.exports,
+            vec![
+                BridgeSubject {
+                    subject: "svc.t.>".into(),
+                    hub_prefix: String::new()
+                },
+                BridgeSubject {
+                    subject: "cfg.t".into(),
+                    hub_prefix: String::new()
+                },
+            ]
+        );
+        assert_eq!(u.imports[0].hub_prefix, "hub.");
+        for bad in [
+            "$JS.>",
+            "$SYS.>",
+            "_INBOX.>",
+            ">",
+            "*.x",
+            "$JS.API.STREAM.INFO.X",
+            "a..b",
+            "",
+        ] {
+            let e = up(&format!("[[uplink.export]]\nsubjects = [{bad:?}]")).unwrap_err();
+            assert!(e.0.contains("uplink.export[0].subjects"), "{bad}: {e}");
+            let e = up(&format!("[[uplink.import]]\nsubjects = [{bad:?}]")).unwrap_err();
+            assert!(e.0.contains("uplink.import[0].subjects"), "{bad}: {e}");
+        }
+        let e = up("[[uplink.import]]\nsubjects = [\"a\"]\nhub_prefix = \"$JS.API.\"").unwrap_err();
+        assert!(e.0.contains("uplink.import[0].hub_prefix"), "{e}");
+        let e = up("[[uplink.import]]\nsubjects = [\"a\"]\nhub_prefix = \"hub\"").unwrap_err();
+        assert!(e.0.contains("hub_prefix"), "{e}");
+        let e = up("[[uplink.export]]\nsubjects = []").unwrap_err();
+        assert!(e.0.contains("at least one"), "{e}");
+        let e = up("[[uplink.export]]\nsubjects = [\"a\"]\nqueue = \"q\"").unwrap_err();
+        assert!(e.0.contains("queue"), "{e}");
     }
 
     #[test]

@@ -176,6 +176,8 @@ struct OutboxState {
     bytes: usize,
     slow: bool,
     closed: bool,
+    /// Pushes dropped (over the limit, or while slow).
+    dropped: u64,
 }
 
 impl Outbox {
@@ -197,6 +199,7 @@ impl Outbox {
         if st.slow || st.bytes.saturating_add(size) > self.max_bytes {
             let first = !st.slow;
             st.slow = true;
+            st.dropped += 1;
             drop(st);
             if first {
                 self.ready.notify(usize::MAX);
@@ -234,6 +237,11 @@ impl Outbox {
 
     pub fn is_slow(&self) -> bool {
         lock(&self.state).slow
+    }
+
+    /// Messages dropped so far because the outbox was full or slow.
+    pub fn dropped(&self) -> u64 {
+        lock(&self.state).dropped
     }
 
     /// Refuse further pushes and drop what is queued.

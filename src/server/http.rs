@@ -119,6 +119,15 @@ impl Monitor {
             "Retained messages not stored: mqtt.max_retained or max_retained_bytes reached",
             c.retained_refused.load(Ordering::Relaxed),
         );
+        // The live bridge's counters (issue 12), one line each.
+        let bridge = self.uplink.as_ref().and_then(|u| u.bridge());
+        if let Some(serde_json::Value::Object(m)) =
+            bridge.and_then(|b| serde_json::to_value(b).ok())
+        {
+            for (k, v) in m {
+                let _ = writeln!(out, "frond_uplink_bridge_{k} {v}");
+            }
+        }
         for s in self.broker.streams() {
             let st = s.state();
             let n = &s.config().name;

@@ -6,7 +6,10 @@
 //! lives in two sans-IO machines this shell only moves bytes for:
 //! [`link::Link`] (which server, handshake, auth, PING/PONG, reconnect
 //! backoff, failover to servers discovered from `INFO.connect_urls`) and
-//! one [`mirror::Mirror`] per configured mirror.
+//! one [`mirror::Mirror`] per configured mirror; the live bridge
+//! ([`bridge::Bridge`], with its router connection in [`bridge_io`]) sees
+//! every link event first and takes the hub messages of its own
+//! subscriptions.
 //!
 //! Invariants:
 //! - [`run`] only dials, upgrades, reads, writes, reads local streams,
@@ -17,6 +20,8 @@
 //! - No lock is held across an `.await`; every channel is bounded by
 //!   construction (one outstanding local read per mirror).
 
+pub mod bridge;
+pub mod bridge_io;
 pub mod cursor;
 pub mod link;
 pub mod mirror;
@@ -73,6 +78,7 @@ pub async fn run(
     let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, streams, &answers_tx);
     let params = link_params(&cfg, &node);
     let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
+    let mut bridge = bridge_io::BridgeIo::start(&cfg, &broker, &mut link);
     let mut tls = TlsClient::new(&cfg);
     let mut sock: Option<Box<dyn HubIo>> = None;
     // Mirror index by the sid of its reply subscription on this connection.
@@ -83,7 +89,14 @@ pub async fn run(
         drive_actions(&mut link, &mut sock, &mut tls, &status, &shutdown).await;
         let now = Instant::now();
         while let Some(ev) = link.poll_event() {
+            let Some(ev) = on_bridge_event(bridge.as_mut(), &mut link, ev, now) else {
+                continue;
+            };
             on_link_event(&mut link, ev, now, &mut slots, &mut by_sid, &status);
+        }
+        if let Some(b) = bridge.as_mut() {
+            b.pump(now, &mut link);
+            status.set_bridge(b.status());
         }
         if link.is_up() {
             pump_mirrors(&mut link, &mut slots);
@@ -105,7 +118,16 @@ pub async fn run(
             .filter_map(|s| s.mirror.poll_deadline())
             .chain(link.poll_deadline())
             .min();
-        let ev = wait(sock.as_mut(), &mut buf, &answers_rx, &shutdown, deadline).await;
+        let local = bridge.as_ref().map(|b| b.outbox());
+        let ev = wait(
+            sock.as_mut(),
+            &mut buf,
+            &answers_rx,
+            local,
+            &shutdown,
+            deadline,
+        )
+        .await;
         let now = Instant::now();
         match ev {
             Ev::Shutdown => break,
@@ -362,6 +384,29 @@ fn on_link_event(
     }
 }
 
+/// The live bridge's part of a link event: `Up` flushes what it kept
+/// while down, its hub messages are published locally. Returns the event
+/// for the others (`None`: it was the bridge's message).
+fn on_bridge_event(
+    bridge: Option<&mut bridge_io::BridgeIo>,
+    link: &mut Link,
+    ev: LinkEvent,
+    now: Instant,
+) -> Option<LinkEvent> {
+    let Some(b) = bridge else { return Some(ev) };
+    match ev {
+        LinkEvent::Msg(m) => b.handle_hub_msg(now, m).err().map(LinkEvent::Msg),
+        ev => {
+            match &ev {
+                LinkEvent::Up { .. } => b.handle_up(link),
+                LinkEvent::HubError(e) => b.handle_hub_error(e),
+                _ => {}
+            }
+            Some(ev)
+        }
+    }
+}
+
 /// Move every mirror's commands into the link's write buffer and hand its
 /// read requests to its reader.
 fn pump_mirrors(link: &mut Link, slots: &mut [Slot]) {
@@ -393,6 +438,7 @@ async fn wait(
     sock: Option<&mut Box<dyn HubIo>>,
     buf: &mut [u8],
     answers: &Receiver<ReadAnswer>,
+    local: Option<&crate::router::Outbox>,
     shutdown: &Receiver<()>,
     deadline: Option<Instant>,
 ) -> Ev {
@@ -406,6 +452,15 @@ async fn wait(
         match answers.recv().await {
             Ok(a) => Ev::Read(a),
             Err(_) => future::pending().await,
+        }
+    })
+    .or(async {
+        match local {
+            Some(o) => {
+                o.wait(true).await;
+                Ev::Timer
+            }
+            None => future::pending().await,
         }
     })
     .or(async {

@@ -15,6 +15,7 @@ struct Inner {
     link: String,
     url: Option<String>,
     mirrors: Vec<MirrorStatus>,
+    bridge: Option<super::bridge::BridgeStatus>,
 }
 
 /// The uplink's status, updated by [`super::run`].
@@ -57,6 +58,16 @@ impl UplinkStatus {
         self.with(|i| i.mirrors = mirrors);
     }
 
+    /// The live bridge's counters (`[[uplink.export]]`/`[[uplink.import]]`).
+    pub fn set_bridge(&self, bridge: super::bridge::BridgeStatus) {
+        self.with(|i| i.bridge = Some(bridge));
+    }
+
+    /// The live bridge's counters, when it runs.
+    pub fn bridge(&self) -> Option<super::bridge::BridgeStatus> {
+        self.with(|i| i.bridge.clone())
+    }
+
     /// The link state string.
     pub fn link(&self) -> String {
         self.with(|i| i.link.clone())
@@ -71,7 +82,8 @@ impl UplinkStatus {
     /// `{"link": .., "url": .., "mirrors": [{"stream", "hub_stream", "state",
     /// "cursor", "hub_seq", "local_last_seq", "backlog_msgs",
     /// "backlog_bytes" (an estimate; null: unknown), "inflight", "sent", "acked",
-    /// "skipped", "resyncs", "last_error"}]}`.
+    /// "skipped", "resyncs", "last_error"}], "bridge": {counters of
+    /// [`super::bridge::BridgeStatus`]} (only when the live bridge runs)}`.
     pub fn snapshot(&self) -> Value {
         self.with(|i| {
             let mirrors: Vec<Value> = i
@@ -96,7 +108,11 @@ impl UplinkStatus {
                     })
                 })
                 .collect();
-            json!({"link": i.link, "url": i.url, "mirrors": mirrors})
+            let mut v = json!({"link": i.link, "url": i.url, "mirrors": mirrors});
+            if let Some(b) = &i.bridge {
+                v["bridge"] = serde_json::to_value(b).unwrap_or_default();
+            }
+            v
         })
     }
 }
