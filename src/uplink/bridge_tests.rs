@@ -31,6 +31,7 @@ fn link(now: Instant) -> Link {
             user: None,
             password: None,
             tls: false,
+            ws: false,
         }],
         name: "frond test".into(),
         user: None,
