@@ -8,11 +8,6 @@
 
 pub use crate::state::sessions::*;
 
-/// Unix seconds now (the shell's clock).
-pub fn unix_now() -> u64 {
-    crate::util::unix_nanos() / 1_000_000_000
-}
-
 /// The clock the session store judges expiry on.
 pub fn clock() -> crate::state::Clock {
     std::sync::Arc::new(|| crate::util::unix_nanos() / 1_000_000)

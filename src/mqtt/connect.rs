@@ -18,11 +18,22 @@
 //! - After CONNECT the machine emits [`Event::Connected`] and waits
 //!   (decoding nothing more) until the shell calls [`Session::restore`]
 //!   with the stored state, if any: only then is CONNACK sent, with
-//!   `session_present` = 1 when a persistent session was resumed. The
+//!   `session_present` = 1 when a stored session was resumed. Clean
+//!   Start 0 resumes the stored session whatever the new Session Expiry
+//!   Interval (absent, 0, or any other) [MQTT-3.1.2-5], [MQTT-3.2.2-3]:
+//!   the new expiry only says when it ends — with 0, when this connection
+//!   closes (§3.1.2.11.2; the shell deletes the stored copy once loaded,
+//!   and the session still reads what its stream cursors kept for it,
+//!   [`Session::follows_streams`]), as Mosquitto does. The
 //!   stored subscriptions come back as an [`Event::Subscribe`] (without
 //!   retained messages) and the inbound QoS 2 ids awaiting PUBREL are
 //!   restored, so a publisher resending PUBLISH(DUP) or PUBREL after a
 //!   reconnect is handled exactly once.
+//! - The will is published when its delay passes or when the session
+//!   ends, whichever comes first [MQTT-3.1.2-8], §3.1.3.2.2: its delay is
+//!   capped by the session expiry at CONNECT (for the durable copy) and
+//!   again by the expiry in force when the connection ends (a DISCONNECT
+//!   may change it); with expiry 0 the will goes at once.
 //! - Sessions belong to a user ([`Session::owner`]: the authenticated
 //!   user name, or anonymous; nobody without `[auth]`). The stored
 //!   session records its owner. A client id is never handed across
@@ -52,7 +63,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CloseReason, Event, Session, State, SubRequest, Timer, TOPIC_ALIAS_MAX};
+use super::{CloseReason, Event, Session, State, Sub, SubRequest, Timer, TOPIC_ALIAS_MAX};
 use crate::auth::{Permissions, Refusal};
 use crate::broker::persist::{log_id, Owner, StoredSession, StoredSub};
 use crate::subject::mqtt as topics;
@@ -113,6 +124,7 @@ impl Session {
         self.state = State::Restoring;
         self.pending_connack = Some(props);
         self.client_id = client_id.clone();
+        self.clean_start = c.clean_start;
         self.events.push_back(Event::Connected {
             client_id,
             clean: c.clean_start,
@@ -286,32 +298,37 @@ impl Session {
             return;
         }
         let props = self.pending_connack.take().unwrap_or_default();
-        let present = self.is_persistent() && stored.is_some();
-        if let Some(mut st) = stored.filter(|_| self.is_persistent()) {
+        // Clean Start 0 resumes a stored session whatever the new expiry
+        // (the shell passes one only then): with expiry 0 it ends when
+        // this connection closes [MQTT-3.1.2-5], §3.1.2.11.2.
+        let stored = stored.filter(|_| !self.clean_start);
+        let present = stored.is_some();
+        if let Some(st) = stored {
+            self.resumed = true;
             self.qos2_in = st.qos2_in.into_iter().collect();
-            self.recheck_restored(&mut st.subs, &mut st.sub_ids);
-            let subs: Vec<SubRequest> = st
-                .subs
-                .iter()
-                .map(|s| SubRequest {
-                    filter: s.filter.clone(),
-                    qos: s.qos.min(2),
-                    send_retained: false,
-                    share: s.share.clone(),
+            self.subs = self.recheck_restored(st.subs);
+            self.subs_changed();
+            self.restored_cursors = st.cursors;
+            let subs: Vec<SubRequest> = self
+                .registrations()
+                .into_iter()
+                .map(|(share, filter, qos)| SubRequest {
+                    filter,
+                    qos,
+                    retained: None,
+                    share,
                 })
                 .collect();
-            for s in st.subs {
-                match s.share {
-                    Some(g) => self.shared.push((g, s.filter, s.qos)),
-                    None => self.filters.push((s.filter, s.qos)),
-                }
-            }
-            self.sub_ids = st.sub_ids.into_iter().collect();
-            self.restored_cursors = st.cursors;
             if !subs.is_empty() {
                 self.events.push_back(Event::Subscribe(subs));
                 self.subacks.push_back(None);
             }
+        }
+        // The will goes when its delay passes or the session ends,
+        // whichever is first [MQTT-3.1.2-8], §3.1.3.2.2.
+        let expiry = self.expiry;
+        if let Some(w) = &mut self.will {
+            w.delay = w.delay.min(expiry);
         }
         self.state = State::Connected;
         self.timers.stop(Timer::Connect);
@@ -332,18 +349,18 @@ impl Session {
         self.perms.as_ref()
     }
 
-    /// Drop restored subscriptions the client's current permissions do not
-    /// allow (the configuration may have changed since they were granted);
-    /// each is logged.
-    pub(super) fn recheck_restored(
-        &self,
-        subs: &mut Vec<StoredSub>,
-        sub_ids: &mut Vec<(String, u32)>,
-    ) {
-        let Some(p) = &self.perms else { return };
-        subs.retain(|s| {
-            let ok = p.can_subscribe(&s.filter);
-            if !ok {
+    /// The restored subscriptions, mapped to the NATS filters the client's
+    /// current permissions allow (the configuration may have changed since
+    /// they were granted): one none of whose filters is allowed any more is
+    /// dropped, and logged.
+    pub(super) fn recheck_restored(&self, stored: Vec<StoredSub>) -> Vec<Sub> {
+        let mut subs = Vec::with_capacity(stored.len());
+        for s in stored {
+            let mut nats = topics::filter_to_subjects(&s.filter);
+            if let Some(p) = &self.perms {
+                nats.retain(|f| p.can_subscribe(f));
+            }
+            if nats.is_empty() {
                 log::warn!(
                     "mqtt: {}: restored subscription {}{} is no longer allowed for {}; dropped",
                     log_id(&self.client_id),
@@ -355,10 +372,19 @@ impl Session {
                         .as_ref()
                         .map_or("this client".into(), |o| o.to_string()),
                 );
+                continue;
             }
-            ok
-        });
-        sub_ids.retain(|(f, _)| subs.iter().any(|s| s.share.is_none() && s.filter == *f));
+            subs.push(Sub {
+                filter: s.filter,
+                share: s.share.clone(),
+                nats,
+                qos: s.qos.min(2),
+                no_local: s.no_local && s.share.is_none(),
+                retain_as_published: s.retain_as_published,
+                id: s.id,
+            });
+        }
+        subs
     }
 
     /// Refuse the CONNECT (after [`Event::Connected`], instead of
@@ -389,7 +415,11 @@ impl Session {
     /// Call only once the connection has ended.
     #[must_use]
     pub fn take_will(&mut self) -> Option<WillMessage> {
-        self.will.take()
+        let mut w = self.will.take()?;
+        // A DISCONNECT may have shortened the session: the will goes when
+        // the session ends if that comes before its delay (§3.1.3.2.2).
+        w.delay = w.delay.min(self.expiry);
+        Some(w)
     }
 
     /// The will that an abnormal end would publish, if any.

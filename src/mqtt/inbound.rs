@@ -15,7 +15,9 @@ use crate::wire::mqtt::{reason, Ack, Packet, Properties, Publish, QoS, Version};
 impl Session {
     /// Whether inbound publishes awaiting storage stop decoding: 3.1.1
     /// clients are slowed through TCP; 5.0 clients are told the Receive
-    /// Maximum and disconnected (0x93) when they exceed it.
+    /// Maximum and disconnected (0x93) when they exceed it, counting QoS 1
+    /// publishes not yet PUBACK'd and QoS 2 ones not yet PUBCOMP'd (those
+    /// awaiting storage, and those awaiting PUBREL; §3.3.4, §4.9).
     pub(super) fn inflight_blocks(&self) -> bool {
         self.version != Some(Version::V5) && self.pending_acks.len() >= self.limits.max_inflight
     }
@@ -98,20 +100,31 @@ impl Session {
             }
             return;
         }
+        // A QoS 2 packet id already stored (or being stored): the client
+        // resent it; it takes no new place in the window.
+        let resent = qos == 2
+            && p.packet_id.is_some_and(|id| {
+                self.qos2_in.contains(&id)
+                    || self.pending_acks.iter().any(|&(p, q)| p == id && q == 2)
+            });
         if qos > 0
+            && !resent
             && self.version == Some(Version::V5)
-            && self.pending_acks.len() >= self.limits.max_inflight
+            && self.pending_acks.len() + self.qos2_in.len() >= self.limits.max_inflight
         {
-            // Every one of those is still unacknowledged: the client
-            // cannot have seen room for this one.
+            // Every one of those is still unfinished (QoS 1 not yet
+            // PUBACK'd, QoS 2 not yet PUBCOMP'd, §4.9): the client cannot
+            // have seen room for this one.
             self.close_with(
                 reason::RECEIVE_MAXIMUM_EXCEEDED,
                 CloseReason::ReceiveMaximumExceeded(self.limits.max_inflight),
             );
             return;
         }
-        let props = (!p.properties.is_empty()).then(|| Box::new(std::mem::take(&mut p.properties)));
+        let mut props =
+            (!p.properties.is_empty()).then(|| Box::new(std::mem::take(&mut p.properties)));
         let subject = topics::topic_to_subject(&p.topic);
+        self.mark_origin(&mut props, &subject);
         // An MQTT 5 request's Response Topic is checked as the requester's
         // own publish and subscribe ([`props::response_topic_allowed`]).
         let bad_response = props
@@ -147,10 +160,7 @@ impl Session {
                 ack: None,
                 props,
             }),
-            (QoS::ExactlyOnce, Some(id))
-                if self.qos2_in.contains(&id)
-                    || self.pending_acks.iter().any(|&(p, q)| p == id && q == 2) =>
-            {
+            (QoS::ExactlyOnce, Some(id)) if resent => {
                 // Already stored (or being stored); the client resent it.
                 // Answer again in order, without routing it twice.
                 self.ack_unstored(id, 2, None);
@@ -170,6 +180,25 @@ impl Session {
                 reason::MALFORMED_PACKET,
                 CloseReason::ProtocolError("QoS > 0 PUBLISH without packet id".into()),
             ),
+        }
+    }
+
+    /// No Local [MQTT-3.8.3-3]: when one of this client's No Local
+    /// subscriptions matches its own publish, the message carries
+    /// [`props::ORIGIN`] (its client id), so that no delivery to this
+    /// client id through such a subscription happens, live or from a
+    /// stream. A user property of that name from the client is dropped:
+    /// it cannot hide its messages from another client.
+    fn mark_origin(&self, props: &mut Option<Box<Properties>>, subject: &str) {
+        if let Some(p) = props.as_mut().filter(|p| !p.user_properties.is_empty()) {
+            p.user_properties
+                .retain(|(k, _)| !k.eq_ignore_ascii_case(props::ORIGIN));
+        }
+        if self.no_local && self.subs.iter().any(|s| s.no_local && s.matches(subject)) {
+            props
+                .get_or_insert_with(Default::default)
+                .user_properties
+                .push((props::ORIGIN.into(), self.client_id.clone()));
         }
     }
 

@@ -34,9 +34,6 @@
 //! - A QoS 2 packet id awaiting PUBREL is never routed twice.
 //! - After [`Event::Close`] is emitted, all further input is ignored.
 //!
-//! Not yet: the MQTT filter form and subscription options in stored
-//! sessions (NATS filters, QoS and subscription identifiers are kept;
-//! that is all delivery needs).
 
 mod connect;
 mod inbound;
@@ -64,8 +61,8 @@ use crate::wire::mqtt::{
 pub use connect::WillMessage;
 use outbound::{Outbound, Queued};
 use stored::Follow;
-use subscribe::PendingSubAck;
 pub use subscribe::SubRequest;
+use subscribe::{PendingSubAck, Sub};
 use timers::{Timer, TimerTable};
 
 /// Limits the session enforces (from `[mqtt]` config).
@@ -97,9 +94,12 @@ pub struct Limits {
 pub enum Event {
     /// CONNECT accepted: claim this client id (takeover of an older
     /// connection of the same user), delete stored state when `clean`,
-    /// load it otherwise, then call [`Session::restore`] — or
-    /// [`Session::refuse`] when the client id belongs to another user.
-    /// `expiry` > 0: the session is persistent.
+    /// load it otherwise (Clean Start 0 resumes a stored session whatever
+    /// `expiry` is, MQTT 5 [MQTT-3.1.2-5]; with `expiry` 0 the stored copy
+    /// is deleted once loaded: the session ends with this connection),
+    /// then call [`Session::restore`] — or [`Session::refuse`] when the
+    /// client id belongs to another user. `expiry` > 0: the session is
+    /// persistent.
     Connected {
         client_id: String,
         clean: bool,
@@ -120,10 +120,12 @@ pub enum Event {
     /// Acknowledge packet `.0` in order once every earlier publish is
     /// acknowledged; nothing to store (a QoS 2 duplicate).
     AckInOrder(u16),
-    /// Add subscriptions. The shell saves the session first, then calls
+    /// Add or update router registrations (and owe retained messages).
+    /// The shell saves the session first, then calls
     /// [`Session::subscribe_done`] and adds them only if it returns true.
     Subscribe(Vec<SubRequest>),
-    /// Remove subscriptions (NATS filters).
+    /// Remove router registrations (NATS filters no subscription maps
+    /// to any more).
     Unsubscribe(Vec<String>),
     /// Remove shared subscriptions: (share name, NATS filter).
     UnsubscribeShared(Vec<(String, String)>),
@@ -172,11 +174,18 @@ pub struct Session {
     pub dropped: u64,
     /// The will from CONNECT, until a normal DISCONNECT discards it.
     will: Option<WillMessage>,
-    /// NATS filters this client subscribed to, with granted QoS.
-    filters: Vec<(String, u8)>,
-    /// Shared subscriptions: (share name, NATS filter, granted QoS). Served
-    /// live by the router only, never from stream cursors.
-    shared: Vec<(String, String, u8)>,
+    /// The subscriptions, keyed by MQTT filter and share name. Shared ones
+    /// are served live by the router only, never from stream cursors.
+    subs: Vec<Sub>,
+    /// Some subscription has No Local, Retain As Published or an
+    /// identifier: deliveries look at the subscriptions they match.
+    sub_opts: bool,
+    /// Some subscription has No Local: publishes are checked against them.
+    no_local: bool,
+    /// A stored session was resumed (`session_present` = 1).
+    resumed: bool,
+    /// The CONNECT had Clean Start (3.1.1 Clean Session) = 1.
+    clean_start: bool,
     client_id: String,
     /// Session expiry; zero: not persistent.
     expiry: Duration,
@@ -219,8 +228,6 @@ pub struct Session {
     queued: VecDeque<Queued>,
     /// The sum of their costs.
     queued_bytes: usize,
-    /// MQTT 5 subscription identifiers, by NATS filter.
-    sub_ids: HashMap<String, u32>,
     /// MQTT 5 Request Problem Information (reason strings on acks).
     problem_info: bool,
     /// Messages not sent because they exceed the client's Maximum Packet
@@ -251,8 +258,11 @@ impl Session {
             now,
             dropped: 0,
             will: None,
-            filters: Vec::new(),
-            shared: Vec::new(),
+            subs: Vec::new(),
+            sub_opts: false,
+            no_local: false,
+            resumed: false,
+            clean_start: true,
             client_id: String::new(),
             expiry: Duration::ZERO,
             follows: Vec::new(),
@@ -273,7 +283,6 @@ impl Session {
             client_receive_max: 65_535,
             queued: VecDeque::new(),
             queued_bytes: 0,
-            sub_ids: HashMap::new(),
             problem_info: true,
             oversize_dropped: 0,
             expired: 0,
@@ -440,6 +449,14 @@ impl Session {
     /// Whether this session outlives its connection.
     pub fn is_persistent(&self) -> bool {
         !self.expiry.is_zero()
+    }
+
+    /// Whether this session reads the streams from cursors (and takes
+    /// captured subjects from them, not from the router): a persistent
+    /// one, or one resumed with Clean Start 0 whose new expiry is 0 — it
+    /// delivers what was kept for it and ends with this connection.
+    pub fn follows_streams(&self) -> bool {
+        self.is_persistent() || self.resumed
     }
 
     pub fn has_events(&self) -> bool {

@@ -28,7 +28,9 @@
 //! - Metadata: PUBLISH properties travel as NATS headers
 //!   ([`props`]); subscribers on 5.0 get them back as
 //!   properties, plus the identifiers of every matching subscription
-//!   (kept in stored sessions). Message expiry counts from the routing
+//!   (kept in stored sessions). Subscription options (No Local, Retain As
+//!   Published, identifiers) are applied per delivery from the
+//!   subscriptions it matches ([`Session::outgoing`]; see `subscribe.rs`). Message expiry counts from the routing
 //!   time (router deliveries, also while queued) or the stored timestamp
 //!   (stream messages); an expired message is not sent to anyone, and the
 //!   interval sent is the remaining time.
@@ -69,6 +71,23 @@ pub(super) struct Queued {
     cost: usize,
 }
 
+/// How one message goes to this client ([`Session::outgoing`]).
+#[derive(Debug, Default)]
+pub(super) struct Outgoing {
+    /// PUBLISH properties (5.0): from the message's headers, with the
+    /// identifiers of the matching subscriptions; no message expiry yet.
+    pub(super) props: Properties,
+    /// How long the message lives (`Mqtt-Expiry`).
+    pub(super) life: Option<Duration>,
+    /// The publisher's QoS, when recorded (`Mqtt-QoS`).
+    pub(super) published: Option<u8>,
+    /// The highest QoS of the matching subscriptions (`None`: they were
+    /// not looked at, or none matches).
+    pub(super) granted: Option<u8>,
+    /// A matching subscription has Retain As Published.
+    pub(super) retain_as_published: bool,
+}
+
 /// What [`Session::emit`] did with a PUBLISH.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Emitted {
@@ -87,38 +106,58 @@ impl Session {
             .min(65_535)
     }
 
-    /// MQTT 5 PUBLISH properties for a message to this client (from its
-    /// NATS headers and reply subject, plus matching subscription
-    /// identifiers), the message's lifetime (`Mqtt-Expiry`) and the
-    /// publisher's QoS if recorded (`Mqtt-QoS`).
-    pub(super) fn publish_props(
+    /// How a message on `subject` goes to this client (see [`Outgoing`]),
+    /// from its NATS headers and reply subject and the subscriptions it
+    /// matches (shared ones for a `shared` delivery, the others otherwise).
+    /// `None`: not for this client — every matching subscription has No
+    /// Local and the client published it, or (`need_match`, for stream
+    /// messages) no subscription matches. Without subscription options
+    /// and `need_match`, the subscriptions are not looked at (the live
+    /// path of most clients costs what it did before options existed).
+    pub(super) fn outgoing(
         &self,
         subject: &str,
         headers: Option<&[u8]>,
         reply: Option<&str>,
-    ) -> (Properties, Option<Duration>, Option<u8>) {
-        if headers.is_none() && reply.is_none() && self.sub_ids.is_empty() {
-            return (Properties::default(), None, None);
+        shared: bool,
+        need_match: bool,
+    ) -> Option<Outgoing> {
+        let mut out = Outgoing::default();
+        if headers.is_none() && reply.is_none() && !self.sub_opts && !need_match {
+            return Some(out);
         }
         let meta = props::headers_to_meta(headers, reply);
-        let life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
+        out.life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
+        out.published = meta.qos;
+        let mut ids = Vec::new();
+        if self.sub_opts || need_match {
+            let own = meta.origin.as_deref() == Some(self.client_id.as_str());
+            let mut skipped = false;
+            for s in &self.subs {
+                if s.share.is_some() != shared || !s.matches(subject) {
+                    continue;
+                }
+                if own && s.no_local {
+                    skipped = true;
+                    continue;
+                }
+                out.granted = out.granted.max(Some(s.qos.min(2)));
+                out.retain_as_published |= s.retain_as_published;
+                ids.extend(s.id);
+            }
+            if out.granted.is_none() && (skipped || need_match) {
+                return None;
+            }
+        }
         if self.version != Some(Version::V5) {
-            return (Properties::default(), life, meta.qos);
+            return Some(out);
         }
-        let mut props = meta.props;
-        props.message_expiry_interval = None;
-        if !self.sub_ids.is_empty() {
-            let mut ids: Vec<u32> = self
-                .sub_ids
-                .iter()
-                .filter(|(f, _)| crate::subject::matches(f, subject))
-                .map(|(_, i)| *i)
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            props.subscription_identifiers = ids;
-        }
-        (props, life, meta.qos)
+        out.props = meta.props;
+        out.props.message_expiry_interval = None;
+        ids.sort_unstable();
+        ids.dedup();
+        out.props.subscription_identifiers = ids;
+        Some(out)
     }
 
     /// Send one PUBLISH: sets the remaining message expiry, a topic alias
@@ -209,15 +248,6 @@ impl Session {
         }
     }
 
-    /// The highest QoS of the subscriptions matching `subject`.
-    pub(super) fn matching_qos(&self, subject: &str) -> Option<u8> {
-        self.filters
-            .iter()
-            .filter(|(f, _)| crate::subject::matches(f, subject))
-            .map(|(_, q)| (*q).min(2))
-            .max()
-    }
-
     pub(super) fn outbound_done(&mut self, packet_id: u16) {
         let Some(pos) = self.outbound.iter().position(|o| o.packet_id == packet_id) else {
             return;
@@ -269,7 +299,13 @@ impl Session {
             // match topics starting with `$`.
             return;
         }
-        let qos = match d.qos {
+        let (headers, reply) = (d.headers.as_deref(), d.reply.as_deref());
+        let Some(o) = self.outgoing(&d.subject, headers, reply, d.shared, false) else {
+            return;
+        };
+        // The router sends at the highest QoS of the connection's
+        // subscriptions on the subject; No Local may have left fewer.
+        let qos = match o.granted.map_or(d.qos, |g| g.min(d.qos)) {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
@@ -277,18 +313,19 @@ impl Session {
         // `now` may be older than the routing time when no input came for a
         // while; expiry is counted from `d.at`.
         self.now = self.now.max(d.at);
-        let (properties, life, _) =
-            self.publish_props(&d.subject, d.headers.as_deref(), d.reply.as_deref());
         let publish = Publish {
             dup: false,
             qos,
-            retain,
+            // A retained message owed to a new subscription has RETAIN
+            // set; a live one keeps the publisher's flag only for Retain
+            // As Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
+            retain: retain || (d.retain && o.retain_as_published),
             topic: topics::subject_to_topic(&d.subject),
             packet_id: None,
-            properties,
+            properties: o.props,
             payload: d.payload.clone(),
         };
-        let deadline = life.map(|l| d.at + l);
+        let deadline = o.life.map(|l| d.at + l);
         if qos != QoS::AtMostOnce
             && (self.outbound.len() >= self.window() || !self.queued.is_empty())
         {
@@ -314,8 +351,7 @@ impl Session {
 
     /// Whether a filter that does not start with a wildcard matches `subject`.
     pub(super) fn dollar_subscribed(&self, subject: &str) -> bool {
-        let shared = self.shared.iter().map(|(_, f, _)| f);
-        self.filters.iter().map(|(f, _)| f).chain(shared).any(|f| {
+        self.subs.iter().flat_map(|s| &s.nats).any(|f| {
             !(f.starts_with('*') || f.starts_with('>')) && crate::subject::matches(f, subject)
         })
     }

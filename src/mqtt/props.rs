@@ -19,6 +19,7 @@
 //! | response topic             | `Mqtt-Response-Topic` (the MQTT topic), and the NATS reply subject |
 //! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
 //! | the publisher's QoS, when 0 or 2 | `Mqtt-QoS: 0` / `Mqtt-QoS: 2` (stored copies only, see below) |
+//! | the publisher's client id, when one of its No Local subscriptions matches | `Mqtt-Origin` |
 //!
 //! The publisher's QoS: a message an MQTT client publishes at QoS 0 or 2
 //! is stored in a stream with `Mqtt-QoS: 0` or `2`, so a persistent
@@ -31,6 +32,12 @@
 //! passes the publisher's QoS along). A user property of that name is not
 //! carried, so a client cannot raise its own QoS with one.
 //!
+//! - `Mqtt-Origin` (the client id of an MQTT publisher that holds a No
+//!   Local subscription matching its own message) is added by the
+//!   publishing session only then, so a subscriber with No Local never
+//!   gets its own messages, live or read back from a stream (MQTT 5
+//!   §3.8.3.1). MQTT subscribers do not see it; NATS subscribers and the
+//!   hub do. A client's user property of that name is not carried.
 //! - A user property whose name is not a valid header name (empty, or
 //!   containing `:`, whitespace or control characters) or whose value has
 //!   CR/LF is not carried (logged at debug). Headers the store acts on
@@ -57,6 +64,8 @@ pub const RESPONSE_TOPIC: &str = "Mqtt-Response-Topic";
 pub const CORRELATION_DATA: &str = "Mqtt-Correlation-Data";
 
 pub const QOS: &str = "Mqtt-QoS";
+
+pub const ORIGIN: &str = "Mqtt-Origin";
 
 /// The NATS header block for an MQTT 5 PUBLISH's properties (`None`
 /// when nothing maps).
@@ -108,6 +117,8 @@ pub struct Meta {
     pub expiry: Option<u32>,
     /// `Mqtt-QoS`: the publisher's QoS (only 2 is ever written).
     pub qos: Option<u8>,
+    /// `Mqtt-Origin`: the publisher's client id (No Local).
+    pub origin: Option<String>,
 }
 
 /// MQTT metadata from a NATS header block and reply subject.
@@ -131,6 +142,8 @@ pub fn headers_to_meta(headers: Option<&[u8]>, reply: Option<&str>) -> Meta {
                         m.expiry = m.expiry.or(v.trim().parse().ok());
                     } else if is(QOS) {
                         m.qos = m.qos.or(v.trim().parse::<u8>().ok().map(|q| q.min(2)));
+                    } else if is(ORIGIN) {
+                        m.origin.get_or_insert(v);
                     } else if is(RESPONSE_TOPIC) {
                         if crate::wire::mqtt::valid_topic_name(&v) {
                             m.props.response_topic.get_or_insert(v);

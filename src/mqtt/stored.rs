@@ -243,17 +243,21 @@ impl Session {
             // Otherwise in flight already (a PUBREL was sent for it).
             return;
         }
-        let Some(granted) = self.matching_qos(subject) else {
-            return;
-        };
         let dollar_ok = !subject.starts_with('$') || self.dollar_subscribed(subject);
         if !dollar_ok {
             return;
         }
-        let (properties, deadline, published) = self.publish_props(subject, headers, None);
+        // Not shared: shared subscriptions are served live only. `None`:
+        // no subscription matches, or only No Local ones and the client
+        // published it.
+        let Some(o) = self.outgoing(subject, headers, None, false, true) else {
+            return;
+        };
+        let granted = o.granted.unwrap_or(0);
         // The publisher's QoS: recorded for MQTT QoS 0 and 2; everything
         // else in a stream counts as QoS 1 (see [`super::props`]).
-        let qos = granted.min(published.unwrap_or(1));
+        let qos = granted.min(o.published.unwrap_or(1));
+        let (properties, deadline) = (o.props, o.life);
         let deadline = match deadline {
             Some(life) if life <= age => {
                 self.expired += 1;
@@ -305,7 +309,10 @@ impl Session {
         headers: Option<&[u8]>,
         payload: &[u8],
     ) {
-        let (properties, _, _) = self.publish_props(subject, headers, None);
+        let properties = self
+            .outgoing(subject, headers, None, false, false)
+            .map(|o| o.props)
+            .unwrap_or_default();
         let publish = Publish {
             dup: true,
             qos: QoS::ExactlyOnce,
@@ -345,7 +352,7 @@ impl Session {
         self.was_persistent && !self.is_persistent()
     }
 
-    /// The state to store for a persistent session (`disconnected_at`
+    /// The state to store for a persistent session (`disconnected_at_ms`
     /// is 0: the shell sets it at disconnect).
     pub fn snapshot(&self) -> StoredSession {
         let mut cursors: Vec<Cursor> = self
@@ -389,29 +396,21 @@ impl Session {
                 4
             },
             subs: self
-                .filters
+                .subs
                 .iter()
-                .map(|(f, q)| StoredSub {
-                    filter: f.clone(),
-                    qos: *q,
-                    share: None,
+                .map(|s| StoredSub {
+                    filter: s.filter.clone(),
+                    qos: s.qos,
+                    share: s.share.clone(),
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    id: s.id,
                 })
-                .chain(self.shared.iter().map(|(g, f, q)| StoredSub {
-                    filter: f.clone(),
-                    qos: *q,
-                    share: Some(g.clone()),
-                }))
                 .collect(),
             expiry_secs: self.expiry.as_secs(),
-            disconnected_at: 0,
+            disconnected_at_ms: 0,
             cursors,
             qos2_in,
-            sub_ids: {
-                let mut ids: Vec<(String, u32)> =
-                    self.sub_ids.iter().map(|(f, i)| (f.clone(), *i)).collect();
-                ids.sort();
-                ids
-            },
         }
     }
 }

@@ -1,5 +1,24 @@
-//! SUBSCRIBE and UNSUBSCRIBE: filters, quotas and the SUBACK held until a
-//! persistent session's state is durable.
+//! SUBSCRIBE and UNSUBSCRIBE: filters, quotas, subscription options and
+//! the SUBACK held until a persistent session's state is durable.
+//!
+//! Subscriptions are keyed by the MQTT filter the client sent, and its
+//! share name ([`Sub`]): `x` and `x/#` are two subscriptions, although
+//! `x/#` maps to the NATS filters `x` and `x.>` (MQTT 5 §4.8, [MQTT-3.8.4-3],
+//! [MQTT-3.10.4-1]). The router holds NATS filters, one registration per
+//! (share name, NATS filter) of the connection, at the highest QoS of the
+//! subscriptions that map to it; it hands a message to the connection
+//! once, and the machine decides its delivery from the subscriptions that
+//! match it: the highest of their QoS [MQTT-3.3.4-2], all their
+//! subscription identifiers [MQTT-3.3.4-4], RETAIN kept if one has Retain
+//! As Published [MQTT-3.3.1-13], and none of those with No Local when the
+//! client published the message itself [MQTT-3.8.3-3] (the publishing
+//! session marks its message with [`super::props::ORIGIN`] when one of its No
+//! Local subscriptions matches it, so the rule holds for messages read
+//! back from a stream too). UNSUBSCRIBE of one filter leaves the others;
+//! a NATS filter is unregistered when no subscription maps to it any
+//! more, and re-registered at a lower QoS when the highest one went. 5.0
+//! UNSUBACK says 0x11 (no subscription existed) for a filter the client
+//! did not hold, as Mosquitto does.
 //!
 //! Limits (`[mqtt]`): `max_subscriptions` per client (an MQTT `a/#` counts
 //! once; refused filters get SUBACK 0x97, 3.1.1: 0x80), and
@@ -20,8 +39,6 @@
 //!   capturing stream still holds it). Shared subscriptions get no retained
 //!   messages on subscribe (MQTT 5 §4.8.2); no-local on one is a protocol
 //!   error (the 5.0 decoder refuses it).
-use std::collections::HashMap;
-
 use super::{Event, Session, State};
 use crate::subject::mqtt as topics;
 use crate::wire::mqtt::{
@@ -29,16 +46,39 @@ use crate::wire::mqtt::{
     UnsubAck, Unsubscribe, Version,
 };
 
-/// One subscription to add (a NATS filter; an MQTT filter ending in `#`
-/// yields two).
+/// One subscription: the MQTT filter the client sent (after
+/// `$share/{name}/`) with its share name and options, and the NATS
+/// filters it is registered under (those the client may subscribe to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Sub {
+    pub(super) filter: String,
+    pub(super) share: Option<String>,
+    pub(super) nats: Vec<String>,
+    pub(super) qos: u8,
+    pub(super) no_local: bool,
+    pub(super) retain_as_published: bool,
+    pub(super) id: Option<u32>,
+}
+
+impl Sub {
+    /// Whether this subscription matches NATS subject `subject`.
+    pub(super) fn matches(&self, subject: &str) -> bool {
+        self.nats
+            .iter()
+            .any(|f| crate::subject::matches(f, subject))
+    }
+}
+
+/// One router registration to add or update: a NATS filter at the
+/// highest QoS of the connection's subscriptions that map to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubRequest {
     pub filter: String,
     pub qos: u8,
-    /// Send the retained messages matching `filter` (MQTT 5 retain
-    /// handling: 0 always, 1 only for a new subscription, 2 never; never
-    /// for a shared subscription).
-    pub send_retained: bool,
+    /// The retained messages matching `filter` are owed, at this QoS (the
+    /// new subscription's; MQTT 5 retain handling: 0 always, 1 only for a
+    /// new subscription, 2 never; never for a shared subscription).
+    pub retained: Option<u8>,
     /// The share name of a shared subscription (`$share/{name}/...`).
     pub share: Option<String>,
 }
@@ -52,9 +92,7 @@ pub(super) struct PendingSubAck {
     /// Indices into `codes` of the filters granted.
     granted: Vec<usize>,
     /// The subscriptions before the SUBSCRIBE, restored if it fails.
-    filters: Vec<(String, u8)>,
-    shared: Vec<(String, String, u8)>,
-    sub_ids: HashMap<String, u32>,
+    subs: Vec<Sub>,
 }
 
 /// The SUBACK code refusing a filter: the 5.0 `code`, or the one 3.1.1
@@ -67,6 +105,41 @@ fn refused(v5: bool, code: u8) -> u8 {
 }
 
 impl Session {
+    /// The router registrations the subscriptions need: (share name, NATS
+    /// filter, highest QoS).
+    pub(super) fn registrations(&self) -> Vec<(Option<String>, String, u8)> {
+        let mut regs: Vec<(Option<String>, String, u8)> = Vec::new();
+        for s in &self.subs {
+            for nf in &s.nats {
+                match regs.iter_mut().find(|r| r.0 == s.share && r.1 == *nf) {
+                    Some(r) => r.2 = r.2.max(s.qos),
+                    None => regs.push((s.share.clone(), nf.clone(), s.qos)),
+                }
+            }
+        }
+        regs
+    }
+
+    /// The QoS the router registration (`share`, `nf`) needs.
+    fn registration_qos(&self, share: Option<&str>, nf: &str) -> u8 {
+        self.subs
+            .iter()
+            .filter(|s| s.share.as_deref() == share && s.nats.iter().any(|f| f == nf))
+            .map(|s| s.qos)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Recompute what deliveries must look at after the subscriptions
+    /// changed.
+    pub(super) fn subs_changed(&mut self) {
+        self.sub_opts = self
+            .subs
+            .iter()
+            .any(|s| s.no_local || s.retain_as_published || s.id.is_some());
+        self.no_local = self.subs.iter().any(|s| s.no_local);
+    }
+
     /// The shell stored the state of the oldest [`Event::Subscribe`] not
     /// yet answered (`saved`), or could not. Call once per such event, in
     /// order. Returns whether to add its subscriptions: a persistent
@@ -85,9 +158,8 @@ impl Session {
                     *c = reason::UNSPECIFIED_ERROR;
                 }
             }
-            self.filters = p.filters;
-            self.shared = p.shared;
-            self.sub_ids = p.sub_ids;
+            self.subs = p.subs;
+            self.subs_changed();
             // What reached the disk, if anything, is overwritten.
             self.dirty = true;
             if self.version == Some(Version::V5) && self.problem_info {
@@ -126,42 +198,23 @@ impl Session {
         }
     }
 
-    /// Whether adding the NATS filters `nfs` (of one MQTT filter, shared in
-    /// `share` or not) would exceed `max_subscriptions`. Replacing an
-    /// existing subscription never does; `a/#` (`a` and `a.>`) counts once.
-    pub(super) fn over_quota(&self, nfs: &[String], share: Option<&str>) -> bool {
+    /// Whether adding subscription (`share`, `filter`) would exceed
+    /// `max_subscriptions`. Replacing an existing subscription never does.
+    pub(super) fn over_quota(&self, filter: &str, share: Option<&str>) -> bool {
         let max = self.limits.max_subscriptions;
         if max == 0 {
             return false;
         }
-        let exists = nfs.iter().all(|nf| match share {
-            Some(g) => self.shared.iter().any(|(sg, f, _)| sg == g && f == nf),
-            None => self.filters.iter().any(|(f, _)| f == nf),
-        });
+        let exists = self
+            .subs
+            .iter()
+            .any(|s| s.filter == filter && s.share.as_deref() == share);
         !exists && self.subscription_count() >= max
     }
 
-    /// Subscriptions held, counting an MQTT `a/#` (`a` plus `a.>`) once.
+    /// Subscriptions held (MQTT filters; `a/#` is one).
     pub fn subscription_count(&self) -> usize {
-        let count = |fs: Vec<(Option<&str>, &str)>| {
-            fs.iter()
-                .filter(|(g, f)| {
-                    f.strip_suffix(".>")
-                        .is_none_or(|parent| !fs.contains(&(*g, parent)))
-                })
-                .count()
-        };
-        count(
-            self.filters
-                .iter()
-                .map(|(f, _)| (None, f.as_str()))
-                .collect(),
-        ) + count(
-            self.shared
-                .iter()
-                .map(|(g, f, _)| (Some(g.as_str()), f.as_str()))
-                .collect(),
-        )
+        self.subs.len()
     }
 
     pub(super) fn handle_subscribe(&mut self, s: Subscribe) {
@@ -169,13 +222,7 @@ impl Session {
         let mut granted = Vec::new();
         let mut codes = Vec::new();
         let mut granted_at = Vec::new();
-        let before = self.is_persistent().then(|| {
-            (
-                self.filters.clone(),
-                self.shared.clone(),
-                self.sub_ids.clone(),
-            )
-        });
+        let before = self.is_persistent().then(|| self.subs.clone());
         for (filter, opts) in s.filters {
             match self.subscribe_one(&filter, &opts, sub_id, &mut granted) {
                 Ok(qos) => {
@@ -185,17 +232,16 @@ impl Session {
                 Err(code) => codes.push(code),
             }
         }
+        self.subs_changed();
         self.events.push_back(Event::Subscribe(granted));
         match before {
             // Durable before acknowledged: the SUBACK waits for
             // the shell's save, and decoding waits with it.
-            Some((filters, shared, sub_ids)) => self.subacks.push_back(Some(PendingSubAck {
+            Some(subs) => self.subacks.push_back(Some(PendingSubAck {
                 packet_id: s.packet_id,
                 codes,
                 granted: granted_at,
-                filters,
-                shared,
-                sub_ids,
+                subs,
             })),
             None => {
                 self.subacks.push_back(None);
@@ -208,8 +254,10 @@ impl Session {
         }
     }
 
-    /// Subscribe one MQTT filter, adding what to subscribe to `granted`:
-    /// `Ok` with the granted QoS, or `Err` with the SUBACK failure code.
+    /// Subscribe one MQTT filter (adding it, or replacing the subscription
+    /// of the same filter and share name), adding the router registrations
+    /// it needs to `granted`: `Ok` with the granted QoS, or `Err` with the
+    /// SUBACK failure code.
     fn subscribe_one(
         &mut self,
         filter: &str,
@@ -234,84 +282,97 @@ impl Session {
                 return Err(refused(v5, reason::NOT_AUTHORIZED));
             }
         }
-        if self.over_quota(&nfs, share.as_deref()) {
+        if self.over_quota(inner, share.as_deref()) {
             return Err(refused(v5, reason::QUOTA_EXCEEDED));
         }
-        if let Some(name) = share {
-            for nf in nfs {
-                self.shared.retain(|(g, f, _)| !(*g == name && *f == nf));
-                self.shared.push((name.clone(), nf.clone(), qos));
-                self.dirty = true;
-                // MQTT 5 §4.8.2: no retained messages for a
-                // shared subscription.
-                granted.push(SubRequest {
-                    filter: nf,
-                    qos,
-                    send_retained: false,
-                    share: Some(name.clone()),
-                });
-            }
-            return Ok(qos);
+        let sub = Sub {
+            filter: inner.to_string(),
+            share: share.clone(),
+            nats: nfs.clone(),
+            qos,
+            // The 5.0 decoder refuses No Local on a shared subscription.
+            no_local: opts.no_local && share.is_none(),
+            retain_as_published: opts.retain_as_published,
+            id: sub_id,
+        };
+        let existing = self
+            .subs
+            .iter()
+            .position(|s| s.filter == sub.filter && s.share == sub.share);
+        let new = existing.is_none();
+        match existing.and_then(|i| self.subs.get_mut(i)) {
+            Some(s) => *s = sub,
+            None => self.subs.push(sub),
         }
-        for nf in nfs {
-            let new = !self.filters.iter().any(|(f, _)| *f == nf);
-            if new {
-                self.filters.push((nf.clone(), qos));
-            } else {
-                for (f, q) in &mut self.filters {
-                    if *f == nf {
-                        *q = qos;
-                    }
-                }
-            }
-            self.dirty = true;
-            match sub_id {
-                Some(i) => self.sub_ids.insert(nf.clone(), i),
-                None => self.sub_ids.remove(&nf),
-            };
-            let send_retained = match opts.retain_handling {
+        self.dirty = true;
+        // MQTT 5 §4.8.2: no retained messages for a shared subscription.
+        let send_retained = share.is_none()
+            && match opts.retain_handling {
                 0 => true,
                 1 => new,
                 _ => false,
             };
+        for nf in nfs {
             granted.push(SubRequest {
+                qos: self.registration_qos(share.as_deref(), &nf),
                 filter: nf,
-                qos,
-                send_retained,
-                share: None,
+                retained: send_retained.then_some(qos),
+                share: share.clone(),
             });
         }
         Ok(qos)
     }
 
     pub(super) fn handle_unsubscribe(&mut self, u: Unsubscribe) {
-        let n = u.filters.len();
+        let before = self.registrations();
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in u.filters {
+            let (share, inner) = match mqtt::split_shared(&f) {
+                Some((name, inner)) => (Some(name), inner),
+                None => (None, f.as_str()),
+            };
+            let n = self.subs.len();
+            self.subs
+                .retain(|s| !(s.filter == inner && s.share.as_deref() == share));
+            codes.push(match self.subs.len() < n {
+                true => reason::SUCCESS,
+                false => reason::NO_SUBSCRIPTION_EXISTED,
+            });
+        }
+        self.subs_changed();
+        self.dirty = true;
+        let after = self.registrations();
         let mut gone = Vec::new();
         let mut gone_shared = Vec::new();
-        for f in u.filters {
-            match mqtt::split_shared(&f) {
-                Some((name, inner)) => {
-                    for nf in topics::filter_to_subjects(inner) {
-                        gone_shared.push((name.to_string(), nf));
-                    }
-                }
-                None => gone.extend(topics::filter_to_subjects(&f)),
+        let mut lowered = Vec::new();
+        for (share, nf, q) in before {
+            match after.iter().find(|r| r.0 == share && r.1 == nf) {
+                None => match share {
+                    Some(g) => gone_shared.push((g, nf)),
+                    None => gone.push(nf),
+                },
+                Some(r) if r.2 != q => lowered.push(SubRequest {
+                    filter: nf,
+                    qos: r.2,
+                    retained: None,
+                    share,
+                }),
+                Some(_) => {}
             }
         }
-        self.filters.retain(|(f, _)| !gone.contains(f));
-        self.shared
-            .retain(|(g, f, _)| !gone_shared.iter().any(|x| x.0 == *g && x.1 == *f));
-        self.sub_ids.retain(|f, _| !gone.contains(f));
-        self.dirty = true;
         if !gone_shared.is_empty() {
             self.events.push_back(Event::UnsubscribeShared(gone_shared));
         }
         self.events.push_back(Event::Unsubscribe(gone));
-        let codes = if self.version == Some(Version::V5) {
-            vec![reason::SUCCESS; n]
-        } else {
-            Vec::new()
-        };
+        if !lowered.is_empty() {
+            // The highest QoS on a NATS filter went with the removed
+            // subscription: re-registered at what the others need.
+            self.events.push_back(Event::Subscribe(lowered));
+            self.subacks.push_back(None);
+        }
+        if self.version != Some(Version::V5) {
+            codes.clear();
+        }
         self.send(&Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             codes,

@@ -150,7 +150,7 @@ impl Outbound {
     /// subscriptions, which are always live).
     pub fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
         self.budget.release(d.cost());
-        if d.shared || !(session.is_persistent() && broker.capture(&d.subject).is_some()) {
+        if d.shared || !(session.follows_streams() && broker.capture(&d.subject).is_some()) {
             session.deliver(d);
         }
         self.settle(session, broker);

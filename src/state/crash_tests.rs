@@ -193,7 +193,7 @@ fn session(n: u16) -> StoredSession {
         client_id: "dev/1".into(),
         version: 5,
         expiry_secs: 3600,
-        disconnected_at: NOW_MS / 1000,
+        disconnected_at_ms: NOW_MS,
         // Grows and shrinks: in-place writes over longer and shorter data.
         qos2_in: (0..(n % 3) * 40).map(|i| i + n).collect(),
         ..StoredSession::default()

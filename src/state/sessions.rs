@@ -21,11 +21,16 @@
 //! record ([`StoredSession`]) holds:
 //! client id, the owner (the user that created the session: `"anonymous"`
 //! or `{"user": name}`; absent when frond runs without `[auth]` and in
-//! files of earlier versions), protocol version, subscriptions (NATS
-//! filters, as the router holds them, with their granted QoS), the expiry
-//! interval, the time of
-//! the last disconnect (0 while connected), per-stream cursors and the
-//! inbound QoS 2 packet ids that were PUBREC'd and await PUBREL.
+//! files of earlier versions), protocol version, subscriptions (keyed by
+//! the MQTT filter the client sent and its share name, with granted QoS,
+//! No Local, Retain As Published and subscription identifier), the expiry
+//! interval, the time of the last disconnect in unix milliseconds (0
+//! while connected), per-stream cursors and the inbound QoS 2 packet ids
+//! that were PUBREC'd and await PUBREL. The body is format
+//! [`SESSION_FORMAT`] (2); records of format 1 (subscriptions as NATS
+//! filters, `a/#` as `a` plus `a.>`, identifiers by NATS filter, the
+//! disconnect in whole seconds) and their JSON are read and converted,
+//! and written in format 2 at the next save.
 //!
 //! A cursor also holds the outbound QoS 2 state of its stream's messages:
 //! each QoS 2 message in flight as `[sequence, packet id, PUBREC
@@ -62,7 +67,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, read_all, read_slots, slot_name, write_slot, Body, Clock, Disk};
+use super::{decode, read_all, read_slots, slot_name, write_slot, Body, Clock, Disk};
 use crate::store::backend::Backend;
 
 /// A stream cursor of one session.
@@ -86,15 +91,32 @@ pub struct Cursor {
     pub done: Vec<u64>,
 }
 
-/// One subscription (a NATS filter; MQTT `a/#` is stored as `a` and `a.>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One subscription, keyed by the MQTT filter the client sent (and its
+/// share name): `a` and `a/#` are two subscriptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSub {
+    /// The MQTT filter (after `$share/{name}/` for a shared one).
     pub filter: String,
     pub qos: u8,
-    /// The share name of a shared subscription (`$share/{name}/...`);
-    /// absent in files written before shared subscriptions existed.
-    #[serde(default)]
+    /// The share name of a shared subscription (`$share/{name}/...`).
     pub share: Option<String>,
+    /// MQTT 5 No Local.
+    pub no_local: bool,
+    /// MQTT 5 Retain As Published.
+    pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier.
+    pub id: Option<u32>,
+}
+
+/// A subscription as records of format 1 (and JSON) hold it: a NATS
+/// filter; an MQTT `a/#` was stored as `a` and `a.>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredSubV1 {
+    filter: String,
+    qos: u8,
+    /// Absent in files written before shared subscriptions existed.
+    #[serde(default)]
+    share: Option<String>,
 }
 
 /// Who a session belongs to: the authenticated user that created it.
@@ -116,34 +138,129 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// Everything a persistent session keeps between connections. (Fields
-/// with `default` are absent from JSON files of earlier versions.)
+/// Everything a persistent session keeps between connections (record
+/// format [`SESSION_FORMAT`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSession {
     pub client_id: String,
     /// The user that created it (`None`: frond runs without `[auth]`, or
     /// a file of an earlier version).
-    #[serde(default)]
     pub owner: Option<Owner>,
     /// 4 (3.1.1) or 5 (5.0).
     pub version: u8,
     pub subs: Vec<StoredSub>,
     /// Seconds the session outlives a disconnect.
     pub expiry_secs: u64,
-    /// Unix seconds of the last disconnect; 0 while connected.
-    pub disconnected_at: u64,
+    /// Unix milliseconds of the last disconnect; 0 while connected.
+    pub disconnected_at_ms: u64,
     pub cursors: Vec<Cursor>,
     /// Inbound QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL.
     pub qos2_in: Vec<u16>,
+}
+
+/// The record of format 1 and of the JSON files of earlier releases.
+/// (Fields with `default` are absent from JSON files of earlier
+/// versions.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredSessionV1 {
+    client_id: String,
+    #[serde(default)]
+    owner: Option<Owner>,
+    version: u8,
+    subs: Vec<StoredSubV1>,
+    expiry_secs: u64,
+    /// Unix seconds of the last disconnect; 0 while connected.
+    disconnected_at: u64,
+    cursors: Vec<Cursor>,
+    qos2_in: Vec<u16>,
     /// MQTT 5 subscription identifiers: (NATS filter, identifier).
     #[serde(default)]
-    pub sub_ids: Vec<(String, u32)>,
+    sub_ids: Vec<(String, u32)>,
+}
+
+/// The body version of session records this release writes (the other
+/// state records are [`super::VERSION`], 1): 2 keys subscriptions by
+/// their MQTT filter with their options, and records the disconnect in
+/// milliseconds. Format 1 records are read and converted
+/// ([`StoredSessionV1`]); a release that knows only format 1 reports
+/// these as of an unknown version and starts such a session fresh.
+pub const SESSION_FORMAT: u8 = 2;
+
+/// An MQTT filter back from the NATS filter format 1 stored (`*` is `+`,
+/// `>` is `#`, other tokens are topic levels).
+fn nats_to_mqtt_filter(nats: &str) -> String {
+    nats.split('.')
+        .map(|token| match token {
+            "*" => "+".to_string(),
+            ">" => "#".to_string(),
+            t => crate::subject::mqtt::subject_to_topic(t),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+impl From<StoredSessionV1> for StoredSession {
+    /// `a` and `a.>` of one share come back as the one `a/#` they were
+    /// stored for; identifiers go to the subscription of their filter.
+    fn from(v1: StoredSessionV1) -> StoredSession {
+        let mut subs: Vec<StoredSub> = Vec::new();
+        for s in &v1.subs {
+            let parent = s.filter.strip_suffix(".>");
+            let merged_into_hash =
+                parent.is_some_and(|p| v1.subs.iter().any(|o| o.filter == p && o.share == s.share));
+            let is_parent_of_hash = v1.subs.iter().any(|o| {
+                o.share == s.share && o.filter.strip_suffix(".>") == Some(s.filter.as_str())
+            });
+            if is_parent_of_hash {
+                // Folded into the `a/#` of its `a.>`.
+                continue;
+            }
+            let id = v1
+                .sub_ids
+                .iter()
+                .find(|(f, _)| *f == s.filter)
+                .map(|(_, i)| *i);
+            let qos = match (merged_into_hash, parent) {
+                (true, Some(p)) => v1
+                    .subs
+                    .iter()
+                    .filter(|o| o.filter == p && o.share == s.share)
+                    .map(|o| o.qos)
+                    .fold(s.qos, u8::max),
+                _ => s.qos,
+            };
+            subs.push(StoredSub {
+                filter: nats_to_mqtt_filter(&s.filter),
+                qos,
+                share: s.share.clone(),
+                no_local: false,
+                retain_as_published: false,
+                id,
+            });
+        }
+        StoredSession {
+            client_id: v1.client_id,
+            owner: v1.owner,
+            version: v1.version,
+            subs,
+            expiry_secs: v1.expiry_secs,
+            disconnected_at_ms: v1.disconnected_at.saturating_mul(1000),
+            cursors: v1.cursors,
+            qos2_in: v1.qos2_in,
+        }
+    }
 }
 
 impl StoredSession {
-    /// Whether the session expired by `now` (unix seconds).
-    pub fn expired(&self, now: u64) -> bool {
-        self.disconnected_at != 0 && now >= self.disconnected_at.saturating_add(self.expiry_secs)
+    /// Whether the session expired by `now_ms` (unix milliseconds): the
+    /// expiry is measured from the disconnect to the millisecond, so a
+    /// session is never ended early [MQTT-4.1.0-2].
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.disconnected_at_ms != 0
+            && now_ms
+                >= self
+                    .disconnected_at_ms
+                    .saturating_add(self.expiry_secs.saturating_mul(1000))
     }
 }
 
@@ -208,7 +325,7 @@ impl SessionStore {
         place: &str,
         clock: Clock,
     ) -> io::Result<(SessionStore, usize, usize)> {
-        let now = clock() / 1000;
+        let now = clock();
         let (mut kept, mut expired) = (0, 0);
         let mut b = disk.scratch()?;
         let mut stems = BTreeSet::new();
@@ -225,9 +342,9 @@ impl SessionStore {
         }
         for stem in stems {
             match read_best(&mut *b, place, &stem) {
-                Some((mut s, seq)) if s.disconnected_at == 0 => {
+                Some((mut s, seq)) if s.disconnected_at_ms == 0 => {
                     // Connected when frond stopped: it disconnected now.
-                    s.disconnected_at = now.max(1);
+                    s.disconnected_at_ms = now.max(1);
                     kept += 1;
                     save_slot(&mut *b, &stem, seq + 1, &s)?;
                 }
@@ -298,7 +415,7 @@ impl SessionStore {
             );
             return None;
         }
-        if s.expired((self.clock)() / 1000) {
+        if s.expired((self.clock)()) {
             log::info!(
                 "mqtt: session of {} expired; starting fresh",
                 log_id(client_id)
@@ -412,18 +529,31 @@ impl SessionStore {
 /// Write `s` as sequence `seq` into its slot; the first write of a slot
 /// file deletes the file of the oldest version (older than any slot).
 fn save_slot(b: &mut dyn Backend, stem: &str, seq: u64, s: &StoredSession) -> io::Result<()> {
-    if write_slot(b, stem, seq, &encode(s)?)? {
+    if write_slot(b, stem, seq, &encode_session(s)?)? {
         b.remove(stem)?;
     }
     Ok(())
 }
 
-/// A session record, in the current encoding or the JSON of earlier
-/// versions.
+/// `s` as a record body: [`SESSION_FORMAT`], then postcard.
+fn encode_session(s: &StoredSession) -> io::Result<Vec<u8>> {
+    postcard::to_extend(s, vec![SESSION_FORMAT])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A session record: format 2, format 1 ([`decode`]), or the JSON of
+/// earlier releases (format 1's fields).
 fn decode_session(body: &Body) -> Result<StoredSession, String> {
     match body {
-        Body::Current(b) => decode(b),
-        Body::Json(j) => serde_json::from_slice(j).map_err(|e| format!("bad JSON: {e}")),
+        Body::Current(b) => match b.split_first() {
+            Some((&SESSION_FORMAT, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| format!("bad record: {e}"))
+            }
+            _ => decode::<StoredSessionV1>(b).map(StoredSession::from),
+        },
+        Body::Json(j) => serde_json::from_slice::<StoredSessionV1>(j)
+            .map(StoredSession::from)
+            .map_err(|e| format!("bad JSON: {e}")),
     }
 }
 
@@ -486,8 +616,8 @@ fn read_oldest(b: &mut dyn Backend, place: &str, stem: &str) -> Option<StoredSes
             return None;
         }
     };
-    match serde_json::from_slice(&data) {
-        Ok(s) => Some(s),
+    match serde_json::from_slice::<StoredSessionV1>(&data) {
+        Ok(s) => Some(s.into()),
         Err(e) => {
             log::warn!(
                 "mqtt: session file {place}/{stem} is corrupt ({e}); the session starts fresh"
@@ -515,9 +645,13 @@ mod tests {
         SessionStore::open_on(mem_disk(mem), "mem", Arc::new(|| NOW * 1000)).unwrap()
     }
 
-    /// A slot of an earlier release: `FSS1` and JSON.
+    /// A slot of an earlier release: `FSS1` and JSON (format 1 fields).
     pub(crate) fn json_slot(seq: u64, s: &StoredSession) -> Vec<u8> {
-        let json = serde_json::to_vec(s).unwrap();
+        json_slot_of(seq, &v1(s))
+    }
+
+    fn json_slot_of<T: Serialize>(seq: u64, v: &T) -> Vec<u8> {
+        let json = serde_json::to_vec(v).unwrap();
         let mut d = SLOT_MAGIC_JSON.to_vec();
         d.extend_from_slice(&seq.to_le_bytes());
         d.extend_from_slice(&(json.len() as u32).to_le_bytes());
@@ -526,18 +660,48 @@ mod tests {
         d
     }
 
+    /// How format 1 held `s` (plain filters without `#` or `+`; no
+    /// subscription options; the disconnect in whole seconds).
+    fn v1(s: &StoredSession) -> StoredSessionV1 {
+        StoredSessionV1 {
+            client_id: s.client_id.clone(),
+            owner: s.owner.clone(),
+            version: s.version,
+            subs: s
+                .subs
+                .iter()
+                .map(|x| StoredSubV1 {
+                    filter: x.filter.replace('/', "."),
+                    qos: x.qos,
+                    share: x.share.clone(),
+                })
+                .collect(),
+            expiry_secs: s.expiry_secs,
+            disconnected_at: s.disconnected_at_ms / 1000,
+            cursors: s.cursors.clone(),
+            qos2_in: s.qos2_in.clone(),
+            sub_ids: s
+                .subs
+                .iter()
+                .filter_map(|x| Some((x.filter.replace('/', "."), x.id?)))
+                .collect(),
+        }
+    }
+
     fn full() -> StoredSession {
         StoredSession {
             client_id: "dev 1/ü".into(),
             owner: Some(Owner::User("alice".into())),
             version: 4,
             subs: vec![StoredSub {
-                filter: "telemetry.>".into(),
+                filter: "telemetry/x".into(),
                 qos: 1,
                 share: Some("g".into()),
+                id: Some(7),
+                ..StoredSub::default()
             }],
             expiry_secs: 60,
-            disconnected_at: NOW,
+            disconnected_at_ms: NOW * 1000,
             cursors: vec![Cursor {
                 stream: "T".into(),
                 acked: 5,
@@ -546,7 +710,6 @@ mod tests {
                 done: vec![9],
             }],
             qos2_in: vec![3],
-            sub_ids: vec![("telemetry.>".into(), 7)],
         }
     }
 
@@ -559,7 +722,7 @@ mod tests {
         st.save(&s).unwrap();
         assert_eq!(st.load("dev 1/ü"), Some(s.clone()));
         s.client_id = "old".into();
-        s.disconnected_at = 1;
+        s.disconnected_at_ms = 1;
         st.save(&s).unwrap();
         mem.set_file(&hex("bad"), b"{not json".to_vec());
         assert_eq!(st.load("bad"), None);
@@ -571,11 +734,115 @@ mod tests {
         assert_eq!(st.load("dev 1/ü"), None);
         // Connected when frond stopped: disconnected at the next start.
         let mut c = full();
-        c.disconnected_at = 0;
+        c.disconnected_at_ms = 0;
         st.save(&c).unwrap();
         let (st, kept, _) = open(&mem);
         assert_eq!(kept, 1);
-        assert_eq!(st.load("dev 1/ü").unwrap().disconnected_at, NOW);
+        assert_eq!(st.load("dev 1/ü").unwrap().disconnected_at_ms, NOW * 1000);
+    }
+
+    #[test]
+    fn expiry_is_measured_in_milliseconds() {
+        // Disconnected at .9 s with expiry 5: alive 4.2 s later (whole
+        // seconds would have ended it at 5.0), gone at 5.9 s.
+        let s = StoredSession {
+            expiry_secs: 5,
+            disconnected_at_ms: NOW * 1000 + 900,
+            ..StoredSession::default()
+        };
+        assert!(!s.expired(NOW * 1000 + 900 + 4_200));
+        assert!(!s.expired(NOW * 1000 + 900 + 4_999));
+        assert!(s.expired(NOW * 1000 + 900 + 5_000));
+        let connected = StoredSession {
+            disconnected_at_ms: 0,
+            ..s
+        };
+        assert!(!connected.expired(u64::MAX));
+    }
+
+    #[test]
+    fn format_1_records_are_read_and_converted() {
+        // `a/#` was stored as `a` + `a.>`, identifiers by NATS filter,
+        // the disconnect in seconds.
+        let old = StoredSessionV1 {
+            client_id: "f1".into(),
+            owner: None,
+            version: 5,
+            subs: vec![
+                StoredSubV1 {
+                    filter: "a".into(),
+                    qos: 1,
+                    share: None,
+                },
+                StoredSubV1 {
+                    filter: "a.>".into(),
+                    qos: 1,
+                    share: None,
+                },
+                StoredSubV1 {
+                    filter: "b.*.c".into(),
+                    qos: 2,
+                    share: Some("g".into()),
+                },
+                StoredSubV1 {
+                    filter: "/.x//y".into(),
+                    qos: 0,
+                    share: None,
+                },
+            ],
+            expiry_secs: 9,
+            disconnected_at: NOW,
+            cursors: Vec::new(),
+            qos2_in: vec![4],
+            sub_ids: vec![("a.>".into(), 3), ("a".into(), 3)],
+        };
+        let want = StoredSession {
+            client_id: "f1".into(),
+            version: 5,
+            subs: vec![
+                StoredSub {
+                    filter: "a/#".into(),
+                    qos: 1,
+                    id: Some(3),
+                    ..StoredSub::default()
+                },
+                StoredSub {
+                    filter: "b/+/c".into(),
+                    qos: 2,
+                    share: Some("g".into()),
+                    ..StoredSub::default()
+                },
+                StoredSub {
+                    filter: "/x.y".into(),
+                    qos: 0,
+                    ..StoredSub::default()
+                },
+            ],
+            expiry_secs: 9,
+            disconnected_at_ms: NOW * 1000,
+            qos2_in: vec![4],
+            ..StoredSession::default()
+        };
+        let mem = MemBackend::new();
+        let stem = file_stem("f1");
+        // Format 1: postcard with body version 1.
+        let body = crate::state::encode(&old).unwrap();
+        assert_eq!(body[0], 1);
+        write_slot(&mut mem.clone(), &stem, 3, &body).unwrap();
+        let (st, kept, _) = open(&mem);
+        assert_eq!(kept, 1);
+        assert_eq!(st.load("f1"), Some(want.clone()));
+        // Saved again: format 2, read back the same.
+        st.save(&want).unwrap();
+        let new = mem.file(&slot_name(&stem, 4)).unwrap();
+        assert_eq!(new[SLOT_HEADER], SESSION_FORMAT);
+        let (st, _, _) = open(&mem);
+        assert_eq!(st.load("f1"), Some(want.clone()));
+        // The JSON of earlier releases converts the same way.
+        let mem = MemBackend::new();
+        mem.set_file(&slot_name(&stem, 1), json_slot_of(1, &old));
+        let (st, _, _) = open(&mem);
+        assert_eq!(st.load("f1"), Some(want));
     }
 
     #[test]
@@ -586,13 +853,13 @@ mod tests {
         mem.set_file(&slot_name(&stem, 3), json_slot(3, &s));
         // Written before the QoS 2 fields, owners and ids existed.
         let old = br#"{"client_id":"o","version":4,"subs":[{"filter":"a","qos":1}],"expiry_secs":9,"disconnected_at":0,"cursors":[{"stream":"T","acked":1,"sent":2}],"qos2_in":[]}"#;
-        let parsed: StoredSession = serde_json::from_slice(old).unwrap();
+        let parsed: StoredSessionV1 = serde_json::from_slice(old).unwrap();
         assert_eq!(parsed.cursors[0].qos2, Vec::new());
         assert_eq!(
             (parsed.owner.clone(), parsed.subs[0].share.clone()),
             (None, None)
         );
-        mem.set_file(&slot_name(&file_stem("o"), 0), json_slot(0, &parsed));
+        mem.set_file(&slot_name(&file_stem("o"), 0), json_slot_of(0, &parsed));
         let (st, kept, _) = open(&mem);
         assert_eq!(kept, 2);
         // "o" was connected at the stop: rewritten at open, in postcard.
@@ -602,16 +869,16 @@ mod tests {
         st.save(&s).unwrap();
         let new = mem.file(&slot_name(&stem, 4)).unwrap();
         assert_eq!(&new[..4], crate::state::SLOT_MAGIC);
-        assert_eq!(new[SLOT_HEADER], crate::state::VERSION);
+        assert_eq!(new[SLOT_HEADER], SESSION_FORMAT);
         assert!(new.len() < json_slot(3, &s).len(), "smaller than JSON");
         let (st, _, _) = open(&mem);
         assert_eq!(st.load(&s.client_id), Some(s));
         // The owner as earlier releases wrote it.
         let j = r#"{"client_id":"a","owner":{"user":"alice"},"version":4,"subs":[],"expiry_secs":1,"disconnected_at":0,"cursors":[],"qos2_in":[]}"#;
-        let p: StoredSession = serde_json::from_str(j).unwrap();
+        let p: StoredSessionV1 = serde_json::from_str(j).unwrap();
         assert_eq!(p.owner, Some(Owner::User("alice".into())));
         let j = j.replace(r#"{"user":"alice"}"#, r#""anonymous""#);
-        let p: StoredSession = serde_json::from_str(&j).unwrap();
+        let p: StoredSessionV1 = serde_json::from_str(&j).unwrap();
         assert_eq!(p.owner, Some(Owner::Anonymous));
     }
 
@@ -623,11 +890,11 @@ mod tests {
             client_id: "c".into(),
             version: 5,
             expiry_secs: 60,
-            disconnected_at: NOW,
+            disconnected_at_ms: NOW * 1000,
             ..StoredSession::default()
         };
         // A file of the oldest version (JSON, atomic replace) is read ...
-        mem.set_file(&hex("c"), serde_json::to_vec(&s).unwrap());
+        mem.set_file(&hex("c"), serde_json::to_vec(&v1(&s)).unwrap());
         assert_eq!(st.load("c"), Some(s.clone()));
         // ... and replaced by the slots.
         s.qos2_in = vec![1];
@@ -664,7 +931,7 @@ mod tests {
             owner: Some(Owner::Anonymous),
             version: 4,
             expiry_secs: 60,
-            disconnected_at: NOW,
+            disconnected_at_ms: NOW * 1000,
             qos2_in,
             ..StoredSession::default()
         };

@@ -268,7 +268,7 @@ fn sent_publishes(s: &mut Session) -> Vec<(u16, QoS, bool, Vec<u8>)> {
         .collect()
 }
 
-/// A stored 3.1.1 session of `dev-p` subscribed to `q.>` at QoS 2,
+/// A stored 3.1.1 session of `dev-p` subscribed to `q/#` at QoS 2,
 /// with one stream cursor.
 fn qos2_session(cursor: Cursor) -> StoredSession {
     StoredSession {
@@ -276,15 +276,14 @@ fn qos2_session(cursor: Cursor) -> StoredSession {
         owner: None,
         version: 4,
         subs: vec![StoredSub {
-            filter: "q.>".into(),
+            filter: "q/#".into(),
             qos: 2,
-            share: None,
+            ..StoredSub::default()
         }],
         expiry_secs: 3600,
-        disconnected_at: 1,
+        disconnected_at_ms: 1,
         cursors: vec![cursor],
         qos2_in: Vec::new(),
-        sub_ids: Vec::new(),
     }
 }
 

@@ -266,12 +266,12 @@ impl World {
             let c = &mut self.conns[i];
             c.subs.retain(|(f, _)| *f != r.filter);
             c.subs.push((r.filter.clone(), r.qos));
-            if !r.send_retained {
+            let Some(granted) = r.retained else {
                 continue;
-            }
+            };
             for (subject, (payload, qos)) in &self.retained {
                 if crate::subject::matches(&r.filter, subject) {
-                    let d = delivery(subject, payload, (*qos).min(r.qos), None, self.now);
+                    let d = delivery(subject, payload, (*qos).min(granted), None, self.now);
                     c.session.deliver_retained(&d);
                 }
             }

@@ -51,18 +51,11 @@ fn stream_delivery_filters_caps_qos_and_advances_cursor_contiguously() {
     assert_eq!(snap.cursors[0].sent, 13);
     assert_eq!(
         snap.subs,
-        vec![
-            StoredSub {
-                filter: "t".into(),
-                qos: 2,
-                share: None,
-            },
-            StoredSub {
-                filter: "t.>".into(),
-                qos: 2,
-                share: None,
-            }
-        ]
+        vec![StoredSub {
+            filter: "t/#".into(),
+            qos: 2,
+            ..StoredSub::default()
+        }]
     );
     assert!(s.take_dirty());
     s.stream_skip_to(idx, 20);
@@ -77,12 +70,12 @@ fn restore_resumes_subscriptions_cursor_dup_and_qos2_ids() {
         owner: None,
         version: 4,
         subs: vec![StoredSub {
-            filter: "t.*".into(),
+            filter: "t/+".into(),
             qos: 1,
-            share: None,
+            ..StoredSub::default()
         }],
         expiry_secs: 3600,
-        disconnected_at: 1,
+        disconnected_at_ms: 1,
         cursors: vec![Cursor {
             stream: "T".into(),
             acked: 5,
@@ -90,7 +83,6 @@ fn restore_resumes_subscriptions_cursor_dup_and_qos2_ids() {
             ..Cursor::default()
         }],
         qos2_in: vec![9],
-        sub_ids: Vec::new(),
     };
     let (mut s, now, present) = persistent(v, Some(stored));
     assert!(present, "session_present");
@@ -99,7 +91,7 @@ fn restore_resumes_subscriptions_cursor_dup_and_qos2_ids() {
         vec![Event::Subscribe(vec![SubRequest {
             filter: "t.*".into(),
             qos: 1,
-            send_retained: false,
+            retained: None,
             share: None,
         }])]
     );
@@ -144,12 +136,12 @@ fn v5_subscription_identifiers_survive_in_stored_sessions() {
         client_id: "sid".into(),
         version: 5,
         subs: vec![StoredSub {
-            filter: "a.*".into(),
+            filter: "a/+".into(),
             qos: 0,
-            share: None,
+            id: Some(11),
+            ..StoredSub::default()
         }],
         expiry_secs: 60,
-        sub_ids: vec![("a.*".into(), 11)],
         ..StoredSession::default()
     };
     let mut s = Session::new(limits(), now);
@@ -167,7 +159,7 @@ fn v5_subscription_identifiers_survive_in_stored_sessions() {
         publishes(&mut s)[0].properties.subscription_identifiers,
         vec![11]
     );
-    assert_eq!(s.snapshot().sub_ids, vec![("a.*".to_string(), 11)]);
+    assert_eq!(s.snapshot().subs[0].id, Some(11));
 }
 
 #[test]

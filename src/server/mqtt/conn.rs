@@ -213,7 +213,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                     client_id,
                     clean,
                     expiry,
-                } => Box::pin(self.connected(client_id, clean || expiry.is_zero())).await,
+                } => Box::pin(self.connected(client_id, clean, expiry.is_zero())).await,
                 Event::Publish {
                     subject,
                     payload,
@@ -304,8 +304,11 @@ impl<'c, T: Transport> Conn<'c, T> {
     }
 
     /// CONNECT accepted by the session: claim the client id, take over its
-    /// stored session (or refuse), arm the will, follow the streams.
-    async fn connected(&mut self, id: String, fresh: bool) {
+    /// stored session (or refuse; a clean start deletes it; Clean Start 0
+    /// resumes it, and with `ends_here` — expiry 0 — deletes the stored
+    /// copy once loaded, the session ending with this connection), arm the
+    /// will, follow the streams.
+    async fn connected(&mut self, id: String, fresh: bool, ends_here: bool) {
         let (broker, sessions) = (self.ctx.broker, self.ctx.sessions);
         // A client id held by another user's connection is refused, never
         // taken over ([`SessionStore::hold`]).
@@ -355,26 +358,29 @@ impl<'c, T: Transport> Conn<'c, T> {
                 );
             }
         }
-        let stored = match (fresh, decision, stored) {
-            (false, Claim::Resume, stored) => stored,
-            (_, _, None) => None,
-            (_, _, Some(_)) => {
-                let store = sessions.clone();
-                let rm_id = id.clone();
-                if let Err(e) = smol::unblock(move || store.remove(&rm_id)).await {
-                    log::warn!(
-                        "mqtt: cannot delete the stored session of {}: {e}",
-                        log_id(&id)
-                    );
-                }
-                None
+        let (stored, remove) = match (fresh, decision, stored) {
+            (false, Claim::Resume, stored) => {
+                let found = stored.is_some();
+                (stored, found && ends_here)
             }
+            (_, _, None) => (None, false),
+            (_, _, Some(_)) => (None, true),
         };
+        if remove {
+            let store = sessions.clone();
+            let rm_id = id.clone();
+            if let Err(e) = smol::unblock(move || store.remove(&rm_id)).await {
+                log::warn!(
+                    "mqtt: cannot delete the stored session of {}: {e}",
+                    log_id(&id)
+                );
+            }
+        }
         self.ctx.wills.cancel(&id);
         self.session.restore(stored);
         // Durable before the CONNACK (queued by restore) leaves.
         self.will_token = self.ctx.wills.arm(&id, self.session.will()).await;
-        if self.session.is_persistent() {
+        if self.session.follows_streams() {
             for s in broker.streams() {
                 self.session.follow(&s.config().name, s.state().last_seq);
                 self.follows.push((s.clone(), false));
@@ -402,9 +408,9 @@ impl<'c, T: Transport> Conn<'c, T> {
                 self.deliver_tx.clone(),
                 self.max_queued,
             );
-            if r.send_retained {
+            if let Some(q) = r.retained {
                 filters.push(r.filter);
-                granted.push(r.qos);
+                granted.push(q);
             }
         }
         let id = self.client_id.as_deref().unwrap_or("?");

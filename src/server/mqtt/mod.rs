@@ -35,7 +35,8 @@
 //!   owner ([`crate::broker::persist::claim`]: another user's session is
 //!   refused, never resumed or deleted), then deletes it (clean session,
 //!   or no expiry) or restores it before CONNACK.
-//! - A persistent session follows every stream from its cursors: it reads
+//! - A persistent session (and one resumed with Clean Start 0 and expiry
+//!   0, until its connection ends) follows every stream from its cursors: it reads
 //!   in batches (at most the free in-flight window, 256 messages, 1 MiB)
 //!   and waits with [`crate::stream::StreamHandle::wait_for`]. Router
 //!   deliveries of subjects a stream captures are skipped for it (they come
@@ -69,7 +70,7 @@ use smol::io::{AsyncRead, AsyncWrite};
 use smol::net::TcpListener;
 use smol::Timer;
 
-use crate::broker::persist::{log_id, unix_now, Owner, SessionStore};
+use crate::broker::persist::{log_id, Owner, SessionStore};
 use crate::broker::retained::Retained;
 use crate::config::MqttConfig;
 use crate::mqtt::{Limits, Session};
@@ -277,7 +278,7 @@ async fn save(session: &Session, sessions: &Arc<SessionStore>, disconnected: boo
     }
     let mut st = session.snapshot();
     if disconnected {
-        st.disconnected_at = unix_now().max(1);
+        st.disconnected_at_ms = unix_now_ms().max(1);
     }
     let store = sessions.clone();
     if let Err(e) = smol::unblock(move || store.save(&st)).await {

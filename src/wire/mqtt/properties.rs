@@ -398,9 +398,8 @@ impl Properties {
         if self.maximum_packet_size == Some(0) {
             return Err("maximum_packet_size must not be 0");
         }
-        if self.topic_alias == Some(0) {
-            return Err("topic_alias must not be 0");
-        }
+        // Topic Alias 0 is left to the session, whose reason code for it is
+        // 0x94 Topic Alias invalid (§3.3.2.3.4), not malformed (0x82).
         if self.authentication_data.is_some() && self.authentication_method.is_none() {
             return Err("authentication_data without authentication_method");
         }
