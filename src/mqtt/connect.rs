@@ -93,6 +93,18 @@ impl Session {
         self.version = Some(c.version);
         let v5 = c.version == Version::V5;
         let will = c.will.take();
+        if v5 && c.properties.authentication_method.is_some() {
+            // Enhanced authentication (§4.12) is not supported: CONNACK
+            // 0x8C and close [MQTT-4.12.0-1], as Mosquitto does without an
+            // authentication plugin.
+            let why = "enhanced authentication (an Authentication Method) is not supported";
+            self.refuse_connect(
+                reason::BAD_AUTHENTICATION_METHOD,
+                Some(why.into()),
+                CloseReason::Unsupported("enhanced authentication"),
+            );
+            return;
+        }
         if !self.authenticate(&c, v5) || !self.accept_will(will, c.username.as_deref(), v5) {
             return;
         }

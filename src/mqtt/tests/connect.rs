@@ -419,3 +419,103 @@ fn refuse_answers_not_authorized_and_keeps_nothing() {
         assert!(matches!(&events(&mut s)[..], [Event::Close(_)]));
     }
 }
+
+// Issue 14: MQTT 5 conformance of sessions, wills and authentication.
+
+#[test]
+fn clean_start_0_resumes_whatever_the_new_expiry() {
+    let v = Version::V5;
+    for expiry in [None, Some(0)] {
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "r", false, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = expiry;
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        assert!(matches!(
+            &events(&mut s)[..],
+            [Event::Connected { clean: false, expiry, .. }] if expiry.is_zero()
+        ));
+        let stored = StoredSession {
+            client_id: "r".into(),
+            version: 5,
+            subs: vec![StoredSub {
+                filter: "t/+".into(),
+                qos: 1,
+                ..StoredSub::default()
+            }],
+            expiry_secs: 600,
+            ..StoredSession::default()
+        };
+        s.restore(Some(stored));
+        assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(c)] if c.session_present));
+        // Not persistent (nothing is saved; it ends with the connection),
+        // but it reads what the streams kept for it.
+        assert!(!s.is_persistent() && s.follows_streams());
+        assert!(!s.take_dirty() && !s.discard_stored());
+        assert_eq!(events(&mut s).len(), 1, "its subscriptions come back");
+        let idx = s.follow("T", 10);
+        s.deliver_stored(idx, 11, "t.a", b"kept");
+        assert_eq!(publishes(&mut s)[0].payload, b"kept");
+    }
+}
+
+#[test]
+fn the_will_delay_is_capped_by_the_session_expiry() {
+    // Will delay 5 s (v5_session's will has none: set one).
+    let will_with_delay = |expiry: u32| {
+        let v = Version::V5;
+        let now = Instant::now();
+        let mut s = Session::new(limits(), now);
+        let Packet::Connect(mut c) = connect(v, "w", true, 10) else {
+            unreachable!()
+        };
+        c.properties.session_expiry_interval = Some(expiry);
+        c.will = Some(mqtt::Will {
+            topic: "w".into(),
+            payload: b"gone".to_vec(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties {
+                will_delay_interval: Some(5),
+                ..Properties::default()
+            },
+        });
+        s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+        events(&mut s);
+        s.restore(None);
+        sent(&mut s, v);
+        (s, now)
+    };
+    let secs = Duration::from_secs;
+    for (expiry, delay) in [(0, 0), (2, 2), (60, 5)] {
+        let (mut s, _) = will_with_delay(expiry);
+        // The durable copy armed at CONNECT already has the capped delay.
+        assert_eq!(s.will().unwrap().delay, secs(delay));
+        // Ends without DISCONNECT (keep-alive timeout): the will is owed.
+        s.handle_timeout(Instant::now() + secs(3600));
+        assert!(s.is_closed());
+        assert_eq!(s.take_will().unwrap().delay, secs(delay), "expiry {expiry}");
+    }
+    // A DISCONNECT (0x04: with will) that shortens the session.
+    let (mut s, now) = will_with_delay(60);
+    let mut d = disconnect_pkt(Some(1));
+    d[2] = 0x04;
+    s.handle_bytes(&d, now);
+    assert_eq!(s.take_will().unwrap().delay, secs(1));
+}
+
+#[test]
+fn enhanced_authentication_is_refused_with_bad_authentication_method() {
+    let v = Version::V5;
+    let now = Instant::now();
+    let mut s = Session::new(limits(), now);
+    let Packet::Connect(mut c) = connect(v, "ea", true, 10) else {
+        unreachable!()
+    };
+    c.properties.authentication_method = Some("SCRAM-SHA-1".into());
+    s.handle_bytes(&bytes(&Packet::Connect(c), v), now);
+    assert!(matches!(&sent(&mut s, v)[..], [Packet::ConnAck(a)] if a.code == 0x8C));
+    assert!(s.is_closed());
+}

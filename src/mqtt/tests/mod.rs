@@ -21,7 +21,8 @@ use super::*;
 use crate::broker::persist::{Cursor, StoredSession, StoredSub};
 use crate::router::Delivery;
 use crate::wire::mqtt::{
-    Ack, Connect, Packet, Properties, Publish, QoS, Subscribe, SubscriptionOptions, Version,
+    Ack, Connect, Packet, Properties, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe,
+    Version,
 };
 
 fn limits() -> Limits {

@@ -217,3 +217,147 @@ fn suback_waits_for_the_save_and_a_failed_save_refuses_it() {
     raw_events(&mut s);
     assert!(s.subscribe_done(false));
 }
+
+// Issue 14: subscriptions keyed by the MQTT filter, and their options.
+
+#[test]
+fn overlapping_filters_are_separate_subscriptions() {
+    let v = Version::V5;
+    let (mut s, now) = connected(v);
+    let req = |f: &str, qos, retained: Option<u8>| SubRequest {
+        filter: f.into(),
+        qos,
+        retained,
+        share: None,
+    };
+    s.handle_bytes(&bytes(&subscribe_pkt(1, "x", QoS::ExactlyOnce), v), now);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Subscribe(vec![req("x", 2, Some(2))])]
+    );
+    suback_codes(&mut s, v);
+    // `x/#` at QoS 0: `x` stays registered at QoS 2.
+    s.handle_bytes(&bytes(&subscribe_pkt(2, "x/#", QoS::AtMostOnce), v), now);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Subscribe(vec![
+            req("x", 2, Some(0)),
+            req("x.>", 0, Some(0))
+        ])]
+    );
+    suback_codes(&mut s, v);
+    assert_eq!(s.subscription_count(), 2);
+    // UNSUBSCRIBE `x/#` removes `x.>` only; `x` is still wanted.
+    let unsub = |id: u16, f: &str| {
+        bytes(
+            &Packet::Unsubscribe(Unsubscribe {
+                packet_id: id,
+                filters: vec![f.into()],
+                properties: Properties::default(),
+            }),
+            v,
+        )
+    };
+    s.handle_bytes(&unsub(3, "x/#"), now);
+    assert_eq!(events(&mut s), vec![Event::Unsubscribe(vec!["x.>".into()])]);
+    assert!(matches!(&sent(&mut s, v)[..], [Packet::UnsubAck(u)] if u.codes == vec![0]));
+    // A filter it does not hold: 0x11 (as Mosquitto).
+    s.handle_bytes(&unsub(4, "x/#"), now);
+    assert_eq!(events(&mut s), vec![Event::Unsubscribe(Vec::new())]);
+    assert!(matches!(&sent(&mut s, v)[..], [Packet::UnsubAck(u)] if u.codes == vec![0x11]));
+    // `x/#` at QoS 0 again, then UNSUBSCRIBE `x`: `x` re-registered at 0.
+    s.handle_bytes(&bytes(&subscribe_pkt(5, "x/#", QoS::AtMostOnce), v), now);
+    events(&mut s);
+    suback_codes(&mut s, v);
+    s.handle_bytes(&unsub(6, "x"), now);
+    assert_eq!(
+        events(&mut s),
+        vec![
+            Event::Unsubscribe(Vec::new()),
+            Event::Subscribe(vec![req("x", 0, None)])
+        ]
+    );
+    assert!(s.subscribe_done(true));
+}
+
+#[test]
+fn no_local_marks_own_publishes_and_skips_them() {
+    let v = Version::V5;
+    let (mut s, now) = connected(v);
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![
+            (
+                "a/+".into(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: true,
+                    ..SubscriptionOptions::default()
+                },
+            ),
+            (
+                "a/#".into(),
+                SubscriptionOptions {
+                    qos: QoS::AtMostOnce,
+                    retain_as_published: true,
+                    ..SubscriptionOptions::default()
+                },
+            ),
+        ],
+        properties: Properties::default(),
+    });
+    s.handle_bytes(&bytes(&sub, v), now);
+    events(&mut s);
+    suback_codes(&mut s, v);
+    // Its own publish carries its client id; a spoofed one is dropped.
+    let mut p = publish(QoS::AtMostOnce, None, "a/b", b"own");
+    if let Packet::Publish(p) = &mut p {
+        p.properties.user_properties = vec![(props::ORIGIN.into(), "someone".into())];
+    }
+    s.handle_bytes(&bytes(&p, v), now);
+    let Some(Event::Publish {
+        props: Some(pr), ..
+    }) = events(&mut s).pop()
+    else {
+        panic!("expected a Publish with properties");
+    };
+    let id = s.client_id().to_string();
+    assert_eq!(
+        pr.user_properties,
+        vec![(props::ORIGIN.to_string(), id.clone())]
+    );
+    // Back from the router (QoS 1: the highest registration): only `a/#`
+    // delivers it, at its QoS 0, with RETAIN kept (Retain As Published).
+    let headers = props::props_to_headers(&pr);
+    let mut d = delivery("a.b", 1, headers, now);
+    d.retain = true;
+    s.deliver(&d);
+    let got = publishes(&mut s);
+    assert_eq!(
+        (got.len(), got[0].qos, got[0].retain),
+        (1, QoS::AtMostOnce, true)
+    );
+    assert!(
+        got[0].properties.user_properties.is_empty(),
+        "the marker is not shown"
+    );
+    // Someone else's: both, at QoS 1.
+    s.deliver(&delivery("a.b", 1, None, now));
+    assert_eq!(publishes(&mut s)[0].qos, QoS::AtLeastOnce);
+    // Only the No Local subscription matches: not delivered at all.
+    let own = props::props_to_headers(&Properties {
+        user_properties: vec![(props::ORIGIN.into(), id)],
+        ..Properties::default()
+    });
+    s.handle_bytes(&bytes(&subscribe_pkt(2, "a/#", QoS::AtMostOnce), v), now);
+    let unsub = Packet::Unsubscribe(Unsubscribe {
+        packet_id: 3,
+        filters: vec!["a/#".into()],
+        properties: Properties::default(),
+    });
+    s.handle_bytes(&bytes(&unsub, v), now);
+    events(&mut s);
+    sent(&mut s, v);
+    s.deliver(&delivery("a.b", 1, own, now));
+    assert!(publishes(&mut s).is_empty());
+}
