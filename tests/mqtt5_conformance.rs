@@ -563,14 +563,18 @@ async fn no_local_and_retain_as_published() {
 }
 
 #[tokio::test]
-async fn no_local_holds_for_a_persistent_session_reading_its_stream() {
+async fn no_local_and_retain_as_published_hold_for_a_persistent_session() {
     let f = Frond::start_new(FrondSpec::default()).await;
-    // rumqttc with a No Local filter on a captured subject, in a
-    // persistent session (its messages come from the TELEMETRY stream).
+    // rumqttc with No Local and Retain As Published filters on captured
+    // subjects, in a persistent session: its messages come from the
+    // TELEMETRY stream, not the router.
     let mut c = Rumq::connect(f.mqtt_port, "nl-persist", Some(600)).await;
-    let mut filter = Filter::new("telemetry/nl", QoS::AtLeastOnce);
-    filter.nolocal = true;
-    c.client.subscribe_many([filter]).await.unwrap();
+    let mut nl = Filter::new("telemetry/nl", QoS::AtLeastOnce);
+    nl.nolocal = true;
+    let mut rap = Filter::new("telemetry/rap", QoS::AtLeastOnce);
+    rap.preserve_retain = true;
+    let plain = Filter::new("telemetry/plain", QoS::AtLeastOnce);
+    c.client.subscribe_many([nl, rap, plain]).await.unwrap();
     c.acked().await;
     c.client
         .publish("telemetry/nl", QoS::AtLeastOnce, false, "own")
@@ -579,7 +583,19 @@ async fn no_local_holds_for_a_persistent_session_reading_its_stream() {
     c.acked().await;
     let mut other = Raw::plain(f.mqtt_port, "nl-persist-other").await;
     other.publish_q1(1, "telemetry/nl", false, b"after").await;
-    assert_eq!(c.next().await, "after", "its own publish is not delivered");
+    other.publish_q1(2, "telemetry/rap", true, b"r1").await;
+    other.publish_q1(3, "telemetry/rap", false, b"r0").await;
+    other.publish_q1(4, "telemetry/plain", true, b"p").await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let p = tokio::time::timeout(T, c.rx.recv()).await.unwrap().unwrap();
+        got.push((String::from_utf8(p.payload.to_vec()).unwrap(), p.retain));
+    }
+    let want = [("after", false), ("r1", true), ("r0", false), ("p", false)];
+    let want: Vec<_> = want.iter().map(|(p, r)| (p.to_string(), *r)).collect();
+    // Not its own message [MQTT-3.8.3-3]; RETAIN kept only with Retain
+    // As Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
+    assert_eq!(got, want);
 }
 
 // ---------------------------------------------------------------------------

@@ -251,7 +251,7 @@ impl<'a> Ingest<'a> {
             stream,
             message: Message {
                 subject: p.subject,
-                headers: bridge::stored_headers(p.headers, p.qos),
+                headers: bridge::stored_headers(p.headers, p.qos, p.retain),
                 payload: p.payload,
             },
         });

@@ -86,6 +86,8 @@ pub(super) struct Outgoing {
     pub(super) granted: Option<u8>,
     /// A matching subscription has Retain As Published.
     pub(super) retain_as_published: bool,
+    /// The stored copy of a retained publish (`Mqtt-Retain: 1`).
+    pub(super) stored_retain: bool,
 }
 
 /// What [`Session::emit`] did with a PUBLISH.
@@ -129,6 +131,7 @@ impl Session {
         let meta = props::headers_to_meta(headers, reply);
         out.life = meta.expiry.map(|e| Duration::from_secs(u64::from(e)));
         out.published = meta.qos;
+        out.stored_retain = meta.retain;
         let mut ids = Vec::new();
         if self.sub_opts || need_match {
             let own = meta.origin.as_deref() == Some(self.client_id.as_str());

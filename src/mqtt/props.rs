@@ -20,6 +20,7 @@
 //! | correlation data           | `Mqtt-Correlation-Data` (standard base64) |
 //! | the publisher's QoS, when 0 or 2 | `Mqtt-QoS: 0` / `Mqtt-QoS: 2` (stored copies only, see below) |
 //! | the publisher's client id, when one of its No Local subscriptions matches | `Mqtt-Origin` |
+//! | RETAIN, on the stored copy of a retained publish | `Mqtt-Retain: 1` (for Retain As Published) |
 //!
 //! The publisher's QoS: a message an MQTT client publishes at QoS 0 or 2
 //! is stored in a stream with `Mqtt-QoS: 0` or `2`, so a persistent
@@ -67,13 +68,16 @@ pub const QOS: &str = "Mqtt-QoS";
 
 pub const ORIGIN: &str = "Mqtt-Origin";
 
+pub const RETAIN: &str = "Mqtt-Retain";
+
 /// The NATS header block for an MQTT 5 PUBLISH's properties (`None`
 /// when nothing maps).
 pub fn props_to_headers(p: &Properties) -> Option<Vec<u8>> {
     let mut h = HeaderBlock::new();
     for (k, v) in &p.user_properties {
         let bad_key = k.is_empty() || k.bytes().any(|b| b == b':' || b <= b' ' || b == 0x7f);
-        if bad_key || v.contains(['\r', '\n']) || k.eq_ignore_ascii_case(QOS) {
+        let reserved = k.eq_ignore_ascii_case(QOS) || k.eq_ignore_ascii_case(RETAIN);
+        if bad_key || v.contains(['\r', '\n']) || reserved {
             log::debug!("mqtt: user property {k:?} cannot be a NATS header; not carried");
             continue;
         }
@@ -119,6 +123,8 @@ pub struct Meta {
     pub qos: Option<u8>,
     /// `Mqtt-Origin`: the publisher's client id (No Local).
     pub origin: Option<String>,
+    /// `Mqtt-Retain: 1`: a stored copy of a publish with RETAIN set.
+    pub retain: bool,
 }
 
 /// MQTT metadata from a NATS header block and reply subject.
@@ -142,6 +148,8 @@ pub fn headers_to_meta(headers: Option<&[u8]>, reply: Option<&str>) -> Meta {
                         m.expiry = m.expiry.or(v.trim().parse().ok());
                     } else if is(QOS) {
                         m.qos = m.qos.or(v.trim().parse::<u8>().ok().map(|q| q.min(2)));
+                    } else if is(RETAIN) {
+                        m.retain |= v.trim() == "1";
                     } else if is(ORIGIN) {
                         m.origin.get_or_insert(v);
                     } else if is(RESPONSE_TOPIC) {
@@ -193,11 +201,16 @@ pub fn with_correlation(headers: Option<Vec<u8>>, data: &[u8]) -> Option<Vec<u8>
 /// module doc). QoS 0 is recorded so that a persistent session receives a
 /// stored QoS 0 message at QoS 0 (delivery QoS is the minimum of publish
 /// and subscription QoS); it costs 26 bytes per such record.
-pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
-    match (qos, &headers) {
-        (1, _) => return headers,
+///
+/// A publish with the RETAIN flag is stored with `Mqtt-Retain: 1`, so a
+/// subscription with Retain As Published reading it back from a stream
+/// gets RETAIN = 1 as a live one does [MQTT-3.3.1-13] (20 bytes per
+/// retained publish; nothing for the others).
+pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8, retain: bool) -> Option<Vec<u8>> {
+    match (qos, &headers, retain) {
+        (1, _, false) => return headers,
         // The common case, without building a block.
-        (0, None) => return Some(b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n".to_vec()),
+        (0, None, false) => return Some(b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n".to_vec()),
         _ => {}
     }
     let mut h = match &headers {
@@ -207,7 +220,12 @@ pub fn stored_headers(headers: Option<Vec<u8>>, qos: u8) -> Option<Vec<u8>> {
         },
         None => HeaderBlock::new(),
     };
-    h.set(QOS, if qos == 0 { "0" } else { "2" });
+    if qos != 1 {
+        h.set(QOS, if qos == 0 { "0" } else { "2" });
+    }
+    if retain {
+        h.set(RETAIN, "1");
+    }
     h.encode().ok().or(headers)
 }
 
@@ -279,11 +297,11 @@ mod tests {
 
     #[test]
     fn qos_is_recorded_for_stored_copies_unless_1() {
-        assert_eq!(stored_headers(None, 1), None);
-        let h0 = stored_headers(None, 0).unwrap();
+        assert_eq!(stored_headers(None, 1, false), None);
+        let h0 = stored_headers(None, 0, false).unwrap();
         assert_eq!(h0, b"NATS/1.0\r\nMqtt-QoS: 0\r\n\r\n");
         assert_eq!(headers_to_meta(Some(&h0), None).qos, Some(0));
-        let h = stored_headers(None, 2).unwrap();
+        let h = stored_headers(None, 2, false).unwrap();
         assert_eq!(h, b"NATS/1.0\r\nMqtt-QoS: 2\r\n\r\n");
         let m = headers_to_meta(Some(&h), None);
         assert_eq!(m.qos, Some(2));
@@ -298,12 +316,29 @@ mod tests {
             !String::from_utf8_lossy(&base).contains("qos"),
             "a user property cannot set the QoS"
         );
-        let h = stored_headers(Some(base), 2).unwrap();
-        let h = stored_headers(Some(h), 2).unwrap();
+        let h = stored_headers(Some(base), 2, false).unwrap();
+        let h = stored_headers(Some(h), 2, false).unwrap();
         let m = headers_to_meta(Some(&h), None);
         assert_eq!(m.qos, Some(2));
         assert_eq!(m.props.user_properties, vec![("k".into(), "v".into())]);
         assert_eq!(headers_to_meta(None, None).qos, None);
+    }
+
+    #[test]
+    fn retain_is_recorded_for_stored_copies_and_cannot_be_forged() {
+        let h = stored_headers(None, 1, true).unwrap();
+        assert_eq!(h, b"NATS/1.0\r\nMqtt-Retain: 1\r\n\r\n");
+        let m = headers_to_meta(Some(&h), None);
+        assert!(m.retain && m.qos.is_none() && m.props.user_properties.is_empty());
+        let h0 = stored_headers(None, 0, true).unwrap();
+        let m = headers_to_meta(Some(&h0), None);
+        assert_eq!((m.retain, m.qos), (true, Some(0)));
+        assert!(!headers_to_meta(stored_headers(None, 0, false).as_deref(), None).retain);
+        let p = Properties {
+            user_properties: vec![("Mqtt-Retain".into(), "1".into())],
+            ..Properties::default()
+        };
+        assert_eq!(props_to_headers(&p), None, "not from a user property");
     }
 
     #[test]

@@ -257,6 +257,8 @@ impl Session {
         // The publisher's QoS: recorded for MQTT QoS 0 and 2; everything
         // else in a stream counts as QoS 1 (see [`super::props`]).
         let qos = granted.min(o.published.unwrap_or(1));
+        // Retain As Published: the publisher's RETAIN, as recorded.
+        let retain = o.stored_retain && o.retain_as_published;
         let (properties, deadline) = (o.props, o.life);
         let deadline = match deadline {
             Some(life) if life <= age => {
@@ -269,7 +271,7 @@ impl Session {
         let mut publish = Publish {
             dup: false,
             qos: QoS::AtMostOnce,
-            retain: false,
+            retain,
             topic: topics::subject_to_topic(subject),
             packet_id: None,
             properties,

@@ -255,7 +255,7 @@ fn ack_pkt(kind: fn(Ack) -> Packet, id: u16) -> Vec<u8> {
 }
 
 fn qos2_header() -> Option<Vec<u8>> {
-    crate::mqtt::props::stored_headers(None, 2)
+    crate::mqtt::props::stored_headers(None, 2, false)
 }
 
 /// Publishes sent, as (packet id, QoS, DUP, payload).

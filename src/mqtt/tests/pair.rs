@@ -303,7 +303,7 @@ impl World {
         self.log.push(Logged {
             subject: subject.into(),
             payload: payload.to_vec(),
-            headers: bridge::stored_headers(h, qos),
+            headers: bridge::stored_headers(h, qos, false),
         });
     }
 

@@ -77,7 +77,7 @@ fn stored_qos2_is_min_of_publisher_and_subscription_and_synced() {
     assert_eq!((c.acked, c.qos2.len(), c.done.len()), (3, 0, 0));
     // A stored QoS 0 publish goes out at QoS 0 to a QoS 2 subscription,
     // and the cursor passes it without an acknowledgement.
-    let h0 = crate::mqtt::props::stored_headers(None, 0);
+    let h0 = crate::mqtt::props::stored_headers(None, 0, false);
     s.deliver_stored_msg(idx, 4, "q2.b", h0.as_deref(), b"4", Duration::ZERO);
     let got = sent_publishes(&mut s);
     assert_eq!(
