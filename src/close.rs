@@ -42,6 +42,10 @@ pub enum CloseReason {
     /// frond could not encode its own packet (a bug, contained to this
     /// connection).
     Internal(String),
+    /// Another connection took over the client id (MQTT 5: 0x8E).
+    TakenOver,
+    /// The server is shutting down (MQTT 5: 0x8B).
+    ShuttingDown,
 }
 
 impl fmt::Display for CloseReason {
@@ -67,6 +71,8 @@ impl fmt::Display for CloseReason {
             Self::ConnectTimeout => f.write_str("no CONNECT within connect_timeout"),
             Self::KeepAliveTimeout => f.write_str("keep-alive timeout"),
             Self::Internal(e) => write!(f, "internal encode error: {e}"),
+            Self::TakenOver => f.write_str("another connection took over the client id"),
+            Self::ShuttingDown => f.write_str("server shutting down"),
         }
     }
 }
@@ -92,6 +98,8 @@ mod tests {
                 "authentication failed for user \"u\" (BadCredentials)",
             ),
             (Refused("no".into()), "no"),
+            (TakenOver, "another connection took over the client id"),
+            (ShuttingDown, "server shutting down"),
             (
                 PublishRefused("too long".into()),
                 "PUBLISH refused: too long",

@@ -716,3 +716,24 @@ async fn topic_alias_0_is_topic_alias_invalid() {
     }
     assert_eq!(c.recv_or_eof().await, None);
 }
+
+// ---------------------------------------------------------------------------
+// DISCONNECT reason codes frond sends on its own.
+
+#[tokio::test]
+async fn takeover_and_shutdown_are_told_with_their_reason_codes() {
+    let mut f = Frond::start_new(FrondSpec::default()).await;
+    let mut old = Raw::plain(f.mqtt_port, "taken").await;
+    let mut new = Raw::plain(f.mqtt_port, "taken").await;
+    // [MQTT-3.1.4-3]: DISCONNECT 0x8E to the existing client.
+    match old.recv_or_eof().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x8E, "Session taken over"),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    assert_eq!(old.recv_or_eof().await, None);
+    f.terminate();
+    match new.recv_or_eof().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x8B, "Server shutting down"),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+}

@@ -386,6 +386,20 @@ impl Session {
         self.closed(why);
     }
 
+    /// The shell ends the connection for a reason of its own: another
+    /// connection took over the client id (5.0: DISCONNECT 0x8E,
+    /// [MQTT-3.1.4-3]) or frond shuts down (0x8B), as Mosquitto does. The
+    /// shell then writes [`Session::take_output`], without waiting long
+    /// for a client that does not read.
+    pub fn end(&mut self, why: CloseReason) {
+        let code = match why {
+            CloseReason::TakenOver => reason::SESSION_TAKEN_OVER,
+            CloseReason::ShuttingDown => reason::SERVER_SHUTTING_DOWN,
+            _ => reason::UNSPECIFIED_ERROR,
+        };
+        self.close_with(code, why);
+    }
+
     /// Closed without telling the client (it was told already, or there
     /// is no DISCONNECT to send): every timer stops, all further input is
     /// ignored.

@@ -12,16 +12,21 @@ use std::time::Instant;
 
 use smol::channel::{bounded, unbounded, Receiver, Sender};
 use smol::future::FutureExt;
+use smol::Timer;
 
 use super::{refuse_client_id, save, Ctx, HANDOVER_TIMEOUT, READ_BATCH, SAVE_EVERY};
 use crate::broker::persist::{claim, log_id, Claim};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
-use crate::mqtt::{Event, Limits, Session, SubRequest};
+use crate::mqtt::{CloseReason, Event, Limits, Session, SubRequest};
 use crate::router::{ConnId, Delivery};
 use crate::server::driver::{self, Common, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};
 use crate::server::transport::Transport;
 use crate::stream::{Message, StreamHandle};
+
+/// Longest a DISCONNECT frond sends on its own (takeover, shutdown) may
+/// take to write.
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
 
 enum Wake {
     Read(std::io::Result<usize>),
@@ -619,8 +624,10 @@ impl<'c, T: Transport> Conn<'c, T> {
             Wake::Deliver(d) => self.owed.take(&mut self.session, self.ctx.broker, &d),
             // The result is re-read from the waiter in step 2.
             Wake::Retained | Wake::StreamGrew | Wake::Common(Common::Stored) => {}
-            Wake::Kicked => return Err("another connection took over the client id".into()),
-            Wake::Common(Common::Shutdown) => return Err("server shutting down".into()),
+            Wake::Kicked => return Err(self.goodbye(CloseReason::TakenOver).await),
+            Wake::Common(Common::Shutdown) => {
+                return Err(self.goodbye(CloseReason::ShuttingDown).await)
+            }
             Wake::Common(Common::Timer) => {
                 self.timer.fired();
                 if self.save_at.is_some_and(|t| t <= now) {
@@ -631,6 +638,27 @@ impl<'c, T: Transport> Conn<'c, T> {
             }
         }
         Ok(())
+    }
+
+    /// Tell a 5.0 client why frond ends its connection (DISCONNECT 0x8E
+    /// or 0x8B, [`Session::end`]), waiting at most [`GOODBYE_TIMEOUT`] for
+    /// a client that does not read (a takeover must not wait for it).
+    /// Returns the text for the log.
+    async fn goodbye(&mut self, why: CloseReason) -> String {
+        let text = why.to_string();
+        self.session.end(why);
+        let out = self.session.take_output();
+        if !out.is_empty() {
+            let transport = &mut self.transport;
+            async {
+                let _ = transport.write_all(&out).await;
+            }
+            .or(async {
+                Timer::after(GOODBYE_TIMEOUT).await;
+            })
+            .await;
+        }
+        text
     }
 
     /// The connection ended: write the session's final state, give back
