@@ -700,6 +700,17 @@ async fn receive_maximum_counts_qos2_awaiting_pubrel() {
     assert_eq!(c.recv_or_eof().await, None);
 }
 
+#[tokio::test]
+async fn pubrel_of_an_unknown_packet_id_is_0x92() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let mut c = Raw::plain(f.mqtt_port, "rel").await;
+    c.send(&pubrel(77)).await;
+    match c.recv().await {
+        Packet::PubComp(a) => assert_eq!((a.packet_id, a.code), (77, 0x92), "§3.7.2.1"),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 7. Topic Alias 0.
 

@@ -12,7 +12,7 @@
 //!   written (the PUBREC never left) stores the client's resend again.
 
 use super::Session;
-use crate::wire::mqtt::{reason, Ack, Packet, Properties};
+use crate::wire::mqtt::{reason, Ack, Packet, Properties, Version};
 
 impl Session {
     /// PUBREC for an outbound QoS 2 message: PUBREL (recorded first for a
@@ -48,16 +48,23 @@ impl Session {
 
     /// PUBREL for an inbound QoS 2 message: forget its id, PUBCOMP.
     pub(super) fn handle_pubrel(&mut self, a: &Ack) {
-        if self.qos2_in.remove(&a.packet_id) {
+        let known = self.qos2_in.remove(&a.packet_id);
+        if known {
             // Durable before the PUBCOMP: once the client has it,
             // it may reuse the id for a new message, which a stale
             // id restored after a crash would drop as a duplicate.
             self.dirty = true;
             self.sync = true;
         }
+        // 5.0: an id frond does not hold gets 0x92 (Packet Identifier not
+        // found, §3.7.2.1), as Mosquitto answers; the exchange still ends.
+        let code = match known || self.version != Some(Version::V5) {
+            true => reason::SUCCESS,
+            false => reason::PACKET_IDENTIFIER_NOT_FOUND,
+        };
         self.send(&Packet::PubComp(Ack {
             packet_id: a.packet_id,
-            code: reason::SUCCESS,
+            code,
             properties: Properties::default(),
         }));
     }
