@@ -152,6 +152,45 @@ impl Session {
         idx
     }
 
+    /// Whether a stream capturing `subjects` can hold messages for this
+    /// session: one of its subscriptions (shared ones are live only)
+    /// overlaps one of them. The shell follows only such streams, so a
+    /// session's cost is that of the streams its filters reach, not of
+    /// every stream ([`Session::follow`]).
+    pub fn wants_stream(&self, subjects: &[String]) -> bool {
+        self.subs
+            .iter()
+            .filter(|s| s.share.is_none())
+            .flat_map(|s| &s.nats)
+            .any(|f| {
+                subjects
+                    .iter()
+                    .any(|x| crate::subject::filters_overlap(f, x))
+            })
+    }
+
+    /// Whether stream `name` must be followed whatever the subscriptions:
+    /// its stored cursor has QoS 2 messages in flight (their packet ids are
+    /// released or the messages resent as the stream is read).
+    pub fn owes_stream(&self, name: &str) -> bool {
+        self.restored_cursors
+            .iter()
+            .any(|c| c.stream == name && !c.qos2.is_empty())
+    }
+
+    /// Whether stream `name` is followed.
+    pub fn follows_stream(&self, name: &str) -> bool {
+        self.follows.iter().any(|f| f.stream == name)
+    }
+
+    /// Configured stream `name` is not followed at resume (no subscription
+    /// reaches it): its stored cursor is dropped, so a subscription made
+    /// later that reaches it starts at the stream's tail, as a new
+    /// subscription does, not at a stale cursor.
+    pub fn not_followed(&mut self, name: &str) {
+        self.restored_cursors.retain(|c| c.stream != name);
+    }
+
     /// How many more stream messages may be sent now (the in-flight window).
     pub fn stream_room(&self) -> usize {
         if self.state != State::Connected {

@@ -386,8 +386,34 @@ impl<'c, T: Transport> Conn<'c, T> {
         // Durable before the CONNACK (queued by restore) leaves.
         self.will_token = self.ctx.wills.arm(&id, self.session.will()).await;
         if self.session.follows_streams() {
+            // Only the streams its subscriptions reach (and those it owes
+            // QoS 2 completions on); SUBSCRIBE adds more ([`Self::subscribe`]).
             for s in broker.streams() {
-                self.session.follow(&s.config().name, s.state().last_seq);
+                let name = &s.config().name;
+                if self.session.wants_stream(&s.config().subjects) || self.session.owes_stream(name)
+                {
+                    self.session.follow(name, s.state().last_seq);
+                    self.follows.push((s.clone(), false));
+                } else {
+                    self.session.not_followed(name);
+                }
+            }
+        }
+    }
+
+    /// Follow, from their tails, the streams a persistent session's
+    /// subscriptions now reach and it did not follow yet (before the
+    /// router registrations: what a stream captures after its tail comes
+    /// from the stream, nothing is missed in between).
+    fn follow_new_streams(&mut self) {
+        if !self.session.follows_streams() {
+            return;
+        }
+        for s in self.ctx.broker.streams() {
+            let name = &s.config().name;
+            if !self.session.follows_stream(name) && self.session.wants_stream(&s.config().subjects)
+            {
+                self.session.follow(name, s.state().last_seq);
                 self.follows.push((s.clone(), false));
             }
         }
@@ -402,6 +428,7 @@ impl<'c, T: Transport> Conn<'c, T> {
         if !self.session.subscribe_done(saved) {
             return;
         }
+        self.follow_new_streams();
         let mut filters = Vec::new();
         let mut granted = Vec::new();
         for r in requests {

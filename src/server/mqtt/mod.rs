@@ -36,7 +36,11 @@
 //!   refused, never resumed or deleted), then deletes it (clean session,
 //!   or no expiry) or restores it before CONNACK.
 //! - A persistent session (and one resumed with Clean Start 0 and expiry
-//!   0, until its connection ends) follows every stream from its cursors: it reads
+//!   0, until its connection ends) follows, from its cursors, the streams
+//!   whose subjects its (non-shared) subscriptions overlap — a SUBSCRIBE
+//!   that reaches another stream follows it from its tail; a stored cursor
+//!   of a stream no subscription reaches is dropped at resume — so its
+//!   cost is that of the streams its filters reach: it reads
 //!   in batches (at most the free in-flight window, 256 messages, 1 MiB)
 //!   and waits with [`crate::stream::StreamHandle::wait_for`]. Router
 //!   deliveries of subjects a stream captures are skipped for it (they come
