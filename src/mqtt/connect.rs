@@ -368,18 +368,20 @@ impl Session {
     pub(super) fn recheck_restored(&self, stored: Vec<StoredSub>) -> Vec<Sub> {
         let mut subs = Vec::with_capacity(stored.len());
         for s in stored {
-            let mut nats = topics::filter_to_subjects(&s.filter);
+            let all = topics::filter_to_subjects(&s.filter);
+            let mut nats = all.clone();
             if let Some(p) = &self.perms {
                 nats.retain(|f| p.can_subscribe(f));
             }
             if nats.is_empty() {
                 log::warn!(
-                    "mqtt: {}: restored subscription {}{} is no longer allowed for {}; dropped",
+                    "mqtt: {}: restored subscription {}{} (subjects {}) is no longer allowed for {}; dropped",
                     log_id(&self.client_id),
                     s.share
                         .as_ref()
                         .map_or(String::new(), |g| format!("(share {g}) ")),
                     s.filter,
+                    all.join(", "),
                     self.owner
                         .as_ref()
                         .map_or("this client".into(), |o| o.to_string()),
