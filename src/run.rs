@@ -531,11 +531,7 @@ pub fn format_status(varz_json: &str) -> String {
     if v["uplink"].is_null() {
         let _ = writeln!(out, "uplink: not configured");
     } else {
-        let _ = writeln!(
-            out,
-            "uplink: {}",
-            serde_json::to_string_pretty(&v["uplink"]).unwrap_or_default()
-        );
+        out.push_str(&crate::uplink::status::format_text(&v["uplink"]));
     }
     out
 }

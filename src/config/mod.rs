@@ -40,6 +40,7 @@
 //! that span sections (TLS listeners, stream overlap, the storage budget).
 
 mod auth;
+pub mod creds;
 mod http;
 mod mappings;
 mod mqtt;

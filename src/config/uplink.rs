@@ -1,5 +1,6 @@
 //! `[uplink]`: the hub URLs, credentials, timers and `[[uplink.mirror]]`
-//! list; every mirror names a configured stream.
+//! list; every mirror names a configured stream. `creds` is read and
+//! checked here, at configuration time ([`super::creds`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::values::de_duration;
+use super::values::{de_duration, de_opt_size};
 use super::{err, ConfigError};
 use crate::stream::StreamConfig;
 use crate::subject;
@@ -22,6 +23,9 @@ pub struct UplinkConfig {
     pub token: Option<String>,
     /// `nkey_seed = "SU…"`: sign the hub's nonce as this nkey user.
     pub nkey_seed: Option<crate::nkey::SeedKey>,
+    /// `creds = "/path/user.creds"`: log in with this user JWT, signing
+    /// the nonce with its seed (hubs in operator mode).
+    pub creds: Option<super::creds::Creds>,
     /// CA for the hub's certificate; `None`: the system's roots.
     pub tls_ca: Option<PathBuf>,
     /// (certificate, key) presented to the hub, if it wants one.
@@ -33,6 +37,12 @@ pub struct UplinkConfig {
     /// First reconnect delay; doubles (with jitter) up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// A PING every interval; a hub silent for two intervals is a dead
+    /// (half-open) link.
+    pub ping_interval: Duration,
+    /// `max_rate`: bytes per second the mirrors' publishes may use on the
+    /// link (`None`: no cap).
+    pub max_rate: Option<u64>,
     pub mirrors: Vec<MirrorConfig>,
     /// `[[uplink.export]]`: local subjects hub clients may reach (live).
     pub exports: Vec<BridgeSubject>,
@@ -91,6 +101,9 @@ pub struct MirrorConfig {
     pub to: String,
     /// Prepended to every subject on the hub (for example `"fleet.truck-042."`).
     pub subject_prefix: String,
+    /// Higher drains first: a mirror sends only while no mirror of a
+    /// higher priority has unsent messages.
+    pub priority: i32,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +126,10 @@ pub(super) struct RawUplink {
     reconnect_min: Duration,
     #[serde(default = "default_reconnect_max", deserialize_with = "de_duration")]
     reconnect_max: Duration,
+    #[serde(default = "default_ping_interval", deserialize_with = "de_duration")]
+    ping_interval: Duration,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    max_rate: Option<u64>,
     #[serde(default)]
     mirror: Vec<RawMirror>,
     #[serde(default)]
@@ -152,6 +169,12 @@ pub(super) fn default_reconnect_min() -> Duration {
 pub(super) fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
 }
+pub(super) fn default_ping_interval() -> Duration {
+    Duration::from_secs(10)
+}
+/// The smallest `max_rate`: below it one publish of a few hundred bytes
+/// would take most of a second and PING replies would queue behind it.
+pub const MIN_RATE: u64 = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,12 +183,37 @@ pub(super) struct RawMirror {
     to: String,
     #[serde(default)]
     subject_prefix: String,
+    #[serde(default)]
+    priority: i32,
 }
 
 impl RawUplink {
     pub(super) fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
-        if self.creds.is_some() {
-            return err("uplink.creds: .creds files (JWT authentication) are not supported yet (planned); use nkey_seed = \"SU…\" (an nkey user on the hub), user/password or token");
+        let creds = match &self.creds {
+            Some(p) => {
+                Some(super::creds::load(p).map_err(|e| ConfigError(format!("uplink.creds: {e}")))?)
+            }
+            None => None,
+        };
+        if creds.is_some()
+            && (self.nkey_seed.is_some()
+                || self.token.is_some()
+                || self.user.is_some()
+                || self.password.is_some())
+        {
+            return err(
+                "uplink: give either creds or nkey_seed or user/password or token, not several",
+            );
+        }
+        if self.ping_interval < Duration::from_millis(100)
+            || self.ping_interval > Duration::from_secs(600)
+        {
+            return err("uplink.ping_interval: must be between 100ms and 10m (a half-open link is noticed after two intervals)");
+        }
+        if let Some(r) = self.max_rate {
+            if r < MIN_RATE {
+                return err(format!("uplink.max_rate: {r} bytes/s is below the minimum of {MIN_RATE} (1KiB); omit the key for no cap"));
+            }
         }
         let nkey_seed = match &self.nkey_seed {
             Some(s) => Some(crate::nkey::SeedKey::parse(s).map_err(|e| {
@@ -249,6 +297,7 @@ impl RawUplink {
                 stream: m.stream,
                 to: m.to,
                 subject_prefix: m.subject_prefix,
+                priority: m.priority,
             });
         }
         let exports = bridge_subjects("uplink.export", self.export)?;
@@ -264,12 +313,15 @@ impl RawUplink {
             password: self.password,
             token: self.token,
             nkey_seed,
+            creds,
             tls_ca: self.tls_ca,
             tls_client: self.tls_cert.zip(self.tls_key),
             max_inflight,
             ack_timeout: self.ack_timeout,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
+            ping_interval: self.ping_interval,
+            max_rate: self.max_rate,
             mirrors,
         })
     }
@@ -428,8 +480,8 @@ mod tests {
         assert!(e.0.contains("uplink.nkey_seed"), "{e}");
         let e = up(&format!("nkey_seed = \"{}\"\ntoken = \"t\"", seed.encode())).unwrap_err();
         assert!(e.0.contains("not several"), "{e}");
-        let e = up("creds = \"/etc/frond/hub.creds\"").unwrap_err();
-        assert!(e.0.contains("nkey_seed"), "{e}");
+        let e = up("creds = \"/nonexistent/hub.creds\"").unwrap_err();
+        assert!(e.0.contains("uplink.creds: cannot read"), "{e}");
     }
 
     #[test]

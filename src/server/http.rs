@@ -139,6 +139,9 @@ impl Monitor {
                 st.last_seq
             );
         }
+        if let Some(u) = &self.uplink {
+            u.metrics(&mut out, crate::util::unix_nanos());
+        }
         out
     }
 }

@@ -5,7 +5,8 @@
 //! announces in `INFO.connect_urls`, at most [`MAX_SERVERS`]), the choice
 //! of the next server and the delay before dialling it, the handshake
 //! (`INFO` → optional TLS → `CONNECT` + `PING` → `PONG`), authentication
-//! (token, user/password, nkey signature of the nonce), PING/PONG
+//! (token, user/password, nkey signature of the nonce, user JWT from a
+//! `.creds` file with the nonce signed by its seed), PING/PONG
 //! liveness, the decode buffer, sid allocation, the subscriptions that
 //! outlive a connection ([`Link::subscribe`]) and the write buffer.
 //!
@@ -64,7 +65,12 @@ pub struct LinkParams {
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// Signs the hub's nonce: an nkey user's seed, or with `jwt` the seed
+    /// of the `.creds` file.
     pub nkey_seed: Option<crate::nkey::SeedKey>,
+    /// The user JWT of a `.creds` file (operator mode): sent in `CONNECT`
+    /// instead of the public key.
+    pub jwt: Option<String>,
     /// A CA or client certificate is configured: use TLS whenever the hub
     /// offers it.
     pub tls_configured: bool,
@@ -441,7 +447,7 @@ impl Link {
             }
             (State::AwaitPong { .. }, ServerOp::Err(e)) => {
                 let hint = if e.to_ascii_lowercase().contains("authorization") {
-                    " (check uplink user/password/token/nkey_seed)"
+                    " (check uplink user/password/token/nkey_seed/creds; with creds: is the user's account known to the hub's resolver, and the JWT not expired or revoked?)"
                 } else {
                     ""
                 };
@@ -539,8 +545,12 @@ impl Link {
         let mut o = credentials(&self.p, &server.url);
         o.name = self.p.name.clone();
         if let Some(seed) = &self.p.nkey_seed {
-            // The hub checks this signature of the nonce it just sent.
-            o.nkey = Some(seed.public_key());
+            // The hub checks this signature of the nonce it just sent
+            // against the nkey, or the JWT's subject.
+            match &self.p.jwt {
+                Some(jwt) => o.jwt = Some(jwt.clone()),
+                None => o.nkey = Some(seed.public_key()),
+            }
             o.sig = Some(seed.sign(self.nonce.as_bytes()));
         }
         client::connect(&o, &mut self.out);

@@ -22,6 +22,7 @@ fn params(ports: &[u16]) -> LinkParams {
         password: None,
         token: Some("secret".into()),
         nkey_seed: None,
+        jwt: None,
         tls_configured: false,
         discover: true,
         ping_interval: Duration::from_secs(10),
@@ -458,4 +459,37 @@ fn any_bytes_from_the_hub_count_as_liveness() {
     // sign of life (a half-open link).
     l.handle_timeout(t0 + 3 * s);
     assert!(!l.is_up());
+}
+
+#[test]
+fn creds_send_the_jwt_and_sign_the_nonce() {
+    let t0 = Instant::now();
+    let seed = crate::nkey::SeedKey::from_bytes([9u8; 32]);
+    let mut p = params(&[4222]);
+    p.token = None;
+    p.nkey_seed = Some(seed.clone());
+    p.jwt = Some("hdr.claims.sig".into());
+    let mut l = Link::new(p, t0, 1);
+    l.handle_timeout(t0);
+    let _ = actions(&mut l);
+    l.handle_dialed(t0);
+    l.handle_bytes(
+        t0,
+        b"INFO {\"server_id\":\"S\",\"max_payload\":1048576,\"nonce\":\"n0nc3\"}\r\n",
+    );
+    let w = out(&mut l);
+    let json: serde_json::Value = serde_json::from_str(
+        w.strip_prefix("CONNECT ")
+            .and_then(|r| r.split("\r\n").next())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["jwt"], "hdr.claims.sig");
+    assert!(json.get("nkey").is_none(), "the JWT names the user: {w}");
+    let public = crate::nkey::decode_user_public(&seed.public_key()).unwrap();
+    assert!(crate::nkey::verify(
+        &public,
+        b"n0nc3",
+        json["sig"].as_str().unwrap()
+    ));
 }

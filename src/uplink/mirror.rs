@@ -195,15 +195,20 @@ pub struct MirrorStatus {
     pub cursor: u64,
     pub hub_seq: u64,
     pub local_last_seq: u64,
-    /// Estimated bytes not yet on the hub (backlog messages times the local
-    /// stream's mean stored message size); filled in by the shell.
-    pub backlog_bytes: Option<u64>,
+    /// Local messages not yet on the hub: `msgs` from the machine, `bytes`
+    /// (an estimate) and `oldest_ts` filled in by the shell.
+    pub lag: super::status::Lag,
+    /// The configured priority (filled in by the shell).
+    pub priority: i32,
     pub inflight: usize,
     pub sent: u64,
     pub acked: u64,
     pub skipped: u64,
     pub resyncs: u64,
     pub last_error: Option<String>,
+    /// Unix ns at which `last_error` first appeared (filled in by
+    /// [`super::UplinkStatus`]).
+    pub last_error_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -263,6 +268,9 @@ pub struct Mirror {
     last_persist: Option<Instant>,
     commands: VecDeque<Command>,
     events: VecDeque<Event>,
+    /// Bytes of publishes the shell allows now ([`Mirror::handle_budget`]);
+    /// `None`: no limit.
+    budget: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -354,6 +362,7 @@ impl Mirror {
             last_persist: None,
             commands: VecDeque::new(),
             events: VecDeque::new(),
+            budget: None,
         }
     }
 
@@ -444,7 +453,30 @@ impl Mirror {
         self.phase = Phase::Offline;
     }
 
-    /// The local stream's last sequence (for status only).
+    /// The bytes of publishes this mirror may queue from now on (`None`: no
+    /// limit), set by the shell's rate cap and priority scheduling; sends
+    /// what it allows at once. The last publish may overshoot the budget
+    /// (a message is never split); once it is used up nothing is sent
+    /// until the next call. Resync reads are not limited.
+    pub fn handle_budget(&mut self, now: Instant, budget: Option<u64>) {
+        self.budget = budget;
+        self.pump(now);
+    }
+
+    /// Whether local messages wait to be published on this connection (so
+    /// lower-priority mirrors should wait): streaming with messages read
+    /// but unsent or not read yet, or about to stream (resyncing) with a
+    /// backlog. False while offline, pausing after a fault or while the hub
+    /// stream is missing, so a broken mirror does not hold the others.
+    pub fn has_unsent(&self) -> bool {
+        match self.phase {
+            Phase::Streaming => !self.pending.is_empty() || self.local_last_seq >= self.next_read,
+            Phase::Resync { .. } => self.local_last_seq > self.l,
+            Phase::Offline | Phase::Wait { .. } => false,
+        }
+    }
+
+    /// The local stream's last sequence (for status and [`Mirror::has_unsent`]).
     pub fn handle_local_state(&mut self, last_seq: u64) {
         self.local_last_seq = last_seq;
     }
@@ -622,13 +654,18 @@ impl Mirror {
             cursor: self.l,
             hub_seq: self.cursor().hub_seq,
             local_last_seq: self.local_last_seq,
-            backlog_bytes: None,
+            lag: super::status::Lag {
+                msgs: self.local_last_seq.saturating_sub(self.l),
+                ..Default::default()
+            },
+            priority: 0,
             inflight: self.inflight.len(),
             sent: self.sent,
             acked: self.acked,
             skipped: self.skipped,
             resyncs: self.resyncs,
             last_error: self.last_error.clone(),
+            last_error_at: None,
         }
     }
 
@@ -921,7 +958,7 @@ impl Mirror {
         let Some(conn) = self.conn.clone() else {
             return;
         };
-        while self.inflight.len() < self.p.max_inflight {
+        while self.inflight.len() < self.p.max_inflight && self.budget != Some(0) {
             let Some(m) = self.pending.pop_front() else {
                 break;
             };
@@ -954,9 +991,13 @@ impl Mirror {
                 headers,
                 payload: m.payload,
             };
-            if let Err(e) = cmd.encode(&mut Vec::new()) {
+            let mut wire = Vec::new();
+            if let Err(e) = cmd.encode(&mut wire) {
                 self.skip(m.seq, format!("cannot be sent: {e}"));
                 continue;
+            }
+            if let Some(b) = &mut self.budget {
+                *b = b.saturating_sub(wire.len() as u64);
             }
             self.commands.push_back(cmd);
             self.inflight.insert(

@@ -25,6 +25,8 @@ pub mod bridge_io;
 pub mod cursor;
 pub mod link;
 pub mod mirror;
+pub mod probe;
+pub mod rate;
 pub mod status;
 pub mod ws;
 mod ws_io;
@@ -47,10 +49,9 @@ pub use link::{Action, Link, LinkEvent, LinkParams};
 pub use mirror::{Mirror, MirrorParams, MirrorStatus};
 pub use status::UplinkStatus;
 
-/// Our PING interval. A hub silent for two intervals (a PING sent and not
-/// answered within the next) is a dead link: a half-open connection is
-/// detected within 20 s.
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A hub silent for two PING intervals (`uplink.ping_interval`, default
+/// 10 s: a PING sent and not answered within the next) is a dead link: a
+/// half-open connection is detected within 20 s.
 const MAX_PINGS_OUT: u32 = 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,6 +62,7 @@ struct Slot {
     handle: StreamHandle,
     cursor_path: PathBuf,
     reads: Sender<mirror::ReadRequest>,
+    priority: i32,
 }
 
 /// Run the uplink until `shutdown` fires (or its sender is dropped).
@@ -85,6 +87,11 @@ pub async fn run(
     let mut by_sid: Vec<(u64, usize)> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::new();
+    let mut bucket = cfg
+        .max_rate
+        .map(|r| rate::TokenBucket::new(r, Instant::now()));
+    let handles = slots.iter().map(|s| s.handle.clone()).collect();
+    let prober = smol::spawn(probe::run(handles, status.clone()));
     loop {
         drive_actions(&mut link, &mut sock, &mut tls, &status, &shutdown).await;
         let now = Instant::now();
@@ -98,9 +105,11 @@ pub async fn run(
             b.pump(now, &mut link);
             status.set_bridge(b.status());
         }
-        if link.is_up() {
-            pump_mirrors(&mut link, &mut slots);
-        }
+        let rate_wake = if link.is_up() {
+            pump_mirrors(&mut link, &mut slots, bucket.as_mut(), now)
+        } else {
+            None
+        };
         persist(&mut slots, now, false);
         publish_status(&slots, &status);
         link.poll_transmit(&mut out);
@@ -117,6 +126,7 @@ pub async fn run(
             .iter()
             .filter_map(|s| s.mirror.poll_deadline())
             .chain(link.poll_deadline())
+            .chain(rate_wake)
             .min();
         let local = bridge.as_ref().map(|b| b.outbox());
         let ev = wait(
@@ -156,6 +166,7 @@ pub async fn run(
     status.set_link("disconnected", None);
     publish_status(&slots, &status);
     drop(slots);
+    prober.cancel().await;
     for r in readers {
         r.cancel().await;
     }
@@ -210,6 +221,7 @@ fn open_mirrors(
             retry_max: cfg.reconnect_max,
             scan_cap: mirror::DEFAULT_SCAN_CAP,
         };
+        let priority = mc.priority;
         let m = Mirror::new(params, start);
         if let Some(c) = start {
             let last = handle.state().last_seq;
@@ -233,6 +245,7 @@ fn open_mirrors(
             handle,
             cursor_path: path,
             reads: tx,
+            priority,
         });
     }
     (slots, readers)
@@ -245,10 +258,15 @@ fn link_params(cfg: &UplinkConfig, node: &str) -> LinkParams {
         user: cfg.user.clone(),
         password: cfg.password.clone(),
         token: cfg.token.clone(),
-        nkey_seed: cfg.nkey_seed.clone(),
+        nkey_seed: cfg
+            .creds
+            .as_ref()
+            .map(|c| c.seed.clone())
+            .or_else(|| cfg.nkey_seed.clone()),
+        jwt: cfg.creds.as_ref().map(|c| c.jwt.clone()),
         tls_configured: cfg.tls_ca.is_some() || cfg.tls_client.is_some(),
         discover: true,
-        ping_interval: PING_INTERVAL,
+        ping_interval: cfg.ping_interval,
         max_pings_out: MAX_PINGS_OUT,
         connect_timeout: CONNECT_TIMEOUT,
         retry_min: cfg.reconnect_min,
@@ -340,7 +358,7 @@ fn on_link_event(
                 info.server_name,
                 info.version
             );
-            status.set_link("connected", Some(server.url.to_string()));
+            status.link_up(server.url.to_string(), crate::util::unix_nanos());
             by_sid.clear();
             for (i, s) in slots.iter_mut().enumerate() {
                 let sid = link.alloc_sid();
@@ -361,11 +379,11 @@ fn on_link_event(
             persist(slots, now, false);
             if was_up {
                 log::info!("disconnected from {}: {reason}", server.url);
-                status.set_link("disconnected", Some(server.url.to_string()));
             } else {
                 log::warn!("cannot connect to {}: {reason}", server.url);
-                status.set_link(format!("error: {reason}"), Some(server.url.to_string()));
             }
+            let at = crate::util::unix_nanos();
+            status.link_down(server.url.to_string(), reason, was_up, at);
         }
         LinkEvent::Msg(m) => {
             if let Some(&(_, i)) = by_sid.iter().find(|(sid, _)| *sid == m.sid) {
@@ -408,14 +426,49 @@ fn on_bridge_event(
 }
 
 /// Move every mirror's commands into the link's write buffer and hand its
-/// read requests to its reader.
-fn pump_mirrors(link: &mut Link, slots: &mut [Slot]) {
-    for s in slots.iter_mut() {
-        s.mirror.handle_local_state(s.handle.state().last_seq);
+/// read requests to its reader. Mirrors are served by priority, each with
+/// the publish budget [`rate::plan`] gives it; the bytes written are
+/// charged to `bucket` (`uplink.max_rate`). Returns when to come back if
+/// the cap held a mirror back.
+fn pump_mirrors(
+    link: &mut Link,
+    slots: &mut [Slot],
+    mut bucket: Option<&mut rate::TokenBucket>,
+    now: Instant,
+) -> Option<Instant> {
+    let wants: Vec<rate::Want> = slots
+        .iter_mut()
+        .map(|s| {
+            s.mirror.handle_local_state(s.handle.state().last_seq);
+            rate::Want {
+                priority: s.priority,
+                unsent: s.mirror.has_unsent(),
+            }
+        })
+        .collect();
+    let mut wake = None;
+    for i in rate::order(&wants) {
+        let available = bucket.as_mut().map(|b| b.available(now));
+        let budget = rate::plan(&wants, available).get(i).copied().flatten();
+        let Some(s) = slots.get_mut(i) else { continue };
+        s.mirror.handle_budget(now, budget);
         while let Some(c) = s.mirror.poll_command() {
             let Some(out) = link.send() else { break };
+            let before = out.len();
             if let Err(e) = c.encode(out) {
                 log::error!("dropping unencodable command: {e}");
+            }
+            let n = out.len().saturating_sub(before) as u64;
+            if let Some(b) = bucket.as_mut() {
+                b.take(now, n);
+            }
+        }
+        // Between passes (acks arrive), a capped or held-back mirror waits
+        // for the next pass; an unrestricted one keeps its window full.
+        if budget.is_some() {
+            s.mirror.handle_budget(now, Some(0));
+            if s.mirror.has_unsent() && available == Some(0) {
+                wake = bucket.as_mut().map(|b| b.ready_at(now));
             }
         }
         while let Some(ev) = s.mirror.poll_event() {
@@ -430,6 +483,7 @@ fn pump_mirrors(link: &mut Link, slots: &mut [Slot]) {
             let _ = s.reads.try_send(r);
         }
     }
+    wake
 }
 
 /// Wait for the first of: socket data, a local read's answer, shutdown,
@@ -540,14 +594,15 @@ fn publish_status(slots: &[Slot], status: &UplinkStatus) {
             .map(|s| {
                 let mut st = s.mirror.status();
                 let local = s.handle.state();
-                let backlog = st.local_last_seq.saturating_sub(st.cursor);
-                st.backlog_bytes = Some(match local.msgs {
+                st.lag.bytes = Some(match local.msgs {
                     0 => 0,
-                    n => backlog.saturating_mul(local.bytes / n),
+                    n => st.lag.msgs.saturating_mul(local.bytes / n),
                 });
+                st.priority = s.priority;
                 st
             })
             .collect(),
+        crate::util::unix_nanos(),
     );
 }
 

@@ -184,6 +184,9 @@ pub struct ConnectOptions {
     /// nkey authentication: the user public key and the signed nonce.
     pub nkey: Option<String>,
     pub sig: Option<String>,
+    /// JWT authentication (operator mode): the user JWT; `sig` signs the
+    /// nonce with the user's seed.
+    pub jwt: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -205,6 +208,8 @@ struct ConnectJson<'a> {
     nkey: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sig: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt: Option<&'a str>,
     protocol: u8,
     echo: bool,
 }
@@ -224,6 +229,7 @@ pub fn connect(opts: &ConnectOptions, out: &mut Vec<u8>) {
         auth_token: opts.auth_token.as_deref(),
         nkey: opts.nkey.as_deref(),
         sig: opts.sig.as_deref(),
+        jwt: opts.jwt.as_deref(),
         protocol: 1,
         echo: false,
     };
@@ -454,6 +460,7 @@ mod tests {
                 auth_token: None,
                 nkey: None,
                 sig: None,
+                jwt: None,
             },
             &mut out,
         );
