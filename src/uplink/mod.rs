@@ -594,6 +594,10 @@ fn publish_status(slots: &[Slot], status: &UplinkStatus) {
             .map(|s| {
                 let mut st = s.mirror.status();
                 let local = s.handle.state();
+                // Also while the link is down (the machine learns the
+                // local state only when it may send).
+                st.local_last_seq = st.local_last_seq.max(local.last_seq);
+                st.lag.msgs = st.local_last_seq.saturating_sub(st.cursor);
                 st.lag.bytes = Some(match local.msgs {
                     0 => 0,
                     n => st.lag.msgs.saturating_mul(local.bytes / n),

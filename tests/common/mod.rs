@@ -620,6 +620,11 @@ struct ProxyShared {
     throttle: Mutex<(Option<Duration>, Option<Duration>)>,
     /// Bumped by `cut()` and mode changes; live connections end on change.
     cut_tx: watch::Sender<u64>,
+    /// Bytes forwarded client→target (frond→hub), all connections.
+    bytes_up: AtomicUsize,
+    /// While set, forwarded connections drop what they read, both ways,
+    /// and stay open: a half-open link (silence without FIN or RST).
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// A TCP proxy from 127.0.0.1:`port` to a target port, with faults.
@@ -647,6 +652,8 @@ impl FaultProxy {
             active: AtomicUsize::new(0),
             throttle: Mutex::new((None, None)),
             cut_tx,
+            bytes_up: AtomicUsize::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
         });
         let sh = shared.clone();
         let task = tokio::spawn(async move {
@@ -702,6 +709,18 @@ impl FaultProxy {
             .throttle
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = (up, down);
+    }
+
+    /// Bytes forwarded from clients to the target (frond→hub) so far.
+    pub fn bytes_up(&self) -> usize {
+        self.shared.bytes_up.load(Ordering::SeqCst)
+    }
+
+    /// `true`: every forwarded connection silently drops what it reads
+    /// from now on, both ways, and stays open (a half-open link: no FIN,
+    /// no RST). `false`: forward again (what was dropped is lost).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::SeqCst);
     }
 
     /// Connections accepted so far (forwarded, refused or held).
@@ -815,6 +834,12 @@ where
         };
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
+        }
+        if sh.stalled.load(Ordering::SeqCst) {
+            continue;
+        }
+        if up {
+            sh.bytes_up.fetch_add(n, Ordering::SeqCst);
         }
         if w.write_all(&buf[..n]).await.is_err() {
             return;

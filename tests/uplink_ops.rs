@@ -1,0 +1,250 @@
+//! The uplink as an operator runs it, against a real nats-server hub:
+//! status (lag, link state, errors and their times) on `/varz`, `/metrics`
+//! and `frond status`; a half-open link noticed within two PING
+//! intervals; `uplink.max_rate` (bytes on the link, measured through the
+//! fault proxy, stay under the cap); mirror `priority` (an alarm backlog
+//! reaches the hub before any bulk message); `uplink.creds` against a hub
+//! in operator (JWT) mode.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOPIC: &str = "telemetry/t1";
+const SUBJECT: &str = "fleet.truck1.telemetry.t1";
+
+fn payloads(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| payload(prefix, i)).collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `/varz`'s `uplink` document.
+async fn uplink(f: &Frond) -> Option<serde_json::Value> {
+    f.varz().await.map(|v| v["uplink"].clone())
+}
+
+/// The status entry of the mirror of local stream `stream`.
+async fn mirror_status(f: &Frond, stream: &str) -> Option<serde_json::Value> {
+    let u = uplink(f).await?;
+    u["mirrors"]
+        .as_array()?
+        .iter()
+        .find(|m| m["stream"] == stream)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_lag_and_a_half_open_link_is_noticed_within_two_ping_intervals() {
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let proxy = FaultProxy::start(hub.port).await;
+    let ping = Duration::from_secs(1);
+    let mut spec = FrondSpec::with_hub(proxy.url());
+    spec.uplink_extra = "ping_interval = \"1s\"\n".into();
+    let frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
+
+    publ.publish(0..100, LONG).await;
+    hub.wait_count_at_least("FLEET", 100, LONG).await;
+    let u = wait_for("the link is up in /varz", LONG, || async {
+        uplink(&frond).await.filter(|u| u["link"] == "connected")
+    })
+    .await;
+    assert_eq!(u["url"], proxy.url());
+    assert!(u["since_unix_ms"].as_u64().unwrap() <= unix_ms());
+    assert_eq!(u["reconnects"], 0);
+
+    // The link goes silent both ways without FIN or RST.
+    let stalled_at = unix_ms();
+    proxy.set_stalled(true);
+    let u = wait_for("the uplink reports the dead link", LONG, || async {
+        uplink(&frond)
+            .await
+            .filter(|u| u["last_error_unix_ms"].as_u64().is_some_and(|t| t >= stalled_at))
+    })
+    .await;
+    let detected = u["last_error_unix_ms"].as_u64().unwrap() - stalled_at;
+    let err = u["last_error"].as_str().unwrap();
+    assert!(err.contains("did not answer"), "{err}");
+    // Two intervals, plus scheduling slack on a loaded machine.
+    let bound = 2 * ping.as_millis() as u64 + 500;
+    assert!(
+        detected <= bound,
+        "half-open link noticed after {detected} ms (> {bound} ms)"
+    );
+    eprintln!("half-open link noticed after {detected} ms (ping_interval {ping:?})");
+
+    // While the hub is unreachable the backlog shows as lag.
+    proxy.set_blocked(true);
+    proxy.set_stalled(false);
+    proxy.cut();
+    publ.publish(100..150, LONG).await;
+    let m = wait_for("the lag of 50 messages in /varz", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .filter(|m| m["lag"]["msgs"] == 50 && !m["lag"]["oldest_age_secs"].is_null())
+    })
+    .await;
+    assert!(m["lag"]["bytes"].as_u64().unwrap() >= 50 * 10, "{m}");
+    let oldest_age = m["lag"]["oldest_age_secs"].as_f64().unwrap();
+    assert!(oldest_age >= 0.0 && oldest_age < 60.0, "{m}");
+    let (code, metrics) = frond.http_get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("frond_uplink_connected 0\n"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "frond_uplink_mirror_lag_messages{stream=\"TELEMETRY\",hub_stream=\"FLEET\"} 50\n"
+        ),
+        "{metrics}"
+    );
+    let text = frond_status(&frond);
+    assert!(text.contains("mirror TELEMETRY -> FLEET"), "{text}");
+    assert!(text.contains("lag 50 msgs"), "{text}");
+    // The hub refuses now: the last error is the refused dial.
+    assert!(text.contains("uplink: error: "), "{text}");
+    assert!(text.contains("last error "), "{text}");
+
+    // The link returns: the backlog drains, exactly once, in order.
+    proxy.set_blocked(false);
+    hub.wait_count_at_least("FLEET", 150, LONG).await;
+    let msgs = hub.read_all("FLEET").await;
+    assert_exact_mirror(&msgs, &payloads("msg", 0..150), "truck1", SUBJECT);
+    let u = wait_for("the lag is 0 and the link up again", LONG, || async {
+        uplink(&frond).await.filter(|u| {
+            u["link"] == "connected" && u["mirrors"][0]["lag"]["msgs"] == 0
+        })
+    })
+    .await;
+    assert!(u["reconnects"].as_u64().unwrap() >= 1, "{u}");
+    assert!(u["mirrors"][0]["lag"]["oldest_age_secs"].is_null(), "{u}");
+}
+
+/// `frond status --http` against the running frond.
+fn frond_status(f: &Frond) -> String {
+    let out = std::process::Command::new(frond_bin())
+        .arg("status")
+        .arg("--http")
+        .arg(format!("127.0.0.1:{}", f.http_port))
+        .output()
+        .expect("run frond status");
+    assert!(out.status.success(), "frond status: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until local stream `stream` holds `n` messages not on the hub.
+async fn wait_lag(f: &Frond, stream: &str, n: u64) {
+    wait_until(format!("{stream} has a lag of {n}"), LONG, || async {
+        mirror_status(f, stream)
+            .await
+            .is_some_and(|m| m["lag"]["msgs"] == n)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_caps_the_bytes_on_the_link() {
+    const RATE: u64 = 48 * 1024;
+    const N: usize = 1500;
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let proxy = FaultProxy::start(hub.port).await;
+    proxy.set_blocked(true);
+    let mut spec = FrondSpec::with_hub(proxy.url());
+    spec.uplink_extra = "max_rate = \"48KiB\"\n".into();
+    let frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
+    publ.publish(0..N, LONG).await;
+    wait_lag(&frond, "TELEMETRY", N as u64).await;
+    assert_eq!(proxy.bytes_up(), 0, "nothing reached the hub yet");
+
+    // From here, bytes on the link by time t must stay under
+    // RATE × t + burst (a quarter second's worth, at least 4 KiB), plus
+    // one message of overshoot and the handshake (CONNECT, SUB, the
+    // resync read); t0 is taken before the link can open, so the bound is
+    // only ever looser than the truth.
+    let burst = (RATE / 4).max(4096);
+    let slack = 2048;
+    let t0 = Instant::now();
+    proxy.set_blocked(false);
+    let mut samples = 0;
+    let mut worst: f64 = 0.0;
+    loop {
+        let bytes = proxy.bytes_up() as u64;
+        let t = t0.elapsed().as_secs_f64();
+        let bound = RATE as f64 * t + (burst + slack) as f64;
+        assert!(
+            (bytes as f64) <= bound,
+            "{bytes} bytes on the link after {t:.3}s, more than the cap allows ({bound:.0})"
+        );
+        worst = worst.max(bytes as f64 / bound);
+        samples += 1;
+        if hub.try_count("FLEET").await == Some(N as u64) {
+            break;
+        }
+        assert!(t0.elapsed() < LONG, "drain did not finish within {LONG:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = proxy.bytes_up() as f64;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "max_rate {RATE} B/s: {total} bytes up in {secs:.2}s = {:.0} B/s; {samples} samples, closest to the bound {:.0}%",
+        total / secs,
+        worst * 100.0
+    );
+    // The cap is a cap, not a stall: the link was used.
+    assert!(total > 100_000.0, "{total} bytes for {N} messages");
+    let msgs = hub.read_all("FLEET").await;
+    assert_exact_mirror(&msgs, &payloads("msg", 0..N), "truck1", SUBJECT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_mirror_drains_before_bulk() {
+    const BULK: usize = 1000;
+    const ALARMS: usize = 200;
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let proxy = FaultProxy::start(hub.port).await;
+    proxy.set_blocked(true);
+    let mut spec = FrondSpec::with_hub(proxy.url());
+    // TELEMETRY (configured first) is the bulk mirror, priority 0.
+    spec.uplink_extra = "max_rate = \"64KiB\"\n".into();
+    spec.extra_config = "\n[[stream]]\nname = \"ALARM\"\nsubjects = [\"alarm.>\"]\n\n[[uplink.mirror]]\nstream = \"ALARM\"\nto = \"FLEET\"\nsubject_prefix = \"fleet.truck1.\"\npriority = 10\n".into();
+    let frond = Frond::start_new(spec).await;
+    let bulk = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "bulk");
+    let alarm = Publisher::new(frond.mqtt_port, "dev2", "alarm/a1", "alarm");
+    bulk.publish(0..BULK, LONG).await;
+    alarm.publish(0..ALARMS, LONG).await;
+    wait_lag(&frond, "TELEMETRY", BULK as u64).await;
+    wait_lag(&frond, "ALARM", ALARMS as u64).await;
+    let m = mirror_status(&frond, "ALARM").await.unwrap();
+    assert_eq!(m["priority"], 10);
+
+    proxy.set_blocked(false);
+    hub.wait_count_at_least("FLEET", (BULK + ALARMS) as u64, LONG)
+        .await;
+    let msgs = hub.read_all("FLEET").await;
+    let is_alarm = |m: &HubMsg| m.subject == "fleet.truck1.alarm.a1";
+    let alarms: Vec<&HubMsg> = msgs.iter().filter(|m| is_alarm(m)).collect();
+    let bulks: Vec<&HubMsg> = msgs.iter().filter(|m| !is_alarm(m)).collect();
+    let got: Vec<String> = alarms.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(got, payloads("alarm", 0..ALARMS), "alarms exactly once, in order");
+    let got: Vec<String> = bulks.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(got, payloads("bulk", 0..BULK), "bulk exactly once, in order");
+    let last_alarm = alarms.last().unwrap().seq;
+    let bulk_before = bulks.iter().filter(|m| m.seq < last_alarm).count();
+    assert_eq!(
+        bulk_before, 0,
+        "{bulk_before} bulk messages reached the hub before the last alarm (hub seq {last_alarm})"
+    );
+}
