@@ -188,7 +188,9 @@ pub(super) struct RawMirror {
 }
 
 impl RawUplink {
-    pub(super) fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
+    /// `creds`, `ping_interval` and `max_rate`: the creds file read and
+    /// checked, and alone among the credentials.
+    fn validate_ops(&self) -> Result<Option<super::creds::Creds>, ConfigError> {
         let creds = match &self.creds {
             Some(p) => {
                 Some(super::creds::load(p).map_err(|e| ConfigError(format!("uplink.creds: {e}")))?)
@@ -215,6 +217,11 @@ impl RawUplink {
                 return err(format!("uplink.max_rate: {r} bytes/s is below the minimum of {MIN_RATE} (1KiB); omit the key for no cap"));
             }
         }
+        Ok(creds)
+    }
+
+    pub(super) fn validate(self, streams: &[StreamConfig]) -> Result<UplinkConfig, ConfigError> {
+        let creds = self.validate_ops()?;
         let nkey_seed = match &self.nkey_seed {
             Some(s) => Some(crate::nkey::SeedKey::parse(s).map_err(|e| {
                 ConfigError(format!(
@@ -527,6 +534,70 @@ mod tests {
         assert!(e.0.contains("at least one"), "{e}");
         let e = up("[[uplink.export]]\nsubjects = [\"a\"]\nqueue = \"q\"").unwrap_err();
         assert!(e.0.contains("queue"), "{e}");
+    }
+
+    #[test]
+    fn max_rate_priority_and_ping_interval() {
+        let up = |extra: &str, mirror: &str| {
+            Config::parse(&format!(
+                "[[stream]]\nname = \"T\"\nsubjects = [\"t.>\"]\n[uplink]\nurls = [\"nats://h\"]\n{extra}\n[[uplink.mirror]]\nstream = \"T\"\nto = \"H\"\n{mirror}\n"
+            ))
+        };
+        let u = up("", "").unwrap().uplink.unwrap();
+        assert_eq!(u.max_rate, None);
+        assert_eq!(u.ping_interval, Duration::from_secs(10));
+        assert_eq!(u.mirrors[0].priority, 0);
+        let u = up(
+            "max_rate = \"256KiB\"\nping_interval = \"2s\"",
+            "priority = 7",
+        )
+        .unwrap()
+        .uplink
+        .unwrap();
+        assert_eq!(u.max_rate, Some(256 * 1024));
+        assert_eq!(u.ping_interval, Duration::from_secs(2));
+        assert_eq!(u.mirrors[0].priority, 7);
+        assert_eq!(
+            up("max_rate = 4096", "").unwrap().uplink.unwrap().max_rate,
+            Some(4096)
+        );
+        let e = up("max_rate = 100", "").unwrap_err();
+        assert!(
+            e.0.contains("uplink.max_rate") && e.0.contains("minimum"),
+            "{e}"
+        );
+        assert!(up("max_rate = \"fast\"", "").is_err());
+        let e = up("ping_interval = \"10ms\"", "").unwrap_err();
+        assert!(e.0.contains("uplink.ping_interval"), "{e}");
+        assert!(up("", "priority = \"high\"").is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn creds_go_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let seed = crate::nkey::SeedKey::from_bytes([5u8; 32]);
+        let b = crate::nkey::base64url_encode;
+        let claims = format!("{{\"sub\":\"{}\"}}", seed.public_key());
+        let jwt = format!("{}.{}.{}", b(b"{}"), b(claims.as_bytes()), b(b"s"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.creds");
+        std::fs::write(
+            &p,
+            format!("-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n", seed.encode()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let up = |extra: &str| {
+            Config::parse(&format!(
+                "[uplink]\nurls = [\"nats://h\"]\ncreds = \"{}\"\n{extra}\n",
+                p.display()
+            ))
+        };
+        let c = up("").unwrap().uplink.unwrap().creds.unwrap();
+        assert_eq!((c.jwt.as_str(), &c.seed), (jwt.as_str(), &seed));
+        let e = up("token = \"t\"").unwrap_err();
+        assert!(e.0.contains("creds or nkey_seed"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn link(now: Instant) -> Link {
         password: None,
         token: None,
         nkey_seed: None,
+        jwt: None,
         tls_configured: false,
         discover: false,
         ping_interval: Duration::from_secs(10),

@@ -876,3 +876,37 @@ fn window_refills_in_halves() {
     w.settle();
     assert_eq!(w.hub.ours(), (1..=41).collect::<Vec<_>>());
 }
+
+#[test]
+fn budget_limits_publishes_and_has_unsent_tracks_the_backlog() {
+    let mut w = World::new(params("fleet.n1.", 8));
+    w.hub.subjects_prefix = "fleet.".into();
+    for _ in 0..6 {
+        w.append(10);
+    }
+    assert!(!w.m.has_unsent(), "offline mirrors hold nobody back");
+    w.m.handle_local_state(6);
+    let now = w.now();
+    w.m.handle_budget(now, Some(0));
+    w.connect();
+    assert!(w.m.has_unsent(), "resyncing with a backlog");
+    w.hub_step(false);
+    w.hub_step(false);
+    w.client_step();
+    assert!(w.serve_read());
+    assert!(w.m.inflight.is_empty(), "a zero budget sends nothing");
+    assert!(w.m.has_unsent());
+    // A budget of one byte still sends one whole message, then stops.
+    let now = w.now();
+    w.m.handle_budget(now, Some(1));
+    w.drain();
+    assert_eq!(w.m.inflight.len(), 1);
+    // Enough for all: everything goes, and nothing is left unsent.
+    w.m.handle_budget(now, Some(100_000));
+    w.drain();
+    assert_eq!(w.m.inflight.len(), 6);
+    assert!(!w.m.has_unsent());
+    w.m.handle_budget(now, None);
+    w.settle();
+    assert_eq!(w.hub.ours(), (1..=6).collect::<Vec<_>>());
+}

@@ -90,6 +90,7 @@ pub async fn run(
     let mut bucket = cfg
         .max_rate
         .map(|r| rate::TokenBucket::new(r, Instant::now()));
+    let mut pass = 0usize;
     let handles = slots.iter().map(|s| s.handle.clone()).collect();
     let prober = smol::spawn(probe::run(handles, status.clone()));
     loop {
@@ -106,7 +107,8 @@ pub async fn run(
             status.set_bridge(b.status());
         }
         let rate_wake = if link.is_up() {
-            pump_mirrors(&mut link, &mut slots, bucket.as_mut(), now)
+            pass = pass.wrapping_add(1);
+            pump_mirrors(&mut link, &mut slots, bucket.as_mut(), pass, now)
         } else {
             None
         };
@@ -434,6 +436,7 @@ fn pump_mirrors(
     link: &mut Link,
     slots: &mut [Slot],
     mut bucket: Option<&mut rate::TokenBucket>,
+    pass: usize,
     now: Instant,
 ) -> Option<Instant> {
     let wants: Vec<rate::Want> = slots
@@ -447,7 +450,7 @@ fn pump_mirrors(
         })
         .collect();
     let mut wake = None;
-    for i in rate::order(&wants) {
+    for i in rate::order(&wants, pass) {
         let available = bucket.as_mut().map(|b| b.available(now));
         let budget = rate::plan(&wants, available).get(i).copied().flatten();
         let Some(s) = slots.get_mut(i) else { continue };

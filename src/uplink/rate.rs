@@ -23,7 +23,8 @@
 //!   be starved by a backlog.
 //! - Priority is strict: a mirror gets a budget only while no mirror of a
 //!   higher priority has unsent messages ([`super::Mirror::has_unsent`]);
-//!   mirrors of the same priority share the bucket in configuration order.
+//!   mirrors of the same priority take turns at the bucket (the first
+//!   place rotates every pass).
 //!   A mirror that cannot send (offline, waiting after a fault, hub stream
 //!   missing) does not hold lower ones back.
 
@@ -142,11 +143,13 @@ pub fn plan(wants: &[Want], available: Option<u64>) -> Vec<Option<u64>> {
         .collect()
 }
 
-/// Indices of `wants` in the order a pass serves them: higher priority
-/// first, configuration order among equals.
-pub fn order(wants: &[Want]) -> Vec<usize> {
+/// Indices of `wants` in the order pass number `pass` serves them: higher
+/// priority first; among equals the first place rotates with `pass`, so
+/// under a cap equal mirrors take turns at the balance.
+pub fn order(wants: &[Want], pass: usize) -> Vec<usize> {
+    let n = wants.len().max(1);
     let mut idx: Vec<usize> = (0..wants.len()).collect();
-    idx.sort_by_key(|&i| std::cmp::Reverse(wants[i].priority));
+    idx.sort_by_key(|&i| (std::cmp::Reverse(wants[i].priority), (i + n - pass % n) % n));
     idx
 }
 
@@ -199,7 +202,12 @@ mod tests {
             [Some(0), Some(100), Some(100), Some(0)]
         );
         assert_eq!(plan(&wants, None), [Some(0), None, None, Some(0)]);
-        assert_eq!(order(&wants), [1, 2, 3, 0]);
+        assert_eq!(order(&wants, 0), [1, 2, 3, 0]);
+        assert_eq!(order(&wants, 2), [2, 1, 3, 0]);
+        let equal = [w(0, true), w(0, true), w(0, true)];
+        assert_eq!(order(&equal, 0), [0, 1, 2]);
+        assert_eq!(order(&equal, 1), [1, 2, 0]);
+        assert_eq!(order(&equal, 5), [2, 0, 1]);
         // The alarm mirror drained: everyone may send.
         let wants = [w(0, true), w(10, false)];
         assert_eq!(plan(&wants, None), [None, None]);
