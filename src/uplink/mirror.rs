@@ -56,8 +56,19 @@ pub const ERR_STREAM_NOT_FOUND: u64 = 10059;
 pub const ERR_NO_MESSAGE_FOUND: u64 = 10037;
 pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
 
-/// How often a changed cursor is handed out for persisting.
-pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a changed cursor is handed out for persisting, at most. A
+/// restart after a crash rescans (one hub read per round trip) what was
+/// acked since the last write, so the cursor is also handed out as soon
+/// as its hub sequence moved [`PERSIST_EVERY`] past the persisted one. The
+/// write is not synced (the page cache coalesces them into one flash write
+/// per writeback), so it costs a few syscalls, only while the cursor
+/// moves.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// Hub messages after which a moving cursor is persisted without waiting
+/// for [`PERSIST_INTERVAL`]: a restart after SIGKILL rescans at most about
+/// this many plus one window (a few hundred ms on a fast link) instead of
+/// a whole interval's worth of a fast drain.
+pub const PERSIST_EVERY: u64 = 1024;
 /// Default cap on hub messages examined by one resync round.
 pub const DEFAULT_SCAN_CAP: u64 = 100_000;
 /// Longest wait for the answer to one resync read (see
@@ -621,13 +632,15 @@ impl Mirror {
     }
 
     /// A cursor to persist, if it changed and the last write is at least
-    /// [`PERSIST_INTERVAL`] old (or `force`, e.g. at shutdown).
+    /// [`PERSIST_INTERVAL`] old, or its hub sequence moved
+    /// [`PERSIST_EVERY`] (or `force`, e.g. at shutdown).
     pub fn poll_cursor(&mut self, now: Instant, force: bool) -> Option<Cursor> {
         let c = self.cursor();
         if c == self.persisted {
             return None;
         }
         let due = force
+            || c.hub_seq >= self.persisted.hub_seq.saturating_add(PERSIST_EVERY)
             || self
                 .last_persist
                 .is_none_or(|t| now >= t + PERSIST_INTERVAL);

@@ -14,7 +14,8 @@
 //! Invariants:
 //! - [`run`] only dials, upgrades, reads, writes, reads local streams,
 //!   runs timers and persists cursors; every decision is the machines'.
-//! - A cursor ([`crate::state::cursors`]) is written at most once a second
+//! - A cursor ([`crate::state::cursors`]) is written at most every
+//!   [`mirror::PERSIST_INTERVAL`] (100 ms)
 //!   per mirror while it changes, and with fsync at shutdown. A stale cursor
 //!   only causes a longer resync, never loss or duplicates.
 //! - No lock is held across an `.await`; every channel is bounded by
