@@ -213,6 +213,12 @@ const RULES: &[Rule] = &[
         may_import: &["uplink", "stream", "wire", "subject"],
         forbidden: CLOCK,
     },
+    // The rate cap and priority rule: sans-IO, `now` passed in.
+    Rule {
+        dir: "src/uplink/rate.rs",
+        may_import: &["uplink"],
+        forbidden: IO,
+    },
 ];
 
 const MAX_FILE_LINES: usize = 1200;

@@ -9,7 +9,9 @@
 //! one [`mirror::Mirror`] per configured mirror; the live bridge
 //! ([`bridge::Bridge`], with its router connection in [`bridge_io`]) sees
 //! every link event first and takes the hub messages of its own
-//! subscriptions.
+//! subscriptions. Which mirror may publish how much (`max_rate`,
+//! `priority`) is [`rate`]'s decision; [`probe`] reads the age of each
+//! backlog for [`status`].
 //!
 //! Invariants:
 //! - [`run`] only dials, upgrades, reads, writes, reads local streams,
