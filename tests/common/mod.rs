@@ -191,6 +191,9 @@ pub struct NatsServer {
     cluster: Option<(String, u16, Vec<u16>)>,
     /// Also a WebSocket listener (no TLS, permessage-deflate) on this port.
     pub ws_port: Option<u16>,
+    /// As a cluster node: do not tell clients about the other nodes
+    /// (`--no_advertise`, empty `INFO.connect_urls`).
+    no_advertise: bool,
 }
 
 impl NatsServer {
@@ -228,6 +231,7 @@ impl NatsServer {
             nkey,
             cluster: None,
             ws_port: None,
+            no_advertise: false,
         };
         s.spawn().await;
         s
@@ -254,6 +258,7 @@ impl NatsServer {
             nkey: None,
             cluster: None,
             ws_port: Some(free_port()),
+            no_advertise: false,
         };
         s.spawn().await;
         s
@@ -342,6 +347,9 @@ impl NatsServer {
                 .arg(format!("nats://127.0.0.1:{own}"))
                 .arg("--routes")
                 .arg(routes.join(","));
+            if self.no_advertise {
+                cmd.arg("--no_advertise");
+            }
         }
         let child = cmd
             .arg("-js")
@@ -856,6 +864,14 @@ impl NatsCluster {
     /// Starts `n` nodes routed to each other and waits until each one's
     /// JetStream answers (which needs an elected meta leader).
     pub async fn start(n: usize) -> NatsCluster {
+        Self::start_with(n, false, false).await
+    }
+
+    /// Like [`Self::start`]; with `ws` each node also listens for NATS over
+    /// WebSocket ([`NatsServer::ws_url`]); with `no_advertise` the nodes
+    /// do not announce each other to clients (empty `connect_urls`), so a
+    /// client reaches only the URLs it was given (e.g. fault proxies).
+    pub async fn start_with(n: usize, ws: bool, no_advertise: bool) -> NatsCluster {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, &route) in routes.iter().enumerate() {
@@ -871,7 +887,8 @@ impl NatsCluster {
                 tls: None,
                 nkey: None,
                 cluster: Some((format!("n{i}"), route, routes.clone())),
-                ws_port: None,
+                ws_port: ws.then(free_port),
+                no_advertise,
             };
             s.launch();
             nodes.push(s);
@@ -880,6 +897,34 @@ impl NatsCluster {
             s.wait_ready().await;
         }
         NatsCluster { nodes }
+    }
+
+    /// Stops every running node gracefully ([`NatsServer::stop`]).
+    pub fn stop_all(&mut self) {
+        for s in self.nodes.iter_mut() {
+            s.stop();
+        }
+    }
+
+    /// Starts every stopped node (same ports, same stores) and waits until
+    /// each one's JetStream answers: all are launched first, since a node
+    /// is ready only once a quorum of its peers runs.
+    pub async fn start_all(&mut self) {
+        let mut started = Vec::new();
+        for (i, s) in self.nodes.iter_mut().enumerate() {
+            if !s.is_running() {
+                s.launch();
+                started.push(i);
+            }
+        }
+        for i in started {
+            self.nodes[i].wait_ready().await;
+        }
+    }
+
+    /// Every node's client URL (`nats://`), in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|s| s.url()).collect()
     }
 
     /// A node that is running (panics if none is).
