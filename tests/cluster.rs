@@ -166,12 +166,14 @@ async fn link_cut_mid_frame_exactly_once() {
     let prefix = format!("big{}", "x".repeat(8 * 1024));
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, &prefix);
 
+    let forwarded = || proxies.iter().map(|p| p.forwarded()).sum::<usize>();
     let cutter = async {
         for k in 1..=CUTS {
+            // Each cut hits a connection opened after the previous cut
+            // (a cut connection may still count as active for a moment).
             let what = format!("the hub receives {}/{} of the messages", k, CUTS + 1);
             wait_until(what, LONG, || async {
-                let linked = proxies.iter().any(|p| p.active() > 0);
-                linked
+                forwarded() >= k
                     && hub
                         .try_count("FLEET")
                         .await
@@ -185,11 +187,6 @@ async fn link_cut_mid_frame_exactly_once() {
     };
     tokio::join!(publ.publish(0..N, LONG), cutter);
     hub.wait_count_at_least("FLEET", N as u64, LONG).await;
-    let forwarded: usize = proxies.iter().map(|p| p.forwarded()).sum();
-    assert!(
-        forwarded >= CUTS,
-        "frond reconnected after the cuts ({forwarded} connections)"
-    );
     let msgs = hub.live().read_all("FLEET").await;
     let expected: Vec<String> = (0..N).map(|i| payload(&prefix, i)).collect();
     assert_exact_mirror(&msgs, &expected, "truck1", SUBJECT);
