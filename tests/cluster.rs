@@ -323,8 +323,7 @@ async fn recovery_after_leader_kill_is_measured() {
     let log = hub.nodes[new_leader].log_text();
     let line = log
         .lines()
-        .filter(|l| l.contains(NEW_LEADER))
-        .last()
+        .rfind(|l| l.contains(NEW_LEADER))
         .expect("the election line");
     let elected = log_time_ns(line).expect("a nats-server log timestamp");
     let mut stream = hub
