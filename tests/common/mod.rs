@@ -525,8 +525,24 @@ impl NatsServer {
     }
 
     /// Every message of a hub stream in stream order, read with an ordered
-    /// consumer up to the last sequence the stream had when called.
+    /// consumer up to the last sequence the stream had when called. A
+    /// read that fails part-way (a cluster still settling after a node
+    /// died may fail the consumer's messages) starts over, until [`LONG`].
     pub async fn read_all(&self, stream: &str) -> Vec<HubMsg> {
+        let what = format!("a complete read of hub stream {stream}");
+        wait_for(what, LONG, || async {
+            match self.read_all_once(stream).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    eprintln!("reading hub stream {stream} again: {e}");
+                    None
+                }
+            }
+        })
+        .await
+    }
+
+    async fn read_all_once(&self, stream: &str) -> Result<Vec<HubMsg>, String> {
         use async_nats::jetstream::consumer::pull::OrderedConfig;
         // smol (a normal dependency) re-exports futures-lite's StreamExt.
         use smol::stream::StreamExt;
@@ -544,7 +560,7 @@ impl NatsServer {
         let expected = info.state.messages;
         let mut out = Vec::with_capacity(expected as usize);
         if expected == 0 {
-            return out;
+            return Ok(out);
         }
         // A cluster that just lost a node may time out consumer creation
         // until its leaders are re-elected: retry until LONG.
@@ -571,7 +587,7 @@ impl NatsServer {
                     "hub stream {stream}: message stream ended after {} messages",
                     out.len()
                 ),
-                Ok(Some(Err(e))) => panic!("reading hub stream {stream}: {e}"),
+                Ok(Some(Err(e))) => return Err(format!("after {} messages: {e}", out.len())),
                 Ok(Some(Ok(m))) => m,
             };
             let seq = m
@@ -591,7 +607,7 @@ impl NatsServer {
                 msg_id,
             });
             if seq >= last {
-                return out;
+                return Ok(out);
             }
         }
     }
