@@ -550,6 +550,35 @@ impl Mirror {
         }
     }
 
+    /// The subject of the hub's advisory that `hub_stream` has a new
+    /// leader; the shell subscribes to it and calls
+    /// [`Mirror::handle_leader_elected`] for each message on it.
+    pub fn leader_advisory_subject(&self) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            self.p.hub_stream
+        )
+    }
+
+    /// The hub stream has a new leader. A resync read sent during the
+    /// election was dropped by the hub, and publishes in flight may have
+    /// died with the old leader: resync at once (window dropped, no
+    /// backoff) instead of waiting for the resync or ack timeout (a hub
+    /// stream just created also gets a leader: the wait for it ends too).
+    /// While offline, or streaming with nothing in flight, nothing changes.
+    pub fn handle_leader_elected(&mut self, now: Instant) {
+        if self.conn.is_none() {
+            return;
+        }
+        match self.phase {
+            Phase::Resync { .. } | Phase::Wait { .. } => {}
+            Phase::Streaming if !self.inflight.is_empty() => {}
+            Phase::Streaming | Phase::Offline => return,
+        }
+        self.drop_window();
+        self.start_resync(now);
+    }
+
     /// Timers: ack and resync timeouts, the end of a pause.
     pub fn handle_tick(&mut self, now: Instant) {
         match self.phase {

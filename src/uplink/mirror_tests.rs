@@ -827,6 +827,55 @@ fn unanswered_resync_read_is_retried_before_the_ack_timeout() {
     assert_eq!(w.hub.ours(), vec![1]);
 }
 
+/// The hub's leader-elected advisory ends the wait for a resync read the
+/// hub dropped during the election, and drops a window that may have died
+/// with the old leader, at once and without backoff.
+#[test]
+fn leader_elected_resyncs_at_once() {
+    let mut p = params("", 4);
+    p.ack_timeout = Duration::from_secs(10);
+    let mut w = World::new(p);
+    w.append(5);
+    w.connect();
+    w.to_hub.clear(); // the SUB and the GET vanish (no leader)
+    w.tick(100);
+    assert!(w.to_hub.is_empty());
+    let now = w.now();
+    w.m.handle_leader_elected(now);
+    w.drain();
+    assert!(
+        matches!(w.to_hub.front(), Some(Command::Publish { subject, .. }) if subject.starts_with("$JS.API.STREAM.MSG.GET.")),
+        "a new resync read leaves at once: {:?}",
+        w.to_hub
+    );
+    w.settle();
+    assert_eq!(w.hub.ours(), vec![1]);
+    assert!(
+        !w.events.iter().any(|e| matches!(e, Event::Error(_))),
+        "no fault was needed: {:?}",
+        w.events
+    );
+    // Streaming with publishes in flight (stored, acks not yet back): the
+    // window is dropped and the resync finds what the new leader holds;
+    // nothing lands twice.
+    w.append(5);
+    w.append(5);
+    assert!(w.serve_read());
+    assert_eq!(w.m.status().inflight, 2);
+    assert!(w.hub_step(false) && w.hub_step(false));
+    let now = w.now();
+    w.m.handle_leader_elected(now);
+    w.drain();
+    assert_eq!(w.m.status().inflight, 0);
+    w.settle();
+    assert_eq!(w.hub.ours(), vec![1, 2, 3]);
+    // Streaming with nothing in flight: nothing to do.
+    let now = w.now();
+    w.m.handle_leader_elected(now);
+    w.drain();
+    assert!(w.to_hub.is_empty());
+}
+
 /// A backlog leaves in batches of half a window (one write each, which a
 /// `ws://` link compresses as one message): nothing is sent while more
 /// than half of the window is unacknowledged. A lone live message leaves

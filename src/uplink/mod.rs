@@ -66,6 +66,8 @@ struct Slot {
     cursor_path: PathBuf,
     reads: Sender<mirror::ReadRequest>,
     priority: i32,
+    /// The sid of the hub stream's leader-elected advisory subscription.
+    leader_sid: Option<u64>,
 }
 
 /// Run the uplink until `shutdown` fires (or its sender is dropped).
@@ -83,6 +85,14 @@ pub async fn run(
     let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, streams, &answers_tx);
     let params = link_params(&cfg, &node);
     let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
+    for s in slots.iter_mut() {
+        // A hub stream's new leader ends a resync wait at once (see
+        // `Mirror::handle_leader_elected`); a user without permission for
+        // advisories gets an -ERR and the timeouts still recover.
+        s.leader_sid = link
+            .subscribe(&s.mirror.leader_advisory_subject(), None)
+            .ok();
+    }
     let mut bridge = bridge_io::BridgeIo::start(&cfg, &broker, &mut link);
     let mut tls = TlsClient::new(&cfg);
     let mut sock: Option<Box<dyn HubIo>> = None;
@@ -251,6 +261,7 @@ fn open_mirrors(
             cursor_path: path,
             reads: tx,
             priority,
+            leader_sid: None,
         });
     }
     (slots, readers)
@@ -391,7 +402,10 @@ fn on_link_event(
             status.link_down(server.url.to_string(), reason, was_up, at);
         }
         LinkEvent::Msg(m) => {
-            if let Some(&(_, i)) = by_sid.iter().find(|(sid, _)| *sid == m.sid) {
+            if let Some(s) = slots.iter_mut().find(|s| s.leader_sid == Some(m.sid)) {
+                log::info!("{}: resyncing mirror at once", m.subject);
+                s.mirror.handle_leader_elected(now);
+            } else if let Some(&(_, i)) = by_sid.iter().find(|(sid, _)| *sid == m.sid) {
                 if let Some(s) = slots.get_mut(i) {
                     s.mirror
                         .handle_reply(now, &m.subject, m.headers.as_deref(), &m.payload);
