@@ -30,6 +30,7 @@ pub mod link;
 pub mod mirror;
 pub mod probe;
 pub mod rate;
+pub mod source;
 pub mod status;
 pub mod ws;
 mod ws_io;
