@@ -732,6 +732,77 @@ mod tests {
         assert!(e.0.contains("uplink.creds: cannot read"), "{e}");
     }
 
+    fn source_cfg(source: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[stream]]\nname = \"CMD\"\nsubjects = [\"cmd.>\"]\n[[stream]]\nname = \"T\"\nsubjects = [\"t.>\"]\n[uplink]\nurls = [\"nats://h\"]\n[[uplink.mirror]]\nstream = \"T\"\nto = \"FLEET\"\n[[uplink.source]]\n{source}\n"
+        ))
+    }
+
+    #[test]
+    fn uplink_sources() {
+        let base = "from = \"COMMANDS\"\nstream = \"CMD\"\nfilter = \"cmd.truck-042.>\"\n";
+        let c = source_cfg(&format!(
+            "{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"cmd.>\" }}"
+        ))
+        .unwrap();
+        let s = &c.uplink.unwrap().sources[0];
+        assert_eq!(s.filter.as_deref(), Some("cmd.truck-042.>"));
+        assert_eq!(
+            s.transform,
+            Some(("cmd.truck-042.>".into(), "cmd.>".into()))
+        );
+        assert_eq!(
+            (s.start.clone(), s.poll_interval),
+            (SourceStart::All, Duration::from_secs(10))
+        );
+        let start = |extra: &str| {
+            source_cfg(&format!("{base}{extra}"))
+                .map(|c| c.uplink.unwrap().sources[0].start.clone())
+        };
+        assert_eq!(start("deliver = \"new\"").unwrap(), SourceStart::New);
+        assert_eq!(start("start_seq = 9").unwrap(), SourceStart::Seq(9));
+        let t = "2026-12-01T08:00:00.5+01:00";
+        assert_eq!(
+            start(&format!("start_time = \"{t}\"")).unwrap(),
+            SourceStart::Time(t.into())
+        );
+        for (bad, why) in [
+            ("deliver = \"last\"", "\"all\" or \"new\""),
+            ("deliver = \"new\"\nstart_seq = 3", "at most one"),
+            ("start_seq = 0", "start at 1"),
+            ("start_time = \"yesterday\"", "RFC 3339"),
+            ("poll_interval = \"1ms\"", "at least 100ms"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = start(bad).unwrap_err();
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        for (bad, why) in [
+            // The local stream must capture what arrives.
+            ("from = \"COMMANDS\"\nstream = \"CMD\"", "not all captured"),
+            ("from = \"COMMANDS\"\nstream = \"CMD\"\nfilter = \"x.>\"", "not all captured"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"x.>\" }}"), "not all captured"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.other.>\", to = \"cmd.>\" }}"), "must match every subject"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"cmd.{{{{split(1,-)}}}}.>\" }}"), "only literal tokens"),
+            ("from = \"COMMANDS\"\nstream = \"NOPE\"", "no local stream"),
+            ("from = \"A.B\"\nstream = \"CMD\"\nfilter = \"cmd.>\"", "not a valid hub stream"),
+            // A loop: T is mirrored up to FLEET.
+            ("from = \"FLEET\"\nstream = \"T\"\nfilter = \"t.>\"", "loop"),
+        ] {
+            let e = source_cfg(bad).unwrap_err();
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        let twice = format!("{base}\n[[uplink.source]]\n{base}");
+        assert!(source_cfg(&twice)
+            .unwrap_err()
+            .0
+            .contains("already sourced"));
+        assert_eq!(
+            transform_image("cmd.$1.{{partition(4,1)}}.>").as_deref(),
+            Some("cmd.*.*.>")
+        );
+    }
+
     #[test]
     fn bridge_export_and_import() {
         let up =

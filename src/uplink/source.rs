@@ -91,14 +91,20 @@ pub const WAKE_RETRIES: u32 = 4;
 /// Pause after a failed request before trying again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(1);
 
-/// The headers a direct get adds to a stored message.
-const DIRECT_HEADERS: [&str; 6] = [
+/// Headers removed from a copy: those a direct get adds, and the
+/// expectations of the hub publish (the local stream would check them
+/// against itself and refuse the copy).
+const STRIPPED_HEADERS: [&str; 10] = [
     "Nats-Stream",
     "Nats-Subject",
     "Nats-Sequence",
     "Nats-Time-Stamp",
     "Nats-Num-Pending",
     "Nats-Last-Sequence",
+    "Nats-Expected-Stream",
+    "Nats-Expected-Last-Sequence",
+    "Nats-Expected-Last-Subject-Sequence",
+    "Nats-Expected-Last-Msg-Id",
 ];
 
 /// Static parameters of one source.
@@ -128,6 +134,19 @@ pub struct Batch {
     /// The hub sequence the cursor reaches when all are stored (skipped
     /// messages included).
     pub last_hub_seq: u64,
+}
+
+/// What became of a [`Batch`]: the first `done` messages are durable or
+/// were refused for good (`refused` of them: the local stream will never
+/// take them, e.g. over its `max_msg_size`); `error` says why the rest
+/// was not stored (retried). `local_last_seq`: the local stream's last
+/// sequence afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub done: usize,
+    pub refused: usize,
+    pub local_last_seq: u64,
+    pub error: Option<String>,
 }
 
 /// Things worth logging.
@@ -308,7 +327,7 @@ pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
     let (Some(seq), Some(subject)) = (seq, subject) else {
         return Reply::Fail("a direct get reply without Nats-Sequence or Nats-Subject".into());
     };
-    for k in DIRECT_HEADERS {
+    for k in STRIPPED_HEADERS {
         hb.remove(k);
     }
     Reply::Msg {
@@ -541,30 +560,24 @@ impl Source {
         }
     }
 
-    /// The shell appended the batch it took with [`Source::poll_batch`]:
-    /// the first `stored` messages are durable (all of them when `error`
-    /// is `None`); `local_last_seq` is the local stream's last sequence
-    /// afterwards.
-    pub fn handle_stored(
-        &mut self,
-        now: Instant,
-        stored: usize,
-        local_last_seq: u64,
-        error: Option<String>,
-    ) {
+    /// The shell appended the batch it took with [`Source::poll_batch`].
+    pub fn handle_stored(&mut self, now: Instant, r: Stored) {
         let Some((seqs, last)) = self.storing.take() else {
             return;
         };
-        let done = match &error {
+        let done = match &r.error {
             None => Some(last),
-            Some(_) => stored.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
+            Some(_) => r.done.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
         };
         if let Some(seq) = done {
             self.hub_seq = self.hub_seq.max(seq);
-            self.local_seq = local_last_seq;
+            self.local_seq = r.local_last_seq;
             self.persist();
         }
-        self.st.stored += stored.min(seqs.len()) as u64;
+        let done = r.done.min(seqs.len());
+        self.st.stored += done.saturating_sub(r.refused) as u64;
+        self.st.skipped += r.refused as u64;
+        let error = r.error;
         self.st.hub_seq = self.hub_seq;
         self.st.pending = self.batch_pending.unwrap_or(self.st.pending);
         self.phase = if self.connected {

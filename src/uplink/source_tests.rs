@@ -49,6 +49,15 @@ fn eob(pending: u64) -> Vec<u8> {
         .into_bytes()
 }
 
+fn stored(done: usize, local_last_seq: u64, error: Option<&str>) -> Stored {
+    Stored {
+        done,
+        refused: 0,
+        local_last_seq,
+        error: error.map(str::to_string),
+    }
+}
+
 /// A machine connected at `t0`, and the reply subject prefix.
 struct H {
     s: Source,
@@ -113,8 +122,10 @@ impl H {
 
     fn store_all(&mut self) -> Batch {
         let b = self.s.poll_batch().expect("a batch to store");
-        self.s
-            .handle_stored(self.t0, b.msgs.len(), 100 + b.msgs.len() as u64, None);
+        self.s.handle_stored(
+            self.t0,
+            stored(b.msgs.len(), 100 + b.msgs.len() as u64, None),
+        );
         b
     }
 }
@@ -241,7 +252,7 @@ fn check_fetch_store_in_order_with_the_transform() {
     assert_eq!(payload, b"p2");
     assert_eq!(h.s.hub_seq(), 0, "the cursor waits for durability");
     assert!(h.s.poll_cursor().is_none());
-    h.s.handle_stored(h.t0, 2, 104, None);
+    h.s.handle_stored(h.t0, stored(2, 104, None));
     assert_eq!(h.s.hub_seq(), 2);
     assert_eq!(
         h.s.poll_cursor(),
@@ -338,10 +349,9 @@ fn wakes_coalesce_and_empty_wakes_retry_then_check() {
 fn the_poll_is_a_direct_get_and_every_few_a_check() {
     let mut h = H::new(SourceStart::All, Some(record("T1", 5)), None);
     h.info("T1", 5, true);
-    let mut now = h.t0;
     let mut kinds = Vec::new();
     for _ in 0..INFO_EVERY {
-        now = h.s.poll_deadline().unwrap();
+        let now = h.s.poll_deadline().unwrap();
         assert_eq!(
             now - h.t0,
             Duration::from_secs(10) * (kinds.len() as u32 + 1)
@@ -461,7 +471,7 @@ fn reserved_and_uncaptured_subjects_are_skipped_and_passed() {
     assert_eq!(b.msgs[0].1.subject, "ok.1");
     assert_eq!(b.last_hub_seq, 3);
     assert_eq!(s.status().skipped, 2);
-    s.handle_stored(t, 1, 1, None);
+    s.handle_stored(t, stored(1, 1, None));
     assert_eq!(s.hub_seq(), 3, "the cursor passes skipped messages");
 }
 
@@ -530,7 +540,7 @@ fn a_failed_store_keeps_the_cursor_at_what_was_stored() {
     h.reply(&reply, &eob(0), b"");
     let b = h.s.poll_batch().unwrap();
     assert_eq!(b.msgs.len(), 3);
-    h.s.handle_stored(h.t0, 1, 50, Some("disk full".into()));
+    h.s.handle_stored(h.t0, stored(1, 50, Some("disk full")));
     assert_eq!(h.s.hub_seq(), 1);
     assert_eq!(h.s.poll_cursor().unwrap().hub_seq, 1);
     assert!(h.s.status().last_error.unwrap().contains("disk full"));
@@ -542,7 +552,7 @@ fn a_failed_store_keeps_the_cursor_at_what_was_stored() {
     h.reply(&reply, &eob(0), b"");
     let b = h.s.poll_batch().unwrap();
     h.s.handle_disconnected();
-    h.s.handle_stored(h.t0, b.msgs.len(), 9, None);
+    h.s.handle_stored(h.t0, stored(b.msgs.len(), 9, None));
     assert_eq!(h.s.hub_seq(), 1);
     assert_eq!(h.s.status().state, "disconnected");
 }
