@@ -60,8 +60,12 @@
 //!   so a stream recreated *and* grown past the old cursor between two
 //!   checks loses its first `cursor` messages to a wake-triggered fetch.
 //!
-//! Hub memory per node (measured, see the README's uplink section): a
-//! source costs the hub one client connection with two subscriptions.
+//! Hub memory per node, measured with `scripts/source-hub-memory 1000`
+//! (nats-server 2.12.8, one node, file store, 1,000 nodes): a client
+//! connection costs ~45.8 kB of hub RSS per node whatever the mechanism;
+//! this source's two subscriptions (wake, reply inbox) add ~5.3 kB; a
+//! durable pull consumer per node would add ~48 kB (R1; an R3 consumer is
+//! also a raft group on three servers).
 
 use std::collections::VecDeque;
 use std::fmt;
