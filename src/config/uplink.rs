@@ -783,7 +783,7 @@ mod tests {
             ("from = \"COMMANDS\"\nstream = \"CMD\"\nfilter = \"x.>\"", "not all captured"),
             (&format!("{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"x.>\" }}"), "not all captured"),
             (&format!("{base}subject_transform = {{ from = \"cmd.other.>\", to = \"cmd.>\" }}"), "must match every subject"),
-            (&format!("{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"cmd.{{{{split(1,-)}}}}.>\" }}"), "only literal tokens"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.*.>\", to = \"cmd.{{{{split(1,-)}}}}.>\" }}"), "only literal tokens"),
             ("from = \"COMMANDS\"\nstream = \"NOPE\"", "no local stream"),
             ("from = \"A.B\"\nstream = \"CMD\"\nfilter = \"cmd.>\"", "not a valid hub stream"),
             // A loop: T is mirrored up to FLEET.
