@@ -311,6 +311,25 @@ async fn sigkill_of_frond_mid_source_neither_loses_nor_duplicates() {
         frond.start().await;
     }
     assert_exact(&wait_local(&frond, all.len()).await, &all);
+
+    // The cursor record is lost: the copies in the local stream say where
+    // the source was (else deliver = "all" would copy everything again).
+    frond.terminate();
+    let dir = frond.data_dir().join("uplink");
+    let mut removed = 0;
+    for e in std::fs::read_dir(&dir).expect("list the uplink dir") {
+        let p = e.expect("dir entry").path();
+        if p.to_string_lossy().contains("CMD.COMMANDS.source") {
+            std::fs::remove_file(&p).expect("remove the cursor record");
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "a cursor record was written");
+    frond.start().await;
+    let more = payloads("k", 3000..3010);
+    hub_publish(hub.live(), HUB_SUBJECT, &more).await;
+    let all: Vec<String> = all.into_iter().chain(more).collect();
+    assert_exact(&wait_local(&frond, all.len()).await, &all);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
