@@ -219,6 +219,12 @@ const RULES: &[Rule] = &[
         may_import: &["uplink"],
         forbidden: IO,
     },
+    // The source-down machine: no clock, no I/O.
+    Rule {
+        dir: "src/uplink/source.rs",
+        may_import: &["uplink", "stream", "wire", "subject", "config"],
+        forbidden: IO,
+    },
 ];
 
 const MAX_FILE_LINES: usize = 1200;

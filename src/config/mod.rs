@@ -66,7 +66,9 @@ pub use mqtt::MqttConfig;
 pub use nats::NatsConfig;
 pub use streams::MIN_STREAM_SHARE;
 pub use tls::TlsFiles;
-pub use uplink::{parse_hub_url, BridgeSubject, HubUrl, MirrorConfig, UplinkConfig};
+pub use uplink::{
+    parse_hub_url, BridgeSubject, HubUrl, MirrorConfig, SourceConfig, SourceStart, UplinkConfig,
+};
 pub use values::{parse_duration, parse_size};
 
 use auth::RawAuth;

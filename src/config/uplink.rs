@@ -49,6 +49,8 @@ pub struct UplinkConfig {
     /// `[[uplink.import]]`: hub subjects local clients receive and publish
     /// to (live).
     pub imports: Vec<BridgeSubject>,
+    /// `[[uplink.source]]`: hub streams copied down (see [`SourceConfig`]).
+    pub sources: Vec<SourceConfig>,
 }
 
 /// One subject of `[[uplink.export]]` or `[[uplink.import]]`.
@@ -133,7 +135,7 @@ pub(super) struct RawUplink {
     #[serde(default)]
     mirror: Vec<RawMirror>,
     #[serde(default)]
-    source: Vec<toml::Value>,
+    source: Vec<RawSource>,
     #[serde(default)]
     export: Vec<RawBridge>,
     #[serde(default)]
@@ -238,9 +240,6 @@ impl RawUplink {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return err("uplink.tls_cert and uplink.tls_key go together");
         }
-        if !self.source.is_empty() {
-            return err("uplink.source: source-down is not supported yet (planned); remove [[uplink.source]]");
-        }
         if self.urls.is_empty() {
             return err("uplink.urls: list at least one hub URL, e.g. [\"nats://hub:4222\"]");
         }
@@ -312,6 +311,7 @@ impl RawUplink {
         if exports.len() + imports.len() > MAX_BRIDGE_SUBJECTS {
             return err(format!("uplink.export/uplink.import: at most {MAX_BRIDGE_SUBJECTS} subjects in all (each is a subscription on the hub); use wildcards"));
         }
+        let sources = validate_sources(self.source, streams, &mirrors)?;
         Ok(UplinkConfig {
             exports,
             imports,
@@ -330,6 +330,7 @@ impl RawUplink {
             ping_interval: self.ping_interval,
             max_rate: self.max_rate,
             mirrors,
+            sources,
         })
     }
 }
@@ -471,6 +472,246 @@ pub(super) fn host_name() -> String {
     }
 }
 
+/// `[[uplink.source]]`: a hub stream copied into a local stream, exactly
+/// once and in order ([`crate::uplink::source`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// Hub stream name.
+    pub from: String,
+    /// What this node takes from it (`None`: every message).
+    pub filter: Option<String>,
+    /// Local stream name.
+    pub stream: String,
+    /// `(from, to)`: subjects rewritten on the way down.
+    pub transform: Option<(String, String)>,
+    /// Where a source without a cursor starts.
+    pub start: SourceStart,
+    /// The safety-net poll (and hub stream check) interval.
+    pub poll_interval: Duration,
+}
+
+/// Where a source starts when it has no cursor yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceStart {
+    /// `deliver = "all"`: the hub stream's first message.
+    All,
+    /// `deliver = "new"`: after the hub stream's last message at first contact.
+    New,
+    /// `start_seq = N`: hub sequence N.
+    Seq(u64),
+    /// `start_time = "RFC 3339"`: the first message stored at or after it.
+    Time(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    from: String,
+    filter: Option<String>,
+    stream: String,
+    subject_transform: Option<RawTransform>,
+    deliver: Option<String>,
+    start_seq: Option<u64>,
+    start_time: Option<String>,
+    #[serde(default = "default_poll_interval", deserialize_with = "de_duration")]
+    poll_interval: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTransform {
+    from: String,
+    to: String,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn validate_sources(
+    raw: Vec<RawSource>,
+    streams: &[StreamConfig],
+    mirrors: &[MirrorConfig],
+) -> Result<Vec<SourceConfig>, ConfigError> {
+    let mut out: Vec<SourceConfig> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = format!("uplink.source[{i}]");
+        let s = validate_source(&key, r, streams, mirrors)?;
+        if out.iter().any(|o| o.from == s.from && o.stream == s.stream) {
+            return err(format!(
+                "{key}: hub stream {:?} is already sourced into {:?}; use one source with a wider filter",
+                s.from, s.stream
+            ));
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn validate_source(
+    key: &str,
+    r: RawSource,
+    streams: &[StreamConfig],
+    mirrors: &[MirrorConfig],
+) -> Result<SourceConfig, ConfigError> {
+    if r.from.is_empty() || r.from.contains(['.', ' ', '*', '>']) {
+        return err(format!(
+            "{key}.from: {:?} is not a valid hub stream name",
+            r.from
+        ));
+    }
+    let Some(local) = streams.iter().find(|s| s.name == r.stream) else {
+        return err(format!(
+            "{key}.stream: no local stream named {:?}; configure it with [[stream]]",
+            r.stream
+        ));
+    };
+    if let Some(f) = &r.filter {
+        if !subject::valid_filter(f) {
+            return err(format!("{key}.filter: {f:?} is not a valid subject filter"));
+        }
+    }
+    let filter = r.filter.clone().unwrap_or_else(|| ">".into());
+    // The subjects that arrive locally, as a filter.
+    let image = match &r.subject_transform {
+        None => filter.clone(),
+        Some(t) => {
+            crate::subject::mapping::Transform::new(&t.from, &t.to)
+                .map_err(|e| ConfigError(format!("{key}.subject_transform: {e}")))?;
+            if !subject::filter_within(&filter, &t.from) {
+                return err(format!(
+                    "{key}.subject_transform.from: {:?} must match every subject of the filter {filter:?}",
+                    t.from
+                ));
+            }
+            transform_image(&t.to).ok_or_else(|| {
+                ConfigError(format!(
+                    "{key}.subject_transform.to: {:?}: only literal tokens, $n / {{{{wildcard(n)}}}}, {{{{partition(…)}}}} and a final '>' are supported here",
+                    t.to
+                ))
+            })?
+        }
+    };
+    if !local
+        .subjects
+        .iter()
+        .any(|s| subject::filter_within(&image, s))
+    {
+        return err(format!(
+            "{key}: the subjects it stores locally ({image:?}) are not all captured by stream {:?} (subjects {:?}); add {image:?} to its subjects or narrow the filter/transform",
+            r.stream, local.subjects
+        ));
+    }
+    if image.starts_with('$') || image.starts_with("_INBOX.") {
+        return err(format!(
+            "{key}: sourced subjects {image:?} would land in the reserved $ / _INBOX. namespace"
+        ));
+    }
+    if mirrors
+        .iter()
+        .any(|m| m.stream == r.stream && m.to == r.from)
+    {
+        return err(format!(
+            "{key}: stream {:?} is mirrored up to hub stream {:?} and sourced down from it: a loop; source into another local stream",
+            r.stream, r.from
+        ));
+    }
+    let start = match (r.deliver.as_deref(), r.start_seq, r.start_time) {
+        (None | Some("all"), None, None) => SourceStart::All,
+        (Some("new"), None, None) => SourceStart::New,
+        (None, Some(0), None) => return err(format!("{key}.start_seq: sequences start at 1")),
+        (None, Some(n), None) => SourceStart::Seq(n),
+        (None, None, Some(t)) => {
+            if !looks_like_rfc3339(&t) {
+                return err(format!(
+                    "{key}.start_time: {t:?} is not an RFC 3339 time such as \"2026-12-01T08:00:00Z\""
+                ));
+            }
+            SourceStart::Time(t)
+        }
+        (Some(d), None, None) => {
+            return err(format!("{key}.deliver: {d:?}: use \"all\" or \"new\""))
+        }
+        _ => {
+            return err(format!(
+                "{key}: give at most one of deliver, start_seq and start_time"
+            ))
+        }
+    };
+    if r.poll_interval < Duration::from_millis(100) {
+        return err(format!("{key}.poll_interval: must be at least 100ms"));
+    }
+    Ok(SourceConfig {
+        from: r.from,
+        filter: r.filter.filter(|f| f != ">"),
+        stream: r.stream,
+        transform: r.subject_transform.map(|t| (t.from, t.to)),
+        start,
+        poll_interval: r.poll_interval,
+    })
+}
+
+/// The filter covering every subject a transform's destination yields
+/// (`None` when a token may expand to several tokens).
+fn transform_image(to: &str) -> Option<String> {
+    let toks: Vec<&str> = to
+        .split('.')
+        .map(|t| {
+            let f = t.to_ascii_lowercase();
+            if t == ">" {
+                Some(">")
+            } else if t.starts_with('$')
+                || f.starts_with("{{wildcard(")
+                || f.starts_with("{{partition(")
+            {
+                Some("*")
+            } else if t.contains("{{") {
+                None
+            } else {
+                Some(t)
+            }
+        })
+        .collect::<Option<_>>()?;
+    Some(toks.join("."))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`; the hub parses it.
+fn looks_like_rfc3339(t: &str) -> bool {
+    let b = t.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    let head = digits(0..4)
+        && at(4, b'-')
+        && digits(5..7)
+        && at(7, b'-')
+        && digits(8..10)
+        && (at(10, b'T') || at(10, b't'))
+        && digits(11..13)
+        && at(13, b':')
+        && digits(14..16)
+        && at(16, b':')
+        && digits(17..19);
+    let mut rest = t.get(19..).unwrap_or("");
+    if let Some(f) = rest.strip_prefix('.') {
+        let n = f.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = f.get(n..).unwrap_or("");
+    }
+    let zone = rest == "Z"
+        || rest == "z"
+        || (rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && rest.as_bytes().get(3) == Some(&b':')
+            && rest
+                .bytes()
+                .enumerate()
+                .all(|(i, c)| i == 0 || i == 3 || c.is_ascii_digit()));
+    head && zone
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +730,77 @@ mod tests {
         assert!(e.0.contains("not several"), "{e}");
         let e = up("creds = \"/nonexistent/hub.creds\"").unwrap_err();
         assert!(e.0.contains("uplink.creds: cannot read"), "{e}");
+    }
+
+    fn source_cfg(source: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[stream]]\nname = \"CMD\"\nsubjects = [\"cmd.>\"]\n[[stream]]\nname = \"T\"\nsubjects = [\"t.>\"]\n[uplink]\nurls = [\"nats://h\"]\n[[uplink.mirror]]\nstream = \"T\"\nto = \"FLEET\"\n[[uplink.source]]\n{source}\n"
+        ))
+    }
+
+    #[test]
+    fn uplink_sources() {
+        let base = "from = \"COMMANDS\"\nstream = \"CMD\"\nfilter = \"cmd.truck-042.>\"\n";
+        let c = source_cfg(&format!(
+            "{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"cmd.>\" }}"
+        ))
+        .unwrap();
+        let s = &c.uplink.unwrap().sources[0];
+        assert_eq!(s.filter.as_deref(), Some("cmd.truck-042.>"));
+        assert_eq!(
+            s.transform,
+            Some(("cmd.truck-042.>".into(), "cmd.>".into()))
+        );
+        assert_eq!(
+            (s.start.clone(), s.poll_interval),
+            (SourceStart::All, Duration::from_secs(10))
+        );
+        let start = |extra: &str| {
+            source_cfg(&format!("{base}{extra}"))
+                .map(|c| c.uplink.unwrap().sources[0].start.clone())
+        };
+        assert_eq!(start("deliver = \"new\"").unwrap(), SourceStart::New);
+        assert_eq!(start("start_seq = 9").unwrap(), SourceStart::Seq(9));
+        let t = "2026-12-01T08:00:00.5+01:00";
+        assert_eq!(
+            start(&format!("start_time = \"{t}\"")).unwrap(),
+            SourceStart::Time(t.into())
+        );
+        for (bad, why) in [
+            ("deliver = \"last\"", "\"all\" or \"new\""),
+            ("deliver = \"new\"\nstart_seq = 3", "at most one"),
+            ("start_seq = 0", "start at 1"),
+            ("start_time = \"yesterday\"", "RFC 3339"),
+            ("poll_interval = \"1ms\"", "at least 100ms"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = start(bad).unwrap_err();
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        for (bad, why) in [
+            // The local stream must capture what arrives.
+            ("from = \"COMMANDS\"\nstream = \"CMD\"", "not all captured"),
+            ("from = \"COMMANDS\"\nstream = \"CMD\"\nfilter = \"x.>\"", "not all captured"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.truck-042.>\", to = \"x.>\" }}"), "not all captured"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.other.>\", to = \"cmd.>\" }}"), "must match every subject"),
+            (&format!("{base}subject_transform = {{ from = \"cmd.*.>\", to = \"cmd.{{{{split(1,-)}}}}.>\" }}"), "only literal tokens"),
+            ("from = \"COMMANDS\"\nstream = \"NOPE\"", "no local stream"),
+            ("from = \"A.B\"\nstream = \"CMD\"\nfilter = \"cmd.>\"", "not a valid hub stream"),
+            // A loop: T is mirrored up to FLEET.
+            ("from = \"FLEET\"\nstream = \"T\"\nfilter = \"t.>\"", "loop"),
+        ] {
+            let e = source_cfg(bad).unwrap_err();
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        let twice = format!("{base}\n[[uplink.source]]\n{base}");
+        assert!(source_cfg(&twice)
+            .unwrap_err()
+            .0
+            .contains("already sourced"));
+        assert_eq!(
+            transform_image("cmd.$1.{{partition(4,1)}}.>").as_deref(),
+            Some("cmd.*.*.>")
+        );
     }
 
     #[test]

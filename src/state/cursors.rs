@@ -11,6 +11,13 @@
 //! (temp file + rename); it is still read, and deleted by the first slot
 //! written.
 //!
+//! A source cursor ([`SourceCursor`], `<stream>.<hub stream>.source.a`
+//! / `.b`) records how far a source-down copied a hub stream: the hub
+//! stream's identity (name, creation time) and the last hub sequence
+//! stored locally, with the local stream's last sequence at that moment
+//! (where a restart starts scanning the local tail for copies the record
+//! does not know yet).
+//!
 //! Invariants: a save overwrites the slot not holding the latest cursor,
 //! so a torn save leaves the previous one. Saves are synced only when
 //! asked (at shutdown): a stale cursor only makes the next resync scan
@@ -124,6 +131,61 @@ pub fn store_on(b: &mut dyn Backend, stem: &str, c: Cursor, sync: bool) -> std::
     Ok(())
 }
 
+/// How far a source-down got; see the module doc.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCursor {
+    pub hub_stream: String,
+    /// The hub stream's `created` (STREAM.INFO), as the hub wrote it.
+    pub created: String,
+    /// Every hub message <= this (matching the filter) is stored locally.
+    pub hub_seq: u64,
+    /// The local stream's last sequence when `hub_seq` was stored.
+    pub local_seq: u64,
+}
+
+/// Load the source cursor at `path`. `Ok(None)`: none. `Err`: corrupt.
+pub fn load_source(path: &Path) -> Result<Option<SourceCursor>, String> {
+    let (dir, stem) = split(path)?;
+    let mut b = FsBackend::open(dir).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    load_source_on(&mut b, stem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// [`load_source`] on a backend, with the slot sequence.
+fn latest_source(b: &mut dyn Backend, stem: &str) -> Result<Option<(SourceCursor, u64)>, String> {
+    let slots = read_slots(b, stem);
+    match slots.best {
+        Some((Body::Current(body), seq)) => Ok(Some((decode(&body)?, seq))),
+        Some((Body::Json(_), _)) => Err("not a source cursor".into()),
+        None => match slots.bad.first() {
+            Some((name, why)) => Err(format!("{name}: {why}")),
+            None => Ok(None),
+        },
+    }
+}
+
+/// [`load_source`] on a backend.
+pub fn load_source_on(b: &mut dyn Backend, stem: &str) -> Result<Option<SourceCursor>, String> {
+    latest_source(b, stem).map(|c| c.map(|(c, _)| c))
+}
+
+/// Save source cursor `c` at `path`; `sync` makes it durable.
+pub fn store_source(path: &Path, c: &SourceCursor, sync: bool) -> std::io::Result<()> {
+    let (dir, stem) = split(path).map_err(std::io::Error::other)?;
+    let mut b = FsBackend::open(dir)?;
+    store_source_on(&mut b, stem, c, sync)
+}
+
+/// [`store_source`] on a backend.
+pub fn store_source_on(
+    b: &mut dyn Backend,
+    stem: &str,
+    c: &SourceCursor,
+    sync: bool,
+) -> std::io::Result<()> {
+    let seq = latest_source(b, stem).ok().flatten().map_or(0, |(_, q)| q);
+    put_slot(b, stem, seq + 1, &encode(c)?, sync).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +255,28 @@ mod tests {
             store(&p, c, i == 2).unwrap();
             assert_eq!(load(&p).unwrap(), Some(c));
         }
+    }
+
+    #[test]
+    fn source_cursor_store_load_and_torn_slot() {
+        let mem = MemBackend::new();
+        let mut b = mem.clone();
+        assert_eq!(load_source_on(&mut b, "CMD.COMMANDS.source").unwrap(), None);
+        let stem = "CMD.COMMANDS.source";
+        let c = |n: u64| SourceCursor {
+            hub_stream: "COMMANDS".into(),
+            created: "2026-12-07T03:00:00.123Z".into(),
+            hub_seq: 40 + n,
+            local_seq: n,
+        };
+        for n in 1..=3 {
+            store_source_on(&mut b, stem, &c(n), true).unwrap();
+            assert_eq!(load_source_on(&mut b, stem).unwrap(), Some(c(n)));
+        }
+        // A torn latest slot (sequence 3 is in `.b`) leaves the one before.
+        let mut f = mem.file("CMD.COMMANDS.source.b").unwrap();
+        f.truncate(f.len() / 2);
+        mem.set_file("CMD.COMMANDS.source.b", f);
+        assert_eq!(load_source_on(&mut b, stem).unwrap(), Some(c(2)));
     }
 }

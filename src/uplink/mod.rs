@@ -1,5 +1,7 @@
 //! The hub link's shell: mirror-up of local streams into hub JetStream
-//! streams, exactly once, over one NATS connection to the hub cluster.
+//! streams and source-down of hub streams into local streams
+//! ([`source`], its I/O in [`source_io`]), exactly once, over one NATS
+//! connection to the hub cluster.
 //!
 //! Owns: the socket (TCP, TLS), the reader task per mirror, the per-mirror
 //! cursor files ([`cursor`]) and the shared [`UplinkStatus`]. The logic
@@ -30,6 +32,8 @@ pub mod link;
 pub mod mirror;
 pub mod probe;
 pub mod rate;
+pub mod source;
+pub mod source_io;
 pub mod status;
 pub mod ws;
 mod ws_io;
@@ -83,6 +87,8 @@ pub async fn run(
     let (answers_tx, answers_rx) =
         smol::channel::bounded::<ReadAnswer>(cfg.mirrors.len().max(1) * 2);
     let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, streams, &answers_tx);
+    let (stored_tx, stored_rx) = smol::channel::bounded(cfg.sources.len().max(1));
+    let (mut sources, storers) = source_io::open(&cfg, &data_dir, &broker, &stored_tx).await;
     let params = link_params(&cfg, &node);
     let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
     for s in slots.iter_mut() {
@@ -110,6 +116,7 @@ pub async fn run(
         drive_actions(&mut link, &mut sock, &mut tls, &status, &shutdown).await;
         let now = Instant::now();
         while let Some(ev) = link.poll_event() {
+            source_io::on_event(&mut link, &ev, now, &mut sources);
             let Some(ev) = on_bridge_event(bridge.as_mut(), &mut link, ev, now) else {
                 continue;
             };
@@ -125,8 +132,10 @@ pub async fn run(
         } else {
             None
         };
+        source_io::pump(&mut link, &mut sources);
         persist(&mut slots, now, false);
         publish_status(&slots, &status);
+        status.set_sources(source_io::statuses(&sources));
         link.poll_transmit(&mut out);
         if !out.is_empty() {
             if let Some(s) = sock.as_mut() {
@@ -142,17 +151,11 @@ pub async fn run(
             .filter_map(|s| s.mirror.poll_deadline())
             .chain(link.poll_deadline())
             .chain(rate_wake)
+            .chain(source_io::deadline(&sources))
             .min();
         let local = bridge.as_ref().map(|b| b.outbox());
-        let ev = wait(
-            sock.as_mut(),
-            &mut buf,
-            &answers_rx,
-            local,
-            &shutdown,
-            deadline,
-        )
-        .await;
+        let chans = (&answers_rx, &stored_rx);
+        let ev = wait(sock.as_mut(), &mut buf, chans, local, &shutdown, deadline).await;
         let now = Instant::now();
         match ev {
             Ev::Shutdown => break,
@@ -164,9 +167,11 @@ pub async fn run(
                     s.mirror.handle_messages(now, from, msgs);
                 }
             }
+            Ev::Stored(a) => source_io::on_stored(&mut sources, now, a),
             Ev::Timer => {}
         }
         link.handle_timeout(now);
+        source_io::tick(&mut sources, now);
         for s in slots.iter_mut() {
             s.mirror.handle_tick(now);
         }
@@ -184,6 +189,12 @@ pub async fn run(
     prober.cancel().await;
     for r in readers {
         r.cancel().await;
+    }
+    source_io::on_down(&mut sources);
+    status.set_sources(source_io::statuses(&sources));
+    drop(sources);
+    for t in storers {
+        t.cancel().await;
     }
 }
 
@@ -506,12 +517,12 @@ fn pump_mirrors(
     wake
 }
 
-/// Wait for the first of: socket data, a local read's answer, shutdown,
-/// the deadline.
+/// Wait for the first of: socket data, a local read's answer, a stored
+/// batch, shutdown, the deadline.
 async fn wait(
     sock: Option<&mut Box<dyn HubIo>>,
     buf: &mut [u8],
-    answers: &Receiver<ReadAnswer>,
+    (answers, stored): (&Receiver<ReadAnswer>, &Receiver<source_io::StoreAnswer>),
     local: Option<&crate::router::Outbox>,
     shutdown: &Receiver<()>,
     deadline: Option<Instant>,
@@ -535,6 +546,12 @@ async fn wait(
                 Ev::Timer
             }
             None => future::pending().await,
+        }
+    })
+    .or(async {
+        match stored.recv().await {
+            Ok(a) => Ev::Stored(a),
+            Err(_) => future::pending().await,
         }
     })
     .or(async {
@@ -633,6 +650,7 @@ fn publish_status(slots: &[Slot], status: &UplinkStatus) {
 enum Ev {
     Data(std::io::Result<usize>),
     Read(ReadAnswer),
+    Stored(source_io::StoreAnswer),
     Timer,
     Shutdown,
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::mirror::MirrorStatus;
+use super::source::SourceStatus;
 
 /// How far one replication direction is behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,6 +104,7 @@ struct Inner {
     /// Per local stream: Unix ns of the oldest message not on the hub (from
     /// [`UplinkStatus::set_oldest`]).
     oldest: Vec<(String, Option<u64>)>,
+    sources: Vec<SourceStatus>,
 }
 
 /// The uplink's status, updated by [`super::run`].
@@ -226,6 +228,15 @@ impl UplinkStatus {
         self.with(|i| i.bridge.clone())
     }
 
+    pub fn set_sources(&self, sources: Vec<SourceStatus>) {
+        self.with(|i| i.sources = sources);
+    }
+
+    /// Per-source status copies.
+    pub fn sources(&self) -> Vec<SourceStatus> {
+        self.with(|i| i.sources.clone())
+    }
+
     /// The link state string.
     pub fn link(&self) -> String {
         self.with(|i| i.link.state.clone())
@@ -249,7 +260,9 @@ impl UplinkStatus {
     /// {"msgs", "bytes", "oldest_age_secs"}, "backlog_msgs",
     /// "backlog_bytes", "inflight", "sent", "acked", "skipped", "resyncs",
     /// "last_error", "last_error_unix_ms", "last_error_age_secs"}],
-    /// "bridge": {counters of [`super::bridge::BridgeStatus`]} (only when
+    /// "sources": [{"from", "stream", "filter", "state", "hub_seq",
+    /// "hub_last_seq", "pending", "stored", "skipped", "recreated",
+    /// "hub_created", "last_error"}], "bridge": {counters of [`super::bridge::BridgeStatus`]} (only when
     /// the live bridge runs)}`.
     pub fn snapshot_at(&self, now: u64) -> Value {
         let ms = |t: Option<u64>| t.map(|t| t / 1_000_000);
@@ -281,6 +294,7 @@ impl UplinkStatus {
                     })
                 })
                 .collect();
+            let sources: Vec<Value> = i.sources.iter().map(source_json).collect();
             let l = &i.link;
             let mut v = json!({
                 "link": l.state,
@@ -293,6 +307,7 @@ impl UplinkStatus {
                 "last_error_unix_ms": ms(l.last_error_at),
                 "last_error_age_secs": age(l.last_error_at),
                 "mirrors": mirrors,
+                "sources": sources,
             });
             if let Some(b) = &i.bridge {
                 v["bridge"] = serde_json::to_value(b).unwrap_or_default();
@@ -418,6 +433,23 @@ pub fn format_text(v: &Value) -> String {
         }
     }
     out
+}
+
+fn source_json(s: &SourceStatus) -> Value {
+    json!({
+        "from": s.from,
+        "stream": s.stream,
+        "filter": s.filter,
+        "state": s.state,
+        "hub_seq": s.hub_seq,
+        "hub_last_seq": s.hub_last_seq,
+        "pending": s.pending,
+        "stored": s.stored,
+        "skipped": s.skipped,
+        "recreated": s.recreated,
+        "hub_created": s.hub_created,
+        "last_error": s.last_error,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,1007 @@
+//! The source-down state machine for one `[[uplink.source]]` (sans-IO):
+//! hub stream → local stream, exactly once, in hub order.
+//!
+//! Owns: the cursor (which hub stream, its creation time, the last hub
+//! sequence stored locally), the hub stream check (`STREAM.INFO`), the
+//! batched reads, the wake-up logic, the subject transform and the
+//! reserved-subject check. Inputs come through `handle_*` (with `now`),
+//! outputs leave through `poll_*`: [`Command`]s for the hub connection,
+//! one [`Batch`] at a time for the shell to append to the local stream,
+//! a [`SourceCursor`] to persist, [`Event`]s for the log, a deadline.
+//!
+//! Mechanism (chosen for fleets: thousands of gateways on one hub stream):
+//! frond holds the cursor and the hub keeps **no per-node state**. Reads
+//! are batched direct gets, `$JS.API.DIRECT.GET.<stream>` with
+//! `{"seq": cursor + 1, "next_by_subj": filter, "batch": N, "max_bytes": M}`
+//! (nats-server 2.11+; the hub stream needs `allow_direct: true`). Each
+//! reply is one stored message with `Nats-Stream`, `Nats-Subject`,
+//! `Nats-Sequence`, `Nats-Time-Stamp`, `Nats-Num-Pending` and
+//! `Nats-Last-Sequence` headers; a `204 EOB` status ends the batch, a
+//! `404` says nothing matches at or after `seq`. Any replica may answer: a
+//! lagging follower holds a prefix of the stream, never a gap, so it can
+//! only delay a message, never make the cursor jump over one. A durable
+//! consumer per node would instead cost the hub a consumer (state, raft
+//! group for R3, timers) per gateway.
+//!
+//! Wake-up: one core subscription on the filter (or, without one, on the
+//! hub stream's subjects) tells the node that something was published. A
+//! wake schedules a fetch (coalesced: at most one request in flight); a
+//! fetch after a wake that finds nothing is retried a few times shortly
+//! after (a follower may lag), then the hub stream is checked with
+//! `STREAM.INFO`. A poll every `poll_interval` (also `STREAM.INFO`, then
+//! a fetch when the stream holds more than the cursor) is the safety net
+//! for lost wakes. A stored batch that may not be the last is followed
+//! at once by the next request. The wake costs the payload once more on
+//! the link (core messages carry it); commands are small.
+//!
+//! Invariants (the exactly-once argument):
+//! - The cursor `hub_seq` only advances in [`Source::handle_stored`], i.e.
+//!   after the shell has appended the batch's messages and the local
+//!   stream reported them durable (fsynced under `sync = "always"`).
+//! - Messages are handed out in ascending hub sequence, each above the
+//!   cursor; a reply with a sequence at or below the last one taken is
+//!   dropped, so a duplicate or stale reply never lands twice.
+//! - Every stored copy carries `Nats-Stream-Source: <hub stream> <seq>`.
+//!   At start the shell scans the local stream after the record's local
+//!   sequence and passes the highest hub sequence found
+//!   ([`origin_of`]); the cursor is the larger of that and the record, so
+//!   a crash between append and record neither duplicates nor skips.
+//! - One batch in flight per source: at most `batch` messages and about
+//!   `max_bytes` (asked of the hub, and enforced here at twice that).
+//! - A message whose subject (after the transform) is in the `$` or
+//!   `_INBOX.` namespace, or outside the local stream's subjects, is never
+//!   stored or routed (it could otherwise become a local API call); it is
+//!   skipped, counted and logged, and the cursor moves past it.
+//! - A hub stream whose `created` differs from the record's, or whose last
+//!   sequence is below the cursor, was recreated: logged as a warning,
+//!   counted in status, and the new stream is copied from its first
+//!   message (its messages were never delivered here). Known limit: the
+//!   check runs at connect, on every poll and after a wake found nothing,
+//!   so a stream recreated *and* grown past the old cursor between two
+//!   checks loses its first `cursor` messages to a wake-triggered fetch.
+//!
+//! Hub memory per node, measured with `scripts/source-hub-memory 1000`
+//! (nats-server 2.12.8, one node, file store, 1,000 nodes): a client
+//! connection costs ~45.8 kB of hub RSS per node whatever the mechanism;
+//! this source's two subscriptions (wake, reply inbox) add ~5.3 kB; a
+//! durable pull consumer per node would add ~48 kB (R1; an R3 consumer is
+//! also a raft group on three servers).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::cursor::SourceCursor;
+use super::mirror::{Command, ERR_STREAM_NOT_FOUND};
+use crate::config::SourceStart;
+use crate::stream::Message;
+use crate::subject::{self, mapping::Transform};
+use crate::wire::nats::headers::HeaderBlock;
+
+/// The header a stored copy carries: `<hub stream> <hub seq>`.
+pub const ORIGIN_HEADER: &str = "Nats-Stream-Source";
+/// Messages asked for in one direct get.
+pub const BATCH_MSGS: usize = 256;
+/// Bytes asked for in one direct get.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// Longest wait for an answer from the hub.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retries of an empty fetch after a wake (a follower may lag), the
+/// first after this delay, doubling.
+pub const WAKE_RETRY: Duration = Duration::from_millis(50);
+pub const WAKE_RETRIES: u32 = 4;
+/// Pause after a failed request before trying again.
+pub const ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// Headers removed from a copy: those a direct get adds, and the
+/// expectations of the hub publish (the local stream would check them
+/// against itself and refuse the copy).
+const STRIPPED_HEADERS: [&str; 10] = [
+    "Nats-Stream",
+    "Nats-Subject",
+    "Nats-Sequence",
+    "Nats-Time-Stamp",
+    "Nats-Num-Pending",
+    "Nats-Last-Sequence",
+    "Nats-Expected-Stream",
+    "Nats-Expected-Last-Sequence",
+    "Nats-Expected-Last-Subject-Sequence",
+    "Nats-Expected-Last-Msg-Id",
+];
+
+/// Static parameters of one source.
+#[derive(Debug, Clone)]
+pub struct SourceParams {
+    /// Hub stream name.
+    pub from: String,
+    /// `None`: every message of the hub stream.
+    pub filter: Option<String>,
+    /// Local stream name and its subjects.
+    pub stream: String,
+    pub local_subjects: Vec<String>,
+    /// `(from filter, transform)`.
+    pub transform: Option<(String, Transform)>,
+    pub start: SourceStart,
+    pub poll_interval: Duration,
+    pub batch: usize,
+    pub max_bytes: usize,
+}
+
+/// Messages to append to the local stream, in this order; then call
+/// [`Source::handle_stored`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// `(hub seq, message)`.
+    pub msgs: Vec<(u64, Message)>,
+    /// The hub sequence the cursor reaches when all are stored (skipped
+    /// messages included).
+    pub last_hub_seq: u64,
+}
+
+/// What became of a [`Batch`]: the first `done` messages are durable or
+/// were refused for good (`refused` of them: the local stream will never
+/// take them, e.g. over its `max_msg_size`); `error` says why the rest
+/// was not stored (retried). `local_last_seq`: the local stream's last
+/// sequence afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub done: usize,
+    pub refused: usize,
+    pub local_last_seq: u64,
+    pub error: Option<String>,
+}
+
+/// Things worth logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The hub stream was recreated (or lost messages below the cursor).
+    Recreated {
+        old_created: String,
+        created: String,
+        old_seq: u64,
+        last_seq: u64,
+    },
+    /// A message was not stored: (hub seq, subject, why).
+    Skipped(u64, String, &'static str),
+    /// Something failed; retried.
+    Error(String),
+    /// The error state is over.
+    Recovered,
+}
+
+impl Event {
+    pub fn level(&self) -> log::Level {
+        match self {
+            Event::Recovered => log::Level::Info,
+            Event::Error(_) => log::Level::Warn,
+            Event::Recreated { .. } | Event::Skipped(..) => log::Level::Warn,
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Recreated { old_created, created, old_seq, last_seq } => write!(
+                f,
+                "the hub stream was recreated (created {old_created:?}, now {created:?}; cursor was {old_seq}, the stream's last sequence is {last_seq}): copying the new stream from its first message"
+            ),
+            Event::Skipped(seq, subj, why) => write!(f, "hub message {seq} ({subj}) not stored: {why}"),
+            Event::Error(e) => write!(f, "{e}"),
+            Event::Recovered => write!(f, "reading the hub stream again"),
+        }
+    }
+}
+
+/// Status for `frond status` and `/varz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub from: String,
+    pub stream: String,
+    pub filter: String,
+    /// `"disconnected"`, `"checking"`, `"fetching"`, `"storing"`, `"idle"`,
+    /// `"error"`.
+    pub state: &'static str,
+    /// Last hub sequence stored locally.
+    pub hub_seq: u64,
+    /// The hub stream's last sequence, as last seen.
+    pub hub_last_seq: u64,
+    /// Matching hub messages not yet stored, as last seen.
+    pub pending: u64,
+    pub stored: u64,
+    pub skipped: u64,
+    pub recreated: u64,
+    pub hub_created: String,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Disconnected,
+    /// `STREAM.INFO` request `req` in flight.
+    Info {
+        req: u64,
+        deadline: Instant,
+    },
+    /// Direct get `req` in flight.
+    Fetch {
+        req: u64,
+        deadline: Instant,
+    },
+    /// A batch is with the shell.
+    Store,
+    /// Nothing in flight; `next` is when to act (fetch or check).
+    Idle,
+}
+
+/// What to do at `Source::timer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Fetch,
+    Info,
+}
+
+/// The parts of a `STREAM.INFO` answer used here.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct InfoReply {
+    config: Option<InfoConfig>,
+    created: String,
+    state: InfoState,
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct InfoConfig {
+    subjects: Vec<String>,
+    allow_direct: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct InfoState {
+    last_seq: u64,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct ApiError {
+    code: u64,
+    err_code: u64,
+    description: String,
+}
+
+/// One reply of a direct get, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A stored message: hub seq, subject, headers without the direct-get
+    /// ones (`None` if there are none left), payload, pending after it.
+    Msg {
+        seq: u64,
+        subject: String,
+        headers: Option<HeaderBlock>,
+        payload: Vec<u8>,
+        pending: Option<u64>,
+    },
+    /// `204 EOB`: the batch is complete.
+    End { pending: Option<u64> },
+    /// `404`: nothing at or after the sequence.
+    NotFound,
+    /// Any other status (`408` bad request, `503` no responders…), or a
+    /// reply that cannot be understood.
+    Fail(String),
+}
+
+/// Parse one direct-get reply.
+pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
+    let Some(h) = headers else {
+        return Reply::Fail("a direct get reply without headers".into());
+    };
+    let mut hb = match HeaderBlock::parse(h) {
+        Ok(hb) => hb,
+        Err(e) => return Reply::Fail(format!("unreadable direct get reply: {}", e.0)),
+    };
+    let pending = hb
+        .get("Nats-Num-Pending")
+        .and_then(|v| v.trim().parse().ok());
+    match hb.status {
+        Some(204) => return Reply::End { pending },
+        Some(404) => return Reply::NotFound,
+        Some(503) => {
+            return Reply::Fail(
+                "no responders for the direct get (is allow_direct set on the hub stream? does it have a leader?)".into(),
+            )
+        }
+        Some(408) => {
+            return Reply::Fail(format!(
+                "the hub refused the batched direct get ({}); nats-server 2.11 or later is needed",
+                hb.description
+            ))
+        }
+        Some(code) => return Reply::Fail(format!("direct get failed: {code} {}", hb.description)),
+        None => {}
+    }
+    let seq = hb
+        .get("Nats-Sequence")
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let subject = hb.get("Nats-Subject").map(str::to_string);
+    let (Some(seq), Some(subject)) = (seq, subject) else {
+        return Reply::Fail("a direct get reply without Nats-Sequence or Nats-Subject".into());
+    };
+    for k in STRIPPED_HEADERS {
+        hb.remove(k);
+    }
+    Reply::Msg {
+        seq,
+        subject,
+        headers: (!hb.entries.is_empty()).then_some(hb),
+        payload: payload.to_vec(),
+        pending,
+    }
+}
+
+/// The hub sequence a stored copy came from, if it came from hub stream
+/// `from` (its [`ORIGIN_HEADER`]).
+pub fn origin_of(headers: Option<&[u8]>, from: &str) -> Option<u64> {
+    let hb = HeaderBlock::parse(headers?).ok()?;
+    let v = hb.get(ORIGIN_HEADER)?;
+    let mut it = v.split_ascii_whitespace();
+    if it.next()? != from {
+        return None;
+    }
+    it.next()?.parse().ok()
+}
+
+/// The source-down machine.
+pub struct Source {
+    p: SourceParams,
+    hub_seq: u64,
+    /// The hub stream's `created` the cursor belongs to ("": not known).
+    created: String,
+    /// Whether a cursor exists (from a record, the local tail or the start
+    /// policy applied); without one the start policy decides.
+    have_cursor: bool,
+    local_seq: u64,
+    phase: Phase,
+    connected: bool,
+    in_error: bool,
+    /// When to act next while idle, and what.
+    timer: Option<(Instant, Due)>,
+    next_poll: Option<Instant>,
+    /// Polls since the last `STREAM.INFO`.
+    polls: u32,
+    next_req: u64,
+    /// The connection's reply-subject prefix and subscription ids.
+    inbox: String,
+    inbox_sid: u64,
+    wake_sids: Vec<u64>,
+    wake_subscribed: bool,
+    /// A wake came while a request was in flight.
+    woken: bool,
+    /// Empty fetches left to retry after the last wake; `after_wake`:
+    /// the fetches since the last wake found nothing yet.
+    wake_retries: u32,
+    after_wake: bool,
+    /// The batch being collected: messages, bytes, replies, last seq.
+    got: Vec<(u64, Message)>,
+    got_bytes: usize,
+    got_replies: usize,
+    got_last: u64,
+    batch_pending: Option<u64>,
+    /// A batch ready for the shell, and the one it is storing (its seqs).
+    ready: Option<Batch>,
+    storing: Option<(Vec<u64>, u64)>,
+    commands: VecDeque<Command>,
+    events: VecDeque<Event>,
+    cursor_out: Option<SourceCursor>,
+    st: SourceStatus,
+}
+
+/// Wake subscriptions at most (without a filter, one per subject of the
+/// hub stream; beyond this many, messages arrive by the poll).
+pub const MAX_WAKE_SUBS: usize = 8;
+/// Every this many polls, the poll is a `STREAM.INFO` (about 1 KB on the
+/// link) instead of a direct get (a `404` is 34 bytes).
+pub const INFO_EVERY: u32 = 6;
+
+impl Source {
+    /// A machine resuming from `record` (the persisted cursor) and `tail`
+    /// (the highest hub sequence of this source found in the local
+    /// stream after the record's local sequence).
+    pub fn new(p: SourceParams, record: Option<SourceCursor>, tail: Option<u64>) -> Source {
+        let record = record.filter(|r| r.hub_stream == p.from);
+        let have_cursor = record.is_some() || tail.is_some();
+        let hub_seq = record
+            .as_ref()
+            .map_or(0, |r| r.hub_seq)
+            .max(tail.unwrap_or(0));
+        let created = record
+            .as_ref()
+            .map(|r| r.created.clone())
+            .unwrap_or_default();
+        let local_seq = record.as_ref().map_or(0, |r| r.local_seq);
+        let st = SourceStatus {
+            from: p.from.clone(),
+            stream: p.stream.clone(),
+            filter: p.filter.clone().unwrap_or_else(|| ">".into()),
+            state: "disconnected",
+            hub_seq,
+            hub_created: created.clone(),
+            ..SourceStatus::default()
+        };
+        Source {
+            p,
+            hub_seq,
+            created,
+            have_cursor,
+            local_seq,
+            phase: Phase::Disconnected,
+            connected: false,
+            in_error: false,
+            timer: None,
+            next_poll: None,
+            polls: 0,
+            next_req: 1,
+            inbox: String::new(),
+            inbox_sid: 0,
+            wake_sids: Vec::new(),
+            wake_subscribed: false,
+            woken: false,
+            wake_retries: 0,
+            after_wake: false,
+            got: Vec::new(),
+            got_bytes: 0,
+            got_replies: 0,
+            got_last: 0,
+            batch_pending: None,
+            ready: None,
+            storing: None,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            cursor_out: None,
+            st,
+        }
+    }
+
+    pub fn params(&self) -> &SourceParams {
+        &self.p
+    }
+
+    /// The last hub sequence stored locally.
+    pub fn hub_seq(&self) -> u64 {
+        self.hub_seq
+    }
+
+    /// The hub connection is up: `inbox_sid` and `wake_sids` (up to
+    /// [`MAX_WAKE_SUBS`]) are fresh subscription ids, `token` makes the
+    /// reply subjects unique. The hub stream is checked first.
+    pub fn handle_connected(
+        &mut self,
+        now: Instant,
+        inbox_sid: u64,
+        wake_sids: Vec<u64>,
+        token: &str,
+    ) {
+        self.connected = true;
+        self.inbox = format!("_INBOX.{token}");
+        self.inbox_sid = inbox_sid;
+        self.wake_sids = wake_sids;
+        self.wake_subscribed = false;
+        self.commands.push_back(Command::Subscribe {
+            subject: format!("{}.*", self.inbox),
+            sid: inbox_sid,
+        });
+        if !self.is_storing() {
+            self.phase = Phase::Idle;
+        }
+        self.timer = Some((now, Due::Info));
+    }
+
+    /// The hub connection is gone: what was in flight is forgotten (a
+    /// batch with the shell stays).
+    pub fn handle_disconnected(&mut self) {
+        self.connected = false;
+        self.commands.clear();
+        self.got.clear();
+        self.got_bytes = 0;
+        self.timer = None;
+        self.next_poll = None;
+        if !self.is_storing() {
+            self.phase = Phase::Disconnected;
+        }
+    }
+
+    fn is_storing(&self) -> bool {
+        self.phase == Phase::Store
+    }
+
+    /// A message for subscription `sid` (ours or not: others are ignored).
+    pub fn handle_msg(
+        &mut self,
+        now: Instant,
+        sid: u64,
+        subject: &str,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        if !self.connected {
+            return;
+        }
+        if self.wake_sids.contains(&sid) {
+            self.handle_wake(now);
+            return;
+        }
+        if sid != self.inbox_sid {
+            return;
+        }
+        let req = subject
+            .strip_prefix(self.inbox.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.parse::<u64>().ok());
+        match (self.phase, req) {
+            (Phase::Info { req, .. }, Some(r)) if r == req => self.on_info(now, payload),
+            (Phase::Fetch { req, .. }, Some(r)) if r == req => {
+                let reply = parse_reply(headers, payload);
+                self.on_reply(now, reply);
+            }
+            _ => {} // A late answer to an abandoned request.
+        }
+    }
+
+    /// Something was published on the filter: fetch now, or right after
+    /// what is in flight (coalesced).
+    fn handle_wake(&mut self, now: Instant) {
+        self.wake_retries = WAKE_RETRIES;
+        self.after_wake = true;
+        if self.phase == Phase::Idle && !self.in_error {
+            self.timer = self.timer.filter(|(_, d)| *d == Due::Info);
+            self.fetch(now);
+        } else {
+            self.woken = true;
+        }
+    }
+
+    /// The shell appended the batch it took with [`Source::poll_batch`].
+    pub fn handle_stored(&mut self, now: Instant, r: Stored) {
+        let Some((seqs, last)) = self.storing.take() else {
+            return;
+        };
+        let done = match &r.error {
+            None => Some(last),
+            Some(_) => r.done.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
+        };
+        if let Some(seq) = done {
+            self.hub_seq = self.hub_seq.max(seq);
+            self.local_seq = r.local_last_seq;
+            self.persist();
+        }
+        let done = r.done.min(seqs.len());
+        self.st.stored += done.saturating_sub(r.refused) as u64;
+        self.st.skipped += r.refused as u64;
+        let error = r.error;
+        self.st.hub_seq = self.hub_seq;
+        self.st.pending = self.batch_pending.unwrap_or(self.st.pending);
+        self.phase = if self.connected {
+            Phase::Idle
+        } else {
+            Phase::Disconnected
+        };
+        if let Some(e) = error {
+            let why = format!("cannot store into local stream {}: {e}", self.p.stream);
+            return self.fail(now, why);
+        }
+        if self.phase == Phase::Idle && (self.batch_pending != Some(0) || self.woken) {
+            self.woken = false;
+            self.fetch(now);
+        }
+    }
+
+    /// Act on timers.
+    pub fn handle_tick(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Info { deadline, .. } if now >= deadline => {
+                let why = format!(
+                    "no answer from the hub to STREAM.INFO {} within {REQUEST_TIMEOUT:?}",
+                    self.p.from
+                );
+                self.fail(now, why);
+            }
+            Phase::Fetch { deadline, .. } if now >= deadline => {
+                self.got.clear();
+                self.got_bytes = 0;
+                let why = format!(
+                    "no answer from the hub to a direct get on {} within {REQUEST_TIMEOUT:?}",
+                    self.p.from
+                );
+                self.fail(now, why);
+            }
+            Phase::Idle => {
+                if let Some((at, due)) = self.timer {
+                    if now >= at {
+                        self.timer = None;
+                        match due {
+                            Due::Info => self.check(now),
+                            Due::Fetch => self.fetch(now),
+                        }
+                        return;
+                    }
+                }
+                if self.next_poll.is_some_and(|t| now >= t) {
+                    self.polls += 1;
+                    if self.polls >= INFO_EVERY || self.in_error {
+                        self.check(now);
+                    } else {
+                        self.fetch(now);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[must_use]
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The batch to append, in order (handed out once); answer with
+    /// [`Source::handle_stored`].
+    #[must_use]
+    pub fn poll_batch(&mut self) -> Option<Batch> {
+        let b = self.ready.take()?;
+        self.storing = Some((b.msgs.iter().map(|(s, _)| *s).collect(), b.last_hub_seq));
+        Some(b)
+    }
+
+    /// A cursor to persist (with sync): after every stored batch and when
+    /// the hub stream's identity or the start position was settled.
+    #[must_use]
+    pub fn poll_cursor(&mut self) -> Option<SourceCursor> {
+        self.cursor_out.take()
+    }
+
+    #[must_use]
+    pub fn poll_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Info { deadline, .. } | Phase::Fetch { deadline, .. } => Some(deadline),
+            Phase::Idle => [self.timer.map(|(t, _)| t), self.next_poll]
+                .into_iter()
+                .flatten()
+                .min(),
+            Phase::Store | Phase::Disconnected => None,
+        }
+    }
+
+    pub fn status(&self) -> SourceStatus {
+        let mut st = self.st.clone();
+        st.state = match self.phase {
+            Phase::Store => "storing",
+            Phase::Disconnected => "disconnected",
+            _ if self.in_error => "error",
+            Phase::Info { .. } => "checking",
+            Phase::Fetch { .. } => "fetching",
+            Phase::Idle => "idle",
+        };
+        st
+    }
+
+    fn persist(&mut self) {
+        self.cursor_out = Some(SourceCursor {
+            hub_stream: self.p.from.clone(),
+            created: self.created.clone(),
+            hub_seq: self.hub_seq,
+            local_seq: self.local_seq,
+        });
+    }
+
+    /// Log and show `why`; check the hub stream again shortly.
+    fn fail(&mut self, now: Instant, why: String) {
+        self.fail_for(now, why, ERROR_RETRY.min(self.p.poll_interval));
+    }
+
+    fn fail_for(&mut self, now: Instant, why: String, retry: Duration) {
+        if self.st.last_error.as_deref() != Some(why.as_str()) {
+            self.events.push_back(Event::Error(why.clone()));
+        }
+        self.in_error = true;
+        self.st.last_error = Some(why);
+        self.phase = if self.connected {
+            Phase::Idle
+        } else {
+            Phase::Disconnected
+        };
+        self.timer = Some((now + retry, Due::Info));
+    }
+
+    fn recovered(&mut self) {
+        if self.in_error {
+            self.in_error = false;
+            self.st.last_error = None;
+            self.events.push_back(Event::Recovered);
+        }
+    }
+
+    fn request_id(&mut self) -> (u64, String) {
+        let r = self.next_req;
+        self.next_req += 1;
+        (r, format!("{}.{r}", self.inbox))
+    }
+
+    /// Send `STREAM.INFO`.
+    fn check(&mut self, now: Instant) {
+        let (req, reply) = self.request_id();
+        self.commands.push_back(Command::Publish {
+            subject: format!("$JS.API.STREAM.INFO.{}", self.p.from),
+            reply,
+            headers: Vec::new(),
+            payload: Vec::new(),
+        });
+        self.polls = 0;
+        self.after_wake = false;
+        self.phase = Phase::Info {
+            req,
+            deadline: now + REQUEST_TIMEOUT,
+        };
+        self.next_poll = Some(now + self.p.poll_interval);
+    }
+
+    /// Send a direct get for the next batch.
+    fn fetch(&mut self, now: Instant) {
+        let (req, reply) = self.request_id();
+        let filter = self.p.filter.as_deref().unwrap_or(">");
+        let body = match (&self.p.start, self.have_cursor) {
+            (SourceStart::Time(t), false) => serde_json::json!({
+                "start_time": t, "next_by_subj": filter,
+                "batch": self.p.batch, "max_bytes": self.p.max_bytes,
+            }),
+            _ => serde_json::json!({
+                "seq": self.hub_seq + 1, "next_by_subj": filter,
+                "batch": self.p.batch, "max_bytes": self.p.max_bytes,
+            }),
+        };
+        self.commands.push_back(Command::Publish {
+            subject: format!("$JS.API.DIRECT.GET.{}", self.p.from),
+            reply,
+            headers: Vec::new(),
+            payload: body.to_string().into_bytes(),
+        });
+        self.got.clear();
+        self.got_bytes = 0;
+        self.got_replies = 0;
+        self.got_last = self.hub_seq;
+        self.batch_pending = None;
+        self.phase = Phase::Fetch {
+            req,
+            deadline: now + REQUEST_TIMEOUT,
+        };
+        self.next_poll = Some(now + self.p.poll_interval);
+    }
+
+    fn on_info(&mut self, now: Instant, payload: &[u8]) {
+        let info: InfoReply = match serde_json::from_slice(payload) {
+            Ok(i) => i,
+            Err(e) => return self.fail(now, format!("unreadable STREAM.INFO answer: {e}")),
+        };
+        let (from, every) = (&self.p.from, self.p.poll_interval);
+        if let Some(e) = info.error {
+            let why = if e.err_code == ERR_STREAM_NOT_FOUND || e.code == 404 {
+                format!("hub stream {from} not found; create it (with allow_direct: true) or fix uplink.source.from; checking again every {every:?}")
+            } else {
+                format!("STREAM.INFO {from}: {} (code {}); the hub user needs publish permission for $JS.API.STREAM.INFO.{from} and $JS.API.DIRECT.GET.{from}", e.description, e.err_code)
+            };
+            return self.fail_for(now, why, every);
+        }
+        let config = info.config.unwrap_or_default();
+        if !config.allow_direct {
+            let why = format!("hub stream {from} does not allow direct gets, which source-down reads with; enable them on the hub: nats stream edit {from} --allow-direct");
+            return self.fail_for(now, why, every);
+        }
+        self.recovered();
+        self.phase = Phase::Idle;
+        let last = info.state.last_seq;
+        self.st.hub_last_seq = last;
+        self.settle_identity(&info.created, last);
+        if !self.wake_subscribed {
+            self.subscribe_wake(&config.subjects);
+        }
+        let start_time = matches!(self.p.start, SourceStart::Time(_)) && !self.have_cursor;
+        if last > self.hub_seq || start_time || self.woken {
+            self.woken = false;
+            self.fetch(now);
+        } else {
+            self.st.pending = 0;
+        }
+    }
+
+    /// Compare the hub stream's identity with the cursor's; apply the
+    /// start policy to a source without a cursor.
+    fn settle_identity(&mut self, created: &str, last: u64) {
+        let recreated = self.have_cursor
+            && ((!self.created.is_empty() && self.created != created) || last < self.hub_seq);
+        if recreated {
+            self.events.push_back(Event::Recreated {
+                old_created: self.created.clone(),
+                created: created.to_string(),
+                old_seq: self.hub_seq,
+                last_seq: last,
+            });
+            self.st.recreated += 1;
+            self.hub_seq = 0;
+        } else if !self.have_cursor {
+            match &self.p.start {
+                SourceStart::All | SourceStart::Time(_) => self.hub_seq = 0,
+                SourceStart::New => self.hub_seq = last,
+                SourceStart::Seq(n) => self.hub_seq = n.saturating_sub(1),
+            }
+        }
+        let changed = recreated || self.created != created || !self.have_cursor;
+        self.created = created.to_string();
+        self.st.hub_created = self.created.clone();
+        self.st.hub_seq = self.hub_seq;
+        // A start_time source has its cursor once the first batch came.
+        if !matches!(self.p.start, SourceStart::Time(_)) {
+            self.have_cursor = true;
+        }
+        if changed && self.have_cursor {
+            self.persist();
+        }
+    }
+
+    fn subscribe_wake(&mut self, stream_subjects: &[String]) {
+        let subjects: Vec<String> = match &self.p.filter {
+            Some(f) => vec![f.clone()],
+            None => stream_subjects.to_vec(),
+        };
+        let valid = subjects.into_iter().filter(|s| subject::valid_filter(s));
+        for (s, sid) in valid.zip(self.wake_sids.clone()) {
+            self.commands
+                .push_back(Command::Subscribe { subject: s, sid });
+        }
+        self.wake_subscribed = true;
+    }
+
+    fn on_reply(&mut self, now: Instant, reply: Reply) {
+        match reply {
+            Reply::Msg {
+                seq,
+                subject,
+                headers,
+                payload,
+                pending,
+            } => {
+                if seq <= self.got_last {
+                    return; // Not above what we have: a duplicate.
+                }
+                self.got_last = seq;
+                self.got_replies += 1;
+                self.batch_pending = pending;
+                self.take(seq, subject, headers, payload);
+                if self.got_replies > self.p.batch
+                    || self.got_bytes > self.p.max_bytes.saturating_mul(2)
+                {
+                    self.got.clear();
+                    self.got_bytes = 0;
+                    self.fail(now, "the hub sent more than the batch asked for".into());
+                }
+            }
+            Reply::End { pending } => {
+                if pending.is_some() {
+                    self.batch_pending = pending;
+                }
+                self.complete(now);
+            }
+            Reply::NotFound => {
+                self.batch_pending = Some(0);
+                self.complete(now);
+            }
+            Reply::Fail(why) => {
+                self.got.clear();
+                self.got_bytes = 0;
+                self.fail(now, why);
+            }
+        }
+    }
+
+    /// The local subject of hub message `subj`, or why it is not stored.
+    fn local_subject(&self, subj: &str) -> Result<String, &'static str> {
+        let filter = self.p.filter.as_deref().unwrap_or(">");
+        if !subject::matches(filter, subj) {
+            return Err("outside the source's filter");
+        }
+        let s = match &self.p.transform {
+            Some((from, t)) if subject::matches(from, subj) => t
+                .apply(subj)
+                .ok_or("the subject transform does not apply")?,
+            _ => subj.to_string(),
+        };
+        if s.starts_with('$') || s.starts_with("_INBOX.") {
+            Err("its subject is in the reserved $ / _INBOX. namespace")
+        } else if !subject::valid_subject(&s) {
+            Err("not a valid subject")
+        } else if !self
+            .p
+            .local_subjects
+            .iter()
+            .any(|f| subject::matches(f, &s))
+        {
+            Err("the local stream does not capture its subject")
+        } else {
+            Ok(s)
+        }
+    }
+
+    /// Add one hub message to the batch being collected (or skip it).
+    fn take(&mut self, seq: u64, subj: String, headers: Option<HeaderBlock>, payload: Vec<u8>) {
+        let local = match self.local_subject(&subj) {
+            Ok(s) => s,
+            Err(why) => {
+                self.st.skipped += 1;
+                self.events.push_back(Event::Skipped(seq, subj, why));
+                return;
+            }
+        };
+        let mut hb = headers.unwrap_or_default();
+        hb.set(ORIGIN_HEADER, format!("{} {seq}", self.p.from));
+        let Ok(block) = hb.encode() else {
+            self.st.skipped += 1;
+            let why = "its headers cannot be re-encoded";
+            self.events.push_back(Event::Skipped(seq, subj, why));
+            return;
+        };
+        let m = Message {
+            subject: local,
+            headers: Some(block),
+            payload,
+        };
+        self.got_bytes += m.size();
+        self.got.push((seq, m));
+    }
+
+    /// The batch is complete: hand it out, or decide what an empty one
+    /// means.
+    fn complete(&mut self, now: Instant) {
+        self.recovered();
+        if self.got_last > self.hub_seq {
+            // Establishes the cursor of a start_time source too.
+            self.have_cursor = true;
+            if !self.woken {
+                self.after_wake = false;
+            }
+            self.ready = Some(Batch {
+                msgs: std::mem::take(&mut self.got),
+                last_hub_seq: self.got_last,
+            });
+            self.got_bytes = 0;
+            self.phase = Phase::Store;
+            self.st.hub_last_seq = self.st.hub_last_seq.max(self.got_last);
+            return;
+        }
+        self.phase = Phase::Idle;
+        self.st.pending = 0;
+        if self.woken {
+            self.woken = false;
+            self.fetch(now);
+        } else if self.wake_retries > 0 {
+            // A follower may lag behind the publish that woke us.
+            let k = WAKE_RETRIES - self.wake_retries;
+            self.wake_retries -= 1;
+            self.timer = Some((now + WAKE_RETRY * (1 << k), Due::Fetch));
+        } else if self.after_wake {
+            // Woken, and nothing above the cursor: the stream may have
+            // been recreated below it.
+            self.timer = Some((now, Due::Info));
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod tests;
