@@ -91,14 +91,7 @@ pub async fn run(
     let (mut sources, storers) = source_io::open(&cfg, &data_dir, &broker, &stored_tx).await;
     let params = link_params(&cfg, &node);
     let mut link = Link::new(params, Instant::now(), fastrand::u64(..));
-    for s in slots.iter_mut() {
-        // A hub stream's new leader ends a resync wait at once (see
-        // `Mirror::handle_leader_elected`); a user without permission for
-        // advisories gets an -ERR and the timeouts still recover.
-        s.leader_sid = link
-            .subscribe(&s.mirror.leader_advisory_subject(), None)
-            .ok();
-    }
+    watch_leaders(&mut slots, &mut link);
     let mut bridge = bridge_io::BridgeIo::start(&cfg, &broker, &mut link);
     let mut tls = TlsClient::new(&cfg);
     let mut sock: Option<Box<dyn HubIo>> = None;
@@ -361,6 +354,18 @@ async fn drive_actions(
             }
             Action::Close => *sock = None,
         }
+    }
+}
+
+/// Subscribes each mirror to its hub stream's leader-elected advisory: a
+/// new leader ends a resync wait at once (see
+/// [`Mirror::handle_leader_elected`]). A hub user without permission for
+/// advisories gets an `-ERR` and the timeouts still recover.
+fn watch_leaders(slots: &mut [Slot], link: &mut Link) {
+    for s in slots.iter_mut() {
+        s.leader_sid = link
+            .subscribe(&s.mirror.leader_advisory_subject(), None)
+            .ok();
     }
 }
 
