@@ -489,6 +489,13 @@ impl Session {
         std::mem::take(&mut self.out)
     }
 
+    /// Make room for `bytes` more output at once: the shell, before moving
+    /// a batch of deliveries in, so encoding them does not grow the buffer
+    /// step by step (the buffer leaves with [`Session::take_output`]).
+    pub fn reserve_output(&mut self, bytes: usize) {
+        self.out.reserve(bytes);
+    }
+
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }

@@ -293,17 +293,18 @@ impl Session {
         if self
             .perms
             .as_ref()
-            .is_some_and(|p| !p.may_deliver(&d.subject))
+            .is_some_and(|p| !p.may_deliver(d.subject()))
         {
             return;
         }
-        if d.subject.starts_with('$') && !self.dollar_subscribed(&d.subject) {
+        let m = &*d.msg;
+        if m.subject.starts_with('$') && !self.dollar_subscribed(&m.subject) {
             // MQTT 3.1.1 §4.7.2: a filter starting with a wildcard does not
             // match topics starting with `$`.
             return;
         }
-        let (headers, reply) = (d.headers.as_deref(), d.reply.as_deref());
-        let Some(o) = self.outgoing(&d.subject, headers, reply, d.shared, false) else {
+        let (headers, reply) = (m.headers.as_deref(), m.reply.as_deref());
+        let Some(o) = self.outgoing(&m.subject, headers, reply, d.shared, false) else {
             return;
         };
         // The router sends at the highest QoS of the connection's
@@ -323,10 +324,10 @@ impl Session {
             // set; a live one keeps the publisher's flag only for Retain
             // As Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
             retain: retain || (d.retain && o.retain_as_published),
-            topic: topics::subject_to_topic(&d.subject),
+            topic: topics::subject_to_topic(&m.subject),
             packet_id: None,
             properties: o.props,
-            payload: d.payload.clone(),
+            payload: m.payload.clone(),
         };
         let deadline = o.life.map(|l| d.at + l);
         if qos != QoS::AtMostOnce

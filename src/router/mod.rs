@@ -83,7 +83,7 @@ use crate::stream::StreamHandle;
 use crate::subject;
 use crate::subject::mapping::Mappings;
 
-use queues::NO_INTEREST_MAX;
+use queues::{msg_cost, NO_INTEREST_MAX};
 pub use queues::{Delivery, Msg, NoInterest, Outbox, Push, QueueBudget, DELIVERY_OVERHEAD};
 use table::{is_sid, mqtt_dollar_blind, Sub, Table, Target};
 

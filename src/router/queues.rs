@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex};
 use super::lock;
 use crate::subject;
 
-/// A message handed to an MQTT subscriber.
-#[derive(Debug)]
+/// A message handed to an MQTT subscriber: the routed message, shared by
+/// every subscriber it goes to (no copy per subscriber), with what this
+/// subscriber gets it as.
+#[derive(Debug, Clone)]
 pub struct Delivery {
-    /// The NATS subject.
-    pub subject: String,
-    pub payload: Vec<u8>,
+    /// The message: NATS subject, payload, header block (MQTT 5
+    /// properties, see [`bridge`]) and reply subject (an MQTT 5 Response
+    /// Topic). Its `publisher` is never shown to the subscriber.
+    pub msg: Arc<Msg>,
     /// The publisher's QoS (0 for NATS publishes), capped at the
     /// subscription's.
     pub qos: u8,
@@ -27,27 +30,34 @@ pub struct Delivery {
     /// Chosen for a shared subscription (`$share/...`): delivered live
     /// even to a persistent session (see [`session`]).
     pub shared: bool,
-    /// The NATS header block (MQTT 5 properties, see [`bridge`]).
-    pub headers: Option<Vec<u8>>,
-    /// The NATS reply subject (an MQTT 5 Response Topic).
-    pub reply: Option<String>,
     /// When it was routed (MQTT message expiry counts from here).
     pub at: std::time::Instant,
 }
 
 impl Delivery {
-    /// Bytes this delivery costs while queued (close to what it holds).
+    /// Bytes this delivery costs while queued (close to what it holds;
+    /// the message itself is counted for each subscriber, as if copied).
     pub fn cost(&self) -> usize {
-        DELIVERY_OVERHEAD
-            + self.subject.len()
-            + self.payload.len()
-            + self.headers.as_ref().map_or(0, Vec::len)
-            + self.reply.as_ref().map_or(0, String::len)
+        msg_cost(&self.msg)
+    }
+
+    /// The NATS subject.
+    pub fn subject(&self) -> &str {
+        &self.msg.subject
     }
 }
 
-/// What a queued [`Delivery`] costs beyond its strings and payload (the
-/// struct, its `Arc`, the channel slot).
+/// What a [`Delivery`] of `m` costs while queued.
+pub fn msg_cost(m: &Msg) -> usize {
+    DELIVERY_OVERHEAD
+        + m.subject.len()
+        + m.payload.len()
+        + m.headers.as_ref().map_or(0, Vec::len)
+        + m.reply.as_ref().map_or(0, String::len)
+}
+
+/// What a queued [`Delivery`] costs beyond its message's strings and
+/// payload (the struct and its channel slot, the shared [`Msg`]).
 pub const DELIVERY_OVERHEAD: usize = 128;
 
 /// The byte budget of one MQTT connection's queued deliveries

@@ -13,8 +13,7 @@ use smol::channel::TrySendError;
 
 use super::table::{pick_member, Sub, SubId, Table, Target};
 use super::{
-    lock, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, DELIVERY_OVERHEAD,
-    NO_INTEREST_MAX,
+    lock, msg_cost, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, NO_INTEREST_MAX,
 };
 
 /// One MQTT connection's copy of a message: (connection, through a shared
@@ -186,29 +185,29 @@ impl Broker {
     /// Queue one MQTT delivery of `m` for `sub` (whose queue has room in
     /// messages) unless its byte budget is spent (then it is dropped and
     /// counted).
-    fn send_mqtt(&self, sub: &Sub, shared: bool, qos: u8, retain: bool, now: Instant, m: &Msg) {
+    fn send_mqtt(
+        &self,
+        sub: &Sub,
+        shared: bool,
+        qos: u8,
+        retain: bool,
+        now: Instant,
+        m: &Arc<Msg>,
+    ) {
         let Target::Mqtt { tx, budget, .. } = &sub.target else {
             return;
         };
         if let Some(b) = budget {
-            let cost = DELIVERY_OVERHEAD
-                + m.subject.len()
-                + m.payload.len()
-                + m.headers.as_ref().map_or(0, Vec::len)
-                + m.reply.as_ref().map_or(0, String::len);
-            if !b.try_charge(cost) {
+            if !b.try_charge(msg_cost(m)) {
                 self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         let d = Arc::new(Delivery {
-            subject: m.subject.clone(),
-            payload: m.payload.clone(),
+            msg: m.clone(),
             qos,
             retain,
             shared,
-            headers: m.headers.clone(),
-            reply: m.reply.clone(),
             at: now,
         });
         match tx.try_send(d) {

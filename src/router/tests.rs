@@ -24,7 +24,7 @@ fn mqtt_overlapping_filters_deliver_once_at_highest_qos() {
     assert_eq!(b.subscription_count(), 2);
     b.route("a.b", b"x", 2, false, Instant::now());
     let d = rx.try_recv().unwrap();
-    assert_eq!((d.subject.as_str(), d.qos), ("a.b", 2));
+    assert_eq!((d.subject(), d.qos), ("a.b", 2));
     assert!(rx.try_recv().is_err(), "delivered once");
     assert!(b.unsubscribe(1, "a.>"));
     assert!(!b.unsubscribe(1, "a.>"));
@@ -49,7 +49,7 @@ fn nats_subscriptions_each_get_a_copy_and_mqtt_sees_nats() {
     sids.sort_unstable();
     assert_eq!(sids, vec![10, 11]);
     let d = rx.try_recv().unwrap();
-    assert_eq!((d.payload.as_slice(), d.qos), (&b"hi"[..], 0));
+    assert_eq!((d.msg.payload.as_slice(), d.qos), (&b"hi"[..], 0));
     // MQTT publishes reach NATS subscribers.
     b.route("a.c", b"m", 1, false, Instant::now());
     let got = ob.take(usize::MAX);

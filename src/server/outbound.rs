@@ -38,7 +38,7 @@ use smol::channel::Receiver;
 
 use crate::broker::retained::{Retained, RetainedScan};
 use crate::mqtt::Session;
-use crate::router::{Broker, ConnId, Delivery, QueueBudget};
+use crate::router::{Broker, ConnId, Delivery, Msg, QueueBudget};
 
 /// Deliveries (and retained messages) are moved into the session's output
 /// only while it holds less than this many bytes.
@@ -121,24 +121,35 @@ impl Outbound {
             })
             .await;
             for m in msgs {
-                session.deliver_retained(&Delivery {
+                let msg = Msg {
                     subject: m.subject,
+                    reply: None,
+                    headers: m.headers,
                     payload: m.payload,
+                    publisher: None,
+                };
+                session.deliver_retained(&Delivery {
+                    msg: Arc::new(msg),
                     qos: m.qos.min(granted),
                     retain: true,
                     shared: false,
                     // Expiry counts from when it was set.
                     at: super::mqtt::retained_at(m.stored_ms),
-                    headers: m.headers,
-                    reply: None,
                 });
             }
             if !scan.is_done() {
                 self.scans.push_front((scan, granted));
             }
         }
+        let mut first = true;
         while self.scans.is_empty() && session.output_len() < WRITE_BUDGET {
             let Ok(d) = rx.try_recv() else { break };
+            if std::mem::take(&mut first) {
+                // Room for the batch (what waits, up to the write budget)
+                // in one allocation; `cost` is above the encoded size.
+                let batch = (rx.len() + 1).saturating_mul(d.cost());
+                session.reserve_output(batch.min(WRITE_BUDGET) + d.cost());
+            }
             self.take(session, broker, &d);
         }
         self.settle(session, broker);
@@ -150,7 +161,7 @@ impl Outbound {
     /// subscriptions, which are always live).
     pub fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
         self.budget.release(d.cost());
-        if d.shared || !(session.follows_streams() && broker.capture(&d.subject).is_some()) {
+        if d.shared || !(session.follows_streams() && broker.capture(d.subject()).is_some()) {
             session.deliver(d);
         }
         self.settle(session, broker);

@@ -205,13 +205,16 @@ fn connected_v5(props: Properties) -> (Session, Instant) {
 
 fn delivery(subject: &str, qos: u8, headers: Option<Vec<u8>>, at: Instant) -> Delivery {
     Delivery {
-        subject: subject.into(),
-        payload: b"p".to_vec(),
+        msg: std::sync::Arc::new(crate::router::Msg {
+            subject: subject.into(),
+            reply: None,
+            headers,
+            payload: b"p".to_vec(),
+            publisher: None,
+        }),
         qos,
         retain: false,
         shared: false,
-        headers,
-        reply: None,
         at,
     }
 }

@@ -37,13 +37,16 @@ fn subscribe_maps_filters_and_deliver_uses_min_qos_from_router() {
     );
     assert!(matches!(&sent(&mut s, v)[..], [Packet::SubAck(a)] if a.codes == vec![1, 0]));
     s.deliver(&Delivery {
-        subject: "plant.l1.temp".into(),
-        payload: b"21".to_vec(),
+        msg: std::sync::Arc::new(crate::router::Msg {
+            subject: "plant.l1.temp".into(),
+            reply: None,
+            headers: None,
+            payload: b"21".to_vec(),
+            publisher: None,
+        }),
         qos: 1,
         retain: false,
         shared: false,
-        headers: None,
-        reply: None,
         at: now,
     });
     match &sent(&mut s, v)[..] {
@@ -181,10 +184,7 @@ fn queued_deliveries_are_bounded_in_bytes_too() {
         ..Properties::default()
     });
     subscribe_all(&mut s, now, None);
-    let big = |subject: &str| Delivery {
-        payload: vec![7u8; 300_000],
-        ..delivery(subject, 1, None, now)
-    };
+    let big = |subject: &str| with_payload(delivery(subject, 1, None, now), vec![7u8; 300_000]);
     // One in flight; then the queue takes one of any size, and more
     // while under max_queued_bytes (1 MiB in these limits).
     for t in ["a", "b", "c", "d", "e", "f"] {
@@ -205,10 +205,10 @@ fn queued_deliveries_are_bounded_in_bytes_too() {
     .0;
     subscribe_all(&mut s2, now, None);
     s2.deliver(&big("a"));
-    s2.deliver(&Delivery {
-        payload: vec![1u8; 2 << 20],
-        ..delivery("b", 1, None, now)
-    });
+    s2.deliver(&with_payload(
+        delivery("b", 1, None, now),
+        vec![1u8; 2 << 20],
+    ));
     assert_eq!((s2.queued_len(), s2.dropped), (1, 0));
 }
 
@@ -220,8 +220,7 @@ fn v5_max_packet_size_drops_only_that_message() {
         ..Properties::default()
     });
     subscribe_all(&mut s, now, None);
-    let mut big = delivery("big", 1, None, now);
-    big.payload = vec![0; 100];
+    let big = with_payload(delivery("big", 1, None, now), vec![0; 100]);
     s.deliver(&big);
     s.deliver(&delivery("big", 1, None, now));
     let got = publishes(&mut s);
@@ -259,7 +258,7 @@ fn v5_subscription_identifiers_and_properties_reach_subscribers() {
         ..Properties::default()
     });
     let mut d = delivery("a.b", 0, headers, now);
-    d.reply = Some("svc.reply".into());
+    std::sync::Arc::make_mut(&mut d.msg).reply = Some("svc.reply".into());
     s.deliver(&d);
     s.deliver(&delivery("x", 0, None, now));
     let got = publishes(&mut s);
@@ -279,4 +278,10 @@ fn v5_subscription_identifiers_and_properties_reach_subscribers() {
     assert_eq!(got[1].properties.subscription_identifiers, vec![42]);
     let ids: Vec<_> = s.snapshot().subs.iter().map(|x| x.id).collect();
     assert_eq!(ids, vec![Some(42), Some(7)], "# and a/+");
+}
+
+/// `d` with another payload.
+fn with_payload(mut d: Delivery, payload: Vec<u8>) -> Delivery {
+    std::sync::Arc::make_mut(&mut d.msg).payload = payload;
+    d
 }

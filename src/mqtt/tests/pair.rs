@@ -357,13 +357,16 @@ impl World {
 
 fn delivery(subject: &str, payload: &[u8], qos: u8, h: Option<Vec<u8>>, at: Instant) -> Delivery {
     Delivery {
-        subject: subject.into(),
-        payload: payload.to_vec(),
+        msg: std::sync::Arc::new(crate::router::Msg {
+            subject: subject.into(),
+            reply: None,
+            headers: h,
+            payload: payload.to_vec(),
+            publisher: None,
+        }),
         qos,
         retain: false,
         shared: false,
-        headers: h,
-        reply: None,
         at,
     }
 }

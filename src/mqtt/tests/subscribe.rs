@@ -43,13 +43,16 @@ fn shared_subscriptions_both_versions() {
         // A shared delivery of a `$` topic is not refused by the
         // non-wildcard check, and arrives at the router's QoS.
         s.deliver(&Delivery {
-            subject: "a.c".into(),
-            payload: b"x".to_vec(),
+            msg: std::sync::Arc::new(crate::router::Msg {
+                subject: "a.c".into(),
+                reply: None,
+                headers: None,
+                payload: b"x".to_vec(),
+                publisher: None,
+            }),
             qos: 1,
             retain: false,
             shared: true,
-            headers: None,
-            reply: None,
             at: now,
         });
         assert!(matches!(&sent(&mut s, v)[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce));
