@@ -362,11 +362,25 @@ impl<'a> Ingest<'a> {
 }
 
 /// The stream a NATS publish is captured into. Reply subjects (`_INBOX.`)
-/// and the reserved `$` namespace are transient traffic and never
-/// captured.
+/// are transient traffic and never captured. The reserved `$` namespace is
+/// captured only by a stream that names it explicitly (a filter starting
+/// with `$`, as Key/Value buckets `$KV.<bucket>.>` and object stores
+/// `$O.<bucket>.>` do) and never for the API, acks or system subjects
+/// (`$JS.`, `$SYS.`): a `>` stream does not swallow them.
 fn nats_capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a StreamHandle> {
-    if subject.starts_with("_INBOX.") || subject.starts_with('$') {
+    if subject.starts_with("_INBOX.") {
         return None;
+    }
+    if subject.starts_with('$') {
+        if subject.starts_with("$JS.") || subject.starts_with("$SYS.") {
+            return None;
+        }
+        return broker.streams().iter().find(|s| {
+            s.config()
+                .subjects
+                .iter()
+                .any(|f| f.starts_with('$') && crate::subject::matches(f, subject))
+        });
     }
     broker.capture(subject)
 }

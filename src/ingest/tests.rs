@@ -109,6 +109,27 @@ fn nats_requests_to_a_catch_all_stream_are_stored_but_not_answered() {
 }
 
 #[test]
+fn only_a_stream_naming_the_dollar_namespace_captures_it() {
+    let mem = MemBackend::new();
+    let broker = Broker::new(vec![
+        stream(&mem, &[">"]),
+        stream(&mem, &["$KV.cfg.>", "$JS.API.>"]),
+    ]);
+    let ingest = Ingest::new(&broker);
+    let (mut seen, mut tally) = (NoInterest::default(), Tally::default());
+    let now = Instant::now();
+    let p = nats_pub("$KV.cfg.a", None, false);
+    let out = ingest.nats(&CLIENT, p, &mut seen, &mut tally, now).unwrap();
+    let (c, _) = out.capture.expect("a KV bucket captures its subjects");
+    assert_eq!(c.message.subject, "$KV.cfg.a");
+    for subject in ["$KV.other.a", "$JS.API.INFO", "$SYS.x", "$O.b.C.x"] {
+        let p = nats_pub(subject, None, false);
+        let out = ingest.nats(&CLIENT, p, &mut seen, &mut tally, now).unwrap();
+        assert!(out.capture.is_none(), "{subject} captured");
+    }
+}
+
+#[test]
 fn nats_pub_ack_goes_only_where_the_publisher_may_subscribe() {
     let mem = MemBackend::new();
     let broker = Broker::new(vec![stream(&mem, &["t.>"])]);
