@@ -338,12 +338,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Ws<S> {
                 let _ = self.flush_control().await;
                 return Ok(0);
             }
-            let mut chunk = [0u8; 8192];
-            let n = self.sock.read(&mut chunk).await?;
+            // The caller's buffer doubles as the socket read buffer: a
+            // local one would sit in every connection's future.
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let n = self.sock.read(buf).await?;
             if n == 0 {
                 return Ok(0);
             }
-            self.raw.extend_from_slice(&chunk[..n]);
+            self.raw.extend_from_slice(&buf[..n]);
             if let Err(v) = self.decode() {
                 self.data.clear();
                 return Err(self.refuse(v).await);

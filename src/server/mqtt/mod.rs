@@ -70,7 +70,6 @@ use std::time::Instant;
 
 use smol::channel::Receiver;
 use smol::future::FutureExt;
-use smol::io::{AsyncRead, AsyncWrite};
 use smol::net::TcpListener;
 use smol::Timer;
 
@@ -81,7 +80,7 @@ use crate::mqtt::{Limits, Session};
 use crate::router::Broker;
 
 use super::accept::{self, Accept};
-use super::transport::Plain;
+use super::transport::{Link, Plain, Stream};
 
 pub use conn::connection;
 pub use wills::{publish_will, DelayedWills};
@@ -195,7 +194,10 @@ async fn serve_one(
     };
     let timeout = limits.connect_timeout;
     let why = match framing.tls {
-        None => unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown).await,
+        None => {
+            let sock: Stream = Box::new(sock);
+            unwrap_and_serve(sock, framing.websocket, &ctx, limits, max_queued, shutdown).await
+        }
         // Boxed, like the WebSocket path: the TLS state would make every
         // plain connection's task that much bigger.
         Some(acceptor) => {
@@ -209,6 +211,7 @@ async fn serve_one(
                 match shaken {
                     Ok(tls) => {
                         let ws = framing.websocket;
+                        let tls: Stream = Box::new(tls);
                         unwrap_and_serve(tls, ws, &ctx, limits, max_queued, shutdown).await
                     }
                     Err(e) => format!("TLS handshake failed: {e}"),
@@ -223,8 +226,8 @@ async fn serve_one(
 
 /// After TLS (if any): the WebSocket upgrade (if `websocket`), then the
 /// MQTT connection. Returns why it ended.
-async fn unwrap_and_serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut sock: S,
+async fn unwrap_and_serve(
+    mut sock: Stream,
     websocket: bool,
     ctx: &Ctx<'_>,
     limits: Limits,
@@ -232,7 +235,7 @@ async fn unwrap_and_serve<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: Receiver<()>,
 ) -> String {
     if !websocket {
-        return connection(Plain(sock), ctx, limits, max_queued, shutdown).await;
+        return connection(Link::Plain(Plain(sock)), ctx, limits, max_queued, shutdown).await;
     }
     // Boxed: the WebSocket path's future is several KiB larger than the
     // plain one, and every task would otherwise be that big.
@@ -247,7 +250,7 @@ async fn unwrap_and_serve<S: AsyncRead + AsyncWrite + Unpin>(
         match shaken {
             Ok(()) => {
                 let ws = super::ws::Ws::new(sock, limits.max_packet_size + 16);
-                connection(ws, ctx, limits, max_queued, shutdown).await
+                connection(Link::Ws(ws), ctx, limits, max_queued, shutdown).await
             }
             Err(e) => format!("websocket handshake failed: {e}"),
         }
