@@ -375,12 +375,7 @@ fn nats_capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a StreamHandl
         if subject.starts_with("$JS.") || subject.starts_with("$SYS.") {
             return None;
         }
-        return broker.streams().iter().find(|s| {
-            s.config()
-                .subjects
-                .iter()
-                .any(|f| f.starts_with('$') && crate::subject::matches(f, subject))
-        });
+        return broker.capture_reserved(subject);
     }
     broker.capture(subject)
 }

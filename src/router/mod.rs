@@ -187,6 +187,17 @@ impl Broker {
         })
     }
 
+    /// The stream that captures `subj` through a filter that names the `$`
+    /// namespace explicitly (`$KV.<bucket>.>`), if any.
+    pub fn capture_reserved(&self, subj: &str) -> Option<&StreamHandle> {
+        self.streams.iter().find(|s| {
+            s.config()
+                .subjects
+                .iter()
+                .any(|f| f.starts_with('$') && subject::matches(f, subj))
+        })
+    }
+
     /// Add an MQTT subscription for `conn`; replaces an identical filter of
     /// the same connection (MQTT semantics).
     pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
