@@ -46,6 +46,8 @@ pub(super) struct RawStream {
     deny_purge: bool,
     #[serde(default)]
     allow_msg_ttl: bool,
+    #[serde(default)]
+    allow_direct: bool,
     encrypt: Option<bool>,
 }
 
@@ -222,6 +224,7 @@ impl RawStream {
             deny_delete: self.deny_delete,
             deny_purge: self.deny_purge,
             allow_msg_ttl: self.allow_msg_ttl,
+            allow_direct: self.allow_direct,
             key: crypt_key.cloned(),
             encrypt,
         })
@@ -282,12 +285,13 @@ mod tests {
     fn stream_semantics_keys() {
         let base = "[[stream]]\nname = \"KV\"\nsubjects = [\"kv.>\"]\n";
         let c = Config::parse(&format!(
-            "{base}max_msgs_per_subject = 1\ndiscard = \"new\"\ndiscard_new_per_subject = true\nretention = \"workqueue\"\nallow_rollup = true\ndeny_delete = true\nallow_msg_ttl = true\n"
+            "{base}max_msgs_per_subject = 1\ndiscard = \"new\"\ndiscard_new_per_subject = true\nretention = \"workqueue\"\nallow_rollup = true\ndeny_delete = true\nallow_msg_ttl = true\nallow_direct = true\n"
         ))
         .unwrap();
         let s = &c.streams[0];
         assert_eq!(s.max_msgs_per_subject, 1);
         assert!(s.discard_new_per_subject && s.allow_rollup && s.deny_delete && s.allow_msg_ttl);
+        assert!(s.allow_direct);
         assert!(!s.deny_purge);
         assert_eq!(s.retention, Retention::WorkQueue);
         let e = Config::parse(&format!("{base}discard_new_per_subject = true\n")).unwrap_err();

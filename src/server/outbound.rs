@@ -29,6 +29,16 @@
 //!   before any live delivery that came after the SUBSCRIBE. At most
 //!   [`MAX_RETAINED_SCANS`] scans wait; subscriptions beyond them get no
 //!   retained messages (with a warning).
+//! - Key/Value bridge: a new subscription to `$KV/<bucket>/<key>` (NATS
+//!   filter `$KV.<bucket>.<key…>`, wildcards allowed in the key) that
+//!   gets retained messages also gets the current value of every matching
+//!   key of bucket `<bucket>` (stream `KV_<bucket>`: the newest message of
+//!   each subject), as retained messages, in sequence order; deleted or
+//!   purged keys (`KV-Operation: DEL`/`PURGE`) have no current value and
+//!   are left out. Only the sequences wait in memory (at most
+//!   [`MAX_KV_KEYS`] per connection); each message is read when the
+//!   session has room, and passes the same permission check as every
+//!   delivery ([`Session::deliver_retained`]: `deny_subscribe` per key).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -39,6 +49,7 @@ use smol::channel::Receiver;
 use crate::broker::retained::{Retained, RetainedScan};
 use crate::mqtt::Session;
 use crate::router::{Broker, ConnId, Delivery, Msg, QueueBudget};
+use crate::stream::StreamHandle;
 
 /// Deliveries (and retained messages) are moved into the session's output
 /// only while it holds less than this many bytes.
@@ -46,12 +57,31 @@ pub const WRITE_BUDGET: usize = 64 * 1024;
 /// Retained-message scans (one per filter of a SUBSCRIBE) that may wait
 /// per connection; subscriptions beyond them get no retained messages.
 pub const MAX_RETAINED_SCANS: usize = 1024;
+/// Current KV values (keys) that may wait per connection.
+pub const MAX_KV_KEYS: usize = 65_536;
+
+/// The current values of KV keys owed to one new subscription.
+struct KvScan {
+    stream: StreamHandle,
+    /// Sequences still to read: the newest message of each matching key.
+    seqs: VecDeque<u64>,
+    granted: u8,
+}
+
+/// The bucket of a NATS filter `$KV.<bucket>.<key…>` (a literal bucket).
+fn kv_bucket(filter: &str) -> Option<&str> {
+    let (bucket, key) = filter.strip_prefix("$KV.")?.split_once('.')?;
+    let literal = !bucket.is_empty() && !matches!(bucket, "*" | ">");
+    (literal && !key.is_empty()).then_some(bucket)
+}
 
 /// One connection's owed deliveries (see the module doc).
 pub struct Outbound {
     budget: Arc<QueueBudget>,
     /// Retained messages owed to new subscriptions, with the granted QoS.
     scans: VecDeque<(RetainedScan, u8)>,
+    /// Current KV values owed to new `$KV.` subscriptions.
+    kv: VecDeque<KvScan>,
     /// The session's `dropped` already added to the counters.
     dropped_seen: u64,
     /// Most messages in one retained batch (`mqtt.max_queued`).
@@ -67,6 +97,7 @@ impl Outbound {
         Outbound {
             budget,
             scans: VecDeque::new(),
+            kv: VecDeque::new(),
             dropped_seen: 0,
             max_queued,
         }
@@ -98,6 +129,81 @@ impl Outbound {
             );
         }
         self.scans.extend(scans.into_iter().zip(granted).take(room));
+    }
+
+    /// A SUBSCRIBE's filters that get retained messages: owe the current
+    /// values of the KV keys the `$KV.<bucket>.…` ones match.
+    pub async fn owe_kv(
+        &mut self,
+        broker: &Broker,
+        filters: &[String],
+        granted: &[u8],
+        client_id: &str,
+    ) {
+        for (f, &q) in filters.iter().zip(granted) {
+            let Some(bucket) = kv_bucket(f) else {
+                continue;
+            };
+            let name = format!("KV_{bucket}");
+            let Some(h) = broker.streams().iter().find(|h| h.config().name == name) else {
+                continue;
+            };
+            let owed: usize = self.kv.iter().map(|k| k.seqs.len()).sum();
+            let room = MAX_KV_KEYS.saturating_sub(owed);
+            match h.last_per_subject(std::slice::from_ref(f), u64::MAX, room).await {
+                Ok(Some(seqs)) if seqs.is_empty() => {}
+                Ok(Some(seqs)) => self.kv.push_back(KvScan {
+                    stream: h.clone(),
+                    seqs: seqs.into(),
+                    granted: q,
+                }),
+                Ok(None) => log::warn!(
+                    "mqtt: {client_id}: {f} matches more KV keys than may wait ({MAX_KV_KEYS} per connection); no current values sent for it (subscribe to fewer keys)"
+                ),
+                Err(e) => log::warn!(
+                    "mqtt: {client_id}: current KV values for {f}: {e}; none sent"
+                ),
+            }
+        }
+    }
+
+    /// Move owed KV values into the session while it has room.
+    async fn pump_kv(&mut self, session: &mut Session) {
+        while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
+            let Some(scan) = self.kv.front_mut() else {
+                break;
+            };
+            let Some(seq) = scan.seqs.pop_front() else {
+                self.kv.pop_front();
+                continue;
+            };
+            let m = match scan.stream.get(seq).await {
+                Ok(Some(m)) => m,
+                // Removed since (a newer value follows live), or closing.
+                Ok(None) | Err(_) => continue,
+            };
+            let op = m
+                .headers
+                .as_deref()
+                .and_then(|h| crate::stream::headers::header(h, "KV-Operation"));
+            if matches!(op, Some("DEL" | "PURGE")) {
+                continue;
+            }
+            let msg = Msg {
+                subject: m.subject,
+                reply: None,
+                headers: m.headers,
+                payload: m.payload,
+                publisher: None,
+            };
+            session.deliver_retained(&Delivery {
+                msg: Arc::new(msg),
+                qos: scan.granted.min(1),
+                retain: true,
+                shared: false,
+                at: super::mqtt::retained_at(m.timestamp / 1_000_000),
+            });
+        }
     }
 
     /// Move what is owed into the session while its output is under
@@ -141,8 +247,11 @@ impl Outbound {
                 self.scans.push_front((scan, granted));
             }
         }
+        if self.scans.is_empty() {
+            self.pump_kv(session).await;
+        }
         let mut first = true;
-        while self.scans.is_empty() && session.output_len() < WRITE_BUDGET {
+        while !self.retained_waiting() && session.output_len() < WRITE_BUDGET {
             let Ok(d) = rx.try_recv() else { break };
             if std::mem::take(&mut first) {
                 // Room for the batch (what waits, up to the write budget)
@@ -182,7 +291,7 @@ impl Outbound {
 
     /// Retained messages are owed: live deliveries wait behind them.
     pub fn retained_waiting(&self) -> bool {
-        !self.scans.is_empty()
+        !self.scans.is_empty() || !self.kv.is_empty()
     }
 
     /// Retained messages can be read now (the session's queue is empty;

@@ -439,6 +439,91 @@ impl Store {
         }
     }
 
+    /// Calls `f(seq, subject id)` for every live record with
+    /// `from <= seq <= upto`, in order (the in-memory index only).
+    fn walk_live(&self, from: u64, upto: u64, f: &mut dyn FnMut(u64, u32)) {
+        let mut q = from.max(self.first_seq);
+        let upto = upto.min(self.last_seq);
+        while q <= upto {
+            let Some(si) = self.seg_index(q) else {
+                let k = self.segs.partition_point(|s| s.base <= q);
+                match self.segs.get(k) {
+                    Some(seg) => q = seg.base,
+                    None => return,
+                }
+                continue;
+            };
+            let seg = &self.segs[si];
+            for i in (q - seg.base) as usize..seg.offsets.len() {
+                let s = seg.base + i as u64;
+                if s > upto {
+                    return;
+                }
+                if !seg.is_deleted(i) {
+                    f(s, seg.sid(i));
+                }
+            }
+            q = seg.end();
+        }
+    }
+
+    /// Live records with `from <= seq <= upto` whose subject matches
+    /// `filter` (exact; walks the index only when a matching subject has
+    /// records on both sides of the range).
+    pub fn count_matching(&self, filter: &str, from: u64, upto: u64) -> u64 {
+        let ids = self.matching_raw(filter);
+        let (mut total, mut inside) = (0, true);
+        for e in ids.iter().filter_map(|&id| self.subjects.entry(id)) {
+            total += e.count;
+            // `first` is a hint no later than the real first record.
+            inside &= e.first >= from && e.last <= upto;
+        }
+        if inside {
+            return total;
+        }
+        let mut n = 0;
+        self.walk_live(from, upto, &mut |_, sid| {
+            n += u64::from(ids.binary_search(&sid).is_ok());
+        });
+        n
+    }
+
+    /// The sequence of the newest live record with `seq <= upto` of every
+    /// subject matching one of `filters`, ascending; `None` if there are
+    /// more than `max` of them.
+    pub fn last_per_subject(&self, filters: &[String], upto: u64, max: usize) -> Option<Vec<u64>> {
+        let mut ids: Vec<u32> = filters.iter().flat_map(|f| self.matching_raw(f)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let (mut seqs, mut older) = (Vec::new(), Vec::new());
+        let mut from = u64::MAX;
+        for id in ids {
+            let Some(e) = self.subjects.entry(id) else {
+                continue;
+            };
+            if e.last <= upto {
+                seqs.push(e.last);
+            } else if e.first <= upto {
+                older.push(id);
+                from = from.min(e.first);
+            }
+            if seqs.len() > max {
+                return None;
+            }
+        }
+        if !older.is_empty() {
+            let mut last = std::collections::BTreeMap::new();
+            self.walk_live(from, upto, &mut |s, sid| {
+                if older.binary_search(&sid).is_ok() {
+                    last.insert(sid, s);
+                }
+            });
+            seqs.extend(last.into_values());
+        }
+        seqs.sort_unstable();
+        (seqs.len() <= max).then_some(seqs)
+    }
+
     /// Live record counts of the subjects matching `filter`, sorted.
     pub fn subject_counts(&self, filter: &str) -> Vec<(String, u64)> {
         let mut v: Vec<(String, u64)> = self

@@ -720,3 +720,64 @@ fn removal_primitives() {
     assert!(!st.remove_first());
     assert!(seg_names(&b).len() <= 1, "dead segments deleted");
 }
+
+#[test]
+fn count_matching_and_last_per_subject_agree_with_a_scan() {
+    let b = MemBackend::new();
+    let mut o = opts();
+    o.segment_size = 600;
+    let (mut st, _) = open(&b, o);
+    let subjects = ["k.a", "k.b", "k.c.x", "other"];
+    for i in 0..120u64 {
+        put(
+            &mut st,
+            &plain(subjects[(i * 7 % 5) as usize % 4], b"v"),
+            T0 + i,
+        );
+    }
+    for seq in [1, 2, 17, 40, 41, 42, 99] {
+        st.remove(seq);
+    }
+    // (seq, subject) of every live record, from the records themselves.
+    let live: Vec<(u64, String)> = all(&mut st)
+        .into_iter()
+        .map(|r| (r.seq, r.subject.to_string()))
+        .collect();
+    assert!(st.segs.len() > 2, "spans several segments");
+    for f in ["k.a", "k.*", "k.>", ">", "none"] {
+        for (from, upto) in [(0, u64::MAX), (30, 80), (41, 41), (100, 110)] {
+            let want = live
+                .iter()
+                .filter(|(s, n)| *s >= from && *s <= upto && crate::subject::matches(f, n))
+                .count() as u64;
+            assert_eq!(
+                st.count_matching(f, from, upto),
+                want,
+                "{f} {from}..={upto}"
+            );
+        }
+    }
+    for upto in [10, 41, 77, u64::MAX] {
+        let filters = vec!["k.*".to_string(), "k.a".to_string()];
+        let mut want: Vec<u64> = ["k.a", "k.b"]
+            .iter()
+            .filter_map(|n| {
+                live.iter()
+                    .filter(|(s, m)| m == n && *s <= upto)
+                    .map(|(s, _)| *s)
+                    .max()
+            })
+            .collect();
+        want.sort_unstable();
+        assert_eq!(
+            st.last_per_subject(&filters, upto, 10),
+            Some(want),
+            "upto {upto}"
+        );
+    }
+    assert_eq!(
+        st.last_per_subject(&[">".into()], u64::MAX, 3),
+        None,
+        "4 subjects > max 3"
+    );
+}

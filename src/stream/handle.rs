@@ -115,8 +115,13 @@ pub(super) enum Cmd {
         Reply<Result<Option<StoredMessage>, StreamError>>,
     ),
     SubjectCounts(String, Reply<Result<Vec<(String, u64)>, StreamError>>),
+    CountMatching(String, u64, u64, Reply<Result<u64, StreamError>>),
+    LastPerSubject(Vec<String>, u64, usize, Reply<LastSeqs>),
     Info(Reply<Result<StreamInfo, StreamError>>),
 }
+
+/// Answer of [`StreamHandle::last_per_subject`].
+pub type LastSeqs = Result<Option<Vec<u64>>, StreamError>;
 
 pub(super) struct Inner {
     pub cfg: StreamConfig,
@@ -264,6 +269,26 @@ impl StreamHandle {
     pub async fn subject_counts(&self, filter: &str) -> Result<Vec<(String, u64)>, StreamError> {
         let f = filter.to_string();
         self.call(|r| Cmd::SubjectCounts(f, r)).await?
+    }
+
+    /// Messages with `from <= seq <= upto` whose subject matches `filter`
+    /// (exact; `upto` is clamped to what is durable).
+    pub async fn count_matching(
+        &self,
+        filter: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<u64, StreamError> {
+        let f = filter.to_string();
+        self.call(|r| Cmd::CountMatching(f, from, upto, r)).await?
+    }
+
+    /// Sequences of the newest message with `seq <= upto` of each subject
+    /// matching one of `filters`, ascending; `Ok(None)` if there are more
+    /// than `max` such subjects.
+    pub async fn last_per_subject(&self, filters: &[String], upto: u64, max: usize) -> LastSeqs {
+        let f = filters.to_vec();
+        self.call(|r| Cmd::LastPerSubject(f, upto, max, r)).await?
     }
 
     /// The full state (a round trip to the owner).

@@ -164,6 +164,8 @@ pub struct StreamConfig {
     pub deny_purge: bool,
     /// Accept `Nats-TTL` headers.
     pub allow_msg_ttl: bool,
+    /// Answer `$JS.API.DIRECT.GET.<stream>` (direct get).
+    pub allow_direct: bool,
     /// Key for encrypted segments (the global `encryption_key_file`).
     pub key: Option<crate::store::crypt::Key>,
     /// Encrypt new records with `key`.
@@ -193,6 +195,7 @@ impl StreamConfig {
             deny_delete: false,
             deny_purge: false,
             allow_msg_ttl: false,
+            allow_direct: false,
             key: None,
             encrypt: false,
         }

@@ -323,6 +323,16 @@ impl Owner {
                 reply(r, res.map(|m| m.filter(|m| m.seq <= self.durable)));
             }
             Cmd::SubjectCounts(f, r) => reply(r, Ok(self.stream.subject_counts(&f))),
+            Cmd::CountMatching(f, from, upto, r) => {
+                let n = self.stream.count_matching(&f, from, upto.min(self.durable));
+                reply(r, Ok(n));
+            }
+            Cmd::LastPerSubject(f, upto, max, r) => {
+                let seqs = self
+                    .stream
+                    .last_per_subject(&f, upto.min(self.durable), max);
+                reply(r, Ok(seqs));
+            }
             Cmd::Info(r) => reply(r, Ok(self.stream.info())),
             Cmd::Publish(..) => {}
         }

@@ -514,6 +514,17 @@ impl Stream {
             .map(StoredMessage::from))
     }
 
+    /// Messages with `from <= seq <= upto` whose subject matches `filter`.
+    pub fn count_matching(&self, filter: &str, from: u64, upto: u64) -> u64 {
+        self.store.count_matching(filter, from, upto)
+    }
+
+    /// Sequences of the newest message (`seq <= upto`) of each subject
+    /// matching one of `filters`, ascending; `None` beyond `max` subjects.
+    pub fn last_per_subject(&self, filters: &[String], upto: u64, max: usize) -> Option<Vec<u64>> {
+        self.store.last_per_subject(filters, upto, max)
+    }
+
     /// Message counts of the subjects matching `filter`, sorted.
     pub fn subject_counts(&self, filter: &str) -> Vec<(String, u64)> {
         self.store.subject_counts(filter)

@@ -36,6 +36,8 @@ pub enum Call {
     ConsumerNames(String),
     ConsumerList(String),
     Next(String, String),
+    /// `DIRECT.GET.<stream>` and `DIRECT.GET.<stream>.<key>`.
+    DirectGet(String, Option<String>),
     Unknown,
 }
 
@@ -80,6 +82,10 @@ pub fn parse_call(subj: &str) -> Call {
         ["CONSUMER", "NAMES", _] => Call::ConsumerNames(s(2)),
         ["CONSUMER", "LIST", _] => Call::ConsumerList(s(2)),
         ["CONSUMER", "MSG", "NEXT", _, _] => Call::Next(s(3), s(4)),
+        ["DIRECT", "GET", _] => Call::DirectGet(s(2), None),
+        ["DIRECT", "GET", _, ..] => {
+            Call::DirectGet(s(2), Some(t.get(3..).unwrap_or_default().join(".")))
+        }
         _ => Call::Unknown,
     }
 }
@@ -139,6 +145,10 @@ impl JsApi {
         let call = parse_call(&m.subject);
         if let Call::Next(stream, consumer) = &call {
             self.handle_next(stream, consumer, m, now);
+            return;
+        }
+        if let Call::DirectGet(stream, key) = &call {
+            self.handle_direct(stream, key.as_deref(), m).await;
             return;
         }
         let Some(reply) = m.reply.clone() else {
@@ -248,7 +258,7 @@ impl JsApi {
             }
             Call::ConsumerNames(s) => ("consumer_names_response", self.consumer_names(&s)),
             Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, now)),
-            Call::Next(..) | Call::Unknown => (
+            Call::Next(..) | Call::DirectGet(..) | Call::Unknown => (
                 "error_response",
                 Err(ApiError::bad_request("unknown JetStream API request")),
             ),

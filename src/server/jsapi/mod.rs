@@ -16,7 +16,8 @@
 //! `STREAM.PURGE` (filter, seq, keep), `CONSUMER.CREATE`,
 //! `CONSUMER.DURABLE.CREATE`, `CONSUMER.INFO`, `CONSUMER.DELETE`,
 //! `CONSUMER.NAMES`, `CONSUMER.LIST`, `CONSUMER.MSG.NEXT` (pull: batch,
-//! max_bytes, expires, no_wait, idle_heartbeat). Streams are configured in
+//! max_bytes, expires, no_wait, idle_heartbeat), `DIRECT.GET` (streams
+//! with `allow_direct`; see `direct`). Streams are configured in
 //! frond.toml: `STREAM.CREATE/UPDATE/DELETE` answer an error saying so.
 //! Push consumers are refused.
 //!
@@ -83,6 +84,7 @@
 
 mod call;
 mod consumers;
+mod direct;
 mod files;
 mod messages;
 mod pull;

@@ -68,7 +68,7 @@ pub fn stream_config_json(h: &StreamHandle) -> Value {
         "deny_delete": c.deny_delete,
         "deny_purge": c.deny_purge,
         "allow_msg_ttl": c.allow_msg_ttl,
-        "allow_direct": false,
+        "allow_direct": c.allow_direct,
         "mirror_direct": false,
         "sealed": false,
     })

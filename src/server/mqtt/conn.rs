@@ -447,6 +447,8 @@ impl<'c, T: Transport> Conn<'c, T> {
         }
         let id = self.client_id.as_deref().unwrap_or("?");
         let retained = self.ctx.retained;
+        let broker = &self.ctx.broker;
+        self.owed.owe_kv(broker, &filters, &granted, id).await;
         self.owed.owe_retained(retained, filters, granted, id).await;
     }
 
