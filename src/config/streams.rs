@@ -224,6 +224,9 @@ impl RawStream {
             allow_msg_ttl: self.allow_msg_ttl,
             key: crypt_key.cloned(),
             encrypt,
+            allow_direct: false,
+            mirror_direct: false,
+            metadata: Vec::new(),
         })
     }
 }

@@ -54,7 +54,9 @@
 //! - A subscription's `deny` is its connection's entry in the table's
 //!   `deny` map (set by [`Broker::set_permissions`], dropped with the
 //!   connection).
-//! - At most one stream captures a subject (config refuses overlaps).
+//! - At most one stream captures a subject (config and API refuse
+//!   overlaps; a catch-all `>` stream captures only what no other stream
+//!   does, see [`StreamSet`]).
 //! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
 //!   protocol shells, to each incoming publish before routing and capture.
 //!
@@ -67,6 +69,7 @@
 
 mod queues;
 mod route;
+mod streams;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -80,11 +83,11 @@ use smol::channel::Sender;
 use crate::auth::Permissions;
 use crate::broker::bridge;
 use crate::stream::StreamHandle;
-use crate::subject;
 use crate::subject::mapping::Mappings;
 
 use queues::{msg_cost, NO_INTEREST_MAX};
 pub use queues::{Delivery, Msg, NoInterest, Outbox, Push, QueueBudget, DELIVERY_OVERHEAD};
+pub use streams::StreamSet;
 use table::{is_sid, mqtt_dollar_blind, Sub, Table, Target};
 
 /// Identifies one connection.
@@ -108,7 +111,7 @@ pub struct Counters {
 
 /// The router shared by every listener task.
 pub struct Broker {
-    streams: Vec<StreamHandle>,
+    streams: StreamSet,
     table: Mutex<Table>,
     /// The table's generation, readable without its lock.
     generation: Arc<AtomicU64>,
@@ -144,7 +147,7 @@ impl Broker {
         let table = Table::default();
         Arc::new(Broker {
             mappings,
-            streams,
+            streams: StreamSet::new(streams),
             generation: table.generation.clone(),
             table: Mutex::new(table),
             clients: Mutex::new(HashMap::new()),
@@ -154,7 +157,14 @@ impl Broker {
         })
     }
 
-    pub fn streams(&self) -> &[StreamHandle] {
+    /// The streams now (a snapshot: streams are created and deleted at
+    /// run time through the JetStream API).
+    pub fn streams(&self) -> Arc<[StreamHandle]> {
+        self.streams.snapshot()
+    }
+
+    /// The stream registry (the JetStream API adds and removes streams).
+    pub fn stream_set(&self) -> &StreamSet {
         &self.streams
     }
 
@@ -178,13 +188,8 @@ impl Broker {
     }
 
     /// The stream that captures `subject`, if any.
-    pub fn capture(&self, subj: &str) -> Option<&StreamHandle> {
-        self.streams.iter().find(|s| {
-            s.config()
-                .subjects
-                .iter()
-                .any(|f| subject::matches(f, subj))
-        })
+    pub fn capture(&self, subj: &str) -> Option<StreamHandle> {
+        self.streams.capture(subj)
     }
 
     /// Add an MQTT subscription for `conn`; replaces an identical filter of

@@ -168,6 +168,12 @@ pub struct StreamConfig {
     pub key: Option<crate::store::crypt::Key>,
     /// Encrypt new records with `key`.
     pub encrypt: bool,
+    /// JetStream `allow_direct` (answer `$JS.API.DIRECT.GET.<stream>`).
+    pub allow_direct: bool,
+    /// JetStream `mirror_direct` (stored and rendered only).
+    pub mirror_direct: bool,
+    /// JetStream `metadata`: user key/value pairs, kept and rendered.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl StreamConfig {
@@ -195,6 +201,9 @@ impl StreamConfig {
             allow_msg_ttl: false,
             key: None,
             encrypt: false,
+            allow_direct: false,
+            mirror_direct: false,
+            metadata: Vec::new(),
         }
     }
 }
