@@ -140,7 +140,10 @@ fn storage_left(cfg: &Config) -> Option<u64> {
             .iter()
             .filter(|s| s.storage == stream::Storage::File)
             .map(|s| s.max_bytes)
-            .fold(cfg.mqtt.max_retained_bytes.saturating_mul(2), u64::saturating_add);
+            .fold(
+                cfg.mqtt.max_retained_bytes.saturating_mul(2),
+                u64::saturating_add,
+            );
         cfg.max_storage.saturating_sub(fixed)
     })
 }

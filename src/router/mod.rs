@@ -163,9 +163,24 @@ impl Broker {
         self.streams.snapshot()
     }
 
-    /// The stream registry (the JetStream API adds and removes streams).
+    /// The stream registry, for lookups.
     pub fn stream_set(&self) -> &StreamSet {
         &self.streams
+    }
+
+    /// Add stream `h` (or replace the one of its name): the JetStream API
+    /// created or reopened it. Connections forget the subjects they
+    /// remembered as reaching nobody ([`NoInterest`]).
+    pub fn add_stream(&self, h: StreamHandle) {
+        self.streams.insert(h);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Remove stream `name` (the caller closes it).
+    pub fn remove_stream(&self, name: &str) -> Option<StreamHandle> {
+        let h = self.streams.remove(name);
+        self.generation.fetch_add(1, Ordering::Release);
+        h
     }
 
     pub fn new_conn_id(&self) -> ConnId {

@@ -199,7 +199,7 @@ impl JsApi {
                 return Err(e);
             }
         };
-        admin.broker.stream_set().insert(h.clone());
+        admin.broker.add_stream(h.clone());
         log::info!("jetstream: stream {name} created over the API");
         let streams_dir = admin.streams_dir.clone();
         self.slots.push(super::new_slot(&h, &streams_dir, &[], now));
@@ -242,7 +242,7 @@ impl JsApi {
         self.slots[i].handle.close().await;
         let broker = admin.broker.clone();
         let h = open_stream(&dir, cfg)?;
-        broker.stream_set().insert(h.clone());
+        broker.add_stream(h.clone());
         let slot = &mut self.slots[i];
         slot.handle = h.clone();
         let st = h.state();
@@ -261,7 +261,7 @@ impl JsApi {
             return Err(Self::config_refusal(name, "deleted"));
         }
         let admin = self.admin()?;
-        admin.broker.stream_set().remove(name);
+        admin.broker.remove_stream(name);
         let streams_dir = admin.streams_dir.clone();
         let slot = self.slots.remove(i);
         slot.handle.close().await;

@@ -227,7 +227,10 @@ impl JsApi {
                 "stream_msg_get_response",
                 self.msg_get(&s, body, caller).await,
             ),
-            Call::MsgDelete(s) => ("stream_msg_delete_response", self.msg_delete(&s, body).await),
+            Call::MsgDelete(s) => (
+                "stream_msg_delete_response",
+                self.msg_delete(&s, body).await,
+            ),
             Call::Purge(s) => ("stream_purge_response", self.purge(&s, body).await),
             Call::ConsumerCreate {
                 stream,

@@ -120,7 +120,11 @@ pub(super) fn parse(
     }
     match text(v, "compression")? {
         None | Some("none") => {}
-        Some(c) => return Err(invalid(format!("compression {c:?} is not supported; use \"none\""))),
+        Some(c) => {
+            return Err(invalid(format!(
+                "compression {c:?} is not supported; use \"none\""
+            )))
+        }
     }
     let replicas = int(v, "num_replicas")?;
     if replicas > 1 {
@@ -143,7 +147,11 @@ pub(super) fn parse(
         None | Some("limits") => Retention::Limits,
         Some("interest") => Retention::Interest,
         Some("workqueue") => Retention::WorkQueue,
-        Some(r) => return Err(invalid(format!("retention {r:?}: use limits, interest or workqueue"))),
+        Some(r) => {
+            return Err(invalid(format!(
+                "retention {r:?}: use limits, interest or workqueue"
+            )))
+        }
     };
     cfg.storage = match text(v, "storage")? {
         None | Some("file") => Storage::File,
@@ -180,10 +188,14 @@ pub(super) fn parse(
     }
     if cfg.discard_new_per_subject {
         if cfg.discard != Discard::New {
-            return Err(invalid("discard new per subject requires discard new policy to be set"));
+            return Err(invalid(
+                "discard new per subject requires discard new policy to be set",
+            ));
         }
         if cfg.max_msgs_per_subject == 0 {
-            return Err(invalid("discard new per subject requires max msgs per subject > 0"));
+            return Err(invalid(
+                "discard new per subject requires max msgs per subject > 0",
+            ));
         }
     }
     if cfg.allow_rollup && cfg.deny_purge {
@@ -246,7 +258,9 @@ fn metadata(v: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
 /// What a live stream may not change (nats-server's update rules).
 pub(super) fn check_update(old: &StreamConfig, new: &StreamConfig) -> Result<(), ApiError> {
     if new.storage != old.storage {
-        return Err(invalid("stream configuration update can not change storage type"));
+        return Err(invalid(
+            "stream configuration update can not change storage type",
+        ));
     }
     if new.retention != old.retention
         && (old.retention == Retention::WorkQueue || new.retention == Retention::WorkQueue)
@@ -256,10 +270,14 @@ pub(super) fn check_update(old: &StreamConfig, new: &StreamConfig) -> Result<(),
         ));
     }
     if old.deny_delete && !new.deny_delete {
-        return Err(invalid("stream configuration update can not cancel deny message deletes"));
+        return Err(invalid(
+            "stream configuration update can not cancel deny message deletes",
+        ));
     }
     if old.deny_purge && !new.deny_purge {
-        return Err(invalid("stream configuration update can not cancel deny purge"));
+        return Err(invalid(
+            "stream configuration update can not cancel deny purge",
+        ));
     }
     if old.allow_msg_ttl && !new.allow_msg_ttl {
         return Err(invalid("message TTL status can not be disabled"));
@@ -275,7 +293,12 @@ mod tests {
 
     #[test]
     fn defaults_and_limits() {
-        let c = parse("S", &json!({"name": "S", "max_msgs": -1, "max_age": 0}), None).unwrap();
+        let c = parse(
+            "S",
+            &json!({"name": "S", "max_msgs": -1, "max_age": 0}),
+            None,
+        )
+        .unwrap();
         assert_eq!(c.subjects, vec!["S".to_string()]);
         assert_eq!(c.max_msgs, 0);
         assert_eq!(c.duplicate_window, DEFAULT_DUP_WINDOW);
@@ -299,7 +322,12 @@ mod tests {
     #[test]
     fn immutable_fields() {
         let old = parse("S", &json!({"deny_delete": true}), None).unwrap();
-        let new = parse("S", &json!({"storage": "memory", "deny_delete": true}), None).unwrap();
+        let new = parse(
+            "S",
+            &json!({"storage": "memory", "deny_delete": true}),
+            None,
+        )
+        .unwrap();
         assert!(check_update(&old, &new).is_err());
         let new = parse("S", &json!({}), None).unwrap();
         assert!(check_update(&old, &new).is_err());

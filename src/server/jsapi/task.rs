@@ -82,8 +82,11 @@ async fn run(
     // One watcher per stream wakes the loop when messages arrive (it ends
     // when its stream closes).
     let (wake_tx, wake_rx) = smol::channel::bounded::<()>(1);
-    let mut watchers: Vec<smol::Task<()>> =
-        broker.streams().iter().map(|h| watch(h, &wake_tx)).collect();
+    let mut watchers: Vec<smol::Task<()>> = broker
+        .streams()
+        .iter()
+        .map(|h| watch(h, &wake_tx))
+        .collect();
     let cursors = |name: &str| -> Option<u64> {
         uplink
             .as_ref()?
