@@ -357,3 +357,43 @@ async fn creating_and_deleting_need_publish_permission_on_the_api() {
     .await;
     assert_eq!(names(&admin).await, vec!["ORDERS", "TELEMETRY"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_and_object_store_streams_are_created_by_the_stock_client() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let c = connect(&f).await;
+    let js = jetstream::new(c.clone());
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "cfg".into(),
+            history: 5,
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .expect("create_key_value");
+    assert_eq!(kv.put("a", "1".into()).await.expect("kv put"), 1);
+    assert_eq!(kv.put("b", "2".into()).await.expect("kv put"), 2);
+    js.create_object_store(jetstream::object_store::Config {
+        bucket: "blobs".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("create_object_store");
+    assert_eq!(names(&c).await, vec!["KV_cfg", "OBJ_blobs", "TELEMETRY"]);
+    let v = api(&c, "$JS.API.STREAM.INFO.KV_cfg", json!({})).await;
+    let cfg = &v["config"];
+    assert_eq!(cfg["subjects"], json!(["$KV.cfg.>"]), "{v}");
+    assert_eq!(cfg["max_msgs_per_subject"], json!(5), "{v}");
+    assert_eq!(cfg["allow_rollup_hdrs"], json!(true), "{v}");
+    assert_eq!(cfg["allow_direct"], json!(true), "{v}");
+    assert_eq!(v["state"]["messages"], json!(2), "{v}");
+    let v = api(&c, "$JS.API.STREAM.INFO.OBJ_blobs", json!({})).await;
+    assert_eq!(
+        v["config"]["subjects"],
+        json!(["$O.blobs.C.>", "$O.blobs.M.>"]),
+        "{v}"
+    );
+    js.delete_key_value("cfg").await.expect("delete_key_value");
+    assert_eq!(names(&c).await, vec!["OBJ_blobs", "TELEMETRY"]);
+}
