@@ -375,12 +375,7 @@ fn nats_capture(broker: &Broker, subject: &str) -> Option<StreamHandle> {
         if subject.starts_with("$JS.") || subject.starts_with("$SYS.") {
             return None;
         }
-        return broker.stream_set().find(|s| {
-            s.config()
-                .subjects
-                .iter()
-                .any(|f| f.starts_with('$') && crate::subject::matches(f, subject))
-        });
+        return broker.stream_set().capture_reserved(subject);
     }
     broker.capture(subject)
 }

@@ -55,6 +55,18 @@ impl StreamSet {
         })
     }
 
+    /// The stream that captures `subj` of the reserved `$` namespace: only
+    /// one naming it explicitly (a filter starting with `$`, as `$KV.<b>.>`),
+    /// so a `>` stream does not swallow it.
+    pub fn capture_reserved(&self, subj: &str) -> Option<StreamHandle> {
+        self.find(|s| {
+            s.config()
+                .subjects
+                .iter()
+                .any(|f| f.starts_with('$') && subject::matches(f, subj))
+        })
+    }
+
     /// Add `h` in front of the frond.toml streams, or replace the stream
     /// of the same name in place.
     pub fn insert(&self, h: StreamHandle) {
