@@ -74,7 +74,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         log::info!("ready");
         let _ = stop_rx.recv().await;
-        wait_for_shutdown(tasks, &handles).await;
+        wait_for_shutdown(tasks, &broker.streams()).await;
         Ok::<(), String>(())
     });
     drop(stop_rx);
@@ -84,10 +84,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
     result
 }
 
-/// Opens every configured stream (recovering it), logging what it holds.
+/// Opens every stream (recovering it), logging what it holds: those
+/// created over the JetStream API first (they come before the frond.toml
+/// streams in capture order, see [`crate::router::StreamSet`]), then the
+/// configured ones.
 fn open_streams(cfg: &Config) -> Result<Vec<StreamHandle>, String> {
     let mut handles: Vec<StreamHandle> = Vec::new();
-    for sc in &cfg.streams {
+    let api = server::jsapi::api_stream_configs(
+        &cfg.data_dir.join("streams"),
+        &cfg.streams,
+        stream_key(cfg).as_ref(),
+    );
+    for sc in api.iter().chain(&cfg.streams) {
         let dir = crate::stream::names::path_in(&cfg.data_dir.join("streams"), &sc.name, "")
             .map_err(|e| format!("stream name {:?}: {e}", sc.name))?;
         let (h, report) = stream::open(&dir, sc.clone())
@@ -114,6 +122,30 @@ fn open_streams(cfg: &Config) -> Result<Vec<StreamHandle>, String> {
         handles.push(h);
     }
     Ok(handles)
+}
+
+/// The encryption key of new file streams (`encryption_key_file`; every
+/// configured stream carries it).
+fn stream_key(cfg: &Config) -> Option<crate::store::crypt::Key> {
+    cfg.streams.iter().find_map(|s| s.key.clone())
+}
+
+/// What `max_storage` leaves for file streams created over the API: the
+/// budget less the frond.toml file streams' `max_bytes` and the retained
+/// messages' share (`None`: no `max_storage`).
+fn storage_left(cfg: &Config) -> Option<u64> {
+    (cfg.max_storage > 0).then(|| {
+        let fixed = cfg
+            .streams
+            .iter()
+            .filter(|s| s.storage == stream::Storage::File)
+            .map(|s| s.max_bytes)
+            .fold(
+                cfg.mqtt.max_retained_bytes.saturating_mul(2),
+                u64::saturating_add,
+            );
+        cfg.max_storage.saturating_sub(fixed)
+    })
 }
 
 /// The MQTT state that outlives connections.
@@ -229,6 +261,13 @@ async fn start_listeners(
     // The JetStream API and consumers of the local streams (also runs
     // interest/workqueue retention, so it starts without a NATS port);
     // subscribed before the NATS port opens.
+    let admin = server::jsapi::Admin {
+        broker: broker.clone(),
+        streams_dir: cfg.data_dir.join("streams"),
+        config_streams: cfg.streams.iter().map(|s| s.name.clone()).collect(),
+        storage_left: storage_left(cfg),
+        key: stream_key(cfg),
+    };
     let mirrored: Vec<String> = cfg
         .uplink
         .iter()
@@ -238,6 +277,7 @@ async fn start_listeners(
         broker.clone(),
         cfg.data_dir.join("streams"),
         mirrored,
+        admin,
         uplink_status.clone(),
         stop_rx.clone(),
     )));

@@ -227,6 +227,8 @@ impl RawStream {
             allow_direct: self.allow_direct,
             key: crypt_key.cloned(),
             encrypt,
+            mirror_direct: false,
+            metadata: Vec::new(),
         })
     }
 }

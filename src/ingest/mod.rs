@@ -108,8 +108,8 @@ impl std::fmt::Display for AckError {
 
 /// What a routed publish asks of the shell: submit `message` to
 /// `stream`.
-pub struct Capture<'a> {
-    pub stream: &'a StreamHandle,
+pub struct Capture {
+    pub stream: StreamHandle,
     pub message: Message,
 }
 
@@ -132,13 +132,13 @@ pub struct NatsClient<'p> {
 }
 
 /// What became of a NATS publish.
-pub struct NatsRouted<'a> {
+pub struct NatsRouted {
     /// Nobody received a request whose client asked to be told: the shell
     /// answers `(reply, subject)` with a no-responders status.
     pub no_responders: Option<(String, String)>,
     /// The stream that stores it, and the reply subject its PubAck goes
     /// to (if it is a JetStream publish the publisher may be answered on).
-    pub capture: Option<(Capture<'a>, Option<String>)>,
+    pub capture: Option<(Capture, Option<String>)>,
 }
 
 /// Messages and bytes brought in, counted by the shell over a batch and
@@ -235,7 +235,7 @@ impl<'a> Ingest<'a> {
         p: Publish,
         publisher: Option<Arc<Permissions>>,
         now: Instant,
-    ) -> (bool, Option<Capture<'a>>) {
+    ) -> (bool, Option<Capture>) {
         let b = self.broker;
         let routed = b.route_mqtt_as(
             publisher,
@@ -263,7 +263,7 @@ impl<'a> Ingest<'a> {
     /// ([`bridge::will_publisher`]). Returns the retained copy's parts when
     /// it has the retain flag (subject, payload, QoS, headers), and its
     /// capture.
-    pub fn route_will(&self, p: Publish, now: Instant) -> (Option<Publish>, Option<Capture<'a>>) {
+    pub fn route_will(&self, p: Publish, now: Instant) -> (Option<Publish>, Option<Capture>) {
         let retained = p.retain.then(|| Publish {
             subject: p.subject.clone(),
             payload: p.payload.clone(),
@@ -287,7 +287,7 @@ impl<'a> Ingest<'a> {
         seen: &mut NoInterest,
         tally: &mut Tally,
         now: Instant,
-    ) -> Result<NatsRouted<'a>, Refused> {
+    ) -> Result<NatsRouted, Refused> {
         let b = self.broker;
         let subject = b.map_subject(p.subject);
         // A reply to an MQTT 5 request goes to its response topic, with
@@ -301,7 +301,7 @@ impl<'a> Ingest<'a> {
         // Who answers a request: a subscriber, or a stream that
         // acknowledges (a catch-all stream cannot tell JetStream publishes
         // from requests: it stays silent).
-        let acking = stream.filter(|s| !catches_all(s)).is_some();
+        let acking = stream.as_ref().is_some_and(|s| !catches_all(s));
         let msg = Msg {
             subject,
             reply,
@@ -367,7 +367,7 @@ impl<'a> Ingest<'a> {
 /// with `$`, as Key/Value buckets `$KV.<bucket>.>` and object stores
 /// `$O.<bucket>.>` do) and never for the API, acks or system subjects
 /// (`$JS.`, `$SYS.`): a `>` stream does not swallow them.
-fn nats_capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a StreamHandle> {
+fn nats_capture(broker: &Broker, subject: &str) -> Option<StreamHandle> {
     if subject.starts_with("_INBOX.") {
         return None;
     }
@@ -375,7 +375,7 @@ fn nats_capture<'a>(broker: &'a Broker, subject: &str) -> Option<&'a StreamHandl
         if subject.starts_with("$JS.") || subject.starts_with("$SYS.") {
             return None;
         }
-        return broker.capture_reserved(subject);
+        return broker.stream_set().capture_reserved(subject);
     }
     broker.capture(subject)
 }

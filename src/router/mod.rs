@@ -54,7 +54,9 @@
 //! - A subscription's `deny` is its connection's entry in the table's
 //!   `deny` map (set by [`Broker::set_permissions`], dropped with the
 //!   connection).
-//! - At most one stream captures a subject (config refuses overlaps).
+//! - At most one stream captures a subject (config and API refuse
+//!   overlaps; a catch-all `>` stream captures only what no other stream
+//!   does, see [`StreamSet`]).
 //! - Subject mappings ([`Broker::map_subject`]) are applied once, by the
 //!   protocol shells, to each incoming publish before routing and capture.
 //!
@@ -67,6 +69,7 @@
 
 mod queues;
 mod route;
+mod streams;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -80,11 +83,11 @@ use smol::channel::Sender;
 use crate::auth::Permissions;
 use crate::broker::bridge;
 use crate::stream::StreamHandle;
-use crate::subject;
 use crate::subject::mapping::Mappings;
 
 use queues::{msg_cost, NO_INTEREST_MAX};
 pub use queues::{Delivery, Msg, NoInterest, Outbox, Push, QueueBudget, DELIVERY_OVERHEAD};
+pub use streams::StreamSet;
 use table::{is_sid, mqtt_dollar_blind, Sub, Table, Target};
 
 /// Identifies one connection.
@@ -108,7 +111,7 @@ pub struct Counters {
 
 /// The router shared by every listener task.
 pub struct Broker {
-    streams: Vec<StreamHandle>,
+    streams: StreamSet,
     table: Mutex<Table>,
     /// The table's generation, readable without its lock.
     generation: Arc<AtomicU64>,
@@ -144,7 +147,7 @@ impl Broker {
         let table = Table::default();
         Arc::new(Broker {
             mappings,
-            streams,
+            streams: StreamSet::new(streams),
             generation: table.generation.clone(),
             table: Mutex::new(table),
             clients: Mutex::new(HashMap::new()),
@@ -154,8 +157,30 @@ impl Broker {
         })
     }
 
-    pub fn streams(&self) -> &[StreamHandle] {
+    /// The streams now (a snapshot: streams are created and deleted at
+    /// run time through the JetStream API).
+    pub fn streams(&self) -> Arc<[StreamHandle]> {
+        self.streams.snapshot()
+    }
+
+    /// The stream registry, for lookups.
+    pub fn stream_set(&self) -> &StreamSet {
         &self.streams
+    }
+
+    /// Add stream `h` (or replace the one of its name): the JetStream API
+    /// created or reopened it. Connections forget the subjects they
+    /// remembered as reaching nobody ([`NoInterest`]).
+    pub fn add_stream(&self, h: StreamHandle) {
+        self.streams.insert(h);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Remove stream `name` (the caller closes it).
+    pub fn remove_stream(&self, name: &str) -> Option<StreamHandle> {
+        let h = self.streams.remove(name);
+        self.generation.fetch_add(1, Ordering::Release);
+        h
     }
 
     pub fn new_conn_id(&self) -> ConnId {
@@ -178,24 +203,8 @@ impl Broker {
     }
 
     /// The stream that captures `subject`, if any.
-    pub fn capture(&self, subj: &str) -> Option<&StreamHandle> {
-        self.streams.iter().find(|s| {
-            s.config()
-                .subjects
-                .iter()
-                .any(|f| subject::matches(f, subj))
-        })
-    }
-
-    /// The stream that captures `subj` through a filter that names the `$`
-    /// namespace explicitly (`$KV.<bucket>.>`), if any.
-    pub fn capture_reserved(&self, subj: &str) -> Option<&StreamHandle> {
-        self.streams.iter().find(|s| {
-            s.config()
-                .subjects
-                .iter()
-                .any(|f| f.starts_with('$') && subject::matches(f, subj))
-        })
+    pub fn capture(&self, subj: &str) -> Option<StreamHandle> {
+        self.streams.capture(subj)
     }
 
     /// Add an MQTT subscription for `conn`; replaces an identical filter of

@@ -128,7 +128,7 @@ impl Monitor {
                 let _ = writeln!(out, "frond_uplink_bridge_{k} {v}");
             }
         }
-        for s in self.broker.streams() {
+        for s in self.broker.streams().iter() {
             let st = s.state();
             let n = &s.config().name;
             let _ = writeln!(out, "frond_stream_messages{{stream=\"{n}\"}} {}", st.msgs);

@@ -145,7 +145,7 @@ impl Outbound {
                 continue;
             };
             let name = format!("KV_{bucket}");
-            let Some(h) = broker.streams().iter().find(|h| h.config().name == name) else {
+            let Some(h) = broker.stream_set().find(|h| h.config().name == name) else {
                 continue;
             };
             let owed: usize = self.kv.iter().map(|k| k.seqs.len()).sum();
@@ -266,11 +266,17 @@ impl Outbound {
 
     /// Hand a delivery taken from the channel to the session and give its
     /// bytes back to the budget (for a persistent session, captured
-    /// subjects come from the streams instead, except for shared
-    /// subscriptions, which are always live).
+    /// subjects come from the streams it follows instead, except for
+    /// shared subscriptions, which are always live; a stream created
+    /// through the API after the session's last SUBSCRIBE is not followed
+    /// yet, so its messages come live).
     pub fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
         self.budget.release(d.cost());
-        if d.shared || !(session.follows_streams() && broker.capture(d.subject()).is_some()) {
+        let from_stream = session.follows_streams()
+            && broker
+                .capture(d.subject())
+                .is_some_and(|s| session.follows_stream(&s.config().name));
+        if d.shared || !from_stream {
             session.deliver(d);
         }
         self.settle(session, broker);

@@ -38,6 +38,7 @@
 //!   current one at its next save.
 //! - Nothing here reads a clock: callers pass `now`, or a [`Clock`].
 
+pub mod api_streams;
 pub mod consumers;
 pub mod cursors;
 pub mod retained;

@@ -170,6 +170,10 @@ pub struct StreamConfig {
     pub key: Option<crate::store::crypt::Key>,
     /// Encrypt new records with `key`.
     pub encrypt: bool,
+    /// JetStream `mirror_direct` (stored and rendered only).
+    pub mirror_direct: bool,
+    /// JetStream `metadata`: user key/value pairs, kept and rendered.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl StreamConfig {
@@ -198,6 +202,8 @@ impl StreamConfig {
             allow_direct: false,
             key: None,
             encrypt: false,
+            mirror_direct: false,
+            metadata: Vec::new(),
         }
     }
 }

@@ -86,7 +86,7 @@ pub async fn run(
     let streams = broker.streams();
     let (answers_tx, answers_rx) =
         smol::channel::bounded::<ReadAnswer>(cfg.mirrors.len().max(1) * 2);
-    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, streams, &answers_tx);
+    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, &streams, &answers_tx);
     let (stored_tx, stored_rx) = smol::channel::bounded(cfg.sources.len().max(1));
     let (mut sources, storers) = source_io::open(&cfg, &data_dir, &broker, &stored_tx).await;
     let params = link_params(&cfg, &node);

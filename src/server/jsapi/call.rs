@@ -224,23 +224,23 @@ impl JsApi {
                 "stream_info_response",
                 self.stream_info(&s, body, caller, now).await,
             ),
-            Call::StreamCreate(_) => (
+            Call::StreamCreate(s) => (
                 "stream_create_response",
-                Err(ApiError::new(500, 10049, "stream create failed: frond's streams are configured in frond.toml ([[stream]]); edit it and restart")),
+                self.stream_create(&s, body, now).await,
             ),
-            Call::StreamUpdate(_) => (
+            Call::StreamUpdate(s) => (
                 "stream_update_response",
-                Err(ApiError::new(500, 10069, "stream update failed: frond's streams are configured in frond.toml ([[stream]]); edit it and restart")),
+                self.stream_update(&s, body, now).await,
             ),
-            Call::StreamDelete(_) => (
-                "stream_delete_response",
-                Err(ApiError::new(500, 10050, "stream delete failed: frond's streams are configured in frond.toml ([[stream]]); remove it there")),
-            ),
+            Call::StreamDelete(s) => ("stream_delete_response", self.stream_delete(&s).await),
             Call::MsgGet(s) => (
                 "stream_msg_get_response",
                 self.msg_get(&s, body, caller).await,
             ),
-            Call::MsgDelete(s) => ("stream_msg_delete_response", self.msg_delete(&s, body).await),
+            Call::MsgDelete(s) => (
+                "stream_msg_delete_response",
+                self.msg_delete(&s, body).await,
+            ),
             Call::Purge(s) => ("stream_purge_response", self.purge(&s, body).await),
             Call::ConsumerCreate {
                 stream,

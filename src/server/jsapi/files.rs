@@ -48,3 +48,20 @@ impl JsApi {
         }
     }
 }
+
+/// Save the config record of API stream `name` (atomically, synced).
+pub(super) fn save_api_stream(streams_dir: &Path, name: &str, json: &[u8]) -> std::io::Result<()> {
+    crate::state::api_streams::save(streams_dir, name, json)
+}
+
+/// Undo a create whose stream did not open (a failure is logged).
+pub(super) fn remove_api_stream(streams_dir: &Path, name: &str) {
+    if let Err(e) = crate::state::api_streams::remove_dir(streams_dir, name) {
+        log::warn!("jetstream: stream {name}: cannot remove its directory: {e}");
+    }
+}
+
+/// Remove the directory of deleted (closed) API stream `name`.
+pub(super) fn delete_api_stream(streams_dir: &Path, name: &str) -> std::io::Result<()> {
+    crate::state::api_streams::remove_dir(streams_dir, name)
+}

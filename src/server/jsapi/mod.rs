@@ -17,15 +17,23 @@
 //! `CONSUMER.DURABLE.CREATE`, `CONSUMER.INFO`, `CONSUMER.DELETE`,
 //! `CONSUMER.NAMES`, `CONSUMER.LIST`, `CONSUMER.MSG.NEXT` (pull: batch,
 //! max_bytes, expires, no_wait, idle_heartbeat), `DIRECT.GET` (streams
-//! with `allow_direct`; see `direct`). Streams are configured in
-//! frond.toml: `STREAM.CREATE/UPDATE/DELETE` answer an error saying so.
+//! with `allow_direct`; see `direct`), `STREAM.CREATE`,
+//! `STREAM.UPDATE`, `STREAM.DELETE` (streams over the API, see `admin`:
+//! frond.toml streams stay authoritative and cannot be updated or deleted
+//! over the API). Who may create, update or delete is decided, as for
+//! every call, by the publish permission on the API subject
+//! (`$JS.API.STREAM.CREATE.<name>`…); as in nats-server, a stream's
+//! subjects are not checked against its creator's publish permissions
+//! (capture stores what others publish, each publish checked for its own
+//! publisher).
 //! Push consumers are refused.
 //!
 //! Layout: [`JsApi`] is the service's state and takes `now` from its
 //! caller; it reads no clock, and touches the disk only through `files`
 //! (the consumer state, kept by [`crate::state::consumers`]). `call`
-//! parses a request subject and dispatches it to `streams`, `messages` or
-//! `consumers`; `pull` holds pull requests, acks and delivery; `retention`
+//! parses a request subject and dispatches it to `streams`, `admin`
+//! (create/update/delete, with `stream_cfg` reading the JSON config),
+//! `messages` or `consumers`; `pull` holds pull requests, acks and delivery; `retention`
 //! removes what acknowledgement retention no longer keeps; `render` the
 //! JSON shapes; `task` the async loop that drives it all.
 //!
@@ -82,6 +90,7 @@
 //! - Wills carry permissions that allow nothing, so no will is answered
 //!   (see [`crate::broker::bridge::will_publisher`]).
 
+mod admin;
 mod call;
 mod consumers;
 mod direct;
@@ -90,6 +99,7 @@ mod messages;
 mod pull;
 mod render;
 mod retention;
+mod stream_cfg;
 mod streams;
 mod task;
 #[cfg(test)]
@@ -103,6 +113,7 @@ use crate::router::Msg;
 use crate::stream::consumer::{ApiError, Consumer};
 use crate::stream::{Retention, Storage, StreamHandle};
 
+pub use admin::{api_stream_configs, Admin};
 pub use call::{parse_call, Call, NOT_AUTHORIZED};
 pub use render::{rfc3339, stream_config_json};
 pub use task::serve;
@@ -149,6 +160,45 @@ pub struct JsApi {
     api_total: u64,
     api_errors: u64,
     out: Vec<Out>,
+    /// Managing streams over the API ([`admin`]).
+    admin: Option<Admin>,
+    /// Streams opened since the task last looked ([`JsApi::take_created`]).
+    created: Vec<StreamHandle>,
+}
+
+/// The slot of stream `h`: its consumers loaded from `streams_dir`.
+fn new_slot(h: &StreamHandle, streams_dir: &Path, mirrored: &[String], now: u64) -> Slot {
+    let name = h.config().name.clone();
+    let dir = (h.config().storage == Storage::File)
+        .then(|| crate::stream::names::path_in(streams_dir, &name, ""))
+        .and_then(|d| match d {
+            Ok(d) => Some(d.join("consumers")),
+            Err(e) => {
+                log::error!("jetstream: stream {name:?}: {e}; its consumers are not persisted");
+                None
+            }
+        });
+    let mut consumers = BTreeMap::new();
+    if let Some(d) = &dir {
+        for c in load_consumers(d, &name, now) {
+            consumers.insert(c.name.clone(), c);
+        }
+    }
+    let st = h.state();
+    let check = if h.config().retention == Retention::Limits || st.msgs == 0 {
+        Vec::new()
+    } else {
+        vec![(st.first_seq, st.last_seq)]
+    };
+    Slot {
+        handle: h.clone(),
+        dir,
+        consumers,
+        mirrored: mirrored.contains(&name),
+        mirror_cursor: 0,
+        check,
+        seen_last: st.last_seq,
+    }
 }
 
 impl JsApi {
@@ -160,48 +210,18 @@ impl JsApi {
         mirrored: &[String],
         now: u64,
     ) -> JsApi {
-        let mut slots = Vec::new();
-        for h in streams {
-            let name = h.config().name.clone();
-            let dir = (h.config().storage == Storage::File)
-                .then(|| crate::stream::names::path_in(streams_dir, &name, ""))
-                .and_then(|d| match d {
-                    Ok(d) => Some(d.join("consumers")),
-                    Err(e) => {
-                        log::error!(
-                            "jetstream: stream {name:?}: {e}; its consumers are not persisted"
-                        );
-                        None
-                    }
-                });
-            let mut consumers = BTreeMap::new();
-            if let Some(d) = &dir {
-                for c in load_consumers(d, &name, now) {
-                    consumers.insert(c.name.clone(), c);
-                }
-            }
-            let st = h.state();
-            let check = if h.config().retention == Retention::Limits || st.msgs == 0 {
-                Vec::new()
-            } else {
-                vec![(st.first_seq, st.last_seq)]
-            };
-            slots.push(Slot {
-                handle: h.clone(),
-                dir,
-                consumers,
-                mirrored: mirrored.contains(&name),
-                mirror_cursor: 0,
-                check,
-                seen_last: st.last_seq,
-            });
-        }
+        let slots = streams
+            .iter()
+            .map(|h| new_slot(h, streams_dir, mirrored, now))
+            .collect();
         JsApi {
             slots,
             started: now,
             api_total: 0,
             api_errors: 0,
             out: Vec::new(),
+            admin: None,
+            created: Vec::new(),
         }
     }
 
@@ -217,6 +237,12 @@ impl JsApi {
             .iter()
             .position(|s| s.handle.config().name == name)
             .ok_or_else(not_found_stream)
+    }
+
+    /// Streams created or reopened over the API since the last call (the
+    /// task watches them for new messages).
+    pub fn take_created(&mut self) -> Vec<StreamHandle> {
+        std::mem::take(&mut self.created)
     }
 
     /// Replies and deliveries of this iteration.

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::stream::{Discard, Retention, Storage, StreamHandle};
+use crate::stream::{Discard, Retention, Storage, StreamConfig, StreamHandle};
 
 /// RFC 3339 (UTC, nanoseconds) for a unix time in ns; 0 is Go's zero time,
 /// as nats-server sends it.
@@ -44,8 +44,13 @@ pub(super) fn limit(n: u64) -> i64 {
 
 /// The JetStream stream config of a frond stream.
 pub fn stream_config_json(h: &StreamHandle) -> Value {
-    let c = h.config();
-    json!({
+    config_json(h.config())
+}
+
+/// The JetStream JSON of a stream config (what `STREAM.INFO` renders and
+/// what an API stream's record holds).
+pub fn config_json(c: &StreamConfig) -> Value {
+    let mut v = json!({
         "name": c.name,
         "subjects": c.subjects,
         "retention": match c.retention {
@@ -69,9 +74,18 @@ pub fn stream_config_json(h: &StreamHandle) -> Value {
         "deny_purge": c.deny_purge,
         "allow_msg_ttl": c.allow_msg_ttl,
         "allow_direct": c.allow_direct,
-        "mirror_direct": false,
+        "mirror_direct": c.mirror_direct,
         "sealed": false,
-    })
+    });
+    if !c.metadata.is_empty() {
+        v["metadata"] = c
+            .metadata
+            .iter()
+            .map(|(k, x)| (k.clone(), Value::String(x.clone())))
+            .collect::<serde_json::Map<String, Value>>()
+            .into();
+    }
+    v
 }
 
 /// A status message (`NATS/1.0 <code> <text>`) for a pull request.

@@ -11,9 +11,9 @@ use std::time::Duration;
 use smol::channel::Receiver;
 use smol::future::FutureExt;
 
-use super::{JsApi, INBOX_BYTES, MIRROR_POLL};
+use super::{Admin, JsApi, INBOX_BYTES, MIRROR_POLL};
 use crate::router::{Broker, Outbox};
-use crate::stream::Retention;
+use crate::stream::{Retention, StreamHandle};
 use crate::uplink::UplinkStatus;
 use crate::util::unix_nanos;
 
@@ -44,12 +44,31 @@ pub fn serve(
     broker: Arc<Broker>,
     streams_dir: PathBuf,
     mirrored: Vec<String>,
+    admin: Admin,
     uplink: Option<Arc<UplinkStatus>>,
     shutdown: Receiver<()>,
 ) -> impl std::future::Future<Output = ()> {
-    let api = JsApi::open(broker.streams(), &streams_dir, &mirrored, unix_nanos());
+    let api =
+        JsApi::open(&broker.streams(), &streams_dir, &mirrored, unix_nanos()).with_admin(admin);
     let (conn, outbox) = subscribe(&broker);
     run(api, conn, outbox, broker, uplink, shutdown)
+}
+
+/// Wake the loop through `tx` whenever stream `h` grows, until it closes.
+fn watch(h: &StreamHandle, tx: &smol::channel::Sender<()>) -> smol::Task<()> {
+    let (h, tx) = (h.clone(), tx.clone());
+    smol::spawn(async move {
+        let mut seen = h.state().last_seq;
+        loop {
+            h.wait_for(seen + 1).await;
+            let last = h.state().last_seq;
+            if last <= seen {
+                return; // closed
+            }
+            seen = last;
+            let _ = tx.try_send(());
+        }
+    })
 }
 
 async fn run(
@@ -60,27 +79,13 @@ async fn run(
     uplink: Option<Arc<UplinkStatus>>,
     shutdown: Receiver<()>,
 ) {
-    // One watcher per stream wakes the loop when messages arrive.
+    // One watcher per stream wakes the loop when messages arrive (it ends
+    // when its stream closes).
     let (wake_tx, wake_rx) = smol::channel::bounded::<()>(1);
-    let _watchers: Vec<smol::Task<()>> = broker
+    let mut watchers: Vec<smol::Task<()>> = broker
         .streams()
         .iter()
-        .cloned()
-        .map(|h| {
-            let tx = wake_tx.clone();
-            smol::spawn(async move {
-                let mut seen = h.state().last_seq;
-                loop {
-                    h.wait_for(seen + 1).await;
-                    let last = h.state().last_seq;
-                    if last <= seen {
-                        return; // closed
-                    }
-                    seen = last;
-                    let _ = tx.try_send(());
-                }
-            })
-        })
+        .map(|h| watch(h, &wake_tx))
         .collect();
     let cursors = |name: &str| -> Option<u64> {
         uplink
@@ -103,6 +108,10 @@ async fn run(
         }
         for (_, m) in outbox.take(1 << 20) {
             api.handle(&m, now).await;
+        }
+        for h in api.take_created() {
+            watchers.retain(|t| !t.is_finished());
+            watchers.push(watch(&h, &wake_tx));
         }
         api.tick(now, &cursors);
         api.deliver(now).await;

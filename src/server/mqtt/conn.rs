@@ -388,7 +388,7 @@ impl<'c, T: Transport> Conn<'c, T> {
         if self.session.follows_streams() {
             // Only the streams its subscriptions reach (and those it owes
             // QoS 2 completions on); SUBSCRIBE adds more ([`Self::subscribe`]).
-            for s in broker.streams() {
+            for s in broker.streams().iter() {
                 let name = &s.config().name;
                 if self.session.wants_stream(&s.config().subjects) || self.session.owes_stream(name)
                 {
@@ -409,7 +409,7 @@ impl<'c, T: Transport> Conn<'c, T> {
         if !self.session.follows_streams() {
             return;
         }
-        for s in self.ctx.broker.streams() {
+        for s in self.ctx.broker.streams().iter() {
             let name = &s.config().name;
             if !self.session.follows_stream(name) && self.session.wants_stream(&s.config().subjects)
             {
