@@ -71,6 +71,7 @@
 //! - The owner thread reads the clock; [`Stream`] and the store never do.
 
 pub mod consumer;
+pub mod push;
 mod dedup;
 mod handle;
 pub mod headers;

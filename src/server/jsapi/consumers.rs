@@ -10,7 +10,7 @@ use super::render::rfc3339;
 use super::{JsApi, Slot, MAX_CONSUMERS};
 use crate::auth::Permissions;
 use crate::stream::consumer::{
-    check_name, AckPolicy, ApiError, Consumer, ConsumerConfig, DeliverPolicy,
+    check_name, AckPolicy, ApiError, Consumer, ConsumerConfig, DeliverPolicy, ReceiverRef,
 };
 use crate::stream::Retention;
 
@@ -116,6 +116,7 @@ impl JsApi {
         let name = req.name;
         let mut c = Consumer::new(name.clone(), req.cfg, start, now);
         c.exclude = exclude;
+        c.push.creator = caller.map(|p| ReceiverRef(std::sync::Arc::new(p.clone())));
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         slot.consumers.insert(name.clone(), c);
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
@@ -262,6 +263,16 @@ fn creator_exclusions(
     let Some(p) = caller else {
         return Ok(Vec::new());
     };
+    if let Some(push) = &cfg.push {
+        // The consumer delivers on its creator's behalf: only where the
+        // creator could receive itself.
+        if !p.can_subscribe(&push.deliver_subject) {
+            return Err(not_authorized(format!(
+                "this user may not subscribe to the deliver subject {:?}",
+                push.deliver_subject
+            )));
+        }
+    }
     let explicit = !cfg.filter_subjects.is_empty();
     let filters = if explicit {
         &cfg.filter_subjects

@@ -86,6 +86,7 @@ mod consumers;
 mod files;
 mod messages;
 mod pull;
+mod push;
 mod render;
 mod retention;
 mod streams;
@@ -237,7 +238,11 @@ impl JsApi {
     fn hungry(&self) -> bool {
         self.slots
             .iter()
-            .any(|s| s.consumers.values().any(|c| !c.waiting.is_empty()))
+            .any(|s| {
+                s.consumers
+                    .values()
+                    .any(|c| !c.waiting.is_empty() || c.cfg.push.is_some())
+            })
     }
 
     fn any_mirrored(&self) -> bool {
