@@ -45,9 +45,13 @@ fn text(m: &async_nats::Message) -> String {
 }
 
 fn header(m: &async_nats::Message, k: &str) -> Option<String> {
+    // By name as text: async-nats's `get` with a `&str` misses its
+    // standard names (Nats-Last-Consumer…).
     m.headers
         .as_ref()?
-        .get(k)
+        .iter()
+        .find(|(n, _)| n.to_string().eq_ignore_ascii_case(k))
+        .and_then(|(_, v)| v.first())
         .map(|v| v.as_str().to_string())
 }
 
@@ -200,7 +204,7 @@ async fn flow_control_stalls_until_answered_and_heartbeats_report_it() {
             }
             Some(StatusCode::IDLE_HEARTBEAT) => {
                 assert_eq!(m.description.as_deref(), Some("Idle Heartbeat"));
-                assert_eq!(header(&m, "Nats-Last-Consumer"), Some(seqs.len().to_string()));
+                assert_eq!(header(&m, "Nats-Last-Consumer"), Some(seqs.len().to_string()), "{:?}", m.headers);
                 if let Some(fc) = header(&m, "Nats-Consumer-Stalled") {
                     stalls.push(seqs.len());
                     client.publish(fc, "".into()).await.unwrap();
