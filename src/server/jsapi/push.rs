@@ -116,6 +116,7 @@ async fn push_consumer(
         c.push.not_before = 0;
     }
     if !interest(&to) {
+        log::trace!("jetstream: push consumer {} waits for a subscriber on {to}", c.name);
         c.push.next_heartbeat = 0;
         c.push.not_before = 0;
         if !c.durable() && now >= c.last_active.saturating_add(c.cfg.inactive_threshold_ns) {
@@ -125,6 +126,12 @@ async fn push_consumer(
         return true;
     }
     c.last_active = now;
+    log::trace!(
+        "jetstream: push consumer {} at {} (stream last {})",
+        c.name,
+        c.delivered_sseq,
+        h.state().last_seq
+    );
     if let Some(hb) = c.heartbeat_due(now) {
         out.push(control(&to, hb, None));
     }
