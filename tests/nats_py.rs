@@ -34,7 +34,10 @@ async fn nats_py_pub_sub_queue_request_headers() {
 async fn nats_py_push_and_ordered_consumers() {
     let frond = Frond::start_new(FrondSpec::default()).await;
     wait_until("NATS port accepts", LONG, || accepts_tcp(frond.nats_port)).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_push_check.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/nats_py_push_check.py"
+    );
     let out = tokio::process::Command::new("python3")
         .arg(script)
         .arg(frond.nats_port.to_string())

@@ -10,8 +10,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use async_nats::jetstream;
+use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use async_nats::{HeaderMap, StatusCode};
 use common::{wait_until, Frond, FrondSpec, LONG};
 use smol::stream::StreamExt;
@@ -97,12 +97,25 @@ async fn durable_push_ack_explicit_and_backoff_redelivery() {
     let again = msgs.next().await.unwrap().unwrap();
     let e1 = t0.elapsed();
     let info = again.info().unwrap();
-    assert_eq!((text(&again), info.delivered, info.consumer_sequence), ("m2".into(), 2, 2));
-    assert!(e1 >= Duration::from_millis(250), "backoff[0] honoured: {e1:?}");
+    assert_eq!(
+        (text(&again), info.delivered, info.consumer_sequence),
+        ("m2".into(), 2, 2)
+    );
+    assert!(
+        e1 >= Duration::from_millis(250),
+        "backoff[0] honoured: {e1:?}"
+    );
     let t1 = Instant::now();
     let third = msgs.next().await.unwrap().unwrap();
-    assert_eq!((text(&third), third.info().unwrap().delivered), ("m2".into(), 3));
-    assert!(t1.elapsed() >= Duration::from_millis(550), "backoff[1]: {:?}", t1.elapsed());
+    assert_eq!(
+        (text(&third), third.info().unwrap().delivered),
+        ("m2".into(), 3)
+    );
+    assert!(
+        t1.elapsed() >= Duration::from_millis(550),
+        "backoff[1]: {:?}",
+        t1.elapsed()
+    );
     // max_deliver reached: once its last ack wait passed, nothing is pending.
     let mut c = c;
     wait_until("m2 given up after max_deliver", LONG, || {
@@ -158,7 +171,10 @@ async fn deliver_group_gives_each_message_to_one_member() {
     let all: BTreeSet<String> = got_a.iter().chain(got_b.iter()).cloned().collect();
     assert_eq!(all.len(), 100, "no duplicate");
     assert_eq!(all, (1..=100).map(|i| format!("m{i}")).collect());
-    assert!(!got_a.is_empty() && !got_b.is_empty(), "both members served");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both members served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,7 +220,12 @@ async fn flow_control_stalls_until_answered_and_heartbeats_report_it() {
             }
             Some(StatusCode::IDLE_HEARTBEAT) => {
                 assert_eq!(m.description.as_deref(), Some("Idle Heartbeat"));
-                assert_eq!(header(&m, "Nats-Last-Consumer"), Some(seqs.len().to_string()), "{:?}", m.headers);
+                assert_eq!(
+                    header(&m, "Nats-Last-Consumer"),
+                    Some(seqs.len().to_string()),
+                    "{:?}",
+                    m.headers
+                );
                 if let Some(fc) = header(&m, "Nats-Consumer-Stalled") {
                     stalls.push(seqs.len());
                     client.publish(fc, "".into()).await.unwrap();
@@ -290,7 +311,10 @@ async fn headers_only_and_max_ack_pending() {
         }
     }
     assert_eq!(heartbeat_at, Some("2".into()), "stalled at max_ack_pending");
-    assert_eq!(data.iter().map(|m| m.info_seq()).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        data.iter().map(|m| m.info_seq()).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     client
         .publish(data[0].reply.clone().unwrap(), "+ACK".into())
         .await
@@ -393,5 +417,9 @@ async fn ack_sync_survives_sigkill() {
         assert!(seen.insert(s), "{s} delivered twice");
         m.double_ack().await.unwrap();
     }
-    assert_eq!(seen, BTreeSet::from([4, 5, 6]), "acked ones never come back");
+    assert_eq!(
+        seen,
+        BTreeSet::from([4, 5, 6]),
+        "acked ones never come back"
+    );
 }

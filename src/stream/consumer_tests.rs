@@ -47,8 +47,7 @@ fn config_parse_and_render() {
         .is_some());
     let e = ConsumerConfig::from_json(&json!({"filter_subjects": ["a.>", "a.b"]})).unwrap_err();
     assert_eq!(e.err_code, 10136);
-    let e =
-        ConsumerConfig::from_json(&json!({"deliver_policy": "by_start_sequence"})).unwrap_err();
+    let e = ConsumerConfig::from_json(&json!({"deliver_policy": "by_start_sequence"})).unwrap_err();
     assert_eq!(e.err_code, 10094);
     assert_eq!(cfg(json!({})).max_deliver, -1);
     let a = cfg(json!({"filter_subject": "a.*"}));

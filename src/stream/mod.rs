@@ -71,7 +71,6 @@
 //! - The owner thread reads the clock; [`Stream`] and the store never do.
 
 pub mod consumer;
-pub mod push;
 mod dedup;
 mod handle;
 pub mod headers;
@@ -79,6 +78,7 @@ mod limits;
 pub mod names;
 pub mod oneshot;
 mod owner;
+pub mod push;
 pub mod rules;
 
 use std::path::Path;

@@ -114,8 +114,7 @@ impl PushConfig {
         if !subject::valid_subject(ds) {
             return Err(err(400, 10079, "consumer deliver subject has wildcards"));
         }
-        if ds.starts_with("$JS.API.") || ds.starts_with("$JS.ACK.") || ds.starts_with("$JS.FC.")
-        {
+        if ds.starts_with("$JS.API.") || ds.starts_with("$JS.ACK.") || ds.starts_with("$JS.FC.") {
             return Err(err(400, 10081, "consumer deliver subject forms a cycle"));
         }
         if flow_control && idle_heartbeat_ns == 0 {
@@ -403,21 +402,21 @@ mod tests {
             code(json!({"deliver_subject": "d", "flow_control": true})),
             10108
         );
-        assert_eq!(
-            code(json!({"backoff": [1, 2, 3], "max_deliver": 3})),
-            10116
-        );
-        let c = ConsumerConfig::from_json(&json!({"deliver_subject": "d", "deliver_group": "g",
+        assert_eq!(code(json!({"backoff": [1, 2, 3], "max_deliver": 3})), 10116);
+        let c = ConsumerConfig::from_json(
+            &json!({"name": "p", "deliver_subject": "d", "deliver_group": "g",
             "flow_control": true, "idle_heartbeat": 7, "headers_only": true,
             "backoff": [5, 10], "max_deliver": 3, "replay_policy": "original",
-            "rate_limit_bps": 800}))
+            "rate_limit_bps": 800}),
+        )
         .unwrap();
         assert_eq!(ConsumerConfig::from_json(&c.to_json("p")).unwrap(), c);
     }
 
     #[test]
     fn flow_control_stalls_until_the_reply() {
-        let mut k = push(json!({"deliver_subject": "d", "flow_control": true, "idle_heartbeat": 10}));
+        let mut k =
+            push(json!({"deliver_subject": "d", "flow_control": true, "idle_heartbeat": 10}));
         k.push_sent((FC_WINDOW_BYTES / 2) as usize, 0, 1);
         let fc = k.flow_request("S").unwrap();
         assert_eq!(fc, "$JS.FC.S.p.1");
@@ -448,7 +447,10 @@ mod tests {
             (k.ack_wait_for(1), k.ack_wait_for(2), k.ack_wait_for(5)),
             (100, 200, 200)
         );
-        assert_eq!(with_msg_size(None, 5), b"NATS/1.0\r\nNats-Msg-Size: 5\r\n\r\n");
+        assert_eq!(
+            with_msg_size(None, 5),
+            b"NATS/1.0\r\nNats-Msg-Size: 5\r\n\r\n"
+        );
         assert_eq!(
             with_msg_size(Some(b"NATS/1.0\r\nA: b\r\n\r\n"), 7),
             b"NATS/1.0\r\nA: b\r\nNats-Msg-Size: 7\r\n\r\n"

@@ -256,13 +256,11 @@ impl JsApi {
 
     /// Whether a consumer of stream `i` waits for messages past what it has.
     fn hungry(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| {
-                s.consumers
-                    .values()
-                    .any(|c| !c.waiting.is_empty() || c.cfg.push.is_some())
-            })
+        self.slots.iter().any(|s| {
+            s.consumers
+                .values()
+                .any(|c| !c.waiting.is_empty() || c.cfg.push.is_some())
+        })
     }
 
     fn any_mirrored(&self) -> bool {

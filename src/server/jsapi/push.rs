@@ -116,7 +116,10 @@ async fn push_consumer(
         c.push.not_before = 0;
     }
     if !interest(&to) {
-        log::trace!("jetstream: push consumer {} waits for a subscriber on {to}", c.name);
+        log::trace!(
+            "jetstream: push consumer {} waits for a subscriber on {to}",
+            c.name
+        );
         c.push.next_heartbeat = 0;
         c.push.not_before = 0;
         if !c.durable() && now >= c.last_active.saturating_add(c.cfg.inactive_threshold_ns) {
@@ -152,7 +155,10 @@ async fn push_consumer(
             break;
         }
         let want = budget.min(256);
-        let msgs = match h.read(c.delivered_sseq.saturating_add(1), want, 1 << 20).await {
+        let msgs = match h
+            .read(c.delivered_sseq.saturating_add(1), want, 1 << 20)
+            .await
+        {
             Ok(m) => m,
             Err(_) => return true,
         };
@@ -191,7 +197,9 @@ impl JsApi {
             let stream = h.config().name.clone();
             let mut gone = Vec::new();
             for c in slot.consumers.values_mut() {
-                if c.cfg.push.is_some() && !push_consumer(&h, &stream, c, now, interest, &mut self.out).await {
+                if c.cfg.push.is_some()
+                    && !push_consumer(&h, &stream, c, now, interest, &mut self.out).await
+                {
                     gone.push(c.name.clone());
                 }
             }
