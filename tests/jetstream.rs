@@ -497,3 +497,66 @@ async fn workqueue_drain_rate() {
         N as f64 / drained.as_secs_f64()
     );
 }
+
+/// Non-prefix removals on a workqueue: 10,000 messages fetched by one
+/// consumer, the even sequences acked first (each removal leaves a kept
+/// message before it, so none is a prefix purge), timed until the 5,000
+/// are gone. Run by hand:
+/// `cargo test --test jetstream workqueue_out_of_order_removal_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn workqueue_out_of_order_removal_rate() {
+    const N: usize = 10_000;
+    let f = Frond::start_new(FrondSpec {
+        extra_config: RETENTION_STREAMS.into(),
+        ..Default::default()
+    })
+    .await;
+    let js = connect_js(&f).await;
+    let mut acks = Vec::new();
+    for i in 0..N {
+        acks.push(js.publish("jobs.x", format!("{i}").into()).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let jobs = js.get_stream("JOBS").await.unwrap();
+    let w: PullConsumer = jobs
+        .create_consumer(pull::Config {
+            max_ack_pending: -1,
+            ..durable("w", Duration::from_secs(300))
+        })
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while all.len() < N {
+        all.extend(fetch(&w, 1000, Duration::from_secs(5)).await);
+    }
+    let start = std::time::Instant::now();
+    for m in all
+        .iter()
+        .filter(|m| m.info().unwrap().stream_sequence % 2 == 0)
+    {
+        m.ack().await.unwrap();
+    }
+    wait_until("the even half is removed", LONG, || {
+        let js = js.clone();
+        async move {
+            // The service may be too busy to answer in the client's timeout.
+            match js.get_stream("JOBS").await {
+                Ok(mut s) => s
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.state.messages == (N / 2) as u64),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let t = start.elapsed();
+    println!(
+        "workqueue: {} out-of-order removals in {t:?} ({:.0}/s)",
+        N / 2,
+        (N / 2) as f64 / t.as_secs_f64()
+    );
+}

@@ -1,6 +1,7 @@
 //! frond's NATS port against nats-py, the official Python client: pub/sub
 //! with wildcards, a queue group, request/reply and headers
-//! (tests/py/nats_py_check.py).
+//! (tests/py/nats_py_check.py); JetStream push and ordered consumers
+//! (tests/py/nats_py_push_check.py).
 
 mod common;
 
@@ -20,6 +21,32 @@ async fn nats_py_pub_sub_queue_request_headers() {
     assert!(
         out.status.success(),
         "nats-py against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        frond.log_text()
+    );
+}
+
+/// nats-py's push subscription (`js.subscribe` with a durable, found by
+/// subject) and ordered consumer (`ordered_consumer=True`) against frond's
+/// local stream (tests/py/nats_py_push_check.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_push_and_ordered_consumers() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    wait_until("NATS port accepts", LONG, || accepts_tcp(frond.nats_port)).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/nats_py_push_check.py"
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(frond.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py push consumers against frond failed: {}\n{}\n--- frond log ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         frond.log_text()

@@ -107,6 +107,7 @@ pub(super) enum Cmd {
     },
     Purge(PurgeRequest, Reply<Result<u64, StreamError>>),
     Ack(u64, Reply<Result<bool, StreamError>>),
+    AckMany(Vec<u64>, Reply<Result<u64, StreamError>>),
     Get(u64, Reply<Result<Option<StoredMessage>, StreamError>>),
     LastBySubject(String, Reply<Result<Option<StoredMessage>, StreamError>>),
     NextBySubject(
@@ -239,6 +240,13 @@ impl StreamHandle {
     /// acknowledged `seq`, so it is removed. `BadRequest` with `limits`.
     pub async fn ack(&self, seq: u64) -> Result<bool, StreamError> {
         self.call(|r| Cmd::Ack(seq, r)).await?
+    }
+
+    /// [`StreamHandle::ack`] for many sequences at once: their tombstones
+    /// are written and synced together (one fsync). Returns how many were
+    /// removed.
+    pub async fn ack_many(&self, seqs: Vec<u64>) -> Result<u64, StreamError> {
+        self.call(|r| Cmd::AckMany(seqs, r)).await?
     }
 
     /// The message with sequence `seq` (None if absent or deleted).

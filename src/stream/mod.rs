@@ -78,6 +78,7 @@ mod limits;
 pub mod names;
 pub mod oneshot;
 mod owner;
+pub mod push;
 pub mod rules;
 
 use std::path::Path;

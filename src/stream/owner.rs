@@ -303,6 +303,25 @@ impl Owner {
                 self.publish_state();
                 reply(r, res);
             }
+            Cmd::AckMany(seqs, r) => {
+                let mut n = 0;
+                let mut res = Ok(());
+                for seq in seqs {
+                    match self.stream.ack(seq) {
+                        Ok(true) => n += 1,
+                        Ok(false) => {}
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let res = res
+                    .and_then(|()| self.stream.sync().map_err(StreamError::Io))
+                    .map(|()| n);
+                self.publish_state();
+                reply(r, res);
+            }
             Cmd::Get(seq, r) => {
                 let res = if seq > self.durable {
                     Ok(None)

@@ -138,6 +138,10 @@ pub(super) fn may_answer(perms: Option<&Permissions>, reply: &str) -> bool {
 impl JsApi {
     /// Handle one message routed to the service.
     pub async fn handle(&mut self, m: &Msg, now: u64) {
+        if m.subject.starts_with("$JS.FC.") {
+            self.handle_flow(&m.subject, now);
+            return;
+        }
         if m.subject.starts_with("$JS.ACK.") {
             self.handle_ack(m, now);
             return;

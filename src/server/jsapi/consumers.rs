@@ -10,7 +10,7 @@ use super::render::rfc3339;
 use super::{JsApi, Slot, MAX_CONSUMERS};
 use crate::auth::Permissions;
 use crate::stream::consumer::{
-    check_name, AckPolicy, ApiError, Consumer, ConsumerConfig, DeliverPolicy,
+    check_name, AckPolicy, ApiError, Consumer, ConsumerConfig, DeliverPolicy, ReceiverRef,
 };
 use crate::stream::Retention;
 
@@ -105,9 +105,18 @@ impl JsApi {
         let req = create_request(stream, subj_name, subj_filter, durable_api, body)?;
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
         let exclude = creator_exclusions(slot, &req.cfg, caller)?;
-        if slot.consumers.contains_key(&req.name) {
-            return self.update_consumer(i, req, now, caller);
+        if let Some(old) = slot.consumers.get(&req.name) {
+            if !replaces_ephemeral_push(old, &req.cfg) {
+                return self.update_consumer(i, req, now, caller);
+            }
+            // An ordered consumer recreated by its client at a new start
+            // (async-nats reuses the name): a new consumer in its place.
+            log::debug!("jetstream: ephemeral push consumer {} recreated", req.name);
+            if let Some(s) = self.slots.get_mut(i) {
+                s.consumers.remove(&req.name);
+            }
         }
+        let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
         if req.action == "update" {
             return Err(ApiError::new(400, 10149, "consumer does not exist"));
         }
@@ -116,6 +125,7 @@ impl JsApi {
         let name = req.name;
         let mut c = Consumer::new(name.clone(), req.cfg, start, now);
         c.exclude = exclude;
+        c.push.creator = caller.map(|p| ReceiverRef(std::sync::Arc::new(p.clone())));
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         slot.consumers.insert(name.clone(), c);
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
@@ -167,6 +177,19 @@ impl JsApi {
         let c = slot.consumers.get(&name).ok_or_else(not_found_consumer)?;
         Ok(self.consumer_json(slot, c, now))
     }
+}
+
+/// Whether a create request for an existing consumer `old` replaces it
+/// rather than updating it: `old` is an ephemeral push consumer and the
+/// request moves its deliver subject or start (the ordered consumers of
+/// the stock clients recreate themselves so after a gap or a reconnect).
+fn replaces_ephemeral_push(old: &Consumer, cfg: &ConsumerConfig) -> bool {
+    let (Some(a), Some(b)) = (&old.cfg.push, &cfg.push) else {
+        return false;
+    };
+    !old.durable()
+        && cfg.durable_name.is_none()
+        && (a.deliver_subject != b.deliver_subject || old.cfg.deliver_policy != cfg.deliver_policy)
 }
 
 /// A consumer create request, read and checked against its subject.
@@ -262,6 +285,16 @@ fn creator_exclusions(
     let Some(p) = caller else {
         return Ok(Vec::new());
     };
+    if let Some(push) = &cfg.push {
+        // The consumer delivers on its creator's behalf: only where the
+        // creator could receive itself.
+        if !p.can_subscribe(&push.deliver_subject) {
+            return Err(not_authorized(format!(
+                "this user may not subscribe to the deliver subject {:?}",
+                push.deliver_subject
+            )));
+        }
+    }
     let explicit = !cfg.filter_subjects.is_empty();
     let filters = if explicit {
         &cfg.filter_subjects

@@ -6,7 +6,7 @@
 //! their files (`<stream dir>/consumers/<name>.json`), waiting pull
 //! requests, and retention by acknowledgement (`interest`, `workqueue`).
 //!
-//! Seam: the service subscribes to `$JS.API.>` and `$JS.ACK.>` on the
+//! Seam: the service subscribes to `$JS.API.>`, `$JS.ACK.>` and `$JS.FC.>` on the
 //! router like a NATS connection (its own [`Outbox`]) and publishes its
 //! replies through the router; the NATS shell needs no change. Deliveries
 //! to a pull request's inbox keep the stored subject ([`Broker::route_to`]).
@@ -26,14 +26,28 @@
 //! subjects are not checked against its creator's publish permissions
 //! (capture stores what others publish, each publish checked for its own
 //! publisher).
-//! Push consumers are refused.
+//! Push consumers
+//! (`deliver_subject`, `deliver_group`, `flow_control` with `$JS.FC.`
+//! replies, `idle_heartbeat`, `headers_only`, `rate_limit_bps`, `backoff`,
+//! `replay_policy` instant/original; see `push`) and the stock clients'
+//! ordered consumers (an ephemeral push consumer its client recreates
+//! under the same name at a new start replaces the old one). Deliver
+//! policies: all, last, new, by_start_sequence (by_start_time and
+//! last_per_subject are refused with a clear error).
+//!
+//! Ack reply subjects are nats-server's
+//! `$JS.ACK.<stream>.<consumer>.<delivered>.<stream_seq>.<consumer_seq>.<timestamp_ns>.<pending>`,
+//! written by one function ([`crate::stream::consumer::ack_subject`]) for
+//! pull and push deliveries alike.
 //!
 //! Layout: [`JsApi`] is the service's state and takes `now` from its
 //! caller; it reads no clock, and touches the disk only through `files`
 //! (the consumer state, kept by [`crate::state::consumers`]). `call`
 //! parses a request subject and dispatches it to `streams`, `admin`
 //! (create/update/delete, with `stream_cfg` reading the JSON config),
-//! `messages` or `consumers`; `pull` holds pull requests, acks and delivery; `retention`
+//! `messages` or `consumers`; `pull` holds pull requests, acks and
+//! delivery; `push` delivers push consumers and takes flow control
+//! replies; `retention`
 //! removes what acknowledgement retention no longer keeps; `render` the
 //! JSON shapes; `task` the async loop that drives it all.
 //!
@@ -76,6 +90,13 @@
 //!   is refused with a 403 status when the consumer can deliver a subject
 //!   the puller's `deny_subscribe` covers ([`Consumer::readable_by`]), and
 //!   every delivery is checked once more against the puller.
+//! - Push consumers deliver on their creator's behalf: creation is refused
+//!   (403) when the creator may not subscribe to the `deliver_subject`
+//!   (it could aim stream messages where it could not receive them
+//!   itself; nats-server checks nothing), and every delivery is checked
+//!   against the creator's permissions (a subject its `deny_subscribe`
+//!   covers is stepped over). After a restart a durable push consumer
+//!   keeps the exclusions fixed at its creation.
 //!   `num_pending` is an upper bound: it counts every stream message after
 //!   the consumer's position, including those outside its filter or
 //!   excluded, which are stepped over when reached (nats-server counts
@@ -97,6 +118,7 @@ mod direct;
 mod files;
 mod messages;
 mod pull;
+mod push;
 mod render;
 mod retention;
 mod stream_cfg;
@@ -263,9 +285,11 @@ impl JsApi {
 
     /// Whether a consumer of stream `i` waits for messages past what it has.
     fn hungry(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.consumers.values().any(|c| !c.waiting.is_empty()))
+        self.slots.iter().any(|s| {
+            s.consumers
+                .values()
+                .any(|c| !c.waiting.is_empty() || c.cfg.push.is_some())
+        })
     }
 
     fn any_mirrored(&self) -> bool {

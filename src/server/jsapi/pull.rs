@@ -137,7 +137,7 @@ pub(super) fn send(
     out: &mut Vec<Out>,
 ) {
     let (cseq, n) = c.record_delivery(m.seq, now);
-    let pending = h.state().last_seq.saturating_sub(c.delivered_sseq);
+    let pending = super::push::pending_after(h, c);
     let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);
     let size = m.subject.len() + m.payload.len() + m.headers.as_ref().map_or(0, Vec::len);
     let Some(r) = c.waiting.front_mut() else {
@@ -189,6 +189,10 @@ impl JsApi {
             self.status(&reply, 409, "Consumer Deleted", None);
             return;
         };
+        if c.cfg.push.is_some() {
+            self.status(&reply, 409, "Consumer is push based", None);
+            return;
+        }
         if caller.is_some_and(|p| !c.readable_by(subjects, &p.deny_subscribe)) {
             log::debug!("jetstream: pull from {stream}/{consumer} refused: it can deliver subjects its caller may not subscribe to");
             self.status(&reply, 403, "Not Authorized", None);
@@ -298,6 +302,7 @@ impl JsApi {
                 }
                 c.waiting = keep;
                 if !c.durable()
+                    && c.cfg.push.is_none()
                     && c.waiting.is_empty()
                     && now >= c.last_active.saturating_add(c.cfg.inactive_threshold_ns)
                 {

@@ -1,6 +1,9 @@
 //! Retention by acknowledgement (`interest`, `workqueue`): which
 //! examined messages no consumer (and no mirror still uplinking) needs,
-//! removed in one purge where they form a prefix, one by one otherwise.
+//! removed in one purge where they form a prefix, the others of one loop
+//! iteration with one write and one fsync ([`StreamHandle::ack_many`]).
+//!
+//! [`StreamHandle::ack_many`]: crate::stream::StreamHandle::ack_many
 
 use super::{JsApi, Slot, RETENTION_BUDGET};
 use crate::stream::{PurgeRequest, Retention};
@@ -110,10 +113,13 @@ impl JsApi {
                     singles.extend(prefix_seqs);
                 }
             }
-            for seq in singles {
-                if let Err(e) = h.ack(seq).await {
+            // One write and one fsync for all of this iteration's
+            // non-prefix removals.
+            if !singles.is_empty() {
+                let n = singles.len();
+                if let Err(e) = h.ack_many(singles).await {
                     log::warn!(
-                        "jetstream: cannot remove message {seq} of {}: {e}",
+                        "jetstream: cannot remove {n} messages of {}: {e}",
                         h.config().name
                     );
                 }

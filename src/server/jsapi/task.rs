@@ -22,6 +22,7 @@ fn subscribe(broker: &Broker) -> (u64, Arc<Outbox>) {
     let outbox = Outbox::new(INBOX_BYTES);
     broker.subscribe_nats(conn, 1, "$JS.API.>".into(), None, outbox.clone());
     broker.subscribe_nats(conn, 2, "$JS.ACK.>".into(), None, outbox.clone());
+    broker.subscribe_nats(conn, 3, "$JS.FC.>".into(), None, outbox.clone());
     (conn, outbox)
 }
 
@@ -115,6 +116,7 @@ async fn run(
         }
         api.tick(now, &cursors);
         api.deliver(now).await;
+        api.deliver_push(now, &|s| broker.has_interest(s)).await;
         api.apply_retention().await;
         api.persist();
         for (to, m) in api.take_out() {

@@ -1,0 +1,235 @@
+//! Push delivery: every push consumer (one with a `deliver_subject`)
+//! sends its messages, idle heartbeats and flow control requests to its
+//! deliver subject through the router ([`crate::router::Broker::route_to`]),
+//! so plain subscribers each get a copy and a queue group (the consumer's
+//! `deliver_group`) one member; flow control replies (`$JS.FC.…`) reach
+//! the service here.
+//!
+//! Invariants:
+//! - A push consumer delivers only while its deliver subject has a
+//!   subscriber (as nats-server); an ephemeral one without one for its
+//!   `inactive_threshold` is removed.
+//! - Every delivery is checked against the user the consumer acts for (its
+//!   creator, [`crate::stream::push::PushState::creator`]): a message on a
+//!   subject that user may not receive is stepped over like a filtered-out
+//!   one. After a restart a durable push consumer keeps the exclusions
+//!   fixed at its creation ([`Consumer::exclusions`]).
+//! - At most [`PUSH_BUDGET`] messages per consumer per loop iteration, so
+//!   API requests and acks are not starved; the rest goes next iteration.
+
+use super::render::status_msg;
+use super::{JsApi, Out};
+use crate::router::Msg;
+use crate::stream::consumer::{ack_subject, Consumer};
+use crate::stream::push::{with_msg_size, INTEREST_POLL_NS};
+use crate::stream::{Retention, StoredMessage, StreamHandle};
+
+/// Messages one push consumer sends per loop iteration.
+const PUSH_BUDGET: usize = 1024;
+
+fn control(to: &str, headers: Vec<u8>, reply: Option<String>) -> Out {
+    (
+        to.to_string(),
+        Msg {
+            subject: to.to_string(),
+            reply,
+            headers: Some(headers),
+            payload: Vec::new(),
+            publisher: None,
+        },
+    )
+}
+
+/// Whether the user `c` acts for may receive a message on `subject`.
+fn creator_may(c: &Consumer, subject: &str) -> bool {
+    c.push
+        .creator
+        .as_ref()
+        .is_none_or(|r| r.0.may_receive(subject))
+}
+
+/// The `pending` field of an ack subject: stream messages after the
+/// consumer's position (see the module doc of `jsapi` on `num_pending`).
+pub(super) fn pending_after(h: &StreamHandle, c: &Consumer) -> u64 {
+    h.state().last_seq.saturating_sub(c.delivered_sseq)
+}
+
+fn send_push(
+    h: &StreamHandle,
+    stream: &str,
+    c: &mut Consumer,
+    to: &str,
+    m: StoredMessage,
+    now: u64,
+    out: &mut Vec<Out>,
+) {
+    let (cseq, n) = c.record_delivery(m.seq, now);
+    let pending = pending_after(h, c);
+    let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);
+    let size = m.subject.len() + m.payload.len() + m.headers.as_ref().map_or(0, Vec::len);
+    let (headers, payload) = if c.cfg.opts.headers_only {
+        (
+            Some(with_msg_size(m.headers.as_deref(), m.payload.len())),
+            Vec::new(),
+        )
+    } else {
+        (m.headers, m.payload)
+    };
+    c.push_sent(size, m.timestamp, now);
+    out.push((
+        to.to_string(),
+        Msg {
+            subject: m.subject,
+            reply: Some(reply),
+            headers,
+            payload,
+            publisher: None,
+        },
+    ));
+    if let Some(fc) = c.flow_request(stream) {
+        out.push(control(
+            to,
+            status_msg(100, "FlowControl Request", None),
+            Some(fc),
+        ));
+    }
+}
+
+/// One push consumer's turn: interest, heartbeat, redeliveries, then new
+/// messages while flow control, rate, replay spacing and
+/// `max_ack_pending` allow. Returns false when it is an ephemeral
+/// consumer whose deliver subject has had no subscriber for its
+/// inactive threshold (the caller removes it).
+async fn push_consumer(
+    h: &StreamHandle,
+    stream: &str,
+    c: &mut Consumer,
+    now: u64,
+    interest: &(dyn Fn(&str) -> bool + Sync),
+    out: &mut Vec<Out>,
+) -> bool {
+    let Some(to) = c.push_cfg().map(|p| p.deliver_subject.clone()) else {
+        return true;
+    };
+    c.push.recheck_at = None;
+    if c.push.not_before <= now {
+        c.push.not_before = 0;
+    }
+    if !interest(&to) {
+        log::trace!(
+            "jetstream: push consumer {} waits for a subscriber on {to}",
+            c.name
+        );
+        c.push.next_heartbeat = 0;
+        c.push.not_before = 0;
+        if !c.durable() && now >= c.last_active.saturating_add(c.cfg.inactive_threshold_ns) {
+            return false;
+        }
+        c.push.recheck_at = Some(now.saturating_add(INTEREST_POLL_NS));
+        return true;
+    }
+    c.last_active = now;
+    log::trace!(
+        "jetstream: push consumer {} at {} (stream last {})",
+        c.name,
+        c.delivered_sseq,
+        h.state().last_seq
+    );
+    if let Some(hb) = c.heartbeat_due(now) {
+        out.push(control(&to, hb, None));
+    }
+    let mut budget = PUSH_BUDGET;
+    'outer: while budget > 0 && c.push_ready(now) {
+        if let Some(&s) = c.redeliver.iter().next() {
+            match h.get(s).await {
+                Ok(Some(m)) if creator_may(c, &m.subject) => {
+                    budget -= 1;
+                    send_push(h, stream, c, &to, m, now, out);
+                }
+                Ok(_) => c.forget(s),
+                Err(_) => return true,
+            }
+            continue;
+        }
+        if !c.may_deliver_new() {
+            break;
+        }
+        let want = budget.min(256);
+        let msgs = match h
+            .read(c.delivered_sseq.saturating_add(1), want, 1 << 20)
+            .await
+        {
+            Ok(m) => m,
+            Err(_) => return true,
+        };
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            if !c.selects(&m.subject) || !creator_may(c, &m.subject) {
+                c.skip(m.seq);
+                continue;
+            }
+            if budget == 0 || !c.push_ready(now) || !c.may_deliver_new() {
+                break 'outer;
+            }
+            let due = c.replay_due(m.timestamp, now);
+            if due > now {
+                c.push.not_before = due;
+                break 'outer;
+            }
+            budget -= 1;
+            send_push(h, stream, c, &to, m, now, out);
+        }
+    }
+    if budget == 0 {
+        c.push.recheck_at = Some(now);
+    }
+    true
+}
+
+impl JsApi {
+    /// Deliver for every push consumer; `interest` says whether a subject
+    /// has a subscriber.
+    pub async fn deliver_push(&mut self, now: u64, interest: &(dyn Fn(&str) -> bool + Sync)) {
+        for slot in &mut self.slots {
+            let h = slot.handle.clone();
+            let stream = h.config().name.clone();
+            let mut gone = Vec::new();
+            for c in slot.consumers.values_mut() {
+                if c.cfg.push.is_some()
+                    && !push_consumer(&h, &stream, c, now, interest, &mut self.out).await
+                {
+                    gone.push(c.name.clone());
+                }
+            }
+            for g in gone {
+                log::debug!("jetstream: ephemeral push consumer {g} removed: no subscriber on its deliver subject");
+                slot.consumers.remove(&g);
+                let st = h.state();
+                if h.config().retention == Retention::Interest && st.msgs > 0 {
+                    slot.check.push((st.first_seq, st.last_seq));
+                }
+            }
+        }
+    }
+
+    /// A flow control reply (`$JS.FC.<stream>.<consumer>.<n>`).
+    pub(super) fn handle_flow(&mut self, subject: &str, now: u64) {
+        let Some(rest) = subject.strip_prefix("$JS.FC.") else {
+            return;
+        };
+        let mut t = rest.splitn(3, '.');
+        let (Some(stream), Some(consumer)) = (t.next(), t.next()) else {
+            return;
+        };
+        let c = self
+            .slots
+            .iter_mut()
+            .find(|s| s.handle.config().name == stream)
+            .and_then(|s| s.consumers.get_mut(consumer));
+        if let Some(c) = c {
+            c.flow_reply(subject, now);
+        }
+    }
+}
