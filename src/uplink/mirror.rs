@@ -49,12 +49,29 @@ use serde::Deserialize;
 use super::cursor::Cursor;
 use crate::stream::StoredMessage;
 use crate::wire::nats::headers::HeaderBlock;
-use crate::wire::nats::{base64, client};
+use crate::wire::nats::client;
 
 /// JetStream error codes the policy distinguishes.
 pub const ERR_STREAM_NOT_FOUND: u64 = 10059;
 pub const ERR_NO_MESSAGE_FOUND: u64 = 10037;
 pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
+pub const ERR_ATOMIC_DISABLED: u64 = 10174;
+pub const ERR_BATCH_INCOMPLETE: u64 = 10176;
+pub const ERR_BATCH_TOO_LARGE: u64 = 10199;
+pub const ERR_BATCH_DUPLICATE: u64 = 10201;
+
+/// Most messages in one atomic batch (nats-server's default
+/// `max_batch_size`; a hub that allows fewer says so with
+/// [`ERR_BATCH_TOO_LARGE`] and the batch is halved).
+pub const MAX_BATCH: usize = 1000;
+/// Bytes the batch headers add to a message at most (`Nats-Batch-Id` of
+/// up to 64 bytes, `Nats-Batch-Sequence`, `Nats-Batch-Commit`): a message
+/// that would exceed the hub's `max_payload` with them leaves alone.
+const BATCH_HEADER_MAX: usize = 128;
+/// Messages asked for in one batched direct get of the resync scan.
+pub const SCAN_BATCH: usize = 256;
+/// Bytes asked for in one batched direct get of the resync scan.
+pub const SCAN_BATCH_BYTES: usize = 256 << 10;
 
 /// How often a changed cursor is handed out for persisting, at most. A
 /// restart after a crash rescans (one hub read per round trip) what was
@@ -102,7 +119,8 @@ pub enum Command {
         subject: String,
         sid: u64,
     },
-    /// `PUB` when `headers` is empty, else `HPUB`.
+    /// `PUB` when `headers` is empty, else `HPUB`; no reply subject when
+    /// `reply` is empty (the non-commit messages of an atomic batch).
     Publish {
         subject: String,
         reply: String,
@@ -121,13 +139,14 @@ impl Command {
                 reply,
                 headers,
                 payload,
-            } if headers.is_empty() => client::publish(subject, Some(reply), payload, out),
-            Command::Publish {
-                subject,
-                reply,
-                headers,
-                payload,
-            } => client::hpublish(subject, Some(reply), headers, payload, out),
+            } => {
+                let reply = Some(reply.as_str()).filter(|r| !r.is_empty());
+                if headers.is_empty() {
+                    client::publish(subject, reply, payload, out)
+                } else {
+                    client::hpublish(subject, reply, headers, payload, out)
+                }
+            }
         }
     }
 }
@@ -229,13 +248,26 @@ struct Inflight {
     lower_bound: u64,
 }
 
+/// The request a resync waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `STREAM.INFO`: what the hub stream allows (atomic, direct).
+    Info,
+    /// `MSG.GET` after `latest`, answered by the stream leader.
+    Get,
+    /// A batched direct get after `latest` (any replica answers); `got`
+    /// messages of it arrived so far.
+    Direct { got: u64 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Offline,
-    /// Waiting for the reply to a MSG.GET for `next` (scan position).
+    /// Waiting for the reply to a resync request (`step`).
     Resync {
         scanned: u64,
         sent_at: Instant,
+        step: Step,
     },
     Streaming,
     /// Connected but pausing before the next resync.
@@ -282,6 +314,22 @@ pub struct Mirror {
     /// Bytes of publishes the shell allows now ([`Mirror::handle_budget`]);
     /// `None`: no limit.
     budget: Option<u64>,
+    /// The hub stream allows atomic batches (`allow_atomic`, from
+    /// `STREAM.INFO` at each resync): ordered mode.
+    atomic: bool,
+    /// The hub stream allows direct gets (batched resync reads).
+    direct: bool,
+    /// Ordered mode: the local seqs of the publish or batch in flight, in
+    /// order; the last one carries the commit (and the only reply).
+    batch: Vec<u64>,
+    /// Ordered mode: the largest batch to send (halved when the hub says
+    /// a batch is too large).
+    batch_cap: usize,
+    /// Ordered mode: send the next message alone (a batch was refused for
+    /// the size of one of its messages).
+    single_next: bool,
+    batches: u64,
+    warned_unordered: bool,
 }
 
 #[derive(Deserialize)]
@@ -300,24 +348,18 @@ struct PubAckJson {
     stream: String,
     #[serde(default)]
     seq: u64,
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct GetJson {
-    message: Option<GetMessage>,
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct GetMessage {
-    seq: u64,
+    /// Messages stored by an atomic batch's commit.
     #[serde(default)]
-    hdrs: Option<String>,
+    count: u64,
+    error: Option<ApiError>,
 }
 
 enum Reply {
-    Ok { stream: String, seq: u64 },
+    Ok {
+        stream: String,
+        seq: u64,
+        count: u64,
+    },
     ApiErr(ApiError),
     NoResponders,
     Garbage(String),
@@ -336,6 +378,7 @@ fn classify_pub_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
         Ok(a) if a.seq > 0 => Reply::Ok {
             stream: a.stream,
             seq: a.seq,
+            count: a.count,
         },
         Ok(_) => Reply::Garbage("publish reply has no sequence".into()),
         Err(e) => Reply::Garbage(format!("publish reply is not a JetStream ack: {e}")),
@@ -374,6 +417,13 @@ impl Mirror {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             budget: None,
+            atomic: false,
+            direct: false,
+            batch: Vec::new(),
+            batch_cap: MAX_BATCH,
+            single_next: false,
+            batches: 0,
+            warned_unordered: false,
         }
     }
 
@@ -543,8 +593,10 @@ impl Mirror {
         };
         if let Some(epoch) = tail.strip_prefix('r') {
             if epoch.parse::<u64>().ok() == Some(self.epoch) {
-                self.handle_get_reply(now, headers, payload);
+                self.handle_resync_reply(now, headers, payload);
             }
+        } else if let Some(no) = tail.strip_prefix('b').and_then(|b| b.parse().ok()) {
+            self.handle_batch_reply(now, no, headers, payload);
         } else if let Ok(seq) = tail.parse::<u64>() {
             self.handle_pub_reply(now, seq, headers, payload);
         }
@@ -719,33 +771,10 @@ impl Mirror {
     fn drop_window(&mut self) {
         self.latest = self.floor();
         self.inflight.clear();
+        self.batch.clear();
         self.pending.clear();
         self.read_from = None;
         self.read_issued = false;
-    }
-
-    fn start_resync(&mut self, now: Instant) {
-        self.epoch += 1;
-        self.resyncs += 1;
-        self.phase = Phase::Resync {
-            scanned: 0,
-            sent_at: now,
-        };
-        self.send_get(now);
-    }
-
-    fn send_get(&mut self, now: Instant) {
-        let Some(conn) = &self.conn else { return };
-        let body = serde_json::json!({"seq": self.latest + 1, "next_by_subj": self.filter()});
-        self.commands.push_back(Command::Publish {
-            subject: format!("$JS.API.STREAM.MSG.GET.{}", self.p.hub_stream),
-            reply: format!("{}.r{}", conn.inbox, self.epoch),
-            headers: Vec::new(),
-            payload: body.to_string().into_bytes(),
-        });
-        if let Phase::Resync { sent_at, .. } = &mut self.phase {
-            *sent_at = now;
-        }
     }
 
     fn set_error(&mut self, e: String) {
@@ -784,107 +813,13 @@ impl Mirror {
         };
     }
 
-    fn handle_get_reply(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
-        let Phase::Resync { scanned, .. } = self.phase else {
-            return;
-        };
-        if let Some(h) = headers {
-            if HeaderBlock::parse(h).ok().and_then(|hb| hb.status) == Some(503) {
-                return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
-            }
-        }
-        let reply: GetJson = match serde_json::from_slice(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                return self.fault(now, format!("unexpected MSG.GET reply from the hub: {e}"))
-            }
-        };
-        if let Some(e) = reply.error {
-            if e.err_code == ERR_STREAM_NOT_FOUND {
-                return self.stream_missing(now);
-            }
-            if e.code == 404 || e.err_code == ERR_NO_MESSAGE_FOUND {
-                return self.finish_resync(now);
-            }
-            return self.fault(
-                now,
-                format!(
-                    "hub refused resync read on stream {}: {} (code {}, err_code {})",
-                    self.p.hub_stream, e.description, e.code, e.err_code
-                ),
-            );
-        }
-        let Some(m) = reply.message else {
-            return self.fault(now, "MSG.GET reply has neither message nor error".into());
-        };
-        if m.seq <= self.latest {
-            return self.fault(
-                now,
-                format!(
-                    "hub returned seq {} for a request after {}",
-                    m.seq, self.latest
-                ),
-            );
-        }
-        let id = m
-            .hdrs
-            .as_deref()
-            .and_then(|h| base64::decode(h.as_bytes()).ok())
-            .and_then(|raw| HeaderBlock::parse(&raw).ok())
-            .and_then(|hb| hb.get("Nats-Msg-Id").and_then(|id| self.our_seq(id)));
-        if let Some(local) = id {
-            if local > self.l {
-                self.stored.insert(local, Some(m.seq));
-            }
-        }
-        self.latest = m.seq;
-        let scanned = scanned + 1;
-        if scanned >= self.p.scan_cap {
-            self.advance();
-            let e = format!(
-                "resync of hub stream {} examined {scanned} messages without reaching the end (progress kept, continuing after a pause); set a subject_prefix so the scan only reads this node's messages",
-                self.p.hub_stream
-            );
-            self.set_error(e);
-            self.phase = Phase::Wait {
-                until: now + self.p.retry_max,
-            };
-            return;
-        }
-        self.phase = Phase::Resync {
-            scanned,
-            sent_at: now,
-        };
-        self.send_get(now);
-    }
-
-    fn finish_resync(&mut self, now: Instant) {
-        if self.stream_missing {
-            self.stream_missing = false;
-            self.events.push_back(Event::StreamFound);
-        }
-        if self.fail_streak == 0 {
-            self.last_error = None;
-        }
-        self.advance();
-        self.events.push_back(Event::Resynced {
-            hub_seq: self.latest,
-            cursor: self.l,
-            found_above_gap: self.stored.len(),
-            backlog: self.local_last_seq.saturating_sub(self.l),
-        });
-        self.phase = Phase::Streaming;
-        self.pending.clear();
-        self.next_read = self.l + 1;
-        self.pump(now);
-    }
-
     fn handle_pub_reply(&mut self, now: Instant, seq: u64, headers: Option<&[u8]>, payload: &[u8]) {
         let current = self.inflight.contains_key(&seq) && self.phase == Phase::Streaming;
         match classify_pub_reply(headers, payload) {
             Reply::Ok {
                 stream,
                 seq: hub_seq,
+                ..
             } => {
                 if stream != self.p.hub_stream && !self.warned_other_stream {
                     self.warned_other_stream = true;
@@ -992,6 +927,9 @@ impl Mirror {
     /// message on a `ws://` link, where a few publishes per message would
     /// compress poorly); a lone live message still leaves at once.
     fn pump(&mut self, now: Instant) {
+        if self.atomic {
+            return self.pump_ordered(now);
+        }
         if self.phase != Phase::Streaming
             || self.inflight.len() + (self.p.max_inflight / 2).max(1) > self.p.max_inflight
         {
@@ -1063,6 +1001,12 @@ impl Mirror {
     /// The original headers (minus `Nats-Msg-Id` and `Nats-Expected-*`,
     /// which address the local stream) plus our `Nats-Msg-Id`.
     fn headers_for(&self, m: &StoredMessage) -> Result<Vec<u8>, String> {
+        self.header_block(m)
+            .encode()
+            .map_err(|e| format!("bad header: {e}"))
+    }
+
+    fn header_block(&self, m: &StoredMessage) -> HeaderBlock {
         let mut hb = match &m.headers {
             Some(raw) => HeaderBlock::parse(raw).unwrap_or_default(),
             None => HeaderBlock::new(),
@@ -1074,10 +1018,18 @@ impl Mirror {
                 && !k.to_ascii_lowercase().starts_with("nats-expected-")
         });
         hb.push("Nats-Msg-Id", self.msg_id(m.seq));
-        hb.encode().map_err(|e| format!("bad header: {e}"))
+        hb
     }
 }
 
+#[path = "mirror_order.rs"]
+mod order;
+#[path = "mirror_scan.rs"]
+mod scan;
+
+#[cfg(test)]
+#[path = "mirror_sim.rs"]
+mod sim;
 #[cfg(test)]
 #[path = "mirror_tests.rs"]
 mod tests;

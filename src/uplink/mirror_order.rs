@@ -1,0 +1,271 @@
+//! Ordered mode of the mirror-up machine ([`super::Mirror`]): strict hub
+//! order through any fault, for hub streams with `allow_atomic: true`
+//! (nats-server 2.12+).
+//!
+//! Why a window cannot keep order: the hub answers a lost publish with
+//! silence. When a stream leader dies, the publishes it had not
+//! replicated are gone, and a later publish of the same window that
+//! reaches the new leader is stored. frond learns of the gap only from a
+//! later ack, a timeout or the leader advisory, all of which can arrive
+//! after it has already sent more. A RAFT log is a prefix of the old
+//! leader's, so a later message is stored before an earlier lost one only
+//! if it reached the *new* leader; but with several publishes in flight
+//! frond cannot know when that started. nats-server's per-message
+//! preconditions do not help a pipelined shared stream:
+//! `Nats-Expected-Last-Subject-Sequence` needs the hub sequence of the
+//! previous message (unknown until its ack), and the leader refuses a
+//! second check on a subject while one is in process;
+//! `Nats-Expected-Last-Msg-Id` compares with the stream's last message,
+//! which is another node's in a shared stream.
+//!
+//! The design: one publish or one atomic batch in flight at a time.
+//! - The unsent messages leave as one atomic batch of up to `max_inflight`
+//!   ([`MAX_BATCH`]) messages, written back to back (pipelined within the
+//!   batch): `Nats-Batch-Id` (`<connection token>-<n>`),
+//!   `Nats-Batch-Sequence`, and `Nats-Batch-Commit: 1` on the last. Only
+//!   the commit carries a reply subject (`<inbox>.b<n>`), so the hub sends
+//!   one ack per batch. A lone message leaves as a plain publish.
+//! - The hub stores a batch all or nothing, at consecutive sequences, in
+//!   batch order; its staging lives only on the leader, so a leader change
+//!   drops it whole and the commit is refused (`incomplete`).
+//! - Nothing more is sent until the batch is answered. An ack stores it;
+//!   an error says nothing of it was stored; silence (timeout, lost
+//!   connection, leader advisory) leads to the usual resync, which finds
+//!   all of it or none of it. So no message is ever sent while an earlier
+//!   one's fate is unknown, and hub order equals local order.
+//! - Exactly once as in window mode: `Nats-Msg-Id` per message (a batch
+//!   holding one the hub already has is refused whole, then the resync
+//!   finds it), and the resync scan beyond the duplicate window.
+//!
+//! Cost: one round trip per batch instead of a sliding window (measured in
+//! the README). Hub side, a batch is held in memory on the stream leader
+//! while it arrives; nats-server allows 50 open batches per stream and
+//! 1,000 per server by default (`max_batch_inflight_per_stream`,
+//! `max_batch_inflight_total`): a fleet draining into one stream at once
+//! gets `incomplete` answers beyond that, which back off like any fault.
+
+use std::time::Instant;
+
+use super::{
+    classify_pub_reply, Command, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
+    ERR_ATOMIC_DISABLED, ERR_BATCH_DUPLICATE, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
+    ERR_STREAM_NOT_FOUND, MAX_BATCH,
+};
+use crate::stream::StoredMessage;
+use crate::wire::nats::headers::HeaderBlock;
+
+impl Mirror {
+    /// Ordered mode's pump: when nothing is in flight, send the next
+    /// batch (or lone message) from `pending`; ask for more.
+    pub(super) fn pump_ordered(&mut self, now: Instant) {
+        if self.phase != Phase::Streaming || !self.inflight.is_empty() {
+            return;
+        }
+        let Some(conn) = self.conn.clone() else {
+            return;
+        };
+        self.batch.clear();
+        let cap = if self.single_next {
+            1
+        } else {
+            self.batch_cap.min(self.p.max_inflight).clamp(1, MAX_BATCH)
+        };
+        let mut picked: Vec<(StoredMessage, HeaderBlock)> = Vec::new();
+        let mut bytes = 0u64;
+        while picked.len() < cap && self.budget.is_none_or(|b| b > bytes) {
+            let Some(m) = self.pending.pop_front() else {
+                break;
+            };
+            if m.seq <= self.l || self.stored.contains_key(&m.seq) {
+                continue;
+            }
+            let hb = self.header_block(&m);
+            let wire = match self.encode_publish(&m, &hb, "-") {
+                Ok(w) => w,
+                Err(e) => {
+                    self.skip(m.seq, e);
+                    continue;
+                }
+            };
+            let size = wire.1;
+            if size > conn.max_payload {
+                let max = conn.max_payload;
+                let e = format!("{size} bytes with headers exceed the hub's max_payload of {max}");
+                self.skip(m.seq, e);
+                continue;
+            }
+            // A message too big to carry the batch headers leaves alone.
+            let alone = size + BATCH_HEADER_MAX > conn.max_payload;
+            if alone && !picked.is_empty() {
+                self.pending.push_front(m);
+                break;
+            }
+            bytes += wire.0 as u64;
+            picked.push((m, hb));
+            if alone {
+                break;
+            }
+        }
+        if !picked.is_empty() {
+            self.send_ordered(now, &conn.inbox, picked);
+        }
+        if self.pending.is_empty() && self.read_from.is_none() {
+            self.read_from = Some(self.next_read);
+            self.read_issued = false;
+        }
+    }
+
+    /// The wire size of `m` published with `hb`, and the size the hub
+    /// counts against `max_payload` (headers + payload).
+    fn encode_publish(
+        &self,
+        m: &StoredMessage,
+        hb: &HeaderBlock,
+        reply: &str,
+    ) -> Result<(usize, usize), String> {
+        let headers = hb.encode().map_err(|e| format!("bad header: {e}"))?;
+        let size = headers.len() + m.payload.len();
+        let cmd = Command::Publish {
+            subject: format!("{}{}", self.p.subject_prefix, m.subject),
+            reply: reply.to_string(),
+            headers,
+            payload: Vec::new(),
+        };
+        let mut wire = Vec::new();
+        cmd.encode(&mut wire)
+            .map_err(|e| format!("cannot be sent: {e}"))?;
+        Ok((wire.len() + m.payload.len(), size))
+    }
+
+    fn send_ordered(&mut self, now: Instant, inbox: &str, picked: Vec<(StoredMessage, HeaderBlock)>) {
+        let n = picked.len();
+        self.batches += 1;
+        let token = inbox.strip_prefix("_INBOX.").unwrap_or(inbox);
+        let id = format!("{}-{}", &token[..token.len().min(40)], self.batches);
+        for (i, (m, mut hb)) in picked.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let reply = match (n, last) {
+                (1, _) => format!("{inbox}.{}", m.seq),
+                (_, true) => format!("{inbox}.b{}", self.batches),
+                (_, false) => String::new(),
+            };
+            if n > 1 {
+                hb.push("Nats-Batch-Id", id.clone());
+                hb.push("Nats-Batch-Sequence", (i + 1).to_string());
+                if last {
+                    hb.push("Nats-Batch-Commit", "1".to_string());
+                }
+            }
+            let headers = match hb.encode() {
+                Ok(h) => h,
+                // Checked without the batch headers, which are plain ASCII.
+                Err(e) => return self.fault(now, format!("cannot encode batch headers: {e}")),
+            };
+            let cmd = Command::Publish {
+                subject: format!("{}{}", self.p.subject_prefix, m.subject),
+                reply,
+                headers,
+                payload: m.payload,
+            };
+            if let Some(b) = &mut self.budget {
+                let mut wire = Vec::new();
+                let _ = cmd.encode(&mut wire);
+                *b = b.saturating_sub(wire.len() as u64);
+            }
+            self.commands.push_back(cmd);
+            self.inflight.insert(
+                m.seq,
+                Inflight {
+                    sent_at: now,
+                    lower_bound: self.latest,
+                },
+            );
+            self.batch.push(m.seq);
+            self.sent += 1;
+        }
+        self.single_next = false;
+    }
+
+    /// The answer to batch `no`'s commit. An answer to an older batch is
+    /// ignored: that batch was dropped, and the resync that followed finds
+    /// what it stored.
+    pub(super) fn handle_batch_reply(
+        &mut self,
+        now: Instant,
+        no: u64,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        if no != self.batches || self.batch.len() < 2 || self.phase != Phase::Streaming {
+            return;
+        }
+        let n = self.batch.len() as u64;
+        let (first, last) = (self.batch[0], self.batch[self.batch.len() - 1]);
+        let hub = self.p.hub_stream.clone();
+        match classify_pub_reply(headers, payload) {
+            Reply::Ok { seq, count, .. } if count == n && seq >= n => {
+                let base = seq - n + 1;
+                for (i, local) in std::mem::take(&mut self.batch).into_iter().enumerate() {
+                    self.inflight.remove(&local);
+                    if local > self.l {
+                        self.stored.insert(local, Some(base + i as u64));
+                    }
+                }
+                self.latest = seq;
+                self.acked += n;
+                self.fail_streak = 0;
+                self.last_error = None;
+                self.advance();
+                self.pump(now);
+            }
+            Reply::Ok { count, .. } => self.fault(
+                now,
+                format!("hub stream {hub} acknowledged the batch of messages {first}..={last} as {count} messages, not {n}: the hub does not apply atomic batches (nats-server 2.12+ needed)"),
+            ),
+            Reply::ApiErr(e) if e.err_code == ERR_MESSAGE_TOO_LARGE => {
+                // Which message is too large is unknown: send one at a
+                // time until the batch's first message is through.
+                self.single_next = true;
+                self.restream(now);
+            }
+            Reply::ApiErr(e) if e.err_code == ERR_BATCH_TOO_LARGE => {
+                self.batch_cap = (self.batch.len() / 2).max(1);
+                self.restream(now);
+            }
+            Reply::ApiErr(e) if e.err_code == ERR_ATOMIC_DISABLED => {
+                self.atomic = false;
+                self.events.push_back(Event::Warning(format!(
+                    "hub stream {hub} no longer allows atomic batches: publishing with a window (order through a leader change not guaranteed)"
+                )));
+                self.restream(now);
+            }
+            Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
+            Reply::ApiErr(e) if e.err_code == ERR_BATCH_DUPLICATE => {
+                // Part of it is on the hub already (an earlier attempt the
+                // last resync did not see): find it.
+                self.drop_window();
+                self.start_resync(now);
+            }
+            Reply::ApiErr(e) => self.fault(
+                now,
+                format!(
+                    "hub refused the atomic batch of messages {first}..={last} for stream {hub}: {} (code {}, err_code {})",
+                    e.description, e.code, e.err_code
+                ),
+            ),
+            Reply::NoResponders => self.fault(
+                now,
+                format!("no JetStream stream answered the batch of messages {first}..={last}: hub stream {hub} is unavailable or does not capture this subject"),
+            ),
+            Reply::Garbage(g) => self.fault(now, g),
+        }
+    }
+
+    /// A batch was refused whole (nothing of it stored): send again from
+    /// the cursor.
+    fn restream(&mut self, now: Instant) {
+        self.drop_window();
+        self.next_read = self.l + 1;
+        self.pump(now);
+    }
+}

@@ -1,0 +1,304 @@
+//! The resync of the mirror-up machine ([`super::Mirror`]): which hub
+//! messages after the scan floor are ours.
+//!
+//! Steps, each one request with its own reply subject (`<inbox>.r<n>`, so
+//! a late answer to an abandoned request is ignored):
+//! 1. `STREAM.INFO` (the stream leader answers): whether the hub stream
+//!    allows atomic batches (ordered mode, see `mirror_order.rs`) and
+//!    direct gets; a missing stream is reported and waited for.
+//! 2. The scan from `latest + 1` over the mirror's filter: batched direct
+//!    gets (`$JS.API.DIRECT.GET.<stream>`, [`SCAN_BATCH`] messages or
+//!    [`SCAN_BATCH_BYTES`] per round trip, replies parsed by
+//!    [`super::super::source::parse_reply`]) when the stream allows them,
+//!    else `MSG.GET` (one message per round trip).
+//!
+//! Invariant: the scan ends only on a leader's word. Any replica answers
+//! a direct get once it is about 90% caught up, so it holds a prefix of
+//! the stream: the messages it returns are true, but its "nothing more"
+//! is not. When a direct batch ends with nothing pending, a `MSG.GET`
+//! after the last message seen (answered by the leader) decides: nothing
+//! found ends the scan, a message found is recorded and the batched scan
+//! goes on after it. A direct get that fails (no responders, an old
+//! server) turns direct gets off until the next connection.
+
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use super::{
+    ApiError, Command, Event, Mirror, Phase, Step, ERR_NO_MESSAGE_FOUND, ERR_STREAM_NOT_FOUND,
+    SCAN_BATCH, SCAN_BATCH_BYTES,
+};
+use crate::uplink::source::{parse_reply, Reply};
+use crate::wire::nats::base64;
+use crate::wire::nats::headers::HeaderBlock;
+
+#[derive(Deserialize)]
+struct GetJson {
+    message: Option<GetMessage>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct GetMessage {
+    seq: u64,
+    #[serde(default)]
+    hdrs: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InfoJson {
+    config: Option<InfoConfig>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InfoConfig {
+    allow_atomic: bool,
+    allow_direct: bool,
+}
+
+fn no_responders(headers: Option<&[u8]>) -> bool {
+    headers
+        .and_then(|h| HeaderBlock::parse(h).ok())
+        .and_then(|hb| hb.status)
+        == Some(503)
+}
+
+impl Mirror {
+    pub(super) fn start_resync(&mut self, now: Instant) {
+        self.resyncs += 1;
+        self.phase = Phase::Resync {
+            scanned: 0,
+            sent_at: now,
+            step: Step::Info,
+        };
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.p.hub_stream);
+        self.request(now, subject, Vec::new(), Step::Info);
+    }
+
+    /// Send one resync request with a fresh reply subject.
+    fn request(&mut self, now: Instant, subject: String, payload: Vec<u8>, step: Step) {
+        let Some(conn) = &self.conn else { return };
+        self.epoch += 1;
+        self.commands.push_back(Command::Publish {
+            subject,
+            reply: format!("{}.r{}", conn.inbox, self.epoch),
+            headers: Vec::new(),
+            payload,
+        });
+        if let Phase::Resync {
+            sent_at, step: s, ..
+        } = &mut self.phase
+        {
+            *sent_at = now;
+            *s = step;
+        }
+    }
+
+    fn send_get(&mut self, now: Instant) {
+        let body = serde_json::json!({"seq": self.latest + 1, "next_by_subj": self.filter()});
+        let subject = format!("$JS.API.STREAM.MSG.GET.{}", self.p.hub_stream);
+        self.request(now, subject, body.to_string().into_bytes(), Step::Get);
+    }
+
+    fn send_direct(&mut self, now: Instant) {
+        let body = serde_json::json!({
+            "seq": self.latest + 1, "next_by_subj": self.filter(),
+            "batch": SCAN_BATCH, "max_bytes": SCAN_BATCH_BYTES,
+        });
+        let subject = format!("$JS.API.DIRECT.GET.{}", self.p.hub_stream);
+        self.request(now, subject, body.to_string().into_bytes(), Step::Direct { got: 0 });
+    }
+
+    /// The next scan request: batched when the hub stream allows it.
+    fn scan_on(&mut self, now: Instant) {
+        if self.direct {
+            self.send_direct(now)
+        } else {
+            self.send_get(now)
+        }
+    }
+
+    /// An answer on the current resync request's reply subject.
+    pub(super) fn handle_resync_reply(
+        &mut self,
+        now: Instant,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        match self.phase {
+            Phase::Resync {
+                step: Step::Info, ..
+            } => self.on_info(now, headers, payload),
+            Phase::Resync { step: Step::Get, .. } => self.on_get(now, headers, payload),
+            Phase::Resync {
+                step: Step::Direct { got },
+                ..
+            } => self.on_direct(now, got, headers, payload),
+            _ => {}
+        }
+    }
+
+    fn on_info(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
+        if no_responders(headers) {
+            return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
+        }
+        let info: InfoJson = match serde_json::from_slice(payload) {
+            Ok(i) => i,
+            Err(e) => return self.fault(now, format!("unexpected STREAM.INFO reply from the hub: {e}")),
+        };
+        let hub = &self.p.hub_stream;
+        if let Some(e) = info.error {
+            if e.err_code == ERR_STREAM_NOT_FOUND {
+                return self.stream_missing(now);
+            }
+            let why = format!(
+                "hub refused STREAM.INFO for stream {hub}: {} (code {}, err_code {}); the hub user needs $JS.API.STREAM.INFO.{hub} and $JS.API.STREAM.MSG.GET.{hub}",
+                e.description, e.code, e.err_code
+            );
+            return self.fault(now, why);
+        }
+        let config = info.config.unwrap_or_default();
+        self.atomic = config.allow_atomic;
+        self.direct = config.allow_direct;
+        if !self.atomic && !self.warned_unordered {
+            self.warned_unordered = true;
+            self.events.push_back(Event::Warning(format!(
+                "hub stream {hub} does not allow atomic batches: a stream leader change can store a message up to max_inflight ({}) places late; for strict order set allow_atomic on it (nats-server 2.12+)",
+                self.p.max_inflight
+            )));
+        }
+        self.scan_on(now);
+    }
+
+    fn on_get(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
+        if no_responders(headers) {
+            return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
+        }
+        let reply: GetJson = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.fault(now, format!("unexpected MSG.GET reply from the hub: {e}"))
+            }
+        };
+        if let Some(e) = reply.error {
+            if e.err_code == ERR_STREAM_NOT_FOUND {
+                return self.stream_missing(now);
+            }
+            if e.code == 404 || e.err_code == ERR_NO_MESSAGE_FOUND {
+                return self.finish_resync(now);
+            }
+            return self.fault(
+                now,
+                format!(
+                    "hub refused resync read on stream {}: {} (code {}, err_code {})",
+                    self.p.hub_stream, e.description, e.code, e.err_code
+                ),
+            );
+        }
+        let Some(m) = reply.message else {
+            return self.fault(now, "MSG.GET reply has neither message nor error".into());
+        };
+        let id = m
+            .hdrs
+            .as_deref()
+            .and_then(|h| base64::decode(h.as_bytes()).ok())
+            .and_then(|raw| HeaderBlock::parse(&raw).ok())
+            .and_then(|hb| hb.get("Nats-Msg-Id").map(str::to_string));
+        if self.record(now, m.seq, id.as_deref()) {
+            self.scan_on(now);
+        }
+    }
+
+    fn on_direct(&mut self, now: Instant, got: u64, headers: Option<&[u8]>, payload: &[u8]) {
+        match parse_reply(headers, payload) {
+            Reply::Msg { seq, headers, .. } => {
+                let id = headers.as_ref().and_then(|hb| hb.get("Nats-Msg-Id"));
+                if self.record(now, seq, id) {
+                    // The rest of the batch is on its way.
+                    if let Phase::Resync { sent_at, step, .. } = &mut self.phase {
+                        *sent_at = now;
+                        *step = Step::Direct { got: got + 1 };
+                    }
+                }
+            }
+            Reply::End { pending } if got > 0 && pending.is_some_and(|p| p > 0) => {
+                self.send_direct(now)
+            }
+            // The replica found nothing more: the leader confirms.
+            Reply::End { .. } | Reply::NotFound => self.send_get(now),
+            Reply::Fail(why) => {
+                self.direct = false;
+                self.events.push_back(Event::Warning(format!(
+                    "batched resync read of hub stream {} failed ({why}); reading one message per round trip on this connection",
+                    self.p.hub_stream
+                )));
+                self.send_get(now);
+            }
+        }
+    }
+
+    /// A hub message at `hub_seq` seen by the scan. Returns whether the
+    /// scan goes on (false: it faulted or paused at the scan cap).
+    fn record(&mut self, now: Instant, hub_seq: u64, msg_id: Option<&str>) -> bool {
+        let Phase::Resync { scanned, .. } = self.phase else {
+            return false;
+        };
+        if hub_seq <= self.latest {
+            let e = format!(
+                "hub returned seq {hub_seq} for a request after {}",
+                self.latest
+            );
+            self.fault(now, e);
+            return false;
+        }
+        if let Some(local) = msg_id.and_then(|id| self.our_seq(id)) {
+            if local > self.l {
+                self.stored.insert(local, Some(hub_seq));
+            }
+        }
+        self.latest = hub_seq;
+        let scanned = scanned + 1;
+        if scanned >= self.p.scan_cap {
+            self.advance();
+            let e = format!(
+                "resync of hub stream {} examined {scanned} messages without reaching the end (progress kept, continuing after a pause); set a subject_prefix so the scan only reads this node's messages",
+                self.p.hub_stream
+            );
+            self.set_error(e);
+            self.phase = Phase::Wait {
+                until: now + self.p.retry_max,
+            };
+            return false;
+        }
+        if let Phase::Resync { scanned: s, .. } = &mut self.phase {
+            *s = scanned;
+        }
+        true
+    }
+
+    fn finish_resync(&mut self, now: Instant) {
+        if self.stream_missing {
+            self.stream_missing = false;
+            self.events.push_back(Event::StreamFound);
+        }
+        if self.fail_streak == 0 {
+            self.last_error = None;
+        }
+        self.advance();
+        self.events.push_back(Event::Resynced {
+            hub_seq: self.latest,
+            cursor: self.l,
+            found_above_gap: self.stored.len(),
+            backlog: self.local_last_seq.saturating_sub(self.l),
+        });
+        self.phase = Phase::Streaming;
+        self.batch.clear();
+        self.pending.clear();
+        self.next_read = self.l + 1;
+        self.pump(now);
+    }
+}
