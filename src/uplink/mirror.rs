@@ -58,7 +58,6 @@ pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
 pub const ERR_ATOMIC_DISABLED: u64 = 10174;
 pub const ERR_BATCH_INCOMPLETE: u64 = 10176;
 pub const ERR_BATCH_TOO_LARGE: u64 = 10199;
-pub const ERR_BATCH_DUPLICATE: u64 = 10201;
 
 /// Most messages in one atomic batch (nats-server's default
 /// `max_batch_size`; a hub that allows fewer says so with

@@ -34,8 +34,10 @@
 //!   all of it or none of it. So no message is ever sent while an earlier
 //!   one's fate is unknown, and hub order equals local order.
 //! - Exactly once as in window mode: `Nats-Msg-Id` per message (a batch
-//!   holding one the hub already has is refused whole, then the resync
-//!   finds it), and the resync scan beyond the duplicate window.
+//!   holding one the hub already has, e.g. stored just after the last
+//!   resync read passed it, is refused whole; the resync after the usual
+//!   fault backoff finds it), and the resync scan beyond the duplicate
+//!   window.
 //!
 //! Cost: one round trip per batch instead of a sliding window (measured in
 //! the README). Hub side, a batch is held in memory on the stream leader
@@ -48,7 +50,7 @@ use std::time::Instant;
 
 use super::{
     classify_pub_reply, Command, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
-    ERR_ATOMIC_DISABLED, ERR_BATCH_DUPLICATE, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
+    ERR_ATOMIC_DISABLED, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
     ERR_STREAM_NOT_FOUND, MAX_BATCH,
 };
 use crate::stream::StoredMessage;
@@ -240,12 +242,6 @@ impl Mirror {
                 self.restream(now);
             }
             Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
-            Reply::ApiErr(e) if e.err_code == ERR_BATCH_DUPLICATE => {
-                // Part of it is on the hub already (an earlier attempt the
-                // last resync did not see): find it.
-                self.drop_window();
-                self.start_resync(now);
-            }
             Reply::ApiErr(e) => self.fault(
                 now,
                 format!(
