@@ -1,7 +1,9 @@
 //! The hub link against a 3-node nats-server JetStream cluster with an R3
 //! hub stream: frond is given one node's URL, learns the others from
 //! `INFO.connect_urls`, and keeps mirroring exactly once, in order, when
-//! that node dies and when the stream's leader dies; and under the fault
+//! that node dies and when the stream's leader dies (the hub stream allows
+//! atomic batches, so frond mirrors in ordered mode: strict order is
+//! asserted after every fault); and under the fault
 //! suite of issue 12 §4: node restarts, a whole-cluster outage longer than
 //! the duplicate window, cuts mid-frame, a half-open link, failover over
 //! `ws://`, and the recovery time after a leader kill (printed).
@@ -22,7 +24,7 @@ fn payloads(range: std::ops::Range<usize>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_to_discovered_nodes_exactly_once() {
     let mut hub = NatsCluster::start(3).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     // Only node 0 is configured.
     let frond = Frond::start_new(FrondSpec::with_hub(hub.nodes[0].url())).await;
@@ -58,6 +60,17 @@ async fn fails_over_to_discovered_nodes_exactly_once() {
     hub.wait_count_at_least("FLEET", 3000, LONG).await;
     let msgs = hub.live().read_all("FLEET").await;
     assert_exact_mirror(&msgs, &payloads(0..3000), "truck1", SUBJECT);
+    assert_ordered_mode(&frond);
+}
+
+/// frond saw `allow_atomic` on the hub stream (ordered mode) and used
+/// batched direct gets to resync.
+fn assert_ordered_mode(frond: &Frond) {
+    let log = frond.log_text();
+    assert!(
+        !log.contains("does not allow atomic batches") && !log.contains("batched resync read"),
+        "frond mirrored in ordered mode with batched resync reads: {log}"
+    );
 }
 
 /// `urls = [...]` entries for [`FrondSpec::hub_url`], which is written
@@ -82,7 +95,7 @@ async fn leader_now(hub: &NatsCluster) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_restarts_mid_mirror_exactly_once() {
     let mut hub = NatsCluster::start(3).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     let frond = Frond::start_new(FrondSpec::with_hub(hub.nodes[0].url())).await;
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
@@ -119,7 +132,7 @@ async fn node_restarts_mid_mirror_exactly_once() {
 async fn whole_cluster_outage_longer_than_duplicate_window() {
     let window = Duration::from_secs(1);
     let mut hub = NatsCluster::start(3).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, window).await;
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, window).await;
     let frond = Frond::start_new(FrondSpec::with_hub(hub_urls(&hub.urls()))).await;
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
 
@@ -153,7 +166,7 @@ async fn link_cut_mid_frame_exactly_once() {
     const N: usize = 1200;
     const CUTS: usize = 5;
     let hub = NatsCluster::start_with(3, false, true).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     let mut proxies = Vec::new();
     for node in &hub.nodes {
@@ -201,7 +214,7 @@ async fn link_cut_mid_frame_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_link_fails_over_to_another_node() {
     let hub = NatsCluster::start_with(3, false, true).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     let mut proxies = Vec::new();
     for node in &hub.nodes {
@@ -244,7 +257,7 @@ async fn half_open_link_fails_over_to_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_over_websocket() {
     let mut hub = NatsCluster::start_with(3, true, false).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     let frond = Frond::start_new(FrondSpec::with_hub(hub.nodes[0].ws_url())).await;
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
@@ -271,7 +284,7 @@ async fn recovery_after_leader_kill_is_measured() {
     // frond reaches the nodes only through proxies, so a backlog can build
     // while its link is refused and the hub is ready.
     let mut hub = NatsCluster::start_with(3, false, true).await;
-    hub.create_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
         .await;
     let mut proxies = Vec::new();
     for node in &hub.nodes {
@@ -371,4 +384,82 @@ fn log_time_ns(line: &str) -> Option<i128> {
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     let frac_ns: i128 = format!("{frac:0<9}")[..9].parse().ok()?;
     Some(i128::from(secs) * 1_000_000_000 + frac_ns)
+}
+
+/// The resync after a restart that lost the mirror's cursor file reads
+/// the whole hub stream (20,000 of frond's messages, R3): with direct gets
+/// allowed it reads 256 per round trip (a replica answers, the leader
+/// confirms the end), without them one `MSG.GET` per round trip. Each
+/// time the hub keeps every message exactly once, in order; the time from
+/// connect to resynced (frond's log) is printed for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_of_a_large_window_is_measured() {
+    const N: usize = 20_000;
+    let hub = NatsCluster::start(3).await;
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, Duration::from_secs(120))
+        .await;
+    let mut frond = Frond::start_new(FrondSpec::with_hub(hub_urls(&hub.urls()))).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
+    publ.publish(0..N, LONG).await;
+    hub.wait_count_at_least("FLEET", N as u64, LONG).await;
+    let mut figures = Vec::new();
+    for direct in [true, false] {
+        if !direct {
+            set_allow_direct(&hub, false).await;
+        }
+        frond.terminate();
+        // The cursor is kept in two slot records, `<path>.a` and `.b`.
+        let path = frond::uplink::cursor::path(&frond.data_dir(), "TELEMETRY").unwrap();
+        let removed = ["a", "b"]
+            .iter()
+            .filter(|slot| std::fs::remove_file(path.with_extension(format!("cursor.{slot}"))).is_ok())
+            .count();
+        assert!(removed > 0, "the mirror's cursor records next to {path:?}");
+        frond.start().await;
+        let resynced = wait_for("frond resynced", LONG, || {
+            let log = frond.current_log();
+            async move { log.lines().find(|l| l.contains("resynced:")).map(str::to_string) }
+        })
+        .await;
+        assert!(
+            resynced.contains(&format!("local cursor {N}")),
+            "the resync found all {N} messages: {resynced}"
+        );
+        let log = frond.current_log();
+        let took = match (log_clock(&log, "connected to"), log_clock(&log, "resynced:")) {
+            (Some(a), Some(b)) => format!("{:.3}s", b - a),
+            _ => "?".into(),
+        };
+        figures.push(format!("direct gets {direct}: connect to resynced {took}"));
+        let msgs = hub.live().read_all("FLEET").await;
+        assert_exact_mirror(&msgs, &payloads(0..N), "truck1", SUBJECT);
+    }
+    eprintln!("resync of {N} hub messages without a cursor (R3): {}", figures.join("; "));
+}
+
+/// `hh:mm:ss.mmm` at the start of the first frond log line containing
+/// `what`, in seconds.
+fn log_clock(log: &str, what: &str) -> Option<f64> {
+    let l = log.lines().find(|l| l.contains(what))?;
+    let t = l.split_whitespace().next()?;
+    let mut p = t.split(':').map(|x| x.parse::<f64>().ok());
+    Some(p.next()?? * 3600.0 + p.next()?? * 60.0 + p.next()??)
+}
+
+/// Turns `allow_direct` on the hub stream FLEET on or off.
+async fn set_allow_direct(hub: &NatsCluster, on: bool) {
+    let client = hub.live().client().await;
+    let info = client
+        .request("$JS.API.STREAM.INFO.FLEET", "".into())
+        .await
+        .expect("STREAM.INFO FLEET");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).expect("stream info");
+    let mut cfg = info["config"].clone();
+    cfg["allow_direct"] = serde_json::Value::Bool(on);
+    let reply = client
+        .request("$JS.API.STREAM.UPDATE.FLEET", cfg.to_string().into())
+        .await
+        .expect("STREAM.UPDATE FLEET");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("update answer");
+    assert_eq!(v["config"]["allow_direct"], on, "allow_direct updated: {v}");
 }

@@ -973,6 +973,37 @@ impl NatsCluster {
         }
     }
 
+    /// Creates a file-backed stream with `replicas` replicas that allows
+    /// atomic batch publishing and direct gets (nats-server 2.12; the
+    /// JetStream API directly, as async-nats 0.38 does not know
+    /// `allow_atomic`): frond mirrors into it in ordered mode and resyncs
+    /// with batched direct gets.
+    pub async fn create_ordered_stream(
+        &self,
+        name: &str,
+        subjects: &[&str],
+        replicas: usize,
+        duplicate_window: Duration,
+    ) {
+        let client = self.live().client().await;
+        let cfg = serde_json::json!({
+            "name": name, "subjects": subjects, "num_replicas": replicas,
+            "storage": "file", "duplicate_window": duplicate_window.as_nanos() as u64,
+            "allow_atomic": true, "allow_direct": true,
+        });
+        let subject = format!("$JS.API.STREAM.CREATE.{name}");
+        let reply = client
+            .request(subject, cfg.to_string().into())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create hub stream {name}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_slice(&reply.payload).expect("a JetStream API answer");
+        assert!(
+            v.get("error").is_none() && v["config"]["allow_atomic"] == true,
+            "cannot create hub stream {name} with allow_atomic: {v}"
+        );
+    }
+
     /// The index of the node leading `stream`, if it has a leader now.
     pub async fn leader(&self, stream: &str) -> Option<usize> {
         for s in self.nodes.iter().filter(|s| s.is_running()) {
