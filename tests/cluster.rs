@@ -132,7 +132,8 @@ async fn node_restarts_mid_mirror_exactly_once() {
 async fn whole_cluster_outage_longer_than_duplicate_window() {
     let window = Duration::from_secs(1);
     let mut hub = NatsCluster::start(3).await;
-    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, window).await;
+    hub.create_ordered_stream("FLEET", &["fleet.>"], 3, window)
+        .await;
     let frond = Frond::start_new(FrondSpec::with_hub(hub_urls(&hub.urls()))).await;
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
 
@@ -412,13 +413,19 @@ async fn resync_of_a_large_window_is_measured() {
         let path = frond::uplink::cursor::path(&frond.data_dir(), "TELEMETRY").unwrap();
         let removed = ["a", "b"]
             .iter()
-            .filter(|slot| std::fs::remove_file(path.with_extension(format!("cursor.{slot}"))).is_ok())
+            .filter(|slot| {
+                std::fs::remove_file(path.with_extension(format!("cursor.{slot}"))).is_ok()
+            })
             .count();
         assert!(removed > 0, "the mirror's cursor records next to {path:?}");
         frond.start().await;
         let resynced = wait_for("frond resynced", LONG, || {
             let log = frond.current_log();
-            async move { log.lines().find(|l| l.contains("resynced:")).map(str::to_string) }
+            async move {
+                log.lines()
+                    .find(|l| l.contains("resynced:"))
+                    .map(str::to_string)
+            }
         })
         .await;
         assert!(
@@ -426,7 +433,10 @@ async fn resync_of_a_large_window_is_measured() {
             "the resync found all {N} messages: {resynced}"
         );
         let log = frond.current_log();
-        let took = match (log_clock(&log, "connected to"), log_clock(&log, "resynced:")) {
+        let took = match (
+            log_clock(&log, "connected to"),
+            log_clock(&log, "resynced:"),
+        ) {
             (Some(a), Some(b)) => format!("{:.3}s", b - a),
             _ => "?".into(),
         };
@@ -434,7 +444,10 @@ async fn resync_of_a_large_window_is_measured() {
         let msgs = hub.live().read_all("FLEET").await;
         assert_exact_mirror(&msgs, &payloads(0..N), "truck1", SUBJECT);
     }
-    eprintln!("resync of {N} hub messages without a cursor (R3): {}", figures.join("; "));
+    eprintln!(
+        "resync of {N} hub messages without a cursor (R3): {}",
+        figures.join("; ")
+    );
 }
 
 /// `hh:mm:ss.mmm` at the start of the first frond log line containing
@@ -462,7 +475,11 @@ async fn set_stream_flag(hub: &NatsCluster, key: &str, on: bool) {
         .await
         .expect("STREAM.UPDATE FLEET");
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("update answer");
-    assert_eq!(v["config"][key].as_bool().unwrap_or(false), on, "{key} updated: {v}");
+    assert_eq!(
+        v["config"][key].as_bool().unwrap_or(false),
+        on,
+        "{key} updated: {v}"
+    );
 }
 
 /// What ordered mode costs: the same backlog (20,000 messages of 100 B
@@ -510,11 +527,18 @@ async fn drain_ordered_vs_window_is_measured() {
             .await;
         figures.push(format!(
             "{}: {:.2}s",
-            if ordered { "ordered (atomic batches)" } else { "window" },
+            if ordered {
+                "ordered (atomic batches)"
+            } else {
+                "window"
+            },
             t0.elapsed().as_secs_f64()
         ));
     }
-    eprintln!("drain of {N} x 100 B into R3 after the link is back: {}", figures.join("; "));
+    eprintln!(
+        "drain of {N} x 100 B into R3 after the link is back: {}",
+        figures.join("; ")
+    );
     let msgs = hub.live().read_all("FLEET").await;
     let expected: Vec<String> = (0..2 * N).map(|i| payload(&prefix, i)).collect();
     assert_exact_mirror(&msgs, &expected, "truck1", SUBJECT);

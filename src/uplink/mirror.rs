@@ -21,19 +21,23 @@
 //!   rediscovers everything it forgot.
 //! - After every (re)connect and every publish error or timeout, nothing new
 //!   is sent until a resync has scanned the hub stream from F + 1 to its end
-//!   (`$JS.API.STREAM.MSG.GET` with `next_by_subj`), recording every message
+//!   (`STREAM.INFO`, then batched direct gets or `MSG.GET` with
+//!   `next_by_subj`, see `mirror_scan.rs`), recording every message
 //!   whose `Nats-Msg-Id` is `<node>:<stream>:<seq>`. Then the unsent rest is
 //!   published in local order. The hub's duplicate window covers the short
 //!   race of a publish stored after the scan passed it; the scan covers
 //!   outages of any length.
-//! - Order: the hub answers one connection's publishes in order, so an ack
-//!   that arrives while an earlier publish is unanswered means the earlier
-//!   one was lost (a stream leader change drops the unreplicated tail of a
-//!   window while the new leader stores what follows). The mirror stops
-//!   sending at that ack and resyncs, so a resent message lands after at
-//!   most one window (`max_inflight`) of later ones, never after more. It
-//!   is still stored exactly once. (Strict order through a leader change
-//!   needs one publish per round trip; not done.)
+//! - Order, ordered mode (the hub stream has `allow_atomic`): one atomic
+//!   batch or lone publish in flight at a time, so hub order = local order
+//!   under any fault (the argument is in `mirror_order.rs`).
+//! - Order, window mode (no `allow_atomic`): the hub answers one
+//!   connection's publishes in order, so an ack that arrives while an
+//!   earlier publish is unanswered means the earlier one was lost (a
+//!   stream leader change drops the unreplicated tail of a window while
+//!   the new leader stores what follows). The mirror stops sending at that
+//!   ack and resyncs, so a resent message lands after at most one window
+//!   (`max_inflight`) of later ones, never after more. It is still stored
+//!   exactly once.
 //! - Resync cost: the scan reads every hub message matching the filter
 //!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
 //!   node's messages are read even in a shared hub stream; without one it is
@@ -48,8 +52,8 @@ use serde::Deserialize;
 
 use super::cursor::Cursor;
 use crate::stream::StoredMessage;
-use crate::wire::nats::headers::HeaderBlock;
 use crate::wire::nats::client;
+use crate::wire::nats::headers::HeaderBlock;
 
 /// JetStream error codes the policy distinguishes.
 pub const ERR_STREAM_NOT_FOUND: u64 = 10059;

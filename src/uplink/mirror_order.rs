@@ -50,8 +50,8 @@ use std::time::Instant;
 
 use super::{
     classify_pub_reply, Command, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
-    ERR_ATOMIC_DISABLED, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
-    ERR_STREAM_NOT_FOUND, MAX_BATCH,
+    ERR_ATOMIC_DISABLED, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE, ERR_STREAM_NOT_FOUND,
+    MAX_BATCH,
 };
 use crate::stream::StoredMessage;
 use crate::wire::nats::headers::HeaderBlock;
@@ -139,7 +139,12 @@ impl Mirror {
         Ok((wire.len() + m.payload.len(), size))
     }
 
-    fn send_ordered(&mut self, now: Instant, inbox: &str, picked: Vec<(StoredMessage, HeaderBlock)>) {
+    fn send_ordered(
+        &mut self,
+        now: Instant,
+        inbox: &str,
+        picked: Vec<(StoredMessage, HeaderBlock)>,
+    ) {
         let n = picked.len();
         self.batches += 1;
         let token = inbox.strip_prefix("_INBOX.").unwrap_or(inbox);

@@ -110,7 +110,12 @@ impl Mirror {
             "batch": SCAN_BATCH, "max_bytes": SCAN_BATCH_BYTES,
         });
         let subject = format!("$JS.API.DIRECT.GET.{}", self.p.hub_stream);
-        self.request(now, subject, body.to_string().into_bytes(), Step::Direct { got: 0 });
+        self.request(
+            now,
+            subject,
+            body.to_string().into_bytes(),
+            Step::Direct { got: 0 },
+        );
     }
 
     /// The next scan request: batched when the hub stream allows it.
@@ -133,7 +138,9 @@ impl Mirror {
             Phase::Resync {
                 step: Step::Info, ..
             } => self.on_info(now, headers, payload),
-            Phase::Resync { step: Step::Get, .. } => self.on_get(now, headers, payload),
+            Phase::Resync {
+                step: Step::Get, ..
+            } => self.on_get(now, headers, payload),
             Phase::Resync {
                 step: Step::Direct { got },
                 ..
@@ -144,11 +151,20 @@ impl Mirror {
 
     fn on_info(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
         if no_responders(headers) {
-            return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
+            return self.fault(
+                now,
+                "the hub's JetStream API did not respond (no responders); is JetStream enabled?"
+                    .into(),
+            );
         }
         let info: InfoJson = match serde_json::from_slice(payload) {
             Ok(i) => i,
-            Err(e) => return self.fault(now, format!("unexpected STREAM.INFO reply from the hub: {e}")),
+            Err(e) => {
+                return self.fault(
+                    now,
+                    format!("unexpected STREAM.INFO reply from the hub: {e}"),
+                )
+            }
         };
         let hub = &self.p.hub_stream;
         if let Some(e) = info.error {
@@ -176,7 +192,11 @@ impl Mirror {
 
     fn on_get(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
         if no_responders(headers) {
-            return self.fault(now, "the hub's JetStream API did not respond (no responders); is JetStream enabled?".into());
+            return self.fault(
+                now,
+                "the hub's JetStream API did not respond (no responders); is JetStream enabled?"
+                    .into(),
+            );
         }
         let reply: GetJson = match serde_json::from_slice(payload) {
             Ok(r) => r,

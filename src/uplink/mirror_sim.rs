@@ -134,7 +134,11 @@ impl Hub {
         }
         if !self.leader {
             if rng.chance(500) && !reply.is_empty() {
-                out.push_back(Delivery::Msg(reply, Some(b"NATS/1.0 503\r\n\r\n".to_vec()), vec![]));
+                out.push_back(Delivery::Msg(
+                    reply,
+                    Some(b"NATS/1.0 503\r\n\r\n".to_vec()),
+                    vec![],
+                ));
             }
             return;
         }
@@ -143,7 +147,10 @@ impl Hub {
         let Some(bid) = h.get("Nats-Batch-Id") else {
             return self.publish(msg, reply, t, out);
         };
-        let bseq: usize = h.get("Nats-Batch-Sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let bseq: usize = h
+            .get("Nats-Batch-Sequence")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let commit = h.get("Nats-Batch-Commit") == Some("1");
         if !self.atomic {
             if !reply.is_empty() {
@@ -164,9 +171,10 @@ impl Hub {
             return;
         }
         let msgs = self.staging.remove(bid).unwrap_or_default();
-        let dup = msgs.iter().filter_map(|m| m.1.as_deref()).any(|id| {
-            self.dup_of(id, t).is_some() || self.pending_id(id)
-        });
+        let dup = msgs
+            .iter()
+            .filter_map(|m| m.1.as_deref())
+            .any(|id| self.dup_of(id, t).is_some() || self.pending_id(id));
         if dup {
             out.push_back(api_err(&reply, 10201));
             return;
@@ -192,7 +200,11 @@ impl Hub {
 
     fn apply(&mut self, e: Entry, t: u64, acked: bool, out: &mut VecDeque<Delivery>) {
         if dbg() {
-            eprintln!("t={t} apply {:?} acked={acked} at {}", e.ids(), self.stored.len() + 1);
+            eprintln!(
+                "t={t} apply {:?} acked={acked} at {}",
+                e.ids(),
+                self.stored.len() + 1
+            );
         }
         match e {
             Entry::One { msg, reply } => {
@@ -244,7 +256,14 @@ impl Hub {
         self.leader = true;
     }
 
-    fn api(&mut self, api: &str, reply: &str, payload: &[u8], rng: &mut Rng, out: &mut VecDeque<Delivery>) {
+    fn api(
+        &mut self,
+        api: &str,
+        reply: &str,
+        payload: &[u8],
+        rng: &mut Rng,
+        out: &mut VecDeque<Delivery>,
+    ) {
         if api.starts_with("STREAM.INFO.") {
             if self.leader {
                 let b = format!(
@@ -257,12 +276,17 @@ impl Hub {
         }
         let req: serde_json::Value = serde_json::from_slice(payload).unwrap();
         let from = req["seq"].as_u64().unwrap().max(1) as usize;
-        let filter = req["next_by_subj"].as_str().unwrap().trim_end_matches('>').to_string();
+        let filter = req["next_by_subj"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('>')
+            .to_string();
         if api.starts_with("STREAM.MSG.GET.") {
             if !self.leader {
                 return;
             }
-            let found = (from..=self.stored.len()).find(|&s| self.stored[s - 1].0.starts_with(&filter));
+            let found =
+                (from..=self.stored.len()).find(|&s| self.stored[s - 1].0.starts_with(&filter));
             let b = match found {
                 Some(s) => {
                     let mut hb = HeaderBlock::new();
@@ -270,9 +294,14 @@ impl Hub {
                         hb.push("Nats-Msg-Id", id.clone());
                     }
                     let h = base64::encode(&hb.encode().unwrap());
-                    format!(r#"{{"message":{{"subject":"x","seq":{s},"hdrs":"{h}","data":"","time":"x"}}}}"#)
+                    format!(
+                        r#"{{"message":{{"subject":"x","seq":{s},"hdrs":"{h}","data":"","time":"x"}}}}"#
+                    )
                 }
-                None => r#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#.into(),
+                None => {
+                    r#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#
+                        .into()
+                }
             };
             out.push_back(ack(reply, b));
             return;
@@ -301,10 +330,21 @@ impl Hub {
                 h.push_str(&format!("Nats-Msg-Id: {id}\r\n"));
             }
             h.push_str("\r\n");
-            out.push_back(Delivery::Msg(reply.to_string(), Some(h.into_bytes()), vec![]));
+            out.push_back(Delivery::Msg(
+                reply.to_string(),
+                Some(h.into_bytes()),
+                vec![],
+            ));
         }
-        let eob = format!("NATS/1.0 204 EOB\r\nNats-Num-Pending: {}\r\n\r\n", matching.len() - sent);
-        out.push_back(Delivery::Msg(reply.to_string(), Some(eob.into_bytes()), vec![]));
+        let eob = format!(
+            "NATS/1.0 204 EOB\r\nNats-Num-Pending: {}\r\n\r\n",
+            matching.len() - sent
+        );
+        out.push_back(Delivery::Msg(
+            reply.to_string(),
+            Some(eob.into_bytes()),
+            vec![],
+        ));
     }
 
     /// Local seqs of node n1 / stream S, in hub order.
@@ -389,7 +429,11 @@ impl Sim {
     fn append(&mut self) {
         let seq = self.local.len() as u64 + 1;
         // Now and then a message too big to carry the batch headers.
-        let size = if self.rng.chance(20) { MAX_PAYLOAD - 60 } else { 1 + self.rng.below(40) as usize };
+        let size = if self.rng.chance(20) {
+            MAX_PAYLOAD - 60
+        } else {
+            1 + self.rng.below(40) as usize
+        };
         self.local.push(StoredMessage {
             seq,
             timestamp: seq,
@@ -402,7 +446,8 @@ impl Sim {
         self.conns += 1;
         self.connected = true;
         let now = self.now();
-        self.m.handle_connected(now, 1, &format!("tok{}", self.conns), MAX_PAYLOAD);
+        self.m
+            .handle_connected(now, 1, &format!("tok{}", self.conns), MAX_PAYLOAD);
         self.drain();
     }
     fn disconnect(&mut self) {
@@ -420,12 +465,17 @@ impl Sim {
         self.drain();
     }
     fn hub_step(&mut self) -> bool {
-        let Some(c) = self.to_hub.pop_front() else { return false };
-        self.hub.receive(c, self.t, &mut self.rng, &mut self.to_client);
+        let Some(c) = self.to_hub.pop_front() else {
+            return false;
+        };
+        self.hub
+            .receive(c, self.t, &mut self.rng, &mut self.to_client);
         true
     }
     fn client_step(&mut self) -> bool {
-        let Some(d) = self.to_client.pop_front() else { return false };
+        let Some(d) = self.to_client.pop_front() else {
+            return false;
+        };
         let now = self.now();
         match d {
             Delivery::Msg(s, h, p) => self.m.handle_reply(now, &s, h.as_deref(), &p),
@@ -493,14 +543,19 @@ impl Sim {
     fn foreign(&mut self) {
         self.hub.foreign += 1;
         let id = format!("n2:S:{}", self.hub.foreign);
-        self.hub.stored.push(("fleet.n2.x".into(), Some(id), self.t));
+        self.hub
+            .stored
+            .push(("fleet.n2.x".into(), Some(id), self.t));
     }
 
     /// One random step of a faulty schedule.
     fn step(&mut self) {
         let r = self.rng.below(1000);
         if dbg() && (870..=959).contains(&r) {
-            eprintln!("t={} step {r} leader={} connected={}", self.t, self.hub.leader, self.connected);
+            eprintln!(
+                "t={} step {r} leader={} connected={}",
+                self.t, self.hub.leader, self.connected
+            );
         }
         match r {
             0..=299 => {
@@ -592,7 +647,10 @@ fn run(seed: u64, atomic: bool) -> Vec<u64> {
     let mut sorted = ours.clone();
     sorted.sort_unstable();
     let want: Vec<u64> = (1..=s.local.len() as u64).collect();
-    assert_eq!(sorted, want, "seed {seed}: each local message on the hub exactly once");
+    assert_eq!(
+        sorted, want,
+        "seed {seed}: each local message on the hub exactly once"
+    );
     ours
 }
 
@@ -602,10 +660,16 @@ fn in_order(v: &[u64]) -> bool {
 
 #[test]
 fn ordered_mode_keeps_hub_order_through_leader_changes() {
-    let seeds: u64 = std::env::var("MIRROR_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
+    let seeds: u64 = std::env::var("MIRROR_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
     for seed in 0..seeds {
         let ours = run(seed, true);
-        assert!(in_order(&ours), "seed {seed}: hub order differs from local order: {ours:?}");
+        assert!(
+            in_order(&ours),
+            "seed {seed}: hub order differs from local order: {ours:?}"
+        );
     }
 }
 
@@ -614,9 +678,14 @@ fn ordered_mode_keeps_hub_order_through_leader_changes() {
 /// order: the simulation finds what ordered mode prevents.
 #[test]
 fn window_mode_reorders_through_leader_changes() {
-    let reordered = (0..400u64).filter(|&seed| !in_order(&run(seed, false))).count();
+    let reordered = (0..400u64)
+        .filter(|&seed| !in_order(&run(seed, false)))
+        .count();
     eprintln!("window mode: {reordered} of 400 schedules stored messages out of order");
-    assert!(reordered > 0, "no schedule reordered: the simulation cannot see the fault");
+    assert!(
+        reordered > 0,
+        "no schedule reordered: the simulation cannot see the fault"
+    );
 }
 
 #[test]
