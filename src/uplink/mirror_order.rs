@@ -39,6 +39,11 @@
 //!   fault backoff finds it), and the resync scan beyond the duplicate
 //!   window.
 //!
+//! Batch size: `max_inflight` (at most [`MAX_BATCH`]), halved when the hub
+//! drops a batch before its commit (`incomplete`: also what a batch that
+//! takes longer than the hub's 10 s batch timeout to arrive over a slow
+//! link gets) or calls it too large, doubled back after each stored one.
+//!
 //! Cost: one round trip per batch instead of a sliding window (measured in
 //! the README). Hub side, a batch is held in memory on the stream leader
 //! while it arrives; nats-server allows 50 open batches per stream and
@@ -50,8 +55,8 @@ use std::time::Instant;
 
 use super::{
     classify_pub_reply, Command, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
-    ERR_ATOMIC_DISABLED, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE, ERR_STREAM_NOT_FOUND,
-    MAX_BATCH,
+    ERR_ATOMIC_DISABLED, ERR_BATCH_INCOMPLETE, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
+    ERR_STREAM_NOT_FOUND, MAX_BATCH,
 };
 use crate::stream::StoredMessage;
 use crate::wire::nats::headers::HeaderBlock;
@@ -220,6 +225,7 @@ impl Mirror {
                 }
                 self.latest = seq;
                 self.acked += n;
+                self.batch_cap = self.batch_cap.saturating_mul(2).min(MAX_BATCH);
                 self.fail_streak = 0;
                 self.last_error = None;
                 self.advance();
@@ -247,6 +253,20 @@ impl Mirror {
                 self.restream(now);
             }
             Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
+            Reply::ApiErr(e) if e.err_code == ERR_BATCH_INCOMPLETE => {
+                // A leader change lost the staging, too many batches are
+                // open on the stream, or the batch took longer than the
+                // hub's batch timeout (10 s) to arrive over a slow link:
+                // smaller batches, after the fault's backoff.
+                self.batch_cap = (self.batch.len() / 2).max(1);
+                self.fault(
+                    now,
+                    format!(
+                        "hub dropped the atomic batch of messages {first}..={last} before its commit ({}; a leader change, too many open batches on stream {hub}, or a slow link): retrying with batches of {}",
+                        e.description, self.batch_cap
+                    ),
+                )
+            }
             Reply::ApiErr(e) => self.fault(
                 now,
                 format!(

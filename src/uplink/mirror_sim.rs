@@ -696,3 +696,104 @@ fn one_seed() {
     let ours = run(seed, atomic);
     assert!(in_order(&ours), "{ours:?}");
 }
+
+/// A simulation with a fixed window and small messages, for scripted
+/// ordered-mode tests.
+fn ordered_sim(max_inflight: usize, msgs: u64) -> Sim {
+    let mut s = Sim::new(0, true);
+    s.hub.direct = false;
+    let mut p = s.m.params().clone();
+    p.max_inflight = max_inflight;
+    s.m = Mirror::new(p, None);
+    for seq in 1..=msgs {
+        s.local.push(StoredMessage {
+            seq,
+            timestamp: seq,
+            subject: "t".into(),
+            headers: None,
+            payload: b"x".to_vec(),
+        });
+    }
+    s
+}
+
+/// Delivers until nothing moves (no commits, no time), or, with
+/// `hold`, until publishes wait at the hub's door.
+fn quiet(s: &mut Sim, hold: bool) {
+    loop {
+        let held = hold
+            && s.to_hub.iter().any(
+                |c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")),
+            );
+        if held || !(s.client_step() || s.serve_read() || s.hub_step()) {
+            return;
+        }
+    }
+}
+
+fn batch_sizes(s: &Sim) -> Vec<(Option<String>, bool, bool)> {
+    s.to_hub
+        .iter()
+        .filter_map(|c| match c {
+            Command::Publish { reply, headers, .. } => {
+                let h = hdr(headers);
+                Some((
+                    h.get("Nats-Batch-Sequence").map(str::to_string),
+                    h.get("Nats-Batch-Commit").is_some(),
+                    !reply.is_empty(),
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ordered_mode_sends_one_atomic_batch_at_a_time_and_adapts_its_size() {
+    let mut s = ordered_sim(8, 30);
+    s.connect();
+    quiet(&mut s, true);
+    // One batch of 8: sequences 1..=8, the commit (and the only reply
+    // subject) on the last; nothing more while it is unanswered.
+    let sent = batch_sizes(&s);
+    assert_eq!(sent.len(), 8, "{sent:?}");
+    for (i, (seq, commit, reply)) in sent.iter().enumerate() {
+        assert_eq!(seq.as_deref(), Some((i + 1).to_string().as_str()));
+        assert_eq!((*commit, *reply), (i == 7, i == 7));
+    }
+    // The leader dies with half of it staged: the rest reaches the new
+    // leader, which refuses the commit (incomplete).
+    for _ in 0..4 {
+        s.hub_step();
+    }
+    s.hub.kill_leader(&mut s.rng);
+    s.hub.elect(s.t, &mut s.rng, &mut s.to_client);
+    quiet(&mut s, false);
+    assert!(s.hub.stored.is_empty());
+    assert_eq!(s.m.batch_cap, 4, "halved after an incomplete batch");
+    // After the backoff and a resync the next batch has 4 messages; each
+    // stored batch doubles the size back.
+    s.t += 1_000;
+    let now = s.now();
+    s.m.handle_tick(now);
+    s.drain();
+    quiet(&mut s, true);
+    assert_eq!(batch_sizes(&s).len(), 4);
+    s.settle();
+    assert_eq!(s.hub.ours(), (1..=30).collect::<Vec<u64>>());
+    assert_eq!(s.m.batch_cap, MAX_BATCH.min(1 << 10), "grown back");
+    // A lone message leaves as a plain publish.
+    s.local.push(StoredMessage {
+        seq: 31,
+        timestamp: 31,
+        subject: "t".into(),
+        headers: None,
+        payload: b"x".to_vec(),
+    });
+    let now = s.now();
+    s.m.handle_local_state(31);
+    s.m.handle_tick(now);
+    s.drain();
+    quiet(&mut s, true);
+    assert_eq!(batch_sizes(&s), vec![(None, false, true)]);
+}
