@@ -322,6 +322,10 @@ pub struct Mirror {
     atomic: bool,
     /// The hub stream allows direct gets (batched resync reads).
     direct: bool,
+    /// A direct get failed or went unanswered on this connection (e.g. the
+    /// hub user may not publish to `$JS.API.DIRECT.GET.>`): `MSG.GET`
+    /// until the next connection.
+    direct_failed: bool,
     /// Ordered mode: the local seqs of the publish or batch in flight, in
     /// order; the last one carries the commit (and the only reply).
     batch: Vec<u64>,
@@ -422,6 +426,7 @@ impl Mirror {
             budget: None,
             atomic: false,
             direct: false,
+            direct_failed: false,
             batch: Vec::new(),
             batch_cap: MAX_BATCH,
             single_next: false,
@@ -501,6 +506,7 @@ impl Mirror {
         max_payload: usize,
     ) {
         self.drop_window();
+        self.direct_failed = false;
         let inbox = format!("_INBOX.{inbox_token}");
         self.commands.push_back(Command::Subscribe {
             subject: format!("{inbox}.*"),
@@ -638,8 +644,11 @@ impl Mirror {
     pub fn handle_tick(&mut self, now: Instant) {
         match self.phase {
             Phase::Wait { until } if now >= until && self.conn.is_some() => self.start_resync(now),
-            Phase::Resync { sent_at, .. } if now >= sent_at + self.resync_timeout() => {
+            Phase::Resync { sent_at, step, .. } if now >= sent_at + self.resync_timeout() => {
                 let t = self.resync_timeout();
+                if matches!(step, Step::Direct { .. }) {
+                    self.direct_failed = true;
+                }
                 self.fault(
                     now,
                     format!(

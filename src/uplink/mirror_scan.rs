@@ -19,7 +19,9 @@
 //! after the last message seen (answered by the leader) decides: nothing
 //! found ends the scan, a message found is recorded and the batched scan
 //! goes on after it. A direct get that fails (no responders, an old
-//! server) turns direct gets off until the next connection.
+//! server) or goes unanswered (a hub user without publish rights on
+//! `$JS.API.DIRECT.GET.<stream>` gets only an `-ERR`) turns direct gets
+//! off until the next connection.
 
 use std::time::Instant;
 
@@ -179,7 +181,7 @@ impl Mirror {
         }
         let config = info.config.unwrap_or_default();
         self.atomic = config.allow_atomic;
-        self.direct = config.allow_direct;
+        self.direct = config.allow_direct && !self.direct_failed;
         if !self.atomic && !self.warned_unordered {
             self.warned_unordered = true;
             self.events.push_back(Event::Warning(format!(
@@ -252,6 +254,7 @@ impl Mirror {
             Reply::End { .. } | Reply::NotFound => self.send_get(now),
             Reply::Fail(why) => {
                 self.direct = false;
+                self.direct_failed = true;
                 self.events.push_back(Event::Warning(format!(
                     "batched resync read of hub stream {} failed ({why}); reading one message per round trip on this connection",
                     self.p.hub_stream

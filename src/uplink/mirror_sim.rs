@@ -91,6 +91,8 @@ struct Hub {
     replicated: Vec<Entry>,
     staging: HashMap<String, Vec<Msg>>,
     foreign: u64,
+    /// Direct gets go unanswered (a hub user without the permission).
+    direct_silent: bool,
 }
 
 fn hdr(h: &[u8]) -> HeaderBlock {
@@ -307,6 +309,9 @@ impl Hub {
             return;
         }
         assert!(api.starts_with("DIRECT.GET."), "{api}");
+        if self.direct_silent {
+            return;
+        }
         // A replica holding a prefix of the stream answers.
         let lag = rng.below(4).min(self.stored.len() as u64) as usize;
         let visible = self.stored.len() - lag;
@@ -796,4 +801,18 @@ fn ordered_mode_sends_one_atomic_batch_at_a_time_and_adapts_its_size() {
     s.drain();
     quiet(&mut s, true);
     assert_eq!(batch_sizes(&s), vec![(None, false, true)]);
+}
+
+/// A hub stream that allows direct gets to a user who may not send them
+/// (nats-server answers only `-ERR`): the resync times out once, then
+/// reads with `MSG.GET` on this connection and drains.
+#[test]
+fn unanswered_direct_gets_fall_back_to_msg_get() {
+    let mut s = ordered_sim(8, 20);
+    s.hub.direct = true;
+    s.hub.direct_silent = true;
+    s.connect();
+    s.settle();
+    assert_eq!(s.hub.ours(), (1..=20).collect::<Vec<u64>>());
+    assert!(s.m.direct_failed);
 }
