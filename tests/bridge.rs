@@ -206,7 +206,9 @@ async fn hub_requests_are_answered_by_local_nats_and_mqtt5_services() {
     // An MQTT 5 responder: answers on the Response Topic it is given,
     // with the request's Correlation Data.
     let mut responder = v5(f.mqtt_port, "responder", None).await;
-    responder.subscribe("svc/truck1/mqtt", QoS::AtMostOnce, None).await;
+    responder
+        .subscribe("svc/truck1/mqtt", QoS::AtMostOnce, None)
+        .await;
     let client = responder.client.clone();
     let (topics_tx, mut topics) = mpsc::channel::<(String, Option<Vec<u8>>)>(64);
     let mut rx = std::mem::replace(&mut responder.rx, mpsc::channel(1).1);
@@ -327,7 +329,8 @@ async fn an_import_broadcast_reaches_each_local_subscriber_once() {
     let nats_seen = collect(local.subscribe("fleet.broadcast.>").await.unwrap());
     local.flush().await.unwrap();
     let mut m = v5(f.mqtt_port, "bsub", None).await;
-    m.subscribe("fleet/broadcast/#", QoS::AtMostOnce, None).await;
+    m.subscribe("fleet/broadcast/#", QoS::AtMostOnce, None)
+        .await;
     let (_mc, mqtt_seen, _t) = collect_v5(m);
     let app = hub.client().await;
     until_bridged_down(&app, "fleet.broadcast.probe", &[&nats_seen, &mqtt_seen]).await;

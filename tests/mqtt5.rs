@@ -51,7 +51,8 @@ async fn topic_aliases_both_ways() {
     .await;
     sub.subscribe(1, "al/#", WQoS::AtMostOnce, None).await;
     // Publisher: frond advertises its maximum and resolves our aliases.
-    let (mut publ, connack) = Raw::with_props(f.mqtt_port, "alias-pub", Properties::default()).await;
+    let (mut publ, connack) =
+        Raw::with_props(f.mqtt_port, "alias-pub", Properties::default()).await;
     let max = connack.topic_alias_maximum.expect("Topic Alias Maximum");
     assert!(max >= 1);
     publ.send(&raw_publish("al/one", Some(1), b"1")).await;
@@ -320,7 +321,8 @@ async fn expired_stored_message_is_not_delivered() {
         ..Default::default()
     });
     let mut sub = V5::connect_with(opts.clone()).await;
-    sub.subscribe("telemetry/exp/#", QoS::AtLeastOnce, None).await;
+    sub.subscribe("telemetry/exp/#", QoS::AtLeastOnce, None)
+        .await;
     sub.disconnect().await;
     // Stored while it is away: one with a 1 s expiry, then one without.
     let publish = |msg: &str, extra: &[&str]| {
@@ -554,7 +556,8 @@ async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
     .await;
     // Not captured by a stream: these come from the router and wait in
     // the session's queue while the window (1) is full.
-    sub.subscribe(1, "live/exp/#", WQoS::AtLeastOnce, None).await;
+    sub.subscribe(1, "live/exp/#", WQoS::AtLeastOnce, None)
+        .await;
     let pb = V5::connect(f.mqtt_port, "q-exp-pub").await;
     let expiring = PublishProperties {
         message_expiry_interval: Some(1),

@@ -210,14 +210,7 @@ impl Session {
         p.packet_id = id;
         let start = self.out.len();
         self.send(&Packet::Publish(p));
-        let size = self.out.len().saturating_sub(start);
-        if self.client_max_packet.is_some_and(|max| size > max) {
-            self.out.truncate(start);
-            self.oversize_dropped += 1;
-            log::debug!(
-                "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
-                self.client_id
-            );
+        if self.unsend_if_too_large(start) {
             return Emitted::TooLarge;
         }
         if let Some((topic, a)) = new_alias {
@@ -263,15 +256,24 @@ impl Session {
             self.closed(CloseReason::Internal(e.to_string()));
             return;
         }
+        self.unsend_if_too_large(start);
+    }
+
+    /// Take the PUBLISH written at `start` back out of the output when it
+    /// is larger than the client's Maximum Packet Size (counted in
+    /// `oversize_dropped`); whether it was.
+    fn unsend_if_too_large(&mut self, start: usize) -> bool {
         let size = self.out.len().saturating_sub(start);
-        if self.client_max_packet.is_some_and(|max| size > max) {
-            self.out.truncate(start);
-            self.oversize_dropped += 1;
-            log::debug!(
-                "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
-                self.client_id
-            );
+        if !self.client_max_packet.is_some_and(|max| size > max) {
+            return false;
         }
+        self.out.truncate(start);
+        self.oversize_dropped += 1;
+        log::debug!(
+            "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
+            self.client_id
+        );
+        true
     }
 
     /// Send queued deliveries while the window has room.
