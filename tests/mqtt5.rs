@@ -9,18 +9,14 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::mqtt5::*;
 use common::*;
-use frond::wire::mqtt::{
-    self, Ack, Connect, Packet, Properties, Publish, QoS as WQoS, Subscribe, SubscriptionOptions,
-    Version,
-};
+use frond::wire::mqtt::{self, Ack, Packet, Properties, Publish, QoS as WQoS, Version};
 use rumqttc::v5::mqttbytes::v5::{Packet as RPacket, Publish as RPublish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use smol::stream::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const T: Duration = Duration::from_secs(10);
 

@@ -9,19 +9,16 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::mqtt5::*;
 use common::*;
 use frond::wire::mqtt::{
-    self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Publish, QoS as WQoS, Subscribe,
-    SubscriptionOptions, Unsubscribe, Version, Will,
+    Ack, Disconnect, Packet, Properties, Publish, QoS as WQoS, SubscriptionOptions, Unsubscribe,
+    Will,
 };
-use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter, Packet as RPacket, Publish as RPub};
+use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-
-const T: Duration = Duration::from_secs(10);
+use rumqttc::v5::MqttOptions;
+use tokio::io::AsyncWriteExt;
 
 /// The deliveries `sub` receives (acknowledging QoS 1 ones) until the
 /// marker `publ` publishes to `end` after everything else (`sub` must

@@ -264,7 +264,7 @@ impl Session {
     /// `oversize_dropped`); whether it was.
     fn unsend_if_too_large(&mut self, start: usize) -> bool {
         let size = self.out.len().saturating_sub(start);
-        if !self.client_max_packet.is_some_and(|max| size > max) {
+        if self.client_max_packet.is_none_or(|max| size <= max) {
             return false;
         }
         self.out.truncate(start);

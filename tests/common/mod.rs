@@ -35,7 +35,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub mod mqtt5;
-pub use mqtt5::{connect_packet, publish_of, raw_publish, Raw, V5};
 
 /// The longest any single wait in these tests may take.
 pub const LONG: Duration = Duration::from_secs(60);
