@@ -242,7 +242,7 @@ impl Session {
     /// the common live delivery. Not sent when larger than the client's
     /// Maximum Packet Size, as in [`Session::emit`].
     fn emit_plain(&mut self, subject: &str, payload: &[u8], retain: bool) {
-        let (of, topic) = &mut self.topic_of;
+        let (of, topic) = &mut **self.topic_of.get_or_insert_with(Default::default);
         if of != subject || topic.is_empty() {
             topics::subject_to_topic_into(subject, topic);
             of.clear();

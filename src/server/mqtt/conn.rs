@@ -30,7 +30,10 @@ const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10
 
 enum Wake {
     Read(std::io::Result<usize>),
-    Deliver(Delivery),
+    /// Boxed: a wake is held in every connection's task, idle ones too
+    /// (one allocation per wake-up; the rest of a batch is taken from the
+    /// channel directly).
+    Deliver(Box<Delivery>),
     /// Retained messages are owed (step 3 reads them).
     Retained,
     Kicked,
@@ -618,7 +621,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                 return std::future::pending().await;
             }
             match deliver_rx.recv().await {
-                Ok(d) => Wake::Deliver(d),
+                Ok(d) => Wake::Deliver(Box::new(d)),
                 Err(_) => std::future::pending().await,
             }
         })
