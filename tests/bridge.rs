@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use common::mqtt5::*;
 use common::*;
-use rumqttc::v5::mqttbytes::v5::{Packet as RPacket, Publish as RPublish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, MqttOptions};
 use smol::stream::StreamExt;
 use tokio::sync::mpsc;
 
@@ -104,86 +105,27 @@ fn collect(mut sub: async_nats::Subscriber) -> Seen {
     seen
 }
 
-/// A rumqttc v5 client whose publishes go to `rx`.
-struct V5 {
-    client: AsyncClient,
-    rx: mpsc::Receiver<RPublish>,
-    subacks: mpsc::Receiver<()>,
-    /// PUBACK reason codes, in order.
-    acks: mpsc::Receiver<String>,
-    task: tokio::task::JoinHandle<()>,
+/// A rumqttc v5 client, with credentials when given.
+async fn v5(port: u16, id: &str, creds: Option<(&str, &str)>) -> V5 {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    if let Some((u, p)) = creds {
+        opts.set_credentials(u, p);
+    }
+    V5::connect_with(opts).await
 }
 
-impl V5 {
-    async fn connect(port: u16, id: &str, creds: Option<(&str, &str)>) -> V5 {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(10));
-        if let Some((u, p)) = creds {
-            opts.set_credentials(u, p);
+/// Collect what `c` receives into a [`Seen`] (topic as subject).
+fn collect_v5(c: V5) -> (AsyncClient, Seen, tokio::task::JoinHandle<()>) {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let mut rx = c.rx;
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            s.push(&String::from_utf8_lossy(&p.topic), &p.payload);
         }
-        let (client, mut el) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::channel(1024);
-        let (sub_tx, subacks) = mpsc::channel(16);
-        let (up_tx, mut up_rx) = mpsc::channel(1);
-        let (ack_tx, acks) = mpsc::channel(64);
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(RPacket::ConnAck(_))) => {
-                        let _ = up_tx.send(()).await;
-                    }
-                    Ok(Event::Incoming(RPacket::SubAck(_))) => {
-                        let _ = sub_tx.send(()).await;
-                    }
-                    Ok(Event::Incoming(RPacket::Publish(p))) => {
-                        let _ = tx.send(p).await;
-                    }
-                    Ok(Event::Incoming(RPacket::PubAck(a))) => {
-                        let _ = ack_tx.send(format!("{:?}", a.reason)).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        // rumqttc ends its loop on a PUBACK error code.
-                        let _ = ack_tx.send(format!("{e:?}")).await;
-                        return;
-                    }
-                }
-            }
-        });
-        tokio::time::timeout(T, up_rx.recv())
-            .await
-            .expect("CONNACK within 10 s");
-        V5 {
-            client,
-            rx,
-            subacks,
-            acks,
-            task,
-        }
-    }
-
-    async fn subscribe(&mut self, filter: &str) {
-        self.client
-            .subscribe(filter, QoS::AtMostOnce)
-            .await
-            .unwrap();
-        tokio::time::timeout(T, self.subacks.recv())
-            .await
-            .expect("SUBACK within 10 s");
-    }
-
-    /// Collect what arrives into a [`Seen`] (topic as subject).
-    fn collect(mut self) -> (AsyncClient, Seen, tokio::task::JoinHandle<()>) {
-        let seen = Seen::default();
-        let s = seen.clone();
-        let el = self.task;
-        tokio::spawn(async move {
-            while let Some(p) = self.rx.recv().await {
-                s.push(&String::from_utf8_lossy(&p.topic), &p.payload);
-            }
-        });
-        (self.client, seen, el)
-    }
+    });
+    (c.client, seen, c.task)
 }
 
 /// Publish probes on the hub until `seen` got one: the bridge's hub
@@ -264,8 +206,10 @@ async fn hub_requests_are_answered_by_local_nats_and_mqtt5_services() {
     let served = serve(&local, "svc.truck1.diag", "diag").await;
     // An MQTT 5 responder: answers on the Response Topic it is given,
     // with the request's Correlation Data.
-    let mut responder = V5::connect(f.mqtt_port, "responder", None).await;
-    responder.subscribe("svc/truck1/mqtt").await;
+    let mut responder = v5(f.mqtt_port, "responder", None).await;
+    responder
+        .subscribe("svc/truck1/mqtt", QoS::AtMostOnce, None)
+        .await;
     let client = responder.client.clone();
     let (topics_tx, mut topics) = mpsc::channel::<(String, Option<Vec<u8>>)>(64);
     let mut rx = std::mem::replace(&mut responder.rx, mpsc::channel(1).1);
@@ -337,8 +281,8 @@ async fn local_requests_on_an_import_are_answered_from_the_hub() {
     assert_eq!(&r.payload[..], b"hub:now?");
     // An MQTT 5 requester: the answer comes to its Response Topic with its
     // Correlation Data.
-    let mut req = V5::connect(f.mqtt_port, "mqtt-req", None).await;
-    req.subscribe("back/me").await;
+    let mut req = v5(f.mqtt_port, "mqtt-req", None).await;
+    req.subscribe("back/me", QoS::AtMostOnce, None).await;
     for i in 0..5 {
         let pp = PublishProperties {
             response_topic: Some("back/me".into()),
@@ -385,9 +329,10 @@ async fn an_import_broadcast_reaches_each_local_subscriber_once() {
     let local = local_nats(&f).await;
     let nats_seen = collect(local.subscribe("fleet.broadcast.>").await.unwrap());
     local.flush().await.unwrap();
-    let mut m = V5::connect(f.mqtt_port, "bsub", None).await;
-    m.subscribe("fleet/broadcast/#").await;
-    let (_mc, mqtt_seen, _t) = m.collect();
+    let mut m = v5(f.mqtt_port, "bsub", None).await;
+    m.subscribe("fleet/broadcast/#", QoS::AtMostOnce, None)
+        .await;
+    let (_mc, mqtt_seen, _t) = collect_v5(m);
     let app = hub.client().await;
     until_bridged_down(&app, "fleet.broadcast.probe", &[&nats_seen, &mqtt_seen]).await;
     // The mirror shares the hub connection: telemetry goes up meanwhile.
@@ -624,7 +569,7 @@ password = "pw-ok"
     // The flush's PONG comes after frond handled (refused) them all.
     limited.flush().await.unwrap();
     // MQTT: the same user, QoS 1: refused with a PUBACK error code.
-    let mut m = V5::connect(f.mqtt_port, "limited-mqtt", Some(("limited", "pw-limited"))).await;
+    let mut m = v5(f.mqtt_port, "limited-mqtt", Some(("limited", "pw-limited"))).await;
     m.client
         .publish("fleet/up/x", QoS::AtLeastOnce, false, "denied-mqtt")
         .await

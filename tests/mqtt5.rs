@@ -9,208 +9,16 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::mqtt5::*;
 use common::*;
-use frond::wire::mqtt::{
-    self, Ack, Connect, Packet, Properties, Publish, QoS as WQoS, Subscribe, SubscriptionOptions,
-    Version,
-};
+use frond::wire::mqtt::{self, Ack, Packet, Properties, Publish, QoS as WQoS, Version};
 use rumqttc::v5::mqttbytes::v5::{Packet as RPacket, Publish as RPublish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use smol::stream::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const T: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------
-// A raw MQTT 5 client on frond's codec.
-
-struct Raw {
-    sock: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    async fn connect(port: u16, id: &str, props: Properties) -> (Raw, Properties) {
-        let sock = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut raw = Raw {
-            sock,
-            buf: Vec::new(),
-        };
-        raw.send(&Packet::Connect(Connect {
-            version: Version::V5,
-            clean_start: true,
-            keep_alive: 30,
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: props,
-        }))
-        .await;
-        match raw.recv().await {
-            Packet::ConnAck(c) => {
-                assert_eq!(c.code, 0);
-                (raw, c.properties)
-            }
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, p: &Packet) {
-        let mut out = Vec::new();
-        mqtt::encode(p, Version::V5, &mut out).unwrap();
-        self.sock.write_all(&out).await.unwrap();
-    }
-
-    /// The next packet (panics after 10 s or on EOF).
-    async fn recv(&mut self) -> Packet {
-        tokio::time::timeout(T, async {
-            loop {
-                if let Some((p, used)) =
-                    mqtt::decode(&self.buf, Some(Version::V5), usize::MAX).unwrap()
-                {
-                    self.buf.drain(..used);
-                    return p;
-                }
-                let mut chunk = [0u8; 4096];
-                let n = self.sock.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "frond closed the connection");
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-        .expect("a packet from frond within 10 s")
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: WQoS, id: Option<u32>) {
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            filters: vec![(
-                filter.into(),
-                SubscriptionOptions {
-                    qos,
-                    ..SubscriptionOptions::default()
-                },
-            )],
-            properties: Properties {
-                subscription_identifiers: id.into_iter().collect(),
-                ..Properties::default()
-            },
-        }))
-        .await;
-        assert!(matches!(self.recv().await, Packet::SubAck(_)));
-    }
-
-    /// PINGREQ, then every packet until the PINGRESP.
-    async fn ping(&mut self) -> Vec<Packet> {
-        self.send(&Packet::PingReq).await;
-        let mut before = Vec::new();
-        loop {
-            match self.recv().await {
-                Packet::PingResp => return before,
-                p => before.push(p),
-            }
-        }
-    }
-}
-
-fn raw_publish(topic: &str, alias: Option<u16>, payload: &[u8]) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos: WQoS::AtMostOnce,
-        retain: false,
-        topic: topic.into(),
-        packet_id: None,
-        properties: Properties {
-            topic_alias: alias,
-            ..Properties::default()
-        },
-        payload: payload.to_vec(),
-    })
-}
-
-fn publish_of(p: Packet) -> Publish {
-    match p {
-        Packet::Publish(p) => p,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// rumqttc v5 helpers.
-
-struct V5 {
-    client: AsyncClient,
-    rx: mpsc::Receiver<RPublish>,
-    subacks: mpsc::Receiver<()>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl V5 {
-    async fn connect(port: u16, id: &str) -> V5 {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(10));
-        let (client, mut el) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::channel(256);
-        let (sub_tx, subacks) = mpsc::channel(16);
-        let (up_tx, mut up_rx) = mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(RPacket::ConnAck(_))) => {
-                        let _ = up_tx.send(()).await;
-                    }
-                    Ok(Event::Incoming(RPacket::SubAck(_))) => {
-                        let _ = sub_tx.send(()).await;
-                    }
-                    Ok(Event::Incoming(RPacket::Publish(p))) => {
-                        let _ = tx.send(p).await;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-        tokio::time::timeout(T, up_rx.recv())
-            .await
-            .expect("CONNACK within 10 s");
-        V5 {
-            client,
-            rx,
-            subacks,
-            _task: task,
-        }
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: QoS, id: Option<usize>) {
-        match id {
-            Some(id) => {
-                let props = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
-                    id: Some(id),
-                    user_properties: Vec::new(),
-                };
-                self.client
-                    .subscribe_with_properties(filter, qos, props)
-                    .await
-            }
-            None => self.client.subscribe(filter, qos).await,
-        }
-        .unwrap();
-        tokio::time::timeout(T, self.subacks.recv())
-            .await
-            .expect("SUBACK within 10 s");
-    }
-
-    async fn next(&mut self) -> RPublish {
-        tokio::time::timeout(T, self.rx.recv())
-            .await
-            .expect("a PUBLISH within 10 s")
-            .expect("event loop alive")
-    }
-}
 
 fn props(p: &RPublish) -> PublishProperties {
     p.properties.clone().unwrap_or_default()
@@ -228,7 +36,7 @@ async fn nats(f: &Frond) -> async_nats::Client {
 async fn topic_aliases_both_ways() {
     let f = Frond::start_new(FrondSpec::default()).await;
     // Receiver: accepts 2 aliases from frond.
-    let (mut sub, _) = Raw::connect(
+    let (mut sub, _) = Raw::with_props(
         f.mqtt_port,
         "alias-sub",
         Properties {
@@ -237,9 +45,10 @@ async fn topic_aliases_both_ways() {
         },
     )
     .await;
-    sub.subscribe("al/#", WQoS::AtMostOnce, None).await;
+    sub.subscribe(1, "al/#", WQoS::AtMostOnce, None).await;
     // Publisher: frond advertises its maximum and resolves our aliases.
-    let (mut publ, connack) = Raw::connect(f.mqtt_port, "alias-pub", Properties::default()).await;
+    let (mut publ, connack) =
+        Raw::with_props(f.mqtt_port, "alias-pub", Properties::default()).await;
     let max = connack.topic_alias_maximum.expect("Topic Alias Maximum");
     assert!(max >= 1);
     publ.send(&raw_publish("al/one", Some(1), b"1")).await;
@@ -330,7 +139,7 @@ async fn futures_collect(raw: &mut Raw, n: usize) -> Vec<Publish> {
 #[tokio::test]
 async fn receive_maximum_is_respected_and_advertised() {
     let f = Frond::start_new(FrondSpec::default()).await;
-    let (mut sub, connack) = Raw::connect(
+    let (mut sub, connack) = Raw::with_props(
         f.mqtt_port,
         "rm-sub",
         Properties {
@@ -340,7 +149,7 @@ async fn receive_maximum_is_respected_and_advertised() {
     )
     .await;
     assert_eq!(connack.receive_maximum, Some(1024), "frond's max_inflight");
-    sub.subscribe("telemetry/rm/#", WQoS::AtLeastOnce, None)
+    sub.subscribe(1, "telemetry/rm/#", WQoS::AtLeastOnce, None)
         .await;
     // Captured NATS publishes: delivered at QoS 1.
     let nc = nats(&f).await;
@@ -381,7 +190,7 @@ async fn receive_maximum_is_respected_and_advertised() {
     assert_eq!(payloads, want, "queued in order");
 
     // frond's own Receive Maximum, exceeded by a client: 0x93.
-    let (mut greedy, _) = Raw::connect(f.mqtt_port, "rm-greedy", Properties::default()).await;
+    let (mut greedy, _) = Raw::with_props(f.mqtt_port, "rm-greedy", Properties::default()).await;
     let mut burst = Vec::new();
     for id in 1..=1025u16 {
         mqtt::encode(
@@ -426,7 +235,7 @@ async fn receive_maximum_is_respected_and_advertised() {
 #[tokio::test]
 async fn maximum_packet_size_drops_only_oversized_messages() {
     let f = Frond::start_new(FrondSpec::default()).await;
-    let (mut sub, connack) = Raw::connect(
+    let (mut sub, connack) = Raw::with_props(
         f.mqtt_port,
         "mps-sub",
         Properties {
@@ -436,7 +245,7 @@ async fn maximum_packet_size_drops_only_oversized_messages() {
     )
     .await;
     assert_eq!(connack.maximum_packet_size, Some(1 << 20));
-    sub.subscribe("mps/#", WQoS::AtLeastOnce, None).await;
+    sub.subscribe(1, "mps/#", WQoS::AtLeastOnce, None).await;
     let pb = V5::connect(f.mqtt_port, "mps-pub").await;
     pb.client
         .publish("mps/a", QoS::AtLeastOnce, false, vec![b'x'; 500])
@@ -507,34 +316,10 @@ async fn expired_stored_message_is_not_delivered() {
         session_expiry_interval: Some(600),
         ..Default::default()
     });
-    let start_sub = |opts: MqttOptions| async move {
-        let (client, mut el) = AsyncClient::new(opts, 16);
-        let (tx, rx) = mpsc::channel::<RPublish>(16);
-        let (sa_tx, mut sa_rx) = mpsc::channel::<()>(4);
-        let task = tokio::spawn(async move {
-            while let Ok(ev) = el.poll().await {
-                match ev {
-                    Event::Incoming(RPacket::Publish(p)) => {
-                        let _ = tx.send(p).await;
-                    }
-                    Event::Incoming(RPacket::SubAck(_) | RPacket::ConnAck(_)) => {
-                        let _ = sa_tx.send(()).await;
-                    }
-                    _ => {}
-                }
-            }
-        });
-        tokio::time::timeout(T, sa_rx.recv()).await.unwrap();
-        (client, rx, sa_rx, task)
-    };
-    let (client, _rx, mut sa, task) = start_sub(opts.clone()).await;
-    client
-        .subscribe("telemetry/exp/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::timeout(T, sa.recv()).await.unwrap();
-    client.disconnect().await.unwrap();
-    tokio::time::timeout(T, task).await.unwrap().unwrap();
+    let mut sub = V5::connect_with(opts.clone()).await;
+    sub.subscribe("telemetry/exp/#", QoS::AtLeastOnce, None)
+        .await;
+    sub.disconnect().await;
     // Stored while it is away: one with a 1 s expiry, then one without.
     let publish = |msg: &str, extra: &[&str]| {
         let status = std::process::Command::new("mosquitto_pub")
@@ -561,12 +346,12 @@ async fn expired_stored_message_is_not_delivered() {
     publish("keep", &[]);
     // The passing of time is what is tested here.
     wait_elapsed(stored_at, Duration::from_millis(1200)).await;
-    let (_client, mut rx, _sa, _task) = start_sub(opts).await;
-    let first = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    let mut sub = V5::connect_with(opts).await;
+    let first = sub.next().await;
     assert_eq!(&first.payload[..], b"long", "the expired one is skipped");
     let left = props(&first).message_expiry_interval.unwrap();
     assert!(left < 300 && left > 200, "remaining time, got {left}");
-    let second = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    let second = sub.next().await;
     assert_eq!(&second.payload[..], b"keep");
     assert_eq!(props(&second).message_expiry_interval, None);
 }
@@ -756,7 +541,7 @@ async fn captured_nats_publish_reaches_mqtt_at_qos1_uncaptured_at_qos0() {
 #[tokio::test]
 async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
     let f = Frond::start_new(FrondSpec::default()).await;
-    let (mut sub, _) = Raw::connect(
+    let (mut sub, _) = Raw::with_props(
         f.mqtt_port,
         "q-exp-sub",
         Properties {
@@ -767,7 +552,8 @@ async fn message_expiring_while_queued_for_a_full_window_is_dropped() {
     .await;
     // Not captured by a stream: these come from the router and wait in
     // the session's queue while the window (1) is full.
-    sub.subscribe("live/exp/#", WQoS::AtLeastOnce, None).await;
+    sub.subscribe(1, "live/exp/#", WQoS::AtLeastOnce, None)
+        .await;
     let pb = V5::connect(f.mqtt_port, "q-exp-pub").await;
     let expiring = PublishProperties {
         message_expiry_interval: Some(1),
@@ -891,8 +677,8 @@ async fn retained_messages_keep_properties_across_restart_and_expire() {
     f.terminate();
     f.start().await;
     wait_elapsed(set_at, Duration::from_millis(1200)).await;
-    let (mut sub, _) = Raw::connect(f.mqtt_port, "ret-sub", Properties::default()).await;
-    sub.subscribe("ret/#", WQoS::AtMostOnce, None).await;
+    let (mut sub, _) = Raw::with_props(f.mqtt_port, "ret-sub", Properties::default()).await;
+    sub.subscribe(1, "ret/#", WQoS::AtMostOnce, None).await;
     // Retained messages are written with the SUBACK; the PINGRESP after.
     let got: Vec<Publish> = sub.ping().await.into_iter().map(publish_of).collect();
     assert_eq!(got.len(), 1, "the expired retained message is not sent");

@@ -9,186 +9,16 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::mqtt5::*;
 use common::*;
 use frond::wire::mqtt::{
-    self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Publish, QoS as WQoS, Subscribe,
-    SubscriptionOptions, Unsubscribe, Version, Will,
+    Ack, Disconnect, Packet, Properties, Publish, QoS as WQoS, SubscriptionOptions, Unsubscribe,
+    Will,
 };
-use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter, Packet as RPacket, Publish as RPub};
+use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-
-const T: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------
-// A raw MQTT 5 client on frond's codec.
-
-struct Raw {
-    sock: TcpStream,
-    buf: Vec<u8>,
-    /// Packets read while waiting for another one, in order.
-    pending: std::collections::VecDeque<Packet>,
-}
-
-fn connect_packet(id: &str, clean: bool, props: Properties, will: Option<Will>) -> Packet {
-    Packet::Connect(Connect {
-        version: Version::V5,
-        clean_start: clean,
-        keep_alive: 30,
-        client_id: id.into(),
-        will,
-        username: None,
-        password: None,
-        properties: props,
-    })
-}
-
-impl Raw {
-    /// Connect and return the CONNACK (which must accept).
-    async fn connect(port: u16, connect: Packet) -> (Raw, ConnAck) {
-        let sock = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut raw = Raw {
-            sock,
-            buf: Vec::new(),
-            pending: Default::default(),
-        };
-        raw.send(&connect).await;
-        match raw.recv().await {
-            Packet::ConnAck(c) => {
-                assert_eq!(c.code, 0, "CONNACK accepted");
-                (raw, c)
-            }
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn plain(port: u16, id: &str) -> Raw {
-        Raw::connect(port, connect_packet(id, true, Properties::default(), None))
-            .await
-            .0
-    }
-
-    async fn send(&mut self, p: &Packet) {
-        let mut out = Vec::new();
-        mqtt::encode(p, Version::V5, &mut out).unwrap();
-        self.sock.write_all(&out).await.unwrap();
-    }
-
-    /// The next packet (panics after 10 s or on EOF).
-    async fn recv(&mut self) -> Packet {
-        if let Some(p) = self.pending.pop_front() {
-            return p;
-        }
-        self.recv_within(T)
-            .await
-            .expect("a packet from frond within 10 s")
-    }
-
-    /// The next packet, or `None` when the connection closed; panics
-    /// when nothing came within `t`.
-    async fn recv_or_eof(&mut self) -> Option<Packet> {
-        loop {
-            if let Some((p, used)) = mqtt::decode(&self.buf, Some(Version::V5), usize::MAX).unwrap()
-            {
-                self.buf.drain(..used);
-                return Some(p);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(T, self.sock.read(&mut chunk))
-                .await
-                .expect("frond answers within 10 s")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// The next packet if one comes within `t`.
-    async fn recv_within(&mut self, t: Duration) -> Option<Packet> {
-        tokio::time::timeout(t, async {
-            loop {
-                if let Some((p, used)) =
-                    mqtt::decode(&self.buf, Some(Version::V5), usize::MAX).unwrap()
-                {
-                    self.buf.drain(..used);
-                    return p;
-                }
-                let mut chunk = [0u8; 4096];
-                let n = self.sock.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "frond closed the connection");
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-        .ok()
-    }
-
-    async fn subscribe_with(
-        &mut self,
-        packet_id: u16,
-        filter: &str,
-        o: SubscriptionOptions,
-        id: Option<u32>,
-    ) -> Vec<u8> {
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id,
-            filters: vec![(filter.into(), o)],
-            properties: Properties {
-                subscription_identifiers: id.into_iter().collect(),
-                ..Properties::default()
-            },
-        }))
-        .await;
-        match self.recv().await {
-            Packet::SubAck(s) => {
-                assert_eq!(s.packet_id, packet_id);
-                s.codes
-            }
-            other => panic!("expected SUBACK, got {other:?}"),
-        }
-    }
-
-    async fn subscribe(&mut self, packet_id: u16, filter: &str, qos: WQoS, id: Option<u32>) {
-        let o = SubscriptionOptions {
-            qos,
-            ..SubscriptionOptions::default()
-        };
-        let codes = self.subscribe_with(packet_id, filter, o, id).await;
-        assert_eq!(codes, vec![qos as u8], "granted");
-    }
-
-    /// Publish at QoS 1 and wait for the PUBACK (the message is routed).
-    async fn publish_q1(&mut self, packet_id: u16, topic: &str, retain: bool, payload: &[u8]) {
-        self.send(&Packet::Publish(Publish {
-            dup: false,
-            qos: WQoS::AtLeastOnce,
-            retain,
-            topic: topic.into(),
-            packet_id: Some(packet_id),
-            properties: Properties::default(),
-            payload: payload.to_vec(),
-        }))
-        .await;
-        // Deliveries may come first: kept for `recv`.
-        let mut before = Vec::new();
-        loop {
-            match self.recv_within(T).await.expect("PUBACK within 10 s") {
-                Packet::PubAck(a) => {
-                    assert_eq!((a.packet_id, a.code), (packet_id, 0));
-                    break;
-                }
-                p @ Packet::Publish(_) => before.push(p),
-                other => panic!("expected PUBACK, got {other:?}"),
-            }
-        }
-        self.pending.extend(before);
-    }
-}
+use rumqttc::v5::MqttOptions;
+use tokio::io::AsyncWriteExt;
 
 /// The deliveries `sub` receives (acknowledging QoS 1 ones) until the
 /// marker `publ` publishes to `end` after everything else (`sub` must
@@ -210,13 +40,6 @@ async fn until_marker(sub: &mut Raw, publ: &mut Raw, marker_id: u16) -> Vec<Publ
             return got;
         }
         got.push(p);
-    }
-}
-
-fn publish_of(p: Packet) -> Publish {
-    match p {
-        Packet::Publish(p) => p,
-        other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
 
@@ -252,106 +75,49 @@ fn pubrel(id: u16) -> Packet {
 // ---------------------------------------------------------------------------
 // 1. Clean Start 0 resumes an existing session whatever the new expiry.
 
-/// A rumqttc v5 client with clean start 0 and the CONNACK's session
-/// present flag; its deliveries and acknowledgements (SUBACK, PUBACK) come
-/// through channels.
-struct Rumq {
-    client: AsyncClient,
-    present: bool,
-    rx: mpsc::Receiver<RPub>,
-    acks: mpsc::Receiver<()>,
-    task: tokio::task::JoinHandle<()>,
+/// A rumqttc v5 client with clean start 0 (the CONNACK's session present
+/// flag is `present`).
+async fn rumq(port: u16, id: &str, expiry: Option<u32>) -> V5 {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_start(false);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_connect_properties(ConnectProperties {
+        session_expiry_interval: expiry,
+        ..Default::default()
+    });
+    V5::connect_with(opts).await
 }
 
-impl Rumq {
-    async fn connect(port: u16, id: &str, expiry: Option<u32>) -> Rumq {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_clean_start(false);
-        opts.set_keep_alive(Duration::from_secs(10));
-        opts.set_connect_properties(ConnectProperties {
-            session_expiry_interval: expiry,
-            ..Default::default()
-        });
-        let (client, mut el) = AsyncClient::new(opts, 16);
-        let (tx, rx) = mpsc::channel(64);
-        let (ack_tx, acks) = mpsc::channel(16);
-        let (ca_tx, mut ca_rx) = mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            while let Ok(ev) = el.poll().await {
-                match ev {
-                    Event::Incoming(RPacket::ConnAck(c)) => {
-                        let _ = ca_tx.send(c.session_present).await;
-                    }
-                    Event::Incoming(RPacket::Publish(p)) => {
-                        let _ = tx.send(p).await;
-                    }
-                    Event::Incoming(RPacket::SubAck(_) | RPacket::PubAck(_)) => {
-                        let _ = ack_tx.send(()).await;
-                    }
-                    Event::Incoming(RPacket::Disconnect(_)) => return,
-                    _ => {}
-                }
-            }
-        });
-        let present = tokio::time::timeout(T, ca_rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        Rumq {
-            client,
-            present,
-            rx,
-            acks,
-            task,
-        }
-    }
-
-    async fn acked(&mut self) {
-        tokio::time::timeout(T, self.acks.recv())
-            .await
-            .expect("SUBACK/PUBACK within 10 s");
-    }
-
-    async fn next(&mut self) -> String {
-        let p = tokio::time::timeout(T, self.rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        String::from_utf8(p.payload.to_vec()).unwrap()
-    }
-
-    /// DISCONNECT, and wait until the event loop ended.
-    async fn disconnect(self) {
-        self.client.disconnect().await.unwrap();
-        let _ = tokio::time::timeout(T, self.task).await.unwrap();
-    }
+/// A delivery's payload as text.
+async fn next_text(c: &mut V5) -> String {
+    String::from_utf8(c.next().await.payload.to_vec()).unwrap()
 }
 
 #[tokio::test]
 async fn clean_start_0_resumes_a_session_without_session_expiry() {
     let f = Frond::start_new(FrondSpec::default()).await;
-    let mut c = Rumq::connect(f.mqtt_port, "resume-me", Some(99_999)).await;
+    let mut c = rumq(f.mqtt_port, "resume-me", Some(99_999)).await;
     assert!(!c.present);
     c.client
         .subscribe("telemetry/+", QoS::AtLeastOnce)
         .await
         .unwrap();
-    c.acked().await;
+    c.suback().await;
     c.disconnect().await;
     let mut probe = Raw::plain(f.mqtt_port, "resume-probe").await;
     probe.publish_q1(1, "telemetry/a", false, b"m1").await;
     probe.publish_q1(2, "telemetry/b", false, b"m2").await;
     // Clean start 0 without a Session Expiry Interval: resumed.
-    let mut c = Rumq::connect(f.mqtt_port, "resume-me", None).await;
+    let mut c = rumq(f.mqtt_port, "resume-me", None).await;
     assert!(c.present, "session present = 1 [MQTT-3.2.2-3]");
     assert_eq!(
-        [c.next().await, c.next().await],
+        [next_text(&mut c).await, next_text(&mut c).await],
         ["m1", "m2"],
         "the queued messages, in order"
     );
     // Expiry 0 now: the session ends with this connection.
     c.disconnect().await;
-    let c = Rumq::connect(f.mqtt_port, "resume-me", Some(60)).await;
+    let c = rumq(f.mqtt_port, "resume-me", Some(60)).await;
     assert!(
         !c.present,
         "the session ended when the expiry-0 connection closed"
@@ -568,19 +334,19 @@ async fn no_local_and_retain_as_published_hold_for_a_persistent_session() {
     // rumqttc with No Local and Retain As Published filters on captured
     // subjects, in a persistent session: its messages come from the
     // TELEMETRY stream, not the router.
-    let mut c = Rumq::connect(f.mqtt_port, "nl-persist", Some(600)).await;
+    let mut c = rumq(f.mqtt_port, "nl-persist", Some(600)).await;
     let mut nl = Filter::new("telemetry/nl", QoS::AtLeastOnce);
     nl.nolocal = true;
     let mut rap = Filter::new("telemetry/rap", QoS::AtLeastOnce);
     rap.preserve_retain = true;
     let plain = Filter::new("telemetry/plain", QoS::AtLeastOnce);
     c.client.subscribe_many([nl, rap, plain]).await.unwrap();
-    c.acked().await;
+    c.suback().await;
     c.client
         .publish("telemetry/nl", QoS::AtLeastOnce, false, "own")
         .await
         .unwrap();
-    c.acked().await;
+    assert_eq!(c.puback().await, "Success");
     let mut other = Raw::plain(f.mqtt_port, "nl-persist-other").await;
     other.publish_q1(1, "telemetry/nl", false, b"after").await;
     other.publish_q1(2, "telemetry/rap", true, b"r1").await;
@@ -588,7 +354,7 @@ async fn no_local_and_retain_as_published_hold_for_a_persistent_session() {
     other.publish_q1(4, "telemetry/plain", true, b"p").await;
     let mut got = Vec::new();
     for _ in 0..4 {
-        let p = tokio::time::timeout(T, c.rx.recv()).await.unwrap().unwrap();
+        let p = c.next().await;
         got.push((String::from_utf8(p.payload.to_vec()).unwrap(), p.retain));
     }
     let want = [("after", false), ("r1", true), ("r0", false), ("p", false)];

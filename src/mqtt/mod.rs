@@ -156,6 +156,10 @@ pub struct Session {
     version: Option<Version>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
+    /// The subject of the latest plain QoS 0 delivery and its topic name,
+    /// reused (no allocation or mapping per delivery; see `outbound.rs`).
+    /// Boxed: a session that never receives holds one pointer.
+    topic_of: Option<Box<(String, String)>>,
     events: VecDeque<Event>,
     keep_alive: Option<Duration>,
     /// When the latest packet was decoded (keep-alive counts from here).
@@ -248,6 +252,7 @@ impl Session {
             version: None,
             inbuf: Vec::new(),
             out: Vec::new(),
+            topic_of: None,
             events: VecDeque::new(),
             keep_alive: None,
             last_packet: now,

@@ -34,16 +34,20 @@
 //!   time (router deliveries, also while queued) or the stored timestamp
 //!   (stream messages); an expired message is not sent to anyone, and the
 //!   interval sent is the remaining time.
+//! - Live QoS 0 deliveries without properties, subscription options or
+//!   topic alias (the common case) are encoded straight from the shared
+//!   message ([`crate::wire::mqtt::encode_plain_publish`]): no copy of
+//!   topic or payload per subscriber.
 //! - Request Problem Information = 0: no reason string on acks. Request
 //!   Response Information = 1: CONNACK Response Information
 //!   `frond/response/<client id>` (`+`, `#`, `/` replaced by `_`).
 use std::time::{Duration, Instant};
 
-use super::{Session, State};
+use super::{CloseReason, Session, State};
 use crate::mqtt::props;
 use crate::router::Delivery;
 use crate::subject::mqtt as topics;
-use crate::wire::mqtt::{Packet, Properties, Publish, QoS, Version};
+use crate::wire::mqtt::{self, Packet, Properties, Publish, QoS, Version};
 
 /// An outbound QoS 1/2 message awaiting the client's acknowledgement.
 #[derive(Debug)]
@@ -206,14 +210,7 @@ impl Session {
         p.packet_id = id;
         let start = self.out.len();
         self.send(&Packet::Publish(p));
-        let size = self.out.len().saturating_sub(start);
-        if self.client_max_packet.is_some_and(|max| size > max) {
-            self.out.truncate(start);
-            self.oversize_dropped += 1;
-            log::debug!(
-                "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
-                self.client_id
-            );
+        if self.unsend_if_too_large(start) {
             return Emitted::TooLarge;
         }
         if let Some((topic, a)) = new_alias {
@@ -238,6 +235,45 @@ impl Session {
             });
         }
         Emitted::Sent
+    }
+
+    /// Send a QoS 0 PUBLISH without properties or topic alias, encoded
+    /// straight from the shared message (no copy of topic or payload):
+    /// the common live delivery. Not sent when larger than the client's
+    /// Maximum Packet Size, as in [`Session::emit`].
+    fn emit_plain(&mut self, subject: &str, payload: &[u8], retain: bool) {
+        let (of, topic) = &mut **self.topic_of.get_or_insert_with(Default::default);
+        if of != subject || topic.is_empty() {
+            topics::subject_to_topic_into(subject, topic);
+            of.clear();
+            of.push_str(subject);
+        }
+        let v = self.version.unwrap_or(Version::V311);
+        let start = self.out.len();
+        if let Err(e) = mqtt::encode_plain_publish(&mut self.out, v, retain, topic, payload) {
+            // As in `send`: our own packet; a failure is contained here.
+            log::error!("cannot encode a PUBLISH to {subject}: {e}");
+            self.closed(CloseReason::Internal(e.to_string()));
+            return;
+        }
+        self.unsend_if_too_large(start);
+    }
+
+    /// Take the PUBLISH written at `start` back out of the output when it
+    /// is larger than the client's Maximum Packet Size (counted in
+    /// `oversize_dropped`); whether it was.
+    fn unsend_if_too_large(&mut self, start: usize) -> bool {
+        let size = self.out.len().saturating_sub(start);
+        if self.client_max_packet.is_none_or(|max| size <= max) {
+            return false;
+        }
+        self.out.truncate(start);
+        self.oversize_dropped += 1;
+        log::debug!(
+            "mqtt: {}: a {size}-byte PUBLISH exceeds the client's maximum packet size; not sent",
+            self.client_id
+        );
+        true
     }
 
     /// Send queued deliveries while the window has room.
@@ -303,7 +339,19 @@ impl Session {
             // match topics starting with `$`.
             return;
         }
+        // `now` may be older than the routing time when no input came for a
+        // while; expiry is counted from `d.at`.
+        self.now = self.now.max(d.at);
         let (headers, reply) = (m.headers.as_deref(), m.reply.as_deref());
+        if d.qos == 0 && headers.is_none() && reply.is_none() && !self.sub_opts {
+            // No properties, options or expiry to apply: what `outgoing`
+            // and `emit` would make, without an owned copy.
+            let v5 = self.version == Some(Version::V5);
+            if !(v5 && self.alias_out_max > 0) {
+                self.emit_plain(&m.subject, &m.payload, retain);
+                return;
+            }
+        }
         let Some(o) = self.outgoing(&m.subject, headers, reply, d.shared, false) else {
             return;
         };
@@ -314,9 +362,6 @@ impl Session {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
-        // `now` may be older than the routing time when no input came for a
-        // while; expiry is counted from `d.at`.
-        self.now = self.now.max(d.at);
         let publish = Publish {
             dup: false,
             qos,

@@ -209,7 +209,7 @@ impl Broker {
 
     /// Add an MQTT subscription for `conn`; replaces an identical filter of
     /// the same connection (MQTT semantics).
-    pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Arc<Delivery>>) {
+    pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Delivery>) {
         let max_queued = tx.capacity().unwrap_or(usize::MAX);
         self.subscribe_mqtt(conn, None, filter, qos, tx, max_queued)
     }
@@ -224,7 +224,7 @@ impl Broker {
         share: Option<String>,
         filter: String,
         qos: u8,
-        tx: Sender<Arc<Delivery>>,
+        tx: Sender<Delivery>,
         max_queued: usize,
     ) {
         let mut t = lock(&self.table);

@@ -16,7 +16,10 @@ use crate::subject;
 
 /// A message handed to an MQTT subscriber: the routed message, shared by
 /// every subscriber it goes to (no copy per subscriber), with what this
-/// subscriber gets it as.
+/// subscriber gets it as. It travels by value through the connection's
+/// channel: no allocation per subscriber; a connection that has received
+/// anything keeps one channel block of 31 slots (about 1.2 KiB; 0.5 KiB
+/// when a slot held an `Arc<Delivery>`).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// The message: NATS subject, payload, header block (MQTT 5

@@ -203,13 +203,13 @@ impl Broker {
                 return;
             }
         }
-        let d = Arc::new(Delivery {
+        let d = Delivery {
             msg: m.clone(),
             qos,
             retain,
             shared,
             at: now,
-        });
+        };
         match tx.try_send(d) {
             Ok(()) => {
                 self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);

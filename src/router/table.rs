@@ -19,7 +19,7 @@ pub(super) type SubId = u64;
 
 pub(super) enum Target {
     Mqtt {
-        tx: Sender<Arc<Delivery>>,
+        tx: Sender<Delivery>,
         qos: u8,
         /// Deliveries queued in `tx` beyond which more are dropped (the
         /// channel may be unbounded: it then allocates only what is

@@ -210,8 +210,8 @@ fn mqtt_share_group_shares_with_nats_queue_group_and_keeps_plain_copy() {
         // One plain subscription plus one group.
         assert_eq!(b.route_msg(None, msg("job.x", b""), 2, Instant::now()), 2);
     }
-    let d1: Vec<Arc<Delivery>> = std::iter::from_fn(|| rx1.try_recv().ok()).collect();
-    let d2: Vec<Arc<Delivery>> = std::iter::from_fn(|| rx2.try_recv().ok()).collect();
+    let d1: Vec<Delivery> = std::iter::from_fn(|| rx1.try_recv().ok()).collect();
+    let d2: Vec<Delivery> = std::iter::from_fn(|| rx2.try_recv().ok()).collect();
     let plain = d1.iter().filter(|d| !d.shared).count();
     let shared1 = d1.iter().filter(|d| d.shared).count();
     let n = nats.take(usize::MAX).len();

@@ -214,7 +214,7 @@ impl Outbound {
         session: &mut Session,
         broker: &Broker,
         retained: &Arc<Retained>,
-        rx: &Receiver<Arc<Delivery>>,
+        rx: &Receiver<Delivery>,
     ) {
         while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
             let Some((mut scan, granted)) = self.scans.pop_front() else {

@@ -53,6 +53,24 @@ fn encode_level(level: &str, out: &mut String) {
 /// Map a NATS subject back to an MQTT topic name.
 pub fn subject_to_topic(subject: &str) -> String {
     let mut out = String::with_capacity(subject.len());
+    subject_to_topic_into(subject, &mut out);
+    out
+}
+
+/// [`subject_to_topic`] into `out` (cleared first), so a caller that maps
+/// many subjects reuses one buffer.
+pub fn subject_to_topic_into(subject: &str, out: &mut String) {
+    out.clear();
+    if !subject.bytes().any(|b| b == b'/' || b == b'%') {
+        // No escapes and no empty levels: only the separators change.
+        for (i, token) in subject.split('.').enumerate() {
+            if i > 0 {
+                out.push('/');
+            }
+            out.push_str(token);
+        }
+        return;
+    }
     for (i, token) in subject.split('.').enumerate() {
         if i > 0 {
             out.push('/');
@@ -90,7 +108,6 @@ pub fn subject_to_topic(subject: &str) -> String {
             }
         }
     }
-    out
 }
 
 fn hex_byte(h: u8, l: u8) -> Option<u8> {

@@ -2,7 +2,9 @@
 //!
 //! Owns: starting and stopping the real processes a test needs (a
 //! `nats-server` hub with JetStream, the `frond` binary), a TCP fault proxy
-//! between them, MQTT publishers built on rumqttc, and polling helpers.
+//! between them, MQTT publishers built on rumqttc, MQTT 5 test clients
+//! ([`mqtt5`]: a raw one on frond's codec, a rumqttc v5 one), and polling
+//! helpers.
 //!
 //! Invariants:
 //! - Everything a test starts it stops: every process and proxy is owned by a
@@ -31,6 +33,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+pub mod mqtt5;
 
 /// The longest any single wait in these tests may take.
 pub const LONG: Duration = Duration::from_secs(60);

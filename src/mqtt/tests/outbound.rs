@@ -285,3 +285,47 @@ fn with_payload(mut d: Delivery, payload: Vec<u8>) -> Delivery {
     std::sync::Arc::make_mut(&mut d.msg).payload = payload;
     d
 }
+
+/// Plain QoS 0 deliveries (no properties, options or alias: encoded from
+/// the shared message) are byte for byte what the general path sends,
+/// topics mapped per subject (escapes, a cached topic reused only for its
+/// own subject), RETAIN only for retained messages, the client's Maximum
+/// Packet Size applied.
+#[test]
+fn plain_qos0_deliveries_are_the_publish_the_general_path_sends() {
+    let want = |topic: &str, retain: bool, payload: &[u8], v: Version| {
+        bytes(
+            &Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain,
+                topic: topic.into(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: payload.to_vec(),
+            }),
+            v,
+        )
+    };
+    let (mut s3, now) = connected(Version::V311);
+    let (mut s5, _) = connected_v5(Properties {
+        maximum_packet_size: Some(64),
+        ..Properties::default()
+    });
+    for (s, v) in [(&mut s3, Version::V311), (&mut s5, Version::V5)] {
+        s.deliver(&delivery("a.b", 0, None, now));
+        s.deliver(&delivery("a.b", 0, None, now));
+        s.deliver(&delivery("x.y//z.%2A.//", 0, None, now));
+        s.deliver_retained(&delivery("a.c", 0, None, now));
+        let mut expect = want("a/b", false, b"p", v);
+        expect.extend(want("a/b", false, b"p", v));
+        expect.extend(want("x/y.z/*/.", false, b"p", v));
+        expect.extend(want("a/c", true, b"p", v));
+        assert_eq!(s.take_output(), expect, "{v:?}");
+    }
+    // 5.0 with a Maximum Packet Size of 64: only the large one is dropped.
+    s5.deliver(&with_payload(delivery("a.b", 0, None, now), vec![0; 100]));
+    s5.deliver(&delivery("a.b", 0, None, now));
+    assert_eq!(s5.take_output(), want("a/b", false, b"p", Version::V5));
+    assert_eq!(s5.oversize_dropped, 1);
+}

@@ -30,7 +30,10 @@ const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10
 
 enum Wake {
     Read(std::io::Result<usize>),
-    Deliver(Arc<Delivery>),
+    /// Boxed: a wake is held in every connection's task, idle ones too
+    /// (one allocation per wake-up; the rest of a batch is taken from the
+    /// channel directly).
+    Deliver(Box<Delivery>),
     /// Retained messages are owed (step 3 reads them).
     Retained,
     Kicked,
@@ -84,8 +87,8 @@ struct Conn<'c, T> {
     session: Session,
     limits_auth: Option<Arc<crate::auth::Auth>>,
     max_queued: usize,
-    deliver_tx: Sender<Arc<Delivery>>,
-    deliver_rx: Receiver<Arc<Delivery>>,
+    deliver_tx: Sender<Delivery>,
+    deliver_rx: Receiver<Delivery>,
     owed: Outbound,
     kick_tx: Sender<()>,
     kick_rx: Receiver<()>,
@@ -172,7 +175,7 @@ impl<'c, T: Transport> Conn<'c, T> {
         shutdown: Receiver<()>,
     ) -> Self {
         let conn = ctx.broker.new_conn_id();
-        let (deliver_tx, deliver_rx) = unbounded::<Arc<Delivery>>();
+        let (deliver_tx, deliver_rx) = unbounded::<Delivery>();
         let owed = Outbound::new(ctx.broker, conn, max_queued, limits.max_queued_bytes);
         let (kick_tx, kick_rx) = bounded::<()>(1);
         let limits_auth = limits.auth.clone();
@@ -618,7 +621,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                 return std::future::pending().await;
             }
             match deliver_rx.recv().await {
-                Ok(d) => Wake::Deliver(d),
+                Ok(d) => Wake::Deliver(Box::new(d)),
                 Err(_) => std::future::pending().await,
             }
         })

@@ -192,3 +192,44 @@ pub(super) fn varint_len(v: usize) -> usize {
         _ => 4,
     }
 }
+
+/// Appends a QoS 0 PUBLISH without properties (3.1.1, or 5.0 with an
+/// empty property block) to `out`: the frame frond sends most, written in
+/// one pass from borrowed parts, with the checks [`super::encode`] makes
+/// (a valid topic name without U+0000, sizes within the limits). The bytes
+/// equal [`super::encode`]'s for the same [`super::Publish`]. On error
+/// nothing is appended. Never panics.
+pub fn encode_plain_publish(
+    out: &mut Vec<u8>,
+    version: super::Version,
+    retain: bool,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
+    if !super::valid_topic_name(topic) {
+        return Err(EncodeError::Invalid("wildcard in PUBLISH topic name"));
+    }
+    let props = usize::from(version == super::Version::V5);
+    let len = 2 + topic.len() + props + payload.len();
+    if len > super::MAX_REMAINING_LENGTH {
+        return Err(EncodeError::TooLarge {
+            size: len,
+            max: super::MAX_REMAINING_LENGTH,
+        });
+    }
+    let start = out.len();
+    out.reserve(1 + varint_len(len) + len);
+    out.push((super::PUBLISH << 4) | u8::from(retain));
+    let written = out.put_len(len).and_then(|()| {
+        out.put_str(topic, "topic name")?;
+        if props == 1 {
+            out.push(0);
+        }
+        out.extend_from_slice(payload);
+        Ok(())
+    });
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written
+}

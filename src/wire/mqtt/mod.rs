@@ -43,7 +43,7 @@ mod properties;
 #[cfg(test)]
 mod tests;
 
-pub use codec::MAX_VARINT;
+pub use codec::{encode_plain_publish, MAX_VARINT};
 use codec::{varint_len, Counter, Reader, Sink};
 use properties::Kind;
 pub use properties::Properties;
@@ -433,7 +433,7 @@ impl std::error::Error for EncodeError {}
 /// A topic name as PUBLISH, Will and Response Topic carry it: at least one
 /// byte, no `+` or `#`.
 pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#'])
+    !topic.is_empty() && !topic.bytes().any(|b| b == b'+' || b == b'#')
 }
 
 /// A topic filter's syntax: at least one byte; `+` only as a whole level;

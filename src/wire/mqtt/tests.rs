@@ -1008,6 +1008,39 @@ fn filter_and_topic_helpers() {
 }
 
 #[test]
+fn plain_publish_is_encode_of_the_same_publish() {
+    let big = vec![7u8; 200_000];
+    for v in [Version::V311, Version::V5] {
+        for (topic, payload, retain) in [
+            ("a/b", &b"x"[..], false),
+            ("a", &b""[..], true),
+            ("/", &big[..], false),
+            ("\u{e9}t\u{e9}/\u{1f600}", &b"p"[..], true),
+        ] {
+            let p = Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain,
+                topic: topic.into(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: payload.to_vec(),
+            });
+            let mut out = b"before".to_vec();
+            encode_plain_publish(&mut out, v, retain, topic, payload).unwrap();
+            assert_eq!(&out[..6], b"before");
+            assert_eq!(out[6..], enc(&p, v)[..], "{topic} {v:?}");
+        }
+        // Refused as `encode` refuses them, appending nothing.
+        for topic in ["", "a/+", "a/#", "a\0b", &"t".repeat(70_000)] {
+            let mut out = b"x".to_vec();
+            assert!(encode_plain_publish(&mut out, v, false, topic, b"p").is_err());
+            assert_eq!(out, b"x");
+        }
+    }
+}
+
+#[test]
 fn errors_display() {
     let e = DecodeError::Malformed("x");
     assert_eq!(e.to_string(), "malformed MQTT packet: x");
