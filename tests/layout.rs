@@ -93,6 +93,12 @@ const RULES: &[Rule] = &[
         may_import: &["store", "subject"],
         forbidden: CLOCK,
     },
+    // A consumer's backlog (last_per_subject, num_pending): sans-IO.
+    Rule {
+        dir: "src/stream/backlog.rs",
+        may_import: &["store", "subject"],
+        forbidden: CLOCK,
+    },
     // The sans-IO Stream: the owner thread (owner.rs) reads the clock and
     // passes `now` in.
     Rule {
@@ -188,6 +194,11 @@ const RULES: &[Rule] = &[
     },
     Rule {
         dir: "src/server/jsapi/pull.rs",
+        may_import: JSAPI,
+        forbidden: JSAPI_IO,
+    },
+    Rule {
+        dir: "src/server/jsapi/backlog.rs",
         may_import: JSAPI,
         forbidden: JSAPI_IO,
     },

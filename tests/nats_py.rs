@@ -52,3 +52,26 @@ async fn nats_py_push_and_ordered_consumers() {
         frond.log_text()
     );
 }
+
+/// nats-py's Key/Value API against frond (tests/py/nats_py_kv_check.py):
+/// `js.create_key_value`, put/get/create/update/delete, `kv.watch` with
+/// its initial values and None marker, `kv.keys`, `kv.history`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_key_value() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    wait_until("NATS port accepts", LONG, || accepts_tcp(frond.nats_port)).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_kv_check.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(frond.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py KV against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        frond.log_text()
+    );
+}

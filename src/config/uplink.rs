@@ -602,9 +602,11 @@ fn validate_source(
             r.stream, local.subjects
         ));
     }
-    if image.starts_with('$') || image.starts_with("_INBOX.") {
+    if (image.starts_with('$') && !crate::uplink::source::store_subject_of(&r.stream, &image))
+        || image.starts_with("_INBOX.")
+    {
         return err(format!(
-            "{key}: sourced subjects {image:?} would land in the reserved $ / _INBOX. namespace"
+            "{key}: sourced subjects {image:?} would land in the reserved $ / _INBOX. namespace (only a KV_<b> stream may take $KV.<b>.>, an OBJ_<b> stream $O.<b>.>)"
         ));
     }
     if mirrors

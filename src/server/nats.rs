@@ -455,12 +455,19 @@ pub fn pub_ack_json(stream: &str, result: Result<crate::stream::PubAck, StreamEr
         }
         Err(e) => {
             // JetStream's codes: 10054 "message size exceeds maximum
-            // allowed" (400), 10077 "stream store failed" (503).
+            // allowed" (400), 10077 "stream store failed" (503); a refused
+            // expectation or header keeps its own code (400), e.g. 10071
+            // for a wrong last (subject) sequence, which the KV clients
+            // read as "wrong revision".
             let err = match &e {
                 StreamError::TooLarge { .. } => {
                     ApiError::new(400, 10054, "message size exceeds maximum allowed")
                 }
-                other => ApiError::new(503, 10077, other.to_string()),
+                StreamError::Full(_)
+                | StreamError::Io(_)
+                | StreamError::Closed
+                | StreamError::SubjectFull { .. } => ApiError::new(503, 10077, e.to_string()),
+                other => ApiError::new(400, other.code().unwrap_or(10077), other.to_string()),
             };
             serde_json::json!({ "error": err.to_json() }).to_string()
         }
@@ -517,6 +524,16 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(e["error"]["err_code"], 10077);
+        let w: serde_json::Value = serde_json::from_str(&pub_ack_json(
+            "T",
+            Err(StreamError::WrongLastSubjectSequence {
+                subject: "$KV.b.k".into(),
+                expected: 1,
+                last: 3,
+            }),
+        ))
+        .unwrap();
+        assert_eq!((&w["error"]["code"], &w["error"]["err_code"]), (&serde_json::json!(400), &serde_json::json!(10071)));
         assert!(e["error"]["description"]
             .as_str()
             .unwrap()

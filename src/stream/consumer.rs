@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::backlog::Backlog;
 use super::push::{DeliveryOptions, PushConfig, PushState};
 use crate::subject;
 
@@ -97,12 +98,18 @@ pub enum AckPolicy {
     Explicit,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliverPolicy {
     All,
     New,
     Last,
     ByStartSequence(u64),
+    /// The newest message of each subject, then every new one
+    /// (resolved at creation, see [`super::backlog`]).
+    LastPerSubject,
+    /// From the first message stored at or after `opt_start_time`
+    /// (RFC 3339, as the client sent it; resolved at creation).
+    ByStartTime(String),
 }
 
 /// A consumer's configuration (the subset frond implements; unknown
@@ -276,11 +283,22 @@ impl ConsumerConfig {
                     ))
                 }
             },
+            "last_per_subject" => DeliverPolicy::LastPerSubject,
+            "by_start_time" => match get_str(v, "opt_start_time")? {
+                Some(t) => DeliverPolicy::ByStartTime(t.to_string()),
+                None => {
+                    return Err(ApiError::new(
+                        400,
+                        10094,
+                        "consumer deliver policy by_start_time needs opt_start_time",
+                    ))
+                }
+            },
             other => {
                 return Err(ApiError::new(
                     400,
                     10094,
-                    format!("deliver policy {other:?} is not supported by frond (all, new, last, by_start_sequence)"),
+                    format!("deliver policy {other:?} is not supported by frond (all, new, last, by_start_sequence, by_start_time, last_per_subject)"),
                 ))
             }
         };
@@ -352,6 +370,8 @@ impl ConsumerConfig {
                 DeliverPolicy::New => "new",
                 DeliverPolicy::Last => "last",
                 DeliverPolicy::ByStartSequence(_) => "by_start_sequence",
+                DeliverPolicy::LastPerSubject => "last_per_subject",
+                DeliverPolicy::ByStartTime(_) => "by_start_time",
             },
             "ack_policy": match self.ack_policy {
                 AckPolicy::None => "none",
@@ -364,8 +384,10 @@ impl ConsumerConfig {
             "max_ack_pending": self.max_ack_pending,
             "num_replicas": 0,
         });
-        if let DeliverPolicy::ByStartSequence(n) = self.deliver_policy {
-            v["opt_start_seq"] = json!(n);
+        match &self.deliver_policy {
+            DeliverPolicy::ByStartSequence(n) => v["opt_start_seq"] = json!(n),
+            DeliverPolicy::ByStartTime(t) => v["opt_start_time"] = json!(t),
+            _ => {}
         }
         if let Some(d) = &self.durable_name {
             v["durable_name"] = json!(d);
@@ -611,6 +633,8 @@ pub struct Consumer {
     pub exclude: Vec<String>,
     /// Push delivery state (unused by pull consumers).
     pub push: PushState,
+    /// What is left to deliver: `last_per_subject` state, `num_pending`.
+    pub backlog: Backlog,
 }
 
 impl Consumer {
@@ -632,6 +656,7 @@ impl Consumer {
             dirty: true,
             exclude: Vec::new(),
             push: PushState::default(),
+            backlog: Backlog::default(),
         }
     }
 
@@ -714,6 +739,7 @@ impl Consumer {
 
     /// Step over a stream message the filter does not match.
     pub fn skip(&mut self, sseq: u64) {
+        self.backlog.passed(sseq);
         if sseq > self.delivered_sseq {
             self.delivered_sseq = sseq;
             self.dirty = true;
@@ -734,6 +760,8 @@ impl Consumer {
             return (p.cseq, p.deliveries);
         }
         self.delivered_cseq += 1;
+        self.backlog.passed(sseq);
+        self.backlog.num_pending = self.backlog.num_pending.saturating_sub(1);
         if sseq > self.delivered_sseq {
             self.delivered_sseq = sseq;
         }
@@ -931,6 +959,7 @@ impl Consumer {
             dirty: false,
             exclude: s.exclude,
             push: PushState::default(),
+            backlog: Backlog::default(),
         })
     }
 }

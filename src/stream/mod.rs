@@ -70,6 +70,7 @@
 //!   mirrored stream, the hub) acknowledged a message.
 //! - The owner thread reads the clock; [`Stream`] and the store never do.
 
+pub mod backlog;
 pub mod consumer;
 mod dedup;
 mod handle;

@@ -111,6 +111,23 @@ const STRIPPED_HEADERS: [&str; 10] = [
     "Nats-Expected-Last-Msg-Id",
 ];
 
+/// Whether `subj` is a Key/Value or Object Store subject of the local
+/// stream `stream` (`$KV.<b>.…` of `KV_<b>`, `$O.<b>.…` of `OBJ_<b>`):
+/// the one part of the `$` namespace a source may write, so a bucket
+/// sourced down from the hub works as a local bucket.
+pub fn store_subject_of(stream: &str, subj: &str) -> bool {
+    let owned = |prefix: &str, name: Option<&str>| {
+        name.is_some_and(|b| {
+            !b.is_empty()
+                && subj
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix(b))
+                    .is_some_and(|r| r.starts_with('.'))
+        })
+    };
+    owned("$KV.", stream.strip_prefix("KV_")) || owned("$O.", stream.strip_prefix("OBJ_"))
+}
+
 /// Static parameters of one source.
 #[derive(Debug, Clone)]
 pub struct SourceParams {
@@ -922,7 +939,7 @@ impl Source {
                 .ok_or("the subject transform does not apply")?,
             _ => subj.to_string(),
         };
-        if s.starts_with('$') || s.starts_with("_INBOX.") {
+        if (s.starts_with('$') && !store_subject_of(&self.p.stream, &s)) || s.starts_with("_INBOX.") {
             Err("its subject is in the reserved $ / _INBOX. namespace")
         } else if !subject::valid_subject(&s) {
             Err("not a valid subject")

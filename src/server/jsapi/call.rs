@@ -256,12 +256,12 @@ impl JsApi {
                 self.consumer_create(&stream, name, filter, durable_api, body, now, caller)
                     .await,
             ),
-            Call::ConsumerInfo(s, c) => ("consumer_info_response", self.consumer_info(&s, &c, now)),
+            Call::ConsumerInfo(s, c) => ("consumer_info_response", self.consumer_info(&s, &c, now).await),
             Call::ConsumerDelete(s, c) => {
                 ("consumer_delete_response", self.consumer_delete(&s, &c))
             }
             Call::ConsumerNames(s) => ("consumer_names_response", self.consumer_names(&s)),
-            Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, now)),
+            Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, now).await),
             Call::Next(..) | Call::DirectGet(..) | Call::Unknown => (
                 "error_response",
                 Err(ApiError::bad_request("unknown JetStream API request")),

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use super::backlog;
 use super::call::{body_json, not_authorized, not_found_consumer, not_found_stream, stream_err};
 use super::files::remove_consumer;
 use super::render::rfc3339;
@@ -16,7 +17,6 @@ use crate::stream::Retention;
 
 impl JsApi {
     pub(super) fn consumer_json(&self, s: &Slot, c: &Consumer, now: u64) -> Value {
-        let last = s.handle.state().last_seq;
         let (af_c, af_s) = c.ack_floor();
         json!({
             "stream_name": s.handle.config().name,
@@ -28,18 +28,24 @@ impl JsApi {
             "num_ack_pending": c.pending.len(),
             "num_redelivered": c.num_redelivered(),
             "num_waiting": c.waiting.len(),
-            "num_pending": last.saturating_sub(c.delivered_sseq),
+            "num_pending": c.backlog.num_pending,
             "ts": rfc3339(now),
         })
     }
 
-    pub(super) fn consumer_info(
-        &self,
+    pub(super) async fn consumer_info(
+        &mut self,
         stream: &str,
         name: &str,
         now: u64,
     ) -> Result<Value, ApiError> {
         check_name(name)?;
+        let i = self.slot_idx(stream)?;
+        if let Some(s) = self.slots.get_mut(i) {
+            if let Some(c) = s.consumers.get_mut(name) {
+                backlog::refresh(&s.handle, c).await;
+            }
+        }
         let s = self.slot(stream)?;
         let c = s.consumers.get(name).ok_or_else(not_found_consumer)?;
         Ok(self.consumer_json(s, c, now))
@@ -51,7 +57,13 @@ impl JsApi {
         Ok(json!({"total": names.len(), "offset": 0, "limit": 1024, "consumers": names}))
     }
 
-    pub(super) fn consumer_list(&self, stream: &str, now: u64) -> Result<Value, ApiError> {
+    pub(super) async fn consumer_list(&mut self, stream: &str, now: u64) -> Result<Value, ApiError> {
+        let i = self.slot_idx(stream)?;
+        if let Some(s) = self.slots.get_mut(i) {
+            for c in s.consumers.values_mut() {
+                backlog::refresh(&s.handle, c).await;
+            }
+        }
         let s = self.slot(stream)?;
         let list: Vec<Value> = s
             .consumers
@@ -121,10 +133,18 @@ impl JsApi {
             return Err(ApiError::new(400, 10149, "consumer does not exist"));
         }
         check_new_consumer(slot, &req.cfg)?;
-        let start = start_seq(slot, &req.cfg).await?;
+        let resolved = backlog::resolve_start(&slot.handle, &req.cfg).await?;
+        let start = match &resolved {
+            Some((s, _)) => *s,
+            None => start_seq(slot, &req.cfg).await?,
+        };
         let name = req.name;
         let mut c = Consumer::new(name.clone(), req.cfg, start, now);
         c.exclude = exclude;
+        if let Some((_, b)) = resolved {
+            c.backlog = b;
+        }
+        backlog::refresh(&slot.handle, &mut c).await;
         c.push.creator = caller.map(|p| ReceiverRef(std::sync::Arc::new(p.clone())));
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         slot.consumers.insert(name.clone(), c);
@@ -360,6 +380,8 @@ async fn start_seq(slot: &Slot, cfg: &ConsumerConfig) -> Result<u64, ApiError> {
         DeliverPolicy::All => 1,
         DeliverPolicy::New => st.last_seq + 1,
         DeliverPolicy::ByStartSequence(n) => n,
+        // Resolved by `backlog::resolve_start`.
+        DeliverPolicy::LastPerSubject | DeliverPolicy::ByStartTime(_) => st.last_seq + 1,
         DeliverPolicy::Last => match cfg.filter_subjects.as_slice() {
             [] => st.last_seq.max(1),
             [f] => slot

@@ -290,7 +290,7 @@ fn denied(caller: Option<&Permissions>, filter: &str) -> bool {
 /// The first live sequence stored at or after `t` (unix ns), or
 /// `last_seq + 1` if none (nats-server's `GetSeqFromTime`): a binary
 /// search, timestamps growing with sequences.
-async fn seq_from_time(h: &StreamHandle, t: u64) -> Result<u64, StreamError> {
+pub(super) async fn seq_from_time(h: &StreamHandle, t: u64) -> Result<u64, StreamError> {
     let st = h.state();
     let (mut lo, mut hi) = (st.first_seq.max(1), st.last_seq + 1);
     while lo < hi {

@@ -112,6 +112,7 @@
 //!   (see [`crate::broker::bridge::will_publisher`]).
 
 mod admin;
+mod backlog;
 mod call;
 mod consumers;
 mod direct;

@@ -29,7 +29,7 @@ pub(super) async fn deliver_consumer(
         if let Some(&s) = c.redeliver.iter().next() {
             match h.get(s).await {
                 Ok(Some(m)) if !receiver_may_read(c, &m.subject, out) => {}
-                Ok(Some(m)) => send(h, stream, c, m, now, out),
+                Ok(Some(m)) => send(stream, c, m, now, out),
                 Ok(None) => c.forget(s),
                 Err(_) => return,
             }
@@ -43,18 +43,16 @@ pub(super) async fn deliver_consumer(
             .front()
             .map_or(1, |r| r.batch.saturating_sub(r.sent))
             .clamp(1, 256);
-        let msgs = match h
-            .read(c.delivered_sseq.saturating_add(1), want, 1 << 20)
-            .await
-        {
+        let msgs = match h.read(c.read_from(), want, 1 << 20).await {
             Ok(m) => m,
             Err(_) => return,
         };
         if msgs.is_empty() {
             break;
         }
+        super::backlog::after_read(h, c, &msgs).await;
         for m in msgs {
-            if !c.selects(&m.subject) {
+            if !c.wants(m.seq, &m.subject) {
                 c.skip(m.seq);
                 continue;
             }
@@ -64,7 +62,7 @@ pub(super) async fn deliver_consumer(
             if !receiver_may_read(c, &m.subject, out) {
                 break;
             }
-            send(h, stream, c, m, now, out);
+            send(stream, c, m, now, out);
         }
     }
     // Nothing more to hand out now: no_wait requests end here.
@@ -129,7 +127,6 @@ pub(super) fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut Vec<O
 }
 
 pub(super) fn send(
-    h: &StreamHandle,
     stream: &str,
     c: &mut Consumer,
     m: StoredMessage,
@@ -137,7 +134,7 @@ pub(super) fn send(
     out: &mut Vec<Out>,
 ) {
     let (cseq, n) = c.record_delivery(m.seq, now);
-    let pending = super::push::pending_after(h, c);
+    let pending = c.backlog.num_pending;
     let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);
     let size = m.subject.len() + m.payload.len() + m.headers.as_ref().map_or(0, Vec::len);
     let Some(r) = c.waiting.front_mut() else {

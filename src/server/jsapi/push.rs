@@ -48,14 +48,8 @@ fn creator_may(c: &Consumer, subject: &str) -> bool {
         .is_none_or(|r| r.0.may_receive(subject))
 }
 
-/// The `pending` field of an ack subject: stream messages after the
-/// consumer's position (see the module doc of `jsapi` on `num_pending`).
-pub(super) fn pending_after(h: &StreamHandle, c: &Consumer) -> u64 {
-    h.state().last_seq.saturating_sub(c.delivered_sseq)
-}
 
 fn send_push(
-    h: &StreamHandle,
     stream: &str,
     c: &mut Consumer,
     to: &str,
@@ -64,7 +58,7 @@ fn send_push(
     out: &mut Vec<Out>,
 ) {
     let (cseq, n) = c.record_delivery(m.seq, now);
-    let pending = pending_after(h, c);
+    let pending = c.backlog.num_pending;
     let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);
     let size = m.subject.len() + m.payload.len() + m.headers.as_ref().map_or(0, Vec::len);
     let (headers, payload) = if c.cfg.opts.headers_only {
@@ -144,7 +138,7 @@ async fn push_consumer(
             match h.get(s).await {
                 Ok(Some(m)) if creator_may(c, &m.subject) => {
                     budget -= 1;
-                    send_push(h, stream, c, &to, m, now, out);
+                    send_push(stream, c, &to, m, now, out);
                 }
                 Ok(_) => c.forget(s),
                 Err(_) => return true,
@@ -155,18 +149,16 @@ async fn push_consumer(
             break;
         }
         let want = budget.min(256);
-        let msgs = match h
-            .read(c.delivered_sseq.saturating_add(1), want, 1 << 20)
-            .await
-        {
+        let msgs = match h.read(c.read_from(), want, 1 << 20).await {
             Ok(m) => m,
             Err(_) => return true,
         };
         if msgs.is_empty() {
             break;
         }
+        super::backlog::after_read(h, c, &msgs).await;
         for m in msgs {
-            if !c.selects(&m.subject) || !creator_may(c, &m.subject) {
+            if !c.wants(m.seq, &m.subject) || !creator_may(c, &m.subject) {
                 c.skip(m.seq);
                 continue;
             }
@@ -179,7 +171,7 @@ async fn push_consumer(
                 break 'outer;
             }
             budget -= 1;
-            send_push(h, stream, c, &to, m, now, out);
+            send_push(stream, c, &to, m, now, out);
         }
     }
     if budget == 0 {
