@@ -317,3 +317,61 @@ async fn mqtt_device_sees_values_put_through_the_kv_api() {
     );
     c.disconnect().await.ok();
 }
+
+/// A bucket sourced down from the hub (`[[uplink.source]]` from the hub's
+/// `KV_cfg` into the local `KV_cfg` of frond.toml) works as a local
+/// bucket: `get` and a local `watch_with_history` see the hub's puts and
+/// deletes as they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_sourced_from_the_hub_is_watched_locally() {
+    let hub = NatsServer::start().await;
+    let hjs = hub.jetstream().await;
+    let hkv = wait_for("hub bucket created", LONG, || {
+        let hjs = hjs.clone();
+        async move {
+            hjs.create_key_value(kv::Config {
+                bucket: "cfg".into(),
+                history: 5,
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    hkv.put("mode", "eco".into()).await.expect("hub put");
+    let mut spec = FrondSpec::with_hub(hub.url());
+    spec.extra_config = r#"
+[[stream]]
+name = "KV_cfg"
+subjects = ["$KV.cfg.>"]
+max_msgs_per_subject = 5
+allow_rollup = true
+allow_direct = true
+
+[[uplink.source]]
+from = "KV_cfg"
+stream = "KV_cfg"
+filter = "$KV.cfg.>"
+"#
+    .into();
+    let f = Frond::start_new(spec).await;
+    let js = js(&f).await;
+    let s = js.get_key_value("cfg").await.expect("local bucket");
+    wait_until("the hub's value arrives", LONG, || async {
+        s.get("mode").await.ok().flatten() == Some("eco".into())
+    })
+    .await;
+    let mut w = s.watch_with_history(">").await.expect("watch");
+    let x = next(&mut w).await;
+    assert_eq!((e(&x), x.seen_current), (put("mode", "eco", 1), true));
+    hkv.put("mode", "boost".into()).await.expect("hub put");
+    hkv.put("fan", "3".into()).await.expect("hub put");
+    hkv.delete("mode").await.expect("hub delete");
+    assert_eq!(e(&next(&mut w).await), put("mode", "boost", 2));
+    assert_eq!(e(&next(&mut w).await), put("fan", "3", 3));
+    let d = next(&mut w).await;
+    assert_eq!((d.key.as_str(), d.revision, d.operation), ("mode", 4, kv::Operation::Delete));
+    assert_eq!(s.get("mode").await.expect("get"), None);
+    assert_eq!(s.get("fan").await.expect("get"), Some("3".into()));
+}
