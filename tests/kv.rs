@@ -101,14 +101,23 @@ async fn put_get_create_update_delete_purge_history_keys() {
     assert_eq!(s.create("c", "c1".into()).await.expect("create c"), 4);
     // update: CAS on the revision.
     let err = s.update("a", "4".into(), 1).await.expect_err("stale");
-    assert_eq!(err.kind(), kv::UpdateErrorKind::WrongLastRevision, "{err:?}");
+    assert_eq!(
+        err.kind(),
+        kv::UpdateErrorKind::WrongLastRevision,
+        "{err:?}"
+    );
     assert_eq!(s.update("a", "4".into(), 3).await.expect("update"), 5);
     // delete, then create again.
     s.delete("b").await.expect("delete");
     assert_eq!(s.get("b").await.expect("get"), None);
     let b = s.entry("b").await.expect("entry").expect("delete marker");
     assert_eq!((b.revision, b.operation), (6, kv::Operation::Delete));
-    assert_eq!(s.create("b", "b2".into()).await.expect("create after delete"), 7);
+    assert_eq!(
+        s.create("b", "b2".into())
+            .await
+            .expect("create after delete"),
+        7
+    );
     // purge: one marker left of c's history.
     s.purge("c").await.expect("purge");
     let hc = history(&s, "c").await;
@@ -132,7 +141,9 @@ async fn put_get_create_update_delete_purge_history_keys() {
     assert_eq!(hh, want);
     // max_value_size (64) refused.
     let big = "x".repeat(65);
-    s.put("big", big.into()).await.expect_err("value over max_value_size");
+    s.put("big", big.into())
+        .await
+        .expect_err("value over max_value_size");
     s.put("fits", "y".repeat(64).into())
         .await
         .expect("64 bytes fit");
@@ -166,14 +177,21 @@ async fn watchers_see_initial_values_then_updates() {
     // watch_with_history on all keys: the newest value per key, the last
     // one marked current, then updates.
     let mut all = s.watch_with_history(">").await.expect("watch_with_history");
-    let first = [next(&mut all).await, next(&mut all).await, next(&mut all).await];
+    let first = [
+        next(&mut all).await,
+        next(&mut all).await,
+        next(&mut all).await,
+    ];
     let got: Vec<_> = first.iter().map(e).collect();
     assert_eq!(
         got,
         vec![put("b", "b1", 2), put("a", "a2", 3), put("c.x", "cx", 4)]
     );
     assert_eq!(
-        first.iter().map(|x| (x.delta, x.seen_current)).collect::<Vec<_>>(),
+        first
+            .iter()
+            .map(|x| (x.delta, x.seen_current))
+            .collect::<Vec<_>>(),
         vec![(2, false), (1, false), (0, true)]
     );
     // A single key with history: its newest value only.
@@ -191,7 +209,10 @@ async fn watchers_see_initial_values_then_updates() {
     for w in [&mut all, &mut every] {
         assert_eq!(e(&next(w).await), put("a", "a3", 5));
         let d = next(w).await;
-        assert_eq!((d.key.as_str(), d.revision, d.operation), ("b", 6, kv::Operation::Delete));
+        assert_eq!(
+            (d.key.as_str(), d.revision, d.operation),
+            ("b", 6, kv::Operation::Delete)
+        );
     }
     for w in [&mut one, &mut from, &mut new] {
         let x = next(w).await;
@@ -226,7 +247,10 @@ async fn ttl_expires_values() {
     })
     .await;
     let st = js.get_key_value("ttl").await.expect("get_key_value");
-    assert_eq!(st.status().await.expect("status").max_age(), Duration::from_secs(1));
+    assert_eq!(
+        st.status().await.expect("status").max_age(),
+        Duration::from_secs(1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +269,10 @@ async fn acknowledged_puts_survive_sigkill_with_their_revisions() {
     }
     f.start().await;
     let js = js(&f).await;
-    let s = js.get_key_value("crash").await.expect("bucket after restart");
+    let s = js
+        .get_key_value("crash")
+        .await
+        .expect("bucket after restart");
     // The newest acknowledged revision of each key is its entry.
     let mut newest = std::collections::BTreeMap::new();
     for (k, v, rev) in &acked {
@@ -300,9 +327,7 @@ async fn mqtt_device_sees_values_put_through_the_kv_api() {
         if got.len() == 2 && !put_live {
             put_live = true;
             s.put("mode", "boost".into()).await.expect("put");
-            s.update("fan.speed", "4".into(), 2)
-                .await
-                .expect("update");
+            s.update("fan.speed", "4".into(), 2).await.expect("update");
         }
     }
     let m = |t: &str, v: &str, r: bool| (t.to_string(), v.to_string(), r);
@@ -371,7 +396,10 @@ filter = "$KV.cfg.>"
     assert_eq!(e(&next(&mut w).await), put("mode", "boost", 2));
     assert_eq!(e(&next(&mut w).await), put("fan", "3", 3));
     let d = next(&mut w).await;
-    assert_eq!((d.key.as_str(), d.revision, d.operation), ("mode", 4, kv::Operation::Delete));
+    assert_eq!(
+        (d.key.as_str(), d.revision, d.operation),
+        ("mode", 4, kv::Operation::Delete)
+    );
     assert_eq!(s.get("mode").await.expect("get"), None);
     assert_eq!(s.get("fan").await.expect("get"), Some("3".into()));
 }

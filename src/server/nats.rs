@@ -533,7 +533,10 @@ mod tests {
             }),
         ))
         .unwrap();
-        assert_eq!((&w["error"]["code"], &w["error"]["err_code"]), (&serde_json::json!(400), &serde_json::json!(10071)));
+        assert_eq!(
+            (&w["error"]["code"], &w["error"]["err_code"]),
+            (&serde_json::json!(400), &serde_json::json!(10071))
+        );
         assert!(e["error"]["description"]
             .as_str()
             .unwrap()

@@ -19,6 +19,8 @@
 //!   `max_deliver` reached) or ack policy `none`.
 //! - `floor` is where the consumer started (its deliver policy): messages
 //!   at or below it were never of interest to it.
+//! - What is left to deliver — the `last_per_subject` sequences and the
+//!   exact `num_pending` — is [`super::backlog`]'s ([`Consumer::backlog`]).
 //!
 //! - Authorization (beyond JetStream, which ignores the caller's
 //!   `deny_subscribe`): a consumer excludes what its creator's

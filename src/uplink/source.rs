@@ -939,7 +939,8 @@ impl Source {
                 .ok_or("the subject transform does not apply")?,
             _ => subj.to_string(),
         };
-        if (s.starts_with('$') && !store_subject_of(&self.p.stream, &s)) || s.starts_with("_INBOX.") {
+        if (s.starts_with('$') && !store_subject_of(&self.p.stream, &s)) || s.starts_with("_INBOX.")
+        {
             Err("its subject is in the reserved $ / _INBOX. namespace")
         } else if !subject::valid_subject(&s) {
             Err("not a valid subject")

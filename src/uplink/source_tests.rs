@@ -574,3 +574,17 @@ fn a_hub_sending_more_than_asked_is_refused() {
     assert_eq!(h.s.status().state, "error");
     assert_eq!(h.s.hub_seq(), 0);
 }
+
+#[test]
+fn only_a_bucket_stream_takes_its_store_subjects() {
+    use super::store_subject_of;
+    assert!(store_subject_of("KV_cfg", "$KV.cfg.a"));
+    assert!(store_subject_of("KV_cfg", "$KV.cfg.>"));
+    assert!(store_subject_of("OBJ_fw", "$O.fw.C.x"));
+    assert!(!store_subject_of("KV_cfg", "$KV.cfg2.a"));
+    assert!(!store_subject_of("KV_cfg", "$KV.other.a"));
+    assert!(!store_subject_of("KV_cfg", "$JS.API.STREAM.DELETE.KV_cfg"));
+    assert!(!store_subject_of("CFG", "$KV.cfg.a"));
+    assert!(!store_subject_of("KV_", "$KV..a"));
+    assert!(!store_subject_of("OBJ_fw", "$KV.fw.a"));
+}

@@ -3,7 +3,8 @@
 Usage: nats_py_kv_check.py PORT
 `js.create_key_value`, put/get/create/update/delete, `kv.watch` (the
 initial values, the None marker that ends them, then live updates),
-`kv.keys` and `kv.history`, with exact values and revisions.
+`kv.keys`, `kv.history` and `kv.purge_deletes`, with exact values and
+revisions.
 Exits 1 on failure.
 """
 import asyncio
@@ -78,6 +79,15 @@ async def main():
     assert sorted(await kv.keys()) == ["a", "c", "d"]
     h = await kv.history("a")
     assert [(x.value, x.revision) for x in h] == [(b"1", 1), (b"3", 3), (b"4", 5)], h
+
+    # purge_deletes: b's delete marker and history go, the rest stays.
+    assert await kv.purge_deletes(olderthan=-1)
+    try:
+        await kv.history("b")
+        raise AssertionError("b's history survived purge_deletes")
+    except nats.js.errors.NoKeysError:
+        pass
+    assert sorted(await kv.keys()) == ["a", "c", "d"]
 
     assert await js.delete_key_value("pycfg")
     await nc.close()

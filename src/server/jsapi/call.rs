@@ -256,7 +256,10 @@ impl JsApi {
                 self.consumer_create(&stream, name, filter, durable_api, body, now, caller)
                     .await,
             ),
-            Call::ConsumerInfo(s, c) => ("consumer_info_response", self.consumer_info(&s, &c, now).await),
+            Call::ConsumerInfo(s, c) => (
+                "consumer_info_response",
+                self.consumer_info(&s, &c, now).await,
+            ),
             Call::ConsumerDelete(s, c) => {
                 ("consumer_delete_response", self.consumer_delete(&s, &c))
             }

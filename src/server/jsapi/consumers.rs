@@ -57,7 +57,11 @@ impl JsApi {
         Ok(json!({"total": names.len(), "offset": 0, "limit": 1024, "consumers": names}))
     }
 
-    pub(super) async fn consumer_list(&mut self, stream: &str, now: u64) -> Result<Value, ApiError> {
+    pub(super) async fn consumer_list(
+        &mut self,
+        stream: &str,
+        now: u64,
+    ) -> Result<Value, ApiError> {
         let i = self.slot_idx(stream)?;
         if let Some(s) = self.slots.get_mut(i) {
             for c in s.consumers.values_mut() {

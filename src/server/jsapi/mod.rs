@@ -32,8 +32,19 @@
 //! `replay_policy` instant/original; see `push`) and the stock clients'
 //! ordered consumers (an ephemeral push consumer its client recreates
 //! under the same name at a new start replaces the old one). Deliver
-//! policies: all, last, new, by_start_sequence (by_start_time and
-//! last_per_subject are refused with a clear error).
+//! policies: all, last, new, by_start_sequence, by_start_time and
+//! last_per_subject (resolved against the stream at creation, see
+//! `backlog`).
+//!
+//! Key/Value: the stock clients' KV APIs work on these calls unchanged —
+//! a bucket is stream `KV_<b>` on `$KV.<b>.>` (created, inspected and
+//! deleted with `STREAM.CREATE/INFO/DELETE`); put, create, update (CAS via
+//! `Nats-Expected-Last-Subject-Sequence`, refused with 10071), delete and
+//! purge are JetStream publishes with KV headers; get is a direct get
+//! (or `STREAM.MSG.GET`); history, keys and the watchers are ordered push
+//! consumers (`all`, `last_per_subject` with `headers_only`, `new`,
+//! `by_start_sequence`) whose initial phase ends on the delivery with
+//! `pending = 0`, so `num_pending` is exact (`backlog`).
 //!
 //! Ack reply subjects are nats-server's
 //! `$JS.ACK.<stream>.<consumer>.<delivered>.<stream_seq>.<consumer_seq>.<timestamp_ns>.<pending>`,
@@ -97,10 +108,11 @@
 //!   against the creator's permissions (a subject its `deny_subscribe`
 //!   covers is stepped over). After a restart a durable push consumer
 //!   keeps the exclusions fixed at its creation.
-//!   `num_pending` is an upper bound: it counts every stream message after
-//!   the consumer's position, including those outside its filter or
-//!   excluded, which are stepped over when reached (nats-server counts
-//!   filtered messages exactly).
+//!   `num_pending` is exact (nats-server's): the messages the consumer
+//!   will still deliver, counted with the store's `count_matching` after
+//!   each batch read and for `CONSUMER.INFO`/`LIST`/`CREATE`; excluded
+//!   subjects are subtracted unless two exclusions overlap (then it is an
+//!   upper bound).
 //! - Names that become files (consumer and durable names) pass
 //!   [`crate::stream::names`] before anything else; the answers use nats-server's
 //!   codes (10127 path separator, 10102 too long, 10103 otherwise).

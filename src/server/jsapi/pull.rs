@@ -126,13 +126,7 @@ pub(super) fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut Vec<O
     false
 }
 
-pub(super) fn send(
-    stream: &str,
-    c: &mut Consumer,
-    m: StoredMessage,
-    now: u64,
-    out: &mut Vec<Out>,
-) {
+pub(super) fn send(stream: &str, c: &mut Consumer, m: StoredMessage, now: u64, out: &mut Vec<Out>) {
     let (cseq, n) = c.record_delivery(m.seq, now);
     let pending = c.backlog.num_pending;
     let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);

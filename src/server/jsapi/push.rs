@@ -48,7 +48,6 @@ fn creator_may(c: &Consumer, subject: &str) -> bool {
         .is_none_or(|r| r.0.may_receive(subject))
 }
 
-
 fn send_push(
     stream: &str,
     c: &mut Consumer,
