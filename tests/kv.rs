@@ -403,3 +403,51 @@ filter = "$KV.cfg.>"
     assert_eq!(s.get("mode").await.expect("get"), None);
     assert_eq!(s.get("fan").await.expect("get"), Some("3".into()));
 }
+
+/// `by_start_time` (here on a KV stream, with the time of a revision as
+/// async-nats reports it): the consumer starts at the first message
+/// stored at or after it, and its `num_pending` counts exactly what it
+/// will deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_by_start_time_starts_at_that_time() {
+    use jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let js = js(&f).await;
+    let s = bucket(&js, "t", 5).await;
+    s.put("a", "1".into()).await.expect("put");
+    s.put("a", "2".into()).await.expect("put");
+    s.put("b", "3".into()).await.expect("put");
+    let t = s.entry("a").await.expect("entry").expect("a").created;
+    let stream = js.get_stream("KV_t").await.expect("stream");
+    let mut c = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: t },
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("by_start_time consumer");
+    assert_eq!(c.info().await.expect("info").num_pending, 2);
+    let msgs: Vec<_> = c
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .expect("fetch")
+        .collect()
+        .await;
+    let got: Vec<(String, Vec<u8>)> = msgs
+        .into_iter()
+        .map(|m| {
+            let m = m.expect("message");
+            (m.subject.to_string(), m.payload.to_vec())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("$KV.t.a".to_string(), b"2".to_vec()),
+            ("$KV.t.b".to_string(), b"3".to_vec())
+        ]
+    );
+}
