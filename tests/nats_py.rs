@@ -60,10 +60,7 @@ async fn nats_py_push_and_ordered_consumers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_py_object_store() {
     let frond = Frond::start_new(FrondSpec::default()).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/nats_py_obj_check.py"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_obj_check.py");
     let out = tokio::process::Command::new("python3")
         .arg(script)
         .arg(frond.nats_port.to_string())
