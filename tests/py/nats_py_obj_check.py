@@ -1,8 +1,8 @@
 """frond's Object Store against nats-py's unmodified object store client.
 
 Usage: nats_py_obj_check.py PORT
-`js.create_object_store`, put of bytes and of a file-like object (several
-chunks), get (into memory and into a file, nats-py checks the digest),
+`js.create_object_store`, put of bytes (also empty) and of a file-like object
+(several chunks), get (into memory and into a file, nats-py checks the digest),
 info, list, watch (a put and a delete seen as they happen), delete (info
 then reports it deleted, list leaves it out). Exits 1 on failure.
 """
@@ -28,6 +28,8 @@ async def main():
 
     info = await obs.put("small", b"hello object")
     assert (info.size, info.chunks) == (12, 1), info
+    info = await obs.put("empty", b"")
+    assert (info.size, info.chunks) == (0, 0), info
     info = await obs.put("big", io.BytesIO(BIG))
     assert (info.size, info.chunks) == (len(BIG), 4), info
 
@@ -39,11 +41,13 @@ async def main():
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(BIG).digest()
     got = await obs.get("big")
     assert got.data == BIG
+    got = await obs.get("empty")
+    assert got.data == b"" and got.info.size == 0, got.info
 
     i = await obs.get_info("big")
     assert (i.name, i.size, i.bucket) == ("big", len(BIG), "pyblobs"), i
     names = sorted(e.name for e in await obs.list())
-    assert names == ["big", "small"], names
+    assert names == ["big", "empty", "small"], names
 
     w = await obs.watch(include_history=False, updates_only=True)
     await obs.put("third", b"3")
@@ -60,7 +64,7 @@ async def main():
     except (ObjectDeletedError, NotFoundError):
         pass
     names = sorted(e.name for e in await obs.list(ignore_deletes=True))
-    assert names == ["big", "third"], names
+    assert names == ["big", "empty", "third"], names
     st = await js.stream_info("OBJ_pyblobs", subjects_filter="$O.pyblobs.C.>")
     assert sum((st.state.subjects or {}).values()) == 4 + 1, st.state
     await js.delete_object_store("pyblobs")
