@@ -28,6 +28,28 @@ async fn nats_py_pub_sub_queue_request_headers() {
     );
 }
 
+/// nats-py's object store (`js.create_object_store`, put of bytes and of a
+/// file-like object, get, info, list, watch, delete) against frond
+/// (tests/py/nats_py_obj_check.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_object_store() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_obj_check.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(frond.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py object store against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        frond.log_text()
+    );
+}
+
 /// nats-py's push subscription (`js.subscribe` with a durable, found by
 /// subject) and ordered consumer (`ordered_consumer=True`) against frond's
 /// local stream (tests/py/nats_py_push_check.py).
@@ -48,28 +70,6 @@ async fn nats_py_push_and_ordered_consumers() {
     assert!(
         out.status.success(),
         "nats-py push consumers against frond failed: {}\n{}\n--- frond log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        frond.log_text()
-    );
-}
-
-/// nats-py's object store (`js.create_object_store`, put of bytes and of a
-/// file-like object, get, info, list, watch, delete) against frond
-/// (tests/py/nats_py_obj_check.py).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_py_object_store() {
-    let frond = Frond::start_new(FrondSpec::default()).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_obj_check.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(frond.nats_port.to_string())
-        .output()
-        .await
-        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
-    assert!(
-        out.status.success(),
-        "nats-py object store against frond failed: {}\n{}\n--- frond log ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         frond.log_text()
