@@ -1,7 +1,8 @@
 //! frond's NATS port against nats-py, the official Python client: pub/sub
 //! with wildcards, a queue group, request/reply and headers
 //! (tests/py/nats_py_check.py); JetStream push and ordered consumers
-//! (tests/py/nats_py_push_check.py).
+//! (tests/py/nats_py_push_check.py); the object store
+//! (tests/py/nats_py_obj_check.py).
 
 mod common;
 
@@ -21,6 +22,28 @@ async fn nats_py_pub_sub_queue_request_headers() {
     assert!(
         out.status.success(),
         "nats-py against frond failed: {}\n{}\n--- frond log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        frond.log_text()
+    );
+}
+
+/// nats-py's object store (`js.create_object_store`, put of bytes and of a
+/// file-like object, get, info, list, watch, delete) against frond
+/// (tests/py/nats_py_obj_check.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_object_store() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nats_py_obj_check.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(frond.nats_port.to_string())
+        .output()
+        .await
+        .expect("run python3 (install nats-py: pip install nats-py==2.16.0)");
+    assert!(
+        out.status.success(),
+        "nats-py object store against frond failed: {}\n{}\n--- frond log ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         frond.log_text()

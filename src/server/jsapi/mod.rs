@@ -46,6 +46,14 @@
 //! `by_start_sequence`) whose initial phase ends on the delivery with
 //! `pending = 0`, so `num_pending` is exact (`backlog`).
 //!
+//! The stock clients' Object Store needs nothing of its own: a bucket is
+//! stream `OBJ_<b>` (chunks on `$O.<b>.C.<nuid>`, one rolled-up info
+//! message per object on `$O.<b>.M.<name>`) read back through an ordered
+//! push consumer, so streams over the API, rollups, purge by filter and
+//! flow control are all it uses (tests/object_store.rs). `sealed` is
+//! refused; a put cut short leaves its chunks and no info message (the
+//! README says how an operator purges them).
+//!
 //! Ack reply subjects are nats-server's
 //! `$JS.ACK.<stream>.<consumer>.<delivered>.<stream_seq>.<consumer_seq>.<timestamp_ns>.<pending>`,
 //! written by one function ([`crate::stream::consumer::ack_subject`]) for

@@ -84,7 +84,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("sources", "sources are not supported on local streams; use [[uplink.source]] in frond.toml"),
     ("subject_transform", "subject transforms are not supported; use [mappings] in frond.toml"),
     ("republish", "republish is not supported"),
-    ("sealed", "sealed streams are not supported"),
+    ("sealed", "sealed streams are not supported; to freeze a stream or object store, allow no one to publish to its subjects or to $JS.API.STREAM.PURGE/MSG.DELETE of it ([auth] permissions)"),
     ("first_seq", "first_seq is not supported"),
     ("subject_delete_marker_ttl", "subject delete markers are not supported"),
     ("allow_msg_counter", "message counters are not supported"),
