@@ -4,13 +4,15 @@
 //!
 //! ```sh
 //! cargo run --release --example kv_bench -- 127.0.0.1:4222 rates
+//! cargo run --release --example kv_bench -- 127.0.0.1:4222 rates 20000 put,get
 //! cargo run --release --example kv_bench -- 127.0.0.1:4222 fill 100000
 //! ```
 //!
 //! `rates` prints one JSON object: acknowledged KV puts/s (64 puts in
 //! flight), KV gets/s (64 in flight), watch deliveries/s (4 watchers on
 //! their own connections, each must see every put), and object put/get
-//! MB/s of a 64 MiB object (digest checked by the client on get). `fill N`
+//! MB/s of a 64 MiB object (digest checked by the client on get); a third
+//! argument picks parts (`put,get,watch,object`, all by default). `fill N`
 //! puts N distinct keys (64 in flight) and prints when done, so the caller
 //! can read the server's RSS. Every operation must succeed: an error ends
 //! the run with a message, never a partial figure.
@@ -36,7 +38,10 @@ async fn main() -> Result<(), Error> {
     let n: usize = args.next().map_or(Ok(20_000), |n| n.parse())?;
     let js = jetstream::new(async_nats::connect(&addr).await?);
     match mode.as_str() {
-        "rates" => rates(&addr, &js, n).await,
+        "rates" => {
+            let parts = args.next().unwrap_or_else(|| "put,get,watch,object".into());
+            rates(&addr, &js, n, &parts).await
+        }
         "fill" => fill(&js, n).await,
         other => Err(format!("unknown mode {other:?}: rates or fill").into()),
     }
@@ -100,25 +105,39 @@ fn put_op(
     }
 }
 
-async fn rates(addr: &str, js: &jetstream::Context, n: usize) -> Result<(), Error> {
+async fn rates(addr: &str, js: &jetstream::Context, n: usize, parts: &str) -> Result<(), Error> {
     let kv = bucket(js, "bench").await?;
-    let put = pipelined(n, put_op(&kv, "k", 1000)).await?;
-    let store = kv.clone();
-    let get = pipelined(n, move |i| {
-        let kv = store.clone();
-        async move {
-            match kv.get(format!("k{}", i % 1000)).await? {
-                Some(v) if v.len() == 100 => Ok(()),
-                other => Err(format!("get k{}: {other:?}", i % 1000).into()),
+    let mut out = Vec::new();
+    let want = |p: &str| parts.split(',').any(|x| x == p);
+    if want("put") || want("get") {
+        let put = pipelined(n, put_op(&kv, "k", 1000)).await?;
+        out.push(format!("\"kv_put\": {put:.0}"));
+    }
+    if want("get") {
+        let store = kv.clone();
+        let get = pipelined(n, move |i| {
+            let kv = store.clone();
+            async move {
+                match kv.get(format!("k{}", i % 1000)).await? {
+                    Some(v) if v.len() == 100 => Ok(()),
+                    other => Err(format!("get k{}: {other:?}", i % 1000).into()),
+                }
             }
-        }
-    })
-    .await?;
-    let watch = watch_fan_out(addr, &kv, n).await?;
-    let (obj_put, obj_get) = object(js, 64 << 20).await?;
-    println!(
-        "{{\"kv_put\": {put:.0}, \"kv_get\": {get:.0}, \"watch_deliveries\": {watch:.0}, \"obj_put_mbs\": {obj_put:.1}, \"obj_get_mbs\": {obj_get:.1}}}"
-    );
+        })
+        .await?;
+        out.push(format!("\"kv_get\": {get:.0}"));
+    }
+    if want("watch") {
+        let watch = watch_fan_out(addr, &kv, n).await?;
+        out.push(format!("\"watch_deliveries\": {watch:.0}"));
+    }
+    if want("object") {
+        let (obj_put, obj_get) = object(js, 64 << 20).await?;
+        out.push(format!(
+            "\"obj_put_mbs\": {obj_put:.1}, \"obj_get_mbs\": {obj_get:.1}"
+        ));
+    }
+    println!("{{{}}}", out.join(", "));
     Ok(())
 }
 

@@ -39,7 +39,9 @@
 //!   prefix.
 //! - Records with `seq < first_seq` are removed; a segment whose records are
 //!   all removed is deleted (after `meta` records the new `first_seq`).
-//!   Interior removals are tombstoned in `<base>.del` before the next sync.
+//!   Interior removals are tombstoned in `<base>.del` before the next sync
+//!   ([`Store::sync_appends`] writes them but leaves their fsync to the
+//!   next [`Store::sync`]).
 //!   A prefix removal is durable once its segment is deleted or
 //!   [`Store::persist_bounds`] ran; until then a reopen shows the records
 //!   again.

@@ -139,6 +139,11 @@ pub(super) fn tomb_name(base: u64) -> String {
     format!("{base:020}.del")
 }
 
+/// Is `name` a tombstone file's name?
+pub(super) fn is_tomb_name(name: &str) -> bool {
+    parse_name(name).is_some_and(|(_, ext)| ext == "del")
+}
+
 /// `(base, extension)` of a segment, snapshot or tombstone file name.
 pub(super) fn parse_name(name: &str) -> Option<(u64, &str)> {
     let (digits, ext) = name.split_once('.')?;

@@ -781,3 +781,25 @@ fn count_matching_and_last_per_subject_agree_with_a_scan() {
         "4 subjects > max 3"
     );
 }
+
+#[test]
+fn sync_appends_makes_records_durable_and_leaves_tombstones_to_sync() {
+    let b = MemBackend::new();
+    let (mut st, _) = open(&b, opts());
+    fill(&mut st, 4);
+    assert!(st.remove(2));
+    put(&mut st, &msg(4), T0);
+    st.sync_appends().unwrap();
+    assert!(st.tombs_unsynced());
+    // A crash now keeps the appended record and loses the tombstone.
+    let img = b.crash_image();
+    let (mut st2, _) = open(&img, opts());
+    let seqs: Vec<u64> = all(&mut st2).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    st.sync().unwrap();
+    assert!(!st.tombs_unsynced());
+    let img = b.crash_image();
+    let (mut st3, _) = open(&img, opts());
+    let seqs: Vec<u64> = all(&mut st3).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 3, 4, 5]);
+}

@@ -20,7 +20,7 @@ use std::io;
 use super::index::{self, SegIndex, Slot};
 use super::record::{self, RecordRef, SealInfo, SegHeader};
 use super::recover::IDX_SEALED_MAGIC;
-use super::segment::{index_name, segment_name, tomb_name, SegIds, Segment};
+use super::segment::{index_name, is_tomb_name, segment_name, tomb_name, SegIds, Segment};
 use super::{crypt, AppendError, Mark, NewRecord, Repair, Store, SubjectId, WBUF_FLUSH};
 
 impl Store {
@@ -372,13 +372,38 @@ impl Store {
     /// Flushes and fsyncs every file written since the last sync.
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush()?;
-        while let Some(name) = self.unsynced.first() {
+        self.sync_files(|_| true)
+    }
+
+    /// Flushes everything but fsyncs only the segment files: appended
+    /// records are durable, tombstones written since the last [`Store::sync`]
+    /// are not yet (they stay queued for it; see [`Store::tombs_unsynced`]).
+    /// For removals the caller can derive again from the records after a
+    /// crash (limits), so that a group commit costs one fsync, not two.
+    pub fn sync_appends(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.sync_files(|name| !is_tomb_name(name))
+    }
+
+    /// True when tombstone files were written but not fsynced.
+    pub fn tombs_unsynced(&self) -> bool {
+        !self.tombs.is_empty() || self.unsynced.iter().any(|n| is_tomb_name(n))
+    }
+
+    /// Fsyncs the unsynced files that `pick` selects, in write order.
+    fn sync_files(&mut self, pick: impl Fn(&str) -> bool) -> io::Result<()> {
+        let mut k = 0;
+        while let Some(name) = self.unsynced.get(k) {
+            if !pick(name) {
+                k += 1;
+                continue;
+            }
             match self.backend.sync(name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            self.unsynced.remove(0);
+            self.unsynced.remove(k);
         }
         Ok(())
     }

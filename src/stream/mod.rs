@@ -57,7 +57,12 @@
 //!   For an empty stream `first_seq = last_seq + 1` (a new stream: 1 and 0).
 //! - Limits (also max_msgs_per_subject, per-message TTLs and rollups) are
 //!   applied after each committed batch and on the expiry timer; their
-//!   tombstones are written (synced with `Always`) right after. The
+//!   tombstones are written right after. With `Always`, a group commit
+//!   fsyncs only the appended records (`Stream::sync_appends`): the
+//!   tombstones of limit removals, which [`Stream::open`] makes again from
+//!   the records after a crash, are fsynced within a second (one fsync per
+//!   second, not one more per commit: a KV bucket with history 1 removes a
+//!   revision on every put); those of a rollup are fsynced at once. The
 //!   duplicate window is rebuilt at open from the message ids the store
 //!   keeps in its snapshots and scans.
 //! - Delete, purge, ack, get, last/next by subject, subject counts and info

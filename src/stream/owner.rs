@@ -28,6 +28,12 @@ pub(super) fn now_ns() -> u64 {
 /// oldest message cannot be removed).
 const MIN_EXPIRY_WAIT: Duration = Duration::from_millis(10);
 
+/// `Always`: how long the tombstones of limit removals (which
+/// [`Stream::open`] derives again after a crash) may wait for their fsync.
+/// Under load that is one fsync per this period instead of one per group
+/// commit (a KV bucket removes a revision on every put).
+const TOMB_SYNC_AFTER: Duration = Duration::from_secs(1);
+
 struct Owner {
     stream: Stream,
     shared: Arc<Shared>,
@@ -36,6 +42,8 @@ struct Owner {
     durable: u64,
     /// `Interval`: when the oldest unsynced write happened.
     dirty_since: Option<Instant>,
+    /// `Always`: when the oldest tombstone not yet fsynced was written.
+    tombs_since: Option<Instant>,
 }
 
 pub(super) fn run(
@@ -51,6 +59,7 @@ pub(super) fn run(
         policy,
         durable,
         dirty_since: None,
+        tombs_since: None,
     };
     let mut closed = false;
     while !closed {
@@ -114,7 +123,7 @@ impl Owner {
     fn deadline(&mut self) -> Option<Instant> {
         let sync_at = match (self.policy, self.dirty_since) {
             (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
-            _ => None,
+            _ => self.tombs_since.map(|t| t + TOMB_SYNC_AFTER),
         };
         let expiry_at = self.stream.next_expiry().map(|exp| {
             let wait = Duration::from_nanos(exp.saturating_sub(now_ns())).max(MIN_EXPIRY_WAIT);
@@ -133,8 +142,9 @@ impl Owner {
 
     fn tick(&mut self) {
         self.interval_sync();
+        let derivable = self.stream.removals_derivable();
         self.stream.enforce_limits(now_ns());
-        self.after_removals();
+        self.after_removals(derivable);
         self.publish_state();
         if let Err(e) = self.stream.maintain() {
             log::warn!("stream compaction failed: {e}; will retry");
@@ -142,15 +152,25 @@ impl Owner {
     }
 
     /// Tombstones of removals caused by limits, TTLs and rollups are
-    /// written (and synced with `Always`) right away.
-    fn after_removals(&mut self) {
+    /// written right away. With `Always` they are fsynced right away too
+    /// unless every removal was `derivable` (see
+    /// [`Stream::removals_derivable`]): then within [`TOMB_SYNC_AFTER`].
+    fn after_removals(&mut self, derivable: bool) {
+        let due = self
+            .tombs_since
+            .is_some_and(|t| t.elapsed() >= TOMB_SYNC_AFTER);
         let res = match self.policy {
-            SyncPolicy::Always => self.stream.sync(),
+            SyncPolicy::Always if !derivable || due => self.stream.sync(),
             _ => self.stream.flush(),
         };
         if let Err(e) = res {
             log::warn!("writing tombstones: {e}; will retry");
         }
+        let waiting = self.policy == SyncPolicy::Always && self.stream.tombs_unsynced();
+        self.tombs_since = match waiting {
+            true => self.tombs_since.or_else(|| Some(Instant::now())),
+            false => None,
+        };
     }
 
     /// `Interval`: fsync if the interval since the first unsynced write has
@@ -212,7 +232,7 @@ impl Owner {
         let appended = self.stream.state().last_seq != mark.last_seq();
         if failed.is_none() && appended {
             let res = match self.policy {
-                SyncPolicy::Always => self.stream.sync(),
+                SyncPolicy::Always => self.stream.sync_appends(),
                 SyncPolicy::Interval(_) | SyncPolicy::Never => self.stream.flush(),
             };
             failed = res.err();
@@ -239,8 +259,9 @@ impl Owner {
                 }
             }
         }
+        let derivable = self.stream.removals_derivable();
         self.stream.enforce_limits(now);
-        self.after_removals();
+        self.after_removals(derivable);
         self.publish_state();
         for (r, res) in acks {
             if let Some(res) = res {

@@ -438,6 +438,28 @@ impl Stream {
         self.store.sync()
     }
 
+    /// Flushes, and fsyncs the appended records but not the tombstones
+    /// written since the last [`Stream::sync`] (see
+    /// [`Stream::removals_derivable`]).
+    pub fn sync_appends(&mut self) -> io::Result<()> {
+        self.store.sync_appends()
+    }
+
+    /// True when tombstones were written but not fsynced.
+    pub fn tombs_unsynced(&self) -> bool {
+        self.store.tombs_unsynced()
+    }
+
+    /// True when every removal [`Stream::enforce_limits`] would make now
+    /// is one it makes again after a crash from the durable records alone
+    /// (`max_msgs_per_subject`, `max_msgs`/`max_bytes`, `max_age`, TTLs:
+    /// [`Stream::open`] enforces the limits over every subject), so their
+    /// tombstones need not be fsynced before the next acknowledgement.
+    /// False while a rollup waits: the records it removes would come back.
+    pub fn removals_derivable(&self) -> bool {
+        self.rollups.is_empty()
+    }
+
     /// Flush, sync, record first/last sequence and write index snapshots.
     pub fn close(&mut self) -> io::Result<()> {
         self.store.close()

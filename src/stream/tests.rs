@@ -409,3 +409,50 @@ fn queued_publishes_are_bounded_in_bytes() {
     assert!(left <= msg(99).size(), "{left} bytes still reserved");
     assert_eq!(h.state().msgs, 17);
 }
+
+#[test]
+fn per_subject_removals_share_the_append_fsync_and_are_derived_again_after_a_crash() {
+    // A KV bucket with history 1: every put removes the key's previous
+    // revision.
+    let b = MemBackend::new();
+    let mut c = cfg(SyncPolicy::Always);
+    c.max_msgs_per_subject = 1;
+    let h = open_mem(&b, c.clone());
+    let put = |i: u64| Message {
+        subject: "t.k".into(),
+        headers: None,
+        payload: format!("v{i}").into_bytes(),
+    };
+    block_on(h.publish(put(0))).unwrap();
+    let before = b.sync_count();
+    for i in 1..=10 {
+        block_on(h.publish(put(i))).unwrap();
+    }
+    // One fsync per put (the append); the tombstones wait for a later
+    // one (at most one more, should the deferred sync fall in the loop).
+    let syncs = b.sync_count() - before;
+    assert!(syncs <= 11, "{syncs} fsyncs for 10 puts");
+    assert_eq!(h.state().msgs, 1);
+    // Power cut now: the tombstones may be lost, the limit removes the
+    // old revisions again at open.
+    let img = b.crash_image();
+    let (h2, _) = open_with_backend(Box::new(img), c.clone(), None).unwrap();
+    let got = block_on(h2.read(1, usize::MAX, usize::MAX)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].seq, &got[0].payload[..]), (11, &b"v10"[..]));
+    drop(h2);
+    // Idle, the owner fsyncs the tombstones within TOMB_SYNC_AFTER: the
+    // raw log (no limits applied) then holds only the newest revision.
+    let synced = b.sync_count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while b.sync_count() == synced {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tombstones never fsynced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let img = b.crash_image();
+    let (log, _) = crate::store::Store::open(Box::new(img), store_options(&c)).unwrap();
+    assert_eq!(log.state().msgs, 1);
+}
