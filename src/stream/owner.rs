@@ -28,6 +28,11 @@ pub(super) fn now_ns() -> u64 {
 /// oldest message cannot be removed).
 const MIN_EXPIRY_WAIT: Duration = Duration::from_millis(10);
 
+/// `Always`: the longest a group commit waits for publishers that the
+/// previous commit acknowledged and that are on their way back (see
+/// [`Owner::collect`]); also at most a quarter of a recent fsync.
+const MAX_LINGER: Duration = Duration::from_millis(1);
+
 /// `Always`: how long the tombstones of limit removals (which
 /// [`Stream::open`] derives again after a crash) may wait for their fsync.
 /// Under load that is one fsync per this period instead of one per group
@@ -44,6 +49,15 @@ struct Owner {
     dirty_since: Option<Instant>,
     /// `Always`: when the oldest tombstone not yet fsynced was written.
     tombs_since: Option<Instant>,
+    /// The command queue (its length when a commit replies).
+    queue: smol::channel::Receiver<Cmd>,
+    /// `Always`: commands the next group commit expects (see
+    /// [`Owner::collect`]).
+    expect: usize,
+    /// `Always`: the last wait for `expect` gained nothing (skip one).
+    missed: bool,
+    /// A recent fsync's duration (moving average).
+    sync_time: Duration,
 }
 
 pub(super) fn run(
@@ -60,6 +74,10 @@ pub(super) fn run(
         durable,
         dirty_since: None,
         tombs_since: None,
+        queue: rx.clone(),
+        expect: 0,
+        missed: false,
+        sync_time: Duration::ZERO,
     };
     let mut closed = false;
     while !closed {
@@ -75,12 +93,7 @@ pub(super) fn run(
             Some(Err(_)) => break, // every handle is gone, or close()
             Some(Ok(first)) => {
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(c) => batch.push(c),
-                        Err(_) => break,
-                    }
-                }
+                o.collect(&rx, &mut batch);
                 // Reserved by the publishers; given back once written
                 // (or failed), when the batch's messages are freed.
                 let bytes: usize = batch
@@ -119,7 +132,50 @@ fn reply<T>(r: Reply<T>, v: T) {
     r.send(v);
 }
 
+/// Moves what is queued into `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &smol::channel::Receiver<Cmd>, batch: &mut Vec<Cmd>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(c) => batch.push(c),
+            Err(_) => break,
+        }
+    }
+}
+
 impl Owner {
+    /// Builds a group commit: what is queued, and with `Always`, briefly,
+    /// the publishers the previous commit released. With P publishes in
+    /// flight, taking only what is queued splits them into two groups that
+    /// alternate (each arrives while the other's fsync runs), so each fsync
+    /// covers P/2 and each publish waits for two; waiting up to
+    /// [`MAX_LINGER`] (and a quarter of an fsync) for the `expect`ed ones
+    /// lets one fsync cover all P. A wait that gains nothing is not
+    /// repeated at the next commit.
+    fn collect(&mut self, rx: &smol::channel::Receiver<Cmd>, batch: &mut Vec<Cmd>) {
+        drain(rx, batch);
+        let want = self.expect.min(MAX_BATCH);
+        if self.policy != SyncPolicy::Always || batch.len() >= want || self.missed {
+            self.missed = false;
+            return;
+        }
+        let until = Instant::now() + (self.sync_time / 4).min(MAX_LINGER);
+        let before = batch.len();
+        while batch.len() < want {
+            let got = smol::block_on(smol::future::or(async { rx.recv().await.ok() }, async {
+                smol::Timer::at(until).await;
+                None
+            }));
+            match got {
+                Some(c) => {
+                    batch.push(c);
+                    drain(rx, batch);
+                }
+                None => break,
+            }
+        }
+        self.missed = batch.len() == before;
+    }
+
     fn deadline(&mut self) -> Option<Instant> {
         let sync_at = match (self.policy, self.dirty_since) {
             (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
@@ -232,7 +288,12 @@ impl Owner {
         let appended = self.stream.state().last_seq != mark.last_seq();
         if failed.is_none() && appended {
             let res = match self.policy {
-                SyncPolicy::Always => self.stream.sync_appends(),
+                SyncPolicy::Always => {
+                    let t = Instant::now();
+                    let res = self.stream.sync_appends();
+                    self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
+                    res
+                }
                 SyncPolicy::Interval(_) | SyncPolicy::Never => self.stream.flush(),
             };
             failed = res.err();
@@ -263,6 +324,9 @@ impl Owner {
         self.stream.enforce_limits(now);
         self.after_removals(derivable);
         self.publish_state();
+        // Those acknowledged now, and those that came meanwhile, make the
+        // next commit (see `collect`).
+        self.expect = acks.len() + self.queue.len();
         for (r, res) in acks {
             if let Some(res) = res {
                 reply(r, res);
