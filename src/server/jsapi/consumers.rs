@@ -311,10 +311,18 @@ fn creator_exclusions(
     };
     if let Some(push) = &cfg.push {
         // The consumer delivers on its creator's behalf: only where the
-        // creator could receive itself.
+        // creator could receive itself, and could publish itself (else a
+        // consumer would be a way to publish to subjects the creator may
+        // not, e.g. an MQTT device's command topic).
         if !p.can_subscribe(&push.deliver_subject) {
             return Err(not_authorized(format!(
                 "this user may not subscribe to the deliver subject {:?}",
+                push.deliver_subject
+            )));
+        }
+        if !p.can_publish(&push.deliver_subject) {
+            return Err(not_authorized(format!(
+                "this user may not publish to the deliver subject {:?}",
                 push.deliver_subject
             )));
         }

@@ -198,7 +198,9 @@ pub fn parse_rfc3339(t: &str) -> Option<u64> {
     }
     let offset = match t.get(i..)? {
         "Z" | "z" => 0,
-        o if o.len() == 6 && matches!(&o[..1], "+" | "-") && &o[3..4] == ":" => {
+        // Bytes, not string slices: a multi-byte character from the peer
+        // must not panic (the release build aborts on panic).
+        o if o.len() == 6 && matches!(o.as_bytes()[0], b'+' | b'-') && o.as_bytes()[3] == b':' => {
             let secs = n(i + 1..i + 3)? * 3600 + n(i + 4..i + 6)? * 60;
             if o.starts_with('-') {
                 -secs
@@ -572,6 +574,16 @@ mod tests {
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
         assert_eq!(parse_rfc3339("2026-13-07T06:14:39Z"), None);
+        // Multi-byte characters where the offset's sign or colon would be
+        // are refused, not a panic (a peer sends these).
+        for t in [
+            "2026-12-07T06:14:39é1234",
+            "2026-12-07T06:14:39+0é:0",
+            "2026-12-07T06:14:39€:00",
+            "2026-12-07T06:14:39.5é1234",
+        ] {
+            assert_eq!(parse_rfc3339(t), None, "{t}");
+        }
     }
 
     #[test]

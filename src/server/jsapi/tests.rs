@@ -452,3 +452,38 @@ fn deny_subscribe_applies_to_reads_and_consumers() {
     assert!(api.slots[0].consumers["adm"].redeliver.contains(&2));
     block_on(h.close());
 }
+
+#[test]
+fn a_push_consumer_delivers_only_where_its_creator_may_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), scfg("A", "a.>", Retention::Limits));
+    let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[], 1);
+    // May subscribe everywhere, may not publish device commands: a push
+    // consumer must not become a way to publish them.
+    let eve = Arc::new(Permissions {
+        deny_publish: vec!["cmd.>".into()],
+        ..Permissions::default()
+    });
+    let body = |deliver: &str| {
+        format!(
+            r#"{{"stream_name":"A","config":{{"name":"p","deliver_subject":"{deliver}","ack_policy":"explicit"}}}}"#
+        )
+    };
+    let v = call_as(
+        &mut api,
+        "$JS.API.CONSUMER.CREATE.A.p",
+        &body("cmd.device1"),
+        &eve,
+    )
+    .expect("answered");
+    assert_eq!(v["error"]["code"], 403, "{v}");
+    let v = call_as(
+        &mut api,
+        "$JS.API.CONSUMER.CREATE.A.p",
+        &body("mine.d"),
+        &eve,
+    )
+    .expect("answered");
+    assert!(v.get("error").is_none(), "{v}");
+    block_on(h.close());
+}
