@@ -237,11 +237,24 @@ impl JsApi {
         let dir = crate::stream::names::path_in(&admin.streams_dir, name, "")
             .map_err(|e| invalid(format!("invalid name: {e}")))?;
         let record = config_json(&cfg).to_string();
-        super::files::save_api_stream(&admin.streams_dir, name, record.as_bytes())
-            .map_err(|e| io_err("cannot save the stream's config", e))?;
-        self.slots[i].handle.close().await;
+        let streams_dir = admin.streams_dir.clone();
         let broker = admin.broker.clone();
-        let h = open_stream(&dir, cfg)?;
+        // Close first: closing fsyncs the tombstones the old limits wrote
+        // (they may wait up to a second), so a crash after the new record
+        // is saved cannot bring back what the old limits removed.
+        self.slots[i].handle.close().await;
+        let saved = super::files::save_api_stream(&streams_dir, name, record.as_bytes());
+        let h = match saved {
+            Ok(()) => open_stream(&dir, cfg)?,
+            Err(e) => {
+                // Unchanged: reopen with the old configuration.
+                let h = open_stream(&dir, old)?;
+                broker.add_stream(h.clone());
+                self.slots[i].handle = h.clone();
+                self.created.push(h);
+                return Err(io_err("cannot save the stream's config", e));
+            }
+        };
         broker.add_stream(h.clone());
         let slot = &mut self.slots[i];
         slot.handle = h.clone();
