@@ -397,3 +397,21 @@ async fn kv_and_object_store_streams_are_created_by_the_stock_client() {
     js.delete_key_value("cfg").await.expect("delete_key_value");
     assert_eq!(names(&c).await, vec!["OBJ_blobs", "TELEMETRY"]);
 }
+
+/// A stream removed from frond.toml leaves its directory (messages,
+/// durable consumers): creating a stream of that name over the API is
+/// refused (10058) rather than handing those to the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_does_not_adopt_a_leftover_directory() {
+    let f = Frond::start_new(FrondSpec::default()).await;
+    let left = f.data_dir().join("streams").join("LEFT");
+    std::fs::create_dir_all(left.join("consumers")).expect("leftover dir");
+    std::fs::write(left.join("consumers").join("old.json"), b"{}").expect("leftover consumer");
+    let c = connect(&f).await;
+    let body = json!({"name": "LEFT", "subjects": ["left.>"], "storage": "file",
+                      "retention": "limits", "max_bytes": 1 << 20});
+    let v = api(&c, "$JS.API.STREAM.CREATE.LEFT", body).await;
+    assert_eq!(err_code(&v), 10058, "{v}");
+    assert!(left.join("consumers").join("old.json").exists());
+    assert!(!names(&c).await.contains(&"LEFT".to_string()));
+}

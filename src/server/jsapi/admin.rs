@@ -189,6 +189,20 @@ impl JsApi {
         let admin = self.admin()?;
         let dir = crate::stream::names::path_in(&admin.streams_dir, name, "")
             .map_err(|e| invalid(format!("invalid name: {e}")))?;
+        // No stream of this name is open, so files in its directory were
+        // left by another stream (one removed from frond.toml): a create
+        // must not adopt its messages and durable consumers.
+        if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+            log::warn!(
+                "jetstream: STREAM.CREATE.{name} refused: {} holds the data of an earlier stream of that name; remove it to reuse the name",
+                dir.display()
+            );
+            return Err(ApiError::new(
+                400,
+                10058,
+                "stream name already in use: its directory holds an earlier stream's data (the operator must remove it)",
+            ));
+        }
         let record = config_json(&cfg).to_string();
         super::files::save_api_stream(&admin.streams_dir, name, record.as_bytes())
             .map_err(|e| io_err("cannot save the stream's config", e))?;
