@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::{ObjectStore, UpdateMetadata};
 use base64::Engine;
-use common::{wait_until, Frond, FrondSpec, LONG};
+use common::{connect_nats as connect, js_api as api, wait_until, Frond, FrondSpec, LONG};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use smol::stream::StreamExt;
@@ -25,20 +25,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// async-nats's default chunk size (`DEFAULT_CHUNK_SIZE`, as nats.go's).
 const CHUNK: usize = 128 * 1024;
-
-async fn connect(f: &Frond) -> async_nats::Client {
-    async_nats::connect(format!("127.0.0.1:{}", f.nats_port))
-        .await
-        .expect("connect to frond's NATS port")
-}
-
-async fn api(c: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let m = c
-        .request(subject.to_string(), body.to_string().into())
-        .await
-        .expect("API answer");
-    serde_json::from_slice(&m.payload).expect("API JSON")
-}
 
 /// Messages of `stream` on subjects matching `filter` (from STREAM.INFO's
 /// `subjects` map).

@@ -13,14 +13,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use async_nats::{HeaderMap, StatusCode};
-use common::{wait_until, Frond, FrondSpec, LONG};
+use common::{connect_nats as connect, wait_until, Frond, FrondSpec, LONG};
 use smol::stream::StreamExt;
-
-async fn connect(f: &Frond) -> async_nats::Client {
-    async_nats::connect(format!("127.0.0.1:{}", f.nats_port))
-        .await
-        .expect("connect to frond's NATS port")
-}
 
 async fn publish_n(js: &jetstream::Context, subject: &str, from: usize, to: usize) {
     for i in from..=to {

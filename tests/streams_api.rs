@@ -10,23 +10,8 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use common::{wait_until, Frond, FrondSpec, LONG};
+use common::{connect_nats as connect, js_api as api, wait_until, Frond, FrondSpec, LONG};
 use serde_json::{json, Value};
-
-async fn connect(f: &Frond) -> async_nats::Client {
-    async_nats::connect(format!("127.0.0.1:{}", f.nats_port))
-        .await
-        .expect("connect to frond's NATS port")
-}
-
-/// A raw API request and its JSON answer.
-async fn api(c: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let m = c
-        .request(subject.to_string(), body.to_string().into())
-        .await
-        .expect("API answer");
-    serde_json::from_slice(&m.payload).expect("API JSON")
-}
 
 fn err_code(v: &Value) -> u64 {
     v["error"]["err_code"].as_u64().unwrap_or(0)

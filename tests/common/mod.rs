@@ -1807,3 +1807,23 @@ pub fn msg_id_seq(id: &str, node: &str, stream: &str) -> Option<u64> {
         .strip_prefix(':')?;
     rest.parse().ok()
 }
+
+/// A NATS client on `f`'s NATS port.
+pub async fn connect_nats(f: &Frond) -> async_nats::Client {
+    async_nats::connect(format!("127.0.0.1:{}", f.nats_port))
+        .await
+        .expect("connect to frond's NATS port")
+}
+
+/// A raw JetStream API request and its JSON answer.
+pub async fn js_api(
+    c: &async_nats::Client,
+    subject: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let m = c
+        .request(subject.to_string(), body.to_string().into())
+        .await
+        .expect("API answer");
+    serde_json::from_slice(&m.payload).expect("API JSON")
+}
