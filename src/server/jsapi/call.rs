@@ -5,6 +5,7 @@
 
 use serde_json::{json, Value};
 
+use super::direct::DIRECT_PREFIX;
 use super::render::status_msg;
 use super::JsApi;
 use crate::auth::Permissions;
@@ -138,6 +139,10 @@ pub(super) fn may_answer(perms: Option<&Permissions>, reply: &str) -> bool {
 impl JsApi {
     /// Handle one message routed to the service.
     pub async fn handle(&mut self, m: &Msg, now: u64) {
+        if !m.subject.starts_with(DIRECT_PREFIX) {
+            // Anything else is handled after the direct gets before it.
+            self.finish_direct().await;
+        }
         if m.subject.starts_with("$JS.FC.") {
             self.handle_flow(&m.subject, now);
             return;

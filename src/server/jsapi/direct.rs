@@ -9,8 +9,10 @@
 //! `408 Malformed Request`, `408 Bad Request`, `413 Too Many Results`.
 //!
 //! Owns: the parsing and validation of a request ([`parse_body`],
-//! [`parse_key`]) and the building of its answer from a stream
-//! ([`answer`]); no state of its own.
+//! [`parse_key`]), the building of its answer from a stream
+//! ([`answer`]), and the single-message gets in flight together
+//! ([`Pending`]: a KV client's pipelined `get`s cost one owner-thread
+//! round trip per burst, not one each).
 //!
 //! Invariants:
 //! - Only a stream with `allow_direct` answers; for any other name the
@@ -25,7 +27,15 @@
 //! - Bounded: an answer stops once its stored bytes reach `max_bytes`
 //!   (nats-server's rule) and never holds more than [`DIRECT_MAX_BYTES`]
 //!   of messages and headers, whatever `max_bytes` and `batch` say;
-//!   `multi_last` answers at most [`MULTI_MAX`] subjects (else 413).
+//!   `multi_last` answers at most [`MULTI_MAX`] subjects (else 413);
+//!   at most [`DIRECT_PIPELINE`] single-message answers are pending.
+//! - Read-your-writes: a get is read from the stream's owner thread,
+//!   which acknowledges a publish only after applying it, so a get sent
+//!   after an acknowledged put (from any connection) sees it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use serde_json::Value;
 
@@ -40,6 +50,52 @@ use crate::stream::{StoredMessage, StreamError, StreamHandle};
 pub const DIRECT_MAX_BYTES: usize = 8 << 20;
 /// Subjects a `multi_last` request may answer (nats-server's limit).
 pub const MULTI_MAX: usize = 1024;
+/// Single-message direct gets answered together, at most (each answer is
+/// one stored message, so [`Pending`] holds at most this many).
+pub const DIRECT_PIPELINE: usize = 64;
+/// Subjects of direct gets (they may join [`Pending`]).
+pub const DIRECT_PREFIX: &str = "$JS.API.DIRECT.GET.";
+
+type Answer = (String, Vec<Part>);
+type AnswerFut = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// Single-message direct gets (no `batch`, `multi_last` or `start_time`)
+/// accepted but not yet answered, at most [`DIRECT_PIPELINE`]. Any other
+/// API call first answers them ([`JsApi::finish_direct`]), so a call sees
+/// the effects of the gets before it, as when each was answered at once.
+/// (In a mutex only to make the service `Sync`: reached only through
+/// `&mut`, never locked.)
+#[derive(Default)]
+pub struct Pending(std::sync::Mutex<Vec<AnswerFut>>);
+
+impl Pending {
+    fn futs(&mut self) -> &mut Vec<AnswerFut> {
+        self.0.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs `futs` concurrently; their outputs in the order of `futs`.
+async fn join_all(mut futs: Vec<AnswerFut>) -> Vec<Answer> {
+    let mut done: Vec<Option<Answer>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut ready = true;
+        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *d = Some(v),
+                    Poll::Pending => ready = false,
+                }
+            }
+        }
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
+}
 
 /// A parsed direct get request (nats-server's `JSApiMsgGetRequest`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -473,13 +529,15 @@ async fn multi_last(
 }
 
 impl JsApi {
-    /// Answer a direct get on `stream`; `key` for the subject form.
+    /// Answer a direct get on `stream`; `key` for the subject form. A
+    /// single-message request joins [`Pending`] (answered by
+    /// [`JsApi::finish_direct`]); any other is answered now.
     pub(super) async fn handle_direct(&mut self, stream: &str, key: Option<&str>, m: &Msg) {
         let Some(reply) = m.reply.clone() else {
             return;
         };
-        let caller = m.publisher.as_deref();
-        if !may_answer(caller, &reply) {
+        let caller = m.publisher.clone();
+        if !may_answer(caller.as_deref(), &reply) {
             log::debug!(
                 "jetstream: {} ignored: its caller may not subscribe to the reply subject {reply:?}",
                 m.subject
@@ -500,17 +558,44 @@ impl JsApi {
             Some(k) => parse_key(k, &m.payload),
             None => parse_body(&m.payload),
         };
-        let parts = match req {
-            Err(st) => vec![status_part(st)],
-            Ok(req) => match answer(&h, &req, caller).await {
+        let req = match req {
+            Err(st) => return self.push_parts(&reply, vec![status_part(st)]),
+            Ok(req) => req,
+        };
+        let single = req.batch == 0 && req.multi_last.is_empty() && req.start_time.is_none();
+        if !single || self.direct.futs().len() >= DIRECT_PIPELINE {
+            self.finish_direct().await;
+        }
+        let stream = stream.to_string();
+        let fut = async move {
+            let parts = match answer(&h, &req, caller.as_deref()).await {
                 Ok(p) => p,
                 Err(e) => {
                     log::warn!("jetstream: direct get on stream {stream:?}: {e}");
                     vec![status_part((500, "Internal Server Error"))]
                 }
-            },
+            };
+            (reply, parts)
         };
-        self.push_parts(&reply, parts);
+        if single {
+            self.direct.futs().push(Box::pin(fut));
+        } else {
+            let (reply, parts) = fut.await;
+            self.push_parts(&reply, parts);
+        }
+    }
+
+    /// Answer every pending direct get: their reads reach the owner
+    /// threads together (one queue drain per stream instead of one
+    /// round trip each), and their answers are queued in arrival order.
+    pub async fn finish_direct(&mut self) {
+        if self.direct.futs().is_empty() {
+            return;
+        }
+        let futs = std::mem::take(self.direct.futs());
+        for (reply, parts) in join_all(futs).await {
+            self.push_parts(&reply, parts);
+        }
     }
 
     fn push_parts(&mut self, reply: &str, parts: Vec<Part>) {

@@ -207,6 +207,8 @@ pub struct JsApi {
     admin: Option<Admin>,
     /// Streams opened since the task last looked ([`JsApi::take_created`]).
     created: Vec<StreamHandle>,
+    /// Single-message direct gets in flight together (see [`direct`]).
+    direct: direct::Pending,
 }
 
 /// The slot of stream `h`: its consumers loaded from `streams_dir`.
@@ -265,6 +267,7 @@ impl JsApi {
             out: Vec::new(),
             admin: None,
             created: Vec::new(),
+            direct: direct::Pending::default(),
         }
     }
 

@@ -110,6 +110,7 @@ async fn run(
         for (_, m) in outbox.take(1 << 20) {
             api.handle(&m, now).await;
         }
+        api.finish_direct().await;
         for h in api.take_created() {
             watchers.retain(|t| !t.is_finished());
             watchers.push(watch(&h, &wake_tx));
