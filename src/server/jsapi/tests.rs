@@ -487,3 +487,47 @@ fn a_push_consumer_delivers_only_where_its_creator_may_publish() {
     assert!(v.get("error").is_none(), "{v}");
     block_on(h.close());
 }
+
+/// Direct gets of one burst are answered together (`direct::Pending`) but
+/// exactly as if one after another: every get is answered, in arrival
+/// order, and a call after a get (here a delete) is applied after it.
+#[test]
+fn pipelined_direct_gets_keep_their_order_against_other_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(
+        dir.path(),
+        StreamConfig {
+            allow_direct: true,
+            ..scfg("S", "s.>", Retention::Limits)
+        },
+    );
+    let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[], 1);
+    let seq = publish(&h, "s.a");
+    let n = direct::DIRECT_PIPELINE + 10;
+    let mut burst: Vec<Msg> = (0..n)
+        .map(|i| req("$JS.API.DIRECT.GET.S.s.a", &format!("g{i}"), ""))
+        .collect();
+    let del = format!(r#"{{"seq":{seq}}}"#);
+    burst.push(req("$JS.API.STREAM.MSG.DELETE.S", "del", &del));
+    burst.push(req("$JS.API.DIRECT.GET.S.s.a", "after", ""));
+    block_on(async {
+        for m in &burst {
+            api.handle(m, 1).await;
+        }
+        api.finish_direct().await;
+    });
+    let out = api.take_out();
+    let to: Vec<&str> = out.iter().map(|(to, _)| to.as_str()).collect();
+    let mut want: Vec<String> = (0..n).map(|i| format!("g{i}")).collect();
+    want.extend(["del".to_string(), "after".to_string()]);
+    assert_eq!(to, want);
+    for (to, m) in &out[..n] {
+        assert_eq!(m.payload, b"x", "{to}");
+        let hdr = String::from_utf8_lossy(m.headers.as_deref().unwrap());
+        assert!(hdr.contains(&format!("Nats-Sequence: {seq}\r\n")), "{to}: {hdr}");
+    }
+    let v: Value = serde_json::from_slice(&out[n].1.payload).unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    let hdr = String::from_utf8_lossy(out[n + 1].1.headers.as_deref().unwrap());
+    assert!(hdr.starts_with("NATS/1.0 404"), "{hdr}");
+}
