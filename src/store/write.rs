@@ -9,6 +9,14 @@
 //! operations that fail are retried before anything else is written
 //! (`repairs`), so a half-written batch never stays behind.
 //!
+//! Segment files grow by appending, and a sync is one `fdatasync` per
+//! written file. Zero-filled preallocated segments (so that `fdatasync`
+//! need not log a size change) were measured on ext4 and gained nothing:
+//! 128 KiB and 6.4 KiB writes each followed by `fdatasync`, appended vs.
+//! into a preallocated file vs. `O_DSYNC`, all 2.3–5.7 ms per write on
+//! the 2-core CI machine (2026-12-07), the device flush dominating. So
+//! the format keeps file length = end of the last record.
+//!
 //! Invariants: bytes are only appended to the newest segment; a tombstone
 //! is written only after its segment file exists; an encrypted segment is
 //! appended to only by the process that created it and only until its
