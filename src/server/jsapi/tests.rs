@@ -524,7 +524,10 @@ fn pipelined_direct_gets_keep_their_order_against_other_calls() {
     for (to, m) in &out[..n] {
         assert_eq!(m.payload, b"x", "{to}");
         let hdr = String::from_utf8_lossy(m.headers.as_deref().unwrap());
-        assert!(hdr.contains(&format!("Nats-Sequence: {seq}\r\n")), "{to}: {hdr}");
+        assert!(
+            hdr.contains(&format!("Nats-Sequence: {seq}\r\n")),
+            "{to}: {hdr}"
+        );
     }
     let v: Value = serde_json::from_slice(&out[n].1.payload).unwrap();
     assert_eq!(v["success"], true, "{v}");
