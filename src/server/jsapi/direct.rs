@@ -577,11 +577,9 @@ impl JsApi {
             };
             (reply, parts)
         };
-        if single {
-            self.direct.futs().push(Box::pin(fut));
-        } else {
-            let (reply, parts) = fut.await;
-            self.push_parts(&reply, parts);
+        self.direct.futs().push(Box::pin(fut));
+        if !single {
+            self.finish_direct().await;
         }
     }
 
