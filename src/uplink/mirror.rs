@@ -23,7 +23,11 @@
 //!   is sent until a resync has scanned the hub stream from F + 1 to its end
 //!   (`STREAM.INFO`, then batched direct gets or `MSG.GET` with
 //!   `next_by_subj`, see `mirror_scan.rs`), recording every message
-//!   whose `Nats-Msg-Id` is `<node>:<stream>:<seq>`. Then the unsent rest is
+//!   whose `Nats-Msg-Id` is `<node>:<stream>:<seq>:<tag>` with a tag that
+//!   verifies against its payload (`msgid.rs`: an HMAC under this node's
+//!   key, so another hub user cannot forge the evidence or occupy an id
+//!   in the duplicate window; ids that do not verify are ignored and
+//!   logged as a warning at the end of the resync). Then the unsent rest is
 //!   published in local order. The hub's duplicate window covers the short
 //!   race of a publish stored after the scan passed it; the scan covers
 //!   outages of any length.
@@ -113,6 +117,8 @@ pub struct MirrorParams {
     /// Also the pause between checks while the hub stream is missing.
     pub retry_max: Duration,
     pub scan_cap: u64,
+    /// The node's key for unforgeable message ids (`msgid.rs`).
+    pub id_key: super::msgid::IdKey,
 }
 
 /// Something to send on the hub connection.
@@ -337,6 +343,10 @@ pub struct Mirror {
     single_next: bool,
     batches: u64,
     warned_unordered: bool,
+    /// This resync: hub messages naming a local message > L whose id does
+    /// not verify, and the hub seq of the first.
+    unverified: u64,
+    first_unverified: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +442,8 @@ impl Mirror {
             single_next: false,
             batches: 0,
             warned_unordered: false,
+            unverified: 0,
+            first_unverified: None,
         }
     }
 
@@ -475,21 +487,19 @@ impl Mirror {
         }
     }
 
-    fn msg_id(&self, seq: u64) -> String {
-        format!("{}:{}:{}", self.p.node, self.p.stream, seq)
+    fn msg_id(&self, m: &StoredMessage) -> String {
+        self.p
+            .id_key
+            .msg_id(&self.p.node, &self.p.stream, m.seq, &m.payload)
     }
 
-    fn our_seq(&self, msg_id: &str) -> Option<u64> {
-        let rest = msg_id
-            .strip_prefix(self.p.node.as_str())?
-            .strip_prefix(':')?;
-        let rest = rest
-            .strip_prefix(self.p.stream.as_str())?
-            .strip_prefix(':')?;
-        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        rest.parse().ok()
+    /// The local sequence a hub message with this id and payload proves
+    /// stored: `Some(Ok(seq))` only if its tag verifies (`msgid.rs`),
+    /// `Some(Err(seq))` if it names one of ours but does not verify.
+    fn our_seq(&self, msg_id: &str, payload: &[u8]) -> Option<Result<u64, u64>> {
+        self.p
+            .id_key
+            .verify(&self.p.node, &self.p.stream, msg_id, payload)
     }
 
     // ------------------------------------------------------------------
@@ -1029,7 +1039,7 @@ impl Mirror {
             !k.eq_ignore_ascii_case("Nats-Msg-Id")
                 && !k.to_ascii_lowercase().starts_with("nats-expected-")
         });
-        hb.push("Nats-Msg-Id", self.msg_id(m.seq));
+        hb.push("Nats-Msg-Id", self.msg_id(m));
         hb
     }
 }

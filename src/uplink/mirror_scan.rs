@@ -46,6 +46,8 @@ struct GetMessage {
     seq: u64,
     #[serde(default)]
     hdrs: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -72,6 +74,8 @@ fn no_responders(headers: Option<&[u8]>) -> bool {
 impl Mirror {
     pub(super) fn start_resync(&mut self, now: Instant) {
         self.resyncs += 1;
+        self.unverified = 0;
+        self.first_unverified = None;
         self.phase = Phase::Resync {
             scanned: 0,
             sent_at: now,
@@ -230,16 +234,26 @@ impl Mirror {
             .and_then(|h| base64::decode(h.as_bytes()).ok())
             .and_then(|raw| HeaderBlock::parse(&raw).ok())
             .and_then(|hb| hb.get("Nats-Msg-Id").map(str::to_string));
-        if self.record(now, m.seq, id.as_deref()) {
+        let data = match m.data.as_deref().map(|d| base64::decode(d.as_bytes())) {
+            Some(Ok(d)) => d,
+            None => Vec::new(),
+            Some(Err(e)) => return self.fault(now, format!("MSG.GET reply with bad data: {e}")),
+        };
+        if self.record(now, m.seq, id.as_deref(), &data) {
             self.scan_on(now);
         }
     }
 
     fn on_direct(&mut self, now: Instant, got: u64, headers: Option<&[u8]>, payload: &[u8]) {
         match parse_reply(headers, payload) {
-            Reply::Msg { seq, headers, .. } => {
+            Reply::Msg {
+                seq,
+                headers,
+                payload,
+                ..
+            } => {
                 let id = headers.as_ref().and_then(|hb| hb.get("Nats-Msg-Id"));
-                if self.record(now, seq, id) {
+                if self.record(now, seq, id, &payload) {
                     // The rest of the batch is on its way.
                     if let Phase::Resync { sent_at, step, .. } = &mut self.phase {
                         *sent_at = now;
@@ -265,8 +279,11 @@ impl Mirror {
     }
 
     /// A hub message at `hub_seq` seen by the scan. Returns whether the
-    /// scan goes on (false: it faulted or paused at the scan cap).
-    fn record(&mut self, now: Instant, hub_seq: u64, msg_id: Option<&str>) -> bool {
+    /// scan goes on (false: it faulted or paused at the scan cap). Only an
+    /// id whose tag verifies against the message's payload counts as
+    /// ours; one that names our message without verifying is forged (or
+    /// from an older frond or another key) and only counted.
+    fn record(&mut self, now: Instant, hub_seq: u64, msg_id: Option<&str>, payload: &[u8]) -> bool {
         let Phase::Resync { scanned, .. } = self.phase else {
             return false;
         };
@@ -278,10 +295,15 @@ impl Mirror {
             self.fault(now, e);
             return false;
         }
-        if let Some(local) = msg_id.and_then(|id| self.our_seq(id)) {
-            if local > self.l {
+        match msg_id.and_then(|id| self.our_seq(id, payload)) {
+            Some(Ok(local)) if local > self.l => {
                 self.stored.insert(local, Some(hub_seq));
             }
+            Some(Err(local)) if local > self.l => {
+                self.unverified += 1;
+                self.first_unverified.get_or_insert(hub_seq);
+            }
+            _ => {}
         }
         self.latest = hub_seq;
         let scanned = scanned + 1;
@@ -304,6 +326,15 @@ impl Mirror {
     }
 
     fn finish_resync(&mut self, now: Instant) {
+        if self.unverified > 0 {
+            let (n, first) = (self.unverified, self.first_unverified.unwrap_or(0));
+            self.events.push_back(Event::Warning(format!(
+                "hub stream {} holds {n} message(s) (first at hub seq {first}) whose Nats-Msg-Id names a not yet confirmed message of local stream {} but whose signature does not verify: ignored, the local messages are sent. Either another hub user forges frond's ids (check who may publish to {}), the uplink id key (<data_dir>/uplink/node.key) was replaced, or they come from a frond older than this id format",
+                self.p.hub_stream, self.p.stream, self.filter()
+            )));
+            self.unverified = 0;
+            self.first_unverified = None;
+        }
         if self.stream_missing {
             self.stream_missing = false;
             self.events.push_back(Event::StreamFound);

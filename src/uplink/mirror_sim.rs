@@ -56,8 +56,8 @@ impl Rng {
 const MAX_PAYLOAD: usize = 600;
 const PREFIX: &str = "fleet.n1.";
 
-/// (subject, Nats-Msg-Id)
-type Msg = (String, Option<String>);
+/// (subject, Nats-Msg-Id, payload)
+type Msg = (String, Option<String>, Vec<u8>);
 
 enum Entry {
     One { msg: Msg, reply: String },
@@ -80,8 +80,8 @@ enum Delivery {
 
 #[derive(Default)]
 struct Hub {
-    /// (subject, id, stored at ms)
-    stored: Vec<(String, Option<String>, u64)>,
+    /// (subject, id, stored at ms, payload)
+    stored: Vec<(String, Option<String>, u64, Vec<u8>)>,
     window: u64,
     atomic: bool,
     direct: bool,
@@ -112,9 +112,9 @@ fn api_err(reply: &str, err_code: u64) -> Delivery {
 
 impl Hub {
     fn dup_of(&self, id: &str, t: u64) -> Option<usize> {
-        self.stored
-            .iter()
-            .position(|(_, i, at)| i.as_deref() == Some(id) && t.saturating_sub(*at) < self.window)
+        self.stored.iter().position(|(_, i, at, _)| {
+            i.as_deref() == Some(id) && t.saturating_sub(*at) < self.window
+        })
     }
     fn pending_id(&self, id: &str) -> bool {
         self.log.iter().any(|e| e.ids().contains(&id))
@@ -145,7 +145,7 @@ impl Hub {
             return;
         }
         let h = hdr(&headers);
-        let msg: Msg = (subject, h.get("Nats-Msg-Id").map(str::to_string));
+        let msg: Msg = (subject, h.get("Nats-Msg-Id").map(str::to_string), payload);
         let Some(bid) = h.get("Nats-Batch-Id") else {
             return self.publish(msg, reply, t, out);
         };
@@ -210,7 +210,7 @@ impl Hub {
         }
         match e {
             Entry::One { msg, reply } => {
-                self.stored.push((msg.0, msg.1, t));
+                self.stored.push((msg.0, msg.1, t, msg.2));
                 if acked {
                     let b = format!(r#"{{"stream":"FLEET","seq":{}}}"#, self.stored.len());
                     out.push_back(ack(&reply, b));
@@ -219,7 +219,7 @@ impl Hub {
             Entry::Batch { msgs, reply } => {
                 let n = msgs.len();
                 for m in msgs {
-                    self.stored.push((m.0, m.1, t));
+                    self.stored.push((m.0, m.1, t, m.2));
                 }
                 if acked {
                     let b = format!(
@@ -296,8 +296,9 @@ impl Hub {
                         hb.push("Nats-Msg-Id", id.clone());
                     }
                     let h = base64::encode(&hb.encode().unwrap());
+                    let d = base64::encode(&self.stored[s - 1].3);
                     format!(
-                        r#"{{"message":{{"subject":"x","seq":{s},"hdrs":"{h}","data":"","time":"x"}}}}"#
+                        r#"{{"message":{{"subject":"x","seq":{s},"hdrs":"{h}","data":"{d}","time":"x"}}}}"#
                     )
                 }
                 None => {
@@ -326,7 +327,7 @@ impl Hub {
         }
         let sent = matching.len().min(batch);
         for (k, &s) in matching[..sent].iter().enumerate() {
-            let (subj, id, _) = &self.stored[s - 1];
+            let (subj, id, _, data) = &self.stored[s - 1];
             let mut h = format!(
                 "NATS/1.0\r\nNats-Stream: FLEET\r\nNats-Subject: {subj}\r\nNats-Sequence: {s}\r\nNats-Num-Pending: {}\r\n",
                 matching.len() - k - 1
@@ -338,7 +339,7 @@ impl Hub {
             out.push_back(Delivery::Msg(
                 reply.to_string(),
                 Some(h.into_bytes()),
-                vec![],
+                data.clone(),
             ));
         }
         let eob = format!(
@@ -352,11 +353,13 @@ impl Hub {
         ));
     }
 
-    /// Local seqs of node n1 / stream S, in hub order.
+    /// Local seqs of node n1 / stream S, in hub order (genuine ids only:
+    /// forgeries are not frond's).
     fn ours(&self) -> Vec<u64> {
+        let key = super::tests::test_key();
         self.stored
             .iter()
-            .filter_map(|(_, id, _)| id.as_deref()?.strip_prefix("n1:S:")?.parse().ok())
+            .filter_map(|(_, id, _, p)| key.verify("n1", "S", id.as_deref()?, p)?.ok())
             .collect()
     }
 }
@@ -390,6 +393,7 @@ impl Sim {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(2),
             scan_cap: 100_000,
+            id_key: super::tests::test_key(),
         };
         Sim {
             m: Mirror::new(p, None),
@@ -545,12 +549,22 @@ impl Sim {
             self.to_client.insert(at, Delivery::Advisory);
         }
     }
+    /// Another node's message, or (one in three) a hub user's forgery
+    /// naming one of our next local messages under our prefix: the old
+    /// unsigned form or a made-up tag.
     fn foreign(&mut self) {
         self.hub.foreign += 1;
-        let id = format!("n2:S:{}", self.hub.foreign);
-        self.hub
-            .stored
-            .push(("fleet.n2.x".into(), Some(id), self.t));
+        let (subject, id) = if self.rng.below(3) == 0 {
+            let seq = self.m.cursor().local_seq + 1 + self.rng.below(8);
+            let id = match self.rng.below(2) {
+                0 => format!("n1:S:{seq}"),
+                _ => format!("n1:S:{seq}:AAAAAAAA"),
+            };
+            (format!("{PREFIX}forged"), id)
+        } else {
+            ("fleet.n2.x".into(), format!("n2:S:{}", self.hub.foreign))
+        };
+        self.hub.stored.push((subject, Some(id), self.t, vec![]));
     }
 
     /// One random step of a faulty schedule.

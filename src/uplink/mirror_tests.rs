@@ -17,7 +17,24 @@ fn params(prefix: &str, inflight: usize) -> MirrorParams {
         retry_min: Duration::from_secs(1),
         retry_max: Duration::from_secs(30),
         scan_cap: 1000,
+        id_key: test_key(),
     }
+}
+
+/// The test key of node n1.
+pub(super) fn test_key() -> super::super::msgid::IdKey {
+    super::super::msgid::IdKey::from_bytes([42; 32])
+}
+
+/// The local seq an id of n1 / S names (verified or not).
+pub(super) fn ours(id: &str) -> Option<u64> {
+    let rest = id.strip_prefix("n1:S:")?;
+    rest.split(':').next()?.parse().ok()
+}
+
+/// The genuine id of local message `seq` of n1 / S with `payload`.
+pub(super) fn genuine(seq: u64, payload: &[u8]) -> String {
+    test_key().msg_id("n1", "S", seq, payload)
 }
 
 fn msg(seq: u64, size: usize) -> StoredMessage {
@@ -35,8 +52,8 @@ fn msg(seq: u64, size: usize) -> StoredMessage {
 
 #[derive(Default)]
 struct Hub {
-    /// (subject, Nats-Msg-Id, stored at time)
-    msgs: Vec<(String, Option<String>, u64)>,
+    /// (subject, Nats-Msg-Id, stored at time, payload)
+    msgs: Vec<(String, Option<String>, u64, Vec<u8>)>,
     window: u64,
     missing: bool,
     unavailable: bool,
@@ -84,15 +101,15 @@ impl Hub {
                 .iter()
                 .enumerate()
                 .skip(from.saturating_sub(1) as usize)
-                .find(|(_, (s, _, _))| s.starts_with(&filter));
+                .find(|(_, (s, _, _, _))| s.starts_with(&filter));
             let body = match found {
-                Some((i, (s, id, _))) => {
+                Some((i, (s, id, _, data))) => {
                     let mut hb = HeaderBlock::new();
                     if let Some(id) = id {
                         hb.push("Nats-Msg-Id", id.clone());
                     }
                     serde_json::json!({"message": {"subject": s, "seq": i + 1,
-                        "hdrs": base64::encode(&hb.encode().unwrap()), "data": "", "time": "x"}})
+                        "hdrs": base64::encode(&hb.encode().unwrap()), "data": base64::encode(data), "time": "x"}})
                 }
                 None => {
                     serde_json::json!({"error": {"code": 404, "err_code": 10037, "description": "no message found"}})
@@ -108,7 +125,7 @@ impl Hub {
             .get("Nats-Msg-Id")
             .map(str::to_string);
         if let Some(id) = &id {
-            if let Some(i) = self.msgs.iter().position(|(_, mid, at)| {
+            if let Some(i) = self.msgs.iter().position(|(_, mid, at, _)| {
                 mid.as_ref() == Some(id) && t.saturating_sub(*at) < self.window
             }) {
                 let b = format!(r#"{{"stream":"FLEET","seq":{},"duplicate": true}}"#, i + 1);
@@ -118,7 +135,7 @@ impl Hub {
         if std::env::var("SIMDBG").is_ok() {
             eprintln!("hub stores {id:?} at {} t={t}", self.msgs.len() + 1);
         }
-        self.msgs.push((subject, id, t));
+        self.msgs.push((subject, id, t, payload));
         let b = format!(r#"{{"stream":"FLEET","seq":{}}}"#, self.msgs.len());
         Some((reply, None, b.into_bytes()))
     }
@@ -127,7 +144,7 @@ impl Hub {
     fn ours(&self) -> Vec<u64> {
         self.msgs
             .iter()
-            .filter_map(|(_, id, _)| id.as_deref()?.strip_prefix("n1:S:")?.parse().ok())
+            .filter_map(|(_, id, _, _)| ours(id.as_deref()?))
             .collect()
     }
 }
@@ -328,9 +345,10 @@ fn normal_flow() {
     };
     assert_eq!(subject, "fleet.n1.a.b");
     assert_eq!(reply, "_INBOX.tok1.1");
+    let id = genuine(1, &w.local[0].payload);
     assert_eq!(
         HeaderBlock::parse(&headers).unwrap().get("Nats-Msg-Id"),
-        Some("n1:S:1")
+        Some(id.as_str())
     );
     w.settle();
     assert_eq!(w.hub.ours(), (1..=10).collect::<Vec<_>>());
@@ -357,15 +375,16 @@ fn original_headers_are_kept_and_local_ids_replaced() {
         hb.entries,
         vec![
             ("Trace".into(), "7".into()),
-            ("Nats-Msg-Id".into(), "n1:S:3".into())
+            ("Nats-Msg-Id".into(), genuine(3, b"x"))
         ]
     );
     m.p.node = "n2".into();
+    let id = test_key().msg_id("n2", "S", 3, b"x");
     assert_eq!(
         HeaderBlock::parse(&m.headers_for(&sm).unwrap())
             .unwrap()
             .get("nats-msg-id"),
-        Some("n2:S:3")
+        Some(id.as_str())
     );
 }
 
@@ -482,11 +501,13 @@ fn resync_finding_a_gap_skips_stored_and_resends_missing() {
     }
     // The hub already has 1, 2, 4, 5 (e.g. from a previous life); 3 and 6 are missing.
     for s in [1, 2, 4, 5] {
-        w.hub
-            .msgs
-            .push(("a.b".into(), Some(format!("n1:S:{s}")), 0));
+        let id = genuine(s, &[b'x'; 5]);
+        w.hub.msgs.push(("a.b".into(), Some(id), 0, vec![b'x'; 5]));
     }
-    w.hub.msgs.push(("a.b".into(), Some("n2:S:3".into()), 0)); // foreign, same stream name
+    // Foreign, same stream name.
+    w.hub
+        .msgs
+        .push(("a.b".into(), Some("n2:S:3".into()), 0, vec![b'x'; 5]));
     w.t = 1_000_000;
     w.connect();
     w.settle();
@@ -501,6 +522,55 @@ fn resync_finding_a_gap_skips_stored_and_resends_missing() {
                 ..
             }
         )),
+        "{:?}",
+        w.events
+    );
+}
+
+/// Another hub user publishes into the hub stream messages whose ids name
+/// local messages not yet sent: the old `<node>:<stream>:<seq>` form, a
+/// made-up tag, the tag of another payload and a genuine tag moved to
+/// another seq. None is believed (the resync would otherwise skip 3..6
+/// and the duplicate window would drop their publishes): every local
+/// message reaches the hub exactly once, in order after the forgeries.
+#[test]
+fn forged_ids_in_the_hub_stream_are_not_believed() {
+    let mut w = World::new(params("", 8));
+    w.hub.window = u64::MAX;
+    for _ in 0..6 {
+        w.append(5);
+    }
+    let x = vec![b'x'; 5];
+    for s in [1, 2] {
+        w.hub
+            .msgs
+            .push(("a.b".into(), Some(genuine(s, &x)), 0, x.clone()));
+    }
+    let tag2 = genuine(2, &x).rsplit(':').next().unwrap().to_string();
+    let forged = [
+        ("n1:S:3".to_string(), x.clone()),
+        ("n1:S:4:AAAAAAAA".to_string(), x.clone()),
+        (genuine(5, b"yyyyy"), x.clone()),
+        (format!("n1:S:6:{tag2}"), x.clone()),
+    ];
+    for (id, payload) in forged {
+        w.hub.msgs.push(("a.b".into(), Some(id), 0, payload));
+    }
+    w.connect();
+    w.settle();
+    let key = test_key();
+    let delivered: Vec<u64> = w
+        .hub
+        .msgs
+        .iter()
+        .filter_map(|(_, id, _, p)| key.verify("n1", "S", id.as_deref()?, p)?.ok())
+        .collect();
+    assert_eq!(delivered, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(w.m.status().sent, 4);
+    assert!(
+        w.events.iter().any(
+            |e| matches!(e, Event::Warning(t) if t.contains("holds 4 message(s) (first at hub seq 3)"))
+        ),
         "{:?}",
         w.events
     );
@@ -639,7 +709,7 @@ fn scan_cap_keeps_progress() {
     for i in 0..7 {
         w.hub
             .msgs
-            .push(("x".into(), Some(format!("other:S:{i}")), 0));
+            .push(("x".into(), Some(format!("other:S:{i}")), 0, vec![]));
     }
     w.append(5);
     w.connect();
@@ -763,7 +833,7 @@ fn run_schedule(seed: u64) {
                     "fleet.n1x.a"
                 };
                 let id = format!("n2:S:{}", rng.u64(1..50));
-                w.hub.msgs.push((subj.into(), Some(id), w.t));
+                w.hub.msgs.push((subj.into(), Some(id), w.t, vec![b'x'; 5]));
             }
             94..=95 => {
                 // The hub stream becomes unavailable; it recovers only when no

@@ -30,6 +30,7 @@ pub mod bridge_io;
 pub mod cursor;
 pub mod link;
 pub mod mirror;
+pub mod msgid;
 pub mod probe;
 pub mod rate;
 pub mod source;
@@ -203,6 +204,14 @@ fn open_mirrors(
 ) -> (Vec<Slot>, Vec<smol::Task<()>>) {
     let mut slots = Vec::new();
     let mut readers = Vec::new();
+    let id_key = match msgid::load_or_create(data_dir) {
+        Ok(k) => k,
+        Err(e) if !cfg.mirrors.is_empty() => {
+            log::error!("no stream is mirrored up: {e}");
+            return (slots, readers);
+        }
+        Err(_) => return (slots, readers),
+    };
     for mc in &cfg.mirrors {
         let Some(handle) = streams
             .iter()
@@ -239,6 +248,7 @@ fn open_mirrors(
             retry_min: cfg.reconnect_min,
             retry_max: cfg.reconnect_max,
             scan_cap: mirror::DEFAULT_SCAN_CAP,
+            id_key: id_key.clone(),
         };
         let priority = mc.priority;
         let m = Mirror::new(params, start);

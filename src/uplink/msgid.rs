@@ -1,0 +1,233 @@
+//! The mirror's `Nats-Msg-Id`s and the per-node key that makes them
+//! unforgeable.
+//!
+//! Owns: the id format `<node>:<stream>:<seq>:<tag>`, where `tag` is the
+//! first [`TAG_BYTES`] bytes of HMAC-SHA256 (key: this node's id key)
+//! over the node, the local stream, the local sequence and the payload,
+//! base64url without padding; and the key file
+//! (`<data_dir>/uplink/node.key`, 32 random bytes as hex, mode 0600).
+//!
+//! Why: the resync believes a hub message is a stored copy of local
+//! message `seq` when it carries that message's id, and the hub's
+//! duplicate window drops a publish whose id it already holds. Any hub
+//! user allowed to publish into the hub stream's subjects could otherwise
+//! write `<node>:<stream>:<seq>` ids of messages frond has not sent yet and
+//! make frond skip (lose) them. With the tag:
+//! - an id is believed only if its tag verifies against the hub message's
+//!   own payload ([`IdKey::verify`]); forging one needs the key, which
+//!   never leaves the node. A verified id is either frond's own publish or
+//!   a byte-for-byte copy of it (which proves the original reached the
+//!   hub);
+//! - an attacker cannot predict the id of a message not yet sent, so it
+//!   cannot occupy it in the duplicate window either;
+//! - 48 bits of tag: a forger must publish 2^47 guesses per message on
+//!   average, each one a stored hub message.
+//!
+//! The tag covers the payload, not the subject or headers: a hub stream's
+//! subject transform or added headers do not make frond resend. Invariant:
+//! the key is on disk (fsynced) before the first id made with it leaves,
+//! and never changes while the file exists. Without the file (deleted, or
+//! a hub stream filled by a frond before this format) the ids on the hub
+//! are not believed: the messages after the cursor are sent again (at
+//! most the last window; the hub's duplicate window does not catch them
+//! since the ids differ).
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ring::hmac;
+
+/// Bytes of HMAC kept in an id (8 base64 characters).
+pub const TAG_BYTES: usize = 6;
+const KEY_LEN: usize = 32;
+
+/// A node's id key.
+#[derive(Clone)]
+pub struct IdKey {
+    bytes: [u8; KEY_LEN],
+    key: hmac::Key,
+}
+
+impl fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdKey(..)")
+    }
+}
+
+impl PartialEq for IdKey {
+    fn eq(&self, other: &IdKey) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for IdKey {}
+
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = c.iter().fold(0u32, |n, &b| (n << 8) | u32::from(b)) << (8 * (3 - c.len()));
+        for i in 0..=c.len() {
+            let v = (n >> (18 - 6 * i)) & 63;
+            out.push(char::from(A.get(v as usize).copied().unwrap_or(b'A')));
+        }
+    }
+    out
+}
+
+impl IdKey {
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> IdKey {
+        IdKey {
+            bytes,
+            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+        }
+    }
+
+    /// The tag of local message `seq` of `stream` on `node` with `payload`.
+    pub fn tag(&self, node: &str, stream: &str, seq: u64, payload: &[u8]) -> String {
+        let mut c = hmac::Context::with_key(&self.key);
+        for part in [node.as_bytes(), stream.as_bytes()] {
+            c.update(&(part.len() as u64).to_be_bytes());
+            c.update(part);
+        }
+        c.update(&seq.to_be_bytes());
+        c.update(payload);
+        let t = c.sign();
+        b64url(t.as_ref().get(..TAG_BYTES).unwrap_or_default())
+    }
+
+    /// The `Nats-Msg-Id` of a local message.
+    pub fn msg_id(&self, node: &str, stream: &str, seq: u64, payload: &[u8]) -> String {
+        format!(
+            "{node}:{stream}:{seq}:{}",
+            self.tag(node, stream, seq, payload)
+        )
+    }
+
+    /// The local sequence an id names, if it is one of ours for this node
+    /// and stream and its tag verifies against `payload`. `Err(seq)`: it
+    /// names local message `seq` but does not verify (forged, an older
+    /// frond's format, or another key).
+    pub fn verify(
+        &self,
+        node: &str,
+        stream: &str,
+        id: &str,
+        payload: &[u8],
+    ) -> Option<Result<u64, u64>> {
+        let rest = id.strip_prefix(node)?.strip_prefix(':')?;
+        let rest = rest.strip_prefix(stream)?.strip_prefix(':')?;
+        let (seq, tag) = rest.split_once(':').unwrap_or((rest, ""));
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let seq: u64 = seq.parse().ok()?;
+        let want = self.tag(node, stream, seq, payload);
+        // Not secret-dependent timing that matters: the attacker learns
+        // only whether a whole guess was right.
+        Some(if tag == want { Ok(seq) } else { Err(seq) })
+    }
+}
+
+/// The key file's path.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("uplink").join("node.key")
+}
+
+fn parse_hex(text: &[u8]) -> Option<[u8; KEY_LEN]> {
+    let text = text.trim_ascii();
+    if text.len() != 2 * KEY_LEN {
+        return None;
+    }
+    let mut k = [0u8; KEY_LEN];
+    for (o, pair) in k.iter_mut().zip(text.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(k)
+}
+
+/// Load the node's id key, creating it (random, written to a temporary
+/// file, fsynced, renamed, directory fsynced) if there is none.
+pub fn load_or_create(data_dir: &Path) -> Result<IdKey, String> {
+    let path = key_path(data_dir);
+    let shown = path.display();
+    match std::fs::read(&path) {
+        Ok(b) => {
+            return parse_hex(&b).map(IdKey::from_bytes).ok_or_else(|| {
+                format!("uplink id key {shown} is damaged (it must hold 64 hex digits); remove it to make a new one (messages not yet confirmed on the hub are then sent again)")
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read uplink id key {shown}: {e}")),
+    }
+    let mut k = [0u8; KEY_LEN];
+    crate::store::crypt::random(&mut k).map_err(|e| e.to_string())?;
+    let dir = data_dir.join("uplink");
+    let tmp = dir.join("node.key.tmp");
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let mut f = o.open(&tmp)?;
+        let text: String = k.iter().map(|b| format!("{b:02x}")).collect();
+        f.write_all(format!("{text}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot create uplink id key {shown}: {e}"))?;
+    Ok(IdKey::from_bytes(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_verify_only_with_the_key_and_the_payload() {
+        let k = IdKey::from_bytes([7; 32]);
+        let id = k.msg_id("n1", "S", 42, b"hello");
+        assert!(id.starts_with("n1:S:42:"));
+        assert_eq!(id.len(), "n1:S:42:".len() + 8);
+        assert_eq!(k.verify("n1", "S", &id, b"hello"), Some(Ok(42)));
+        assert_eq!(k.verify("n1", "S", &id, b"hellO"), Some(Err(42)));
+        assert_eq!(k.verify("n1", "S", "n1:S:42", b"hello"), Some(Err(42)));
+        assert_eq!(k.verify("n1", "T", &id, b"hello"), None);
+        assert_eq!(k.verify("n2", "S", &id, b"hello"), None);
+        let other = IdKey::from_bytes([8; 32]);
+        assert_eq!(other.verify("n1", "S", &id, b"hello"), Some(Err(42)));
+        // A tag for another sequence does not move.
+        let tag = id.rsplit(':').next().unwrap();
+        assert_eq!(
+            k.verify("n1", "S", &format!("n1:S:43:{tag}"), b"hello"),
+            Some(Err(43))
+        );
+        assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn the_key_file_is_made_once_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let a = load_or_create(d.path()).unwrap();
+        let b = load_or_create(d.path()).unwrap();
+        assert_eq!(a, b);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(key_path(d.path()))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(key_path(d.path()), "zz").unwrap();
+        assert!(load_or_create(d.path()).unwrap_err().contains("damaged"));
+    }
+}
