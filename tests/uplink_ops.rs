@@ -591,3 +591,69 @@ async fn sigkill_mid_drain_restart_to_drained() {
     let msgs = hub.read_all("FLEET").await;
     assert_exact_mirror(&msgs, &payloads("msg", 0..N), "truck1", SUBJECT);
 }
+
+/// A hub config with an `admin` user (this harness's clients) and a
+/// `frond` user whose publish permissions deny `deny`.
+fn hub_users(deny: &str) -> String {
+    format!(
+        "authorization {{ users = [\n  {{ user: admin, password: admin }}\n  {{ user: frond, password: frondpw, permissions: {{ publish: {{ allow: [\">\"], deny: [{deny}] }}, subscribe: \">\" }} }}\n] }}\nno_auth_user: admin\n"
+    )
+}
+
+/// The hub user may not ask `STREAM.INFO` of the hub stream: the mirror's
+/// status names the subject and the permission to grant, it retries at
+/// `reconnect_max` (not in a hot loop), and once the permission is granted
+/// the backlog drains exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_resync_permission_is_reported_and_retried_with_backoff() {
+    let mut hub = NatsServer::start_with_conf(&hub_users("\"$JS.API.STREAM.INFO.FLEET\"")).await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let mut spec = FrondSpec::with_hub(hub.url());
+    spec.uplink_extra = "user = \"frond\"\npassword = \"frondpw\"\n".into();
+    let frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "perm");
+    publ.publish(0..30, LONG).await;
+
+    let m = wait_for("the mirror reports the denied permission", LONG, || async {
+        mirror_status(&frond, "TELEMETRY").await.filter(|m| {
+            m["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("may not publish to $JS.API.STREAM.INFO.FLEET"))
+        })
+    })
+    .await;
+    let err = m["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("grant the hub user publish on $JS.API.STREAM.INFO.FLEET and $JS.API.STREAM.MSG.GET.FLEET"),
+        "{err}"
+    );
+    let text = frond_status(&frond);
+    assert!(text.contains("$JS.API.STREAM.INFO.FLEET"), "{text}");
+    assert!(frond
+        .log_text()
+        .contains("may not publish to $JS.API.STREAM.INFO.FLEET"));
+    // Backoff: one try per reconnect_max (500 ms here), not a hot loop.
+    let r0 = m["resyncs"].as_u64().unwrap();
+    let t0 = Instant::now();
+    wait_elapsed(t0, Duration::from_secs(3)).await;
+    let m = mirror_status(&frond, "TELEMETRY").await.unwrap();
+    let tries = m["resyncs"].as_u64().unwrap() - r0;
+    let bound = (t0.elapsed().as_millis() / 500) as u64 + 1;
+    assert!(tries <= bound, "{tries} resyncs in {:?}", t0.elapsed());
+    assert!(tries >= 2, "it keeps trying: {tries} resyncs in 3 s");
+    assert_eq!(hub.count("FLEET").await, 0);
+
+    // The operator grants it: the backlog drains, exactly once, in order.
+    hub.restart_with_conf(&hub_users("\"nothing.denied\""))
+        .await;
+    hub.wait_count_at_least("FLEET", 30, LONG).await;
+    let msgs = hub.read_all("FLEET").await;
+    assert_exact_mirror(&msgs, &payloads("perm", 0..30), "truck1", SUBJECT);
+    wait_until("the error is cleared", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .is_some_and(|m| m["last_error"].is_null() && m["lag"]["msgs"] == 0)
+    })
+    .await;
+}

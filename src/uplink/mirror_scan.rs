@@ -22,6 +22,17 @@
 //! server) or goes unanswered (a hub user without publish rights on
 //! `$JS.API.DIRECT.GET.<stream>` gets only an `-ERR`) turns direct gets
 //! off until the next connection.
+//!
+//! Permissions: the hub user needs publish on `$JS.API.STREAM.INFO.<hub>`,
+//! `$JS.API.STREAM.MSG.GET.<hub>` (and `$JS.API.DIRECT.GET.<hub>` for
+//! batched reads) and on the mirrored subjects, and subscribe on
+//! `_INBOX.>`. nats-server answers a denied publish with an `-ERR
+//! 'Permissions Violation for Publish to "<subject>"'` and nothing on the
+//! reply subject; [`Mirror::handle_hub_error`] turns one on a subject of
+//! this mirror into a status error naming the permission to grant and a
+//! pause of `retry_max` before the next try (a permission does not come
+//! back by itself), instead of a resync timeout that looks like a slow
+//! hub. A denied direct get only turns direct gets off.
 
 use std::time::Instant;
 
@@ -276,6 +287,66 @@ impl Mirror {
                 self.send_get(now);
             }
         }
+    }
+
+    /// An `-ERR` the hub sent on this connection (which stays up). Returns
+    /// whether it concerned this mirror (then it is in status and events).
+    pub fn handle_hub_error(&mut self, now: Instant, text: &str) -> bool {
+        let Some(subject) = text
+            .split_once("Publish to \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(s, _)| s.to_string())
+        else {
+            return false;
+        };
+        let hub = self.p.hub_stream.clone();
+        let api = |op: &str| format!("$JS.API.{op}.{hub}");
+        let resync = [api("STREAM.INFO"), api("STREAM.MSG.GET")].contains(&subject);
+        let data = !self.p.subject_prefix.is_empty() && subject.starts_with(&self.p.subject_prefix);
+        if subject == api("DIRECT.GET") {
+            let reading = matches!(
+                self.phase,
+                Phase::Resync {
+                    step: Step::Direct { .. },
+                    ..
+                }
+            );
+            self.direct = false;
+            self.direct_failed = true;
+            self.events.push_back(Event::Warning(format!(
+                "the hub user may not publish to {subject}: resyncs read one message per round trip; grant it for batched reads"
+            )));
+            if reading {
+                self.send_get(now);
+            }
+            return true;
+        }
+        if !resync && !data {
+            return false;
+        }
+        let what = if resync {
+            format!(
+                "publish on {} and {} (and {} for batched resync reads)",
+                api("STREAM.INFO"),
+                api("STREAM.MSG.GET"),
+                api("DIRECT.GET")
+            )
+        } else {
+            format!("publish on {}>", self.p.subject_prefix)
+        };
+        let e = format!(
+            "the hub user may not publish to {subject} (permissions violation), so mirror {} -> {hub} cannot {}: grant the hub user {what}; retrying every {:?}",
+            self.p.stream,
+            if resync { "resync" } else { "send" },
+            self.p.retry_max
+        );
+        self.drop_window();
+        self.fail_streak = self.fail_streak.saturating_add(1);
+        self.set_error(e);
+        self.phase = Phase::Wait {
+            until: now + self.p.retry_max,
+        };
+        true
     }
 
     /// A hub message at `hub_seq` seen by the scan. Returns whether the

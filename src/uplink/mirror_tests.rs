@@ -1055,3 +1055,42 @@ fn budget_limits_publishes_and_has_unsent_tracks_the_backlog() {
     w.settle();
     assert_eq!(w.hub.ours(), (1..=6).collect::<Vec<_>>());
 }
+
+/// nats-server refuses a denied publish with an `-ERR` and no reply: the
+/// mirror says which permission to grant and pauses `retry_max`, instead
+/// of timing out the resync as if the hub were slow.
+#[test]
+fn a_denied_resync_request_names_the_permission_and_backs_off() {
+    let mut m = Mirror::new(params("fleet.n1.", 4), None);
+    let t0 = Instant::now();
+    m.handle_connected(t0, 1, "tok", 1 << 20);
+    while m.poll_command().is_some() {}
+    let denied = "Permissions Violation for Publish to \"$JS.API.STREAM.INFO.FLEET\"";
+    assert!(!m.handle_hub_error(t0, "Permissions Violation for Publish to \"other.x\""));
+    assert!(!m.handle_hub_error(t0, "Permissions Violation for Subscription to \"a\""));
+    assert!(m.handle_hub_error(t0, denied));
+    let st = m.status();
+    assert_eq!(st.state, "waiting to retry");
+    let e = st.last_error.unwrap();
+    assert!(
+        e.contains("may not publish to $JS.API.STREAM.INFO.FLEET")
+            && e.contains("grant the hub user publish on $JS.API.STREAM.INFO.FLEET"),
+        "{e}"
+    );
+    assert_eq!(m.poll_deadline(), Some(t0 + Duration::from_secs(30)));
+    assert!(m
+        .poll_event()
+        .is_some_and(|ev| matches!(ev, Event::Error(_))));
+    // Nothing is asked again before the pause ends.
+    m.handle_tick(t0 + Duration::from_secs(29));
+    assert!(m.poll_command().is_none());
+    m.handle_tick(t0 + Duration::from_secs(30));
+    assert!(m.poll_command().is_some());
+    // A denied publish of a mirrored subject names that permission.
+    assert!(m.handle_hub_error(t0, "Permissions Violation for Publish to \"fleet.n1.a.b\""));
+    assert!(m
+        .status()
+        .last_error
+        .unwrap()
+        .contains("publish on fleet.n1.>"));
+}

@@ -439,7 +439,13 @@ fn on_link_event(
             }
         }
         LinkEvent::HubError(e) => {
-            log::error!("hub says: {e} (grant this user publish/subscribe permissions)")
+            let mut ours = false;
+            for s in slots.iter_mut() {
+                ours |= s.mirror.handle_hub_error(now, &e);
+            }
+            if !ours {
+                log::error!("hub says: {e} (grant this user publish/subscribe permissions)")
+            }
         }
         LinkEvent::Discovered(urls) => {
             log::info!("hub cluster servers discovered: {}", urls.join(", "))

@@ -198,6 +198,8 @@ pub struct NatsServer {
     /// As a cluster node: do not tell clients about the other nodes
     /// (`--no_advertise`, empty `INFO.connect_urls`).
     no_advertise: bool,
+    /// Appended to the server's config file (e.g. users with permissions).
+    extra_conf: String,
 }
 
 impl NatsServer {
@@ -210,6 +212,30 @@ impl NatsServer {
     /// with `public` key; this harness's clients sign with `seed`.
     pub async fn start_with_nkey_user(public: &str, seed: &str) -> NatsServer {
         Self::start_inner(None, Some((public.to_string(), seed.to_string()))).await
+    }
+
+    /// Starts a hub whose config file holds `conf` (e.g. an
+    /// `authorization` block with users and their permissions, with
+    /// `no_auth_user` naming the one this harness's clients act as).
+    pub async fn start_with_conf(conf: &str) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("frond-hub-")
+            .tempdir()
+            .expect("create temp dir for nats-server");
+        let mut s = NatsServer {
+            port: free_port(),
+            dir,
+            child: None,
+            starts: 0,
+            tls: None,
+            nkey: None,
+            cluster: None,
+            ws_port: None,
+            no_advertise: false,
+            extra_conf: conf.to_string(),
+        };
+        s.spawn().await;
+        s
     }
 
     /// Starts a hub that requires TLS with `tls` = (certificate, key, CA);
@@ -236,6 +262,7 @@ impl NatsServer {
             cluster: None,
             ws_port: None,
             no_advertise: false,
+            extra_conf: String::new(),
         };
         s.spawn().await;
         s
@@ -263,6 +290,7 @@ impl NatsServer {
             cluster: None,
             ws_port: Some(free_port()),
             no_advertise: false,
+            extra_conf: String::new(),
         };
         s.spawn().await;
         s
@@ -332,6 +360,7 @@ impl NatsServer {
                 "websocket {{ listen: \"127.0.0.1:{ws}\", {tls}, compression: true }}\n"
             ));
         }
+        conf_text.push_str(&self.extra_conf);
         if !conf_text.is_empty() {
             let conf = self.dir.path().join("hub.conf");
             std::fs::write(&conf, conf_text).expect("write nats-server config");
@@ -432,6 +461,14 @@ impl NatsServer {
     /// Starts the hub again on the same port with the same store.
     pub async fn restart(&mut self) {
         self.stop();
+        self.spawn().await;
+    }
+
+    /// Restarts the hub (same port and store) with `conf` in place of the
+    /// config it was started with by [`NatsServer::start_with_conf`].
+    pub async fn restart_with_conf(&mut self, conf: &str) {
+        self.stop();
+        self.extra_conf = conf.to_string();
         self.spawn().await;
     }
 
@@ -909,6 +946,7 @@ impl NatsCluster {
                 cluster: Some((format!("n{i}"), route, routes.clone())),
                 ws_port: ws.then(free_port),
                 no_advertise,
+                extra_conf: String::new(),
             };
             s.launch();
             nodes.push(s);
@@ -1751,7 +1789,7 @@ impl Drop for MqttProbe {
 
 /// Checks that `msgs` (a whole hub stream) is exactly `expected` payloads in
 /// order, each once, with the prefixed subject and the Nats-Msg-Id
-/// `<node>:TELEMETRY:<n>` for local seq n = 1, 2, … in order.
+/// `<node>:TELEMETRY:<n>:<tag>` for local seq n = 1, 2, … in order.
 pub fn assert_exact_mirror(msgs: &[HubMsg], expected: &[String], node: &str, subject: &str) {
     let ids: BTreeSet<&str> = msgs.iter().filter_map(|m| m.msg_id.as_deref()).collect();
     assert_eq!(
@@ -1788,24 +1826,25 @@ pub fn assert_exact_mirror(msgs: &[HubMsg], expected: &[String], node: &str, sub
             m.seq
         );
         assert_eq!(m.subject, subject, "hub message {} subject", i + 1);
-        let want_id = format!("{node}:TELEMETRY:{}", i + 1);
-        assert_eq!(
-            m.msg_id.as_deref(),
-            Some(want_id.as_str()),
-            "hub message {} Nats-Msg-Id",
+        let id = m.msg_id.as_deref().unwrap_or_default();
+        let tag = id.rsplit(':').next().unwrap_or_default();
+        assert!(
+            msg_id_seq(id, node, "TELEMETRY") == Some(i as u64 + 1) && tag.len() == 8,
+            "hub message {} Nats-Msg-Id {id:?} is not {node}:TELEMETRY:{}:<tag>",
+            i + 1,
             i + 1
         );
     }
 }
 
-/// Parses `<node>:<stream>:<seq>`.
+/// Parses `<node>:<stream>:<seq>` or (frond's mirror) `<node>:<stream>:<seq>:<tag>`.
 pub fn msg_id_seq(id: &str, node: &str, stream: &str) -> Option<u64> {
     let rest = id
         .strip_prefix(node)?
         .strip_prefix(':')?
         .strip_prefix(stream)?
         .strip_prefix(':')?;
-    rest.parse().ok()
+    rest.split(':').next()?.parse().ok()
 }
 
 /// A NATS client on `f`'s NATS port.
