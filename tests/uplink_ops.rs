@@ -657,3 +657,46 @@ async fn a_denied_resync_permission_is_reported_and_retried_with_backoff() {
     })
     .await;
 }
+
+/// Another hub user publishes into the hub stream, under this node's
+/// prefix and inside the duplicate window, messages whose `Nats-Msg-Id`s
+/// name the node's next local messages (the old unsigned form and a
+/// made-up tag). frond believes none of them: every local message reaches
+/// the hub exactly once, in order (before the tag, the resync skipped
+/// them and the duplicate window dropped their publishes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_msg_ids_in_the_hub_stream_do_not_make_frond_skip_messages() {
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let js = hub.jetstream().await;
+    for k in 1..=40u64 {
+        let mut h = async_nats::HeaderMap::new();
+        let id = if k % 2 == 0 {
+            format!("truck1:TELEMETRY:{k}")
+        } else {
+            format!("truck1:TELEMETRY:{k}:AAAAAAAA")
+        };
+        h.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(SUBJECT, h, "forged".into())
+            .await
+            .expect("forged publish");
+        ack.await.expect("forged PubAck");
+    }
+    let frond = Frond::start_new(FrondSpec::with_hub(hub.url())).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "real");
+    publ.publish(0..30, LONG).await;
+    hub.wait_count_at_least("FLEET", 40 + 30, LONG).await;
+    wait_until("the mirror is drained", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .is_some_and(|m| m["lag"]["msgs"] == 0)
+    })
+    .await;
+    let msgs = hub.read_all("FLEET").await;
+    let (forged, real): (Vec<HubMsg>, Vec<HubMsg>) =
+        msgs.into_iter().partition(|m| m.payload == "forged");
+    assert_eq!(forged.len(), 40);
+    assert_exact_mirror(&real, &payloads("real", 0..30), "truck1", SUBJECT);
+}
