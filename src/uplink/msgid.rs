@@ -124,9 +124,14 @@ impl IdKey {
         }
         let seq: u64 = seq.parse().ok()?;
         let want = self.tag(node, stream, seq, payload);
-        // Not secret-dependent timing that matters: the attacker learns
-        // only whether a whole guess was right.
-        Some(if tag == want { Ok(seq) } else { Err(seq) })
+        // Compared in constant time: how far a guess matched stays hidden.
+        let same = tag.len() == want.len()
+            && tag
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |d, (a, b)| d | (a ^ b))
+                == 0;
+        Some(if same { Ok(seq) } else { Err(seq) })
     }
 }
 
