@@ -11,15 +11,18 @@
 //! deserializer ([`Node`]), one map access and one sequence access serve
 //! every struct.
 //!
-//! Invariants: integers reach visitors as `i64`, floats as `f64`, dates as
-//! their text; a string is also an enum's unit variant; values are never
-//! borrowed from the text (the shapes are `DeserializeOwned`). The innermost
-//! span wins: a node only fills in a span its children did not set.
+//! Invariants: a visitor gets only the kind of node it asked for (a struct
+//! a table, a `u64` an integer, ...) and anything else is a type error
+//! naming both; integers reach visitors as `i64`, floats as `f64`; a string
+//! is also an enum's unit variant; a date-time is refused (no key takes
+//! one); values are never borrowed from the text (the shapes are
+//! `DeserializeOwned`). The innermost span wins: a node only fills in a span
+//! its children did not set.
 
 use std::fmt;
 use std::ops::Range;
 
-use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Unexpected, Visitor};
 use toml_edit::{ImDocument, Item, Table, Value};
 
 /// Parse `text` and deserialize it into `T`; the error is worded for the
@@ -180,9 +183,48 @@ impl<'a> Node<'a> {
     }
 }
 
+/// A deserialize method that reads one kind of node: `$node` patterns are
+/// handed to the visitor by `$visit`, anything else is a type error. Each
+/// visitor is then compiled only with the `visit_*` it can accept (not all
+/// of them through `deserialize_any`).
+macro_rules! only {
+    ([$($method:ident)*] $arms:tt) => {
+        $( only!(@one $method $arms); )*
+    };
+    (@one $method:ident { $v:ident, $n:ident, $($node:pat => $visit:expr,)* }) => {
+        fn $method<V: Visitor<'de>>(self, $v: V) -> Result<V::Value, Error> {
+            let $n = self;
+            match $n {
+                $($node => $visit.map_err(|e: Error| e.at($n.span())),)*
+                _ => Err($n.wrong(&$v)),
+            }
+        }
+    };
+}
+
+impl Node<'_> {
+    /// The type error for a visitor that cannot take this node.
+    fn wrong(self, expected: &dyn de::Expected) -> Error {
+        let unexpected = match self {
+            Node::Table(_) | Node::Inline(_) => Unexpected::Map,
+            Node::Array(_) | Node::Tables(_) => Unexpected::Seq,
+            Node::Scalar(Value::String(s)) => Unexpected::Str(s.value()),
+            Node::Scalar(Value::Integer(i)) => Unexpected::Signed(*i.value()),
+            Node::Scalar(Value::Float(f)) => Unexpected::Float(*f.value()),
+            Node::Scalar(Value::Boolean(b)) => Unexpected::Bool(*b.value()),
+            Node::Scalar(Value::Datetime(_)) => Unexpected::Other("date-time"),
+            Node::Scalar(Value::Array(_)) => Unexpected::Seq,
+            Node::Scalar(Value::InlineTable(_)) => Unexpected::Map,
+            Node::Empty => Unexpected::Unit,
+        };
+        <Error as de::Error>::invalid_type(unexpected, expected).at(self.span())
+    }
+}
+
 impl<'de> de::Deserializer<'de> for Node<'_> {
     type Error = Error;
 
+    /// For shapes that take anything (untagged enums).
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         let r = match self {
             Node::Table(_) | Node::Inline(_) => visitor.visit_map(self.map()),
@@ -191,13 +233,46 @@ impl<'de> de::Deserializer<'de> for Node<'_> {
             Node::Scalar(Value::Integer(i)) => visitor.visit_i64(*i.value()),
             Node::Scalar(Value::Float(f)) => visitor.visit_f64(*f.value()),
             Node::Scalar(Value::Boolean(b)) => visitor.visit_bool(*b.value()),
-            Node::Scalar(Value::Datetime(d)) => visitor.visit_string(d.value().to_string()),
             // of_value never makes these two; read them as what they are.
             Node::Scalar(Value::Array(a)) => visitor.visit_seq(Node::Array(a).seq()),
             Node::Scalar(Value::InlineTable(t)) => visitor.visit_map(Node::Inline(t).map()),
-            Node::Empty => Err(de::Error::custom("missing value")),
+            Node::Scalar(Value::Datetime(_)) | Node::Empty => return Err(self.wrong(&visitor)),
         };
         r.map_err(|e| e.at(self.span()))
+    }
+
+    only!([deserialize_bool] { v, n,
+        Node::Scalar(Value::Boolean(b)) => v.visit_bool(*b.value()),
+    });
+
+    only!([deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128] { v, n,
+        Node::Scalar(Value::Integer(i)) => v.visit_i64(*i.value()),
+    });
+
+    only!([deserialize_f32 deserialize_f64] { v, n,
+        Node::Scalar(Value::Float(f)) => v.visit_f64(*f.value()),
+        Node::Scalar(Value::Integer(i)) => v.visit_i64(*i.value()),
+    });
+
+    only!([deserialize_char deserialize_str deserialize_string deserialize_identifier] { v, n,
+        Node::Scalar(Value::String(s)) => v.visit_str(s.value()),
+    });
+
+    only!([deserialize_seq] { v, n,
+        Node::Array(_) | Node::Tables(_) => v.visit_seq(n.seq()),
+    });
+
+    only!([deserialize_map] { v, n,
+        Node::Table(_) | Node::Inline(_) => v.visit_map(n.map()),
+    });
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        self.deserialize_map(visitor)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
@@ -222,14 +297,16 @@ impl<'de> de::Deserializer<'de> for Node<'_> {
             Node::Scalar(Value::String(s)) => visitor
                 .visit_enum(s.value().as_str().into_deserializer())
                 .map_err(|e: Error| e.at(self.span())),
-            _ => self.deserialize_any(visitor),
+            _ => Err(self.wrong(&visitor)),
         }
     }
 
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        visitor.visit_unit()
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
-        identifier ignored_any
+        bytes byte_buf unit unit_struct tuple tuple_struct
     }
 }
 
