@@ -77,11 +77,11 @@ impl RawResponses {
     }
 }
 
-/// A user: its credentials, and every other key of its table read as its
-/// [`RawPermissions`] (which refuses unknown keys; serde cannot combine
-/// `flatten` with `deny_unknown_fields`, so the rest is kept as a table and
-/// parsed into the permissions in [`RawAuth::validate`]).
+/// A user: its credentials and, in the same table, the keys of
+/// [`RawPermissions`] (spelled out again rather than `flatten`ed: serde
+/// cannot combine `flatten` with `deny_unknown_fields`).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawUser {
     /// Optional for nkey users (their public key is used in logs).
     #[serde(default)]
@@ -90,8 +90,16 @@ pub(super) struct RawUser {
     password: String,
     /// A user public key `U…` (NATS clients only) instead of a password.
     nkey: Option<String>,
-    #[serde(flatten)]
-    permissions: toml::Table,
+    #[serde(default)]
+    allow_publish: Vec<String>,
+    #[serde(default)]
+    allow_subscribe: Vec<String>,
+    #[serde(default)]
+    deny_publish: Vec<String>,
+    #[serde(default)]
+    deny_subscribe: Vec<String>,
+    #[serde(default)]
+    allow_responses: Option<RawResponses>,
 }
 
 impl RawPermissions {
@@ -180,9 +188,13 @@ impl RawAuth {
                     "{key}.password: looks like a bcrypt hash but is not one ($2a$/$2b$/$2y$, cost, then 53 characters); check for truncation"
                 ));
             }
-            let permissions: RawPermissions = toml::Value::Table(u.permissions)
-                .try_into()
-                .or_else(|e| err(format!("{key}: {e}")))?;
+            let permissions = RawPermissions {
+                allow_publish: u.allow_publish,
+                allow_subscribe: u.allow_subscribe,
+                deny_publish: u.deny_publish,
+                deny_subscribe: u.deny_subscribe,
+                allow_responses: u.allow_responses,
+            };
             users.push(User {
                 permissions: Arc::new(permissions.validate(&key)?),
                 name: u.name,

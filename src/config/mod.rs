@@ -41,6 +41,7 @@
 
 mod auth;
 pub mod creds;
+mod de;
 mod http;
 mod mappings;
 mod mqtt;
@@ -159,7 +160,7 @@ impl Config {
 
     /// Parse and validate a configuration file's text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let raw: RawConfig = de::from_str(text).map_err(ConfigError)?;
         raw.validate()
     }
 
