@@ -296,15 +296,20 @@ impl Owner {
         let appended = self.stream.state().last_seq != mark.last_seq();
         // Publishers waiting for their acknowledgement.
         let waiting = acks.iter().filter(|(r, _)| r.is_some()).count();
-        if failed.is_none() && appended {
-            let res = match self.policy {
-                SyncPolicy::Always if waiting > 0 => {
-                    let t = Instant::now();
-                    let res = self.stream.sync_appends();
-                    self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
-                    res
-                }
-                _ => self.stream.flush(),
+        // `Always`: an acknowledgement needs every write before it fsynced
+        // (a duplicate's names an earlier message nobody may have waited
+        // for); a batch nobody waits for is only written.
+        let sync_now = self.policy == SyncPolicy::Always
+            && waiting > 0
+            && (appended || self.dirty_since.is_some());
+        if failed.is_none() && (appended || sync_now) {
+            let res = if sync_now {
+                let t = Instant::now();
+                let res = self.stream.sync_appends();
+                self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
+                res
+            } else {
+                self.stream.flush()
             };
             failed = res.err();
         }
@@ -319,14 +324,13 @@ impl Owner {
                     *res = Some(Err(StreamError::Io(io_copy(e))));
                 }
             }
+        } else if sync_now {
+            // Every unsynced segment was fsynced, earlier writes that
+            // nobody waited for included.
+            self.durable = self.stream.state().last_seq;
+            self.dirty_since = None;
         } else if appended {
             match self.policy {
-                // Every unsynced segment was fsynced, earlier writes that
-                // nobody waited for included.
-                SyncPolicy::Always if waiting > 0 => {
-                    self.durable = self.stream.state().last_seq;
-                    self.dirty_since = None;
-                }
                 SyncPolicy::Never => self.durable = self.stream.state().last_seq,
                 SyncPolicy::Always | SyncPolicy::Interval(_) => {
                     self.dirty_since.get_or_insert_with(Instant::now);

@@ -526,3 +526,22 @@ fn unacknowledged_publishes_are_visible_only_once_fsynced() {
     assert_eq!(block_on(h.read(1, 20, usize::MAX)).unwrap().len(), 10);
     assert_eq!(b.crash_image().file(&seg), b.file(&seg));
 }
+
+#[test]
+fn an_acknowledged_duplicate_makes_its_unacknowledged_original_durable() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let with_id = || Message {
+        headers: Some(b"NATS/1.0\r\nNats-Msg-Id: a\r\n\r\n".to_vec()),
+        ..msg(0)
+    };
+    block_on(h.store(with_id())).unwrap();
+    wait_written(&b, b"p0");
+    // Its PubAck names the stored original (not fsynced yet, unless the
+    // lazy fsync came first): that one must be on disk.
+    let ack = block_on(h.publish(with_id())).unwrap();
+    assert_eq!((ack.seq, ack.duplicate), (1, true));
+    let (_, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
+    assert_eq!(rep.records, 1);
+}
