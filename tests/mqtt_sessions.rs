@@ -1,6 +1,7 @@
 //! Persistent MQTT sessions through real clients: a backlog survives a
-//! SIGKILL of frond, a clean session discards it, and inbound QoS 2 stays
-//! exactly once across a publisher's reconnect.
+//! SIGKILL of frond, a clean session discards it, QoS 0 and QoS 1
+//! publishes reach it in publish order, and inbound QoS 2 stays exactly
+//! once across a publisher's reconnect.
 
 mod common;
 
@@ -130,6 +131,90 @@ async fn backlog_survives_sigkill_in_order_once() {
         !connack(&mut el).await,
         "the clean session deleted the stored one"
     );
+    disconnect(client, el).await;
+}
+
+/// Publish `payload(prefix, i)` for `i` in `range` on `topic`, at QoS 1
+/// where `acked(i)`, else QoS 0, from one connection (sent in order); returns
+/// once every publish is out and every QoS 1 one acknowledged.
+async fn publish_mixed(
+    port: u16,
+    topic: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    acked: impl Fn(usize) -> bool,
+) {
+    let (client, mut el) = AsyncClient::new(opts(port, "pub-mixed", true), range.len() + 1);
+    connack(&mut el).await;
+    let want_acks = range.clone().filter(|&i| acked(i)).count();
+    let (mut sent, mut acks) = (0, 0);
+    for i in range.clone() {
+        let qos = if acked(i) {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        client
+            .publish(topic, qos, false, payload(prefix, i))
+            .await
+            .unwrap();
+    }
+    while sent < range.len() || acks < want_acks {
+        match tokio::time::timeout(LONG, el.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))) => sent += 1,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("publishing failed: {other:?}"),
+        }
+    }
+    disconnect(client, el).await;
+}
+
+/// QoS 0 publishes are stored without an fsync of their own (the stream
+/// fsyncs them with the next acknowledged publish, or a little later),
+/// while a persistent session reads captured subjects from the stream:
+/// mixed with QoS 1 publishes, connected or not, they still arrive once
+/// each, in publish order, the trailing QoS 0 ones (which no acknowledged
+/// publish follows) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_and_qos1_reach_a_persistent_session_in_publish_order() {
+    let frond = Frond::start_new(FrondSpec::default()).await;
+    let port = frond.mqtt_port;
+    let (client, mut el) = AsyncClient::new(opts(port, "sub-mixed", false), 16);
+    assert!(!connack(&mut el).await);
+    subscribe(&client, &mut el, "telemetry/mixed/#").await;
+    // Connected: runs of QoS 0 between QoS 1 publishes, QoS 0 at the end.
+    let n = 300;
+    let publisher = tokio::spawn(publish_mixed(
+        port,
+        "telemetry/mixed/1",
+        "live",
+        0..n,
+        move |i| i % 7 == 3 && i < n - 20,
+    ));
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(next_publish(&mut el).await);
+    }
+    publisher.await.unwrap();
+    let want: Vec<String> = (0..n).map(|i| payload("live", i)).collect();
+    assert_eq!(got, want, "all delivered, in publish order, none twice");
+    disconnect(client, el).await;
+
+    // Offline: the backlog, again ending with QoS 0 publishes.
+    let m = 100;
+    publish_mixed(port, "telemetry/mixed/2", "offline", 0..m, |i| {
+        i % 5 == 0 && i < 90
+    })
+    .await;
+    let (client, mut el) = AsyncClient::new(opts(port, "sub-mixed", false), 16);
+    assert!(connack(&mut el).await, "session present");
+    let mut got = Vec::new();
+    for _ in 0..m {
+        got.push(next_publish(&mut el).await);
+    }
+    let want: Vec<String> = (0..m).map(|i| payload("offline", i)).collect();
+    assert_eq!(got, want, "the backlog, in publish order, none twice");
     disconnect(client, el).await;
 }
 

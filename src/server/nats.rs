@@ -240,13 +240,17 @@ impl Shell<'_> {
         let Some((c, ack_to)) = routed.capture else {
             return;
         };
-        let stored = c.stream.submit(c.message).await;
         let name = &c.stream.config().name;
-        match (ack_to, stored) {
-            (Some(reply), Ok(waiter)) => self.acks.stored((reply, c.stream.clone()), waiter),
-            (Some(reply), Err(e)) => publish_ack(broker, &reply, name, Err(e), now),
-            (None, Ok(_)) => {}
-            (None, Err(e)) => log::warn!("nats: message not stored in {name}: {e}"),
+        let Some(reply) = ack_to else {
+            // Nobody waits: no fsync of its own (see `StreamHandle::store`).
+            if let Err(e) = c.stream.store(c.message).await {
+                log::warn!("nats: message not stored in {name}: {e}");
+            }
+            return;
+        };
+        match c.stream.submit(c.message).await {
+            Ok(waiter) => self.acks.stored((reply, c.stream.clone()), waiter),
+            Err(e) => publish_ack(broker, &reply, name, Err(e), now),
         }
     }
 

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::QUEUE_BYTES;
-#[cfg(doc)]
-use super::QUEUE_DEPTH;
 use super::{oneshot, Message};
 use super::{
     PubAck, PurgeRequest, StoredMessage, StreamConfig, StreamError, StreamInfo, StreamState,
 };
+#[cfg(doc)]
+use super::{SyncPolicy, LAZY_SYNC_AFTER, QUEUE_DEPTH};
 
 /// State shared between the handles and the owner thread.
 pub(super) struct Shared {
@@ -91,7 +91,9 @@ impl Shared {
 pub(super) type Reply<T> = oneshot::Sender<T>;
 
 pub(super) enum Cmd {
-    Publish(Message, Reply<Result<PubAck, StreamError>>),
+    /// A publish, with its acknowledgement's channel; `None`: nobody waits
+    /// ([`StreamHandle::store`]).
+    Publish(Message, Option<Reply<Result<PubAck, StreamError>>>),
     Read {
         from: u64,
         max_msgs: usize,
@@ -174,15 +176,25 @@ impl StreamHandle {
     /// Append; resolves when durable per the sync policy.
     pub async fn publish(&self, msg: Message) -> Result<PubAck, StreamError> {
         let (tx, rx) = oneshot::channel();
+        self.queue(msg, Some(tx)).await?;
+        rx.await.map_err(|_| StreamError::Closed)?
+    }
+
+    /// Reserve the message's bytes, then queue it to the owner.
+    async fn queue(
+        &self,
+        msg: Message,
+        ack: Option<Reply<Result<PubAck, StreamError>>>,
+    ) -> Result<(), StreamError> {
         let n = msg.size();
         self.inner.shared.reserve(n).await;
-        if self.inner.tx.send(Cmd::Publish(msg, tx)).await.is_err() {
+        if self.inner.tx.send(Cmd::Publish(msg, ack)).await.is_err() {
             // Never queued: give its bytes back (the owner gives back
             // those of what it took).
             self.inner.shared.release(n);
             return Err(StreamError::Closed);
         }
-        rx.await.map_err(|_| StreamError::Closed)?
+        Ok(())
     }
 
     /// Queue a message for appending and return at once with a waiter for
@@ -191,13 +203,19 @@ impl StreamHandle {
     /// is full (backpressure).
     pub async fn submit(&self, msg: Message) -> Result<AckWaiter, StreamError> {
         let (tx, rx) = oneshot::channel();
-        let n = msg.size();
-        self.inner.shared.reserve(n).await;
-        if self.inner.tx.send(Cmd::Publish(msg, tx)).await.is_err() {
-            self.inner.shared.release(n);
-            return Err(StreamError::Closed);
-        }
+        self.queue(msg, Some(tx)).await?;
         Ok(AckWaiter { rx, done: None })
+    }
+
+    /// Queue a message nobody waits for (an MQTT QoS 0 publish, a NATS
+    /// publish without a reply subject): stored in order with what the
+    /// same caller submits, but with [`SyncPolicy::Always`] a batch of
+    /// only such messages is written without its own fsync; it becomes
+    /// durable (and visible to readers) with the next fsync, at the latest
+    /// [`LAZY_SYNC_AFTER`] later. A failure to store it is only logged.
+    /// Awaits only while the owner's queue is full (backpressure).
+    pub async fn store(&self, msg: Message) -> Result<(), StreamError> {
+        self.queue(msg, None).await
     }
 
     /// Messages with `seq >= from`, in order, skipping deleted ones, at most

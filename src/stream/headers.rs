@@ -24,7 +24,8 @@ pub const TTL: &str = "Nats-TTL";
 /// cheap test that lets a message with only other headers (MQTT metadata,
 /// user properties) skip every [`header`] lookup.
 pub fn has_nats(block: &[u8]) -> bool {
-    block.windows(5).any(|w| w.eq_ignore_ascii_case(b"nats-"))
+    // Looks at the few `-` first (hot: every stored message).
+    (4..block.len()).any(|i| block[i] == b'-' && block[i - 4..i].eq_ignore_ascii_case(b"nats"))
 }
 
 pub fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
@@ -122,6 +123,11 @@ mod tests {
         assert!(!has_nats(b"NATS/1.0\r\n\r\n"));
         assert!(has_nats(b"NATS/1.0\r\nnats-msg-id: a\r\n\r\n"));
         assert!(has_nats(b"NATS/1.0\r\nK: v\r\nNats-TTL: 5s\r\n\r\n"));
+        assert!(has_nats(b"nats-"));
+        assert!(has_nats(b"NATS/1.0\r\nX-NATS-Y: 1\r\n\r\n"));
+        assert!(!has_nats(b"nats"));
+        assert!(!has_nats(b"-nats"));
+        assert!(!has_nats(b""));
     }
 
     #[test]

@@ -46,6 +46,15 @@
 //!   `Always`: one fsync (fdatasync) per touched segment, then reply to
 //!   all. `Interval(d)`: write, reply, fsync once `d` has passed since the
 //!   first unsynced write. `Never`: write, reply; fsync only at close.
+//! - Publishes nobody waits for ([`StreamHandle::store`]: MQTT QoS 0, NATS
+//!   publishes without a reply subject) are not acknowledged, so with
+//!   `Always` a batch made only of them is written without an fsync (and
+//!   without waiting for more publishers, see `collect`); the next batch
+//!   with a waiting publisher fsyncs them with its own, or the owner does
+//!   [`LAZY_SYNC_AFTER`] after the first such write. Until then they are
+//!   not durable, so readers do not see them yet (order is unchanged:
+//!   `durable` is a prefix). A sync failure keeps them unsynced and is
+//!   retried, as with `Interval`.
 //! - If a publish, write or fsync fails, the whole batch is rolled back
 //!   (file truncated to the pre-batch length) and every publisher of the
 //!   batch gets [`StreamError::Io`]; later batches try again.
@@ -105,6 +114,11 @@ pub const MAX_BATCH: usize = 1024;
 /// Bytes of publishes queued to (or being written by) one stream's owner
 /// before `publish`/`submit` await.
 pub const QUEUE_BYTES: usize = 4 << 20;
+/// [`SyncPolicy::Always`]: the longest messages nobody waits for
+/// ([`StreamHandle::store`]) stay written but not fsynced (and so not yet
+/// visible to readers) when no acknowledged publish comes to share an
+/// fsync with them.
+pub const LAZY_SYNC_AFTER: Duration = Duration::from_millis(10);
 
 /// When appended records are flushed to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

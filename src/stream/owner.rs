@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::handle::{Cmd, Reply, Shared};
-use super::{Stream, StreamError, SyncPolicy, MAX_BATCH};
+use super::{Stream, StreamError, SyncPolicy, LAZY_SYNC_AFTER, MAX_BATCH};
 
 /// Unix time in nanoseconds (0 if the clock is before 1970).
 pub(super) fn now_ns() -> u64 {
@@ -45,7 +45,8 @@ struct Owner {
     policy: SyncPolicy,
     /// Highest sequence durable per the policy.
     durable: u64,
-    /// `Interval`: when the oldest unsynced write happened.
+    /// `Interval`, and `Always` for publishes nobody waits for: when the
+    /// oldest unsynced write happened.
     dirty_since: Option<Instant>,
     /// `Always`: when the oldest tombstone not yet fsynced was written.
     tombs_since: Option<Instant>,
@@ -176,19 +177,26 @@ impl Owner {
         self.missed = batch.len() == before;
     }
 
+    /// How long an unsynced write may wait for its fsync (`dirty_since`).
+    fn sync_period(&self) -> Option<Duration> {
+        match self.policy {
+            SyncPolicy::Interval(d) => Some(d),
+            SyncPolicy::Always => Some(LAZY_SYNC_AFTER),
+            SyncPolicy::Never => None,
+        }
+    }
+
     fn deadline(&mut self) -> Option<Instant> {
-        let sync_at = match (self.policy, self.dirty_since) {
-            (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
-            _ => self.tombs_since.map(|t| t + TOMB_SYNC_AFTER),
+        let sync_at = match (self.sync_period(), self.dirty_since) {
+            (Some(d), Some(since)) => Some(since + d),
+            _ => None,
         };
+        let tombs_at = self.tombs_since.map(|t| t + TOMB_SYNC_AFTER);
         let expiry_at = self.stream.next_expiry().map(|exp| {
             let wait = Duration::from_nanos(exp.saturating_sub(now_ns())).max(MIN_EXPIRY_WAIT);
             Instant::now() + wait
         });
-        let at = match (sync_at, expiry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let at = [sync_at, tombs_at, expiry_at].into_iter().flatten().min();
         if self.stream.needs_maintenance() {
             // Compaction runs one segment at a time between batches.
             return Some(Instant::now());
@@ -229,10 +237,10 @@ impl Owner {
         };
     }
 
-    /// `Interval`: fsync if the interval since the first unsynced write has
-    /// passed.
+    /// `Interval` (and `Always` for publishes nobody waits for): fsync if
+    /// the period since the first unsynced write has passed.
     fn interval_sync(&mut self) {
-        let (SyncPolicy::Interval(d), Some(since)) = (self.policy, self.dirty_since) else {
+        let (Some(d), Some(since)) = (self.sync_period(), self.dirty_since) else {
             return;
         };
         if since.elapsed() < d {
@@ -286,15 +294,22 @@ impl Owner {
             }
         }
         let appended = self.stream.state().last_seq != mark.last_seq();
-        if failed.is_none() && appended {
-            let res = match self.policy {
-                SyncPolicy::Always => {
-                    let t = Instant::now();
-                    let res = self.stream.sync_appends();
-                    self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
-                    res
-                }
-                SyncPolicy::Interval(_) | SyncPolicy::Never => self.stream.flush(),
+        // Publishers waiting for their acknowledgement.
+        let waiting = acks.iter().filter(|(r, _)| r.is_some()).count();
+        // `Always`: an acknowledgement needs every write before it fsynced
+        // (a duplicate's names an earlier message nobody may have waited
+        // for); a batch nobody waits for is only written.
+        let sync_now = self.policy == SyncPolicy::Always
+            && waiting > 0
+            && (appended || self.dirty_since.is_some());
+        if failed.is_none() && (appended || sync_now) {
+            let res = if sync_now {
+                let t = Instant::now();
+                let res = self.stream.sync_appends();
+                self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
+                res
+            } else {
+                self.stream.flush()
             };
             failed = res.err();
         }
@@ -309,12 +324,15 @@ impl Owner {
                     *res = Some(Err(StreamError::Io(io_copy(e))));
                 }
             }
+        } else if sync_now {
+            // Every unsynced segment was fsynced, earlier writes that
+            // nobody waited for included.
+            self.durable = self.stream.state().last_seq;
+            self.dirty_since = None;
         } else if appended {
             match self.policy {
-                SyncPolicy::Always | SyncPolicy::Never => {
-                    self.durable = self.stream.state().last_seq;
-                }
-                SyncPolicy::Interval(_) => {
+                SyncPolicy::Never => self.durable = self.stream.state().last_seq,
+                SyncPolicy::Always | SyncPolicy::Interval(_) => {
                     self.dirty_since.get_or_insert_with(Instant::now);
                     self.interval_sync();
                 }
@@ -325,10 +343,14 @@ impl Owner {
         self.after_removals(derivable);
         self.publish_state();
         // Those acknowledged now, and those that came meanwhile, make the
-        // next commit (see `collect`).
-        self.expect = acks.len() + self.queue.len();
+        // next commit (see `collect`); nobody comes back for a publish
+        // nobody waited for.
+        self.expect = match waiting {
+            0 => 0,
+            n => n + self.queue.len(),
+        };
         for (r, res) in acks {
-            if let Some(res) = res {
+            if let (Some(r), Some(res)) = (r, res) {
                 reply(r, res);
             }
         }

@@ -456,3 +456,92 @@ fn per_subject_removals_share_the_append_fsync_and_are_derived_again_after_a_cra
     let (log, _) = crate::store::Store::open(Box::new(img), store_options(&c)).unwrap();
     assert_eq!(log.state().msgs, 1);
 }
+
+/// Whether `b`'s first segment holds the bytes `what`.
+fn holds(b: &MemBackend, what: &[u8]) -> bool {
+    b.file(&crate::store::segment_name(1))
+        .is_some_and(|f| f.windows(what.len()).any(|w| w == what))
+}
+
+/// Poll (bounded) until `b`'s first segment holds `what`.
+fn wait_written(b: &MemBackend, what: &[u8]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !holds(b, what) {
+        assert!(std::time::Instant::now() < deadline, "never written");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn unacknowledged_publishes_get_no_fsync_of_their_own_and_keep_their_order() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    const N: u64 = 50;
+    let start = std::time::Instant::now();
+    for i in 0..N {
+        // Each written before the next is queued: one batch each.
+        block_on(h.store(msg(i))).unwrap();
+        wait_written(&b, &msg(i).payload);
+    }
+    let syncs = b.sync_count();
+    let elapsed = start.elapsed();
+    // At most one lazy fsync per LAZY_SYNC_AFTER (and one on its way),
+    // where each batch had its own before.
+    let lazy = elapsed.as_millis() / LAZY_SYNC_AFTER.as_millis() + 2;
+    assert!(
+        u128::from(syncs) <= lazy,
+        "{syncs} fsyncs for {N} unacknowledged publishes in {elapsed:?}"
+    );
+    // With nothing else coming, the owner's timer makes them durable.
+    block_on(h.wait_for(N));
+    // An acknowledged publish is fsynced with every write before it: a
+    // power cut right after its ack keeps all of them, in order.
+    block_on(h.store(msg(N))).unwrap();
+    assert_eq!(block_on(h.publish(msg(N + 1))).unwrap().seq, N + 2);
+    let (h2, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
+    assert_eq!(rep.records, N + 2);
+    let got = block_on(h2.read(1, usize::MAX, usize::MAX)).unwrap();
+    let want: Vec<_> = (0..N + 2).map(|i| msg(i).payload).collect();
+    let got: Vec<_> = got.into_iter().map(|m| m.payload).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn unacknowledged_publishes_are_visible_only_once_fsynced() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let seg = crate::store::segment_name(1);
+    let gate = b.hold_syncs();
+    let mut futs: Vec<_> = (0..10).map(|i| Box::pin(h.store(msg(i)))).collect();
+    for f in futs.iter_mut() {
+        assert!(block_on(poll_once(f)).is_some(), "queued at once");
+    }
+    wait_written(&b, b"p9");
+    // Written, not fsynced: no reader sees them yet.
+    assert_eq!(h.state().last_seq, 0);
+    assert!(!holds(&b.crash_image(), b"p9"));
+    drop(gate);
+    block_on(h.wait_for(10));
+    assert_eq!(block_on(h.read(1, 20, usize::MAX)).unwrap().len(), 10);
+    assert_eq!(b.crash_image().file(&seg), b.file(&seg));
+}
+
+#[test]
+fn an_acknowledged_duplicate_makes_its_unacknowledged_original_durable() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    let with_id = || Message {
+        headers: Some(b"NATS/1.0\r\nNats-Msg-Id: a\r\n\r\n".to_vec()),
+        ..msg(0)
+    };
+    block_on(h.store(with_id())).unwrap();
+    wait_written(&b, b"p0");
+    // Its PubAck names the stored original (not fsynced yet, unless the
+    // lazy fsync came first): that one must be on disk.
+    let ack = block_on(h.publish(with_id())).unwrap();
+    assert_eq!((ack.seq, ack.duplicate), (1, true));
+    let (_, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
+    assert_eq!(rep.records, 1);
+}

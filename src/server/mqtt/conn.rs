@@ -64,11 +64,16 @@ impl StoreBatch {
             smol::future::yield_now().await;
         }
         for (stream, msg, ack) in self.msgs.drain(..) {
-            match (ack, stream.submit(msg).await) {
-                (Some(id), Ok(w)) => acks.stored(id, w),
-                (Some(id), Err(e)) => acks.ready(id, Err(AckError::Stream(e))),
-                (None, Ok(_)) => {}
-                (None, Err(e)) => log::warn!("mqtt: QoS 0 message not stored: {e}"),
+            let Some(id) = ack else {
+                // QoS 0: nobody waits, so no fsync of its own either.
+                if let Err(e) = stream.store(msg).await {
+                    log::warn!("mqtt: QoS 0 message not stored: {e}");
+                }
+                continue;
+            };
+            match stream.submit(msg).await {
+                Ok(w) => acks.stored(id, w),
+                Err(e) => acks.ready(id, Err(AckError::Stream(e))),
             }
         }
     }
