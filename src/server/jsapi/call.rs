@@ -228,7 +228,7 @@ impl JsApi {
         match call {
             Call::Info => ("account_info_response", Ok(self.account_info())),
             Call::StreamNames => ("stream_names_response", self.stream_names(body)),
-            Call::StreamList => ("stream_list_response", self.stream_list(now).await),
+            Call::StreamList => ("stream_list_response", self.stream_list(body, now).await),
             Call::StreamInfo(s) => (
                 "stream_info_response",
                 self.stream_info(&s, body, caller, now).await,
@@ -268,8 +268,8 @@ impl JsApi {
             Call::ConsumerDelete(s, c) => {
                 ("consumer_delete_response", self.consumer_delete(&s, &c))
             }
-            Call::ConsumerNames(s) => ("consumer_names_response", self.consumer_names(&s)),
-            Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, now).await),
+            Call::ConsumerNames(s) => ("consumer_names_response", self.consumer_names(&s, body)),
+            Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, body, now).await),
             Call::Next(..) | Call::DirectGet(..) | Call::Unknown => (
                 "error_response",
                 Err(ApiError::bad_request("unknown JetStream API request")),

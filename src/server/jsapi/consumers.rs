@@ -8,6 +8,7 @@ use super::backlog;
 use super::call::{body_json, not_authorized, not_found_consumer, not_found_stream, stream_err};
 use super::files::remove_consumer;
 use super::render::rfc3339;
+use super::streams::{offset, LIST_LIMIT, NAMES_LIMIT};
 use super::{JsApi, Slot, MAX_CONSUMERS};
 use crate::auth::Permissions;
 use crate::stream::consumer::{
@@ -51,20 +52,27 @@ impl JsApi {
         Ok(self.consumer_json(s, c, now))
     }
 
-    pub(super) fn consumer_names(&self, stream: &str) -> Result<Value, ApiError> {
+    /// `CONSUMER.NAMES`: a page of [`NAMES_LIMIT`] names from `offset`.
+    pub(super) fn consumer_names(&self, stream: &str, body: &[u8]) -> Result<Value, ApiError> {
+        let req = body_json(body)?;
         let s = self.slot(stream)?;
-        let names: Vec<&String> = s.consumers.keys().collect();
-        Ok(json!({"total": names.len(), "offset": 0, "limit": 1024, "consumers": names}))
+        let (total, from) = (s.consumers.len(), offset(&req, s.consumers.len()));
+        let names: Vec<&String> = s.consumers.keys().skip(from).take(NAMES_LIMIT).collect();
+        Ok(json!({"total": total, "offset": from, "limit": NAMES_LIMIT, "consumers": names}))
     }
 
+    /// `CONSUMER.LIST`: a page of [`LIST_LIMIT`] infos from `offset`.
     pub(super) async fn consumer_list(
         &mut self,
         stream: &str,
+        body: &[u8],
         now: u64,
     ) -> Result<Value, ApiError> {
+        let req = body_json(body)?;
         let i = self.slot_idx(stream)?;
+        let from = offset(&req, self.slots.get(i).map_or(0, |s| s.consumers.len()));
         if let Some(s) = self.slots.get_mut(i) {
-            for c in s.consumers.values_mut() {
+            for c in s.consumers.values_mut().skip(from).take(LIST_LIMIT) {
                 backlog::refresh(&s.handle, c).await;
             }
         }
@@ -72,10 +80,12 @@ impl JsApi {
         let list: Vec<Value> = s
             .consumers
             .values()
+            .skip(from)
+            .take(LIST_LIMIT)
             .map(|c| self.consumer_json(s, c, now))
             .collect();
         Ok(
-            json!({"total": list.len(), "offset": 0, "limit": 256, "consumers": list, "missing": []}),
+            json!({"total": s.consumers.len(), "offset": from, "limit": LIST_LIMIT, "consumers": list, "missing": []}),
         )
     }
 

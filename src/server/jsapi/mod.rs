@@ -166,6 +166,19 @@ use files::load_consumers;
 
 /// Bytes of requests and acks queued for the service before it is "slow".
 const INBOX_BYTES: usize = 64 << 20;
+/// Bytes of requests and acks taken per loop iteration.
+const REQUEST_BYTES: usize = 1 << 20;
+/// Bytes of answers waiting to be routed past which the loop takes no
+/// more requests this iteration: with the largest single answer
+/// ([`direct::DIRECT_MAX_BYTES`], a list page) or the pipelined
+/// single-message direct gets ([`direct::DIRECT_PIPELINE`] stored
+/// messages, each at most the largest publish) on top, one iteration holds
+/// a bounded number of answer bytes, whatever the peers ask.
+const ANSWER_BUDGET: usize = 16 << 20;
+/// Bytes of messages all consumers (pull and push together) deliver per
+/// loop iteration; each consumer's turn starts where the last iteration
+/// stopped, so none is starved.
+const DELIVERY_BUDGET: usize = 8 << 20;
 /// Messages examined for retention per loop iteration.
 const RETENTION_BUDGET: usize = 4096;
 /// Consumers per stream (bounds memory and files).
@@ -193,6 +206,35 @@ struct Slot {
 /// (subject routed to, message).
 type Out = (String, Msg);
 
+/// The replies and deliveries of one iteration and their bytes (what the
+/// loop bounds, see [`ANSWER_BUDGET`] and [`DELIVERY_BUDGET`]).
+#[derive(Default)]
+struct OutBuf {
+    items: Vec<Out>,
+    bytes: usize,
+    /// Of `bytes`, those of consumer deliveries.
+    delivered: usize,
+}
+
+impl OutBuf {
+    fn push(&mut self, o: Out) {
+        self.bytes = self.bytes.saturating_add(o.0.len() + o.1.size());
+        self.items.push(o);
+    }
+
+    /// A consumer's delivery (counted against [`DELIVERY_BUDGET`]).
+    fn deliver(&mut self, o: Out) {
+        let before = self.bytes;
+        self.push(o);
+        self.delivered += self.bytes - before;
+    }
+
+    /// Whether this iteration's deliveries have used [`DELIVERY_BUDGET`].
+    fn delivery_full(&self) -> bool {
+        self.delivered >= DELIVERY_BUDGET
+    }
+}
+
 /// A status message for a pull request: (inbox, code, text, pending).
 type StatusOut = (String, u16, &'static str, Option<(usize, usize)>);
 
@@ -202,13 +244,21 @@ pub struct JsApi {
     started: u64,
     api_total: u64,
     api_errors: u64,
-    out: Vec<Out>,
+    out: OutBuf,
     /// Managing streams over the API ([`admin`]).
     admin: Option<Admin>,
     /// Streams opened since the task last looked ([`JsApi::take_created`]).
     created: Vec<StreamHandle>,
     /// Single-message direct gets in flight together (see [`direct`]).
     direct: direct::Pending,
+    /// Where the next iteration's pull and push deliveries start (an index
+    /// into all consumers, in stream and name order), so the consumers
+    /// share [`DELIVERY_BUDGET`] round-robin.
+    pull_turn: usize,
+    push_turn: usize,
+    /// The last delivery pass stopped at [`DELIVERY_BUDGET`]: run again
+    /// without waiting.
+    budget_cut: bool,
 }
 
 /// The slot of stream `h`: its consumers loaded from `streams_dir`.
@@ -264,10 +314,13 @@ impl JsApi {
             started: now,
             api_total: 0,
             api_errors: 0,
-            out: Vec::new(),
+            out: OutBuf::default(),
             admin: None,
             created: Vec::new(),
             direct: direct::Pending::default(),
+            pull_turn: 0,
+            push_turn: 0,
+            budget_cut: false,
         }
     }
 
@@ -293,7 +346,18 @@ impl JsApi {
 
     /// Replies and deliveries of this iteration.
     pub fn take_out(&mut self) -> Vec<Out> {
-        std::mem::take(&mut self.out)
+        std::mem::take(&mut self.out).items
+    }
+
+    /// Bytes of replies and deliveries waiting for [`JsApi::take_out`].
+    pub fn out_bytes(&self) -> usize {
+        self.out.bytes
+    }
+
+    /// Whether the loop may take another request this iteration: the
+    /// answers waiting are under [`ANSWER_BUDGET`].
+    pub fn takes_requests(&self) -> bool {
+        self.out.bytes < ANSWER_BUDGET
     }
 
     /// Earliest timer (unix ns), and whether retention work is left.
@@ -304,7 +368,29 @@ impl JsApi {
             .flat_map(|s| s.consumers.values())
             .filter_map(Consumer::next_deadline)
             .min();
-        (t, self.slots.iter().any(|s| !s.check.is_empty()))
+        let more = self.budget_cut || self.slots.iter().any(|s| !s.check.is_empty());
+        (t, more)
+    }
+
+    /// Every consumer as (slot index, name), in stream and name order,
+    /// rotated to start at `turn` (round-robin over iterations).
+    fn consumers_from(&self, turn: usize, pick: fn(&Consumer) -> bool) -> Vec<(usize, String)> {
+        let mut all: Vec<(usize, String)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.consumers
+                    .values()
+                    .filter(|c| pick(c))
+                    .map(move |c| (i, c.name.clone()))
+            })
+            .collect();
+        if !all.is_empty() {
+            let n = all.len();
+            all.rotate_left(turn % n);
+        }
+        all
     }
 
     /// Whether a consumer of stream `i` waits for messages past what it has.

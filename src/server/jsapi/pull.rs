@@ -7,7 +7,7 @@
 
 use super::call::may_answer;
 use super::render::status_msg;
-use super::{JsApi, Out, StatusOut};
+use super::{JsApi, OutBuf, StatusOut};
 use crate::auth::Permissions;
 use crate::router::Msg;
 use crate::stream::consumer::{
@@ -20,10 +20,12 @@ pub(super) async fn deliver_consumer(
     stream: &str,
     c: &mut Consumer,
     now: u64,
-    out: &mut Vec<Out>,
+    out: &mut OutBuf,
 ) {
     loop {
-        if c.waiting.is_empty() {
+        if c.waiting.is_empty() || out.delivery_full() {
+            // Budget used up: the rest (and the end of no_wait requests)
+            // next iteration.
             return;
         }
         if let Some(&s) = c.redeliver.iter().next() {
@@ -56,7 +58,7 @@ pub(super) async fn deliver_consumer(
                 c.skip(m.seq);
                 continue;
             }
-            if c.waiting.is_empty() || !c.may_deliver_new() {
+            if c.waiting.is_empty() || !c.may_deliver_new() || out.delivery_full() {
                 break;
             }
             if !receiver_may_read(c, &m.subject, out) {
@@ -100,7 +102,7 @@ pub(super) async fn deliver_consumer(
 /// may not is ended with a 403 status (pulls are authorized when they
 /// arrive, so this only guards against a consumer that changed since); the
 /// message stays for another request.
-pub(super) fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut Vec<Out>) -> bool {
+pub(super) fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut OutBuf) -> bool {
     let Some(r) = c.waiting.front() else {
         return false;
     };
@@ -126,7 +128,7 @@ pub(super) fn receiver_may_read(c: &mut Consumer, subject: &str, out: &mut Vec<O
     false
 }
 
-pub(super) fn send(stream: &str, c: &mut Consumer, m: StoredMessage, now: u64, out: &mut Vec<Out>) {
+pub(super) fn send(stream: &str, c: &mut Consumer, m: StoredMessage, now: u64, out: &mut OutBuf) {
     let (cseq, n) = c.record_delivery(m.seq, now);
     let pending = c.backlog.num_pending;
     let reply = ack_subject(stream, &c.name, n, m.seq, cseq, m.timestamp, pending);
@@ -140,7 +142,7 @@ pub(super) fn send(stream: &str, c: &mut Consumer, m: StoredMessage, now: u64, o
     if r.sent >= r.batch || (r.max_bytes > 0 && r.sent_bytes >= r.max_bytes) {
         c.waiting.pop_front();
     }
-    out.push((
+    out.deliver((
         to,
         Msg {
             subject: m.subject,
@@ -329,17 +331,29 @@ impl JsApi {
         }
     }
 
-    /// Hand messages to waiting pull requests.
+    /// Hand messages to waiting pull requests. The consumers share
+    /// [`super::DELIVERY_BUDGET`] (with the push deliveries that follow in
+    /// the same iteration); the next iteration starts with the consumer
+    /// after the last one served.
     pub async fn deliver(&mut self, now: u64) {
-        for slot in &mut self.slots {
+        self.budget_cut = false;
+        let order = self.consumers_from(self.pull_turn, |c| !c.waiting.is_empty());
+        let n = order.len();
+        for (k, (i, name)) in order.into_iter().enumerate() {
+            if self.out.delivery_full() {
+                self.budget_cut = true;
+                self.pull_turn = (self.pull_turn + k) % n.max(1);
+                return;
+            }
+            let Some(slot) = self.slots.get_mut(i) else {
+                continue;
+            };
             let h = slot.handle.clone();
             let stream = h.config().name.clone();
-            for c in slot.consumers.values_mut() {
-                if c.waiting.is_empty() {
-                    continue;
-                }
+            if let Some(c) = slot.consumers.get_mut(&name) {
                 deliver_consumer(&h, &stream, c, now, &mut self.out).await;
             }
         }
+        self.budget_cut |= self.out.delivery_full();
     }
 }

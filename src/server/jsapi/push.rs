@@ -16,9 +16,13 @@
 //!   fixed at its creation ([`Consumer::exclusions`]).
 //! - At most [`PUSH_BUDGET`] messages per consumer per loop iteration, so
 //!   API requests and acks are not starved; the rest goes next iteration.
+//! - All consumers together send at most about [`super::DELIVERY_BUDGET`]
+//!   bytes per iteration (one message past it at most); the next
+//!   iteration resumes with the consumer after the last one served, so N
+//!   consumers cannot make one iteration hold N times a large backlog.
 
 use super::render::status_msg;
-use super::{JsApi, Out};
+use super::{JsApi, Out, OutBuf};
 use crate::router::Msg;
 use crate::stream::consumer::{ack_subject, Consumer};
 use crate::stream::push::{with_msg_size, INTEREST_POLL_NS};
@@ -54,7 +58,7 @@ fn send_push(
     to: &str,
     m: StoredMessage,
     now: u64,
-    out: &mut Vec<Out>,
+    out: &mut OutBuf,
 ) {
     let (cseq, n) = c.record_delivery(m.seq, now);
     let pending = c.backlog.num_pending;
@@ -69,7 +73,7 @@ fn send_push(
         (m.headers, m.payload)
     };
     c.push_sent(size, m.timestamp, now);
-    out.push((
+    out.deliver((
         to.to_string(),
         Msg {
             subject: m.subject,
@@ -99,7 +103,7 @@ async fn push_consumer(
     c: &mut Consumer,
     now: u64,
     interest: &(dyn Fn(&str) -> bool + Sync),
-    out: &mut Vec<Out>,
+    out: &mut OutBuf,
 ) -> bool {
     let Some(to) = c.push_cfg().map(|p| p.deliver_subject.clone()) else {
         return true;
@@ -132,7 +136,7 @@ async fn push_consumer(
         out.push(control(&to, hb, None));
     }
     let mut budget = PUSH_BUDGET;
-    'outer: while budget > 0 && c.push_ready(now) {
+    'outer: while budget > 0 && c.push_ready(now) && !out.delivery_full() {
         if let Some(&s) = c.redeliver.iter().next() {
             match h.get(s).await {
                 Ok(Some(m)) if creator_may(c, &m.subject) => {
@@ -161,7 +165,8 @@ async fn push_consumer(
                 c.skip(m.seq);
                 continue;
             }
-            if budget == 0 || !c.push_ready(now) || !c.may_deliver_new() {
+            if budget == 0 || !c.push_ready(now) || !c.may_deliver_new() || out.delivery_full()
+            {
                 break 'outer;
             }
             let due = c.replay_due(m.timestamp, now);
@@ -173,7 +178,7 @@ async fn push_consumer(
             send_push(stream, c, &to, m, now, out);
         }
     }
-    if budget == 0 {
+    if budget == 0 || out.delivery_full() {
         c.push.recheck_at = Some(now);
     }
     true
@@ -181,28 +186,37 @@ async fn push_consumer(
 
 impl JsApi {
     /// Deliver for every push consumer; `interest` says whether a subject
-    /// has a subscriber.
+    /// has a subscriber. The consumers share [`super::DELIVERY_BUDGET`]
+    /// with the pull deliveries of this iteration; the next iteration
+    /// starts after the last consumer served, so all get their turn.
     pub async fn deliver_push(&mut self, now: u64, interest: &(dyn Fn(&str) -> bool + Sync)) {
-        for slot in &mut self.slots {
+        let order = self.consumers_from(self.push_turn, |c| c.cfg.push.is_some());
+        let n = order.len();
+        for (k, (i, name)) in order.into_iter().enumerate() {
+            if self.out.delivery_full() {
+                self.budget_cut = true;
+                self.push_turn = (self.push_turn + k) % n.max(1);
+                return;
+            }
+            let Some(slot) = self.slots.get_mut(i) else {
+                continue;
+            };
             let h = slot.handle.clone();
             let stream = h.config().name.clone();
-            let mut gone = Vec::new();
-            for c in slot.consumers.values_mut() {
-                if c.cfg.push.is_some()
-                    && !push_consumer(&h, &stream, c, now, interest, &mut self.out).await
-                {
-                    gone.push(c.name.clone());
-                }
+            let Some(c) = slot.consumers.get_mut(&name) else {
+                continue;
+            };
+            if push_consumer(&h, &stream, c, now, interest, &mut self.out).await {
+                continue;
             }
-            for g in gone {
-                log::debug!("jetstream: ephemeral push consumer {g} removed: no subscriber on its deliver subject");
-                slot.consumers.remove(&g);
-                let st = h.state();
-                if h.config().retention == Retention::Interest && st.msgs > 0 {
-                    slot.check.push((st.first_seq, st.last_seq));
-                }
+            log::debug!("jetstream: ephemeral push consumer {name} removed: no subscriber on its deliver subject");
+            slot.consumers.remove(&name);
+            let st = h.state();
+            if h.config().retention == Retention::Interest && st.msgs > 0 {
+                slot.check.push((st.first_seq, st.last_seq));
             }
         }
+        self.budget_cut |= self.out.delivery_full();
     }
 
     /// A flow control reply (`$JS.FC.<stream>.<consumer>.<n>`).

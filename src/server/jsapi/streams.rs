@@ -1,5 +1,11 @@
 //! Stream requests: `INFO` (the account), `STREAM.NAMES`, `STREAM.LIST`
-//! and `STREAM.INFO`. Streams themselves are configured in frond.toml.
+//! and `STREAM.INFO`.
+//!
+//! Bounded as nats-server bounds them: `NAMES` answers at most
+//! [`NAMES_LIMIT`] names, `LIST` at most [`LIST_LIMIT`] infos, and the
+//! `subjects` of a `STREAM.INFO` with `subjects_filter` at most
+//! [`SUBJECTS_LIMIT`] subjects, each from the request's `offset`, with
+//! `total`, `offset` and `limit` in the answer so clients page.
 
 use serde_json::{json, Value};
 
@@ -8,6 +14,22 @@ use super::render::{rfc3339, stream_config_json};
 use super::{JsApi, Slot};
 use crate::auth::Permissions;
 use crate::stream::consumer::ApiError;
+
+/// Names per `STREAM.NAMES`/`CONSUMER.NAMES` answer (nats-server's).
+pub(super) const NAMES_LIMIT: usize = 1024;
+/// Infos per `STREAM.LIST`/`CONSUMER.LIST` answer (nats-server's).
+pub(super) const LIST_LIMIT: usize = 256;
+/// Subjects per `STREAM.INFO` answer with `subjects_filter` (nats-server's).
+pub(super) const SUBJECTS_LIMIT: usize = 100_000;
+
+/// The `offset` of a paged request (0 if absent), at most `total`.
+pub(super) fn offset(req: &Value, total: usize) -> usize {
+    req.get("offset")
+        .and_then(Value::as_u64)
+        .and_then(|o| usize::try_from(o).ok())
+        .unwrap_or(0)
+        .min(total)
+}
 
 impl JsApi {
     pub(super) fn account_info(&self) -> Value {
@@ -46,16 +68,24 @@ impl JsApi {
             })
             .map(|c| c.name.as_str())
             .collect();
-        Ok(json!({"total": names.len(), "offset": 0, "limit": 1024, "streams": names}))
+        let mut names = names;
+        names.sort_unstable();
+        let (total, from) = (names.len(), offset(&req, names.len()));
+        let page: Vec<&str> = names.into_iter().skip(from).take(NAMES_LIMIT).collect();
+        Ok(json!({"total": total, "offset": from, "limit": NAMES_LIMIT, "streams": page}))
     }
 
-    pub(super) async fn stream_list(&self, now: u64) -> Result<Value, ApiError> {
+    pub(super) async fn stream_list(&self, body: &[u8], now: u64) -> Result<Value, ApiError> {
+        let req = body_json(body)?;
+        let mut slots: Vec<&Slot> = self.slots.iter().collect();
+        slots.sort_unstable_by(|a, b| a.handle.config().name.cmp(&b.handle.config().name));
+        let (total, from) = (slots.len(), offset(&req, slots.len()));
         let mut infos = Vec::new();
-        for s in &self.slots {
+        for s in slots.into_iter().skip(from).take(LIST_LIMIT) {
             infos.push(self.info_of(s, None, now).await?);
         }
         Ok(
-            json!({"total": infos.len(), "offset": 0, "limit": 256, "streams": infos, "missing": []}),
+            json!({"total": total, "offset": from, "limit": LIST_LIMIT, "streams": infos, "missing": []}),
         )
     }
 
@@ -71,9 +101,25 @@ impl JsApi {
             .get("subjects_filter")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty());
-        let v = self
+        let mut v = self
             .info_of(self.slot(name)?, filter.map(|f| (f, caller)), now)
             .await?;
+        // Page the subjects (sorted, as the stream returns them).
+        let total = v["state"]["subjects"].as_object().map_or(0, |m| m.len());
+        if total > 0 {
+            let from = offset(&req, total);
+            if let Some(m) = v["state"]["subjects"].as_object_mut() {
+                let page: serde_json::Map<String, Value> = std::mem::take(m)
+                    .into_iter()
+                    .skip(from)
+                    .take(SUBJECTS_LIMIT)
+                    .collect();
+                *m = page;
+            }
+            v["total"] = json!(total);
+            v["offset"] = json!(from);
+            v["limit"] = json!(SUBJECTS_LIMIT);
+        }
         Ok(v)
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use smol::channel::Receiver;
 use smol::future::FutureExt;
 
-use super::{Admin, JsApi, INBOX_BYTES, MIRROR_POLL};
+use super::{Admin, JsApi, INBOX_BYTES, MIRROR_POLL, REQUEST_BYTES};
 use crate::router::{Broker, Outbox};
 use crate::stream::{Retention, StreamHandle};
 use crate::uplink::UplinkStatus;
@@ -24,6 +24,21 @@ fn subscribe(broker: &Broker) -> (u64, Arc<Outbox>) {
     broker.subscribe_nats(conn, 2, "$JS.ACK.>".into(), None, outbox.clone());
     broker.subscribe_nats(conn, 3, "$JS.FC.>".into(), None, outbox.clone());
     (conn, outbox)
+}
+
+/// Handle requests and acks from `outbox`, one at a time, until
+/// [`REQUEST_BYTES`] of them are taken or the answers waiting reach the
+/// answer budget ([`JsApi::takes_requests`]); the rest wait in the outbox
+/// for the next iteration, after these answers are routed.
+pub(super) async fn take_requests(api: &mut JsApi, outbox: &Outbox, now: u64) {
+    let mut taken = 0;
+    while taken < REQUEST_BYTES && api.takes_requests() {
+        let Some((_, m)) = outbox.take(1).pop() else {
+            return;
+        };
+        taken += m.size();
+        api.handle(&m, now).await;
+    }
 }
 
 enum Wake {
@@ -107,9 +122,7 @@ async fn run(
             outbox.close();
             (conn, outbox) = subscribe(&broker);
         }
-        for (_, m) in outbox.take(1 << 20) {
-            api.handle(&m, now).await;
-        }
+        take_requests(&mut api, &outbox, now).await;
         api.finish_direct().await;
         for h in api.take_created() {
             watchers.retain(|t| !t.is_finished());
