@@ -267,6 +267,14 @@ async fn start_listeners(
         config_streams: cfg.streams.iter().map(|s| s.name.clone()).collect(),
         storage_left: storage_left(cfg),
         key: stream_key(cfg),
+        max_streams: cfg.max_streams,
+        memory_left: cfg.max_memory.saturating_sub(
+            cfg.streams
+                .iter()
+                .filter(|s| s.storage == stream::Storage::Memory)
+                .map(|s| s.max_bytes)
+                .fold(0, u64::saturating_add),
+        ),
     };
     let mirrored: Vec<String> = cfg
         .uplink

@@ -77,14 +77,23 @@ use http::RawHttp;
 use mappings::{validate_mappings, RawMappingDest};
 use mqtt::RawMqtt;
 use nats::RawNats;
-use streams::{apply_storage_budget, default_dup_window, RawStream};
+use streams::{apply_storage_budget, default_dup_window, stream_limits, RawStream};
 use tls::RawTls;
 use uplink::{host_name, RawUplink};
-use values::de_size;
+use values::{de_opt_size, de_size};
 
 /// The name of the stream that captures everything when no `[[stream]]` is
 /// configured.
 pub const DEFAULT_STREAM: &str = "DEFAULT";
+
+/// Default `max_streams`: each stream costs a writer thread, a few
+/// descriptors and files, so a client allowed `STREAM.CREATE` cannot
+/// exhaust them.
+pub const DEFAULT_MAX_STREAMS: usize = 256;
+/// Most `max_streams` accepted.
+pub const MAX_MAX_STREAMS: usize = 4096;
+/// Default `max_memory`: the memory streams' `max_bytes` together.
+pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
 
 /// Most network threads (`threads`).
 pub const MAX_THREADS: usize = 64;
@@ -134,6 +143,13 @@ pub struct Config {
     /// Budget for all file streams' `max_bytes` (0: none); already applied
     /// to [`Config::streams`].
     pub max_storage: u64,
+    /// Streams at most, frond.toml's and those created over the API
+    /// (`max_streams`, default [`DEFAULT_MAX_STREAMS`]).
+    pub max_streams: usize,
+    /// Budget for the memory streams' `max_bytes` (`max_memory`, default
+    /// [`DEFAULT_MAX_MEMORY`]); a memory stream created over the API must
+    /// set `max_bytes` and fit in what frond.toml's memory streams leave.
+    pub max_memory: u64,
     pub log: String,
     /// Threads that run the network tasks (`threads`, default 1). One
     /// thread gives the lowest latency (a request and its reply never
@@ -189,6 +205,9 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_size")]
     max_storage: u64,
+    max_streams: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    max_memory: Option<u64>,
     encryption_key_file: Option<PathBuf>,
     log: Option<String>,
     threads: Option<usize>,
@@ -276,6 +295,7 @@ impl RawConfig {
                 }
             }
         }
+        let (max_streams, max_memory) = stream_limits(self.max_streams, self.max_memory, &streams)?;
         apply_storage_budget(
             self.max_storage,
             mqtt.max_retained_bytes.saturating_mul(2),
@@ -303,6 +323,8 @@ impl RawConfig {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("./frond-data")),
             max_storage: self.max_storage,
+            max_streams,
+            max_memory,
             log,
             threads,
             mqtt,

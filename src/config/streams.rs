@@ -88,6 +88,42 @@ pub(super) enum RawDiscard {
 /// may get (one minimum-size segment).
 pub const MIN_STREAM_SHARE: u64 = crate::store::MIN_SEGMENT_SIZE;
 
+/// `max_streams` and `max_memory` with their defaults, checked against the
+/// frond.toml streams: at most `max_streams` of them (1 to
+/// [`super::MAX_MAX_STREAMS`]), and their memory streams' `max_bytes`
+/// within `max_memory`.
+pub(super) fn stream_limits(
+    max_streams: Option<usize>,
+    max_memory: Option<u64>,
+    streams: &[StreamConfig],
+) -> Result<(usize, u64), ConfigError> {
+    let max_streams = max_streams.unwrap_or(super::DEFAULT_MAX_STREAMS);
+    if !(1..=super::MAX_MAX_STREAMS).contains(&max_streams) {
+        return err(format!(
+            "max_streams = {max_streams}: must be 1 to {} (each stream costs a thread and files)",
+            super::MAX_MAX_STREAMS
+        ));
+    }
+    if streams.len() > max_streams {
+        return err(format!(
+            "max_streams = {max_streams}, but {} streams are configured; raise max_streams",
+            streams.len()
+        ));
+    }
+    let max_memory = max_memory.unwrap_or(super::DEFAULT_MAX_MEMORY);
+    let memory: u64 = streams
+        .iter()
+        .filter(|s| s.storage == Storage::Memory)
+        .map(|s| s.max_bytes)
+        .fold(0, u64::saturating_add);
+    if memory > max_memory {
+        return err(format!(
+            "max_memory = {max_memory} bytes, but the memory streams' max_bytes add up to {memory}; raise max_memory or lower their max_bytes"
+        ));
+    }
+    Ok((max_streams, max_memory))
+}
+
 /// Checks the file streams' `max_bytes` plus `retained` (the bytes the
 /// retained messages' log may take: twice `mqtt.max_retained_bytes`)
 /// against `budget` (0: no budget) and gives every file stream without

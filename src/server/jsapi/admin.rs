@@ -19,6 +19,11 @@
 //!   (10113, as nats-server with `max_bytes_required`) and the created file
 //!   streams' `max_bytes` together must fit in what the frond.toml streams
 //!   and retained messages leave of it (10047).
+//! - At most `max_streams` streams in all (10027, frond.toml's count); a
+//!   memory stream must set `max_bytes` (10113) and the created memory
+//!   streams' `max_bytes` together fit in what `max_memory` leaves after
+//!   frond.toml's memory streams (10028), so no client allocates unbounded
+//!   RAM.
 //! - Durable before answered: a create or update answers once the record
 //!   is synced and the stream open; a delete once the stream is closed and
 //!   its directory gone (renamed to a tombstone first, so a crash leaves
@@ -53,6 +58,10 @@ pub struct Admin {
     pub storage_left: Option<u64>,
     /// The key new file streams are encrypted with.
     pub key: Option<Key>,
+    /// Streams at most, frond.toml's included (`max_streams`).
+    pub max_streams: usize,
+    /// Bytes of `max_memory` left for memory streams created over the API.
+    pub memory_left: u64,
 }
 
 /// Whether a stream captures everything (`>`): it yields to the others.
@@ -165,6 +174,51 @@ impl JsApi {
         Ok(())
     }
 
+    /// The limits on what a created stream may cost: at most
+    /// `max_streams` streams (10027), and a memory stream must set
+    /// `max_bytes` (10113) within what `max_memory` leaves (10028).
+    fn check_limits(&self, cfg: &StreamConfig) -> Result<(), ApiError> {
+        let admin = self.admin()?;
+        if self.slots.len() >= admin.max_streams {
+            return Err(ApiError::new(
+                400,
+                10027,
+                format!(
+                    "maximum number of streams reached ({}, frond.toml's max_streams); delete a stream or raise max_streams",
+                    admin.max_streams
+                ),
+            ));
+        }
+        if cfg.storage != Storage::Memory {
+            return Ok(());
+        }
+        if cfg.max_bytes == 0 {
+            return Err(ApiError::new(
+                400,
+                10113,
+                "account requires a stream config to have max bytes set (a memory stream created over the API must set max_bytes)",
+            ));
+        }
+        let used: u64 = self
+            .slots
+            .iter()
+            .map(|s| s.handle.config())
+            .filter(|c| c.storage == Storage::Memory && !admin.config_streams.contains(&c.name))
+            .map(|c| c.max_bytes)
+            .fold(0, u64::saturating_add);
+        if used.saturating_add(cfg.max_bytes) > admin.memory_left {
+            return Err(ApiError::new(
+                500,
+                10028,
+                format!(
+                    "insufficient memory resources available: max_memory leaves {} bytes for memory streams created over the API, {used} are taken, the stream asks max_bytes {}; lower max_bytes, delete a stream or raise max_memory",
+                    admin.memory_left, cfg.max_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `STREAM.CREATE.<name>`.
     pub(super) async fn stream_create(
         &mut self,
@@ -184,6 +238,7 @@ impl JsApi {
                 "stream name already in use with a different configuration",
             ));
         }
+        self.check_limits(&cfg)?;
         self.check_overlap(&cfg, None)?;
         self.check_storage(&cfg, None)?;
         let admin = self.admin()?;

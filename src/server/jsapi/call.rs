@@ -3,6 +3,8 @@
 //! the answer (`io.nats.jetstream.api.v1.<kind>` JSON or a status
 //! message); the API errors shared by the handlers.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::direct::DIRECT_PREFIX;
@@ -172,7 +174,7 @@ impl JsApi {
             return;
         }
         self.api_total += 1;
-        let (kind, res) = self.api(call, &m.payload, now, caller).await;
+        let (kind, res) = self.api(call, &m.payload, now, m.publisher.as_ref()).await;
         let v = match res {
             Ok(mut v) => {
                 v["type"] = json!(format!("io.nats.jetstream.api.v1.{kind}"));
@@ -223,8 +225,9 @@ impl JsApi {
         call: Call,
         body: &[u8],
         now: u64,
-        caller: Option<&Permissions>,
+        user: Option<&Arc<Permissions>>,
     ) -> (&'static str, Result<Value, ApiError>) {
+        let caller = user.map(|p| &**p);
         match call {
             Call::Info => ("account_info_response", Ok(self.account_info())),
             Call::StreamNames => ("stream_names_response", self.stream_names(body)),
@@ -258,7 +261,7 @@ impl JsApi {
                 durable_api,
             } => (
                 "consumer_create_response",
-                self.consumer_create(&stream, name, filter, durable_api, body, now, caller)
+                self.consumer_create(&stream, name, filter, durable_api, body, now, user)
                     .await,
             ),
             Call::ConsumerInfo(s, c) => (
@@ -269,7 +272,10 @@ impl JsApi {
                 ("consumer_delete_response", self.consumer_delete(&s, &c))
             }
             Call::ConsumerNames(s) => ("consumer_names_response", self.consumer_names(&s, body)),
-            Call::ConsumerList(s) => ("consumer_list_response", self.consumer_list(&s, body, now).await),
+            Call::ConsumerList(s) => (
+                "consumer_list_response",
+                self.consumer_list(&s, body, now).await,
+            ),
             Call::Next(..) | Call::DirectGet(..) | Call::Unknown => (
                 "error_response",
                 Err(ApiError::bad_request("unknown JetStream API request")),

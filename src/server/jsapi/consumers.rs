@@ -2,6 +2,8 @@
 //! workqueue, filter and authorization checks), `INFO`, `NAMES`, `LIST`
 //! and `DELETE`.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::backlog;
@@ -120,8 +122,9 @@ impl JsApi {
         durable_api: bool,
         body: &[u8],
         now: u64,
-        caller: Option<&Permissions>,
+        user: Option<&Arc<Permissions>>,
     ) -> Result<Value, ApiError> {
+        let caller = user.map(|p| &**p);
         // The name becomes a file name: checked before anything else
         // (nats-server's order and error codes).
         if let Some(n) = &subj_name {
@@ -133,10 +136,19 @@ impl JsApi {
         let exclude = creator_exclusions(slot, &req.cfg, caller)?;
         if let Some(old) = slot.consumers.get(&req.name) {
             if !replaces_ephemeral_push(old, &req.cfg) {
-                return self.update_consumer(i, req, now, caller);
+                return self.update_consumer(i, req, exclude, now, user);
             }
             // An ordered consumer recreated by its client at a new start
-            // (async-nats reuses the name): a new consumer in its place.
+            // (async-nats reuses the name): a new consumer in its place,
+            // but only for the user it acts for — anyone else who learnt
+            // the name must not take over its deliveries.
+            if old.push.creator != receiver(user) {
+                return Err(ApiError::new(
+                    400,
+                    10013,
+                    "consumer name already in use (by another user's push consumer)",
+                ));
+            }
             log::debug!("jetstream: ephemeral push consumer {} recreated", req.name);
             if let Some(s) = self.slots.get_mut(i) {
                 s.consumers.remove(&req.name);
@@ -159,7 +171,7 @@ impl JsApi {
             c.backlog = b;
         }
         backlog::refresh(&slot.handle, &mut c).await;
-        c.push.creator = caller.map(|p| ReceiverRef(std::sync::Arc::new(p.clone())));
+        c.push.creator = receiver(user);
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         slot.consumers.insert(name.clone(), c);
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
@@ -170,14 +182,20 @@ impl JsApi {
 
     /// A create request for consumer `req.name`, which exists on stream
     /// `i`: refused unless the caller may read all it delivers and it is
-    /// of the same kind; its config replaced otherwise.
+    /// of the same kind (a pull consumer stays pull, a push one push);
+    /// its config replaced otherwise, and from then on it acts for the
+    /// caller (`exclude`: the caller's exclusions, see
+    /// [`creator_exclusions`], which checked its rights on the deliver
+    /// subject).
     fn update_consumer(
         &mut self,
         i: usize,
         req: CreateRequest,
+        exclude: Vec<String>,
         now: u64,
-        caller: Option<&Permissions>,
+        user: Option<&Arc<Permissions>>,
     ) -> Result<Value, ApiError> {
+        let caller = user.map(|p| &**p);
         let CreateRequest { name, cfg, action } = req;
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
         let old = slot.consumers.get(&name).ok_or_else(not_found_consumer)?;
@@ -198,6 +216,23 @@ impl JsApi {
         if !same_kind {
             return Err(ApiError::new(400, 10012, "consumer create failed: a consumer of that name exists with another filter, ack or deliver policy; delete it first"));
         }
+        match (&old.cfg.push, &cfg.push) {
+            (None, Some(_)) => {
+                return Err(ApiError::new(
+                    500,
+                    10012,
+                    "can not update pull consumer to push based",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(ApiError::new(
+                    500,
+                    10012,
+                    "can not update push consumer to pull based",
+                ))
+            }
+            _ => {}
+        }
         let slot = self.slots.get_mut(i).ok_or_else(not_found_stream)?;
         let c = slot
             .consumers
@@ -206,11 +241,22 @@ impl JsApi {
         if c.cfg != cfg {
             c.cfg = cfg;
             c.dirty = true;
+            // Deliveries now act for the user who updated it.
+            c.push.creator = receiver(user);
+            c.exclude = exclude;
         }
         let slot = self.slots.get(i).ok_or_else(not_found_stream)?;
         let c = slot.consumers.get(&name).ok_or_else(not_found_consumer)?;
         Ok(self.consumer_json(slot, c, now))
     }
+}
+
+/// The user a consumer created or updated by `user` acts for.
+fn receiver(user: Option<&Arc<Permissions>>) -> Option<ReceiverRef> {
+    user.map(|p| {
+        let r: Arc<dyn crate::stream::consumer::Receiver> = p.clone();
+        ReceiverRef(r)
+    })
 }
 
 /// Whether a create request for an existing consumer `old` replaces it

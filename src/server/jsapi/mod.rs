@@ -71,6 +71,13 @@
 //! JSON shapes; `task` the async loop that drives it all.
 //!
 //! Invariants:
+//! - Bounded in bytes per iteration: requests are taken one by one until
+//!   [`REQUEST_BYTES`] are taken or [`ANSWER_BUDGET`] bytes of answers
+//!   wait (the rest waits in the inbox for the next iteration, after
+//!   these answers are routed); consumer deliveries, pull and push
+//!   together, stop at [`DELIVERY_BUDGET`] and resume round-robin with
+//!   the next consumer; lists and `STREAM.INFO` subjects are paged with
+//!   nats-server's limits and `offset` (see `streams`).
 //! - One loop iteration: take requests and acks, expire timers, deliver to
 //!   waiting pull requests, apply retention, write changed consumer files,
 //!   then publish the replies. So an API answer or a synchronous ack reply
@@ -115,7 +122,20 @@
 //!   itself; nats-server checks nothing), and every delivery is checked
 //!   against the creator's permissions (a subject its `deny_subscribe`
 //!   covers is stepped over). After a restart a durable push consumer
-//!   keeps the exclusions fixed at its creation.
+//!   keeps the exclusions fixed at its creation (or last update).
+//! - Replacing and updating a consumer: an ephemeral push consumer that a
+//!   create request would replace (a new deliver subject or start, as the
+//!   ordered consumers do) is replaced only for the user it acts for;
+//!   anyone else gets 10013 "consumer name already in use" (nats-server
+//!   refuses such a change while the old deliver subject has interest).
+//!   A create with the identical config is idempotent for anyone allowed
+//!   to read what it delivers. An update (another config under the same
+//!   name) needs the same rights as a create — the updater may read all
+//!   the consumer delivers and, for a push consumer, may subscribe and
+//!   publish to the deliver subject — and from then on the consumer acts
+//!   for the updater (deliveries are checked against its permissions and
+//!   exclusions). A pull consumer cannot become a push one nor the
+//!   reverse (10012, nats-server's texts).
 //!   `num_pending` is exact (nats-server's): the messages the consumer
 //!   will still deliver, counted with the store's `count_matching` after
 //!   each batch read and for `CONSUMER.INFO`/`LIST`/`CREATE`; excluded
@@ -147,6 +167,8 @@ mod streams;
 mod task;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bounds;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -165,8 +165,7 @@ async fn push_consumer(
                 c.skip(m.seq);
                 continue;
             }
-            if budget == 0 || !c.push_ready(now) || !c.may_deliver_new() || out.delivery_full()
-            {
+            if budget == 0 || !c.push_ready(now) || !c.may_deliver_new() || out.delivery_full() {
                 break 'outer;
             }
             let due = c.replay_due(m.timestamp, now);

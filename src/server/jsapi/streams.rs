@@ -14,6 +14,7 @@ use super::render::{rfc3339, stream_config_json};
 use super::{JsApi, Slot};
 use crate::auth::Permissions;
 use crate::stream::consumer::ApiError;
+use crate::stream::Storage;
 
 /// Names per `STREAM.NAMES`/`CONSUMER.NAMES` answer (nats-server's).
 pub(super) const NAMES_LIMIT: usize = 1024;
@@ -33,15 +34,25 @@ pub(super) fn offset(req: &Value, total: usize) -> usize {
 
 impl JsApi {
     pub(super) fn account_info(&self) -> Value {
-        let storage: u64 = self.slots.iter().map(|s| s.handle.state().bytes).sum();
+        let bytes = |st: Storage| -> u64 {
+            self.slots
+                .iter()
+                .filter(|s| s.handle.config().storage == st)
+                .map(|s| s.handle.state().bytes)
+                .sum()
+        };
         let consumers: usize = self.slots.iter().map(|s| s.consumers.len()).sum();
+        let max_streams = self
+            .admin
+            .as_ref()
+            .map_or(-1, |a| i64::try_from(a.max_streams).unwrap_or(i64::MAX));
         json!({
-            "memory": 0,
-            "storage": storage,
+            "memory": bytes(Storage::Memory),
+            "storage": bytes(Storage::File),
             "streams": self.slots.len(),
             "consumers": consumers,
             "limits": {
-                "max_memory": -1, "max_storage": -1, "max_streams": -1, "max_consumers": -1,
+                "max_memory": -1, "max_storage": -1, "max_streams": max_streams, "max_consumers": -1,
                 "max_ack_pending": -1, "memory_max_stream_bytes": -1,
                 "storage_max_stream_bytes": -1, "max_bytes_required": false
             },
