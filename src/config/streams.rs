@@ -280,13 +280,24 @@ mod tests {
         assert_eq!((c.max_streams, c.max_memory), (256, 64 << 20));
         let c = Config::parse("max_streams = 10\nmax_memory = \"1GiB\"\n").unwrap();
         assert_eq!((c.max_streams, c.max_memory), (10, 1 << 30));
-        for bad in ["max_streams = 0", "max_streams = 100000", "max_memory = \"lots\""] {
+        for bad in [
+            "max_streams = 0",
+            "max_streams = 100000",
+            "max_memory = \"lots\"",
+        ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
         let two = "[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\n[[stream]]\nname = \"B\"\nsubjects = [\"b\"]\nstorage = \"memory\"\nmax_bytes = \"2MiB\"\n";
-        let e = Config::parse(&format!("max_streams = 1\n{two}")).unwrap_err().0;
-        assert!(e.contains("max_streams = 1") && e.contains("2 streams"), "{e}");
-        let e = Config::parse(&format!("max_memory = \"1MiB\"\n{two}")).unwrap_err().0;
+        let e = Config::parse(&format!("max_streams = 1\n{two}"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("max_streams = 1") && e.contains("2 streams"),
+            "{e}"
+        );
+        let e = Config::parse(&format!("max_memory = \"1MiB\"\n{two}"))
+            .unwrap_err()
+            .0;
         assert!(e.contains("max_memory"), "{e}");
         assert!(Config::parse(&format!("max_streams = 2\n{two}")).is_ok());
     }
