@@ -115,6 +115,8 @@ pub struct Broker {
     table: Mutex<Table>,
     /// The table's generation, readable without its lock.
     generation: Arc<AtomicU64>,
+    /// The table's "a subscription was added" event.
+    subscribed: Arc<event_listener::Event>,
     clients: Mutex<HashMap<String, (ConnId, Sender<()>)>>,
     next_conn: AtomicU64,
     pub counters: Counters,
@@ -149,6 +151,7 @@ impl Broker {
             mappings,
             streams: StreamSet::new(streams),
             generation: table.generation.clone(),
+            subscribed: table.subscribed.clone(),
             table: Mutex::new(table),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -375,6 +378,19 @@ impl Broker {
     /// Whether some subscription matches `subj`.
     pub fn has_interest(&self, subj: &str) -> bool {
         lock(&self.table).trie.has_interest(subj)
+    }
+
+    /// Changes with every subscription added or removed (and stream
+    /// added or removed): read it before a [`Broker::has_interest`] check,
+    /// compare after [`Broker::on_subscribe`], and no subscription is missed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Fires when a subscription is added after this call (push consumers
+    /// waiting for a subscriber on their deliver subject wait on it).
+    pub fn on_subscribe(&self) -> event_listener::EventListener {
+        self.subscribed.listen()
     }
 
     /// Register `client_id` for `conn`. If another connection holds it,

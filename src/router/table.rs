@@ -79,6 +79,9 @@ pub(super) struct Table {
     /// Bumped (under the table's lock) by every change of `trie`;
     /// [`NoInterest`] memories are valid only while it stays the same.
     pub(super) generation: Arc<AtomicU64>,
+    /// Notified (under the table's lock) when a subscription is added
+    /// ([`super::Broker::on_subscribe`]).
+    pub(super) subscribed: Arc<event_listener::Event>,
 }
 
 impl Table {
@@ -94,6 +97,7 @@ impl Table {
         self.trie.insert(&sub.filter, id);
         self.by_conn.entry(sub.conn).or_default().push(id);
         self.subs.insert(id, sub);
+        self.subscribed.notify(usize::MAX);
         id
     }
 

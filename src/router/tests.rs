@@ -378,3 +378,22 @@ fn share_group_passes_over_a_member_out_of_bytes() {
         "nothing lost while a member had room"
     );
 }
+
+#[test]
+fn on_subscribe_fires_when_a_subscription_is_added() {
+    let b = Broker::new(Vec::new());
+    let ob = Outbox::new(1 << 20);
+    let mut l = b.on_subscribe();
+    let g = b.generation();
+    assert!(smol::future::block_on(smol::future::poll_once(&mut l)).is_none());
+    assert!(b.subscribe_nats(1, 1, "deliver.x".into(), None, ob));
+    assert_ne!(b.generation(), g, "a check after listening sees the change");
+    assert!(
+        smol::future::block_on(smol::future::poll_once(&mut l)).is_some(),
+        "a waiting push consumer wakes"
+    );
+    b.unsubscribe_nats(1, 1, None);
+    let mut l = b.on_subscribe();
+    b.unsubscribe_nats(1, 1, None);
+    assert!(smol::future::block_on(smol::future::poll_once(&mut l)).is_none());
+}

@@ -468,9 +468,24 @@ impl Store {
     }
 
     /// Live records with `from <= seq <= upto` whose subject matches
-    /// `filter` (exact; walks the index only when a matching subject has
-    /// records on both sides of the range).
+    /// `filter` (exact). A wildcard filter over a range holding fewer
+    /// records than the stream has subjects (a live consumer counting what
+    /// follows its batch) matches the range's records; otherwise the
+    /// matching subjects' counts are summed, walking the index only when a
+    /// matching subject has records on both sides of the range.
     pub fn count_matching(&self, filter: &str, from: u64, upto: u64) -> u64 {
+        let span = upto
+            .min(self.last_seq)
+            .saturating_add(1)
+            .saturating_sub(from.max(self.first_seq));
+        if filter.contains(['*', '>']) && span < self.subjects.len() as u64 {
+            let mut n = 0;
+            self.walk_live(from, upto, &mut |_, sid| {
+                let hit = self.subjects.entry(sid).map(|e| e.name.as_ref());
+                n += u64::from(hit.is_some_and(|s| crate::subject::matches(filter, s)));
+            });
+            return n;
+        }
         let ids = self.matching_raw(filter);
         let (mut total, mut inside) = (0, true);
         for e in ids.iter().filter_map(|&id| self.subjects.entry(id)) {

@@ -745,7 +745,15 @@ fn count_matching_and_last_per_subject_agree_with_a_scan() {
         .collect();
     assert!(st.segs.len() > 2, "spans several segments");
     for f in ["k.a", "k.*", "k.>", ">", "none"] {
-        for (from, upto) in [(0, u64::MAX), (30, 80), (41, 41), (100, 110)] {
+        // Short ranges (fewer records than subjects) match records.
+        for (from, upto) in [
+            (0, u64::MAX),
+            (30, 80),
+            (41, 41),
+            (100, 110),
+            (118, 119),
+            (119, u64::MAX),
+        ] {
             let want = live
                 .iter()
                 .filter(|(s, n)| *s >= from && *s <= upto && crate::subject::matches(f, n))

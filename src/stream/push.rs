@@ -29,9 +29,6 @@ use crate::subject;
 /// client for a flow control reply (half of this) and stops until one
 /// arrives (all of it).
 pub const FC_WINDOW_BYTES: u64 = 1 << 20;
-/// How often a push consumer whose deliver subject has no subscriber
-/// looks again (nats-server learns of interest at once; frond polls).
-pub const INTEREST_POLL_NS: u64 = 100_000_000;
 
 /// The keys of a push consumer (those with a `deliver_subject`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +231,9 @@ pub struct PushState {
     pub not_before: u64,
     /// Replay original: (stored timestamp, wall time) of the first message sent.
     pub replay_base: Option<(u64, u64)>,
-    /// The deliver subject had no subscriber at the last look: look again then.
+    /// Look again then: the pass's budget ran out (now), or the deliver
+    /// subject has no subscriber and an ephemeral consumer is removed then
+    /// (a new subscriber wakes the service at once).
     pub recheck_at: Option<u64>,
     /// The user the consumer acts for (its creator, while frond runs):
     /// every delivery is checked against it.
@@ -346,7 +345,7 @@ impl Consumer {
     }
 
     /// The next instant a push consumer needs the service (heartbeat,
-    /// rate/replay gate, interest poll).
+    /// rate/replay gate, more to send, ephemeral removal).
     pub fn push_deadline(&self) -> Option<u64> {
         self.push_cfg()?;
         let hb = (self.push.next_heartbeat > 0).then_some(self.push.next_heartbeat);

@@ -6,8 +6,9 @@
 //! a batch and for `CONSUMER.INFO`/`LIST`/`CREATE`.
 //!
 //! Cost: one owner round trip per filter per batch read, and none when the
-//! batch reached the end of the stream (the common case of a live
-//! watcher); a count walks the store's in-memory index from the batch on.
+//! batch reached the end the stream had when the read was sent (the
+//! common case of a live watcher); a count walks the store's in-memory
+//! index from the batch on.
 
 use super::call::stream_err;
 use super::direct::{parse_rfc3339, seq_from_time};
@@ -17,10 +18,16 @@ use crate::stream::{StoredMessage, StreamHandle};
 
 /// Messages `c` will deliver after stream sequence `after`, counted now.
 pub(super) async fn count_after(h: &StreamHandle, c: &Consumer, after: u64) -> u64 {
+    count_upto(h, c, after, h.state().last_seq).await
+}
+
+/// [`count_after`] when the stream's last sequence was `end` (none after
+/// it is counted when `after >= end`: no round trip).
+async fn count_upto(h: &StreamHandle, c: &Consumer, after: u64, end: u64) -> u64 {
     let b = &c.backlog;
     let lss = b.lss_after(after);
     let from = after.max(b.resume).saturating_add(1);
-    if from > h.state().last_seq {
+    if from > end {
         return lss;
     }
     let (plus, minus) = c.count_filters();
@@ -34,14 +41,23 @@ pub(super) async fn count_after(h: &StreamHandle, c: &Consumer, after: u64) -> u
     lss.saturating_add(n)
 }
 
-/// After reading `msgs` (new messages from [`Consumer::read_from`]): sets
-/// `num_pending` to those of them `c` wants plus what follows them.
-pub(super) async fn after_read(h: &StreamHandle, c: &mut Consumer, msgs: &[StoredMessage]) {
+/// After reading `msgs` (new messages from [`Consumer::read_from`]) with
+/// a read sent when the stream's last sequence was `end`: sets
+/// `num_pending` to those of them `c` wants plus what follows them. A
+/// batch that reaches `end` counts nothing after it (exact as of the
+/// read, as nats-server's count is as of its delivery), so a live
+/// consumer reading at the tail makes no count round trip.
+pub(super) async fn after_read(
+    h: &StreamHandle,
+    c: &mut Consumer,
+    msgs: &[StoredMessage],
+    end: u64,
+) {
     let Some(last) = msgs.last().map(|m| m.seq) else {
         return;
     };
     let wanted = msgs.iter().filter(|m| c.wants(m.seq, &m.subject)).count() as u64;
-    let rest = count_after(h, c, last).await;
+    let rest = count_upto(h, c, last, end).await;
     c.set_pending(wanted, rest);
 }
 

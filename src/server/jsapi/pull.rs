@@ -45,6 +45,7 @@ pub(super) async fn deliver_consumer(
             .front()
             .map_or(1, |r| r.batch.saturating_sub(r.sent))
             .clamp(1, 256);
+        let end = h.state().last_seq;
         let msgs = match h.read(c.read_from(), want, 1 << 20).await {
             Ok(m) => m,
             Err(_) => return,
@@ -52,7 +53,7 @@ pub(super) async fn deliver_consumer(
         if msgs.is_empty() {
             break;
         }
-        super::backlog::after_read(h, c, &msgs).await;
+        super::backlog::after_read(h, c, &msgs, end).await;
         for m in msgs {
             if !c.wants(m.seq, &m.subject) {
                 c.skip(m.seq);

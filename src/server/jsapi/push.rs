@@ -8,7 +8,9 @@
 //! Invariants:
 //! - A push consumer delivers only while its deliver subject has a
 //!   subscriber (as nats-server); an ephemeral one without one for its
-//!   `inactive_threshold` is removed.
+//!   `inactive_threshold` is removed. One waiting for a subscriber is
+//!   looked at again when a subscription is added (the task waits on
+//!   [`crate::router::Broker::on_subscribe`]), not on a timer.
 //! - Every delivery is checked against the user the consumer acts for (its
 //!   creator, [`crate::stream::push::PushState::creator`]): a message on a
 //!   subject that user may not receive is stepped over like a filtered-out
@@ -25,11 +27,13 @@ use super::render::status_msg;
 use super::{JsApi, Out, OutBuf};
 use crate::router::Msg;
 use crate::stream::consumer::{ack_subject, Consumer};
-use crate::stream::push::{with_msg_size, INTEREST_POLL_NS};
+use crate::stream::push::with_msg_size;
 use crate::stream::{Retention, StoredMessage, StreamHandle};
 
 /// Messages one push consumer sends per loop iteration.
 const PUSH_BUDGET: usize = 1024;
+/// About the most bytes one read of a push consumer brings in.
+const READ_BYTES: usize = 1 << 20;
 
 fn control(to: &str, headers: Vec<u8>, reply: Option<String>) -> Out {
     (
@@ -96,7 +100,8 @@ fn send_push(
 /// messages while flow control, rate, replay spacing and
 /// `max_ack_pending` allow. Returns false when it is an ephemeral
 /// consumer whose deliver subject has had no subscriber for its
-/// inactive threshold (the caller removes it).
+/// inactive threshold (the caller removes it); sets `waiting` when its
+/// deliver subject has no subscriber.
 async fn push_consumer(
     h: &StreamHandle,
     stream: &str,
@@ -104,6 +109,7 @@ async fn push_consumer(
     now: u64,
     interest: &(dyn Fn(&str) -> bool + Sync),
     out: &mut OutBuf,
+    waiting: &mut bool,
 ) -> bool {
     let Some(to) = c.push_cfg().map(|p| p.deliver_subject.clone()) else {
         return true;
@@ -119,10 +125,12 @@ async fn push_consumer(
         );
         c.push.next_heartbeat = 0;
         c.push.not_before = 0;
-        if !c.durable() && now >= c.last_active.saturating_add(c.cfg.inactive_threshold_ns) {
+        let expires = c.last_active.saturating_add(c.cfg.inactive_threshold_ns);
+        if !c.durable() && now >= expires {
             return false;
         }
-        c.push.recheck_at = Some(now.saturating_add(INTEREST_POLL_NS));
+        c.push.recheck_at = (!c.durable()).then_some(expires);
+        *waiting = true;
         return true;
     }
     c.last_active = now;
@@ -151,15 +159,18 @@ async fn push_consumer(
         if !c.may_deliver_new() {
             break;
         }
-        let want = budget.min(256);
-        let msgs = match h.read(c.read_from(), want, 1 << 20).await {
+        // One read for the pass's whole budget (bounded in bytes): each
+        // read is a round trip to the stream's owner, which answers after
+        // its current group commit.
+        let end = h.state().last_seq;
+        let msgs = match h.read(c.read_from(), budget, READ_BYTES).await {
             Ok(m) => m,
             Err(_) => return true,
         };
         if msgs.is_empty() {
             break;
         }
-        super::backlog::after_read(h, c, &msgs).await;
+        super::backlog::after_read(h, c, &msgs, end).await;
         for m in msgs {
             if !c.wants(m.seq, &m.subject) || !creator_may(c, &m.subject) {
                 c.skip(m.seq);
@@ -188,14 +199,21 @@ impl JsApi {
     /// has a subscriber. The consumers share [`super::DELIVERY_BUDGET`]
     /// with the pull deliveries of this iteration; the next iteration
     /// starts after the last consumer served, so all get their turn.
-    pub async fn deliver_push(&mut self, now: u64, interest: &(dyn Fn(&str) -> bool + Sync)) {
+    /// Returns whether some push consumer waits for a subscriber on its
+    /// deliver subject.
+    pub async fn deliver_push(
+        &mut self,
+        now: u64,
+        interest: &(dyn Fn(&str) -> bool + Sync),
+    ) -> bool {
+        let mut waiting = false;
         let order = self.consumers_from(self.push_turn, |c| c.cfg.push.is_some());
         let n = order.len();
         for (k, (i, name)) in order.into_iter().enumerate() {
             if self.out.delivery_full() {
                 self.budget_cut = true;
                 self.push_turn = (self.push_turn + k) % n.max(1);
-                return;
+                return waiting;
             }
             let Some(slot) = self.slots.get_mut(i) else {
                 continue;
@@ -205,7 +223,7 @@ impl JsApi {
             let Some(c) = slot.consumers.get_mut(&name) else {
                 continue;
             };
-            if push_consumer(&h, &stream, c, now, interest, &mut self.out).await {
+            if push_consumer(&h, &stream, c, now, interest, &mut self.out, &mut waiting).await {
                 continue;
             }
             log::debug!("jetstream: ephemeral push consumer {name} removed: no subscriber on its deliver subject");
@@ -216,6 +234,7 @@ impl JsApi {
             }
         }
         self.budget_cut |= self.out.delivery_full();
+        waiting
     }
 
     /// A flow control reply (`$JS.FC.<stream>.<consumer>.<n>`).

@@ -1,7 +1,8 @@
 //! The service's task: subscribes to `$JS.API.>` and `$JS.ACK.>` on the
 //! router, and runs the loop of one iteration (requests and acks, timers,
 //! delivery, retention, files, then replies), sleeping until input, a new
-//! stream message, a timer or shutdown. It alone reads the clock and
+//! stream message, a timer, a subscription (while a push consumer waits
+//! for a subscriber) or shutdown. It alone reads the clock and
 //! passes `now` to [`JsApi`].
 
 use std::path::PathBuf;
@@ -45,6 +46,7 @@ enum Wake {
     Input,
     Stream,
     Timer,
+    Subscribed,
     Shutdown,
 }
 
@@ -130,13 +132,20 @@ async fn run(
         }
         api.tick(now, &cursors);
         api.deliver(now).await;
-        api.deliver_push(now, &|s| broker.has_interest(s)).await;
+        let generation = broker.generation();
+        let no_subscriber = api.deliver_push(now, &|s| broker.has_interest(s)).await;
         api.apply_retention().await;
         api.persist();
         for (to, m) in api.take_out() {
             broker.route_to(&to, Arc::new(m), std::time::Instant::now());
         }
         if outbox.pending() > 0 {
+            continue;
+        }
+        // A push consumer without a subscriber wakes when one subscribes
+        // (listening before the generation check misses none).
+        let subscribed = no_subscriber.then(|| broker.on_subscribe());
+        if subscribed.is_some() && broker.generation() != generation {
             continue;
         }
         let (deadline, more_work) = api.next_deadline();
@@ -175,13 +184,22 @@ async fn run(
             }
         })
         .or(async {
+            match subscribed {
+                Some(l) => {
+                    l.await;
+                    Wake::Subscribed
+                }
+                None => std::future::pending().await,
+            }
+        })
+        .or(async {
             let _ = shutdown.recv().await;
             Wake::Shutdown
         })
         .await;
         match wake {
             Wake::Shutdown => break,
-            Wake::Input | Wake::Stream | Wake::Timer => {}
+            Wake::Input | Wake::Stream | Wake::Timer | Wake::Subscribed => {}
         }
     }
     api.persist();
