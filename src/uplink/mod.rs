@@ -35,6 +35,8 @@ pub mod probe;
 pub mod rate;
 pub mod source;
 pub mod source_io;
+#[cfg(test)]
+mod source_sim;
 pub mod status;
 pub mod ws;
 mod ws_io;
