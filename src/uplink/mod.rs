@@ -27,6 +27,8 @@
 
 pub mod bridge;
 pub mod bridge_io;
+#[cfg(test)]
+mod bridge_sim;
 pub mod cursor;
 pub mod link;
 pub mod mirror;

@@ -60,7 +60,11 @@
 //!   message (its messages were never delivered here). Known limit: the
 //!   check runs at connect, on every poll and after a wake found nothing,
 //!   so a stream recreated *and* grown past the old cursor between two
-//!   checks loses its first `cursor` messages to a wake-triggered fetch.
+//!   checks while connected loses its first `cursor` messages to a
+//!   wake-triggered fetch (and stores the ones after under the old
+//!   identity, copied again once the recreation is seen). The simulation
+//!   (`source_sim.rs`) confirms recreations while disconnected are safe
+//!   and counts how often this one bites.
 //!
 //! Hub memory per node, measured with `scripts/source-hub-memory 1000`
 //! (nats-server 2.12.8, one node, file store, 1,000 nodes): a client

@@ -612,8 +612,7 @@ impl Sim {
         }
         // The cursor reaches the last message matching the filter.
         let last = (self.hub.msgs.iter().enumerate())
-            .filter(|(_, m)| m.subject.starts_with("cmd.truck-042."))
-            .last()
+            .rfind(|(_, m)| m.subject.starts_with("cmd.truck-042."))
             .map_or(0, |(i, _)| i as u64 + 1);
         for _ in 0..100_000 {
             let progressed = self.hub_step() || self.client_step() || self.store();
