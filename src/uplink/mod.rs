@@ -27,6 +27,8 @@
 
 pub mod bridge;
 pub mod bridge_io;
+#[cfg(test)]
+mod bridge_sim;
 pub mod cursor;
 pub mod link;
 pub mod mirror;
@@ -35,6 +37,8 @@ pub mod probe;
 pub mod rate;
 pub mod source;
 pub mod source_io;
+#[cfg(test)]
+mod source_sim;
 pub mod status;
 pub mod ws;
 mod ws_io;

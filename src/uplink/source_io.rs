@@ -85,7 +85,7 @@ pub async fn open(
                 None
             }
         };
-        let tail = scan_tail(&handle, &sc.from, record.as_ref()).await;
+        let (tail, local_last) = scan_tail(&handle, &sc.from, record.as_ref()).await;
         let transform = sc.transform.as_ref().and_then(|(f, t)| {
             crate::subject::mapping::Transform::new(f, t)
                 .ok()
@@ -102,7 +102,8 @@ pub async fn open(
             batch: source::BATCH_MSGS,
             max_bytes: source::BATCH_BYTES,
         };
-        let src = Source::new(params, record, tail);
+        let mut src = Source::new(params, record, tail);
+        src.handle_scanned(local_last);
         log::info!(
             "source {} -> {}: resuming after hub sequence {}",
             sc.from,
@@ -127,8 +128,13 @@ pub async fn open(
 }
 
 /// The highest hub sequence of `from` among the local stream's messages
-/// after the record's local sequence (the whole stream without a record).
-async fn scan_tail(h: &StreamHandle, from: &str, record: Option<&SourceCursor>) -> Option<u64> {
+/// after the record's local sequence (the whole stream without a record),
+/// and the last local sequence scanned.
+async fn scan_tail(
+    h: &StreamHandle,
+    from: &str,
+    record: Option<&SourceCursor>,
+) -> (Option<u64>, u64) {
     let mut next = record.map_or(0, |r| r.local_seq) + 1;
     let mut best = None;
     loop {
@@ -139,11 +145,11 @@ async fn scan_tail(h: &StreamHandle, from: &str, record: Option<&SourceCursor>) 
                     "source {from} -> {}: cannot scan the local stream ({e}); using the cursor record only",
                     h.config().name
                 );
-                return best;
+                return (best, 0);
             }
         };
         let Some(last) = msgs.last().map(|m| m.seq) else {
-            return best;
+            return (best, next - 1);
         };
         for m in &msgs {
             if let Some(s) = source::origin_of(m.headers.as_deref(), from) {
