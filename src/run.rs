@@ -268,6 +268,8 @@ async fn start_listeners(
         storage_left: storage_left(cfg),
         key: stream_key(cfg),
         max_streams: cfg.max_streams,
+        max_memory: cfg.max_memory,
+        max_storage: cfg.max_storage,
         memory_left: cfg.max_memory.saturating_sub(
             cfg.streams
                 .iter()

@@ -16,7 +16,8 @@
 //!   at most about twice its live bytes before it is compacted) must sum
 //!   to at most the budget, and every file stream without `max_bytes` gets
 //!   an equal share of what is left (at least 64 KiB each, or start-up is
-//!   refused). Memory streams do not count. The budget bounds message bytes
+//!   refused). Memory streams do not count: each must set `max_bytes`, and
+//!   theirs together fit in `max_memory`. The budget bounds message bytes
 //!   as `max_bytes` does; index, snapshot and tombstone files come on top
 //!   (a few percent).
 //! - Per-client memory is bounded in bytes as well as in messages:

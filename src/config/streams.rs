@@ -218,6 +218,11 @@ impl RawStream {
             ));
         }
         let memory = matches!(self.storage, RawStorage::Memory);
+        if memory && self.max_bytes == 0 {
+            return err(format!(
+                "{key}.max_bytes: a memory stream must set max_bytes (the RAM it may take, e.g. max_bytes = \"16MiB\"); the memory streams' max_bytes together must fit in max_memory (default 64MiB)"
+            ));
+        }
         let encrypt = match self.encrypt {
             Some(true) if memory => {
                 return err(format!(
@@ -287,6 +292,14 @@ mod tests {
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
+        // A memory stream without max_bytes would be unbounded RAM.
+        let e = Config::parse("[[stream]]\nname = \"M\"\nsubjects = [\"m\"]\nstorage = \"memory\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("stream[0] (\"M\").max_bytes") && e.contains("must set max_bytes"),
+            "{e}"
+        );
         let two = "[[stream]]\nname = \"A\"\nsubjects = [\"a\"]\n[[stream]]\nname = \"B\"\nsubjects = [\"b\"]\nstorage = \"memory\"\nmax_bytes = \"2MiB\"\n";
         let e = Config::parse(&format!("max_streams = 1\n{two}"))
             .unwrap_err()
@@ -304,7 +317,7 @@ mod tests {
 
     #[test]
     fn max_storage_budget() {
-        let two = "[[stream]]\nname = \"A\"\nsubjects = [\"a.>\"]\nmax_bytes = \"3GiB\"\n\n[[stream]]\nname = \"B\"\nsubjects = [\"b.>\"]\n\n[[stream]]\nname = \"C\"\nsubjects = [\"c.>\"]\n\n[[stream]]\nname = \"M\"\nsubjects = [\"m.>\"]\nstorage = \"memory\"\n";
+        let two = "[[stream]]\nname = \"A\"\nsubjects = [\"a.>\"]\nmax_bytes = \"3GiB\"\n\n[[stream]]\nname = \"B\"\nsubjects = [\"b.>\"]\n\n[[stream]]\nname = \"C\"\nsubjects = [\"c.>\"]\n\n[[stream]]\nname = \"M\"\nsubjects = [\"m.>\"]\nstorage = \"memory\"\nmax_bytes = \"1MiB\"\n";
         let c = Config::parse(&format!("max_storage = \"8GiB\"\n{two}")).unwrap();
         assert_eq!(c.max_storage, 8 << 30);
         let by = |n: &str| c.streams.iter().find(|s| s.name == n).unwrap().max_bytes;
@@ -313,7 +326,7 @@ mod tests {
         let retained = 2 * DEFAULT_MAX_RETAINED_BYTES;
         assert_eq!(by("B"), ((5 << 30) - retained) / 2);
         assert_eq!(by("C"), ((5 << 30) - retained) / 2);
-        assert_eq!(by("M"), 0, "memory streams are outside the budget");
+        assert_eq!(by("M"), 1 << 20, "memory streams are outside the budget");
         // Without a budget nothing changes.
         let c = Config::parse(two).unwrap();
         assert_eq!(c.max_storage, 0);
@@ -383,7 +396,7 @@ mod tests {
             "{top}{}{}{}",
             stream("a", ""),
             stream("b", "encrypt = false\n"),
-            stream("m", "storage = \"memory\"\n")
+            stream("m", "storage = \"memory\"\nmax_bytes = \"1MiB\"\n")
         ))
         .unwrap();
         let enc: Vec<_> = c
@@ -404,7 +417,7 @@ mod tests {
         );
         let e = Config::parse(&format!(
             "{top}{}",
-            stream("m", "storage = \"memory\"\nencrypt = true\n")
+            stream("m", "storage = \"memory\"\nmax_bytes = \"1MiB\"\nencrypt = true\n")
         ))
         .unwrap_err();
         assert!(e.0.contains("memory"), "{e}");

@@ -62,6 +62,10 @@ pub struct Admin {
     pub max_streams: usize,
     /// Bytes of `max_memory` left for memory streams created over the API.
     pub memory_left: u64,
+    /// frond.toml's `max_memory` and `max_storage` (0: none), as
+    /// `$JS.API.INFO` reports them.
+    pub max_memory: u64,
+    pub max_storage: u64,
 }
 
 /// Whether a stream captures everything (`>`): it yields to the others.

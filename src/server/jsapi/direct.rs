@@ -28,7 +28,11 @@
 //!   (nats-server's rule) and never holds more than [`DIRECT_MAX_BYTES`]
 //!   of messages and headers, whatever `max_bytes` and `batch` say;
 //!   `multi_last` answers at most [`MULTI_MAX`] subjects (else 413);
-//!   at most [`DIRECT_PIPELINE`] single-message answers are pending.
+//!   at most [`DIRECT_PIPELINE`] single-message answers are pending, and
+//!   only while the largest each may be (its stream's `max_msg_size`, and
+//!   never more than the stream's bytes) adds up to at most
+//!   [`super::ANSWER_BUDGET`] (one at least): a burst of gets on a stream
+//!   of large messages is not held all at once.
 //! - Read-your-writes: a get is read from the stream's owner thread,
 //!   which acknowledges a publish only after applying it, so a get sent
 //!   after an acknowledged put (from any connection) sees it.
@@ -53,6 +57,9 @@ pub const MULTI_MAX: usize = 1024;
 /// Single-message direct gets answered together, at most (each answer is
 /// one stored message, so [`Pending`] holds at most this many).
 pub const DIRECT_PIPELINE: usize = 64;
+/// Bytes an answer adds to its stored message, about: the `Nats-*`
+/// headers and the reply subject.
+const ANSWER_OVERHEAD: usize = 1024;
 /// Subjects of direct gets (they may join [`Pending`]).
 pub const DIRECT_PREFIX: &str = "$JS.API.DIRECT.GET.";
 
@@ -66,12 +73,29 @@ type AnswerFut = Pin<Box<dyn Future<Output = Answer> + Send>>;
 /// (In a mutex only to make the service `Sync`: reached only through
 /// `&mut`, never locked.)
 #[derive(Default)]
-pub struct Pending(std::sync::Mutex<Vec<AnswerFut>>);
+pub struct Pending {
+    futs: std::sync::Mutex<Vec<AnswerFut>>,
+    /// The most bytes the pending answers may come to ([`answer_bound`]).
+    bound: usize,
+}
 
 impl Pending {
-    fn futs(&mut self) -> &mut Vec<AnswerFut> {
-        self.0.get_mut().unwrap_or_else(|e| e.into_inner())
+    pub(super) fn futs(&mut self) -> &mut Vec<AnswerFut> {
+        self.futs.get_mut().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The most bytes a single-message answer from `h` may take: its
+/// `max_msg_size` if set, and never more than all the stream holds.
+fn answer_bound(h: &StreamHandle) -> usize {
+    let held = h.state().bytes;
+    let max = match h.config().max_msg_size {
+        0 => held,
+        m => m.min(held),
+    };
+    usize::try_from(max)
+        .unwrap_or(usize::MAX)
+        .saturating_add(ANSWER_OVERHEAD)
 }
 
 /// Runs `futs` concurrently; their outputs in the order of `futs`.
@@ -563,9 +587,14 @@ impl JsApi {
             Ok(req) => req,
         };
         let single = req.batch == 0 && req.multi_last.is_empty() && req.start_time.is_none();
-        if !single || self.direct.futs().len() >= DIRECT_PIPELINE {
+        let bound = answer_bound(&h);
+        if !single
+            || self.direct.futs().len() >= DIRECT_PIPELINE
+            || self.direct.bound.saturating_add(bound) > super::ANSWER_BUDGET
+        {
             self.finish_direct().await;
         }
+        self.direct.bound = self.direct.bound.saturating_add(bound);
         let stream = stream.to_string();
         let fut = async move {
             let parts = match answer(&h, &req, caller.as_deref()).await {
@@ -591,6 +620,7 @@ impl JsApi {
             return;
         }
         let futs = std::mem::take(self.direct.futs());
+        self.direct.bound = 0;
         for (reply, parts) in join_all(futs).await {
             self.push_parts(&reply, parts);
         }

@@ -76,7 +76,7 @@
 //!   wait (the rest waits in the inbox for the next iteration, after
 //!   these answers are routed); consumer deliveries, pull and push
 //!   together, stop at [`DELIVERY_BUDGET`] and resume round-robin with
-//!   the next consumer; lists and `STREAM.INFO` subjects are paged with
+//!   the next consumer (pull and push take turns going first); lists and `STREAM.INFO` subjects are paged with
 //!   nats-server's limits and `offset` (see `streams`).
 //! - One loop iteration: take requests and acks, expire timers, deliver to
 //!   waiting pull requests, apply retention, write changed consumer files,
@@ -193,9 +193,10 @@ const REQUEST_BYTES: usize = 1 << 20;
 /// Bytes of answers waiting to be routed past which the loop takes no
 /// more requests this iteration: with the largest single answer
 /// ([`direct::DIRECT_MAX_BYTES`], a list page) or the pipelined
-/// single-message direct gets ([`direct::DIRECT_PIPELINE`] stored
-/// messages, each at most the largest publish) on top, one iteration holds
-/// a bounded number of answer bytes, whatever the peers ask.
+/// single-message direct gets (at most [`direct::DIRECT_PIPELINE`] stored
+/// messages whose largest possible sizes add up to at most this budget, or
+/// one message) on top, one iteration holds a bounded number of answer
+/// bytes, whatever the peers ask.
 const ANSWER_BUDGET: usize = 16 << 20;
 /// Bytes of messages all consumers (pull and push together) deliver per
 /// loop iteration; each consumer's turn starts where the last iteration
@@ -278,6 +279,9 @@ pub struct JsApi {
     /// share [`DELIVERY_BUDGET`] round-robin.
     pull_turn: usize,
     push_turn: usize,
+    /// Push consumers deliver before pull ones this iteration (alternates,
+    /// see [`JsApi::deliver_all`]).
+    push_first: bool,
     /// The last delivery pass stopped at [`DELIVERY_BUDGET`]: run again
     /// without waiting.
     budget_cut: bool,
@@ -342,6 +346,7 @@ impl JsApi {
             direct: direct::Pending::default(),
             pull_turn: 0,
             push_turn: 0,
+            push_first: false,
             budget_cut: false,
         }
     }

@@ -332,12 +332,35 @@ impl JsApi {
         }
     }
 
-    /// Hand messages to waiting pull requests. The consumers share
-    /// [`super::DELIVERY_BUDGET`] (with the push deliveries that follow in
-    /// the same iteration); the next iteration starts with the consumer
-    /// after the last one served.
-    pub async fn deliver(&mut self, now: u64) {
+    /// One iteration's deliveries: pull ([`JsApi::deliver`]) and push
+    /// ([`JsApi::deliver_push`]) consumers share
+    /// [`super::DELIVERY_BUDGET`], and the kind that goes first alternates
+    /// from one iteration to the next, so busy pull consumers cannot hold
+    /// the whole budget every iteration and starve push ones (KV
+    /// watchers), nor the reverse. Returns [`JsApi::deliver_push`]'s
+    /// answer: whether some push consumer waits for a subscriber.
+    pub async fn deliver_all(
+        &mut self,
+        now: u64,
+        interest: &(dyn Fn(&str) -> bool + Sync),
+    ) -> bool {
         self.budget_cut = false;
+        self.push_first = !self.push_first;
+        if self.push_first {
+            let waiting = self.deliver_push(now, interest).await;
+            self.deliver(now).await;
+            waiting
+        } else {
+            self.deliver(now).await;
+            self.deliver_push(now, interest).await
+        }
+    }
+
+    /// Hand messages to waiting pull requests. The consumers share
+    /// [`super::DELIVERY_BUDGET`] (with the push deliveries of the same
+    /// iteration, see [`JsApi::deliver_all`]); the next iteration starts
+    /// with the consumer after the last one served.
+    pub async fn deliver(&mut self, now: u64) {
         let order = self.consumers_from(self.pull_turn, |c| !c.waiting.is_empty());
         let n = order.len();
         for (k, (i, name)) in order.into_iter().enumerate() {

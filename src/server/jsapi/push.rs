@@ -21,7 +21,9 @@
 //! - All consumers together send at most about [`super::DELIVERY_BUDGET`]
 //!   bytes per iteration (one message past it at most); the next
 //!   iteration resumes with the consumer after the last one served, so N
-//!   consumers cannot make one iteration hold N times a large backlog.
+//!   consumers cannot make one iteration hold N times a large backlog;
+//!   push and pull consumers take turns going first
+//!   ([`JsApi::deliver_all`]), so neither kind starves the other.
 
 use super::render::status_msg;
 use super::{JsApi, Out, OutBuf};
@@ -197,7 +199,8 @@ async fn push_consumer(
 impl JsApi {
     /// Deliver for every push consumer; `interest` says whether a subject
     /// has a subscriber. The consumers share [`super::DELIVERY_BUDGET`]
-    /// with the pull deliveries of this iteration; the next iteration
+    /// with the pull deliveries of this iteration (which go first every
+    /// other iteration, see [`JsApi::deliver_all`]); the next iteration
     /// starts after the last consumer served, so all get their turn.
     /// Returns whether some push consumer waits for a subscriber on its
     /// deliver subject.

@@ -42,19 +42,28 @@ impl JsApi {
                 .sum()
         };
         let consumers: usize = self.slots.iter().map(|s| s.consumers.len()).sum();
-        let max_streams = self
-            .admin
-            .as_ref()
-            .map_or(-1, |a| i64::try_from(a.max_streams).unwrap_or(i64::MAX));
+        // -1: no limit, as nats-server reports an unlimited account.
+        let limit = |n: u64| match n {
+            0 => -1,
+            n => i64::try_from(n).unwrap_or(i64::MAX),
+        };
+        let a = self.admin.as_ref();
+        let max_streams = a.map_or(-1, |a| limit(a.max_streams as u64));
+        let max_memory = a.map_or(-1, |a| limit(a.max_memory));
+        let max_storage = a.map_or(-1, |a| limit(a.max_storage));
+        // With max_storage every stream must set max_bytes (memory ones
+        // always must).
+        let required = a.is_some_and(|a| a.max_storage > 0);
         json!({
             "memory": bytes(Storage::Memory),
             "storage": bytes(Storage::File),
             "streams": self.slots.len(),
             "consumers": consumers,
             "limits": {
-                "max_memory": -1, "max_storage": -1, "max_streams": max_streams, "max_consumers": -1,
+                "max_memory": max_memory, "max_storage": max_storage,
+                "max_streams": max_streams, "max_consumers": -1,
                 "max_ack_pending": -1, "memory_max_stream_bytes": -1,
-                "storage_max_stream_bytes": -1, "max_bytes_required": false
+                "storage_max_stream_bytes": -1, "max_bytes_required": required
             },
             "api": {"total": self.api_total, "errors": self.api_errors},
         })

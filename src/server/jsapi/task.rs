@@ -131,9 +131,8 @@ async fn run(
             watchers.push(watch(&h, &wake_tx));
         }
         api.tick(now, &cursors);
-        api.deliver(now).await;
         let generation = broker.generation();
-        let no_subscriber = api.deliver_push(now, &|s| broker.has_interest(s)).await;
+        let no_subscriber = api.deliver_all(now, &|s| broker.has_interest(s)).await;
         api.apply_retention().await;
         api.persist();
         for (to, m) in api.take_out() {

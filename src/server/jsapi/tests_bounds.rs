@@ -79,6 +79,48 @@ fn answers_held_per_iteration_are_bounded_in_bytes() {
     block_on(h.close());
 }
 
+#[test]
+fn pipelined_direct_gets_are_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 MiB of 1 MiB messages, no max_msg_size: any one may be asked for.
+    let h = mem_stream(dir.path(), "D", "d.>");
+    for _ in 0..20 {
+        put(&h, "d.a", 1 << 20);
+    }
+    let mut api = JsApi::open(std::slice::from_ref(&h), dir.path(), &[], 1);
+    let inbox = Outbox::new(INBOX_BYTES);
+    for i in 0..100 {
+        let body = format!(r#"{{"seq":{}}}"#, i % 20 + 1);
+        inbox.push(1, request("$JS.API.DIRECT.GET.D", &format!("r.{i}"), &body));
+    }
+    let mut answered = 0;
+    while inbox.pending() > 0 {
+        block_on(take_requests(&mut api, &inbox, 1));
+        block_on(api.finish_direct());
+        let held = api.out_bytes();
+        assert!(
+            held <= ANSWER_BUDGET + (1 << 20) + (64 << 10),
+            "one iteration holds {held} bytes of answers"
+        );
+        answered += api.take_out().len();
+    }
+    assert_eq!(answered, 100);
+    // Small messages (a KV bucket) still pipeline: the 64 gets of a burst
+    // are pending together.
+    let k = mem_stream(dir.path(), "K", "k.>");
+    put(&k, "k.a", 100);
+    let mut api = JsApi::open(std::slice::from_ref(&k), dir.path(), &[], 1);
+    for i in 0..64 {
+        let m = request("$JS.API.DIRECT.GET.K.k.a", &format!("r.{i}"), "");
+        block_on(api.handle(&m, 1));
+    }
+    assert_eq!(api.direct.futs().len(), 64);
+    block_on(api.finish_direct());
+    assert_eq!(api.take_out().len(), 64);
+    block_on(h.close());
+    block_on(k.close());
+}
+
 /// Handle one API request and return its JSON answer (sent to `r`).
 fn call(api: &mut JsApi, subject: &str, body: Value) -> Value {
     let m = request(subject, "r", &body.to_string());
@@ -105,8 +147,7 @@ fn big_backlog(dir: &Path, n: usize) -> (StreamHandle, JsApi) {
 fn drain(api: &mut JsApi, passes: usize) -> BTreeMap<String, Vec<u64>> {
     let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for _ in 0..passes {
-        block_on(api.deliver(1));
-        block_on(api.deliver_push(1, &|_| true));
+        block_on(api.deliver_all(1, &|_| true));
         let held = api.out_bytes();
         assert!(
             held <= DELIVERY_BUDGET + (65 << 10) + 1024,
@@ -180,6 +221,41 @@ fn pull_deliveries_share_the_budget() {
     block_on(h.close());
 }
 
+#[test]
+fn busy_pull_consumers_do_not_starve_push_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    // 25 MiB of backlog: a pull request for all of it fills the delivery
+    // budget for several passes.
+    let (h, mut api) = big_backlog(dir.path(), 400);
+    let v = call(
+        &mut api,
+        "$JS.API.CONSUMER.CREATE.S.c",
+        json!({"stream_name": "S", "config": {"durable_name": "c", "ack_policy": "none"}}),
+    );
+    assert_eq!(v["name"], "c", "{v}");
+    let next = request("$JS.API.CONSUMER.MSG.NEXT.S.c", "in", r#"{"batch":1000}"#);
+    block_on(api.handle(&next, 1));
+    let v = call(
+        &mut api,
+        "$JS.API.CONSUMER.CREATE.S.w",
+        json!({"stream_name": "S", "config": {"name": "w",
+            "deliver_subject": "watch", "ack_policy": "none"}}),
+    );
+    assert_eq!(v["name"], "w", "{v}");
+    // Both kinds get messages within two passes.
+    let mut all = drain(&mut api, 2);
+    for to in ["in", "watch"] {
+        assert!(all.get(to).is_some_and(|s| !s.is_empty()), "{to}: {all:?}");
+    }
+    for (to, s) in drain(&mut api, 20) {
+        all.entry(to).or_default().extend(s);
+    }
+    let want: Vec<u64> = (1..=400).collect();
+    assert_eq!(all.get("in"), Some(&want));
+    assert_eq!(all.get("watch"), Some(&want));
+    block_on(h.close());
+}
+
 fn err_code(v: &Value) -> u64 {
     v["error"]["err_code"].as_u64().unwrap_or(0)
 }
@@ -195,6 +271,8 @@ fn created_streams_are_limited_in_number_and_memory() {
         key: None,
         max_streams: 2,
         memory_left: 1 << 20,
+        max_memory: 1 << 20,
+        max_storage: 0,
     };
     let mut api = JsApi::open(&[], dir.path(), &[], 1).with_admin(admin);
     let create = |api: &mut JsApi, name: &str, extra: Value| {
@@ -227,6 +305,11 @@ fn created_streams_are_limited_in_number_and_memory() {
     assert_eq!(err_code(&v), 10027, "{v}");
     let v = call(&mut api, "$JS.API.INFO", json!({}));
     assert_eq!(v["limits"]["max_streams"], 2, "{v}");
+    // The limits enforced are the limits reported (no max_storage: -1).
+    assert_eq!(v["limits"]["max_memory"], 1 << 20, "{v}");
+    assert_eq!(v["limits"]["max_storage"], -1, "{v}");
+    assert_eq!(v["limits"]["max_bytes_required"], false, "{v}");
+    assert_eq!(v["memory"], 0, "{v}");
     assert_eq!(v["streams"], 2, "{v}");
     for s in ["M", "F"] {
         let v = call(&mut api, &format!("$JS.API.STREAM.DELETE.{s}"), json!({}));
