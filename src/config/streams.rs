@@ -293,9 +293,10 @@ mod tests {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
         // A memory stream without max_bytes would be unbounded RAM.
-        let e = Config::parse("[[stream]]\nname = \"M\"\nsubjects = [\"m\"]\nstorage = \"memory\"\n")
-            .unwrap_err()
-            .0;
+        let e =
+            Config::parse("[[stream]]\nname = \"M\"\nsubjects = [\"m\"]\nstorage = \"memory\"\n")
+                .unwrap_err()
+                .0;
         assert!(
             e.contains("stream[0] (\"M\").max_bytes") && e.contains("must set max_bytes"),
             "{e}"
@@ -417,7 +418,10 @@ mod tests {
         );
         let e = Config::parse(&format!(
             "{top}{}",
-            stream("m", "storage = \"memory\"\nmax_bytes = \"1MiB\"\nencrypt = true\n")
+            stream(
+                "m",
+                "storage = \"memory\"\nmax_bytes = \"1MiB\"\nencrypt = true\n"
+            )
         ))
         .unwrap_err();
         assert!(e.0.contains("memory"), "{e}");
