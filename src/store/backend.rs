@@ -223,11 +223,28 @@ impl Backend for FsBackend {
     }
 }
 
-/// One simulated file: `data[..synced]` is what survives a crash.
+/// One simulated file: `data[..synced]` is what survives a crash, with
+/// zeros in `lost` (ranges a failed sync dropped, see
+/// [`MemBackend::set_fail_sync_losing`]).
 #[derive(Debug, Clone, Default)]
 struct MemFile {
     data: Vec<u8>,
     synced: usize,
+    lost: Vec<(usize, usize)>,
+}
+
+impl MemFile {
+    /// What a crash leaves, keeping `keep` unsynced bytes.
+    fn after_crash(&self, keep: usize) -> Vec<u8> {
+        let len = self.data.len().min(self.synced.saturating_add(keep));
+        let mut out = self.data.get(..len).unwrap_or(&self.data).to_vec();
+        for &(a, b) in &self.lost {
+            if let Some(r) = out.get_mut(a..b.min(len)) {
+                r.fill(0);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Default)]
@@ -237,6 +254,8 @@ struct MemDisk {
     /// Total bytes the disk may hold (ENOSPC beyond).
     space: Option<u64>,
     fail_sync: bool,
+    /// A failed sync loses the unsynced bytes (see `set_fail_sync_losing`).
+    fail_loses: bool,
 }
 
 /// In-memory files with crash simulation. Clones share the same disk, so a
@@ -272,8 +291,7 @@ impl MemBackend {
     pub fn crash_image(&self) -> MemBackend {
         let img = MemBackend::new();
         for (name, f) in &self.disk().files {
-            let data = f.data.get(..f.synced).unwrap_or(&f.data).to_vec();
-            img.set_file(name, data);
+            img.set_file(name, f.after_crash(0));
         }
         img
     }
@@ -292,9 +310,9 @@ impl MemBackend {
     /// bytes of its unsynced data.
     pub fn crash_torn(&self, keep: usize) {
         for f in self.disk().files.values_mut() {
-            let len = f.data.len().min(f.synced.saturating_add(keep));
-            f.data.truncate(len);
-            f.synced = len;
+            f.data = f.after_crash(keep);
+            f.synced = f.data.len();
+            f.lost.clear();
         }
     }
 
@@ -318,7 +336,19 @@ impl MemBackend {
 
     /// Make every `sync` fail (as an EIO from fsync).
     pub fn set_fail_sync(&self, fail: bool) {
-        self.disk().fail_sync = fail;
+        let mut d = self.disk();
+        d.fail_sync = fail;
+        d.fail_loses = false;
+    }
+
+    /// Make every `sync` fail as Linux's fsync may ("fsyncgate"): the
+    /// unsynced bytes of the file are lost but marked clean, so reads still
+    /// see them, a later sync succeeds without writing them, and a crash
+    /// image holds zeros there.
+    pub fn set_fail_sync_losing(&self, fail: bool) {
+        let mut d = self.disk();
+        d.fail_sync = fail;
+        d.fail_loses = fail;
     }
 
     /// A copy of a file's current bytes.
@@ -329,9 +359,14 @@ impl MemBackend {
     /// Replace a file's bytes (all considered synced).
     pub fn set_file(&self, name: &str, data: Vec<u8>) {
         let synced = data.len();
-        self.disk()
-            .files
-            .insert(name.to_string(), MemFile { data, synced });
+        self.disk().files.insert(
+            name.to_string(),
+            MemFile {
+                data,
+                synced,
+                lost: Vec::new(),
+            },
+        );
     }
 
     /// File names, sorted.
@@ -406,6 +441,12 @@ impl Backend for MemBackend {
         drop(self.gate.lock().unwrap_or_else(|e| e.into_inner()));
         let mut d = self.disk();
         if d.fail_sync {
+            if d.fail_loses {
+                if let Some(f) = d.files.get_mut(name) {
+                    f.lost.push((f.synced, f.data.len()));
+                    f.synced = f.data.len();
+                }
+            }
             return Err(io::Error::other(
                 "Input/output error (injected fsync failure)",
             ));
@@ -422,6 +463,7 @@ impl Backend for MemBackend {
         let len = usize::try_from(len).unwrap_or(usize::MAX).min(f.data.len());
         f.data.truncate(len);
         f.synced = f.synced.min(len);
+        f.lost.retain(|&(a, _)| a < len);
         Ok(())
     }
 
@@ -512,5 +554,16 @@ mod tests {
         assert_eq!(b.file("x").unwrap()[0], b'a' ^ 1);
         b.set_fail_sync(true);
         assert!(b.sync("x").is_err());
+        // fsyncgate: the failed sync loses the unsynced "12!!"; a later one
+        // does not save them.
+        b.set_space_limit(None);
+        b.set_fail_sync_losing(true);
+        b.append("x", b"!!").unwrap();
+        assert!(b.sync("x").is_err());
+        b.set_fail_sync_losing(false);
+        b.append("x", b"?").unwrap();
+        b.sync("x").unwrap();
+        assert_eq!(b.file("x").unwrap(), b"`bcde12!!?");
+        assert_eq!(b.crash_image().file("x").unwrap(), b"`bcde\0\0\0\0?");
     }
 }

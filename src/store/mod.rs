@@ -176,6 +176,11 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
     /// Records known lost (a corrupt record in the middle, skipped).
     pub lost_records: u64,
+    /// Records (at least) in the bytes cut from the log's tail (the newest
+    /// segment; a cut elsewhere counts in `lost_records`): the whole
+    /// ones still found there (a zero-filled hole ends the count), and at
+    /// least one if any cut byte is not zero.
+    pub cut_records: u64,
 }
 
 /// Why [`Store::append`] stored nothing.

@@ -353,11 +353,15 @@ impl Store {
         if let Some(why) = cut {
             let dropped = len - pos as u64;
             report.truncated_bytes += dropped;
+            if next_base.is_none() {
+                let tail = buf.get(pos..).unwrap_or(&[]);
+                report.cut_records += records_in(tail, h.seal.is_some());
+            }
             if let Some(nb) = next_base {
                 report.lost_records += nb.saturating_sub(base + ix.slots.len() as u64);
             }
             let tail = if next_base.is_none() {
-                " (unacknowledged tail)"
+                " (the tail: not fsynced at a crash?)"
             } else {
                 ""
             };
@@ -547,4 +551,27 @@ impl Store {
         self.backend.remove(&index_name(base))?;
         self.backend.remove(&tomb_name(base))
     }
+}
+
+/// A lower bound of the records in `tail`, bytes cut from a segment: the
+/// plain records whose length prefixes chain from its start (a zero-filled
+/// hole ends the walk), and at least one if any byte is not zero.
+pub(super) fn records_in(tail: &[u8], sealed: bool) -> u64 {
+    if tail.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    if sealed {
+        return 1;
+    }
+    let mut n = 0u64;
+    let mut pos = 0usize;
+    while let Some(p) = tail.get(pos..pos.saturating_add(4)) {
+        let body = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        if !(record::MIN_BODY..=record::MAX_BODY).contains(&body) {
+            break;
+        }
+        n += 1;
+        pos = pos.saturating_add(record::PREFIX_LEN + body);
+    }
+    n.max(1)
 }

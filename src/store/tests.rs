@@ -248,7 +248,34 @@ fn torn_tail_via_crash_torn() {
     drop(st);
     let (mut st, rep) = open(&b, opts());
     assert_eq!(rep.truncated_bytes, 5);
+    assert_eq!(rep.cut_records, 1, "a torn record counts");
     assert_eq!(all(&mut st).len(), 3);
+}
+
+#[test]
+fn a_cut_tail_counts_the_records_it_held() {
+    let b = MemBackend::new();
+    let (mut st, _) = open(&b, opts());
+    fill(&mut st, 3);
+    st.sync().unwrap();
+    let name = b.names()[0].clone();
+    let damaged = b.file(&name).unwrap().len();
+    for i in 3..6 {
+        put(&mut st, &msg(i), T0);
+    }
+    st.sync().unwrap();
+    drop(st);
+    // The first of the three newest records is damaged: all three are cut.
+    b.flip_bit(&name, damaged + 12, 0);
+    let (mut st, rep) = open(&b, opts());
+    assert_eq!(all(&mut st).len(), 3);
+    assert!(rep.truncated_bytes > 0);
+    // Plain records are walked by their length prefixes; an encrypted
+    // tail counts as at least one.
+    let want = if encrypted() { 1 } else { 3 };
+    assert_eq!((rep.cut_records, rep.lost_records), (want, 0));
+    // A zero-filled hole (a write lost by the disk) ends the walk.
+    assert_eq!(recover::records_in(&[0; 40], false), 0);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! by the owner after their batch); a reply channel carries exactly one
 //! answer; dropping the last handle stops the owner after a final sync.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -30,6 +30,9 @@ pub(super) struct Shared {
     pub queued_bytes: AtomicUsize,
     /// Notified when reserved bytes are given back, and at shutdown.
     pub room: event_listener::Event,
+    /// Publishes nobody waits for that were not stored, or dropped before
+    /// their fsync ([`StreamHandle::unstored`]).
+    pub unstored: AtomicU64,
 }
 
 impl Shared {
@@ -212,8 +215,12 @@ impl StreamHandle {
     /// same caller submits, but with [`SyncPolicy::Always`] a batch of
     /// only such messages is written without its own fsync; it becomes
     /// durable (and visible to readers) with the next fsync, at the latest
-    /// [`LAZY_SYNC_AFTER`] later. A failure to store it is only logged.
-    /// Awaits only while the owner's queue is full (backpressure).
+    /// [`LAZY_SYNC_AFTER`] later. If that fsync fails, it is dropped (never
+    /// made durable by a later one). A message the stream refuses (full,
+    /// too large, ...) or drops is counted in [`StreamHandle::unstored`]
+    /// and logged (at most every 10 s per stream); `Ok` means only that it
+    /// was queued. Awaits only while the owner's queue is full
+    /// (backpressure).
     pub async fn store(&self, msg: Message) -> Result<(), StreamError> {
         self.queue(msg, None).await
     }
@@ -320,6 +327,12 @@ impl StreamHandle {
     /// The full state (a round trip to the owner).
     pub async fn info(&self) -> Result<StreamInfo, StreamError> {
         self.call(Cmd::Info).await?
+    }
+
+    /// Publishes nobody waited for ([`StreamHandle::store`]) that were not
+    /// stored (refused, or dropped after a failed fsync) since the open.
+    pub fn unstored(&self) -> u64 {
+        self.inner.shared.unstored.load(Ordering::Relaxed)
     }
 
     /// Current state (cheap, no round trip to the owner).

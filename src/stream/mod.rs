@@ -53,8 +53,13 @@
 //!   with a waiting publisher fsyncs them with its own, or the owner does
 //!   [`LAZY_SYNC_AFTER`] after the first such write. Until then they are
 //!   not durable, so readers do not see them yet (order is unchanged:
-//!   `durable` is a prefix). A sync failure keeps them unsynced and is
-//!   retried, as with `Interval`.
+//!   `durable` is a prefix). A failed fsync drops them: the log is cut
+//!   back to the last successful fsync (a failed fsync may have lost their
+//!   pages while a later one succeeds, so retrying could make a hole
+//!   durable and recovery would then cut the acknowledged records after
+//!   it); they are counted in [`StreamHandle::unstored`], as are those the
+//!   stream refuses. While they wait, limits, deletes, purges, acks and
+//!   compaction wait too (a delete, purge, ack or close fsyncs them first).
 //! - If a publish, write or fsync fails, the whole batch is rolled back
 //!   (file truncated to the pre-batch length) and every publisher of the
 //!   batch gets [`StreamError::Io`]; later batches try again.
@@ -97,7 +102,7 @@ pub mod push;
 pub mod rules;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -425,6 +430,44 @@ pub fn open(dir: &Path, cfg: StreamConfig) -> Result<(StreamHandle, RecoveryRepo
     open_with_backend(backend, cfg, None)
 }
 
+/// Tells the operator what recovery cut and whether any of it had been
+/// acknowledged.
+fn log_recovery(cfg: &StreamConfig, r: &RecoveryReport) {
+    let name = &cfg.name;
+    if r.truncated_bytes > 0 {
+        let whose = match cfg.sync {
+            SyncPolicy::Always => {
+                "with sync = \"always\" none of them had been acknowledged: they were publishes \
+                 nobody waits for (MQTT QoS 0, NATS without reply) not yet fsynced at a crash, or \
+                 a torn write; nothing to do (after a clean shutdown this means disk damage: \
+                 check the disk)"
+            }
+            SyncPolicy::Interval(_) => {
+                "with sync = \"interval\" they may include publishes acknowledged less than one \
+                 interval before a crash; use sync = \"always\" if that is not acceptable"
+            }
+            SyncPolicy::Never => {
+                "with sync = \"never\" they may include acknowledged publishes the OS had not \
+                 written at a crash"
+            }
+        };
+        log::warn!(
+            "stream {name}: recovery cut {} damaged bytes (at least {} records at the end of \
+             the log; {} records intact); {whose}",
+            r.truncated_bytes,
+            r.cut_records,
+            r.records
+        );
+    }
+    if r.lost_records > 0 {
+        log::error!(
+            "stream {name}: recovery skipped {} damaged records inside the log (disk damage, \
+             acknowledged or not); check the disk",
+            r.lost_records
+        );
+    }
+}
+
 /// Open a stream on a given backend (tests: [`MemBackend`] for crash
 /// simulation). `opts` overrides the store options derived from `cfg`
 /// ([`store_options`], e.g. a small segment size; the tagger is always the
@@ -438,13 +481,7 @@ pub fn open_with_backend(
     let (stream, report) =
         Stream::open(backend, &cfg, opts, owner::now_ns()).map_err(StreamError::Io)?;
     if report.truncated_bytes > 0 || report.lost_records > 0 {
-        log::warn!(
-            "stream {}: recovery cut {} damaged bytes; {} records lost; {} records intact",
-            cfg.name,
-            report.truncated_bytes,
-            report.lost_records,
-            report.records
-        );
+        log_recovery(&cfg, &report);
     }
     let shared = Arc::new(Shared {
         state: Mutex::new(stream.state()),
@@ -452,6 +489,7 @@ pub fn open_with_backend(
         closed: AtomicBool::new(false),
         queued_bytes: AtomicUsize::new(0),
         room: event_listener::Event::new(),
+        unstored: AtomicU64::new(0),
     });
     let (tx, rx) = smol::channel::bounded(QUEUE_DEPTH);
     let thread = {

@@ -8,6 +8,14 @@
 //! (and fsynced with `Always`); a failed batch leaves no bytes behind and
 //! acknowledges nobody; `durable` never exceeds what the policy made safe,
 //! and [`Shared::state`] and reads never go beyond `durable`.
+//!
+//! `Always` and publishes nobody waits for (`synced`): a failed fsync may
+//! have lost their pages without a trace (Linux marks them clean and a
+//! later fsync succeeds), so it rolls the log back to the last successful
+//! fsync and drops them (counted, logged): nothing written before a failed
+//! fsync is made durable by a later one. While they wait, no removal
+//! (limits, delete, purge, ack) and no compaction runs, so that rollback
+//! never has to undo a removal.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -15,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::handle::{Cmd, Reply, Shared};
-use super::{Stream, StreamError, SyncPolicy, LAZY_SYNC_AFTER, MAX_BATCH};
+use super::{Mark, PubAck, Stream, StreamError, SyncPolicy, LAZY_SYNC_AFTER, MAX_BATCH};
 
 /// Unix time in nanoseconds (0 if the clock is before 1970).
 pub(super) fn now_ns() -> u64 {
@@ -39,6 +47,41 @@ const MAX_LINGER: Duration = Duration::from_millis(1);
 /// commit (a KV bucket removes a revision on every put).
 const TOMB_SYNC_AFTER: Duration = Duration::from_secs(1);
 
+/// A repeated failure is logged at most this often per stream.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets a repeated log line through at most once per [`LOG_EVERY`],
+/// counting the ones it holds back.
+#[derive(Default)]
+struct Quiet {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Quiet {
+    /// `None`: stay quiet. `Some(n)`: log now; `n` similar lines were held
+    /// back since the last one.
+    fn pass(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// `, and N more since the last report` (nothing for none).
+fn more(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} more like it in the last {}s)", LOG_EVERY.as_secs()),
+    }
+}
+
 struct Owner {
     stream: Stream,
     shared: Arc<Shared>,
@@ -59,6 +102,13 @@ struct Owner {
     missed: bool,
     /// A recent fsync's duration (moving average).
     sync_time: Duration,
+    /// `Always`: the position of the last successful fsync while writes
+    /// nobody waits for follow it unsynced (see the module notes).
+    synced: Option<Mark>,
+    /// Failed writes and fsyncs (logged at most every [`LOG_EVERY`]).
+    fail_log: Quiet,
+    /// Publishes nobody waits for that were refused.
+    refused_log: Quiet,
 }
 
 pub(super) fn run(
@@ -79,6 +129,9 @@ pub(super) fn run(
         expect: 0,
         missed: false,
         sync_time: Duration::ZERO,
+        synced: None,
+        fail_log: Quiet::default(),
+        refused_log: Quiet::default(),
     };
     let mut closed = false;
     while !closed {
@@ -127,6 +180,13 @@ fn io_copy(e: &io::Error) -> io::Error {
         format!("{e}; the message was not stored (free space or fix the disk, then retry)"),
     )
 }
+
+/// A publish's acknowledgement channel (`None`: nobody waits) and result
+/// (`None`: not tried, an earlier one of the batch failed).
+type Acked = (
+    Option<Reply<Result<PubAck, StreamError>>>,
+    Option<Result<PubAck, StreamError>>,
+);
 
 fn reply<T>(r: Reply<T>, v: T) {
     // The publisher may have gone away; that is fine.
@@ -197,7 +257,7 @@ impl Owner {
             Instant::now() + wait
         });
         let at = [sync_at, tombs_at, expiry_at].into_iter().flatten().min();
-        if self.stream.needs_maintenance() {
+        if self.synced.is_none() && self.stream.needs_maintenance() {
             // Compaction runs one segment at a time between batches.
             return Some(Instant::now());
         }
@@ -206,10 +266,27 @@ impl Owner {
 
     fn tick(&mut self) {
         self.interval_sync();
-        let derivable = self.stream.removals_derivable();
-        self.stream.enforce_limits(now_ns());
-        self.after_removals(derivable);
+        self.removals(now_ns());
         self.publish_state();
+        self.maintain();
+    }
+
+    /// Applies the limits, unless writes nobody waits for are not fsynced
+    /// yet (`synced`): then after their fsync.
+    fn removals(&mut self, now: u64) {
+        if self.synced.is_some() {
+            return;
+        }
+        let derivable = self.stream.removals_derivable();
+        self.stream.enforce_limits(now);
+        self.after_removals(derivable);
+    }
+
+    /// One compaction step, unless `synced` (a rollback may follow).
+    fn maintain(&mut self) {
+        if self.synced.is_some() {
+            return;
+        }
         if let Err(e) = self.stream.maintain() {
             log::warn!("stream compaction failed: {e}; will retry");
         }
@@ -246,16 +323,70 @@ impl Owner {
         if since.elapsed() < d {
             return;
         }
+        self.sync_dirty(d);
+    }
+
+    /// Fsyncs the unsynced writes now. `Always`: a failure drops those
+    /// nobody waited for ([`Owner::cut_unsynced`]); `Interval`: retried
+    /// after `retry`.
+    fn sync_dirty(&mut self, retry: Duration) {
         match self.stream.sync() {
-            Ok(()) => {
-                self.durable = self.stream.state().last_seq;
-                self.dirty_since = None;
-            }
-            Err(e) => {
-                log::error!("stream sync failed: {e}; retrying in {d:?}");
-                self.dirty_since = Some(Instant::now());
-            }
+            Ok(()) => self.all_synced(),
+            Err(e) => match self.synced.take() {
+                Some(to) => {
+                    let n = self.cut_unsynced(to);
+                    if let Some(held) = self.fail_log.pass(Instant::now()) {
+                        log::error!(
+                            "stream {}: fsync failed: {e}; dropped the {n} unacknowledged \
+                             messages (MQTT QoS 0, NATS without reply) written since the last \
+                             successful fsync, as no later fsync can make them safe{}; free \
+                             space or fix the disk",
+                            self.stream.cfg.name,
+                            more(held)
+                        );
+                    }
+                }
+                None => {
+                    if let Some(n) = self.fail_log.pass(Instant::now()) {
+                        log::error!(
+                            "stream {}: fsync failed: {e}; retrying every {retry:?}{} \
+                             (free space or fix the disk)",
+                            self.stream.cfg.name,
+                            more(n)
+                        );
+                    }
+                    self.dirty_since = Some(Instant::now());
+                }
+            },
         }
+    }
+
+    /// `Always`: fsyncs writes nobody waited for before an operation that
+    /// removes messages or closes (see the module notes).
+    fn settle(&mut self) {
+        if self.synced.is_some() {
+            self.sync_dirty(LAZY_SYNC_AFTER);
+        }
+    }
+
+    /// Every write is fsynced: all of it is durable.
+    fn all_synced(&mut self) {
+        self.durable = self.stream.state().last_seq;
+        self.dirty_since = None;
+        self.synced = None;
+    }
+
+    /// `Always`: an fsync failed with writes nobody waited for after the
+    /// last successful one (at `to`). Their pages may be gone while a later
+    /// fsync would succeed, so they are cut off and counted, never made
+    /// durable. Returns how many were dropped (the caller logs).
+    fn cut_unsynced(&mut self, to: Mark) -> u64 {
+        let n = self.stream.state().last_seq.saturating_sub(to.last_seq());
+        self.stream.rollback(to);
+        self.dirty_since = None;
+        self.synced = None;
+        self.shared.unstored.fetch_add(n, Ordering::Relaxed);
+        n
     }
 
     fn publish_state(&mut self) {
@@ -296,29 +427,27 @@ impl Owner {
         let appended = self.stream.state().last_seq != mark.last_seq();
         // Publishers waiting for their acknowledgement.
         let waiting = acks.iter().filter(|(r, _)| r.is_some()).count();
+        self.count_refused(&acks);
         // `Always`: an acknowledgement needs every write before it fsynced
         // (a duplicate's names an earlier message nobody may have waited
         // for); a batch nobody waits for is only written.
         let sync_now = self.policy == SyncPolicy::Always
             && waiting > 0
             && (appended || self.dirty_since.is_some());
+        let mut sync_failed = false;
         if failed.is_none() && (appended || sync_now) {
-            let res = if sync_now {
+            // Written first: a failed write (ENOSPC) is not a failed fsync
+            // and leaves earlier writes intact.
+            failed = self.stream.flush().err();
+            if failed.is_none() && sync_now {
                 let t = Instant::now();
-                let res = self.stream.sync_appends();
+                failed = self.stream.sync_appends().err();
+                sync_failed = failed.is_some();
                 self.sync_time = (self.sync_time * 3 + t.elapsed()) / 4;
-                res
-            } else {
-                self.stream.flush()
-            };
-            failed = res.err();
+            }
         }
         if let Some(e) = &failed {
-            log::error!(
-                "stream write failed: {e}; rejecting {} publishes",
-                acks.len()
-            );
-            self.stream.rollback(mark);
+            self.fail_batch(e, mark.clone(), sync_failed, &acks);
             for (_, res) in acks.iter_mut() {
                 if !matches!(res, Some(Err(_))) {
                     *res = Some(Err(StreamError::Io(io_copy(e))));
@@ -327,20 +456,20 @@ impl Owner {
         } else if sync_now {
             // Every unsynced segment was fsynced, earlier writes that
             // nobody waited for included.
-            self.durable = self.stream.state().last_seq;
-            self.dirty_since = None;
+            self.all_synced();
         } else if appended {
             match self.policy {
                 SyncPolicy::Never => self.durable = self.stream.state().last_seq,
                 SyncPolicy::Always | SyncPolicy::Interval(_) => {
+                    if self.policy == SyncPolicy::Always && self.synced.is_none() {
+                        self.synced = Some(mark);
+                    }
                     self.dirty_since.get_or_insert_with(Instant::now);
                     self.interval_sync();
                 }
             }
         }
-        let derivable = self.stream.removals_derivable();
-        self.stream.enforce_limits(now);
-        self.after_removals(derivable);
+        self.removals(now);
         self.publish_state();
         // Those acknowledged now, and those that came meanwhile, make the
         // next commit (see `collect`); nobody comes back for a publish
@@ -358,9 +487,7 @@ impl Owner {
         for cmd in later {
             self.handle_other(cmd, &mut closes);
         }
-        if let Err(e) = self.stream.maintain() {
-            log::warn!("stream compaction failed: {e}; will retry");
-        }
+        self.maintain();
         if closes.is_empty() {
             return false;
         }
@@ -371,8 +498,78 @@ impl Owner {
         true
     }
 
+    /// A batch failed with `e`: roll it back (with a failed fsync under
+    /// `Always`, back to the last successful fsync: [`Owner::cut_unsynced`])
+    /// and log it, rate-limited.
+    fn fail_batch(&mut self, e: &io::Error, mark: Mark, sync_failed: bool, acks: &[Acked]) {
+        // This batch's messages nobody waits for that were stored or not
+        // tried (those refused are counted already, duplicates store none).
+        let unacked = acks
+            .iter()
+            .filter(|(r, res)| {
+                r.is_none()
+                    && matches!(
+                        res,
+                        None | Some(Ok(PubAck {
+                            duplicate: false,
+                            ..
+                        }))
+                    )
+            })
+            .count() as u64;
+        let rejected = acks.iter().filter(|(r, _)| r.is_some()).count();
+        self.stream.rollback(mark);
+        self.shared.unstored.fetch_add(unacked, Ordering::Relaxed);
+        let earlier = match self.synced.take() {
+            Some(to) if sync_failed => self.cut_unsynced(to),
+            other => {
+                self.synced = other;
+                0
+            }
+        };
+        if let Some(n) = self.fail_log.pass(Instant::now()) {
+            log::error!(
+                "stream {}: storing a batch failed: {e}; rejected {rejected} publishes and \
+                 dropped {} unacknowledged ones (MQTT QoS 0, NATS without reply){}; free space \
+                 or fix the disk",
+                self.stream.cfg.name,
+                unacked + earlier,
+                more(n)
+            );
+        }
+    }
+
+    /// Counts (and logs, rate-limited) publishes nobody waits for that the
+    /// stream refused (full, too large, a failed header check, ...): their
+    /// publisher cannot be told.
+    fn count_refused(&mut self, acks: &[Acked]) {
+        let mut refused = acks.iter().filter_map(|(r, res)| match (r, res) {
+            (None, Some(Err(e))) if !matches!(e, StreamError::Io(_)) => Some(e),
+            _ => None,
+        });
+        let Some(first) = refused.next() else {
+            return;
+        };
+        let n = 1 + refused.count() as u64;
+        self.shared.unstored.fetch_add(n, Ordering::Relaxed);
+        if let Some(held) = self.refused_log.pass(Instant::now()) {
+            log::warn!(
+                "stream {}: {n} unacknowledged publishes (MQTT QoS 0, NATS without reply) not \
+                 stored: {first}{}",
+                self.stream.cfg.name,
+                more(held)
+            );
+        }
+    }
+
     /// A command other than a publish, after the batch's publishes.
     fn handle_other(&mut self, cmd: Cmd, closes: &mut Vec<Reply<()>>) {
+        if matches!(
+            cmd,
+            Cmd::Delete { .. } | Cmd::Purge(..) | Cmd::Ack(..) | Cmd::AckMany(..)
+        ) {
+            self.settle();
+        }
         match cmd {
             Cmd::Read {
                 from,
@@ -466,11 +663,31 @@ impl Owner {
 
     /// Final sync and meta write; everything written becomes durable.
     fn finish(&mut self) {
+        self.settle();
         match self.stream.close() {
             Ok(()) => self.durable = self.stream.state().last_seq,
             Err(e) => log::error!("closing stream: {e}"),
         }
         self.dirty_since = None;
         self.publish_state();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut q = Quiet::default();
+        let t = Instant::now();
+        assert_eq!(q.pass(t), Some(0));
+        for i in 1..100 {
+            assert_eq!(q.pass(t + Duration::from_millis(i)), None);
+        }
+        assert_eq!(q.pass(t + LOG_EVERY), Some(99));
+        assert_eq!(q.pass(t + LOG_EVERY), None);
+        assert_eq!(more(0), "");
+        assert!(more(5).contains("5 more"));
     }
 }

@@ -545,3 +545,79 @@ fn an_acknowledged_duplicate_makes_its_unacknowledged_original_durable() {
         open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
     assert_eq!(rep.records, 1);
 }
+
+/// Payloads of every message a power cut right now leaves, and how many
+/// bytes recovery cut.
+fn after_power_cut(b: &MemBackend) -> (Vec<Vec<u8>>, u64) {
+    let (h, rep) =
+        open_with_backend(Box::new(b.crash_image()), cfg(SyncPolicy::Always), None).unwrap();
+    let got = block_on(h.read(1, usize::MAX, usize::MAX)).unwrap();
+    (
+        got.into_iter().map(|m| m.payload).collect(),
+        rep.truncated_bytes,
+    )
+}
+
+#[test]
+fn a_failed_fsync_drops_earlier_unacknowledged_writes_so_later_acks_survive() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    assert_eq!(block_on(h.publish(msg(0))).unwrap().seq, 1);
+    // The disk fails as Linux may: the failed fsync loses the pages it
+    // could not write and a later fsync succeeds without them.
+    b.set_fail_sync_losing(true);
+    block_on(h.store(msg(1))).unwrap();
+    wait_written(&b, b"p1");
+    // The acknowledged publish that sees the failure is rejected.
+    let err = block_on(h.publish(msg(2))).unwrap_err();
+    assert!(matches!(&err, StreamError::Io(_)), "{err}");
+    b.set_fail_sync_losing(false);
+    let ack = block_on(h.publish(msg(3))).unwrap();
+    // A power cut now keeps every acknowledged message (without the
+    // rollback the lost p1 reads as zeros and recovery cuts p3 with it).
+    let want = [msg(0).payload, msg(3).payload];
+    assert_eq!(after_power_cut(&b), (want.to_vec(), 0));
+    // p1 was never acknowledged: dropped (counted), its sequence reused.
+    assert_eq!(ack.seq, 2);
+    assert_eq!(h.unstored(), 1);
+    let got = block_on(h.read(1, 10, usize::MAX)).unwrap();
+    assert_eq!(got.into_iter().map(|m| m.payload).collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn a_failed_lazy_fsync_drops_the_unacknowledged_writes() {
+    let b = MemBackend::new();
+    let h = open_mem(&b, cfg(SyncPolicy::Always));
+    block_on(h.publish(msg(0))).unwrap();
+    b.set_fail_sync_losing(true);
+    block_on(h.store(msg(1))).unwrap();
+    block_on(h.store(msg(2))).unwrap();
+    // The owner's own fsync (LAZY_SYNC_AFTER later) fails: both dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.unstored() < 2 {
+        assert!(std::time::Instant::now() < deadline, "never dropped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    b.set_fail_sync_losing(false);
+    assert_eq!(h.unstored(), 2);
+    assert_eq!(block_on(h.publish(msg(3))).unwrap().seq, 2);
+    let want = vec![msg(0).payload, msg(3).payload];
+    assert_eq!(after_power_cut(&b), (want, 0));
+    assert_eq!(h.state().last_seq, 2);
+}
+
+#[test]
+fn refused_unacknowledged_publishes_are_counted() {
+    let b = MemBackend::new();
+    let mut c = cfg(SyncPolicy::Always);
+    c.max_msgs = 1;
+    c.discard = Discard::New;
+    let h = open_mem(&b, c);
+    block_on(h.publish(msg(0))).unwrap();
+    block_on(h.store(msg(1))).unwrap();
+    block_on(h.store(msg(2))).unwrap();
+    // Handled in order: once info answers, both stores were refused.
+    block_on(h.info()).unwrap();
+    assert_eq!(h.unstored(), 2);
+    assert_eq!(h.state().msgs, 1);
+}
