@@ -60,6 +60,7 @@ impl Monitor {
                     "last_seq": st.last_seq,
                     "messages": st.msgs,
                     "bytes": st.bytes,
+                    "unstored": s.unstored(),
                 })
             })
             .collect();
@@ -137,6 +138,11 @@ impl Monitor {
                 out,
                 "frond_stream_last_seq{{stream=\"{n}\"}} {}",
                 st.last_seq
+            );
+            let _ = writeln!(
+                out,
+                "frond_stream_unstored{{stream=\"{n}\"}} {}",
+                s.unstored()
             );
         }
         if let Some(u) = &self.uplink {
