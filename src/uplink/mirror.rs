@@ -98,6 +98,10 @@ pub const DEFAULT_SCAN_CAP: u64 = 100_000;
 /// Longest wait for the answer to one resync read (see
 /// [`Mirror::resync_timeout`]).
 pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most hub messages with an untagged id kept for comparison with the
+/// local message (about 60 bytes each); more are ignored (their local
+/// messages are sent again).
+pub const UNTAGGED_MAX: usize = 65_536;
 /// Upper bound on the bytes asked for in one local read.
 pub const READ_MAX_BYTES: usize = 4 << 20;
 
@@ -347,6 +351,11 @@ pub struct Mirror {
     /// not verify, and the hub seq of the first.
     unverified: u64,
     first_unverified: Option<u64>,
+    /// Hub messages with an untagged id (a frond before the tags) naming
+    /// local seq > L: `(local seq, hub seq)` -> [`super::msgid::content_digest`]
+    /// of the hub message. Decided when the local message is read
+    /// (`mirror_scan.rs`); at most [`UNTAGGED_MAX`] entries.
+    untagged: BTreeMap<(u64, u64), [u8; 32]>,
 }
 
 #[derive(Deserialize)]
@@ -444,6 +453,7 @@ impl Mirror {
             warned_unordered: false,
             unverified: 0,
             first_unverified: None,
+            untagged: BTreeMap::new(),
         }
     }
 
@@ -454,7 +464,15 @@ impl Mirror {
     /// The cursor as it would be persisted now.
     pub fn cursor(&self) -> Cursor {
         let mut h = self.floor();
-        if let Some(min_stored) = self.stored.values().flatten().min() {
+        let untagged = self.untagged.keys().map(|k| k.1);
+        if let Some(min_stored) = self
+            .stored
+            .values()
+            .flatten()
+            .copied()
+            .chain(untagged)
+            .min()
+        {
             h = h.min(min_stored.saturating_sub(1));
         }
         Cursor {
@@ -589,6 +607,10 @@ impl Mirror {
             }
             self.local_last_seq = self.local_last_seq.max(m.seq);
             self.next_read = m.seq + 1;
+            if let Some(hub_seq) = self.take_untagged(&m) {
+                self.stored.insert(m.seq, Some(hub_seq));
+                continue;
+            }
             self.pending.push_back(m);
         }
         self.advance();
@@ -939,6 +961,7 @@ impl Mirror {
         let l = self.l;
         self.stored.retain(|&k, _| k > l);
         self.absent.retain(|_, e| *e > l);
+        self.untagged.retain(|&(k, _), _| k > l);
     }
 
     /// Send from `pending` while the window has room; ask for more.

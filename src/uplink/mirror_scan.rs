@@ -38,10 +38,12 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::super::msgid::{content_digest, untagged_seq};
 use super::{
     ApiError, Command, Event, Mirror, Phase, Step, ERR_NO_MESSAGE_FOUND, ERR_STREAM_NOT_FOUND,
-    SCAN_BATCH, SCAN_BATCH_BYTES,
+    SCAN_BATCH, SCAN_BATCH_BYTES, UNTAGGED_MAX,
 };
+use crate::stream::StoredMessage;
 use crate::uplink::source::{parse_reply, Reply};
 use crate::wire::nats::base64;
 use crate::wire::nats::headers::HeaderBlock;
@@ -55,6 +57,8 @@ struct GetJson {
 #[derive(Deserialize)]
 struct GetMessage {
     seq: u64,
+    #[serde(default)]
+    subject: String,
     #[serde(default)]
     hdrs: Option<String>,
     #[serde(default)]
@@ -250,7 +254,7 @@ impl Mirror {
             None => Vec::new(),
             Some(Err(e)) => return self.fault(now, format!("MSG.GET reply with bad data: {e}")),
         };
-        if self.record(now, m.seq, id.as_deref(), &data) {
+        if self.record(now, (m.seq, &m.subject), id.as_deref(), &data) {
             self.scan_on(now);
         }
     }
@@ -259,12 +263,13 @@ impl Mirror {
         match parse_reply(headers, payload) {
             Reply::Msg {
                 seq,
+                subject,
                 headers,
                 payload,
                 ..
             } => {
                 let id = headers.as_ref().and_then(|hb| hb.get("Nats-Msg-Id"));
-                if self.record(now, seq, id, &payload) {
+                if self.record(now, (seq, &subject), id, &payload) {
                     // The rest of the batch is on its way.
                     if let Phase::Resync { sent_at, step, .. } = &mut self.phase {
                         *sent_at = now;
@@ -349,12 +354,20 @@ impl Mirror {
         true
     }
 
-    /// A hub message at `hub_seq` seen by the scan. Returns whether the
-    /// scan goes on (false: it faulted or paused at the scan cap). Only an
-    /// id whose tag verifies against the message's payload counts as
-    /// ours; one that names our message without verifying is forged (or
-    /// from an older frond or another key) and only counted.
-    fn record(&mut self, now: Instant, hub_seq: u64, msg_id: Option<&str>, payload: &[u8]) -> bool {
+    /// A hub message at `hub_seq` with `subject` seen by the scan. Returns
+    /// whether the scan goes on (false: it faulted or paused at the scan
+    /// cap). Only an id whose tag verifies against the message's payload
+    /// counts as ours; an untagged one (a frond before the tags) is kept
+    /// for comparison with the local message ([`Mirror::take_untagged`]);
+    /// a tagged one that does not verify is forged (or made with another
+    /// key) and only counted.
+    fn record(
+        &mut self,
+        now: Instant,
+        (hub_seq, subject): (u64, &str),
+        msg_id: Option<&str>,
+        payload: &[u8],
+    ) -> bool {
         let Phase::Resync { scanned, .. } = self.phase else {
             return false;
         };
@@ -371,11 +384,23 @@ impl Mirror {
                 self.stored.insert(local, Some(hub_seq));
             }
             Some(Err(local)) if local > self.l => {
+                let (node, stream) = (&self.p.node, &self.p.stream);
+                let untagged = msg_id.and_then(|id| untagged_seq(node, stream, id));
+                if untagged.is_some() && self.untagged.len() < UNTAGGED_MAX {
+                    let digest = content_digest(subject, payload);
+                    self.untagged.insert((local, hub_seq), digest);
+                    return self.scanned(now, hub_seq, scanned);
+                }
                 self.unverified += 1;
                 self.first_unverified.get_or_insert(hub_seq);
             }
             _ => {}
         }
+        self.scanned(now, hub_seq, scanned)
+    }
+
+    /// The scan passed `hub_seq`, the `scanned`th message of this round.
+    fn scanned(&mut self, now: Instant, hub_seq: u64, scanned: u64) -> bool {
         self.latest = hub_seq;
         let scanned = scanned + 1;
         if scanned >= self.p.scan_cap {
@@ -396,11 +421,42 @@ impl Mirror {
         true
     }
 
+    /// Local message `m` was read: the hub seq of a hub message with an
+    /// untagged id naming it and the same subject (after the
+    /// `subject_prefix`) and payload, which proves `m` reached the hub
+    /// (from a frond before the tags). Every untagged candidate for `m`
+    /// is decided; those with other content are forged and logged.
+    pub(super) fn take_untagged(&mut self, m: &StoredMessage) -> Option<u64> {
+        if self.untagged.is_empty() {
+            return None;
+        }
+        let subject = format!("{}{}", self.p.subject_prefix, m.subject);
+        let want = content_digest(&subject, &m.payload);
+        let found: Vec<((u64, u64), bool)> = self
+            .untagged
+            .range((m.seq, 0)..=(m.seq, u64::MAX))
+            .map(|(&k, d)| (k, *d == want))
+            .collect();
+        let mut hit = None;
+        for ((local, hub_seq), same) in found {
+            self.untagged.remove(&(local, hub_seq));
+            if same {
+                hit = hit.or(Some(hub_seq));
+                continue;
+            }
+            self.events.push_back(Event::Warning(format!(
+                "hub stream {} holds a message at hub seq {hub_seq} whose Nats-Msg-Id (old format, no signature) names local message {local} of stream {} but whose subject or payload differ: ignored, the local message is sent. Another hub user may forge frond's ids: check who may publish to {}",
+                self.p.hub_stream, self.p.stream, self.filter()
+            )));
+        }
+        hit
+    }
+
     fn finish_resync(&mut self, now: Instant) {
         if self.unverified > 0 {
             let (n, first) = (self.unverified, self.first_unverified.unwrap_or(0));
             self.events.push_back(Event::Warning(format!(
-                "hub stream {} holds {n} message(s) (first at hub seq {first}) whose Nats-Msg-Id names a not yet confirmed message of local stream {} but whose signature does not verify: ignored, the local messages are sent. Either another hub user forges frond's ids (check who may publish to {}), the uplink id key (<data_dir>/uplink/node.key) was replaced, or they come from a frond older than this id format",
+                "hub stream {} holds {n} message(s) (first at hub seq {first}) whose Nats-Msg-Id names a not yet confirmed message of local stream {} but whose signature does not verify: ignored, the local messages are sent. Either another hub user forges frond's ids (check who may publish to {}), or the uplink id key (<data_dir>/uplink/node.key) was replaced",
                 self.p.hub_stream, self.p.stream, self.filter()
             )));
             self.unverified = 0;

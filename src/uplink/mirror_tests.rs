@@ -528,9 +528,9 @@ fn resync_finding_a_gap_skips_stored_and_resends_missing() {
 }
 
 /// Another hub user publishes into the hub stream messages whose ids name
-/// local messages not yet sent: the old `<node>:<stream>:<seq>` form, a
-/// made-up tag, the tag of another payload and a genuine tag moved to
-/// another seq. None is believed (the resync would otherwise skip 3..6
+/// local messages not yet sent: the old `<node>:<stream>:<seq>` form with
+/// another payload, a made-up tag, the tag of another payload and a
+/// genuine tag moved to another seq. None is believed (the resync would otherwise skip 3..6
 /// and the duplicate window would drop their publishes): every local
 /// message reaches the hub exactly once, in order after the forgeries.
 #[test]
@@ -548,7 +548,7 @@ fn forged_ids_in_the_hub_stream_are_not_believed() {
     }
     let tag2 = genuine(2, &x).rsplit(':').next().unwrap().to_string();
     let forged = [
-        ("n1:S:3".to_string(), x.clone()),
+        ("n1:S:3".to_string(), b"zzzzz".to_vec()),
         ("n1:S:4:AAAAAAAA".to_string(), x.clone()),
         (genuine(5, b"yyyyy"), x.clone()),
         (format!("n1:S:6:{tag2}"), x.clone()),
@@ -569,11 +569,90 @@ fn forged_ids_in_the_hub_stream_are_not_believed() {
     assert_eq!(w.m.status().sent, 4);
     assert!(
         w.events.iter().any(
-            |e| matches!(e, Event::Warning(t) if t.contains("holds 4 message(s) (first at hub seq 3)"))
+            |e| matches!(e, Event::Warning(t) if t.contains("holds 3 message(s) (first at hub seq 4)"))
         ),
         "{:?}",
         w.events
     );
+    assert!(
+        w.events.iter().any(|e| matches!(e, Event::Warning(t)
+            if t.contains("hub seq 3 whose Nats-Msg-Id (old format, no signature) names local message 3"))),
+        "{:?}",
+        w.events
+    );
+}
+
+/// A frond before the tags sent local 1..4 with ids `n1:S:<seq>` (subject
+/// mapped by the prefix); the upgraded one believes each of them because
+/// the hub message's subject and payload equal the local message's, and
+/// continues at 5: exactly once. Untagged ids whose content differs (a
+/// forged payload, a forged subject) are not believed, and a forgery
+/// before the genuine copy does not hide it. Until the local message is
+/// read, the cursor stays below the untagged candidates, so a restart
+/// scans them again.
+#[test]
+fn untagged_ids_of_an_older_frond_are_believed_when_the_content_matches() {
+    let mut w = World::new(params("fleet.n1.", 8));
+    w.hub.subjects_prefix = "fleet.".into();
+    w.hub.window = u64::MAX;
+    for seq in 1..=7u64 {
+        let mut m = msg(seq, 0);
+        m.subject = format!("s.{seq}");
+        m.payload = format!("payload {seq}").into_bytes();
+        w.local.push(m);
+    }
+    let old = |seq: u64| Some(format!("n1:S:{seq}"));
+    let hub_msg = |subject: &str, seq: u64, payload: &str| {
+        (
+            subject.to_string(),
+            old(seq),
+            0,
+            payload.as_bytes().to_vec(),
+        )
+    };
+    w.hub.msgs.extend([
+        hub_msg("fleet.n1.s.1", 1, "payload 1"),
+        hub_msg("fleet.n1.s.2", 2, "forged"),
+        hub_msg("fleet.n1.s.2", 2, "payload 2"),
+        hub_msg("fleet.n1.s.3", 3, "payload 3"),
+        hub_msg("fleet.n1.s.4", 4, "payload 4"),
+        // Forgeries for messages not yet sent.
+        hub_msg("fleet.n1.s.5", 5, "payload 6"),
+        hub_msg("fleet.n1.other", 6, "payload 6"),
+    ]);
+    w.connect();
+    for _ in 0..100 {
+        if !(w.hub_step(false) || w.client_step()) {
+            break;
+        }
+    }
+    assert_eq!(w.m.phase, Phase::Streaming);
+    assert_eq!(w.m.cursor().hub_seq, 0, "{:?}", w.m.cursor());
+    w.settle();
+    let contents: Vec<(String, Vec<u8>)> = w
+        .hub
+        .msgs
+        .iter()
+        .skip(7)
+        .map(|(s, _, _, p)| (s.clone(), p.clone()))
+        .collect();
+    let want: Vec<(String, Vec<u8>)> = (5..=7)
+        .map(|n| {
+            (
+                format!("fleet.n1.s.{n}"),
+                format!("payload {n}").into_bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(contents, want);
+    assert_eq!(w.m.status().sent, 3);
+    assert_eq!(w.m.cursor().local_seq, 7);
+    let refused: Vec<&Event> = w
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Warning(t) if t.contains("old format, no signature")))
+        .collect();
+    assert_eq!(refused.len(), 3, "{:?}", w.events);
 }
 
 #[test]

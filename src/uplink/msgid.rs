@@ -18,6 +18,11 @@
 //!   never leaves the node. A verified id is either frond's own publish or
 //!   a byte-for-byte copy of it (which proves the original reached the
 //!   hub);
+//! - an id in the format before tags (`<node>:<stream>:<seq>`, from a
+//!   frond before this change: [`untagged_seq`]) is believed only once the
+//!   local message is read and its hub subject and payload equal the hub
+//!   message's ([`content_digest`]); a forger must then publish the exact
+//!   content, so the hub holds it. An upgrade thus resends nothing;
 //! - an attacker cannot predict the id of a message not yet sent, so it
 //!   cannot occupy it in the duplicate window either;
 //! - 48 bits of tag: a forger must publish 2^47 guesses per message on
@@ -26,11 +31,10 @@
 //! The tag covers the payload, not the subject or headers: a hub stream's
 //! subject transform or added headers do not make frond resend. Invariant:
 //! the key is on disk (fsynced) before the first id made with it leaves,
-//! and never changes while the file exists. Without the file (deleted, or
-//! a hub stream filled by a frond before this format) the ids on the hub
-//! are not believed: the messages after the cursor are sent again (at
-//! most the last window; the hub's duplicate window does not catch them
-//! since the ids differ).
+//! and never changes while the file exists. Without the file (deleted)
+//! the tagged ids on the hub are not believed: the messages after the
+//! cursor are sent again (at most the last window; the hub's duplicate
+//! window does not catch them since the ids differ).
 
 use std::fmt;
 use std::io::Write;
@@ -116,13 +120,8 @@ impl IdKey {
         id: &str,
         payload: &[u8],
     ) -> Option<Result<u64, u64>> {
-        let rest = id.strip_prefix(node)?.strip_prefix(':')?;
-        let rest = rest.strip_prefix(stream)?.strip_prefix(':')?;
-        let (seq, tag) = rest.split_once(':').unwrap_or((rest, ""));
-        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let seq: u64 = seq.parse().ok()?;
+        let (seq, tag) = split(node, stream, id)?;
+        let tag = tag.unwrap_or("");
         let want = self.tag(node, stream, seq, payload);
         // Compared in constant time: how far a guess matched stays hidden.
         let same = tag.len() == want.len()
@@ -133,6 +132,48 @@ impl IdKey {
                 == 0;
         Some(if same { Ok(seq) } else { Err(seq) })
     }
+}
+
+/// `(seq, tag)` of an id naming a message of `stream` on `node`; `tag` is
+/// `None` in the format before tags (`<node>:<stream>:<seq>`).
+fn split<'a>(node: &str, stream: &str, id: &'a str) -> Option<(u64, Option<&'a str>)> {
+    let rest = id.strip_prefix(node)?.strip_prefix(':')?;
+    let rest = rest.strip_prefix(stream)?.strip_prefix(':')?;
+    let (seq, tag) = match rest.split_once(':') {
+        Some((seq, tag)) => (seq, Some(tag)),
+        None => (rest, None),
+    };
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((seq.parse().ok()?, tag))
+}
+
+/// The local sequence an id in the format before tags
+/// (`<node>:<stream>:<seq>`, written by a frond older than the tags)
+/// names. Such an id proves nothing by itself: it is believed only if the
+/// hub message's subject and payload equal the local message's
+/// ([`content_digest`] of both), which a forger can only produce by
+/// copying content the hub already holds.
+pub fn untagged_seq(node: &str, stream: &str, id: &str) -> Option<u64> {
+    match split(node, stream, id)? {
+        (seq, None) => Some(seq),
+        (_, Some(_)) => None,
+    }
+}
+
+/// SHA-256 over a message's hub subject and payload (length-prefixed):
+/// what an untagged id's hub message must share with the local message.
+pub fn content_digest(subject: &str, payload: &[u8]) -> [u8; 32] {
+    let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+    c.update(&(subject.len() as u64).to_be_bytes());
+    c.update(subject.as_bytes());
+    c.update(payload);
+    let mut out = [0u8; 32];
+    for (o, b) in out.iter_mut().zip(c.finish().as_ref()) {
+        *o = *b;
+    }
+    out
 }
 
 /// The key file's path.
@@ -215,6 +256,11 @@ mod tests {
             Some(Err(43))
         );
         assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(untagged_seq("n1", "S", "n1:S:42"), Some(42));
+        assert_eq!(untagged_seq("n1", "S", &id), None);
+        assert_eq!(untagged_seq("n1", "S", "n1:S:x"), None);
+        assert_eq!(untagged_seq("n1", "S", "n2:S:42"), None);
+        assert_ne!(content_digest("a.b", b"c"), content_digest("a.bc", b""));
     }
 
     #[test]
