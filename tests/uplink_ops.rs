@@ -700,3 +700,49 @@ async fn forged_msg_ids_in_the_hub_stream_do_not_make_frond_skip_messages() {
     assert_eq!(forged.len(), 40);
     assert_exact_mirror(&real, &payloads("real", 0..30), "truck1", SUBJECT);
 }
+
+/// A damaged id key (`<data_dir>/uplink/node.key`) stops the mirror but
+/// does not hide it: `/varz`, `/metrics` and `frond status` show it in an
+/// error state whose message tells the operator to remove the file, with
+/// its lag kept current. Before, the mirror vanished with a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_id_key_shows_each_mirror_in_error() {
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], Duration::from_secs(120))
+        .await;
+    let mut frond = Frond::start_new(FrondSpec::with_hub(hub.url())).await;
+    let key = frond.data_dir().join("uplink").join("node.key");
+    wait_until("the id key exists", LONG, || async { key.exists() }).await;
+    frond.terminate();
+    std::fs::write(&key, "not a key\n").unwrap();
+    frond.start().await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "stuck");
+    publ.publish(0..5, LONG).await;
+    let m = wait_for("the mirror shows the key error", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .filter(|m| m["lag"]["msgs"] == 5)
+    })
+    .await;
+    assert_eq!(m["state"], "error", "{m}");
+    let err = m["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("node.key is damaged") && err.contains("remove it"),
+        "{err}"
+    );
+    let text = frond_status(&frond);
+    assert!(
+        text.contains("mirror TELEMETRY -> FLEET") && text.contains("node.key is damaged"),
+        "{text}"
+    );
+    let (_, metrics) = frond.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("frond_uplink_mirror_last_error_seconds{stream=\"TELEMETRY\"")
+            && !metrics.contains(
+                "frond_uplink_mirror_last_error_seconds{stream=\"TELEMETRY\",hub_stream=\"FLEET\"} 0.000"
+            ),
+        "{metrics}"
+    );
+    assert_eq!(hub.count("FLEET").await, 0);
+    frond.terminate();
+}

@@ -91,7 +91,7 @@ pub async fn run(
     let streams = broker.streams();
     let (answers_tx, answers_rx) =
         smol::channel::bounded::<ReadAnswer>(cfg.mirrors.len().max(1) * 2);
-    let (mut slots, readers) = open_mirrors(&cfg, &node, &data_dir, &streams, &answers_tx);
+    let (mut slots, readers, broken) = open_mirrors(&cfg, &node, &data_dir, &streams, &answers_tx);
     let (stored_tx, stored_rx) = smol::channel::bounded(cfg.sources.len().max(1));
     let (mut sources, storers) = source_io::open(&cfg, &data_dir, &broker, &stored_tx).await;
     let params = link_params(&cfg, &node);
@@ -132,7 +132,7 @@ pub async fn run(
         };
         source_io::pump(&mut link, &mut sources);
         persist(&mut slots, now, false);
-        publish_status(&slots, &status);
+        publish_status(&slots, &broken, &status);
         status.set_sources(source_io::statuses(&sources));
         link.poll_transmit(&mut out);
         if !out.is_empty() {
@@ -182,7 +182,7 @@ pub async fn run(
     }
     persist(&mut slots, Instant::now(), true);
     status.set_link("disconnected", None);
-    publish_status(&slots, &status);
+    publish_status(&slots, &broken, &status);
     drop(slots);
     prober.cancel().await;
     for r in readers {
@@ -196,25 +196,67 @@ pub async fn run(
     }
 }
 
+/// A configured mirror that cannot run (the id key is unusable): shown in
+/// status, `/varz` and `/metrics` with the error, its lag kept current.
+struct Broken {
+    status: MirrorStatus,
+    handle: Option<StreamHandle>,
+}
+
+/// Every configured mirror as a [`Broken`] one failing with `why`.
+fn broken_mirrors(
+    cfg: &UplinkConfig,
+    data_dir: &std::path::Path,
+    streams: &[StreamHandle],
+    why: &str,
+) -> Vec<Broken> {
+    let broken = cfg.mirrors.iter().map(|mc| {
+        let c = cursor::path(data_dir, &mc.stream)
+            .ok()
+            .and_then(|p| cursor::load(&p).ok().flatten())
+            .unwrap_or_default();
+        let status = MirrorStatus {
+            stream: mc.stream.clone(),
+            hub_stream: mc.to.clone(),
+            state: "error".into(),
+            cursor: c.local_seq,
+            hub_seq: c.hub_seq,
+            priority: mc.priority,
+            last_error: Some(format!("not mirrored up: {why}")),
+            ..MirrorStatus::default()
+        };
+        let handle = streams.iter().find(|h| h.config().name == mc.stream);
+        Broken {
+            status,
+            handle: handle.cloned(),
+        }
+    });
+    broken.collect()
+}
+
+type Opened = (Vec<Slot>, Vec<smol::Task<()>>, Vec<Broken>);
+
 /// One [`Slot`] (mirror machine, stream, cursor file, reader task) per
 /// configured mirror whose local stream is open and whose cursor path is
-/// valid; the others are logged and skipped.
+/// valid; the others are logged and skipped. Without a usable id key,
+/// every mirror is [`Broken`].
 fn open_mirrors(
     cfg: &UplinkConfig,
     node: &str,
     data_dir: &std::path::Path,
     streams: &[StreamHandle],
     answers_tx: &Sender<ReadAnswer>,
-) -> (Vec<Slot>, Vec<smol::Task<()>>) {
+) -> Opened {
     let mut slots = Vec::new();
     let mut readers = Vec::new();
     let id_key = match msgid::load_or_create(data_dir) {
         Ok(k) => k,
         Err(e) if !cfg.mirrors.is_empty() => {
             log::error!("no stream is mirrored up: {e}");
-            return (slots, readers);
+            let broken = broken_mirrors(cfg, data_dir, streams, &e);
+            return (slots, readers, broken);
         }
-        Err(_) => return (slots, readers),
+        Err(_) => return (slots, readers, Vec::new()),
     };
     for mc in &cfg.mirrors {
         let Some(handle) = streams
@@ -282,7 +324,7 @@ fn open_mirrors(
             leader_sid: None,
         });
     }
-    (slots, readers)
+    (slots, readers, Vec::new())
 }
 
 fn link_params(cfg: &UplinkConfig, node: &str) -> LinkParams {
@@ -649,27 +691,34 @@ fn persist(slots: &mut [Slot], now: Instant, force: bool) {
     }
 }
 
-fn publish_status(slots: &[Slot], status: &UplinkStatus) {
-    status.set_mirrors(
-        slots
-            .iter()
-            .map(|s| {
-                let mut st = s.mirror.status();
-                let local = s.handle.state();
-                // Also while the link is down (the machine learns the
-                // local state only when it may send).
-                st.local_last_seq = st.local_last_seq.max(local.last_seq);
-                st.lag.msgs = st.local_last_seq.saturating_sub(st.cursor);
-                st.lag.bytes = Some(match local.msgs {
-                    0 => 0,
-                    n => st.lag.msgs.saturating_mul(local.bytes / n),
-                });
-                st.priority = s.priority;
-                st
-            })
-            .collect(),
-        crate::util::unix_nanos(),
-    );
+/// The local stream's side of a mirror's status: last seq and lag.
+fn local_view(st: &mut MirrorStatus, handle: &StreamHandle) {
+    let local = handle.state();
+    // Also while the link is down (the machine learns the local state
+    // only when it may send).
+    st.local_last_seq = st.local_last_seq.max(local.last_seq);
+    st.lag.msgs = st.local_last_seq.saturating_sub(st.cursor);
+    st.lag.bytes = Some(match local.msgs {
+        0 => 0,
+        n => st.lag.msgs.saturating_mul(local.bytes / n),
+    });
+}
+
+fn publish_status(slots: &[Slot], broken: &[Broken], status: &UplinkStatus) {
+    let running = slots.iter().map(|s| {
+        let mut st = s.mirror.status();
+        local_view(&mut st, &s.handle);
+        st.priority = s.priority;
+        st
+    });
+    let broken = broken.iter().map(|b| {
+        let mut st = b.status.clone();
+        if let Some(h) = &b.handle {
+            local_view(&mut st, h);
+        }
+        st
+    });
+    status.set_mirrors(running.chain(broken).collect(), crate::util::unix_nanos());
 }
 
 enum Ev {
