@@ -194,16 +194,44 @@ fn parse_hex(text: &[u8]) -> Option<[u8; KEY_LEN]> {
     Some(k)
 }
 
+/// A warning if the key file is readable or writable by group or other
+/// users (anyone who reads it can forge this node's ids).
+#[cfg(unix)]
+fn mode_warning(path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "uplink id key {} is accessible by other users (mode {mode:o}); whoever reads it can forge this node's message ids: run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn mode_warning(_path: &Path, _meta: &std::fs::Metadata) -> Option<String> {
+    None
+}
+
 /// Load the node's id key, creating it (random, written to a temporary
-/// file, fsynced, renamed, directory fsynced) if there is none.
+/// file, fsynced, renamed, directory fsynced; `<data_dir>` fsynced when
+/// `uplink/` is new) if there is none. Warns when an existing key is
+/// accessible by other users.
 pub fn load_or_create(data_dir: &Path) -> Result<IdKey, String> {
     let path = key_path(data_dir);
     let shown = path.display();
     match std::fs::read(&path) {
         Ok(b) => {
+            if let Some(w) = std::fs::metadata(&path)
+                .ok()
+                .and_then(|m| mode_warning(&path, &m))
+            {
+                log::warn!("{w}");
+            }
             return parse_hex(&b).map(IdKey::from_bytes).ok_or_else(|| {
                 format!("uplink id key {shown} is damaged (it must hold 64 hex digits); remove it to make a new one (messages not yet confirmed on the hub are then sent again)")
-            })
+            });
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot read uplink id key {shown}: {e}")),
@@ -213,7 +241,11 @@ pub fn load_or_create(data_dir: &Path) -> Result<IdKey, String> {
     let dir = data_dir.join("uplink");
     let tmp = dir.join("node.key.tmp");
     let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir)?;
+            // The new directory's entry must survive a power loss too.
+            std::fs::File::open(data_dir)?.sync_all()?;
+        }
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create(true).truncate(true);
         #[cfg(unix)]
@@ -277,6 +309,13 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+            let meta = std::fs::metadata(key_path(d.path())).unwrap();
+            assert_eq!(mode_warning(&key_path(d.path()), &meta), None);
+            let loose = std::fs::Permissions::from_mode(0o640);
+            std::fs::set_permissions(key_path(d.path()), loose).unwrap();
+            let meta = std::fs::metadata(key_path(d.path())).unwrap();
+            let w = mode_warning(&key_path(d.path()), &meta).unwrap();
+            assert!(w.contains("mode 640") && w.contains("chmod 600"), "{w}");
         }
         std::fs::write(key_path(d.path()), "zz").unwrap();
         assert!(load_or_create(d.path()).unwrap_err().contains("damaged"));
