@@ -670,7 +670,7 @@ fn run(seed: u64, atomic: bool) -> Vec<u64> {
     }
     // One schedule in four: a frond before the tags sent the first few
     // with untagged ids (the upgrade must not send them again).
-    if seed % 4 == 0 {
+    if seed.is_multiple_of(4) {
         for m in s.local.iter().take((seed % 11) as usize) {
             let subject = format!("{PREFIX}{}", m.subject);
             let id = format!("n1:S:{}", m.seq);
