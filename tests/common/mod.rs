@@ -203,6 +203,26 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// A hub not yet started: a fresh data directory and client port,
+    /// no TLS, no auth, no cluster, no WebSocket, no extra config.
+    fn unstarted() -> NatsServer {
+        NatsServer {
+            port: free_port(),
+            dir: tempfile::Builder::new()
+                .prefix("frond-hub-")
+                .tempdir()
+                .expect("create temp dir for nats-server"),
+            child: None,
+            starts: 0,
+            tls: None,
+            nkey: None,
+            cluster: None,
+            ws_port: None,
+            no_advertise: false,
+            extra_conf: String::new(),
+        }
+    }
+
     /// Starts a hub on a free port and waits until JetStream answers.
     pub async fn start() -> NatsServer {
         Self::start_with_tls(None).await
@@ -218,22 +238,8 @@ impl NatsServer {
     /// `authorization` block with users and their permissions, with
     /// `no_auth_user` naming the one this harness's clients act as).
     pub async fn start_with_conf(conf: &str) -> NatsServer {
-        let dir = tempfile::Builder::new()
-            .prefix("frond-hub-")
-            .tempdir()
-            .expect("create temp dir for nats-server");
-        let mut s = NatsServer {
-            port: free_port(),
-            dir,
-            child: None,
-            starts: 0,
-            tls: None,
-            nkey: None,
-            cluster: None,
-            ws_port: None,
-            no_advertise: false,
-            extra_conf: conf.to_string(),
-        };
+        let mut s = Self::unstarted();
+        s.extra_conf = conf.to_string();
         s.spawn().await;
         s
     }
@@ -248,22 +254,8 @@ impl NatsServer {
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
         nkey: Option<(String, String)>,
     ) -> NatsServer {
-        let dir = tempfile::Builder::new()
-            .prefix("frond-hub-")
-            .tempdir()
-            .expect("create temp dir for nats-server");
-        let mut s = NatsServer {
-            port: free_port(),
-            dir,
-            child: None,
-            starts: 0,
-            tls,
-            nkey,
-            cluster: None,
-            ws_port: None,
-            no_advertise: false,
-            extra_conf: String::new(),
-        };
+        let mut s = Self::unstarted();
+        (s.tls, s.nkey) = (tls, nkey);
         s.spawn().await;
         s
     }
@@ -276,22 +268,8 @@ impl NatsServer {
     /// permessage-deflate (`ws_url`); with `tls` = (certificate, key, CA)
     /// both its ports require TLS (`wss://` for the WebSocket).
     pub async fn start_with_ws(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> NatsServer {
-        let dir = tempfile::Builder::new()
-            .prefix("frond-hub-")
-            .tempdir()
-            .expect("create temp dir for nats-server");
-        let mut s = NatsServer {
-            port: free_port(),
-            dir,
-            child: None,
-            starts: 0,
-            tls,
-            nkey: None,
-            cluster: None,
-            ws_port: Some(free_port()),
-            no_advertise: false,
-            extra_conf: String::new(),
-        };
+        let mut s = Self::unstarted();
+        (s.tls, s.ws_port) = (tls, Some(free_port()));
         s.spawn().await;
         s
     }
@@ -932,22 +910,10 @@ impl NatsCluster {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, &route) in routes.iter().enumerate() {
-            let dir = tempfile::Builder::new()
-                .prefix("frond-hub-")
-                .tempdir()
-                .expect("create temp dir for nats-server");
-            let mut s = NatsServer {
-                port: free_port(),
-                dir,
-                child: None,
-                starts: 0,
-                tls: None,
-                nkey: None,
-                cluster: Some((format!("n{i}"), route, routes.clone())),
-                ws_port: ws.then(free_port),
-                no_advertise,
-                extra_conf: String::new(),
-            };
+            let mut s = NatsServer::unstarted();
+            s.cluster = Some((format!("n{i}"), route, routes.clone()));
+            s.ws_port = ws.then(free_port);
+            s.no_advertise = no_advertise;
             s.launch();
             nodes.push(s);
         }
