@@ -123,7 +123,7 @@ impl Session {
         }
         let mut props =
             (!p.properties.is_empty()).then(|| Box::new(std::mem::take(&mut p.properties)));
-        let subject = topics::topic_to_subject(&p.topic);
+        let subject = topics::topic_into_subject(std::mem::take(&mut p.topic));
         self.mark_origin(&mut props, &subject);
         // An MQTT 5 request's Response Topic is checked as the requester's
         // own publish and subscribe ([`props::response_topic_allowed`]).

@@ -39,8 +39,9 @@
 //!   thus at most about twice `QUEUE_BYTES` plus one message. Replies
 //!   travel over a one-slot channel. The thread blocks in `recv_blocking`
 //!   when it has no deadline; when it has one (an interval fsync due, or the
-//!   oldest message's max_age expiry) it races `recv` against an
-//!   `async_io::Timer` inside `smol::block_on`, so it wakes while idle.
+//!   oldest message's max_age expiry) it polls `recv` and parks
+//!   (`thread::park_timeout`) until a sender wakes it or the deadline
+//!   passes, so it wakes while idle without a reactor timer per wait.
 //! - Group commit: take one command, drain what is already queued (up to
 //!   [`MAX_BATCH`]), publish all of it into one buffered write, then
 //!   `Always`: one fsync (fdatasync) per touched segment, then reply to

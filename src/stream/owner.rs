@@ -17,9 +17,11 @@
 //! (limits, delete, purge, ack) and no compaction runs, so that rollback
 //! never has to undo a removal.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::handle::{Cmd, Reply, Shared};
@@ -109,6 +111,62 @@ struct Owner {
     fail_log: Quiet,
     /// Publishes nobody waits for that were refused.
     refused_log: Quiet,
+    /// Waits for a command with a deadline.
+    wait: Parked,
+}
+
+/// The owner thread's wait for its next command with a deadline: the
+/// channel's `recv` polled on this thread, which parks until a sender
+/// wakes it or the deadline passes. (Racing `recv` against an
+/// `async_io::Timer` inside `smol::block_on` registered a timer with the
+/// reactor at every wait, and woke the reactor's thread through its
+/// eventfd each time: per group commit while unsynced QoS 0 writes wait.)
+struct Parked {
+    waker: Waker,
+}
+
+/// Wakes the owner thread.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+impl Parked {
+    /// For the calling thread (the owner thread: only it waits).
+    fn new() -> Parked {
+        Parked {
+            waker: Waker::from(Arc::new(Unpark(std::thread::current()))),
+        }
+    }
+
+    /// The next command, or `None` once `until` has passed (a command
+    /// already queued wins).
+    fn recv_until(
+        &self,
+        rx: &smol::channel::Receiver<Cmd>,
+        until: Instant,
+    ) -> Option<Result<Cmd, smol::channel::RecvError>> {
+        let mut cx = Context::from_waker(&self.waker);
+        let mut recv = std::pin::pin!(rx.recv());
+        loop {
+            if let Poll::Ready(got) = recv.as_mut().poll(&mut cx) {
+                return Some(got);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return None;
+            }
+            // Returns early on an unpark (or spuriously): poll again.
+            std::thread::park_timeout(until - now);
+        }
+    }
 }
 
 pub(super) fn run(
@@ -132,15 +190,13 @@ pub(super) fn run(
         synced: None,
         fail_log: Quiet::default(),
         refused_log: Quiet::default(),
+        wait: Parked::new(),
     };
     let mut closed = false;
     while !closed {
         let got = match o.deadline() {
             None => Some(rx.recv_blocking()),
-            Some(at) => smol::block_on(smol::future::or(async { Some(rx.recv().await) }, async {
-                smol::Timer::at(at).await;
-                None
-            })),
+            Some(at) => o.wait.recv_until(&rx, at),
         };
         match got {
             None => o.tick(),
@@ -222,16 +278,12 @@ impl Owner {
         let until = Instant::now() + (self.sync_time / 4).min(MAX_LINGER);
         let before = batch.len();
         while batch.len() < want {
-            let got = smol::block_on(smol::future::or(async { rx.recv().await.ok() }, async {
-                smol::Timer::at(until).await;
-                None
-            }));
-            match got {
-                Some(c) => {
+            match self.wait.recv_until(rx, until) {
+                Some(Ok(c)) => {
                     batch.push(c);
                     drain(rx, batch);
                 }
-                None => break,
+                Some(Err(_)) | None => break,
             }
         }
         self.missed = batch.len() == before;

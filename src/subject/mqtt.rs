@@ -29,6 +29,32 @@ pub fn topic_to_subject(topic: &str) -> String {
     out
 }
 
+/// [`topic_to_subject`] of an owned topic name: one that needs no escape
+/// and has no empty level (the common case) becomes its subject in place,
+/// its `/` turned into `.`, without a new allocation.
+pub fn topic_into_subject(mut topic: String) -> String {
+    let b = topic.as_bytes();
+    let mut prev = b'/';
+    let mut plain = !b.is_empty();
+    for &c in b {
+        let escaped = matches!(c, b'.' | b'%' | b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>');
+        if escaped || (c == b'/' && prev == b'/') {
+            plain = false;
+            break;
+        }
+        prev = c;
+    }
+    if !plain || prev == b'/' {
+        return topic_to_subject(&topic);
+    }
+    let mut at = 0;
+    while let Some(i) = topic.get(at..).and_then(|t| t.find('/')) {
+        topic.replace_range(at + i..at + i + 1, ".");
+        at += i + 1;
+    }
+    topic
+}
+
 fn encode_level(level: &str, out: &mut String) {
     match level {
         "" => out.push('/'),
@@ -153,6 +179,36 @@ mod tests {
         assert_eq!(topic_to_subject("plant/line1/temp"), "plant.line1.temp");
         assert_eq!(topic_to_subject("/a"), "/.a");
         assert_eq!(topic_to_subject("a.b/c"), "a//b.c");
+    }
+
+    #[test]
+    fn owned_topics_map_as_borrowed_ones() {
+        for t in [
+            "a",
+            "a/b",
+            "a/b/c",
+            "sensors/room-1/temp",
+            "a.b",
+            "/a",
+            "a/",
+            "a//b",
+            "/",
+            "*",
+            "a/*/b",
+            "a/>",
+            "a*b",
+            "x y",
+            "50%",
+            "a/\u{e9}t\u{e9}/c",
+            "\u{1F600}/x",
+            "",
+        ] {
+            assert_eq!(
+                topic_into_subject(t.to_string()),
+                topic_to_subject(t),
+                "{t:?}"
+            );
+        }
     }
 
     #[test]
