@@ -11,14 +11,10 @@ use std::time::Instant;
 
 use smol::channel::TrySendError;
 
-use super::table::{pick_member, Sub, SubId, Table, Target};
+use super::table::{pick_member, MqttCopy, Sub, SubId, Table, Target, SCRATCH_KEEP};
 use super::{
     lock, msg_cost, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, NO_INTEREST_MAX,
 };
-
-/// One MQTT connection's copy of a message: (connection, through a shared
-/// subscription, QoS, the subscription that gives it).
-type MqttCopy = (ConnId, bool, u8, SubId);
 
 impl Broker {
     /// Hand an MQTT publish to every matching subscriber (live delivery).
@@ -138,12 +134,15 @@ impl Broker {
         if ids.is_empty() {
             return None;
         }
-        let chosen = choose(&t, &ids, origin, subj);
+        let mut chosen = std::mem::take(&mut t.chosen);
+        choose(&t, &ids, origin, subj, &mut chosen);
         let count = chosen.len();
         let mut msg: Option<Arc<Msg>> = None;
-        let mut mqtt: Vec<MqttCopy> = Vec::new();
+        let mut mqtt = std::mem::take(&mut t.copies);
         let mut finished: Vec<SubId> = Vec::new();
-        for id in chosen {
+        // Counted once per publish, not per subscriber.
+        let (mut out, mut dropped) = (0, 0);
+        for &id in &chosen {
             let Some(s) = t.subs.get_mut(&id) else {
                 continue;
             };
@@ -158,33 +157,55 @@ impl Broker {
                 Target::Nats { outbox, sid } => {
                     let m = msg.get_or_insert_with(&mut *make).clone();
                     match outbox.push(*sid, m) {
-                        Push::Queued => self.counters.msgs_out.fetch_add(1, Ordering::Relaxed),
-                        Push::Slow => self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed),
-                        Push::Closed => 0,
+                        Push::Queued => out += 1,
+                        Push::Slow => dropped += 1,
+                        Push::Closed => {}
                     };
                 }
             }
         }
-        for (_, shared, q, id) in mqtt {
+        for &(_, shared, q, id) in &mqtt {
             let Some(sub) = t.subs.get(&id) else { continue };
             if let Target::Mqtt { tx, max_queued, .. } = &sub.target {
                 if tx.len() >= *max_queued {
-                    self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
                     continue;
                 }
             }
             let m = msg.get_or_insert_with(&mut *make);
-            self.send_mqtt(sub, shared, q, retain, now, m);
+            match self.send_mqtt(sub, shared, q, retain, now, m) {
+                Some(true) => out += 1,
+                Some(false) => dropped += 1,
+                None => {}
+            }
+        }
+        if out > 0 {
+            self.counters.msgs_out.fetch_add(out, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            self.counters
+                .dropped_slow
+                .fetch_add(dropped, Ordering::Relaxed);
         }
         for id in finished {
             t.remove(id);
+        }
+        // Kept for the next publish unless one matched very many.
+        if chosen.capacity() <= SCRATCH_KEEP {
+            chosen.clear();
+            t.chosen = chosen;
+        }
+        if mqtt.capacity() <= SCRATCH_KEEP {
+            mqtt.clear();
+            t.copies = mqtt;
         }
         Some(count)
     }
 
     /// Queue one MQTT delivery of `m` for `sub` (whose queue has room in
-    /// messages) unless its byte budget is spent (then it is dropped and
-    /// counted).
+    /// messages) unless its byte budget is spent. `Some(true)`: queued;
+    /// `Some(false)`: dropped (the caller counts it in `dropped_slow`);
+    /// `None`: the connection is gone.
     fn send_mqtt(
         &self,
         sub: &Sub,
@@ -193,14 +214,13 @@ impl Broker {
         retain: bool,
         now: Instant,
         m: &Arc<Msg>,
-    ) {
+    ) -> Option<bool> {
         let Target::Mqtt { tx, budget, .. } = &sub.target else {
-            return;
+            return None;
         };
         if let Some(b) = budget {
             if !b.try_charge(msg_cost(m)) {
-                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Some(false);
             }
         }
         let d = Delivery {
@@ -211,31 +231,30 @@ impl Broker {
             at: now,
         };
         match tx.try_send(d) {
-            Ok(()) => {
-                self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => Some(true),
             Err(TrySendError::Full(d)) => {
                 if let Some(b) = budget {
                     b.release(d.cost());
                 }
-                self.counters.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                Some(false)
             }
             Err(TrySendError::Closed(d)) => {
                 if let Some(b) = budget {
                     b.release(d.cost());
                 }
+                None
             }
         }
     }
 }
 
-/// The recipients among the subscriptions `ids` that may receive `subj`:
-/// every plain one, one member per queue group (the publisher's own
-/// subscriptions left out when it does not want its echo).
-fn choose(t: &Table, ids: &[SubId], origin: Option<Origin>, subj: &str) -> Vec<SubId> {
+/// The recipients among the subscriptions `ids` that may receive `subj`,
+/// into `chosen` (empty): every plain one, one member per queue group (the
+/// publisher's own subscriptions left out when it does not want its echo).
+fn choose(t: &Table, ids: &[SubId], origin: Option<Origin>, subj: &str, chosen: &mut Vec<SubId>) {
     let skip_conn = origin.filter(|o| !o.echo).map(|o| o.conn);
     let dollar = subj.starts_with('$');
-    let mut chosen: Vec<SubId> = Vec::with_capacity(ids.len());
+    chosen.reserve(ids.len());
     let mut groups: Vec<(&str, Vec<SubId>)> = Vec::new();
     for id in ids {
         let Some(s) = t.subs.get(id) else { continue };
@@ -255,7 +274,6 @@ fn choose(t: &Table, ids: &[SubId], origin: Option<Origin>, subj: &str) -> Vec<S
             chosen.push(id);
         }
     }
-    chosen
 }
 
 /// MQTT: once per connection at the highest QoS (and once more for a

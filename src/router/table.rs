@@ -82,7 +82,19 @@ pub(super) struct Table {
     /// Notified (under the table's lock) when a subscription is added
     /// ([`super::Broker::on_subscribe`]).
     pub(super) subscribed: Arc<event_listener::Event>,
+    /// Routing's working lists, kept between publishes (empty between
+    /// them) so that routing one allocates nothing: the chosen
+    /// subscriptions, and the MQTT connections' copies.
+    pub(super) chosen: Vec<SubId>,
+    pub(super) copies: Vec<MqttCopy>,
 }
+
+/// One MQTT connection's copy of a message: (connection, through a shared
+/// subscription, QoS, the subscription that gives it).
+pub(super) type MqttCopy = (ConnId, bool, u8, SubId);
+
+/// Working lists longer than this are not kept between publishes.
+pub(super) const SCRATCH_KEEP: usize = 1024;
 
 impl Table {
     pub(super) fn changed(&self) {

@@ -202,7 +202,11 @@ pub(super) fn run(
             None => o.tick(),
             Some(Err(_)) => break, // every handle is gone, or close()
             Some(Ok(first)) => {
-                let mut batch = vec![first];
+                // Sized once for what is queued (grown step by step, a
+                // batch of small commands cost more in reallocations than
+                // in draining).
+                let mut batch = Vec::with_capacity(rx.len().saturating_add(1).min(MAX_BATCH));
+                batch.push(first);
                 o.collect(&rx, &mut batch);
                 // Reserved by the publishers; given back once written
                 // (or failed), when the batch's messages are freed.
