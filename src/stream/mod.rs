@@ -61,6 +61,9 @@
 //!   it); they are counted in [`StreamHandle::unstored`], as are those the
 //!   stream refuses. While they wait, limits, deletes, purges, acks and
 //!   compaction wait too (a delete, purge, ack or close fsyncs them first).
+//!   After such a batch (any policy) the owner sleeps a quarter of a
+//!   millisecond so that the next ones gather unannounced (one wake-up
+//!   per period rather than per small batch; `owner::LAZY_GATHER`).
 //! - If a publish, write or fsync fails, the whole batch is rolled back
 //!   (file truncated to the pre-batch length) and every publisher of the
 //!   batch gets [`StreamError::Io`]; later batches try again.

@@ -43,6 +43,17 @@ const MIN_EXPIRY_WAIT: Duration = Duration::from_millis(10);
 /// [`Owner::collect`]); also at most a quarter of a recent fsync.
 const MAX_LINGER: Duration = Duration::from_millis(1);
 
+/// After a batch made only of publishes nobody waits for, the owner
+/// sleeps this long before taking the next commands: those that come
+/// meanwhile are queued without waking it (a sender wakes only a waiting
+/// owner), so a steady stream of QoS 0 publishes costs one wake-up and one
+/// write per this period instead of one per small batch. Their readers see
+/// them only after their fsync ([`LAZY_SYNC_AFTER`]) anyway; a command
+/// that waits (an acknowledged publish, a read) comes at most this much
+/// later; the queue ([`super::QUEUE_DEPTH`], [`super::QUEUE_BYTES`]) holds
+/// far more than arrives in it.
+const LAZY_GATHER: Duration = Duration::from_micros(250);
+
 /// `Always`: how long the tombstones of limit removals (which
 /// [`Stream::open`] derives again after a crash) may wait for their fsync.
 /// Under load that is one fsync per this period instead of one per group
@@ -217,8 +228,16 @@ pub(super) fn run(
                         _ => 0,
                     })
                     .sum();
+                // Only publishes nobody waits for (MQTT QoS 0, NATS
+                // without reply).
+                let lazy = batch.iter().all(|c| matches!(c, Cmd::Publish(_, None)));
                 closed = o.handle_batch(batch);
                 o.shared.release(bytes);
+                if lazy && !closed {
+                    // Let the next ones gather without waking this
+                    // thread for each small batch (see [`LAZY_GATHER`]).
+                    std::thread::sleep(LAZY_GATHER);
+                }
             }
         }
     }
