@@ -765,4 +765,31 @@ mod tests {
         assert_eq!(more(0), "");
         assert!(more(5).contains("5 more"));
     }
+
+    #[test]
+    fn parked_wait_ends_at_its_deadline_or_with_the_next_command() {
+        let (tx, rx) = smol::channel::bounded::<Cmd>(4);
+        let wait = Parked::new();
+        let start = Instant::now();
+        assert!(wait
+            .recv_until(&rx, start + Duration::from_millis(20))
+            .is_none());
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        // Sent from another thread, while this one waits (or just before).
+        let (reply, _answer) = super::super::oneshot::channel();
+        let sender = std::thread::spawn(move || tx.send_blocking(Cmd::DiskUsage(reply)).is_ok());
+        let start = Instant::now();
+        let got = wait.recv_until(&rx, start + Duration::from_secs(60));
+        assert!(matches!(got, Some(Ok(Cmd::DiskUsage(_)))));
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "woken by the send"
+        );
+        assert!(sender.join().unwrap_or(false));
+        // Every sender gone: the wait ends at once.
+        let start = Instant::now();
+        let got = wait.recv_until(&rx, start + Duration::from_secs(60));
+        assert!(matches!(got, Some(Err(_))));
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
 }
