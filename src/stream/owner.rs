@@ -300,13 +300,22 @@ impl Owner {
         }
         let until = Instant::now() + (self.sync_time / 4).min(MAX_LINGER);
         let before = batch.len();
+        // Not `Parked`: this wait runs inside `smol::block_on`, which
+        // drives the I/O reactor from this thread while it lingers, so the
+        // network thread learns of the next puts sooner. With a parked
+        // wait here KV put measured 30-50% slower (3 alternating A/B
+        // series, 2026-12-07).
         while batch.len() < want {
-            match self.wait.recv_until(rx, until) {
-                Some(Ok(c)) => {
+            let got = smol::block_on(smol::future::or(async { rx.recv().await.ok() }, async {
+                smol::Timer::at(until).await;
+                None
+            }));
+            match got {
+                Some(c) => {
                     batch.push(c);
                     drain(rx, batch);
                 }
-                Some(Err(_)) | None => break,
+                None => break,
             }
         }
         self.missed = batch.len() == before;
