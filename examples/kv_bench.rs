@@ -134,9 +134,10 @@ async fn rates(addr: &str, js: &jetstream::Context, n: usize, parts: &str) -> Re
     }
     if want("object") || want("object_put") {
         let (obj_put, obj_get) = object(js, 64 << 20, want("object")).await?;
-        out.push(format!(
-            "\"obj_put_mbs\": {obj_put:.1}, \"obj_get_mbs\": {obj_get:.1}"
-        ));
+        out.push(format!("\"obj_put_mbs\": {obj_put:.1}"));
+        if let Some(get) = obj_get {
+            out.push(format!("\"obj_get_mbs\": {get:.1}"));
+        }
     }
     println!("{{{}}}", out.join(", "));
     Ok(())
@@ -177,8 +178,12 @@ async fn watch_fan_out(addr: &str, kv: &kv::Store, n: usize) -> Result<f64, Erro
 }
 
 /// Puts and (with `get`) gets one object of `size` bytes; returns (put,
-/// get) MB/s (get 0 when not read back).
-async fn object(js: &jetstream::Context, size: usize, get: bool) -> Result<(f64, f64), Error> {
+/// get) MB/s.
+async fn object(
+    js: &jetstream::Context,
+    size: usize,
+    get: bool,
+) -> Result<(f64, Option<f64>), Error> {
     let _ = js.delete_object_store("blobs").await;
     let store = js
         .create_object_store(object_store::Config {
@@ -194,7 +199,7 @@ async fn object(js: &jetstream::Context, size: usize, get: bool) -> Result<(f64,
     store.put("firmware.bin", &mut data.as_slice()).await?;
     let put = mb / start.elapsed().as_secs_f64();
     if !get {
-        return Ok((put, 0.0));
+        return Ok((put, None));
     }
     let start = Instant::now();
     let mut obj = store.get("firmware.bin").await?;
@@ -204,7 +209,7 @@ async fn object(js: &jetstream::Context, size: usize, get: bool) -> Result<(f64,
     if back != data {
         return Err(format!("object read back {} bytes, differs", back.len()).into());
     }
-    Ok((put, get))
+    Ok((put, Some(get)))
 }
 
 async fn fill(js: &jetstream::Context, n: usize) -> Result<(), Error> {
