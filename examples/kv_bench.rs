@@ -12,7 +12,8 @@
 //! flight), KV gets/s (64 in flight), watch deliveries/s (4 watchers on
 //! their own connections, each must see every put), and object put/get
 //! MB/s of a 64 MiB object (digest checked by the client on get); a third
-//! argument picks parts (`put,get,watch,object`, all by default). `fill N`
+//! argument picks parts (`put,get,watch,object`, all by default;
+//! `object_put` puts the object without reading it back, for profiling). `fill N`
 //! puts N distinct keys (64 in flight) and prints when done, so the caller
 //! can read the server's RSS. Every operation must succeed: an error ends
 //! the run with a message, never a partial figure.
@@ -131,11 +132,12 @@ async fn rates(addr: &str, js: &jetstream::Context, n: usize, parts: &str) -> Re
         let watch = watch_fan_out(addr, &kv, n).await?;
         out.push(format!("\"watch_deliveries\": {watch:.0}"));
     }
-    if want("object") {
-        let (obj_put, obj_get) = object(js, 64 << 20).await?;
-        out.push(format!(
-            "\"obj_put_mbs\": {obj_put:.1}, \"obj_get_mbs\": {obj_get:.1}"
-        ));
+    if want("object") || want("object_put") {
+        let (obj_put, obj_get) = object(js, 64 << 20, want("object")).await?;
+        out.push(format!("\"obj_put_mbs\": {obj_put:.1}"));
+        if let Some(get) = obj_get {
+            out.push(format!("\"obj_get_mbs\": {get:.1}"));
+        }
     }
     println!("{{{}}}", out.join(", "));
     Ok(())
@@ -175,8 +177,13 @@ async fn watch_fan_out(addr: &str, kv: &kv::Store, n: usize) -> Result<f64, Erro
     Ok((4 * n) as f64 / (last - start).as_secs_f64())
 }
 
-/// Puts and gets one object of `size` bytes; returns (put, get) MB/s.
-async fn object(js: &jetstream::Context, size: usize) -> Result<(f64, f64), Error> {
+/// Puts and (with `get`) gets one object of `size` bytes; returns (put,
+/// get) MB/s.
+async fn object(
+    js: &jetstream::Context,
+    size: usize,
+    get: bool,
+) -> Result<(f64, Option<f64>), Error> {
     let _ = js.delete_object_store("blobs").await;
     let store = js
         .create_object_store(object_store::Config {
@@ -191,6 +198,9 @@ async fn object(js: &jetstream::Context, size: usize) -> Result<(f64, f64), Erro
     let start = Instant::now();
     store.put("firmware.bin", &mut data.as_slice()).await?;
     let put = mb / start.elapsed().as_secs_f64();
+    if !get {
+        return Ok((put, None));
+    }
     let start = Instant::now();
     let mut obj = store.get("firmware.bin").await?;
     let mut back = Vec::with_capacity(size);
@@ -199,7 +209,7 @@ async fn object(js: &jetstream::Context, size: usize) -> Result<(f64, f64), Erro
     if back != data {
         return Err(format!("object read back {} bytes, differs", back.len()).into());
     }
-    Ok((put, get))
+    Ok((put, Some(get)))
 }
 
 async fn fill(js: &jetstream::Context, n: usize) -> Result<(), Error> {

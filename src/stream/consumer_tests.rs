@@ -88,6 +88,10 @@ fn pull_request_and_ack_parsing() {
         Some(AckKind::Next(3))
     );
     assert_eq!(AckKind::parse(b"junk"), None);
+    assert_eq!(
+        ack_subject("ST", "c1", 1, 0, 10, u64::MAX, 907),
+        format!("$JS.ACK.ST.c1.1.0.10.{}.907", u64::MAX)
+    );
     let s = ack_subject("S", "c", 2, 10, 4, 99, 0);
     assert_eq!(parse_ack_subject(&s), Some(("S", "c", 10)));
     assert_eq!(parse_ack_subject("$JS.ACK.S.c.1.x.1.1.1"), None);
