@@ -124,7 +124,19 @@ struct Owner {
     refused_log: Quiet,
     /// Waits for a command with a deadline.
     wait: Parked,
+    /// The group commit being built and its publishes' results, kept
+    /// between commits (growing a fresh one per commit reallocated it
+    /// several times, and the messages this thread frees come from the
+    /// network thread's heap, so those reallocations took that heap's
+    /// lock); at most [`MAX_BATCH`] long, trimmed to [`IDLE_KEEP`] when
+    /// idle.
+    batch: Vec<Cmd>,
+    acks: Vec<Acked>,
 }
+
+/// What the reused batch lists keep of their capacity while the stream is
+/// idle.
+const IDLE_KEEP: usize = 32;
 
 /// The owner thread's wait for its next command with a deadline: the
 /// channel's `recv` polled on this thread, which parks until a sender
@@ -202,21 +214,26 @@ pub(super) fn run(
         fail_log: Quiet::default(),
         refused_log: Quiet::default(),
         wait: Parked::new(),
+        batch: Vec::new(),
+        acks: Vec::new(),
     };
     let mut closed = false;
     while !closed {
         let got = match o.deadline() {
-            None => Some(rx.recv_blocking()),
+            None => {
+                o.trim();
+                Some(rx.recv_blocking())
+            }
             Some(at) => o.wait.recv_until(&rx, at),
         };
         match got {
-            None => o.tick(),
+            None => {
+                o.tick();
+                o.trim();
+            }
             Some(Err(_)) => break, // every handle is gone, or close()
             Some(Ok(first)) => {
-                // Sized once for what is queued (grown step by step, a
-                // batch of small commands cost more in reallocations than
-                // in draining).
-                let mut batch = Vec::with_capacity(rx.len().saturating_add(1).min(MAX_BATCH));
+                let mut batch = std::mem::take(&mut o.batch);
                 batch.push(first);
                 o.collect(&rx, &mut batch);
                 // Reserved by the publishers; given back once written
@@ -231,7 +248,8 @@ pub(super) fn run(
                 // Only publishes nobody waits for (MQTT QoS 0, NATS
                 // without reply).
                 let lazy = batch.iter().all(|c| matches!(c, Cmd::Publish(_, None)));
-                closed = o.handle_batch(batch);
+                closed = o.handle_batch(&mut batch);
+                o.batch = batch;
                 o.shared.release(bytes);
                 if lazy && !closed {
                     // Let the next ones gather without waking this
@@ -483,14 +501,21 @@ impl Owner {
         }
     }
 
-    /// One group commit. Returns true when a close was requested.
-    fn handle_batch(&mut self, batch: Vec<Cmd>) -> bool {
+    /// The reused lists give back what they grew to in a burst.
+    fn trim(&mut self) {
+        self.batch.shrink_to(IDLE_KEEP);
+        self.acks.shrink_to(IDLE_KEEP);
+    }
+
+    /// One group commit of `batch` (left empty; its messages are freed).
+    /// Returns true when a close was requested.
+    fn handle_batch(&mut self, batch: &mut Vec<Cmd>) -> bool {
         let now = now_ns();
         let mark = self.stream.mark();
-        let mut acks = Vec::new();
+        let mut acks = std::mem::take(&mut self.acks);
         let mut failed: Option<io::Error> = None;
         let mut later = Vec::new();
-        for cmd in batch {
+        for cmd in batch.drain(..) {
             match cmd {
                 Cmd::Publish(msg, r) => {
                     if failed.is_some() {
@@ -562,11 +587,12 @@ impl Owner {
             0 => 0,
             n => n + self.queue.len(),
         };
-        for (r, res) in acks {
+        for (r, res) in acks.drain(..) {
             if let (Some(r), Some(res)) = (r, res) {
                 reply(r, res);
             }
         }
+        self.acks = acks;
         let mut closes = Vec::new();
         for cmd in later {
             self.handle_other(cmd, &mut closes);
