@@ -501,6 +501,19 @@ impl Session {
         self.out.reserve(bytes);
     }
 
+    /// Offer `buf` (its contents are discarded) as the output buffer: kept
+    /// when it is larger than the session's, whose bytes move into it.
+    /// Returns the buffer not kept, for the shell to reuse.
+    #[must_use]
+    pub fn offer_output(&mut self, mut buf: Vec<u8>) -> Vec<u8> {
+        if buf.capacity() <= self.out.capacity() {
+            return buf;
+        }
+        buf.clear();
+        buf.extend_from_slice(&self.out);
+        std::mem::replace(&mut self.out, buf)
+    }
+
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }

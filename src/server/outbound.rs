@@ -40,6 +40,7 @@
 //!   session has room, and passes the same permission check as every
 //!   delivery ([`Session::deliver_retained`]: `deny_subscribe` per key).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -59,6 +60,53 @@ pub const WRITE_BUDGET: usize = 64 * 1024;
 pub const MAX_RETAINED_SCANS: usize = 1024;
 /// Current KV values (keys) that may wait per connection.
 pub const MAX_KV_KEYS: usize = 65_536;
+
+/// Spare output buffers kept per network thread, and the largest kept.
+const SPARE_BUFFERS: usize = 2;
+const SPARE_MAX: usize = 2 * WRITE_BUDGET;
+
+thread_local! {
+    /// Output buffers of this thread's MQTT connections, written and
+    /// emptied, for the next batch of deliveries of any of them (at most
+    /// [`SPARE_BUFFERS`] of at most [`SPARE_MAX`] bytes; an idle
+    /// connection holds none). A fresh buffer of about [`WRITE_BUDGET`]
+    /// per batch cost a large allocation and its free each time, each one
+    /// also sorting the allocator's bins of small freed chunks.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An output buffer that was written: kept for reuse (emptied) if it is
+/// of a useful size and fewer than [`SPARE_BUFFERS`] larger ones wait.
+pub fn recycle_output(mut buf: Vec<u8>) {
+    if !(1024..=SPARE_MAX).contains(&buf.capacity()) {
+        return;
+    }
+    buf.clear();
+    SPARE.with(|s| {
+        let mut spare = s.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        } else if let Some(small) = spare.iter_mut().min_by_key(|b| b.capacity()) {
+            if small.capacity() < buf.capacity() {
+                *small = buf;
+            }
+        }
+    });
+}
+
+/// Lend `session` the largest spare output buffer before a batch of
+/// deliveries is encoded into it (it comes back through
+/// [`recycle_output`] once written).
+fn lend_output(session: &mut Session) {
+    let Some(buf) = SPARE.with(|s| {
+        let mut spare = s.borrow_mut();
+        let (i, _) = spare.iter().enumerate().max_by_key(|(_, b)| b.capacity())?;
+        Some(spare.swap_remove(i))
+    }) else {
+        return;
+    };
+    recycle_output(session.offer_output(buf));
+}
 
 /// The current values of KV keys owed to one new subscription.
 struct KvScan {
@@ -254,6 +302,7 @@ impl Outbound {
         while !self.retained_waiting() && session.output_len() < WRITE_BUDGET {
             let Ok(d) = rx.try_recv() else { break };
             if std::mem::take(&mut first) {
+                lend_output(session);
                 // Room for the batch (what waits, up to the write budget)
                 // in one allocation; `cost` is above the encoded size.
                 let batch = (rx.len() + 1).saturating_mul(d.cost());

@@ -571,6 +571,7 @@ impl<'c, T: Transport> Conn<'c, T> {
                     None
                 })
                 .await;
+            crate::server::outbound::recycle_output(out);
             match written {
                 Some(Ok(())) => {}
                 Some(Err(e)) => return Err(format!("write failed: {e}")),
