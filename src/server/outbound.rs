@@ -355,3 +355,32 @@ impl Outbound {
         self.retained_waiting() && session.queued_len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spare_capacities() -> Vec<usize> {
+        SPARE.with(|s| s.borrow().iter().map(Vec::capacity).collect())
+    }
+
+    #[test]
+    fn spare_output_buffers_are_bounded_in_number_and_size() {
+        // Too small to be worth keeping, or larger than the limit: dropped.
+        recycle_output(Vec::with_capacity(100));
+        recycle_output(Vec::with_capacity(SPARE_MAX + 1));
+        assert!(spare_capacities().is_empty());
+        // Kept emptied; beyond two, only a larger one replaces the smallest.
+        let mut used = Vec::with_capacity(4096);
+        used.extend_from_slice(b"written");
+        recycle_output(used);
+        recycle_output(Vec::with_capacity(8192));
+        recycle_output(Vec::with_capacity(2048));
+        recycle_output(Vec::with_capacity(WRITE_BUDGET));
+        let mut caps = spare_capacities();
+        caps.sort_unstable();
+        assert_eq!(caps.len(), SPARE_BUFFERS);
+        assert!(caps[0] >= 8192 && caps[1] >= WRITE_BUDGET, "{caps:?}");
+        assert!(SPARE.with(|s| s.borrow().iter().all(Vec::is_empty)));
+    }
+}

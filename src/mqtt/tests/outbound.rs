@@ -329,3 +329,31 @@ fn plain_qos0_deliveries_are_the_publish_the_general_path_sends() {
     assert_eq!(s5.take_output(), want("a/b", false, b"p", Version::V5));
     assert_eq!(s5.oversize_dropped, 1);
 }
+
+#[test]
+fn an_offered_output_buffer_is_kept_only_when_larger_and_keeps_what_was_queued() {
+    let v = Version::V311;
+    let (mut s, now) = connected(v);
+    let (mut twin, _) = connected(v);
+    for s in [&mut s, &mut twin] {
+        let _ = s.take_output();
+        s.deliver(&delivery("a.b", 0, None, now));
+    }
+    let before = s.output_len();
+    assert!(before > 0);
+    // A smaller buffer comes back untouched.
+    let small = s.offer_output(Vec::with_capacity(1));
+    assert_eq!(small.capacity(), 1);
+    // A larger one (with stale bytes) takes the queued output over.
+    let mut big = Vec::with_capacity(64 * 1024);
+    big.extend_from_slice(b"stale");
+    let old = s.offer_output(big);
+    assert!(old.capacity() < 64 * 1024);
+    assert_eq!(s.output_len(), before);
+    for s in [&mut s, &mut twin] {
+        s.deliver(&delivery("a.c", 0, None, now));
+    }
+    let out = s.take_output();
+    assert!(out.capacity() >= 64 * 1024);
+    assert_eq!(out, twin.take_output());
+}
