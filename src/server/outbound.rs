@@ -18,6 +18,9 @@
 //!   taking more. Per connection, memory for deliveries is thus at most
 //!   `max_queued_bytes` plus about two write budgets and one largest
 //!   message (and, for a persistent session, one 1 MiB stream read).
+//!   Written output buffers are reused: each network thread keeps at most
+//!   [`SPARE_BUFFERS`] of at most [`SPARE_MAX`] bytes; an idle connection
+//!   keeps none.
 //! - At the limit QoS 0 messages are dropped, and so are live QoS 1/2
 //!   messages of a clean session (at most once for a subscriber that does
 //!   not keep up, as at Mosquitto's `max_queued_messages`); a persistent
