@@ -141,6 +141,34 @@ pub struct SourceCursor {
     pub hub_seq: u64,
     /// The local stream's last sequence when `hub_seq` was stored.
     pub local_seq: u64,
+    /// The hub's `Nats-Time-Stamp` of message `hub_seq`, when known: the
+    /// anchor a batched read checks the hub stream's identity with.
+    /// Records of earlier releases end before it (read as `None`); earlier
+    /// releases ignore it (postcard leaves trailing bytes unread).
+    pub anchor: Option<String>,
+}
+
+/// A source cursor of earlier releases (no anchor).
+#[derive(Deserialize)]
+struct SourceCursorV1 {
+    hub_stream: String,
+    created: String,
+    hub_seq: u64,
+    local_seq: u64,
+}
+
+/// A source cursor body, of this release or an earlier one.
+fn decode_source(body: &[u8]) -> Result<SourceCursor, String> {
+    decode(body).or_else(|e| match decode::<SourceCursorV1>(body) {
+        Ok(v1) => Ok(SourceCursor {
+            hub_stream: v1.hub_stream,
+            created: v1.created,
+            hub_seq: v1.hub_seq,
+            local_seq: v1.local_seq,
+            anchor: None,
+        }),
+        Err(_) => Err(e),
+    })
 }
 
 /// Load the source cursor at `path`. `Ok(None)`: none. `Err`: corrupt.
@@ -154,7 +182,7 @@ pub fn load_source(path: &Path) -> Result<Option<SourceCursor>, String> {
 fn latest_source(b: &mut dyn Backend, stem: &str) -> Result<Option<(SourceCursor, u64)>, String> {
     let slots = read_slots(b, stem);
     match slots.best {
-        Some((Body::Current(body), seq)) => Ok(Some((decode(&body)?, seq))),
+        Some((Body::Current(body), seq)) => Ok(Some((decode_source(&body)?, seq))),
         Some((Body::Json(_), _)) => Err("not a source cursor".into()),
         None => match slots.bad.first() {
             Some((name, why)) => Err(format!("{name}: {why}")),
@@ -268,6 +296,7 @@ mod tests {
             created: "2026-12-07T03:00:00.123Z".into(),
             hub_seq: 40 + n,
             local_seq: n,
+            anchor: (n > 1).then(|| format!("2026-12-07T03:00:0{n}.5Z")),
         };
         for n in 1..=3 {
             store_source_on(&mut b, stem, &c(n), true).unwrap();
@@ -278,5 +307,29 @@ mod tests {
         f.truncate(f.len() / 2);
         mem.set_file("CMD.COMMANDS.source.b", f);
         assert_eq!(load_source_on(&mut b, stem).unwrap(), Some(c(2)));
+    }
+
+    #[test]
+    fn a_source_cursor_of_earlier_releases_reads_without_anchor() {
+        #[derive(Serialize)]
+        struct V1<'a>(&'a str, &'a str, u64, u64);
+        let old = encode(&V1("COMMANDS", "2026-12-07T03:00:00Z", 41, 7)).unwrap();
+        let want = SourceCursor {
+            hub_stream: "COMMANDS".into(),
+            created: "2026-12-07T03:00:00Z".into(),
+            hub_seq: 41,
+            local_seq: 7,
+            anchor: None,
+        };
+        assert_eq!(decode_source(&old).unwrap(), want);
+        // An earlier release reads a new record (the anchor trails).
+        let new = SourceCursor {
+            anchor: Some("2026-12-07T03:00:01Z".into()),
+            ..want.clone()
+        };
+        let v1: SourceCursorV1 = decode(&encode(&new).unwrap()).unwrap();
+        assert_eq!((v1.hub_seq, v1.local_seq), (41, 7));
+        assert_eq!(decode_source(&encode(&new).unwrap()).unwrap(), new);
+        assert!(decode_source(&[1, 200]).is_err());
     }
 }

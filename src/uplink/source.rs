@@ -301,13 +301,15 @@ struct ApiError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// A stored message: hub seq, subject, headers without the direct-get
-    /// ones (`None` if there are none left), payload, pending after it.
+    /// ones (`None` if there are none left), payload, pending after it,
+    /// its `Nats-Time-Stamp`.
     Msg {
         seq: u64,
         subject: String,
         headers: Option<HeaderBlock>,
         payload: Vec<u8>,
         pending: Option<u64>,
+        time: Option<String>,
     },
     /// `204 EOB`: the batch is complete.
     End { pending: Option<u64> },
@@ -351,6 +353,7 @@ pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
         .get("Nats-Sequence")
         .and_then(|v| v.trim().parse::<u64>().ok());
     let subject = hb.get("Nats-Subject").map(str::to_string);
+    let time = hb.get("Nats-Time-Stamp").map(|t| t.trim().to_string());
     let (Some(seq), Some(subject)) = (seq, subject) else {
         return Reply::Fail("a direct get reply without Nats-Sequence or Nats-Subject".into());
     };
@@ -363,6 +366,7 @@ pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
         headers: (!hb.entries.is_empty()).then_some(hb),
         payload: payload.to_vec(),
         pending,
+        time,
     }
 }
 
@@ -387,6 +391,9 @@ pub struct Source {
     /// Whether a cursor exists (from a record, the local tail or the start
     /// policy applied); without one the start policy decides.
     have_cursor: bool,
+    /// The hub's `Nats-Time-Stamp` of message `hub_seq`, if known and
+    /// worth re-reading (see the module doc: the anchor).
+    anchor: Option<String>,
     local_seq: u64,
     phase: Phase,
     connected: bool,
@@ -414,9 +421,21 @@ pub struct Source {
     got_replies: usize,
     got_last: u64,
     batch_pending: Option<u64>,
-    /// A batch ready for the shell, and the one it is storing (its seqs).
+    /// The anchor the fetch in flight re-reads (`None`: unanchored), and
+    /// what became of it: `Some(true)` found, `Some(false)` a first
+    /// reply that is not it; then the time stamp of `got_last` (`None`
+    /// when unknown or too large to serve as the next anchor).
+    fetch_anchor: Option<String>,
+    anchor_found: Option<bool>,
+    got_last_time: Option<String>,
+    /// A collected batch waiting for the `STREAM.INFO` that proves it
+    /// belongs to the cursor's hub stream (its anchor was not found).
+    unproven: Option<Batch>,
+    /// A batch ready for the shell, and the one it is storing (its seqs,
+    /// its last hub seq and that message's time stamp).
     ready: Option<Batch>,
-    storing: Option<(Vec<u64>, u64)>,
+    ready_anchor: Option<String>,
+    storing: Option<(Vec<u64>, u64, Option<String>)>,
     commands: VecDeque<Command>,
     events: VecDeque<Event>,
     cursor_out: Option<SourceCursor>,
@@ -429,6 +448,11 @@ pub const MAX_WAKE_SUBS: usize = 8;
 /// Every this many polls, the poll is a `STREAM.INFO` (about 1 KB on the
 /// link) instead of a direct get (a `404` is 34 bytes).
 pub const INFO_EVERY: u32 = 6;
+/// The largest message (subject, headers and payload, as the hub counts
+/// `max_bytes`) kept as the next anchor: re-reading it costs about as
+/// much as a `STREAM.INFO` (module doc). An anchored read asks for this
+/// many bytes more.
+pub const ANCHOR_MAX_BYTES: usize = 512;
 
 impl Source {
     /// A machine resuming from `record` (the persisted cursor) and `tail`
@@ -446,6 +470,12 @@ impl Source {
             .map(|r| r.created.clone())
             .unwrap_or_default();
         let local_seq = record.as_ref().map_or(0, |r| r.local_seq);
+        // Copies past the record (found by the scan) leave the anchor
+        // unknown.
+        let anchor = record
+            .as_ref()
+            .filter(|r| r.hub_seq == hub_seq)
+            .and_then(|r| r.anchor.clone());
         let st = SourceStatus {
             from: p.from.clone(),
             stream: p.stream.clone(),
@@ -460,6 +490,7 @@ impl Source {
             hub_seq,
             created,
             have_cursor,
+            anchor,
             local_seq,
             phase: Phase::Disconnected,
             connected: false,
@@ -480,7 +511,12 @@ impl Source {
             got_replies: 0,
             got_last: 0,
             batch_pending: None,
+            fetch_anchor: None,
+            anchor_found: None,
+            got_last_time: None,
+            unproven: None,
             ready: None,
+            ready_anchor: None,
             storing: None,
             commands: VecDeque::new(),
             events: VecDeque::new(),
@@ -539,6 +575,7 @@ impl Source {
         self.commands.clear();
         self.got.clear();
         self.got_bytes = 0;
+        self.unproven = None;
         self.timer = None;
         self.next_poll = None;
         if !self.is_storing() {
@@ -598,14 +635,22 @@ impl Source {
 
     /// The shell appended the batch it took with [`Source::poll_batch`].
     pub fn handle_stored(&mut self, now: Instant, r: Stored) {
-        let Some((seqs, last)) = self.storing.take() else {
+        let Some((seqs, last, last_time)) = self.storing.take() else {
             return;
         };
-        let done = match &r.error {
-            None => Some(last),
-            Some(_) => r.done.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
+        let (done, anchor) = match &r.error {
+            None => (Some(last), last_time),
+            // A part: its last time stamp is not kept (the next batch is
+            // proven by STREAM.INFO).
+            Some(_) => (
+                r.done.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
+                None,
+            ),
         };
         if let Some(seq) = done {
+            if seq > self.hub_seq {
+                self.anchor = anchor;
+            }
             self.hub_seq = self.hub_seq.max(seq);
             self.local_seq = r.local_last_seq;
             self.persist();
@@ -689,7 +734,8 @@ impl Source {
     #[must_use]
     pub fn poll_batch(&mut self) -> Option<Batch> {
         let b = self.ready.take()?;
-        self.storing = Some((b.msgs.iter().map(|(s, _)| *s).collect(), b.last_hub_seq));
+        let seqs = b.msgs.iter().map(|(s, _)| *s).collect();
+        self.storing = Some((seqs, b.last_hub_seq, self.ready_anchor.take()));
         Some(b)
     }
 
@@ -731,6 +777,7 @@ impl Source {
             created: self.created.clone(),
             hub_seq: self.hub_seq,
             local_seq: self.local_seq,
+            anchor: self.anchor.clone(),
         });
     }
 
@@ -744,6 +791,7 @@ impl Source {
             self.events.push_back(Event::Error(why.clone()));
         }
         self.in_error = true;
+        self.unproven = None;
         self.st.last_error = Some(why);
         self.phase = if self.connected {
             Phase::Idle
@@ -789,10 +837,19 @@ impl Source {
     fn fetch(&mut self, now: Instant) {
         let (req, reply) = self.request_id();
         let filter = self.p.filter.as_deref().unwrap_or(">");
-        let body = match (&self.p.start, self.have_cursor) {
-            (SourceStart::Time(t), false) => serde_json::json!({
+        self.fetch_anchor = self.anchor.clone().filter(|_| self.have_cursor);
+        self.anchor_found = None;
+        self.got_last_time = None;
+        self.unproven = None;
+        let body = match (&self.p.start, self.have_cursor, &self.fetch_anchor) {
+            (SourceStart::Time(t), false, _) => serde_json::json!({
                 "start_time": t, "next_by_subj": filter,
                 "batch": self.p.batch, "max_bytes": self.p.max_bytes,
+            }),
+            // From the anchor, one message and its bytes more.
+            (_, _, Some(_)) => serde_json::json!({
+                "seq": self.hub_seq, "next_by_subj": filter,
+                "batch": self.p.batch + 1, "max_bytes": self.p.max_bytes + ANCHOR_MAX_BYTES,
             }),
             _ => serde_json::json!({
                 "seq": self.hub_seq + 1, "next_by_subj": filter,
@@ -840,9 +897,16 @@ impl Source {
         self.phase = Phase::Idle;
         let last = info.state.last_seq;
         self.st.hub_last_seq = last;
-        self.settle_identity(&info.created, last);
+        let recreated = self.settle_identity(&info.created, last);
         if !self.wake_subscribed {
             self.subscribe_wake(&config.subjects);
+        }
+        // A batch read before this answer belongs to the stream it
+        // describes; after a recreation it is not the cursor's: dropped.
+        if let Some(b) = self.unproven.take() {
+            if !recreated {
+                return self.hand_out(b);
+            }
         }
         let start_time = matches!(self.p.start, SourceStart::Time(_)) && !self.have_cursor;
         if last > self.hub_seq || start_time || self.woken {
@@ -853,9 +917,10 @@ impl Source {
         }
     }
 
-    /// Compare the hub stream's identity with the cursor's; apply the
-    /// start policy to a source without a cursor.
-    fn settle_identity(&mut self, created: &str, last: u64) {
+    /// Compare the hub stream's identity with the cursor's (whether it
+    /// was recreated); apply the start policy to a source without a
+    /// cursor.
+    fn settle_identity(&mut self, created: &str, last: u64) -> bool {
         let recreated = self.have_cursor
             && ((!self.created.is_empty() && self.created != created) || last < self.hub_seq);
         if recreated {
@@ -867,7 +932,9 @@ impl Source {
             });
             self.st.recreated += 1;
             self.hub_seq = 0;
+            self.anchor = None;
         } else if !self.have_cursor {
+            self.anchor = None;
             match &self.p.start {
                 SourceStart::All | SourceStart::Time(_) => self.hub_seq = 0,
                 SourceStart::New => self.hub_seq = last,
@@ -885,6 +952,7 @@ impl Source {
         if changed && self.have_cursor {
             self.persist();
         }
+        recreated
     }
 
     fn subscribe_wake(&mut self, stream_subjects: &[String]) {
@@ -908,7 +976,17 @@ impl Source {
                 headers,
                 payload,
                 pending,
+                time,
             } => {
+                if self.fetch_anchor.is_some() && self.anchor_found.is_none() {
+                    // The first reply of an anchored read: the message
+                    // stored last, or the proof is left to STREAM.INFO.
+                    let found = seq == self.hub_seq && time == self.fetch_anchor;
+                    self.anchor_found = Some(found);
+                    if found {
+                        return;
+                    }
+                }
                 if seq <= self.got_last {
                     return; // Not above what we have: a duplicate.
                 }
@@ -918,10 +996,22 @@ impl Source {
                 // Counted as the hub counts `max_bytes` (not with the
                 // origin header added here); the hub sends one message
                 // whatever its size.
-                self.got_bytes += subject.len() + payload.len();
+                let size = subject.len() + payload.len();
+                self.got_bytes += size;
+                // As the hub counts it, with the stored headers.
+                let hdr = headers.as_ref().map_or(0, |h| {
+                    let kv = h.entries.iter().map(|(k, v)| k.len() + v.len() + 4);
+                    12 + kv.sum::<usize>()
+                });
+                self.got_last_time = time.filter(|_| size + hdr <= ANCHOR_MAX_BYTES);
                 self.take(seq, subject, headers, payload);
-                if self.got_replies > self.p.batch
-                    || (self.got_replies > 1 && self.got_bytes > self.p.max_bytes.saturating_mul(2))
+                // An anchored read asked for one message (and its bytes)
+                // more.
+                let anchored = usize::from(self.fetch_anchor.is_some());
+                let unfound = anchored * usize::from(self.anchor_found != Some(true));
+                let max_bytes = self.p.max_bytes + anchored * ANCHOR_MAX_BYTES;
+                if self.got_replies > self.p.batch + unfound
+                    || (self.got_replies > 1 && self.got_bytes > max_bytes.saturating_mul(2))
                 {
                     self.got.clear();
                     self.got_bytes = 0;
@@ -1001,28 +1091,48 @@ impl Source {
         self.got.push((seq, m));
     }
 
-    /// The batch is complete: hand it out, or decide what an empty one
-    /// means.
+    /// Give batch `b` (proven to be of the cursor's hub stream) to the
+    /// shell.
+    fn hand_out(&mut self, b: Batch) {
+        // Establishes the cursor of a start_time source too.
+        self.have_cursor = true;
+        self.st.hub_last_seq = self.st.hub_last_seq.max(b.last_hub_seq);
+        self.ready_anchor = self.got_last_time.take();
+        self.ready = Some(b);
+        self.phase = Phase::Store;
+    }
+
+    /// The batch is complete: hand it out (or prove it first), or decide
+    /// what an empty one means.
     fn complete(&mut self, now: Instant) {
         self.recovered();
         if self.got_last > self.hub_seq {
-            // Establishes the cursor of a start_time source too.
-            self.have_cursor = true;
             if !self.woken {
                 self.after_wake = false;
             }
-            self.ready = Some(Batch {
+            let b = Batch {
                 msgs: std::mem::take(&mut self.got),
                 last_hub_seq: self.got_last,
-            });
+            };
             self.got_bytes = 0;
-            self.phase = Phase::Store;
-            self.st.hub_last_seq = self.st.hub_last_seq.max(self.got_last);
+            if self.anchor_found == Some(true) {
+                self.hand_out(b);
+            } else {
+                // Not proven to be the cursor's stream: ask the hub (a
+                // check that leaves a pending wake's retries as they are).
+                self.unproven = Some(b);
+                let after_wake = self.after_wake;
+                self.check(now);
+                self.after_wake = after_wake;
+            }
             return;
         }
         self.phase = Phase::Idle;
         self.st.pending = 0;
-        if self.woken {
+        if self.anchor_found == Some(false) {
+            // Another message at the cursor's sequence: recreated.
+            self.timer = Some((now, Due::Info));
+        } else if self.woken {
             self.woken = false;
             self.fetch(now);
         } else if self.wake_retries > 0 {

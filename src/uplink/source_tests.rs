@@ -30,12 +30,19 @@ fn record(created: &str, hub_seq: u64) -> SourceCursor {
         created: created.into(),
         hub_seq,
         local_seq: 3,
+        anchor: None,
     }
+}
+
+/// The hub's time stamp of message `seq` in the tests.
+fn ts(seq: u64) -> String {
+    format!("2026-12-07T03:17:26.{seq}Z")
 }
 
 fn msg_headers(seq: u64, subject: &str, pending: u64, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut h = format!(
-        "NATS/1.0\r\nNats-Stream: COMMANDS\r\nNats-Subject: {subject}\r\nNats-Sequence: {seq}\r\nNats-Time-Stamp: 2026-12-07T03:17:26.1Z\r\nNats-Num-Pending: {pending}\r\nNats-Last-Sequence: 0\r\n"
+        "NATS/1.0\r\nNats-Stream: COMMANDS\r\nNats-Subject: {subject}\r\nNats-Sequence: {seq}\r\nNats-Time-Stamp: {}\r\nNats-Num-Pending: {pending}\r\nNats-Last-Sequence: 0\r\n",
+        ts(seq)
     );
     for (k, v) in extra {
         h.push_str(&format!("{k}: {v}\r\n"));
@@ -140,11 +147,13 @@ fn replies_parse_and_lose_the_direct_get_headers() {
             headers,
             payload,
             pending,
+            time,
         } => {
             assert_eq!(
                 (seq, subject.as_str(), pending),
                 (3, "cmd.truck-042.reboot", Some(1))
             );
+            assert_eq!(time, Some(ts(3)));
             let hb = headers.unwrap();
             assert_eq!(hb.entries, vec![("Trace".to_string(), "x".to_string())]);
             assert_eq!(payload, b"go");
@@ -231,6 +240,11 @@ fn check_fetch_store_in_order_with_the_transform() {
         "not before the end of the batch"
     );
     h.reply(&reply, &eob(0), b"");
+    assert!(
+        h.s.poll_batch().is_none(),
+        "an unanchored batch waits for the proof of the stream's identity"
+    );
+    h.info("T1", 2, true);
     let b = h.s.poll_batch().unwrap();
     assert_eq!(b.last_hub_seq, 2);
     let subjects: Vec<_> = b
@@ -260,7 +274,8 @@ fn check_fetch_store_in_order_with_the_transform() {
             hub_stream: "COMMANDS".into(),
             created: "T1".into(),
             hub_seq: 2,
-            local_seq: 104
+            local_seq: 104,
+            anchor: Some(ts(2)),
         })
     );
     assert!(
@@ -281,10 +296,15 @@ fn a_full_batch_is_followed_at_once_and_duplicates_are_dropped() {
     h.reply(&reply, &msg_headers(13, "cmd.truck-042.a", 5, &[]), b"");
     h.reply(&reply, &msg_headers(12, "cmd.truck-042.a", 5, &[]), b"");
     h.reply(&reply, &eob(5), b"");
+    h.info("T1", 30, true);
     let b = h.store_all();
     assert_eq!(b.msgs.len(), 1);
     let (_, reply2, body) = h.last_request();
-    assert_eq!(body["seq"], 14, "more pending: the next batch at once");
+    assert_eq!(
+        (&body["seq"], &body["batch"]),
+        (&13.into(), &5.into()),
+        "more pending: the next batch at once, from the anchor"
+    );
     // A late answer to the earlier request is ignored.
     h.reply(&reply, &msg_headers(14, "cmd.truck-042.a", 0, &[]), b"");
     h.reply(&reply2, b"NATS/1.0 404 Message Not Found\r\n\r\n", b"");
@@ -311,9 +331,10 @@ fn wakes_coalesce_and_empty_wakes_retry_then_check() {
     assert!(h.commands().is_empty(), "one request in flight");
     h.reply(&reply, &msg_headers(6, "cmd.truck-042.a", 0, &[]), b"");
     h.reply(&reply, &eob(0), b"");
+    h.info("T1", 6, true);
     h.store_all();
     let (_, reply, body) = h.last_request();
-    assert_eq!(body["seq"], 7, "the coalesced wake");
+    assert_eq!(body["seq"], 6, "the coalesced wake, from the anchor");
     assert!(h.commands().is_empty());
     // Nothing found after a wake: retried shortly (a follower may lag),
     // then the hub stream is checked.
@@ -406,10 +427,11 @@ fn start_policies_apply_only_without_a_cursor() {
     assert!(body.get("seq").is_none());
     h.reply(&reply, &msg_headers(31, "cmd.truck-042.a", 0, &[]), b"");
     h.reply(&reply, &eob(0), b"");
+    h.info("T1", 40, true);
     h.store_all();
     assert_eq!(h.s.poll_cursor().unwrap().hub_seq, 31);
     h.s.handle_msg(h.t0, WAKE_SID, "cmd.truck-042.a", None, b"");
-    assert_eq!(h.last_request().2["seq"], 32, "then by sequence");
+    assert_eq!(h.last_request().2["seq"], 31, "then by sequence (anchored)");
 }
 
 #[test]
@@ -466,6 +488,13 @@ fn reserved_and_uncaptured_subjects_are_skipped_and_passed() {
         );
     }
     s.handle_msg(t, INBOX_SID, "_INBOX.tok.2", Some(&eob(0)), b"");
+    s.handle_msg(
+        t,
+        INBOX_SID,
+        "_INBOX.tok.3",
+        None,
+        br#"{"config":{"allow_direct":true},"created":"T","state":{"last_seq":3}}"#,
+    );
     let b = s.poll_batch().unwrap();
     assert_eq!(b.msgs.len(), 1);
     assert_eq!(b.msgs[0].1.subject, "ok.1");
@@ -538,6 +567,7 @@ fn a_failed_store_keeps_the_cursor_at_what_was_stored() {
         );
     }
     h.reply(&reply, &eob(0), b"");
+    h.info("T1", 3, true);
     let b = h.s.poll_batch().unwrap();
     assert_eq!(b.msgs.len(), 3);
     h.s.handle_stored(h.t0, stored(1, 50, Some("disk full")));
@@ -550,6 +580,7 @@ fn a_failed_store_keeps_the_cursor_at_what_was_stored() {
     let (_, reply, _) = h.last_request();
     h.reply(&reply, &msg_headers(1, "cmd.truck-042.a", 0, &[]), b"");
     h.reply(&reply, &eob(0), b"");
+    h.info("T1", 1, true);
     let b = h.s.poll_batch().unwrap();
     h.s.handle_disconnected();
     h.s.handle_stored(h.t0, stored(b.msgs.len(), 9, None));
@@ -573,6 +604,94 @@ fn a_hub_sending_more_than_asked_is_refused() {
     assert!(h.s.poll_batch().is_none());
     assert_eq!(h.s.status().state, "error");
     assert_eq!(h.s.hub_seq(), 0);
+}
+
+/// A machine whose cursor (hub seq 5 of "T1") has its anchor.
+fn anchored() -> H {
+    let rec = SourceCursor {
+        anchor: Some(ts(5)),
+        ..record("T1", 5)
+    };
+    let mut h = H::new(SourceStart::All, Some(rec), None);
+    h.info("T1", 9, true);
+    h
+}
+
+#[test]
+fn an_anchored_read_that_finds_its_anchor_is_stored_without_a_check() {
+    let mut h = anchored();
+    let (_, reply, body) = h.last_request();
+    assert_eq!((&body["seq"], &body["batch"]), (&5.into(), &5.into()));
+    h.reply(&reply, &msg_headers(5, "cmd.truck-042.a", 4, &[]), b"old");
+    for seq in 6..=9 {
+        h.reply(
+            &reply,
+            &msg_headers(seq, "cmd.truck-042.a", 9 - seq, &[]),
+            b"",
+        );
+    }
+    h.reply(&reply, &eob(0), b"");
+    assert!(h.commands().is_empty(), "no STREAM.INFO");
+    let b = h.store_all();
+    let seqs: Vec<u64> = b.msgs.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9], "the anchor is not stored again");
+    assert_eq!(h.s.poll_cursor().unwrap().anchor, Some(ts(9)));
+}
+
+#[test]
+fn a_stream_recreated_and_grown_past_the_cursor_while_connected_is_detected() {
+    // The new stream's message 5 is another message: nothing of this
+    // batch is stored under the old identity; it is copied from 1.
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    let other = msg_headers(5, "cmd.truck-042.a", 2, &[]);
+    let other = String::from_utf8(other)
+        .unwrap()
+        .replace(&ts(5), "2026-12-08T00:00:00Z");
+    h.reply(&reply, other.as_bytes(), b"new 5");
+    h.reply(&reply, &msg_headers(6, "cmd.truck-042.a", 1, &[]), b"new 6");
+    h.reply(&reply, &eob(0), b"");
+    assert!(h.s.poll_batch().is_none());
+    h.info("T2", 7, true);
+    assert!(h.s.poll_batch().is_none(), "the batch is dropped");
+    let evs: Vec<_> = std::iter::from_fn(|| h.s.poll_event()).collect();
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, Event::Recreated { old_seq: 5, .. })),
+        "{evs:?}"
+    );
+    assert_eq!(h.s.status().recreated, 1);
+    let (_, _, body) = h.last_request();
+    assert_eq!((&body["seq"], &body["batch"]), (&1.into(), &4.into()));
+    // The same seen on an empty read: checked at once.
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    h.reply(&reply, other.as_bytes(), b"new 5");
+    h.reply(&reply, &eob(0), b"");
+    h.s.handle_tick(h.t0);
+    assert!(h.last_request().0.contains("STREAM.INFO"));
+}
+
+#[test]
+fn a_missing_anchor_leaves_the_proof_to_stream_info() {
+    // Message 5 is gone (max_age): the reads start after it, proven by
+    // STREAM.INFO, and may carry one message more than a batch.
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    for seq in 6..=10 {
+        h.reply(
+            &reply,
+            &msg_headers(seq, "cmd.truck-042.a", 10 - seq, &[]),
+            b"",
+        );
+    }
+    h.reply(&reply, &eob(0), b"");
+    assert!(h.s.poll_batch().is_none());
+    h.info("T1", 10, true);
+    let b = h.store_all();
+    assert_eq!(b.msgs.len(), 5);
+    assert_eq!(h.s.status().recreated, 0);
+    assert_eq!(h.s.hub_seq(), 10);
 }
 
 #[test]
