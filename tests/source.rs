@@ -434,3 +434,72 @@ async fn deliver_new_and_start_seq_choose_where_a_new_source_starts() {
         .collect();
     assert_exact(&wait_local(&at4, 10).await, &want);
 }
+
+/// The hub stream is deleted, recreated and filled past frond's cursor
+/// while frond is connected and sourcing (issue 12: "detect it and say
+/// so in status; do not silently skip or replay"). The refill goes in
+/// through a stream subject transform (`refill.>` → `cmd.>`, as a
+/// restore or a sourced backfill would): no core message on the filter,
+/// so no wake tells frond before the stream has grown past its cursor,
+/// and the poll (120 s) does not come. The next command's wake reads
+/// the new stream at the old cursor: every message of the new stream
+/// must arrive once, in order, from its first; none of the old ones again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stream_recreated_and_grown_past_the_cursor_while_connected_is_copied_whole() {
+    let hub = NatsCluster::start(3).await;
+    create_commands(hub.live(), 3).await;
+    let frond = Frond::start_new(spec(hub.nodes[0].url(), "poll_interval = \"120s\"")).await;
+    hub_publish(hub.live(), HUB_SUBJECT, &payloads("old", 0..20)).await;
+    assert_exact(&wait_local(&frond, 20).await, &payloads("old", 0..20));
+    let hub_seq = |v: &serde_json::Value| v["uplink"]["sources"][0]["hub_seq"].as_u64();
+    wait_until("the cursor reaches 20", LONG, || async {
+        frond.varz().await.is_some_and(|v| hub_seq(&v) == Some(20))
+    })
+    .await;
+
+    let js = hub.live().jetstream().await;
+    js.delete_stream(HUB_STREAM)
+        .await
+        .expect("delete the hub stream");
+    let cfg = async_nats::jetstream::stream::Config {
+        name: HUB_STREAM.to_string(),
+        subjects: vec!["cmd.>".to_string(), "refill.>".to_string()],
+        num_replicas: 3,
+        allow_direct: true,
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "refill.>".to_string(),
+            destination: "cmd.>".to_string(),
+        }),
+        ..Default::default()
+    };
+    wait_for("the hub stream COMMANDS is recreated", LONG, || {
+        let (js, cfg) = (js.clone(), cfg.clone());
+        async move { js.create_stream(cfg).await.ok() }
+    })
+    .await;
+    hub_publish(hub.live(), "refill.truck1.reboot", &payloads("new", 0..30)).await;
+    // A command with a wake: frond reads the new stream.
+    hub_publish(hub.live(), HUB_SUBJECT, &payloads("new", 30..35)).await;
+
+    wait_until(
+        "frond's cursor reaches the new stream's 35",
+        LONG,
+        || async { frond.varz().await.is_some_and(|v| hub_seq(&v) == Some(35)) },
+    )
+    .await;
+    let local = try_read_local(&frond, "CMD").await.expect("read CMD");
+    let want: Vec<String> = payloads("old", 0..20)
+        .into_iter()
+        .chain(payloads("new", 0..35))
+        .collect();
+    let got: Vec<String> = local.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(got, want, "old once, then the whole new stream in order");
+    assert_exact(&local[..20], &payloads("old", 0..20));
+    assert_exact(&local[20..], &payloads("new", 0..35));
+    assert_eq!(local[20].origin.as_deref(), Some("COMMANDS 1"));
+    let varz = frond.varz().await.expect("/varz");
+    let s = &varz["uplink"]["sources"][0];
+    assert_eq!(s["recreated"], 1, "{s}");
+    assert_eq!(s["stored"], 55, "{s}");
+    assert!(frond.log_text().contains("recreated"));
+}
