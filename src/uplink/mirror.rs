@@ -248,6 +248,8 @@ pub struct MirrorStatus {
     pub acked: u64,
     pub skipped: u64,
     pub resyncs: u64,
+    /// Resyncs that found the hub stream recreated.
+    pub recreated: u64,
     pub last_error: Option<String>,
     /// Unix ns at which `last_error` first appeared (filled in by
     /// [`super::UplinkStatus`]).
@@ -320,6 +322,10 @@ pub struct Mirror {
     acked: u64,
     skipped: u64,
     resyncs: u64,
+    /// The hub stream's `created` as the last resync saw it (this process
+    /// only), and how often it changed (`mirror_scan.rs`).
+    hub_created: Option<String>,
+    recreated: u64,
     persisted: Cursor,
     last_persist: Option<Instant>,
     commands: VecDeque<Command>,
@@ -438,6 +444,8 @@ impl Mirror {
             acked: 0,
             skipped: 0,
             resyncs: 0,
+            hub_created: None,
+            recreated: 0,
             persisted: c,
             last_persist: None,
             commands: VecDeque::new(),
@@ -802,6 +810,7 @@ impl Mirror {
             acked: self.acked,
             skipped: self.skipped,
             resyncs: self.resyncs,
+            recreated: self.recreated,
             last_error: self.last_error.clone(),
             last_error_at: None,
         }

@@ -69,7 +69,15 @@ struct GetMessage {
 #[serde(default)]
 struct InfoJson {
     config: Option<InfoConfig>,
+    created: String,
+    state: Option<InfoState>,
     error: Option<ApiError>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InfoState {
+    last_seq: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +195,9 @@ impl Mirror {
                 )
             }
         };
+        if info.error.is_none() {
+            self.check_identity(&info.created, info.state.as_ref().map(|s| s.last_seq));
+        }
         let hub = &self.p.hub_stream;
         if let Some(e) = info.error {
             if e.err_code == ERR_STREAM_NOT_FOUND {
@@ -209,6 +220,33 @@ impl Mirror {
             )));
         }
         self.scan_on(now);
+    }
+
+    /// A hub stream recreated since the last resync (another `created`,
+    /// or fewer messages than the scan floor) holds none of the old
+    /// stream's messages, and ours published into it since may lie below
+    /// the floor (acks lost): the scan starts at its first message.
+    fn check_identity(&mut self, created: &str, last_seq: Option<u64>) {
+        let other = self
+            .hub_created
+            .as_deref()
+            .is_some_and(|c| !created.is_empty() && c != created);
+        let shorter = last_seq.is_some_and(|l| l < self.latest);
+        if other || shorter {
+            self.recreated += 1;
+            self.events.push_back(Event::Warning(format!(
+                "hub stream {} was recreated (created {:?}, now {created:?}; {} messages, the scan floor was {}): local messages up to {} went to the deleted stream and are not sent again; scanning the new stream from its first message",
+                self.p.hub_stream,
+                self.hub_created.as_deref().unwrap_or("unknown"),
+                last_seq.unwrap_or(0),
+                self.latest,
+                self.l
+            )));
+            self.latest = 0;
+        }
+        if !created.is_empty() {
+            self.hub_created = Some(created.to_string());
+        }
     }
 
     fn on_get(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {

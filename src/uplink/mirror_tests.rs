@@ -58,6 +58,8 @@ struct Hub {
     missing: bool,
     unavailable: bool,
     subjects_prefix: String,
+    /// The stream's `created` (recreating it changes this).
+    created: String,
 }
 
 type Delivery = (String, Option<Vec<u8>>, Vec<u8>);
@@ -77,10 +79,13 @@ impl Hub {
             assert_eq!(stream, "FLEET");
             let body = if self.missing {
                 r#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#
+                    .to_string()
             } else {
-                r#"{"config":{"name":"FLEET","allow_atomic":false},"state":{"last_seq":0}}"#
+                serde_json::json!({"config": {"name": "FLEET", "allow_atomic": false},
+                    "created": self.created, "state": {"last_seq": self.msgs.len()}})
+                .to_string()
             };
-            return Some((reply, None, body.as_bytes().to_vec()));
+            return Some((reply, None, body.into_bytes()));
         }
         if let Some(stream) = subject.strip_prefix("$JS.API.STREAM.MSG.GET.") {
             assert_eq!(stream, "FLEET");
@@ -491,6 +496,54 @@ fn disconnect_mid_window_resends_only_missing() {
     w.settle();
     assert_eq!(w.hub.ours(), (1..=8).collect::<Vec<_>>());
     assert_eq!(w.m.status().sent, 8 + 3, "only 6..8 were sent again");
+}
+
+/// The hub stream is deleted and recreated while frond is connected;
+/// other nodes publish into the new stream, and so does this mirror, whose
+/// acks are lost. The new stream grows past the scan floor of the old one
+/// before the next resync: the scan starts at the new stream's first
+/// message, so nothing is published twice (beyond the duplicate window).
+#[test]
+fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
+    let mut w = World::new(params("", 8));
+    w.hub.created = "A".into();
+    for _ in 0..20 {
+        w.append(5);
+    }
+    w.connect();
+    w.settle();
+    assert_eq!(w.hub.ours(), (1..=20).collect::<Vec<_>>());
+    // Recreated, with two foreign messages first.
+    w.hub.msgs.clear();
+    w.hub.created = "B".into();
+    let foreign = |w: &mut World| {
+        w.hub
+            .msgs
+            .push(("a.b".into(), Some("n2:S:1".into()), 0, vec![b'x'; 5]))
+    };
+    foreign(&mut w);
+    foreign(&mut w);
+    for _ in 0..3 {
+        w.append(5);
+    }
+    assert!(w.serve_read());
+    // 21..23 are stored at 3..5 of the new stream; their acks are lost.
+    while w.hub_step(true) {}
+    for _ in 0..30 {
+        foreign(&mut w);
+    }
+    w.t += 200_000; // far beyond the duplicate window
+    w.disconnect(0);
+    w.connect();
+    w.settle();
+    assert_eq!(
+        w.hub.ours(),
+        vec![21, 22, 23],
+        "once each in the new stream"
+    );
+    assert_eq!(w.m.status().recreated, 1);
+    assert!(w.events.iter().any(|e| matches!(e,
+        Event::Warning(x) if x.contains("recreated"))));
 }
 
 #[test]

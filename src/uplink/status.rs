@@ -288,6 +288,7 @@ impl UplinkStatus {
                         "acked": m.acked,
                         "skipped": m.skipped,
                         "resyncs": m.resyncs,
+                        "recreated": m.recreated,
                         "last_error": m.last_error,
                         "last_error_unix_ms": ms(m.last_error_at),
                         "last_error_age_secs": age(m.last_error_at),
