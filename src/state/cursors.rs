@@ -16,7 +16,9 @@
 //! stream's identity (name, creation time) and the last hub sequence
 //! stored locally, with the local stream's last sequence at that moment
 //! (where a restart starts scanning the local tail for copies the record
-//! does not know yet).
+//! does not know yet) and the hub time stamp of that message (the anchor
+//! that proves the next read is of the same stream; absent in records of
+//! earlier releases, which read fine).
 //!
 //! Invariants: a save overwrites the slot not holding the latest cursor,
 //! so a torn save leaves the previous one. Saves are synced only when

@@ -56,15 +56,44 @@
 //!   skipped, counted and logged, and the cursor moves past it.
 //! - A hub stream whose `created` differs from the record's, or whose last
 //!   sequence is below the cursor, was recreated: logged as a warning,
-//!   counted in status, and the new stream is copied from its first
-//!   message (its messages were never delivered here). Known limit: the
-//!   check runs at connect, on every poll and after a wake found nothing,
-//!   so a stream recreated *and* grown past the old cursor between two
-//!   checks while connected loses its first `cursor` messages to a
-//!   wake-triggered fetch (and stores the ones after under the old
-//!   identity, copied again once the recreation is seen). The simulation
-//!   (`source_sim.rs`) confirms recreations while disconnected are safe
-//!   and counts how often this one bites.
+//!   counted in status (`recreated`), and the new stream is copied from
+//!   its first message (its messages were never delivered here).
+//! - No batch is handed to the shell before it is proven to come from
+//!   the cursor's hub stream, so a stream deleted, recreated and grown
+//!   past the cursor *while connected*, between two checks, is detected
+//!   before anything of it is stored: nothing of the new stream is filed
+//!   under the old identity or skipped. The proof, per batch:
+//!   - *anchor* (the common case): the read starts at the cursor itself
+//!     (`seq: cursor`, one message and [`ANCHOR_MAX_BYTES`] more), and its
+//!     first reply must be the message stored last, same sequence and
+//!     same `Nats-Time-Stamp` (kept with the cursor, also in the record).
+//!     One direct get is answered by one server from one stream, so if
+//!     its first reply is our message the whole batch is of our stream.
+//!     A recreated stream's message at that sequence was stored later,
+//!     with another time stamp.
+//!   - *`STREAM.INFO` after the batch* when there is no anchor (the
+//!     cursor came from a start policy, a recreation, a partial store, a
+//!     scan of the local tail, a message over [`ANCHOR_MAX_BYTES`], a
+//!     record of an earlier release) or it was not the first reply (it
+//!     expired, was deleted, or the stream was recreated): the batch
+//!     waits, and is stored only if the answer, sent after every reply of
+//!     the batch, still shows the cursor's `created` (else it is dropped
+//!     and the recreation handled). Another message at the cursor's
+//!     sequence with nothing after it is checked at once.
+//!
+//!   Cost on the link per batch (nats-server 2.12.8, measured: a 100-byte
+//!   command on a 22-byte subject arrives as 326 bytes, a `STREAM.INFO`
+//!   answer is ~1 KB and a round trip): the anchor costs its own size
+//!   again, 326 B down for such a command (at most [`ANCHOR_MAX_BYTES`]
+//!   plus ~230 B of protocol and headers, else the check is used) and no
+//!   round trip; about 1.3 B per message over a 256-message backlog
+//!   batch, +57% on a lone live command (576 B → 902 B). Checking every
+//!   batch with `STREAM.INFO` instead would cost ~1,060 B and a round trip
+//!   each (+184% on a lone command). The hub's
+//!   `$JS.EVENT.ADVISORY.STREAM.CREATED.<stream>` advisory alone would not
+//!   do: a core message, not ordered with the direct get replies on
+//!   another subscription, and lost with a link cut; it could only make
+//!   the detection earlier.
 //!
 //! Hub memory per node, measured with `scripts/source-hub-memory 1000`
 //! (nats-server 2.12.8, one node, file store, 1,000 nodes): a client

@@ -9,11 +9,14 @@
 //! publishes interleaved with link cuts; direct-get replies lost (the rest
 //! of that request's replies with it: NATS keeps order per subscription),
 //! duplicated or delayed behind other requests' replies; the hub stream
-//! deleted and recreated; local appends failing part-way; frond crashing
+//! deleted and recreated, also while frond is connected and reading (each
+//! message has its own `Nats-Time-Stamp`); local appends failing part-way; frond crashing
 //! at any point and restarting from its cursor record as last written
 //! (fsynced) and the local stream's durable tail.
 //!
 //! Invariants, checked per schedule:
+//! - Every message is stored under the identity (`created`) of the hub
+//!   stream incarnation it came from.
 //! - Every cursor record written covers only durable data: each hub
 //!   message of that stream incarnation the source must store, at or below
 //!   the record's `hub_seq`, is in the local stream.
