@@ -234,12 +234,21 @@ impl Mirror {
         let shorter = last_seq.is_some_and(|l| l < self.latest);
         if other || shorter {
             self.recreated += 1;
+            let (hub, old) = (&self.p.hub_stream, self.hub_created.as_deref());
+            let what = if other {
+                format!(
+                    "was recreated (created {:?}, now {created:?})",
+                    old.unwrap_or("")
+                )
+            } else {
+                format!(
+                    "holds fewer messages than this mirror saw (last sequence {}, scan floor {}): it was recreated or lost messages",
+                    last_seq.unwrap_or(0),
+                    self.latest
+                )
+            };
             self.events.push_back(Event::Warning(format!(
-                "hub stream {} was recreated (created {:?}, now {created:?}; {} messages, the scan floor was {}): local messages up to {} went to the deleted stream and are not sent again; scanning the new stream from its first message",
-                self.p.hub_stream,
-                self.hub_created.as_deref().unwrap_or("unknown"),
-                last_seq.unwrap_or(0),
-                self.latest,
+                "hub stream {hub} {what}; local messages up to {} were acknowledged by the old stream and are not sent again; scanning the stream from its first message",
                 self.l
             )));
             self.latest = 0;
