@@ -265,6 +265,10 @@ pub struct SourceStatus {
     pub stored: u64,
     pub skipped: u64,
     pub recreated: u64,
+    /// Times the hub stream, same `created`, was found holding another
+    /// message at the cursor's sequence (it lost messages and re-used
+    /// their sequences): see [`Source`]'s module doc.
+    pub diverged: u64,
     pub hub_created: String,
     pub last_error: Option<String>,
 }
@@ -358,8 +362,11 @@ pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
         Ok(hb) => hb,
         Err(e) => return Reply::Fail(format!("unreadable direct get reply: {}", e.0)),
     };
+    // The server appends these after the stored message's own headers,
+    // which may carry the same names (a RePublish, a forger): the last
+    // occurrence is the server's.
     let pending = hb
-        .get("Nats-Num-Pending")
+        .get_last("Nats-Num-Pending")
         .and_then(|v| v.trim().parse().ok());
     match hb.status {
         Some(204) => return Reply::End { pending },
@@ -379,10 +386,10 @@ pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
         None => {}
     }
     let seq = hb
-        .get("Nats-Sequence")
+        .get_last("Nats-Sequence")
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let subject = hb.get("Nats-Subject").map(str::to_string);
-    let time = hb.get("Nats-Time-Stamp").map(|t| t.trim().to_string());
+    let subject = hb.get_last("Nats-Subject").map(str::to_string);
+    let time = hb.get_last("Nats-Time-Stamp").map(|t| t.trim().to_string());
     let (Some(seq), Some(subject)) = (seq, subject) else {
         return Reply::Fail("a direct get reply without Nats-Sequence or Nats-Subject".into());
     };
@@ -457,6 +464,18 @@ pub struct Source {
     fetch_anchor: Option<String>,
     anchor_found: Option<bool>,
     got_last_time: Option<String>,
+    /// The fetch in flight only asks whether anything follows the cursor
+    /// (one message, unanchored); what it finds is read again anchored.
+    probe: bool,
+    /// The anchored read found another message at the cursor's sequence
+    /// (`suspect`, the next `STREAM.INFO` decides), and the hub stream,
+    /// same `created`, diverged from what was copied (`diverged`:
+    /// nothing is read until it is recreated).
+    suspect: bool,
+    diverged: bool,
+    /// `STREAM.INFO` answers in a row with the cursor's `created` and a
+    /// last sequence below the cursor (a lagging replica answered).
+    behind: u32,
     /// A collected batch waiting for the `STREAM.INFO` that proves it
     /// belongs to the cursor's hub stream (its anchor was not found).
     unproven: Option<Batch>,
@@ -482,6 +501,10 @@ pub const INFO_EVERY: u32 = 6;
 /// much as a `STREAM.INFO` (module doc). An anchored read asks for this
 /// many bytes more.
 pub const ANCHOR_MAX_BYTES: usize = 512;
+/// `STREAM.INFO` answers in a row showing the cursor's `created` and a
+/// last sequence below the cursor before it is reported as an error
+/// (they are re-asked every [`ERROR_RETRY`] meanwhile).
+pub const BEHIND_CHECKS: u32 = 3;
 
 impl Source {
     /// A machine resuming from `record` (the persisted cursor) and `tail`
@@ -543,6 +566,10 @@ impl Source {
             fetch_anchor: None,
             anchor_found: None,
             got_last_time: None,
+            probe: false,
+            suspect: false,
+            diverged: false,
+            behind: 0,
             unproven: None,
             ready: None,
             ready_anchor: None,
@@ -730,7 +757,7 @@ impl Source {
                         self.timer = None;
                         match due {
                             Due::Info => self.check(now),
-                            Due::Fetch => self.fetch(now),
+                            Due::Fetch => self.probe(now),
                         }
                         return;
                     }
@@ -740,7 +767,7 @@ impl Source {
                     if self.polls >= INFO_EVERY || self.in_error {
                         self.check(now);
                     } else {
-                        self.fetch(now);
+                        self.probe(now);
                     }
                 }
             }
@@ -862,15 +889,32 @@ impl Source {
         self.next_poll = Some(now + self.p.poll_interval);
     }
 
+    /// Ask whether anything follows the cursor: with an anchor known, one
+    /// message unanchored (a `404` when idle, 34 bytes, instead of the
+    /// anchor); else the batch itself (proven by `STREAM.INFO`).
+    fn probe(&mut self, now: Instant) {
+        self.fetch_as(now, true);
+    }
+
     /// Send a direct get for the next batch.
     fn fetch(&mut self, now: Instant) {
+        self.fetch_as(now, false);
+    }
+
+    fn fetch_as(&mut self, now: Instant, probe: bool) {
         let (req, reply) = self.request_id();
         let filter = self.p.filter.as_deref().unwrap_or(">");
-        self.fetch_anchor = self.anchor.clone().filter(|_| self.have_cursor);
+        let anchor = self.anchor.clone().filter(|_| self.have_cursor);
+        self.probe = probe && anchor.is_some();
+        self.fetch_anchor = anchor.filter(|_| !self.probe);
         self.anchor_found = None;
+        self.suspect = false;
         self.got_last_time = None;
         self.unproven = None;
         let body = match (&self.p.start, self.have_cursor, &self.fetch_anchor) {
+            _ if self.probe => serde_json::json!({
+                "seq": self.hub_seq + 1, "next_by_subj": filter, "batch": 1,
+            }),
             (SourceStart::Time(t), false, _) => serde_json::json!({
                 "start_time": t, "next_by_subj": filter,
                 "batch": self.p.batch, "max_bytes": self.p.max_bytes,
@@ -922,14 +966,28 @@ impl Source {
             let why = format!("hub stream {from} does not allow direct gets, which source-down reads with; enable them on the hub: nats stream edit {from} --allow-direct");
             return self.fail_for(now, why, every);
         }
-        self.recovered();
-        self.phase = Phase::Idle;
         let last = info.state.last_seq;
         self.st.hub_last_seq = last;
-        let recreated = self.settle_identity(&info.created, last);
         if !self.wake_subscribed {
             self.subscribe_wake(&config.subjects);
         }
+        if self.have_cursor
+            && !self.created.is_empty()
+            && self.created == info.created
+            && last < self.hub_seq
+        {
+            return self.behind(now);
+        }
+        self.behind = 0;
+        let recreated = self.settle_identity(&info.created, last);
+        if recreated {
+            self.suspect = false;
+            self.diverged = false;
+        } else if self.suspect || self.diverged {
+            return self.diverge(now);
+        }
+        self.recovered();
+        self.phase = Phase::Idle;
         // A batch read before this answer belongs to the stream it
         // describes; after a recreation it is not the cursor's: dropped.
         if let Some(b) = self.unproven.take() {
@@ -946,12 +1004,58 @@ impl Source {
         }
     }
 
+    /// The hub stream, same `created`, says it ends below the cursor: a
+    /// replica that lags answered (an R3 stream without a leader), or the
+    /// hub lost messages. Not a recreation: nothing is read, the check is
+    /// repeated, and reported if it persists.
+    fn behind(&mut self, now: Instant) {
+        self.unproven = None;
+        self.behind += 1;
+        let retry = ERROR_RETRY.min(self.p.poll_interval);
+        if self.behind < BEHIND_CHECKS && !self.in_error {
+            self.phase = Phase::Idle;
+            self.timer = Some((now + retry, Due::Info));
+            return;
+        }
+        let (from, seq, created) = (&self.p.from, self.hub_seq, &self.created);
+        let why = format!(
+            "hub stream {from} (created {created}) reports fewer messages than the {seq} already copied: a replica that lags answered (does the stream have a leader?) or the hub lost messages; nothing is copied until it holds sequence {seq} again, checking every {retry:?}"
+        );
+        self.fail_for(now, why, retry);
+    }
+
+    /// The hub stream, same `created`, holds another message at the
+    /// cursor's sequence than the one copied: it lost messages and
+    /// re-used their sequences. Nothing of it is stored (its messages up
+    /// to the cursor would be skipped unseen); the stream is checked every
+    /// poll, and a recreation ends this.
+    fn diverge(&mut self, now: Instant) {
+        self.unproven = None;
+        self.suspect = false;
+        if !self.diverged {
+            self.diverged = true;
+            self.st.diverged += 1;
+        }
+        let (from, seq, every) = (&self.p.from, self.hub_seq, self.p.poll_interval);
+        let (stream, created) = (&self.p.stream, &self.created);
+        let why = format!(
+            "hub stream {from} (created {created}) holds another message at sequence {seq} than the one copied into {stream}: the hub lost messages and re-used their sequences; nothing more is copied (its messages up to {seq} would be skipped unseen), checking every {every:?}. Recreate the hub stream to copy it whole, or, to skip them, stop frond and delete uplink/{stream}.{from}.source.a and .b in the data directory (copying resumes after hub sequence {seq})"
+        );
+        self.fail_for(now, why, every);
+    }
+
     /// Compare the hub stream's identity with the cursor's (whether it
     /// was recreated); apply the start policy to a source without a
     /// cursor.
     fn settle_identity(&mut self, created: &str, last: u64) -> bool {
+        // With `created` unknown (a record of an early release, a scan
+        // of the local tail), fewer messages than the cursor is the sign.
         let recreated = self.have_cursor
-            && ((!self.created.is_empty() && self.created != created) || last < self.hub_seq);
+            && if self.created.is_empty() {
+                last < self.hub_seq
+            } else {
+                self.created != created
+            };
         if recreated {
             self.events.push_back(Event::Recreated {
                 old_created: self.created.clone(),
@@ -1007,14 +1111,26 @@ impl Source {
                 pending,
                 time,
             } => {
+                if self.probe {
+                    // Something follows the cursor: read it anchored
+                    // (`complete`); this copy is not kept.
+                    self.got_last = self.got_last.max(seq);
+                    return;
+                }
                 if self.fetch_anchor.is_some() && self.anchor_found.is_none() {
                     // The first reply of an anchored read: the message
-                    // stored last, or the proof is left to STREAM.INFO.
+                    // stored last, or the proof is left to STREAM.INFO;
+                    // another message at its sequence is a recreation or
+                    // a divergence (`on_info` tells which).
                     let found = seq == self.hub_seq && time == self.fetch_anchor;
                     self.anchor_found = Some(found);
-                    if found {
+                    self.suspect = !found && seq == self.hub_seq;
+                    if found || self.suspect {
                         return;
                     }
+                }
+                if self.suspect {
+                    return; // Not stored, whatever follows.
                 }
                 if seq <= self.got_last {
                     return; // Not above what we have: a duplicate.
@@ -1134,8 +1250,23 @@ impl Source {
     /// The batch is complete: hand it out (or prove it first), or decide
     /// what an empty one means.
     fn complete(&mut self, now: Instant) {
+        if self.suspect {
+            // Another message at the cursor's sequence: nothing of this
+            // read is stored; STREAM.INFO says recreated or diverged.
+            self.got.clear();
+            self.got_bytes = 0;
+            let after_wake = self.after_wake;
+            self.check(now);
+            self.after_wake = after_wake;
+            return;
+        }
         self.recovered();
-        if self.got_last > self.hub_seq {
+        if self.probe {
+            self.probe = false;
+            if self.got_last > self.hub_seq {
+                return self.fetch(now);
+            }
+        } else if self.got_last > self.hub_seq {
             if !self.woken {
                 self.after_wake = false;
             }
@@ -1158,10 +1289,7 @@ impl Source {
         }
         self.phase = Phase::Idle;
         self.st.pending = 0;
-        if self.anchor_found == Some(false) {
-            // Another message at the cursor's sequence: recreated.
-            self.timer = Some((now, Due::Info));
-        } else if self.woken {
+        if self.woken {
             self.woken = false;
             self.fetch(now);
         } else if self.wake_retries > 0 {

@@ -105,7 +105,12 @@ impl H {
     }
 
     fn info(&mut self, created: &str, last_seq: u64, allow_direct: bool) {
-        self.s.handle_tick(self.t0);
+        self.info_at(self.t0, created, last_seq, allow_direct);
+    }
+
+    /// Tick at `now`, answer the STREAM.INFO it sends.
+    fn info_at(&mut self, now: Instant, created: &str, last_seq: u64, allow_direct: bool) {
+        self.s.handle_tick(now);
         let (subj, reply, _) = self.last_request();
         assert_eq!(subj, "$JS.API.STREAM.INFO.COMMANDS");
         let body = serde_json::json!({
@@ -113,13 +118,8 @@ impl H {
             "created": created,
             "state": {"last_seq": last_seq},
         });
-        self.s.handle_msg(
-            self.t0,
-            INBOX_SID,
-            &reply,
-            None,
-            body.to_string().as_bytes(),
-        );
+        self.s
+            .handle_msg(now, INBOX_SID, &reply, None, body.to_string().as_bytes());
     }
 
     fn reply(&mut self, reply: &str, headers: &[u8], payload: &[u8]) {
@@ -436,8 +436,10 @@ fn start_policies_apply_only_without_a_cursor() {
 
 #[test]
 fn a_recreated_hub_stream_is_detected_and_copied_from_its_start() {
-    for (created, last) in [("T2", 50), ("T1", 3)] {
-        let mut h = H::new(SourceStart::New, Some(record("T1", 10)), None);
+    // Another created; or, with created unknown (a record of an early
+    // release), fewer messages than the cursor.
+    for (old, created, last) in [("T1", "T2", 50), ("", "T1", 3)] {
+        let mut h = H::new(SourceStart::New, Some(record(old, 10)), None);
         h.info(created, last, true);
         let evs: Vec<_> = std::iter::from_fn(|| h.s.poll_event()).collect();
         assert!(
@@ -706,4 +708,170 @@ fn only_a_bucket_stream_takes_its_store_subjects() {
     assert!(!store_subject_of("CFG", "$KV.cfg.a"));
     assert!(!store_subject_of("KV_", "$KV..a"));
     assert!(!store_subject_of("OBJ_fw", "$KV.fw.a"));
+}
+
+/// A direct get reply carries the stored message's own headers first and
+/// the server's after them: a message that itself carries `Nats-Sequence`,
+/// `Nats-Subject` or `Nats-Time-Stamp` (a RePublish, a forged anchor) must
+/// not be taken for another sequence or time.
+#[test]
+fn the_server_set_headers_are_the_last_occurrence() {
+    let forged = format!(
+        "NATS/1.0\r\nNats-Sequence: 99\r\nNats-Subject: cmd.other\r\nNats-Time-Stamp: {}\r\nNats-Num-Pending: 7\r\nTrace: x\r\nNats-Stream: COMMANDS\r\nNats-Subject: cmd.a\r\nNats-Sequence: 5\r\nNats-Time-Stamp: {}\r\nNats-Num-Pending: 1\r\nNats-Last-Sequence: 0\r\n\r\n",
+        ts(4),
+        ts(5)
+    );
+    match parse_reply(Some(forged.as_bytes()), b"go") {
+        Reply::Msg {
+            seq,
+            subject,
+            headers,
+            pending,
+            time,
+            ..
+        } => {
+            assert_eq!((seq, subject.as_str(), pending), (5, "cmd.a", Some(1)));
+            assert_eq!(time, Some(ts(5)));
+            let hb = headers.unwrap();
+            assert_eq!(hb.entries, vec![("Trace".to_string(), "x".to_string())]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A forger who sets the anchor's time stamp on the message at the
+    // cursor's sequence does not pass for the anchor.
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    let fake = format!(
+        "NATS/1.0\r\nNats-Time-Stamp: {}\r\nNats-Stream: COMMANDS\r\nNats-Subject: cmd.truck-042.a\r\nNats-Sequence: 5\r\nNats-Time-Stamp: 2027-01-01T00:00:00Z\r\nNats-Num-Pending: 1\r\n\r\n",
+        ts(5)
+    );
+    h.reply(&reply, fake.as_bytes(), b"old?");
+    h.reply(&reply, &msg_headers(6, "cmd.truck-042.a", 0, &[]), b"new");
+    h.reply(&reply, &eob(0), b"");
+    assert!(h.s.poll_batch().is_none(), "a forged anchor passed");
+}
+
+/// An R3 stream without a leader: a follower answers STREAM.INFO with its
+/// own lagging state. Same `created`, fewer messages than the cursor: not
+/// a recreation (no reset to 0, no copy of the whole stream again); it is
+/// re-checked, reported if it persists, and reading goes on once the hub
+/// holds the cursor again.
+#[test]
+fn a_lagging_replica_below_the_cursor_is_waited_for_not_a_recreation() {
+    let mut h = H::new(SourceStart::All, Some(record("T1", 10)), None);
+    h.info("T1", 7, true);
+    assert_eq!(h.s.status().recreated, 0);
+    assert_eq!(h.s.hub_seq(), 10);
+    assert!(h.s.poll_cursor().is_none(), "the cursor is kept");
+    assert!(std::iter::from_fn(|| h.s.poll_event()).next().is_none());
+    assert_eq!(h.s.poll_deadline(), Some(h.t0 + ERROR_RETRY));
+    let publishes = |h: &mut H| {
+        let c = h.commands();
+        c.iter().filter(|c| matches!(c, Command::Publish { .. })).count()
+    };
+    assert_eq!(publishes(&mut h), 0, "nothing read");
+    for _ in 1..BEHIND_CHECKS {
+        let at = h.s.poll_deadline().unwrap();
+        h.info_at(at, "T1", 8, true);
+    }
+    assert_eq!(h.s.status().state, "error");
+    let why = h.s.status().last_error.unwrap();
+    assert!(why.contains("lags") && why.contains("leader"), "{why}");
+    assert_eq!((h.s.hub_seq(), h.s.status().recreated), (10, 0));
+    // The leader is back: reading goes on after the cursor.
+    let at = h.s.poll_deadline().unwrap();
+    h.info_at(at, "T1", 12, true);
+    assert_eq!(h.s.status().last_error, None);
+    assert_eq!(h.last_request().2["seq"], 11);
+}
+
+/// A hub stream that lost its tail and grew again (same `created`): the
+/// message at the cursor's sequence is another one. Nothing is stored
+/// (the re-used sequences would be skipped unseen); the source is in
+/// error with what to do, counted once, keeps checking, and a recreation
+/// ends it.
+#[test]
+fn a_diverged_hub_stream_is_never_stored_and_reported() {
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    let other = String::from_utf8(msg_headers(5, "cmd.truck-042.a", 2, &[]))
+        .unwrap()
+        .replace(&ts(5), "2026-12-08T00:00:00Z");
+    h.reply(&reply, other.as_bytes(), b"another 5");
+    h.reply(&reply, &msg_headers(6, "cmd.truck-042.a", 1, &[]), b"6");
+    h.reply(&reply, &msg_headers(7, "cmd.truck-042.a", 0, &[]), b"7");
+    h.reply(&reply, &eob(0), b"");
+    assert!(h.s.poll_batch().is_none());
+    h.info("T1", 9, true);
+    assert!(h.s.poll_batch().is_none(), "nothing of it is stored");
+    let st = h.s.status();
+    assert_eq!((st.state, st.diverged, st.recreated), ("error", 1, 0));
+    let why = st.last_error.unwrap();
+    assert!(
+        why.contains("re-used") && why.contains("Recreate the hub stream"),
+        "{why}"
+    );
+    let evs: Vec<_> = std::iter::from_fn(|| h.s.poll_event()).collect();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(h.s.hub_seq(), 5);
+    // It keeps checking, reads nothing, counts once.
+    for k in 1..=3 {
+        let at = h.s.poll_deadline().unwrap();
+        assert_eq!(at - h.t0, Duration::from_secs(10) * k);
+        h.info_at(at, "T1", 9, true);
+        assert!(h.commands().is_empty(), "no read while diverged");
+        assert!(h.s.poll_batch().is_none());
+    }
+    assert_eq!(h.s.status().diverged, 1);
+    assert!(std::iter::from_fn(|| h.s.poll_event()).next().is_none());
+    // Recreated: copied whole from its first message.
+    let at = h.s.poll_deadline().unwrap();
+    h.info_at(at, "T2", 3, true);
+    assert_eq!(h.s.status().recreated, 1);
+    assert_eq!(h.s.status().last_error, None);
+    assert_eq!(h.last_request().2["seq"], 1);
+}
+
+/// Idle polls and wake retries only ask whether anything follows the
+/// cursor (a 34-byte `404` when nothing does), not the anchor; what they
+/// find is read again anchored, and never stored from the probe.
+#[test]
+fn idle_polls_and_wake_retries_are_unanchored_probes() {
+    let mut h = anchored();
+    let (_, reply, _) = h.last_request();
+    h.reply(&reply, &msg_headers(5, "cmd.truck-042.a", 0, &[]), b"old");
+    h.reply(&reply, &msg_headers(6, "cmd.truck-042.a", 0, &[]), b"6");
+    h.reply(&reply, &eob(0), b"");
+    h.store_all();
+    assert_eq!(h.s.poll_cursor().unwrap().anchor, Some(ts(6)));
+    // The poll: one message after the cursor, no anchor.
+    let at = h.s.poll_deadline().unwrap();
+    h.s.handle_tick(at);
+    let (subj, reply, body) = h.last_request();
+    assert!(subj.contains("DIRECT"));
+    assert_eq!((&body["seq"], &body["batch"]), (&7.into(), &1.into()));
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(b"NATS/1.0 404 Message Not Found\r\n\r\n"), b"");
+    assert!(h.commands().is_empty());
+    // A wake: read anchored; it found nothing (a follower lags): the
+    // retry is a probe again.
+    h.s.handle_msg(at, WAKE_SID, "cmd.truck-042.a", None, b"x");
+    let (_, reply, body) = h.last_request();
+    assert_eq!(body["seq"], 6);
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(6, "cmd.truck-042.a", 0, &[])), b"6");
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
+    let at = h.s.poll_deadline().unwrap();
+    h.s.handle_tick(at);
+    let (_, reply, body) = h.last_request();
+    assert_eq!((&body["seq"], &body["batch"]), (&7.into(), &1.into()));
+    // The probe finds message 7: it is read again from the anchor.
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])), b"7");
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
+    assert!(h.s.poll_batch().is_none(), "nothing stored from a probe");
+    let (_, reply, body) = h.last_request();
+    assert_eq!((&body["seq"], &body["batch"]), (&6.into(), &5.into()));
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(6, "cmd.truck-042.a", 1, &[])), b"6");
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])), b"7");
+    h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
+    let b = h.s.poll_batch().unwrap();
+    assert_eq!(b.msgs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![7]);
 }

@@ -262,7 +262,7 @@ impl UplinkStatus {
     /// "last_error", "last_error_unix_ms", "last_error_age_secs"}],
     /// "sources": [{"from", "stream", "filter", "state", "hub_seq",
     /// "hub_last_seq", "pending", "stored", "skipped", "recreated",
-    /// "hub_created", "last_error"}], "bridge": {counters of [`super::bridge::BridgeStatus`]} (only when
+    /// "diverged", "hub_created", "last_error"}], "bridge": {counters of [`super::bridge::BridgeStatus`]} (only when
     /// the live bridge runs)}`.
     pub fn snapshot_at(&self, now: u64) -> Value {
         let ms = |t: Option<u64>| t.map(|t| t / 1_000_000);
@@ -448,6 +448,7 @@ fn source_json(s: &SourceStatus) -> Value {
         "stored": s.stored,
         "skipped": s.skipped,
         "recreated": s.recreated,
+        "diverged": s.diverged,
         "hub_created": s.hub_created,
         "last_error": s.last_error,
     })

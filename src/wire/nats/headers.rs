@@ -34,6 +34,17 @@ impl HeaderBlock {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Last value of `key` (case-insensitive): for the headers a server
+    /// appends after the stored message's own (`Nats-Sequence`,
+    /// `Nats-Time-Stamp`… of a direct get), which a publisher may also
+    /// have set.
+    pub fn get_last(&self, key: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .rfind(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Remove every value of `key` (case-insensitive).
     pub fn remove(&mut self, key: &str) {
         self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
