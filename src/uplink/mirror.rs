@@ -46,11 +46,13 @@
 //!   premise (its sequences restart, so a publish sent after observing s
 //!   may be stored at or below s, and its lost ack would leave it below
 //!   the scan). The resync's `STREAM.INFO` tells: another `created` than
-//!   the last resync saw, or a last sequence below the floor. The scan
-//!   then starts at the stream's first message, with a warning and
-//!   `recreated` in status; local messages the deleted stream
-//!   acknowledged are not sent again. `created` is not in the cursor
-//!   record, so after a restart only the second test applies.
+//!   the last resync saw, or (only while `created` is not known yet: a
+//!   lagging replica answering STREAM.INFO without a leader shows fewer
+//!   messages too) a last sequence below the floor. The scan then starts
+//!   at the stream's first message, with a warning and `recreated` in
+//!   status; local messages the deleted stream acknowledged are not sent
+//!   again. `created` is not in the cursor record, so after a restart
+//!   only the second test applies.
 //! - Resync cost: the scan reads every hub message matching the filter
 //!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
 //!   node's messages are read even in a shared hub stream; without one it is

@@ -231,7 +231,9 @@ impl Mirror {
             .hub_created
             .as_deref()
             .is_some_and(|c| !created.is_empty() && c != created);
-        let shorter = last_seq.is_some_and(|l| l < self.latest);
+        // Only while `created` is unknown: a lagging replica answering
+        // STREAM.INFO (no leader) also shows fewer messages.
+        let shorter = self.hub_created.is_none() && last_seq.is_some_and(|l| l < self.latest);
         if other || shorter {
             self.recreated += 1;
             let (hub, old) = (&self.p.hub_stream, self.hub_created.as_deref());

@@ -60,6 +60,8 @@ struct Hub {
     subjects_prefix: String,
     /// The stream's `created` (recreating it changes this).
     created: String,
+    /// Messages the STREAM.INFO answer lags behind (a follower answered).
+    lag: usize,
 }
 
 type Delivery = (String, Option<Vec<u8>>, Vec<u8>);
@@ -82,7 +84,7 @@ impl Hub {
                     .to_string()
             } else {
                 serde_json::json!({"config": {"name": "FLEET", "allow_atomic": false},
-                    "created": self.created, "state": {"last_seq": self.msgs.len()}})
+                    "created": self.created, "state": {"last_seq": self.msgs.len().saturating_sub(self.lag)}})
                 .to_string()
             };
             return Some((reply, None, body.into_bytes()));
@@ -544,6 +546,28 @@ fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
     assert_eq!(w.m.status().recreated, 1);
     assert!(w.events.iter().any(|e| matches!(e,
         Event::Warning(x) if x.contains("recreated"))));
+}
+
+/// An R3 hub stream without a leader: a follower answers STREAM.INFO
+/// with its lagging state (same `created`, fewer messages than the scan
+/// floor). Not a recreation: no rescan from 1, no warning.
+#[test]
+fn a_lagging_stream_info_with_the_same_created_is_not_a_recreation() {
+    let mut w = World::new(params("", 8));
+    w.hub.created = "A".into();
+    for _ in 0..20 {
+        w.append(5);
+    }
+    w.connect();
+    w.settle();
+    w.hub.lag = 15;
+    w.disconnect(0);
+    w.connect();
+    w.settle();
+    assert_eq!(w.hub.ours(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(w.m.status().recreated, 0);
+    assert!(!w.events.iter().any(|e| matches!(e,
+        Event::Warning(x) if x.contains("recreated") || x.contains("fewer"))));
 }
 
 #[test]

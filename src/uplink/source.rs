@@ -30,7 +30,9 @@
 //! after (a follower may lag), then the hub stream is checked with
 //! `STREAM.INFO`. A poll every `poll_interval` (also `STREAM.INFO`, then
 //! a fetch when the stream holds more than the cursor) is the safety net
-//! for lost wakes. A stored batch that may not be the last is followed
+//! for lost wakes. Polls and wake retries are *probes*: with an anchor
+//! known, one message after the cursor, unanchored (idle, a 34-byte
+//! `404`); what a probe finds is not kept but read again anchored. A stored batch that may not be the last is followed
 //! at once by the next request. The wake costs the payload once more on
 //! the link (core messages carry it); commands are small.
 //!
@@ -54,10 +56,20 @@
 //!   `_INBOX.` namespace, or outside the local stream's subjects, is never
 //!   stored or routed (it could otherwise become a local API call); it is
 //!   skipped, counted and logged, and the cursor moves past it.
-//! - A hub stream whose `created` differs from the record's, or whose last
-//!   sequence is below the cursor, was recreated: logged as a warning,
-//!   counted in status (`recreated`), and the new stream is copied from
-//!   its first message (its messages were never delivered here).
+//! - A hub stream whose `created` differs from the record's (or, with
+//!   `created` unknown, whose last sequence is below the cursor) was
+//!   recreated: logged as a warning, counted in status (`recreated`), and
+//!   the new stream is copied from its first message.
+//! - Same `created`, last sequence below the cursor: a lagging replica
+//!   answered (an R3 stream without a leader) or the hub lost messages.
+//!   Nothing is read, the cursor stays; re-checked every [`ERROR_RETRY`],
+//!   an error in status after [`BEHIND_CHECKS`] answers in a row.
+//! - Same `created`, another message at the cursor's sequence (the
+//!   anchor's time stamp differs): the hub lost messages and re-used
+//!   their sequences (*diverged*). Nothing of it is ever stored (the
+//!   re-used sequences up to the cursor would be skipped unseen); counted
+//!   (`diverged`), an error saying what to do, checked every poll; a
+//!   recreation ends it. Without an anchor this is not detectable.
 //! - No batch is handed to the shell before it is proven to come from
 //!   the cursor's hub stream, so a stream deleted, recreated and grown
 //!   past the cursor *while connected*, between two checks, is detected
@@ -89,7 +101,13 @@
 //!   round trip; about 1.3 B per message over a 256-message backlog
 //!   batch, +57% on a lone live command (576 B → 902 B). Checking every
 //!   batch with `STREAM.INFO` instead would cost ~1,060 B and a round trip
-//!   each (+184% on a lone command). The hub's
+//!   each (+184% on a lone command). Idle, nothing is anchored
+//!   (probes): per hour at the default 10 s poll, 300 probes answered by
+//!   a 34 B `404` (~10 KB) and 60 `STREAM.INFO` (~64 KB), as without the
+//!   anchor (anchored idle polls would add ~100-220 KB/hour). A probe that
+//!   finds something costs that message once more (one message, at most
+//!   ~230 B plus its size) before the anchored read; a wake reads anchored
+//!   at once, without a probe. The hub's
 //!   `$JS.EVENT.ADVISORY.STREAM.CREATED.<stream>` advisory alone would not
 //!   do: a core message, not ordered with the direct get replies on
 //!   another subscription, and lost with a link cut; it could only make
@@ -103,10 +121,7 @@
 //! also a raft group on three servers).
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::time::{Duration, Instant};
-
-use serde::Deserialize;
 
 use super::cursor::SourceCursor;
 use super::mirror::{Command, ERR_STREAM_NOT_FOUND};
@@ -114,6 +129,11 @@ use crate::config::SourceStart;
 use crate::stream::Message;
 use crate::subject::{self, mapping::Transform};
 use crate::wire::nats::headers::HeaderBlock;
+
+#[path = "source_reply.rs"]
+mod reply;
+use reply::InfoReply;
+pub use reply::{origin_of, parse_reply, store_subject_of, Event, Reply};
 
 /// The header a stored copy carries: `<hub stream> <hub seq>`.
 pub const ORIGIN_HEADER: &str = "Nats-Stream-Source";
@@ -129,39 +149,6 @@ pub const WAKE_RETRY: Duration = Duration::from_millis(50);
 pub const WAKE_RETRIES: u32 = 4;
 /// Pause after a failed request before trying again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(1);
-
-/// Headers removed from a copy: those a direct get adds, and the
-/// expectations of the hub publish (the local stream would check them
-/// against itself and refuse the copy).
-const STRIPPED_HEADERS: [&str; 10] = [
-    "Nats-Stream",
-    "Nats-Subject",
-    "Nats-Sequence",
-    "Nats-Time-Stamp",
-    "Nats-Num-Pending",
-    "Nats-Last-Sequence",
-    "Nats-Expected-Stream",
-    "Nats-Expected-Last-Sequence",
-    "Nats-Expected-Last-Subject-Sequence",
-    "Nats-Expected-Last-Msg-Id",
-];
-
-/// Whether `subj` is a Key/Value or Object Store subject of the local
-/// stream `stream` (`$KV.<b>.…` of `KV_<b>`, `$O.<b>.…` of `OBJ_<b>`):
-/// the one part of the `$` namespace a source may write, so a bucket
-/// sourced down from the hub works as a local bucket.
-pub fn store_subject_of(stream: &str, subj: &str) -> bool {
-    let owned = |prefix: &str, name: Option<&str>| {
-        name.is_some_and(|b| {
-            !b.is_empty()
-                && subj
-                    .strip_prefix(prefix)
-                    .and_then(|r| r.strip_prefix(b))
-                    .is_some_and(|r| r.starts_with('.'))
-        })
-    };
-    owned("$KV.", stream.strip_prefix("KV_")) || owned("$O.", stream.strip_prefix("OBJ_"))
-}
 
 /// Static parameters of one source.
 #[derive(Debug, Clone)]
@@ -203,48 +190,6 @@ pub struct Stored {
     pub refused: usize,
     pub local_last_seq: u64,
     pub error: Option<String>,
-}
-
-/// Things worth logging.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// The hub stream was recreated (or lost messages below the cursor).
-    Recreated {
-        old_created: String,
-        created: String,
-        old_seq: u64,
-        last_seq: u64,
-    },
-    /// A message was not stored: (hub seq, subject, why).
-    Skipped(u64, String, &'static str),
-    /// Something failed; retried.
-    Error(String),
-    /// The error state is over.
-    Recovered,
-}
-
-impl Event {
-    pub fn level(&self) -> log::Level {
-        match self {
-            Event::Recovered => log::Level::Info,
-            Event::Error(_) => log::Level::Warn,
-            Event::Recreated { .. } | Event::Skipped(..) => log::Level::Warn,
-        }
-    }
-}
-
-impl fmt::Display for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::Recreated { old_created, created, old_seq, last_seq } => write!(
-                f,
-                "the hub stream was recreated (created {old_created:?}, now {created:?}; cursor was {old_seq}, the stream's last sequence is {last_seq}): copying the new stream from its first message"
-            ),
-            Event::Skipped(seq, subj, why) => write!(f, "hub message {seq} ({subj}) not stored: {why}"),
-            Event::Error(e) => write!(f, "{e}"),
-            Event::Recovered => write!(f, "reading the hub stream again"),
-        }
-    }
 }
 
 /// Status for `frond status` and `/varz`.
@@ -297,125 +242,6 @@ enum Phase {
 enum Due {
     Fetch,
     Info,
-}
-
-/// The parts of a `STREAM.INFO` answer used here.
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct InfoReply {
-    config: Option<InfoConfig>,
-    created: String,
-    state: InfoState,
-    error: Option<ApiError>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct InfoConfig {
-    subjects: Vec<String>,
-    allow_direct: bool,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct InfoState {
-    last_seq: u64,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
-struct ApiError {
-    code: u64,
-    err_code: u64,
-    description: String,
-}
-
-/// One reply of a direct get, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// A stored message: hub seq, subject, headers without the direct-get
-    /// ones (`None` if there are none left), payload, pending after it,
-    /// its `Nats-Time-Stamp`.
-    Msg {
-        seq: u64,
-        subject: String,
-        headers: Option<HeaderBlock>,
-        payload: Vec<u8>,
-        pending: Option<u64>,
-        time: Option<String>,
-    },
-    /// `204 EOB`: the batch is complete.
-    End { pending: Option<u64> },
-    /// `404`: nothing at or after the sequence.
-    NotFound,
-    /// Any other status (`408` bad request, `503` no responders…), or a
-    /// reply that cannot be understood.
-    Fail(String),
-}
-
-/// Parse one direct-get reply.
-pub fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
-    let Some(h) = headers else {
-        return Reply::Fail("a direct get reply without headers".into());
-    };
-    let mut hb = match HeaderBlock::parse(h) {
-        Ok(hb) => hb,
-        Err(e) => return Reply::Fail(format!("unreadable direct get reply: {}", e.0)),
-    };
-    // The server appends these after the stored message's own headers,
-    // which may carry the same names (a RePublish, a forger): the last
-    // occurrence is the server's.
-    let pending = hb
-        .get_last("Nats-Num-Pending")
-        .and_then(|v| v.trim().parse().ok());
-    match hb.status {
-        Some(204) => return Reply::End { pending },
-        Some(404) => return Reply::NotFound,
-        Some(503) => {
-            return Reply::Fail(
-                "no responders for the direct get (is allow_direct set on the hub stream? does it have a leader?)".into(),
-            )
-        }
-        Some(408) => {
-            return Reply::Fail(format!(
-                "the hub refused the batched direct get ({}); nats-server 2.11 or later is needed",
-                hb.description
-            ))
-        }
-        Some(code) => return Reply::Fail(format!("direct get failed: {code} {}", hb.description)),
-        None => {}
-    }
-    let seq = hb
-        .get_last("Nats-Sequence")
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let subject = hb.get_last("Nats-Subject").map(str::to_string);
-    let time = hb.get_last("Nats-Time-Stamp").map(|t| t.trim().to_string());
-    let (Some(seq), Some(subject)) = (seq, subject) else {
-        return Reply::Fail("a direct get reply without Nats-Sequence or Nats-Subject".into());
-    };
-    for k in STRIPPED_HEADERS {
-        hb.remove(k);
-    }
-    Reply::Msg {
-        seq,
-        subject,
-        headers: (!hb.entries.is_empty()).then_some(hb),
-        payload: payload.to_vec(),
-        pending,
-        time,
-    }
-}
-
-/// The hub sequence a stored copy came from, if it came from hub stream
-/// `from` (its [`ORIGIN_HEADER`]).
-pub fn origin_of(headers: Option<&[u8]>, from: &str) -> Option<u64> {
-    let hb = HeaderBlock::parse(headers?).ok()?;
-    let v = hb.get(ORIGIN_HEADER)?;
-    let mut it = v.split_ascii_whitespace();
-    if it.next()? != from {
-        return None;
-    }
-    it.next()?.parse().ok()
 }
 
 /// The source-down machine.

@@ -767,7 +767,9 @@ fn a_lagging_replica_below_the_cursor_is_waited_for_not_a_recreation() {
     assert_eq!(h.s.poll_deadline(), Some(h.t0 + ERROR_RETRY));
     let publishes = |h: &mut H| {
         let c = h.commands();
-        c.iter().filter(|c| matches!(c, Command::Publish { .. })).count()
+        c.iter()
+            .filter(|c| matches!(c, Command::Publish { .. }))
+            .count()
     };
     assert_eq!(publishes(&mut h), 0, "nothing read");
     for _ in 1..BEHIND_CHECKS {
@@ -850,27 +852,57 @@ fn idle_polls_and_wake_retries_are_unanchored_probes() {
     let (subj, reply, body) = h.last_request();
     assert!(subj.contains("DIRECT"));
     assert_eq!((&body["seq"], &body["batch"]), (&7.into(), &1.into()));
-    h.s.handle_msg(at, INBOX_SID, &reply, Some(b"NATS/1.0 404 Message Not Found\r\n\r\n"), b"");
+    h.s.handle_msg(
+        at,
+        INBOX_SID,
+        &reply,
+        Some(b"NATS/1.0 404 Message Not Found\r\n\r\n"),
+        b"",
+    );
     assert!(h.commands().is_empty());
     // A wake: read anchored; it found nothing (a follower lags): the
     // retry is a probe again.
     h.s.handle_msg(at, WAKE_SID, "cmd.truck-042.a", None, b"x");
     let (_, reply, body) = h.last_request();
     assert_eq!(body["seq"], 6);
-    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(6, "cmd.truck-042.a", 0, &[])), b"6");
+    h.s.handle_msg(
+        at,
+        INBOX_SID,
+        &reply,
+        Some(&msg_headers(6, "cmd.truck-042.a", 0, &[])),
+        b"6",
+    );
     h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
     let at = h.s.poll_deadline().unwrap();
     h.s.handle_tick(at);
     let (_, reply, body) = h.last_request();
     assert_eq!((&body["seq"], &body["batch"]), (&7.into(), &1.into()));
     // The probe finds message 7: it is read again from the anchor.
-    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])), b"7");
+    h.s.handle_msg(
+        at,
+        INBOX_SID,
+        &reply,
+        Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])),
+        b"7",
+    );
     h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
     assert!(h.s.poll_batch().is_none(), "nothing stored from a probe");
     let (_, reply, body) = h.last_request();
     assert_eq!((&body["seq"], &body["batch"]), (&6.into(), &5.into()));
-    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(6, "cmd.truck-042.a", 1, &[])), b"6");
-    h.s.handle_msg(at, INBOX_SID, &reply, Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])), b"7");
+    h.s.handle_msg(
+        at,
+        INBOX_SID,
+        &reply,
+        Some(&msg_headers(6, "cmd.truck-042.a", 1, &[])),
+        b"6",
+    );
+    h.s.handle_msg(
+        at,
+        INBOX_SID,
+        &reply,
+        Some(&msg_headers(7, "cmd.truck-042.a", 0, &[])),
+        b"7",
+    );
     h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
     let b = h.s.poll_batch().unwrap();
     assert_eq!(b.msgs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![7]);
