@@ -71,10 +71,10 @@ pub const ERR_BATCH_TOO_LARGE: u64 = 10199;
 /// `max_batch_size`; a hub that allows fewer says so with
 /// [`ERR_BATCH_TOO_LARGE`] and the batch is halved).
 pub const MAX_BATCH: usize = 1000;
-/// Bytes the batch headers add to a message at most (`Nats-Batch-Id` of
-/// up to 64 bytes, `Nats-Batch-Sequence`, `Nats-Batch-Commit`): a message
+/// Bytes the batch headers add to a message at most (`Nats-Batch-Id`,
+/// `Nats-Batch-Sequence`, `Nats-Batch-Commit`, the commit's longer id): a message
 /// that would exceed the hub's `max_payload` with them leaves alone.
-const BATCH_HEADER_MAX: usize = 128;
+const BATCH_HEADER_MAX: usize = 160;
 /// Messages asked for in one batched direct get of the resync scan.
 pub const SCAN_BATCH: usize = 256;
 /// Bytes asked for in one batched direct get of the resync scan.
@@ -356,6 +356,18 @@ pub struct Mirror {
     /// of the hub message. Decided when the local message is read
     /// (`mirror_scan.rs`); at most [`UNTAGGED_MAX`] entries.
     untagged: BTreeMap<(u64, u64), [u8; 32]>,
+    /// Ordered mode: the range of the last batch (or lone publish) sent
+    /// whose outcome is unknown; the next send repeats it
+    /// (`mirror_order.rs`).
+    pinned: Option<(u64, u64)>,
+    /// The resync's last [`MAX_BATCH`] - 1 hub messages (hub seq, payload
+    /// digest) since the last verified batch commit: a commit's id is
+    /// checked against those before it (`mirror_scan.rs`).
+    recent: VecDeque<(u64, [u8; 32])>,
+    /// Local seqs named by ids that did not verify in this resync (at
+    /// most [`UNTAGGED_MAX`]): a forgery may hold those ids in the
+    /// duplicate window, so batches avoid them.
+    occupied: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Deserialize)]
@@ -454,6 +466,9 @@ impl Mirror {
             unverified: 0,
             first_unverified: None,
             untagged: BTreeMap::new(),
+            pinned: None,
+            recent: VecDeque::new(),
+            occupied: Default::default(),
         }
     }
 
@@ -464,7 +479,10 @@ impl Mirror {
     /// The cursor as it would be persisted now.
     pub fn cursor(&self) -> Cursor {
         let mut h = self.floor();
+        // A batch whose commit the scan has not reached yet starts after
+        // the last verified commit: a restart must read it whole.
         let untagged = self.untagged.keys().map(|k| k.1);
+        let untagged = untagged.chain(self.recent.front().map(|r| r.0));
         if let Some(min_stored) = self
             .stored
             .values()
@@ -859,7 +877,11 @@ impl Mirror {
 
     fn handle_pub_reply(&mut self, now: Instant, seq: u64, headers: Option<&[u8]>, payload: &[u8]) {
         let current = self.inflight.contains_key(&seq) && self.phase == Phase::Streaming;
-        match classify_pub_reply(headers, payload) {
+        let reply = classify_pub_reply(headers, payload);
+        if current && self.pinned == Some((seq, seq)) && !matches!(reply, Reply::Garbage(_)) {
+            self.pinned = None;
+        }
+        match reply {
             Reply::Ok {
                 stream,
                 seq: hub_seq,
@@ -962,6 +984,7 @@ impl Mirror {
         self.stored.retain(|&k, _| k > l);
         self.absent.retain(|_, e| *e > l);
         self.untagged.retain(|&(k, _), _| k > l);
+        self.occupied.retain(|&k| k > l);
     }
 
     /// Send from `pending` while the window has room; ask for more.

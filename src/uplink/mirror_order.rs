@@ -59,6 +59,7 @@ use super::{
     ERR_STREAM_NOT_FOUND, MAX_BATCH,
 };
 use crate::stream::StoredMessage;
+use crate::uplink::msgid::payload_digest;
 use crate::wire::nats::headers::HeaderBlock;
 
 impl Mirror {
@@ -77,14 +78,25 @@ impl Mirror {
         } else {
             self.batch_cap.min(self.p.max_inflight).clamp(1, MAX_BATCH)
         };
+        let pin = self.pinned;
+        let cap = pin.map_or(cap, |(a, b)| (b - a + 1) as usize);
         let mut picked: Vec<(StoredMessage, HeaderBlock)> = Vec::new();
         let mut bytes = 0u64;
-        while picked.len() < cap && self.budget.is_none_or(|b| b > bytes) {
+        // A pinned range is sent whole once the budget lets it start.
+        while picked.len() < cap
+            && (self.budget.is_none_or(|b| b > bytes) || (pin.is_some() && !picked.is_empty()))
+        {
             let Some(m) = self.pending.pop_front() else {
                 break;
             };
             if m.seq <= self.l || self.stored.contains_key(&m.seq) {
                 continue;
+            }
+            // A batch is a run of consecutive local seqs: its id names
+            // them by range.
+            if picked.last().is_some_and(|(p, _)| p.seq + 1 != m.seq) {
+                self.pending.push_front(m);
+                break;
             }
             let hb = self.header_block(&m);
             let wire = match self.encode_publish(&m, &hb, "-") {
@@ -113,10 +125,63 @@ impl Mirror {
                 break;
             }
         }
+        if self.hold_for_pin(&mut picked) {
+            return self.read_more();
+        }
+        // A range whose commit id a forgery occupies in the duplicate
+        // window (seen by the last resync) would be refused until the
+        // window expires: end the batch one message earlier.
+        if picked.len() > 2
+            && picked
+                .last()
+                .is_some_and(|(m, _)| self.occupied.contains(&m.seq))
+        {
+            if let Some((m, _)) = picked.pop() {
+                self.pending.push_front(m);
+            }
+        }
         if !picked.is_empty() {
             self.send_ordered(now, &conn.inbox, picked);
         }
-        if self.pending.is_empty() && self.read_from.is_none() {
+        self.read_more();
+    }
+
+    /// The rule for a send whose outcome is unknown (`pinned`: no ack, no
+    /// refusal, e.g. the link or the leader died with it in flight): until
+    /// a resync finds it or the hub answers a send of it, the next batch is
+    /// exactly its range, so its commit id (and its first message's id)
+    /// are the ones the hub's duplicate window may hold. Returns true when
+    /// the range is not all read yet (`picked` goes back to `pending`).
+    /// The pin is dropped when the range cannot be sent again as it was
+    /// (a message of it found stored, deleted, or its ids occupied by a
+    /// forgery: then the window cannot hold the original either).
+    fn hold_for_pin(&mut self, picked: &mut Vec<(StoredMessage, HeaderBlock)>) -> bool {
+        let Some((a, b)) = self.pinned else {
+            return false;
+        };
+        let Some(first) = picked.first().map(|p| p.0.seq) else {
+            return false;
+        };
+        let end = picked.last().map_or(0, |p| p.0.seq);
+        if first == a && end < b && self.pending.is_empty() {
+            for (m, _) in picked.drain(..).rev() {
+                self.pending.push_front(m);
+            }
+            return true;
+        }
+        if first != a || end != b || self.occupied.contains(&a) || self.occupied.contains(&b) {
+            self.pinned = None;
+        }
+        false
+    }
+
+    /// Ask for more local messages when fewer than a batch wait.
+    fn read_more(&mut self) {
+        let want = match self.pinned {
+            Some((a, b)) => (b - a + 1) as usize,
+            None => self.batch_cap.min(self.p.max_inflight).max(1),
+        };
+        if self.pending.len() < want && self.read_from.is_none() {
             self.read_from = Some(self.next_read);
             self.read_issued = false;
         }
@@ -152,10 +217,39 @@ impl Mirror {
     ) {
         let n = picked.len();
         self.batches += 1;
+        // Short: compressed, every message repeats it. Unique among the
+        // batches open on the stream with 48 random bits per connection;
+        // a collision only makes both batches incomplete (retried).
         let token = inbox.strip_prefix("_INBOX.").unwrap_or(inbox);
-        let id = format!("{}-{}", &token[..token.len().min(40)], self.batches);
+        let id = format!("{}-{}", &token[..token.len().min(8)], self.batches);
+        let (first, last_seq) = match (picked.first(), picked.last()) {
+            (Some(f), Some(l)) => (f.0.seq, l.0.seq),
+            _ => return,
+        };
+        let commit_id = (n > 1).then(|| {
+            let digests: Vec<[u8; 32]> = picked
+                .iter()
+                .map(|(m, _)| payload_digest(&m.payload))
+                .collect();
+            let (node, stream) = (&self.p.node, &self.p.stream);
+            self.p
+                .id_key
+                .batch_id(node, stream, (first, last_seq), &digests)
+        });
+        // The first message keeps its own id (identical in any send that
+        // starts with it) unless a forgery occupies it.
+        let keep_first = !self.occupied.contains(&first);
+        self.pinned = Some((first, last_seq));
         for (i, (m, mut hb)) in picked.into_iter().enumerate() {
             let last = i + 1 == n;
+            if let Some(cid) = &commit_id {
+                if last {
+                    hb.entries.retain(|(k, _)| k != "Nats-Msg-Id");
+                    hb.push("Nats-Msg-Id", cid.clone());
+                } else if i > 0 || !keep_first {
+                    hb.entries.retain(|(k, _)| k != "Nats-Msg-Id");
+                }
+            }
             let reply = match (n, last) {
                 (1, _) => format!("{inbox}.{}", m.seq),
                 (_, true) => format!("{inbox}.b{}", self.batches),
@@ -214,7 +308,12 @@ impl Mirror {
         let n = self.batch.len() as u64;
         let (first, last) = (self.batch[0], self.batch[self.batch.len() - 1]);
         let hub = self.p.hub_stream.clone();
-        match classify_pub_reply(headers, payload) {
+        let reply = classify_pub_reply(headers, payload);
+        if !matches!(reply, Reply::Garbage(_)) {
+            // Stored, or refused whole: its fate is known.
+            self.pinned = None;
+        }
+        match reply {
             Reply::Ok { seq, count, .. } if count == n && seq >= n => {
                 let base = seq - n + 1;
                 for (i, local) in std::mem::take(&mut self.batch).into_iter().enumerate() {

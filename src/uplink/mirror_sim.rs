@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::super::msgid;
 use super::*;
 use crate::wire::nats::base64;
 
@@ -364,15 +365,40 @@ impl Hub {
             let m = local.get(usize::try_from(seq).ok()?.checked_sub(1)?)?;
             (format!("{PREFIX}{}", m.subject) == subject && m.payload == p).then_some(seq)
         };
-        self.stored
+        let mut at: Vec<Option<u64>> = self
+            .stored
             .iter()
-            .filter_map(|(subject, id, _, p)| {
+            .map(|(subject, id, _, p)| {
                 let id = id.as_deref()?;
                 key.verify("n1", "S", id, p)?
                     .ok()
                     .or_else(|| copy(id, subject, p))
             })
-            .collect()
+            .collect();
+        // A batch commit's id names the messages stored just before it
+        // (its first one also carries its own id).
+        for (i, (_, id, _, _)) in self.stored.iter().enumerate() {
+            let Some((a, b)) = id
+                .as_deref()
+                .and_then(|id| msgid::batch_range("n1", "S", id))
+            else {
+                continue;
+            };
+            let n = (b - a + 1) as usize;
+            let Some(start) = (i + 1).checked_sub(n) else {
+                continue;
+            };
+            let digests: Vec<[u8; 32]> = self.stored[start..=i]
+                .iter()
+                .map(|m| msgid::payload_digest(&m.3))
+                .collect();
+            if key.verify_batch("n1", "S", id.as_deref().unwrap_or(""), &digests) {
+                for (k, slot) in at[start..=i].iter_mut().enumerate() {
+                    *slot = Some(a + k as u64);
+                }
+            }
+        }
+        at.into_iter().flatten().collect()
     }
 }
 
