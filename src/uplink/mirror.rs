@@ -27,7 +27,9 @@
 //!   verifies against its payload (`msgid.rs`: an HMAC under this node's
 //!   key, so another hub user cannot forge the evidence or occupy an id
 //!   in the duplicate window; ids that do not verify are ignored and
-//!   logged as a warning at the end of the resync). Then the unsent rest is
+//!   logged as a warning at the end of the resync), and every batch whose
+//!   commit's id (`<node>:<stream>:<first>-<last>:<tag>`, ordered mode)
+//!   verifies against the messages before it. Then the unsent rest is
 //!   published in local order. The hub's duplicate window covers the short
 //!   race of a publish stored after the scan passed it; the scan covers
 //!   outages of any length.

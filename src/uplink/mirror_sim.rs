@@ -594,9 +594,24 @@ impl Sim {
         self.hub.foreign += 1;
         let (subject, id) = if self.rng.below(3) == 0 {
             let seq = self.m.cursor().local_seq + 1 + self.rng.below(8);
-            let id = match self.rng.below(2) {
+            let id = match self.rng.below(4) {
                 0 => format!("n1:S:{seq}"),
-                _ => format!("n1:S:{seq}:AAAAAAAA"),
+                1 => format!("n1:S:{seq}:AAAAAAAA"),
+                // A batch commit's id: a made-up tag, or (a replay) the
+                // genuine one of the batch of the next messages, which a
+                // hub user subscribed to our subjects may have seen in
+                // flight: either must not be believed after other
+                // payloads.
+                2 => format!("n1:S:{seq}-{}:AAAAAAAA", seq + 1 + self.rng.below(6)),
+                _ => {
+                    let last = (seq + 1 + self.rng.below(6)).min(self.local.len() as u64);
+                    let digests: Vec<[u8; 32]> = (seq..=last)
+                        .filter_map(|s| self.local.get(s as usize - 1))
+                        .map(|m| msgid::payload_digest(&m.payload))
+                        .collect();
+                    let key = super::tests::test_key();
+                    key.batch_id("n1", "S", (seq, last), &digests)
+                }
             };
             (format!("{PREFIX}forged"), id)
         } else {
@@ -881,4 +896,53 @@ fn unanswered_direct_gets_fall_back_to_msg_get() {
     s.settle();
     assert_eq!(s.hub.ours(&s.local), (1..=20).collect::<Vec<u64>>());
     assert!(s.m.direct_failed);
+}
+
+/// The ids of a batch: the first message's own, none in the middle, and
+/// on the commit the batch's (range and tag). A batch whose outcome is
+/// unknown (the link died with it in flight) is sent again with the same
+/// range, so its ids are the ones the hub's duplicate window may hold,
+/// even when more local messages arrived meanwhile.
+#[test]
+fn an_unresolved_batch_is_resent_with_the_same_range_and_ids() {
+    let mut s = ordered_sim(8, 5);
+    s.connect();
+    quiet(&mut s, true);
+    let ids = |s: &Sim| -> Vec<Option<String>> {
+        s.to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish {
+                    subject, headers, ..
+                } if !subject.starts_with("$JS.") => {
+                    Some(hdr(headers).get("Nats-Msg-Id").map(str::to_string))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let first = ids(&s);
+    assert_eq!(first.len(), 5, "{first:?}");
+    assert!(first[0].as_deref().unwrap().starts_with("n1:S:1:"));
+    assert!(first[1..4].iter().all(Option::is_none), "{first:?}");
+    assert!(first[4].as_deref().unwrap().starts_with("n1:S:1-5:"));
+    // The link dies with the batch on the wire; three more messages.
+    s.to_hub.clear();
+    s.connected = false;
+    s.m.handle_disconnected();
+    for seq in 6..=8 {
+        s.local.push(StoredMessage {
+            seq,
+            timestamp: seq,
+            subject: "t".into(),
+            headers: None,
+            payload: b"x".to_vec(),
+        });
+    }
+    s.m.handle_local_state(8);
+    s.connect();
+    quiet(&mut s, true);
+    assert_eq!(ids(&s), first, "the same range, the same ids");
+    s.settle();
+    assert_eq!(s.hub.ours(&s.local), (1..=8).collect::<Vec<u64>>());
 }

@@ -28,6 +28,37 @@
 //! - 48 bits of tag: a forger must publish 2^47 guesses per message on
 //!   average, each one a stored hub message.
 //!
+//! Atomic batches (ordered mode, `mirror_order.rs`) carry one tag for the
+//! whole batch instead of one per message: the commit (last) message's id
+//! is `<node>:<stream>:<first>-<last>:<tag>` ([`IdKey::batch_id`]), the tag
+//! an HMAC over the node, the stream, the local range and the SHA-256 of
+//! each payload of the range in order ([`payload_digest`]); the first
+//! message keeps its own per-message id; the others carry none. A
+//! deflate-compressed link cannot shrink a random tag, so this saves about
+//! 9 bytes per message. Why it still identifies every message:
+//! - the hub stores an atomic batch all or nothing, at consecutive
+//!   sequences, commit last; so a commit message at hub seq `c` whose id
+//!   verifies against the payloads of the hub messages at `c - n + 1 ..= c`
+//!   (`n` = the range's length, all read by the resync scan, which reads
+//!   this node's subjects in hub order) proves that those `n` messages are
+//!   local `first..=last`, in order. Forging it needs the key; a replayed
+//!   genuine commit (copied by a hub user who saw it in flight) verifies
+//!   only after copies of all the batch's payloads, in order, which puts
+//!   the batch's content on the hub — the same argument as for one id;
+//! - a range longer than [`BATCH_ID_MAX`] or not consecutive in the scan is
+//!   not believed; the resync never starts inside a batch (the cursor's hub
+//!   seq stays before the first message the scan could not yet attribute);
+//! - the duplicate window: every send starting at the same local message
+//!   carries that message's same id, and a send whose outcome is unknown is
+//!   repeated with the same range (a rule of the mirror), so the commit id
+//!   is identical too; the hub refuses a batch holding an id it has
+//!   (`atomic publish batch contains duplicate message id`) and the resync
+//!   then finds the first copy.
+//!
+//! Ids of a frond before batch tags (a tag on every message) and before
+//! tags (untagged) are still recognised on the hub: an upgrade sends
+//! nothing again.
+//!
 //! The tag covers the payload, not the subject or headers: a hub stream's
 //! subject transform or added headers do not make frond resend. Invariant:
 //! the key is on disk (fsynced) before the first id made with it leaves,
