@@ -366,10 +366,10 @@ pub struct Mirror {
     /// digest) since the last verified batch commit: a commit's id is
     /// checked against those before it (`mirror_scan.rs`).
     recent: VecDeque<(u64, [u8; 32])>,
-    /// Local seqs named by ids that did not verify in this resync (at
-    /// most [`UNTAGGED_MAX`]): a forgery may hold those ids in the
-    /// duplicate window, so batches avoid them.
-    occupied: std::collections::BTreeSet<u64>,
+    /// Ids naming a local message > L that did not verify in this resync
+    /// (at most [`UNTAGGED_MAX`]): a forgery holds them in the duplicate
+    /// window, so ordered mode avoids sending exactly these ids.
+    occupied: std::collections::BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +391,9 @@ struct PubAckJson {
     /// Messages stored by an atomic batch's commit.
     #[serde(default)]
     count: u64,
+    /// The hub already holds a message with this publish's id.
+    #[serde(default)]
+    duplicate: bool,
     error: Option<ApiError>,
 }
 
@@ -399,6 +402,12 @@ enum Reply {
         stream: String,
         seq: u64,
         count: u64,
+    },
+    /// Not stored: the hub holds a message with the same id at `seq`. Not
+    /// proof that it is ours (a hub user who saw the id in flight may
+    /// have stored other content with it): the resync checks its tag.
+    Duplicate {
+        seq: u64,
     },
     ApiErr(ApiError),
     NoResponders,
@@ -415,6 +424,7 @@ fn classify_pub_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
     }
     match serde_json::from_slice::<PubAckJson>(payload) {
         Ok(PubAckJson { error: Some(e), .. }) => Reply::ApiErr(e),
+        Ok(a) if a.seq > 0 && a.duplicate => Reply::Duplicate { seq: a.seq },
         Ok(a) if a.seq > 0 => Reply::Ok {
             stream: a.stream,
             seq: a.seq,
@@ -933,6 +943,10 @@ impl Mirror {
                 self.pump(now);
             }
             _ if !current => {} // a stale error: the window was already dropped
+            Reply::Duplicate { seq: hub_seq } => self.fault(
+                now,
+                format!("hub stream {} already holds the id of message {seq} (hub seq {hub_seq}); resyncing to check that copy before sending more", self.p.hub_stream),
+            ),
             Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
             Reply::ApiErr(e) => self.fault(
                 now,
@@ -986,7 +1000,6 @@ impl Mirror {
         self.stored.retain(|&k, _| k > l);
         self.absent.retain(|_, e| *e > l);
         self.untagged.retain(|&(k, _), _| k > l);
-        self.occupied.retain(|&k| k > l);
     }
 
     /// Send from `pending` while the window has room; ask for more.

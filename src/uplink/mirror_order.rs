@@ -56,6 +56,8 @@
 //!      commit id (and the same first-message id, which any send starting
 //!      there carries, also after a restart that lost the pin) and refuses
 //!      the resend whole; the next resync finds the first copy.
+//!   A `duplicate` ack is not taken as proof of anything (the copy the
+//!   hub holds may be a forgery): the resync checks it.
 //!   3. forgeries: a hub user with publish rights on the stream cannot make
 //!      frond skip (a commit id needs the key and the payloads, a replayed
 //!      one verifies only after copies of every payload of the batch) or
@@ -64,7 +66,8 @@
 //!      store a copy of one with other content before a lost batch is
 //!      resent, so the duplicate window refuses the resend: the resync then
 //!      sees the id not verify, marks it occupied, and the next send avoids
-//!      it (no first id, the batch one message shorter); the original
+//!      it (no first id, the batch one message shorter, a lone message with
+//!      the id of a batch of one, `<a>-<a>`); the original
 //!      cannot be stored after a forged copy within the window. So a forger
 //!      delays a batch by at most one fault backoff plus one resync per
 //!      batch whose outcome was unknown (a lost batch: a link or leader
@@ -164,11 +167,7 @@ impl Mirror {
         // A range whose commit id a forgery occupies in the duplicate
         // window (seen by the last resync) would be refused until the
         // window expires: end the batch one message earlier.
-        if picked.len() > 2
-            && picked
-                .last()
-                .is_some_and(|(m, _)| self.occupied.contains(&m.seq))
-        {
+        if picked.len() > 2 && self.ids_occupied(&picked).1 {
             if let Some((m, _)) = picked.pop() {
                 self.pending.push_front(m);
             }
@@ -202,10 +201,49 @@ impl Mirror {
             }
             return true;
         }
-        if first != a || end != b || self.occupied.contains(&a) || self.occupied.contains(&b) {
+        // A forgery holding its ids: the original cannot be stored later
+        // within the window either.
+        let (first_held, commit_held) = self.ids_occupied(picked);
+        if first != a || end != b || first_held || commit_held {
             self.pinned = None;
         }
         false
+    }
+
+    /// The ids a send of `picked` would carry: the first message's own and
+    /// (more than one message) the batch's commit id.
+    fn send_ids(
+        &self,
+        picked: &[(StoredMessage, HeaderBlock)],
+    ) -> (Option<String>, Option<String>) {
+        let (node, stream) = (&self.p.node, &self.p.stream);
+        let first = picked.first().map(|(m, _)| self.msg_id(m));
+        let commit = match (picked.first(), picked.last()) {
+            (Some(f), Some(l)) if picked.len() > 1 => {
+                let digests: Vec<[u8; 32]> = picked
+                    .iter()
+                    .map(|(m, _)| payload_digest(&m.payload))
+                    .collect();
+                Some(
+                    self.p
+                        .id_key
+                        .batch_id(node, stream, (f.0.seq, l.0.seq), &digests),
+                )
+            }
+            _ => None,
+        };
+        (first, commit)
+    }
+
+    /// Whether the last resync found a forgery holding the first message's
+    /// id, and the commit id, of a send of `picked`.
+    fn ids_occupied(&self, picked: &[(StoredMessage, HeaderBlock)]) -> (bool, bool) {
+        if self.occupied.is_empty() {
+            return (false, false);
+        }
+        let (first, commit) = self.send_ids(picked);
+        let held = |id: Option<String>| id.is_some_and(|i| self.occupied.contains(&i));
+        (held(first), held(commit))
     }
 
     /// Ask for more local messages when fewer than a batch wait.
@@ -259,7 +297,10 @@ impl Mirror {
             (Some(f), Some(l)) => (f.0.seq, l.0.seq),
             _ => return,
         };
-        let commit_id = (n > 1).then(|| {
+        // A lone message whose own id a forgery occupies leaves with the
+        // id of a batch of one (`<a>-<a>`), which the forgery cannot hold.
+        let keep_first = !self.ids_occupied(&picked).0;
+        let commit_id = (n > 1 || !keep_first).then(|| {
             let digests: Vec<[u8; 32]> = picked
                 .iter()
                 .map(|(m, _)| payload_digest(&m.payload))
@@ -271,7 +312,6 @@ impl Mirror {
         });
         // The first message keeps its own id (identical in any send that
         // starts with it) unless a forgery occupies it.
-        let keep_first = !self.occupied.contains(&first);
         self.pinned = Some((first, last_seq));
         for (i, (m, mut hb)) in picked.into_iter().enumerate() {
             let last = i + 1 == n;
@@ -405,6 +445,10 @@ impl Mirror {
                     "hub refused the atomic batch of messages {first}..={last} for stream {hub}: {} (code {}, err_code {})",
                     e.description, e.code, e.err_code
                 ),
+            ),
+            Reply::Duplicate { .. } => self.fault(
+                now,
+                format!("hub stream {hub} already holds the id of the batch of messages {first}..={last}; resyncing"),
             ),
             Reply::NoResponders => self.fault(
                 now,

@@ -407,8 +407,8 @@ impl Mirror {
                 }
                 self.unverified += 1;
                 self.first_unverified.get_or_insert(hub_seq);
-                if self.occupied.len() < UNTAGGED_MAX {
-                    self.occupied.insert(local);
+                if let Some(id) = msg_id.filter(|_| self.occupied.len() < UNTAGGED_MAX) {
+                    self.occupied.insert(id.to_string());
                 }
             }
             _ => {}
@@ -459,7 +459,7 @@ impl Mirror {
                 self.unverified += 1;
                 self.first_unverified.get_or_insert(hub_seq);
                 if self.occupied.len() < UNTAGGED_MAX {
-                    self.occupied.insert(last);
+                    self.occupied.insert(id.to_string());
                 }
             }
             return false;

@@ -592,6 +592,28 @@ impl Sim {
     /// unsigned form or a made-up tag.
     fn foreign(&mut self) {
         self.hub.foreign += 1;
+        // A hub user subscribed to our subjects copies an id it saw in
+        // flight onto other content (the publish may then be lost).
+        let in_flight: Vec<String> = self
+            .to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish { headers, .. } => {
+                    hdr(headers).get("Nats-Msg-Id").map(str::to_string)
+                }
+                _ => None,
+            })
+            .collect();
+        if !in_flight.is_empty() && self.rng.chance(300) {
+            let id = in_flight[self.rng.below(in_flight.len() as u64) as usize].clone();
+            // The hub's duplicate window applies to the forger too.
+            if self.hub.dup_of(&id, self.t).is_some() || self.hub.pending_id(&id) {
+                return;
+            }
+            let subject = format!("{PREFIX}forged");
+            self.hub.stored.push((subject, Some(id), self.t, vec![]));
+            return;
+        }
         let (subject, id) = if self.rng.below(3) == 0 {
             let seq = self.m.cursor().local_seq + 1 + self.rng.below(8);
             let id = match self.rng.below(4) {

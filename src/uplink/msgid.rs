@@ -249,7 +249,7 @@ fn batch_split<'a>(node: &str, stream: &str, id: &'a str) -> Option<((u64, u64),
         return None;
     }
     let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-    (a >= 1 && a < b && b - a < BATCH_ID_MAX).then_some(((a, b), tag))
+    (a >= 1 && a <= b && b - a < BATCH_ID_MAX).then_some(((a, b), tag))
 }
 
 /// The local range `(first, last)` a batch commit's id names, if it is in
