@@ -56,8 +56,8 @@
 //!      commit id (and the same first-message id, which any send starting
 //!      there carries, also after a restart that lost the pin) and refuses
 //!      the resend whole; the next resync finds the first copy.
-//!   A `duplicate` ack is not taken as proof of anything (the copy the
-//!   hub holds may be a forgery): the resync checks it.
+//!      A `duplicate` ack is not taken as proof of anything (the copy the
+//!      hub holds may be a forgery): the resync checks it.
 //!   3. forgeries: a hub user with publish rights on the stream cannot make
 //!      frond skip (a commit id needs the key and the payloads, a replayed
 //!      one verifies only after copies of every payload of the batch) or
