@@ -362,6 +362,20 @@ pub struct Mirror {
     /// whose outcome is unknown; the next send repeats it
     /// (`mirror_order.rs`).
     pinned: Option<(u64, u64)>,
+    /// When the pinned range was last sent, and whether that send carried
+    /// its first message's own id (`mirror_order.rs`).
+    pin_sent: Option<(Instant, bool)>,
+    /// A read from inside the pinned range found nothing: its end was
+    /// deleted locally.
+    pin_gone: bool,
+    /// Ordered mode: every message of a batch keeps its own id (the hub
+    /// stream has a limit that can remove single messages of a stored
+    /// batch, so a commit may not find its batch whole;
+    /// `mirror_order.rs`). From `STREAM.INFO` at each resync.
+    own_ids: bool,
+    /// The hub stream's `duplicate_window` (from `STREAM.INFO`; nats-server's
+    /// default until read).
+    dup_window: std::time::Duration,
     /// The resync's last [`MAX_BATCH`] - 1 hub messages (hub seq, payload
     /// digest) since the last verified batch commit: a commit's id is
     /// checked against those before it (`mirror_scan.rs`).
@@ -479,6 +493,10 @@ impl Mirror {
             first_unverified: None,
             untagged: BTreeMap::new(),
             pinned: None,
+            pin_sent: None,
+            pin_gone: false,
+            own_ids: false,
+            dup_window: std::time::Duration::from_secs(120),
             recent: VecDeque::new(),
             occupied: Default::default(),
         }
@@ -619,6 +637,15 @@ impl Mirror {
         self.read_issued = false;
         if from != self.next_read || self.phase != Phase::Streaming {
             return;
+        }
+        if msgs.is_empty() {
+            // Nothing from `from` on (deleted): the reader keeps waiting
+            // for a newer message; a pinned range that ends there cannot
+            // be read whole again (`mirror_order.rs`).
+            self.pin_gone |= self.pinned.is_some_and(|(_, b)| from <= b);
+            self.read_from = Some(from);
+            self.read_issued = true;
+            return self.pump(now);
         }
         for m in msgs {
             if m.seq < self.next_read {

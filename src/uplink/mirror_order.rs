@@ -161,8 +161,11 @@ impl Mirror {
                 break;
             }
         }
-        if self.hold_for_pin(&mut picked) {
-            return self.read_more();
+        if self.hold_for_pin(now, &mut picked) {
+            if self.phase == Phase::Streaming {
+                self.read_more();
+            }
+            return;
         }
         // A range whose commit id a forgery occupies in the duplicate
         // window (seen by the last resync) would be refused until the
@@ -183,31 +186,61 @@ impl Mirror {
     /// a resync finds it or the hub answers a send of it, the next batch is
     /// exactly its range, so its commit id (and its first message's id)
     /// are the ones the hub's duplicate window may hold. Returns true when
-    /// the range is not all read yet (`picked` goes back to `pending`).
-    /// The pin is dropped when the range cannot be sent again as it was
-    /// (a message of it found stored, deleted, or its ids occupied by a
-    /// forgery: then the window cannot hold the original either).
-    fn hold_for_pin(&mut self, picked: &mut Vec<(StoredMessage, HeaderBlock)>) -> bool {
+    /// nothing is to be sent now (`picked` goes back to `pending`, or the
+    /// mirror waits). The pin is dropped when a resync found the range
+    /// stored, or a forgery holds an id that send carried (the exact
+    /// commit id, or the first message's id if that send carried it: the
+    /// original cannot be stored later within the window either). When
+    /// the range cannot be sent again as it was (a message of it deleted
+    /// locally), the original may still be stored late: the mirror waits
+    /// until the hub's `duplicate_window` has passed since that send, then
+    /// resyncs (which finds it if it was stored) and sends anew.
+    fn hold_for_pin(
+        &mut self,
+        now: Instant,
+        picked: &mut Vec<(StoredMessage, HeaderBlock)>,
+    ) -> bool {
         let Some((a, b)) = self.pinned else {
             return false;
         };
-        let Some(first) = picked.first().map(|p| p.0.seq) else {
+        if a <= self.l || self.stored.contains_key(&a) {
+            self.pinned = None;
             return false;
-        };
+        }
+        let first = picked.first().map_or(0, |p| p.0.seq);
         let end = picked.last().map_or(0, |p| p.0.seq);
-        if first == a && end < b && self.pending.is_empty() {
+        if first == a && end < b && self.pending.is_empty() && !self.pin_gone {
             for (m, _) in picked.drain(..).rev() {
                 self.pending.push_front(m);
             }
             return true;
         }
-        // A forgery holding its ids: the original cannot be stored later
-        // within the window either.
-        let (first_held, commit_held) = self.ids_occupied(picked);
-        if first != a || end != b || first_held || commit_held {
-            self.pinned = None;
+        if first == a && end == b {
+            let (first_held, commit_held) = self.ids_occupied(picked);
+            let carried_first = self.pin_sent.is_some_and(|p| p.1);
+            if commit_held || (first_held && carried_first) {
+                self.pinned = None;
+            }
+            return false;
         }
-        false
+        if picked.is_empty() && !self.pin_gone {
+            return false;
+        }
+        // The range cannot be repeated: wait out the duplicate window.
+        let until = self.pin_sent.map_or(now, |p| p.0 + self.dup_window);
+        self.pin_gone = false;
+        if now >= until {
+            self.pinned = None;
+            return false;
+        }
+        picked.clear();
+        self.drop_window();
+        self.set_error(format!(
+            "messages {a}..={b} were sent to hub stream {} without an answer and cannot be sent again as they were (deleted locally): waiting out the hub's duplicate window ({:?}) before resyncing and sending on, so a late copy is not stored twice",
+            self.p.hub_stream, self.dup_window
+        ));
+        self.phase = Phase::Wait { until };
+        true
     }
 
     /// The ids a send of `picked` would carry: the first message's own and
@@ -219,7 +252,7 @@ impl Mirror {
         let (node, stream) = (&self.p.node, &self.p.stream);
         let first = picked.first().map(|(m, _)| self.msg_id(m));
         let commit = match (picked.first(), picked.last()) {
-            (Some(f), Some(l)) if picked.len() > 1 => {
+            (Some(f), Some(l)) if picked.len() > 1 && !self.own_ids => {
                 let digests: Vec<[u8; 32]> = picked
                     .iter()
                     .map(|(m, _)| payload_digest(&m.payload))
@@ -300,7 +333,9 @@ impl Mirror {
         // A lone message whose own id a forgery occupies leaves with the
         // id of a batch of one (`<a>-<a>`), which the forgery cannot hold.
         let keep_first = !self.ids_occupied(&picked).0;
-        let commit_id = (n > 1 || !keep_first).then(|| {
+        // A hub stream whose limits can split a stored batch: every
+        // message keeps its own id (a commit needs its batch whole).
+        let commit_id = ((n > 1 && !self.own_ids) || !keep_first).then(|| {
             let digests: Vec<[u8; 32]> = picked
                 .iter()
                 .map(|(m, _)| payload_digest(&m.payload))
@@ -313,14 +348,18 @@ impl Mirror {
         // The first message keeps its own id (identical in any send that
         // starts with it) unless a forgery occupies it.
         self.pinned = Some((first, last_seq));
+        self.pin_sent = Some((now, keep_first));
+        self.pin_gone = false;
         for (i, (m, mut hb)) in picked.into_iter().enumerate() {
             let last = i + 1 == n;
             if let Some(cid) = &commit_id {
+                let own = if i == 0 { keep_first } else { self.own_ids };
+                if last || !own {
+                    hb.entries
+                        .retain(|(k, _)| !k.eq_ignore_ascii_case("Nats-Msg-Id"));
+                }
                 if last {
-                    hb.entries.retain(|(k, _)| k != "Nats-Msg-Id");
                     hb.push("Nats-Msg-Id", cid.clone());
-                } else if i > 0 || !keep_first {
-                    hb.entries.retain(|(k, _)| k != "Nats-Msg-Id");
                 }
             }
             let reply = match (n, last) {

@@ -77,6 +77,27 @@ struct InfoJson {
 struct InfoConfig {
     allow_atomic: bool,
     allow_direct: bool,
+    max_msgs_per_subject: i64,
+    max_msgs: i64,
+    max_bytes: i64,
+    /// Nanoseconds, as are `duplicate_window`'s.
+    max_age: u64,
+    duplicate_window: u64,
+    discard: String,
+}
+
+impl InfoConfig {
+    /// Whether a limit of the stream can remove some messages of a stored
+    /// atomic batch and keep others: a per-subject limit (any message), an
+    /// age limit, or a count or size limit that discards old messages (the
+    /// oldest batch, cut at the stream's head). `discard: new` refuses new
+    /// messages instead of removing old ones.
+    fn can_split_batches(&self) -> bool {
+        let discard_old = !self.discard.eq_ignore_ascii_case("new");
+        self.max_msgs_per_subject > 0
+            || self.max_age > 0
+            || (discard_old && (self.max_msgs > 0 || self.max_bytes > 0))
+    }
 }
 
 fn no_responders(headers: Option<&[u8]>) -> bool {
@@ -204,6 +225,10 @@ impl Mirror {
         }
         let config = info.config.unwrap_or_default();
         self.atomic = config.allow_atomic;
+        self.own_ids = config.can_split_batches();
+        if config.duplicate_window > 0 {
+            self.dup_window = std::time::Duration::from_nanos(config.duplicate_window);
+        }
         self.direct = config.allow_direct && !self.direct_failed;
         if !self.atomic && !self.warned_unordered {
             self.warned_unordered = true;
