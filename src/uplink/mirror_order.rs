@@ -187,8 +187,8 @@ impl Mirror {
     /// exactly its range, so its commit id (and its first message's id)
     /// are the ones the hub's duplicate window may hold. Returns true when
     /// nothing is to be sent now (`picked` goes back to `pending`, or the
-    /// mirror waits). The pin is dropped when a resync found the range
-    /// stored, or a forgery holds an id that send carried (the exact
+    /// mirror waits). The pin is dropped when a resync finds a message of
+    /// the range stored (`mirror_scan.rs`), or a forgery holds an id that send carried (the exact
     /// commit id, or the first message's id if that send carried it: the
     /// original cannot be stored later within the window either). When
     /// the range cannot be sent again as it was (a message of it deleted
@@ -203,13 +203,10 @@ impl Mirror {
         let Some((a, b)) = self.pinned else {
             return false;
         };
-        if a <= self.l || self.stored.contains_key(&a) {
-            self.pinned = None;
-            return false;
-        }
         let first = picked.first().map_or(0, |p| p.0.seq);
         let end = picked.last().map_or(0, |p| p.0.seq);
-        if first == a && end < b && self.pending.is_empty() && !self.pin_gone {
+        let unread = self.next_read <= b && !self.pin_gone;
+        if first == a && end < b && self.pending.is_empty() && unread {
             for (m, _) in picked.drain(..).rev() {
                 self.pending.push_front(m);
             }

@@ -420,6 +420,7 @@ impl Mirror {
         }
         match msg_id.and_then(|id| self.our_seq(id, payload)) {
             Some(Ok(local)) if local > self.l => {
+                self.found_pinned(local, local);
                 self.stored.insert(local, Some(hub_seq));
             }
             Some(Err(local)) if local > self.l => {
@@ -489,6 +490,7 @@ impl Mirror {
             }
             return false;
         };
+        self.found_pinned(first, last);
         for (i, local) in (first..=last).enumerate() {
             if local > self.l {
                 self.stored.insert(local, Some(base + i as u64));
@@ -497,6 +499,15 @@ impl Mirror {
         // Nothing before a commit belongs to a later batch.
         self.recent.clear();
         true
+    }
+
+    /// Local messages `first..=last` were found stored: a pinned send that
+    /// holds any of them is resolved (a batch is stored whole or not at
+    /// all).
+    fn found_pinned(&mut self, first: u64, last: u64) {
+        if self.pinned.is_some_and(|(a, b)| first <= b && last >= a) {
+            self.pinned = None;
+        }
     }
 
     /// The scan passed `hub_seq`, the `scanned`th message of this round.

@@ -94,6 +94,9 @@ struct Hub {
     foreign: u64,
     /// Direct gets go unanswered (a hub user without the permission).
     direct_silent: bool,
+    /// `max_msgs_per_subject` (0: none): storing a message deletes the
+    /// oldest of its subject beyond it (its id stays in the window).
+    per_subject: usize,
 }
 
 fn hdr(h: &[u8]) -> HeaderBlock {
@@ -211,7 +214,7 @@ impl Hub {
         }
         match e {
             Entry::One { msg, reply } => {
-                self.stored.push((msg.0, msg.1, t, msg.2));
+                self.store(msg, t);
                 if acked {
                     let b = format!(r#"{{"stream":"FLEET","seq":{}}}"#, self.stored.len());
                     out.push_back(ack(&reply, b));
@@ -220,7 +223,7 @@ impl Hub {
             Entry::Batch { msgs, reply } => {
                 let n = msgs.len();
                 for m in msgs {
-                    self.stored.push((m.0, m.1, t, m.2));
+                    self.store(m, t);
                 }
                 if acked {
                     let b = format!(
@@ -230,6 +233,24 @@ impl Hub {
                     out.push_back(ack(&reply, b));
                 }
             }
+        }
+    }
+
+    /// Stores one message; a per-subject limit deletes (leaves a
+    /// tombstone: no subject, no payload, the id for the window) the
+    /// oldest messages of its subject beyond it.
+    fn store(&mut self, m: Msg, t: u64) {
+        let subject = m.0.clone();
+        self.stored.push((m.0, m.1, t, m.2));
+        if self.per_subject == 0 {
+            return;
+        }
+        let same: Vec<usize> = (0..self.stored.len())
+            .filter(|&i| self.stored[i].0 == subject)
+            .collect();
+        for &i in &same[..same.len().saturating_sub(self.per_subject)] {
+            self.stored[i].0.clear();
+            self.stored[i].3.clear();
         }
     }
 
@@ -270,8 +291,8 @@ impl Hub {
         if api.starts_with("STREAM.INFO.") {
             if self.leader {
                 let b = format!(
-                    r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{}}}}}"#,
-                    self.atomic, self.direct
+                    r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{},"max_msgs_per_subject":{},"duplicate_window":{}}}}}"#,
+                    self.atomic, self.direct, self.per_subject, self.window * 1_000_000
                 );
                 out.push_back(ack(reply, b));
             }
@@ -410,6 +431,9 @@ struct Sim {
     to_hub: VecDeque<Command>,
     to_client: VecDeque<Delivery>,
     read: Option<ReadRequest>,
+    /// The read request answered empty (a deleted tail), as the shell's
+    /// reader does once.
+    answered_empty: Option<u64>,
     connected: bool,
     conns: u64,
     t0: Instant,
@@ -447,6 +471,7 @@ impl Sim {
             to_hub: VecDeque::new(),
             to_client: VecDeque::new(),
             read: None,
+            answered_empty: None,
             connected: false,
             conns: 0,
             t0: Instant::now(),
@@ -541,8 +566,17 @@ impl Sim {
             .cloned()
             .collect();
         if msgs.is_empty() {
-            return false;
+            let deleted_tail = r.from <= self.m.local_last_seq;
+            if !deleted_tail || self.answered_empty == Some(r.from) {
+                return false;
+            }
+            self.answered_empty = Some(r.from);
+            let now = self.now();
+            self.m.handle_messages(now, r.from, msgs);
+            self.drain();
+            return true;
         }
+        self.answered_empty = None;
         self.read = None;
         let now = self.now();
         self.m.handle_messages(now, r.from, msgs);
@@ -967,4 +1001,77 @@ fn an_unresolved_batch_is_resent_with_the_same_range_and_ids() {
     assert_eq!(ids(&s), first, "the same range, the same ids");
     s.settle();
     assert_eq!(s.hub.ours(&s.local), (1..=8).collect::<Vec<u64>>());
+}
+
+fn msg(seq: u64, subject: &str) -> StoredMessage {
+    StoredMessage {
+        seq,
+        timestamp: seq,
+        subject: subject.into(),
+        headers: None,
+        payload: format!("p{seq}").into_bytes(),
+    }
+}
+
+/// Sends one batch of `s.local`; the hub takes it into its log (stored
+/// later, with `commit`) and the link dies before the ack.
+fn batch_then_link_dies(s: &mut Sim) {
+    s.connect();
+    quiet(s, true);
+    while s.hub_step() {}
+    s.to_client.clear();
+    s.connected = false;
+    s.m.handle_disconnected();
+    s.drain();
+}
+
+/// A hub stream with `max_msgs_per_subject: 1` deletes message 1 of a
+/// stored batch (message 2 has its subject); the ack is lost. A commit id
+/// cannot be checked without its whole batch, so on such a stream every
+/// message of a batch carries its own id and the resync finds the
+/// survivors: none is stored twice.
+#[test]
+fn a_hub_limit_that_splits_a_stored_batch_does_not_make_duplicates() {
+    let mut s = ordered_sim(8, 0);
+    s.hub.window = 60_000;
+    s.hub.per_subject = 1;
+    for (seq, subject) in [(1, "a"), (2, "a"), (3, "b"), (4, "c")] {
+        s.local.push(msg(seq, subject));
+    }
+    s.m.handle_local_state(4);
+    // The first resync read the stream config: own ids in batches.
+    batch_then_link_dies(&mut s);
+    let n = s.hub.log.len();
+    s.hub.commit(n, s.t, &mut VecDeque::new());
+    s.settle();
+    // Message 1 was deleted by the hub; frond cannot tell it from lost
+    // and sends it again after the window (which deletes message 2).
+    assert_eq!(s.hub.ours(&s.local), vec![3, 4, 1]);
+}
+
+/// A batch whose ack was lost is stored late (after the resync); its
+/// first message was deleted locally meanwhile, so the range cannot be
+/// sent again with the same ids: frond waits out the duplicate window,
+/// resyncs, finds the batch and sends nothing twice.
+#[test]
+fn an_unrepeatable_pinned_batch_waits_out_the_duplicate_window() {
+    for deleted in [1, 5] {
+        let mut s = ordered_sim(8, 5);
+        s.hub.window = 2_000;
+        batch_then_link_dies(&mut s);
+        s.local.retain(|m| m.seq != deleted);
+        s.connect();
+        quiet(&mut s, false);
+        let sent = s
+            .to_hub
+            .iter()
+            .filter(|c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")))
+            .count();
+        assert_eq!(sent, 0, "deleted {deleted}: nothing sent within the window");
+        // The original is stored late.
+        let n = s.hub.log.len();
+        s.hub.commit(n, s.t, &mut VecDeque::new());
+        s.settle();
+        assert_eq!(s.hub.ours(&s.local), vec![1, 2, 3, 4, 5], "deleted {deleted}");
+    }
 }
