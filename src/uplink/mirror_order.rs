@@ -74,6 +74,26 @@
 //!      fault), and by scan time for what it publishes into the filter.
 //!   4. older ids (per-message tags, untagged) are recognised as before;
 //!      window mode keeps one tagged id per message.
+//!   5. hub limits: a commit is checked only against its whole batch, but
+//!      a limit can delete single messages of a stored batch
+//!      (`max_msgs_per_subject` any of them; `max_age`, and `max_msgs` or
+//!      `max_bytes` with `discard: old`, the oldest, cutting the batch at
+//!      the stream's head). On such a hub stream (read from `STREAM.INFO`
+//!      at each resync) every message of a batch carries its own id, as in
+//!      window mode, and the resync finds the survivors one by one; the
+//!      one-id saving applies only to streams without those limits (or
+//!      with `discard: new`). A manual delete of a recent message of a
+//!      stored batch that frond has not seen acknowledged is not in the
+//!      config: the rest of that batch is then sent again (duplicates),
+//!      as a deleted message is in window mode (sent again once).
+//!   6. a pinned range that cannot be sent again as it was (a message of
+//!      it deleted locally before the resend): the original may still be
+//!      stored late, and a resend with another range shares no id with
+//!      it, so the mirror waits until the hub's `duplicate_window` (from
+//!      `STREAM.INFO`) has passed since that send, resyncs, and only then
+//!      sends. A forgery drops the pin only if it holds an id the pinned
+//!      send carried (the exact commit id, or the first message's id if
+//!      that send carried it).
 //!
 //! Batch size: `max_inflight` (at most [`MAX_BATCH`]), halved when the hub
 //! drops a batch before its commit (`incomplete`: also what a batch that

@@ -292,7 +292,10 @@ impl Hub {
             if self.leader {
                 let b = format!(
                     r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{},"max_msgs_per_subject":{},"duplicate_window":{}}}}}"#,
-                    self.atomic, self.direct, self.per_subject, self.window * 1_000_000
+                    self.atomic,
+                    self.direct,
+                    self.per_subject,
+                    self.window * 1_000_000
                 );
                 out.push_back(ack(reply, b));
             }
@@ -1065,13 +1068,19 @@ fn an_unrepeatable_pinned_batch_waits_out_the_duplicate_window() {
         let sent = s
             .to_hub
             .iter()
-            .filter(|c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")))
+            .filter(
+                |c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")),
+            )
             .count();
         assert_eq!(sent, 0, "deleted {deleted}: nothing sent within the window");
         // The original is stored late.
         let n = s.hub.log.len();
         s.hub.commit(n, s.t, &mut VecDeque::new());
         s.settle();
-        assert_eq!(s.hub.ours(&s.local), vec![1, 2, 3, 4, 5], "deleted {deleted}");
+        assert_eq!(
+            s.hub.ours(&s.local),
+            vec![1, 2, 3, 4, 5],
+            "deleted {deleted}"
+        );
     }
 }
