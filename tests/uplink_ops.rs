@@ -701,6 +701,71 @@ async fn forged_msg_ids_in_the_hub_stream_do_not_make_frond_skip_messages() {
     assert_exact_mirror(&real, &payloads("real", 0..30), "truck1", SUBJECT);
 }
 
+/// Ordered mode (the hub stream allows atomic batches): frond sends one
+/// tagged id per batch (the commit's names the batch's local range, its
+/// tag covers every payload), so most hub messages carry none. Forged ids
+/// under this node's prefix, in the batch format and the per-message one
+/// with made-up tags, are not believed: a backlog reaches the hub exactly
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_batch_ids_in_an_ordered_hub_stream_are_not_believed() {
+    let hub = NatsServer::start().await;
+    let cfg = serde_json::json!({
+        "name": "FLEET", "subjects": ["fleet.>"], "storage": "file",
+        "duplicate_window": Duration::from_secs(120).as_nanos() as u64,
+        "allow_atomic": true, "allow_direct": true,
+    });
+    let reply = hub
+        .client()
+        .await
+        .request("$JS.API.STREAM.CREATE.FLEET", cfg.to_string().into())
+        .await
+        .expect("stream create answered");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(v["config"]["allow_atomic"] == true, "{v}");
+    let js = hub.jetstream().await;
+    for k in 1..=40u64 {
+        let mut h = async_nats::HeaderMap::new();
+        let id = if k % 2 == 0 {
+            format!("truck1:TELEMETRY:{k}-{}:AAAAAAAA", k + 9)
+        } else {
+            format!("truck1:TELEMETRY:{k}:AAAAAAAA")
+        };
+        h.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(SUBJECT, h, "forged".into())
+            .await
+            .expect("forged publish");
+        ack.await.expect("forged PubAck");
+    }
+    let proxy = FaultProxy::start(hub.port).await;
+    proxy.set_blocked(true);
+    let frond = Frond::start_new(FrondSpec::with_hub(proxy.url())).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "real");
+    publ.publish(0..300, LONG).await;
+    wait_lag(&frond, "TELEMETRY", 300).await;
+    proxy.set_blocked(false);
+    hub.wait_count_at_least("FLEET", 40 + 300, LONG).await;
+    wait_until("the mirror is drained", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .is_some_and(|m| m["lag"]["msgs"] == 0)
+    })
+    .await;
+    let msgs = hub.read_all("FLEET").await;
+    let (forged, real): (Vec<HubMsg>, Vec<HubMsg>) =
+        msgs.into_iter().partition(|m| m.payload == "forged");
+    assert_eq!(forged.len(), 40);
+    assert_exact_mirror(&real, &payloads("real", 0..300), "truck1", SUBJECT);
+    let untagged = real.iter().filter(|m| m.msg_id.is_none()).count();
+    assert!(
+        untagged > 200,
+        "ordered mode sent batches with one id each ({untagged} of 300 without)"
+    );
+    let log = frond.log_text();
+    assert!(!log.contains("does not allow atomic batches"), "{log}");
+}
+
 /// A damaged id key (`<data_dir>/uplink/node.key`) stops the mirror but
 /// does not hide it: `/varz`, `/metrics` and `frond status` show it in an
 /// error state whose message tells the operator to remove the file, with

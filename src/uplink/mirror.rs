@@ -27,7 +27,9 @@
 //!   verifies against its payload (`msgid.rs`: an HMAC under this node's
 //!   key, so another hub user cannot forge the evidence or occupy an id
 //!   in the duplicate window; ids that do not verify are ignored and
-//!   logged as a warning at the end of the resync). Then the unsent rest is
+//!   logged as a warning at the end of the resync), and every batch whose
+//!   commit's id (`<node>:<stream>:<first>-<last>:<tag>`, ordered mode)
+//!   verifies against the messages before it. Then the unsent rest is
 //!   published in local order. The hub's duplicate window covers the short
 //!   race of a publish stored after the scan passed it; the scan covers
 //!   outages of any length.
@@ -82,10 +84,10 @@ pub const ERR_BATCH_TOO_LARGE: u64 = 10199;
 /// `max_batch_size`; a hub that allows fewer says so with
 /// [`ERR_BATCH_TOO_LARGE`] and the batch is halved).
 pub const MAX_BATCH: usize = 1000;
-/// Bytes the batch headers add to a message at most (`Nats-Batch-Id` of
-/// up to 64 bytes, `Nats-Batch-Sequence`, `Nats-Batch-Commit`): a message
+/// Bytes the batch headers add to a message at most (`Nats-Batch-Id`,
+/// `Nats-Batch-Sequence`, `Nats-Batch-Commit`, the commit's longer id): a message
 /// that would exceed the hub's `max_payload` with them leaves alone.
-const BATCH_HEADER_MAX: usize = 128;
+const BATCH_HEADER_MAX: usize = 160;
 /// Messages asked for in one batched direct get of the resync scan.
 pub const SCAN_BATCH: usize = 256;
 /// Bytes asked for in one batched direct get of the resync scan.
@@ -373,6 +375,32 @@ pub struct Mirror {
     /// of the hub message. Decided when the local message is read
     /// (`mirror_scan.rs`); at most [`UNTAGGED_MAX`] entries.
     untagged: BTreeMap<(u64, u64), [u8; 32]>,
+    /// Ordered mode: the range of the last batch (or lone publish) sent
+    /// whose outcome is unknown; the next send repeats it
+    /// (`mirror_order.rs`).
+    pinned: Option<(u64, u64)>,
+    /// When the pinned range was last sent, and whether that send carried
+    /// its first message's own id (`mirror_order.rs`).
+    pin_sent: Option<(Instant, bool)>,
+    /// A read from inside the pinned range found nothing: its end was
+    /// deleted locally.
+    pin_gone: bool,
+    /// Ordered mode: every message of a batch keeps its own id (the hub
+    /// stream has a limit that can remove single messages of a stored
+    /// batch, so a commit may not find its batch whole;
+    /// `mirror_order.rs`). From `STREAM.INFO` at each resync.
+    own_ids: bool,
+    /// The hub stream's `duplicate_window` (from `STREAM.INFO`; nats-server's
+    /// default until read).
+    dup_window: std::time::Duration,
+    /// The resync's last [`MAX_BATCH`] - 1 hub messages (hub seq, payload
+    /// digest) since the last verified batch commit: a commit's id is
+    /// checked against those before it (`mirror_scan.rs`).
+    recent: VecDeque<(u64, [u8; 32])>,
+    /// Ids naming a local message > L that did not verify in this resync
+    /// (at most [`UNTAGGED_MAX`]): a forgery holds them in the duplicate
+    /// window, so ordered mode avoids sending exactly these ids.
+    occupied: std::collections::BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +422,9 @@ struct PubAckJson {
     /// Messages stored by an atomic batch's commit.
     #[serde(default)]
     count: u64,
+    /// The hub already holds a message with this publish's id.
+    #[serde(default)]
+    duplicate: bool,
     error: Option<ApiError>,
 }
 
@@ -402,6 +433,12 @@ enum Reply {
         stream: String,
         seq: u64,
         count: u64,
+    },
+    /// Not stored: the hub holds a message with the same id at `seq`. Not
+    /// proof that it is ours (a hub user who saw the id in flight may
+    /// have stored other content with it): the resync checks its tag.
+    Duplicate {
+        seq: u64,
     },
     ApiErr(ApiError),
     NoResponders,
@@ -418,6 +455,7 @@ fn classify_pub_reply(headers: Option<&[u8]>, payload: &[u8]) -> Reply {
     }
     match serde_json::from_slice::<PubAckJson>(payload) {
         Ok(PubAckJson { error: Some(e), .. }) => Reply::ApiErr(e),
+        Ok(a) if a.seq > 0 && a.duplicate => Reply::Duplicate { seq: a.seq },
         Ok(a) if a.seq > 0 => Reply::Ok {
             stream: a.stream,
             seq: a.seq,
@@ -473,6 +511,13 @@ impl Mirror {
             unverified: 0,
             first_unverified: None,
             untagged: BTreeMap::new(),
+            pinned: None,
+            pin_sent: None,
+            pin_gone: false,
+            own_ids: false,
+            dup_window: std::time::Duration::from_secs(120),
+            recent: VecDeque::new(),
+            occupied: Default::default(),
         }
     }
 
@@ -483,7 +528,10 @@ impl Mirror {
     /// The cursor as it would be persisted now.
     pub fn cursor(&self) -> Cursor {
         let mut h = self.floor();
+        // A batch whose commit the scan has not reached yet starts after
+        // the last verified commit: a restart must read it whole.
         let untagged = self.untagged.keys().map(|k| k.1);
+        let untagged = untagged.chain(self.recent.front().map(|r| r.0));
         if let Some(min_stored) = self
             .stored
             .values()
@@ -608,6 +656,15 @@ impl Mirror {
         self.read_issued = false;
         if from != self.next_read || self.phase != Phase::Streaming {
             return;
+        }
+        if msgs.is_empty() {
+            // Nothing from `from` on (deleted): the reader keeps waiting
+            // for a newer message; a pinned range that ends there cannot
+            // be read whole again (`mirror_order.rs`).
+            self.pin_gone |= self.pinned.is_some_and(|(_, b)| from <= b);
+            self.read_from = Some(from);
+            self.read_issued = true;
+            return self.pump(now);
         }
         for m in msgs {
             if m.seq < self.next_read {
@@ -879,7 +936,11 @@ impl Mirror {
 
     fn handle_pub_reply(&mut self, now: Instant, seq: u64, headers: Option<&[u8]>, payload: &[u8]) {
         let current = self.inflight.contains_key(&seq) && self.phase == Phase::Streaming;
-        match classify_pub_reply(headers, payload) {
+        let reply = classify_pub_reply(headers, payload);
+        if current && self.pinned == Some((seq, seq)) && !matches!(reply, Reply::Garbage(_)) {
+            self.pinned = None;
+        }
+        match reply {
             Reply::Ok {
                 stream,
                 seq: hub_seq,
@@ -929,6 +990,10 @@ impl Mirror {
                 self.pump(now);
             }
             _ if !current => {} // a stale error: the window was already dropped
+            Reply::Duplicate { seq: hub_seq } => self.fault(
+                now,
+                format!("hub stream {} already holds the id of message {seq} (hub seq {hub_seq}); resyncing to check that copy before sending more", self.p.hub_stream),
+            ),
             Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
             Reply::ApiErr(e) => self.fault(
                 now,

@@ -21,7 +21,7 @@
 //! The design: one publish or one atomic batch in flight at a time.
 //! - The unsent messages leave as one atomic batch of up to `max_inflight`
 //!   ([`MAX_BATCH`]) messages, written back to back (pipelined within the
-//!   batch): `Nats-Batch-Id` (`<connection token>-<n>`),
+//!   batch): `Nats-Batch-Id` (`<8 chars of the connection token>-<n>`),
 //!   `Nats-Batch-Sequence`, and `Nats-Batch-Commit: 1` on the last. Only
 //!   the commit carries a reply subject (`<inbox>.b<n>`), so the hub sends
 //!   one ack per batch. A lone message leaves as a plain publish.
@@ -33,11 +33,67 @@
 //!   connection, leader advisory) leads to the usual resync, which finds
 //!   all of it or none of it. So no message is ever sent while an earlier
 //!   one's fate is unknown, and hub order equals local order.
-//! - Exactly once as in window mode: `Nats-Msg-Id` per message (a batch
-//!   holding one the hub already has, e.g. stored just after the last
-//!   resync read passed it, is refused whole; the resync after the usual
-//!   fault backoff finds it), and the resync scan beyond the duplicate
-//!   window.
+//! - Exactly once with one tag per batch (`msgid.rs`): a batch is a run of
+//!   consecutive local seqs `a..=b`; the commit carries the batch id
+//!   `<node>:<stream>:<a>-<b>:<tag>` (HMAC over the range and every
+//!   payload's digest), the first message its own id, the others none
+//!   (about 9 bytes per message less on a compressed link). The argument:
+//!   1. stored: the hub stores a batch whole at consecutive seqs, commit
+//!      last, or nothing. The resync (`mirror_scan.rs`) keeps the digests
+//!      of the messages it read since the last verified commit (at most
+//!      `MAX_BATCH` - 1) and believes a commit only if its tag verifies
+//!      against the payloads of exactly the `b - a` messages before it;
+//!      then it maps every message of the batch to its hub seq. The scan
+//!      floor is never inside a batch (a batch in flight is above the
+//!      floor; the persisted cursor stays before the first message not yet
+//!      attributed; a paused scan keeps what it read), so a stored batch is
+//!      always found whole.
+//!   2. not stored twice: a send whose outcome is unknown (no ack, no
+//!      refusal) is `pinned`; until the hub answers a send of it or a
+//!      resync finds it, the next send is exactly its range
+//!      ([`Mirror::hold_for_pin`]), so if the first copy is stored after
+//!      the resync passed it, the hub's duplicate window holds the same
+//!      commit id (and the same first-message id, which any send starting
+//!      there carries, also after a restart that lost the pin) and refuses
+//!      the resend whole; the next resync finds the first copy.
+//!      A `duplicate` ack is not taken as proof of anything (the copy the
+//!      hub holds may be a forgery): the resync checks it.
+//!   3. forgeries: a hub user with publish rights on the stream cannot make
+//!      frond skip (a commit id needs the key and the payloads, a replayed
+//!      one verifies only after copies of every payload of the batch) or
+//!      send twice (no id frond has not yet sent can be predicted). One who
+//!      can also subscribe to frond's subjects sees ids in flight and can
+//!      store a copy of one with other content before a lost batch is
+//!      resent, so the duplicate window refuses the resend: the resync then
+//!      sees the id not verify, marks it occupied, and the next send avoids
+//!      it (no first id, the batch one message shorter, a lone message with
+//!      the id of a batch of one, `<a>-<a>`); the original
+//!      cannot be stored after a forged copy within the window. So a forger
+//!      delays a batch by at most one fault backoff plus one resync per
+//!      batch whose outcome was unknown (a lost batch: a link or leader
+//!      fault), and by scan time for what it publishes into the filter.
+//!   4. older ids (per-message tags, untagged) are recognised as before;
+//!      window mode keeps one tagged id per message.
+//!   5. hub limits: a commit is checked only against its whole batch, but
+//!      a limit can delete single messages of a stored batch
+//!      (`max_msgs_per_subject` any of them; `max_age`, and `max_msgs` or
+//!      `max_bytes` with `discard: old`, the oldest, cutting the batch at
+//!      the stream's head). On such a hub stream (read from `STREAM.INFO`
+//!      at each resync) every message of a batch carries its own id, as in
+//!      window mode, and the resync finds the survivors one by one; the
+//!      one-id saving applies only to streams without those limits (or
+//!      with `discard: new`). A manual delete of a recent message of a
+//!      stored batch that frond has not seen acknowledged is not in the
+//!      config: the rest of that batch is then sent again (duplicates),
+//!      as a deleted message is in window mode (sent again once).
+//!   6. a pinned range that cannot be sent again as it was (a message of
+//!      it deleted locally before the resend): the original may still be
+//!      stored late, and a resend with another range shares no id with
+//!      it, so the mirror waits until the hub's `duplicate_window` (from
+//!      `STREAM.INFO`) has passed since that send, resyncs, and only then
+//!      sends. A forgery drops the pin only if it holds an id the pinned
+//!      send carried (the exact commit id, or the first message's id if
+//!      that send carried it).
 //!
 //! Batch size: `max_inflight` (at most [`MAX_BATCH`]), halved when the hub
 //! drops a batch before its commit (`incomplete`: also what a batch that
@@ -59,6 +115,7 @@ use super::{
     ERR_STREAM_NOT_FOUND, MAX_BATCH,
 };
 use crate::stream::StoredMessage;
+use crate::uplink::msgid::payload_digest;
 use crate::wire::nats::headers::HeaderBlock;
 
 impl Mirror {
@@ -77,14 +134,25 @@ impl Mirror {
         } else {
             self.batch_cap.min(self.p.max_inflight).clamp(1, MAX_BATCH)
         };
+        let pin = self.pinned;
+        let cap = pin.map_or(cap, |(a, b)| (b - a + 1) as usize);
         let mut picked: Vec<(StoredMessage, HeaderBlock)> = Vec::new();
         let mut bytes = 0u64;
-        while picked.len() < cap && self.budget.is_none_or(|b| b > bytes) {
+        // A pinned range is sent whole once the budget lets it start.
+        while picked.len() < cap
+            && (self.budget.is_none_or(|b| b > bytes) || (pin.is_some() && !picked.is_empty()))
+        {
             let Some(m) = self.pending.pop_front() else {
                 break;
             };
             if m.seq <= self.l || self.stored.contains_key(&m.seq) {
                 continue;
+            }
+            // A batch is a run of consecutive local seqs: its id names
+            // them by range.
+            if picked.last().is_some_and(|(p, _)| p.seq + 1 != m.seq) {
+                self.pending.push_front(m);
+                break;
             }
             let hb = self.header_block(&m);
             let wire = match self.encode_publish(&m, &hb, "-") {
@@ -113,10 +181,128 @@ impl Mirror {
                 break;
             }
         }
+        if self.hold_for_pin(now, &mut picked) {
+            if self.phase == Phase::Streaming {
+                self.read_more();
+            }
+            return;
+        }
+        // A range whose commit id a forgery occupies in the duplicate
+        // window (seen by the last resync) would be refused until the
+        // window expires: end the batch one message earlier.
+        if picked.len() > 2 && self.ids_occupied(&picked).1 {
+            if let Some((m, _)) = picked.pop() {
+                self.pending.push_front(m);
+            }
+        }
         if !picked.is_empty() {
             self.send_ordered(now, &conn.inbox, picked);
         }
-        if self.pending.is_empty() && self.read_from.is_none() {
+        self.read_more();
+    }
+
+    /// The rule for a send whose outcome is unknown (`pinned`: no ack, no
+    /// refusal, e.g. the link or the leader died with it in flight): until
+    /// a resync finds it or the hub answers a send of it, the next batch is
+    /// exactly its range, so its commit id (and its first message's id)
+    /// are the ones the hub's duplicate window may hold. Returns true when
+    /// nothing is to be sent now (`picked` goes back to `pending`, or the
+    /// mirror waits). The pin is dropped when a resync finds a message of
+    /// the range stored (`mirror_scan.rs`), or a forgery holds an id that send carried (the exact
+    /// commit id, or the first message's id if that send carried it: the
+    /// original cannot be stored later within the window either). When
+    /// the range cannot be sent again as it was (a message of it deleted
+    /// locally), the original may still be stored late: the mirror waits
+    /// until the hub's `duplicate_window` has passed since that send, then
+    /// resyncs (which finds it if it was stored) and sends anew.
+    fn hold_for_pin(
+        &mut self,
+        now: Instant,
+        picked: &mut Vec<(StoredMessage, HeaderBlock)>,
+    ) -> bool {
+        let Some((a, b)) = self.pinned else {
+            return false;
+        };
+        let first = picked.first().map_or(0, |p| p.0.seq);
+        let end = picked.last().map_or(0, |p| p.0.seq);
+        let unread = self.next_read <= b && !self.pin_gone;
+        if first == a && end < b && self.pending.is_empty() && unread {
+            for (m, _) in picked.drain(..).rev() {
+                self.pending.push_front(m);
+            }
+            return true;
+        }
+        if first == a && end == b {
+            let (first_held, commit_held) = self.ids_occupied(picked);
+            let carried_first = self.pin_sent.is_some_and(|p| p.1);
+            if commit_held || (first_held && carried_first) {
+                self.pinned = None;
+            }
+            return false;
+        }
+        if picked.is_empty() && !self.pin_gone {
+            return false;
+        }
+        // The range cannot be repeated: wait out the duplicate window.
+        let until = self.pin_sent.map_or(now, |p| p.0 + self.dup_window);
+        self.pin_gone = false;
+        if now >= until {
+            self.pinned = None;
+            return false;
+        }
+        picked.clear();
+        self.drop_window();
+        self.set_error(format!(
+            "messages {a}..={b} were sent to hub stream {} without an answer and cannot be sent again as they were (deleted locally): waiting out the hub's duplicate window ({:?}) before resyncing and sending on, so a late copy is not stored twice",
+            self.p.hub_stream, self.dup_window
+        ));
+        self.phase = Phase::Wait { until };
+        true
+    }
+
+    /// The ids a send of `picked` would carry: the first message's own and
+    /// (more than one message) the batch's commit id.
+    fn send_ids(
+        &self,
+        picked: &[(StoredMessage, HeaderBlock)],
+    ) -> (Option<String>, Option<String>) {
+        let (node, stream) = (&self.p.node, &self.p.stream);
+        let first = picked.first().map(|(m, _)| self.msg_id(m));
+        let commit = match (picked.first(), picked.last()) {
+            (Some(f), Some(l)) if picked.len() > 1 && !self.own_ids => {
+                let digests: Vec<[u8; 32]> = picked
+                    .iter()
+                    .map(|(m, _)| payload_digest(&m.payload))
+                    .collect();
+                Some(
+                    self.p
+                        .id_key
+                        .batch_id(node, stream, (f.0.seq, l.0.seq), &digests),
+                )
+            }
+            _ => None,
+        };
+        (first, commit)
+    }
+
+    /// Whether the last resync found a forgery holding the first message's
+    /// id, and the commit id, of a send of `picked`.
+    fn ids_occupied(&self, picked: &[(StoredMessage, HeaderBlock)]) -> (bool, bool) {
+        if self.occupied.is_empty() {
+            return (false, false);
+        }
+        let (first, commit) = self.send_ids(picked);
+        let held = |id: Option<String>| id.is_some_and(|i| self.occupied.contains(&i));
+        (held(first), held(commit))
+    }
+
+    /// Ask for more local messages when fewer than a batch wait.
+    fn read_more(&mut self) {
+        let want = match self.pinned {
+            Some((a, b)) => (b - a + 1) as usize,
+            None => self.batch_cap.min(self.p.max_inflight).max(1),
+        };
+        if self.pending.len() < want && self.read_from.is_none() {
             self.read_from = Some(self.next_read);
             self.read_issued = false;
         }
@@ -152,10 +338,47 @@ impl Mirror {
     ) {
         let n = picked.len();
         self.batches += 1;
+        // Short: compressed, every message repeats it. Unique among the
+        // batches open on the stream with 48 random bits per connection;
+        // a collision only makes both batches incomplete (retried).
         let token = inbox.strip_prefix("_INBOX.").unwrap_or(inbox);
-        let id = format!("{}-{}", &token[..token.len().min(40)], self.batches);
+        let id = format!("{}-{}", &token[..token.len().min(8)], self.batches);
+        let (first, last_seq) = match (picked.first(), picked.last()) {
+            (Some(f), Some(l)) => (f.0.seq, l.0.seq),
+            _ => return,
+        };
+        // A lone message whose own id a forgery occupies leaves with the
+        // id of a batch of one (`<a>-<a>`), which the forgery cannot hold.
+        let keep_first = !self.ids_occupied(&picked).0;
+        // A hub stream whose limits can split a stored batch: every
+        // message keeps its own id (a commit needs its batch whole).
+        let commit_id = ((n > 1 && !self.own_ids) || !keep_first).then(|| {
+            let digests: Vec<[u8; 32]> = picked
+                .iter()
+                .map(|(m, _)| payload_digest(&m.payload))
+                .collect();
+            let (node, stream) = (&self.p.node, &self.p.stream);
+            self.p
+                .id_key
+                .batch_id(node, stream, (first, last_seq), &digests)
+        });
+        // The first message keeps its own id (identical in any send that
+        // starts with it) unless a forgery occupies it.
+        self.pinned = Some((first, last_seq));
+        self.pin_sent = Some((now, keep_first));
+        self.pin_gone = false;
         for (i, (m, mut hb)) in picked.into_iter().enumerate() {
             let last = i + 1 == n;
+            if let Some(cid) = &commit_id {
+                let own = if i == 0 { keep_first } else { self.own_ids };
+                if last || !own {
+                    hb.entries
+                        .retain(|(k, _)| !k.eq_ignore_ascii_case("Nats-Msg-Id"));
+                }
+                if last {
+                    hb.push("Nats-Msg-Id", cid.clone());
+                }
+            }
             let reply = match (n, last) {
                 (1, _) => format!("{inbox}.{}", m.seq),
                 (_, true) => format!("{inbox}.b{}", self.batches),
@@ -214,7 +437,12 @@ impl Mirror {
         let n = self.batch.len() as u64;
         let (first, last) = (self.batch[0], self.batch[self.batch.len() - 1]);
         let hub = self.p.hub_stream.clone();
-        match classify_pub_reply(headers, payload) {
+        let reply = classify_pub_reply(headers, payload);
+        if !matches!(reply, Reply::Garbage(_)) {
+            // Stored, or refused whole: its fate is known.
+            self.pinned = None;
+        }
+        match reply {
             Reply::Ok { seq, count, .. } if count == n && seq >= n => {
                 let base = seq - n + 1;
                 for (i, local) in std::mem::take(&mut self.batch).into_iter().enumerate() {
@@ -273,6 +501,10 @@ impl Mirror {
                     "hub refused the atomic batch of messages {first}..={last} for stream {hub}: {} (code {}, err_code {})",
                     e.description, e.code, e.err_code
                 ),
+            ),
+            Reply::Duplicate { .. } => self.fault(
+                now,
+                format!("hub stream {hub} already holds the id of the batch of messages {first}..={last}; resyncing"),
             ),
             Reply::NoResponders => self.fault(
                 now,

@@ -38,10 +38,10 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
-use super::super::msgid::{content_digest, untagged_seq};
+use super::super::msgid::{batch_range, content_digest, payload_digest, untagged_seq};
 use super::{
     ApiError, Command, Event, Mirror, Phase, Step, ERR_NO_MESSAGE_FOUND, ERR_STREAM_NOT_FOUND,
-    SCAN_BATCH, SCAN_BATCH_BYTES, UNTAGGED_MAX,
+    MAX_BATCH, SCAN_BATCH, SCAN_BATCH_BYTES, UNTAGGED_MAX,
 };
 use crate::stream::StoredMessage;
 use crate::uplink::source::{parse_reply, Reply};
@@ -85,6 +85,27 @@ struct InfoState {
 struct InfoConfig {
     allow_atomic: bool,
     allow_direct: bool,
+    max_msgs_per_subject: i64,
+    max_msgs: i64,
+    max_bytes: i64,
+    /// Nanoseconds, as are `duplicate_window`'s.
+    max_age: u64,
+    duplicate_window: u64,
+    discard: String,
+}
+
+impl InfoConfig {
+    /// Whether a limit of the stream can remove some messages of a stored
+    /// atomic batch and keep others: a per-subject limit (any message), an
+    /// age limit, or a count or size limit that discards old messages (the
+    /// oldest batch, cut at the stream's head). `discard: new` refuses new
+    /// messages instead of removing old ones.
+    fn can_split_batches(&self) -> bool {
+        let discard_old = !self.discard.eq_ignore_ascii_case("new");
+        self.max_msgs_per_subject > 0
+            || self.max_age > 0
+            || (discard_old && (self.max_msgs > 0 || self.max_bytes > 0))
+    }
 }
 
 fn no_responders(headers: Option<&[u8]>) -> bool {
@@ -97,6 +118,10 @@ fn no_responders(headers: Option<&[u8]>) -> bool {
 impl Mirror {
     pub(super) fn start_resync(&mut self, now: Instant) {
         self.resyncs += 1;
+        // What the scan read up to `latest` stays: it resumes after it.
+        let latest = self.latest;
+        self.recent.retain(|r| r.0 <= latest);
+        self.occupied.clear();
         self.unverified = 0;
         self.first_unverified = None;
         self.phase = Phase::Resync {
@@ -211,6 +236,10 @@ impl Mirror {
         }
         let config = info.config.unwrap_or_default();
         self.atomic = config.allow_atomic;
+        self.own_ids = config.can_split_batches();
+        if config.duplicate_window > 0 {
+            self.dup_window = std::time::Duration::from_nanos(config.duplicate_window);
+        }
         self.direct = config.allow_direct && !self.direct_failed;
         if !self.atomic && !self.warned_unordered {
             self.warned_unordered = true;
@@ -428,8 +457,19 @@ impl Mirror {
             self.fault(now, e);
             return false;
         }
+        let digest = payload_digest(payload);
+        if let Some(range) = msg_id.and_then(|id| batch_range(&self.p.node, &self.p.stream, id)) {
+            if self.record_commit(hub_seq, msg_id.unwrap_or_default(), range, digest) {
+                return self.scanned(now, hub_seq, scanned);
+            }
+        }
+        self.recent.push_back((hub_seq, digest));
+        if self.recent.len() >= MAX_BATCH {
+            self.recent.pop_front();
+        }
         match msg_id.and_then(|id| self.our_seq(id, payload)) {
             Some(Ok(local)) if local > self.l => {
+                self.found_pinned(local, local);
                 self.stored.insert(local, Some(hub_seq));
             }
             Some(Err(local)) if local > self.l => {
@@ -442,10 +482,81 @@ impl Mirror {
                 }
                 self.unverified += 1;
                 self.first_unverified.get_or_insert(hub_seq);
+                if let Some(id) = msg_id.filter(|_| self.occupied.len() < UNTAGGED_MAX) {
+                    self.occupied.insert(id.to_string());
+                }
             }
             _ => {}
         }
         self.scanned(now, hub_seq, scanned)
+    }
+
+    /// A hub message at `hub_seq` whose id names the batch of local
+    /// messages `first..=last`. It is the commit of that batch, stored
+    /// whole at the hub seqs just before it, only if those were all read
+    /// by this scan (`recent`) and the id's tag verifies against their
+    /// payloads and this one's ([`super::super::msgid::IdKey::verify_batch`]):
+    /// then every message of the batch is recorded as stored and true
+    /// returned. Otherwise the message is treated as any other (and a
+    /// range above the cursor counted as unverified: forged, or another
+    /// key). An atomic batch is never split by the hub, and the scan
+    /// floor is never inside one (a scan resumes before `recent`), so a
+    /// genuine commit always finds its batch in `recent`.
+    fn record_commit(
+        &mut self,
+        hub_seq: u64,
+        id: &str,
+        (first, last): (u64, u64),
+        digest: [u8; 32],
+    ) -> bool {
+        let n = (last - first + 1) as usize;
+        let k = self.recent.len();
+        let base = hub_seq.checked_sub(n as u64 - 1);
+        let tail = k
+            .checked_sub(n - 1)
+            .map(|skip| self.recent.iter().skip(skip));
+        let verified = match (base, tail) {
+            (Some(base), Some(tail)) => {
+                let tail: Vec<(u64, [u8; 32])> = tail.copied().collect();
+                let consecutive = tail.iter().enumerate().all(|(i, r)| r.0 == base + i as u64);
+                let mut digests: Vec<[u8; 32]> = tail.iter().map(|r| r.1).collect();
+                digests.push(digest);
+                consecutive
+                    && self
+                        .p
+                        .id_key
+                        .verify_batch(&self.p.node, &self.p.stream, id, &digests)
+            }
+            _ => false,
+        };
+        let Some(base) = base.filter(|_| verified) else {
+            if last > self.l {
+                self.unverified += 1;
+                self.first_unverified.get_or_insert(hub_seq);
+                if self.occupied.len() < UNTAGGED_MAX {
+                    self.occupied.insert(id.to_string());
+                }
+            }
+            return false;
+        };
+        self.found_pinned(first, last);
+        for (i, local) in (first..=last).enumerate() {
+            if local > self.l {
+                self.stored.insert(local, Some(base + i as u64));
+            }
+        }
+        // Nothing before a commit belongs to a later batch.
+        self.recent.clear();
+        true
+    }
+
+    /// Local messages `first..=last` were found stored: a pinned send that
+    /// holds any of them is resolved (a batch is stored whole or not at
+    /// all).
+    fn found_pinned(&mut self, first: u64, last: u64) {
+        if self.pinned.is_some_and(|(a, b)| first <= b && last >= a) {
+            self.pinned = None;
+        }
     }
 
     /// The scan passed `hub_seq`, the `scanned`th message of this round.
@@ -518,6 +629,8 @@ impl Mirror {
         if self.fail_streak == 0 {
             self.last_error = None;
         }
+        // The stream's end is a batch boundary (batches are stored whole).
+        self.recent.clear();
         self.advance();
         self.events.push_back(Event::Resynced {
             hub_seq: self.latest,

@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::super::msgid;
 use super::*;
 use crate::wire::nats::base64;
 
@@ -93,6 +94,9 @@ struct Hub {
     foreign: u64,
     /// Direct gets go unanswered (a hub user without the permission).
     direct_silent: bool,
+    /// `max_msgs_per_subject` (0: none): storing a message deletes the
+    /// oldest of its subject beyond it (its id stays in the window).
+    per_subject: usize,
 }
 
 fn hdr(h: &[u8]) -> HeaderBlock {
@@ -210,7 +214,7 @@ impl Hub {
         }
         match e {
             Entry::One { msg, reply } => {
-                self.stored.push((msg.0, msg.1, t, msg.2));
+                self.store(msg, t);
                 if acked {
                     let b = format!(r#"{{"stream":"FLEET","seq":{}}}"#, self.stored.len());
                     out.push_back(ack(&reply, b));
@@ -219,7 +223,7 @@ impl Hub {
             Entry::Batch { msgs, reply } => {
                 let n = msgs.len();
                 for m in msgs {
-                    self.stored.push((m.0, m.1, t, m.2));
+                    self.store(m, t);
                 }
                 if acked {
                     let b = format!(
@@ -229,6 +233,24 @@ impl Hub {
                     out.push_back(ack(&reply, b));
                 }
             }
+        }
+    }
+
+    /// Stores one message; a per-subject limit deletes (leaves a
+    /// tombstone: no subject, no payload, the id for the window) the
+    /// oldest messages of its subject beyond it.
+    fn store(&mut self, m: Msg, t: u64) {
+        let subject = m.0.clone();
+        self.stored.push((m.0, m.1, t, m.2));
+        if self.per_subject == 0 {
+            return;
+        }
+        let same: Vec<usize> = (0..self.stored.len())
+            .filter(|&i| self.stored[i].0 == subject)
+            .collect();
+        for &i in &same[..same.len().saturating_sub(self.per_subject)] {
+            self.stored[i].0.clear();
+            self.stored[i].3.clear();
         }
     }
 
@@ -269,8 +291,11 @@ impl Hub {
         if api.starts_with("STREAM.INFO.") {
             if self.leader {
                 let b = format!(
-                    r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{}}}}}"#,
-                    self.atomic, self.direct
+                    r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{},"max_msgs_per_subject":{},"duplicate_window":{}}}}}"#,
+                    self.atomic,
+                    self.direct,
+                    self.per_subject,
+                    self.window * 1_000_000
                 );
                 out.push_back(ack(reply, b));
             }
@@ -364,15 +389,40 @@ impl Hub {
             let m = local.get(usize::try_from(seq).ok()?.checked_sub(1)?)?;
             (format!("{PREFIX}{}", m.subject) == subject && m.payload == p).then_some(seq)
         };
-        self.stored
+        let mut at: Vec<Option<u64>> = self
+            .stored
             .iter()
-            .filter_map(|(subject, id, _, p)| {
+            .map(|(subject, id, _, p)| {
                 let id = id.as_deref()?;
                 key.verify("n1", "S", id, p)?
                     .ok()
                     .or_else(|| copy(id, subject, p))
             })
-            .collect()
+            .collect();
+        // A batch commit's id names the messages stored just before it
+        // (its first one also carries its own id).
+        for (i, (_, id, _, _)) in self.stored.iter().enumerate() {
+            let Some((a, b)) = id
+                .as_deref()
+                .and_then(|id| msgid::batch_range("n1", "S", id))
+            else {
+                continue;
+            };
+            let n = (b - a + 1) as usize;
+            let Some(start) = (i + 1).checked_sub(n) else {
+                continue;
+            };
+            let digests: Vec<[u8; 32]> = self.stored[start..=i]
+                .iter()
+                .map(|m| msgid::payload_digest(&m.3))
+                .collect();
+            if key.verify_batch("n1", "S", id.as_deref().unwrap_or(""), &digests) {
+                for (k, slot) in at[start..=i].iter_mut().enumerate() {
+                    *slot = Some(a + k as u64);
+                }
+            }
+        }
+        at.into_iter().flatten().collect()
     }
 }
 
@@ -384,6 +434,9 @@ struct Sim {
     to_hub: VecDeque<Command>,
     to_client: VecDeque<Delivery>,
     read: Option<ReadRequest>,
+    /// The read request answered empty (a deleted tail), as the shell's
+    /// reader does once.
+    answered_empty: Option<u64>,
     connected: bool,
     conns: u64,
     t0: Instant,
@@ -421,6 +474,7 @@ impl Sim {
             to_hub: VecDeque::new(),
             to_client: VecDeque::new(),
             read: None,
+            answered_empty: None,
             connected: false,
             conns: 0,
             t0: Instant::now(),
@@ -515,8 +569,17 @@ impl Sim {
             .cloned()
             .collect();
         if msgs.is_empty() {
-            return false;
+            let deleted_tail = r.from <= self.m.local_last_seq;
+            if !deleted_tail || self.answered_empty == Some(r.from) {
+                return false;
+            }
+            self.answered_empty = Some(r.from);
+            let now = self.now();
+            self.m.handle_messages(now, r.from, msgs);
+            self.drain();
+            return true;
         }
+        self.answered_empty = None;
         self.read = None;
         let now = self.now();
         self.m.handle_messages(now, r.from, msgs);
@@ -566,11 +629,48 @@ impl Sim {
     /// unsigned form or a made-up tag.
     fn foreign(&mut self) {
         self.hub.foreign += 1;
+        // A hub user subscribed to our subjects copies an id it saw in
+        // flight onto other content (the publish may then be lost).
+        let in_flight: Vec<String> = self
+            .to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish { headers, .. } => {
+                    hdr(headers).get("Nats-Msg-Id").map(str::to_string)
+                }
+                _ => None,
+            })
+            .collect();
+        if !in_flight.is_empty() && self.rng.chance(300) {
+            let id = in_flight[self.rng.below(in_flight.len() as u64) as usize].clone();
+            // The hub's duplicate window applies to the forger too.
+            if self.hub.dup_of(&id, self.t).is_some() || self.hub.pending_id(&id) {
+                return;
+            }
+            let subject = format!("{PREFIX}forged");
+            self.hub.stored.push((subject, Some(id), self.t, vec![]));
+            return;
+        }
         let (subject, id) = if self.rng.below(3) == 0 {
             let seq = self.m.cursor().local_seq + 1 + self.rng.below(8);
-            let id = match self.rng.below(2) {
+            let id = match self.rng.below(4) {
                 0 => format!("n1:S:{seq}"),
-                _ => format!("n1:S:{seq}:AAAAAAAA"),
+                1 => format!("n1:S:{seq}:AAAAAAAA"),
+                // A batch commit's id: a made-up tag, or (a replay) the
+                // genuine one of the batch of the next messages, which a
+                // hub user subscribed to our subjects may have seen in
+                // flight: either must not be believed after other
+                // payloads.
+                2 => format!("n1:S:{seq}-{}:AAAAAAAA", seq + 1 + self.rng.below(6)),
+                _ => {
+                    let last = (seq + 1 + self.rng.below(6)).min(self.local.len() as u64);
+                    let digests: Vec<[u8; 32]> = (seq..=last)
+                        .filter_map(|s| self.local.get(s as usize - 1))
+                        .map(|m| msgid::payload_digest(&m.payload))
+                        .collect();
+                    let key = super::tests::test_key();
+                    key.batch_id("n1", "S", (seq, last), &digests)
+                }
             };
             (format!("{PREFIX}forged"), id)
         } else {
@@ -855,4 +955,132 @@ fn unanswered_direct_gets_fall_back_to_msg_get() {
     s.settle();
     assert_eq!(s.hub.ours(&s.local), (1..=20).collect::<Vec<u64>>());
     assert!(s.m.direct_failed);
+}
+
+/// The ids of a batch: the first message's own, none in the middle, and
+/// on the commit the batch's (range and tag). A batch whose outcome is
+/// unknown (the link died with it in flight) is sent again with the same
+/// range, so its ids are the ones the hub's duplicate window may hold,
+/// even when more local messages arrived meanwhile.
+#[test]
+fn an_unresolved_batch_is_resent_with_the_same_range_and_ids() {
+    let mut s = ordered_sim(8, 5);
+    s.connect();
+    quiet(&mut s, true);
+    let ids = |s: &Sim| -> Vec<Option<String>> {
+        s.to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish {
+                    subject, headers, ..
+                } if !subject.starts_with("$JS.") => {
+                    Some(hdr(headers).get("Nats-Msg-Id").map(str::to_string))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let first = ids(&s);
+    assert_eq!(first.len(), 5, "{first:?}");
+    assert!(first[0].as_deref().unwrap().starts_with("n1:S:1:"));
+    assert!(first[1..4].iter().all(Option::is_none), "{first:?}");
+    assert!(first[4].as_deref().unwrap().starts_with("n1:S:1-5:"));
+    // The link dies with the batch on the wire; three more messages.
+    s.to_hub.clear();
+    s.connected = false;
+    s.m.handle_disconnected();
+    for seq in 6..=8 {
+        s.local.push(StoredMessage {
+            seq,
+            timestamp: seq,
+            subject: "t".into(),
+            headers: None,
+            payload: b"x".to_vec(),
+        });
+    }
+    s.m.handle_local_state(8);
+    s.connect();
+    quiet(&mut s, true);
+    assert_eq!(ids(&s), first, "the same range, the same ids");
+    s.settle();
+    assert_eq!(s.hub.ours(&s.local), (1..=8).collect::<Vec<u64>>());
+}
+
+fn msg(seq: u64, subject: &str) -> StoredMessage {
+    StoredMessage {
+        seq,
+        timestamp: seq,
+        subject: subject.into(),
+        headers: None,
+        payload: format!("p{seq}").into_bytes(),
+    }
+}
+
+/// Sends one batch of `s.local`; the hub takes it into its log (stored
+/// later, with `commit`) and the link dies before the ack.
+fn batch_then_link_dies(s: &mut Sim) {
+    s.connect();
+    quiet(s, true);
+    while s.hub_step() {}
+    s.to_client.clear();
+    s.connected = false;
+    s.m.handle_disconnected();
+    s.drain();
+}
+
+/// A hub stream with `max_msgs_per_subject: 1` deletes message 1 of a
+/// stored batch (message 2 has its subject); the ack is lost. A commit id
+/// cannot be checked without its whole batch, so on such a stream every
+/// message of a batch carries its own id and the resync finds the
+/// survivors: none is stored twice.
+#[test]
+fn a_hub_limit_that_splits_a_stored_batch_does_not_make_duplicates() {
+    let mut s = ordered_sim(8, 0);
+    s.hub.window = 60_000;
+    s.hub.per_subject = 1;
+    for (seq, subject) in [(1, "a"), (2, "a"), (3, "b"), (4, "c")] {
+        s.local.push(msg(seq, subject));
+    }
+    s.m.handle_local_state(4);
+    // The first resync read the stream config: own ids in batches.
+    batch_then_link_dies(&mut s);
+    let n = s.hub.log.len();
+    s.hub.commit(n, s.t, &mut VecDeque::new());
+    s.settle();
+    // Message 1 was deleted by the hub; frond cannot tell it from lost
+    // and sends it again after the window (which deletes message 2).
+    assert_eq!(s.hub.ours(&s.local), vec![3, 4, 1]);
+}
+
+/// A batch whose ack was lost is stored late (after the resync); its
+/// first message was deleted locally meanwhile, so the range cannot be
+/// sent again with the same ids: frond waits out the duplicate window,
+/// resyncs, finds the batch and sends nothing twice.
+#[test]
+fn an_unrepeatable_pinned_batch_waits_out_the_duplicate_window() {
+    for deleted in [1, 5] {
+        let mut s = ordered_sim(8, 5);
+        s.hub.window = 2_000;
+        batch_then_link_dies(&mut s);
+        s.local.retain(|m| m.seq != deleted);
+        s.connect();
+        quiet(&mut s, false);
+        let sent = s
+            .to_hub
+            .iter()
+            .filter(
+                |c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")),
+            )
+            .count();
+        assert_eq!(sent, 0, "deleted {deleted}: nothing sent within the window");
+        // The original is stored late.
+        let n = s.hub.log.len();
+        s.hub.commit(n, s.t, &mut VecDeque::new());
+        s.settle();
+        assert_eq!(
+            s.hub.ours(&s.local),
+            vec![1, 2, 3, 4, 5],
+            "deleted {deleted}"
+        );
+    }
 }

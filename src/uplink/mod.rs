@@ -666,7 +666,14 @@ async fn reader(
                 continue;
             }
         }
-        let from = req.from;
+        // Nothing from `from` on although the stream reached it (deleted
+        // messages): say so once, then wait for a newer message, not for
+        // `from` (which is already there: a busy loop).
+        let last = h.state().last_seq;
+        if req.from <= last && tx.send((idx, req.from, Vec::new())).await.is_err() {
+            return;
+        }
+        let from = req.from.max(last + 1);
         let newer = async {
             h.wait_for(from).await;
             Some(None)

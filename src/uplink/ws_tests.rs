@@ -342,3 +342,42 @@ fn a_close_from_the_hub_is_answered_and_ends_the_stream() {
     let (_, _, op, payload, _) = cframe(&sent(&mut c));
     assert_eq!((op, payload), (OP_CLOSE, 1001u16.to_be_bytes().to_vec()));
 }
+
+/// Compressed size and speed of the deflate levels on a file of
+/// publishes (`WS_BENCH_FILE`, e.g. written by `scripts/link-floor
+/// --write-frames`), cut into `WS_BENCH_CHUNK` byte messages (default
+/// 180,000: one ordered-mode batch of the link-bench backlog).
+/// `cargo test --release --lib uplink::ws::tests::deflate_levels -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn deflate_levels() {
+    let Ok(path) = std::env::var("WS_BENCH_FILE") else {
+        return;
+    };
+    let data = std::fs::read(path).unwrap();
+    let chunk: usize = std::env::var("WS_BENCH_CHUNK")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(180_000);
+    for level in [1, 3, 6, 7, 8, 9, 10] {
+        let mut c = CompressorOxide::new(create_comp_flags_from_zip_params(level, -15, 0));
+        let t = std::time::Instant::now();
+        let mut out = 0usize;
+        for _ in 0..3 {
+            out = 0;
+            for part in data.chunks(chunk) {
+                c.reset();
+                compress_to_output(&mut c, part, TDEFLFlush::Sync, |b| {
+                    out += b.len();
+                    true
+                });
+            }
+        }
+        let secs = t.elapsed().as_secs_f64() / 3.0;
+        println!(
+            "level {level:2}: {:.3} of the input, {:.1} MB/s",
+            out as f64 / data.len() as f64,
+            data.len() as f64 / secs / 1e6
+        );
+    }
+}

@@ -1760,9 +1760,27 @@ pub fn assert_exact_mirror(msgs: &[HubMsg], expected: &[String], node: &str, sub
     let ids: BTreeSet<&str> = msgs.iter().filter_map(|m| m.msg_id.as_deref()).collect();
     assert_eq!(
         ids.len(),
-        msgs.len(),
-        "every hub message has a distinct Nats-Msg-Id"
+        msgs.iter().filter(|m| m.msg_id.is_some()).count(),
+        "the hub messages' Nats-Msg-Ids are distinct"
     );
+    // Ordered mode: an atomic batch's commit carries `<node>:TELEMETRY:
+    // <first>-<last>:<tag>`, naming the messages stored just before it;
+    // its first message keeps its own id, the others carry none.
+    let mut in_batch = vec![false; msgs.len()];
+    for (i, m) in msgs.iter().enumerate() {
+        let Some((a, b)) = m.msg_id.as_deref().and_then(|id| batch_id_range(id, node)) else {
+            continue;
+        };
+        assert!(
+            b == i as u64 + 1 && a <= b,
+            "hub message {} carries batch id {:?}",
+            i + 1,
+            m.msg_id
+        );
+        for k in a..=b {
+            in_batch[k as usize - 1] = true;
+        }
+    }
     if msgs.len() != expected.len() {
         let got: BTreeSet<&str> = msgs.iter().map(|m| m.payload.as_str()).collect();
         let missing: Vec<&String> = expected
@@ -1794,6 +1812,9 @@ pub fn assert_exact_mirror(msgs: &[HubMsg], expected: &[String], node: &str, sub
         assert_eq!(m.subject, subject, "hub message {} subject", i + 1);
         let id = m.msg_id.as_deref().unwrap_or_default();
         let tag = id.rsplit(':').next().unwrap_or_default();
+        if in_batch[i] && (id.is_empty() || batch_id_range(id, node).is_some()) {
+            continue;
+        }
         assert!(
             msg_id_seq(id, node, "TELEMETRY") == Some(i as u64 + 1) && tag.len() == 8,
             "hub message {} Nats-Msg-Id {id:?} is not {node}:TELEMETRY:{}:<tag>",
@@ -1801,6 +1822,14 @@ pub fn assert_exact_mirror(msgs: &[HubMsg], expected: &[String], node: &str, sub
             i + 1
         );
     }
+}
+
+/// The local range `(first, last)` of a batch commit's id
+/// `<node>:TELEMETRY:<first>-<last>:<tag>` (frond's ordered mode).
+pub fn batch_id_range(id: &str, node: &str) -> Option<(u64, u64)> {
+    let rest = id.strip_prefix(node)?.strip_prefix(":TELEMETRY:")?;
+    let (a, b) = rest.split(':').next()?.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// Parses `<node>:<stream>:<seq>` or (frond's mirror) `<node>:<stream>:<seq>:<tag>`.
