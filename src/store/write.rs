@@ -10,12 +10,17 @@
 //! (`repairs`), so a half-written batch never stays behind.
 //!
 //! Segment files grow by appending, and a sync is one `fdatasync` per
-//! written file. Zero-filled preallocated segments (so that `fdatasync`
-//! need not log a size change) were measured on ext4 and gained nothing:
-//! 128 KiB and 6.4 KiB writes each followed by `fdatasync`, appended vs.
-//! into a preallocated file vs. `O_DSYNC`, all 2.3–5.7 ms per write on
-//! the 2-core CI machine (2026-12-07), the device flush dominating. So
-//! the format keeps file length = end of the last record.
+//! written file. Writing into already-written blocks (so that `fdatasync`
+//! need not log a size change) is faster on ext4 when the disk is quiet:
+//! 145–164 µs vs. 256 µs per 8 KiB write + `fdatasync`, 228–276 µs vs.
+//! 465 µs per 128 KiB (2026-12-07, between the 2.3–5.7 ms stalls of a
+//! busy disk, where the device flush dominates and no mode wins). It is
+//! not taken: zero-filling each new segment doubles the bytes written
+//! (flash wear on a gateway's eMMC/SD card). The sound form, recycling the
+//! segments retention removed, needs a segment generation in every record
+//! header so recovery ignores a recycled file's stale records: a format
+//! change not made yet. So the format keeps file length = end of the last
+//! record.
 //!
 //! Invariants: bytes are only appended to the newest segment; a tombstone
 //! is written only after its segment file exists; an encrypted segment is
