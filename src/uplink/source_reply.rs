@@ -140,7 +140,8 @@ pub fn origin_of(headers: Option<&[u8]>, from: &str) -> Option<u64> {
 /// Things worth logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The hub stream was recreated (or lost messages below the cursor).
+    /// The hub stream was recreated: another `created`, or (only while
+    /// `created` is not known yet) a last sequence below the cursor.
     Recreated {
         old_created: String,
         created: String,
