@@ -32,8 +32,9 @@
 //! a fetch when the stream holds more than the cursor) is the safety net
 //! for lost wakes. Polls and wake retries are *probes*: with an anchor
 //! known, one message after the cursor, unanchored (idle, a 34-byte
-//! `404`); what a probe finds is not kept but read again anchored. A stored batch that may not be the last is followed
-//! at once by the next request. The wake costs the payload once more on
+//! `404`); what a probe finds is not kept but read again anchored. A
+//! stored batch that may not be the last is followed at once by the next
+//! request. The wake costs the payload once more on
 //! the link (core messages carry it); commands are small.
 //!
 //! Invariants (the exactly-once argument):
