@@ -229,3 +229,112 @@ async fn outage_longer_than_duplicate_window() {
     let msgs = hub.read_all("FLEET").await;
     assert_exact_mirror(&msgs, &payloads(0..base), "truck1", SUBJECT);
 }
+
+/// frond's messages in the hub stream `FLEET`, by local sequence, in hub
+/// order (other nodes' messages left out).
+fn ours(msgs: &[HubMsg]) -> Vec<(u64, String)> {
+    msgs.iter()
+        .filter_map(|m| {
+            let seq = msg_id_seq(m.msg_id.as_deref()?, "truck1", "TELEMETRY")?;
+            Some((seq, m.payload.clone()))
+        })
+        .collect()
+}
+
+/// The hub stream is deleted and recreated while frond is connected and
+/// idle. frond publishes 10 more messages into the new stream (the hub
+/// stores them; the proxy holds their acks back) and is stopped: its
+/// cursor record says "50 on the hub", in the old stream. Another
+/// publisher grows the new stream past the cursor, and the duplicate
+/// window (1 s) passes. frond starts again with 5 more local messages.
+/// Its first resync knows the old stream's `created` from the cursor
+/// record, sees another one and scans the new stream from its first
+/// message: it finds 51..60 there, so the new stream holds 51..65 once
+/// each, in order. (Before the record kept `created`, the scan started
+/// after the old stream's sequence 50 and 51..60 were stored twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stream_recreated_and_grown_past_the_cursor_while_frond_is_stopped_holds_each_message_once(
+) {
+    let window = Duration::from_secs(1);
+    let hub = NatsServer::start().await;
+    hub.create_stream("FLEET", &["fleet.>"], window).await;
+    let proxy = FaultProxy::start(hub.port).await;
+    let mut spec = FrondSpec::with_hub(proxy.url());
+    // No PINGs during the test (their PONGs would pass the proxy first,
+    // see below); a live import to push one message down the link.
+    spec.uplink_extra =
+        "ping_interval = \"10m\"\n[[uplink.import]]\nsubjects = [\"probe.>\"]\n".into();
+    let mut frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "msg");
+    publ.publish(0..50, LONG).await;
+    hub.wait_count_at_least("FLEET", 50, LONG).await;
+    let cursor = |v: &serde_json::Value| v["uplink"]["mirrors"][0]["cursor"].as_u64();
+    wait_until("frond's cursor reaches 50", LONG, || async {
+        frond.varz().await.is_some_and(|v| cursor(&v) == Some(50))
+    })
+    .await;
+
+    let js = hub.jetstream().await;
+    js.delete_stream("FLEET")
+        .await
+        .expect("delete the hub stream");
+    hub.create_stream("FLEET", &["fleet.>"], window).await;
+    // Hold every hub→frond byte from now on. The proxy reads the delay
+    // before it waits for the next chunk, so the chunk it waits for now
+    // passes: a probe message, once it reached frond, is that chunk.
+    proxy.set_throttle(None, Some(Duration::from_secs(3600)));
+    let local = connect_nats(&frond).await;
+    let mut probe = local.subscribe("probe.>").await.expect("subscribe");
+    local.flush().await.expect("flush");
+    let on_hub = hub.client().await;
+    let deadline = Instant::now() + LONG;
+    loop {
+        on_hub
+            .publish("probe.x", "p".into())
+            .await
+            .expect("publish");
+        on_hub.flush().await.expect("flush");
+        let next = smol::stream::StreamExt::next(&mut probe);
+        if tokio::time::timeout(Duration::from_millis(200), next)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no probe crossed the link");
+    }
+    publ.publish(50..60, LONG).await;
+    hub.wait_count_at_least("FLEET", 10, LONG).await;
+    frond.terminate();
+    let stored_at = Instant::now();
+    let other: Vec<String> = (0..100).map(|i| payload("other", i)).collect();
+    hub.js_publish("fleet.truck2.telemetry.t1", &other).await;
+    // Outlive the duplicate window of 51..60.
+    wait_elapsed(stored_at, window + Duration::from_millis(500)).await;
+    proxy.set_throttle(None, None);
+
+    frond.start().await;
+    let publ = Publisher::new(frond.mqtt_port, "dev2", TOPIC, "msg");
+    publ.publish(60..65, LONG).await;
+    let status = wait_for("frond's mirror is drained", LONG, || async {
+        let v = frond.varz().await?;
+        let m = v["uplink"]["mirrors"][0].clone();
+        (m["cursor"] == 65 && m["inflight"] == 0).then_some(m)
+    })
+    .await;
+    let msgs = hub.read_all("FLEET").await;
+    let want: Vec<(u64, String)> = (51..=65)
+        .map(|s| (s, payload("msg", s as usize - 1)))
+        .collect();
+    assert_eq!(
+        ours(&msgs),
+        want,
+        "frond's messages in the new stream: once each, in order"
+    );
+    assert_eq!(msgs.len(), 115, "10 + 100 others + 5");
+    assert_eq!(status["recreated"], 1, "{status}");
+    assert!(
+        frond.log_text().contains("was recreated"),
+        "the warning is logged"
+    );
+}

@@ -43,6 +43,12 @@ pub struct UplinkConfig {
     /// `max_rate`: bytes per second the mirrors' publishes may use on the
     /// link (`None`: no cap).
     pub max_rate: Option<u64>,
+    /// `pipeline = true`: ordered-mode mirrors send the next atomic
+    /// batch's body while the previous batch is unanswered (see
+    /// `uplink/mirror_order.rs`, "Pipelining"). Off by default: a hub user
+    /// who may both publish to and subscribe on this node's hub subjects
+    /// can commit a staged body early and so reorder it.
+    pub pipeline: bool,
     pub mirrors: Vec<MirrorConfig>,
     /// `[[uplink.export]]`: local subjects hub clients may reach (live).
     pub exports: Vec<BridgeSubject>,
@@ -132,6 +138,8 @@ pub(super) struct RawUplink {
     ping_interval: Duration,
     #[serde(default, deserialize_with = "de_opt_size")]
     max_rate: Option<u64>,
+    #[serde(default)]
+    pipeline: bool,
     #[serde(default)]
     mirror: Vec<RawMirror>,
     #[serde(default)]
@@ -329,6 +337,7 @@ impl RawUplink {
             reconnect_max: self.reconnect_max,
             ping_interval: self.ping_interval,
             max_rate: self.max_rate,
+            pipeline: self.pipeline,
             mirrors,
             sources,
         })
@@ -861,6 +870,9 @@ mod tests {
         assert_eq!(u.max_rate, None);
         assert_eq!(u.ping_interval, Duration::from_secs(10));
         assert_eq!(u.mirrors[0].priority, 0);
+        assert!(!u.pipeline, "pipelining is off by default");
+        assert!(up("pipeline = true", "").unwrap().uplink.unwrap().pipeline);
+        assert!(up("pipeline = \"yes\"", "").is_err());
         let u = up(
             "max_rate = \"256KiB\"\nping_interval = \"2s\"",
             "priority = 7",

@@ -553,6 +553,7 @@ fn cursors_survive_a_crash_at_every_step_synced_or_not() {
     let c = |n: u64| Cursor {
         local_seq: n,
         hub_seq: n * 10,
+        created: (n > 2).then(|| "2026-12-07T03:00:00Z".to_string()),
     };
     for sync in [true, false] {
         every_crash(

@@ -5,8 +5,14 @@
 //! A cursor is `(L, H)`: every local message with sequence <= L is known
 //! to be on the hub (or was skipped by policy), and every message of ours
 //! with sequence > L that the hub holds has a hub sequence > H (so a
-//! resync scans the hub from H + 1). Stored as a slot record
-//! ([`crate::state::put_slot`], postcard body). Earlier releases wrote one
+//! resync scans the hub from H + 1). With them the hub stream's `created`
+//! (STREAM.INFO) when known: the stream H counts in, so a restart tells a
+//! recreated hub stream from a lagging replica. Stored as a slot record
+//! ([`crate::state::put_slot`], postcard body); records of earlier
+//! releases end before `created` and read as "unknown", and earlier
+//! releases read a new record (postcard leaves trailing bytes unread).
+//! `created` is at most [`CREATED_MAX`] bytes: a longer one is a corrupt
+//! record. Earlier releases also wrote one
 //! JSON line, `{"v":1,"local_seq":L,"hub_seq":H}`, to `<stream>.cursor`
 //! (temp file + rename); it is still read, and deleted by the first slot
 //! written.
@@ -33,11 +39,26 @@ use serde::{Deserialize, Serialize};
 use super::{decode, encode, put_slot, read_all, read_slots, Body};
 use crate::store::backend::{Backend, FsBackend};
 
-/// `(L, H)`; see the module doc.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `(L, H)` and the hub stream's `created`; see the module doc.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     pub local_seq: u64,
     pub hub_seq: u64,
+    /// The hub stream's `created` (STREAM.INFO, as the hub wrote it) that
+    /// `hub_seq` counts in; `None`: unknown (a record of an earlier
+    /// release, or no resync got that far).
+    pub created: Option<String>,
+}
+
+/// Longest `created` a cursor record holds (nats-server writes an RFC 3339
+/// time of about 30 bytes).
+pub const CREATED_MAX: usize = 64;
+
+/// A cursor record of earlier releases (no `created`).
+#[derive(Deserialize)]
+struct CursorV1 {
+    local_seq: u64,
+    hub_seq: u64,
 }
 
 /// The JSON of earlier releases.
@@ -55,10 +76,27 @@ impl Cursor {
         encode(self).unwrap_or_default()
     }
 
-    /// A record body, or the JSON of earlier releases.
+    /// A record body (of this release or an earlier one), or the JSON of
+    /// earlier releases.
     pub fn decode(bytes: &[u8]) -> Result<Cursor, String> {
         if bytes.first() == Some(&super::VERSION) {
-            return decode(bytes);
+            // A v1 body is exactly `(L, H)`: anything after them that is
+            // not a `created` makes the record corrupt, not "unknown".
+            let v1 = || match postcard::take_from_bytes::<CursorV1>(&bytes[1..]) {
+                Ok((v1, [])) => Some(Cursor {
+                    local_seq: v1.local_seq,
+                    hub_seq: v1.hub_seq,
+                    created: None,
+                }),
+                _ => None,
+            };
+            let c = decode(bytes).or_else(|e| v1().ok_or(e))?;
+            return match c.created.as_deref().map(str::len) {
+                Some(n) if n > CREATED_MAX => Err(format!(
+                    "not a cursor: a hub stream creation time of {n} bytes"
+                )),
+                _ => Ok(c),
+            };
         }
         let d: OnDiskJson =
             serde_json::from_slice(bytes).map_err(|e| format!("not a cursor: {e}"))?;
@@ -68,6 +106,7 @@ impl Cursor {
         Ok(Cursor {
             local_seq: d.local_seq,
             hub_seq: d.hub_seq,
+            created: None,
         })
     }
 }
@@ -218,19 +257,67 @@ pub fn store_source_on(
 
 #[cfg(test)]
 mod tests {
+    use super::super::VERSION;
     use super::*;
     use crate::store::backend::MemBackend;
 
+    fn cur(local_seq: u64, hub_seq: u64, created: Option<&str>) -> Cursor {
+        Cursor {
+            local_seq,
+            hub_seq,
+            created: created.map(str::to_string),
+        }
+    }
+
     #[test]
     fn encode_decode_and_the_json_of_earlier_releases() {
-        let c = Cursor {
-            local_seq: 42,
-            hub_seq: 9_000_000_000,
-        };
+        let c = cur(42, 9_000_000_000, None);
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(c.encode().len() < 12);
         let old = b"{\"v\":1,\"local_seq\":42,\"hub_seq\":9000000000}\n";
         assert_eq!(Cursor::decode(old).unwrap(), c);
+        let c = cur(42, 7, Some("2026-12-07T03:00:00.123456789Z"));
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(c.encode().len() < 40, "{}", c.encode().len());
+    }
+
+    /// A slot record of earlier releases is `(L, H)` alone: it reads with
+    /// `created` unknown; an earlier release reads a new record's `(L, H)`.
+    #[test]
+    fn a_cursor_record_of_earlier_releases_reads_without_created() {
+        #[derive(Serialize)]
+        struct V1(u64, u64);
+        let old = encode(&V1(42, 9_000_000_000)).unwrap();
+        assert_eq!(Cursor::decode(&old).unwrap(), cur(42, 9_000_000_000, None));
+        let new = cur(42, 7, Some("2026-12-07T03:00:00Z")).encode();
+        let v1: CursorV1 = decode(&new).unwrap();
+        assert_eq!((v1.local_seq, v1.hub_seq), (42, 7));
+        // Through the slot files: a v1 slot, then a new one over it.
+        let mem = MemBackend::new();
+        let mut b = mem.clone();
+        put_slot(&mut b, "T.cursor", 1, &old, true).unwrap();
+        assert_eq!(
+            load_on(&mut b, "T.cursor").unwrap(),
+            Some(cur(42, 9_000_000_000, None))
+        );
+        let c = cur(43, 9_000_000_001, Some("2026-12-07T03:00:00Z"));
+        store_on(&mut b, "T.cursor", c.clone(), true).unwrap();
+        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(c));
+    }
+
+    #[test]
+    fn a_created_time_over_the_bound_is_corrupt() {
+        let at_bound = cur(1, 2, Some(&"x".repeat(CREATED_MAX)));
+        assert_eq!(Cursor::decode(&at_bound.encode()).unwrap(), at_bound);
+        let over = cur(1, 2, Some(&"x".repeat(CREATED_MAX + 1))).encode();
+        assert!(Cursor::decode(&over).unwrap_err().contains("65 bytes"));
+        // A length prefix beyond the record is an error, not an allocation.
+        let huge = [VERSION, 1, 2, 1, 0xff, 0xff, 0xff, 0xff, 0x0f, b'x'];
+        assert!(Cursor::decode(&huge).is_err());
+        assert!(
+            Cursor::decode(&[VERSION, 1, 2, 2]).is_err(),
+            "not an Option"
+        );
     }
 
     #[test]
@@ -256,16 +343,9 @@ mod tests {
             "T.cursor",
             b"{\"v\":1,\"local_seq\":5,\"hub_seq\":7}\n".to_vec(),
         );
-        let old = Cursor {
-            local_seq: 5,
-            hub_seq: 7,
-        };
-        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(old));
-        let c = Cursor {
-            local_seq: 6,
-            hub_seq: 8,
-        };
-        store_on(&mut b, "T.cursor", c, true).unwrap();
+        assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(cur(5, 7, None)));
+        let c = cur(6, 8, Some("2026-12-07T03:00:00Z"));
+        store_on(&mut b, "T.cursor", c.clone(), true).unwrap();
         assert_eq!(mem.file("T.cursor"), None, "the old file goes");
         assert_eq!(load_on(&mut b, "T.cursor").unwrap(), Some(c));
         mem.set_file("T.cursor.b", b"garbage".to_vec());
@@ -278,11 +358,8 @@ mod tests {
         let p = dir.path().join("uplink").join("TELEMETRY.cursor");
         assert_eq!(load(&p).unwrap(), None);
         for i in 0..3 {
-            let c = Cursor {
-                local_seq: i,
-                hub_seq: i + 1,
-            };
-            store(&p, c, i == 2).unwrap();
+            let c = cur(i, i + 1, (i > 0).then_some("2026-12-07T03:00:00Z"));
+            store(&p, c.clone(), i == 2).unwrap();
             assert_eq!(load(&p).unwrap(), Some(c));
         }
     }

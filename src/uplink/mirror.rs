@@ -44,17 +44,26 @@
 //!   ack and resyncs, so a resent message lands after at most one window
 //!   (`max_inflight`) of later ones, never after more. It is still stored
 //!   exactly once.
-//! - A hub stream recreated while the mirror runs breaks the floor's
-//!   premise (its sequences restart, so a publish sent after observing s
-//!   may be stored at or below s, and its lost ack would leave it below
-//!   the scan). The resync's `STREAM.INFO` tells: another `created` than
-//!   the last resync saw, or (only while `created` is not known yet: a
-//!   lagging replica answering STREAM.INFO without a leader shows fewer
-//!   messages too) a last sequence below the floor. The scan then starts
-//!   at the stream's first message, with a warning and `recreated` in
-//!   status; local messages the deleted stream acknowledged are not sent
-//!   again. `created` is not in the cursor record, so after a restart
-//!   only the second test applies.
+//! - A recreated hub stream breaks the floor's premise (its sequences
+//!   restart, so a publish sent after observing s may be stored at or
+//!   below s, and its lost ack would leave it below the scan). The
+//!   resync's `STREAM.INFO` tells by its `created`, which the cursor
+//!   record keeps with H (so also on the first resync after a restart):
+//!   another `created` than the record's or the last resync's, or (only
+//!   while it is unknown, e.g. a record of an earlier release) a last
+//!   sequence below the floor. The scan then starts at the stream's first
+//!   message, with a warning and `recreated` in status; local messages the
+//!   deleted stream acknowledged are not sent again. The same `created`
+//!   with a last sequence below the floor is not a recreation: from a
+//!   replica of a stream without a leader (no `cluster.leader` in the
+//!   answer) it is a replica that lags: nothing is sent, the check is
+//!   repeated while there is no leader. From the leader (or a standalone
+//!   server) the hub lost acknowledged messages (a restored backup, a
+//!   memory stream after a cluster restart, a crash losing its unsynced
+//!   tail): L drops by the lost count plus one window, the whole stream
+//!   is scanned (so nothing still stored is sent twice) and what it lacks
+//!   is sent again once, with a warning and `recreated` in status
+//!   (`mirror_scan.rs`).
 //! - Resync cost: the scan reads every hub message matching the filter
 //!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
 //!   node's messages are read even in a shared hub stream; without one it is
@@ -128,6 +137,8 @@ pub struct MirrorParams {
     pub hub_stream: String,
     pub subject_prefix: String,
     pub max_inflight: usize,
+    /// Ordered mode may stage the next batch's body (`uplink.pipeline`).
+    pub pipeline: bool,
     pub ack_timeout: Duration,
     /// Backoff after a publish/resync fault: doubles from `retry_min`.
     pub retry_min: Duration,
@@ -261,7 +272,9 @@ pub struct MirrorStatus {
     pub acked: u64,
     pub skipped: u64,
     pub resyncs: u64,
-    /// Resyncs that found the hub stream recreated.
+    /// Resyncs that found the hub stream recreated or missing
+    /// acknowledged messages (same `created`, its leader's last sequence
+    /// below the scan floor).
     pub recreated: u64,
     pub last_error: Option<String>,
     /// Unix ns at which `last_error` first appeared (filled in by
@@ -335,10 +348,12 @@ pub struct Mirror {
     acked: u64,
     skipped: u64,
     resyncs: u64,
-    /// The hub stream's `created` as the last resync saw it (this process
-    /// only), and how often it changed (`mirror_scan.rs`).
+    /// The hub stream's `created` as the last resync (or the cursor
+    /// record) saw it, how often it changed, and how many resyncs in a
+    /// row found it below the floor (`mirror_scan.rs`).
     hub_created: Option<String>,
     recreated: u64,
+    behind: u32,
     persisted: Cursor,
     last_persist: Option<Instant>,
     commands: VecDeque<Command>,
@@ -401,6 +416,12 @@ pub struct Mirror {
     /// (at most [`UNTAGGED_MAX`]): a forgery holds them in the duplicate
     /// window, so ordered mode avoids sending exactly these ids.
     occupied: std::collections::BTreeSet<String>,
+    /// Ordered mode: the next batch's body staged on the hub while the
+    /// batch before it is unanswered, its commit held (`mirror_order.rs`).
+    pipe: order::Pipe,
+    /// Runs of id-less hub messages after a verified first id, matched
+    /// against local content as it is read (`mirror_follow.rs`).
+    follow: follow::Follow,
 }
 
 #[derive(Deserialize)]
@@ -493,8 +514,9 @@ impl Mirror {
             acked: 0,
             skipped: 0,
             resyncs: 0,
-            hub_created: None,
+            hub_created: c.created.clone(),
             recreated: 0,
+            behind: 0,
             persisted: c,
             last_persist: None,
             commands: VecDeque::new(),
@@ -518,6 +540,8 @@ impl Mirror {
             dup_window: std::time::Duration::from_secs(120),
             recent: VecDeque::new(),
             occupied: Default::default(),
+            pipe: Default::default(),
+            follow: Default::default(),
         }
     }
 
@@ -545,6 +569,7 @@ impl Mirror {
         Cursor {
             local_seq: self.l,
             hub_seq: h,
+            created: self.hub_created.clone(),
         }
     }
 
@@ -683,7 +708,7 @@ impl Mirror {
             }
             self.local_last_seq = self.local_last_seq.max(m.seq);
             self.next_read = m.seq + 1;
-            if let Some(hub_seq) = self.take_untagged(&m) {
+            if let Some(hub_seq) = self.take_untagged(&m).or_else(|| self.take_follow(&m)) {
                 self.stored.insert(m.seq, Some(hub_seq));
                 continue;
             }
@@ -766,6 +791,7 @@ impl Mirror {
                 );
             }
             Phase::Streaming => {
+                self.stage_if_due(now);
                 if let Some((seq, i)) = self.inflight.iter().min_by_key(|(_, i)| i.sent_at) {
                     if now >= i.sent_at + self.p.ack_timeout {
                         let (seq, t) = (*seq, self.p.ack_timeout);
@@ -795,10 +821,12 @@ impl Mirror {
         }
         let from = self.read_from?;
         self.read_issued = true;
+        // Ordered mode reads the next batch while one is in flight.
+        let busy = if self.atomic { 0 } else { self.inflight.len() };
         let room = self
             .p
             .max_inflight
-            .saturating_sub(self.inflight.len() + self.pending.len());
+            .saturating_sub(busy + self.pending.len());
         Some(ReadRequest {
             from,
             max_msgs: room.max(1),
@@ -817,7 +845,10 @@ impl Mirror {
                 .values()
                 .map(|i| i.sent_at)
                 .min()
-                .map(|t| t + self.p.ack_timeout),
+                .map(|t| t + self.p.ack_timeout)
+                .into_iter()
+                .chain(self.stage_deadline())
+                .min(),
         };
         // Never persisted: the next poll_cursor call (after any input)
         // writes it, so no deadline is needed.
@@ -848,7 +879,7 @@ impl Mirror {
         if !due {
             return None;
         }
-        self.persisted = c;
+        self.persisted = c.clone();
         self.last_persist = Some(now);
         Some(c)
     }
@@ -890,6 +921,7 @@ impl Mirror {
     /// Forget the window: in-flight publishes become unknown, so the scan
     /// floor drops to cover them.
     fn drop_window(&mut self) {
+        self.abandon_staged();
         self.latest = self.floor();
         self.inflight.clear();
         self.batch.clear();
@@ -977,6 +1009,9 @@ impl Mirror {
                     }
                     self.fail_streak = 0;
                     self.last_error = None;
+                    // Ordered mode: a lone message stored also doubles a
+                    // batch size halved down to one back.
+                    self.batch_cap = self.batch_cap.saturating_mul(2).min(MAX_BATCH);
                 }
                 self.advance();
                 self.pump(now);
@@ -1152,6 +1187,8 @@ impl Mirror {
     }
 }
 
+#[path = "mirror_follow.rs"]
+mod follow;
 #[path = "mirror_order.rs"]
 mod order;
 #[path = "mirror_scan.rs"]

@@ -28,11 +28,12 @@
 //! - The hub stores a batch all or nothing, at consecutive sequences, in
 //!   batch order; its staging lives only on the leader, so a leader change
 //!   drops it whole and the commit is refused (`incomplete`).
-//! - Nothing more is sent until the batch is answered. An ack stores it;
-//!   an error says nothing of it was stored; silence (timeout, lost
-//!   connection, leader advisory) leads to the usual resync, which finds
-//!   all of it or none of it. So no message is ever sent while an earlier
-//!   one's fate is unknown, and hub order equals local order.
+//! - No commit is sent until the batch before it is answered (only its
+//!   body may be, see "Pipelining"). An ack stores it; an error says
+//!   nothing of it was stored; silence (timeout, lost connection, leader
+//!   advisory) leads to the usual resync, which finds all of it or none of
+//!   it. So no message is ever committed while an earlier one's fate is
+//!   unknown, and hub order equals local order.
 //! - Exactly once with one tag per batch (`msgid.rs`): a batch is a run of
 //!   consecutive local seqs `a..=b`; the commit carries the batch id
 //!   `<node>:<stream>:<a>-<b>:<tag>` (HMAC over the range and every
@@ -72,6 +73,17 @@
 //!      delays a batch by at most one fault backoff plus one resync per
 //!      batch whose outcome was unknown (a lost batch: a link or leader
 //!      fault), and by scan time for what it publishes into the filter.
+//!      Such a user can also hijack a batch: nats-server does not tie a
+//!      batch to the connection that opened it, so it can commit frond's
+//!      staged body `a..n-1` with a message of its own (same batch id,
+//!      the next batch sequence) before frond's commit. The hub then holds
+//!      `a` with its verified id, `a+1..n-1` without ids and the forged
+//!      tail; frond's commit is refused. The resync attributes the body by
+//!      position and content after the verified first id
+//!      (`mirror_follow.rs`, which argues why this never makes frond skip
+//!      content the hub lacks nor send a range twice), so only `n..b` is
+//!      sent again. Pipelining widens the window to a round trip, but a
+//!      slow link opens it without pipelining too.
 //!   4. older ids (per-message tags, untagged) are recognised as before;
 //!      window mode keeps one tagged id per message.
 //!   5. hub limits: a commit is checked only against its whole batch, but
@@ -95,22 +107,73 @@
 //!      send carried (the exact commit id, or the first message's id if
 //!      that send carried it).
 //!
+//! Pipelining (a batch's round trip would otherwise idle a slow link;
+//! only with `uplink.pipeline = true`, off by default: a hub user who may
+//! publish to and subscribe on this node's hub subjects can commit a
+//! staged body before the batch ahead of it, breaking order, or commit an
+//! abandoned one within the hub's batch timeout, which stores it twice if
+//! the resend was stored first and the first id left a duplicate window
+//! shorter than that timeout — see `mirror_follow.rs`):
+//! while batch k (or a lone message) is unanswered, the body of batch k+1
+//! (all but its last message) is sent; its commit, the last message, is
+//! held until k's ack. nats-server 2.12 (`processJetStreamBatchMsg`)
+//! stages a batch's messages on the stream leader, per batch id, and
+//! checks and proposes them only at the commit, so a staged body is never
+//! stored on its own, and k+1 is stored after k. If k is refused or its
+//! outcome is unknown, k+1's commit is never sent (the window drop
+//! abandons it, with a warning); the hub drops the staged body at its
+//! batch timeout (10 s from its first message, `max_batch_timeout`) or,
+//! when the leader dies, with it (a leader that steps down keeps it until
+//! the timeout); an abandoned batch and a later one with another id do not
+//! interact. A commit that reaches a new leader finds no staging there and
+//! is answered `incomplete`. Batch ids never repeat (a connection token
+//! and a counter), so an abandoned body is never committed later. The
+//! pin rules above are unchanged: only a committed send is pinned (from
+//! its commit on), a staged body never (it cannot be stored), and after
+//! any fault the next batch goes alone, as does the first on a connection
+//! (its ack, `count` = its size, proves the hub applies atomic batches
+//! before a body is staged: a hub that ignored the batch headers would
+//! store a body at once). At most one body is staged; the machine holds
+//! one held commit and reads the next batch while one is in flight, so
+//! at most two batches (`2 * max_inflight` messages) are unanswered on
+//! the wire.
+//! A commit leaves in a write of its own, the next body in the shell's
+//! next turn ([`Mirror::stage_if_due`]): on a `ws://` link each write is
+//! one compressed message, which nats-server inflates only whole, so a
+//! commit sharing one with a body would be answered a body later.
+//!
 //! Batch size: `max_inflight` (at most [`MAX_BATCH`]), halved when the hub
 //! drops a batch before its commit (`incomplete`: also what a batch that
 //! takes longer than the hub's 10 s batch timeout to arrive over a slow
-//! link gets) or calls it too large, doubled back after each stored one.
+//! link gets) or calls it too large, doubled back after each stored one
+//! (a lone message too, so a size halved down to one grows back).
 //!
-//! Cost: one round trip per batch instead of a sliding window (measured in
+//! Cost: with pipelining, a backlog drains at about line rate (measured in
 //! the README). Hub side, a batch is held in memory on the stream leader
-//! while it arrives; nats-server allows 50 open batches per stream and
-//! 1,000 per server by default (`max_batch_inflight_per_stream`,
-//! `max_batch_inflight_total`): a fleet draining into one stream at once
-//! gets `incomplete` answers beyond that, which back off like any fault.
+//! (R1 file streams: in a file) from its first message to its commit,
+//! not counted against stream or account limits. nats-server 2.12 allows
+//! 50 open batches per stream and 1,000 per server by default
+//! (`max_batch_inflight_per_stream`, `max_batch_inflight_total` in its
+//! code); a
+//! batch's first message beyond either is not staged and its commit is
+//! answered `incomplete`. A draining mirror keeps one batch open nearly
+//! all the time (the staged one; the committed one closes at its commit),
+//! plus for up to the batch timeout after a fault one abandoned body (no
+//! body is staged within 10 s of the last abandoned one): at most two. So
+//! a fleet of more than about 50 nodes draining into one stream at once
+//! (25 right after a common fault) hits the limit: a refused batch backs
+//! off like any fault (doubling from `retry_min`) and is retried with
+//! half the size, down to lone messages, which the limit does not apply
+//! to, so such a node keeps draining one message per round trip and grows
+//! its batches back as they are stored again. For a larger fleet raise
+//! the limits on the hub: nats-server 2.12.8 reads them from
+//! `jetstream { limits { batch { max_inflight_per_stream: N,
+//! max_inflight_total: M } } }` (checked with `nats-server -t`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
-    classify_pub_reply, Command, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
+    classify_pub_reply, Command, Conn, Event, Inflight, Mirror, Phase, Reply, BATCH_HEADER_MAX,
     ERR_ATOMIC_DISABLED, ERR_BATCH_INCOMPLETE, ERR_BATCH_TOO_LARGE, ERR_MESSAGE_TOO_LARGE,
     ERR_STREAM_NOT_FOUND, MAX_BATCH,
 };
@@ -118,16 +181,112 @@ use crate::stream::StoredMessage;
 use crate::uplink::msgid::payload_digest;
 use crate::wire::nats::headers::HeaderBlock;
 
+/// The hub's default `max_batch_timeout` (nats-server 2.12: the time from
+/// a batch's first message to its commit, not reset by later messages;
+/// the hub then drops the staged batch).
+pub(super) const HUB_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long after a commit is queued the next body may be: just enough
+/// for the shell to write the commit first, on its own.
+const STAGE_AFTER: Duration = Duration::from_micros(100);
+
+/// A batch whose body (all but its last message) is on the wire while
+/// the batch before it is unanswered; its commit (the last message) is
+/// held here until that one is stored.
+#[derive(Debug)]
+pub(super) struct Staged {
+    no: u64,
+    seqs: Vec<u64>,
+    commit: Command,
+    /// When the body was queued.
+    sent_at: Instant,
+    /// Whether the first message carries its own id (`pin_sent`).
+    keep_first: bool,
+}
+
+/// Ordered mode's pipelining state (see the module doc, "Pipelining").
+#[derive(Debug, Default)]
+pub(super) struct Pipe {
+    pub(super) staged: Option<Staged>,
+    /// A batch was stored whole (`count` = its size) since the last fault
+    /// on this connection: the hub applies atomic batches, so a staged
+    /// body is only staged, never stored on its own.
+    proven: bool,
+    /// When the last abandoned body was queued: nothing is staged until
+    /// the hub dropped it ([`HUB_BATCH_TIMEOUT`]), so at most two batches
+    /// of this mirror are open on the hub stream.
+    abandoned_at: Option<Instant>,
+    /// A commit was just queued: the next body is staged from this instant
+    /// on, in a later write of the shell (see [`Mirror::stage_if_due`]).
+    stage_at: Option<Instant>,
+    /// Bodies staged and commits released (tests, status).
+    pub(super) staged_total: u64,
+    pub(super) released_total: u64,
+}
+
+impl Pipe {
+    /// A fault or a new connection: a staged body is never committed (the
+    /// hub drops it at its batch timeout or with its leader), and the next
+    /// batch goes alone until one is stored whole.
+    fn abandon(&mut self) -> Option<(u64, u64)> {
+        self.proven = false;
+        self.stage_at = None;
+        let s = self.staged.take()?;
+        self.abandoned_at = Some(s.sent_at);
+        Some((*s.seqs.first()?, *s.seqs.last()?))
+    }
+}
+
 impl Mirror {
-    /// Ordered mode's pump: when nothing is in flight, send the next
-    /// batch (or lone message) from `pending`; ask for more.
+    /// The window is dropped (a fault, a new connection): a staged body
+    /// is never committed ([`Pipe::abandon`]).
+    pub(super) fn abandon_staged(&mut self) {
+        if let Some((a, b)) = self.pipe.abandon() {
+            self.events.push_back(Event::Warning(format!(
+                "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: the hub drops it (batch timeout or leader change); it is sent again after the resync",
+                self.p.hub_stream
+            )));
+        }
+    }
+
+    /// The shell's next turn after a commit was queued: stage the next
+    /// body. The commit thus leaves in a write of its own, one WebSocket
+    /// message on a `ws://` link (`ws.rs`): nats-server inflates a
+    /// compressed message only whole, so a commit sharing a message with
+    /// the next body would be answered only after that body arrived, and
+    /// the link would idle for a round trip per batch.
+    pub(super) fn stage_if_due(&mut self, now: Instant) {
+        if self.pipe.stage_at.is_some_and(|t| now >= t) {
+            self.pipe.stage_at = None;
+            self.pump(now);
+        }
+    }
+
+    /// When [`Mirror::stage_if_due`] wants a tick.
+    pub(super) fn stage_deadline(&self) -> Option<Instant> {
+        self.pipe.stage_at
+    }
+
+    /// Ordered mode's pump: when nothing is in flight, commit the staged
+    /// batch or send the next batch (or lone message) from `pending`;
+    /// while a batch is in flight, stage the next one's body; ask for
+    /// more.
     pub(super) fn pump_ordered(&mut self, now: Instant) {
-        if self.phase != Phase::Streaming || !self.inflight.is_empty() {
+        if self.phase != Phase::Streaming {
             return;
         }
         let Some(conn) = self.conn.clone() else {
             return;
         };
+        if self.inflight.is_empty() {
+            if let Some(s) = self.pipe.staged.take() {
+                self.release_staged(now, s);
+            }
+        }
+        if !self.inflight.is_empty() {
+            self.stage_next(now, &conn);
+            return self.read_more();
+        }
         self.batch.clear();
         let cap = if self.single_next {
             1
@@ -136,11 +295,91 @@ impl Mirror {
         };
         let pin = self.pinned;
         let cap = pin.map_or(cap, |(a, b)| (b - a + 1) as usize);
+        let mut picked = self.pick(&conn, cap, pin.is_some());
+        if self.hold_for_pin(now, &mut picked) {
+            if self.phase == Phase::Streaming {
+                self.read_more();
+            }
+            return;
+        }
+        self.trim_occupied(&mut picked);
+        if !picked.is_empty() {
+            self.send_ordered(now, &conn.inbox, picked, false);
+            self.pipe.stage_at = Some(now + STAGE_AFTER);
+        }
+        self.read_more();
+    }
+
+    /// Stage the next batch's body behind the batch in flight, its commit
+    /// held: only after a batch was stored whole on this connection, not
+    /// within the hub's batch timeout of an abandoned body, one at a time,
+    /// a full batch (or all there is), at least two messages.
+    fn stage_next(&mut self, now: Instant, conn: &Conn) {
+        let quiet = self
+            .pipe
+            .abandoned_at
+            .is_some_and(|t| now < t + HUB_BATCH_TIMEOUT);
+        if !self.p.pipeline
+            || self.pipe.staged.is_some()
+            || !self.pipe.proven
+            || self.single_next
+            || quiet
+        {
+            return;
+        }
+        if self.pipe.stage_at.is_some_and(|t| now < t) {
+            return; // the commit's own write first
+        }
+        let cap = self.batch_cap.min(self.p.max_inflight).clamp(1, MAX_BATCH);
+        if self.pending.len() < cap && self.next_read <= self.local_last_seq {
+            return; // more to read first
+        }
+        let mut picked = self.pick(conn, cap, false);
+        self.trim_occupied(&mut picked);
+        if picked.len() < 2 {
+            for (m, _) in picked.into_iter().rev() {
+                self.pending.push_front(m);
+            }
+            return;
+        }
+        self.send_ordered(now, &conn.inbox, picked, true);
+    }
+
+    /// The batch before the staged one is stored: send its commit. From
+    /// now on it is the batch in flight (pinned until answered).
+    fn release_staged(&mut self, now: Instant, s: Staged) {
+        let (Some(&first), Some(&last)) = (s.seqs.first(), s.seqs.last()) else {
+            return;
+        };
+        self.commands.push_back(s.commit);
+        for &seq in &s.seqs {
+            self.inflight.insert(
+                seq,
+                Inflight {
+                    sent_at: now,
+                    lower_bound: self.latest,
+                },
+            );
+        }
+        self.batch = s.seqs;
+        self.batches = s.no;
+        self.pinned = Some((first, last));
+        self.pin_sent = Some((now, s.keep_first));
+        self.pin_gone = false;
+        self.sent += 1;
+        self.pipe.released_total += 1;
+        self.pipe.stage_at = Some(now + STAGE_AFTER);
+    }
+
+    /// Up to `cap` messages from `pending` for one batch: consecutive
+    /// local seqs, within the budget (a pinned range, `whole`, is taken
+    /// whole once the budget lets it start), skipping what can never be
+    /// stored.
+    fn pick(&mut self, conn: &Conn, cap: usize, whole: bool) -> Vec<(StoredMessage, HeaderBlock)> {
         let mut picked: Vec<(StoredMessage, HeaderBlock)> = Vec::new();
         let mut bytes = 0u64;
-        // A pinned range is sent whole once the budget lets it start.
         while picked.len() < cap
-            && (self.budget.is_none_or(|b| b > bytes) || (pin.is_some() && !picked.is_empty()))
+            && (self.budget.is_none_or(|b| b > bytes) || (whole && !picked.is_empty()))
         {
             let Some(m) = self.pending.pop_front() else {
                 break;
@@ -181,24 +420,29 @@ impl Mirror {
                 break;
             }
         }
-        if self.hold_for_pin(now, &mut picked) {
-            if self.phase == Phase::Streaming {
-                self.read_more();
+        picked
+    }
+
+    /// A range whose commit id a forgery occupies in the duplicate window
+    /// (seen by the last resync) would be refused until the window
+    /// expires: end the batch one message earlier. A first message whose
+    /// own id a forgery occupies leaves alone (with the id of a batch of
+    /// one), unless the range is pinned: a batch body without a verified
+    /// first id could be hijacked (`mirror_follow.rs`) with nothing to
+    /// attribute it by.
+    fn trim_occupied(&mut self, picked: &mut Vec<(StoredMessage, HeaderBlock)>) {
+        let (first_held, commit_held) = self.ids_occupied(picked);
+        if picked.len() > 1 && first_held && self.pinned.is_none() && !self.own_ids {
+            for (m, _) in picked.drain(1..).rev() {
+                self.pending.push_front(m);
             }
             return;
         }
-        // A range whose commit id a forgery occupies in the duplicate
-        // window (seen by the last resync) would be refused until the
-        // window expires: end the batch one message earlier.
-        if picked.len() > 2 && self.ids_occupied(&picked).1 {
+        if picked.len() > 2 && commit_held {
             if let Some((m, _)) = picked.pop() {
                 self.pending.push_front(m);
             }
         }
-        if !picked.is_empty() {
-            self.send_ordered(now, &conn.inbox, picked);
-        }
-        self.read_more();
     }
 
     /// The rule for a send whose outcome is unknown (`pinned`: no ack, no
@@ -335,9 +579,12 @@ impl Mirror {
         now: Instant,
         inbox: &str,
         picked: Vec<(StoredMessage, HeaderBlock)>,
+        stage: bool,
     ) {
         let n = picked.len();
         self.batches += 1;
+        // A staged body's commit is held: `stage` needs a batch (n > 1).
+        let stage = stage && n > 1;
         // Short: compressed, every message repeats it. Unique among the
         // batches open on the stream with 48 random bits per connection;
         // a collision only makes both batches incomplete (retried).
@@ -363,10 +610,14 @@ impl Mirror {
                 .batch_id(node, stream, (first, last_seq), &digests)
         });
         // The first message keeps its own id (identical in any send that
-        // starts with it) unless a forgery occupies it.
-        self.pinned = Some((first, last_seq));
-        self.pin_sent = Some((now, keep_first));
-        self.pin_gone = false;
+        // starts with it) unless a forgery occupies it. A staged body is
+        // pinned when its commit leaves.
+        if !stage {
+            self.pinned = Some((first, last_seq));
+            self.pin_sent = Some((now, keep_first));
+            self.pin_gone = false;
+        }
+        let mut seqs = Vec::with_capacity(n);
         for (i, (m, mut hb)) in picked.into_iter().enumerate() {
             let last = i + 1 == n;
             if let Some(cid) = &commit_id {
@@ -407,7 +658,24 @@ impl Mirror {
                 let _ = cmd.encode(&mut wire);
                 *b = b.saturating_sub(wire.len() as u64);
             }
+            if stage && last {
+                seqs.push(m.seq);
+                self.pipe.staged = Some(Staged {
+                    no: self.batches,
+                    seqs: std::mem::take(&mut seqs),
+                    commit: cmd,
+                    sent_at: now,
+                    keep_first,
+                });
+                self.pipe.staged_total += 1;
+                return;
+            }
             self.commands.push_back(cmd);
+            self.sent += 1;
+            if stage {
+                seqs.push(m.seq);
+                continue;
+            }
             self.inflight.insert(
                 m.seq,
                 Inflight {
@@ -416,7 +684,6 @@ impl Mirror {
                 },
             );
             self.batch.push(m.seq);
-            self.sent += 1;
         }
         self.single_next = false;
     }
@@ -431,7 +698,9 @@ impl Mirror {
         headers: Option<&[u8]>,
         payload: &[u8],
     ) {
-        if no != self.batches || self.batch.len() < 2 || self.phase != Phase::Streaming {
+        // While a body is staged, the batch in flight is the one before.
+        let current = self.batches - u64::from(self.pipe.staged.is_some());
+        if no != current || self.batch.len() < 2 || self.phase != Phase::Streaming {
             return;
         }
         let n = self.batch.len() as u64;
@@ -453,6 +722,7 @@ impl Mirror {
                 }
                 self.latest = seq;
                 self.acked += n;
+                self.pipe.proven = true;
                 self.batch_cap = self.batch_cap.saturating_mul(2).min(MAX_BATCH);
                 self.fail_streak = 0;
                 self.last_error = None;

@@ -3,9 +3,13 @@
 //!
 //! Steps, each one request with its own reply subject (`<inbox>.r<n>`, so
 //! a late answer to an abandoned request is ignored):
-//! 1. `STREAM.INFO` (the stream leader answers): whether the hub stream
-//!    allows atomic batches (ordered mode, see `mirror_order.rs`) and
-//!    direct gets; a missing stream is reported and waited for.
+//! 1. `STREAM.INFO` (the stream leader answers; without a leader a
+//!    replica may, its answer then has no `cluster.leader`): whether the
+//!    hub stream allows atomic batches (ordered mode, see
+//!    `mirror_order.rs`) and direct gets, and its identity
+//!    ([`Mirror::check_identity`]: recreated, a lagging replica, or
+//!    acknowledged messages lost); a missing stream is reported and
+//!    waited for.
 //! 2. The scan from `latest + 1` over the mirror's filter: batched direct
 //!    gets (`$JS.API.DIRECT.GET.<stream>`, [`SCAN_BATCH`] messages or
 //!    [`SCAN_BATCH_BYTES`] per round trip, replies parsed by
@@ -44,7 +48,8 @@ use super::{
     MAX_BATCH, SCAN_BATCH, SCAN_BATCH_BYTES, UNTAGGED_MAX,
 };
 use crate::stream::StoredMessage;
-use crate::uplink::source::{parse_reply, Reply};
+use crate::uplink::cursor::CREATED_MAX;
+use crate::uplink::source::{parse_reply, Reply, BEHIND_CHECKS, ERROR_RETRY};
 use crate::wire::nats::base64;
 use crate::wire::nats::headers::HeaderBlock;
 
@@ -71,7 +76,16 @@ struct InfoJson {
     config: Option<InfoConfig>,
     created: String,
     state: Option<InfoState>,
+    /// Absent on a standalone server (its answer is authoritative).
+    cluster: Option<InfoCluster>,
     error: Option<ApiError>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InfoCluster {
+    /// Empty while the stream has no leader: a replica answered.
+    leader: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -122,6 +136,7 @@ impl Mirror {
         let latest = self.latest;
         self.recent.retain(|r| r.0 <= latest);
         self.occupied.clear();
+        self.follow_reset(now);
         self.unverified = 0;
         self.first_unverified = None;
         self.phase = Phase::Resync {
@@ -221,7 +236,11 @@ impl Mirror {
             }
         };
         if info.error.is_none() {
-            self.check_identity(&info.created, info.state.as_ref().map(|s| s.last_seq));
+            let last_seq = info.state.as_ref().map(|s| s.last_seq);
+            let leader = info.cluster.as_ref().is_none_or(|c| !c.leader.is_empty());
+            if !self.check_identity(now, &info.created, last_seq, leader) {
+                return;
+            }
         }
         let hub = &self.p.hub_stream;
         if let Some(e) = info.error {
@@ -251,18 +270,41 @@ impl Mirror {
         self.scan_on(now);
     }
 
-    /// A hub stream recreated since the last resync (another `created`,
-    /// or fewer messages than the scan floor) holds none of the old
-    /// stream's messages, and ours published into it since may lie below
-    /// the floor (acks lost): the scan starts at its first message.
-    fn check_identity(&mut self, created: &str, last_seq: Option<u64>) {
-        let other = self
-            .hub_created
-            .as_deref()
-            .is_some_and(|c| !created.is_empty() && c != created);
+    /// A hub stream recreated since the last resync or the cursor record
+    /// (another `created`, or, while `created` is unknown, fewer messages
+    /// than the scan floor) holds none of the old stream's messages, and
+    /// ours published into it since may lie below the floor (acks lost):
+    /// the scan starts at its first message. The same `created` with
+    /// fewer messages is [`Mirror::behind`] when no leader answered
+    /// (`leader` false), else [`Mirror::hub_lost`]. False: the resync
+    /// waits.
+    fn check_identity(
+        &mut self,
+        now: Instant,
+        created: &str,
+        last_seq: Option<u64>,
+        leader: bool,
+    ) -> bool {
+        // An implausible `created` is not kept (nor put in the record).
+        let created = if created.len() > CREATED_MAX {
+            ""
+        } else {
+            created
+        };
+        let known = self.hub_created.as_deref().filter(|_| !created.is_empty());
+        let fewer = last_seq.is_some_and(|l| l < self.latest);
+        let other = known.is_some_and(|c| c != created);
+        if fewer && known == Some(created) {
+            if !leader {
+                self.behind(now, last_seq.unwrap_or(0));
+                return false;
+            }
+            self.hub_lost(last_seq.unwrap_or(0));
+        }
+        self.behind = 0;
         // Only while `created` is unknown: a lagging replica answering
         // STREAM.INFO (no leader) also shows fewer messages.
-        let shorter = self.hub_created.is_none() && last_seq.is_some_and(|l| l < self.latest);
+        let shorter = self.hub_created.is_none() && fewer;
         if other || shorter {
             self.recreated += 1;
             let (hub, old) = (&self.p.hub_stream, self.hub_created.as_deref());
@@ -287,6 +329,56 @@ impl Mirror {
         if !created.is_empty() {
             self.hub_created = Some(created.to_string());
         }
+        true
+    }
+
+    /// Without a leader, a replica that lags answered STREAM.INFO (same
+    /// `created`, a last sequence below the scan floor). Not a recreation:
+    /// nothing is sent, and the check is repeated after [`ERROR_RETRY`] (at
+    /// once on a leader advisory), for as long as the stream has no leader
+    /// (it cannot store anything meanwhile either); an error in status
+    /// after [`BEHIND_CHECKS`] answers in a row.
+    fn behind(&mut self, now: Instant, last_seq: u64) {
+        self.behind = self.behind.saturating_add(1);
+        let retry = ERROR_RETRY.min(self.p.retry_max);
+        if self.behind >= BEHIND_CHECKS {
+            let (hub, floor) = (&self.p.hub_stream, self.latest);
+            let created = self.hub_created.as_deref().unwrap_or("");
+            self.set_error(format!(
+                "hub stream {hub} (created {created}) has no leader: a replica answered that it ends at sequence {last_seq}, below the {floor} this mirror saw; nothing is sent until the stream has a leader again (check the hub cluster: a majority of the stream's peers must be up), checking every {retry:?}"
+            ));
+        }
+        self.phase = Phase::Wait { until: now + retry };
+    }
+
+    /// The stream's leader (or a standalone server) says the hub stream,
+    /// same `created`, ends at `last_seq`, below the scan floor: the hub
+    /// lost acknowledged messages (restored from a backup, a memory stream
+    /// after a cluster restart, a crash losing its unsynced tail). A purge
+    /// keeps the last sequence, so this is a loss. The lost hub messages
+    /// were the last `floor - last_seq` (ours among them): L drops by that
+    /// many plus one window (window mode may have stored a resent message
+    /// up to a window late), and the whole stream is scanned (ours above
+    /// the new L that survived are found, so nothing is stored twice); the
+    /// rest is sent again once.
+    fn hub_lost(&mut self, last_seq: u64) {
+        let lost = self.latest - last_seq;
+        let old_l = self.l;
+        let margin = lost.saturating_add(self.p.max_inflight as u64);
+        self.l = self.l.saturating_sub(margin);
+        self.recreated += 1;
+        // Hub seqs seen above `last_seq` are gone; the scan finds again
+        // whatever survived, so only the skips (never storable) stay.
+        self.stored.retain(|_, h| h.is_none());
+        self.untagged.clear();
+        self.recent.clear();
+        let (hub, floor) = (&self.p.hub_stream, self.latest);
+        let created = self.hub_created.as_deref().unwrap_or("");
+        self.events.push_back(Event::Warning(format!(
+            "hub stream {hub} (created {created}) lost acknowledged messages: its leader says it ends at sequence {last_seq}, below the {floor} this mirror saw (restored from a backup, memory storage restarted, or a crash lost its unsynced tail); local messages {}..={old_l} that it lacks are sent again, scanning the stream from its first message",
+            self.l + 1
+        )));
+        self.latest = 0;
     }
 
     fn on_get(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
@@ -460,6 +552,7 @@ impl Mirror {
         let digest = payload_digest(payload);
         if let Some(range) = msg_id.and_then(|id| batch_range(&self.p.node, &self.p.stream, id)) {
             if self.record_commit(hub_seq, msg_id.unwrap_or_default(), range, digest) {
+                self.follow_close();
                 return self.scanned(now, hub_seq, scanned);
             }
         }
@@ -467,10 +560,16 @@ impl Mirror {
         if self.recent.len() >= MAX_BATCH {
             self.recent.pop_front();
         }
+        if msg_id.is_none() {
+            self.follow_extend(hub_seq, subject, payload);
+        } else {
+            self.follow_close();
+        }
         match msg_id.and_then(|id| self.our_seq(id, payload)) {
             Some(Ok(local)) if local > self.l => {
                 self.found_pinned(local, local);
                 self.stored.insert(local, Some(hub_seq));
+                self.follow_anchor(now, local, hub_seq);
             }
             Some(Err(local)) if local > self.l => {
                 let (node, stream) = (&self.p.node, &self.p.stream);

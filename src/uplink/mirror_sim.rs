@@ -16,11 +16,24 @@
 //! - A duplicate window that expires during a schedule; other nodes'
 //!   messages interleaved in the same stream; acks delivered out of order;
 //!   connections cut with publishes half processed.
+//! - Without a leader, a replica that lags may answer `STREAM.INFO` (same
+//!   `created`, fewer messages).
+//! - In one schedule in three the hub stream is deleted and recreated
+//!   (another `created`; what was proposed and not applied is lost with
+//!   it) and other nodes fill the new one, often past frond's cursor.
+//!   frond is killed and restarted from its last cursor record, now and
+//!   then and right after such a fill (restarting after the duplicate
+//!   window).
 //!
 //! Asserted after each schedule settles: every local message is on the
-//! hub exactly once and, in ordered mode, in local order.
+//! hub exactly once and, in ordered mode, in local order. With
+//! recreations: no incarnation of the hub stream holds one of frond's
+//! messages twice (each in order, in ordered mode), and each one is in
+//! some incarnation (local messages a deleted stream acknowledged are not
+//! sent again).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use super::super::msgid;
@@ -31,7 +44,7 @@ fn dbg() -> bool {
     std::env::var("SIMDBG").is_ok()
 }
 
-struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -58,9 +71,11 @@ const MAX_PAYLOAD: usize = 600;
 const PREFIX: &str = "fleet.n1.";
 
 /// (subject, Nats-Msg-Id, payload)
-type Msg = (String, Option<String>, Vec<u8>);
+pub(super) type Msg = (String, Option<String>, Vec<u8>);
+/// (subject, id, stored at ms, payload)
+pub(super) type Stored = (String, Option<String>, u64, Vec<u8>);
 
-enum Entry {
+pub(super) enum Entry {
     One { msg: Msg, reply: String },
     Batch { msgs: Vec<Msg>, reply: String },
 }
@@ -74,32 +89,42 @@ impl Entry {
     }
 }
 
-enum Delivery {
+pub(super) enum Delivery {
     Msg(String, Option<Vec<u8>>, Vec<u8>),
     Advisory,
 }
 
 #[derive(Default)]
-struct Hub {
-    /// (subject, id, stored at ms, payload)
-    stored: Vec<(String, Option<String>, u64, Vec<u8>)>,
-    window: u64,
+pub(super) struct Hub {
+    pub(super) stored: Vec<Stored>,
+    pub(super) window: u64,
     atomic: bool,
-    direct: bool,
+    pub(super) direct: bool,
     leader: bool,
-    log: VecDeque<Entry>,
+    pub(super) log: VecDeque<Entry>,
     /// Replicated part of the log at a leader kill: stored at the election.
     replicated: Vec<Entry>,
-    staging: HashMap<String, Vec<Msg>>,
+    pub(super) staging: HashMap<String, Vec<Msg>>,
     foreign: u64,
     /// Direct gets go unanswered (a hub user without the permission).
     direct_silent: bool,
     /// `max_msgs_per_subject` (0: none): storing a message deletes the
     /// oldest of its subject beyond it (its id stays in the window).
     per_subject: usize,
+    /// The stream's incarnation (its `created` is `T<n>`), and the
+    /// messages of the deleted ones.
+    created: u64,
+    deleted: Vec<Vec<Stored>>,
+    /// `max_batch_inflight_per_stream` (0: none): a batch beyond it is
+    /// not opened (its commit is answered incomplete).
+    pub(super) max_open: usize,
+    /// Batches a forger committed with its own tail: (index in `stored`
+    /// of the first message, frond's messages in it). Ground truth for
+    /// [`Hub::ours`].
+    hijacked: Vec<(usize, usize)>,
 }
 
-fn hdr(h: &[u8]) -> HeaderBlock {
+pub(super) fn hdr(h: &[u8]) -> HeaderBlock {
     HeaderBlock::parse(h).unwrap_or_default()
 }
 
@@ -164,6 +189,13 @@ impl Hub {
             }
             return;
         }
+        let full = self.max_open > 0 && self.staging.len() >= self.max_open;
+        if bseq == 1 && full && !self.staging.contains_key(bid) {
+            if !reply.is_empty() {
+                out.push_back(api_err(&reply, ERR_BATCH_INCOMPLETE));
+            }
+            return;
+        }
         let staged = self.staging.entry(bid.to_string()).or_default();
         if staged.len() + 1 != bseq {
             self.staging.remove(bid);
@@ -222,6 +254,10 @@ impl Hub {
             }
             Entry::Batch { msgs, reply } => {
                 let n = msgs.len();
+                let tail = msgs.last().map(|m| m.0.as_str());
+                if n > 1 && tail == Some(&format!("{PREFIX}hijack")) {
+                    self.hijacked.push((self.stored.len(), n - 1));
+                }
                 for m in msgs {
                     self.store(m, t);
                 }
@@ -254,7 +290,7 @@ impl Hub {
         }
     }
 
-    fn commit(&mut self, k: usize, t: u64, out: &mut VecDeque<Delivery>) {
+    pub(super) fn commit(&mut self, k: usize, t: u64, out: &mut VecDeque<Delivery>) {
         for _ in 0..k {
             let Some(e) = self.log.pop_front() else { break };
             self.apply(e, t, true, out);
@@ -262,17 +298,21 @@ impl Hub {
     }
 
     /// The leader dies: a random prefix of its log was replicated.
-    fn kill_leader(&mut self, rng: &mut Rng) {
+    pub(super) fn kill_leader(&mut self, rng: &mut Rng) {
         let keep = rng.below(self.log.len() as u64 + 1) as usize;
         self.replicated = self.log.drain(..keep).collect();
         self.log.clear();
-        self.staging.clear();
+        // A killed leader's staging is gone; one that stepped down keeps
+        // it (and may be elected again) until its batch timeout.
+        if rng.chance(500) {
+            self.staging.clear();
+        }
         self.leader = false;
     }
 
     /// A new leader: it applies (and acks, or not) what was replicated
     /// before it accepts anything new.
-    fn elect(&mut self, t: u64, rng: &mut Rng, out: &mut VecDeque<Delivery>) {
+    pub(super) fn elect(&mut self, t: u64, rng: &mut Rng, out: &mut VecDeque<Delivery>) {
         for e in std::mem::take(&mut self.replicated) {
             let acked = rng.chance(700);
             self.apply(e, t, acked, out);
@@ -289,16 +329,24 @@ impl Hub {
         out: &mut VecDeque<Delivery>,
     ) {
         if api.starts_with("STREAM.INFO.") {
-            if self.leader {
-                let b = format!(
-                    r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{},"max_msgs_per_subject":{},"duplicate_window":{}}}}}"#,
-                    self.atomic,
-                    self.direct,
-                    self.per_subject,
-                    self.window * 1_000_000
-                );
-                out.push_back(ack(reply, b));
-            }
+            // Without a leader, now and then a replica answers with the
+            // state it has: a prefix of the stream.
+            let lag = match self.leader {
+                true => 0,
+                false if rng.chance(300) => rng.below(4).min(self.stored.len() as u64),
+                false => return,
+            };
+            let b = format!(
+                r#"{{"config":{{"name":"FLEET","allow_atomic":{},"allow_direct":{},"max_msgs_per_subject":{},"duplicate_window":{}}},"created":"T{}","state":{{"last_seq":{}}},"cluster":{{"leader":"{}"}}}}"#,
+                self.atomic,
+                self.direct,
+                self.per_subject,
+                self.window * 1_000_000,
+                self.created,
+                self.stored.len() as u64 - lag,
+                if self.leader { "n1" } else { "" }
+            );
+            out.push_back(ack(reply, b));
             return;
         }
         let req: serde_json::Value = serde_json::from_slice(payload).unwrap();
@@ -379,68 +427,102 @@ impl Hub {
         ));
     }
 
+    /// The stream is deleted (with what it staged and proposed) and
+    /// created again, empty, with another `created`.
+    fn recreate(&mut self) {
+        self.deleted.push(std::mem::take(&mut self.stored));
+        self.log.clear();
+        self.replicated.clear();
+        self.staging.clear();
+        self.created += 1;
+    }
+
     /// Local seqs of node n1 / stream S, in hub order (genuine ids only:
     /// forgeries are not frond's; an older frond's untagged id counts when
     /// subject and payload are the local message's).
-    fn ours(&self, local: &[StoredMessage]) -> Vec<u64> {
-        let key = super::tests::test_key();
-        let copy = |id: &str, subject: &str, p: &[u8]| {
-            let seq = super::super::msgid::untagged_seq("n1", "S", id)?;
-            let m = local.get(usize::try_from(seq).ok()?.checked_sub(1)?)?;
-            (format!("{PREFIX}{}", m.subject) == subject && m.payload == p).then_some(seq)
-        };
-        let mut at: Vec<Option<u64>> = self
-            .stored
-            .iter()
-            .map(|(subject, id, _, p)| {
-                let id = id.as_deref()?;
-                key.verify("n1", "S", id, p)?
-                    .ok()
-                    .or_else(|| copy(id, subject, p))
-            })
-            .collect();
-        // A batch commit's id names the messages stored just before it
-        // (its first one also carries its own id).
-        for (i, (_, id, _, _)) in self.stored.iter().enumerate() {
-            let Some((a, b)) = id
-                .as_deref()
-                .and_then(|id| msgid::batch_range("n1", "S", id))
-            else {
-                continue;
-            };
-            let n = (b - a + 1) as usize;
-            let Some(start) = (i + 1).checked_sub(n) else {
-                continue;
-            };
-            let digests: Vec<[u8; 32]> = self.stored[start..=i]
-                .iter()
-                .map(|m| msgid::payload_digest(&m.3))
-                .collect();
-            if key.verify_batch("n1", "S", id.as_deref().unwrap_or(""), &digests) {
-                for (k, slot) in at[start..=i].iter_mut().enumerate() {
-                    *slot = Some(a + k as u64);
-                }
-            }
-        }
-        at.into_iter().flatten().collect()
+    pub(super) fn ours(&self, local: &[StoredMessage]) -> Vec<u64> {
+        ours_in(&self.stored, &self.hijacked, local)
     }
 }
 
-struct Sim {
-    m: Mirror,
-    hub: Hub,
-    rng: Rng,
-    local: Vec<StoredMessage>,
-    to_hub: VecDeque<Command>,
-    to_client: VecDeque<Delivery>,
+/// [`Hub::ours`] of one incarnation's messages.
+fn ours_in(stored: &[Stored], hijacked: &[(usize, usize)], local: &[StoredMessage]) -> Vec<u64> {
+    let key = super::tests::test_key();
+    let copy = |id: &str, subject: &str, p: &[u8]| {
+        let seq = super::super::msgid::untagged_seq("n1", "S", id)?;
+        let m = local.get(usize::try_from(seq).ok()?.checked_sub(1)?)?;
+        (format!("{PREFIX}{}", m.subject) == subject && m.payload == p).then_some(seq)
+    };
+    let mut at: Vec<Option<u64>> = stored
+        .iter()
+        .map(|(subject, id, _, p)| {
+            let id = id.as_deref()?;
+            key.verify("n1", "S", id, p)?
+                .ok()
+                .or_else(|| copy(id, subject, p))
+        })
+        .collect();
+    // A batch commit's id names the messages stored just before it
+    // (its first one also carries its own id).
+    for (i, (_, id, _, _)) in stored.iter().enumerate() {
+        let Some((a, b)) = id
+            .as_deref()
+            .and_then(|id| msgid::batch_range("n1", "S", id))
+        else {
+            continue;
+        };
+        let n = (b - a + 1) as usize;
+        let Some(start) = (i + 1).checked_sub(n) else {
+            continue;
+        };
+        let digests: Vec<[u8; 32]> = stored[start..=i]
+            .iter()
+            .map(|m| msgid::payload_digest(&m.3))
+            .collect();
+        if key.verify_batch("n1", "S", id.as_deref().unwrap_or(""), &digests) {
+            for (k, slot) in at[start..=i].iter_mut().enumerate() {
+                *slot = Some(a + k as u64);
+            }
+        }
+    }
+    // A hijacked batch's body is frond's, after its first message (if
+    // that carried no id of ours, the body counts as unknown: failing).
+    for &(start, n) in hijacked {
+        let first = at.get(start).copied().flatten();
+        for k in 1..n {
+            if let Some(slot) = at.get_mut(start + k) {
+                *slot = Some(first.map_or(u64::MAX, |a| a + k as u64));
+            }
+        }
+    }
+    at.into_iter().flatten().collect()
+}
+
+pub(super) struct Sim {
+    pub(super) m: Mirror,
+    pub(super) hub: Hub,
+    pub(super) rng: Rng,
+    pub(super) local: Vec<StoredMessage>,
+    pub(super) to_hub: VecDeque<Command>,
+    pub(super) to_client: VecDeque<Delivery>,
     read: Option<ReadRequest>,
     /// The read request answered empty (a deleted tail), as the shell's
     /// reader does once.
     answered_empty: Option<u64>,
-    connected: bool,
+    pub(super) connected: bool,
     conns: u64,
     t0: Instant,
-    t: u64,
+    pub(super) t: u64,
+    /// The last cursor handed out for persisting: what a restart reads.
+    persisted: Option<Cursor>,
+    /// This schedule deletes and recreates the hub stream now and then.
+    recreating: bool,
+    /// Steps until [`Sim::refill_due`].
+    refill: Option<u64>,
+    /// Batches hijacked in this schedule (then frond is no longer
+    /// restarted: a body staged before a restart is sent again, as
+    /// `mirror_follow.rs` documents).
+    hijacks: u64,
 }
 
 impl Sim {
@@ -454,6 +536,7 @@ impl Sim {
             hub_stream: "FLEET".into(),
             subject_prefix: PREFIX.into(),
             max_inflight: inflight,
+            pipeline: true,
             ack_timeout: Duration::from_secs(5),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(2),
@@ -479,12 +562,38 @@ impl Sim {
             conns: 0,
             t0: Instant::now(),
             t: 0,
+            persisted: None,
+            recreating: seed % 3 == 1,
+            refill: None,
+            hijacks: 0,
         }
     }
-    fn now(&self) -> Instant {
+    pub(super) fn now(&self) -> Instant {
         self.t0 + Duration::from_millis(self.t)
     }
-    fn drain(&mut self) {
+    /// Append local messages `seqs` (subject `t`, payload `x`).
+    pub(super) fn push_local(&mut self, seqs: std::ops::RangeInclusive<u64>) {
+        self.local.extend(seqs.map(|seq| StoredMessage {
+            seq,
+            timestamp: seq,
+            subject: "t".into(),
+            headers: None,
+            payload: b"x".to_vec(),
+        }));
+    }
+    /// The headers of the stream publishes on the wire (API requests left out).
+    pub(super) fn wire_headers(&self) -> Vec<HeaderBlock> {
+        self.to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish {
+                    subject, headers, ..
+                } if !subject.starts_with("$JS.") => Some(hdr(headers)),
+                _ => None,
+            })
+            .collect()
+    }
+    pub(super) fn drain(&mut self) {
         while let Some(c) = self.m.poll_command() {
             if self.connected {
                 self.to_hub.push_back(c);
@@ -499,7 +608,9 @@ impl Sim {
             }
         }
         let now = self.now();
-        let _ = self.m.poll_cursor(now, false);
+        if let Some(c) = self.m.poll_cursor(now, false) {
+            self.persisted = Some(c);
+        }
     }
     fn append(&mut self) {
         let seq = self.local.len() as u64 + 1;
@@ -516,8 +627,9 @@ impl Sim {
             headers: None,
             payload: vec![b'x'; size],
         });
+        self.m.handle_local_state(seq);
     }
-    fn connect(&mut self) {
+    pub(super) fn connect(&mut self) {
         self.conns += 1;
         self.connected = true;
         let now = self.now();
@@ -539,7 +651,51 @@ impl Sim {
         self.m.handle_disconnected();
         self.drain();
     }
-    fn hub_step(&mut self) -> bool {
+    /// frond is killed (the link dies with part of the wire processed)
+    /// and starts again from its last cursor record.
+    fn restart(&mut self) {
+        if self.hijacks > 0 {
+            return;
+        }
+        if self.connected {
+            self.disconnect();
+        }
+        self.m = Mirror::new(self.m.params().clone(), self.persisted.clone());
+        self.read = None;
+        self.answered_empty = None;
+    }
+
+    /// The hub stream is deleted and recreated; other nodes publish into
+    /// the new one a few steps later.
+    fn recreate(&mut self) {
+        self.hub.recreate();
+        self.refill = Some(self.rng.below(50));
+    }
+
+    /// Due after [`Sim::recreate`]: other nodes fill the new stream, often
+    /// past frond's cursor; every other time frond is killed then and
+    /// starts again after the duplicate window (so what it sent into the
+    /// new stream, its acks lost, is not deduplicated).
+    fn refill_due(&mut self) {
+        match self.refill {
+            Some(0) => self.refill = None,
+            Some(n) => return self.refill = Some(n - 1),
+            None => return,
+        }
+        let old = self.hub.deleted.last().map_or(0, Vec::len) as u64;
+        for _ in 0..self.rng.below(2 * old + 20) {
+            self.hub.foreign += 1;
+            let id = format!("n2:S:{}", self.hub.foreign);
+            let m = ("fleet.n2.x".to_string(), Some(id), self.t, vec![b'y']);
+            self.hub.stored.push(m);
+        }
+        if self.rng.chance(500) {
+            self.restart();
+            self.t += self.hub.window;
+        }
+    }
+
+    pub(super) fn hub_step(&mut self) -> bool {
         let Some(c) = self.to_hub.pop_front() else {
             return false;
         };
@@ -547,7 +703,7 @@ impl Sim {
             .receive(c, self.t, &mut self.rng, &mut self.to_client);
         true
     }
-    fn client_step(&mut self) -> bool {
+    pub(super) fn client_step(&mut self) -> bool {
         let Some(d) = self.to_client.pop_front() else {
             return false;
         };
@@ -559,7 +715,7 @@ impl Sim {
         self.drain();
         true
     }
-    fn serve_read(&mut self) -> bool {
+    pub(super) fn serve_read(&mut self) -> bool {
         let Some(r) = self.read else { return false };
         let msgs: Vec<StoredMessage> = self
             .local
@@ -607,7 +763,7 @@ impl Sim {
         }
     }
 
-    fn tick(&mut self, ms: u64) {
+    pub(super) fn tick(&mut self, ms: u64) {
         self.flush();
         self.t += ms;
         let now = self.now();
@@ -629,6 +785,9 @@ impl Sim {
     /// unsigned form or a made-up tag.
     fn foreign(&mut self) {
         self.hub.foreign += 1;
+        if self.hijack() {
+            return;
+        }
         // A hub user subscribed to our subjects copies an id it saw in
         // flight onto other content (the publish may then be lost).
         let in_flight: Vec<String> = self
@@ -679,6 +838,58 @@ impl Sim {
         self.hub.stored.push((subject, Some(id), self.t, vec![]));
     }
 
+    /// A hub user subscribed to our subjects commits a batch body staged
+    /// on the hub with a message of its own (nats-server does not tie a
+    /// batch to its connection). Only once frond records runs
+    /// (`mirror_follow.rs`), and not in schedules that recreate the
+    /// stream (the ground truth is kept for the current incarnation).
+    fn hijack(&mut self) -> bool {
+        let now = self.now();
+        if !self.hub.atomic || self.recreating || !self.m.follow_settled(now) {
+            return false;
+        }
+        // Only a body whose commit frond has sent (on the wire): a held
+        // commit's body committed early is stored before the batch ahead
+        // of it, an abandoned one may be stored twice (`mirror_follow.rs`,
+        // "Not covered").
+        let live: Vec<String> = self
+            .to_hub
+            .iter()
+            .filter_map(|c| match c {
+                Command::Publish { headers, .. } => {
+                    hdr(headers).get("Nats-Batch-Id").map(str::to_string)
+                }
+                _ => None,
+            })
+            .collect();
+        let staged = self
+            .hub
+            .staging
+            .iter()
+            .filter(|(k, v)| !v.is_empty() && live.contains(k));
+        let Some((bid, n)) = staged.map(|(k, v)| (k.clone(), v.len())).min() else {
+            return false;
+        };
+        if !self.rng.chance(500) {
+            return false;
+        }
+        let mut hb = HeaderBlock::new();
+        hb.push("Nats-Batch-Id", bid);
+        hb.push("Nats-Batch-Sequence", (n + 1).to_string());
+        hb.push("Nats-Batch-Commit", "1".to_string());
+        let c = Command::Publish {
+            subject: format!("{PREFIX}hijack"),
+            reply: "_INBOX.forger.1".into(),
+            headers: hb.encode().unwrap_or_default(),
+            payload: b"hijack".to_vec(),
+        };
+        let mut answers = VecDeque::new();
+        self.hub.receive(c, self.t, &mut self.rng, &mut answers);
+        self.hijacks += 1;
+        HIJACKS.fetch_add(1, Relaxed);
+        true
+    }
+
     /// One random step of a faulty schedule.
     fn step(&mut self) {
         let r = self.rng.below(1000);
@@ -724,12 +935,14 @@ impl Sim {
                     self.to_client.swap(i, i + 1);
                 }
             }
+            990..=993 => self.restart(),
+            994..=995 if self.recreating => self.recreate(),
             _ => {}
         }
     }
 
     /// No more faults: elect, connect and deliver until drained.
-    fn settle(&mut self) {
+    pub(super) fn settle(&mut self) {
         if !self.hub.leader {
             self.elect();
         }
@@ -762,7 +975,8 @@ impl Sim {
 }
 
 /// Runs one schedule; returns the local seqs of our messages in hub
-/// order, after checking that each local message is there exactly once.
+/// order (of the last incarnation, without those an earlier one holds),
+/// after checking that each local message is there exactly once.
 fn run(seed: u64, atomic: bool) -> Vec<u64> {
     let mut s = Sim::new(seed, atomic);
     for _ in 0..20 {
@@ -781,25 +995,60 @@ fn run(seed: u64, atomic: bool) -> Vec<u64> {
     let steps = 1_500 + s.rng.below(1_500);
     for _ in 0..steps {
         s.step();
+        s.refill_due();
     }
     s.settle();
+    let p = &s.m.pipe;
+    PIPE[0].fetch_add(p.released_total, Relaxed);
+    PIPE[1].fetch_add(p.staged_total - p.released_total, Relaxed);
     if dbg() {
         for (i, (subj, id, _, p)) in s.hub.stored.iter().enumerate().take(40) {
             eprintln!("HUB {} {subj} {id:?} {}", i + 1, p.len());
         }
     }
     let ours = s.hub.ours(&s.local);
-    let mut sorted = ours.clone();
-    sorted.sort_unstable();
     let want: Vec<u64> = (1..=s.local.len() as u64).collect();
-    assert_eq!(
-        sorted, want,
-        "seed {seed}: each local message on the hub exactly once"
-    );
-    ours
+    if s.hub.deleted.is_empty() {
+        let mut sorted = ours.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted, want,
+            "seed {seed}: each local message on the hub exactly once"
+        );
+        return ours;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = Vec::new();
+    for (k, stored) in s.hub.deleted.iter().chain([&s.hub.stored]).enumerate() {
+        let inc = ours_in(stored, &[], &s.local);
+        let mut sorted = inc.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            inc.len(),
+            "seed {seed}: incarnation {k} holds a message twice: {inc:?}"
+        );
+        // A message a deleted incarnation holds may be sent again, late,
+        // by a frond restarted from a record older than its ack.
+        let new: Vec<u64> = inc.iter().copied().filter(|q| !seen.contains(q)).collect();
+        if atomic {
+            assert!(in_order(&new), "seed {seed}: incarnation {k}: {inc:?}");
+        }
+        seen.extend(inc);
+        last = new;
+    }
+    let seen: Vec<u64> = seen.into_iter().collect();
+    assert_eq!(seen, want, "seed {seed}: each local message on the hub");
+    last
 }
 
-fn in_order(v: &[u64]) -> bool {
+/// Staged batches committed and abandoned, over all schedules run.
+static PIPE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// Batch bodies a forger committed, over all ordered schedules run.
+static HIJACKS: AtomicU64 = AtomicU64::new(0);
+
+pub(super) fn in_order(v: &[u64]) -> bool {
     v.windows(2).all(|w| w[0] < w[1])
 }
 
@@ -816,6 +1065,16 @@ fn ordered_mode_keeps_hub_order_through_leader_changes() {
             "seed {seed}: hub order differs from local order: {ours:?}"
         );
     }
+    let (done, dropped) = (PIPE[0].load(Relaxed), PIPE[1].load(Relaxed));
+    let hijacks = HIJACKS.load(Relaxed);
+    eprintln!(
+        "ordered mode: {done} staged batches committed, {dropped} abandoned, {hijacks} hijacked"
+    );
+    assert!(
+        seeds < 100 || (done > 0 && dropped > 0),
+        "pipelining not run"
+    );
+    assert!(seeds < 100 || hijacks > 0, "no batch hijacked");
 }
 
 /// The same schedules without atomic batches (a window in flight) lose
@@ -844,27 +1103,19 @@ fn one_seed() {
 
 /// A simulation with a fixed window and small messages, for scripted
 /// ordered-mode tests.
-fn ordered_sim(max_inflight: usize, msgs: u64) -> Sim {
+pub(super) fn ordered_sim(max_inflight: usize, msgs: u64) -> Sim {
     let mut s = Sim::new(0, true);
     s.hub.direct = false;
     let mut p = s.m.params().clone();
     p.max_inflight = max_inflight;
     s.m = Mirror::new(p, None);
-    for seq in 1..=msgs {
-        s.local.push(StoredMessage {
-            seq,
-            timestamp: seq,
-            subject: "t".into(),
-            headers: None,
-            payload: b"x".to_vec(),
-        });
-    }
+    s.push_local(1..=msgs);
     s
 }
 
 /// Delivers until nothing moves (no commits, no time), or, with
 /// `hold`, until publishes wait at the hub's door.
-fn quiet(s: &mut Sim, hold: bool) {
+pub(super) fn quiet(s: &mut Sim, hold: bool) {
     loop {
         let held = hold
             && s.to_hub.iter().any(
@@ -876,211 +1127,5 @@ fn quiet(s: &mut Sim, hold: bool) {
     }
 }
 
-fn batch_sizes(s: &Sim) -> Vec<(Option<String>, bool, bool)> {
-    s.to_hub
-        .iter()
-        .filter_map(|c| match c {
-            Command::Publish { reply, headers, .. } => {
-                let h = hdr(headers);
-                Some((
-                    h.get("Nats-Batch-Sequence").map(str::to_string),
-                    h.get("Nats-Batch-Commit").is_some(),
-                    !reply.is_empty(),
-                ))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-#[test]
-fn ordered_mode_sends_one_atomic_batch_at_a_time_and_adapts_its_size() {
-    let mut s = ordered_sim(8, 30);
-    s.connect();
-    quiet(&mut s, true);
-    // One batch of 8: sequences 1..=8, the commit (and the only reply
-    // subject) on the last; nothing more while it is unanswered.
-    let sent = batch_sizes(&s);
-    assert_eq!(sent.len(), 8, "{sent:?}");
-    for (i, (seq, commit, reply)) in sent.iter().enumerate() {
-        assert_eq!(seq.as_deref(), Some((i + 1).to_string().as_str()));
-        assert_eq!((*commit, *reply), (i == 7, i == 7));
-    }
-    // The leader dies with half of it staged: the rest reaches the new
-    // leader, which refuses the commit (incomplete).
-    for _ in 0..4 {
-        s.hub_step();
-    }
-    s.hub.kill_leader(&mut s.rng);
-    s.hub.elect(s.t, &mut s.rng, &mut s.to_client);
-    quiet(&mut s, false);
-    assert!(s.hub.stored.is_empty());
-    assert_eq!(s.m.batch_cap, 4, "halved after an incomplete batch");
-    // After the backoff and a resync the next batch has 4 messages; each
-    // stored batch doubles the size back.
-    s.t += 1_000;
-    let now = s.now();
-    s.m.handle_tick(now);
-    s.drain();
-    quiet(&mut s, true);
-    assert_eq!(batch_sizes(&s).len(), 4);
-    s.settle();
-    assert_eq!(s.hub.ours(&s.local), (1..=30).collect::<Vec<u64>>());
-    assert_eq!(s.m.batch_cap, MAX_BATCH.min(1 << 10), "grown back");
-    // A lone message leaves as a plain publish.
-    s.local.push(StoredMessage {
-        seq: 31,
-        timestamp: 31,
-        subject: "t".into(),
-        headers: None,
-        payload: b"x".to_vec(),
-    });
-    let now = s.now();
-    s.m.handle_local_state(31);
-    s.m.handle_tick(now);
-    s.drain();
-    quiet(&mut s, true);
-    assert_eq!(batch_sizes(&s), vec![(None, false, true)]);
-}
-
-/// A hub stream that allows direct gets to a user who may not send them
-/// (nats-server answers only `-ERR`): the resync times out once, then
-/// reads with `MSG.GET` on this connection and drains.
-#[test]
-fn unanswered_direct_gets_fall_back_to_msg_get() {
-    let mut s = ordered_sim(8, 20);
-    s.hub.direct = true;
-    s.hub.direct_silent = true;
-    s.connect();
-    s.settle();
-    assert_eq!(s.hub.ours(&s.local), (1..=20).collect::<Vec<u64>>());
-    assert!(s.m.direct_failed);
-}
-
-/// The ids of a batch: the first message's own, none in the middle, and
-/// on the commit the batch's (range and tag). A batch whose outcome is
-/// unknown (the link died with it in flight) is sent again with the same
-/// range, so its ids are the ones the hub's duplicate window may hold,
-/// even when more local messages arrived meanwhile.
-#[test]
-fn an_unresolved_batch_is_resent_with_the_same_range_and_ids() {
-    let mut s = ordered_sim(8, 5);
-    s.connect();
-    quiet(&mut s, true);
-    let ids = |s: &Sim| -> Vec<Option<String>> {
-        s.to_hub
-            .iter()
-            .filter_map(|c| match c {
-                Command::Publish {
-                    subject, headers, ..
-                } if !subject.starts_with("$JS.") => {
-                    Some(hdr(headers).get("Nats-Msg-Id").map(str::to_string))
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let first = ids(&s);
-    assert_eq!(first.len(), 5, "{first:?}");
-    assert!(first[0].as_deref().unwrap().starts_with("n1:S:1:"));
-    assert!(first[1..4].iter().all(Option::is_none), "{first:?}");
-    assert!(first[4].as_deref().unwrap().starts_with("n1:S:1-5:"));
-    // The link dies with the batch on the wire; three more messages.
-    s.to_hub.clear();
-    s.connected = false;
-    s.m.handle_disconnected();
-    for seq in 6..=8 {
-        s.local.push(StoredMessage {
-            seq,
-            timestamp: seq,
-            subject: "t".into(),
-            headers: None,
-            payload: b"x".to_vec(),
-        });
-    }
-    s.m.handle_local_state(8);
-    s.connect();
-    quiet(&mut s, true);
-    assert_eq!(ids(&s), first, "the same range, the same ids");
-    s.settle();
-    assert_eq!(s.hub.ours(&s.local), (1..=8).collect::<Vec<u64>>());
-}
-
-fn msg(seq: u64, subject: &str) -> StoredMessage {
-    StoredMessage {
-        seq,
-        timestamp: seq,
-        subject: subject.into(),
-        headers: None,
-        payload: format!("p{seq}").into_bytes(),
-    }
-}
-
-/// Sends one batch of `s.local`; the hub takes it into its log (stored
-/// later, with `commit`) and the link dies before the ack.
-fn batch_then_link_dies(s: &mut Sim) {
-    s.connect();
-    quiet(s, true);
-    while s.hub_step() {}
-    s.to_client.clear();
-    s.connected = false;
-    s.m.handle_disconnected();
-    s.drain();
-}
-
-/// A hub stream with `max_msgs_per_subject: 1` deletes message 1 of a
-/// stored batch (message 2 has its subject); the ack is lost. A commit id
-/// cannot be checked without its whole batch, so on such a stream every
-/// message of a batch carries its own id and the resync finds the
-/// survivors: none is stored twice.
-#[test]
-fn a_hub_limit_that_splits_a_stored_batch_does_not_make_duplicates() {
-    let mut s = ordered_sim(8, 0);
-    s.hub.window = 60_000;
-    s.hub.per_subject = 1;
-    for (seq, subject) in [(1, "a"), (2, "a"), (3, "b"), (4, "c")] {
-        s.local.push(msg(seq, subject));
-    }
-    s.m.handle_local_state(4);
-    // The first resync read the stream config: own ids in batches.
-    batch_then_link_dies(&mut s);
-    let n = s.hub.log.len();
-    s.hub.commit(n, s.t, &mut VecDeque::new());
-    s.settle();
-    // Message 1 was deleted by the hub; frond cannot tell it from lost
-    // and sends it again after the window (which deletes message 2).
-    assert_eq!(s.hub.ours(&s.local), vec![3, 4, 1]);
-}
-
-/// A batch whose ack was lost is stored late (after the resync); its
-/// first message was deleted locally meanwhile, so the range cannot be
-/// sent again with the same ids: frond waits out the duplicate window,
-/// resyncs, finds the batch and sends nothing twice.
-#[test]
-fn an_unrepeatable_pinned_batch_waits_out_the_duplicate_window() {
-    for deleted in [1, 5] {
-        let mut s = ordered_sim(8, 5);
-        s.hub.window = 2_000;
-        batch_then_link_dies(&mut s);
-        s.local.retain(|m| m.seq != deleted);
-        s.connect();
-        quiet(&mut s, false);
-        let sent = s
-            .to_hub
-            .iter()
-            .filter(
-                |c| matches!(c, Command::Publish { subject, .. } if !subject.starts_with("$JS.")),
-            )
-            .count();
-        assert_eq!(sent, 0, "deleted {deleted}: nothing sent within the window");
-        // The original is stored late.
-        let n = s.hub.log.len();
-        s.hub.commit(n, s.t, &mut VecDeque::new());
-        s.settle();
-        assert_eq!(
-            s.hub.ours(&s.local),
-            vec![1, 2, 3, 4, 5],
-            "deleted {deleted}"
-        );
-    }
-}
+#[path = "mirror_sim_tests.rs"]
+mod scripted;

@@ -13,6 +13,7 @@ fn params(prefix: &str, inflight: usize) -> MirrorParams {
         hub_stream: "FLEET".into(),
         subject_prefix: prefix.into(),
         max_inflight: inflight,
+        pipeline: true,
         ack_timeout: Duration::from_secs(5),
         retry_min: Duration::from_secs(1),
         retry_max: Duration::from_secs(30),
@@ -62,6 +63,8 @@ struct Hub {
     created: String,
     /// Messages the STREAM.INFO answer lags behind (a follower answered).
     lag: usize,
+    /// The `seq` of every MSG.GET asked (where each scan read from).
+    gets: Vec<u64>,
 }
 
 type Delivery = (String, Option<Vec<u8>>, Vec<u8>);
@@ -83,9 +86,14 @@ impl Hub {
                 r#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#
                     .to_string()
             } else {
-                serde_json::json!({"config": {"name": "FLEET", "allow_atomic": false},
-                    "created": self.created, "state": {"last_seq": self.msgs.len().saturating_sub(self.lag)}})
-                .to_string()
+                // A lagging answer comes from a replica of a stream
+                // without a leader; else a standalone server answers.
+                let mut j = serde_json::json!({"config": {"name": "FLEET", "allow_atomic": false},
+                    "created": self.created, "state": {"last_seq": self.msgs.len().saturating_sub(self.lag)}});
+                if self.lag > 0 {
+                    j["cluster"] = serde_json::json!({"name": "C"});
+                }
+                j.to_string()
             };
             return Some((reply, None, body.into_bytes()));
         }
@@ -98,6 +106,7 @@ impl Hub {
             }
             let req: serde_json::Value = serde_json::from_slice(&payload).unwrap();
             let from = req["seq"].as_u64().unwrap();
+            self.gets.push(from);
             let filter = req["next_by_subj"]
                 .as_str()
                 .unwrap()
@@ -364,7 +373,8 @@ fn normal_flow() {
         w.m.cursor(),
         Cursor {
             local_seq: 10,
-            hub_seq: 10
+            hub_seq: 10,
+            created: None,
         }
     );
     assert!(w.events.iter().any(|e| matches!(e, Event::Resynced { .. })));
@@ -436,7 +446,8 @@ fn ack_past_an_unanswered_publish_is_a_gap() {
         w.m.cursor(),
         Cursor {
             local_seq: 4,
-            hub_seq: 0
+            hub_seq: 0,
+            created: None,
         },
         "H stays conservative"
     );
@@ -550,7 +561,8 @@ fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
 
 /// An R3 hub stream without a leader: a follower answers STREAM.INFO
 /// with its lagging state (same `created`, fewer messages than the scan
-/// floor). Not a recreation: no rescan from 1, no warning.
+/// floor). Not a recreation: no rescan from 1, no warning; nothing is
+/// read or sent until the stream holds the floor again.
 #[test]
 fn a_lagging_stream_info_with_the_same_created_is_not_a_recreation() {
     let mut w = World::new(params("", 8));
@@ -562,12 +574,191 @@ fn a_lagging_stream_info_with_the_same_created_is_not_a_recreation() {
     w.settle();
     w.hub.lag = 15;
     w.disconnect(0);
+    w.append(5);
     w.connect();
+    assert!(matches!(w.m.phase, Phase::Wait { .. }), "{:?}", w.m.phase);
+    assert!(
+        !w.to_hub
+            .iter()
+            .any(|c| matches!(c, Command::Publish { .. })),
+        "nothing read or sent: {:?}",
+        w.to_hub
+    );
+    w.hub.lag = 0;
+    w.tick(1_000);
+    w.answer_info();
     w.settle();
-    assert_eq!(w.hub.ours(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(w.hub.ours(), (1..=21).collect::<Vec<_>>());
     assert_eq!(w.m.status().recreated, 0);
     assert!(!w.events.iter().any(|e| matches!(e,
         Event::Warning(x) if x.contains("recreated") || x.contains("fewer"))));
+}
+
+/// frond stops (its cursor record says hub stream "A", L 20, H 20) with
+/// 21..23 in flight to a hub stream that was recreated ("B") meanwhile:
+/// they are stored at 3..5 of the new stream, their acks lost. Other
+/// nodes grow the new stream past H before frond starts again, after the
+/// duplicate window. The first resync knows "A" from the record: the new
+/// stream is scanned from 1, so 21..23 are found and each of frond's
+/// messages is in it once. (Without `created` in the record the scan
+/// starts after H = 20 and 21..23 are stored twice.)
+#[test]
+fn a_restart_finds_a_hub_stream_recreated_and_grown_past_the_cursor() {
+    let mut w = World::new(params("", 8));
+    w.hub.created = "A".into();
+    for _ in 0..20 {
+        w.append(5);
+    }
+    w.connect();
+    w.settle();
+    w.hub.msgs.clear();
+    w.hub.created = "B".into();
+    let foreign = |w: &mut World, n: usize| {
+        for _ in 0..n {
+            let m = ("a.b".into(), Some("n2:S:1".into()), 0, vec![b'x'; 5]);
+            w.hub.msgs.push(m);
+        }
+    };
+    foreign(&mut w, 2);
+    for _ in 0..3 {
+        w.append(5);
+    }
+    assert!(w.serve_read());
+    while w.hub_step(true) {}
+    assert_eq!(w.hub.ours(), vec![21, 22, 23]);
+    // A clean stop: the cursor is written at once.
+    let now = w.now();
+    let record = w.m.poll_cursor(now, true).or(w.persisted.clone());
+    let record = record.expect("a cursor record");
+    let want = Cursor {
+        local_seq: 20,
+        hub_seq: 20,
+        created: Some("A".into()),
+    };
+    assert_eq!(record, want);
+    w.disconnect(0);
+    foreign(&mut w, 30);
+    w.t += 200_000; // far beyond the duplicate window
+    w.hub.gets.clear();
+    w.m = Mirror::new(params("", 8), Some(record));
+    w.append(5);
+    w.connect();
+    w.settle();
+    assert_eq!(w.hub.ours(), vec![21, 22, 23, 24], "once each");
+    assert_eq!(
+        w.hub.gets.first(),
+        Some(&1),
+        "scanned from its first message"
+    );
+    assert_eq!(w.m.status().recreated, 1);
+    assert!(w.events.iter().any(|e| matches!(e,
+        Event::Warning(x) if x.contains("was recreated (created \"A\", now \"B\")"))));
+    assert_eq!(w.m.cursor().created.as_deref(), Some("B"));
+}
+
+/// A restart whose record names the hub stream's `created`; a replica
+/// of a stream without a leader answers STREAM.INFO with its lagging
+/// state (same `created`, last sequence below the record's H, no
+/// `cluster.leader`): the mirror waits and asks again, an error in status
+/// after three such answers, and once the stream holds H again it scans
+/// after H, sending nothing again. With a record of an earlier release
+/// (`created` unknown) the same answer counts as a recreation (a rescan
+/// from 1, as before).
+#[test]
+fn a_restart_with_the_same_created_and_a_lagging_replica_waits() {
+    let mut w = World::new(params("", 8));
+    w.hub.created = "A".into();
+    for _ in 0..20 {
+        w.append(5);
+    }
+    w.connect();
+    w.settle();
+    let record = w.m.cursor();
+    assert_eq!(record.created.as_deref(), Some("A"));
+    for (created, rescan) in [(record.created.clone(), false), (None, true)] {
+        w.disconnect(0);
+        w.hub.gets.clear();
+        w.m = Mirror::new(
+            params("", 8),
+            Some(Cursor {
+                created,
+                ..record.clone()
+            }),
+        );
+        w.hub.lag = 15;
+        w.connect();
+        if !rescan {
+            for k in 1..=3 {
+                assert!(matches!(w.m.phase, Phase::Wait { .. }), "{k}");
+                let busy = w
+                    .to_hub
+                    .iter()
+                    .any(|c| matches!(c, Command::Publish { .. }));
+                assert!(!busy, "{k}: {:?}", w.to_hub);
+                assert_eq!(w.m.status().last_error.is_some(), k == 3, "{k}");
+                w.tick(1_000);
+                w.answer_info();
+            }
+            let e = w.m.status().last_error.unwrap();
+            assert!(e.contains("no leader"), "{e}");
+            assert!(e.contains("ends at sequence 5, below the 20"), "{e}");
+            w.hub.lag = 0;
+            w.tick(1_000);
+            w.answer_info();
+        }
+        w.settle();
+        assert_eq!(w.hub.ours(), (1..=20).collect::<Vec<_>>());
+        assert_eq!(w.m.status().sent, 0);
+        assert_eq!(w.m.status().recreated, u64::from(rescan));
+        assert_eq!(w.hub.gets.first(), Some(if rescan { &1 } else { &21 }));
+        assert_eq!(w.m.status().last_error, None);
+    }
+}
+
+/// The hub (a standalone server: its answer is authoritative) lost the
+/// last 8 of 20 acknowledged messages with its `created` kept (restored
+/// from a backup): frond does not wait for them, it warns, scans the
+/// stream and sends 13..20 again once, with 21 after them, whether it
+/// stayed up (reconnect) or restarted from its cursor record. A foreign
+/// message after ours is lost too and not invented.
+#[test]
+fn a_hub_that_lost_acknowledged_messages_gets_them_again_once() {
+    for restart in [false, true] {
+        let mut w = World::new(params("", 8));
+        w.hub.created = "A".into();
+        for _ in 0..20 {
+            w.append(5);
+        }
+        w.connect();
+        w.settle();
+        w.hub
+            .msgs
+            .push(("x.y".into(), Some("n2:S:1:t".into()), 0, vec![1]));
+        assert_eq!(w.m.cursor().local_seq, 20);
+        w.disconnect(0);
+        w.hub.msgs.truncate(12);
+        w.append(5);
+        if restart {
+            let record = w.m.cursor();
+            assert_eq!(record.created.as_deref(), Some("A"));
+            w.m = Mirror::new(params("", 8), Some(record));
+        }
+        let sent = w.m.status().sent;
+        w.connect();
+        w.settle();
+        assert_eq!(w.hub.ours(), (1..=21).collect::<Vec<_>>(), "{restart}");
+        assert_eq!(w.hub.msgs.len(), 21, "{restart}");
+        assert_eq!(w.m.status().sent - sent, 9, "{restart}");
+        assert_eq!(w.m.status().recreated, 1, "{restart}");
+        assert_eq!(w.m.status().last_error, None, "{restart}");
+        assert_eq!(w.m.cursor().local_seq, 21, "{restart}");
+        assert!(
+            w.events.iter().any(|e| matches!(e, Event::Warning(x)
+                if x.contains("lost acknowledged messages") && x.contains("ends at sequence 12, below the 2"))),
+            "{restart}: {:?}",
+            w.events
+        );
+    }
 }
 
 #[test]
@@ -978,7 +1169,7 @@ fn run_schedule(seed: u64) {
                 if w.connected {
                     w.disconnect(n);
                 }
-                w.m = Mirror::new(params(prefix, inflight), w.persisted);
+                w.m = Mirror::new(params(prefix, inflight), w.persisted.clone());
                 w.read = None;
             }
             92..=93 => {
@@ -1249,4 +1440,315 @@ fn a_denied_resync_request_names_the_permission_and_backs_off() {
         .last_error
         .unwrap()
         .contains("publish on fleet.n1.>"));
+}
+
+// ---------------------------------------------------------------------------
+// Ordered mode, pipelined (`mirror_order.rs`): the next batch's body is
+// staged on the hub while the batch before it is unanswered; its commit
+// leaves only after that batch's ack.
+
+mod pipelined {
+    use super::super::sim::{hdr, in_order, ordered_sim, quiet, Sim};
+    use super::*;
+
+    /// (batch id, batch sequence, commit) of the publishes on the wire.
+    fn wire(s: &Sim) -> Vec<(String, usize, bool)> {
+        let hs = s.wire_headers();
+        hs.iter()
+            .filter_map(|h| {
+                Some((
+                    h.get("Nats-Batch-Id")?.to_string(),
+                    h.get("Nats-Batch-Sequence")?.parse().ok()?,
+                    h.get("Nats-Batch-Commit").is_some(),
+                ))
+            })
+            .collect()
+    }
+
+    /// frond takes every answer and local read, the hub nothing; then the
+    /// shell's next turn (a tick: the next body is staged after the
+    /// commit's own write).
+    fn client_side(s: &mut Sim) {
+        while s.client_step() || s.serve_read() {}
+        s.t += 1;
+        let now = s.now();
+        s.m.handle_tick(now);
+        s.drain();
+        while s.client_step() || s.serve_read() {}
+    }
+
+    /// The hub processes and commits everything on the wire; its answers
+    /// wait in `to_client`.
+    fn hub_takes_all(s: &mut Sim) {
+        while s.hub_step() {}
+        let n = s.hub.log.len();
+        s.hub.commit(n, s.t, &mut s.to_client);
+    }
+
+    /// `uplink.pipeline = false` (the default): one batch on the wire at a
+    /// time, no staged body, the hub still gets everything once in order.
+    #[test]
+    fn without_the_setting_nothing_is_staged() {
+        let msgs = 24;
+        let mut s = ordered_sim(8, msgs);
+        s.m.p.pipeline = false;
+        s.m.handle_local_state(msgs);
+        s.connect();
+        quiet(&mut s, true);
+        for batch in 0..3 {
+            client_side(&mut s);
+            let w = wire(&s);
+            assert_eq!(w.len(), 8, "batch {batch} alone, no staged body: {w:?}");
+            assert!(w.iter().all(|(id, _, _)| *id == w[0].0));
+            assert!(w[7].2, "its commit is sent with it");
+            hub_takes_all(&mut s);
+        }
+        client_side(&mut s);
+        assert!(s.to_hub.is_empty());
+        assert_exactly_once_in_order(&s);
+    }
+
+    /// Batches of 8: the first (which proves the hub applies atomic
+    /// batches) is stored and answered; then batch 2 is on the wire with
+    /// its commit and batch 3's body (7 messages) behind it, uncommitted.
+    fn two_on_the_wire(msgs: u64) -> (Sim, String, String) {
+        let mut s = ordered_sim(8, msgs);
+        s.m.handle_local_state(msgs);
+        s.connect();
+        quiet(&mut s, true);
+        client_side(&mut s);
+        assert_eq!(wire(&s).len(), 8, "the first batch goes alone");
+        hub_takes_all(&mut s);
+        client_side(&mut s);
+        let w = wire(&s);
+        assert_eq!(w.len(), 15, "batch 2 and batch 3's body: {w:?}");
+        let (b2, b3) = (w[0].0.clone(), w[8].0.clone());
+        assert_ne!(b2, b3);
+        for (i, (id, seq, commit)) in w.iter().enumerate() {
+            let (want_id, want_seq) = if i < 8 { (&b2, i + 1) } else { (&b3, i - 7) };
+            assert_eq!((id, *seq, *commit), (want_id, want_seq, i == 7), "{w:?}");
+        }
+        (s, b2, b3)
+    }
+
+    fn assert_exactly_once_in_order(s: &Sim) {
+        let ours = s.hub.ours(&s.local);
+        let want: Vec<u64> = (1..=s.local.len() as u64).collect();
+        assert_eq!(ours, want, "every message once, in local order");
+        assert_eq!(s.hub.stored.len(), s.local.len(), "nothing else stored");
+    }
+
+    #[test]
+    fn the_commit_waits_for_the_previous_batch_s_ack() {
+        let (mut s, _, b3) = two_on_the_wire(40);
+        // Batch 2 is stored; its ack has not arrived: batch 3 is staged,
+        // its commit held, nothing more sent.
+        hub_takes_all(&mut s);
+        assert_eq!(s.hub.stored.len(), 16);
+        assert!(s.hub.staging.contains_key(&b3));
+        assert!(s.to_hub.is_empty(), "nothing sent before the ack");
+        // The ack: batch 3's commit leaves, in a write of its own (one
+        // WebSocket message), then, in the next turn, batch 4's body.
+        assert!(s.client_step());
+        while s.serve_read() {}
+        assert_eq!(wire(&s), vec![(b3.clone(), 8, true)], "the commit alone");
+        client_side(&mut s);
+        let w = wire(&s);
+        assert_eq!(w[0], (b3.clone(), 8, true), "{w:?}");
+        assert_eq!(w.len(), 8, "batch 3's commit and batch 4's body: {w:?}");
+        assert!(w[1..].iter().all(|(id, _, c)| *id != b3 && !c), "{w:?}");
+        s.settle();
+        assert_exactly_once_in_order(&s);
+        assert!(s.m.pipe.released_total >= 2);
+    }
+
+    #[test]
+    fn a_refused_batch_s_successor_is_never_committed_and_is_resent() {
+        let (mut s, _, b3) = two_on_the_wire(24);
+        // Batch 2's first message is lost in the hub: its commit is
+        // refused (incomplete).
+        s.to_hub.pop_front();
+        hub_takes_all(&mut s);
+        assert!(s.hub.staging.contains_key(&b3));
+        while s.client_step() {}
+        assert!(s.m.pipe.staged.is_none(), "batch 3 abandoned");
+        assert!(s.to_hub.is_empty(), "no commit of batch 3");
+        s.settle();
+        // Batch 3's body is still staged under its id (its commit never
+        // left); its messages were resent in new batches.
+        assert!(s.hub.staging.contains_key(&b3));
+        assert_exactly_once_in_order(&s);
+    }
+
+    /// The link dies with batch 2 committed and batch 3 staged: the resync
+    /// finds batch 2 (stored before the cut) or nothing (lost on the wire,
+    /// then resent as the same range with the same ids), never batch 3.
+    #[test]
+    fn a_cut_with_a_staged_body_stores_neither_or_only_the_first() {
+        for stored_first in [true, false] {
+            let (mut s, _, b3) = two_on_the_wire(24);
+            let ids = |s: &Sim| -> Vec<Option<String>> {
+                s.to_hub
+                    .iter()
+                    .filter_map(|c| match c {
+                        Command::Publish { headers, .. } => {
+                            Some(hdr(headers).get("Nats-Msg-Id").map(str::to_string))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let batch2 = ids(&s)[..8].to_vec();
+            if stored_first {
+                hub_takes_all(&mut s);
+                assert_eq!(s.hub.stored.len(), 16);
+            }
+            s.to_hub.clear();
+            s.to_client.clear();
+            s.connected = false;
+            s.m.handle_disconnected();
+            s.connect();
+            quiet(&mut s, true);
+            client_side(&mut s);
+            let resent = ids(&s);
+            if !stored_first {
+                assert_eq!(resent, batch2, "the pinned range again, the same ids");
+            } else {
+                let old = |id: &Option<String>| id.is_some() && batch2.contains(id);
+                assert!(!resent.iter().any(old), "{resent:?}");
+            }
+            let w = wire(&s);
+            assert!(w.len() <= 8, "one batch after a fault, alone: {w:?}");
+            s.settle();
+            assert!(!w.iter().any(|(id, _, _)| *id == b3));
+            assert_exactly_once_in_order(&s);
+        }
+    }
+
+    /// Batch 2 goes unanswered (the leader is stuck, then stores it late,
+    /// after the ack timeout): the staged batch 3 is abandoned, batch 2 is
+    /// found by the resync or resent with the same ids (the duplicate
+    /// window refuses it), nothing twice.
+    #[test]
+    fn an_ack_timeout_with_a_staged_body_keeps_exactly_once_and_order() {
+        let (mut s, _, b3) = two_on_the_wire(40);
+        while s.hub_step() {}
+        assert_eq!(s.hub.log.len(), 1, "batch 2 proposed, not yet stored");
+        s.t += 6_000;
+        let now = s.now();
+        s.m.handle_tick(now);
+        s.drain();
+        assert!(s.m.pipe.staged.is_none(), "batch 3 abandoned");
+        let n = s.hub.log.len();
+        s.hub.commit(n, s.t, &mut VecDeque::new());
+        s.settle();
+        assert!(s.hub.staging.contains_key(&b3));
+        assert_exactly_once_in_order(&s);
+        assert!(in_order(&s.hub.ours(&s.local)));
+    }
+
+    /// Other nodes hold every open batch the hub stream allows
+    /// (`max_batch_inflight_per_stream`): frond's batches are refused
+    /// (incomplete); it backs off after each refusal (no spin) and halves
+    /// its batches down to lone publishes, which the limit does not apply
+    /// to, so it keeps draining, exactly once and in order; once batches
+    /// are stored again they grow back.
+    #[test]
+    fn a_full_hub_stream_of_open_batches_backs_off_and_drains() {
+        let mut s = ordered_sim(8, 60);
+        s.hub.max_open = 2;
+        for other in ["n2-1", "n3-1"] {
+            s.hub.staging.insert(other.into(), Vec::new());
+        }
+        s.connect();
+        for _ in 0..20 {
+            if s.m.last_error.is_some() {
+                break;
+            }
+            s.tick(1);
+        }
+        let e = s.m.last_error.clone().unwrap_or_default();
+        assert!(e.contains("too many open batches"), "{e}");
+        for _ in 0..30 {
+            s.tick(100);
+        }
+        let tries = s.m.batches;
+        assert!(tries < 60, "{tries} sends in 3 s: backing off");
+        assert!(s.hub.stored.len() > 4, "lone publishes get through");
+        s.hub.max_open = 0;
+        s.settle();
+        assert_exactly_once_in_order(&s);
+        s.push_local(61..=100);
+        s.m.handle_local_state(100);
+        let now = s.now();
+        s.m.handle_tick(now);
+        s.settle();
+        assert_exactly_once_in_order(&s);
+        assert!(s.m.batch_cap >= 8, "batches grow back: {}", s.m.batch_cap);
+    }
+
+    /// A hub user subscribed to frond's subjects sees a batch's body live
+    /// and commits it with a message of its own (same batch id, the next
+    /// batch sequence, `Nats-Batch-Commit`) before frond's commit: the hub
+    /// stores frond's body and the forged tail, frond's commit is refused.
+    /// The resync takes the body as stored by its content after the
+    /// batch's verified first id: nothing is sent twice, order is kept.
+    #[test]
+    fn a_hijacked_batch_body_is_not_sent_again() {
+        let payload = |seq: u64| format!("p{seq}").into_bytes();
+        let mut s = ordered_sim(8, 8);
+        for m in &mut s.local {
+            m.payload = payload(m.seq);
+        }
+        s.m.handle_local_state(8);
+        s.settle();
+        // Runs are believed once a duplicate window has passed since the
+        // first resync (a send from before a restart can no longer land).
+        s.tick(s.hub.window + 1);
+        s.local.extend((9..=24).map(|seq| StoredMessage {
+            seq,
+            timestamp: seq,
+            subject: "t".into(),
+            headers: None,
+            payload: payload(seq),
+        }));
+        s.m.handle_local_state(24);
+        let now = s.now();
+        s.m.handle_tick(now);
+        s.drain();
+        quiet(&mut s, true);
+        client_side(&mut s);
+        let w = wire(&s);
+        assert!(
+            w.len() >= 8 && w[7].2 && w[..7].iter().all(|x| !x.2),
+            "{w:?}"
+        );
+        let bid = w[0].0.clone();
+        // The body reaches the hub; the forger's commit overtakes frond's.
+        for _ in 0..7 {
+            assert!(s.hub_step());
+        }
+        let mut hb = HeaderBlock::new();
+        hb.push("Nats-Batch-Id", bid);
+        hb.push("Nats-Batch-Sequence", "8".to_string());
+        hb.push("Nats-Batch-Commit", "1".to_string());
+        s.to_hub.push_front(Command::Publish {
+            subject: format!("{}t", s.m.params().subject_prefix),
+            reply: "_INBOX.forger.1".into(),
+            headers: hb.encode().unwrap(),
+            payload: b"forged".to_vec(),
+        });
+        s.settle();
+        let got: Vec<String> = s
+            .hub
+            .stored
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.3).into_owned())
+            .collect();
+        let mut want: Vec<String> = (1..=15).map(|q| format!("p{q}")).collect();
+        want.push("forged".into());
+        want.extend((16..=24).map(|q| format!("p{q}")));
+        assert_eq!(got, want, "the body once, then the rest, in order");
+        assert_eq!(s.m.l, 24);
+    }
 }

@@ -290,6 +290,7 @@ fn open_mirrors(
             hub_stream: mc.to.clone(),
             subject_prefix: mc.subject_prefix.clone(),
             max_inflight: cfg.max_inflight.max(1),
+            pipeline: cfg.pipeline,
             ack_timeout: cfg.ack_timeout,
             retry_min: cfg.reconnect_min,
             retry_max: cfg.reconnect_max,
@@ -297,7 +298,7 @@ fn open_mirrors(
             id_key: id_key.clone(),
         };
         let priority = mc.priority;
-        let m = Mirror::new(params, start);
+        let m = Mirror::new(params, start.clone());
         if let Some(c) = start {
             let last = handle.state().last_seq;
             if last < c.local_seq {
