@@ -14,8 +14,8 @@
 //!   `max_queued_bytes` bytes ([`Delivery::cost`]; an empty queue takes
 //!   one message of any size), then are dropped and counted in `dropped`;
 //!   QoS 0 goes out at once. The shell reports [`Session::queued_bytes`]
-//!   to the connection's [`crate::router::QueueBudget`], so the router's
-//!   channel and this queue share one byte limit, and moves deliveries in
+//!   to the connection's [`crate::router::QueueBudget`], so its delivery
+//!   queue and this queue share one byte limit, and moves deliveries in
 //!   only while [`Session::output_len`] is small (the output is bounded by
 //!   what the shell lets in, not here). frond's Receive
 //!   Maximum is `max_inflight`; a 5.0 client with that many publishes

@@ -9,11 +9,10 @@
 //! capture map.
 //!
 //! Two kinds of subscriber:
-//! - MQTT sessions register filters with a channel of [`Delivery`],
-//!   bounded by count (`max_queued`) and, once the connection registered
-//!   its [`QueueBudget`] ([`Broker::limit_mqtt_queue`]), by bytes
-//!   (`mqtt.max_queued_bytes`); a connection subscribed through several
-//!   overlapping filters receives a message once, at the highest granted
+//! - MQTT sessions register filters with their connection's queue of
+//!   [`Delivery`] ([`delivery_queue`]), bounded by count (`max_queued`)
+//!   and by bytes (its [`QueueBudget`], `mqtt.max_queued_bytes`); a
+//!   connection subscribed through several overlapping filters receives a message once, at the highest granted
 //!   QoS (MQTT 3.1.1 §3.3.5).
 //! - MQTT shared subscriptions (`$share/{group}/{filter}`) are queue
 //!   subscriptions with the share name as queue group, so MQTT members of
@@ -67,6 +66,7 @@
 //! MQTT subscribers get it at QoS 1 (capped by their subscription); an
 //! uncaptured one at QoS 0.
 
+mod deliveries;
 mod queues;
 mod route;
 mod streams;
@@ -85,7 +85,8 @@ use crate::broker::bridge;
 use crate::stream::StreamHandle;
 use crate::subject::mapping::Mappings;
 
-use queues::{msg_cost, NO_INTEREST_MAX};
+pub use deliveries::{delivery_queue, DeliveryRx, DeliveryTx, Sent};
+use queues::NO_INTEREST_MAX;
 pub use queues::{Delivery, Msg, NoInterest, Outbox, Push, QueueBudget, DELIVERY_OVERHEAD};
 pub use streams::StreamSet;
 use table::{is_sid, mqtt_dollar_blind, Sub, Table, Target};
@@ -212,23 +213,21 @@ impl Broker {
 
     /// Add an MQTT subscription for `conn`; replaces an identical filter of
     /// the same connection (MQTT semantics).
-    pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: Sender<Delivery>) {
-        let max_queued = tx.capacity().unwrap_or(usize::MAX);
-        self.subscribe_mqtt(conn, None, filter, qos, tx, max_queued)
+    pub fn subscribe(&self, conn: ConnId, filter: String, qos: u8, tx: DeliveryTx) {
+        self.subscribe_mqtt(conn, None, filter, qos, tx)
     }
 
     /// Add an MQTT subscription for `conn`, shared in queue group `share`
     /// when given (`$share/{share}/...`); replaces the same (share, filter)
-    /// of the same connection. At most `max_queued` deliveries wait in
-    /// `tx`; more are dropped for this subscriber.
+    /// of the same connection. What does not fit in `tx` (its count and
+    /// byte bounds) is dropped for this subscriber.
     pub fn subscribe_mqtt(
         &self,
         conn: ConnId,
         share: Option<String>,
         filter: String,
         qos: u8,
-        tx: Sender<Delivery>,
-        max_queued: usize,
+        tx: DeliveryTx,
     ) {
         let mut t = lock(&self.table);
         let same = |s: &Sub| {
@@ -244,18 +243,12 @@ impl Broker {
             }
             return;
         }
-        let budget = t.budgets.get(&conn).cloned();
         t.add(Sub {
             conn,
             dollar_blind: mqtt_dollar_blind(&filter),
             filter,
             queue: share,
-            target: Target::Mqtt {
-                tx,
-                qos,
-                max_queued,
-                budget,
-            },
+            target: Target::Mqtt { tx, qos },
             max: None,
             delivered: 0,
             deny: None,
@@ -349,18 +342,10 @@ impl Broker {
         }
     }
 
-    /// Bound the bytes queued for MQTT connection `conn` by `budget` (for
-    /// the subscriptions it makes from now on; call before subscribing).
-    /// Forgotten with [`Broker::drop_conn`].
-    pub fn limit_mqtt_queue(&self, conn: ConnId, budget: Arc<QueueBudget>) {
-        lock(&self.table).budgets.insert(conn, budget);
-    }
-
     /// Remove every subscription of a connection.
     pub fn drop_conn(&self, conn: ConnId) {
         let mut t = lock(&self.table);
         t.deny.remove(&conn);
-        t.budgets.remove(&conn);
         let ids = t.by_conn.remove(&conn).unwrap_or_default();
         for id in ids {
             if let Some(sub) = t.subs.remove(&id) {

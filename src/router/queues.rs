@@ -4,8 +4,8 @@
 //!
 //! Invariants: an outbox never holds more than its byte limit (a push over
 //! it is dropped and marks the outbox slow); a budget admits a delivery
-//! while channel and session together stay within the limit, or when
-//! nothing is queued at all.
+//! while the connection's delivery queue and session together stay within
+//! the limit, or when nothing is queued at all.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +17,9 @@ use crate::subject;
 /// A message handed to an MQTT subscriber: the routed message, shared by
 /// every subscriber it goes to (no copy per subscriber), with what this
 /// subscriber gets it as. It travels by value through the connection's
-/// channel: no allocation per subscriber; a connection that has received
-/// anything keeps one channel block of 31 slots (about 1.2 KiB; 0.5 KiB
-/// when a slot held an `Arc<Delivery>`).
+/// delivery queue ([`super::delivery_queue`]): no allocation per
+/// subscriber; a queue keeps the slots it grew to (at most
+/// [`super::deliveries::KEEP`] once emptied).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// The message: NATS subject, payload, header block (MQTT 5
@@ -60,19 +60,19 @@ pub fn msg_cost(m: &Msg) -> usize {
 }
 
 /// What a queued [`Delivery`] costs beyond its message's strings and
-/// payload (the struct and its channel slot, the shared [`Msg`]).
+/// payload (the struct and its queue slot, the shared [`Msg`]).
 pub const DELIVERY_OVERHEAD: usize = 128;
 
 /// The byte budget of one MQTT connection's queued deliveries
-/// (`mqtt.max_queued_bytes`), shared by the router, which charges what it
-/// puts into the connection's channel, and the connection, which releases
-/// what it takes out and reports what its session still holds in its own
-/// queue ([`QueueBudget::set_held`]). A delivery is admitted while both
+/// (`mqtt.max_queued_bytes`), shared by the connection's delivery queue,
+/// which charges what the router puts in and releases what the connection
+/// takes out, and the connection, which reports what its session still
+/// holds in its own queue ([`QueueBudget::set_held`]). A delivery is admitted while both
 /// together stay within the limit, or when nothing is queued at all.
 #[derive(Debug)]
 pub struct QueueBudget {
     max_bytes: usize,
-    /// Bytes in the channel.
+    /// Bytes in the delivery queue.
     queued: AtomicUsize,
     /// Bytes the session holds (QoS 1/2 waiting for the client's window).
     held: AtomicUsize,
@@ -108,7 +108,7 @@ impl QueueBudget {
         }
     }
 
-    /// `n` bytes left the channel.
+    /// `n` bytes left the delivery queue.
     pub fn release(&self, n: usize) {
         let _ = self
             .queued
@@ -122,7 +122,7 @@ impl QueueBudget {
         self.held.store(n, Ordering::Relaxed);
     }
 
-    /// Bytes charged: in the channel plus held by the session.
+    /// Bytes charged: in the delivery queue plus held by the session.
     pub fn used(&self) -> usize {
         self.queued
             .load(Ordering::Relaxed)

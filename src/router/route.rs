@@ -9,12 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use smol::channel::TrySendError;
-
 use super::table::{pick_member, MqttCopy, Sub, SubId, Table, Target, SCRATCH_KEEP};
-use super::{
-    lock, msg_cost, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, NO_INTEREST_MAX,
-};
+use super::{lock, Broker, ConnId, Delivery, Msg, NoInterest, Origin, Push, Sent, NO_INTEREST_MAX};
 
 impl Broker {
     /// Hand an MQTT publish to every matching subscriber (live delivery).
@@ -166,12 +162,6 @@ impl Broker {
         }
         for &(_, shared, q, id) in &mqtt {
             let Some(sub) = t.subs.get(&id) else { continue };
-            if let Target::Mqtt { tx, max_queued, .. } = &sub.target {
-                if tx.len() >= *max_queued {
-                    dropped += 1;
-                    continue;
-                }
-            }
             let m = msg.get_or_insert_with(&mut *make);
             match self.send_mqtt(sub, shared, q, retain, now, m) {
                 Some(true) => out += 1,
@@ -202,8 +192,8 @@ impl Broker {
         Some(count)
     }
 
-    /// Queue one MQTT delivery of `m` for `sub` (whose queue has room in
-    /// messages) unless its byte budget is spent. `Some(true)`: queued;
+    /// Queue one MQTT delivery of `m` for `sub` if its queue takes it
+    /// (count and bytes, [`super::DeliveryTx::try_send`]). `Some(true)`: queued;
     /// `Some(false)`: dropped (the caller counts it in `dropped_slow`);
     /// `None`: the connection is gone.
     fn send_mqtt(
@@ -215,14 +205,9 @@ impl Broker {
         now: Instant,
         m: &Arc<Msg>,
     ) -> Option<bool> {
-        let Target::Mqtt { tx, budget, .. } = &sub.target else {
+        let Target::Mqtt { tx, .. } = &sub.target else {
             return None;
         };
-        if let Some(b) = budget {
-            if !b.try_charge(msg_cost(m)) {
-                return Some(false);
-            }
-        }
         let d = Delivery {
             msg: m.clone(),
             qos,
@@ -231,19 +216,9 @@ impl Broker {
             at: now,
         };
         match tx.try_send(d) {
-            Ok(()) => Some(true),
-            Err(TrySendError::Full(d)) => {
-                if let Some(b) = budget {
-                    b.release(d.cost());
-                }
-                Some(false)
-            }
-            Err(TrySendError::Closed(d)) => {
-                if let Some(b) = budget {
-                    b.release(d.cost());
-                }
-                None
-            }
+            Sent::Queued => Some(true),
+            Sent::Full => Some(false),
+            Sent::Closed => None,
         }
     }
 }

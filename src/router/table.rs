@@ -8,9 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use smol::channel::Sender;
-
-use super::{ConnId, Delivery, Outbox, QueueBudget};
+use super::{ConnId, DeliveryTx, Outbox};
 use crate::auth::Permissions;
 use crate::subject::{self, SubjectTrie};
 
@@ -19,14 +17,9 @@ pub(super) type SubId = u64;
 
 pub(super) enum Target {
     Mqtt {
-        tx: Sender<Delivery>,
+        /// The connection's queue, bounded by count and bytes.
+        tx: DeliveryTx,
         qos: u8,
-        /// Deliveries queued in `tx` beyond which more are dropped (the
-        /// channel may be unbounded: it then allocates only what is
-        /// queued, so an idle client costs no queue memory).
-        max_queued: usize,
-        /// The connection's byte budget, if it registered one.
-        budget: Option<Arc<QueueBudget>>,
     },
     Nats {
         outbox: Arc<Outbox>,
@@ -73,8 +66,6 @@ pub(super) struct Table {
     /// Connections whose permissions deny some subjects
     /// ([`Broker::set_permissions`]).
     pub(super) deny: subject::FastMap<ConnId, Arc<Permissions>>,
-    /// Byte budgets of MQTT connections ([`Broker::limit_mqtt_queue`]).
-    pub(super) budgets: subject::FastMap<ConnId, Arc<QueueBudget>>,
     pub(super) next: SubId,
     /// Bumped (under the table's lock) by every change of `trie`;
     /// [`NoInterest`] memories are valid only while it stays the same.
@@ -145,14 +136,7 @@ pub(super) fn pick_member(subs: &subject::FastMap<SubId, Sub>, members: &[SubId]
     }
     let start = fastrand::usize(..n);
     let has_room = |id: &SubId| match subs.get(id).map(|s| &s.target) {
-        Some(Target::Mqtt {
-            tx,
-            max_queued,
-            budget,
-            ..
-        }) => {
-            !tx.is_full() && tx.len() < *max_queued && budget.as_ref().is_none_or(|b| b.has_room())
-        }
+        Some(Target::Mqtt { tx, .. }) => tx.has_room(),
         Some(Target::Nats { outbox, .. }) => !outbox.is_slow(),
         None => false,
     };

@@ -1,7 +1,6 @@
 //! Unit tests of the router.
 
 use super::*;
-use smol::channel::bounded;
 use std::time::Instant;
 
 fn msg(subject: &str, payload: &[u8]) -> Arc<Msg> {
@@ -17,7 +16,7 @@ fn msg(subject: &str, payload: &[u8]) -> Arc<Msg> {
 #[test]
 fn mqtt_overlapping_filters_deliver_once_at_highest_qos() {
     let b = Broker::new(Vec::new());
-    let (tx, rx) = bounded(8);
+    let (tx, rx) = delivery_queue(8, None);
     b.subscribe(1, "a.*".into(), 0, tx.clone());
     b.subscribe(1, "a.>".into(), 1, tx.clone());
     b.subscribe(1, "a.>".into(), 2, tx); // replaces: qos 2
@@ -25,7 +24,7 @@ fn mqtt_overlapping_filters_deliver_once_at_highest_qos() {
     b.route("a.b", b"x", 2, false, Instant::now());
     let d = rx.try_recv().unwrap();
     assert_eq!((d.subject(), d.qos), ("a.b", 2));
-    assert!(rx.try_recv().is_err(), "delivered once");
+    assert!(rx.try_recv().is_none(), "delivered once");
     assert!(b.unsubscribe(1, "a.>"));
     assert!(!b.unsubscribe(1, "a.>"));
     b.route("a.b", b"x", 2, false, Instant::now());
@@ -42,7 +41,7 @@ fn nats_subscriptions_each_get_a_copy_and_mqtt_sees_nats() {
     assert!(b.subscribe_nats(1, 10, "a.b".into(), None, ob.clone()));
     assert!(b.subscribe_nats(1, 11, "a.>".into(), None, ob.clone()));
     assert!(!b.subscribe_nats(1, 11, "x".into(), None, ob.clone()));
-    let (tx, rx) = bounded(8);
+    let (tx, rx) = delivery_queue(8, None);
     b.subscribe(2, "a.>".into(), 1, tx);
     assert_eq!(b.route_msg(None, msg("a.b", b"hi"), 0, Instant::now()), 3);
     let mut sids: Vec<u64> = ob.take(usize::MAX).into_iter().map(|x| x.0).collect();
@@ -198,20 +197,20 @@ fn outbox_take_respects_budget() {
 #[test]
 fn mqtt_share_group_shares_with_nats_queue_group_and_keeps_plain_copy() {
     let b = Broker::new(Vec::new());
-    let (tx1, rx1) = bounded(1000);
-    let (tx2, rx2) = bounded(1000);
-    b.subscribe_mqtt(1, Some("g".into()), "job.*".into(), 1, tx1.clone(), 1000);
+    let (tx1, rx1) = delivery_queue(1000, None);
+    let (tx2, rx2) = delivery_queue(1000, None);
+    b.subscribe_mqtt(1, Some("g".into()), "job.*".into(), 1, tx1.clone());
     // The same connection also holds a plain subscription: own copy.
     b.subscribe(1, "job.*".into(), 0, tx1);
-    b.subscribe_mqtt(2, Some("g".into()), "job.*".into(), 2, tx2, 1000);
+    b.subscribe_mqtt(2, Some("g".into()), "job.*".into(), 2, tx2);
     let nats = Outbox::new(1 << 20);
     b.subscribe_nats(3, 1, "job.*".into(), Some("g".into()), nats.clone());
     for _ in 0..300 {
         // One plain subscription plus one group.
         assert_eq!(b.route_msg(None, msg("job.x", b""), 2, Instant::now()), 2);
     }
-    let d1: Vec<Delivery> = std::iter::from_fn(|| rx1.try_recv().ok()).collect();
-    let d2: Vec<Delivery> = std::iter::from_fn(|| rx2.try_recv().ok()).collect();
+    let d1: Vec<Delivery> = std::iter::from_fn(|| rx1.try_recv()).collect();
+    let d2: Vec<Delivery> = std::iter::from_fn(|| rx2.try_recv()).collect();
     let plain = d1.iter().filter(|d| !d.shared).count();
     let shared1 = d1.iter().filter(|d| d.shared).count();
     let n = nats.take(usize::MAX).len();
@@ -240,11 +239,11 @@ fn queue_member_is_chosen_among_those_who_may_receive() {
         deny_subscribe: vec!["secret.>".into()],
         ..Permissions::default()
     });
-    let (admin_tx, admin_rx) = bounded(1000);
-    let (dave_tx, dave_rx) = bounded(1000);
-    b.subscribe_mqtt(1, Some("g".into()), "secret.>".into(), 1, admin_tx, 1000);
+    let (admin_tx, admin_rx) = delivery_queue(1000, None);
+    let (dave_tx, dave_rx) = delivery_queue(1000, None);
+    b.subscribe_mqtt(1, Some("g".into()), "secret.>".into(), 1, admin_tx);
     b.set_permissions(2, Some(deny.clone()));
-    b.subscribe_mqtt(2, Some("g".into()), ">".into(), 1, dave_tx, 1000);
+    b.subscribe_mqtt(2, Some("g".into()), ">".into(), 1, dave_tx);
     let nats = Outbox::new(1 << 20);
     b.subscribe_nats(3, 1, ">".into(), Some("g".into()), nats.clone());
     // Permissions set after subscribing apply too.
@@ -289,10 +288,10 @@ fn queue_member_is_chosen_among_those_who_may_receive() {
 #[test]
 fn dollar_subjects_pick_a_member_whose_filter_names_them() {
     let b = Broker::new(Vec::new());
-    let (wild_tx, wild_rx) = bounded(1000);
-    let (sys_tx, sys_rx) = bounded(1000);
-    b.subscribe_mqtt(1, Some("g".into()), ">".into(), 0, wild_tx, 1000);
-    b.subscribe_mqtt(2, Some("g".into()), "$SYS.>".into(), 0, sys_tx, 1000);
+    let (wild_tx, wild_rx) = delivery_queue(1000, None);
+    let (sys_tx, sys_rx) = delivery_queue(1000, None);
+    b.subscribe_mqtt(1, Some("g".into()), ">".into(), 0, wild_tx);
+    b.subscribe_mqtt(2, Some("g".into()), "$SYS.>".into(), 0, sys_tx);
     for _ in 0..50 {
         b.route("$SYS.up", b"", 0, false, Instant::now());
     }
@@ -307,10 +306,10 @@ fn dollar_subjects_pick_a_member_whose_filter_names_them() {
 #[test]
 fn share_group_passes_over_a_full_member() {
     let b = Broker::new(Vec::new());
-    let (full_tx, full_rx) = smol::channel::unbounded();
-    let (tx, rx) = bounded(1000);
-    b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx, 1);
-    b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx, 1000);
+    let (full_tx, full_rx) = delivery_queue(1, None);
+    let (tx, rx) = delivery_queue(1000, None);
+    b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx);
+    b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx);
     for _ in 0..100 {
         b.route("a", b"x", 0, false, Instant::now());
     }
@@ -322,21 +321,19 @@ fn share_group_passes_over_a_full_member() {
 #[test]
 fn mqtt_queue_bytes_are_bounded_and_given_back() {
     let b = Broker::new(Vec::new());
-    let (tx, rx) = smol::channel::unbounded();
     let budget = QueueBudget::new(10_000);
-    b.limit_mqtt_queue(1, budget.clone());
-    b.subscribe_mqtt(1, None, "a".into(), 0, tx, 1000);
-    let (fast_tx, fast_rx) = smol::channel::unbounded();
-    b.subscribe_mqtt(2, None, "a".into(), 0, fast_tx, 1000);
+    let (tx, rx) = delivery_queue(1000, Some(budget.clone()));
+    b.subscribe_mqtt(1, None, "a".into(), 0, tx);
+    let (fast_tx, fast_rx) = delivery_queue(1000, None);
+    b.subscribe_mqtt(2, None, "a".into(), 0, fast_tx);
     // An empty queue takes one message of any size.
     b.route("a", &[0; 50_000], 0, false, Instant::now());
     assert_eq!(rx.len(), 1);
     b.route("a", &[0; 1000], 0, false, Instant::now());
     assert_eq!(rx.len(), 1, "over the budget: dropped");
     assert_eq!(b.counters.dropped_slow.load(Ordering::Relaxed), 1);
-    let d = rx.try_recv().unwrap();
-    budget.release(d.cost());
-    assert_eq!(budget.used(), 0);
+    assert!(rx.try_recv().is_some());
+    assert_eq!(budget.used(), 0, "taken out: given back");
     for _ in 0..20 {
         b.route("a", &[0; 1000], 0, false, Instant::now());
     }
@@ -345,9 +342,7 @@ fn mqtt_queue_bytes_are_bounded_and_given_back() {
     assert!(budget.used() <= 10_000);
     // What the session holds counts too.
     budget.set_held(budget.used());
-    while let Ok(d) = rx.try_recv() {
-        budget.release(d.cost());
-    }
+    while rx.try_recv().is_some() {}
     b.route("a", &[0; 1000], 0, false, Instant::now());
     assert_eq!(rx.len(), 0, "the session holds the whole budget");
     budget.set_held(0);
@@ -355,19 +350,18 @@ fn mqtt_queue_bytes_are_bounded_and_given_back() {
     assert_eq!(rx.len(), 1);
     // The other subscriber, without a budget, got every message.
     assert_eq!(fast_rx.len(), 24);
-    // A connection's budget goes with it.
-    b.drop_conn(1);
-    assert!(lock(&b.table).budgets.is_empty());
+    // A connection's queue goes with it, and what waited gives its bytes back.
+    drop(rx);
+    assert_eq!(budget.used(), 0);
 }
 
 #[test]
 fn share_group_passes_over_a_member_out_of_bytes() {
     let b = Broker::new(Vec::new());
-    let (full_tx, full_rx) = smol::channel::unbounded();
-    let (tx, rx) = smol::channel::unbounded();
-    b.limit_mqtt_queue(1, QueueBudget::new(100));
-    b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx, 1000);
-    b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx, 1000);
+    let (full_tx, full_rx) = delivery_queue(1000, Some(QueueBudget::new(100)));
+    let (tx, rx) = delivery_queue(1000, None);
+    b.subscribe_mqtt(1, Some("g".into()), "a".into(), 0, full_tx);
+    b.subscribe_mqtt(2, Some("g".into()), "a".into(), 0, tx);
     for _ in 0..100 {
         b.route("a", &[0; 200], 0, false, Instant::now());
     }

@@ -7,10 +7,11 @@
 //! [`Session`] at the pace the client reads.
 //!
 //! Invariants:
-//! - The router's channel for the connection and the session's queue of
-//!   QoS 1/2 messages waiting for the client's window share one byte
-//!   budget ([`QueueBudget`]: the router charges, [`Outbound::take`]
-//!   releases and reports what the session holds); a client that does not
+//! - The connection's delivery queue ([`crate::router::delivery_queue`])
+//!   and the session's queue of QoS 1/2 messages waiting for the client's
+//!   window share one byte budget ([`QueueBudget`]: the queue charges
+//!   what the router puts in and releases what is taken out,
+//!   [`Outbound::take`] reports what the session holds); a client that does not
 //!   read loses deliveries (counted in `dropped_slow`, the session's own
 //!   drops too), never stalls a publisher.
 //! - Deliveries and retained messages go into the session's output only
@@ -48,11 +49,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use smol::channel::Receiver;
-
 use crate::broker::retained::{Retained, RetainedScan};
 use crate::mqtt::Session;
-use crate::router::{Broker, ConnId, Delivery, Msg, QueueBudget};
+use crate::router::{Broker, Delivery, DeliveryRx, Msg, QueueBudget};
 use crate::stream::StreamHandle;
 
 /// Deliveries (and retained messages) are moved into the session's output
@@ -140,11 +139,10 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Register connection `conn`'s byte budget with the router (before it
-    /// subscribes).
-    pub fn new(broker: &Broker, conn: ConnId, max_queued: usize, max_bytes: usize) -> Outbound {
+    /// A connection's owed deliveries, bounded by `max_bytes` (give
+    /// [`Outbound::budget`] to its delivery queue).
+    pub fn new(max_queued: usize, max_bytes: usize) -> Outbound {
         let budget = QueueBudget::new(max_bytes);
-        broker.limit_mqtt_queue(conn, budget.clone());
         Outbound {
             budget,
             scans: VecDeque::new(),
@@ -152,6 +150,11 @@ impl Outbound {
             dropped_seen: 0,
             max_queued,
         }
+    }
+
+    /// The byte budget the connection's delivery queue is charged to.
+    pub fn budget(&self) -> Arc<QueueBudget> {
+        self.budget.clone()
     }
 
     /// A SUBSCRIBE's filters that get retained messages (NATS filters,
@@ -265,7 +268,7 @@ impl Outbound {
         session: &mut Session,
         broker: &Broker,
         retained: &Arc<Retained>,
-        rx: &Receiver<Delivery>,
+        rx: &DeliveryRx,
     ) {
         while session.output_len() < WRITE_BUDGET && session.queued_len() == 0 {
             let Some((mut scan, granted)) = self.scans.pop_front() else {
@@ -303,7 +306,7 @@ impl Outbound {
         }
         let mut first = true;
         while !self.retained_waiting() && session.output_len() < WRITE_BUDGET {
-            let Ok(d) = rx.try_recv() else { break };
+            let Some(d) = rx.try_recv() else { break };
             if std::mem::take(&mut first) {
                 lend_output(session);
                 // Room for the batch (what waits, up to the write budget)
@@ -316,14 +319,13 @@ impl Outbound {
         self.settle(session, broker);
     }
 
-    /// Hand a delivery taken from the channel to the session and give its
-    /// bytes back to the budget (for a persistent session, captured
+    /// Hand a delivery taken from the queue (which gave its bytes back to
+    /// the budget) to the session (for a persistent session, captured
     /// subjects come from the streams it follows instead, except for
     /// shared subscriptions, which are always live; a stream created
     /// through the API after the session's last SUBSCRIBE is not followed
     /// yet, so its messages come live).
-    pub fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
-        self.budget.release(d.cost());
+    fn take(&mut self, session: &mut Session, broker: &Broker, d: &Delivery) {
         let from_stream = session.follows_streams()
             && broker
                 .capture(d.subject())

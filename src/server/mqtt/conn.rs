@@ -7,10 +7,12 @@
 //! messages and deliveries on, and read followed streams, 4. write, 5.
 //! sleep until something happens.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
-use smol::channel::{bounded, unbounded, Receiver, Sender};
+use smol::channel::{bounded, Receiver, Sender};
 use smol::future::FutureExt;
 use smol::Timer;
 
@@ -18,7 +20,7 @@ use super::{refuse_client_id, save, Ctx, HANDOVER_TIMEOUT, READ_BATCH, SAVE_EVER
 use crate::broker::persist::{claim, log_id, Claim};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
 use crate::mqtt::{CloseReason, Event, Limits, Session, SubRequest};
-use crate::router::{ConnId, Delivery};
+use crate::router::{delivery_queue, ConnId, DeliveryRx, DeliveryTx};
 use crate::server::driver::{self, Common, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};
 use crate::server::transport::Transport;
@@ -30,10 +32,8 @@ const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10
 
 enum Wake {
     Read(std::io::Result<usize>),
-    /// Boxed: a wake is held in every connection's task, idle ones too
-    /// (one allocation per wake-up; the rest of a batch is taken from the
-    /// channel directly).
-    Deliver(Box<Delivery>),
+    /// Deliveries wait in the queue (step 3 takes them).
+    Deliver,
     /// Retained messages are owed (step 3 reads them).
     Retained,
     Kicked,
@@ -91,9 +91,8 @@ struct Conn<'c, T> {
     conn: ConnId,
     session: Session,
     limits_auth: Option<Arc<crate::auth::Auth>>,
-    max_queued: usize,
-    deliver_tx: Sender<Delivery>,
-    deliver_rx: Receiver<Delivery>,
+    deliver_tx: DeliveryTx,
+    deliver_rx: DeliveryRx,
     owed: Outbound,
     kick_tx: Sender<()>,
     kick_rx: Receiver<()>,
@@ -180,8 +179,8 @@ impl<'c, T: Transport> Conn<'c, T> {
         shutdown: Receiver<()>,
     ) -> Self {
         let conn = ctx.broker.new_conn_id();
-        let (deliver_tx, deliver_rx) = unbounded::<Delivery>();
-        let owed = Outbound::new(ctx.broker, conn, max_queued, limits.max_queued_bytes);
+        let owed = Outbound::new(max_queued, limits.max_queued_bytes);
+        let (deliver_tx, deliver_rx) = delivery_queue(max_queued, Some(owed.budget()));
         let (kick_tx, kick_rx) = bounded::<()>(1);
         let limits_auth = limits.auth.clone();
         let now = Instant::now();
@@ -194,7 +193,6 @@ impl<'c, T: Transport> Conn<'c, T> {
             conn,
             session: Session::new(limits, now),
             limits_auth,
-            max_queued,
             deliver_tx,
             deliver_rx,
             owed,
@@ -446,7 +444,6 @@ impl<'c, T: Transport> Conn<'c, T> {
                 r.filter.clone(),
                 r.qos,
                 self.deliver_tx.clone(),
-                self.max_queued,
             );
             if let Some(q) = r.retained {
                 filters.push(r.filter);
@@ -593,7 +590,7 @@ impl<'c, T: Transport> Conn<'c, T> {
         self.timer.set(deadline);
         let want_read = self.session.wants_input();
         // Owed retained messages go before live deliveries: while any are,
-        // the channel is not watched.
+        // the delivery queue is not watched.
         let retained_waiting = self.owed.retained_waiting();
         let retained_owed = self.owed.retained_ready(&self.session);
         let room = self.session.stream_room() > 0;
@@ -608,39 +605,38 @@ impl<'c, T: Transport> Conn<'c, T> {
         let (deliver_rx, kick_rx, acks) = (&self.deliver_rx, &self.kick_rx, &mut self.acks);
         let (transport, buf) = (&mut self.transport, &mut self.buf);
         let (timer, shutdown) = (&mut self.timer, &self.shutdown);
-        async {
+        let read = async {
             if want_read {
                 Wake::Read(transport.read(buf).await)
             } else {
                 std::future::pending().await
             }
-        }
-        .or(async {
+        };
+        let owed = async {
             // Retained messages owed go before live deliveries (step 3).
             match retained_owed {
                 true => Wake::Retained,
                 false => std::future::pending().await,
             }
-        })
+        }
         .or(async {
             if retained_waiting {
                 return std::future::pending().await;
             }
-            match deliver_rx.recv().await {
-                Ok(d) => Wake::Deliver(Box::new(d)),
-                Err(_) => std::future::pending().await,
-            }
-        })
-        .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
-        .or(async {
-            let _ = kick_rx.recv().await;
-            Wake::Kicked
-        })
-        .or(async {
-            any_grew(waits).await;
-            Wake::StreamGrew
-        })
-        .await
+            deliver_rx.ready().await;
+            Wake::Deliver
+        });
+        read_first(read, owed)
+            .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
+            .or(async {
+                let _ = kick_rx.recv().await;
+                Wake::Kicked
+            })
+            .or(async {
+                any_grew(waits).await;
+                Wake::StreamGrew
+            })
+            .await
     }
 
     /// Act on what woke the connection; `Err`: why it ends.
@@ -659,9 +655,9 @@ impl<'c, T: Transport> Conn<'c, T> {
                 }
             }
             Wake::Read(Err(e)) => return Err(format!("read failed: {e}")),
-            Wake::Deliver(d) => self.owed.take(&mut self.session, self.ctx.broker, &d),
-            // The result is re-read from the waiter in step 2.
-            Wake::Retained | Wake::StreamGrew | Wake::Common(Common::Stored) => {}
+            // Taken in step 3, the whole batch at once; the result is
+            // re-read from the waiter in step 2.
+            Wake::Deliver | Wake::Retained | Wake::StreamGrew | Wake::Common(Common::Stored) => {}
             Wake::Kicked => return Err(self.goodbye(CloseReason::TakenOver).await),
             Wake::Common(Common::Shutdown) => {
                 return Err(self.goodbye(CloseReason::ShuttingDown).await)
@@ -729,6 +725,29 @@ impl<'c, T: Transport> Conn<'c, T> {
             wills.forget(id, token).await;
         }
     }
+}
+
+/// `read` or `owed`, whichever is ready: `read` first on the first poll
+/// (each turn sees the client's input, however busy deliveries keep the
+/// connection), `owed` first on later ones: a wake-up by a delivery then
+/// costs no read system call that finds nothing (two per batch of
+/// deliveries before: half of a fan-out's system calls).
+async fn read_first(read: impl Future<Output = Wake>, owed: impl Future<Output = Wake>) -> Wake {
+    let (mut read, mut owed) = (std::pin::pin!(read), std::pin::pin!(owed));
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        if std::mem::take(&mut first) {
+            if let Poll::Ready(w) = read.as_mut().poll(cx) {
+                return Poll::Ready(w);
+            }
+            return owed.as_mut().poll(cx);
+        }
+        if let Poll::Ready(w) = owed.as_mut().poll(cx) {
+            return Poll::Ready(w);
+        }
+        read.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Resolve when any of `streams` reaches its sequence.
