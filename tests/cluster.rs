@@ -294,10 +294,8 @@ async fn recovery_after_leader_kill_is_measured() {
         proxies.push(p);
     }
     let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
-    // Pipelining on, so the kill below can catch a staged body.
-    let mut spec = FrondSpec::with_hub(hub_urls(&urls));
-    spec.uplink_extra = "pipeline = true\n".into();
-    let frond = Frond::start_new(spec).await;
+    // Pipelining (the default) lets the kill below catch a staged body.
+    let frond = Frond::start_new(FrondSpec::with_hub(hub_urls(&urls))).await;
     let prefix = format!("kb{}", "x".repeat(1024));
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, &prefix);
     publ.publish(0..N as usize, LONG).await;

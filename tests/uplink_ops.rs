@@ -811,3 +811,123 @@ async fn a_damaged_id_key_shows_each_mirror_in_error() {
     assert_eq!(hub.count("FLEET").await, 0);
     frond.terminate();
 }
+
+/// The next message on `sub` for which `f` returns a value, within LONG.
+async fn next_where<T>(
+    sub: &mut async_nats::Subscriber,
+    what: &str,
+    mut f: impl FnMut(&async_nats::Message) -> Option<T>,
+) -> T {
+    use smol::stream::StreamExt;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) => {
+                if let Some(v) = f(&m) {
+                    return v;
+                }
+            }
+            Ok(None) => panic!("subscription closed waiting for {what}"),
+            Err(_) => panic!("timed out after {LONG:?} waiting for {what}"),
+        }
+    }
+}
+
+/// Pipelining (ordered mode, the default): while batch k is unanswered
+/// the next batch's body is staged on the hub. The link is cut right
+/// then, so k's ack never arrives and the staged body is abandoned. frond
+/// closes it on the next connection with a kill (its batch id, a batch
+/// sequence that skips the commit's): nats-server drops the staging at
+/// once, advising it `incomplete` (without the kill: `timeout`, 10 s
+/// later, and anyone could commit it until then), stores nothing of it,
+/// and the backlog still reaches the hub exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_staged_body_is_killed_on_the_hub_at_once() {
+    const N: usize = 600;
+    let hub = NatsServer::start().await;
+    let cfg = serde_json::json!({
+        "name": "FLEET", "subjects": ["fleet.>"], "storage": "file",
+        "duplicate_window": Duration::from_secs(120).as_nanos() as u64,
+        "allow_atomic": true, "allow_direct": true,
+    });
+    let hc = hub.client().await;
+    let reply = hc
+        .request("$JS.API.STREAM.CREATE.FLEET", cfg.to_string().into())
+        .await
+        .expect("stream create answered");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(v["config"]["allow_atomic"] == true, "{v}");
+    let mut wire = hc.subscribe("fleet.>").await.expect("subscribe");
+    let mut advisories = hc
+        .subscribe("$JS.EVENT.ADVISORY.STREAM.BATCH_ABANDONED.FLEET")
+        .await
+        .expect("subscribe");
+    hc.flush().await.expect("flush");
+    let proxy = FaultProxy::start(hub.port).await;
+    proxy.set_blocked(true);
+    let mut spec = FrondSpec::with_hub(proxy.url());
+    spec.max_inflight = 16;
+    let frond = Frond::start_new(spec).await;
+    let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "m");
+    publ.publish(0..N, LONG).await;
+    wait_lag(&frond, "TELEMETRY", N as u64).await;
+    // Acks reach frond 20 ms late: the next body is staged before an ack.
+    proxy.set_throttle(None, Some(Duration::from_millis(20)));
+    proxy.set_blocked(false);
+    // The hub's side of the link: batch 1 goes alone (its ack proves the
+    // hub applies batches), batch 2 whole once it is acked; from then on
+    // each new batch is a body staged behind an unanswered commit.
+    let hdr = |m: &async_nats::Message, k: &str| -> Option<String> {
+        m.headers.as_ref()?.get(k).map(|v| v.as_str().to_string())
+    };
+    let mut committed = std::collections::HashSet::new();
+    let staged = next_where(&mut wire, "a body staged behind a commit", |m| {
+        let bid = hdr(m, "Nats-Batch-Id")?;
+        if hdr(m, "Nats-Batch-Commit").is_some() {
+            committed.insert(bid);
+            return None;
+        }
+        (committed.len() >= 2 && !committed.contains(&bid)).then_some(bid)
+    })
+    .await;
+    proxy.cut();
+    proxy.set_throttle(None, None);
+    // Its kill: the same id, no commit, no payload, a batch sequence two
+    // past the last body message's (the commit's is skipped).
+    let mut body = 1usize;
+    let kill = next_where(&mut wire, "the kill of the staged body", |m| {
+        if hdr(m, "Nats-Batch-Id").as_ref() != Some(&staged) {
+            return None;
+        }
+        assert!(hdr(m, "Nats-Batch-Commit").is_none(), "never committed");
+        let seq: usize = hdr(m, "Nats-Batch-Sequence")?.parse().ok()?;
+        if !m.payload.is_empty() {
+            body = body.max(seq);
+            return None;
+        }
+        Some(seq)
+    })
+    .await;
+    assert!(
+        kill >= body + 2,
+        "the kill skips the commit ({kill} after {body})"
+    );
+    let reason = next_where(&mut advisories, "the staged batch's advisory", |m| {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+        (v["batch"] == staged.as_str()).then(|| v["reason"].as_str().unwrap_or("").to_string())
+    })
+    .await;
+    assert_eq!(
+        reason, "incomplete",
+        "dropped on the kill's gap, not at its timeout"
+    );
+    hub.wait_count_at_least("FLEET", N as u64, LONG).await;
+    wait_until("the mirror is drained", LONG, || async {
+        mirror_status(&frond, "TELEMETRY")
+            .await
+            .is_some_and(|m| m["lag"]["msgs"] == 0)
+    })
+    .await;
+    let msgs = hub.read_all("FLEET").await;
+    assert_exact_mirror(&msgs, &payloads("m", 0..N), "truck1", SUBJECT);
+}

@@ -43,11 +43,13 @@ pub struct UplinkConfig {
     /// `max_rate`: bytes per second the mirrors' publishes may use on the
     /// link (`None`: no cap).
     pub max_rate: Option<u64>,
-    /// `pipeline = true`: ordered-mode mirrors send the next atomic
-    /// batch's body while the previous batch is unanswered (see
-    /// `uplink/mirror_order.rs`, "Pipelining"). Off by default: a hub user
-    /// who may both publish to and subscribe on this node's hub subjects
-    /// can commit a staged body early and so reorder it.
+    /// `pipeline` (default `true`): ordered-mode mirrors send the next
+    /// atomic batch's body while the previous batch is unanswered (see
+    /// `uplink/mirror_order.rs`, "Pipelining"). `false` keeps one batch on
+    /// the wire: a hub user who may both publish to and subscribe on this
+    /// node's hub subjects can commit a staged body early and so store it
+    /// before the batch ahead of it (such a user can copy and reorder
+    /// messages on those subjects anyway).
     pub pipeline: bool,
     pub mirrors: Vec<MirrorConfig>,
     /// `[[uplink.export]]`: local subjects hub clients may reach (live).
@@ -138,7 +140,7 @@ pub(super) struct RawUplink {
     ping_interval: Duration,
     #[serde(default, deserialize_with = "de_opt_size")]
     max_rate: Option<u64>,
-    #[serde(default)]
+    #[serde(default = "default_pipeline")]
     pipeline: bool,
     #[serde(default)]
     mirror: Vec<RawMirror>,
@@ -170,7 +172,12 @@ pub(super) fn default_uplink_inflight(urls: &[HubUrl]) -> usize {
         256
     }
 }
-pub(super) fn default_ack_timeout() -> Duration {
+
+fn default_pipeline() -> bool {
+    true
+}
+
+fn default_ack_timeout() -> Duration {
     Duration::from_secs(10)
 }
 pub(super) fn default_reconnect_min() -> Duration {
@@ -870,8 +877,8 @@ mod tests {
         assert_eq!(u.max_rate, None);
         assert_eq!(u.ping_interval, Duration::from_secs(10));
         assert_eq!(u.mirrors[0].priority, 0);
-        assert!(!u.pipeline, "pipelining is off by default");
-        assert!(up("pipeline = true", "").unwrap().uplink.unwrap().pipeline);
+        assert!(u.pipeline, "pipelining is on by default");
+        assert!(!up("pipeline = false", "").unwrap().uplink.unwrap().pipeline);
         assert!(up("pipeline = \"yes\"", "").is_err());
         let u = up(
             "max_rate = \"256KiB\"\nping_interval = \"2s\"",

@@ -625,6 +625,7 @@ impl Mirror {
         inbox_token: &str,
         max_payload: usize,
     ) {
+        self.conn = None; // a kill of the old connection's body goes on this one
         self.drop_window();
         self.direct_failed = false;
         let inbox = format!("_INBOX.{inbox_token}");
@@ -633,13 +634,14 @@ impl Mirror {
             sid,
         });
         self.conn = Some(Conn { inbox, max_payload });
+        self.flush_kill();
         self.start_resync(now);
     }
 
     /// The connection is gone.
     pub fn handle_disconnected(&mut self) {
+        self.conn = None; // first: a kill waits for the next connection
         self.drop_window();
-        self.conn = None;
         self.phase = Phase::Offline;
     }
 
@@ -739,6 +741,8 @@ impl Mirror {
             }
         } else if let Some(no) = tail.strip_prefix('b').and_then(|b| b.parse().ok()) {
             self.handle_batch_reply(now, no, headers, payload);
+        } else if let Some(no) = tail.strip_prefix('k').and_then(|b| b.parse().ok()) {
+            self.handle_kill_reply(no);
         } else if let Ok(seq) = tail.parse::<u64>() {
             self.handle_pub_reply(now, seq, headers, payload);
         }
@@ -922,6 +926,7 @@ impl Mirror {
     /// floor drops to cover them.
     fn drop_window(&mut self) {
         self.abandon_staged();
+        self.flush_kill();
         self.latest = self.floor();
         self.inflight.clear();
         self.batch.clear();

@@ -60,7 +60,9 @@
 //!   k+1 is then stored before k (out of order; exactly once). And
 //! - abandoned bodies: a forger can also commit a body
 //!   frond abandoned (pipelining, after a fault) while the hub still
-//!   stages it (up to its 10 s batch timeout). If frond's resend of those
+//!   stages it: until frond's kill of it reaches the leader (sent at once,
+//!   ahead of the resync's reads; up to the hub's 10 s batch timeout when
+//!   the kill is lost with the link). If frond's resend of those
 //!   messages was stored first and the body's first id has left the
 //!   duplicate window, or the resend started elsewhere (a range without
 //!   that first id), the hub stores the body a second time.

@@ -108,12 +108,7 @@
 //!      that send carried it).
 //!
 //! Pipelining (a batch's round trip would otherwise idle a slow link;
-//! only with `uplink.pipeline = true`, off by default: a hub user who may
-//! publish to and subscribe on this node's hub subjects can commit a
-//! staged body before the batch ahead of it, breaking order, or commit an
-//! abandoned one within the hub's batch timeout, which stores it twice if
-//! the resend was stored first and the first id left a duplicate window
-//! shorter than that timeout — see `mirror_follow.rs`):
+//! `uplink.pipeline`, on by default):
 //! while batch k (or a lone message) is unanswered, the body of batch k+1
 //! (all but its last message) is sent; its commit, the last message, is
 //! held until k's ack. nats-server 2.12 (`processJetStreamBatchMsg`)
@@ -121,11 +116,18 @@
 //! checks and proposes them only at the commit, so a staged body is never
 //! stored on its own, and k+1 is stored after k. If k is refused or its
 //! outcome is unknown, k+1's commit is never sent (the window drop
-//! abandons it, with a warning); the hub drops the staged body at its
-//! batch timeout (10 s from its first message, `max_batch_timeout`) or,
-//! when the leader dies, with it (a leader that steps down keeps it until
-//! the timeout); an abandoned batch and a later one with another id do not
-//! interact. A commit that reaches a new leader finds no staging there and
+//! abandons it, with a warning) and a [`Kill`] closes it: one empty
+//! message with its batch id and a batch sequence that skips the commit's,
+//! sent at once (or first thing on the next connection), ahead of the
+//! resync's reads. The leader drops the staging on the gap and stores
+//! nothing; without the kill it would keep the body until its batch
+//! timeout (10 s from its first message, `max_batch_timeout`; a leader
+//! that dies drops it with itself), holding one of the stream's open
+//! batch slots and open to a hijacker's commit (see below). Until the kill
+//! is answered no new body is staged, for at most that timeout. Core NATS
+//! subscribers of the node's hub subjects see the kill (an empty message
+//! with batch headers) as they see every batch message. An abandoned
+//! batch and a later one with another id do not interact. A commit that reaches a new leader finds no staging there and
 //! is answered `incomplete`. Batch ids never repeat (a connection token
 //! and a counter), so an abandoned body is never committed later. The
 //! pin rules above are unchanged: only a committed send is pinned (from
@@ -137,6 +139,17 @@
 //! one held commit and reads the next batch while one is in flight, so
 //! at most two batches (`2 * max_inflight` messages) are unanswered on
 //! the wire.
+//!
+//! A hub user who may publish to and subscribe on this node's hub
+//! subjects can commit a staged body (with a message of its own) before
+//! the batch ahead of it is stored, so that body lands first: each message
+//! still once, order broken. Such a user can copy, inject and reorder
+//! messages on those subjects anyway; frond guarantees only that it never
+//! loses nor duplicates what it sends, and keeps order absent such a user.
+//! `uplink.pipeline = false` keeps one batch on the wire for hubs that
+//! grant other users those rights (order then holds against them too,
+//! except the slow-link hijack of item 3).
+//!
 //! A commit leaves in a write of its own, the next body in the shell's
 //! next turn ([`Mirror::stage_if_due`]): on a `ws://` link each write is
 //! one compressed message, which nats-server inflates only whole, so a
@@ -158,8 +171,9 @@
 //! batch's first message beyond either is not staged and its commit is
 //! answered `incomplete`. A draining mirror keeps one batch open nearly
 //! all the time (the staged one; the committed one closes at its commit),
-//! plus for up to the batch timeout after a fault one abandoned body (no
-//! body is staged within 10 s of the last abandoned one): at most two. So
+//! plus after a fault one abandoned body until its kill reaches the
+//! leader (no body is staged before the kill is answered, or 10 s): at
+//! most two. So
 //! a fleet of more than about 50 nodes draining into one stream at once
 //! (25 right after a common fault) hits the limit: a refused batch backs
 //! off like any fault (doubling from `retry_min`) and is retried with
@@ -202,6 +216,22 @@ pub(super) struct Staged {
     sent_at: Instant,
     /// Whether the first message carries its own id (`pin_sent`).
     keep_first: bool,
+    /// Its `Nats-Batch-Id`.
+    bid: String,
+}
+
+/// The message that closes an abandoned staged batch on the hub: the
+/// same batch id, a `Nats-Batch-Sequence` one past the held commit's. The
+/// leader sees the gap, drops what it staged, stores nothing and answers
+/// `incomplete` (nats-server 2.12 `processJetStreamBatchMsg`; a batch it
+/// no longer holds gets the same answer), so nobody can commit the body
+/// later and its slot among the stream's open batches is free at once.
+#[derive(Debug)]
+pub(super) struct Kill {
+    no: u64,
+    bid: String,
+    subject: String,
+    batch_seq: usize,
 }
 
 /// Ordered mode's pipelining state (see the module doc, "Pipelining").
@@ -213,15 +243,21 @@ pub(super) struct Pipe {
     /// body is only staged, never stored on its own.
     proven: bool,
     /// When the last abandoned body was queued: nothing is staged until
-    /// the hub dropped it ([`HUB_BATCH_TIMEOUT`]), so at most two batches
-    /// of this mirror are open on the hub stream.
+    /// its kill is answered or the hub dropped it ([`HUB_BATCH_TIMEOUT`]),
+    /// so at most two batches of this mirror are open on the hub stream.
     abandoned_at: Option<Instant>,
     /// A commit was just queued: the next body is staged from this instant
     /// on, in a later write of the shell (see [`Mirror::stage_if_due`]).
     stage_at: Option<Instant>,
-    /// Bodies staged and commits released (tests, status).
+    /// The kill of the last abandoned body, not yet sent (no connection).
+    kill: Option<Kill>,
+    /// The batch number of the last kill sent, until it is answered.
+    kill_sent: Option<u64>,
+    /// Bodies staged and commits released (tests, status), abandoned
+    /// bodies closed by a kill the hub answered.
     pub(super) staged_total: u64,
     pub(super) released_total: u64,
+    pub(super) killed_total: u64,
 }
 
 impl Pipe {
@@ -233,6 +269,14 @@ impl Pipe {
         self.stage_at = None;
         let s = self.staged.take()?;
         self.abandoned_at = Some(s.sent_at);
+        if let Command::Publish { subject, .. } = &s.commit {
+            self.kill = Some(Kill {
+                no: s.no,
+                bid: s.bid,
+                subject: subject.clone(),
+                batch_seq: s.seqs.len() + 1,
+            });
+        }
         Some((*s.seqs.first()?, *s.seqs.last()?))
     }
 }
@@ -246,6 +290,40 @@ impl Mirror {
                 "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: the hub drops it (batch timeout or leader change); it is sent again after the resync",
                 self.p.hub_stream
             )));
+        }
+    }
+
+    /// Send the kill of an abandoned body ([`Kill`]) when connected: on
+    /// the connection that staged it or, if that one is gone, on the next
+    /// (the hub keeps a staged body per stream, not per connection, until
+    /// its batch timeout or a leader change).
+    pub(super) fn flush_kill(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        let Some(k) = self.pipe.kill.take() else {
+            return;
+        };
+        let mut hb = HeaderBlock::new();
+        hb.push("Nats-Batch-Id", k.bid);
+        hb.push("Nats-Batch-Sequence", k.batch_seq.to_string());
+        let Ok(headers) = hb.encode() else { return };
+        self.commands.push_back(Command::Publish {
+            subject: k.subject,
+            reply: format!("{}.k{}", conn.inbox, k.no),
+            headers,
+            payload: Vec::new(),
+        });
+        self.pipe.kill_sent = Some(k.no);
+    }
+
+    /// The hub answered the kill of abandoned batch `no`: whatever the
+    /// answer (`incomplete` as a rule), the leader holds no staging for
+    /// it any more, so a body may be staged again without waiting out the
+    /// hub's batch timeout.
+    pub(super) fn handle_kill_reply(&mut self, no: u64) {
+        if self.pipe.kill_sent == Some(no) {
+            self.pipe.kill_sent = None;
+            self.pipe.abandoned_at = None;
+            self.pipe.killed_total += 1;
         }
     }
 
@@ -666,6 +744,7 @@ impl Mirror {
                     commit: cmd,
                     sent_at: now,
                     keep_first,
+                    bid: id.clone(),
                 });
                 self.pipe.staged_total += 1;
                 return;

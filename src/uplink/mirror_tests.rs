@@ -1485,8 +1485,8 @@ mod pipelined {
         s.hub.commit(n, s.t, &mut s.to_client);
     }
 
-    /// `uplink.pipeline = false` (the default): one batch on the wire at a
-    /// time, no staged body, the hub still gets everything once in order.
+    /// `uplink.pipeline = false`: one batch on the wire at a time, no
+    /// staged body, the hub still gets everything once in order.
     #[test]
     fn without_the_setting_nothing_is_staged() {
         let msgs = 24;
@@ -1572,12 +1572,48 @@ mod pipelined {
         assert!(s.hub.staging.contains_key(&b3));
         while s.client_step() {}
         assert!(s.m.pipe.staged.is_none(), "batch 3 abandoned");
-        assert!(s.to_hub.is_empty(), "no commit of batch 3");
+        // Not its commit (sequence 8) but its kill: the same batch id, a
+        // sequence that skips the commit's, no commit header, no payload,
+        // answered on the mirror's inbox.
+        assert_eq!(wire(&s), vec![(b3.clone(), 9, false)], "the kill only");
+        let Some(Command::Publish { reply, payload, .. }) = s.to_hub.front() else {
+            panic!("the kill is a publish: {:?}", s.to_hub);
+        };
+        assert!(payload.is_empty() && reply.ends_with(".k3"), "{reply}");
         s.settle();
-        // Batch 3's body is still staged under its id (its commit never
-        // left); its messages were resent in new batches.
-        assert!(s.hub.staging.contains_key(&b3));
+        // The hub dropped batch 3's body on the gap and stored nothing of
+        // the kill; its messages were resent in new batches.
+        assert!(!s.hub.staging.contains_key(&b3));
+        assert_eq!(s.m.pipe.killed_total, 1, "the kill was answered");
         assert_exactly_once_in_order(&s);
+    }
+
+    /// Without a kill answered, no body is staged for the hub's batch
+    /// timeout after an abandoned one (at most two open batches per
+    /// mirror); once the kill is answered, staging resumes at once.
+    #[test]
+    fn staging_resumes_when_the_kill_is_answered() {
+        for answered in [true, false] {
+            let (mut s, _, b3) = two_on_the_wire(80);
+            s.to_hub.pop_front();
+            hub_takes_all(&mut s);
+            while s.client_step() {}
+            assert_eq!(wire(&s), vec![(b3.clone(), 9, false)]);
+            if !answered {
+                s.to_hub.clear(); // the kill is lost
+            }
+            // The fault's backoff (1 s) and the resync, then batches.
+            for _ in 0..40 {
+                s.tick(100);
+                if s.m.pipe.staged.is_some() {
+                    break;
+                }
+            }
+            let staged = s.m.pipe.staged.is_some();
+            assert_eq!(staged, answered, "staged again within 4 s: {staged}");
+            s.settle();
+            assert_exactly_once_in_order(&s);
+        }
     }
 
     /// The link dies with batch 2 committed and batch 3 staged: the resync
@@ -1608,6 +1644,17 @@ mod pipelined {
             s.connected = false;
             s.m.handle_disconnected();
             s.connect();
+            // Batch 3's kill goes first on the new connection (the hub
+            // stages per stream, not per connection).
+            let w = wire(&s);
+            assert_eq!(w.first(), Some(&(b3.clone(), 9, false)), "{w:?}");
+            let kill = s.to_hub.iter().position(
+                |c| matches!(c, Command::Publish { reply, .. } if reply.ends_with(".k3")),
+            );
+            if let Some(c) = kill.and_then(|i| s.to_hub.remove(i)) {
+                s.hub.receive(c, s.t, &mut s.rng, &mut s.to_client);
+            }
+            assert!(!s.hub.staging.contains_key(&b3), "killed");
             quiet(&mut s, true);
             client_side(&mut s);
             let resent = ids(&s);
@@ -1642,7 +1689,7 @@ mod pipelined {
         let n = s.hub.log.len();
         s.hub.commit(n, s.t, &mut VecDeque::new());
         s.settle();
-        assert!(s.hub.staging.contains_key(&b3));
+        assert!(!s.hub.staging.contains_key(&b3), "killed");
         assert_exactly_once_in_order(&s);
         assert!(in_order(&s.hub.ours(&s.local)));
     }
