@@ -129,3 +129,44 @@ impl Transport for Link {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::task::Waker;
+
+    /// A connected pair: frond's side as a [`Tcp`], the peer blocking.
+    fn pair() -> (Tcp, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        let ours = smol::net::TcpStream::try_from(ours).unwrap();
+        (Tcp::from(ours), peer)
+    }
+
+    #[test]
+    fn a_drained_socket_is_read_again_once_readable() {
+        let (mut tcp, mut peer) = pair();
+        let mut buf = [0u8; 16];
+        let mut cx = Context::from_waker(Waker::noop());
+        // Nothing to read: pending, and from then on by readiness.
+        assert!(Pin::new(&mut tcp).poll_read(&mut cx, &mut buf).is_pending());
+        assert!(tcp.drained);
+        assert!(Pin::new(&mut tcp).poll_read(&mut cx, &mut buf).is_pending());
+        // Bytes that arrive while nobody polls are seen (the reactor
+        // reports the socket readable).
+        peer.write_all(b"hello").unwrap();
+        let n = smol::block_on(AsyncReadExt::read(&mut tcp, &mut buf)).unwrap();
+        assert_eq!(buf.get(..n), Some(&b"hello"[..]));
+        assert!(!tcp.drained);
+        // Writes go through; the peer's close reads as the end.
+        smol::block_on(Transport::write_all(&mut Plain(&mut tcp), b"back")).unwrap();
+        let mut got = [0u8; 4];
+        std::io::Read::read_exact(&mut peer, &mut got).unwrap();
+        assert_eq!(&got, b"back");
+        drop(peer);
+        let n = smol::block_on(AsyncReadExt::read(&mut tcp, &mut buf)).unwrap();
+        assert_eq!(n, 0);
+    }
+}
