@@ -7,9 +7,7 @@
 //! messages and deliveries on, and read followed streams, 4. write, 5.
 //! sleep until something happens.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use smol::channel::{bounded, Receiver, Sender};
@@ -638,7 +636,10 @@ impl<'c, T: Transport> Conn<'c, T> {
             deliver_rx.ready().await;
             Wake::Deliver
         });
-        read_first(read, owed)
+        // Polling `read` first costs nothing when a delivery woke the task:
+        // a socket whose last read found nothing is read again only once
+        // it is readable ([`crate::server::transport::Tcp`]).
+        read.or(owed)
             .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
             .or(async {
                 let _ = kick_rx.recv().await;
@@ -737,29 +738,6 @@ impl<'c, T: Transport> Conn<'c, T> {
             wills.forget(id, token).await;
         }
     }
-}
-
-/// `read` or `owed`, whichever is ready: `read` first on the first poll
-/// (each turn sees the client's input, however busy deliveries keep the
-/// connection), `owed` first on later ones: a wake-up by a delivery then
-/// costs no read system call that finds nothing (two per batch of
-/// deliveries before: half of a fan-out's system calls).
-async fn read_first(read: impl Future<Output = Wake>, owed: impl Future<Output = Wake>) -> Wake {
-    let (mut read, mut owed) = (std::pin::pin!(read), std::pin::pin!(owed));
-    let mut first = true;
-    std::future::poll_fn(|cx| {
-        if std::mem::take(&mut first) {
-            if let Poll::Ready(w) = read.as_mut().poll(cx) {
-                return Poll::Ready(w);
-            }
-            return owed.as_mut().poll(cx);
-        }
-        if let Poll::Ready(w) = owed.as_mut().poll(cx) {
-            return Poll::Ready(w);
-        }
-        read.as_mut().poll(cx)
-    })
-    .await
 }
 
 /// Resolve when any of `streams` reaches its sequence.
