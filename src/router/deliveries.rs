@@ -24,8 +24,9 @@
 //!   its batch ([`Wakes::route`], [`Wakes::wake_all`]): a subscriber then
 //!   takes the whole batch in one turn (one write) instead of waking on
 //!   its first delivery while the rest are still being routed. The held
-//!   wakers belong to the [`Wakes`] (at most one per queue filled) and are
-//!   woken when it is dropped at the latest; none is ever lost.
+//!   wakers belong to the [`Wakes`] (one per queue whose task waited, so
+//!   at most one per delivery of the batch) and are woken when it is
+//!   dropped at the latest; none is ever lost.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -194,8 +195,9 @@ fn wake_or_hold(w: Waker) {
 }
 
 /// The wake-ups a publisher's batch caused, held until its end (see the
-/// module doc). At most one waker per delivery queue: a queue's waker is
-/// taken by the first delivery that finds it.
+/// module doc). Normally one waker per delivery queue filled: a queue's
+/// waker is taken by the first delivery that finds it, and its task
+/// stores another only if it is polled again before the batch ends.
 #[derive(Default)]
 pub struct Wakes(Vec<Waker>);
 

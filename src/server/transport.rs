@@ -5,15 +5,17 @@
 //! over. WebSocket framing is [`super::ws::Ws`].
 //!
 //! Invariants: a shell never runs a read and a write of one transport
-//! concurrently, so implementations may keep one state for both. Once a
-//! read of a [`Tcp`] found nothing, the next one waits for the reactor to
-//! report the socket readable before it reads: a connection woken for
-//! something else (deliveries to write) issues no read that finds nothing.
-//! The
+//! concurrently, so implementations may keep one state for both. The
 //! listener hands every connection over as a [`Link`] of a boxed
 //! [`Stream`], so the connection code (the largest generic code in the
 //! binary) is compiled once, not once per stream and framing (TCP, TLS,
 //! WebSocket, WebSocket over TLS: four copies of about 28 KiB each).
+//! Every accepted socket is a [`Tcp`] (under TLS and WebSocket too): once
+//! a read found nothing, the next one waits for the reactor to report the
+//! socket readable before it reads, so a connection woken for something
+//! else (deliveries to write) issues no read that finds nothing. Its one
+//! reader is the connection's task (the reactor keeps one waker per
+//! direction).
 
 use std::io;
 use std::pin::Pin;
