@@ -20,7 +20,15 @@
 //!   empty queue (one wake-up per batch, not per delivery).
 //! - Dropping the receiver closes the queue: what waits is dropped (its
 //!   bytes given back) and every later send fails with [`Sent::Closed`].
+//! - A publisher may hold the wake-ups its routing causes until the end of
+//!   its batch ([`Wakes::route`], [`Wakes::wake_all`]): a subscriber then
+//!   takes the whole batch in one turn (one write) instead of waking on
+//!   its first delivery while the rest are still being routed. The held
+//!   wakers belong to the [`Wakes`] (one per queue whose task waited, so
+//!   at most one per delivery of the batch) and are woken when it is
+//!   dropped at the latest; none is ever lost.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -101,7 +109,7 @@ impl DeliveryTx {
         let waker = st.waker.take();
         drop(st);
         if let Some(w) = waker {
-            w.wake();
+            wake_or_hold(w);
         }
         Sent::Queued
     }
@@ -166,6 +174,69 @@ impl DeliveryRx {
             }
             Poll::Pending
         })
+    }
+}
+
+thread_local! {
+    /// The wakers held for the publisher routing on this thread now
+    /// (inside [`Wakes::route`], which never awaits), or `None`: wake at
+    /// once.
+    static HELD: Cell<Option<Vec<Waker>>> = const { Cell::new(None) };
+}
+
+fn wake_or_hold(w: Waker) {
+    HELD.with(|held| match held.take() {
+        Some(mut v) => {
+            v.push(w);
+            held.set(Some(v));
+        }
+        None => w.wake(),
+    });
+}
+
+/// The wake-ups a publisher's batch caused, held until its end (see the
+/// module doc). Normally one waker per delivery queue filled: a queue's
+/// waker is taken by the first delivery that finds it, and its task
+/// stores another only if it is polled again before the batch ends.
+#[derive(Default)]
+pub struct Wakes(Vec<Waker>);
+
+impl Wakes {
+    /// Run `route` (synchronous: it cannot await), holding the wake-ups of
+    /// the queues it fills here instead of waking their tasks.
+    pub fn route<R>(&mut self, route: impl FnOnce() -> R) -> R {
+        /// Puts the thread's previous state back, also on a panic.
+        struct Restore<'a> {
+            mine: &'a mut Vec<Waker>,
+            prev: Option<Vec<Waker>>,
+        }
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                if let Some(v) = HELD.with(|h| h.replace(self.prev.take())) {
+                    *self.mine = v;
+                }
+            }
+        }
+        let held = std::mem::take(&mut self.0);
+        let prev = HELD.with(|h| h.replace(Some(held)));
+        let _restore = Restore {
+            mine: &mut self.0,
+            prev,
+        };
+        route()
+    }
+
+    /// Wake every task held so far.
+    pub fn wake_all(&mut self) {
+        for w in self.0.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -278,6 +349,36 @@ mod tests {
         assert!(ready.as_mut().poll(&mut cx).is_pending());
         assert_eq!(tx.try_send(delivery(1)), Sent::Queued);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_batch_holds_its_wakes_until_wake_all() {
+        let (tx, rx) = delivery_queue(10, None);
+        let wakes = Arc::new(CountWakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut ready = Box::pin(rx.ready());
+        assert!(ready.as_mut().poll(&mut cx).is_pending());
+        let mut held = Wakes::default();
+        for _ in 0..3 {
+            assert_eq!(held.route(|| tx.try_send(delivery(1))), Sent::Queued);
+        }
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "held");
+        assert_eq!(held.0.len(), 1, "one waker per queue");
+        held.wake_all();
+        held.wake_all();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        // Outside `route`, a delivery wakes at once.
+        while rx.try_recv().is_some() {}
+        assert!(ready.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(tx.try_send(delivery(1)), Sent::Queued);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        // Held wakes are not lost when the holder goes away.
+        while rx.try_recv().is_some() {}
+        assert!(ready.as_mut().poll(&mut cx).is_pending());
+        held.route(|| tx.try_send(delivery(1)));
+        drop(held);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -85,7 +85,7 @@ use crate::broker::bridge;
 use crate::stream::StreamHandle;
 use crate::subject::mapping::Mappings;
 
-pub use deliveries::{delivery_queue, DeliveryRx, DeliveryTx, Sent};
+pub use deliveries::{delivery_queue, DeliveryRx, DeliveryTx, Sent, Wakes};
 use queues::NO_INTEREST_MAX;
 pub use queues::{Delivery, Msg, NoInterest, Outbox, Push, QueueBudget, DELIVERY_OVERHEAD};
 pub use streams::StreamSet;

@@ -7,9 +7,7 @@
 //! messages and deliveries on, and read followed streams, 4. write, 5.
 //! sleep until something happens.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use smol::channel::{bounded, Receiver, Sender};
@@ -20,7 +18,7 @@ use super::{refuse_client_id, save, Ctx, HANDOVER_TIMEOUT, READ_BATCH, SAVE_EVER
 use crate::broker::persist::{claim, log_id, Claim};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
 use crate::mqtt::{CloseReason, Event, Limits, Session, SubRequest};
-use crate::router::{delivery_queue, ConnId, DeliveryRx, DeliveryTx};
+use crate::router::{delivery_queue, ConnId, DeliveryRx, DeliveryTx, Wakes};
 use crate::server::driver::{self, Common, Deadline, Turn};
 use crate::server::outbound::{Outbound, WRITE_BUDGET};
 use crate::server::transport::Transport;
@@ -42,21 +40,26 @@ enum Wake {
     Common(Common),
 }
 
-/// The captured publishes of one read, handed to their streams together:
-/// first every live delivery of the batch (the router queued them; one
-/// yield lets the subscribers' tasks write them, each in one write), then
-/// the stream submits, in order, which wake each stream's thread about
-/// once per batch instead of once per message (a wake can preempt this
-/// thread, and costs more than the write of a small message).
+/// The publishes of one read, handed on together: first every live
+/// delivery of the batch (the router queued them, their subscribers' tasks
+/// are woken once the batch is routed, [`Wakes`], and one yield lets them
+/// write it, each in one write), then the captured ones to their streams,
+/// in order, which wakes each stream's thread about once per batch instead
+/// of once per message (a wake can preempt this thread, and costs more
+/// than the write of a small message).
 #[derive(Default)]
 struct StoreBatch {
     msgs: Vec<(StreamHandle, Message, Option<u16>)>,
     /// Some message of the batch went to live subscribers.
     routed: bool,
+    /// The subscribers' tasks to wake at the end of the batch.
+    wakes: Wakes,
 }
 
 impl StoreBatch {
+    /// The batch ends: wake its subscribers, then store what it captured.
     async fn submit(&mut self, acks: &mut AckQueue<u16>) {
+        self.wakes.wake_all();
         if self.msgs.is_empty() {
             return;
         }
@@ -280,6 +283,8 @@ impl<'c, T: Transport> Conn<'c, T> {
     async fn publish(&mut self, p: Publish, ack: Option<u16>) {
         let ingest = Ingest::new(self.ctx.broker);
         if p.retain {
+            // Deliveries routed so far do not wait for the disk.
+            self.batch.wakes.wake_all();
             let store = self.ctx.retained.clone();
             let (s, pl, h, q) = (
                 p.subject.clone(),
@@ -305,7 +310,12 @@ impl<'c, T: Transport> Conn<'c, T> {
             }
         }
         let publisher = self.session.permissions().cloned();
-        match ingest.route_mqtt(p, publisher, self.now) {
+        let now = self.now;
+        match self
+            .batch
+            .wakes
+            .route(|| ingest.route_mqtt(p, publisher, now))
+        {
             (routed, Some(c)) => {
                 self.batch.routed |= routed;
                 self.batch.msgs.push((c.stream.clone(), c.message, ack));
@@ -626,7 +636,10 @@ impl<'c, T: Transport> Conn<'c, T> {
             deliver_rx.ready().await;
             Wake::Deliver
         });
-        read_first(read, owed)
+        // Polling `read` first costs nothing when a delivery woke the task:
+        // a socket whose last read found nothing is read again only once
+        // it is readable ([`crate::server::transport::Tcp`]).
+        read.or(owed)
             .or(async { Wake::Common(driver::wait_common(acks, shutdown, timer).await) })
             .or(async {
                 let _ = kick_rx.recv().await;
@@ -725,29 +738,6 @@ impl<'c, T: Transport> Conn<'c, T> {
             wills.forget(id, token).await;
         }
     }
-}
-
-/// `read` or `owed`, whichever is ready: `read` first on the first poll
-/// (each turn sees the client's input, however busy deliveries keep the
-/// connection), `owed` first on later ones: a wake-up by a delivery then
-/// costs no read system call that finds nothing (two per batch of
-/// deliveries before: half of a fan-out's system calls).
-async fn read_first(read: impl Future<Output = Wake>, owed: impl Future<Output = Wake>) -> Wake {
-    let (mut read, mut owed) = (std::pin::pin!(read), std::pin::pin!(owed));
-    let mut first = true;
-    std::future::poll_fn(|cx| {
-        if std::mem::take(&mut first) {
-            if let Poll::Ready(w) = read.as_mut().poll(cx) {
-                return Poll::Ready(w);
-            }
-            return owed.as_mut().poll(cx);
-        }
-        if let Poll::Ready(w) = owed.as_mut().poll(cx) {
-            return Poll::Ready(w);
-        }
-        read.as_mut().poll(cx)
-    })
-    .await
 }
 
 /// Resolve when any of `streams` reaches its sequence.

@@ -80,7 +80,7 @@ use crate::mqtt::{Limits, Session};
 use crate::router::Broker;
 
 use super::accept::{self, Accept};
-use super::transport::{Link, Plain, Stream};
+use super::transport::{Link, Plain, Stream, Tcp};
 
 pub use conn::connection;
 pub use wills::{publish_will, DelayedWills};
@@ -193,6 +193,7 @@ async fn serve_one(
         sessions: &sessions,
     };
     let timeout = limits.connect_timeout;
+    let sock = Tcp::from(sock);
     let why = match framing.tls {
         None => {
             let sock: Stream = Box::new(sock);
