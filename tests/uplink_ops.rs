@@ -688,12 +688,7 @@ async fn forged_msg_ids_in_the_hub_stream_do_not_make_frond_skip_messages() {
     let publ = Publisher::new(frond.mqtt_port, "dev1", TOPIC, "real");
     publ.publish(0..30, LONG).await;
     hub.wait_count_at_least("FLEET", 40 + 30, LONG).await;
-    wait_until("the mirror is drained", LONG, || async {
-        mirror_status(&frond, "TELEMETRY")
-            .await
-            .is_some_and(|m| m["lag"]["msgs"] == 0)
-    })
-    .await;
+    wait_drained(&frond).await;
     let msgs = hub.read_all("FLEET").await;
     let (forged, real): (Vec<HubMsg>, Vec<HubMsg>) =
         msgs.into_iter().partition(|m| m.payload == "forged");
@@ -710,19 +705,7 @@ async fn forged_msg_ids_in_the_hub_stream_do_not_make_frond_skip_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_batch_ids_in_an_ordered_hub_stream_are_not_believed() {
     let hub = NatsServer::start().await;
-    let cfg = serde_json::json!({
-        "name": "FLEET", "subjects": ["fleet.>"], "storage": "file",
-        "duplicate_window": Duration::from_secs(120).as_nanos() as u64,
-        "allow_atomic": true, "allow_direct": true,
-    });
-    let reply = hub
-        .client()
-        .await
-        .request("$JS.API.STREAM.CREATE.FLEET", cfg.to_string().into())
-        .await
-        .expect("stream create answered");
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    assert!(v["config"]["allow_atomic"] == true, "{v}");
+    create_atomic_fleet(&hub).await;
     let js = hub.jetstream().await;
     for k in 1..=40u64 {
         let mut h = async_nats::HeaderMap::new();
@@ -746,12 +729,7 @@ async fn forged_batch_ids_in_an_ordered_hub_stream_are_not_believed() {
     wait_lag(&frond, "TELEMETRY", 300).await;
     proxy.set_blocked(false);
     hub.wait_count_at_least("FLEET", 40 + 300, LONG).await;
-    wait_until("the mirror is drained", LONG, || async {
-        mirror_status(&frond, "TELEMETRY")
-            .await
-            .is_some_and(|m| m["lag"]["msgs"] == 0)
-    })
-    .await;
+    wait_drained(&frond).await;
     let msgs = hub.read_all("FLEET").await;
     let (forged, real): (Vec<HubMsg>, Vec<HubMsg>) =
         msgs.into_iter().partition(|m| m.payload == "forged");
@@ -812,6 +790,34 @@ async fn a_damaged_id_key_shows_each_mirror_in_error() {
     frond.terminate();
 }
 
+/// Creates hub stream FLEET (`fleet.>`, file, 120 s duplicate window)
+/// with `allow_atomic`, so frond mirrors into it in ordered mode.
+async fn create_atomic_fleet(hub: &NatsServer) {
+    let cfg = serde_json::json!({
+        "name": "FLEET", "subjects": ["fleet.>"], "storage": "file",
+        "duplicate_window": Duration::from_secs(120).as_nanos() as u64,
+        "allow_atomic": true, "allow_direct": true,
+    });
+    let reply = hub
+        .client()
+        .await
+        .request("$JS.API.STREAM.CREATE.FLEET", cfg.to_string().into())
+        .await
+        .expect("stream create answered");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(v["config"]["allow_atomic"] == true, "{v}");
+}
+
+/// Waits until frond's TELEMETRY mirror reports no lag.
+async fn wait_drained(frond: &Frond) {
+    wait_until("the mirror is drained", LONG, || async {
+        mirror_status(frond, "TELEMETRY")
+            .await
+            .is_some_and(|m| m["lag"]["msgs"] == 0)
+    })
+    .await;
+}
+
 /// The next message on `sub` for which `f` returns a value, within LONG.
 async fn next_where<T>(
     sub: &mut async_nats::Subscriber,
@@ -845,18 +851,8 @@ async fn next_where<T>(
 async fn an_abandoned_staged_body_is_killed_on_the_hub_at_once() {
     const N: usize = 600;
     let hub = NatsServer::start().await;
-    let cfg = serde_json::json!({
-        "name": "FLEET", "subjects": ["fleet.>"], "storage": "file",
-        "duplicate_window": Duration::from_secs(120).as_nanos() as u64,
-        "allow_atomic": true, "allow_direct": true,
-    });
+    create_atomic_fleet(&hub).await;
     let hc = hub.client().await;
-    let reply = hc
-        .request("$JS.API.STREAM.CREATE.FLEET", cfg.to_string().into())
-        .await
-        .expect("stream create answered");
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    assert!(v["config"]["allow_atomic"] == true, "{v}");
     let mut wire = hc.subscribe("fleet.>").await.expect("subscribe");
     let mut advisories = hc
         .subscribe("$JS.EVENT.ADVISORY.STREAM.BATCH_ABANDONED.FLEET")
@@ -922,12 +918,7 @@ async fn an_abandoned_staged_body_is_killed_on_the_hub_at_once() {
         "dropped on the kill's gap, not at its timeout"
     );
     hub.wait_count_at_least("FLEET", N as u64, LONG).await;
-    wait_until("the mirror is drained", LONG, || async {
-        mirror_status(&frond, "TELEMETRY")
-            .await
-            .is_some_and(|m| m["lag"]["msgs"] == 0)
-    })
-    .await;
+    wait_drained(&frond).await;
     let msgs = hub.read_all("FLEET").await;
     assert_exact_mirror(&msgs, &payloads("m", 0..N), "truck1", SUBJECT);
 }

@@ -511,13 +511,9 @@ fn disconnect_mid_window_resends_only_missing() {
     assert_eq!(w.m.status().sent, 8 + 3, "only 6..8 were sent again");
 }
 
-/// The hub stream is deleted and recreated while frond is connected;
-/// other nodes publish into the new stream, and so does this mirror, whose
-/// acks are lost. The new stream grows past the scan floor of the old one
-/// before the next resync: the scan starts at the new stream's first
-/// message, so nothing is published twice (beyond the duplicate window).
-#[test]
-fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
+/// A mirror (batches of 8) that sent 20 messages into hub stream
+/// incarnation "A", drained.
+fn mirrored_20_into_a() -> World {
     let mut w = World::new(params("", 8));
     w.hub.created = "A".into();
     for _ in 0..20 {
@@ -525,6 +521,17 @@ fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
     }
     w.connect();
     w.settle();
+    w
+}
+
+/// The hub stream is deleted and recreated while frond is connected;
+/// other nodes publish into the new stream, and so does this mirror, whose
+/// acks are lost. The new stream grows past the scan floor of the old one
+/// before the next resync: the scan starts at the new stream's first
+/// message, so nothing is published twice (beyond the duplicate window).
+#[test]
+fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
+    let mut w = mirrored_20_into_a();
     assert_eq!(w.hub.ours(), (1..=20).collect::<Vec<_>>());
     // Recreated, with two foreign messages first.
     w.hub.msgs.clear();
@@ -565,13 +572,7 @@ fn a_hub_stream_recreated_while_connected_is_scanned_from_its_start() {
 /// read or sent until the stream holds the floor again.
 #[test]
 fn a_lagging_stream_info_with_the_same_created_is_not_a_recreation() {
-    let mut w = World::new(params("", 8));
-    w.hub.created = "A".into();
-    for _ in 0..20 {
-        w.append(5);
-    }
-    w.connect();
-    w.settle();
+    let mut w = mirrored_20_into_a();
     w.hub.lag = 15;
     w.disconnect(0);
     w.append(5);
@@ -604,13 +605,7 @@ fn a_lagging_stream_info_with_the_same_created_is_not_a_recreation() {
 /// starts after H = 20 and 21..23 are stored twice.)
 #[test]
 fn a_restart_finds_a_hub_stream_recreated_and_grown_past_the_cursor() {
-    let mut w = World::new(params("", 8));
-    w.hub.created = "A".into();
-    for _ in 0..20 {
-        w.append(5);
-    }
-    w.connect();
-    w.settle();
+    let mut w = mirrored_20_into_a();
     w.hub.msgs.clear();
     w.hub.created = "B".into();
     let foreign = |w: &mut World, n: usize| {
@@ -666,13 +661,7 @@ fn a_restart_finds_a_hub_stream_recreated_and_grown_past_the_cursor() {
 /// from 1, as before).
 #[test]
 fn a_restart_with_the_same_created_and_a_lagging_replica_waits() {
-    let mut w = World::new(params("", 8));
-    w.hub.created = "A".into();
-    for _ in 0..20 {
-        w.append(5);
-    }
-    w.connect();
-    w.settle();
+    let mut w = mirrored_20_into_a();
     let record = w.m.cursor();
     assert_eq!(record.created.as_deref(), Some("A"));
     for (created, rescan) in [(record.created.clone(), false), (None, true)] {
@@ -724,13 +713,7 @@ fn a_restart_with_the_same_created_and_a_lagging_replica_waits() {
 #[test]
 fn a_hub_that_lost_acknowledged_messages_gets_them_again_once() {
     for restart in [false, true] {
-        let mut w = World::new(params("", 8));
-        w.hub.created = "A".into();
-        for _ in 0..20 {
-            w.append(5);
-        }
-        w.connect();
-        w.settle();
+        let mut w = mirrored_20_into_a();
         w.hub
             .msgs
             .push(("x.y".into(), Some("n2:S:1:t".into()), 0, vec![1]));
