@@ -45,24 +45,19 @@
 //!   (`max_inflight`) of later ones, never after more. It is still stored
 //!   exactly once.
 //! - A recreated hub stream breaks the floor's premise (its sequences
-//!   restart, so a publish sent after observing s may be stored at or
-//!   below s, and its lost ack would leave it below the scan). The
-//!   resync's `STREAM.INFO` tells by its `created`, which the cursor
-//!   record keeps with H (so also on the first resync after a restart):
-//!   another `created` than the record's or the last resync's, or (only
-//!   while it is unknown, e.g. a record of an earlier release) a last
+//!   restart: a publish sent after observing s may be stored at or below
+//!   s, and its lost ack would leave it below the scan). The resync's
+//!   `STREAM.INFO` tells by its `created`, which the cursor record keeps
+//!   with H: another `created` than the record's or the last resync's, or
+//!   (only while it is unknown, e.g. an earlier release's record) a last
 //!   sequence below the floor. The scan then starts at the stream's first
-//!   message, with a warning and `recreated` in status; local messages the
-//!   deleted stream acknowledged are not sent again. The same `created`
-//!   with a last sequence below the floor is not a recreation: from a
-//!   replica of a stream without a leader (no `cluster.leader` in the
-//!   answer) it is a replica that lags: nothing is sent, the check is
-//!   repeated while there is no leader. From the leader (or a standalone
-//!   server) the hub lost acknowledged messages (a restored backup, a
-//!   memory stream after a cluster restart, a crash losing its unsynced
-//!   tail): L drops by the lost count plus one window, the whole stream
-//!   is scanned (so nothing still stored is sent twice) and what it lacks
-//!   is sent again once, with a warning and `recreated` in status
+//!   message (warning, `recreated` in status); what the deleted stream
+//!   acknowledged is not sent again. The same `created` below the floor
+//!   from a replica without a leader (no `cluster.leader`) is a lagging
+//!   replica: nothing is sent until there is a leader. From the leader or
+//!   a standalone server the hub lost acknowledged messages (a restored
+//!   backup, a crash): L drops by the lost count plus one window, the
+//!   whole stream is scanned and what it lacks is sent again once
 //!   (`mirror_scan.rs`).
 //! - Resync cost: the scan reads every hub message matching the filter
 //!   after F. With a `subject_prefix` the filter is `<prefix>>`, so only this
