@@ -261,9 +261,9 @@ pub(super) struct Pipe {
 }
 
 impl Pipe {
-    /// A fault or a new connection: a staged body is never committed (the
-    /// hub drops it at its batch timeout or with its leader), and the next
-    /// batch goes alone until one is stored whole.
+    /// A fault or a new connection: a staged body is never committed (its
+    /// [`Kill`] closes it on the hub), and the next batch goes alone until
+    /// one is stored whole.
     fn abandon(&mut self) -> Option<(u64, u64)> {
         self.proven = false;
         self.stage_at = None;
@@ -287,7 +287,7 @@ impl Mirror {
     pub(super) fn abandon_staged(&mut self) {
         if let Some((a, b)) = self.pipe.abandon() {
             self.events.push_back(Event::Warning(format!(
-                "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: the hub drops it (batch timeout or leader change); it is sent again after the resync",
+                "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: it is closed on the hub and sent again after the resync",
                 self.p.hub_stream
             )));
         }
