@@ -449,6 +449,13 @@ async fn a_hub_stream_recreated_and_grown_past_the_cursor_while_connected_is_cop
     let hub = NatsCluster::start(3).await;
     create_commands(hub.live(), 3).await;
     let frond = Frond::start_new(spec(hub.nodes[0].url(), "poll_interval = \"120s\"")).await;
+    // Once frond has checked the hub stream, its wake subscription is in
+    // place on this node (sent before the check): the next publish wakes it.
+    let created = |v: &serde_json::Value| v["uplink"]["sources"][0]["hub_created"] != "";
+    wait_until("frond has checked the hub stream", LONG, || async {
+        frond.varz().await.is_some_and(|v| created(&v))
+    })
+    .await;
     hub_publish(hub.live(), HUB_SUBJECT, &payloads("old", 0..20)).await;
     assert_exact(&wait_local(&frond, 20).await, &payloads("old", 0..20));
     let hub_seq = |v: &serde_json::Value| v["uplink"]["sources"][0]["hub_seq"].as_u64();

@@ -24,7 +24,10 @@
 //! group for R3, timers) per gateway.
 //!
 //! Wake-up: one core subscription on the filter (or, without one, on the
-//! hub stream's subjects) tells the node that something was published. A
+//! hub stream's subjects) tells the node that something was published.
+//! It is in place before the first read of a connection can miss a
+//! message (sent before the first `STREAM.INFO`, or followed by a probe
+//! when the subjects come from that answer). A
 //! wake schedules a fetch (coalesced: at most one request in flight); a
 //! fetch after a wake that finds nothing is retried a few times shortly
 //! after (a follower may lag), then the hub stream is checked with
@@ -272,6 +275,8 @@ pub struct Source {
     inbox_sid: u64,
     wake_sids: Vec<u64>,
     wake_subscribed: bool,
+    /// This connection's first `STREAM.INFO` was answered.
+    checked: bool,
     /// A wake came while a request was in flight.
     woken: bool,
     /// Empty fetches left to retry after the last wake; `after_wake`:
@@ -382,6 +387,7 @@ impl Source {
             inbox_sid: 0,
             wake_sids: Vec::new(),
             wake_subscribed: false,
+            checked: false,
             woken: false,
             wake_retries: 0,
             after_wake: false,
@@ -413,8 +419,17 @@ impl Source {
     /// sequence is stale when copies follow it, and a record written
     /// after a recreation must not let the next scan take those copies
     /// of the old stream for the new one's).
+    ///
+    /// A record that the local stream has grown past (a crash between
+    /// append and record) is written again at once: else, with nothing
+    /// new to copy, it stays behind, and once retention removed those
+    /// copies a restart would copy them again.
     pub fn handle_scanned(&mut self, local_last_seq: u64) {
+        let grew = local_last_seq > self.local_seq;
         self.local_seq = self.local_seq.max(local_last_seq);
+        if grew && self.have_cursor && !self.created.is_empty() {
+            self.persist();
+        }
     }
 
     pub fn params(&self) -> &SourceParams {
@@ -441,10 +456,16 @@ impl Source {
         self.inbox_sid = inbox_sid;
         self.wake_sids = wake_sids;
         self.wake_subscribed = false;
+        self.checked = false;
         self.commands.push_back(Command::Subscribe {
             subject: format!("{}.*", self.inbox),
             sid: inbox_sid,
         });
+        // With a filter the wake subscription goes before the first
+        // `STREAM.INFO`: a message stored after that answer wakes us.
+        if self.p.filter.is_some() {
+            self.subscribe_wake(&[]);
+        }
         if !self.is_storing() {
             self.phase = Phase::Idle;
         }
@@ -508,7 +529,9 @@ impl Source {
     fn handle_wake(&mut self, now: Instant) {
         self.wake_retries = WAKE_RETRIES;
         self.after_wake = true;
-        if self.phase == Phase::Idle && !self.in_error {
+        // Before this connection's first `STREAM.INFO` answer the hub
+        // stream's identity is unproven: the wake waits for it.
+        if self.phase == Phase::Idle && !self.in_error && self.checked {
             self.timer = self.timer.filter(|(_, d)| *d == Due::Info);
             self.fetch(now);
         } else {
@@ -795,7 +818,12 @@ impl Source {
         }
         let last = info.state.last_seq;
         self.st.hub_last_seq = last;
-        if !self.wake_subscribed {
+        // Without a filter the wake subjects are the stream's, known only
+        // now: a message stored between this answer and the subscription
+        // would wait for the poll, so a probe follows the subscription.
+        self.checked = true;
+        let late_wake = !self.wake_subscribed;
+        if late_wake {
             self.subscribe_wake(&config.subjects);
         }
         if self.have_cursor
@@ -826,6 +854,8 @@ impl Source {
         if last > self.hub_seq || start_time || self.woken {
             self.woken = false;
             self.fetch(now);
+        } else if late_wake {
+            self.probe(now);
         } else {
             self.st.pending = 0;
         }

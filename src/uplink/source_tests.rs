@@ -207,12 +207,18 @@ fn origin_header_round_trip() {
 #[test]
 fn check_fetch_store_in_order_with_the_transform() {
     let mut h = H::new(SourceStart::All, None, None);
-    assert!(h.commands().iter().any(|c| matches!(c,
-        Command::Subscribe { subject, sid: INBOX_SID } if subject == "_INBOX.tok.*")));
+    // Inbox and wake subscriptions at once, before the check: a message
+    // stored after the check's answer wakes the node.
+    let cmds = h.commands();
+    assert!(
+        matches!(&cmds[..], [
+        Command::Subscribe { subject: inbox, sid: INBOX_SID },
+        Command::Subscribe { subject: wake, sid: WAKE_SID },
+    ] if inbox == "_INBOX.tok.*" && wake == "cmd.truck-042.>"),
+        "{cmds:?}"
+    );
     h.info("T1", 2, true);
     let cmds = h.commands();
-    assert!(cmds.iter().any(|c| matches!(c,
-        Command::Subscribe { subject, sid: WAKE_SID } if subject == "cmd.truck-042.>")));
     let Some(Command::Publish {
         subject,
         reply,
@@ -906,4 +912,70 @@ fn idle_polls_and_wake_retries_are_unanchored_probes() {
     h.s.handle_msg(at, INBOX_SID, &reply, Some(&eob(0)), b"");
     let b = h.s.poll_batch().unwrap();
     assert_eq!(b.msgs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![7]);
+}
+
+/// A wake that comes before the connection's first `STREAM.INFO` answer
+/// (the wake subscription goes first) reads nothing until the answer
+/// proves the hub stream's identity; then it is read at once.
+#[test]
+fn a_wake_before_the_first_check_waits_for_its_answer() {
+    let mut h = H::new(SourceStart::All, Some(record("T1", 2)), None);
+    h.commands();
+    h.s.handle_msg(h.t0, WAKE_SID, "cmd.truck-042.reboot", None, b"x");
+    assert!(
+        !h.commands().iter().any(|c| matches!(c,
+            Command::Publish { subject, .. } if subject.starts_with("$JS.API.DIRECT.GET"))),
+        "no read before the check"
+    );
+    h.info("T1", 2, true);
+    let (subj, _, _) = h.last_request();
+    assert_eq!(subj, "$JS.API.DIRECT.GET.COMMANDS", "the wake is served");
+}
+
+/// Without a filter the wake subjects come from the first check's
+/// answer, so the subscription follows it; a message stored in between
+/// would wait for the poll, so a probe follows the subscription.
+#[test]
+fn without_a_filter_a_probe_follows_the_late_wake_subscription() {
+    let mut p = params(SourceStart::All);
+    p.filter = None;
+    p.transform = None;
+    let t0 = Instant::now();
+    let mut s = Source::new(p, Some(record("T1", 2)), None);
+    s.handle_connected(t0, INBOX_SID, vec![WAKE_SID], "tok");
+    let mut h = H { s, t0 };
+    let cmds = h.commands();
+    assert_eq!(cmds.len(), 1, "only the inbox before the check: {cmds:?}");
+    h.info("T1", 2, true);
+    let cmds = h.commands();
+    let wake = cmds.iter().position(|c| {
+        matches!(c,
+        Command::Subscribe { subject, sid: WAKE_SID } if subject == "cmd.>")
+    });
+    let get = cmds.iter().position(|c| {
+        matches!(c,
+        Command::Publish { subject, .. } if subject == "$JS.API.DIRECT.GET.COMMANDS")
+    });
+    assert!(
+        matches!((wake, get), (Some(w), Some(g)) if w < g),
+        "{cmds:?}"
+    );
+}
+
+/// Copies past the record (a crash between append and record) are
+/// recorded at start, before anything new comes: the record must not
+/// stay behind copies that retention may remove.
+#[test]
+fn a_record_behind_the_local_copies_is_written_again_at_start() {
+    let mut rec = record("T1", 12);
+    rec.local_seq = 10;
+    let mut s = Source::new(params(SourceStart::All), Some(rec), Some(14));
+    assert!(s.poll_cursor().is_none());
+    s.handle_scanned(12);
+    let c = s.poll_cursor().expect("a new record");
+    assert_eq!((c.created.as_str(), c.hub_seq, c.local_seq), ("T1", 14, 12));
+    // Nothing past the record: nothing to write.
+    let mut s = Source::new(params(SourceStart::All), Some(record("T1", 12)), None);
+    s.handle_scanned(0);
+    assert!(s.poll_cursor().is_none());
 }
