@@ -534,7 +534,12 @@ fn dial(addr: &str) -> Result<TcpStream, String> {
 /// One blocking MQTT 3.1.1 client connection (bench helper).
 struct MqttConn {
     s: TcpStream,
+    /// Received bytes; `inbuf[pos..]` is not decoded yet. Consumed bytes
+    /// are dropped once per read, not once per packet (which made
+    /// decoding a 64 KiB read quadratic: the more deliveries a broker
+    /// wrote at once, the slower this client read them).
     inbuf: Vec<u8>,
+    pos: usize,
     chunk: Vec<u8>,
     out: Vec<u8>,
     next_id: u16,
@@ -546,6 +551,7 @@ impl MqttConn {
         let mut c = MqttConn {
             s,
             inbuf: Vec::new(),
+            pos: 0,
             chunk: vec![0u8; 64 * 1024],
             out: Vec::new(),
             next_id: 1,
@@ -580,9 +586,10 @@ impl MqttConn {
 
     fn next_packet(&mut self) -> Result<Packet, String> {
         loop {
-            match mqtt::decode(&self.inbuf, Some(Version::V311), 1 << 28) {
+            let undecoded = self.inbuf.get(self.pos..).unwrap_or_default();
+            match mqtt::decode(undecoded, Some(Version::V311), 1 << 28) {
                 Ok(Some((p, used))) => {
-                    self.inbuf.drain(..used);
+                    self.pos += used;
                     return Ok(p);
                 }
                 Ok(None) => {}
@@ -595,6 +602,8 @@ impl MqttConn {
             if n == 0 {
                 return Err("bench: broker closed the connection".into());
             }
+            self.inbuf.drain(..self.pos.min(self.inbuf.len()));
+            self.pos = 0;
             self.inbuf
                 .extend_from_slice(self.chunk.get(..n).unwrap_or_default());
         }

@@ -62,6 +62,7 @@
 //!   again (at least once; DUP set for those known to have been sent).
 
 mod conn;
+mod linger;
 mod wills;
 
 use std::sync::atomic::Ordering;
@@ -136,6 +137,7 @@ pub async fn serve(
         max_subscriptions: cfg.max_subscriptions,
         max_topic_length: cfg.max_topic_length,
         max_topic_levels: cfg.max_topic_levels,
+        delivery_linger: cfg.delivery_linger,
     };
     let accept = Accept {
         name: "mqtt",
