@@ -61,10 +61,6 @@ pub struct MqttConfig {
     pub max_topic_length: usize,
     /// Most levels (`/`-separated) in a topic name or filter.
     pub max_topic_levels: usize,
-    /// A subscriber the network thread is behind on has its next
-    /// deliveries written together, up to this long after its last write
-    /// (0: each batch at once); see `server::mqtt::linger`.
-    pub delivery_linger: Duration,
 }
 
 #[derive(Deserialize)]
@@ -96,8 +92,6 @@ pub(super) struct RawMqtt {
     #[serde(deserialize_with = "de_size")]
     max_topic_length: u64,
     max_topic_levels: usize,
-    #[serde(deserialize_with = "de_duration")]
-    delivery_linger: Duration,
 }
 
 impl Default for RawMqtt {
@@ -120,7 +114,6 @@ impl Default for RawMqtt {
             max_subscriptions: 1000,
             max_topic_length: 4096,
             max_topic_levels: 64,
-            delivery_linger: Duration::from_micros(500),
         }
     }
 }
@@ -176,9 +169,6 @@ impl RawMqtt {
         if self.connect_timeout.is_zero() {
             return err("mqtt.connect_timeout: must be more than 0");
         }
-        if self.delivery_linger > Duration::from_millis(100) {
-            return err("mqtt.delivery_linger: must be at most 100ms (it delays deliveries to busy subscribers; 0 turns it off)");
-        }
         if !(1..=65_535).contains(&self.max_topic_length) {
             return err("mqtt.max_topic_length: must be between 1 and 65535 bytes");
         }
@@ -204,7 +194,6 @@ impl RawMqtt {
             max_subscriptions: self.max_subscriptions,
             max_topic_length: self.max_topic_length as usize,
             max_topic_levels: self.max_topic_levels,
-            delivery_linger: self.delivery_linger,
         })
     }
 }

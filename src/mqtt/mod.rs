@@ -87,9 +87,6 @@ pub struct Limits {
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_levels: usize,
-    /// For the shell: how long a subscriber under load may wait to have
-    /// its deliveries written together (`mqtt.delivery_linger`).
-    pub delivery_linger: Duration,
 }
 
 /// Work for the shell.

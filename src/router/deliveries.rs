@@ -18,10 +18,6 @@
 //!   bursts (up to [`KEEP`] slots; a longer one shrinks back once
 //!   emptied), and the waker is stored only while the task waits on an
 //!   empty queue (one wake-up per batch, not per delivery).
-//! - The task waits either for the first delivery ([`DeliveryRx::ready`])
-//!   or, lingering, for a batch of a given count or bytes
-//!   ([`DeliveryRx::filled`]); a send wakes it only once the awaited
-//!   amount waits.
 //! - Dropping the receiver closes the queue: what waits is dropped (its
 //!   bytes given back) and every later send fails with [`Sent::Closed`].
 //! - A publisher may hold the wake-ups its routing causes until the end of
@@ -66,27 +62,9 @@ struct Shared {
 #[derive(Default)]
 struct State {
     items: VecDeque<Delivery>,
-    /// [`Delivery::cost`] of `items`.
-    bytes: usize,
-    /// The receiver's task, while it waits for `want`.
+    /// The receiver's task, while it waits on an empty queue.
     waker: Option<Waker>,
-    want: Want,
     closed: bool,
-}
-
-/// What the waiting receiver waits for: `count` deliveries or `bytes`
-/// of them, whichever comes first (at least one).
-#[derive(Clone, Copy, Default)]
-struct Want {
-    count: usize,
-    bytes: usize,
-}
-
-impl State {
-    fn enough(&self) -> bool {
-        !self.items.is_empty()
-            && (self.items.len() >= self.want.count || self.bytes >= self.want.bytes)
-    }
 }
 
 impl Shared {
@@ -127,9 +105,8 @@ impl DeliveryTx {
                 return Sent::Full;
             }
         }
-        st.bytes += d.cost();
         st.items.push_back(d);
-        let waker = if st.enough() { st.waker.take() } else { None };
+        let waker = st.waker.take();
         drop(st);
         if let Some(w) = waker {
             wake_or_hold(w);
@@ -164,7 +141,6 @@ impl DeliveryRx {
         let s = &*self.0;
         let mut st = lock(&s.state);
         let d = st.items.pop_front()?;
-        st.bytes = st.bytes.saturating_sub(d.cost());
         if st.items.is_empty() && st.items.capacity() > KEEP {
             st.items.shrink_to(KEEP);
         }
@@ -183,26 +159,12 @@ impl DeliveryRx {
         self.len() == 0
     }
 
-    /// How many deliveries wait, and since when the oldest was routed.
-    pub fn waiting(&self) -> (usize, Option<std::time::Instant>) {
-        let st = lock(&self.0.state);
-        (st.items.len(), st.items.front().map(|d| d.at))
-    }
-
     /// Resolves once a delivery waits (at once if one does). One waiting
     /// task at a time: the receiver is not shared.
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
-        self.filled(1, 0)
-    }
-
-    /// Resolves once `count` deliveries or `bytes` of them wait (at
-    /// least one; at once if they do).
-    pub fn filled(&self, count: usize, bytes: usize) -> impl Future<Output = ()> + '_ {
-        let want = Want { count, bytes };
-        std::future::poll_fn(move |cx| {
+        std::future::poll_fn(|cx| {
             let mut st = lock(&self.0.state);
-            st.want = want;
-            if st.enough() {
+            if !st.items.is_empty() {
                 st.waker = None;
                 return Poll::Ready(());
             }
@@ -285,7 +247,6 @@ impl Drop for DeliveryRx {
         st.closed = true;
         st.waker = None;
         let items = std::mem::take(&mut st.items);
-        st.bytes = 0;
         drop(st);
         for d in &items {
             s.release(d);
@@ -388,59 +349,6 @@ mod tests {
         assert!(ready.as_mut().poll(&mut cx).is_pending());
         assert_eq!(tx.try_send(delivery(1)), Sent::Queued);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn a_lingering_task_wakes_once_its_count_or_bytes_wait() {
-        let (tx, rx) = delivery_queue(100, None);
-        let wakes = Arc::new(CountWakes::default());
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let cost = delivery(10).cost();
-        // Four deliveries or the bytes of three, whichever comes first.
-        let mut filled = Box::pin(rx.filled(4, 3 * cost));
-        assert!(filled.as_mut().poll(&mut cx).is_pending());
-        tx.try_send(delivery(10));
-        tx.try_send(delivery(10));
-        assert!(filled.as_mut().poll(&mut cx).is_pending(), "two: not yet");
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
-        tx.try_send(delivery(10));
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the bytes of three");
-        assert!(filled.as_mut().poll(&mut cx).is_ready());
-        drop(filled);
-        // By count: small deliveries.
-        while rx.try_recv().is_some() {}
-        let mut filled = Box::pin(rx.filled(4, 1 << 20));
-        assert!(filled.as_mut().poll(&mut cx).is_pending());
-        for _ in 0..3 {
-            tx.try_send(delivery(0));
-        }
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "three: not yet");
-        tx.try_send(delivery(0));
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2, "four");
-        assert!(filled.as_mut().poll(&mut cx).is_ready());
-        drop(filled);
-        // Taking deliveries out gives their bytes back to the count.
-        while rx.try_recv().is_some() {}
-        let mut filled = Box::pin(rx.filled(100, 2 * cost));
-        tx.try_send(delivery(10));
-        assert!(filled.as_mut().poll(&mut cx).is_pending());
-        assert!(rx.try_recv().is_some());
-        tx.try_send(delivery(10));
-        assert!(
-            filled.as_mut().poll(&mut cx).is_pending(),
-            "one waits, not two"
-        );
-        tx.try_send(delivery(10));
-        assert!(filled.as_mut().poll(&mut cx).is_ready());
-        // Back to `ready`: one delivery is enough again.
-        drop(filled);
-        while rx.try_recv().is_some() {}
-        let mut ready = Box::pin(rx.ready());
-        assert!(ready.as_mut().poll(&mut cx).is_pending());
-        let before = wakes.0.load(Ordering::SeqCst);
-        tx.try_send(delivery(10));
-        assert_eq!(wakes.0.load(Ordering::SeqCst), before + 1);
     }
 
     #[test]

@@ -38,7 +38,6 @@ fn limits() -> Limits {
         max_subscriptions: 3,
         max_topic_length: 32,
         max_topic_levels: 4,
-        delivery_linger: Duration::ZERO,
     }
 }
 

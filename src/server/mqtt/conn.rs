@@ -14,7 +14,6 @@ use smol::channel::{bounded, Receiver, Sender};
 use smol::future::FutureExt;
 use smol::Timer;
 
-use super::linger::Linger;
 use super::{refuse_client_id, save, Ctx, HANDOVER_TIMEOUT, READ_BATCH, SAVE_EVERY};
 use crate::broker::persist::{claim, log_id, Claim};
 use crate::ingest::{AckError, AckQueue, Ingest, Publish, Refused};
@@ -114,7 +113,6 @@ struct Conn<'c, T> {
     /// The arming token of this connection's durable will.
     will_token: Option<u64>,
     now: Instant,
-    linger: Linger,
 }
 
 /// Serve one MQTT connection over `transport` until it ends; returns why.
@@ -188,7 +186,6 @@ impl<'c, T: Transport> Conn<'c, T> {
         let (deliver_tx, deliver_rx) = delivery_queue(max_queued, Some(owed.budget()));
         let (kick_tx, kick_rx) = bounded::<()>(1);
         let limits_auth = limits.auth.clone();
-        let (delivery_linger, max_queued_bytes) = (limits.delivery_linger, limits.max_queued_bytes);
         let now = Instant::now();
         Conn {
             ctx,
@@ -214,7 +211,6 @@ impl<'c, T: Transport> Conn<'c, T> {
             save_at: None,
             will_token: None,
             now,
-            linger: Linger::new(delivery_linger, max_queued, max_queued_bytes, now),
         }
     }
 
@@ -485,8 +481,6 @@ impl<'c, T: Transport> Conn<'c, T> {
     /// be more to pass on at once.
     async fn pass_on(&mut self) -> bool {
         let (broker, retained) = (self.ctx.broker, self.ctx.retained);
-        let (n, oldest) = self.deliver_rx.waiting();
-        self.linger.took(n, oldest, Instant::now());
         self.owed
             .pump(&mut self.session, broker, retained, &self.deliver_rx)
             .await;
@@ -585,7 +579,6 @@ impl<'c, T: Transport> Conn<'c, T> {
                 })
                 .await;
             crate::server::outbound::recycle_output(out);
-            self.linger.wrote(Instant::now());
             match written {
                 Some(Ok(())) => {}
                 Some(Err(e)) => return Err(format!("write failed: {e}")),
@@ -619,8 +612,6 @@ impl<'c, T: Transport> Conn<'c, T> {
             .filter(|(_, (_, broken))| room && !*broken)
             .filter_map(|(i, (s, _))| Some((s, session.stream_next(i)?)))
             .collect();
-        let linger_until = self.linger.until(Instant::now());
-        let (linger_count, linger_bytes) = (self.linger.count, self.linger.bytes);
         let (deliver_rx, kick_rx, acks) = (&self.deliver_rx, &self.kick_rx, &mut self.acks);
         let (transport, buf) = (&mut self.transport, &mut self.buf);
         let (timer, shutdown) = (&mut self.timer, &self.shutdown);
@@ -643,13 +634,6 @@ impl<'c, T: Transport> Conn<'c, T> {
                 return std::future::pending().await;
             }
             deliver_rx.ready().await;
-            if let Some(at) = linger_until {
-                async {
-                    Timer::at(at).await;
-                }
-                .or(deliver_rx.filled(linger_count, linger_bytes))
-                .await;
-            }
             Wake::Deliver
         });
         // Polling `read` first costs nothing when a delivery woke the task:

@@ -62,7 +62,6 @@
 //!   again (at least once; DUP set for those known to have been sent).
 
 mod conn;
-mod linger;
 mod wills;
 
 use std::sync::atomic::Ordering;
@@ -137,7 +136,6 @@ pub async fn serve(
         max_subscriptions: cfg.max_subscriptions,
         max_topic_length: cfg.max_topic_length,
         max_topic_levels: cfg.max_topic_levels,
-        delivery_linger: cfg.delivery_linger,
     };
     let accept = Accept {
         name: "mqtt",
