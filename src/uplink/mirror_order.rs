@@ -142,8 +142,8 @@
 //!
 //! A hub user who may publish to and subscribe on this node's hub
 //! subjects can commit a staged body (with a message of its own) before
-//! the batch ahead of it is stored, so that body lands first: each message
-//! still once, order broken. Such a user can copy, inject and reorder
+//! the batch ahead of it is stored, so that body lands first: order broken,
+//! a message may land twice (README, "ordered mode"). Such a user can copy, inject and reorder
 //! messages on those subjects anyway; frond guarantees only that it never
 //! loses nor duplicates what it sends, and keeps order absent such a user.
 //! `uplink.pipeline = false` keeps one batch on the wire for hubs that
