@@ -580,7 +580,7 @@ impl Mirror {
         self.inflight
             .values()
             .map(|i| i.lower_bound)
-            .fold(self.latest, u64::min)
+            .fold(self.latest.min(self.suspect_floor()), u64::min)
     }
 
     /// The hub subject filter used by the resync scan.
@@ -1025,10 +1025,14 @@ impl Mirror {
                 self.pump(now);
             }
             _ if !current => {} // a stale error: the window was already dropped
-            Reply::Duplicate { seq: hub_seq } => self.fault(
-                now,
-                format!("hub stream {} already holds the id of message {seq} (hub seq {hub_seq}); resyncing to check that copy before sending more", self.p.hub_stream),
-            ),
+            Reply::Duplicate { seq: hub_seq } => {
+                // The copy may lie below the floor (stored late): scan it.
+                self.latest = self.latest.min(hub_seq.saturating_sub(1));
+                self.fault(
+                    now,
+                    format!("hub stream {} already holds the id of message {seq} (hub seq {hub_seq}); resyncing to check that copy before sending more", self.p.hub_stream),
+                )
+            }
             Reply::ApiErr(e) if e.err_code == ERR_STREAM_NOT_FOUND => self.stream_missing(now),
             Reply::ApiErr(e) => self.fault(
                 now,

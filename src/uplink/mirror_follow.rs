@@ -54,7 +54,8 @@
 //!   commit checks are unchanged. A resync's scan resumes after what the
 //!   last one read, so runs up to there are kept; a scan that reads a
 //!   position again (a lower floor, a recreated stream) drops them all
-//!   (then the messages are sent again, as before this module).
+//!   and records them anew as it reads their anchors again (also an
+//!   anchor the cursor has passed: the run after it may not be).
 //! - Not covered, pipelining only: a forger can commit the body of a
 //!   batch whose commit frond holds (batch k+1 while k is unanswered):
 //!   k+1 is then stored before k (out of order; exactly once). And
@@ -62,10 +63,11 @@
 //!   frond abandoned (pipelining, after a fault) while the hub still
 //!   stages it: until frond's kill of it reaches the leader (sent at once,
 //!   ahead of the resync's reads; up to the hub's 10 s batch timeout when
-//!   the kill is lost with the link). If frond's resend of those
-//!   messages was stored first and the body's first id has left the
-//!   duplicate window, or the resend started elsewhere (a range without
-//!   that first id), the hub stores the body a second time.
+//!   the kill is lost with the link). The resend of such a body starts
+//!   with its first message and that message's own id, and the scan
+//!   floor stays below the body until that message is known stored
+//!   (`mirror_order.rs`, [`Mirror::suspect_floor`]), so a copy is refused
+//!   or found, not stored twice; only a restart in between forgets it.
 //! - Window mode and streams whose batches carry an id per message
 //!   (`own_ids`) record no runs.
 
@@ -108,7 +110,11 @@ impl Mirror {
     pub(super) fn follow_reset(&mut self, now: Instant) {
         let latest = self.latest;
         self.follow.runs.retain(|r| r.next_hub <= latest + 1);
-        self.follow.born.get_or_insert(now);
+        if self.follow.born.is_none() {
+            self.follow.born = Some(now);
+            self.pipe.restart_floor = Some(latest);
+            self.pipe.restart_acks = self.acked;
+        }
     }
 
     /// The scan read `hub_seq`: one before a run's end (a rescan from an
@@ -194,10 +200,18 @@ impl Mirror {
     }
 }
 
-#[cfg(test)]
 impl Mirror {
-    /// Whether runs are recorded now (the simulation's hijacker waits for
-    /// it: before, a hijacked body is sent again, as documented).
+    /// Whether the hub's duplicate window has passed since this machine's
+    /// first resync: runs are recorded from then on (the simulation's
+    /// hijacker waits for it).
+    /// Scripted tests of the steady state: as if this process had made
+    /// its start check (`restart_floor` in `mirror_order.rs`) at `now`.
+    #[cfg(test)]
+    pub(super) fn assume_started(&mut self, now: Instant) {
+        self.follow.born = Some(now);
+    }
+
+    #[cfg(test)]
     pub(super) fn follow_settled(&self, now: Instant) -> bool {
         self.follow.born.is_some_and(|b| now >= b + self.dup_window)
     }

@@ -51,7 +51,9 @@
 //!      always found whole.
 //!   2. not stored twice: a send whose outcome is unknown (no ack, no
 //!      refusal) is `pinned`; until the hub answers a send of it or a
-//!      resync finds it, the next send is exactly its range
+//!      resync finds it, the next send is exactly its range with the
+//!      same ids (also when the last resync no longer sees the forgery
+//!      that made the first send avoid its first message's own id)
 //!      ([`Mirror::hold_for_pin`]), so if the first copy is stored after
 //!      the resync passed it, the hub's duplicate window holds the same
 //!      commit id (and the same first-message id, which any send starting
@@ -142,8 +144,18 @@
 //!
 //! A hub user who may publish to and subscribe on this node's hub
 //! subjects can commit a staged body (with a message of its own) before
-//! the batch ahead of it is stored, so that body lands first: order broken,
-//! a message may land twice (README, "ordered mode"). Such a user can copy, inject and reorder
+//! the batch ahead of it is stored, so that body lands first: order broken.
+//! An abandoned body it commits before the kill reaches the leader is a
+//! send whose outcome frond cannot know: until the body's first message
+//! is known stored, [`Mirror::suspect_floor`] keeps the scan floor below
+//! the body (an acknowledgement of frond's own resend can land above a
+//! copy the hub applied after the resync read past) and a batch holding
+//! that message starts with it and its own id, which the duplicate window
+//! refuses while the copy exists; the resync after the refusal finds it.
+//! A staged body's first message always carries its own id (one the last
+//! resync saw occupied is never staged). Not covered: a restart within
+//! the hub's batch timeout of such a fault forgets the body (README,
+//! "ordered mode"). Such a user can copy, inject and reorder
 //! messages on those subjects anyway; frond guarantees only that it never
 //! loses nor duplicates what it sends, and keeps order absent such a user.
 //! `uplink.pipeline = false` keeps one batch on the wire for hubs that
@@ -218,6 +230,9 @@ pub(super) struct Staged {
     keep_first: bool,
     /// Its `Nats-Batch-Id`.
     bid: String,
+    /// The hub seq observed before the body was sent: a copy a hijacker
+    /// commits lands above it.
+    lower_bound: u64,
 }
 
 /// The message that closes an abandoned staged batch on the hub: the
@@ -258,6 +273,29 @@ pub(super) struct Pipe {
     pub(super) staged_total: u64,
     pub(super) released_total: u64,
     pub(super) killed_total: u64,
+    /// Abandoned bodies a hijacker may have committed before their kill
+    /// reached the leader: first local seq -> the body's `lower_bound`.
+    /// Until the first message is known stored (acknowledged or found by
+    /// a resync), the scan floor stays at or below that bound and a batch
+    /// holding it starts with it ([`Mirror::suspect_floor`]).
+    suspects: std::collections::BTreeMap<u64, u64>,
+    /// The scan floor this process started from (its cursor record's):
+    /// a send of the process before (its state is lost) may be stored
+    /// late, above that floor, after this process's first resync passed
+    /// it. The hub stores a stream's proposals in order, so once a send of
+    /// this process is acknowledged, every such copy is stored below it:
+    /// one more resync from this floor (`verifying`) finds them all, and
+    /// the floor goes. Until then messages leave one at a time, each with
+    /// its own id: the first message the first resync did not find, `m`,
+    /// can be in a late batch only as its first message (everything
+    /// before `m` is on the hub), which carries `m`'s own id, so the hub
+    /// answers the resend "duplicate" with the copy's seq and the resync
+    /// after it scans from there.
+    pub(super) restart_floor: Option<u64>,
+    /// `acked` when the first resync of this process started.
+    pub(super) restart_acks: u64,
+    /// The resync that ends `restart_floor` is under way.
+    verifying: bool,
 }
 
 impl Pipe {
@@ -269,6 +307,10 @@ impl Pipe {
         self.stage_at = None;
         let s = self.staged.take()?;
         self.abandoned_at = Some(s.sent_at);
+        if let Some(&a) = s.seqs.first() {
+            let lb = self.suspects.entry(a).or_insert(s.lower_bound);
+            *lb = (*lb).min(s.lower_bound);
+        }
         if let Command::Publish { subject, .. } = &s.commit {
             self.kill = Some(Kill {
                 no: s.no,
@@ -285,6 +327,11 @@ impl Mirror {
     /// The window is dropped (a fault, a new connection): a staged body
     /// is never committed ([`Pipe::abandon`]).
     pub(super) fn abandon_staged(&mut self) {
+        let l = self.l;
+        let stored = &self.stored;
+        self.pipe
+            .suspects
+            .retain(|&a, _| a > l && !stored.contains_key(&a));
         if let Some((a, b)) = self.pipe.abandon() {
             self.events.push_back(Event::Warning(format!(
                 "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: it is closed on the hub and sent again after the resync",
@@ -327,6 +374,48 @@ impl Mirror {
         }
     }
 
+    /// The lowest hub seq at which an abandoned body whose first message
+    /// is not yet known stored may have been committed by a hijacker
+    /// (`u64::MAX`: none). The scan floor stays at or below it, so the
+    /// resync that follows the duplicate-window refusal of the resend
+    /// (which starts with that first message and its own id, see
+    /// [`Mirror::pick`]) finds the hijacked copy, however far frond's own
+    /// acknowledgements moved on.
+    pub(super) fn suspect_floor(&self) -> u64 {
+        let restart = self.pipe.restart_floor.filter(|_| self.atomic);
+        self.pipe
+            .suspects
+            .iter()
+            .filter(|(&a, _)| a > self.l && !self.stored.contains_key(&a))
+            .map(|(_, &lb)| lb)
+            .chain(restart)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// A resync ended: the one that checked below this process's first
+    /// acknowledgement ends `restart_floor`.
+    pub(super) fn resync_done(&mut self) {
+        if std::mem::take(&mut self.pipe.verifying) {
+            self.pipe.restart_floor = None;
+        }
+    }
+
+    /// The hub stream was recreated or lost messages: its sequences
+    /// restarted, so the floors kept for late copies start at 0 too.
+    pub(super) fn rebase_floors(&mut self) {
+        self.pipe.suspects.values_mut().for_each(|lb| *lb = 0);
+        if let Some(f) = &mut self.pipe.restart_floor {
+            *f = 0;
+        }
+    }
+
+    /// Whether `seq` is the first message of an abandoned body not yet
+    /// known stored: a batch holding it must start with it.
+    fn suspect_start(&self, seq: u64) -> bool {
+        self.pipe.suspects.contains_key(&seq) && seq > self.l && !self.stored.contains_key(&seq)
+    }
+
     /// The shell's next turn after a commit was queued: stage the next
     /// body. The commit thus leaves in a write of its own, one WebSocket
     /// message on a `ws://` link (`ws.rs`): nats-server inflates a
@@ -356,6 +445,17 @@ impl Mirror {
         let Some(conn) = self.conn.clone() else {
             return;
         };
+        if self.pipe.restart_floor.is_some()
+            && !self.pipe.verifying
+            && self.acked > self.pipe.restart_acks
+            && self.inflight.is_empty()
+            && self.pipe.staged.is_none()
+        {
+            // This process's first acknowledgement: check below it once.
+            self.pipe.verifying = true;
+            self.drop_window();
+            return self.start_resync(now);
+        }
         if self.inflight.is_empty() {
             if let Some(s) = self.pipe.staged.take() {
                 self.release_staged(now, s);
@@ -366,7 +466,9 @@ impl Mirror {
             return self.read_more();
         }
         self.batch.clear();
-        let cap = if self.single_next {
+        // Until this process's first acknowledgement, one message at a
+        // time (`restart_floor`).
+        let cap = if self.single_next || self.pipe.restart_floor.is_some() {
             1
         } else {
             self.batch_cap.min(self.p.max_inflight).clamp(1, MAX_BATCH)
@@ -380,7 +482,7 @@ impl Mirror {
             }
             return;
         }
-        self.trim_occupied(&mut picked);
+        self.trim_occupied(&mut picked, self.pinned.is_some());
         if !picked.is_empty() {
             self.send_ordered(now, &conn.inbox, picked, false);
             self.pipe.stage_at = Some(now + STAGE_AFTER);
@@ -413,7 +515,7 @@ impl Mirror {
             return; // more to read first
         }
         let mut picked = self.pick(conn, cap, false);
-        self.trim_occupied(&mut picked);
+        self.trim_occupied(&mut picked, false);
         if picked.len() < 2 {
             for (m, _) in picked.into_iter().rev() {
                 self.pending.push_front(m);
@@ -467,7 +569,12 @@ impl Mirror {
             }
             // A batch is a run of consecutive local seqs: its id names
             // them by range.
-            if picked.last().is_some_and(|(p, _)| p.seq + 1 != m.seq) {
+            // An abandoned body's first message starts a batch: its own
+            // id lets the hub's duplicate window refuse the resend if a
+            // hijacker committed the body (`suspect_floor`).
+            if picked.last().is_some_and(|(p, _)| p.seq + 1 != m.seq)
+                || (!picked.is_empty() && !whole && self.suspect_start(m.seq))
+            {
                 self.pending.push_front(m);
                 break;
             }
@@ -508,9 +615,9 @@ impl Mirror {
     /// one), unless the range is pinned: a batch body without a verified
     /// first id could be hijacked (`mirror_follow.rs`) with nothing to
     /// attribute it by.
-    fn trim_occupied(&mut self, picked: &mut Vec<(StoredMessage, HeaderBlock)>) {
+    fn trim_occupied(&mut self, picked: &mut Vec<(StoredMessage, HeaderBlock)>, pinned: bool) {
         let (first_held, commit_held) = self.ids_occupied(picked);
-        if picked.len() > 1 && first_held && self.pinned.is_none() && !self.own_ids {
+        if picked.len() > 1 && first_held && !pinned && !self.own_ids {
             for (m, _) in picked.drain(1..).rev() {
                 self.pending.push_front(m);
             }
@@ -674,7 +781,12 @@ impl Mirror {
         };
         // A lone message whose own id a forgery occupies leaves with the
         // id of a batch of one (`<a>-<a>`), which the forgery cannot hold.
-        let keep_first = !self.ids_occupied(&picked).0;
+        // The pinned range goes again with the ids it carried, whatever
+        // the last resync saw occupied (the duplicate window holds those).
+        let keep_first = match (self.pinned, self.pin_sent) {
+            (Some(p), Some((_, kept))) if p == (first, last_seq) && !stage => kept,
+            _ => !self.ids_occupied(&picked).0,
+        };
         // A hub stream whose limits can split a stored batch: every
         // message keeps its own id (a commit needs its batch whole).
         let commit_id = ((n > 1 && !self.own_ids) || !keep_first).then(|| {
@@ -745,6 +857,7 @@ impl Mirror {
                     sent_at: now,
                     keep_first,
                     bid: id.clone(),
+                    lower_bound: self.latest,
                 });
                 self.pipe.staged_total += 1;
                 return;
@@ -851,10 +964,14 @@ impl Mirror {
                     e.description, e.code, e.err_code
                 ),
             ),
-            Reply::Duplicate { .. } => self.fault(
+            Reply::Duplicate { seq } => {
+                // The resync checks the copy, wherever the floor is.
+                self.latest = self.latest.min(seq.saturating_sub(n));
+                self.fault(
                 now,
                 format!("hub stream {hub} already holds the id of the batch of messages {first}..={last}; resyncing"),
-            ),
+            )
+            }
             Reply::NoResponders => self.fault(
                 now,
                 format!("no JetStream stream answered the batch of messages {first}..={last}: hub stream {hub} is unavailable or does not capture this subject"),

@@ -10,7 +10,13 @@
 //!    ([`Mirror::check_identity`]: recreated, a lagging replica, or
 //!    acknowledged messages lost); a missing stream is reported and
 //!    waited for.
-//! 2. The scan from `latest + 1` over the mirror's filter: batched direct
+//! 2. The scan from `latest + 1` over the mirror's filter (the floor,
+//!    `Mirror::floor`; lowered to a copy's hub seq when a resend is
+//!    answered "duplicate" with a seq below it: a copy stored after an
+//!    earlier scan passed that position, e.g. a publish in flight across a
+//!    recreation of the hub stream, or a hijacked abandoned body, see
+//!    `mirror_order.rs`, is then checked instead of stored again once the
+//!    duplicate window passed): batched direct
 //!    gets (`$JS.API.DIRECT.GET.<stream>`, [`SCAN_BATCH`] messages or
 //!    [`SCAN_BATCH_BYTES`] per round trip, replies parsed by
 //!    [`super::super::source::parse_reply`]) when the stream allows them,
@@ -325,6 +331,7 @@ impl Mirror {
                 self.l
             )));
             self.latest = 0;
+            self.rebase_floors();
         }
         if !created.is_empty() {
             self.hub_created = Some(created.to_string());
@@ -379,6 +386,7 @@ impl Mirror {
             self.l + 1
         )));
         self.latest = 0;
+        self.rebase_floors();
     }
 
     fn on_get(&mut self, now: Instant, headers: Option<&[u8]>, payload: &[u8]) {
@@ -571,6 +579,9 @@ impl Mirror {
                 self.stored.insert(local, Some(hub_seq));
                 self.follow_anchor(now, local, hub_seq);
             }
+            // Read again from a lower floor (a rescan drops the runs): the
+            // run after it may still hold messages after the cursor.
+            Some(Ok(local)) => self.follow_anchor(now, local, hub_seq),
             Some(Err(local)) if local > self.l => {
                 let (node, stream) = (&self.p.node, &self.p.stream);
                 let untagged = msg_id.and_then(|id| untagged_seq(node, stream, id));
@@ -731,6 +742,7 @@ impl Mirror {
         // The stream's end is a batch boundary (batches are stored whole).
         self.recent.clear();
         self.advance();
+        self.resync_done();
         self.events.push_back(Event::Resynced {
             hub_seq: self.latest,
             cursor: self.l,

@@ -193,3 +193,101 @@ fn an_unrepeatable_pinned_batch_waits_out_the_duplicate_window() {
         );
     }
 }
+
+/// A lone message whose own id a forgery occupies leaves with the id of
+/// a batch of one (`<1>-<1>`); the link dies with it unanswered. The next
+/// resync starts after the forgery, so it no longer sees that id
+/// occupied: the resend still carries `<1>-<1>`, the id the duplicate
+/// window may hold, and the original, stored late, is not stored twice
+/// (simulation seed 24243 of 200,000: the resend carried the message's
+/// own id and was stored again).
+#[test]
+fn a_pinned_resend_carries_the_ids_of_the_first_send() {
+    let mut s = ordered_sim(8, 1);
+    s.hub.window = 60_000;
+    // The genuine id of message 1 (seen in flight) on other content.
+    let forged = Some(super::super::tests::genuine(1, b"x"));
+    s.hub
+        .stored
+        .push((format!("{PREFIX}forged"), forged, 0, vec![]));
+    s.m.handle_local_state(1);
+    let ids = |s: &Sim| -> Vec<Option<String>> {
+        let hs = s.wire_headers();
+        hs.iter()
+            .map(|h| h.get("Nats-Msg-Id").map(str::to_string))
+            .collect()
+    };
+    s.connect();
+    quiet(&mut s, true);
+    let first = ids(&s);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(
+        first[0].as_deref().unwrap().starts_with("n1:S:1-1:"),
+        "{first:?}"
+    );
+    // Proposed, not yet stored, when the link dies.
+    while s.hub_step() {}
+    s.to_client.clear();
+    s.connected = false;
+    s.m.handle_disconnected();
+    s.drain();
+    s.connect();
+    quiet(&mut s, true);
+    assert_eq!(ids(&s), first, "the same id again");
+    let n = s.hub.log.len();
+    s.hub.commit(n, s.t, &mut VecDeque::new());
+    s.settle();
+    assert_eq!(s.hub.ours(&s.local), vec![1]);
+}
+
+/// frond stores 1..=3, the hub stream is recreated, frond sends 4 into the
+/// new stream and dies before the hub stores it; its cursor record lags
+/// (local 0, the old stream). The next process sends 1..=3 again (they
+/// were acknowledged by the deleted stream only) but one message at a
+/// time until its first acknowledgement, then scans the new stream from
+/// its start once more: the predecessor's 4, stored late, is found and
+/// not sent again (simulation seed 27595 of 200,000: the new process's
+/// first batch, 1..=4, carried no id of 4 and stored it a second time).
+#[test]
+fn a_predecessor_s_send_stored_late_is_found_not_sent_again() {
+    let mut s = ordered_sim(8, 3);
+    s.hub.window = 60_000;
+    s.connect();
+    s.settle();
+    s.hub.recreate();
+    let cut = |s: &mut Sim| {
+        s.to_client.clear();
+        s.connected = false;
+        s.m.handle_disconnected();
+        s.drain();
+    };
+    cut(&mut s);
+    s.connect();
+    quiet(&mut s, false);
+    s.push_local(4..=4);
+    s.m.handle_local_state(4);
+    let now = s.now();
+    s.m.handle_tick(now);
+    s.drain();
+    quiet(&mut s, true);
+    assert_eq!(s.wire_headers().len(), 1, "4 on the wire");
+    while s.hub_step() {}
+    assert!(s.hub.stored.is_empty(), "4 proposed, not yet stored");
+    cut(&mut s);
+    let record = Cursor {
+        local_seq: 0,
+        hub_seq: 0,
+        created: Some("T0".into()),
+    };
+    s.m = Mirror::new(s.m.params().clone(), Some(record));
+    s.connect();
+    quiet(&mut s, true);
+    let sent = s.wire_headers();
+    assert_eq!(sent.len(), 1, "one message until the first ack: {sent:?}");
+    let n = s.hub.log.len();
+    s.hub.commit(n, s.t, &mut VecDeque::new());
+    s.settle();
+    let mut ours = s.hub.ours(&s.local);
+    ours.sort_unstable();
+    assert_eq!(ours, vec![1, 2, 3, 4], "each once in the new stream");
+}

@@ -651,6 +651,53 @@ fn a_restart_finds_a_hub_stream_recreated_and_grown_past_the_cursor() {
     assert_eq!(w.m.cursor().created.as_deref(), Some("B"));
 }
 
+/// A copy of local message 5 lies below the mirror's floor (stored late,
+/// after a resync had passed that position: a publish in flight across a
+/// recreation of the hub stream, simulation seed 20788). The resend is
+/// answered "duplicate" with the copy's hub seq; the resync after it
+/// scans from there, finds the copy and sends nothing twice. (Before,
+/// it scanned from the floor, found nothing, and after the duplicate
+/// window stored 5 a second time.)
+#[test]
+fn a_duplicate_below_the_floor_is_scanned_not_sent_again() {
+    let mut w = World::new(params("", 8));
+    w.hub.created = "A".into();
+    for _ in 0..5 {
+        w.append(5);
+    }
+    let foreign = || {
+        (
+            "a.b".to_string(),
+            Some("n2:S:1".to_string()),
+            0,
+            vec![b'x'; 5],
+        )
+    };
+    w.hub.msgs = vec![foreign(), foreign()];
+    let copy = w.local[4].clone();
+    let id = genuine(5, &copy.payload);
+    w.hub.msgs.push((copy.subject, Some(id), 0, copy.payload));
+    for _ in 0..7 {
+        w.hub.msgs.push(foreign());
+    }
+    let record = Cursor {
+        local_seq: 4,
+        hub_seq: 10,
+        created: Some("A".into()),
+    };
+    w.m = Mirror::new(params("", 8), Some(record));
+    w.connect();
+    w.settle();
+    assert_eq!(w.hub.ours(), vec![5], "stored once");
+    assert!(
+        w.hub.gets.contains(&3),
+        "scanned from the copy: {:?}",
+        w.hub.gets
+    );
+    assert!(w.events.iter().any(|e| matches!(e,
+        Event::Error(x) if x.contains("already holds the id of message 5 (hub seq 3)"))));
+}
+
 /// A restart whose record names the hub stream's `created`; a replica
 /// of a stream without a leader answers STREAM.INFO with its lagging
 /// state (same `created`, last sequence below the record's H, no
@@ -1431,7 +1478,7 @@ fn a_denied_resync_request_names_the_permission_and_backs_off() {
 // leaves only after that batch's ack.
 
 mod pipelined {
-    use super::super::sim::{hdr, in_order, ordered_sim, quiet, Sim};
+    use super::super::sim::{hdr, in_order, ordered_sim, quiet, Sim, PREFIX};
     use super::*;
 
     /// (batch id, batch sequence, commit) of the publishes on the wire.
@@ -1468,6 +1515,20 @@ mod pipelined {
         s.hub.commit(n, s.t, &mut s.to_client);
     }
 
+    /// Until batches are on the wire: frond takes the hub's answers, the
+    /// hub takes frond's requests (after a process's first acknowledgement
+    /// one resync checks for late copies of its predecessor's sends,
+    /// `restart_floor` in `mirror_order.rs`).
+    fn until_batches(s: &mut Sim) {
+        for _ in 0..100 {
+            client_side(s);
+            if !wire(s).is_empty() {
+                return;
+            }
+            hub_takes_all(s);
+        }
+    }
+
     /// `uplink.pipeline = false`: one batch on the wire at a time, no
     /// staged body, the hub still gets everything once in order.
     #[test]
@@ -1479,7 +1540,7 @@ mod pipelined {
         s.connect();
         quiet(&mut s, true);
         for batch in 0..3 {
-            client_side(&mut s);
+            until_batches(&mut s);
             let w = wire(&s);
             assert_eq!(w.len(), 8, "batch {batch} alone, no staged body: {w:?}");
             assert!(w.iter().all(|(id, _, _)| *id == w[0].0));
@@ -1502,7 +1563,7 @@ mod pipelined {
         client_side(&mut s);
         assert_eq!(wire(&s).len(), 8, "the first batch goes alone");
         hub_takes_all(&mut s);
-        client_side(&mut s);
+        until_batches(&mut s);
         let w = wire(&s);
         assert_eq!(w.len(), 15, "batch 2 and batch 3's body: {w:?}");
         let (b2, b3) = (w[0].0.clone(), w[8].0.clone());
@@ -1653,6 +1714,72 @@ mod pipelined {
             assert!(!w.iter().any(|(id, _, _)| *id == b3));
             assert_exactly_once_in_order(&s);
         }
+    }
+
+    /// A hijacker commits the staged body of batch 3 (with a message of
+    /// its own) after batch 2 was refused and before frond's kill reaches
+    /// the leader, and the hub stores that commit only after frond's
+    /// resync read past it (a proposal applied late). frond then resends
+    /// batch 2, whose acknowledgement lands above the hijacked copy. The
+    /// scan floor stays below the abandoned body until its first message
+    /// is known stored, and the resend of that message starts a batch
+    /// with its own id: the duplicate window refuses it, the resync finds
+    /// the copy, nothing is stored twice (order is broken: documented).
+    #[test]
+    fn a_body_hijacked_before_its_kill_and_stored_late_is_not_sent_twice() {
+        let mut s = ordered_sim(8, 24);
+        s.hub.window = 500;
+        s.m.handle_local_state(24);
+        s.connect();
+        quiet(&mut s, true);
+        client_side(&mut s);
+        hub_takes_all(&mut s);
+        // Runs (content attribution after a verified first id) are
+        // recorded once a duplicate window passed since the first resync.
+        s.t += 600;
+        until_batches(&mut s);
+        let w = wire(&s);
+        assert_eq!(w.len(), 15, "batch 2 and batch 3's body: {w:?}");
+        let b3 = w[8].0.clone();
+        // Batch 2's first message is lost: its commit is refused; batch
+        // 3's body is staged.
+        s.to_hub.pop_front();
+        while s.hub_step() {}
+        assert!(s.hub.staging.contains_key(&b3));
+        let mut hb = HeaderBlock::new();
+        hb.push("Nats-Batch-Id", b3.clone());
+        hb.push("Nats-Batch-Sequence", "8".to_string());
+        hb.push("Nats-Batch-Commit", "1".to_string());
+        let forged = Command::Publish {
+            subject: format!("{PREFIX}hijack"),
+            reply: "_INBOX.forger.1".into(),
+            headers: hb.encode().unwrap_or_default(),
+            payload: b"hijack".to_vec(),
+        };
+        let mut forger = VecDeque::new();
+        s.hub.receive(forged, s.t, &mut s.rng, &mut forger);
+        assert!(!s.hub.staging.contains_key(&b3), "committed by the forger");
+        let proposed = s.hub.log.len();
+        while s.client_step() {}
+        assert!(s.m.pipe.staged.is_none(), "batch 3 abandoned");
+        // The kill, the backoff and the resync, which reads the hub
+        // before it applies the forged commit; then batch 2's resend.
+        for _ in 0..40 {
+            s.t += 100;
+            let now = s.now();
+            s.m.handle_tick(now);
+            s.drain();
+            quiet(&mut s, false);
+            if s.hub.log.len() > proposed {
+                break;
+            }
+        }
+        assert!(s.hub.log.len() > proposed, "frond resent after its resync");
+        s.settle();
+        let mut ours = s.hub.ours(&s.local);
+        assert!(!in_order(&ours), "the hijacked body landed first: {ours:?}");
+        ours.sort_unstable();
+        assert_eq!(ours, (1..=24).collect::<Vec<u64>>(), "each message once");
     }
 
     /// Batch 2 goes unanswered (the leader is stuck, then stores it late,
