@@ -886,17 +886,8 @@ impl Sim {
         if !self.rng.chance(500) {
             return false;
         }
-        let mut hb = HeaderBlock::new();
-        hb.push("Nats-Batch-Id", bid);
-        hb.push("Nats-Batch-Sequence", (n + 1).to_string());
-        hb.push("Nats-Batch-Commit", "1".to_string());
-        let c = Command::Publish {
-            subject: format!("{PREFIX}hijack"),
-            reply: "_INBOX.forger.1".into(),
-            headers: hb.encode().unwrap_or_default(),
-            payload: b"hijack".to_vec(),
-        };
         let mut answers = VecDeque::new();
+        let c = forged_commit(&bid, n);
         self.hub.receive(c, self.t, &mut self.rng, &mut answers);
         self.hijacks += 1;
         HIJACKS.fetch_add(1, Relaxed);
@@ -1073,6 +1064,21 @@ thread_local! {
     /// Whether the last [`run`] on this thread had an abandoned body
     /// committed by a forger (order not guaranteed then).
     static REORDERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A forger's commit of the batch `bid` whose body of `n` messages is
+/// staged: a message of its own with the next batch sequence.
+pub(super) fn forged_commit(bid: &str, n: usize) -> Command {
+    let mut hb = HeaderBlock::new();
+    hb.push("Nats-Batch-Id", bid.to_string());
+    hb.push("Nats-Batch-Sequence", (n + 1).to_string());
+    hb.push("Nats-Batch-Commit", "1".to_string());
+    Command::Publish {
+        subject: format!("{PREFIX}hijack"),
+        reply: "_INBOX.forger.1".into(),
+        headers: hb.encode().unwrap_or_default(),
+        payload: b"hijack".to_vec(),
+    }
 }
 
 pub(super) fn in_order(v: &[u64]) -> bool {

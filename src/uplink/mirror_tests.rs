@@ -1478,7 +1478,7 @@ fn a_denied_resync_request_names_the_permission_and_backs_off() {
 // leaves only after that batch's ack.
 
 mod pipelined {
-    use super::super::sim::{hdr, in_order, ordered_sim, quiet, Sim, PREFIX};
+    use super::super::sim::{forged_commit, hdr, in_order, ordered_sim, quiet, Sim};
     use super::*;
 
     /// (batch id, batch sequence, commit) of the publishes on the wire.
@@ -1746,18 +1746,9 @@ mod pipelined {
         s.to_hub.pop_front();
         while s.hub_step() {}
         assert!(s.hub.staging.contains_key(&b3));
-        let mut hb = HeaderBlock::new();
-        hb.push("Nats-Batch-Id", b3.clone());
-        hb.push("Nats-Batch-Sequence", "8".to_string());
-        hb.push("Nats-Batch-Commit", "1".to_string());
-        let forged = Command::Publish {
-            subject: format!("{PREFIX}hijack"),
-            reply: "_INBOX.forger.1".into(),
-            headers: hb.encode().unwrap_or_default(),
-            payload: b"hijack".to_vec(),
-        };
         let mut forger = VecDeque::new();
-        s.hub.receive(forged, s.t, &mut s.rng, &mut forger);
+        s.hub
+            .receive(forged_commit(&b3, 7), s.t, &mut s.rng, &mut forger);
         assert!(!s.hub.staging.contains_key(&b3), "committed by the forger");
         let proposed = s.hub.log.len();
         while s.client_step() {}
