@@ -113,7 +113,6 @@ impl Mirror {
         if self.follow.born.is_none() {
             self.follow.born = Some(now);
             self.pipe.restart_floor = Some(latest);
-            self.pipe.restart_acks = self.acked;
         }
     }
 
@@ -130,7 +129,7 @@ impl Mirror {
     pub(super) fn follow_anchor(&mut self, now: Instant, local: u64, hub_seq: u64) {
         self.follow_seen(hub_seq);
         self.follow_close();
-        let settled = self.follow.born.is_some_and(|b| now >= b + self.dup_window);
+        let settled = self.follow_settled(now);
         if !self.atomic || self.own_ids || !settled || self.follow.runs.len() >= RUNS_MAX {
             return;
         }
@@ -211,7 +210,6 @@ impl Mirror {
         self.follow.born = Some(now);
     }
 
-    #[cfg(test)]
     pub(super) fn follow_settled(&self, now: Instant) -> bool {
         self.follow.born.is_some_and(|b| now >= b + self.dup_window)
     }

@@ -292,8 +292,6 @@ pub(super) struct Pipe {
     /// answers the resend "duplicate" with the copy's seq and the resync
     /// after it scans from there.
     pub(super) restart_floor: Option<u64>,
-    /// `acked` when the first resync of this process started.
-    pub(super) restart_acks: u64,
     /// The resync that ends `restart_floor` is under way.
     verifying: bool,
 }
@@ -327,11 +325,9 @@ impl Mirror {
     /// The window is dropped (a fault, a new connection): a staged body
     /// is never committed ([`Pipe::abandon`]).
     pub(super) fn abandon_staged(&mut self) {
-        let l = self.l;
-        let stored = &self.stored;
-        self.pipe
-            .suspects
-            .retain(|&a, _| a > l && !stored.contains_key(&a));
+        let mut suspects = std::mem::take(&mut self.pipe.suspects);
+        suspects.retain(|&a, _| self.unresolved(a));
+        self.pipe.suspects = suspects;
         if let Some((a, b)) = self.pipe.abandon() {
             self.events.push_back(Event::Warning(format!(
                 "the next batch (messages {a}..={b}) was staged on hub stream {} but not committed: it is closed on the hub and sent again after the resync",
@@ -386,7 +382,7 @@ impl Mirror {
         self.pipe
             .suspects
             .iter()
-            .filter(|(&a, _)| a > self.l && !self.stored.contains_key(&a))
+            .filter(|(&a, _)| self.unresolved(a))
             .map(|(_, &lb)| lb)
             .chain(restart)
             .min()
@@ -413,7 +409,12 @@ impl Mirror {
     /// Whether `seq` is the first message of an abandoned body not yet
     /// known stored: a batch holding it must start with it.
     fn suspect_start(&self, seq: u64) -> bool {
-        self.pipe.suspects.contains_key(&seq) && seq > self.l && !self.stored.contains_key(&seq)
+        self.pipe.suspects.contains_key(&seq) && self.unresolved(seq)
+    }
+
+    /// Whether local `seq` is not yet known to be on the hub.
+    fn unresolved(&self, seq: u64) -> bool {
+        seq > self.l && !self.stored.contains_key(&seq)
     }
 
     /// The shell's next turn after a commit was queued: stage the next
@@ -447,7 +448,7 @@ impl Mirror {
         };
         if self.pipe.restart_floor.is_some()
             && !self.pipe.verifying
-            && self.acked > self.pipe.restart_acks
+            && self.acked > 0
             && self.inflight.is_empty()
             && self.pipe.staged.is_none()
         {
